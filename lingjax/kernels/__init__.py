@@ -1,0 +1,1 @@
+"""Kernels: each a pure-jnp reference (the CPU path and the oracle) plus Pallas versions per backend."""
