@@ -1,0 +1,32 @@
+"""State caches: functional pytrees indexed by request slot (DESIGN.md "Data flow").
+
+linear: [n_linear_layers, num_slots, H, D, D] recurrent states (float32 by default)
+mla:    [n_mla_layers, num_slots, max_len, kv_lora_rank + qk_rope_head_dim] absorbed-MLA latents
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from lingjax.config import BailingConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Caches:
+    linear: jax.Array
+    mla: jax.Array
+
+    def replace(self, **kw):
+        return dataclasses.replace(self, **kw)
+
+
+def init_caches(cfg: BailingConfig, num_slots: int, max_len: int, *, state_dtype=jnp.float32,
+                latent_dtype=jnp.bfloat16, num_heads: int | None = None) -> Caches:
+    H = num_heads or cfg.num_attention_heads
+    D = cfg.head_dim
+    n_lin, n_mla = len(cfg.linear_layers), len(cfg.mla_layers)
+    return Caches(
+        linear=jnp.zeros((n_lin, num_slots, H, D, D), state_dtype),
+        mla=jnp.zeros((n_mla, num_slots, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim), latent_dtype),
+    )

@@ -1,0 +1,218 @@
+"""BailingConfig: parse and validate an HF config.json of the BailingMoE V2.5 family (SPEC §1).
+
+The JSON is parsed by hand: transformers' own `bailing_hybrid` config class is Ling-3.0 (KDA), not
+V2.5 (SPEC §1.1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a valid BailingMoE V2.5 model."""
+
+
+ARCHITECTURE = "BailingMoeV2_5ForCausalLM"
+MODEL_TYPE = "bailing_hybrid"
+
+
+@dataclasses.dataclass(frozen=True)
+class BailingConfig:
+    vocab_size: int = 157184
+    hidden_size: int = 2048
+    intermediate_size: int = 5120
+    num_hidden_layers: int = 20
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 4
+    head_dim: int = 128
+    hidden_act: str = "silu"
+    use_qkv_bias: bool = False
+    use_bias: bool = False
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    rope_theta: float = 600000.0
+    rope_scaling: dict | None = None
+    partial_rotary_factor: float = 0.5
+    rope_interleave: bool = True
+    pad_token_id: int | None = 156892
+    eos_token_id: int | list | None = 156892
+    bos_token_id: int | None = None
+    num_experts: int = 256
+    num_shared_experts: int = 1
+    moe_shared_expert_intermediate_size: int | None = None
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    moe_intermediate_size: int = 512
+    first_k_dense_replace: int = 1
+    routed_scaling_factor: float = 1.0
+    moe_router_enable_expert_bias: bool = True
+    score_function: str = "sigmoid"
+    router_dtype: str = "fp32"
+    layer_group_size: int = 5
+    group_norm_size: int = 4
+    linear_silu: bool = False
+    use_qk_norm: bool = True
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = None
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    num_nextn_predict_layers: int = 0
+    # Not an HF field: 0 = vLLM/SGLang/training decay convention, 1 = HF remote code (SPEC §2.6).
+    slope_layer_offset: int = 0
+
+    # ---------------------------------------------------------------- derived quantities
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def linear_rope_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def shared_intermediate_size(self) -> int:
+        if self.moe_shared_expert_intermediate_size:
+            return self.moe_shared_expert_intermediate_size
+        return self.moe_intermediate_size * self.num_shared_experts
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        e = self.eos_token_id
+        if e is None:
+            return ()
+        return tuple(e) if isinstance(e, (list, tuple)) else (int(e),)
+
+    def is_mla(self, layer: int) -> bool:
+        """HF rule (SPEC §1.3), including the tail clause; MTP layers (layer >= L) are always MLA."""
+        G, L = self.layer_group_size, self.num_hidden_layers
+        if layer >= L:
+            return True
+        return (layer + 1) % G == 0 or layer >= (L // G) * G
+
+    def is_moe(self, layer: int) -> bool:
+        return layer >= self.first_k_dense_replace or layer >= self.num_hidden_layers
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        return tuple("mla" if self.is_mla(l) else "linear" for l in range(self.num_hidden_layers))
+
+    @property
+    def mla_layers(self) -> tuple[int, ...]:
+        return tuple(l for l in range(self.num_hidden_layers) if self.is_mla(l))
+
+    @property
+    def linear_layers(self) -> tuple[int, ...]:
+        return tuple(l for l in range(self.num_hidden_layers) if not self.is_mla(l))
+
+    # ---------------------------------------------------------------- parsing
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], **overrides) -> "BailingConfig":
+        archs = d.get("architectures") or [ARCHITECTURE]
+        if ARCHITECTURE not in archs:
+            raise ConfigError(f"unsupported architecture {archs}: lingjax runs {ARCHITECTURE}")
+        if "short_conv_kernel_size" in d:
+            raise ConfigError("config has short_conv_kernel_size: this is Ling-3.0 (KDA), not BailingMoE V2.5")
+        mt = d.get("model_type", MODEL_TYPE)
+        if mt not in (MODEL_TYPE, "bailing_moe_v2_5", "bailing_moe_linear"):
+            raise ConfigError(f"unsupported model_type {mt!r}: expected {MODEL_TYPE!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        if "linear_silu" not in d and "use_linear_silu" in d:
+            kw["linear_silu"] = d["use_linear_silu"]
+        if "score_function" not in d and "scoring_func" in d:
+            kw["score_function"] = d["scoring_func"]
+        kw.update(overrides)
+        cfg = cls(**kw)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_json(cls, path: str, **overrides) -> "BailingConfig":
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_dict(d, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("slope_layer_offset")
+        d["architectures"] = [ARCHITECTURE]
+        d["model_type"] = MODEL_TYPE
+        return d
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise ConfigError(msg)
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
+                     "num_experts", "num_experts_per_tok", "n_group", "topk_group", "moe_intermediate_size",
+                     "layer_group_size", "group_norm_size", "kv_lora_rank", "qk_nope_head_dim",
+                     "qk_rope_head_dim", "v_head_dim", "intermediate_size"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{name} must be a positive integer, got {v!r}")
+        L, G = self.num_hidden_layers, self.layer_group_size
+        need(L % G == 0, f"num_hidden_layers={L} is not divisible by layer_group_size={G}")
+        need(self.num_experts % self.n_group == 0, f"n_group={self.n_group} does not divide num_experts={self.num_experts}")
+        need(self.topk_group <= self.n_group, f"topk_group={self.topk_group} exceeds n_group={self.n_group}")
+        need(self.num_experts_per_tok <= self.num_experts,
+             f"num_experts_per_tok={self.num_experts_per_tok} exceeds num_experts={self.num_experts}")
+        per_group = self.num_experts // self.n_group
+        need(per_group >= 2, f"each expert group needs >= 2 experts (group score = sum of top-2), got {per_group}")
+        need(self.num_experts_per_tok <= self.topk_group * per_group,
+             f"num_experts_per_tok={self.num_experts_per_tok} exceeds the experts in topk_group={self.topk_group} groups")
+        HD = self.num_attention_heads * self.head_dim
+        need(HD % self.group_norm_size == 0,
+             f"group_norm_size={self.group_norm_size} (number of groups) does not divide H*D={HD}")
+        need(self.hidden_act == "silu", f"hidden_act={self.hidden_act!r}: only 'silu' is supported")
+        need(self.score_function == "sigmoid", f"score_function={self.score_function!r}: only 'sigmoid' is supported")
+        need(self.rope_interleave, "rope_interleave=False is not supported (the HF reference rejects it too)")
+        rot = self.head_dim * self.partial_rotary_factor
+        need(0 < self.partial_rotary_factor <= 1 and rot == int(rot) and int(rot) % 2 == 0,
+             f"partial_rotary_factor={self.partial_rotary_factor} must give an even number of rotated dims of head_dim={self.head_dim}")
+        need(self.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim={self.qk_rope_head_dim} must be even")
+        need(self.q_lora_rank is None or (isinstance(self.q_lora_rank, int) and self.q_lora_rank > 0),
+             f"q_lora_rank must be null or a positive integer, got {self.q_lora_rank!r}")
+        need(self.first_k_dense_replace >= 0, "first_k_dense_replace must be >= 0")
+        need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
+        need(self.slope_layer_offset in (0, 1), f"slope_layer_offset must be 0 or 1, got {self.slope_layer_offset}")
+        need(self.rms_norm_eps > 0, "rms_norm_eps must be > 0")
+        need(not self.tie_word_embeddings, "tie_word_embeddings=True is not supported (V2.5 checkpoints are untied)")
+        if self.rope_scaling is not None:
+            need(isinstance(self.rope_scaling, dict), "rope_scaling must be null or an object")
+            rt = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            need(rt in ("yarn", "default", None), f"rope_scaling type {rt!r} is not supported (only yarn)")
+
+
+def alibi_slopes(n: int) -> list[float]:
+    """ALiBi base slopes (SPEC §2.5)."""
+    def pow2(n):
+        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+        return [start * start ** i for i in range(n)]
+    if math.log2(n).is_integer():
+        return pow2(n)
+    c = 2 ** math.floor(math.log2(n))
+    return pow2(c) + alibi_slopes(2 * c)[0::2][: n - c]
+
+
+def layer_decay_factor(layer: int, num_layers: int, offset: int = 0) -> float:
+    """factor(l) = 1 - (l - offset)/(L - 1) + 1e-5 (SPEC §2.6); single-layer models: 1 + 1e-5."""
+    if num_layers <= 1:
+        return 1.0 + 1e-5
+    return 1.0 - (layer - offset) / (num_layers - 1) + 1e-5

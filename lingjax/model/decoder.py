@@ -1,0 +1,118 @@
+"""The BailingMoE V2.5 decoder: embedding, L pre-norm layers (linear attention or MLA; dense MLP or
+MoE), final norm, untied lm_head with float32 logits, and the MTP (NextN) layer (SPEC §0, §5)."""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lingjax.config import BailingConfig
+from lingjax.model.common import MLP, Dense, RMSNorm, init_normal
+from lingjax.model.linear_attention import LinearAttention
+from lingjax.model.mla import MLA
+from lingjax.model.moe import MoE
+
+F32 = jnp.float32
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: BailingConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+        self.is_mla, self.is_moe = cfg.is_mla(layer), cfg.is_moe(layer)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.attention = (MLA(cfg, dtype=dtype, rngs=rngs) if self.is_mla
+                          else LinearAttention(cfg, layer, dtype=dtype, rngs=rngs))
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.mlp = (MoE(cfg, dtype=dtype, rngs=rngs) if self.is_moe
+                    else MLP(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.use_bias, dtype=dtype, rngs=rngs))
+
+    def __call__(self, x, positions):
+        h = self.input_layernorm(x)
+        a = self.attention(h, positions)
+        x = x + (a if self.is_mla else a[0])
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def step(self, x, batch, cache):
+        h = self.input_layernorm(x)
+        a, cache = self.attention.step(h, batch, cache)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class MTPLayer(nnx.Module):
+    """NextN layer at model.layers.{L}: MLA + MoE on eh_proj([enorm(embed(t+1)), hnorm(hidden_t)])."""
+
+    def __init__(self, cfg: BailingConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.enorm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.hnorm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.eh_proj = Dense(2 * d, d, dtype=dtype, rngs=rngs)
+        self.block = DecoderLayer(cfg, layer, dtype=dtype, rngs=rngs)
+        self.final_layernorm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
+
+    def __call__(self, next_embeds, hidden, positions):
+        z = self.eh_proj(jnp.concatenate([self.enorm(next_embeds), self.hnorm(hidden)], axis=-1))
+        return self.final_layernorm(self.block(z, positions))
+
+
+class BailingModel(nnx.Module):
+    def __init__(self, cfg: BailingConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None, mtp=True):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.cfg, self.dtype = cfg, dtype
+        self.word_embeddings = nnx.Param(init_normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))
+        self.layers = nnx.List([DecoderLayer(cfg, l, dtype=dtype, rngs=rngs) for l in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.lm_head = nnx.Param(init_normal(rngs, (cfg.hidden_size, cfg.vocab_size), dtype))   # [d, V]
+        L = cfg.num_hidden_layers
+        self.mtp = nnx.List([MTPLayer(cfg, L + i, dtype=dtype, rngs=rngs)
+                             for i in range(cfg.num_nextn_predict_layers if mtp else 0)])
+
+    def embed(self, tokens):
+        return self.word_embeddings[...][tokens].astype(self.dtype)
+
+    def logits(self, y):
+        """float32 logits from the final hidden state (float32 accumulation)."""
+        return jnp.dot(y, self.lm_head[...].astype(y.dtype), preferred_element_type=F32)
+
+    def hidden(self, tokens, positions=None):
+        """tokens [B, T] -> final-normed hidden states [B, T, d]."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x, positions)
+        return self.norm(x)
+
+    def __call__(self, tokens, positions=None):
+        """Full-sequence forward without a cache: tokens [B, T] -> float32 logits [B, T, V]."""
+        return self.logits(self.hidden(tokens, positions))
+
+    def mtp_logits(self, tokens, hidden, positions=None):
+        """MTP logits [B, T, V]: row t predicts token t+2 (rows 0..T-2 are meaningful). The input at
+        position t is the embedding of token t+1, and token id 0 at the last position (SPEC App. B)."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
+        nxt = jnp.concatenate([tokens[..., 1:], jnp.zeros_like(tokens[..., :1])], axis=-1)
+        return self.logits(self.mtp[0](self.embed(nxt), hidden, positions))
+
+    def step(self, batch, caches):
+        """One engine step over a packed batch -> (float32 logits [T, V], new caches).
+        caches.linear [n_linear, slots, H, D, D]; caches.mla [n_mla, slots, max_len, r + rope]."""
+        x = self.embed(batch.tokens)
+        lin, mla = caches.linear, caches.mla
+        i_lin = i_mla = 0
+        for layer in self.layers:
+            if layer.is_mla:
+                x, c = layer.step(x, batch, mla[i_mla])
+                mla = mla.at[i_mla].set(c)
+                i_mla += 1
+            else:
+                x, c = layer.step(x, batch, lin[i_lin])
+                lin = lin.at[i_lin].set(c)
+                i_lin += 1
+        return self.logits(self.norm(x)), caches.replace(linear=lin, mla=mla)
+
+
+def forward(model: BailingModel, tokens):
+    """(model, tokens [B, T]) -> float32 logits [B, T, V]."""
+    return model(jnp.asarray(tokens))
+
+
+

@@ -1,0 +1,76 @@
+"""Lightning linear-attention layer (SPEC §2): fused QKV, qk-norm, NeoX partial RoPE, the simple-GLA
+recurrence with a per-head constant decay, GroupRMSNorm + sigmoid gate, output projection."""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lingjax.config import BailingConfig, alibi_slopes, layer_decay_factor
+from lingjax.kernels import linear_attention as la
+from lingjax.model import rope
+from lingjax.model.common import Dense, GroupRMSNormGate, RMSNorm
+
+F32 = jnp.float32
+
+
+def log_decay(cfg: BailingConfig, layer: int, num_heads: int | None = None):
+    """g = -lambda for each head of this layer (float32, <= 0)."""
+    base = jnp.asarray(alibi_slopes(num_heads or cfg.num_attention_heads), F32)
+    return -base * jnp.float32(layer_decay_factor(layer, cfg.num_hidden_layers, cfg.slope_layer_offset))
+
+
+class LinearAttention(nnx.Module):
+    def __init__(self, cfg: BailingConfig, layer: int, *, dtype=jnp.bfloat16, rngs: nnx.Rngs):
+        self.cfg, self.layer = cfg, layer
+        d, H, D = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+        self.q_proj = Dense(d, H * D, use_bias=cfg.use_qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Dense(d, H * D, use_bias=cfg.use_qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Dense(d, H * D, use_bias=cfg.use_qkv_bias, dtype=dtype, rngs=rngs)
+        self.query_layernorm = RMSNorm(D, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.key_layernorm = RMSNorm(D, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.g_proj = Dense(d, H * D, dtype=dtype, rngs=rngs)
+        self.g_norm = GroupRMSNormGate(H * D, cfg.group_norm_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.dense = Dense(H * D, d, use_bias=cfg.use_bias, dtype=dtype, rngs=rngs)
+
+    def qkv(self, x, positions):
+        """x [..., T, d] -> q, k, v [..., T, H_local, D] in float32 (SPEC §2.2 order)."""
+        D = self.cfg.head_dim
+        q, k, v = (p(x).astype(F32) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.cfg.linear_silu:
+            q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
+        q, k, v = (t.reshape(t.shape[:-1] + (t.shape[-1] // D, D)) for t in (q, k, v))
+        if self.cfg.use_qk_norm:
+            q, k = self.query_layernorm(q), self.key_layernorm(k)
+        rot = self.cfg.linear_rope_dim
+        q = rope.apply_neox(q, positions, rot, self.cfg.rope_theta)
+        k = rope.apply_neox(k, positions, rot, self.cfg.rope_theta)
+        return q, k, v
+
+    def output(self, o, x):
+        """o [..., T, H_local, D] float32 -> [..., T, d] (norm, gate from the same normed input x, dense)."""
+        o = o.reshape(o.shape[:-2] + (-1,)).astype(x.dtype)
+        return self.dense(self.g_norm(o, self.g_proj(x)))
+
+    def decay(self, num_heads=None, head_offset=0):
+        g = log_decay(self.cfg, self.layer)
+        return g if num_heads is None else jax.lax.dynamic_slice_in_dim(g, head_offset, num_heads)
+
+    @property
+    def scale(self):
+        return self.cfg.head_dim ** -0.5
+
+    def __call__(self, x, positions, initial_state=None):
+        """Full sequences, no cache. x [B, T, d] -> (out [B, T, d], final state [B, H, D, D])."""
+        q, k, v = self.qkv(x, positions)
+        o, state = la.chunked(q, k, v, self.decay(), initial_state, scale=self.scale)
+        return self.output(o, x), state
+
+    def step(self, x, batch, state_pool, head_offset=0):
+        """Engine step over a packed batch. x [T, d]; state_pool [num_slots, H_local, D, D]."""
+        q, k, v = self.qkv(x, batch.positions)
+        g = self.decay(q.shape[-2], head_offset)
+        if batch.decode_only:
+            o, state_pool = la.decode(q, k, v, g, state_pool, batch.slots, batch.fresh, scale=self.scale)
+        else:
+            o, state_pool = la.prefill(q, k, v, g, state_pool, batch.slots, batch.cu_seqlens, batch.fresh,
+                                       scale=self.scale)
+        return self.output(o, x), state_pool

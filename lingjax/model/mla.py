@@ -1,0 +1,104 @@
+"""Multi-head latent attention (SPEC §3): DeepSeek-V3 MLA with interleaved full RoPE on the 64
+rope dims. `__call__` is the naive form (= HF) over full sequences; `step` is the absorbed form
+(SPEC §3.4) over the per-slot latent cache [c (kv_lora_rank, post-norm) | k_pe (post-RoPE)]."""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lingjax.config import BailingConfig
+from lingjax.model import rope
+from lingjax.model.common import Dense, RMSNorm
+
+F32 = jnp.float32
+MLA_SUBNORM_EPS = 1e-6   # HF q_a_layernorm / kv_a_layernorm use the class default (SPEC App. B)
+
+
+class MLA(nnx.Module):
+    def __init__(self, cfg: BailingConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, H = cfg.hidden_size, cfg.num_attention_heads
+        qk, r = cfg.qk_head_dim, cfg.kv_lora_rank
+        if cfg.q_lora_rank:
+            self.q_a_proj = Dense(d, cfg.q_lora_rank, use_bias=cfg.use_qkv_bias, dtype=dtype, rngs=rngs)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=MLA_SUBNORM_EPS, dtype=dtype)
+            self.q_b_proj = Dense(cfg.q_lora_rank, H * qk, dtype=dtype, rngs=rngs)
+            self.q_proj = None
+        else:
+            self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
+            self.q_proj = Dense(d, H * qk, dtype=dtype, rngs=rngs)
+        self.kv_a_proj_with_mqa = Dense(d, r + cfg.qk_rope_head_dim, use_bias=cfg.use_qkv_bias, dtype=dtype, rngs=rngs)
+        self.kv_a_layernorm = RMSNorm(r, eps=MLA_SUBNORM_EPS, dtype=dtype)
+        self.kv_b_proj = Dense(r, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype=dtype, rngs=rngs)
+        self.dense = Dense(H * cfg.v_head_dim, d, use_bias=cfg.use_qkv_bias, dtype=dtype, rngs=rngs)
+
+    @property
+    def scaling(self):
+        return self.cfg.qk_head_dim ** -0.5
+
+    @property
+    def latent_dim(self):
+        return self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim
+
+    def query(self, x, positions):
+        """-> q_nope [..., T, H, nope], q_pe [..., T, H, rope] (rotated)."""
+        c = self.cfg
+        q = self.q_proj(x) if self.q_proj is not None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(q.shape[:-1] + (-1, c.qk_head_dim))
+        q_nope, q_pe = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
+        return q_nope, rope.apply_interleaved(q_pe, positions, c.rope_theta)
+
+    def latent(self, x, positions):
+        """-> [..., T, kv_lora_rank + rope]: the normed latent c and the rotated shared k_pe."""
+        ckv = self.kv_a_proj_with_mqa(x)
+        c, k_pe = ckv[..., : self.cfg.kv_lora_rank], ckv[..., self.cfg.kv_lora_rank:]
+        k_pe = rope.apply_interleaved(k_pe[..., None, :], positions, self.cfg.rope_theta)[..., 0, :]
+        return jnp.concatenate([self.kv_a_layernorm(c), k_pe], axis=-1)
+
+    def _kv_b(self):
+        c = self.cfg
+        w = self.kv_b_proj.kernel[...]
+        w = w.reshape(c.kv_lora_rank, -1, c.qk_nope_head_dim + c.v_head_dim)
+        return w[..., : c.qk_nope_head_dim], w[..., c.qk_nope_head_dim:]        # W_UK, W_UV [r, H, 128]
+
+    def __call__(self, x, positions):
+        """Naive form over full causal sequences. x [B, T, d]; positions [B, T]."""
+        c = self.cfg
+        q_nope, q_pe = self.query(x, positions)
+        lat = self.latent(x, positions)
+        cc, k_pe = lat[..., : c.kv_lora_rank], lat[..., c.kv_lora_rank:]
+        kv = self.kv_b_proj(cc)
+        kv = kv.reshape(kv.shape[:-1] + (-1, c.qk_nope_head_dim + c.v_head_dim))
+        k_nope, v = kv[..., : c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim:]
+        s = jnp.einsum('bthd,bshd->bhts', q_nope, k_nope, preferred_element_type=F32)
+        s = s + jnp.einsum('bthd,bsd->bhts', q_pe, k_pe, preferred_element_type=F32)
+        T = x.shape[-2]
+        causal = jnp.tril(jnp.ones((T, T), bool))
+        p = jax.nn.softmax(jnp.where(causal, s * self.scaling, -jnp.inf), axis=-1)
+        o = jnp.einsum('bhts,bshd->bthd', p.astype(x.dtype), v, preferred_element_type=F32).astype(x.dtype)
+        return self.dense(o.reshape(o.shape[:-2] + (-1,)))
+
+    def attend_latent(self, q_nope, q_pe, keys, mask):
+        """Absorbed attention. q_nope [T,H,nope], q_pe [T,H,rope], keys [T,S,r+rope] (each token's own
+        cache rows), mask [T,S] -> [T, H, v_head_dim]."""
+        r = self.cfg.kv_lora_rank
+        w_uk, w_uv = self._kv_b()
+        q_lat = jnp.einsum('thn,rhn->thr', q_nope, w_uk.astype(q_nope.dtype), preferred_element_type=F32)
+        cs, kpe = keys[..., :r], keys[..., r:]
+        s = jnp.einsum('thr,tsr->ths', q_lat, cs.astype(F32), preferred_element_type=F32)
+        s = s + jnp.einsum('thd,tsd->ths', q_pe.astype(F32), kpe.astype(F32), preferred_element_type=F32)
+        p = jax.nn.softmax(jnp.where(mask[:, None, :], s * self.scaling, -jnp.inf), axis=-1)
+        ctx = jnp.einsum('ths,tsr->thr', p, cs.astype(F32), preferred_element_type=F32)
+        return jnp.einsum('thr,rhv->thv', ctx, w_uv.astype(F32), preferred_element_type=F32)
+
+    def step(self, x, batch, cache):
+        """Engine step over a packed batch. x [T, d]; cache [num_slots, max_len, r + rope]."""
+        num_slots, max_len = cache.shape[:2]
+        q_nope, q_pe = self.query(x, batch.positions)
+        lat = self.latent(x, batch.positions).astype(cache.dtype)
+        tok_slot = batch.token_slots
+        write = jnp.where(tok_slot >= 0, tok_slot, num_slots)                    # padding -> dropped
+        cache = cache.at[write, batch.positions].set(lat, mode='drop')
+        keys = cache[jnp.clip(tok_slot, 0, num_slots - 1)]                         # [T, S, r + rope]
+        mask = jnp.arange(max_len)[None, :] <= batch.positions[:, None]
+        o = self.attend_latent(q_nope, q_pe, keys, mask).astype(x.dtype)
+        return self.dense(o.reshape(o.shape[0], -1)), cache

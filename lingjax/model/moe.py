@@ -1,0 +1,67 @@
+"""DeepSeek-V3-style MoE with the exact HF router (SPEC §4.2): float32 logits and sigmoid, float32
+expert_bias for selection only, group-limited top-k, renormalised unbiased weights times
+routed_scaling_factor, plus an always-on unscaled shared expert."""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lingjax.config import BailingConfig
+from lingjax.model.common import MLP, init_normal
+
+F32 = jnp.float32
+
+
+def route(x, gate_kernel, expert_bias, *, top_k, n_group, topk_group, scale):
+    """x [T, d]; gate_kernel [d, E]; expert_bias [E] f32 -> (expert ids [T, k], weights [T, k] f32)."""
+    logits = jnp.dot(x.astype(F32), gate_kernel.astype(F32), precision='highest')
+    p = jax.nn.sigmoid(logits)
+    b = p + expert_bias.astype(F32)
+    T, E = b.shape
+    grouped = b.reshape(T, n_group, E // n_group)
+    group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)                      # [T, n_group]
+    _, keep = jax.lax.top_k(group_score, topk_group)                         # [T, topk_group]
+    group_mask = jnp.zeros((T, n_group), bool).at[jnp.arange(T)[:, None], keep].set(True)
+    b_masked = jnp.where(jnp.repeat(group_mask, E // n_group, axis=1), b, -jnp.inf)
+    _, idx = jax.lax.top_k(b_masked, top_k)
+    w = jnp.take_along_axis(p, idx, axis=-1)
+    w = w / (w.sum(-1, keepdims=True) + 1e-20)
+    return idx, w * scale
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: BailingConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, E, I = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+        self.gate = nnx.Param(init_normal(rngs, (d, E), dtype))                   # router kernel [d, E]
+        self.expert_bias = nnx.Param(jnp.zeros((E,), F32))                        # always float32
+        self.w_gate = nnx.Param(init_normal(rngs, (E, d, I), dtype))
+        self.w_up = nnx.Param(init_normal(rngs, (E, d, I), dtype))
+        self.w_down = nnx.Param(init_normal(rngs, (E, I, d), dtype))
+        self.shared_experts = (MLP(d, cfg.shared_intermediate_size, use_bias=cfg.use_bias, dtype=dtype, rngs=rngs)
+                               if cfg.num_shared_experts > 0 else None)
+
+    def route(self, x2):
+        c = self.cfg
+        return route(x2, self.gate[...], self.expert_bias[...], top_k=c.num_experts_per_tok,
+                     n_group=c.n_group, topk_group=c.topk_group, scale=c.routed_scaling_factor)
+
+    def experts(self, x2, idx, w):
+        """Routed experts. Every expert runs on every token and the outputs are combined with the
+        float32 routing weights (zero for experts not picked), summed in float32 (HF combine
+        precision, SPEC App. B). Exact and simple; the grouped-matmul kernel replaces it at scale."""
+        T = x2.shape[0]
+        combine = jnp.zeros((T, self.cfg.num_experts), F32).at[jnp.arange(T)[:, None], idx].add(w)
+        dt = x2.dtype
+        h = jax.nn.silu(jnp.einsum('td,edi->tei', x2, self.w_gate[...].astype(dt)))
+        h = h * jnp.einsum('td,edi->tei', x2, self.w_up[...].astype(dt))
+        y = jnp.einsum('tei,eid->ted', h, self.w_down[...].astype(dt))
+        return jnp.einsum('ted,te->td', y.astype(F32), combine).astype(dt)
+
+    def __call__(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        idx, w = self.route(x2)
+        y = self.experts(x2, idx, w)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x2)
+        return y.reshape(shape)
