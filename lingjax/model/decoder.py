@@ -92,9 +92,11 @@ class BailingModel(nnx.Module):
         nxt = jnp.concatenate([tokens[..., 1:], jnp.zeros_like(tokens[..., :1])], axis=-1)
         return self.logits(self.mtp[0](self.embed(nxt), hidden, positions))
 
-    def step(self, batch, caches):
+    def step(self, batch, caches, rows=None):
         """One engine step over a packed batch -> (float32 logits [T, V], new caches).
-        caches.linear [n_linear, slots, H, D, D]; caches.mla [n_mla, slots, max_len, r + rope]."""
+        caches.linear [n_linear, slots, H, D, D]; caches.mla [n_mla, slots, max_len, r + rope].
+        rows [N] int32 (optional): compute logits only for these token rows -> [N, V] (sampling
+        needs one row per request, not the whole [T, V])."""
         x = self.embed(batch.tokens)
         lin, mla = caches.linear, caches.mla
         i_lin = i_mla = 0
@@ -107,7 +109,10 @@ class BailingModel(nnx.Module):
                 x, c = layer.step(x, batch, lin[i_lin])
                 lin = lin.at[i_lin].set(c)
                 i_lin += 1
-        return self.logits(self.norm(x)), caches.replace(linear=lin, mla=mla)
+        y = self.norm(x)
+        if rows is not None:
+            y = y[rows]
+        return self.logits(y), caches.replace(linear=lin, mla=mla)
 
 
 def forward(model: BailingModel, tokens):

@@ -36,7 +36,7 @@ F32 = jnp.float32
 
 def _dot(a, b, exact, trans_a=False, trans_b=False):
     # exact=True: full-f32 products (the f32 path must meet 1e-5 relative; tf32 would not).
-    return pl.dot(a, b, trans_a=trans_a, trans_b=trans_b,
+    return pltr.dot(a, b, trans_a=trans_a, trans_b=trans_b,
                   precision=jax.lax.Precision.HIGHEST if exact else None)
 
 

@@ -1,0 +1,85 @@
+"""Small checkpoints made here, in the exact HF layout, for tests, benchmarks and examples.
+
+No model hub is reachable, so tests build their own: a random tiny BailingMoE V2.5 model written as
+bf16 safetensors (sharded + index, MTP layer included) with a character-level tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import string
+
+import ml_dtypes
+import numpy as np
+
+from lingjax.config import BailingConfig
+from lingjax.weights import rules_for, write_hf
+
+SPECIALS = ["<pad>", "<eos>", "<bos>"]
+CHARS = list(string.printable[:95])   # digits, letters, punctuation, space
+
+
+def tiny_config(**overrides) -> BailingConfig:
+    """Every feature on: linear + MLA layers (MLA at 1, 3), q_lora, a dense first layer, MoE with
+    groups, MTP. vocab = 3 specials + 95 printable characters."""
+    base = dict(vocab_size=len(SPECIALS) + len(CHARS), hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=4, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                n_group=4, topk_group=2, moe_intermediate_size=32, layer_group_size=2, group_norm_size=2,
+                kv_lora_rank=32, q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                num_nextn_predict_layers=1, routed_scaling_factor=2.5, first_k_dense_replace=1,
+                max_position_embeddings=2048, rope_theta=10000.0, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    base.update(overrides)
+    cfg = BailingConfig(**base)
+    cfg.validate()
+    return cfg
+
+
+def random_hf_tensors(cfg: BailingConfig, seed: int = 0, dtype=ml_dtypes.bfloat16, mtp: bool = True):
+    """Random tensors for every name the config describes: matrices N(0, 1/fan_in), norm weights
+    near 1, a non-zero float32 expert_bias (so that it changes routing)."""
+    rng = np.random.default_rng(seed)
+    for rule in rules_for(cfg, mtp=mtp):
+        for name, shape in zip(rule.hf, rule.hf_shapes):
+            if rule.float32:
+                t = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+            elif len(shape) == 1 and name.endswith(".bias"):
+                t = (0.02 * rng.standard_normal(shape)).astype(dtype)
+            elif len(shape) == 1:
+                t = (1.0 + 0.1 * rng.standard_normal(shape)).astype(dtype)
+            elif name.endswith("word_embeddings.weight"):
+                t = rng.standard_normal(shape).astype(dtype)
+            else:
+                t = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(dtype)
+            yield name, t
+
+
+def char_tokenizer_json() -> str:
+    """A character-level tokenizers.Tokenizer (one token per printable character)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIALS)
+    return tok.to_str()
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def tokenizer_files() -> dict[str, str]:
+    return {
+        "tokenizer.json": char_tokenizer_json(),
+        "tokenizer_config.json": json.dumps({"eos_token": "<eos>", "pad_token": "<pad>", "bos_token": "<bos>",
+                                             "chat_template": CHAT_TEMPLATE}, indent=2),
+        "generation_config.json": json.dumps({"eos_token_id": 1, "pad_token_id": 0}, indent=2),
+    }
+
+
+def write_tiny_checkpoint(path: str, cfg: BailingConfig | None = None, seed: int = 0, *, dtype=ml_dtypes.bfloat16,
+                          shards: int = 2, mtp: bool = True, tokenizer: bool = True) -> BailingConfig:
+    """Write a random tiny model at `path` in the exact HF layout; returns its config."""
+    cfg = cfg or tiny_config()
+    tensors = list(random_hf_tensors(cfg, seed, dtype, mtp=mtp))
+    write_hf(cfg, tensors, path, num_shards=shards, extra_files=tokenizer_files() if tokenizer else None)
+    return cfg

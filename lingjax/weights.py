@@ -1,0 +1,349 @@
+"""HF safetensors <-> lingjax params (SPEC §6). One table of rules, used both ways:
+
+    Rule(hf names, param paths, to_params, to_hf)
+
+`to_params` turns the HF tensors (PyTorch layout, [out, in]) into lingjax params (Flax layout,
+kernel [in, out]; experts stacked; fused QKV split into Q, K, V); `to_hf` is its exact inverse.
+The loader, the converter and the exporter all walk the same table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from lingjax.config import BailingConfig
+
+log = logging.getLogger(__name__)
+
+Path = tuple  # a param path inside the model, e.g. ('layers', 0, 'attention', 'q_proj', 'kernel')
+
+
+class WeightError(ValueError):
+    """A checkpoint that does not match its config: missing, unexpected or misshapen tensors."""
+
+
+# Buffers that may be present in a checkpoint but are not parameters (SPEC §6 layout notes).
+def is_skipped(name: str) -> bool:
+    return "rotary_emb" in name or "inv_freq" in name or "slope" in name
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    hf: tuple[str, ...]
+    params: tuple[Path, ...]
+    to_params: Callable[[list[np.ndarray]], list[np.ndarray]]
+    to_hf: Callable[[list[np.ndarray]], list[np.ndarray]]
+    hf_shapes: tuple[tuple[int, ...], ...]
+    float32: bool = False       # kept in float32 whatever the model dtype (expert_bias)
+
+
+def _same(name, path, shape, float32=False):
+    return Rule((name,), (path,), lambda a: [a[0]], lambda p: [p[0]], (tuple(shape),), float32)
+
+
+def _transposed(name, path, shape):
+    return Rule((name,), (path,), lambda a: [a[0].T], lambda p: [p[0].T], (tuple(shape),))
+
+
+def _linear(prefix, path, d_out, d_in, bias=False):
+    rules = [_transposed(prefix + ".weight", path + ("kernel",), (d_out, d_in))]
+    if bias:
+        rules.append(_same(prefix + ".bias", path + ("bias",), (d_out,)))
+    return rules
+
+
+def _split_rows(name, paths, shape, n, transpose):
+    """One HF tensor whose rows are n equal blocks -> n params (e.g. fused QKV)."""
+    def to_params(a):
+        blocks = np.split(a[0], n, axis=0)
+        return [b.T for b in blocks] if transpose else blocks
+
+    def to_hf(p):
+        return [np.concatenate([x.T for x in p] if transpose else list(p), axis=0)]
+    return Rule((name,), tuple(paths), to_params, to_hf, (tuple(shape),))
+
+
+def _stacked(names, path, shape):
+    """E per-expert HF tensors [out, in] -> one param [E, in, out]."""
+    return Rule(tuple(names), (path,), lambda a: [np.stack([x.T for x in a])],
+                lambda p: [x.T for x in p[0]], tuple(tuple(shape) for _ in names))
+
+
+def _mlp_rules(prefix, path, d, width, bias):
+    return (_linear(prefix + ".gate_proj", path + ("gate_proj",), width, d, bias)
+            + _linear(prefix + ".up_proj", path + ("up_proj",), width, d, bias)
+            + _linear(prefix + ".down_proj", path + ("down_proj",), d, width, bias))
+
+
+def _layer_rules(cfg: BailingConfig, l: int, path: Path) -> list[Rule]:
+    d, H, D = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+    p = f"model.layers.{l}."
+    rules = [_same(p + "input_layernorm.weight", path + ("input_layernorm", "weight"), (d,)),
+             _same(p + "post_attention_layernorm.weight", path + ("post_attention_layernorm", "weight"), (d,))]
+    a, ap = p + "attention.", path + ("attention",)
+    if cfg.is_mla(l):
+        qk, r, rope = cfg.qk_head_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        if cfg.q_lora_rank:
+            rules += _linear(a + "q_a_proj", ap + ("q_a_proj",), cfg.q_lora_rank, d, cfg.use_qkv_bias)
+            rules += [_same(a + "q_a_layernorm.weight", ap + ("q_a_layernorm", "weight"), (cfg.q_lora_rank,))]
+            rules += _linear(a + "q_b_proj", ap + ("q_b_proj",), H * qk, cfg.q_lora_rank)
+        else:
+            rules += _linear(a + "q_proj", ap + ("q_proj",), H * qk, d)
+        rules += _linear(a + "kv_a_proj_with_mqa", ap + ("kv_a_proj_with_mqa",), r + rope, d, cfg.use_qkv_bias)
+        rules += [_same(a + "kv_a_layernorm.weight", ap + ("kv_a_layernorm", "weight"), (r,))]
+        rules += _linear(a + "kv_b_proj", ap + ("kv_b_proj",), H * (cfg.qk_nope_head_dim + cfg.v_head_dim), r)
+        rules += _linear(a + "dense", ap + ("dense",), d, H * cfg.v_head_dim, cfg.use_qkv_bias)
+    else:
+        HD = H * D
+        rules.append(_split_rows(a + "query_key_value.weight",
+                                 [ap + (n, "kernel") for n in ("q_proj", "k_proj", "v_proj")], (3 * HD, d), 3, True))
+        if cfg.use_qkv_bias:
+            rules.append(_split_rows(a + "query_key_value.bias",
+                                     [ap + (n, "bias") for n in ("q_proj", "k_proj", "v_proj")], (3 * HD,), 3, False))
+        rules += [_same(a + "query_layernorm.weight", ap + ("query_layernorm", "weight"), (D,)),
+                  _same(a + "key_layernorm.weight", ap + ("key_layernorm", "weight"), (D,))]
+        rules += _linear(a + "g_proj", ap + ("g_proj",), HD, d)
+        rules += [_same(a + "g_norm.weight", ap + ("g_norm", "weight"), (HD,))]
+        rules += _linear(a + "dense", ap + ("dense",), d, HD, cfg.use_bias)
+    m, mp = p + "mlp.", path + ("mlp",)
+    if cfg.is_moe(l):
+        E, I = cfg.num_experts, cfg.moe_intermediate_size
+        rules += [_transposed(m + "gate.weight", mp + ("gate",), (E, d)),
+                  _same(m + "gate.expert_bias", mp + ("expert_bias",), (E,), float32=True)]
+        for proj, key, shape in (("gate_proj", "w_gate", (I, d)), ("up_proj", "w_up", (I, d)),
+                                 ("down_proj", "w_down", (d, I))):
+            rules.append(_stacked([f"{m}experts.{e}.{proj}.weight" for e in range(E)], mp + (key,), shape))
+        if cfg.num_shared_experts > 0:
+            rules += _mlp_rules(m + "shared_experts", mp + ("shared_experts",), d, cfg.shared_intermediate_size, cfg.use_bias)
+    else:
+        rules += _mlp_rules(m[:-1], mp, d, cfg.intermediate_size, cfg.use_bias)
+    return rules
+
+
+def rules_for(cfg: BailingConfig, mtp: bool = True) -> list[Rule]:
+    """Every tensor of the HF checkpoint that `cfg` describes, in checkpoint order."""
+    d, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
+    rules = [_same("model.word_embeddings.weight", ("word_embeddings",), (V, d))]
+    for l in range(L):
+        rules += _layer_rules(cfg, l, ("layers", l))
+    rules += [_same("model.norm.weight", ("norm", "weight"), (d,)),
+              _transposed("lm_head.weight", ("lm_head",), (V, d))]
+    for i in range(cfg.num_nextn_predict_layers if mtp else 0):
+        l, path = L + i, ("mtp", i)
+        p = f"model.layers.{l}."
+        rules += [_same(p + "enorm.weight", path + ("enorm", "weight"), (d,)),
+                  _same(p + "hnorm.weight", path + ("hnorm", "weight"), (d,)),
+                  _transposed(p + "eh_proj.weight", path + ("eh_proj", "kernel"), (d, 2 * d)),
+                  _same(p + "final_layernorm.weight", path + ("final_layernorm", "weight"), (d,))]
+        rules += _layer_rules(cfg, l, path + ("block",))
+    return rules
+
+
+def is_mtp_name(cfg: BailingConfig, name: str) -> bool:
+    L = cfg.num_hidden_layers
+    return any(name.startswith(f"model.layers.{L + i}.") for i in range(max(cfg.num_nextn_predict_layers, 1)))
+
+
+# ------------------------------------------------------------------------------------------ reading
+HF_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
+
+
+class CheckpointReader:
+    """Lazy, tensor-at-a-time view of an HF checkpoint directory (single file or sharded + index;
+    any other *.safetensors beside them, such as a separate MTP file, is read too)."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+        self.path = path
+        if not os.path.isdir(path):
+            raise WeightError(f"{path}: not a directory")
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise WeightError(f"{index}: malformed index ({e})") from None
+            for shard in sorted(set(weight_map.values())):
+                if shard not in files:
+                    raise WeightError(f"{index}: names shard {shard}, which is missing")
+        if not files:
+            raise WeightError(f"{path}: no *.safetensors files")
+        self.where: dict[str, str] = {}
+        self.meta: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self._handles = {}
+        for fname in files:
+            fpath = os.path.join(path, fname)
+            try:
+                h = safe_open(fpath, framework="numpy")
+            except Exception as e:   # truncated or corrupt header
+                raise WeightError(f"{fpath}: cannot read safetensors file ({e})") from None
+            self._handles[fname] = h
+            size = os.path.getsize(fpath)
+            end = 0
+            for name in h.keys():
+                sl = h.get_slice(name)
+                dtype, shape = sl.get_dtype(), tuple(sl.get_shape())
+                if name in self.where:
+                    raise WeightError(f"tensor {name} appears in both {self.where[name]} and {fname}")
+                self.where[name], self.meta[name] = fname, (dtype, shape)
+                nbytes = int(np.prod(shape, dtype=np.int64)) * (np.dtype(HF_DTYPES[dtype]).itemsize if dtype in HF_DTYPES else 1)
+                end += nbytes
+            if end > size:
+                raise WeightError(f"{fpath}: file is truncated ({size} bytes, tensors need more than that)")
+
+        self.canonical = {canonical(n): n for n in self.where}
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def get(self, name: str) -> np.ndarray:
+        try:
+            return self._handles[self.where[name]].get_tensor(name)
+        except KeyError:
+            raise WeightError(f"missing tensor {name}") from None
+        except Exception as e:
+            raise WeightError(f"{os.path.join(self.path, self.where[name])}: cannot read tensor {name} ({e})") from None
+
+    def nbytes(self, name: str) -> int:
+        dtype, shape = self.meta[name]
+        return int(np.prod(shape, dtype=np.int64)) * np.dtype(HF_DTYPES.get(dtype, np.uint8)).itemsize
+
+
+ALIASES = {".mlp.gate.e_score_correction_bias": ".mlp.gate.expert_bias",
+           ".mlp.experts.e_score_correction_bias": ".mlp.gate.expert_bias"}
+
+
+def canonical(name: str) -> str:
+    for old, new in ALIASES.items():
+        if name.endswith(old):
+            return name[: -len(old)] + new
+    return name
+
+
+def validate(cfg: BailingConfig, reader: CheckpointReader, mtp: bool = True) -> list[Rule]:
+    """Check every tensor name, shape and dtype against the config before anything is loaded.
+    Returns the rules to apply. Raises WeightError naming the first problem found."""
+    present = {c: n for c, n in reader.canonical.items() if not is_skipped(n)}
+    rules = rules_for(cfg, mtp=mtp)
+    expected = {}
+    for rule in rules:
+        for name, shape in zip(rule.hf, rule.hf_shapes):
+            expected[name] = shape
+    for name, shape in expected.items():
+        if name not in present:
+            raise WeightError(f"missing tensor {name} (expected shape {list(shape)}) in {reader.path}")
+        dtype, got = reader.meta[present[name]]
+        if tuple(got) != shape:
+            raise WeightError(f"tensor {name} has shape {list(got)}, expected {list(shape)} from config.json")
+        if dtype not in HF_DTYPES:
+            raise WeightError(f"tensor {name} has dtype {dtype}; supported: {', '.join(HF_DTYPES)}")
+    for name in present:
+        if name not in expected and not (not mtp and is_mtp_name(cfg, name)):
+            raise WeightError(f"unexpected tensor {name} in {reader.path} (not described by config.json)")
+    return rules
+
+
+def read_rule(reader: CheckpointReader, rule: Rule) -> list[np.ndarray]:
+    return [reader.get(reader.canonical.get(n, n)) for n in rule.hf]
+
+
+# ------------------------------------------------------------------------------------------ params
+def set_param(model: nnx.Module, path: Path, value):
+    obj = model
+    for key in path[:-1]:
+        obj = obj[key] if isinstance(key, int) else getattr(obj, key)
+    var = getattr(obj, path[-1])
+    if tuple(var.shape) != tuple(value.shape):
+        raise WeightError(f"param {'.'.join(map(str, path))}: shape {tuple(value.shape)} != model {tuple(var.shape)}")
+    var.value = value
+
+
+def get_param(model: nnx.Module, path: Path):
+    obj = model
+    for key in path:
+        obj = obj[key] if isinstance(key, int) else getattr(obj, key)
+    return obj[...]
+
+
+def abstract_model(cfg: BailingConfig, dtype, mtp: bool = True):
+    from lingjax.model import BailingModel
+    return nnx.eval_shape(lambda: BailingModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), mtp=mtp))
+
+
+def load_hf(path: str, dtype=jnp.bfloat16, *, mtp: bool = True, place: Callable | None = None,
+            progress: bool = False, **config_overrides):
+    """Load an HF checkpoint directory -> (cfg, model). `place(path, array)` may put each param on
+    its devices (sharded loading); by default params go to the default device one at a time."""
+    from lingjax.config import BailingConfig as _C
+    cfg = _C.from_json(path, **config_overrides)
+    reader = CheckpointReader(path)
+    rules = validate(cfg, reader, mtp=mtp)
+    model = abstract_model(cfg, dtype, mtp=mtp)
+    it = rules
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(rules, desc="loading", unit="tensor")
+    for rule in it:
+        for ppath, value in zip(rule.params, rule.to_params(read_rule(reader, rule))):
+            value = np.asarray(value, np.float32 if rule.float32 else jnp.dtype(dtype))
+            set_param(model, ppath, place(ppath, value) if place else jnp.asarray(value))
+    return cfg, model
+
+
+def hf_tensors(cfg: BailingConfig, model: nnx.Module, hf_dtype=None, mtp: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+    """The model's params as HF tensors, one rule at a time (export)."""
+    for rule in rules_for(cfg, mtp=mtp and len(getattr(model, "mtp", [])) > 0):
+        values = [np.asarray(jax.device_get(get_param(model, p))) for p in rule.params]
+        for name, t in zip(rule.hf, rule.to_hf(values)):
+            if hf_dtype is not None and not rule.float32:
+                t = t.astype(hf_dtype)
+            yield name, np.ascontiguousarray(t)
+
+
+def write_hf(cfg: BailingConfig, tensors: Sequence[tuple[str, np.ndarray]] | Iterator, out_dir: str,
+             shard_bytes: int | None = None, extra_files: dict[str, str] | None = None,
+             num_shards: int | None = None) -> None:
+    """Write config.json + safetensors, sharded with an index when shard_bytes (a size cap) or
+    num_shards (an exact count; tensors must then be a list) is given."""
+    from safetensors.numpy import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    if num_shards and num_shards > 1:
+        total = sum(t.nbytes for _, t in tensors)
+        shard_bytes = -(-total // num_shards)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+    shards, cur, cur_bytes = [], {}, 0
+    for name, t in tensors:
+        if shard_bytes and cur and cur_bytes + t.nbytes > shard_bytes and (
+                not num_shards or len(shards) < num_shards - 1):
+            shards.append(cur)
+            cur, cur_bytes = {}, 0
+        cur[name] = t
+        cur_bytes += t.nbytes
+    if cur:
+        shards.append(cur)
+    if len(shards) == 1 and not shard_bytes:
+        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+            weight_map.update({n: fname for n in shard})
+        total = sum(t.nbytes for s in shards for t in s.values())
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    for fname, text in (extra_files or {}).items():
+        with open(os.path.join(out_dir, fname), "w") as f:
+            f.write(text)
