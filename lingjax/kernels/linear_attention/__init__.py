@@ -1,11 +1,64 @@
-"""Linear-attention kernels behind one dispatch point (see reference.py for the conventions)."""
+"""Linear-attention kernels behind one dispatch point (see reference.py for the conventions).
+
+``prefill`` and ``decode`` pick an implementation by ``jax.default_backend()``:
+gpu -> Pallas GPU kernels (gpu.py), tpu -> Pallas Mosaic TPU kernels (tpu.py), anything else ->
+the pure-jnp reference. Override with ``impl=`` or the environment variable LINGJAX_KERNELS, one of
+  reference | gpu | tpu | gpu_interpret | tpu_interpret
+(the *_interpret forms run the Pallas kernels in interpret mode on the CPU; for tests).
+Both functions are traceable inside jit and shard_map (any local head count); pass the state pool
+donated so that its update happens in place.
+"""
+import logging
+import os
+
+import jax
+
 from lingjax.kernels.linear_attention.reference import chunked  # noqa: F401
 from lingjax.kernels.linear_attention import reference
 
+log = logging.getLogger(__name__)
+IMPLS = ('reference', 'gpu', 'tpu', 'gpu_interpret', 'tpu_interpret')
 
-def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale):
-    return reference.prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, scale=scale)
+
+def _resolve(impl):
+    impl = impl or os.environ.get('LINGJAX_KERNELS') or None
+    if impl is None:
+        backend = jax.default_backend()
+        impl = backend if backend in ('gpu', 'tpu') else 'reference'
+    if impl not in IMPLS:
+        raise ValueError(f'unknown linear-attention kernel implementation {impl!r}; '
+                         f'expected one of {IMPLS} (argument impl= or env LINGJAX_KERNELS)')
+    return impl
 
 
-def decode(q, k, v, log_decay, state_pool, slots, fresh, *, scale):
-    return reference.decode(q, k, v, log_decay, state_pool, slots, fresh, scale=scale)
+def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, impl=None):
+    """Varlen chunked prefill over slot-indexed states; see reference.prefill."""
+    impl = _resolve(impl)
+    args = (q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh)
+    if impl == 'reference':
+        return reference.prefill(*args, scale=scale)
+    if impl.startswith('gpu'):
+        from lingjax.kernels.linear_attention import gpu
+        return gpu.prefill(*args, scale=scale, interpret=impl == 'gpu_interpret')
+    from lingjax.kernels.linear_attention import tpu
+    return tpu.prefill(*args, scale=scale, interpret=_tpu_interpret(impl))
+
+
+def decode(q, k, v, log_decay, state_pool, slots, fresh, *, scale, impl=None):
+    """One-token decode over slot-indexed states; see reference.decode."""
+    impl = _resolve(impl)
+    args = (q, k, v, log_decay, state_pool, slots, fresh)
+    if impl == 'reference':
+        return reference.decode(*args, scale=scale)
+    if impl.startswith('gpu'):
+        from lingjax.kernels.linear_attention import gpu
+        return gpu.decode(*args, scale=scale, interpret=impl == 'gpu_interpret')
+    from lingjax.kernels.linear_attention import tpu
+    return tpu.decode(*args, scale=scale, interpret=_tpu_interpret(impl))
+
+
+def _tpu_interpret(impl):
+    if impl != 'tpu_interpret':
+        return None
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.InterpretParams()
