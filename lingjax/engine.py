@@ -1,0 +1,399 @@
+"""The serving engine: requests -> packed ragged batches -> one jitted, donated step (DESIGN.md "Data flow").
+
+    engine = Engine(model, max_batch=8, prefill_chunk=256)
+    logits = engine.score([[1, 2, 3], [4, 5]])                  # list of float32 [len_i, V]
+    outs = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=32, temperature=0.7, seed=1))
+
+Scheduling (continuous batching). Requests wait in a FIFO queue; up to `max_batch` run at once, each
+holding one cache slot (`SlotAllocator`, lowest free slot first). Every step, each running request
+advances by one piece: a decode (its one newest token) or a prefill chunk of up to `prefill_chunk`
+prompt tokens that continues from the slot's state. Decodes are always scheduled; prefill chunks fill
+the remaining per-step token budget `max_tokens` (default `max_batch * prefill_chunk`, so every
+running request advances a full chunk). A request's first piece is marked `fresh`: its linear state
+starts from zero whatever the slot held; MLA reads are masked to positions <= the token's own, which
+this request has already written, so stale latents are never read. A finished request frees its
+slot at once and the next waiting request takes it in the following step.
+
+Packing. The pieces of one step are packed back to back into a `StepBatch`; one-token pieces
+("decodes") go first (`decode_order="first"`, vLLM's order) or last (`"last"`, SGLang's legacy
+order). A request's logits do not depend on this order, on the other requests in the step or on the
+chunk size: the tests check all three against the full forward pass (the mixed-batch bug, SPEC §7.1).
+
+Shapes and compilations. R (request rows) is always `max_batch`; padding rows have slot -1. A step
+whose pieces are all one token is decode-only: T == R, tokens in row order, the decode kernels. Any
+other step pads T up to the next of `t_buckets` (powers of two from 8, capped at `max_tokens`), its
+padding tokens belonging to the dummy row R. So each kind of step ("score": float32 logits [T, V];
+"sample": one sampled token per row) compiles at most `len(t_buckets) + 1` times; `compile_count`
+counts the traces and `buckets()` lists every shape a run can hit.
+
+Sampling runs on device inside the step: greedy (temperature 0), temperature, top-k, top-p. The key
+of request i's n-th new token is fold_in(fold_in(key(seed), i), n): a run is reproducible for a
+seed and a sample does not depend on batching. Generation stops at a stop token (the config's EOS
+ids unless `ignore_eos` or `stop_token_ids` says otherwise; the stop token is included in
+`token_ids`), after `max_new_tokens`, or when prompt + new tokens fill the context (`max_len` tokens; a prompt
+may therefore hold at most max_len - 1 tokens for `generate`, max_len for `score`).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import weakref
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lingjax.batch import StepBatch
+from lingjax.cache import SlotAllocator, init_caches
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_LEN = 4096
+MIN_T_BUCKET = 8
+
+
+class EngineError(ValueError):
+    """A request or an engine setting that cannot be served; the message is meant for the user."""
+
+
+# --------------------------------------------------------------------------------------------- API types
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """As in vLLM / HF: temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off."""
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] | None = None   # None: the model config's EOS ids
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise EngineError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise EngineError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise EngineError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise EngineError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.seed, int):
+            raise EngineError(f"seed must be an integer, got {self.seed!r}")
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    prompt_token_ids: list[int]
+    token_ids: list[int]          # the new tokens, a final stop token included
+    finish_reason: str            # "stop" (stop token), "length" (max_new_tokens or context full)
+
+
+@dataclasses.dataclass
+class _Request:
+    index: int
+    tokens: list[int]             # prompt, then generated tokens
+    prompt_len: int
+    max_new: int                  # 0 = score request
+    slot: int = -1
+    fed: int = 0                  # tokens already in the slot's cache
+    logits: list = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self.tokens) - self.fed
+
+
+# --------------------------------------------------------------------------------------------- sampling
+def sample(logits, temperature, top_k, top_p, seeds, request_ids, counters):
+    """logits [R, V] f32; per-row temperature/top_p f32, top_k/counters/request_ids int32, seeds uint32
+    -> [R] int32. temperature <= 0 rows are greedy (argmax of the raw logits)."""
+    R, V = logits.shape
+    greedy = jnp.argmax(logits, axis=-1)
+    t = jnp.where(temperature > 0, temperature, 1.0)
+    x = logits / t[:, None]
+    srt = -jnp.sort(-x, axis=-1)                                              # descending
+    k = jnp.where((top_k > 0) & (top_k < V), top_k, V)
+    kth = jnp.take_along_axis(srt, (k - 1)[:, None], axis=-1)
+    x = jnp.where(x < kth, -jnp.inf, x)
+    srt = jnp.where(jnp.arange(V)[None, :] < k[:, None], srt, -jnp.inf)
+    p = jax.nn.softmax(srt, axis=-1)
+    before = jnp.cumsum(p, axis=-1) - p                                       # mass ranked above
+    keep = (before < top_p[:, None]) | (jnp.arange(V)[None, :] == 0)
+    thr = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1)
+    x = jnp.where(x < thr[:, None], -jnp.inf, x)
+
+    def row_key(s, i, c):
+        return jax.random.fold_in(jax.random.fold_in(jax.random.key(s), i), c)
+
+    keys = jax.vmap(row_key)(seeds, request_ids, counters)
+    drawn = jax.vmap(jax.random.categorical)(keys, x)
+    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------- jitted steps
+_TRACES = collections.Counter()          # (engine id, kind, T, decode_only) -> traces; see Engine.compile_count
+_active_engine: list = [None]
+_JIT = weakref.WeakKeyDictionary()       # model -> (score_step, sample_step): engines of one model share compiles
+
+
+def _jitted_steps(model, graphdef):
+    try:
+        return _JIT[model]
+    except KeyError:
+        pass
+
+    def note(kind, batch):
+        _TRACES[(_active_engine[0], kind, batch.tokens.shape[0], batch.decode_only)] += 1
+
+    def score_step(state, caches, batch):
+        note("score", batch)
+        m = nnx.merge(graphdef, state)
+        return m.step(batch, caches)
+
+    def sample_step(state, caches, batch, rows, temperature, top_k, top_p, seeds, request_ids, counters):
+        note("sample", batch)
+        m = nnx.merge(graphdef, state)
+        logits, caches = m.step(batch, caches, rows=rows)
+        return sample(logits, temperature, top_k, top_p, seeds, request_ids, counters), caches
+
+    fns = (jax.jit(score_step, donate_argnums=1), jax.jit(sample_step, donate_argnums=1))
+    _JIT[model] = fns
+    return fns
+
+
+# --------------------------------------------------------------------------------------------- engine
+class Engine:
+    """Continuous-batching engine over `num_slots` cache slots (default `max_batch`) of `max_len` tokens.
+
+    max_batch      requests in flight at once (the R of every step)
+    prefill_chunk  prompt tokens per request per step (1: every token goes through the decode path)
+    max_tokens     token budget of one step (default max_batch * prefill_chunk)
+    decode_order   "first" or "last": where one-token pieces sit in the packed batch
+    state_dtype    linear-attention state dtype (float32 default); latent_dtype: MLA latent cache dtype
+                   (default: the model's dtype)
+    """
+
+    def __init__(self, model, *, max_batch: int = 8, prefill_chunk: int = 256, max_len: int | None = None,
+                 num_slots: int | None = None, max_tokens: int | None = None, decode_order: str = "first",
+                 state_dtype=jnp.float32, latent_dtype=None):
+        cfg = model.cfg
+        self.model, self.cfg = model, cfg
+        if max_len is None:
+            max_len = min(cfg.max_position_embeddings, DEFAULT_MAX_LEN)
+        num_slots = max_batch if num_slots is None else num_slots
+        for name, v in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk), ("max_len", max_len),
+                        ("num_slots", num_slots)):
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise EngineError(f"{name} must be an integer >= 1, got {v!r}")
+        if max_len > cfg.max_position_embeddings:
+            raise EngineError(f"max_len={max_len} exceeds the model's max_position_embeddings="
+                              f"{cfg.max_position_embeddings}")
+        if num_slots < max_batch:
+            raise EngineError(f"num_slots={num_slots} < max_batch={max_batch}: every running request needs a slot")
+        max_tokens = max_batch * prefill_chunk if max_tokens is None else max_tokens
+        if not (isinstance(max_tokens, int) and max_tokens >= max_batch):
+            raise EngineError(f"max_tokens must be an integer >= max_batch={max_batch}, got {max_tokens!r}")
+        if decode_order not in ("first", "last"):
+            raise EngineError(f"decode_order must be 'first' or 'last', got {decode_order!r}")
+        self.max_batch, self.prefill_chunk, self.max_len = max_batch, prefill_chunk, max_len
+        self.num_slots, self.max_tokens, self.decode_order = num_slots, max_tokens, decode_order
+        b, self.t_buckets = MIN_T_BUCKET, []
+        while b < max_tokens:
+            self.t_buckets.append(b)
+            b *= 2
+        self.t_buckets.append(max_tokens)
+
+        self.graphdef, self.state = nnx.split(model)
+        self._score_step, self._sample_step = _jitted_steps(model, self.graphdef)
+        self.caches = init_caches(cfg, num_slots, max_len, state_dtype=state_dtype,
+                                  latent_dtype=latent_dtype or model.dtype)
+        self.slots = SlotAllocator(num_slots)
+        self.steps = 0
+
+    # ----------------------------------------------------------------------------- introspection
+    def buckets(self, kind: str | None = None) -> list[tuple[str, int, bool]]:
+        """Every (kind, T, decode_only) step shape this engine can compile."""
+        kinds = (kind,) if kind else ("score", "sample")
+        return [(k, self.max_batch, True) for k in kinds] + [(k, t, False) for k in kinds for t in self.t_buckets]
+
+    def compiled_shapes(self) -> dict[tuple[str, int, bool], int]:
+        return {k[1:]: n for k, n in _TRACES.items() if k[0] == id(self)}
+
+    @property
+    def compile_count(self) -> int:
+        """Compilations (traces) of the step this engine caused. Engines of one model share them."""
+        return sum(self.compiled_shapes().values())
+
+    # ----------------------------------------------------------------------------- public API
+    def score(self, sequences: Sequence[Sequence[int]], *, progress: Callable[[int], None] | None = None
+              ) -> list[np.ndarray]:
+        """Teacher-forced next-token logits: one float32 [len_i, vocab] array per sequence."""
+        reqs = [_Request(i, toks, len(toks), 0) for i, toks in enumerate(self._check(sequences, "sequence", 0))]
+        self._run(reqs, "score", None, progress)
+        return [np.concatenate(r.logits, axis=0) for r in reqs]
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None, *,
+                 on_token: Callable[[int, int], None] | None = None,
+                 progress: Callable[[int], None] | None = None) -> list[GenerationOutput]:
+        """Sample a continuation of each prompt. on_token(i, token) is called as request i gets a token;
+        progress(n) as n more requests finish."""
+        params = params or SamplingParams()
+        params.validate()
+        prompts = self._check(prompts, "prompt", 1)
+        reqs = [_Request(i, list(p), len(p), params.max_new_tokens) for i, p in enumerate(prompts)]
+        self._run(reqs, "sample", params, progress, on_token)
+        return [GenerationOutput(r.tokens[:r.prompt_len], r.tokens[r.prompt_len:], r.finish_reason) for r in reqs]
+
+    # ----------------------------------------------------------------------------- internals
+    def _check(self, seqs, what, room):
+        if isinstance(seqs, (str, bytes)) or not isinstance(seqs, Sequence):
+            raise EngineError(f"expected a list of token-id lists, got {type(seqs).__name__}")
+        V, out = self.cfg.vocab_size, []
+        for i, s in enumerate(seqs):
+            if isinstance(s, np.ndarray):
+                s = s.tolist()
+            if isinstance(s, (str, bytes)) or not isinstance(s, Sequence):
+                raise EngineError(f"{what} {i}: expected a list of token ids, got {type(s).__name__}")
+            if len(s) == 0:
+                raise EngineError(f"{what} {i} is empty")
+            for j, t in enumerate(s):
+                if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                    raise EngineError(f"{what} {i}: token {j} is {t!r}, not an integer id")
+                if not 0 <= t < V:
+                    raise EngineError(f"{what} {i}: token id {t} at position {j} is outside the vocabulary [0, {V})")
+            if len(s) > self.max_len - room:
+                extra = " with room for one new token" if room else ""
+                raise EngineError(f"{what} {i} has {len(s)} tokens; the context (max_len={self.max_len}) holds "
+                                  f"{self.max_len - room}{extra}")
+            out.append([int(t) for t in s])
+        return out
+
+    def _schedule(self, waiting: collections.deque, running: list) -> list[tuple[_Request, int]]:
+        while waiting and len(running) < self.max_batch and self.slots.num_free:
+            r = waiting.popleft()
+            r.slot = self.slots.alloc()
+            running.append(r)
+        budget = self.max_tokens
+        decodes = [(r, 1) for r in running if r.pending == 1]
+        budget -= len(decodes)
+        prefills = []
+        for r in running:
+            if r.pending > 1 and budget > 0:
+                n = min(self.prefill_chunk, r.pending, budget)
+                prefills.append((r, n))
+                budget -= n
+        return decodes + prefills if self.decode_order == "first" else prefills + decodes
+
+    def _pack(self, pieces):
+        """Pieces [(request, n_tokens)] -> host arrays of a StepBatch (+ decode_only)."""
+        R = self.max_batch
+        decode_only = all(n == 1 for _, n in pieces)
+        n_tok = sum(n for _, n in pieces)
+        T = R if decode_only else next(t for t in self.t_buckets if t >= n_tok)
+        tokens = np.zeros(T, np.int32)
+        positions = np.zeros(T, np.int32)
+        token_seq = np.full(T, R, np.int32)
+        slots = np.full(R, -1, np.int32)
+        fresh = np.zeros(R, bool)
+        cu = np.zeros(R + 1, np.int32)
+        off = 0
+        for i, (r, n) in enumerate(pieces):
+            tokens[off:off + n] = r.tokens[r.fed:r.fed + n]
+            positions[off:off + n] = np.arange(r.fed, r.fed + n)
+            token_seq[off:off + n] = i
+            slots[i], fresh[i] = r.slot, r.fed == 0
+            off += n
+            cu[i + 1] = off
+        cu[len(pieces) + 1:] = off
+        return dict(tokens=tokens, positions=positions, token_seq=token_seq, slots=slots, cu_seqlens=cu,
+                    fresh=fresh, decode_only=decode_only)
+
+    def _run(self, reqs, kind, params, progress, on_token=None):
+        waiting, running = collections.deque(reqs), []
+        R = self.max_batch
+        if kind == "sample":
+            stop = set() if params.ignore_eos else set(
+                self.cfg.eos_ids if params.stop_token_ids is None else params.stop_token_ids)
+            seeds = np.full(R, params.seed % 2 ** 32, np.uint32)
+            temp = np.full(R, params.temperature, np.float32)
+            top_k = np.full(R, params.top_k, np.int32)
+            top_p = np.full(R, params.top_p, np.float32)
+        _active_engine[0] = id(self)
+        try:
+            while waiting or running:
+                pieces = self._schedule(waiting, running)
+                b = self._pack(pieces)
+                batch = StepBatch(**b)
+                if kind == "score":
+                    logits, self.caches = self._score_step(self.state, self.caches, batch)
+                    logits = np.asarray(logits)
+                    off = 0
+                    for r, n in pieces:
+                        r.logits.append(logits[off:off + n])
+                        off += n
+                else:
+                    rows = np.maximum(b["cu_seqlens"][1:] - 1, 0).astype(np.int32)
+                    ids = np.zeros(R, np.int32)
+                    counters = np.zeros(R, np.int32)
+                    for i, (r, _) in enumerate(pieces):
+                        ids[i], counters[i] = r.index, len(r.tokens) - r.prompt_len
+                    toks, self.caches = self._sample_step(self.state, self.caches, batch, rows, temp, top_k,
+                                                          top_p, seeds, ids, counters)
+                    toks = np.asarray(toks)
+                self.steps += 1
+                finished = []
+                for i, (r, n) in enumerate(pieces):
+                    r.fed += n
+                    if kind == "score":
+                        if r.pending == 0:
+                            r.finish_reason = "length"
+                            finished.append(r)
+                    elif r.pending == 0:                       # the piece reached the end: a new token
+                        t = int(toks[i])
+                        r.tokens.append(t)
+                        if on_token is not None:
+                            on_token(r.index, t)
+                        if t in stop:
+                            r.finish_reason = "stop"
+                        elif len(r.tokens) - r.prompt_len >= r.max_new or len(r.tokens) >= self.max_len:
+                            r.finish_reason = "length"
+                        if r.finish_reason:
+                            finished.append(r)
+                for r in finished:
+                    running.remove(r)
+                    self.slots.free(r.slot)
+                    r.slot = -1
+                if finished and progress is not None:
+                    progress(len(finished))
+        except BaseException:
+            # A failed or interrupted run: release the slots so the engine stays usable.
+            for r in running:
+                self.slots.free(r.slot)
+            raise
+        finally:
+            _active_engine[0] = None
+        log.debug("engine: %d steps so far, %d compilations", self.steps, self.compile_count)
+
+
+def load_model(path, dtype=jnp.bfloat16):
+    """(config, model) from a checkpoint directory: an HF one (config.json + *.safetensors).
+    The converted (Orbax) layout is added here by the converter (issue 4)."""
+    import os
+    from lingjax.config import ConfigError
+    if not os.path.isdir(path):
+        raise EngineError(f"model directory {path} does not exist")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise EngineError(f"{path} has no config.json: not a checkpoint directory")
+    try:
+        from lingjax.weights import load_hf
+    except ImportError as e:
+        raise EngineError(f"loading HF checkpoints is not available in this build ({e})") from None
+    try:
+        return load_hf(path, dtype=dtype)
+    except ConfigError as e:
+        raise EngineError(f"{path}: {e}") from None
