@@ -108,6 +108,33 @@ class _Request:
         return len(self.tokens) - self.fed
 
 
+def check_token_lists(seqs, *, vocab_size: int, max_len: int, what: str = "sequence", room: int = 0) -> list[list[int]]:
+    """Validate a list of token-id lists (non-empty, ids in [0, vocab_size), at most max_len - room
+    tokens) -> plain int lists. Raises EngineError naming the first bad sequence."""
+    if isinstance(seqs, (str, bytes, dict)) or not isinstance(seqs, (Sequence, np.ndarray)):
+        raise EngineError(f"expected a list of token-id lists, got {type(seqs).__name__}")
+    out = []
+    for i, s in enumerate(seqs):
+        if isinstance(s, np.ndarray):
+            s = s.tolist()
+        if isinstance(s, (str, bytes)) or not isinstance(s, Sequence):
+            raise EngineError(f"{what} {i}: expected a list of token ids, got {type(s).__name__}")
+        if len(s) == 0:
+            raise EngineError(f"{what} {i} is empty")
+        for j, t in enumerate(s):
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                raise EngineError(f"{what} {i}: token {j} is {t!r}, not an integer id")
+            if not 0 <= t < vocab_size:
+                raise EngineError(f"{what} {i}: token id {t} at position {j} is outside the vocabulary "
+                                  f"[0, {vocab_size})")
+        if len(s) > max_len - room:
+            extra = " with room for one new token" if room else ""
+            raise EngineError(f"{what} {i} has {len(s)} tokens; the context (max_len={max_len}) holds "
+                              f"{max_len - room}{extra}")
+        out.append([int(t) for t in s])
+    return out
+
+
 # --------------------------------------------------------------------------------------------- sampling
 def sample(logits, temperature, top_k, top_p, seeds, request_ids, counters):
     """logits [R, V] f32; per-row temperature/top_p f32, top_k/counters/request_ids int32, seeds uint32
@@ -251,27 +278,7 @@ class Engine:
 
     # ----------------------------------------------------------------------------- internals
     def _check(self, seqs, what, room):
-        if isinstance(seqs, (str, bytes)) or not isinstance(seqs, Sequence):
-            raise EngineError(f"expected a list of token-id lists, got {type(seqs).__name__}")
-        V, out = self.cfg.vocab_size, []
-        for i, s in enumerate(seqs):
-            if isinstance(s, np.ndarray):
-                s = s.tolist()
-            if isinstance(s, (str, bytes)) or not isinstance(s, Sequence):
-                raise EngineError(f"{what} {i}: expected a list of token ids, got {type(s).__name__}")
-            if len(s) == 0:
-                raise EngineError(f"{what} {i} is empty")
-            for j, t in enumerate(s):
-                if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-                    raise EngineError(f"{what} {i}: token {j} is {t!r}, not an integer id")
-                if not 0 <= t < V:
-                    raise EngineError(f"{what} {i}: token id {t} at position {j} is outside the vocabulary [0, {V})")
-            if len(s) > self.max_len - room:
-                extra = " with room for one new token" if room else ""
-                raise EngineError(f"{what} {i} has {len(s)} tokens; the context (max_len={self.max_len}) holds "
-                                  f"{self.max_len - room}{extra}")
-            out.append([int(t) for t in s])
-        return out
+        return check_token_lists(seqs, vocab_size=self.cfg.vocab_size, max_len=self.max_len, what=what, room=room)
 
     def _schedule(self, waiting: collections.deque, running: list) -> list[tuple[_Request, int]]:
         while waiting and len(running) < self.max_batch and self.slots.num_free:
@@ -381,19 +388,17 @@ class Engine:
 
 
 def load_model(path, dtype=jnp.bfloat16):
-    """(config, model) from a checkpoint directory: an HF one (config.json + *.safetensors).
-    The converted (Orbax) layout is added here by the converter (issue 4)."""
+    """(config, model) from a checkpoint directory. Today: an HF directory (config.json + *.safetensors);
+    the converted (Orbax) layout is recognised here too once the converter lands (issue 4).
+    Raises EngineError with a one-line message naming the problem."""
     import os
     from lingjax.config import ConfigError
     if not os.path.isdir(path):
         raise EngineError(f"model directory {path} does not exist")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise EngineError(f"{path} has no config.json: not a checkpoint directory")
+    from lingjax.weights import WeightError, load_hf
     try:
-        from lingjax.weights import load_hf
-    except ImportError as e:
-        raise EngineError(f"loading HF checkpoints is not available in this build ({e})") from None
-    try:
-        return load_hf(path, dtype=dtype)
-    except ConfigError as e:
+        return load_hf(path, dtype=dtype, mtp=False)      # the engine does not run the MTP layer
+    except (ConfigError, WeightError) as e:
         raise EngineError(f"{path}: {e}") from None

@@ -1,0 +1,500 @@
+"""The `lingjax` command line (DESIGN.md "Public interface").
+
+    lingjax score --model PATH --tokens IN.json --out OUT.npz [--prefill-chunk N] [--max-batch B] ...
+    lingjax generate [--model PATH] --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] ...
+
+Each command is a `Command` in the `COMMANDS` registry: a name, a help line, a function that adds its
+flags to an argparse parser and a function that runs it. Commands of other modules (convert, export,
+bench, eval) register themselves with `register(...)` below, importing their heavy modules lazily
+inside `run` so `lingjax --help` stays fast.
+
+Errors: a wrong command line exits 2, anything else that fails (bad input file, missing model, a
+prompt that does not fit) exits 1; both print one line `lingjax: error: ...` on stderr, never a
+traceback (`--debug` shows it). Diagnostics go through `logging` (`-v` for INFO, `--debug` for DEBUG).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("lingjax")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINTS_DIR = REPO_ROOT / "checkpoints"
+DEFAULT_CHECKPOINT = None      # name under checkpoints/ to prefer when several are shipped (issue 5 sets it)
+
+
+class CLIError(Exception):
+    """A failure to report as one line and exit status 1."""
+
+
+# ------------------------------------------------------------------------------------------ registry
+@dataclasses.dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+    description: str | None = None
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register(name: str, help: str, add_arguments, run, description: str | None = None) -> None:
+    """Add a subcommand: `add_arguments(parser)` declares its flags, `run(args)` runs it (returns the
+    exit status or None for 0; raise CLIError / EngineError for a one-line error)."""
+    COMMANDS[name] = Command(name, help, add_arguments, run, description)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `lingjax: error: ...` and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"lingjax: error: {message} (see `{self.prog} --help`)\n")
+
+
+# ------------------------------------------------------------------------------------------ flag types
+def _int_at_least(lo):
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}")
+        return v
+    parse.__name__ = f"int>={lo}"
+    return parse
+
+
+def _float_in(lo, hi, lo_open=False, name="value"):
+    def parse(s):
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (hi is None or v <= hi)
+        if not ok:
+            rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}{']' if hi is not None else ')'}"
+            raise argparse.ArgumentTypeError(f"expected a number in {rng}, got {s!r}")
+        return v
+    parse.__name__ = name
+    return parse
+
+
+def _add_common(p: argparse.ArgumentParser, *, model_required: bool) -> None:
+    if model_required:
+        p.add_argument("--model", required=True, metavar="PATH",
+                       help="checkpoint directory: an HF one (config.json, *.safetensors, tokenizer files)")
+    else:
+        p.add_argument("--model", metavar="PATH",
+                       help="checkpoint directory: an HF one (config.json, *.safetensors, tokenizer files); "
+                            "default: the model shipped in checkpoints/")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="parameter and activation dtype (logits are always float32; linear-attention states "
+                        "float32); default %(default)s")
+    p.add_argument("--prefill-chunk", type=_int_at_least(1), default=256, metavar="N",
+                   help="prompt tokens a request feeds per engine step (chunked prefill); 1 sends every token "
+                        "through the decode path; default %(default)s")
+    p.add_argument("--max-batch", type=_int_at_least(1), default=8, metavar="B",
+                   help="requests in flight at once (each holds a cache slot); more requests queue and start as "
+                        "slots free, so prefill chunks and decodes of different requests share steps; "
+                        "default %(default)s")
+    p.add_argument("--max-len", type=_int_at_least(1), default=None, metavar="N",
+                   help="context length of each cache slot, in tokens (prompt + generated); default "
+                        "min(max_position_embeddings, 4096)")
+    p.add_argument("--tp", type=_int_at_least(1), default=1, metavar="N",
+                   help="tensor-parallel degree (devices to shard heads and experts over); default 1")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details (compilations, steps)")
+    p.add_argument("--debug", action="store_true", help="debug logging, and show tracebacks of errors")
+
+
+# ------------------------------------------------------------------------------------------ shared steps
+def default_model_dir() -> Path:
+    """The checkpoint shipped in checkpoints/ (the only one there, or DEFAULT_CHECKPOINT)."""
+    found = sorted(d for d in CHECKPOINTS_DIR.glob("*") if (d / "config.json").is_file()) \
+        if CHECKPOINTS_DIR.is_dir() else []
+    if not found:
+        raise CLIError(f"no --model given and no checkpoint is shipped in {CHECKPOINTS_DIR}; "
+                       f"pass --model PATH (an HF checkpoint directory)")
+    if len(found) == 1:
+        return found[0]
+    if DEFAULT_CHECKPOINT and (CHECKPOINTS_DIR / DEFAULT_CHECKPOINT / "config.json").is_file():
+        return CHECKPOINTS_DIR / DEFAULT_CHECKPOINT
+    raise CLIError(f"no --model given and {CHECKPOINTS_DIR} holds several checkpoints "
+                   f"({', '.join(d.name for d in found)}); pass --model PATH")
+
+
+def _read_config(path):
+    from lingjax.config import BailingConfig, ConfigError
+    try:
+        return BailingConfig.from_json(str(path))
+    except ConfigError as e:
+        raise CLIError(f"{path}: {e}") from None
+
+
+def _max_len(args, cfg) -> int:
+    from lingjax.engine import DEFAULT_MAX_LEN
+    if args.max_len is None:
+        return min(cfg.max_position_embeddings, DEFAULT_MAX_LEN)
+    if args.max_len > cfg.max_position_embeddings:
+        raise CLIError(f"--max-len {args.max_len} exceeds the model's max_position_embeddings="
+                       f"{cfg.max_position_embeddings}")
+    return args.max_len
+
+
+def _check_tp(args) -> None:
+    if args.tp == 1:
+        return
+    import jax
+    n = jax.device_count()
+    if args.tp > n:
+        raise CLIError(f"--tp {args.tp} needs {args.tp} devices; found {n}")
+    raise CLIError(f"--tp {args.tp}: tensor parallelism is not available in this build yet; use --tp 1")
+
+
+def _engine(args, model_dir, max_len):
+    """Load the model at model_dir and build the engine the flags describe."""
+    import jax.numpy as jnp
+    from lingjax.engine import Engine, load_model
+    _check_tp(args)
+    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
+    log.info("loading %s (%s)", model_dir, args.dtype)
+    cfg, model = load_model(str(model_dir), dtype)
+    eng = Engine(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, max_len=max_len)
+    log.info("engine: max_batch=%d prefill_chunk=%d max_len=%d, step buckets T=%s", eng.max_batch,
+             eng.prefill_chunk, eng.max_len, eng.t_buckets)
+    return cfg, eng
+
+
+def _progress_bar(total, desc, enabled=True):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="req", disable=not enabled, file=sys.stderr, leave=False)
+
+
+# ------------------------------------------------------------------------------------------ score
+def _score_arguments(p):
+    p.add_argument("--tokens", required=True, metavar="IN.json",
+                   help="a JSON list of token-id lists, e.g. [[1, 2, 3], [4, 5]]")
+    p.add_argument("--out", required=True, metavar="OUT.npz",
+                   help="output .npz with logits_0, logits_1, ...: float32 [len_i, vocab], the teacher-forced "
+                        "next-token logits of each sequence (row t predicts token t+1); written atomically")
+    _add_common(p, model_required=True)
+
+
+def _load_token_lists(path):
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CLIError(f"--tokens {path}: no such file") from None
+    except IsADirectoryError:
+        raise CLIError(f"--tokens {path}: is a directory") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CLIError(f"--tokens {path}: not valid JSON ({e})") from None
+    if not isinstance(data, list) or not data:
+        raise CLIError(f"--tokens {path}: expected a non-empty JSON list of token-id lists")
+    return data
+
+
+def _check_out_path(out):
+    d = os.path.dirname(os.path.abspath(out)) or "."
+    if os.path.isdir(out):
+        raise CLIError(f"--out {out}: is a directory")
+    if not os.path.isdir(d):
+        raise CLIError(f"--out {out}: directory {d} does not exist")
+    if not os.access(d, os.W_OK):
+        raise CLIError(f"--out {out}: directory {d} is not writable")
+
+
+def _write_npz_atomic(out, arrays):
+    import numpy as np
+    d = os.path.dirname(os.path.abspath(out))
+    fd, tmp = tempfile.mkstemp(prefix=".lingjax-", suffix=".npz.tmp", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _score_run(args):
+    from lingjax.engine import check_token_lists
+    data = _load_token_lists(args.tokens)
+    _check_out_path(args.out)
+    cfg = _read_config(args.model) if os.path.isdir(args.model) else None
+    if cfg is None:
+        raise CLIError(f"--model {args.model}: no such directory")
+    max_len = _max_len(args, cfg)
+    # Validate before loading any weights: a bad input file fails in a second, not after the load.
+    seqs = check_token_lists(data, vocab_size=cfg.vocab_size, max_len=max_len, what="sequence")
+    _, eng = _engine(args, args.model, max_len)
+    with _progress_bar(len(seqs), "scoring", enabled=len(seqs) > 1) as bar:
+        logits = eng.score(seqs, progress=bar.update)
+    _write_npz_atomic(args.out, {f"logits_{i}": l for i, l in enumerate(logits)})
+    log.info("scored %d sequences (%d tokens) in %d steps, %d compilations; wrote %s", len(seqs),
+             sum(map(len, seqs)), eng.steps, eng.compile_count, args.out)
+
+
+# ------------------------------------------------------------------------------------------ generate
+def _generate_arguments(p):
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="prompt text; repeat the flag for several prompts (batched, with a progress bar)")
+    p.add_argument("--prompt-file", metavar="FILE",
+                   help="read more prompts from FILE, one per line (empty lines skipped); '-' reads stdin")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt as a user message with the checkpoint's chat template "
+                        "(tokenizer_config.json chat_template, or chat_template.jinja)")
+    p.add_argument("--system", metavar="TEXT", help="with --chat: a system message before the user message")
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=128, metavar="N",
+                   help="stop after N new tokens; default %(default)s")
+    p.add_argument("--temperature", type=_float_in(0.0, None, name="temperature"), default=0.0, metavar="T",
+                   help="sampling temperature; 0 is greedy (argmax); default %(default)s")
+    p.add_argument("--top-k", type=_int_at_least(0), default=0, metavar="K",
+                   help="sample among the K most likely tokens; 0 = off; default %(default)s")
+    p.add_argument("--top-p", type=_float_in(0.0, 1.0, lo_open=True, name="top_p"), default=1.0, metavar="P",
+                   help="nucleus sampling: the smallest set of tokens with probability >= P; 1.0 = off; "
+                        "default %(default)s")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="random seed; a run is reproducible for a seed, whatever the batching; default %(default)s")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    p.add_argument("--jsonl", action="store_true",
+                   help="print one JSON object per prompt (prompt, text, token_ids, finish_reason) instead of text")
+    _add_common(p, model_required=False)
+
+
+class Tokenizer:
+    """tokenizer.json through `tokenizers`, plus the chat template of tokenizer_config.json."""
+
+    def __init__(self, model_dir):
+        from tokenizers import Tokenizer as _T
+        path = os.path.join(model_dir, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise CLIError(f"{model_dir} has no tokenizer.json; generate needs the checkpoint's tokenizer")
+        try:
+            self.tok = _T.from_file(path)
+        except Exception as e:
+            raise CLIError(f"{path}: cannot load tokenizer ({_first_line(e)})") from None
+        self.config = {}
+        tc = os.path.join(model_dir, "tokenizer_config.json")
+        if os.path.isfile(tc):
+            try:
+                with open(tc) as f:
+                    self.config = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CLIError(f"{tc}: not valid JSON ({e})") from None
+        self.template = self.config.get("chat_template")
+        if isinstance(self.template, list):     # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in self.template if isinstance(t, dict)}
+            self.template = named.get("default") or next(iter(named.values()), None)
+        jinja = os.path.join(model_dir, "chat_template.jinja")
+        if not self.template and os.path.isfile(jinja):
+            with open(jinja) as f:
+                self.template = f.read()
+        self.model_dir = model_dir
+
+    def _special(self, key):
+        v = self.config.get(key)
+        return v.get("content") if isinstance(v, dict) else v
+
+    def token_id(self, key):
+        s = self._special(key)
+        return self.tok.token_to_id(s) if s else None
+
+    def chat(self, text, system=None) -> str:
+        if not self.template:
+            raise CLIError(f"--chat: {self.model_dir} has no chat template (tokenizer_config.json chat_template "
+                           f"or chat_template.jinja)")
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg):
+            raise TemplateError(msg)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        try:
+            return env.from_string(self.template).render(
+                messages=messages, add_generation_prompt=True, bos_token=self._special("bos_token") or "",
+                eos_token=self._special("eos_token") or "")
+        except TemplateError as e:
+            raise CLIError(f"--chat: the chat template failed: {_first_line(e)}") from None
+
+    def encode(self, text, chat=False, system=None) -> list[int]:
+        if chat:
+            return self.tok.encode(self.chat(text, system), add_special_tokens=False).ids
+        return self.tok.encode(text).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        try:
+            f = sys.stdin if args.prompt_file == "-" else open(args.prompt_file, encoding="utf-8")
+            with f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            raise CLIError(f"--prompt-file {args.prompt_file}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise CLIError(f"--prompt-file {args.prompt_file}: not UTF-8 text ({e})") from None
+    if not prompts:
+        raise CLIError("no prompt: pass --prompt TEXT (or --prompt-file FILE)")
+    return prompts
+
+
+class _Streamer:
+    """Prints one request's text as its tokens arrive (holding back incomplete UTF-8 sequences)."""
+
+    def __init__(self, tok, out=sys.stdout):
+        self.tok, self.out, self.ids, self.shown = tok, out, [], ""
+
+    def __call__(self, _index, token):
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.shown):
+            return
+        self.out.write(text[len(self.shown):])
+        self.out.flush()
+        self.shown = text
+
+    def finish(self, final_text):
+        if final_text.startswith(self.shown):
+            self.out.write(final_text[len(self.shown):])
+        self.out.write("\n")
+        self.out.flush()
+
+
+def _generate_run(args):
+    from lingjax.engine import SamplingParams, check_token_lists
+    if args.system and not args.chat:
+        raise CLIError("--system needs --chat")
+    prompts = _read_prompts(args)
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    if not model_dir.is_dir():
+        raise CLIError(f"--model {model_dir}: no such directory")
+    cfg = _read_config(model_dir)
+    max_len = _max_len(args, cfg)
+    tok = Tokenizer(str(model_dir))
+    ids = [tok.encode(p, chat=args.chat, system=args.system) for p in prompts]
+    ids = check_token_lists(ids, vocab_size=cfg.vocab_size, max_len=max_len, what="prompt", room=1)
+    stop = set(cfg.eos_ids)
+    gen_cfg = model_dir / "generation_config.json"
+    if gen_cfg.is_file():
+        try:
+            e = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            stop |= set(e if isinstance(e, list) else [e] if isinstance(e, int) else [])
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            log.warning("%s: not valid JSON; ignored", gen_cfg)
+    if tok.token_id("eos_token") is not None:
+        stop.add(tok.token_id("eos_token"))
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos,
+                            stop_token_ids=tuple(sorted(t for t in stop if 0 <= t < cfg.vocab_size)))
+    _, eng = _engine(args, model_dir, max_len)
+    if len(ids) == 1 and not args.jsonl:
+        streamer = _Streamer(tok)
+        out = eng.generate(ids, params, on_token=streamer)[0]
+        streamer.finish(tok.decode(out.token_ids))
+        outs = [out]
+    else:
+        with _progress_bar(len(ids), "generating") as bar:
+            outs = eng.generate(ids, params, progress=bar.update)
+        for i, (p, o) in enumerate(zip(prompts, outs)):
+            text = tok.decode(o.token_ids)
+            if args.jsonl:
+                print(json.dumps({"index": i, "prompt": p, "text": text, "token_ids": o.token_ids,
+                                  "finish_reason": o.finish_reason}, ensure_ascii=False))
+            else:
+                print(f"=== {i} ===\n{text}")
+    n_new = sum(len(o.token_ids) for o in outs)
+    log.info("generated %d tokens for %d prompts in %d steps, %d compilations", n_new, len(outs), eng.steps,
+             eng.compile_count)
+
+
+register("score", "teacher-forced next-token logits of token sequences, to an .npz",
+         _score_arguments, _score_run,
+         description="Score token sequences: OUT.npz gets logits_i, float32 [len_i, vocab], row t holding the "
+                     "next-token logits after the first t+1 tokens of sequence i, computed by the same engine "
+                     "step as generate (continuous batching, chunked prefill).")
+register("generate", "generate text from prompts", _generate_arguments, _generate_run,
+         description="Generate a continuation of each prompt. One prompt streams its text to stdout; several "
+                     "show a progress bar and print each result. Stops at the end-of-sequence token, after "
+                     "--max-new-tokens, or when the context (--max-len) is full.")
+
+
+# ------------------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lingjax", description="BailingMoE V2.5 (Ling-2.5 / Ling-2.6 / Ring-2.5) in JAX.",
+                     epilog="Exit status: 0 success, 1 failure (bad input, missing model), 2 wrong command line.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for c in COMMANDS.values():
+        p = sub.add_parser(c.name, help=c.help, description=c.description or c.help)
+        c.add_arguments(p)
+        p.set_defaults(_run=c.run)
+    return parser
+
+
+def _first_line(e) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def _setup_logging(args) -> None:
+    level = logging.DEBUG if getattr(args, "debug", False) else \
+        logging.INFO if getattr(args, "verbose", False) else logging.WARNING
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("lingjax: %(message)s"))
+    root = logging.getLogger("lingjax")
+    root.handlers[:] = [h]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        parser.error("choose a command")
+    _setup_logging(args)
+    from lingjax.config import ConfigError
+    try:
+        from lingjax.engine import EngineError
+    except ImportError:          # keep errors one line even if JAX itself cannot be imported
+        EngineError = CLIError
+    try:
+        rc = args._run(args)
+        return int(rc or 0)
+    except KeyboardInterrupt:
+        print("lingjax: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, EngineError, ConfigError, OSError) as e:
+        if args.debug:
+            raise
+        print(f"lingjax: error: {_first_line(e)}", file=sys.stderr)
+        return 1
+    except Exception as e:       # a bug: still one line, the traceback on --debug
+        if args.debug:
+            raise
+        print(f"lingjax: error: internal error: {type(e).__name__}: {_first_line(e)} "
+              f"(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
