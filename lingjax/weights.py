@@ -266,7 +266,7 @@ def set_param(model: nnx.Module, path: Path, value):
     var = getattr(obj, path[-1])
     if tuple(var.shape) != tuple(value.shape):
         raise WeightError(f"param {'.'.join(map(str, path))}: shape {tuple(value.shape)} != model {tuple(var.shape)}")
-    var.value = value
+    var.set_value(value)
 
 
 def get_param(model: nnx.Module, path: Path):
