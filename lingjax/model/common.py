@@ -3,6 +3,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lingjax.model.parallel import tp_index, tp_psum
+
 F32 = jnp.float32
 
 
@@ -17,10 +19,16 @@ class Dense(nnx.Module):
         self.kernel = nnx.Param(init_normal(rngs, (d_in, d_out), dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if use_bias else None
 
-    def __call__(self, x):
+    def __call__(self, x, *, partial=False):
+        """partial=True marks a row-parallel projection: under tensor parallelism x holds this device's
+        slice of the input features, the result is its partial sum and the bias is added on tp rank 0
+        only, so that one psum over tp gives the full output (tp = 1: the plain projection)."""
         y = jnp.dot(x, self.kernel[...].astype(x.dtype))
         if self.bias is not None:
-            y = y + self.bias[...].astype(x.dtype)
+            b = self.bias[...].astype(x.dtype)
+            if partial and not isinstance(tp_index(), int):
+                b = jnp.where(tp_index() == 0, b, jnp.zeros_like(b))
+            y = y + b
         return y
 
 
@@ -43,17 +51,38 @@ class RMSNorm(nnx.Module):
 
 class GroupRMSNormGate(nnx.Module):
     """Output norm of the linear-attention layer (SPEC §2.7): RMSNorm over `groups` groups of the
-    H*D channels (`group_norm_size` is the NUMBER of groups), times weight, times sigmoid(gate)."""
+    H*D channels (`group_norm_size` is the NUMBER of groups), times weight, times sigmoid(gate).
+
+    Under tensor parallelism `o` holds this device's contiguous slice of the channels. When tp divides
+    the group count the slice is whole groups and the norm stays local; otherwise a group straddles
+    devices and its sum of squares is completed by a psum of a [..., groups] array (SPEC §2.7)."""
 
     def __init__(self, dim, groups, *, eps, dtype=jnp.bfloat16):
-        self.groups, self.eps = groups, eps
+        self.dim, self.groups, self.eps = dim, groups, eps
         self.weight = nnx.Param(jnp.ones((dim,), dtype))
 
     def __call__(self, o, gate_logits):
         shape = o.shape
-        og = o.reshape(shape[:-1] + (self.groups, shape[-1] // self.groups))
-        y = rms_normalize(og, self.eps).reshape(shape) * self.weight[...].astype(o.dtype)
+        local = shape[-1]
+        if (self.groups * local) % self.dim == 0:                 # whole groups on this device
+            groups = self.groups * local // self.dim
+            og = o.reshape(shape[:-1] + (groups, local // groups))
+            y = rms_normalize(og, self.eps).reshape(shape)
+        else:
+            y = self._straddling(o)
+        y = y * self.weight[...].astype(o.dtype)
         return y * jax.nn.sigmoid(gate_logits.astype(F32)).astype(o.dtype)
+
+    def _straddling(self, o):
+        """Channels [off, off + local) of a norm whose groups span devices: per-group sums of squares
+        of the local channels, completed across devices by one psum, then normalised as rms_normalize."""
+        local, C = o.shape[-1], self.dim // self.groups
+        gid = (tp_index() * local + jnp.arange(local)) // C                       # group of each channel
+        onehot = (gid[:, None] == jnp.arange(self.groups)[None, :]).astype(F32)   # [local, groups]
+        of = o.astype(F32)
+        ss = tp_psum(jnp.dot(of * of, onehot, precision='highest'))                # [..., groups]
+        inv = jax.lax.rsqrt(ss / C + self.eps)
+        return (of * jnp.take(inv, gid, axis=-1)).astype(o.dtype)
 
 
 class MLP(nnx.Module):
@@ -64,5 +93,8 @@ class MLP(nnx.Module):
         self.up_proj = Dense(d, width, use_bias=use_bias, dtype=dtype, rngs=rngs)
         self.down_proj = Dense(width, d, use_bias=use_bias, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x, *, reduce=True):
+        """Under tensor parallelism gate/up are column- and down row-parallel over the width: reduce=False
+        returns this device's partial sum (the MoE adds it to its routed partial before one psum)."""
+        y = self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), partial=True)
+        return tp_psum(y) if reduce else y

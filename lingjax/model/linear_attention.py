@@ -8,6 +8,7 @@ from lingjax.config import BailingConfig, alibi_slopes, layer_decay_factor
 from lingjax.kernels import linear_attention as la
 from lingjax.model import rope
 from lingjax.model.common import Dense, GroupRMSNormGate, RMSNorm
+from lingjax.model.parallel import TP, tp_index, tp_psum, tp_size
 
 F32 = jnp.float32
 
@@ -48,11 +49,17 @@ class LinearAttention(nnx.Module):
     def output(self, o, x):
         """o [..., T, H_local, D] float32 -> [..., T, d] (norm, gate from the same normed input x, dense)."""
         o = o.reshape(o.shape[:-2] + (-1,)).astype(x.dtype)
-        return self.dense(self.g_norm(o, self.g_proj(x)))
+        return tp_psum(self.dense(self.g_norm(o, self.g_proj(x)), partial=True))
 
-    def decay(self, num_heads=None, head_offset=0):
+    def decay(self, num_heads=None, head_offset=None):
+        """Log-decays of `num_heads` heads from `head_offset` (default: all heads; under tensor
+        parallelism this device's heads, offset tp_index() * num_heads)."""
         g = log_decay(self.cfg, self.layer)
-        return g if num_heads is None else jax.lax.dynamic_slice_in_dim(g, head_offset, num_heads)
+        if num_heads is None or (num_heads == g.shape[0] and head_offset is None):
+            return g
+        if head_offset is None:
+            head_offset = tp_index() * num_heads
+        return jax.lax.dynamic_slice_in_dim(g, head_offset, num_heads)
 
     @property
     def scale(self):
@@ -61,10 +68,13 @@ class LinearAttention(nnx.Module):
     def __call__(self, x, positions, initial_state=None):
         """Full sequences, no cache. x [B, T, d] -> (out [B, T, d], final state [B, H, D, D])."""
         q, k, v = self.qkv(x, positions)
-        o, state = la.chunked(q, k, v, self.decay(), initial_state, scale=self.scale)
+        if initial_state is None and tp_size() > 1:     # the scan carry must vary over tp like q, k, v
+            B, _, H, D = q.shape
+            initial_state = jax.lax.pcast(jnp.zeros((B, H, D, v.shape[-1]), F32), (TP,), to='varying')
+        o, state = la.chunked(q, k, v, self.decay(q.shape[-2]), initial_state, scale=self.scale)
         return self.output(o, x), state
 
-    def step(self, x, batch, state_pool, head_offset=0):
+    def step(self, x, batch, state_pool, head_offset=None):
         """Engine step over a packed batch. x [T, d]; state_pool [num_slots, H_local, D, D]."""
         q, k, v = self.qkv(x, batch.positions)
         g = self.decay(q.shape[-2], head_offset)

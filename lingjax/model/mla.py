@@ -8,6 +8,7 @@ from flax import nnx
 from lingjax.config import BailingConfig
 from lingjax.model import rope
 from lingjax.model.common import Dense, RMSNorm
+from lingjax.model.parallel import tp_psum
 
 F32 = jnp.float32
 MLA_SUBNORM_EPS = 1e-6   # HF q_a_layernorm / kv_a_layernorm use the class default (SPEC App. B)
@@ -75,7 +76,7 @@ class MLA(nnx.Module):
         causal = jnp.tril(jnp.ones((T, T), bool))
         p = jax.nn.softmax(jnp.where(causal, s * self.scaling, -jnp.inf), axis=-1)
         o = jnp.einsum('bhts,bshd->bthd', p.astype(x.dtype), v, preferred_element_type=F32).astype(x.dtype)
-        return self.dense(o.reshape(o.shape[:-2] + (-1,)))
+        return tp_psum(self.dense(o.reshape(o.shape[:-2] + (-1,)), partial=True))
 
     def attend_latent(self, q_nope, q_pe, keys, mask):
         """Absorbed attention. q_nope [T,H,nope], q_pe [T,H,rope], keys [T,S,r+rope] (each token's own
@@ -101,4 +102,4 @@ class MLA(nnx.Module):
         keys = cache[jnp.clip(tok_slot, 0, num_slots - 1)]                         # [T, S, r + rope]
         mask = jnp.arange(max_len)[None, :] <= batch.positions[:, None]
         o = self.attend_latent(q_nope, q_pe, keys, mask).astype(x.dtype)
-        return self.dense(o.reshape(o.shape[0], -1)), cache
+        return tp_psum(self.dense(o.reshape(o.shape[0], -1), partial=True)), cache

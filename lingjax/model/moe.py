@@ -7,6 +7,7 @@ from flax import nnx
 
 from lingjax.config import BailingConfig
 from lingjax.model.common import MLP, init_normal
+from lingjax.model.parallel import tp_index, tp_psum
 
 F32 = jnp.float32
 
@@ -48,9 +49,14 @@ class MoE(nnx.Module):
     def experts(self, x2, idx, w):
         """Routed experts. Every expert runs on every token and the outputs are combined with the
         float32 routing weights (zero for experts not picked), summed in float32 (HF combine
-        precision, SPEC App. B). Exact and simple; the grouped-matmul kernel replaces it at scale."""
+        precision, SPEC App. B). Exact and simple; the grouped-matmul kernel replaces it at scale.
+        Expert parallel under tensor parallelism: this device holds experts [off, off + E_local) and
+        returns their share of the sum (the routing itself is computed in full on every device)."""
         T = x2.shape[0]
         combine = jnp.zeros((T, self.cfg.num_experts), F32).at[jnp.arange(T)[:, None], idx].add(w)
+        n_local = self.w_gate.shape[0]
+        if n_local != self.cfg.num_experts:
+            combine = jax.lax.dynamic_slice_in_dim(combine, tp_index() * n_local, n_local, axis=1)
         dt = x2.dtype
         h = jax.nn.silu(jnp.einsum('td,edi->tei', x2, self.w_gate[...].astype(dt)))
         h = h * jnp.einsum('td,edi->tei', x2, self.w_up[...].astype(dt))
@@ -63,5 +69,5 @@ class MoE(nnx.Module):
         idx, w = self.route(x2)
         y = self.experts(x2, idx, w)
         if self.shared_experts is not None:
-            y = y + self.shared_experts(x2)
-        return y.reshape(shape)
+            y = y + self.shared_experts(x2, reduce=False)
+        return tp_psum(y).reshape(shape)          # routed + shared partials: one all-reduce
