@@ -114,6 +114,11 @@ def _add_common(p: argparse.ArgumentParser, *, model_required: bool) -> None:
                         "min(max_position_embeddings, 4096)")
     p.add_argument("--tp", type=_int_at_least(1), default=1, metavar="N",
                    help="tensor-parallel degree (devices to shard heads and experts over); default 1")
+    g = p.add_argument_group("multi-host (one process per host, JAX's distributed runtime; default: the "
+                             "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID environment variables)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator service")
+    g.add_argument("--num-processes", type=_int_at_least(1), metavar="N", help="number of processes (hosts)")
+    g.add_argument("--process-id", type=_int_at_least(0), metavar="I", help="this process's index in [0, N)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details (compilations, steps)")
     p.add_argument("--debug", action="store_true", help="debug logging, and show tracebacks of errors")
 
@@ -152,25 +157,37 @@ def _max_len(args, cfg) -> int:
     return args.max_len
 
 
-def _check_tp(args) -> None:
-    if args.tp == 1:
-        return
+def _mesh(args):
+    """Start the distributed runtime if asked, then the tp mesh (None: one device, no sharding)."""
     import jax
+    from lingjax import sharding
+    try:
+        multi = sharding.initialize_distributed(getattr(args, "coordinator", None),
+                                                getattr(args, "num_processes", None), getattr(args, "process_id", None))
+    except (sharding.ShardingError, RuntimeError, ValueError) as e:
+        raise CLIError(f"distributed runtime: {_first_line(e)}") from None
+    if multi and jax.process_index() != 0:
+        sys.stdout = open(os.devnull, "w")          # process 0 prints the results
     n = jax.device_count()
     if args.tp > n:
         raise CLIError(f"--tp {args.tp} needs {args.tp} devices; found {n}")
-    raise CLIError(f"--tp {args.tp}: tensor parallelism is not available in this build yet; use --tp 1")
+    if args.tp == 1 and not multi:
+        return None
+    try:
+        return sharding.make_mesh(args.tp)
+    except sharding.ShardingError as e:
+        raise CLIError(str(e)) from None
 
 
 def _engine(args, model_dir, max_len):
     """Load the model at model_dir and build the engine the flags describe."""
     import jax.numpy as jnp
     from lingjax.engine import Engine, load_model
-    _check_tp(args)
+    mesh = _mesh(args)
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
-    log.info("loading %s (%s)", model_dir, args.dtype)
-    cfg, model = load_model(str(model_dir), dtype)
-    eng = Engine(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, max_len=max_len)
+    log.info("loading %s (%s, tp=%d)", model_dir, args.dtype, args.tp)
+    cfg, model = load_model(str(model_dir), dtype, mesh=mesh)
+    eng = Engine(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, max_len=max_len, mesh=mesh)
     log.info("engine: max_batch=%d prefill_chunk=%d max_len=%d, step buckets T=%s", eng.max_batch,
              eng.prefill_chunk, eng.max_len, eng.t_buckets)
     return cfg, eng
@@ -242,9 +259,11 @@ def _score_run(args):
     _, eng = _engine(args, args.model, max_len)
     with _progress_bar(len(seqs), "scoring", enabled=len(seqs) > 1) as bar:
         logits = eng.score(seqs, progress=bar.update)
-    _write_npz_atomic(args.out, {f"logits_{i}": l for i, l in enumerate(logits)})
-    log.info("scored %d sequences (%d tokens) in %d steps, %d compilations; wrote %s", len(seqs),
-             sum(map(len, seqs)), eng.steps, eng.compile_count, args.out)
+    import jax
+    if jax.process_index() == 0:                    # multi-host: process 0 writes the file
+        _write_npz_atomic(args.out, {f"logits_{i}": l for i, l in enumerate(logits)})
+        log.info("scored %d sequences (%d tokens) in %d steps, %d compilations; wrote %s", len(seqs),
+                 sum(map(len, seqs)), eng.steps, eng.compile_count, args.out)
 
 
 # ------------------------------------------------------------------------------------------ generate

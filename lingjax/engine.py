@@ -165,31 +165,34 @@ def sample(logits, temperature, top_k, top_p, seeds, request_ids, counters):
 # --------------------------------------------------------------------------------------------- jitted steps
 _TRACES = collections.Counter()          # (engine id, kind, T, decode_only) -> traces; see Engine.compile_count
 _active_engine: list = [None]
-_JIT = weakref.WeakKeyDictionary()       # model -> (score_step, sample_step): engines of one model share compiles
+_JIT = weakref.WeakKeyDictionary()       # model -> {mesh: (score_step, sample_step)}: engines of one model share compiles
 
 
-def _jitted_steps(model, graphdef):
+def _jitted_steps(model, graphdef, mesh=None):
     try:
-        return _JIT[model]
+        return _JIT[model][mesh]
     except KeyError:
         pass
+    from lingjax import sharding
+    model_step = sharding.shard_step(graphdef, model.cfg, mesh)    # plain model.step when mesh is None
 
     def note(kind, batch):
         _TRACES[(_active_engine[0], kind, batch.tokens.shape[0], batch.decode_only)] += 1
 
     def score_step(state, caches, batch):
         note("score", batch)
-        m = nnx.merge(graphdef, state)
-        return m.step(batch, caches)
+        return model_step(state, batch, caches)
 
     def sample_step(state, caches, batch, rows, temperature, top_k, top_p, seeds, request_ids, counters):
         note("sample", batch)
-        m = nnx.merge(graphdef, state)
-        logits, caches = m.step(batch, caches, rows=rows)
-        return sample(logits, temperature, top_k, top_p, seeds, request_ids, counters), caches
+        logits, caches = model_step(state, batch, caches, rows)
+        toks = sample(logits, temperature, top_k, top_p, seeds, request_ids, counters)
+        if mesh is not None:     # every process reads the sampled tokens
+            toks = jax.lax.with_sharding_constraint(toks, sharding.replicated(mesh))
+        return toks, caches
 
     fns = (jax.jit(score_step, donate_argnums=1), jax.jit(sample_step, donate_argnums=1))
-    _JIT[model] = fns
+    _JIT.setdefault(model, {})[mesh] = fns
     return fns
 
 
@@ -203,11 +206,14 @@ class Engine:
     decode_order   "first" or "last": where one-token pieces sit in the packed batch
     state_dtype    linear-attention state dtype (float32 default); latent_dtype: MLA latent cache dtype
                    (default: the model's dtype)
+    tp / mesh      tensor parallelism (lingjax.sharding): `tp=N` shards over the first N devices, or pass a
+                   mesh from sharding.make_mesh; params and caches are placed on it, and each step runs
+                   inside one shard_map. Default: one device, no collectives.
     """
 
     def __init__(self, model, *, max_batch: int = 8, prefill_chunk: int = 256, max_len: int | None = None,
                  num_slots: int | None = None, max_tokens: int | None = None, decode_order: str = "first",
-                 state_dtype=jnp.float32, latent_dtype=None):
+                 state_dtype=jnp.float32, latent_dtype=None, tp: int | None = None, mesh=None):
         cfg = model.cfg
         self.model, self.cfg = model, cfg
         if max_len is None:
@@ -235,10 +241,18 @@ class Engine:
             b *= 2
         self.t_buckets.append(max_tokens)
 
+        from lingjax import sharding
+        if mesh is None and tp is not None and tp > 1:
+            mesh = _engine_error(sharding.make_mesh, tp)
+        if mesh is not None and sharding.tp_of(mesh) == 1 and jax.process_count() == 1:
+            mesh = None
+        self.mesh = mesh
         self.graphdef, self.state = nnx.split(model)
-        self._score_step, self._sample_step = _jitted_steps(model, self.graphdef)
-        self.caches = init_caches(cfg, num_slots, max_len, state_dtype=state_dtype,
-                                  latent_dtype=latent_dtype or model.dtype)
+        if mesh is not None:
+            self.state = _engine_error(sharding.shard_state, self.state, cfg, mesh)
+        self._score_step, self._sample_step = _jitted_steps(model, self.graphdef, mesh)
+        self.caches = sharding.init_caches(cfg, mesh, num_slots, max_len, state_dtype=state_dtype,
+                                           latent_dtype=latent_dtype or model.dtype)
         self.slots = SlotAllocator(num_slots)
         self.steps = 0
 
@@ -336,6 +350,8 @@ class Engine:
                 pieces = self._schedule(waiting, running)
                 b = self._pack(pieces)
                 batch = StepBatch(**b)
+                if self.mesh is not None and jax.process_count() > 1:
+                    batch = _global(batch, self.mesh)
                 if kind == "score":
                     logits, self.caches = self._score_step(self.state, self.caches, batch)
                     logits = np.asarray(logits)
@@ -349,8 +365,10 @@ class Engine:
                     counters = np.zeros(R, np.int32)
                     for i, (r, _) in enumerate(pieces):
                         ids[i], counters[i] = r.index, len(r.tokens) - r.prompt_len
-                    toks, self.caches = self._sample_step(self.state, self.caches, batch, rows, temp, top_k,
-                                                          top_p, seeds, ids, counters)
+                    host = (rows, temp, top_k, top_p, seeds, ids, counters)
+                    if self.mesh is not None and jax.process_count() > 1:
+                        host = _global(host, self.mesh)
+                    toks, self.caches = self._sample_step(self.state, self.caches, batch, *host)
                     toks = np.asarray(toks)
                 self.steps += 1
                 finished = []
@@ -387,7 +405,21 @@ class Engine:
         log.debug("engine: %d steps so far, %d compilations", self.steps, self.compile_count)
 
 
-def load_model(path, dtype=jnp.bfloat16):
+def _engine_error(fn, *args):
+    from lingjax.sharding import ShardingError
+    try:
+        return fn(*args)
+    except ShardingError as e:
+        raise EngineError(str(e)) from None
+
+
+def _global(tree, mesh):
+    """Host arrays (identical on every process) -> global arrays replicated over the mesh."""
+    from lingjax import sharding
+    return jax.tree.map(lambda a: sharding.host_to_global(np.asarray(a), mesh), tree)
+
+
+def load_model(path, dtype=jnp.bfloat16, mesh=None):
     """(config, model) from a checkpoint directory. Today: an HF directory (config.json + *.safetensors);
     the converted (Orbax) layout is recognised here too once the converter lands (issue 4).
     Raises EngineError with a one-line message naming the problem."""
@@ -398,7 +430,12 @@ def load_model(path, dtype=jnp.bfloat16):
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise EngineError(f"{path} has no config.json: not a checkpoint directory")
     from lingjax.weights import WeightError, load_hf
+    from lingjax.sharding import ShardingError, place_fn
     try:
-        return load_hf(path, dtype=dtype, mtp=False)      # the engine does not run the MTP layer
-    except (ConfigError, WeightError) as e:
+        place = None
+        if mesh is not None:        # each param goes straight to its shards, one tensor at a time
+            from lingjax.config import BailingConfig
+            place = place_fn(BailingConfig.from_json(path), mesh)
+        return load_hf(path, dtype=dtype, mtp=False, place=place)      # the engine does not run the MTP layer
+    except (ConfigError, WeightError, ShardingError) as e:
         raise EngineError(f"{path}: {e}") from None

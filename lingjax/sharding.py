@@ -195,6 +195,16 @@ def _put_host(value: np.ndarray, sharding: NamedSharding):
     return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, REPLICATED)
+
+
+def host_to_global(value: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A host array that every process holds identically -> a global array replicated over the mesh
+    (what jit needs for inputs in a multi-process run)."""
+    return _put_host(np.asarray(value), replicated(mesh))
+
+
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     """Move a (small, host- or single-device-resident) model onto the mesh, in place; returns it."""
     graphdef, state = nnx.split(model)
