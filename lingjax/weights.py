@@ -44,14 +44,17 @@ class Rule:
     to_hf: Callable[[list[np.ndarray]], list[np.ndarray]]
     hf_shapes: tuple[tuple[int, ...], ...]
     float32: bool = False       # kept in float32 whatever the model dtype (expert_bias)
+    # How `materialize` streams it: "same", "T" (transpose), "split" / "splitT" (row blocks, transposed
+    # or not), "stack" (per-expert [out, in] -> [E, in, out]); "" = generic (to_params on the list).
+    kind: str = ""
 
 
 def _same(name, path, shape, float32=False):
-    return Rule((name,), (path,), lambda a: [a[0]], lambda p: [p[0]], (tuple(shape),), float32)
+    return Rule((name,), (path,), lambda a: [a[0]], lambda p: [p[0]], (tuple(shape),), float32, kind="same")
 
 
 def _transposed(name, path, shape):
-    return Rule((name,), (path,), lambda a: [a[0].T], lambda p: [p[0].T], (tuple(shape),))
+    return Rule((name,), (path,), lambda a: [a[0].T], lambda p: [p[0].T], (tuple(shape),), kind="T")
 
 
 def _linear(prefix, path, d_out, d_in, bias=False):
@@ -69,13 +72,13 @@ def _split_rows(name, paths, shape, n, transpose):
 
     def to_hf(p):
         return [np.concatenate([x.T for x in p] if transpose else list(p), axis=0)]
-    return Rule((name,), tuple(paths), to_params, to_hf, (tuple(shape),))
+    return Rule((name,), tuple(paths), to_params, to_hf, (tuple(shape),), kind="splitT" if transpose else "split")
 
 
 def _stacked(names, path, shape):
     """E per-expert HF tensors [out, in] -> one param [E, in, out]."""
     return Rule(tuple(names), (path,), lambda a: [np.stack([x.T for x in a])],
-                lambda p: [x.T for x in p[0]], tuple(tuple(shape) for _ in names))
+                lambda p: [x.T for x in p[0]], tuple(tuple(shape) for _ in names), kind="stack")
 
 
 def _mlp_rules(prefix, path, d, width, bias):
@@ -159,7 +162,12 @@ HF_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "
 
 class CheckpointReader:
     """Lazy, tensor-at-a-time view of an HF checkpoint directory (single file or sharded + index;
-    any other *.safetensors beside them, such as a separate MTP file, is read too)."""
+    any other *.safetensors beside them, such as a separate MTP file, is read too).
+
+    Headers are read (and checked) through safetensors' lazy `safe_open`; tensor bytes are then read
+    with pread() straight into a fresh numpy array, one copy and no mmap, so reading a 200 GB
+    checkpoint tensor by tensor does not grow the process's resident set by the bytes read
+    (safetensors' numpy reader maps whole files; every page it touches stays in the RSS)."""
 
     def __init__(self, path: str):
         from safetensors import safe_open
@@ -168,11 +176,12 @@ class CheckpointReader:
             raise WeightError(f"{path}: not a directory")
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         index = os.path.join(path, "model.safetensors.index.json")
+        weight_map = None
         if os.path.exists(index):
             try:
                 with open(index) as f:
                     weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise WeightError(f"{index}: malformed index ({e})") from None
             for shard in sorted(set(weight_map.values())):
                 if shard not in files:
@@ -181,6 +190,7 @@ class CheckpointReader:
             raise WeightError(f"{path}: no *.safetensors files")
         self.where: dict[str, str] = {}
         self.meta: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self.offsets: dict[str, tuple[int, int]] = {}      # absolute [start, end) byte range in its file
         self._handles = {}
         for fname in files:
             fpath = os.path.join(path, fname)
@@ -190,6 +200,7 @@ class CheckpointReader:
                 raise WeightError(f"{fpath}: cannot read safetensors file ({e})") from None
             self._handles[fname] = h
             size = os.path.getsize(fpath)
+            offsets = _header_offsets(fpath)
             end = 0
             for name in h.keys():
                 sl = h.get_slice(name)
@@ -197,27 +208,64 @@ class CheckpointReader:
                 if name in self.where:
                     raise WeightError(f"tensor {name} appears in both {self.where[name]} and {fname}")
                 self.where[name], self.meta[name] = fname, (dtype, shape)
+                self.offsets[name] = offsets[name]
                 nbytes = int(np.prod(shape, dtype=np.int64)) * (np.dtype(HF_DTYPES[dtype]).itemsize if dtype in HF_DTYPES else 1)
                 end += nbytes
-            if end > size:
+            if end > size or max((e for _, e in offsets.values()), default=0) > size:
                 raise WeightError(f"{fpath}: file is truncated ({size} bytes, tensors need more than that)")
-
         self.canonical = {canonical(n): n for n in self.where}
 
     def names(self) -> list[str]:
         return list(self.where)
 
     def get(self, name: str) -> np.ndarray:
+        if name not in self.where:
+            raise WeightError(f"missing tensor {name}")
+        dtype, shape = self.meta[name]
+        fpath = os.path.join(self.path, self.where[name])
+        if dtype not in HF_DTYPES:
+            try:
+                return self._handles[self.where[name]].get_tensor(name)
+            except Exception as e:
+                raise WeightError(f"{fpath}: cannot read tensor {name} ({e})") from None
+        out = np.empty(shape, HF_DTYPES[dtype])
+        start, end = self.offsets[name]
+        if end - start != out.nbytes:
+            raise WeightError(f"{fpath}: tensor {name} holds {end - start} bytes, its shape {list(shape)} needs {out.nbytes}")
         try:
-            return self._handles[self.where[name]].get_tensor(name)
-        except KeyError:
-            raise WeightError(f"missing tensor {name}") from None
-        except Exception as e:
-            raise WeightError(f"{os.path.join(self.path, self.where[name])}: cannot read tensor {name} ({e})") from None
+            _pread_into(fpath, start, out)
+        except OSError as e:
+            raise WeightError(f"{fpath}: cannot read tensor {name} ({e})") from None
+        return out
 
     def nbytes(self, name: str) -> int:
         dtype, shape = self.meta[name]
         return int(np.prod(shape, dtype=np.int64)) * np.dtype(HF_DTYPES.get(dtype, np.uint8)).itemsize
+
+
+def _header_offsets(fpath: str) -> dict[str, tuple[int, int]]:
+    """name -> absolute [start, end) of its bytes, from the safetensors header (8-byte little-endian
+    header length, JSON header, then the data buffer)."""
+    with open(fpath, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    base = 8 + n
+    return {k: (base + v["data_offsets"][0], base + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def _pread_into(fpath: str, offset: int, out: np.ndarray) -> None:
+    buf = memoryview(out.reshape(-1).view(np.uint8))
+    fd = os.open(fpath, os.O_RDONLY)
+    try:
+        pos = 0
+        while pos < len(buf):
+            n = os.preadv(fd, [buf[pos:pos + (1 << 30)]], offset + pos)
+            if n <= 0:
+                raise OSError(f"file ends after {offset + pos} bytes (truncated while reading?)")
+            pos += n
+    finally:
+        os.close(fd)
 
 
 ALIASES = {".mlp.gate.e_score_correction_bias": ".mlp.gate.expert_bias",
@@ -256,6 +304,69 @@ def validate(cfg: BailingConfig, reader: CheckpointReader, mtp: bool = True) -> 
 
 def read_rule(reader: CheckpointReader, rule: Rule) -> list[np.ndarray]:
     return [reader.get(reader.canonical.get(n, n)) for n in rule.hf]
+
+
+# Transposes of at least this many elements go through XLA on the host CPU (tiled, several threads,
+# ~3x numpy's strided copy); smaller ones through numpy. Both move bits only: the result is exact.
+JAX_TRANSPOSE_MIN = 1 << 20
+_UINT = {2: np.uint16, 4: np.uint32}
+
+
+@jax.jit
+def _jT(x):
+    return x.T
+
+
+def transpose_into(out: np.ndarray, x: np.ndarray) -> None:
+    """out[...] = x.T for 2-D x (cast to out.dtype as numpy casts). Row blocks of x (~16 MiB) are
+    transposed as unsigned-int bit patterns, so no float is ever touched by XLA."""
+    a, b = x.shape
+    if x.size < JAX_TRANSPOSE_MIN or x.dtype.itemsize not in _UINT:
+        out[...] = x.T
+        return
+    u = _UINT[x.dtype.itemsize]
+    cpu = jax.devices("cpu")[0]
+    rows = max(1, min(a, (16 << 20) // max(1, b * x.dtype.itemsize)))
+    for i in range(0, a, rows):
+        t = np.asarray(_jT(jax.device_put(x[i:i + rows].view(u), cpu)))
+        if out.dtype == x.dtype:
+            out[:, i:i + rows].view(u)[...] = t
+        else:
+            out[:, i:i + rows] = t.view(x.dtype)
+
+
+def materialize(reader: CheckpointReader, rule: Rule, dtype) -> list[np.ndarray]:
+    """The params of one rule as numpy arrays of `dtype` (float32 for rule.float32), streamed: expert
+    stacks are filled one expert at a time into the output, so the peak is the output plus one HF
+    tensor, not twice the stack. Bitwise equal to `to_params(read_rule(...))` cast to dtype."""
+    dt = np.dtype(np.float32 if rule.float32 else jnp.dtype(dtype))
+    get = lambda n: reader.get(reader.canonical.get(n, n))  # noqa: E731
+    if rule.kind == "same":
+        return [np.asarray(get(rule.hf[0]), dt)]
+    if rule.kind == "T":
+        x = get(rule.hf[0])
+        out = np.empty(x.shape[::-1], dt)
+        transpose_into(out, x)
+        return [out]
+    if rule.kind in ("split", "splitT"):
+        x, n = get(rule.hf[0]), len(rule.params)
+        outs = []
+        for blk in np.split(x, n, axis=0):
+            if rule.kind == "split":
+                outs.append(np.asarray(blk, dt).copy())
+            else:
+                outs.append(np.empty(blk.shape[::-1], dt))
+                transpose_into(outs[-1], blk)
+        return outs
+    if rule.kind == "stack":
+        out = None
+        for e, name in enumerate(rule.hf):
+            x = get(name)
+            if out is None:
+                out = np.empty((len(rule.hf),) + x.shape[::-1], dt)
+            transpose_into(out[e], x)
+        return [out]
+    return [np.asarray(v, dt) for v in rule.to_params(read_rule(reader, rule))]
 
 
 # ------------------------------------------------------------------------------------------ params
@@ -347,3 +458,69 @@ def write_hf(cfg: BailingConfig, tensors: Sequence[tuple[str, np.ndarray]] | Ite
     for fname, text in (extra_files or {}).items():
         with open(os.path.join(out_dir, fname), "w") as f:
             f.write(text)
+
+
+ST_DTYPES = {np.dtype(v): k for k, v in HF_DTYPES.items()}
+
+
+class HFStreamWriter:
+    """Writes an HF checkpoint (safetensors shards + index) one tensor at a time, so exporting never
+    holds more than one tensor. The plan (every name, shape and dtype, in writing order) is known up
+    front, which fixes the shards and each file's header before any data is written."""
+
+    def __init__(self, out_dir: str, plan: Sequence[tuple[str, tuple[int, ...], np.dtype]],
+                 shard_bytes: int | None = 4 << 30):
+        self.out_dir, self.plan = out_dir, [(n, tuple(s), np.dtype(d)) for n, s, d in plan]
+        shards, cur, cur_bytes = [], [], 0
+        for name, shape, dt in self.plan:
+            nb = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            if shard_bytes and cur and cur_bytes + nb > shard_bytes:
+                shards.append(cur)
+                cur, cur_bytes = [], 0
+            cur.append((name, shape, dt, nb))
+            cur_bytes += nb
+        if cur:
+            shards.append(cur)
+        n = len(shards)
+        self.files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.shards = shards
+        self._i = self._j = 0          # shard, tensor within shard
+        self._f = None
+        self.total = sum(t[3] for s in shards for t in s)
+
+    def _open(self):
+        header, off = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, dt, nb in self.shards[self._i]:
+            header[name] = {"dtype": ST_DTYPES[dt], "shape": list(shape), "data_offsets": [off, off + nb]}
+            off += nb
+        h = json.dumps(header, separators=(",", ":")).encode()
+        h += b" " * (-len(h) % 8)
+        self._f = open(os.path.join(self.out_dir, self.files[self._i]), "wb")
+        self._f.write(len(h).to_bytes(8, "little") + h)
+
+    def write(self, name: str, t: np.ndarray) -> None:
+        if self._i >= len(self.shards):
+            raise WeightError(f"export: tensor {name} is not in the plan (all planned tensors are written)")
+        pname, shape, dt, _ = self.shards[self._i][self._j]
+        if name != pname or tuple(t.shape) != shape or t.dtype != dt:
+            raise WeightError(f"export: got tensor {name} {list(t.shape)} {t.dtype}, expected {pname} {list(shape)} {dt}")
+        if self._f is None:
+            self._open()
+        self._f.write(memoryview(np.ascontiguousarray(t).reshape(-1).view(np.uint8)))
+        self._j += 1
+        if self._j == len(self.shards[self._i]):
+            self._f.close()
+            self._f, self._i, self._j = None, self._i + 1, 0
+
+    def finish(self) -> None:
+        if self._i != len(self.shards):
+            raise WeightError(f"export: stopped before tensor {self.shards[self._i][self._j][0]}")
+        if len(self.files) > 1:
+            weight_map = {t[0]: f for f, s in zip(self.files, self.shards) for t in s}
+            with open(os.path.join(self.out_dir, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
