@@ -51,11 +51,11 @@ def ds_cfg(c: BailingConfig):
 def randomize(module, rng):
     """Random weights (norm weights near 1) so that no test passes on a degenerate init."""
     for path, var in nnx.iter_graph(module):
-        if isinstance(var, nnx.Param) and var.value is not None:
-            shape = var.value.shape
+        if isinstance(var, nnx.Param) and var.get_value() is not None:
+            shape = var.get_value().shape
             scale = 0.1 if len(shape) == 1 else 1.0 / np.sqrt(shape[-2])
             base = 1.0 if len(shape) == 1 and "expert_bias" not in path else 0.0
-            var.set_value(jnp.asarray(base + scale * rng.standard_normal(shape), var.value.dtype))
+            var.set_value(jnp.asarray(base + scale * rng.standard_normal(shape), var.get_value().dtype))
 
 
 @pytest.mark.parametrize("q_lora", [24, None])
