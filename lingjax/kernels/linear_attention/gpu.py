@@ -34,6 +34,14 @@ log = logging.getLogger(__name__)
 F32 = jnp.float32
 
 
+def _like(x, shape=None, dtype=None):
+    """Output struct varying over the same shard_map axes as x (needed under check_vma)."""
+    aval = jax.typeof(x)
+    return jax.ShapeDtypeStruct(aval.shape if shape is None else shape,
+                                aval.dtype if dtype is None else dtype,
+                                manual_axis_type=aval.manual_axis_type)
+
+
 def _dot(a, b, exact, trans_a=False, trans_b=False):
     # exact=True: full-f32 products (the f32 path must meet 1e-5 relative; tf32 would not).
     return pltr.dot(a, b, trans_a=trans_a, trans_b=trans_b,
@@ -126,8 +134,7 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
     o, pool = pl.pallas_call(
         kernel,
         grid=(R + 1, H, D // BV),
-        out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct(state_pool.shape, state_pool.dtype)),
+        out_shape=(_like(q), _like(state_pool)),
         input_output_aliases={7: 1},
         compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
@@ -177,8 +184,7 @@ def decode(q, k, v, log_decay, state_pool, slots, fresh, *, scale, block_v=32, n
     o, pool = pl.pallas_call(
         kernel,
         grid=(B, H, D // BV),
-        out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct(state_pool.shape, state_pool.dtype)),
+        out_shape=(_like(q), _like(state_pool)),
         input_output_aliases={6: 1},
         compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,

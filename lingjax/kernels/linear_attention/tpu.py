@@ -36,6 +36,14 @@ _TN = (((0,), (0,)), ((), ()))   # a.T @ b
 _NN = (((1,), (0,)), ((), ()))   # a @ b
 
 
+def _like(x, shape=None, dtype=None):
+    """Output struct varying over the same shard_map axes as x (needed under check_vma)."""
+    aval = jax.typeof(x)
+    return jax.ShapeDtypeStruct(aval.shape if shape is None else shape,
+                                aval.dtype if dtype is None else dtype,
+                                manual_axis_type=aval.manual_axis_type)
+
+
 def _dot(a, b, dims, exact):
     return jax.lax.dot_general(a, b, dims, preferred_element_type=F32,
                                precision=jax.lax.Precision.HIGHEST if exact else None)
@@ -146,8 +154,7 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
     o, pool = pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
-        out_shape=(jax.ShapeDtypeStruct((T, H * D), q.dtype),
-                   jax.ShapeDtypeStruct(state_pool.shape, state_pool.dtype)),
+        out_shape=(_like(q, (T, H * D)), _like(state_pool)),
         input_output_aliases={9: 1},
         compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'arbitrary')),
         interpret=interpret if interpret is not None else False,
@@ -272,8 +279,7 @@ def decode(q, k, v, log_decay, state_pool, slots, fresh, *, scale, head_block=No
     o, pool = pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
-        out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct(state_pool.shape, state_pool.dtype)),
+        out_shape=(_like(q), _like(state_pool)),
         input_output_aliases={6: 1},
         compiler_params=pltpu.CompilerParams(dimension_semantics=('arbitrary',)),
         interpret=interpret if interpret is not None else False,

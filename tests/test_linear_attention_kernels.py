@@ -1,0 +1,248 @@
+"""Linear-attention kernels (issue 6, item 1) against a float64 numpy recurrence (SPEC §2.4).
+
+Every implementation behind lingjax.kernels.linear_attention -- the jnp reference, the Pallas GPU
+kernels (generic Pallas interpret mode) and the Pallas TPU kernels (TPU interpret mode) -- gets:
+random initial states, decays over the real slope range (λ 0.004 … 0.92), sequence lengths 1,
+C-1, C, C+1 and long, several sequences of different lengths packed together, fresh and
+continuing slots, a zero-length sequence, a padding sequence (slot -1), padding tokens past
+cu_seqlens[-1], and unused slots poisoned with NaN that must come back bit-identical.
+Tolerance: relative 1e-5 for float32 inputs, 1e-2 for bfloat16 (oracle fed the same rounded inputs).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from lingjax.kernels import linear_attention as la
+from lingjax.kernels.linear_attention import gpu, reference, tpu
+
+TOL = {'float32': 1e-5, 'bfloat16': 1e-2}
+H, D = 4, 32
+LAMBDAS = np.array([0.92, 0.3, 0.05, 0.004])     # ends of the real slope range (H=64: .917 … .0039)
+NUM_SLOTS = 12
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 oracle: the recurrence of SPEC §2.4, token by token
+
+def oracle_prefill(q, k, v, lam, pool, slots, cu, fresh, scale):
+    q, k, v = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v))
+    pool = np.asarray(pool, np.float64).copy()
+    gam = np.exp(-np.asarray(lam, np.float64))[:, None, None]
+    o = np.zeros(q.shape[:2] + (v.shape[-1],))
+    for r in range(len(slots)):
+        s, e = int(cu[r]), int(cu[r + 1])
+        if e <= s or slots[r] < 0:
+            continue
+        S = np.zeros(pool.shape[1:]) if fresh[r] else pool[slots[r]].copy()
+        for t in range(s, e):
+            S = gam * S + k[t][:, :, None] * v[t][:, None, :]
+            o[t] = scale * np.einsum('hk,hkv->hv', q[t], S)
+        pool[slots[r]] = S
+    return o, pool
+
+
+def rel(a, b):
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def make_pool(rng, used):
+    pool = rng.standard_normal((NUM_SLOTS, H, D, D)) * 0.3
+    unused = np.array([s for s in range(NUM_SLOTS) if s not in set(used)])
+    pool[unused] = np.nan                                   # poison: must never be read or written
+    return pool.astype(np.float32), unused
+
+
+def check_untouched(new_pool, pool, unused):
+    new_pool = np.asarray(new_pool)
+    assert np.isnan(new_pool[unused]).all(), 'an unused (poisoned) slot was written'
+    assert np.array_equal(new_pool[unused], pool[unused], equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# implementations under test (kernels called directly, with a small chunk so that the
+# chunk-boundary lengths stay cheap in interpret mode)
+
+C = 16
+IMPLS = {
+    'reference': (reference.prefill, reference.decode),
+    'gpu_interpret': (functools.partial(gpu.prefill, chunk=C, block_v=16, interpret=True),
+                      functools.partial(gpu.decode, block_v=16, interpret=True)),
+    'tpu_interpret': (functools.partial(tpu.prefill, chunk=C, interpret=pltpu.InterpretParams()),
+                      functools.partial(tpu.decode, interpret=pltpu.InterpretParams())),
+}
+
+
+def prefill_case(rng, dtype):
+    # sequences: 1, C-1, C, C+1, long, zero-length, padding (slot -1), a second short one
+    lens = [1, C - 1, C, C + 1, 5 * C + 3, 0, 6, 9]
+    slots = np.array([3, 0, 7, 1, 5, 9, -1, 10], np.int32)
+    fresh = np.array([0, 1, 0, 0, 1, 0, 0, 0], bool)
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    T = int(cu[-1]) + 7                                     # 7 padding tokens past cu_seqlens[-1]
+    q, k, v = (jnp.asarray(rng.standard_normal((T, H, D)) * 0.5, dtype) for _ in range(3))
+    written = slots[(np.diff(cu) > 0) & (slots >= 0)]
+    pool, unused = make_pool(rng, written)
+    return q, k, v, pool, unused, slots, cu, fresh
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('impl', list(IMPLS))
+def test_prefill_matches_float64_recurrence(impl, dtype):
+    rng = np.random.default_rng(0)
+    q, k, v, pool, unused, slots, cu, fresh = prefill_case(rng, dtype)
+    scale = D ** -0.5
+    o_ref, pool_ref = oracle_prefill(q, k, v, LAMBDAS, pool, slots, cu, fresh, scale)
+    fn = jax.jit(functools.partial(IMPLS[impl][0], scale=scale), donate_argnums=4)
+    o, new_pool = fn(q, k, v, jnp.asarray(-LAMBDAS, jnp.float32), jnp.asarray(pool),
+                     jnp.asarray(slots), jnp.asarray(cu), jnp.asarray(fresh))
+    assert o.dtype == q.dtype and o.shape == q.shape
+    o = np.asarray(jnp.asarray(o, jnp.float32))
+    assert not np.isnan(o).any()
+    tol = TOL[dtype]
+    for r in range(len(slots)):                             # per sequence: short ones count too
+        s, e = cu[r], cu[r + 1]
+        if e > s and slots[r] >= 0:
+            assert rel(o[s:e], o_ref[s:e]) <= tol, (r, rel(o[s:e], o_ref[s:e]))
+            assert rel(np.asarray(new_pool)[slots[r]], pool_ref[slots[r]]) <= tol, r
+        else:
+            assert np.all(o[s:e] == 0), f'skipped sequence {r} must output 0'
+    assert np.all(o[cu[-1]:] == 0), 'padding tokens must output 0'
+    check_untouched(new_pool, pool, unused)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('impl', list(IMPLS))
+def test_decode_matches_float64_recurrence(impl, dtype):
+    rng = np.random.default_rng(1)
+    slots = np.array([4, -1, 0, 11, 2, 6, -1, 8], np.int32)
+    fresh = np.array([0, 0, 1, 0, 0, 1, 0, 0], bool)
+    B = len(slots)
+    q, k, v = (jnp.asarray(rng.standard_normal((B, H, D)) * 0.5, dtype) for _ in range(3))
+    pool, unused = make_pool(rng, slots[slots >= 0])
+    scale = D ** -0.5
+    o_ref, pool_ref = oracle_prefill(q, k, v, LAMBDAS, pool, slots, np.arange(B + 1), fresh, scale)
+    fn = jax.jit(functools.partial(IMPLS[impl][1], scale=scale), donate_argnums=4)
+    state = jnp.asarray(pool)
+    # three steps in a row, each continuing from the last (fresh only on the first)
+    for step in range(3):
+        o, state = fn(q, k, v, jnp.asarray(-LAMBDAS, jnp.float32), state, jnp.asarray(slots),
+                      jnp.asarray(fresh if step == 0 else np.zeros_like(fresh)))
+        if step:
+            o_ref, pool_ref = oracle_prefill(q, k, v, LAMBDAS, pool_ref, slots, np.arange(B + 1),
+                                             np.zeros_like(fresh), scale)
+        o32 = np.asarray(jnp.asarray(o, jnp.float32))
+        live = slots >= 0
+        assert rel(o32[live], o_ref[live]) <= TOL[dtype]
+        assert rel(np.asarray(state)[slots[live]], pool_ref[slots[live]]) <= TOL[dtype]
+        assert np.all(o32[~live] == 0)
+        check_untouched(state, pool, unused)
+
+
+def test_oracle_is_not_trivial():
+    """The oracle distinguishes γ^(i+1) from vLLM's γ^i inter-chunk weighting (SPEC §2.8)."""
+    rng = np.random.default_rng(2)
+    q, k, v, pool, unused, slots, cu, fresh = prefill_case(rng, 'float32')
+    scale = D ** -0.5
+    o_ref, _ = oracle_prefill(q, k, v, LAMBDAS, pool, slots, cu, fresh, scale)
+    o_shift, _ = oracle_prefill(q, k, v, LAMBDAS, np.where(np.isnan(pool), np.nan,
+                                                               pool * np.exp(LAMBDAS)[:, None, None]),
+                                slots, cu, fresh, scale)
+    assert rel(o_shift[:cu[-1]], o_ref[:cu[-1]]) > 1e-2
+
+
+def test_reference_chunked_matches_oracle():
+    rng = np.random.default_rng(3)
+    B, T = 2, 3 * C + 5
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, H, D)) * 0.5, jnp.float32) for _ in range(3))
+    h0 = rng.standard_normal((B, H, D, D)).astype(np.float32) * 0.3
+    scale = D ** -0.5
+    o, s = reference.chunked(q, k, v, jnp.asarray(-LAMBDAS, jnp.float32), jnp.asarray(h0),
+                             scale=scale, chunk=C)
+    cu = np.arange(B + 1) * T
+    o_ref, pool_ref = oracle_prefill(q.reshape(B * T, H, D), k.reshape(B * T, H, D),
+                                     v.reshape(B * T, H, D), LAMBDAS, h0, np.arange(B), cu,
+                                     np.zeros(B, bool), scale)
+    assert rel(o.reshape(B * T, H, D), o_ref) <= 1e-5
+    assert rel(s, pool_ref) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch point
+
+
+@pytest.mark.parametrize('impl', ['reference', 'gpu_interpret', 'tpu_interpret'])
+def test_dispatch_default_chunks_inside_shard_map(impl, monkeypatch):
+    """Through the dispatch (env override, production chunk sizes, D=128), inside jit+shard_map."""
+    monkeypatch.setenv('LINGJAX_KERNELS', impl)
+    rng = np.random.default_rng(4)
+    h, d = 2, 128
+    lens = [130, 1, 129]
+    slots = np.array([2, 0, 1], np.int32)
+    fresh = np.array([0, 1, 0], bool)
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    T = int(cu[-1]) + 3
+    lam = np.array([0.917, 0.0039])
+    q, k, v = (jnp.asarray(rng.standard_normal((T, h, d)) * 0.5, jnp.float32) for _ in range(3))
+    pool = (rng.standard_normal((4, h, d, d)) * 0.3).astype(np.float32)
+    pool[3] = np.nan
+    o_ref, pool_ref = oracle_prefill(q, k, v, lam, pool, slots, cu, fresh, d ** -0.5)
+    mesh = jax.make_mesh((1,), ('tensor',), axis_types=(jax.sharding.AxisType.Auto,))
+    P = jax.sharding.PartitionSpec
+
+    def body(q, k, v, g, pool, slots, cu, fresh):
+        o, pool = la.prefill(q, k, v, g, pool, slots, cu, fresh, scale=d ** -0.5)
+        o2, pool = la.decode(q[:3], k[:3], v[:3], g, pool, slots, jnp.zeros_like(fresh),
+                             scale=d ** -0.5)
+        return o, o2, pool
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh,
+                              in_specs=(P(None, 'tensor'),) * 3 + (P('tensor'), P(None, 'tensor'),
+                                                                   P(), P(), P()),
+                              out_specs=(P(None, 'tensor'), P(None, 'tensor'), P(None, 'tensor'))),
+                donate_argnums=4)
+    o, o2, new_pool = f(q, k, v, jnp.asarray(-lam, jnp.float32), jnp.asarray(pool),
+                        jnp.asarray(slots), jnp.asarray(cu), jnp.asarray(fresh))
+    assert rel(o[:cu[-1]], o_ref[:cu[-1]]) <= 1e-5
+    o2_ref, pool_ref = oracle_prefill(q[:3], k[:3], v[:3], lam, pool_ref, slots, np.arange(4),
+                                      np.zeros(3, bool), d ** -0.5)
+    assert rel(o2, o2_ref) <= 1e-5
+    assert rel(np.asarray(new_pool)[:3], pool_ref[:3]) <= 1e-5
+    assert np.isnan(np.asarray(new_pool)[3]).all()
+
+
+def test_dispatch_rejects_unknown_impl():
+    with pytest.raises(ValueError, match='unknown linear-attention kernel'):
+        la.decode(*([None] * 7), scale=1.0, impl='cuda')
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernels lower for the real targets (Pallas -> Triton IR / Mosaic TPU IR) and alias the pool
+
+
+def _abstract(platform, kind):
+    from jax._src.mesh import AbstractDevice, AbstractMesh
+    return jax.sharding.use_abstract_mesh(AbstractMesh(
+        (1,), ('x',), abstract_device=AbstractDevice(device_kind=kind, num_cores=1, platform=platform)))
+
+
+@pytest.mark.parametrize('target', [('cuda', 'NVIDIA H100 80GB HBM3', gpu), ('tpu', 'TPU v5 lite', tpu),
+                                    ('tpu', 'TPU v6 lite', tpu)], ids=['h100', 'v5e', 'v6e'])
+def test_kernels_lower_for_target_with_pool_aliased(target):
+    platform, kind, mod = target
+    sd = jax.ShapeDtypeStruct
+    T, h, d, n, r, b = 512, 4, 128, 8, 3, 16
+    pre = (sd((T, h, d), jnp.bfloat16),) * 3 + (sd((h,), jnp.float32), sd((n, h, d, d), jnp.float32),
+                                               sd((r,), jnp.int32), sd((r + 1,), jnp.int32),
+                                               sd((r,), jnp.bool_))
+    dec = (sd((b, h, d), jnp.bfloat16),) * 3 + (sd((h,), jnp.float32), sd((n, h, d, d), jnp.float32),
+                                               sd((b,), jnp.int32), sd((b,), jnp.bool_))
+    with _abstract(platform, kind):
+        for fn, args in ((mod.prefill, pre), (mod.decode, dec)):
+            text = jax.jit(functools.partial(fn, scale=0.1), donate_argnums=4).trace(*args).lower(
+                lowering_platforms=(platform,)).as_text()
+            assert 'output_operand_aliases' in text, 'state pool must be aliased in -> out'
