@@ -11,6 +11,7 @@ from lingjax.model.common import Dense, RMSNorm
 from lingjax.model.parallel import tp_psum
 
 F32 = jnp.float32
+QUERY_BLOCK = 64         # query tokens per block in the cached attention of a step
 MLA_SUBNORM_EPS = 1e-6   # HF q_a_layernorm / kv_a_layernorm use the class default (SPEC App. B)
 
 
@@ -93,13 +94,29 @@ class MLA(nnx.Module):
 
     def step(self, x, batch, cache):
         """Engine step over a packed batch. x [T, d]; cache [num_slots, max_len, r + rope]."""
-        num_slots, max_len = cache.shape[:2]
+        num_slots = cache.shape[0]
         q_nope, q_pe = self.query(x, batch.positions)
         lat = self.latent(x, batch.positions).astype(cache.dtype)
         tok_slot = batch.token_slots
         write = jnp.where(tok_slot >= 0, tok_slot, num_slots)                    # padding -> dropped
         cache = cache.at[write, batch.positions].set(lat, mode='drop')
-        keys = cache[jnp.clip(tok_slot, 0, num_slots - 1)]                         # [T, S, r + rope]
-        mask = jnp.arange(max_len)[None, :] <= batch.positions[:, None]
-        o = self.attend_latent(q_nope, q_pe, keys, mask).astype(x.dtype)
-        return tp_psum(self.dense(o.reshape(o.shape[0], -1), partial=True)), cache
+        o = self._attend_cache(q_nope, q_pe, cache, jnp.clip(tok_slot, 0, num_slots - 1), batch.positions)
+        return tp_psum(self.dense(o.astype(x.dtype).reshape(o.shape[0], -1), partial=True)), cache
+
+    def _attend_cache(self, q_nope, q_pe, cache, tok_slot, positions, block=QUERY_BLOCK):
+        """Each token attends to its own slot's cache rows at positions <= its own. Tokens go in
+        blocks of `block` so the gathered keys stay [block, max_len, r + rope], not [T, ...]."""
+        max_len = cache.shape[1]
+
+        def attend(args):
+            qn, qp, sl, pos = args
+            mask = jnp.arange(max_len)[None, :] <= pos[:, None]
+            return self.attend_latent(qn, qp, cache[sl], mask)
+
+        T = q_nope.shape[0]
+        if T <= block:
+            return attend((q_nope, q_pe, tok_slot, positions))
+        n = -(-T // block)
+        pad = lambda a: jnp.pad(a, [(0, n * block - T)] + [(0, 0)] * (a.ndim - 1)).reshape((n, block) + a.shape[1:])
+        o = jax.lax.map(attend, (pad(q_nope), pad(q_pe), pad(tok_slot), pad(positions)))
+        return o.reshape((n * block,) + o.shape[2:])[:T]
