@@ -165,14 +165,27 @@ def sample(logits, temperature, top_k, top_p, seeds, request_ids, counters):
 # --------------------------------------------------------------------------------------------- jitted steps
 _TRACES = collections.Counter()          # (engine id, kind, T, decode_only) -> traces; see Engine.compile_count
 _active_engine: list = [None]
-_JIT = weakref.WeakKeyDictionary()       # model -> {mesh: (score_step, sample_step)}: engines of one model share compiles
+# Compiled steps, shared by every engine whose model has the same graph definition (a structurally
+# identical model: same config, dtype and modules) and mesh; by model object when the graphdef is
+# unhashable (e.g. a config holding a dict).
+_JIT: dict = {}
+_JIT_BY_MODEL = weakref.WeakKeyDictionary()
+
+
+def clear_compiled() -> None:
+    """Forget every compiled step (the next step of each shape compiles again)."""
+    _JIT.clear()
+    _JIT_BY_MODEL.clear()
 
 
 def _jitted_steps(model, graphdef, mesh=None):
     try:
-        return _JIT[model][mesh]
-    except KeyError:
-        pass
+        hash(graphdef)
+        cache, key = _JIT, (graphdef, mesh)
+    except TypeError:
+        cache, key = _JIT_BY_MODEL.setdefault(model, {}), mesh
+    if key in cache:
+        return cache[key]
     from lingjax import sharding
     model_step = sharding.shard_step(graphdef, model.cfg, mesh)    # plain model.step when mesh is None
 
@@ -192,7 +205,7 @@ def _jitted_steps(model, graphdef, mesh=None):
         return toks, caches
 
     fns = (jax.jit(score_step, donate_argnums=1), jax.jit(sample_step, donate_argnums=1))
-    _JIT.setdefault(model, {})[mesh] = fns
+    cache[key] = fns
     return fns
 
 
@@ -267,7 +280,8 @@ class Engine:
 
     @property
     def compile_count(self) -> int:
-        """Compilations (traces) of the step this engine caused. Engines of one model share them."""
+        """Compilations (traces) of the step this engine caused. Engines of structurally identical
+        models share compiled steps, so a later engine may cause fewer."""
         return sum(self.compiled_shapes().values())
 
     # ----------------------------------------------------------------------------- public API
