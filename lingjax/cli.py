@@ -455,6 +455,16 @@ register("generate", "generate text from prompts", _generate_arguments, _generat
                      "show a progress bar and print each result. Stops at the end-of-sequence token, after "
                      "--max-new-tokens, or when the context (--max-len) is full.")
 
+from lingjax import convert as _convert   # noqa: E402  (stdlib imports only; numpy/jax/orbax load inside run)
+
+register("convert", _convert.CONVERT_HELP, _convert.convert_arguments, _convert.convert_run,
+         description="Convert an HF checkpoint directory to a lingjax (Orbax) one, tensor by tensor with bounded "
+                     "memory; every name, shape and dtype is checked against config.json first, and DST appears "
+                     "only when complete.")
+register("export", _convert.EXPORT_HELP, _convert.export_arguments, _convert.export_run,
+         description="Write a lingjax checkpoint back in the HF layout (safetensors shards + index, config and "
+                     "tokenizer files), one tensor at a time.")
+
 
 # ------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:

@@ -445,11 +445,21 @@ def load_model(path, dtype=jnp.bfloat16, mesh=None):
         raise EngineError(f"{path} has no config.json: not a checkpoint directory")
     from lingjax.weights import WeightError, load_hf
     from lingjax.sharding import ShardingError, place_fn
+    from lingjax.convert import is_converted, load_converted
     try:
         place = None
         if mesh is not None:        # each param goes straight to its shards, one tensor at a time
             from lingjax.config import BailingConfig
             place = place_fn(BailingConfig.from_json(path), mesh)
+        if is_converted(path):      # `lingjax convert` output: with a mesh, each device reads its own shard
+            sharding = None
+            if mesh is not None:
+                from jax.sharding import NamedSharding
+                from lingjax.config import BailingConfig
+                from lingjax.sharding import param_spec, tp_of
+                cfg = BailingConfig.from_json(path)
+                sharding = lambda p, shape, dt: NamedSharding(mesh, param_spec(p, cfg, tp_of(mesh)))  # noqa: E731
+            return load_converted(path, dtype, mtp=False, place=place, sharding=sharding)
         return load_hf(path, dtype=dtype, mtp=False, place=place)      # the engine does not run the MTP layer
     except (ConfigError, WeightError, ShardingError) as e:
         raise EngineError(f"{path}: {e}") from None
