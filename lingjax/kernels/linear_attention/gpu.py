@@ -149,46 +149,59 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
 
 
 def _decode_kernel(slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, pool_ref, o_ref,
-                   pool_out_ref, *, BV, scale):
+                   pool_out_ref, *, BK, BV, NV, scale, split):
     del pool_out_ref
     b = pl.program_id(0)
     h = pl.program_id(1)
-    j = pl.program_id(2)
+    kb = pl.program_id(2) // NV
+    j = pl.program_id(2) % NV
     vcols = pl.ds(j * BV, BV)
+    krows = pl.ds(kb * BK, BK)
     slot = slots_ref[b]
+    # split (BK < D): o_ref is an f32 [NK, B, H, D] buffer of partial sums over key blocks
+    o_at = o_ref.at[kb, b, h, vcols] if split else o_ref.at[b, h, vcols]
 
     @pl.when(slot < 0)
     def _():
-        o_ref[b, h, vcols] = jnp.zeros((BV,), o_ref.dtype)
+        o_at[...] = jnp.zeros((BV,), o_ref.dtype)
 
     @pl.when(slot >= 0)
     def _():
-        qv = q_ref[b, h, :].astype(F32)
-        kv = k_ref[b, h, :].astype(F32)
+        qv = q_ref[b, h, krows].astype(F32)
+        kv = k_ref[b, h, krows].astype(F32)
         vv = v_ref[b, h, vcols].astype(F32)
-        S = pltr.load(pool_ref.at[slot, h, :, vcols]).astype(F32)
+        S = pltr.load(pool_ref.at[slot, h, krows, vcols]).astype(F32)
         S = jnp.where(fresh_ref[b] != 0, 0.0, jnp.exp(g_ref[h]) * S) + kv[:, None] * vv[None, :]
-        pltr.store(pool_ref.at[slot, h, :, vcols], S.astype(pool_ref.dtype))
-        o_ref[b, h, vcols] = (scale * jnp.sum(qv[:, None] * S, axis=0)).astype(o_ref.dtype)
+        pltr.store(pool_ref.at[slot, h, krows, vcols], S.astype(pool_ref.dtype))
+        o_at[...] = (scale * jnp.sum(qv[:, None] * S, axis=0)).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=('scale', 'block_v', 'num_warps', 'interpret'))
-def decode(q, k, v, log_decay, state_pool, slots, fresh, *, scale, block_v=32, num_warps=4,
-           interpret=False):
-    """See reference.decode."""
+@functools.partial(jax.jit, static_argnames=('scale', 'block_k', 'block_v', 'num_warps',
+                                             'interpret'))
+def decode(q, k, v, log_decay, state_pool, slots, fresh, *, scale, block_k=None, block_v=64,
+           num_warps=4, interpret=False):
+    """See reference.decode. block_k < D splits the key dim over programs (f32 partial outputs
+    summed afterwards), for more programs in flight at small batch."""
     B, H, D = q.shape
     BV = min(block_v, D)
-    if D % BV:
-        raise ValueError(f'head dim {D} is not a multiple of block_v={BV}')
-    kernel = functools.partial(_decode_kernel, BV=BV, scale=float(scale))
+    BK = min(block_k or D, D)
+    if D % BV or D % BK:
+        raise ValueError(f'head dim {D} is not a multiple of block_v={BV} / block_k={BK}')
+    NV, NK = D // BV, D // BK
+    split = NK > 1
+    kernel = functools.partial(_decode_kernel, BK=BK, BV=BV, NV=NV, scale=float(scale),
+                               split=split)
+    o_struct = _like(q, (NK,) + q.shape, F32) if split else _like(q)
     o, pool = pl.pallas_call(
         kernel,
-        grid=(B, H, D // BV),
-        out_shape=(_like(q), _like(state_pool)),
+        grid=(B, H, NK * NV),
+        out_shape=(o_struct, _like(state_pool)),
         input_output_aliases={6: 1},
         compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name='lingjax_linear_attention_decode',
     )(slots.astype(jnp.int32), fresh.astype(jnp.int32), log_decay.astype(F32), q, k, v,
       state_pool)
+    if split:
+        o = o.sum(0).astype(q.dtype)
     return o, pool
