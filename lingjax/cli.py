@@ -379,8 +379,8 @@ def _read_prompts(args) -> list[str]:
 class _Streamer:
     """Prints one request's text as its tokens arrive (holding back incomplete UTF-8 sequences)."""
 
-    def __init__(self, tok, out=sys.stdout):
-        self.tok, self.out, self.ids, self.shown = tok, out, [], ""
+    def __init__(self, tok, out=None):
+        self.tok, self.out, self.ids, self.shown = tok, out or sys.stdout, [], ""
 
     def __call__(self, _index, token):
         self.ids.append(token)
@@ -392,7 +392,7 @@ class _Streamer:
         self.shown = text
 
     def finish(self, final_text):
-        if final_text.startswith(self.shown):
+        if final_text.startswith(self.shown) and len(final_text) > len(self.shown):
             self.out.write(final_text[len(self.shown):])
         self.out.write("\n")
         self.out.flush()
