@@ -169,6 +169,7 @@ def _progress(total, desc, enabled):
 
 
 def _orbax(saving: bool = False):
+    import jax
     import numpy as np
     import orbax.checkpoint as ocp
     kw = {}
@@ -176,7 +177,8 @@ def _orbax(saving: bool = False):
         # Orbax deep-copies every host array before writing it (a guard for async saves); our saves are
         # synchronous and the arrays ours, so skip it: it would double the peak and add a memcpy.
         kw["type_handler_registry"] = ocp.type_handlers.create_type_handler_registry(
-            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+            (jax.Array, ocp.type_handlers.ArrayHandler()))
     # No zstd: bf16 weights compress by ~10% and zstd would be the bottleneck by far.
     return ocp, ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True,
                                                              use_compression=False, **kw))
