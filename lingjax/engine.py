@@ -102,6 +102,8 @@ class _Request:
     fed: int = 0                  # tokens already in the slot's cache
     logits: list = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
+    params: SamplingParams | None = None
+    stop: frozenset = frozenset()
 
     @property
     def pending(self) -> int:
@@ -289,19 +291,28 @@ class Engine:
               ) -> list[np.ndarray]:
         """Teacher-forced next-token logits: one float32 [len_i, vocab] array per sequence."""
         reqs = [_Request(i, toks, len(toks), 0) for i, toks in enumerate(self._check(sequences, "sequence", 0))]
-        self._run(reqs, "score", None, progress)
+        self._run(reqs, "score", progress)
         return [np.concatenate(r.logits, axis=0) for r in reqs]
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None, *,
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  on_token: Callable[[int, int], None] | None = None,
                  progress: Callable[[int], None] | None = None) -> list[GenerationOutput]:
-        """Sample a continuation of each prompt. on_token(i, token) is called as request i gets a token;
-        progress(n) as n more requests finish."""
-        params = params or SamplingParams()
-        params.validate()
+        """Sample a continuation of each prompt, with one SamplingParams for all or one per prompt.
+        on_token(i, token) is called as request i gets a token; progress(n) as n more requests finish."""
         prompts = self._check(prompts, "prompt", 1)
-        reqs = [_Request(i, list(p), len(p), params.max_new_tokens) for i, p in enumerate(prompts)]
-        self._run(reqs, "sample", params, progress, on_token)
+        params = params or SamplingParams()
+        per = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(per) != len(prompts):
+            raise EngineError(f"{len(per)} SamplingParams for {len(prompts)} prompts")
+        reqs = []
+        for i, (p, sp) in enumerate(zip(prompts, per)):
+            if not isinstance(sp, SamplingParams):
+                raise EngineError(f"prompt {i}: expected SamplingParams, got {type(sp).__name__}")
+            sp.validate()
+            stop = () if sp.ignore_eos else self.cfg.eos_ids if sp.stop_token_ids is None else sp.stop_token_ids
+            reqs.append(_Request(i, list(p), len(p), sp.max_new_tokens, params=sp, stop=frozenset(stop)))
+        self._run(reqs, "sample", progress, on_token)
         return [GenerationOutput(r.tokens[:r.prompt_len], r.tokens[r.prompt_len:], r.finish_reason) for r in reqs]
 
     # ----------------------------------------------------------------------------- internals
@@ -348,16 +359,9 @@ class Engine:
         return dict(tokens=tokens, positions=positions, token_seq=token_seq, slots=slots, cu_seqlens=cu,
                     fresh=fresh, decode_only=decode_only)
 
-    def _run(self, reqs, kind, params, progress, on_token=None):
+    def _run(self, reqs, kind, progress, on_token=None):
         waiting, running = collections.deque(reqs), []
         R = self.max_batch
-        if kind == "sample":
-            stop = set() if params.ignore_eos else set(
-                self.cfg.eos_ids if params.stop_token_ids is None else params.stop_token_ids)
-            seeds = np.full(R, params.seed % 2 ** 32, np.uint32)
-            temp = np.full(R, params.temperature, np.float32)
-            top_k = np.full(R, params.top_k, np.int32)
-            top_p = np.full(R, params.top_p, np.float32)
         _active_engine[0] = id(self)
         try:
             while waiting or running:
@@ -375,10 +379,12 @@ class Engine:
                         off += n
                 else:
                     rows = np.maximum(b["cu_seqlens"][1:] - 1, 0).astype(np.int32)
-                    ids = np.zeros(R, np.int32)
-                    counters = np.zeros(R, np.int32)
+                    ids, counters, top_k = (np.zeros(R, np.int32) for _ in range(3))
+                    temp, top_p, seeds = np.zeros(R, np.float32), np.ones(R, np.float32), np.zeros(R, np.uint32)
                     for i, (r, _) in enumerate(pieces):
                         ids[i], counters[i] = r.index, len(r.tokens) - r.prompt_len
+                        sp = r.params
+                        temp[i], top_k[i], top_p[i], seeds[i] = sp.temperature, sp.top_k, sp.top_p, sp.seed % 2 ** 32
                     host = (rows, temp, top_k, top_p, seeds, ids, counters)
                     if self.mesh is not None and jax.process_count() > 1:
                         host = _global(host, self.mesh)
@@ -397,7 +403,7 @@ class Engine:
                         r.tokens.append(t)
                         if on_token is not None:
                             on_token(r.index, t)
-                        if t in stop:
+                        if t in r.stop:
                             r.finish_reason = "stop"
                         elif len(r.tokens) - r.prompt_len >= r.max_new or len(r.tokens) >= self.max_len:
                             r.finish_reason = "length"

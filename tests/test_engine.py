@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from lingjax.cache import SlotAllocator
-from lingjax.engine import Engine, EngineError, SamplingParams, clear_compiled, sample
+from lingjax.engine import Engine, EngineError, SamplingParams, sample
 from lingjax.testing import write_tiny_checkpoint
 from lingjax.weights import load_hf
 
@@ -22,11 +22,15 @@ LENGTHS = (1, 65, 8, 30, 15, 3, 22, 9)          # chunk 7 and 64 leave 1-token p
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def ckdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("ck")
     write_tiny_checkpoint(str(d), seed=0, dtype=np.float32, shards=1)
-    _, m = load_hf(str(d), dtype=jnp.float32, mtp=False)
-    return m
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def model(ckdir):
+    return load_hf(ckdir, dtype=jnp.float32, mtp=False)[1]
 
 
 @pytest.fixture(scope="module")
@@ -177,17 +181,17 @@ def test_greedy_generate_equals_argmax_of_score(model, seqs):
 
 
 def test_stop_token_and_context_limit(model, seqs):
-    eng = Engine(model, max_batch=2, prefill_chunk=7, max_len=MAX_LEN)
+    eng = Engine(model, max_batch=4, prefill_chunk=7, max_len=MAX_LEN)
     p = seqs[4]
     base = eng.generate([p], SamplingParams(max_new_tokens=8, ignore_eos=True))[0].token_ids
     stop = base[3]
     first = base.index(stop)
     o = eng.generate([p], SamplingParams(max_new_tokens=8, stop_token_ids=(stop,)))[0]
     assert o.token_ids == base[:first + 1] and o.finish_reason == "stop"
-    small = Engine(model, max_batch=2, prefill_chunk=7, max_len=20)
-    o = small.generate([p], SamplingParams(max_new_tokens=100, ignore_eos=True))[0]   # 15 + 5 = max_len
-    assert o.token_ids == eng.generate([p], SamplingParams(max_new_tokens=5, ignore_eos=True))[0].token_ids
-    assert o.finish_reason == "length"
+    long = (seqs[1] * 3)[:MAX_LEN - 5]                                       # room for 5 new tokens
+    o = eng.generate([long], SamplingParams(max_new_tokens=100, ignore_eos=True))[0]
+    assert o.token_ids == eng.generate([long], SamplingParams(max_new_tokens=5, ignore_eos=True))[0].token_ids
+    assert o.finish_reason == "length" and len(long) + len(o.token_ids) == MAX_LEN
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -205,6 +209,12 @@ def test_sampling_reproducible_and_batch_independent(model, seqs):
     k1 = greedy.generate(prompts, dataclasses.replace(sp, top_k=1, top_p=1.0))
     p0 = greedy.generate(prompts, dataclasses.replace(sp, top_k=0, top_p=1e-6))
     assert [o.token_ids for o in g] == [o.token_ids for o in k1] == [o.token_ids for o in p0]
+    # one SamplingParams per prompt == each prompt run with its own
+    per = [SamplingParams(max_new_tokens=3, ignore_eos=True), sp, dataclasses.replace(sp, seed=8, max_new_tokens=2)]
+    mixed = greedy.generate(prompts, per)
+    assert [o.token_ids for o in mixed] == [g[0].token_ids[:3], one[1].token_ids, other[2].token_ids[:2]]
+    with pytest.raises(EngineError, match="2 SamplingParams for 3 prompts"):
+        greedy.generate(prompts, per[:2])
 
 
 def test_sample_distribution():
@@ -232,8 +242,10 @@ def test_sample_distribution():
 
 
 # ------------------------------------------------------------------------------------------ 4. compilations
-def test_fifty_requests_compile_at_most_the_buckets(model):
-    clear_compiled()                             # count every compilation of this run
+def test_fifty_requests_compile_at_most_the_buckets(ckdir):
+    # A structurally different model (another config value), so no step of it was compiled before:
+    # the counters below see every compilation of the run.
+    model = load_hf(ckdir, dtype=jnp.float32, mtp=False, max_position_embeddings=1000)[1]
     eng = Engine(model, max_batch=4, prefill_chunk=16, max_len=MAX_LEN)
     rng = np.random.default_rng(3)
     V = model.cfg.vocab_size
@@ -291,7 +303,10 @@ def test_generate_rejects_bad_input(model):
 
 
 def test_more_requests_than_slots_queue(model, seqs, refs):
-    eng = Engine(model, max_batch=2, prefill_chunk=7, max_len=MAX_LEN)
-    out = eng.score(seqs)                                                    # 8 requests, 2 slots
+    eng = Engine(model, max_batch=4, prefill_chunk=7, max_len=MAX_LEN)
+    steps = recording(eng)
+    out = eng.score(seqs)                                                    # 8 requests, 4 slots
     assert rel_err(out, refs) <= 1e-5
-    assert eng.slots.num_free == 2
+    assert max(len(s) for s in steps) == 4 and eng.slots.num_free == 4
+    outs = eng.generate(seqs, SamplingParams(max_new_tokens=2, ignore_eos=True))
+    assert [len(o.token_ids) for o in outs] == [2] * len(seqs) and eng.slots.num_free == 4
