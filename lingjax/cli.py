@@ -94,11 +94,12 @@ def _float_in(lo, hi, lo_open=False, name="value"):
 def _add_common(p: argparse.ArgumentParser, *, model_required: bool) -> None:
     if model_required:
         p.add_argument("--model", required=True, metavar="PATH",
-                       help="checkpoint directory: an HF one (config.json, *.safetensors, tokenizer files)")
+                       help="checkpoint directory: an HF one (config.json, *.safetensors, tokenizer files) or "
+                            "a `lingjax convert` output")
     else:
         p.add_argument("--model", metavar="PATH",
-                       help="checkpoint directory: an HF one (config.json, *.safetensors, tokenizer files); "
-                            "default: the model shipped in checkpoints/")
+                       help="checkpoint directory: an HF one (config.json, *.safetensors, tokenizer files) or "
+                            "a `lingjax convert` output; default: the model shipped in checkpoints/")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                    help="parameter and activation dtype (logits are always float32; linear-attention states "
                         "float32); default %(default)s")
