@@ -29,7 +29,7 @@ log = logging.getLogger("lingjax")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINTS_DIR = REPO_ROOT / "checkpoints"
-DEFAULT_CHECKPOINT = None      # name under checkpoints/ to prefer when several are shipped (issue 5 sets it)
+DEFAULT_CHECKPOINT = "ling-tiny"   # name under checkpoints/ to prefer when several are shipped
 
 
 class CLIError(Exception):
@@ -465,6 +465,11 @@ register("convert", _convert.CONVERT_HELP, _convert.convert_arguments, _convert.
 register("export", _convert.EXPORT_HELP, _convert.export_arguments, _convert.export_run,
          description="Write a lingjax checkpoint back in the HF layout (safetensors shards + index, config and "
                      "tokenizer files), one tensor at a time.")
+
+from lingjax import evaluate as _evaluate   # noqa: E402  (stdlib imports only; numpy/jax load inside run)
+
+register("eval", _evaluate.EVAL_HELP, _evaluate.eval_arguments, _evaluate.eval_run,
+         description=_evaluate.EVAL_DESCRIPTION)
 
 
 # ------------------------------------------------------------------------------------------ main
