@@ -96,7 +96,8 @@ def test_mla_matches_deepseek_v3_attention(q_lora):
     assert rel(absorbed, want.numpy()[0]) <= 1e-5
 
 
-def test_moe_matches_deepseek_v3_moe():
+@pytest.mark.parametrize("tokens", [(3, 11), (1, 3)])   # 33 tokens: all experts run; 3: picked experts gathered
+def test_moe_matches_deepseek_v3_moe(tokens):
     cfg = bailing_cfg()
     ours = MoE(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
     randomize(ours, np.random.default_rng(3))
@@ -111,7 +112,7 @@ def test_moe_matches_deepseek_v3_moe():
         for name in ("gate_proj", "up_proj", "down_proj"):
             getattr(ref.shared_experts, name).weight.copy_(t(getattr(ours.shared_experts, name).kernel[...]).T)
     assert ref.experts.gate_up_proj.shape[1] == 2 * I
-    x = np.random.default_rng(4).standard_normal((3, 11, cfg.hidden_size)).astype(np.float32)
+    x = np.random.default_rng(4).standard_normal(tokens + (cfg.hidden_size,)).astype(np.float32)
     with torch.no_grad():
         _, w_ref, idx_ref = ref.gate(t(x))
         want = ref(t(x))

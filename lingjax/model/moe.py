@@ -47,17 +47,29 @@ class MoE(nnx.Module):
                      n_group=c.n_group, topk_group=c.topk_group, scale=c.routed_scaling_factor)
 
     def experts(self, x2, idx, w):
-        """Routed experts. Every expert runs on every token and the outputs are combined with the
-        float32 routing weights (zero for experts not picked), summed in float32 (HF combine
-        precision, SPEC App. B). Exact and simple; the grouped-matmul kernel replaces it at scale.
+        """Routed experts, combined with the float32 routing weights and summed in float32 (HF
+        combine precision, SPEC App. B). Two exact forms, chosen by the static shapes:
+        - few (token, expert) pairs (T * top_k < local experts: decode): gather just the picked
+          experts' weights and run them, so a step reads T * top_k expert matrices, not all E;
+        - otherwise every local expert runs on every token, weighted by a [T, E] combine matrix
+          (zero for experts not picked); the grouped-matmul kernel replaces this at scale.
         Expert parallel under tensor parallelism: this device holds experts [off, off + E_local) and
         returns their share of the sum (the routing itself is computed in full on every device)."""
-        T = x2.shape[0]
-        combine = jnp.zeros((T, self.cfg.num_experts), F32).at[jnp.arange(T)[:, None], idx].add(w)
+        T, k = idx.shape
         n_local = self.w_gate.shape[0]
-        if n_local != self.cfg.num_experts:
-            combine = jax.lax.dynamic_slice_in_dim(combine, tp_index() * n_local, n_local, axis=1)
+        off = 0 if n_local == self.cfg.num_experts else tp_index() * n_local
         dt = x2.dtype
+        if T * k < n_local:
+            local = idx - off
+            mine = (local >= 0) & (local < n_local)
+            local = jnp.clip(local, 0, n_local - 1)
+            h = jax.nn.silu(jnp.einsum('td,tkdi->tki', x2, self.w_gate[...][local].astype(dt)))
+            h = h * jnp.einsum('td,tkdi->tki', x2, self.w_up[...][local].astype(dt))
+            y = jnp.einsum('tki,tkid->tkd', h, self.w_down[...][local].astype(dt))
+            return jnp.einsum('tkd,tk->td', y.astype(F32), jnp.where(mine, w, 0.0)).astype(dt)
+        combine = jnp.zeros((T, self.cfg.num_experts), F32).at[jnp.arange(T)[:, None], idx].add(w)
+        if n_local != self.cfg.num_experts:
+            combine = jax.lax.dynamic_slice_in_dim(combine, off, n_local, axis=1)
         h = jax.nn.silu(jnp.einsum('td,edi->tei', x2, self.w_gate[...].astype(dt)))
         h = h * jnp.einsum('td,edi->tei', x2, self.w_up[...].astype(dt))
         y = jnp.einsum('tei,eid->ted', h, self.w_down[...].astype(dt))
