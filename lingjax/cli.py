@@ -472,6 +472,12 @@ register("eval", _evaluate.EVAL_HELP, _evaluate.eval_arguments, _evaluate.eval_r
          description=_evaluate.EVAL_DESCRIPTION)
 
 
+from lingjax import bench as _bench   # noqa: E402  (stdlib imports only; jax loads inside run)
+
+register("bench", _bench.BENCH_HELP, _bench.bench_arguments, _bench.bench_run,
+         description=_bench.BENCH_DESCRIPTION)
+
+
 # ------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lingjax", description="BailingMoE V2.5 (Ling-2.5 / Ling-2.6 / Ring-2.5) in JAX.",
