@@ -1,15 +1,8 @@
 #!/usr/bin/env bash
-# Set up from nothing and run the tests: a Python 3.12 venv in .venv, lingjax + test extras, pytest.
+# Set up from nothing and run the tests: .venv with lingjax + test extras (scripts/setup.sh), then pytest
+# on the CPU with 8 simulated devices for the sharding tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then
-  PY=""
-  for cand in python3.12 "env PYENV_VERSION=3.12.1 python3.12"; do
-    if $cand -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then PY="$cand"; break; fi
-  done
-  [ -n "$PY" ] || { echo "lingjax needs Python 3.12 (python3.12 not found)" >&2; exit 1; }
-  $PY -m venv .venv
-fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+bash scripts/setup.sh --test
 export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=8}"
 exec .venv/bin/python -m pytest "$@"
