@@ -12,7 +12,9 @@ next-next-token loss on the same tokens. AdamW, warmup + cosine, gradient clippi
 Every optimizer step sees one batch of short tasks (addition and sorting, [B_short, 24]) and one batch
 of recall sequences ([B_recall, T]); a recall sequence is a listing followed by several queries
 "?key:value<eos>" (the first query is exactly the eval format, the others add signal for free).
-Curriculum: 12-pair listings for the first half, then 76 pairs. Deterministic for `--seed` (numpy data, jax init).
+Curriculum (what makes recall learnable at all in this budget): listings of 4 pairs first (32
+sequences per step), then 8, 16, 32 and finally 76 pairs (4 sequences per step); with only long
+listings from the start the recall loss stays at chance. Deterministic for `--seed` (numpy data, jax init).
 Writes the checkpoint (HF layout, bf16 by default) + tokenizer files + README, then evaluates it
 through the engine on held-out examples.
 """
@@ -209,13 +211,13 @@ def make_tf_eval(graphdef):
     return lambda params, batches: {t: float(f(params, *b)) for t, b in batches.items()}
 
 
-def recall_pairs_at(step, steps, stages):
-    """Curriculum: stages = [(fraction, n_pairs), ...] sorted by fraction."""
+def recall_stage(step, steps, stages):
+    """Curriculum: stages = [(fraction, n_pairs, batch or None), ...] sorted by fraction."""
     f = step / max(steps, 1)
-    for frac, n in stages:
-        if f < frac:
-            return n
-    return stages[-1][1]
+    for st in stages:
+        if f < st[0]:
+            return st
+    return stages[-1]
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -282,7 +284,7 @@ def export(cfg, model, out, dtype):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(REPO, "checkpoints", "ling-tiny"))
-    ap.add_argument("--steps", type=int, default=1600)
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=50)
@@ -294,8 +296,8 @@ def main(argv=None):
     ap.add_argument("--key-len", type=int, default=ev.KEY_LEN)
     ap.add_argument("--value-len", type=int, default=ev.VALUE_LEN)
     ap.add_argument("--queries", type=int, default=16, help="queries per recall sequence")
-    ap.add_argument("--stages", default="0.5:12,1:76",
-                    help="recall curriculum: fraction_of_steps:n_pairs,...")
+    ap.add_argument("--stages", default="0.15:4:32,0.3:8:16,0.45:16:8,0.65:32:8,1:76:4",
+                    help="recall curriculum: fraction_of_steps:n_pairs[:batch],... (batch default --n-recall)")
     ap.add_argument("--mtp-weight", type=float, default=0.1)
     ap.add_argument("--recall-weight", type=float, default=1.0)
     ap.add_argument("--bias-std", type=float, default=0.05, help="std of the fixed random expert_bias")
@@ -308,7 +310,8 @@ def main(argv=None):
     ap.add_argument("--no-export", action="store_true")
     args = ap.parse_args(argv)
 
-    stages = [(float(f), int(n)) for f, n in (s.split(":") for s in args.stages.split(","))]
+    stages = [(float(x[0]), int(x[1]), int(x[2]) if len(x) > 2 else None)
+              for x in (st.split(":") for st in args.stages.split(","))]
     cfg = tiny_config(**{k: int(v) for k, v in (kv.split("=") for kv in args.config.split(",") if kv)})
     model = build_model(cfg, args.seed, args.bias_std)
     graphdef, params = nnx.split(model, nnx.Param)
@@ -324,8 +327,8 @@ def main(argv=None):
     hist = []
     for step in range(args.steps):
         short = short_batch(rng, args.n_add, args.n_sort, args.add_digits)
-        recall = recall_batch(rng, args.n_recall, recall_pairs_at(step, args.steps, stages), args.queries,
-                              args.key_len, args.value_len)
+        _, n_pairs, n_seq = recall_stage(step, args.steps, stages)
+        recall = recall_batch(rng, n_seq or args.n_recall, n_pairs, args.queries, args.key_len, args.value_len)
         params, opt_state, loss, aux, gnorm = step_fn(params, opt_state, short, recall)
         if step % args.log_every == 0 or step == args.steps - 1:
             aux = {k: float(v) for k, v in aux.items()}
