@@ -60,7 +60,7 @@ def test_cli_default_model_is_the_tiny_checkpoint():
 # regression (wrong caches, mixed-batch bugs) drops these to ~0%.
 FLOORS = {"sort": 0.9, "add": 0.75}
 LEARNED = tuple(FLOORS)
-RECALL_XFAIL = pytest.mark.xfail(reason="ling-tiny does not solve recall yet (at chance)", strict=False)
+RECALL_XFAIL = pytest.mark.xfail(reason="ling-tiny does not solve recall yet (at chance); strict: a passing recall must lift this mark", strict=True)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
