@@ -614,17 +614,3 @@ def export_run(args) -> int:
 
 CONVERT_HELP = "HF checkpoint directory -> lingjax (Orbax) checkpoint directory"
 EXPORT_HELP = "lingjax checkpoint directory -> HF checkpoint directory"
-
-
-def add_convert_parser(subparsers):
-    p = subparsers.add_parser("convert", help=CONVERT_HELP, description=__doc__.split("\n\n")[0])
-    convert_arguments(p)
-    p.set_defaults(_run=convert_run)
-    return p
-
-
-def add_export_parser(subparsers):
-    p = subparsers.add_parser("export", help=EXPORT_HELP, description=EXPORT_HELP)
-    export_arguments(p)
-    p.set_defaults(_run=export_run)
-    return p
