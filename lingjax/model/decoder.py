@@ -113,11 +113,3 @@ class BailingModel(nnx.Module):
         if rows is not None:
             y = y[rows]
         return self.logits(y), caches.replace(linear=lin, mla=mla)
-
-
-def forward(model: BailingModel, tokens):
-    """(model, tokens [B, T]) -> float32 logits [B, T, V]."""
-    return model(jnp.asarray(tokens))
-
-
-
