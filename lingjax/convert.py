@@ -210,7 +210,7 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16", mtp: bool = True, ov
     import numpy as np
 
     from lingjax.config import BailingConfig, ConfigError
-    from lingjax.weights import CheckpointReader, WeightError, is_mtp_name, materialize, validate
+    from lingjax.weights import CheckpointReader, WeightError, is_mtp_name, validate
 
     t0 = time.perf_counter()
     if dtype not in DTYPES:

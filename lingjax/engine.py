@@ -48,7 +48,7 @@ import numpy as np
 from flax import nnx
 
 from lingjax.batch import StepBatch
-from lingjax.cache import SlotAllocator, init_caches
+from lingjax.cache import SlotAllocator
 
 log = logging.getLogger(__name__)
 

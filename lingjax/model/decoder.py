@@ -1,6 +1,5 @@
 """The BailingMoE V2.5 decoder: embedding, L pre-norm layers (linear attention or MLA; dense MLP or
 MoE), final norm, untied lm_head with float32 logits, and the MTP (NextN) layer (SPEC §0, §5)."""
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

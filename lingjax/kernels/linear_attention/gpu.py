@@ -58,7 +58,6 @@ def _prefill_kernel(cu_ref, slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, po
     r = pl.program_id(0)
     h = pl.program_id(1)
     j = pl.program_id(2)
-    D = q_ref.shape[-1]
     vcols = pl.ds(j * BV, BV)
     io_dtype = o_ref.dtype
     ar = jnp.arange(C, dtype=jnp.int32)
