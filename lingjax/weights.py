@@ -172,6 +172,7 @@ class CheckpointReader:
     def __init__(self, path: str):
         from safetensors import safe_open
         self.path = path
+        self.drop_cache = False    # drop the bytes read from the page cache (POSIX_FADV_DONTNEED)
         if not os.path.isdir(path):
             raise WeightError(f"{path}: not a directory")
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -218,25 +219,77 @@ class CheckpointReader:
     def names(self) -> list[str]:
         return list(self.where)
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """The whole tensor, read into `out` when given (C-contiguous, its shape and dtype)."""
         if name not in self.where:
             raise WeightError(f"missing tensor {name}")
         dtype, shape = self.meta[name]
-        fpath = os.path.join(self.path, self.where[name])
         if dtype not in HF_DTYPES:
             try:
                 return self._handles[self.where[name]].get_tensor(name)
             except Exception as e:
-                raise WeightError(f"{fpath}: cannot read tensor {name} ({e})") from None
-        out = np.empty(shape, HF_DTYPES[dtype])
+                raise WeightError(f"{os.path.join(self.path, self.where[name])}: cannot read tensor {name} ({e})") from None
+        return self.read_rows(name, 0, shape[0] if shape else 1, out)
+
+    def read_rows(self, name: str, r0: int, r1: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [r0, r1) (along axis 0) of a tensor, read with pread() into `out` when given (a
+        C-contiguous array of the tensor's dtype and exactly that many elements), else a fresh array."""
+        if name not in self.where:
+            raise WeightError(f"missing tensor {name}")
+        dtype, shape = self.meta[name]
+        fpath = os.path.join(self.path, self.where[name])
+        dt = np.dtype(HF_DTYPES[dtype])
+        rshape = (r1 - r0,) + tuple(shape[1:]) if shape else ()
+        if out is None:
+            out = np.empty(rshape, dt)
+        elif out.dtype != dt or out.size != int(np.prod(rshape, dtype=np.int64)) or not out.flags.c_contiguous:
+            raise ValueError(f"read_rows({name}, {r0}, {r1}): out is {out.dtype}{list(out.shape)}, needs {dt}{list(rshape)}")
         start, end = self.offsets[name]
-        if end - start != out.nbytes:
-            raise WeightError(f"{fpath}: tensor {name} holds {end - start} bytes, its shape {list(shape)} needs {out.nbytes}")
+        total = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        if end - start != total:
+            raise WeightError(f"{fpath}: tensor {name} holds {end - start} bytes, its shape {list(shape)} needs {total}")
+        row = total // shape[0] if shape and shape[0] else 0
+        if r0 == 0:
+            self._readahead(name)
         try:
-            _pread_into(fpath, start, out)
+            _pread_into(fpath, start + r0 * row, out, self.drop_cache)
         except OSError as e:
             raise WeightError(f"{fpath}: cannot read tensor {name} ({e})") from None
         return out
+
+    def plan(self, names: Sequence[str], ahead: int = 256 << 20) -> None:
+        """The order in which the tensors will be read: each read then asks the kernel to read the
+        next `ahead` bytes of the plan in the background (POSIX_FADV_WILLNEED), so the disk reads
+        while the caller transposes and writes."""
+        self._plan, self._ahead, self._advised = list(names), ahead, 0
+        self._pos = {n: i for i, n in enumerate(self._plan)}
+
+    def _readahead(self, name: str) -> None:
+        i = self._pos.get(name) if getattr(self, "_plan", None) else None
+        if i is None:
+            return
+        j, budget = max(self._advised, i + 1), self._ahead
+        for k in range(i + 1, j):
+            budget -= self.nbytes(self._plan[k])
+        while j < len(self._plan) and budget > 0:
+            n = self._plan[j]
+            start, end = self.offsets[n]
+            try:
+                fd = os.open(os.path.join(self.path, self.where[n]), os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass
+            budget -= end - start
+            j += 1
+        self._advised = j
+
+    def dtype(self, name: str) -> np.dtype | None:
+        """The numpy dtype of a tensor (None for a safetensors dtype lingjax does not read)."""
+        d = HF_DTYPES.get(self.meta[name][0])
+        return None if d is None else np.dtype(d)
 
     def nbytes(self, name: str) -> int:
         dtype, shape = self.meta[name]
@@ -254,7 +307,7 @@ def _header_offsets(fpath: str) -> dict[str, tuple[int, int]]:
             for k, v in header.items() if k != "__metadata__"}
 
 
-def _pread_into(fpath: str, offset: int, out: np.ndarray) -> None:
+def _pread_into(fpath: str, offset: int, out: np.ndarray, drop_cache: bool = False) -> None:
     buf = memoryview(out.reshape(-1).view(np.uint8))
     fd = os.open(fpath, os.O_RDONLY)
     try:
@@ -264,6 +317,8 @@ def _pread_into(fpath: str, offset: int, out: np.ndarray) -> None:
             if n <= 0:
                 raise OSError(f"file ends after {offset + pos} bytes (truncated while reading?)")
             pos += n
+        if drop_cache:
+            os.posix_fadvise(fd, offset, len(buf), os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 
@@ -335,38 +390,75 @@ def transpose_into(out: np.ndarray, x: np.ndarray) -> None:
             out[:, i:i + rows] = t.view(x.dtype)
 
 
-def materialize(reader: CheckpointReader, rule: Rule, dtype) -> list[np.ndarray]:
-    """The params of one rule as numpy arrays of `dtype` (float32 for rule.float32), streamed: expert
-    stacks are filled one expert at a time into the output, so the peak is the output plus one HF
-    tensor, not twice the stack. Bitwise equal to `to_params(read_rule(...))` cast to dtype."""
+BLOCK_BYTES = 16 << 20     # source bytes read (and transposed) at a time
+
+
+def aligned_empty(nbytes: int, align: int = 64) -> np.ndarray:
+    """An uninitialised uint8 buffer whose start is `align`-byte aligned: XLA then uses a host array
+    in place (jax.device_put on the CPU aliases 64-byte-aligned numpy arrays instead of copying)."""
+    b = np.empty(nbytes + align, np.uint8)
+    o = -b.ctypes.data % align
+    return b[o:o + nbytes]
+
+
+class Scratch:
+    """A reusable read buffer: the source rows of a tensor pass through it on their way to the output,
+    so streaming a checkpoint allocates (and the kernel faults in and zeroes) no fresh memory per tensor."""
+
+    def __init__(self):
+        self.buf = aligned_empty(0)
+
+    def __call__(self, shape, dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if n > self.buf.size:
+            self.buf = aligned_empty(max(n, BLOCK_BYTES))
+        return self.buf[:n].view(dtype).reshape(shape)
+
+
+def _row_blocks(shape, itemsize):
+    rows = shape[0]
+    row = int(np.prod(shape[1:], dtype=np.int64)) * itemsize
+    step = max(1, min(rows, BLOCK_BYTES // max(1, row)))
+    return [(r, min(rows, r + step)) for r in range(0, rows, step)]
+
+
+def materialize(reader: CheckpointReader, rule: Rule, dtype, alloc: Callable | None = None,
+                scratch: Scratch | None = None) -> list[np.ndarray]:
+    """The params of one rule as numpy arrays of `dtype` (float32 for rule.float32), streamed: each
+    output is allocated once (by `alloc(shape, dtype)`, default np.empty) and filled from the source in
+    row blocks of <= BLOCK_BYTES read through `scratch` (read straight into the output when no
+    transpose or cast is needed), so the peak is the outputs plus one block, and the memory touched
+    per tensor is the output's. Bitwise equal to `to_params(read_rule(...))` cast to dtype."""
     dt = np.dtype(np.float32 if rule.float32 else jnp.dtype(dtype))
-    get = lambda n: reader.get(reader.canonical.get(n, n))  # noqa: E731
-    if rule.kind == "same":
-        return [np.asarray(get(rule.hf[0]), dt)]
-    if rule.kind == "T":
-        x = get(rule.hf[0])
-        out = np.empty(x.shape[::-1], dt)
-        transpose_into(out, x)
-        return [out]
-    if rule.kind in ("split", "splitT"):
-        x, n = get(rule.hf[0]), len(rule.params)
-        outs = []
-        for blk in np.split(x, n, axis=0):
-            if rule.kind == "split":
-                outs.append(np.asarray(blk, dt).copy())
+    alloc = alloc or np.empty
+    scratch = scratch or Scratch()
+    names = [reader.canonical.get(n, n) for n in rule.hf]
+    src_dt = [reader.dtype(n) for n in names]
+    if rule.kind not in ("same", "T", "split", "splitT", "stack") or None in src_dt or not rule.hf_shapes[0]:
+        return [np.asarray(v, dt) for v in rule.to_params(read_rule(reader, rule))]
+    transposed = rule.kind in ("T", "splitT", "stack")
+    shape = tuple(rule.hf_shapes[0])
+    if rule.kind == "stack":       # E tensors [out, in] -> [E, in, out]
+        outs = [alloc((len(names),) + shape[::-1], dt)]
+        parts = [(n, s, outs[0][e], 0) for e, (n, s) in enumerate(zip(names, src_dt))]
+    else:                          # one tensor -> k row blocks, each transposed or not
+        k = len(rule.params)
+        rows = shape[0] // k
+        outs = [alloc(((rows,) + shape[1:])[::-1] if transposed else (rows,) + shape[1:], dt) for _ in range(k)]
+        parts = [(names[0], src_dt[0], o, j * rows) for j, o in enumerate(outs)]
+    for name, sdt, out, first in parts:       # (source tensor, its dtype, the output, first source row)
+        n_rows = out.shape[-1] if transposed else out.shape[0]
+        for r0, r1 in _row_blocks((n_rows,) + shape[1:], sdt.itemsize):
+            if not transposed and sdt == dt:
+                reader.read_rows(name, first + r0, first + r1, out[r0:r1])
+                continue
+            x = reader.read_rows(name, first + r0, first + r1, scratch((r1 - r0,) + shape[1:], sdt))
+            if transposed:
+                transpose_into(out[:, r0:r1], x)
             else:
-                outs.append(np.empty(blk.shape[::-1], dt))
-                transpose_into(outs[-1], blk)
-        return outs
-    if rule.kind == "stack":
-        out = None
-        for e, name in enumerate(rule.hf):
-            x = get(name)
-            if out is None:
-                out = np.empty((len(rule.hf),) + x.shape[::-1], dt)
-            transpose_into(out[e], x)
-        return [out]
-    return [np.asarray(v, dt) for v in rule.to_params(read_rule(reader, rule))]
+                out[r0:r1] = x
+    return outs
 
 
 # ------------------------------------------------------------------------------------------ params

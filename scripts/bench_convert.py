@@ -6,14 +6,17 @@ layers, one of each kind: layer 0 = linear attention + dense MLP, layer 1 = MLA 
 bf16, in 4 GiB shards + index). Then, side by side in one run:
 
   cat SRC/*.safetensors > /dev/null     cold (pages evicted with posix_fadvise DONTNEED) and warm
-  cat SRC/*.safetensors > one file      cold: the read+write copy ceiling of this disk
+  cat SRC/*.safetensors > one file      cold, + fsync: a read+write copy through the page cache
+  stream copy SRC > one file            cold, fdatasync + drop both sides every 256 MB (what convert
+                                        does): the read+write copy ceiling of this disk
   lingjax convert SRC DST               in a child process, cold and warm source; its peak RSS from
                                         wait4() rusage, against the largest layer's bytes
 
-Prints a table and writes JSON (default bench_convert.json). The synthetic checkpoint and the outputs
-are deleted at the end unless --keep.
+Prints a table (with the load average at the start and the end) and writes JSON (default
+bench_convert.json). --repeat N measures everything N times, interleaved, and takes the ratios of
+medians. The synthetic checkpoint and the outputs are deleted at the end unless --keep.
 
-    python scripts/bench_convert.py [--workdir DIR] [--keep] [--json OUT]
+    python scripts/bench_convert.py [--workdir DIR] [--keep] [--repeat N] [--json OUT]
 """
 from __future__ import annotations
 
@@ -103,11 +106,49 @@ def timed_child(argv, stdout=subprocess.DEVNULL):
     return time.perf_counter() - t, ru.ru_maxrss * 1024, p.returncode
 
 
+def stream_copy(files, out_path, chunk=256 << 20):
+    """Read the files and write them to one file, flushing (fdatasync) and dropping (FADV_DONTNEED)
+    both sides every `chunk` bytes: the way convert streams, as a plain copy of the same bytes."""
+    buf = bytearray(chunk)
+    mv = memoryview(buf)
+    out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        woff = 0
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                roff = 0
+                while True:
+                    n = os.preadv(fd, [mv], roff)
+                    if n <= 0:
+                        break
+                    os.posix_fadvise(fd, roff, n, os.POSIX_FADV_DONTNEED)
+                    os.write(out, mv[:n])
+                    os.fdatasync(out)
+                    os.posix_fadvise(out, woff, n, os.POSIX_FADV_DONTNEED)
+                    roff += n
+                    woff += n
+            finally:
+                os.close(fd)
+    finally:
+        os.close(out)
+
+
+def loadavg():
+    return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "lingjax_bench_convert"),
                     help="where the synthetic checkpoint and the outputs go (~20 GB free needed)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and the outputs")
+    ap.add_argument("--repeat", type=int, default=1, help="measure everything this many times (interleaved)")
     ap.add_argument("--json", default="bench_convert.json")
     args = ap.parse_args()
     work = os.path.abspath(args.workdir)
@@ -123,6 +164,7 @@ def main():
     largest_param = max(int(np.prod(r.hf_shapes[0])) * len(r.hf) * 2 for r in rules)
 
     os.makedirs(work, exist_ok=True)
+    load_before = loadavg()
     try:
         if not os.path.isfile(os.path.join(src, "config.json")):
             t = time.perf_counter()
@@ -132,57 +174,74 @@ def main():
         total = sum(os.path.getsize(f) for f in files)
         rows = []
 
-        def row(what, seconds, rss=None, note=""):
-            rows.append({"what": what, "seconds": round(seconds, 3), "gb_per_s": round(total / seconds / GB, 3),
+        def row(what, run, seconds, rss=None, note=""):
+            rows.append({"what": what, "run": run, "seconds": round(seconds, 3),
+                         "gb_per_s": round(total / seconds / GB, 3),
                          "peak_rss_gb": None if rss is None else round(rss / GB, 3), "note": note})
-
-        evict([src])
-        s, _, rc = timed_child(["cat", *files])
-        row("cat SRC > /dev/null (cold)", s)
-        s, _, rc = timed_child(["cat", *files])
-        row("cat SRC > /dev/null (warm)", s)
-        evict([src])
-        with open(copy, "wb") as out:
-            t = time.perf_counter()
-            subprocess.run(["cat", *files], stdout=out, check=True)
-            os.fsync(out.fileno())
-            row("cat SRC > file + fsync (cold)", time.perf_counter() - t, note="read+write ceiling")
-        os.unlink(copy)
+            print(f"  run {run}: {what}: {seconds:.2f} s", file=sys.stderr)
 
         lj = [sys.executable, "-m", "lingjax.cli", "convert", src, dst, "--no-progress", "--overwrite"]
-        for label in ("cold", "warm"):
-            if label == "cold":
+        for run in range(args.repeat):
+            evict([src])
+            s, _, rc = timed_child(["cat", *files])
+            row("cat SRC > /dev/null (cold)", run, s)
+            s, _, rc = timed_child(["cat", *files])
+            row("cat SRC > /dev/null (warm)", run, s)
+            evict([src])
+            with open(copy, "wb") as out:
+                t = time.perf_counter()
+                subprocess.run(["cat", *files], stdout=out, check=True)
+                os.fsync(out.fileno())
+                row("cat SRC > file + fsync (cold)", run, time.perf_counter() - t, note="read+write, page cache")
+            os.unlink(copy)
+            evict([src])
+            t = time.perf_counter()
+            stream_copy(files, copy)
+            row("stream copy SRC > file (cold)", run, time.perf_counter() - t,
+                note="read+write, fdatasync+drop per 256 MB")
+            os.unlink(copy)
+            for label in ("cold", "warm"):
                 evict([src])
-            s, rss, rc = timed_child(lj)
-            if rc != 0:
-                raise SystemExit(f"convert failed with status {rc}")
-            inner = json.load(open(os.path.join(dst, "lingjax_checkpoint.json")))["summary"]["seconds"]
-            row(f"lingjax convert ({label})", s, rss, note=f"{inner:.1f} s inside convert(), rest is start-up")
-            evict([dst])      # the written pages are not the next run's business
+                if label == "warm":
+                    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+                s, rss, rc = timed_child(lj)
+                if rc != 0:
+                    raise SystemExit(f"convert failed with status {rc}")
+                inner = json.load(open(os.path.join(dst, "lingjax_checkpoint.json")))["summary"]["seconds"]
+                row(f"lingjax convert ({label})", run, s, rss, note=f"{inner:.1f} s inside convert(), rest is start-up")
+                evict([dst])      # the written pages are not the next run's business
         out_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dst) for f in fs)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    load_after = loadavg()
 
-    cat_cold = rows[0]["seconds"]
-    conv_cold = next(r for r in rows if r["what"] == "lingjax convert (cold)")
-    conv_warm = next(r for r in rows if r["what"] == "lingjax convert (warm)")
-    peak = max(conv_cold["peak_rss_gb"], conv_warm["peak_rss_gb"]) * GB
+    def med(what):
+        return median([r["seconds"] for r in rows if r["what"] == what])
+
+    peak = max(r["peak_rss_gb"] for r in rows if r["peak_rss_gb"] is not None) * GB
     print(f"\nsource: {total / GB:.2f} GB in {len(files)} shards (Ling-2.6-flash shapes, L=2: linear+dense, MLA+MoE); "
           f"output {out_bytes / GB:.2f} GB")
     print(f"largest layer: {'.'.join(map(str, largest_key))} = {largest / GB:.2f} GB; largest param (one expert "
-          f"stack) = {largest_param / GB:.2f} GB\n")
-    print(f"{'':34s} {'seconds':>8s} {'GB/s':>7s} {'peak RSS GB':>12s}  note")
+          f"stack) = {largest_param / GB:.2f} GB")
+    print(f"{load_before} at the start, {load_after} at the end ({os.cpu_count()} CPUs)\n")
+    print(f"{'':34s} {'run':>3s} {'seconds':>8s} {'GB/s':>7s} {'peak RSS GB':>12s}  note")
     for r in rows:
         rss = "" if r["peak_rss_gb"] is None else f"{r['peak_rss_gb']:.2f}"
-        print(f"{r['what']:34s} {r['seconds']:8.2f} {r['gb_per_s']:7.2f} {rss:>12s}  {r['note']}")
+        print(f"{r['what']:34s} {r['run']:3d} {r['seconds']:8.2f} {r['gb_per_s']:7.2f} {rss:>12s}  {r['note']}")
     ratio_rss = peak / largest
-    ratio_t = conv_cold["seconds"] / cat_cold
+    cat_cold, conv_cold = med("cat SRC > /dev/null (cold)"), med("lingjax convert (cold)")
+    ratio_t = conv_cold / cat_cold
     print(f"\npeak RSS / largest layer = {ratio_rss:.2f} (target < 1.5)")
-    print(f"convert (cold) time / cat (cold) time = {ratio_t:.2f} (target <= 2); "
-          f"warm/warm = {conv_warm['seconds'] / rows[1]['seconds']:.2f}")
+    m = " (medians)" if args.repeat > 1 else ""
+    print(f"convert (cold) time / cat (cold) time = {ratio_t:.2f} (target <= 2){m}; "
+          f"warm/warm = {med('lingjax convert (warm)') / med('cat SRC > /dev/null (warm)'):.2f}")
+    print(f"convert (cold) time / copy ceilings: / cat > file + fsync = "
+          f"{conv_cold / med('cat SRC > file + fsync (cold)'):.2f}, / stream copy = "
+          f"{conv_cold / med('stream copy SRC > file (cold)'):.2f}{m}")
     result = {"source_bytes": total, "output_bytes": out_bytes, "largest_layer": ".".join(map(str, largest_key)),
               "largest_layer_bytes": largest, "largest_param_bytes": largest_param, "rows": rows,
+              "load_before": load_before, "load_after": load_after, "cpus": os.cpu_count(),
               "peak_rss_over_largest_layer": round(ratio_rss, 3), "convert_over_cat_cold": round(ratio_t, 3)}
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)

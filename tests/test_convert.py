@@ -56,11 +56,13 @@ def test_layout(hf, converted):
 
 
 def test_materialize_matches_rule_table(hf, monkeypatch):
-    """The streaming fast path (`materialize`: per-expert fill, XLA transposes) is bitwise the rule
-    table's own `to_params` for every rule, with the numpy and the XLA transpose."""
+    """The streaming fast path (`materialize`: per-expert fill, row blocks through a scratch buffer,
+    XLA transposes) is bitwise the rule table's own `to_params` for every rule, with the numpy and
+    the XLA transpose, whole tensors or a few rows at a time."""
     cfg, reader = tiny_config(), CheckpointReader(hf)
-    for jax_min in (weights.JAX_TRANSPOSE_MIN, 0):
+    for jax_min, block in ((weights.JAX_TRANSPOSE_MIN, weights.BLOCK_BYTES), (0, weights.BLOCK_BYTES), (0, 1000)):
         monkeypatch.setattr(weights, "JAX_TRANSPOSE_MIN", jax_min)
+        monkeypatch.setattr(weights, "BLOCK_BYTES", block)
         for dtype in (jnp.bfloat16, jnp.float32):
             for rule in rules_for(cfg):
                 want = rule.to_params(read_rule(reader, rule))
@@ -334,3 +336,45 @@ def test_not_a_checkpoint(tmp_path, capsys, converted):
     run_cli_error(capsys, ["convert", converted, str(tmp_path / "out")], "already a lingjax checkpoint")
     run_cli_error(capsys, ["export", str(tmp_path), str(tmp_path / "out")], cv.MARKER)
     assert not (tmp_path / "out").exists()
+
+
+def test_killed_run_leaves_no_dst_and_the_next_run_cleans_up(hf, tmp_path, capsys):
+    """SIGKILL in the middle of writing (no cleanup code runs): DST is absent and the temporary
+    directory, named for the dead process, is left; the next run removes it (one log line) and
+    succeeds, leaving no temporary directories. A live run's temporary directory is not touched,
+    and an old DST moved aside by a run killed while swapping is put back."""
+    import subprocess
+    import sys
+    dst = tmp_path / "out"
+    script = ("import sys, time\nimport lingjax.convert as cv\nreal = cv._drop_cache\n"
+              "def stall(p):\n    real(p)\n    print('WRITING', flush=True)\n    time.sleep(600)\n"
+              "cv._drop_cache = stall\ncv.convert(sys.argv[1], sys.argv[2])\n")
+    p = subprocess.Popen([sys.executable, "-c", script, hf, str(dst)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "WRITING"
+        left = leftovers(tmp_path)
+        assert len(left) == 1 and f"-{p.pid}-" in left[0] and os.listdir(tmp_path / left[0] / "params")
+    finally:
+        p.kill()
+        p.wait()
+    assert not dst.exists() and leftovers(tmp_path) == left
+
+    host = cv._owner_tag().rsplit("-", 1)[0]
+    live = tmp_path / f".out.lingjax-tmp-{host}-{os.getpid()}-abcd1234"       # this process: alive
+    other = tmp_path / f".out.lingjax-tmp-otherhost-{p.pid}-abcd1234"          # another host's
+    unrelated = tmp_path / f".other.lingjax-tmp-{host}-{p.pid}-abcd1234"       # another DST's
+    for d in (live, other, unrelated):
+        d.mkdir()
+    assert cli.main(["convert", hf, str(dst), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert cv.is_converted(str(dst)) and not (tmp_path / left[0]).exists()
+    assert [line for line in err.splitlines() if "removed" in line and left[0] in line and str(p.pid) in line]
+    assert sorted(leftovers(tmp_path)) == sorted(d.name for d in (live, other, unrelated))
+
+    # killed between moving the old DST aside and renaming the new one into place
+    marker = json.load(open(dst / cv.MARKER))
+    old = tmp_path / f".out.lingjax-old-{host}-{p.pid}-abcd1234"
+    old.mkdir()
+    os.rename(dst, old / "x")
+    assert cv.remove_stale(str(dst)) == [str(old)]
+    assert json.load(open(dst / cv.MARKER)) == marker and not old.exists()
