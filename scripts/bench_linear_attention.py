@@ -1,7 +1,11 @@
 """Benchmark + on-device correctness check of the linear-attention kernels (issue 6, items 2-3).
 
 Run on a CUDA machine with fla importable (fla-core / flash-linear-attention 0.6.0):
-    python scripts/bench_linear_attention.py [--quick] [--tune] [--out DIR]
+    python scripts/bench_linear_attention.py [--quick] [--tune] [--profile] [--deadline S] [--out DIR]
+--profile: after the table, run Nsight Compute (ncu --clock-control none) on a child process that
+launches our decode (B=64, 256) and prefill (T=32768, N=1) kernels and fla's, once each, inside
+cudaProfilerStart/Stop, and write ncu_details.txt + profile_summary.txt (duration, DRAM throughput,
+occupancy, registers, top warp stalls per kernel) to --out.
 
 Rows: ours (Pallas GPU kernels, lingjax.kernels.linear_attention.gpu) vs fla 0.6
 (`fused_recurrent_simple_gla` for decode, `chunk_simple_gla` for prefill, both with g_gamma) vs the
@@ -222,6 +226,49 @@ def check_small(log):
     return res
 
 
+def check_split(log):
+    """Segment-split prefill (forced small segment) vs the float64 oracle: a long continuing
+    sequence, ragged lengths, an empty and a padding (slot -1) sequence, a fresh slot,
+    padding tokens, untouched slots; and the auto split on one long sequence."""
+    rng = np.random.default_rng(2)
+    H, D, N = 4, 128, 12
+    lens = [1100, 0, 7, 300, 700, 512]
+    slots = np.array([3, 0, -1, 7, 1, 5], np.int32)
+    fresh = np.array([0, 0, 0, 1, 0, 0], bool)
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    T = int(cu[-1]) + 13
+    g = -np.linspace(0.004, 0.92, H).astype(np.float32)
+    pool = rng.standard_normal((N, H, D, D)).astype(np.float32) * 0.3
+    res = {}
+    cases = [('ragged_seg256', slots, cu, fresh, T, dict(segment=256)),
+             ('single_auto', np.array([2], np.int32), np.array([0, 4000], np.int32),
+              np.array([0], bool), 4000 + 5, {})]
+    for name, sl, c, fr, TT, kw in cases:
+        for dt, tol in (('float32', 1e-5), ('bfloat16', 1e-2)):
+            q, k, v = (jnp.asarray(rng.standard_normal((TT, H, D)) * 0.5, dt) for _ in range(3))
+            o_ref, p_ref = oracle_prefill(q.astype(F32), k.astype(F32), v.astype(F32), g, pool, sl,
+                                          c, fr, D ** -0.5)
+            o, p = gpu.prefill(q, k, v, jnp.asarray(g), jnp.asarray(pool), jnp.asarray(sl),
+                               jnp.asarray(c), jnp.asarray(fr), scale=D ** -0.5, **kw)
+            o, p = np.asarray(o.astype(F32)), np.asarray(p)
+            live = [r for r in range(len(sl)) if c[r + 1] > c[r] and sl[r] >= 0]
+            untouched = [i for i in range(N) if i not in set(sl[live])]
+            e_seq = max(rel(o[c[r]:c[r + 1]], o_ref[c[r]:c[r + 1]]) for r in live)
+            e_s = max(rel(p[sl[r]], p_ref[sl[r]]) for r in live)
+            ok_untouched = bool(np.array_equal(p[untouched], pool[untouched]))
+            zero = bool(np.all(o[c[-1]:] == 0) and all(np.all(o[c[r]:c[r + 1]] == 0)
+                                                        for r in range(len(sl)) if r not in live))
+            seg = gpu._pick_segment(TT, len(sl), H, 2, 64, kw.get('segment'))
+            res[f'split_{name}_{dt}'] = dict(segment=seg, rel_o_worst_seq=e_seq, rel_state=e_s,
+                                             untouched=ok_untouched, padding_zero=zero,
+                                             ok=max(e_seq, e_s) <= tol and ok_untouched and zero
+                                             and seg is not None)
+    for name, r in res.items():
+        log(f'oracle check {name}: ' + ', '.join(f'{a}={b:.2e}' if isinstance(b, float) else f'{a}={b}'
+                                                 for a, b in r.items()))
+    return res
+
+
 # ---------------------------------------------------------------------------------------------
 # benchmark rows
 
@@ -296,7 +343,7 @@ def bench_decode(H, B, bw, cfg, with_fla=True, with_xla=True):
     return row
 
 
-def bench_prefill(H, T, R, bw, flops_rate, cfg, with_fla=True, with_xla=True):
+def bench_prefill(H, T, R, bw, flops_rate, cfg, with_fla=True, with_xla=True, check=True):
     import torch
     D = 128
     C = 64
@@ -320,13 +367,16 @@ def bench_prefill(H, T, R, bw, flops_rate, cfg, with_fla=True, with_xla=True):
                floor_us=max(nbytes / bw, flops / flops_rate) * 1e6)
 
     # correctness: ours vs XLA `chunked` (f32 math, highest precision) on the same bf16 inputs
-    o, p = gpu.prefill(q, k, v, g, pool, slots, cu, fresh, scale=scale, **cfg)
     ref_fn = jax.jit(lambda q, k, v, h0: reference.chunked(
         q.reshape(R, L, H, D), k.reshape(R, L, H, D), v.reshape(R, L, H, D), g, h0, scale=scale))
-    o_ref, s_ref = ref_fn(q, k, v, h0_init)
-    row['rel_err_o'] = rel(o.astype(F32), o_ref.reshape(T, H, D).astype(F32))
-    row['rel_err_state'] = rel(p[slots], s_ref)
-    del o, p, o_ref, s_ref
+    if check:
+        o, p = gpu.prefill(q, k, v, g, pool, slots, cu, fresh, scale=scale, **cfg)
+        o_ref, s_ref = ref_fn(q, k, v, h0_init)
+        row['rel_err_o'] = rel(o.astype(F32), o_ref.reshape(T, H, D).astype(F32))
+        row['rel_err_state'] = rel(p[slots], s_ref)
+        del o, p, o_ref, s_ref
+    nv = D // min(cfg.get('block_v', 64), D)
+    row['segment'] = gpu._pick_segment(T, R, H, nv, cfg.get('chunk', 64), cfg.get('segment'))
 
     def step(i, c):
         pool_c, acc = c
@@ -361,7 +411,6 @@ def bench_prefill(H, T, R, bw, flops_rate, cfg, with_fla=True, with_xla=True):
         row['fla_rel_err_o'] = rel(fo[0].float().cpu().numpy(), o_ref.reshape(T, H, D).astype(F32))
         del fo, tq, tk, tv, h0
         torch.cuda.empty_cache()
-    del q, k, v
     return row
 
 
@@ -395,13 +444,258 @@ def fmt_table(rows):
     return '\n'.join(out)
 
 
+# ---------------------------------------------------------------------------------------------
+# --profile: Nsight Compute on one launch of each kernel (child process, inside cudaProfilerStart)
+
+PROFILE_SHAPES = (('decode', 32, 64, 1), ('decode', 32, 256, 1), ('prefill', 32, 32768, 1))
+
+
+def profile_worker(cfgs):
+    """Child of ncu: warm everything up (jit, fla autotune), then launch each profiled kernel once
+    between cudaProfilerStart/Stop (ncu --profile-from-start off sees only those)."""
+    import torch
+    from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
+    D = 128
+    scale = D ** -0.5
+    calls = []
+    for kind, H, n, R in PROFILE_SHAPES:
+        g = jnp.asarray(-np.asarray(slopes(H), np.float32))
+        tg = torch.from_dlpack(g).contiguous()
+        ks = jax.random.split(jax.random.key(n), 4)
+        if kind == 'decode':
+            q, k, v = (jax.random.normal(kk, (n, H, D), jnp.bfloat16) for kk in ks[:3])
+            pool = jax.random.normal(ks[3], (NUM_SLOTS, H, D, D), F32) * 0.1
+            slots = jnp.asarray(np.random.default_rng(0).permutation(NUM_SLOTS)[:n].astype(np.int32))
+            fresh = jnp.zeros((n,), bool)
+            cfg = cfgs.get(f'decode_{n}', {})
+            f = jax.jit(lambda pool, q=q, k=k, v=v, g=g, slots=slots, fresh=fresh, cfg=cfg: gpu.decode(
+                q, k, v, g, pool, slots, fresh, scale=scale, **cfg), donate_argnums=0)
+            tq, tk, tv = (torch.from_dlpack(x).unsqueeze(1).contiguous() for x in (q, k, v))
+            h0 = torch.from_dlpack(pool[slots]).contiguous()
+
+            def fla_call(tq=tq, tk=tk, tv=tv, tg=tg, h0=h0):
+                return fused_recurrent_simple_gla(tq, tk, tv, g_gamma=tg, scale=scale,
+                                                  initial_state=h0, output_final_state=True)
+        else:
+            q, k, v = (jax.random.normal(kk, (n, H, D), jnp.bfloat16) for kk in ks[:3])
+            pool = jax.random.normal(ks[3], (8, H, D, D), F32) * 0.1
+            slots = jnp.zeros((R,), jnp.int32)
+            cu = jnp.asarray([0, n], jnp.int32)
+            fresh = jnp.zeros((R,), bool)
+            cfg = cfgs.get(f'prefill_{n}_{R}', {})
+            f = jax.jit(lambda pool, q=q, k=k, v=v, g=g, slots=slots, cu=cu, fresh=fresh, cfg=cfg:
+                        gpu.prefill(q, k, v, g, pool, slots, cu, fresh, scale=scale, **cfg),
+                        donate_argnums=0)
+            tq, tk, tv = (torch.from_dlpack(x).unsqueeze(0).contiguous() for x in (q, k, v))
+            h0 = torch.from_dlpack(pool[:1]).contiguous()
+
+            def fla_call(tq=tq, tk=tk, tv=tv, tg=tg, h0=h0):
+                return chunk_simple_gla(tq, tk, tv, g_gamma=tg, scale=scale, initial_state=h0,
+                                        output_final_state=True)
+        box = [pool]
+
+        def ours(f=f, box=box):
+            o, box[0] = f(box[0])
+            jax.block_until_ready((o, box[0]))
+        for _ in range(2):                       # compile / autotune outside the profiled range
+            ours()
+            fla_call()
+        torch.cuda.synchronize()
+        calls.append((f'{kind} H={H} {"B" if kind == "decode" else "T"}={n}', ours, fla_call))
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    for name, ours, fla_call in calls:
+        print(f'profiling {name}', flush=True)
+        ours()
+        fla_call()
+        torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
+def _find_ncu():
+    import glob
+    import shutil
+    for c in [shutil.which('ncu')] + sorted(glob.glob('/opt/nvidia/nsight-compute/*/ncu')) + \
+            ['/usr/local/cuda/bin/ncu']:
+        if c and os.path.exists(c):
+            return c
+    return None
+
+
+def run_profile(out, cfgs, log, timeout):
+    import subprocess
+    ncu = _find_ncu()
+    if ncu is None:
+        log('profile: ncu not found')
+        return None
+    rep = os.path.join(out, 'profile')
+    cmd = [ncu, '--clock-control', 'none', '--profile-from-start', 'off', '--force-overwrite',
+           '--section', 'SpeedOfLight', '--section', 'MemoryWorkloadAnalysis', '--section', 'Occupancy',
+           '--section', 'LaunchStats', '--section', 'WarpStateStats', '--section', 'SchedulerStats',
+           '-o', rep, sys.executable, os.path.abspath(__file__), '--profile-worker', json.dumps(cfgs)]
+    log('profile: ' + ' '.join(cmd[:-1]) + " '<configs>'")
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log(f'profile: ncu timed out after {timeout:.0f} s')
+        return None
+    with open(os.path.join(out, 'profile_worker.log'), 'w') as f:
+        f.write(p.stdout[-200000:] + '\n--- stderr ---\n' + p.stderr[-200000:])
+    log(f'profile: ncu rc={p.returncode} in {time.time() - t0:.0f} s')
+    if not os.path.exists(rep + '.ncu-rep'):
+        log('profile: no report; tail: ' + (p.stdout + p.stderr)[-1500:])
+        return None
+    det = subprocess.run([ncu, '--import', rep + '.ncu-rep', '--page', 'details'], check=False,
+                         capture_output=True, text=True)
+    with open(os.path.join(out, 'ncu_details.txt'), 'w') as f:
+        f.write(det.stdout)
+    raw = subprocess.run([ncu, '--import', rep + '.ncu-rep', '--page', 'raw', '--csv'],
+                         check=False, capture_output=True, text=True).stdout
+    with open(os.path.join(out, 'ncu_raw.csv'), 'w') as f:
+        f.write(raw)
+    summary, text = summarize_ncu_csv(raw)
+    if summary is None:
+        log('profile: empty raw page')
+        return None
+    with open(os.path.join(out, 'profile_summary.txt'), 'w') as f:
+        f.write(text + '\n')
+    log(text)
+    return summary
+
+
+def summarize_ncu_csv(raw):
+    import csv
+    import io
+    rows = list(csv.reader(io.StringIO(raw)))
+    if len(rows) < 3:
+        return None, ''
+    hdr, units, data = rows[0], rows[1], rows[2:]
+
+    def col(r, name):
+        try:
+            return r[hdr.index(name)]
+        except (ValueError, IndexError):
+            return ''
+    want = [('us', 'gpu__time_duration.sum'),
+            ('DRAM%', 'gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed'),
+            ('DRAM TB/s', 'dram__bytes.sum.per_second'),
+            ('L2 hit%', 'lts__t_sector_hit_rate.pct'),
+            ('SM%', 'sm__throughput.avg.pct_of_peak_sustained_elapsed'),
+            ('occ%', 'sm__warps_active.avg.pct_of_peak_sustained_active'),
+            ('theo%', 'sm__maximum_warps_per_active_cycle_pct'),
+            ('regs', 'launch__registers_per_thread'),
+            ('smem KB', 'launch__shared_mem_per_block_dynamic'),
+            ('lim regs', 'launch__occupancy_limit_registers'),
+            ('lim smem', 'launch__occupancy_limit_shared_mem'),
+            ('grid', 'launch__grid_size'),
+            ('waves', 'launch__waves_per_multiprocessor'),
+            ('warps/blk', 'launch__block_size')]
+    pre = 'smsp__average_warps_issue_stalled_'
+    stall_cols = [h for h in hdr if h.startswith(pre) and '_per_issue_active' in h]
+    summary = []
+    for r in data:
+        name = col(r, 'Kernel Name')[:60]
+        vals = {}
+        for short, m in want:
+            v = col(r, m).replace(',', '')
+            u = units[hdr.index(m)] if m in hdr else ''
+            try:
+                x = float(v)
+            except ValueError:
+                vals[short] = v
+                continue
+            if m == 'gpu__time_duration.sum':
+                x = x / 1e3 if u in ('nsecond', 'ns') else x * 1e3 if u in ('msecond', 'ms') else x
+            if m == 'dram__bytes.sum.per_second':
+                x = x / {'byte/s': 1e12, 'Kbyte/s': 1e9, 'Mbyte/s': 1e6, 'Gbyte/s': 1e3}.get(u, 1.0)
+            if m == 'launch__shared_mem_per_block_dynamic':
+                x = x / {'byte': 1e3, 'Kbyte': 1.0, 'Mbyte': 1e-3}.get(u, 1e3)
+            if m == 'launch__block_size':
+                x = x / 32
+            vals[short] = x
+        stalls = []
+        for h in stall_cols:
+            try:
+                stalls.append((float(col(r, h).replace(',', '')),
+                               h[len(pre):h.index('_per_issue_active')]))
+            except ValueError:
+                pass
+        stalls.sort(reverse=True)
+        summary.append(dict(kernel=name, **vals, stalls={k: v for v, k in stalls[:4]}))
+    lines = ['ncu --clock-control none (caches flushed before each kernel: ncu default), one launch each,',
+             'in launch order (per shape: ours then fla); stalls = top smsp__average_warps_issue_stalled_*',
+             '_per_issue_active ratios (warps stalled per issued instruction, by reason)',
+             '']
+    for d in summary:
+        lines.append(d['kernel'])
+        lines.append('   ' + '  '.join(f'{k}={v:.3g}' if isinstance(v, float) else f'{k}={v}'
+                                       for k, v in d.items() if k not in ('kernel', 'stalls') and v != ''))
+        lines.append('   stalls: ' + ', '.join(f'{k} {v:.2f}' for k, v in d['stalls'].items()))
+    return summary, '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+DECODE_SWEEP = ((None, 64, 4, True), (None, 64, 4, False), (None, 128, 4, True), (None, 128, 8, True),
+                (64, 64, 4, True))
+
+
+def prefill_sweep(T, R):
+    base = [dict(block_v=64, num_warps=4, num_stages=3, chunk=64, segment=0),    # run-3 config
+            dict(block_v=64, num_warps=4, num_stages=2, chunk=64, segment=0 if R > 1 else None),
+            dict(block_v=128, num_warps=8, num_stages=2, chunk=64, segment=0 if R > 1 else None)]
+    L = T // R
+    if R == 1:
+        base += [dict(block_v=64, num_warps=4, num_stages=3, chunk=64, segment=None),
+                 dict(block_v=64, num_warps=4, num_stages=2, chunk=64, segment=L // 32),
+                 dict(block_v=64, num_warps=4, num_stages=2, chunk=64, segment=L // 8)]
+    elif L >= 2048:
+        base += [dict(block_v=64, num_warps=4, num_stages=2, chunk=64, segment=L // 2)]
+    return base
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--quick', action='store_true', help='few rows (smoke test)')
     ap.add_argument('--tune', action='store_true', help='sweep kernel configs on a few rows')
+    ap.add_argument('--no-sweep', action='store_true', help='default configs, no per-shape sweep')
+    ap.add_argument('--profile', action='store_true', help='ncu profile of decode + prefill kernels')
+    ap.add_argument('--deadline', type=float, default=560,
+                    help='seconds: sweeps stop early and the profile is skipped past this')
     ap.add_argument('--no-xla', action='store_true')
     ap.add_argument('--out', default=os.environ.get('OUT', 'out'))
+    ap.add_argument('--configs', default=None,
+                    help='JSON {"decode": {B: cfg}, "prefill": {"T,R": cfg}} instead of sweeping')
+    ap.add_argument('--rows', default=None,
+                    help='only these rows, e.g. "prefill:64:32768:1,decode:32:64" (implies no sweep)')
+    ap.add_argument('--no-check', action='store_true', help='skip the float64 oracle checks')
+    ap.add_argument('--profile-only', action='store_true', help='only the ncu profile (--configs)')
+    ap.add_argument('--profile-worker', default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.profile_worker is not None:
+        profile_worker(json.loads(args.profile_worker))
+        return
+    given = json.loads(args.configs) if args.configs else {}
+    given_d = {int(b): c for b, c in given.get('decode', {}).items()}
+    given_p = {tuple(int(x) for x in k.split(',')): c for k, c in given.get('prefill', {}).items()}
+    if args.profile_only:
+        os.makedirs(args.out, exist_ok=True)
+        cfgs = {f'decode_{b}': c for b, c in given_d.items()}
+        cfgs.update({f'prefill_{t}_{r}': c for (t, r), c in given_p.items()})
+        run_profile(args.out, cfgs, print, timeout=args.deadline)
+        return
+    only = None
+    if args.rows:
+        only = set()
+        for item in args.rows.split(','):
+            f = item.split(':')
+            only.add((f[0], int(f[1])) + tuple(int(x) for x in f[2:]))
+    t_start = time.time()
+
+    def left():
+        return args.deadline - (time.time() - t_start)
     os.makedirs(args.out, exist_ok=True)
     lines = []
 
@@ -413,90 +707,134 @@ def main():
     log(f'device: {dev.device_kind}; jax {jax.__version__}')
     try:
         import fla
-        log(f'fla {getattr(fla, "__version__", "?")}')
+        import torch
+        import triton
+        log(f'fla {getattr(fla, "__version__", "?")}; torch {torch.__version__}; triton {triton.__version__}')
     except Exception as e:
         log(f'fla import failed: {e}')
     bw, jbw, tbw = copy_bandwidth()
     rate = matmul_rate()
     log(f'copy bandwidth (read+write): jax {jbw / 1e12:.2f} TB/s, torch {tbw / 1e12:.2f} TB/s -> using {bw / 1e12:.2f}')
     log(f'bf16 matmul 8192^3: {rate / 1e12:.0f} TFLOP/s')
-    result = dict(device=dev.device_kind, copy_bw=bw, matmul_rate=rate)
-    result['oracle'] = check_small(log)
+    result = dict(device=dev.device_kind, jax=jax.__version__, copy_bw=bw, matmul_rate=rate)
+
+    def dump(rows=()):
+        result['rows'] = list(rows)
+        result['elapsed_s'] = time.time() - t_start
+        with open(os.path.join(args.out, 'bench_linear_attention.json'), 'w') as f:
+            json.dump(result, f, indent=1, default=str)
+        with open(os.path.join(args.out, 'bench_linear_attention.log'), 'w') as f:
+            f.write('\n'.join(lines) + '\n\n' + (fmt_table(rows) if rows else '') + '\n')
+
+    result['oracle'] = {}
+    for check in () if args.no_check else (check_small, check_split):
+        try:
+            result['oracle'].update(check(log))
+        except Exception as e:
+            log(f'{check.__name__}: FAILED {type(e).__name__}: {str(e)[:400]}')
+            result['oracle'][check.__name__] = dict(ok=False, error=str(e)[:400])
+    log(f'oracle checks all ok: {all(r["ok"] for r in result["oracle"].values())}')
+    dump()
 
     dcfg = dict(block_v=64, num_warps=4)
-    pcfg = dict(block_v=64, num_warps=4, num_stages=3, chunk=64)
-    if not args.quick:
-        # pick the decode tiling per batch size (ours only, H=32), like fla's autotune does
-        dsel = {}
+    pcfg = dict(block_v=64, num_warps=4, num_stages=2, chunk=64)
+    dsel, psel, sweep = dict(given_d), dict(given_p), []
+    shapes = ((4096, 1), (4096, 16), (32768, 1), (32768, 16))
+    if not args.quick and not args.no_sweep and not given and only is None:
+        # prefill: per (T, R) on H=32, ours only; the pick is reused for H=64
+        for T, R in shapes[::-1]:
+            best = None
+            for c in prefill_sweep(T, R):
+                if left() < 300:
+                    log('prefill sweep: stopping early (deadline)')
+                    break
+                try:
+                    r = bench_prefill(32, T, R, bw, rate, c, with_fla=False, with_xla=False, check=False)
+                except Exception as e:
+                    log(f'prefill sweep T={T} R={R} {c}: FAILED {type(e).__name__}: {str(e)[:200]}')
+                    continue
+                log(f'prefill sweep T={T} R={R} {c} (segment used {r["segment"]}): {r["ours_us"]:.1f} us')
+                sweep.append(dict(r, config=c))
+                if best is None or r['ours_us'] < best[0]:
+                    best = (r['ours_us'], c)
+            if best:
+                psel[(T, R)] = best[1]
+        # decode: per batch size on H=32, ours only; reused for H=64
         for B in (1, 16, 64, 256):
             best = None
-            for bk, bv, nw in ((None, 64, 4), (None, 128, 4), (64, 64, 4), (64, 64, 8), (64, 128, 4)):
-                c = dict(block_k=bk, block_v=bv, num_warps=nw)
+            for bk, bv, nw, tf in DECODE_SWEEP:
+                if left() < 240:
+                    log('decode sweep: stopping early (deadline)')
+                    break
+                c = dict(block_k=bk, block_v=bv, num_warps=nw, tiles_first=tf)
                 try:
                     r = bench_decode(32, B, bw, c, with_fla=False, with_xla=False)
                 except Exception as e:
                     log(f'decode sweep B={B} {c}: FAILED {type(e).__name__}: {str(e)[:200]}')
                     continue
                 log(f'decode sweep B={B} {c}: {r["ours_us"]:.1f} us ({100 * r["bytes"] / bw / (r["ours_us"] * 1e-6):.0f}% copy BW) err {r["rel_err_o"]:.1e}')
+                sweep.append(dict(r, config=c))
                 if best is None or r['ours_us'] < best[0]:
                     best = (r['ours_us'], c)
-            dsel[B] = best[1]
+            if best:
+                dsel[B] = best[1]
+        result['sweep'] = sweep
         result['decode_configs'] = {str(b): c for b, c in dsel.items()}
-    else:
-        dsel = {}
-    if args.tune:
-        tune = []
-        for H, B in ((32, 64), (32, 256)):
-            for bv, nw in ((16, 2), (32, 2), (32, 4), (64, 4), (128, 4), (128, 8)):
-                r = bench_decode(H, B, bw, dict(block_v=bv, num_warps=nw), with_fla=False, with_xla=False)
-                log(f'tune decode H={H} B={B} bv={bv} nw={nw}: {r["ours_us"]:.1f} us '
-                    f'({100 * r["bytes"] / bw / (r["ours_us"] * 1e-6):.0f}% copy BW)')
-                tune.append(dict(r, block_v=bv, num_warps=nw))
-        for H, T, R in ((32, 32768, 1), (32, 32768, 16)):
-            for bv, nw, ns, c in ((64, 4, 2, 64), (32, 4, 2, 64), (64, 8, 2, 64), (128, 8, 2, 64),
-                                  (64, 4, 3, 64), (32, 4, 2, 128), (64, 8, 2, 128)):
-                try:
-                    r = bench_prefill(H, T, R, bw, rate, dict(block_v=bv, num_warps=nw, num_stages=ns, chunk=c),
-                                      with_fla=False, with_xla=False)
-                    log(f'tune prefill H={H} T={T} R={R} bv={bv} nw={nw} ns={ns} C={c}: '
-                        f'{r["ours_us"]:.1f} us err {r["rel_err_o"]:.1e}')
-                    tune.append(dict(r, block_v=bv, num_warps=nw, num_stages=ns, chunk=c))
-                except Exception as e:
-                    log(f'tune prefill bv={bv} nw={nw} ns={ns} C={c}: FAILED {type(e).__name__}: {str(e)[:200]}')
-        result['tune'] = tune
+        result['prefill_configs'] = {f'{t},{r}': c for (t, r), c in psel.items()}
+        dump()
 
     rows = []
     Hs = (32,) if args.quick else (32, 64)
     for H in Hs:
         for B in ((1, 64) if args.quick else (1, 16, 64, 256)):
+            if only is not None and ('decode', H, B) not in only:
+                continue
             try:
-                r = bench_decode(H, B, bw, dsel.get(B, dcfg), with_xla=not args.no_xla)
+                c = dsel.get(B, dcfg)
+                r = bench_decode(H, B, bw, c, with_xla=not args.no_xla)
             except Exception as e:
                 log(f'decode H={H} B={B}: FAILED {type(e).__name__}: {str(e)[:300]}')
                 continue
             r['bw'] = bw
-            r['config'] = dsel.get(B, dcfg)
+            r['config'] = c
             rows.append(r)
             log(f'decode H={H} B={B}: ' + json.dumps({a: b for a, b in r.items() if 'us' in a or 'err' in a}))
-        for T, R in (((4096, 1),) if args.quick else ((4096, 1), (4096, 16), (32768, 1), (32768, 16))):
-            try:
-                r = bench_prefill(H, T, R, bw, rate, pcfg, with_xla=not args.no_xla)
-            except Exception as e:
-                log(f'prefill H={H} T={T} R={R}: FAILED {type(e).__name__}: {str(e)[:300]}')
+            dump(rows)
+        for T, R in (((4096, 1),) if args.quick else shapes):
+            if only is not None and ('prefill', H, T, R) not in only:
                 continue
+            c = psel.get((T, R), pcfg)
+            try:
+                r = bench_prefill(H, T, R, bw, rate, c, with_xla=not args.no_xla)
+            except Exception as e:
+                log(f'prefill H={H} T={T} R={R} {c}: FAILED {type(e).__name__}: {str(e)[:300]}')
+                c = dict(c, segment=0)
+                try:
+                    r = bench_prefill(H, T, R, bw, rate, c, with_xla=not args.no_xla)
+                except Exception as e:
+                    log(f'prefill H={H} T={T} R={R} {c}: FAILED {type(e).__name__}: {str(e)[:300]}')
+                    continue
             r['bw'] = bw
+            r['config'] = c
             rows.append(r)
-            log(f'prefill H={H} T={T} R={R}: ' + json.dumps({a: b for a, b in r.items() if 'us' in a or 'err' in a}))
-    result['rows'] = rows
+            log(f'prefill H={H} T={T} R={R}: ' + json.dumps({a: b for a, b in r.items() if 'us' in a or 'err' in a or a == 'segment'}))
+            dump(rows)
     result['configs'] = dict(decode=dcfg, prefill=pcfg)
     table = fmt_table(rows)
-    with open(os.path.join(args.out, 'bench_linear_attention.json'), 'w') as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, 'bench_linear_attention.log'), 'w') as f:
-        f.write('\n'.join(lines) + '\n\n' + table + '\n')
+    dump(rows)
     print()
     print(f'device: {dev.device_kind}; copy BW {bw / 1e12:.2f} TB/s; bf16 matmul {rate / 1e12:.0f} TFLOP/s')
-    print(table)
+    print(table, flush=True)
+    if args.profile:
+        if left() < 45:
+            log(f'profile: skipped ({left():.0f} s left before the deadline)')
+        else:
+            cfgs = {f'decode_{b}': c for b, c in dsel.items()}
+            cfgs.update({f'prefill_{t}_{r}': c for (t, r), c in psel.items()})
+            result['profile'] = run_profile(args.out, cfgs, log, timeout=max(left(), 45))
+        dump(rows)
+        print()
+        print(table, flush=True)
 
 
 if __name__ == '__main__':

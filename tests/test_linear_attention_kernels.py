@@ -143,6 +143,69 @@ def test_decode_matches_float64_recurrence(impl, dtype):
         check_untouched(state, pool, unused)
 
 
+# ---------------------------------------------------------------------------------------------
+# GPU prefill with long sequences split into segments (gpu.py: increments in parallel, exact
+# gamma^L fold, output pass per segment). Forced with a small segment so it is cheap here.
+
+
+def split_case(rng, dtype, kind):
+    if kind == 'single':       # one long continuing sequence, padding after it
+        lens, slots, fresh = [9 * C + 5], np.array([4], np.int32), np.array([0], bool)
+    else:                      # ragged: multi-segment, empty, padding row, fresh, exact multiple
+        lens = [7 * C + 5, 0, 9, 3, 4 * C + 1, 2 * C, 4 * C, 1]
+        slots = np.array([2, 6, -1, 8, 0, 5, 11, 9], np.int32)
+        fresh = np.array([0, 0, 0, 1, 1, 0, 0, 0], bool)
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    T = int(cu[-1]) + 11
+    q, k, v = (jnp.asarray(rng.standard_normal((T, H, D)) * 0.5, dtype) for _ in range(3))
+    written = slots[(np.diff(cu) > 0) & (slots >= 0)]
+    pool, unused = make_pool(rng, written)
+    return q, k, v, pool, unused, slots, cu, fresh
+
+
+@pytest.mark.parametrize('segment', [C, 2 * C])
+@pytest.mark.parametrize('kind', ['single', 'ragged'])
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_gpu_prefill_segment_split_matches_float64_recurrence(dtype, kind, segment):
+    rng = np.random.default_rng(7)
+    q, k, v, pool, unused, slots, cu, fresh = split_case(rng, dtype, kind)
+    scale = D ** -0.5
+    assert gpu._pick_segment(q.shape[0], len(slots), H, D // 16, C, segment) == segment
+    o_ref, pool_ref = oracle_prefill(q, k, v, LAMBDAS, pool, slots, cu, fresh, scale)
+    fn = jax.jit(functools.partial(gpu.prefill, scale=scale, chunk=C, block_v=16, segment=segment,
+                                   interpret=True), donate_argnums=4)
+    args = (q, k, v, jnp.asarray(-LAMBDAS, jnp.float32), jnp.asarray(pool), jnp.asarray(slots),
+            jnp.asarray(cu), jnp.asarray(fresh))
+    assert 'lingjax_linear_attention_prefill_increments' in str(jax.make_jaxpr(fn)(*args))
+    o, new_pool = fn(*args)
+    o = np.asarray(jnp.asarray(o, jnp.float32))
+    tol = TOL[dtype]
+    for r in range(len(slots)):
+        s, e = cu[r], cu[r + 1]
+        if e > s and slots[r] >= 0:
+            assert rel(o[s:e], o_ref[s:e]) <= tol, (r, rel(o[s:e], o_ref[s:e]))
+            assert rel(np.asarray(new_pool)[slots[r]], pool_ref[slots[r]]) <= tol, r
+        else:
+            assert np.all(o[s:e] == 0), f'skipped sequence {r} must output 0'
+    assert np.all(o[cu[-1]:] == 0), 'padding tokens must output 0'
+    check_untouched(new_pool, pool, unused)
+
+
+def test_gpu_prefill_auto_segment_choice():
+    """The split is picked statically from (T, R, H, D/BV): only for grids of <= 64 programs
+    (under half of an H100/H200), with power-of-two segments of at least 4 chunks; 0 disables."""
+    pick = gpu._pick_segment
+    assert pick(32768, 1, 32, 2, 64, None) == 2048
+    assert pick(4096, 1, 32, 2, 64, None) == 256
+    assert pick(32768, 1, 16, 2, 64, None) == 1024
+    assert pick(32768, 1, 64, 2, 64, None) is None       # 128 programs: measured slower split
+    assert pick(32768, 16, 32, 2, 64, None) is None      # 1024 programs already
+    assert pick(300, 1, 32, 2, 64, None) is None         # too short to split
+    assert pick(32768, 1, 32, 2, 64, 0) is None
+    with pytest.raises(ValueError, match='multiple of chunk'):
+        pick(4096, 1, 32, 2, 64, 100)
+
+
 def test_oracle_is_not_trivial():
     """The oracle distinguishes γ^(i+1) from vLLM's γ^i inter-chunk weighting (SPEC §2.8)."""
     rng = np.random.default_rng(2)

@@ -8,7 +8,7 @@ from lingjax.config import BailingConfig, alibi_slopes, layer_decay_factor
 from lingjax.kernels import linear_attention as la
 from lingjax.model import rope
 from lingjax.model.common import Dense, GroupRMSNormGate, RMSNorm
-from lingjax.model.parallel import TP, tp_index, tp_psum, tp_size
+from lingjax.model.parallel import tp_index, tp_psum
 
 F32 = jnp.float32
 
@@ -68,9 +68,6 @@ class LinearAttention(nnx.Module):
     def __call__(self, x, positions, initial_state=None):
         """Full sequences, no cache. x [B, T, d] -> (out [B, T, d], final state [B, H, D, D])."""
         q, k, v = self.qkv(x, positions)
-        if initial_state is None and tp_size() > 1:     # the scan carry must vary over tp like q, k, v
-            B, _, H, D = q.shape
-            initial_state = jax.lax.pcast(jnp.zeros((B, H, D, v.shape[-1]), F32), (TP,), to='varying')
         o, state = la.chunked(q, k, v, self.decay(q.shape[-2]), initial_state, scale=self.scale)
         return self.output(o, x), state
 

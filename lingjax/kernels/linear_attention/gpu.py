@@ -18,15 +18,40 @@ S[:, vblock] (D x BV) in registers, and writes the final tile to the sequence's 
 R + 1 rows: row R zero-fills the padding tokens past cu_seqlens[-1]; a skipped sequence (length
 0 or negative slot) zero-fills its own tokens and touches no slot.
 
+Segment split (few, long sequences). With R * H * D/BV programs well under the GPU's width (one
+32k-token sequence at H=32: 64 programs for 132 SMs, each walking 512 chunks in series; the
+auto rule splits at <= _SPLIT_MAX_PROGRAMS = 64 programs) each sequence is cut into segments of
+L tokens (L static, a power-of-two multiple of C, chosen from the static shapes T, R, H so that
+about _TARGET_PROGRAMS programs run; `segment=` overrides, 0 disables). NSEG = ceil(T / L)
+bounds the segment count of any sequence; sequence r has n_r = ceil(len_r / L) segments at run
+time, programs past it do nothing. Two launches:
+  1. increments, grid (R * NSEG, H, D/BV): program (r, 0) copies the initial state (slot tile,
+     or 0 if fresh) to x[r, 0]; program (r, i), 1 <= i < n_r, writes the zero-start state of the
+     full segment i-1, x[r, i] = sum_t gamma^(L-1-t) k_t v_tᵀ (one accumulating product, all
+     exponents <= 0, f32).
+  2. output pass, grid ((R + 1) * NSEG, H, D/BV): program (r, j) folds its start state
+     S = x[r, 0]; S = gamma^L S + x[r, i] for i = 1..j (exact: every segment before the last
+     is exactly L tokens, so each fold step decays by exactly gamma^L), then runs the unsplit
+     chunk loop over [s_r + jL, min(e_r, s_r + (j+1)L)) (exact gamma^(i+1) inter-chunk rule as
+     above) and, only for the sequence's last segment, writes the final state to the slot.
+     Pad row / skipped sequences zero-fill their segments' tokens.
+The pool is read only by launch 1 and written only by launch 2 (aliased in -> out), so no slot is
+read after being written. x is a scratch output of R * NSEG * H * D * D f32 (33 MB for one 32k
+sequence at H=32); the fold re-reads at most NSEG tiles per program, mostly from L2. Extra cost:
+one more read of k and v, and the fold.
+
 Decode: one program per (request, head, value block): gather the slot's tile, S = e^g S + k vᵀ,
 o = scale qᵀ S, scatter back. The pool is aliased input->output, so under donation a step moves
-only the touched slots' bytes.
+only the touched slots' bytes. Grid (value blocks, H, B) by default (tiles_first): programs
+launched together sweep one slot's [H, D, D] block in address order, as fla's grid does
+(H200, H=32: 304 vs 323 us at B=256, 95 vs 98 us at B=64 against grid (B, H, value blocks)).
 """
 import functools
 import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
@@ -51,14 +76,76 @@ def _dot(a, b, exact, trans_a=False, trans_b=False):
 # --------------------------------------------------------------------------------------------
 # Prefill
 
+# Auto segment split (segment=None), for H100/H200 (132 SMs): split only when at most
+# _SPLIT_MAX_PROGRAMS (sequence, head, value-block) programs would run (at most ~half the SMs
+# busy), into segments giving about _TARGET_PROGRAMS programs. Measured on H200 (notes file):
+# H=32, one 32k sequence (64 programs): 1092 us unsplit -> 846-892 us split (L=2048); H=64, one
+# 32k sequence (128 programs): 1140 us unsplit vs 1566 us split (L=4096): with the SMs already
+# mostly busy, the split's extra pass costs more than its parallelism gains.
+_SPLIT_MAX_PROGRAMS = 64
+_TARGET_PROGRAMS = 1024
+_MIN_SEGMENT_CHUNKS = 4
 
-def _prefill_kernel(cu_ref, slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, pool_ref,
-                    o_ref, pool_out_ref, *, R, T, C, BV, scale, exact):
-    del pool_out_ref  # aliased with pool_ref: read and write through pool_ref
-    r = pl.program_id(0)
+
+def _seg_rows(pid, NSEG):
+    return pid // NSEG, pid % NSEG
+
+
+def _increment_kernel(cu_ref, slots_ref, fresh_ref, g_ref, k_ref, v_ref, pool_ref, x_ref,
+                      *, NSEG, L, C, BV, exact):
+    """Pass 1 of the segment split. Program (r, i): i = 0 copies the initial state (pool tile or
+    zero) to x[r, 0]; i >= 1 writes x[r, i] = the zero-start state of full segment i-1,
+    sum_t gamma^(L-1-t) k_t v_t^T (exponents <= 0), if segment i-1 is not the sequence's last."""
+    r, i = _seg_rows(pl.program_id(0), NSEG)
     h = pl.program_id(1)
-    j = pl.program_id(2)
-    vcols = pl.ds(j * BV, BV)
+    vcols = pl.ds(pl.program_id(2) * BV, BV)
+    s, e = cu_ref[r], cu_ref[r + 1]
+    slot = slots_ref[r]
+    valid = (e > s) & (slot >= 0)
+    n_r = (e - s + L - 1) // L
+    D = k_ref.shape[-1]
+    x_at = x_ref.at[r, i, h, :, vcols]
+
+    @pl.when(valid & (i == 0) & (fresh_ref[r] != 0))
+    def _():
+        pltr.store(x_at, jnp.zeros((D, BV), F32))
+
+    @pl.when(valid & (i == 0) & (fresh_ref[r] == 0))
+    def _():
+        pltr.store(x_at, pltr.load(pool_ref.at[slot, h, :, vcols]).astype(F32))
+
+    @pl.when(valid & (i >= 1) & (i < n_r))
+    def _():
+        g = g_ref[h]
+        fi = jnp.arange(C, dtype=jnp.int32).astype(F32)
+        t_begin = s + (i - 1) * L
+
+        def body(c, S):
+            t0 = t_begin + c * C
+            kb = pltr.load(k_ref.at[pl.ds(t0, C), h, :])
+            vb = pltr.load(v_ref.at[pl.ds(t0, C), h, vcols])
+            w = jnp.exp(g * ((L - 1 - c * C) - fi))                       # gamma^(L-1-t) <= 1
+            kd = (kb.astype(F32) * w[:, None]).astype(kb.dtype)
+            return S + _dot(kd, vb, exact, trans_a=True)
+
+        S = jax.lax.fori_loop(0, L // C, body, jnp.zeros((D, BV), F32))
+        pltr.store(x_at, S)
+
+
+def _prefill_kernel(cu_ref, slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, pool_ref, *rest,
+                    R, T, C, BV, scale, exact, L, NSEG):
+    """Output pass. Unsplit (L None): program (r, h, vblock) walks sequence r from its slot's
+    state. Split: program (r*NSEG + j, h, vblock) walks segment j of sequence r, starting from
+    x[r, 0] (initial state) folded with the increments x[r, 1..j] (S = gamma^L S + x[r, i])."""
+    if L is None:
+        o_ref, pool_out_ref = rest
+        x_ref = None
+    else:
+        x_ref, o_ref, pool_out_ref = rest
+    del pool_out_ref  # aliased with pool_ref: read and write through pool_ref
+    r, j = _seg_rows(pl.program_id(0), NSEG)
+    h = pl.program_id(1)
+    vcols = pl.ds(pl.program_id(2) * BV, BV)
     io_dtype = o_ref.dtype
     ar = jnp.arange(C, dtype=jnp.int32)
 
@@ -76,6 +163,8 @@ def _prefill_kernel(cu_ref, slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, po
     r_c = jnp.minimum(r, R - 1)
     s = jnp.where(is_pad_row, cu_ref[R], cu_ref[r_c])
     e = jnp.where(is_pad_row, T, cu_ref[r_c + 1])
+    if L is not None:                       # this program's segment [s, e) of the row's tokens
+        s, e, e_row = s + j * L, jnp.minimum(e, s + (j + 1) * L), e
     slot = slots_ref[r_c]
     valid = (~is_pad_row) & (e > s) & (slot >= 0)
 
@@ -86,9 +175,15 @@ def _prefill_kernel(cu_ref, slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, po
     @pl.when(valid)
     def _():
         g = g_ref[h]
-        fresh = fresh_ref[r_c] != 0
-        S0 = pltr.load(pool_ref.at[slot, h, :, vcols]).astype(F32)
-        S0 = jnp.where(fresh, jnp.zeros_like(S0), S0)
+        if L is None:
+            fresh = fresh_ref[r_c] != 0
+            S0 = pltr.load(pool_ref.at[slot, h, :, vcols]).astype(F32)
+            S0 = jnp.where(fresh, jnp.zeros_like(S0), S0)
+        else:
+            gL = jnp.exp(g * float(L))
+            S0 = jax.lax.fori_loop(     # i = 0 adds the initial state to zeros
+                0, j + 1, lambda i, S: gL * S + pltr.load(x_ref.at[r_c, i, h, :, vcols]),
+                jnp.zeros((q_ref.shape[-1], BV), F32))
         fi = ar.astype(F32)
         diff = fi[:, None] - fi[None, :]
         causal = diff >= 0
@@ -114,32 +209,74 @@ def _prefill_kernel(cu_ref, slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, po
 
         n = (e - s + C - 1) // C
         S = jax.lax.fori_loop(0, n, body, S0)
-        pltr.store(pool_ref.at[slot, h, :, vcols], S.astype(pool_ref.dtype))
+        if L is None:
+            pltr.store(pool_ref.at[slot, h, :, vcols], S.astype(pool_ref.dtype))
+        else:
+            @pl.when(e == e_row)            # the sequence's last segment writes the final state
+            def _():
+                pltr.store(pool_ref.at[slot, h, :, vcols], S.astype(pool_ref.dtype))
+
+
+def _pick_segment(T, R, H, NV, C, segment):
+    """Static segment length (tokens, a multiple of C) or None for no split."""
+    if segment is not None:
+        if segment <= 0:
+            return None
+        if segment % C:
+            raise ValueError(f'segment={segment} is not a multiple of chunk={C}')
+        return segment if segment < T else None
+    programs = R * H * NV
+    if programs > _SPLIT_MAX_PROGRAMS:
+        return None
+    per_seq = -(-_TARGET_PROGRAMS // programs)                  # segments wanted per sequence
+    L = max(_MIN_SEGMENT_CHUNKS * C, C * 2 ** int(np.ceil(np.log2(max(T / (R * per_seq * C), 1)))))
+    return L if 2 * L <= T else None
 
 
 @functools.partial(jax.jit, static_argnames=('scale', 'chunk', 'block_v', 'num_warps',
-                                             'num_stages', 'interpret'))
+                                             'num_stages', 'segment', 'interpret'))
 def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, chunk=64,
-            block_v=64, num_warps=4, num_stages=2, interpret=False):
-    """See reference.prefill. cu_seqlens[0] must be 0."""
+            block_v=64, num_warps=4, num_stages=2, segment=None, interpret=False):
+    """See reference.prefill. cu_seqlens[0] must be 0.
+
+    segment: None = split long sequences automatically when the grid would be small (see the
+    module docstring); 0 = never split; L (a multiple of chunk) = split into L-token segments."""
     T, H, D = q.shape
     R = slots.shape[0]
     BV = min(block_v, D)
     if D % BV:
         raise ValueError(f'head dim {D} is not a multiple of block_v={BV}')
+    NV = D // BV
     exact = q.dtype == jnp.float32
+    L = _pick_segment(T, R, H, NV, chunk, segment)
+    NSEG = 1 if L is None else -(-T // L)
+    cu = cu_seqlens.astype(jnp.int32)
+    slots = slots.astype(jnp.int32)
+    fresh = fresh.astype(jnp.int32)
+    g = log_decay.astype(F32)
+    params = pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    extra = ()
+    if L is not None:
+        x = pl.pallas_call(
+            functools.partial(_increment_kernel, NSEG=NSEG, L=L, C=chunk, BV=BV, exact=exact),
+            grid=(R * NSEG, H, NV),
+            out_shape=_like(k, (R, NSEG, H, D, v.shape[-1]), F32),
+            compiler_params=params,
+            interpret=interpret,
+            name='lingjax_linear_attention_prefill_increments',
+        )(cu, slots, fresh, g, k, v, state_pool)
+        extra = (x,)
     kernel = functools.partial(_prefill_kernel, R=R, T=T, C=chunk, BV=BV, scale=float(scale),
-                               exact=exact)
+                               exact=exact, L=L, NSEG=NSEG)
     o, pool = pl.pallas_call(
         kernel,
-        grid=(R + 1, H, D // BV),
+        grid=((R + 1) * NSEG, H, NV),
         out_shape=(_like(q), _like(state_pool)),
         input_output_aliases={7: 1},
-        compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=params,
         interpret=interpret,
         name='lingjax_linear_attention_prefill',
-    )(cu_seqlens.astype(jnp.int32), slots.astype(jnp.int32), fresh.astype(jnp.int32),
-      log_decay.astype(F32), q, k, v, state_pool)
+    )(cu, slots, fresh, g, q, k, v, state_pool, *extra)
     return o, pool
 
 
@@ -148,12 +285,13 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
 
 
 def _decode_kernel(slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, pool_ref, o_ref,
-                   pool_out_ref, *, BK, BV, NV, scale, split):
+                   pool_out_ref, *, BK, BV, NV, scale, split, tiles_first):
     del pool_out_ref
-    b = pl.program_id(0)
+    b = pl.program_id(2 if tiles_first else 0)
     h = pl.program_id(1)
-    kb = pl.program_id(2) // NV
-    j = pl.program_id(2) % NV
+    tile = pl.program_id(0 if tiles_first else 2)
+    kb = tile // NV
+    j = tile % NV
     vcols = pl.ds(j * BV, BV)
     krows = pl.ds(kb * BK, BK)
     slot = slots_ref[b]
@@ -176,11 +314,13 @@ def _decode_kernel(slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, pool_ref, o
 
 
 @functools.partial(jax.jit, static_argnames=('scale', 'block_k', 'block_v', 'num_warps',
-                                             'interpret'))
+                                             'tiles_first', 'interpret'))
 def decode(q, k, v, log_decay, state_pool, slots, fresh, *, scale, block_k=None, block_v=64,
-           num_warps=4, interpret=False):
+           num_warps=4, tiles_first=True, interpret=False):
     """See reference.decode. block_k < D splits the key dim over programs (f32 partial outputs
-    summed afterwards), for more programs in flight at small batch."""
+    summed afterwards), for more programs in flight at small batch. tiles_first: grid
+    (tiles, H, B), so that programs launched together sweep one slot's [H, D, D] state in address
+    order (as fla's grid does); False: grid (B, H, tiles)."""
     B, H, D = q.shape
     BV = min(block_v, D)
     BK = min(block_k or D, D)
@@ -189,11 +329,11 @@ def decode(q, k, v, log_decay, state_pool, slots, fresh, *, scale, block_k=None,
     NV, NK = D // BV, D // BK
     split = NK > 1
     kernel = functools.partial(_decode_kernel, BK=BK, BV=BV, NV=NV, scale=float(scale),
-                               split=split)
+                               split=split, tiles_first=tiles_first)
     o_struct = _like(q, (NK,) + q.shape, F32) if split else _like(q)
     o, pool = pl.pallas_call(
         kernel,
-        grid=(B, H, NK * NV),
+        grid=(NK * NV, H, B) if tiles_first else (B, H, NK * NV),
         out_shape=(o_struct, _like(state_pool)),
         input_output_aliases={6: 1},
         compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=1),

@@ -22,6 +22,12 @@ def chunked(q, k, v, log_decay, initial_state=None, *, scale, chunk=64):
     dv = v.shape[-1]
     g = log_decay.astype(F32)
     S0 = jnp.zeros((B, H, D, dv), F32) if initial_state is None else initial_state.astype(F32)
+    # Under shard_map the scan carry must vary over the same mesh axes as q, k, v (a zero or
+    # replicated initial state varies over none): cast it up to their union.
+    axes = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in (q, k, v)))
+    missing = tuple(sorted(axes - jax.typeof(S0).manual_axis_type.varying))
+    if missing:
+        S0 = jax.lax.pcast(S0, missing, to='varying')
     C = min(chunk, T)
     n = -(-T // C)
     pad = n * C - T
