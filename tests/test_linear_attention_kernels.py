@@ -63,6 +63,22 @@ def check_untouched(new_pool, pool, unused):
     assert np.array_equal(new_pool[unused], pool[unused], equal_nan=True)
 
 
+def check_prefill(o, new_pool, o_ref, pool_ref, pool, slots, cu, unused, tol):
+    """Per sequence (short ones count too): outputs and final slot state within tol of the float64
+    recurrence; skipped sequences and padding output 0; unused slots keep their poison."""
+    o = np.asarray(jnp.asarray(o, jnp.float32))
+    assert not np.isnan(o).any()
+    for r in range(len(slots)):
+        s, e = cu[r], cu[r + 1]
+        if e > s and slots[r] >= 0:
+            assert rel(o[s:e], o_ref[s:e]) <= tol, (r, rel(o[s:e], o_ref[s:e]))
+            assert rel(np.asarray(new_pool)[slots[r]], pool_ref[slots[r]]) <= tol, r
+        else:
+            assert np.all(o[s:e] == 0), f'skipped sequence {r} must output 0'
+    assert np.all(o[cu[-1]:] == 0), 'padding tokens must output 0'
+    check_untouched(new_pool, pool, unused)
+
+
 # ---------------------------------------------------------------------------------------------
 # implementations under test (kernels called directly, with a small chunk so that the
 # chunk-boundary lengths stay cheap in interpret mode)
@@ -101,18 +117,7 @@ def test_prefill_matches_float64_recurrence(impl, dtype):
     o, new_pool = fn(q, k, v, jnp.asarray(-LAMBDAS, jnp.float32), jnp.asarray(pool),
                      jnp.asarray(slots), jnp.asarray(cu), jnp.asarray(fresh))
     assert o.dtype == q.dtype and o.shape == q.shape
-    o = np.asarray(jnp.asarray(o, jnp.float32))
-    assert not np.isnan(o).any()
-    tol = TOL[dtype]
-    for r in range(len(slots)):                             # per sequence: short ones count too
-        s, e = cu[r], cu[r + 1]
-        if e > s and slots[r] >= 0:
-            assert rel(o[s:e], o_ref[s:e]) <= tol, (r, rel(o[s:e], o_ref[s:e]))
-            assert rel(np.asarray(new_pool)[slots[r]], pool_ref[slots[r]]) <= tol, r
-        else:
-            assert np.all(o[s:e] == 0), f'skipped sequence {r} must output 0'
-    assert np.all(o[cu[-1]:] == 0), 'padding tokens must output 0'
-    check_untouched(new_pool, pool, unused)
+    check_prefill(o, new_pool, o_ref, pool_ref, pool, slots, cu, unused, TOL[dtype])
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
@@ -178,17 +183,7 @@ def test_gpu_prefill_segment_split_matches_float64_recurrence(dtype, kind, segme
             jnp.asarray(cu), jnp.asarray(fresh))
     assert 'lingjax_linear_attention_prefill_increments' in str(jax.make_jaxpr(fn)(*args))
     o, new_pool = fn(*args)
-    o = np.asarray(jnp.asarray(o, jnp.float32))
-    tol = TOL[dtype]
-    for r in range(len(slots)):
-        s, e = cu[r], cu[r + 1]
-        if e > s and slots[r] >= 0:
-            assert rel(o[s:e], o_ref[s:e]) <= tol, (r, rel(o[s:e], o_ref[s:e]))
-            assert rel(np.asarray(new_pool)[slots[r]], pool_ref[slots[r]]) <= tol, r
-        else:
-            assert np.all(o[s:e] == 0), f'skipped sequence {r} must output 0'
-    assert np.all(o[cu[-1]:] == 0), 'padding tokens must output 0'
-    check_untouched(new_pool, pool, unused)
+    check_prefill(o, new_pool, o_ref, pool_ref, pool, slots, cu, unused, TOL[dtype])
 
 
 def test_gpu_prefill_auto_segment_choice():
