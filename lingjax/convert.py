@@ -20,10 +20,10 @@ so the peak is ~2x the largest item (for Ling-2.6-flash two expert stacks, 2/3 o
 whatever the model's size.
 
 Throughput (scripts/bench_convert.py measures it against `cat`): the source is read in blocks through
-one reused scratch buffer, with the next 256 MB asked of the kernel ahead of time, and dropped from the
-page cache once read; the written files are flushed and dropped from the page cache while Orbax
-writes them. Fresh memory and fresh page-cache pages cost more than the copies themselves (the kernel
-zeroes, and on a VM the host backs, every new page), so nothing big is allocated per tensor.
+one reused scratch buffer and dropped from the page cache once read; the written files are flushed
+and dropped from the page cache while Orbax writes them. Fresh memory and fresh page-cache pages
+cost more than the copies themselves (the kernel zeroes, and on a VM the host backs, every new
+page), so nothing big is allocated per tensor.
 
 Every tensor name, shape and dtype is checked against config.json before anything is written. The
 output goes to a temporary directory beside DST that is renamed to DST at the end; a failed or
@@ -375,7 +375,6 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16", mtp: bool = True, ov
             bar.update(nb)
             bar.set_postfix_str(f"{counted[0]}/{n_tensors} tensors", refresh=False)
 
-    reader.plan([reader.canonical.get(n, n) for item in items for r in item for n in r.hf])
     reader.drop_cache = True     # one pass over hundreds of GB: keep it out of the page cache
     creader = _Counting(reader, on_read)
     manifest, done = [], set()

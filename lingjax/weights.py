@@ -249,42 +249,11 @@ class CheckpointReader:
         if end - start != total:
             raise WeightError(f"{fpath}: tensor {name} holds {end - start} bytes, its shape {list(shape)} needs {total}")
         row = total // shape[0] if shape and shape[0] else 0
-        if r0 == 0:
-            self._readahead(name)
         try:
             _pread_into(fpath, start + r0 * row, out, self.drop_cache)
         except OSError as e:
             raise WeightError(f"{fpath}: cannot read tensor {name} ({e})") from None
         return out
-
-    def plan(self, names: Sequence[str], ahead: int = 256 << 20) -> None:
-        """The order in which the tensors will be read: each read then asks the kernel to read the
-        next `ahead` bytes of the plan in the background (POSIX_FADV_WILLNEED), so the disk reads
-        while the caller transposes and writes."""
-        self._plan, self._ahead, self._advised = list(names), ahead, 0
-        self._pos = {n: i for i, n in enumerate(self._plan)}
-
-    def _readahead(self, name: str) -> None:
-        i = self._pos.get(name) if getattr(self, "_plan", None) else None
-        if i is None:
-            return
-        j, budget = max(self._advised, i + 1), self._ahead
-        for k in range(i + 1, j):
-            budget -= self.nbytes(self._plan[k])
-        while j < len(self._plan) and budget > 0:
-            n = self._plan[j]
-            start, end = self.offsets[n]
-            try:
-                fd = os.open(os.path.join(self.path, self.where[n]), os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass
-            budget -= end - start
-            j += 1
-        self._advised = j
 
     def dtype(self, name: str) -> np.dtype | None:
         """The numpy dtype of a tensor (None for a safetensors dtype lingjax does not read)."""
