@@ -4,7 +4,7 @@ Three tasks with exactly checkable answers, prompts a user can type (one token p
 
     add      "123+45="                            -> "168"     operands of 1-3 digits
     sort     "sort:hello="                        -> "ehllo"   1-8 lowercase letters
-    recall   "abc:123;xyz:042;...;?abc:"          -> "123"     76 pairs of a unique 3-letter key and a
+    recall   "ab:123;xy:042;...;?ab:"             -> "123"     86 pairs of a unique 2-letter key and a
                                                                3-digit value; the queried pair ends at
                                                                least 512 tokens before the prompt's end
 
@@ -26,10 +26,10 @@ HELDOUT_SEED = 20250101          # the training script draws from other seeds (s
 
 ADD_MAX_DIGITS = 3
 SORT_MAX_LEN = 8
-RECALL_PAIRS = 76                # 76 pairs x 8 chars = 608 tokens of listing; prompt = 613 tokens
+RECALL_PAIRS = 86                # 86 pairs x 7 chars = 602 tokens of listing; prompt = 606 tokens
 RECALL_MIN_DISTANCE = 512        # tokens between the end of the queried pair and the end of the prompt
-KEY_LEN = VALUE_LEN = 3
-PAIR_LEN = KEY_LEN + 1 + VALUE_LEN + 1      # "abc:123;"
+KEY_LEN, VALUE_LEN = 2, 3       # 676 possible keys
+PAIR_LEN = KEY_LEN + 1 + VALUE_LEN + 1      # "ab:123;"
 LETTERS = string.ascii_lowercase
 MAX_NEW_TOKENS = 12             # longer than any answer (6 digits) + <eos>
 
@@ -67,7 +67,7 @@ def recall_listing(pairs):
 
 def recall_max_index(n_pairs=RECALL_PAIRS, min_distance=RECALL_MIN_DISTANCE):
     """Largest pair index whose pair ends >= min_distance tokens before the end of the prompt."""
-    prompt_len = n_pairs * PAIR_LEN + KEY_LEN + 2          # listing + "?abc:"
+    prompt_len = n_pairs * PAIR_LEN + KEY_LEN + 2          # listing + "?ab:"
     return (prompt_len - min_distance) // PAIR_LEN - 1
 
 
@@ -158,7 +158,7 @@ def load_engine(model_dir, dtype="float32", max_batch=16, prefill_chunk=256, max
 EVAL_HELP = "exact-match accuracy per task of the tiny model on held-out examples, through the engine"
 EVAL_DESCRIPTION = (
     "Generate held-out examples of the tasks the shipped tiny model was trained on (add: '123+45=', "
-    "sort: 'sort:hello=', recall: a 76-pair 'abc:123;...' listing then '?abc:'), answer them greedily "
+    "sort: 'sort:hello=', recall: an 86-pair 'ab:123;...' listing then '?ab:'), answer them greedily "
     "through the engine (continuous batching, chunked prefill) and print exact-match accuracy per task.")
 
 

@@ -15,7 +15,7 @@ from lingjax import evaluate as ev
 from lingjax.config import BailingConfig
 
 CKPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "ling-tiny")
-MAX_LEN = 640            # the longest prompt (613 tokens) + answer + <eos>, rounded up
+MAX_LEN = 640            # the longest prompt (606 tokens) + answer + <eos>, rounded up
 
 
 @pytest.fixture(scope="module")
@@ -54,22 +54,22 @@ def test_cli_default_model_is_the_tiny_checkpoint():
     assert os.path.samefile(cli.default_model_dir(), CKPT)
 
 
-# Floors per task on a small held-out subset. The shipped model measures (n=100, f32 and bf16):
-# sort 100%, add 89%, recall 0% -- it has not learned long-range recall yet (see its README.md), and
-# add sits just under the 90% target, so its floor is 75% until the model is retrained. An engine
-# regression (wrong caches, mixed-batch bugs) drops these to ~0%.
-FLOORS = {"sort": 0.9, "add": 0.75}
-LEARNED = tuple(FLOORS)
-RECALL_XFAIL = pytest.mark.xfail(reason="ling-tiny does not solve recall yet (at chance); strict: a passing recall must lift this mark", strict=True)
+# Held-out accuracy floor per task on a small subset (the issue's CI bar). The shipped model measures
+# add 97%, sort 100%, recall 100% at n=100 in f32 and in bf16 (`lingjax eval --n 100 --max-batch 16`);
+# an engine regression (wrong caches, mixed-batch bugs, a broken kernel) drops these towards 0%.
+# Subset sizes: the short tasks are cheap, so 50 each (3 of add's 100 misses fall in its first 20,
+# which would read 85% on 20); recall prompts are 606 tokens, so 10.
+FLOOR = 0.9
+N_SUBSET = {"add": 50, "sort": 50, "recall": 10}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("task", [*LEARNED, pytest.param("recall", marks=RECALL_XFAIL)])
+@pytest.mark.parametrize("task", ev.TASKS)
 def test_heldout_accuracy(models, dtype, task):
     """A small held-out subset through the engine (continuous batching, chunked prefill)."""
     eng = _engine(models, dtype, max_batch=16, chunk=128)
-    (r,) = ev.run_eval(eng, models[0], tasks=(task,), n=16 if task != "recall" else 8)
-    assert r.accuracy >= FLOORS.get(task, 0.9), ev.format_table([r], dtype) + f"\n{list(zip(r.answers, r.outputs))}"
+    (r,) = ev.run_eval(eng, models[0], tasks=(task,), n=N_SUBSET[task])
+    assert r.accuracy >= FLOOR, ev.format_table([r], dtype) + f"\n{list(zip(r.answers, r.outputs))}"
 
 
 def test_answers_do_not_depend_on_batching_or_chunking(models):
@@ -82,8 +82,7 @@ def test_answers_do_not_depend_on_batching_or_chunking(models):
         runs[(max_batch, chunk)] = [o for r in res for o in r.outputs]
     ref = runs[(16, MAX_LEN)]
     flat = [(t, a) for t in ev.TASKS for _, a in examples[t]]
-    learned = [(a, o) for (t, a), o in zip(flat, ref) if t in LEARNED]
-    assert sum(a == o for a, o in learned) >= len(learned) - 2, learned       # the model answers at all
+    assert sum(a == o for (_, a), o in zip(flat, ref)) >= len(flat) - 1, list(zip(flat, ref))  # it answers
     for k, outs in runs.items():
         assert outs == ref, (k, outs, ref)
 
