@@ -9,12 +9,16 @@ bf16, in 4 GiB shards + index). Then, side by side in one run:
   cat SRC/*.safetensors > one file      cold, + fsync: a read+write copy through the page cache
   stream copy SRC > one file            cold, fdatasync + drop both sides every 256 MB (what convert
                                         does): the read+write copy ceiling of this disk
+  fault in 2 x largest param            a child process writing one byte per page of two fresh buffers
+                                        the size of convert's two arenas: what fresh memory costs here
   lingjax convert SRC DST               in a child process, cold and warm source; its peak RSS from
                                         wait4() rusage, against the largest layer's bytes
 
-Prints a table (with the load average at the start and the end) and writes JSON (default
-bench_convert.json). --repeat N measures everything N times, interleaved, and takes the ratios of
-medians. The synthetic checkpoint and the outputs are deleted at the end unless --keep.
+"Cold" means evicted from this machine's page cache; one untimed cold `cat` runs first (on a VM the
+host's cache of the disk image makes the very first read much slower than every later one). Prints a
+table (with the load average at the start and the end) and writes JSON (default bench_convert.json).
+--repeat N measures everything N times, interleaved, and takes the ratios of medians. The synthetic
+checkpoint and the outputs are deleted at the end unless --keep.
 
     python scripts/bench_convert.py [--workdir DIR] [--keep] [--repeat N] [--json OUT]
 """
@@ -181,6 +185,11 @@ def main():
             print(f"  run {run}: {what}: {seconds:.2f} s", file=sys.stderr)
 
         lj = [sys.executable, "-m", "lingjax.cli", "convert", src, dst, "--no-progress", "--overwrite"]
+        # Warm-up, not timed: on a VM the host caches the disk image too, so the first read of SRC after
+        # a while can be several times slower than the following "cold" (guest-evicted) ones. One pass
+        # first puts every measured row below on the same footing.
+        evict([src])
+        timed_child(["cat", *files])
         for run in range(args.repeat):
             evict([src])
             s, _, rc = timed_child(["cat", *files])
@@ -200,6 +209,11 @@ def main():
             row("stream copy SRC > file (cold)", run, time.perf_counter() - t,
                 note="read+write, fdatasync+drop per 256 MB")
             os.unlink(copy)
+            touch = ("import time, numpy as np\nt = time.perf_counter()\n"
+                     f"bufs = [np.empty({largest_param}, np.uint8) for _ in range(2)]\n"
+                     "for b in bufs: b[::4096] = 1\nprint(time.perf_counter() - t)")
+            s = float(subprocess.run([sys.executable, "-c", touch], check=True, capture_output=True, text=True).stdout)
+            row("fault in 2 x largest param", run, s, note="fresh memory, like convert's two arenas (GB/s: of SRC)")
             for label in ("cold", "warm"):
                 evict([src])
                 if label == "warm":
@@ -236,6 +250,11 @@ def main():
     m = " (medians)" if args.repeat > 1 else ""
     print(f"convert (cold) time / cat (cold) time = {ratio_t:.2f} (target <= 2){m}; "
           f"warm/warm = {med('lingjax convert (warm)') / med('cat SRC > /dev/null (warm)'):.2f}")
+    if args.repeat > 1:
+        per_run = [next(r["seconds"] for r in rows if r["run"] == k and r["what"] == "lingjax convert (cold)")
+                   / next(r["seconds"] for r in rows if r["run"] == k and r["what"] == "cat SRC > /dev/null (cold)")
+                   for k in range(args.repeat)]
+        print("  per run: " + ", ".join(f"{x:.2f}" for x in per_run))
     print(f"convert (cold) time / copy ceilings: / cat > file + fsync = "
           f"{conv_cold / med('cat SRC > file + fsync (cold)'):.2f}, / stream copy = "
           f"{conv_cold / med('stream copy SRC > file (cold)'):.2f}{m}")
