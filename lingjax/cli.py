@@ -538,4 +538,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m lingjax.cli`: run the imported module's main, so that the CLIError the commands
+    # import from lingjax.cli is the class main() catches (this file as __main__ is a second copy).
+    from lingjax import cli as _cli
+    sys.exit(_cli.main())

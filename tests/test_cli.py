@@ -243,3 +243,12 @@ def test_console_entry_point_errors_are_one_line(tmp_path):
     p = subprocess.run([sys.executable, "-m", "lingjax.cli", "generate", "--prompt", "x", "--top-p", "2"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+
+
+def test_python_m_lingjax_cli_reports_user_errors_cleanly(tmp_path):
+    """`python -m lingjax.cli` (this module as __main__) prints the one-line message, not an internal error."""
+    p = subprocess.run([sys.executable, "-m", "lingjax.cli", "convert", str(tmp_path / "missing"),
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1
+    assert "no such directory" in p.stderr and "internal error" not in p.stderr, p.stderr
+    assert not (tmp_path / "out").exists()
