@@ -110,6 +110,8 @@ def _leaf(tree: dict, path):
 
 # ------------------------------------------------------------------------------------------ output dir
 def _check_dst(dst: str, overwrite: bool, looks_ok) -> str:
+    """dst as an absolute path, once it is safe to write (after clearing what killed runs left)."""
+    remove_stale(dst)
     dst = os.path.abspath(dst)
     parent = os.path.dirname(dst)
     if os.path.lexists(dst):
@@ -358,7 +360,6 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16", mtp: bool = True, ov
     bytes_out = sum(param_bytes(r) for r in rules)
     n_tensors = sum(len(r.hf) for r in rules)
     n_params = sum(int(np.prod(s, dtype=np.int64)) for r in rules for s in r.hf_shapes)
-    remove_stale(dst)
     dst = _check_dst(dst, overwrite, is_converted)
     _check_space(os.path.dirname(dst), bytes_out + (1 << 20))
     log.info("converting %s -> %s: %d tensors, %.2f GB -> %d Orbax items (%s)", src, dst, n_tensors,
@@ -645,7 +646,6 @@ def export(src: str, dst: str, *, dtype: str | None = None, overwrite: bool = Fa
     rules = rules_for(cfg, mtp=meta["mtp"])
     plan = [(n, s, np.dtype(np.float32) if r.float32 else hf_dt) for r in rules for n, s in zip(r.hf, r.hf_shapes)]
     dir_of = {k: item for item in meta["items"] for k in item["params"]}
-    remove_stale(dst)
     dst = _check_dst(dst, overwrite, lambda d: os.path.isfile(os.path.join(d, "config.json")))
     total = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, s, d in plan)
     _check_space(os.path.dirname(dst), total + (1 << 20))

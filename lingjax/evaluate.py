@@ -56,7 +56,8 @@ def recall_pairs(rng, n_pairs, key_len=KEY_LEN, value_len=VALUE_LEN):
     """n_pairs (key, value): unique lowercase keys of key_len letters, values of value_len digits
     (leading zeros kept)."""
     codes = rng.choice(len(LETTERS) ** key_len, n_pairs, replace=False)
-    keys = ["".join(LETTERS[(c // 26 ** i) % 26] for i in range(key_len)) for c in codes]
+    n = len(LETTERS)
+    keys = ["".join(LETTERS[(c // n ** i) % n] for i in range(key_len)) for c in codes]
     vals = [f"{int(v):0{value_len}d}" for v in rng.integers(0, 10 ** value_len, n_pairs)]
     return list(zip(keys, vals))
 
@@ -65,15 +66,17 @@ def recall_listing(pairs):
     return "".join(f"{k}:{v};" for k, v in pairs)
 
 
-def recall_max_index(n_pairs=RECALL_PAIRS, min_distance=RECALL_MIN_DISTANCE):
+def recall_max_index(n_pairs=RECALL_PAIRS, min_distance=RECALL_MIN_DISTANCE, key_len=KEY_LEN, value_len=VALUE_LEN):
     """Largest pair index whose pair ends >= min_distance tokens before the end of the prompt."""
-    prompt_len = n_pairs * PAIR_LEN + KEY_LEN + 2          # listing + "?ab:"
-    return (prompt_len - min_distance) // PAIR_LEN - 1
+    pair_len = key_len + value_len + 2                     # "ab:123;"
+    prompt_len = n_pairs * pair_len + key_len + 2          # listing + "?ab:"
+    return (prompt_len - min_distance) // pair_len - 1
 
 
-def recall_example(rng, n_pairs=RECALL_PAIRS, min_distance=RECALL_MIN_DISTANCE):
-    pairs = recall_pairs(rng, n_pairs)
-    i = int(rng.integers(0, recall_max_index(n_pairs, min_distance) + 1))
+def recall_example(rng, n_pairs=RECALL_PAIRS, min_distance=RECALL_MIN_DISTANCE, key_len=KEY_LEN,
+                   value_len=VALUE_LEN):
+    pairs = recall_pairs(rng, n_pairs, key_len, value_len)
+    i = int(rng.integers(0, recall_max_index(n_pairs, min_distance, key_len, value_len) + 1))
     k, v = pairs[i]
     return f"{recall_listing(pairs)}?{k}:", v
 

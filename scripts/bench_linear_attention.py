@@ -741,43 +741,40 @@ def main():
     dsel, psel, sweep = dict(given_d), dict(given_p), []
     shapes = ((4096, 1), (4096, 16), (32768, 1), (32768, 16))
     if not args.quick and not args.no_sweep and not given and only is None:
+        def pick(kind, label, configs, run, note, min_left):
+            """Time each config (ours only), log it, keep it in the sweep; the fastest config or None."""
+            best = None
+            for c in configs:
+                if left() < min_left:
+                    log(f'{kind} sweep: stopping early (deadline)')
+                    break
+                try:
+                    r = run(c)
+                except Exception as e:
+                    log(f'{kind} sweep {label} {c}: FAILED {type(e).__name__}: {str(e)[:200]}')
+                    continue
+                log(f'{kind} sweep {label} {c}{note(r)}')
+                sweep.append(dict(r, config=c))
+                if best is None or r['ours_us'] < best[0]:
+                    best = (r['ours_us'], c)
+            return best and best[1]
+
         # prefill: per (T, R) on H=32, ours only; the pick is reused for H=64
         for T, R in shapes[::-1]:
-            best = None
-            for c in prefill_sweep(T, R):
-                if left() < 300:
-                    log('prefill sweep: stopping early (deadline)')
-                    break
-                try:
-                    r = bench_prefill(32, T, R, bw, rate, c, with_fla=False, with_xla=False, check=False)
-                except Exception as e:
-                    log(f'prefill sweep T={T} R={R} {c}: FAILED {type(e).__name__}: {str(e)[:200]}')
-                    continue
-                log(f'prefill sweep T={T} R={R} {c} (segment used {r["segment"]}): {r["ours_us"]:.1f} us')
-                sweep.append(dict(r, config=c))
-                if best is None or r['ours_us'] < best[0]:
-                    best = (r['ours_us'], c)
-            if best:
-                psel[(T, R)] = best[1]
+            c = pick('prefill', f'T={T} R={R}', prefill_sweep(T, R),
+                     lambda c: bench_prefill(32, T, R, bw, rate, c, with_fla=False, with_xla=False, check=False),
+                     lambda r: f' (segment used {r["segment"]}): {r["ours_us"]:.1f} us', 300)
+            if c:
+                psel[(T, R)] = c
         # decode: per batch size on H=32, ours only; reused for H=64
         for B in (1, 16, 64, 256):
-            best = None
-            for bk, bv, nw, tf in DECODE_SWEEP:
-                if left() < 240:
-                    log('decode sweep: stopping early (deadline)')
-                    break
-                c = dict(block_k=bk, block_v=bv, num_warps=nw, tiles_first=tf)
-                try:
-                    r = bench_decode(32, B, bw, c, with_fla=False, with_xla=False)
-                except Exception as e:
-                    log(f'decode sweep B={B} {c}: FAILED {type(e).__name__}: {str(e)[:200]}')
-                    continue
-                log(f'decode sweep B={B} {c}: {r["ours_us"]:.1f} us ({100 * r["bytes"] / bw / (r["ours_us"] * 1e-6):.0f}% copy BW) err {r["rel_err_o"]:.1e}')
-                sweep.append(dict(r, config=c))
-                if best is None or r['ours_us'] < best[0]:
-                    best = (r['ours_us'], c)
-            if best:
-                dsel[B] = best[1]
+            c = pick('decode', f'B={B}', [dict(block_k=bk, block_v=bv, num_warps=nw, tiles_first=tf)
+                                         for bk, bv, nw, tf in DECODE_SWEEP],
+                     lambda c: bench_decode(32, B, bw, c, with_fla=False, with_xla=False),
+                     lambda r: f': {r["ours_us"]:.1f} us ({100 * r["bytes"] / bw / (r["ours_us"] * 1e-6):.0f}% '
+                               f'copy BW) err {r["rel_err_o"]:.1e}', 240)
+            if c:
+                dsel[B] = c
         result['sweep'] = sweep
         result['decode_configs'] = {str(b): c for b, c in dsel.items()}
         result['prefill_configs'] = {f'{t},{r}': c for (t, r), c in psel.items()}

@@ -193,27 +193,18 @@ def make_train_step(graphdef, tx, mtp_weight, recall_weight):
 
 
 def heldout_batches(n, add_digits=ev.ADD_MAX_DIGITS, key_len=ev.KEY_LEN, value_len=ev.VALUE_LEN):
-    """Held-out (ev.HELDOUT_SEED) examples of each task, packed for a teacher-forced check."""
+    """Held-out (ev.HELDOUT_SEED) examples of each task, packed for a teacher-forced check. Recall
+    listings are as long as the eval's (in tokens) whatever the key and value lengths."""
+    n_pairs = max(ev.RECALL_PAIRS, ev.RECALL_PAIRS * ev.PAIR_LEN // (key_len + value_len + 2))
+    gens = {"add": lambda r: ev.add_example(r, add_digits),
+            "recall": lambda r: ev.recall_example(r, n_pairs, key_len=key_len, value_len=value_len)}
     out = {}
     for task in ev.TASKS:
-        seqs = []
         r = np.random.default_rng([ev.HELDOUT_SEED, 99])
-        exs = ev.make_examples(task, n) if task == "sort" else [ev.add_example(r, add_digits) for _ in range(n)] \
-            if task == "add" else [held_recall(r, key_len, value_len) for _ in range(n)]
-        for p, a in exs:
-            s = encode(p) + encode(a) + [EOS]
-            seqs.append((s, [(len(p), len(s))]))
+        exs = ev.make_examples(task, n) if task == "sort" else [gens[task](r) for _ in range(n)]
+        seqs = [(encode(p) + encode(a) + [EOS], [(len(p), len(p) + len(a) + 1)]) for p, a in exs]
         out[task] = pack(seqs, max(len(s) for s, _ in seqs))
     return out
-
-
-def held_recall(rng, key_len, value_len):
-    n_pairs = max(ev.RECALL_PAIRS, ev.RECALL_PAIRS * ev.PAIR_LEN // (key_len + value_len + 2))
-    pairs = ev.recall_pairs(rng, n_pairs, key_len, value_len)
-    plen = n_pairs * (key_len + value_len + 2) + key_len + 2
-    i = int(rng.integers(0, (plen - ev.RECALL_MIN_DISTANCE) // (key_len + value_len + 2)))
-    k, v = pairs[i]
-    return f"{ev.recall_listing(pairs)}?{k}:", v
 
 
 def make_tf_eval(graphdef):
@@ -238,6 +229,7 @@ class Curriculum:
         self.stages, self.steps, self.advance_loss = stages, steps, advance_loss
         self.min_steps, self.final_at, self.short_from = min_steps, final_at, short_from
         self.i, self.since, self.ema = 0, 0, None
+        self.last_from = None      # the step from which the last stage trains (the lr decays from there)
 
     @property
     def stage(self):
@@ -251,10 +243,12 @@ class Curriculum:
         self.ema = recall_loss if self.ema is None else 0.9 * self.ema + 0.1 * recall_loss
         self.since += 1
         last = len(self.stages) - 1
-        if self.i < last and (step + 1 >= self.final_at * self.steps or
-                              (self.since >= self.min_steps and self.ema < self.advance_loss)):
-            self.i = last if step + 1 >= self.final_at * self.steps else self.i + 1
+        forced = step + 1 >= self.final_at * self.steps
+        if self.i < last and (forced or (self.since >= self.min_steps and self.ema < self.advance_loss)):
+            self.i = last if forced else self.i + 1
             self.since, self.ema = 0, None
+            if self.i == last:
+                self.last_from = step + 1
             return True
         return False
 
@@ -370,7 +364,6 @@ def main(argv=None):
 
     tf_eval, held = make_tf_eval(graphdef), heldout_batches(64, args.add_digits, args.key_len, args.value_len)
     cur = Curriculum(stages, args.steps, args.advance_loss, args.min_stage_steps, args.final_at, args.short_from)
-    decay_from = None
     t0 = time.perf_counter()
     hist = []
     for step in range(args.steps):
@@ -378,12 +371,10 @@ def main(argv=None):
         short = short_batch(rng, args.n_add if on else 0, args.n_sort if on else 0, args.add_digits)
         n_pairs, n_seq = cur.stage
         recall = recall_batch(rng, n_seq, n_pairs, args.queries, args.key_len, args.value_len)
-        lr = lr_at(step, args.steps, args.lr, args.warmup, decay_from)
+        lr = lr_at(step, args.steps, args.lr, args.warmup, cur.last_from)
         params, opt_state, loss, aux, gnorm = step_fn(params, opt_state, short, recall, jnp.float32(lr))
         if cur.update(step, float(aux["recall"])):
             print(f"step {step:5d}  curriculum -> listings of {cur.stage[0]} pairs", flush=True)
-            if cur.i == len(stages) - 1:
-                decay_from = step + 1
         if step % args.log_every == 0 or step == args.steps - 1:
             aux = {k: float(v) for k, v in aux.items()}
             hist.append(dict(step=step, loss=float(loss), **aux))
