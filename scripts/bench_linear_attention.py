@@ -1,11 +1,16 @@
 """Benchmark + on-device correctness check of the linear-attention kernels (issue 6, items 2-3).
 
 Run on a CUDA machine with fla importable (fla-core / flash-linear-attention 0.6.0):
-    python scripts/bench_linear_attention.py [--quick] [--tune] [--profile] [--deadline S] [--out DIR]
+    python scripts/bench_linear_attention.py [--quick] [--profile] [--trace] [--sweep SHAPES]
+        [--rows ROWS] [--configs JSON] [--no-check] [--no-xla] [--no-fla] [--deadline S] [--out DIR]
 --profile: after the table, run Nsight Compute (ncu --clock-control none) on a child process that
 launches our decode (B=64, 256) and prefill (T=32768, N=1) kernels and fla's, once each, inside
 cudaProfilerStart/Stop, and write ncu_details.txt + profile_summary.txt (duration, DRAM throughput,
 occupancy, registers, top warp stalls per kernel) to --out.
+--trace: per row, the per-kernel in-situ breakdown (CUPTI through the XLA profiler) for ours and
+fla, and op counts of our compiled HLO (custom calls, fusions, copies of >= 16 MiB).
+--sweep: time the configs of decode_sweep / prefill_sweep (ours only, by device time) for the
+listed shapes ("decode:H:B,prefill:H:T:R") and use the fastest in the rows.
 
 Rows: ours (Pallas GPU kernels, lingjax.kernels.linear_attention.gpu) vs fla 0.6
 (`fused_recurrent_simple_gla` for decode, `chunk_simple_gla` for prefill, both with g_gamma) vs the
@@ -15,8 +20,11 @@ XLA jnp reference, for H in {32, 64}, D = 128, bf16 q/k/v, f32 state:
   prefill at 4096 and 32768 total tokens in 1 and 16 equal sequences, continuing from states.
 fla gets its initial states already gathered into a contiguous [N, H, D, D] tensor (its kernels
 have no slot indirection), i.e. fla's best case: same bytes as ours, no gather/scatter counted.
-Each row: median time, bytes / measured copy bandwidth (the floor), % of copy bandwidth, ratio
-fla_time / our_time (> 1 = we are faster), and our max relative error vs an f32 reference.
+Each row, two timings for ours and for fla (see the comment above TRACE): host/events (ours: wall
+clock around a jitted loop, with its fixed launch overhead; fla: CUDA events around a CUDA graph,
+or eager calls where a capture fails) and device (CUPTI kernel time per call, same for both);
+bytes / measured copy bandwidth (the floor), % of copy bandwidth, ratios fla / ours (> 1 = we are
+faster), and our max relative error vs an f32 reference.
 Prints a table and writes JSON to --out (default $OUT or ./out).
 """
 import argparse
@@ -55,6 +63,132 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+# Two timings per row, for ours and for fla alike:
+#  - host/events (the method of runs 1-5): ours = wall clock around a jitted loop of n calls, / n
+#    (includes a fixed per-execution launch overhead of the jit, measured at 0.4-0.8 ms on the
+#    H200, i.e. 4-20 us per decode call); fla = CUDA events around a CUDA-graph replay (decode) or
+#    eager calls (prefill, where a graph capture fails).
+#  - device (CUPTI, through the XLA profiler, which records every kernel of the process, fla's
+#    too): after the timing, one more execution of the same jitted loop / graph; the sum of the
+#    kernel durations on the stream per call ("dev", every kernel of the call counted: ours'
+#    small XLA fusions, fla's reduce/copy kernels), and the span first-start..last-end per call.
+# --trace adds the per-kernel breakdown and, for ours, op counts of the compiled HLO.
+# The timing helpers leave their result in DIAG['last']; the row functions move it into the row.
+TRACE = dict(on=False, dev=True)
+DIAG = {}
+
+
+def dev_times(trace):
+    """(busy us per call, span us per call) of the busiest stream of a device_trace result."""
+    streams = [t for k, t in trace.items() if k != '_lines']
+    if not streams:
+        return None, None
+    t = max(streams, key=lambda t: t['busy_us'])
+    return t['per_call_busy_us'], t['per_call_span_us']
+
+
+def device_trace(run, calls):
+    """Run `run()` under the XLA profiler; per device stream: kernels (count, median/sum us),
+    busy time, span, gaps; `calls` = how many timed calls run() makes (for per-call numbers)."""
+    from jax._src.lib import _profile_data, _profiler
+    sess = _profiler.ProfilerSession()
+    try:
+        run()
+    finally:
+        xs = sess.stop()
+    data = _profile_data.ProfileData.from_serialized_xspace(xs)
+    out = {}
+    for plane in data.planes:
+        if not plane.name.startswith('/device:GPU'):
+            continue
+        names = [line.name for line in plane.lines]
+        out.setdefault('_lines', []).extend(names)
+        streams = [n for n in names if n.startswith('Stream')]
+        for line in plane.lines:
+            # derived lines (XLA Ops, XLA Modules, Steps, ...) repeat the kernels of the streams
+            if streams and line.name not in streams:
+                continue
+            if not streams and any(w in line.name for w in ('XLA', 'Step', 'Launch', 'Framework',
+                                                             'Source', 'TensorFlow', 'Ops')):
+                continue
+            ev = sorted((e.start_ns, e.duration_ns, e.name) for e in line.events)
+            if not ev:
+                continue
+            kern = {}
+            for _, d, name in ev:
+                kern.setdefault(name[:70], []).append(d / 1e3)
+            gaps = [(b[0] - (a[0] + a[1])) / 1e3 for a, b in zip(ev, ev[1:])]
+            span = (max(t + d for t, d, _ in ev) - ev[0][0]) / 1e3
+            busy = sum(d for _, d, _ in ev) / 1e3
+            out[line.name] = dict(
+                calls=calls, span_us=span, busy_us=busy, per_call_span_us=span / calls,
+                per_call_busy_us=busy / calls,
+                gap_median_us=statistics.median(gaps) if gaps else 0.0,
+                gap_max_us=max(gaps) if gaps else 0.0, gap_sum_us=sum(gaps),
+                kernels={k: dict(n=len(v), median_us=statistics.median(v), sum_us=sum(v))
+                         for k, v in kern.items()})
+    return out
+
+
+def hlo_stats(compiled_text, big=1 << 24):
+    """Op counts of an optimized HLO module: custom calls, fusions, copies (and the shapes of
+    copies of >= 16 MiB: a copy of the state pool would cost a full read + write of it)."""
+    import re
+    n = dict(custom_calls=0, fusions=0, copies=0, while_loops=0, command_buffers=0)
+    big_copies = []
+    for line in compiled_text.splitlines():
+        m = re.match(r'\s*(?:ROOT )?%?[\w.-]+ = (?:\(.*?\)|(\w+)\[([\d,]*)\]\S*) ([\w-]+)\(', line)
+        if not m:
+            if 'command_buffer' in line:
+                n['command_buffers'] += 1
+            continue
+        dt, dims, op = m.group(1) or '', m.group(2) or '', m.group(3)
+        if op == 'custom-call':
+            n['custom_calls'] += 1
+        elif op == 'fusion':
+            n['fusions'] += 1
+        elif op in ('copy', 'copy-start'):
+            n['copies'] += 1
+            size = int(np.prod([int(x) for x in dims.split(',') if x] or [1])) * \
+                {'f32': 4, 'bf16': 2, 's32': 4, 'pred': 1}.get(dt, 4)
+            if size >= big:
+                big_copies.append(f'{dt}[{dims}]')
+        elif op == 'while':
+            n['while_loops'] += 1
+        if 'command_buffer' in line:
+            n['command_buffers'] += 1
+    n['big_copies'] = big_copies[:8]
+    return n
+
+
+def _diag(run, calls, hlo=None):
+    if not (TRACE['on'] or TRACE['dev']):
+        return
+    d = {}
+    if TRACE['on'] and hlo is not None:
+        try:
+            d['hlo'] = hlo_stats(hlo())
+        except Exception as e:
+            d['hlo'] = f'failed: {type(e).__name__}: {str(e)[:200]}'
+    try:
+        d['trace'] = device_trace(run, calls)
+        d['dev_us'], d['span_us'] = dev_times(d['trace'])
+    except Exception as e:
+        d['trace'] = f'failed: {type(e).__name__}: {str(e)[:200]}'
+    DIAG['last'] = d
+
+
+def _take_diag(row, who):
+    d = DIAG.pop('last', None)
+    if not d:
+        return
+    if d.get('dev_us'):
+        row[f'{who}_dev_us'] = d['dev_us']
+        row[f'{who}_span_us'] = d['span_us']
+    if TRACE['on']:
+        row[f'diag_{who}'] = d
+
+
 def time_jax_loop(step, carry, n, reps=5):
     """Median per-step device time of `step(i, carry) -> carry` run n times inside one jit."""
     f = jax.jit(lambda c: jax.lax.fori_loop(0, n, step, c), donate_argnums=0)
@@ -66,7 +200,12 @@ def time_jax_loop(step, carry, n, reps=5):
         carry = f(carry)
         jax.block_until_ready(carry)
         ts.append((time.perf_counter() - t0) / n)
-    del carry
+    box = [carry]
+
+    def run():
+        box[0] = f(box[0])
+        jax.block_until_ready(box[0])
+    _diag(run, n, lambda: f.lower(carry).compile().as_text())
     return statistics.median(ts)
 
 
@@ -78,7 +217,7 @@ def time_jax_unrolled(step, pool, xs, reps=5):
         for x in xs:
             pool, o = step(pool, x)
             outs.append(o)
-        return pool, outs[-1]
+        return pool, outs          # every call's output stays live (no call's epilogue is dead code)
     f = jax.jit(many, donate_argnums=0)
     pool, _ = f(pool, xs)
     jax.block_until_ready(pool)
@@ -88,7 +227,12 @@ def time_jax_unrolled(step, pool, xs, reps=5):
         pool, o = f(pool, xs)
         jax.block_until_ready((pool, o))
         ts.append((time.perf_counter() - t0) / len(xs))
-    del pool
+    box = [pool]
+
+    def run():
+        box[0], o = f(box[0], xs)
+        jax.block_until_ready((box[0], o))
+    _diag(run, len(xs), lambda: f.lower(pool, xs).compile().as_text())
     return statistics.median(ts)
 
 
@@ -125,7 +269,7 @@ def copy_bandwidth():
     return max(jax_bw, torch_bw), jax_bw, torch_bw
 
 
-def torch_time(fn, reps=20, graph=True):
+def torch_time(fn, reps=20, graph=True, calls=1):
     import torch
     for _ in range(3):
         fn()
@@ -152,6 +296,13 @@ def torch_time(fn, reps=20, graph=True):
         e1.record()
         torch.cuda.synchronize()
         ts.append(e0.elapsed_time(e1) / 1e3)
+    def run():
+        fn()
+        fn()
+        torch.cuda.synchronize()
+    _diag(run, 2 * calls)
+    if 'last' in DIAG:
+        DIAG['last']['graph'] = graph
     return statistics.median(ts)
 
 
@@ -312,9 +463,13 @@ def bench_decode(H, B, bw, cfg, with_fla=True, with_xla=True):
 
     row['ours_us'] = time_jax_unrolled(make_step(lambda *a, **kw: gpu.decode(*a, **kw, **cfg)),
                                        pool, slot_sets) * 1e6
+    _take_diag(row, 'ours')
     if with_xla:
         pool2 = jax.random.normal(kp, (NUM_SLOTS, H, D, D), F32) * 0.1
+        dev, TRACE['dev'] = TRACE['dev'], False
         row['xla_us'] = time_jax_unrolled(make_step(reference.decode), pool2, slot_sets) * 1e6
+        TRACE['dev'] = dev
+        DIAG.pop('last', None)
         del pool2
     if with_fla:
         from fla.ops.simple_gla import fused_recurrent_simple_gla
@@ -330,7 +485,8 @@ def bench_decode(H, B, bw, cfg, with_fla=True, with_xla=True):
             for h0 in h0s:
                 fused_recurrent_simple_gla(tq, tk, tv, g_gamma=tg, scale=scale, initial_state=h0,
                                            output_final_state=True)
-        row['fla_us'] = torch_time(run) / nsets * 1e6
+        row['fla_us'] = torch_time(run, calls=nsets) / nsets * 1e6
+        _take_diag(row, 'fla')
         # fla accuracy on the same step
         h0 = torch.from_dlpack(h0_check).contiguous()
         fo, fh = fused_recurrent_simple_gla(tq, tk, tv, g_gamma=tg, scale=scale, initial_state=h0,
@@ -384,6 +540,7 @@ def bench_prefill(H, T, R, bw, flops_rate, cfg, with_fla=True, with_xla=True, ch
         return pool_c, acc + o[0, 0, 0].astype(F32)
     n = 10 if T <= 4096 else 3
     row['ours_us'] = time_jax_loop(step, (pool, jnp.zeros((), F32)), n) * 1e6
+    _take_diag(row, 'ours')
     if with_xla:
         def xstep(i, c):
             pool_c, acc = c
@@ -391,7 +548,10 @@ def bench_prefill(H, T, R, bw, flops_rate, cfg, with_fla=True, with_xla=True, ch
                                      v.reshape(R, L, H, D), g, pool_c[slots], scale=scale)
             return pool_c.at[slots].set(s), acc + o[0, 0, 0, 0].astype(F32)
         pool2 = jax.random.normal(kp, (npool, H, D, D), F32) * 0.1
+        dev, TRACE['dev'] = TRACE['dev'], False
         row['xla_us'] = time_jax_loop(xstep, (pool2, jnp.zeros((), F32)), 2, reps=3) * 1e6
+        TRACE['dev'] = dev
+        DIAG.pop('last', None)
         del pool2
     if with_fla:
         from fla.ops.simple_gla import chunk_simple_gla
@@ -405,13 +565,38 @@ def bench_prefill(H, T, R, bw, flops_rate, cfg, with_fla=True, with_xla=True, ch
         def run():
             return chunk_simple_gla(tq, tk, tv, g_gamma=tg, scale=scale, initial_state=h0,
                                     output_final_state=True, **kw)
-        row['fla_us'] = torch_time(run, reps=10, graph=False) * 1e6
+        row['fla_us'] = torch_time(run, reps=10, graph=R == 1) * 1e6   # capture needs no host sync
+        _take_diag(row, 'fla')
         fo, _ = run()
         o_ref, _ = ref_fn(q, k, v, h0_init)
         row['fla_rel_err_o'] = rel(fo[0].float().cpu().numpy(), o_ref.reshape(T, H, D).astype(F32))
         del fo, tq, tk, tv, h0
         torch.cuda.empty_cache()
     return row
+
+
+def fmt_diag(row):
+    """One line per (ours / fla, device stream) of a row's --trace data."""
+    out = []
+    for who in ('ours', 'fla'):
+        d = row.get(f'diag_{who}')
+        if not d:
+            continue
+        if 'hlo' in d:
+            out.append(f'  {who} HLO: {d["hlo"]}')
+        tr = d.get('trace')
+        if not isinstance(tr, dict):
+            out.append(f'  {who} trace: {tr}')
+            continue
+        for stream, t in tr.items():
+            if stream == '_lines':
+                continue
+            ks = '; '.join(f'{k} x{v["n"]} med {v["median_us"]:.1f}' for k, v in
+                           sorted(t['kernels'].items(), key=lambda kv: -kv[1]['sum_us']))
+            out.append(f'  {who} {stream}: per call span {t["per_call_span_us"]:.1f} us, busy '
+                       f'{t["per_call_busy_us"]:.1f} us; gaps median {t["gap_median_us"]:.2f} max '
+                       f'{t["gap_max_us"]:.1f} us; kernels: {ks}')
+    return '\n'.join(out)
 
 
 def matmul_rate():
@@ -427,20 +612,21 @@ def matmul_rate():
 
 
 def fmt_table(rows):
-    hdr = (f"{'kind':8}{'H':>4}{'shape':>14}{'ours us':>10}{'fla us':>10}{'xla us':>11}"
-           f"{'floor us':>10}{'%copyBW':>9}{'fla/ours':>9}{'rel err':>10}")
+    """Both timings (see the comment above TRACE): 'host'/'evt' = ours wall clock around the jitted
+    loop / fla CUDA events; 'dev' = CUPTI kernel time per call, the same method for both."""
+    hdr = (f"{'kind':8}{'H':>4}{'shape':>14}{'ours dev':>10}{'fla dev':>10}{'dev x':>7}{'%BW dev':>8}"
+           f"{'ours host':>11}{'fla evt':>9}{'h/e x':>7}{'%BW host':>9}{'xla us':>10}{'floor':>8}"
+           f"{'rel err':>9}")
     out = [hdr, '-' * len(hdr)]
+    nan = float('nan')
     for r in rows:
         shape = f"B={r['batch']}" if r['kind'] == 'decode' else f"T={r['tokens']},N={r['seqs']}"
-        ours = r.get('ours_us')
-        fla = r.get('fla_us')
-        xla = r.get('xla_us')
-        pct = 100 * r['bytes'] / r['bw'] / (ours * 1e-6) if ours else float('nan')
-        ratio = fla / ours if (fla and ours) else float('nan')
-        err = max(r.get('rel_err_o', float('nan')), r.get('rel_err_state', 0.0))
-        out.append(f"{r['kind']:8}{r['H']:>4}{shape:>14}{ours or float('nan'):>10.1f}"
-                   f"{fla or float('nan'):>10.1f}{xla or float('nan'):>11.1f}{r['floor_us']:>10.1f}"
-                   f"{pct:>8.0f}%{ratio:>9.2f}{err:>10.1e}")
+        od, fd, oh, fe = (r.get(k) or nan for k in ('ours_dev_us', 'fla_dev_us', 'ours_us', 'fla_us'))
+        pct = [100 * r['bytes'] / r['bw'] / (t * 1e-6) for t in (od, oh)]
+        err = max(r.get('rel_err_o', nan), r.get('rel_err_state', 0.0))
+        out.append(f"{r['kind']:8}{r['H']:>4}{shape:>14}{od:>10.1f}{fd:>10.1f}{fd / od:>7.2f}"
+                   f"{pct[0]:>7.0f}%{oh:>11.1f}{fe:>9.1f}{fe / oh:>7.2f}{pct[1]:>8.0f}%"
+                   f"{r.get('xla_us') or nan:>10.1f}{r['floor_us']:>8.1f}{err:>9.1e}")
     return '\n'.join(out)
 
 
@@ -638,38 +824,69 @@ def summarize_ncu_csv(raw):
 # ---------------------------------------------------------------------------------------------
 
 
-DECODE_SWEEP = ((None, 64, 4, True), (None, 64, 4, False), (None, 128, 4, True), (None, 128, 8, True),
-                (64, 64, 4, True))
+def decode_sweep(B):
+    """Decode configs tried per batch size (ours only). block_k: key dim split over programs + an
+    XLA sum of the partial outputs; key_piece: key rows walked in pieces inside a program."""
+    d = dict(block_v=64, num_warps=4, tiles_first=True)                        # the default
+    if B >= 64:
+        return [d, dict(d, block_k=64), dict(block_v=128, num_warps=8, tiles_first=True, key_piece=64),
+                dict(d, key_piece=64)][:4 if B == 64 else 2]
+    if B >= 16:
+        return [d, dict(d, tiles_first=False), dict(d, block_k=64)]
+    return [dict(d, block_k=64), dict(d, block_v=32), dict(d, block_k=64, block_v=32)]
 
 
-def prefill_sweep(T, R):
-    base = [dict(block_v=64, num_warps=4, num_stages=3, chunk=64, segment=0),    # run-3 config
-            dict(block_v=64, num_warps=4, num_stages=2, chunk=64, segment=0 if R > 1 else None),
-            dict(block_v=128, num_warps=8, num_stages=2, chunk=64, segment=0 if R > 1 else None)]
-    L = T // R
-    if R == 1:
-        base += [dict(block_v=64, num_warps=4, num_stages=3, chunk=64, segment=None),
-                 dict(block_v=64, num_warps=4, num_stages=2, chunk=64, segment=L // 32),
-                 dict(block_v=64, num_warps=4, num_stages=2, chunk=64, segment=L // 8)]
-    elif L >= 2048:
-        base += [dict(block_v=64, num_warps=4, num_stages=2, chunk=64, segment=L // 2)]
-    return base
+def prefill_sweep(T, R, H):
+    """Prefill configs tried per (H, T, R) (ours only): grid order, pipelining depth, segment."""
+    c = dict(block_v=64, num_warps=4, chunk=64)
+    if R > 1:
+        return [dict(c, num_stages=2, segment=0, tiles_first=True),
+                dict(c, num_stages=2, segment=0, tiles_first=False)]
+    if T <= 4096:
+        return [dict(c, num_stages=2, segment=s, tiles_first=True) for s in (None, 512, 1024)]
+    if gpu._pick_segment(T, R, H, 2, 64, None) is None:      # auto: unsplit (H=64)
+        return [dict(c, num_stages=3, segment=None, tiles_first=True),
+                dict(c, num_stages=3, segment=None, tiles_first=False),
+                dict(c, num_stages=2, segment=T // 8, tiles_first=True)]
+    return [dict(c, num_stages=2, segment=None, tiles_first=True),
+            dict(c, num_stages=2, segment=None, tiles_first=False),
+            dict(c, num_stages=3, segment=None, tiles_first=True)]
+
+
+def _cfg_key(s):
+    return tuple(int(x) for x in str(s).split(','))
+
+
+def _lookup(sel, H, shape, default, h32=True):
+    """Most specific config: (H, *shape), then (*shape,) (any H), then H=32's (if h32), then
+    default. (Prefill passes h32=False: whether to split depends on H.)"""
+    for key in ((H,) + shape, shape) + (((32,) + shape,) if h32 else ()):
+        if key in sel:
+            return sel[key]
+    return default
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--quick', action='store_true', help='few rows (smoke test)')
-    ap.add_argument('--tune', action='store_true', help='sweep kernel configs on a few rows')
     ap.add_argument('--no-sweep', action='store_true', help='default configs, no per-shape sweep')
+    ap.add_argument('--sweep', default=None,
+                    help='sweep only these shapes, e.g. "decode:32:64,prefill:64:32768:1" (as --rows); '
+                         'picks override --configs')
     ap.add_argument('--profile', action='store_true', help='ncu profile of decode + prefill kernels')
+    ap.add_argument('--trace', action='store_true',
+                    help='per row: in-situ kernel durations / gaps (XLA profiler, CUPTI) for ours '
+                         'and fla, and op counts of our compiled HLO')
     ap.add_argument('--deadline', type=float, default=560,
                     help='seconds: sweeps stop early and the profile is skipped past this')
     ap.add_argument('--no-xla', action='store_true')
+    ap.add_argument('--no-fla', action='store_true')
     ap.add_argument('--out', default=os.environ.get('OUT', 'out'))
+    ap.add_argument('--tag', default='', help='suffix of the JSON/log file names')
     ap.add_argument('--configs', default=None,
-                    help='JSON {"decode": {B: cfg}, "prefill": {"T,R": cfg}} instead of sweeping')
+                    help='JSON {"decode": {"B" or "H,B": cfg}, "prefill": {"T,R" or "H,T,R": cfg}}')
     ap.add_argument('--rows', default=None,
-                    help='only these rows, e.g. "prefill:64:32768:1,decode:32:64" (implies no sweep)')
+                    help='only these rows, e.g. "prefill:64:32768:1,decode:32:64" (no full sweep)')
     ap.add_argument('--no-check', action='store_true', help='skip the float64 oracle checks')
     ap.add_argument('--profile-only', action='store_true', help='only the ncu profile (--configs)')
     ap.add_argument('--profile-worker', default=None, help=argparse.SUPPRESS)
@@ -677,14 +894,20 @@ def main():
     if args.profile_worker is not None:
         profile_worker(json.loads(args.profile_worker))
         return
+    TRACE['on'] = args.trace
     given = json.loads(args.configs) if args.configs else {}
-    given_d = {int(b): c for b, c in given.get('decode', {}).items()}
-    given_p = {tuple(int(x) for x in k.split(',')): c for k, c in given.get('prefill', {}).items()}
+    given_d = {_cfg_key(b): c for b, c in given.get('decode', {}).items()}
+    given_p = {_cfg_key(k): c for k, c in given.get('prefill', {}).items()}
+
+    def profile_cfgs(dsel, psel):
+        cfgs = {f'decode_{n}': _lookup(dsel, H, (n,), {}) for kind, H, n, R in PROFILE_SHAPES
+                if kind == 'decode'}
+        cfgs.update({f'prefill_{n}_{R}': _lookup(psel, H, (n, R), {})
+                     for kind, H, n, R in PROFILE_SHAPES if kind == 'prefill'})
+        return cfgs
     if args.profile_only:
         os.makedirs(args.out, exist_ok=True)
-        cfgs = {f'decode_{b}': c for b, c in given_d.items()}
-        cfgs.update({f'prefill_{t}_{r}': c for (t, r), c in given_p.items()})
-        run_profile(args.out, cfgs, print, timeout=args.deadline)
+        run_profile(args.out, profile_cfgs(given_d, given_p), print, timeout=args.deadline)
         return
     only = None
     if args.rows:
@@ -704,7 +927,7 @@ def main():
         lines.append(s)
 
     dev = jax.devices()[0]
-    log(f'device: {dev.device_kind}; jax {jax.__version__}')
+    log(f'device: {dev.device_kind}; jax {jax.__version__}; XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
     try:
         import fla
         import torch
@@ -716,14 +939,16 @@ def main():
     rate = matmul_rate()
     log(f'copy bandwidth (read+write): jax {jbw / 1e12:.2f} TB/s, torch {tbw / 1e12:.2f} TB/s -> using {bw / 1e12:.2f}')
     log(f'bf16 matmul 8192^3: {rate / 1e12:.0f} TFLOP/s')
-    result = dict(device=dev.device_kind, jax=jax.__version__, copy_bw=bw, matmul_rate=rate)
+    result = dict(device=dev.device_kind, jax=jax.__version__, copy_bw=bw, matmul_rate=rate,
+                  xla_flags=os.environ.get('XLA_FLAGS', ''), argv=sys.argv[1:])
+    tag = f'_{args.tag}' if args.tag else ''
 
     def dump(rows=()):
         result['rows'] = list(rows)
         result['elapsed_s'] = time.time() - t_start
-        with open(os.path.join(args.out, 'bench_linear_attention.json'), 'w') as f:
+        with open(os.path.join(args.out, f'bench_linear_attention{tag}.json'), 'w') as f:
             json.dump(result, f, indent=1, default=str)
-        with open(os.path.join(args.out, 'bench_linear_attention.log'), 'w') as f:
+        with open(os.path.join(args.out, f'bench_linear_attention{tag}.log'), 'w') as f:
             f.write('\n'.join(lines) + '\n\n' + (fmt_table(rows) if rows else '') + '\n')
 
     result['oracle'] = {}
@@ -737,10 +962,17 @@ def main():
     dump()
 
     dcfg = dict(block_v=64, num_warps=4)
-    pcfg = dict(block_v=64, num_warps=4, num_stages=2, chunk=64)
+    pcfg = dict(block_v=64, num_warps=4, chunk=64)        # num_stages, segment, grid order: auto
     dsel, psel, sweep = dict(given_d), dict(given_p), []
     shapes = ((4096, 1), (4096, 16), (32768, 1), (32768, 16))
-    if not args.quick and not args.no_sweep and not given and only is None:
+    sweep_items = []
+    if args.sweep:
+        sweep_items = [tuple([f.split(':')[0]] + [int(x) for x in f.split(':')[1:]])
+                       for f in args.sweep.split(',')]
+    elif not args.quick and not args.no_sweep and not given and only is None:
+        sweep_items = [('prefill', 32, T, R) for T, R in shapes[::-1]] + \
+                      [('decode', 32, B) for B in (1, 16, 64, 256)]
+    if sweep_items:
         def pick(kind, label, configs, run, note, min_left):
             """Time each config (ours only), log it, keep it in the sweep; the fastest config or None."""
             best = None
@@ -755,30 +987,37 @@ def main():
                     continue
                 log(f'{kind} sweep {label} {c}{note(r)}')
                 sweep.append(dict(r, config=c))
-                if best is None or r['ours_us'] < best[0]:
-                    best = (r['ours_us'], c)
+                t = r.get('ours_dev_us') or r['ours_us']
+                if best is None or t < best[0]:
+                    best = (t, c)
             return best and best[1]
 
-        # prefill: per (T, R) on H=32, ours only; the pick is reused for H=64
-        for T, R in shapes[::-1]:
-            c = pick('prefill', f'T={T} R={R}', prefill_sweep(T, R),
-                     lambda c: bench_prefill(32, T, R, bw, rate, c, with_fla=False, with_xla=False, check=False),
-                     lambda r: f' (segment used {r["segment"]}): {r["ours_us"]:.1f} us', 300)
-            if c:
-                psel[(T, R)] = c
-        # decode: per batch size on H=32, ours only; reused for H=64
-        for B in (1, 16, 64, 256):
-            c = pick('decode', f'B={B}', [dict(block_k=bk, block_v=bv, num_warps=nw, tiles_first=tf)
-                                         for bk, bv, nw, tf in DECODE_SWEEP],
-                     lambda c: bench_decode(32, B, bw, c, with_fla=False, with_xla=False),
-                     lambda r: f': {r["ours_us"]:.1f} us ({100 * r["bytes"] / bw / (r["ours_us"] * 1e-6):.0f}% '
-                               f'copy BW) err {r["rel_err_o"]:.1e}', 240)
-            if c:
-                dsel[B] = c
+        trace_on, TRACE['on'] = TRACE['on'], False
+        for item in sweep_items:
+            H = item[1]
+            if item[0] == 'prefill':
+                T, R = item[2:]
+                c = pick('prefill', f'H={H} T={T} R={R}', prefill_sweep(T, R, H),
+                         lambda c: bench_prefill(H, T, R, bw, rate, c, with_fla=False,
+                                                 with_xla=False, check=False),
+                         lambda r: f' (segment used {r["segment"]}): dev {r.get("ours_dev_us") or 0:.1f} us '
+                                   f'(span {r.get("ours_span_us") or 0:.1f}), host {r["ours_us"]:.1f} us', 60)
+                if c:
+                    psel[(H, T, R)] = c
+            else:
+                B = item[2]
+                c = pick('decode', f'H={H} B={B}', decode_sweep(B),
+                         lambda c: bench_decode(H, B, bw, c, with_fla=False, with_xla=False),
+                         lambda r: f': dev {r.get("ours_dev_us") or 0:.1f} us (span '
+                                   f'{r.get("ours_span_us") or 0:.1f}; {100 * r["bytes"] / bw / ((r.get("ours_dev_us") or 1e9) * 1e-6):.0f}% '
+                                   f'copy BW), host {r["ours_us"]:.1f} us, err {r["rel_err_o"]:.1e}', 30)
+                if c:
+                    dsel[(H, B)] = c
+        TRACE['on'] = trace_on
         result['sweep'] = sweep
-        result['decode_configs'] = {str(b): c for b, c in dsel.items()}
-        result['prefill_configs'] = {f'{t},{r}': c for (t, r), c in psel.items()}
         dump()
+    result['decode_configs'] = {','.join(map(str, b)): c for b, c in dsel.items()}
+    result['prefill_configs'] = {','.join(map(str, k)): c for k, c in psel.items()}
 
     rows = []
     Hs = (32,) if args.quick else (32, 64)
@@ -787,36 +1026,37 @@ def main():
             if only is not None and ('decode', H, B) not in only:
                 continue
             try:
-                c = dsel.get(B, dcfg)
-                r = bench_decode(H, B, bw, c, with_xla=not args.no_xla)
+                c = _lookup(dsel, H, (B,), dcfg)
+                r = bench_decode(H, B, bw, c, with_xla=not args.no_xla, with_fla=not args.no_fla)
             except Exception as e:
                 log(f'decode H={H} B={B}: FAILED {type(e).__name__}: {str(e)[:300]}')
                 continue
             r['bw'] = bw
             r['config'] = c
             rows.append(r)
-            log(f'decode H={H} B={B}: ' + json.dumps({a: b for a, b in r.items() if 'us' in a or 'err' in a}))
+            log(f'decode H={H} B={B} {c}: ' + json.dumps({a: b for a, b in r.items()
+                                                           if 'us' in a or 'err' in a}))
+            if args.trace:
+                log(fmt_diag(r))
             dump(rows)
         for T, R in (((4096, 1),) if args.quick else shapes):
             if only is not None and ('prefill', H, T, R) not in only:
                 continue
-            c = psel.get((T, R), pcfg)
+            c = _lookup(psel, H, (T, R), pcfg, h32=False)
             try:
-                r = bench_prefill(H, T, R, bw, rate, c, with_xla=not args.no_xla)
+                r = bench_prefill(H, T, R, bw, rate, c, with_xla=not args.no_xla,
+                                  with_fla=not args.no_fla, check=not args.no_check)
             except Exception as e:
                 log(f'prefill H={H} T={T} R={R} {c}: FAILED {type(e).__name__}: {str(e)[:300]}')
-                c = dict(c, segment=0)
-                try:
-                    r = bench_prefill(H, T, R, bw, rate, c, with_xla=not args.no_xla)
-                except Exception as e:
-                    log(f'prefill H={H} T={T} R={R} {c}: FAILED {type(e).__name__}: {str(e)[:300]}')
-                    continue
+                continue
             r['bw'] = bw
             r['config'] = c
             rows.append(r)
-            log(f'prefill H={H} T={T} R={R}: ' + json.dumps({a: b for a, b in r.items() if 'us' in a or 'err' in a or a == 'segment'}))
+            log(f'prefill H={H} T={T} R={R} {c}: ' + json.dumps(
+                {a: b for a, b in r.items() if 'us' in a or 'err' in a or a == 'segment'}))
+            if args.trace:
+                log(fmt_diag(r))
             dump(rows)
-    result['configs'] = dict(decode=dcfg, prefill=pcfg)
     table = fmt_table(rows)
     dump(rows)
     print()
@@ -826,9 +1066,8 @@ def main():
         if left() < 45:
             log(f'profile: skipped ({left():.0f} s left before the deadline)')
         else:
-            cfgs = {f'decode_{b}': c for b, c in dsel.items()}
-            cfgs.update({f'prefill_{t}_{r}': c for (t, r), c in psel.items()})
-            result['profile'] = run_profile(args.out, cfgs, log, timeout=max(left(), 45))
+            result['profile'] = run_profile(args.out, profile_cfgs(dsel, psel), log,
+                                            timeout=max(left(), 45))
         dump(rows)
         print()
         print(table, flush=True)

@@ -186,6 +186,50 @@ def test_gpu_prefill_segment_split_matches_float64_recurrence(dtype, kind, segme
     check_prefill(o, new_pool, o_ref, pool_ref, pool, slots, cu, unused, TOL[dtype])
 
 
+@pytest.mark.parametrize('segment', [0, C])
+@pytest.mark.parametrize('tiles_first,fresh_dtype', [(True, 'int32'), (False, 'bool'),
+                                                     (False, 'int32')])
+def test_gpu_prefill_grid_orders_match_float64_recurrence(tiles_first, fresh_dtype, segment):
+    """Both grid orders (value-block axis first, the default, or last), unsplit and split (both
+    passes); fresh given as bool (read in the kernel as is) or as int32."""
+    rng = np.random.default_rng(8)
+    q, k, v, pool, unused, slots, cu, fresh = split_case(rng, 'float32', 'ragged')
+    scale = D ** -0.5
+    o_ref, pool_ref = oracle_prefill(q, k, v, LAMBDAS, pool, slots, cu, fresh, scale)
+    fn = jax.jit(functools.partial(gpu.prefill, scale=scale, chunk=C, block_v=16, segment=segment,
+                                   tiles_first=tiles_first, interpret=True), donate_argnums=4)
+    o, new_pool = fn(q, k, v, jnp.asarray(-LAMBDAS, jnp.float32), jnp.asarray(pool),
+                     jnp.asarray(slots), jnp.asarray(cu), jnp.asarray(fresh.astype(fresh_dtype)))
+    check_prefill(o, new_pool, o_ref, pool_ref, pool, slots, cu, unused, TOL['float32'])
+
+
+@pytest.mark.parametrize('cfg', [dict(block_v=16, key_piece=8), dict(block_v=8, block_k=16),
+                                 dict(block_v=16, block_k=16, key_piece=8, tiles_first=False)],
+                         ids=['key_piece', 'key_split', 'split+piece'])
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_gpu_decode_variants_match_float64_recurrence(dtype, cfg):
+    """Decode with the key dim split over programs (partial sums) and/or walked in pieces inside a
+    program; int32 fresh."""
+    rng = np.random.default_rng(9)
+    slots = np.array([4, -1, 0, 11, 2, 6, -1, 8], np.int32)
+    fresh = np.array([0, 0, 1, 0, 0, 1, 0, 0], np.int32)
+    B = len(slots)
+    q, k, v = (jnp.asarray(rng.standard_normal((B, H, D)) * 0.5, dtype) for _ in range(3))
+    pool, unused = make_pool(rng, slots[slots >= 0])
+    scale = D ** -0.5
+    o_ref, pool_ref = oracle_prefill(q, k, v, LAMBDAS, pool, slots, np.arange(B + 1), fresh, scale)
+    fn = jax.jit(functools.partial(gpu.decode, scale=scale, interpret=True, **cfg), donate_argnums=4)
+    o, state = fn(q, k, v, jnp.asarray(-LAMBDAS, jnp.float32), jnp.asarray(pool), jnp.asarray(slots),
+                  jnp.asarray(fresh))
+    o32 = np.asarray(jnp.asarray(o, jnp.float32))
+    live = slots >= 0
+    assert o.dtype == q.dtype
+    assert rel(o32[live], o_ref[live]) <= TOL[dtype]
+    assert rel(np.asarray(state)[slots[live]], pool_ref[slots[live]]) <= TOL[dtype]
+    assert np.all(o32[~live] == 0)
+    check_untouched(state, pool, unused)
+
+
 def test_gpu_prefill_auto_segment_choice():
     """The split is picked statically from (T, R, H, D/BV): only for grids of <= 64 programs
     (under half of an H100/H200), with power-of-two segments of at least 4 chunks; 0 disables."""
@@ -197,6 +241,8 @@ def test_gpu_prefill_auto_segment_choice():
     assert pick(32768, 16, 32, 2, 64, None) is None      # 1024 programs already
     assert pick(300, 1, 32, 2, 64, None) is None         # too short to split
     assert pick(32768, 1, 32, 2, 64, 0) is None
+    assert gpu._pick_stages(None, 128) == 3 and gpu._pick_stages(None, 1024) == 2
+    assert gpu._pick_stages(2048, 64) == 2
     with pytest.raises(ValueError, match='multiple of chunk'):
         pick(4096, 1, 32, 2, 64, 100)
 

@@ -16,7 +16,9 @@ Prefill: one program per (sequence, head, block of BV value columns); it walks i
 chunks of C tokens starting at the sequence's first token, carrying the f32 state tile
 S[:, vblock] (D x BV) in registers, and writes the final tile to the sequence's slot. The grid has
 R + 1 rows: row R zero-fills the padding tokens past cu_seqlens[-1]; a skipped sequence (length
-0 or negative slot) zero-fills its own tokens and touches no slot.
+0 or negative slot) zero-fills its own tokens and touches no slot. Grid order (value blocks, rows,
+H) by default (tiles_first): the D/BV programs that read the same q/k tokens launch side by side,
+so the second one finds them in L2. Pipelining depth auto (_pick_stages).
 
 Segment split (few, long sequences). With R * H * D/BV programs well under the GPU's width (one
 32k-token sequence at H=32: 64 programs for 132 SMs, each walking 512 chunks in series; the
@@ -45,6 +47,8 @@ o = scale qᵀ S, scatter back. The pool is aliased input->output, so under dona
 only the touched slots' bytes. Grid (value blocks, H, B) by default (tiles_first): programs
 launched together sweep one slot's [H, D, D] block in address order, as fla's grid does
 (H200, H=32: 304 vs 323 us at B=256, 95 vs 98 us at B=64 against grid (B, H, value blocks)).
+`fresh` is read in the kernel as given (bool or int), so a call launches this one kernel and no
+XLA conversion before it (block_k < D adds one XLA sum after it).
 """
 import functools
 import logging
@@ -87,18 +91,32 @@ _TARGET_PROGRAMS = 1024
 _MIN_SEGMENT_CHUNKS = 4
 
 
+def _flag(ref, i):
+    """Element i of a bool or integer flag vector as a bool scalar. A bool ref is read as is
+    (Pallas-Triton loads it through an i8 pointer), so no XLA convert kernel runs before the call."""
+    f = ref[i]
+    return f if f.dtype == jnp.bool_ else f != 0
+
+
 def _seg_rows(pid, NSEG):
     return pid // NSEG, pid % NSEG
 
 
+def _grid_ids(tiles_first):
+    """(row, head, value block) program ids; tiles_first: the value-block axis is grid axis 0."""
+    if tiles_first:
+        return pl.program_id(1), pl.program_id(2), pl.program_id(0)
+    return pl.program_id(0), pl.program_id(1), pl.program_id(2)
+
+
 def _increment_kernel(cu_ref, slots_ref, fresh_ref, g_ref, k_ref, v_ref, pool_ref, x_ref,
-                      *, NSEG, L, C, BV, exact):
+                      *, NSEG, L, C, BV, exact, tiles_first):
     """Pass 1 of the segment split. Program (r, i): i = 0 copies the initial state (pool tile or
     zero) to x[r, 0]; i >= 1 writes x[r, i] = the zero-start state of full segment i-1,
     sum_t gamma^(L-1-t) k_t v_t^T (exponents <= 0), if segment i-1 is not the sequence's last."""
-    r, i = _seg_rows(pl.program_id(0), NSEG)
-    h = pl.program_id(1)
-    vcols = pl.ds(pl.program_id(2) * BV, BV)
+    row, h, jv = _grid_ids(tiles_first)
+    r, i = _seg_rows(row, NSEG)
+    vcols = pl.ds(jv * BV, BV)
     s, e = cu_ref[r], cu_ref[r + 1]
     slot = slots_ref[r]
     valid = (e > s) & (slot >= 0)
@@ -106,11 +124,13 @@ def _increment_kernel(cu_ref, slots_ref, fresh_ref, g_ref, k_ref, v_ref, pool_re
     D = k_ref.shape[-1]
     x_at = x_ref.at[r, i, h, :, vcols]
 
-    @pl.when(valid & (i == 0) & (fresh_ref[r] != 0))
+    fresh = _flag(fresh_ref, r)
+
+    @pl.when(valid & (i == 0) & fresh)
     def _():
         pltr.store(x_at, jnp.zeros((D, BV), F32))
 
-    @pl.when(valid & (i == 0) & (fresh_ref[r] == 0))
+    @pl.when(valid & (i == 0) & ~fresh)
     def _():
         pltr.store(x_at, pltr.load(pool_ref.at[slot, h, :, vcols]).astype(F32))
 
@@ -133,7 +153,7 @@ def _increment_kernel(cu_ref, slots_ref, fresh_ref, g_ref, k_ref, v_ref, pool_re
 
 
 def _prefill_kernel(cu_ref, slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, pool_ref, *rest,
-                    R, T, C, BV, scale, exact, L, NSEG):
+                    R, T, C, BV, scale, exact, L, NSEG, tiles_first):
     """Output pass. Unsplit (L None): program (r, h, vblock) walks sequence r from its slot's
     state. Split: program (r*NSEG + j, h, vblock) walks segment j of sequence r, starting from
     x[r, 0] (initial state) folded with the increments x[r, 1..j] (S = gamma^L S + x[r, i])."""
@@ -143,9 +163,9 @@ def _prefill_kernel(cu_ref, slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, po
     else:
         x_ref, o_ref, pool_out_ref = rest
     del pool_out_ref  # aliased with pool_ref: read and write through pool_ref
-    r, j = _seg_rows(pl.program_id(0), NSEG)
-    h = pl.program_id(1)
-    vcols = pl.ds(pl.program_id(2) * BV, BV)
+    row, h, jv = _grid_ids(tiles_first)
+    r, j = _seg_rows(row, NSEG)
+    vcols = pl.ds(jv * BV, BV)
     io_dtype = o_ref.dtype
     ar = jnp.arange(C, dtype=jnp.int32)
 
@@ -176,7 +196,7 @@ def _prefill_kernel(cu_ref, slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, po
     def _():
         g = g_ref[h]
         if L is None:
-            fresh = fresh_ref[r_c] != 0
+            fresh = _flag(fresh_ref, r_c)
             S0 = pltr.load(pool_ref.at[slot, h, :, vcols]).astype(F32)
             S0 = jnp.where(fresh, jnp.zeros_like(S0), S0)
         else:
@@ -217,6 +237,14 @@ def _prefill_kernel(cu_ref, slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, po
                 pltr.store(pool_ref.at[slot, h, :, vcols], S.astype(pool_ref.dtype))
 
 
+def _pick_stages(L, programs):
+    """Pipelining depth of the prefill passes (num_stages=None). Measured on H200 (notes file):
+    unsplit with at most one wave of programs (few long sequences), 3 stages: H=64 one 32k
+    sequence (128 programs) 1152 us vs 1994 at 2, H=32 1195 vs 1343; split, or a full grid, 2 stages:
+    H=32 one 32k sequence split 899 vs 1045 us, 16 sequences unsplit 645 vs 762."""
+    return 3 if L is None and programs <= 132 else 2
+
+
 def _pick_segment(T, R, H, NV, C, segment):
     """Static segment length (tokens, a multiple of C) or None for no split."""
     if segment is not None:
@@ -234,13 +262,19 @@ def _pick_segment(T, R, H, NV, C, segment):
 
 
 @functools.partial(jax.jit, static_argnames=('scale', 'chunk', 'block_v', 'num_warps',
-                                             'num_stages', 'segment', 'interpret'))
+                                             'num_stages', 'segment', 'tiles_first', 'interpret'))
 def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, chunk=64,
-            block_v=64, num_warps=4, num_stages=2, segment=None, interpret=False):
+            block_v=64, num_warps=4, num_stages=None, segment=None, tiles_first=True,
+            interpret=False):
     """See reference.prefill. cu_seqlens[0] must be 0.
 
     segment: None = split long sequences automatically when the grid would be small (see the
-    module docstring); 0 = never split; L (a multiple of chunk) = split into L-token segments."""
+    module docstring); 0 = never split; L (a multiple of chunk) = split into L-token segments.
+    num_stages: None = 3 unsplit with at most 132 programs, else 2 (_pick_stages).
+    tiles_first: the value-block axis is the first (fastest-launched) grid axis, so the D/BV
+    programs of one (segment, head), which read the same q and k, run side by side (H200, one
+    32k sequence, H=32, split: 899 vs 968 us; H=64 unsplit at 2 stages: 1856 vs 1994 us).
+    fresh may be bool or integer (read in the kernel as is)."""
     T, H, D = q.shape
     R = slots.shape[0]
     BV = min(block_v, D)
@@ -250,16 +284,18 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
     exact = q.dtype == jnp.float32
     L = _pick_segment(T, R, H, NV, chunk, segment)
     NSEG = 1 if L is None else -(-T // L)
+    if num_stages is None:
+        num_stages = _pick_stages(L, R * H * NV)
     cu = cu_seqlens.astype(jnp.int32)
     slots = slots.astype(jnp.int32)
-    fresh = fresh.astype(jnp.int32)
     g = log_decay.astype(F32)
     params = pltr.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     extra = ()
     if L is not None:
         x = pl.pallas_call(
-            functools.partial(_increment_kernel, NSEG=NSEG, L=L, C=chunk, BV=BV, exact=exact),
-            grid=(R * NSEG, H, NV),
+            functools.partial(_increment_kernel, NSEG=NSEG, L=L, C=chunk, BV=BV, exact=exact,
+                              tiles_first=tiles_first),
+            grid=(NV, R * NSEG, H) if tiles_first else (R * NSEG, H, NV),
             out_shape=_like(k, (R, NSEG, H, D, v.shape[-1]), F32),
             compiler_params=params,
             interpret=interpret,
@@ -267,10 +303,10 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
         )(cu, slots, fresh, g, k, v, state_pool)
         extra = (x,)
     kernel = functools.partial(_prefill_kernel, R=R, T=T, C=chunk, BV=BV, scale=float(scale),
-                               exact=exact, L=L, NSEG=NSEG)
+                               exact=exact, L=L, NSEG=NSEG, tiles_first=tiles_first)
     o, pool = pl.pallas_call(
         kernel,
-        grid=((R + 1) * NSEG, H, NV),
+        grid=(NV, (R + 1) * NSEG, H) if tiles_first else ((R + 1) * NSEG, H, NV),
         out_shape=(_like(q), _like(state_pool)),
         input_output_aliases={7: 1},
         compiler_params=params,
@@ -285,7 +321,7 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
 
 
 def _decode_kernel(slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, pool_ref, o_ref,
-                   pool_out_ref, *, BK, BV, NV, scale, split, tiles_first):
+                   pool_out_ref, *, BK, BV, NV, KI, scale, split, tiles_first):
     del pool_out_ref
     b = pl.program_id(2 if tiles_first else 0)
     h = pl.program_id(1)
@@ -293,7 +329,6 @@ def _decode_kernel(slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, pool_ref, o
     kb = tile // NV
     j = tile % NV
     vcols = pl.ds(j * BV, BV)
-    krows = pl.ds(kb * BK, BK)
     slot = slots_ref[b]
     # split (BK < D): o_ref is an f32 [NK, B, H, D] buffer of partial sums over key blocks
     o_at = o_ref.at[kb, b, h, vcols] if split else o_ref.at[b, h, vcols]
@@ -304,31 +339,43 @@ def _decode_kernel(slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, pool_ref, o
 
     @pl.when(slot >= 0)
     def _():
-        qv = q_ref[b, h, krows].astype(F32)
-        kv = k_ref[b, h, krows].astype(F32)
+        fresh = _flag(fresh_ref, b)
+        gamma = jnp.exp(g_ref[h])
         vv = v_ref[b, h, vcols].astype(F32)
-        S = pltr.load(pool_ref.at[slot, h, krows, vcols]).astype(F32)
-        S = jnp.where(fresh_ref[b] != 0, 0.0, jnp.exp(g_ref[h]) * S) + kv[:, None] * vv[None, :]
-        pltr.store(pool_ref.at[slot, h, krows, vcols], S.astype(pool_ref.dtype))
-        o_at[...] = (scale * jnp.sum(qv[:, None] * S, axis=0)).astype(o_ref.dtype)
+        o = jnp.zeros((BV,), F32)
+        # KI < BK: the program walks its key rows in KI-row pieces (load, update, store, reduce
+        # one piece at a time): fewer live registers per thread, more programs per SM.
+        for kk in range(BK // KI):
+            krows = pl.ds(kb * BK + kk * KI, KI)
+            qv = q_ref[b, h, krows].astype(F32)
+            kv = k_ref[b, h, krows].astype(F32)
+            S = pltr.load(pool_ref.at[slot, h, krows, vcols]).astype(F32)
+            S = jnp.where(fresh, 0.0, gamma * S) + kv[:, None] * vv[None, :]
+            pltr.store(pool_ref.at[slot, h, krows, vcols], S.astype(pool_ref.dtype))
+            o = o + jnp.sum(qv[:, None] * S, axis=0)
+        o_at[...] = (scale * o).astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=('scale', 'block_k', 'block_v', 'num_warps',
-                                             'tiles_first', 'interpret'))
+                                             'tiles_first', 'key_piece', 'interpret'))
 def decode(q, k, v, log_decay, state_pool, slots, fresh, *, scale, block_k=None, block_v=64,
-           num_warps=4, tiles_first=True, interpret=False):
+           num_warps=4, tiles_first=True, key_piece=None, interpret=False):
     """See reference.decode. block_k < D splits the key dim over programs (f32 partial outputs
-    summed afterwards), for more programs in flight at small batch. tiles_first: grid
-    (tiles, H, B), so that programs launched together sweep one slot's [H, D, D] state in address
-    order (as fla's grid does); False: grid (B, H, tiles)."""
+    summed afterwards), for more programs in flight at small batch. key_piece < block_k: each
+    program walks its key rows in pieces of that many rows (fewer registers, no extra kernel).
+    tiles_first: grid (tiles, H, B), so that programs launched together sweep one slot's
+    [H, D, D] state in address order (as fla's grid does); False: grid (B, H, tiles).
+    fresh may be bool or integer (read in the kernel as is; no conversion kernel)."""
     B, H, D = q.shape
     BV = min(block_v, D)
     BK = min(block_k or D, D)
-    if D % BV or D % BK:
-        raise ValueError(f'head dim {D} is not a multiple of block_v={BV} / block_k={BK}')
+    KI = min(key_piece or BK, BK)
+    if D % BV or D % BK or BK % KI:
+        raise ValueError(f'head dim {D} is not a multiple of block_v={BV} / block_k={BK}, '
+                         f'or block_k not of key_piece={KI}')
     NV, NK = D // BV, D // BK
     split = NK > 1
-    kernel = functools.partial(_decode_kernel, BK=BK, BV=BV, NV=NV, scale=float(scale),
+    kernel = functools.partial(_decode_kernel, BK=BK, BV=BV, NV=NV, KI=KI, scale=float(scale),
                                split=split, tiles_first=tiles_first)
     o_struct = _like(q, (NK,) + q.shape, F32) if split else _like(q)
     o, pool = pl.pallas_call(
@@ -339,8 +386,7 @@ def decode(q, k, v, log_decay, state_pool, slots, fresh, *, scale, block_k=None,
         compiler_params=pltr.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name='lingjax_linear_attention_decode',
-    )(slots.astype(jnp.int32), fresh.astype(jnp.int32), log_decay.astype(F32), q, k, v,
-      state_pool)
+    )(slots.astype(jnp.int32), fresh, log_decay.astype(F32), q, k, v, state_pool)
     if split:
         o = o.sum(0).astype(q.dtype)
     return o, pool
