@@ -843,7 +843,10 @@ def prefill_sweep(T, R, H):
         return [dict(c, num_stages=2, segment=0, tiles_first=True),
                 dict(c, num_stages=2, segment=0, tiles_first=False)]
     if T <= 4096:
-        return [dict(c, num_stages=2, segment=s, tiles_first=True) for s in (None, 512, 1024)]
+        return ([dict(c, num_stages=2, segment=s, tiles_first=True) for s in (None, 512, 1024)]
+                + [dict(c, num_stages=3, segment=0, tiles_first=True),
+                   dict(c, block_v=32, num_stages=3, segment=0, tiles_first=True),
+                   dict(c, block_v=32, num_stages=2, segment=1024, tiles_first=True)])
     if gpu._pick_segment(T, R, H, 2, 64, None) is None:      # auto: unsplit (H=64)
         return [dict(c, num_stages=3, segment=None, tiles_first=True),
                 dict(c, num_stages=3, segment=None, tiles_first=False),

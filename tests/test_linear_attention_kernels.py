@@ -232,10 +232,12 @@ def test_gpu_decode_variants_match_float64_recurrence(dtype, cfg):
 
 def test_gpu_prefill_auto_segment_choice():
     """The split is picked statically from (T, R, H, D/BV): only for grids of <= 64 programs
-    (under half of an H100/H200), with power-of-two segments of at least 4 chunks; 0 disables."""
+    (under half of an H100/H200), with power-of-two segments of at least 16 chunks; 0 disables."""
     pick = gpu._pick_segment
     assert pick(32768, 1, 32, 2, 64, None) == 2048
-    assert pick(4096, 1, 32, 2, 64, None) == 256
+    assert pick(4096, 1, 32, 2, 64, None) == 1024
+    assert pick(2048, 1, 32, 2, 64, None) == 1024
+    assert pick(2000, 1, 32, 2, 64, None) is None        # under two minimum segments
     assert pick(32768, 1, 16, 2, 64, None) == 1024
     assert pick(32768, 1, 64, 2, 64, None) is None       # 128 programs: measured slower split
     assert pick(32768, 16, 32, 2, 64, None) is None      # 1024 programs already

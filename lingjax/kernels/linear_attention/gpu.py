@@ -85,10 +85,13 @@ def _dot(a, b, exact, trans_a=False, trans_b=False):
 # busy), into segments giving about _TARGET_PROGRAMS programs. Measured on H200 (notes file):
 # H=32, one 32k sequence (64 programs): 1092 us unsplit -> 846-892 us split (L=2048); H=64, one
 # 32k sequence (128 programs): 1140 us unsplit vs 1566 us split (L=4096): with the SMs already
-# mostly busy, the split's extra pass costs more than its parallelism gains.
+# mostly busy, the split's extra pass costs more than its parallelism gains. Segments are at least
+# 16 chunks (1024 tokens): each output program folds every earlier segment's increment, so short
+# segments cost more in the fold than they gain (H=32, one 4096-token sequence, device time, run 8:
+# L=256 140.8 us, 512 112.6, 1024 101.0, unsplit 116.3; fla 106.6).
 _SPLIT_MAX_PROGRAMS = 64
 _TARGET_PROGRAMS = 1024
-_MIN_SEGMENT_CHUNKS = 4
+_MIN_SEGMENT_CHUNKS = 16
 
 
 def _flag(ref, i):
