@@ -57,7 +57,8 @@ def pick_form(T, k, n_local, d, I, itemsize=4):
 
 def sorted_experts(x2, idx, w, w_gate, w_up, w_down):
     """Grouped expert FFN in plain jnp: x2 [T, d]; idx [T, k] expert ids in [0, E); w [T, k] f32
-    combine weights (0 drops a pair); w_gate/w_up [E, d, I], w_down [E, I, d].
+    combine weights (0 drops a pair); w_gate/w_up [E, d, I], w_down [E, I, d] (cast to x2's dtype
+    after the gather, so only the blocks' weights are converted).
     The T * k (token, expert) pairs are sorted by expert (stable) and laid out in blocks of `block`
     rows, each expert's group padded to whole blocks, so every block belongs to one expert; padding
     rows read a zero token row and carry weight 0. Each block runs against its expert's gathered
@@ -80,9 +81,10 @@ def sorted_experts(x2, idx, w, w_gate, w_up, w_down):
     weight = jnp.zeros((nb * block,), F32).at[row].set(w.reshape(-1)[order])
     expert = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(nb) * block, side='right'), E - 1)
     xb = jnp.concatenate([x2, jnp.zeros((1, d), x2.dtype)])[token].reshape(nb, block, d)
-    h = jax.nn.silu(jnp.einsum('bnd,bdi->bni', xb, w_gate[expert]))
-    h = h * jnp.einsum('bnd,bdi->bni', xb, w_up[expert])
-    y = jnp.einsum('bni,bid->bnd', h, w_down[expert]).reshape(nb * block, d)
+    dt = x2.dtype
+    h = jax.nn.silu(jnp.einsum('bnd,bdi->bni', xb, w_gate[expert].astype(dt)))
+    h = h * jnp.einsum('bnd,bdi->bni', xb, w_up[expert].astype(dt))
+    y = jnp.einsum('bni,bid->bnd', h, w_down[expert].astype(dt)).reshape(nb * block, d)
     out = jnp.zeros((T + 1, d), F32).at[token].add(y.astype(F32) * weight[:, None])
     return out[:T].astype(x2.dtype)
 
@@ -104,10 +106,10 @@ class MoE(nnx.Module):
         return route(x2, self.gate[...], self.expert_bias[...], top_k=c.num_experts_per_tok,
                      n_group=c.n_group, topk_group=c.topk_group, scale=c.routed_scaling_factor)
 
-    def experts(self, x2, idx, w, form=None):
+    def experts(self, x2, idx, w):
         """Routed experts, combined with the float32 routing weights and summed in float32 (HF
-        combine precision, SPEC App. B). Three exact forms of the same sum (`pick_form` chooses by the
-        static shapes; `form=` forces one):
+        combine precision, SPEC App. B). Three exact forms of the same sum, `pick_form` chooses by the
+        static shapes (each form casts only the expert weights it reads to the activation dtype):
         - "gather" (T * top_k < local experts: decode): gather just the picked experts' weights
           per (token, k) pair, so a step reads T * top_k expert matrices, not all E;
         - "sorted": the (token, k) pairs sorted by expert into fixed blocks of `_block(...)` rows,
@@ -122,20 +124,21 @@ class MoE(nnx.Module):
         n_local, d, I = self.w_gate.shape
         off = 0 if n_local == self.cfg.num_experts else tp_index() * n_local
         dt = x2.dtype
-        form = form or pick_form(T, k, n_local, d, I)
+        form = pick_form(T, k, n_local, d, I)
         local = idx - off
         mine = (local >= 0) & (local < n_local)
         local = jnp.clip(local, 0, n_local - 1)
         w = jnp.where(mine, w, 0.0)
-        wg, wu, wd = (p[...].astype(dt) for p in (self.w_gate, self.w_up, self.w_down))
+        wg, wu, wd = self.w_gate[...], self.w_up[...], self.w_down[...]
         if form == "gather":
-            h = jax.nn.silu(jnp.einsum('td,tkdi->tki', x2, wg[local]))
-            h = h * jnp.einsum('td,tkdi->tki', x2, wu[local])
-            y = jnp.einsum('tki,tkid->tkd', h, wd[local])
+            h = jax.nn.silu(jnp.einsum('td,tkdi->tki', x2, wg[local].astype(dt)))
+            h = h * jnp.einsum('td,tkdi->tki', x2, wu[local].astype(dt))
+            y = jnp.einsum('tki,tkid->tkd', h, wd[local].astype(dt))
             return jnp.einsum('tkd,tk->td', y.astype(F32), w).astype(dt)
         if form == "sorted":
             return sorted_experts(x2, local, w, wg, wu, wd)
         assert form == "dense", form
+        wg, wu, wd = wg.astype(dt), wu.astype(dt), wd.astype(dt)
         combine = jnp.zeros((T, n_local), F32).at[jnp.arange(T)[:, None], local].add(w)
         h = jax.nn.silu(jnp.einsum('td,edi->tei', x2, wg))
         h = h * jnp.einsum('td,edi->tei', x2, wu)
