@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (Python 3.12) and install lingjax with pinned dependencies; `--test` adds the test extras.
+# --no-cache-dir: the test extras pull torch with ~3.5 GB of CUDA wheels (PyPI has no CPU torch for 3.12);
+# caching them too doubled the disk the install needs, and CI once ran out of space.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -12,4 +14,4 @@ if [ ! -x .venv/bin/python ]; then
 fi
 target="."
 [ "${1:-}" = "--test" ] && target=".[test]"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e "$target"
+.venv/bin/python -m pip install -q --no-cache-dir --disable-pip-version-check -e "$target"
