@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from lingjax.kernels.linear_attention import gpu, reference  # noqa: E402
+from lingjax.kernels.linear_attention import gpu, mosaic_gpu, reference  # noqa: E402
 
 F32 = jnp.float32
 NUM_SLOTS = 512
@@ -362,15 +362,16 @@ def check_small(log):
         q, k, v = (jnp.asarray(rng.standard_normal((B, H, D)) * 0.5, dt) for _ in range(3))
         o_ref, p_ref = oracle_prefill(q.astype(F32), k.astype(F32), v.astype(F32), g, pool, dslots,
                                       np.arange(B + 1), dfresh, D ** -0.5)
-        o, p = gpu.decode(q, k, v, jnp.asarray(g), jnp.asarray(pool), jnp.asarray(dslots),
-                          jnp.asarray(dfresh), scale=D ** -0.5)
-        o, p = np.asarray(o.astype(F32)), np.asarray(p)
-        e_o, e_s = rel(o, o_ref), rel(p, p_ref)
-        untouched = [i for i in range(N) if i not in set(dslots[dslots >= 0])]
-        ok_untouched = bool(np.array_equal(p[untouched], pool[untouched]))
-        res[f'decode_{dt}'] = dict(rel_o=e_o, rel_state=e_s, untouched=ok_untouched,
-                                   padding_zero=bool(np.all(o[1] == 0)),
-                                   ok=max(e_o, e_s) <= tol and ok_untouched and bool(np.all(o[1] == 0)))
+        for name, fn in (('decode', gpu.decode), ('mosaic_decode', mosaic_gpu.decode)):
+            o, p = fn(q, k, v, jnp.asarray(g), jnp.asarray(pool), jnp.asarray(dslots),
+                      jnp.asarray(dfresh), scale=D ** -0.5)
+            o, p = np.asarray(o.astype(F32)), np.asarray(p)
+            e_o, e_s = rel(o, o_ref), rel(p, p_ref)
+            untouched = [i for i in range(N) if i not in set(dslots[dslots >= 0])]
+            ok_untouched = bool(np.array_equal(p[untouched], pool[untouched]))
+            res[f'{name}_{dt}'] = dict(rel_o=e_o, rel_state=e_s, untouched=ok_untouched,
+                                       padding_zero=bool(np.all(o[1] == 0)),
+                                       ok=max(e_o, e_s) <= tol and ok_untouched and bool(np.all(o[1] == 0)))
     for name, r in res.items():
         log(f'oracle check {name}: ' + ', '.join(f'{a}={b:.2e}' if isinstance(b, float) else f'{a}={b}'
                                                  for a, b in r.items()))
@@ -446,7 +447,7 @@ def bench_decode(H, B, bw, cfg, with_fla=True, with_xla=True):
     # correctness (ours vs jnp reference, f32 math) on one step
     slots0 = perm[:B]
     o_ref, p_ref = reference.decode(q, k, v, g, pool, slots0, fresh, scale=scale)
-    o, p = gpu.decode(q, k, v, g, pool, slots0, fresh, scale=scale, **cfg)
+    o, p = decode_fn(cfg)(q, k, v, g, pool, slots0, fresh, scale=scale)
     row['rel_err_o'] = rel(o.astype(F32), o_ref.astype(F32))
     row['rel_err_state'] = rel(p[slots0], p_ref[slots0])
     del o_ref, p_ref, p
@@ -461,7 +462,7 @@ def bench_decode(H, B, bw, cfg, with_fla=True, with_xla=True):
             return pool_c, o
         return step
 
-    row['ours_us'] = time_jax_unrolled(make_step(lambda *a, **kw: gpu.decode(*a, **kw, **cfg)),
+    row['ours_us'] = time_jax_unrolled(make_step(decode_fn(cfg)),
                                        pool, slot_sets) * 1e6
     _take_diag(row, 'ours')
     if with_xla:
@@ -654,8 +655,8 @@ def profile_worker(cfgs):
             slots = jnp.asarray(np.random.default_rng(0).permutation(NUM_SLOTS)[:n].astype(np.int32))
             fresh = jnp.zeros((n,), bool)
             cfg = cfgs.get(f'decode_{n}', {})
-            f = jax.jit(lambda pool, q=q, k=k, v=v, g=g, slots=slots, fresh=fresh, cfg=cfg: gpu.decode(
-                q, k, v, g, pool, slots, fresh, scale=scale, **cfg), donate_argnums=0)
+            f = jax.jit(lambda pool, q=q, k=k, v=v, g=g, slots=slots, fresh=fresh, cfg=cfg: decode_fn(cfg)(
+                q, k, v, g, pool, slots, fresh, scale=scale), donate_argnums=0)
             tq, tk, tv = (torch.from_dlpack(x).unsqueeze(1).contiguous() for x in (q, k, v))
             h0 = torch.from_dlpack(pool[slots]).contiguous()
 
@@ -824,10 +825,26 @@ def summarize_ncu_csv(raw):
 # ---------------------------------------------------------------------------------------------
 
 
+def decode_fn(cfg):
+    """Our decode for a bench config: {"kernel": "mosaic", ...} = the Mosaic GPU kernel
+    (mosaic_gpu.py), otherwise the Pallas-Triton one (gpu.py) with cfg as its options."""
+    cfg = dict(cfg)
+    if cfg.pop('kernel', 'triton') == 'mosaic':
+        return lambda *a, **kw: mosaic_gpu.decode(*a, **kw, **cfg)
+    return lambda *a, **kw: gpu.decode(*a, **kw, **cfg)
+
+
 def decode_sweep(B):
-    """Decode configs tried per batch size (ours only). block_k: key dim split over programs + an
-    XLA sum of the partial outputs; key_piece: key rows walked in pieces inside a program."""
+    """Decode configs tried per batch size (ours only): the Triton default, the Mosaic GPU kernel
+    at three value-block widths, then the Triton variants of _triton_decode_sweep."""
     d = dict(block_v=64, num_warps=4, tiles_first=True)                        # the default
+    mosaic = [dict(kernel='mosaic', block_v=bv) for bv in (64, 32, 128)]
+    return [d] + mosaic + _triton_decode_sweep(B, d)[1:]
+
+
+def _triton_decode_sweep(B, d):
+    """block_k: key dim split over programs + an XLA sum of the partial outputs; key_piece: key
+    rows walked in pieces inside a program."""
     if B >= 64:
         return [d, dict(d, block_k=64), dict(block_v=128, num_warps=8, tiles_first=True, key_piece=64),
                 dict(d, key_piece=64)][:4 if B == 64 else 2]

@@ -17,7 +17,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from lingjax.kernels import linear_attention as la
-from lingjax.kernels.linear_attention import gpu, reference, tpu
+from lingjax.kernels.linear_attention import gpu, mosaic_gpu, reference, tpu
 
 TOL = {'float32': 1e-5, 'bfloat16': 1e-2}
 H, D = 4, 32
@@ -230,6 +230,45 @@ def test_gpu_decode_variants_match_float64_recurrence(dtype, cfg):
     check_untouched(state, pool, unused)
 
 
+@pytest.mark.parametrize('block_v', [32, 64])
+@pytest.mark.parametrize('fresh_dtype', [np.bool_, np.int32])
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_mosaic_gpu_decode_matches_float64_recurrence(dtype, fresh_dtype, block_v):
+    """The Mosaic GPU decode kernel (Mosaic GPU interpret mode; it needs D a multiple of 64, so
+    D=128 here): padding rows, fresh and continuing slots, two steps in a row, poisoned slots."""
+    rng = np.random.default_rng(11)
+    h, d, n = 2, 128, 9
+    lam = np.array([0.917, 0.0039])
+    slots = np.array([4, -1, 0, 8, 2], np.int32)
+    fresh = np.array([0, 0, 1, 0, 1], fresh_dtype)
+    B = len(slots)
+    q, k, v = (jnp.asarray(rng.standard_normal((B, h, d)) * 0.5, dtype) for _ in range(3))
+    pool = (rng.standard_normal((n, h, d, d)) * 0.3).astype(np.float32)
+    unused = np.array([s for s in range(n) if s not in set(slots)])
+    pool[unused] = np.nan
+    scale = d ** -0.5
+    fn = jax.jit(functools.partial(mosaic_gpu.decode, scale=scale, block_v=block_v, interpret=True),
+                 donate_argnums=4)
+    state, ref_pool, live = jnp.asarray(pool), pool, slots >= 0
+    for step in range(2):
+        f = fresh if step == 0 else np.zeros_like(fresh)
+        o_ref, ref_pool = oracle_prefill(q, k, v, lam, ref_pool, slots, np.arange(B + 1), f.astype(bool), scale)
+        o, state = fn(q, k, v, jnp.asarray(-lam, jnp.float32), state, jnp.asarray(slots), jnp.asarray(f))
+        o32 = np.asarray(jnp.asarray(o, jnp.float32))
+        assert o.dtype == q.dtype
+        assert rel(o32[live], o_ref[live]) <= TOL[dtype]
+        assert rel(np.asarray(state)[slots[live]], ref_pool[slots[live]]) <= TOL[dtype]
+        assert np.all(o32[~live] == 0)
+        check_untouched(state, pool, unused)
+
+
+def test_mosaic_gpu_decode_rejects_unsupported_shapes():
+    x = jnp.zeros((1, 1, 32), jnp.bfloat16)
+    with pytest.raises(ValueError, match='multiple of 64'):
+        mosaic_gpu.decode(x, x, x, jnp.zeros((1,)), jnp.zeros((2, 1, 32, 32)), jnp.zeros((1,), jnp.int32),
+                          jnp.zeros((1,), bool), scale=1.0)
+
+
 def test_gpu_prefill_auto_segment_choice():
     """The split is picked statically from (T, R, H, D/BV): only for grids of <= 64 programs
     (under half of an H100/H200), with power-of-two segments of at least 16 chunks; 0 disables."""
@@ -281,7 +320,7 @@ def test_reference_chunked_matches_oracle():
 # dispatch point
 
 
-@pytest.mark.parametrize('impl', ['reference', 'gpu_interpret', 'tpu_interpret'])
+@pytest.mark.parametrize('impl', ['reference', 'gpu_interpret', 'tpu_interpret', 'mosaic_gpu_interpret'])
 def test_dispatch_default_chunks_inside_shard_map(impl, monkeypatch):
     """Through the dispatch (env override, production chunk sizes, D=128), inside jit+shard_map."""
     monkeypatch.setenv('LINGJAX_KERNELS', impl)
@@ -351,4 +390,20 @@ def test_kernels_lower_for_target_with_pool_aliased(target):
         for fn, args in ((mod.prefill, pre), (mod.decode, dec)):
             text = jax.jit(functools.partial(fn, scale=0.1), donate_argnums=4).trace(*args).lower(
                 lowering_platforms=(platform,)).as_text()
+            assert 'output_operand_aliases' in text, 'state pool must be aliased in -> out'
+
+
+def test_mosaic_gpu_decode_lowers_for_h100_as_one_kernel_with_pool_aliased():
+    """Pallas -> Mosaic GPU IR for an H100 (layouts, swizzle, TMA shapes are checked here): one
+    custom call, no XLA op around it (bool fresh read in the kernel), the pool aliased in -> out."""
+    sd = jax.ShapeDtypeStruct
+    h, d, n, b = 4, 128, 8, 16
+    dec = (sd((b, h, d), jnp.bfloat16),) * 3 + (sd((h,), jnp.float32), sd((n, h, d, d), jnp.float32),
+                                               sd((b,), jnp.int32), sd((b,), jnp.bool_))
+    with _abstract('cuda', 'NVIDIA H100 80GB HBM3'):
+        for bv in (32, 64, 128):
+            text = jax.jit(functools.partial(mosaic_gpu.decode, scale=0.1, block_v=bv), donate_argnums=4).trace(
+                *dec).lower(lowering_platforms=('cuda',)).as_text()
+            ops = [line.split('=', 1)[1].split('(')[0].strip() for line in text.splitlines() if ' = stablehlo.' in line]
+            assert ops == ['stablehlo.custom_call @mosaic_gpu_v2'], ops
             assert 'output_operand_aliases' in text, 'state pool must be aliased in -> out'

@@ -1,10 +1,13 @@
 """Linear-attention kernels behind one dispatch point (see reference.py for the conventions).
 
 ``prefill`` and ``decode`` pick an implementation by ``jax.default_backend()``:
-gpu -> Pallas GPU kernels (gpu.py), tpu -> Pallas Mosaic TPU kernels (tpu.py), anything else ->
-the pure-jnp reference. Override with ``impl=`` or the environment variable LINGJAX_KERNELS, one of
-  reference | gpu | tpu | gpu_interpret | tpu_interpret
-(the *_interpret forms run the Pallas kernels in interpret mode on the CPU; for tests).
+gpu -> Pallas GPU kernels (gpu.py, Triton lowering), tpu -> Pallas Mosaic TPU kernels (tpu.py),
+anything else -> the pure-jnp reference. Override with ``impl=`` or the environment variable
+LINGJAX_KERNELS, one of
+  reference | gpu | tpu | mosaic_gpu | gpu_interpret | tpu_interpret | mosaic_gpu_interpret
+mosaic_gpu: decode by the Pallas Mosaic GPU kernel (mosaic_gpu.py; head dim a multiple of 64, else
+gpu.py's), prefill by gpu.py's (not yet ported). Opt-in until it is measured on hardware.
+(The *_interpret forms run the Pallas kernels in interpret mode on the CPU; for tests.)
 Both functions are traceable inside jit and shard_map (any local head count); pass the state pool
 donated so that its update happens in place.
 """
@@ -17,7 +20,7 @@ from lingjax.kernels.linear_attention.reference import chunked  # noqa: F401
 from lingjax.kernels.linear_attention import reference
 
 log = logging.getLogger(__name__)
-IMPLS = ('reference', 'gpu', 'tpu', 'gpu_interpret', 'tpu_interpret')
+IMPLS = ('reference', 'gpu', 'tpu', 'mosaic_gpu', 'gpu_interpret', 'tpu_interpret', 'mosaic_gpu_interpret')
 
 
 def _resolve(impl):
@@ -37,9 +40,9 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
     args = (q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh)
     if impl == 'reference':
         return reference.prefill(*args, scale=scale)
-    if impl.startswith('gpu'):
+    if impl.startswith(('gpu', 'mosaic_gpu')):
         from lingjax.kernels.linear_attention import gpu
-        return gpu.prefill(*args, scale=scale, interpret=impl == 'gpu_interpret')
+        return gpu.prefill(*args, scale=scale, interpret=impl.endswith('_interpret'))
     from lingjax.kernels.linear_attention import tpu
     return tpu.prefill(*args, scale=scale, interpret=_tpu_interpret(impl))
 
@@ -50,9 +53,12 @@ def decode(q, k, v, log_decay, state_pool, slots, fresh, *, scale, impl=None):
     args = (q, k, v, log_decay, state_pool, slots, fresh)
     if impl == 'reference':
         return reference.decode(*args, scale=scale)
-    if impl.startswith('gpu'):
+    if impl.startswith('mosaic_gpu') and q.shape[-1] % 64 == 0:
+        from lingjax.kernels.linear_attention import mosaic_gpu
+        return mosaic_gpu.decode(*args, scale=scale, interpret=impl.endswith('_interpret'))
+    if impl.startswith(('gpu', 'mosaic_gpu')):
         from lingjax.kernels.linear_attention import gpu
-        return gpu.decode(*args, scale=scale, interpret=impl == 'gpu_interpret')
+        return gpu.decode(*args, scale=scale, interpret=impl.endswith('_interpret'))
     from lingjax.kernels.linear_attention import tpu
     return tpu.decode(*args, scale=scale, interpret=_tpu_interpret(impl))
 
