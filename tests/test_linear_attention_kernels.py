@@ -262,11 +262,51 @@ def test_mosaic_gpu_decode_matches_float64_recurrence(dtype, fresh_dtype, block_
         check_untouched(state, pool, unused)
 
 
-def test_mosaic_gpu_decode_rejects_unsupported_shapes():
+def test_mosaic_gpu_prefill_matches_float64_recurrence():
+    """The Mosaic GPU prefill kernel (interpret mode; bf16 only: its products run on the tensor
+    cores; D=128, chunks of 64): lengths 1, C-1, C, C+1 and long, sequences starting off the
+    8-token grid, a zero-length and a padding sequence, fresh and continuing slots, padding
+    tokens past cu_seqlens[-1] with a token count that is not a multiple of 8, poisoned slots."""
+    rng = np.random.default_rng(12)
+    h, d, n, c = 2, 128, 10, 64
+    lam = np.array([0.917, 0.0039])
+    lens = [1, c - 1, c, c + 1, 2 * c + 3, 0, 6]
+    slots = np.array([3, 0, 7, 1, 5, 8, -1], np.int32)
+    fresh = np.array([0, 0, 1, 0, 0, 0, 0], bool)      # continuing sequences start at tokens 1 and 193
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    T = int(cu[-1]) + 7
+    q, k, v = (jnp.asarray(rng.standard_normal((T, h, d)) * 0.5, jnp.bfloat16) for _ in range(3))
+    pool = (rng.standard_normal((n, h, d, d)) * 0.3).astype(np.float32)
+    written = slots[(np.diff(cu) > 0) & (slots >= 0)]
+    unused = np.array([i for i in range(n) if i not in set(written)])
+    pool[unused] = np.nan
+    scale = d ** -0.5
+    o_ref, pool_ref = oracle_prefill(q, k, v, lam, pool, slots, cu, fresh, scale)
+    fn = jax.jit(functools.partial(mosaic_gpu.prefill, scale=scale, interpret=True), donate_argnums=4)
+    o, new_pool = fn(q, k, v, jnp.asarray(-lam, jnp.float32), jnp.asarray(pool), jnp.asarray(slots),
+                     jnp.asarray(cu), jnp.asarray(fresh))
+    assert o.dtype == q.dtype and o.shape == q.shape
+    check_prefill(o, new_pool, o_ref, pool_ref, pool, slots, cu, unused, TOL['bfloat16'])
+    # per head too: with the fast decay (λ = 0.917) an error in the inter-chunk decay reaches only
+    # the first few rows of a chunk, too few to show in the norm over both heads
+    o = np.asarray(jnp.asarray(o, jnp.float32))
+    for r in np.flatnonzero((np.diff(cu) > 0) & (slots >= 0)):
+        for j in range(h):
+            sl = slice(cu[r], cu[r + 1])
+            assert rel(o[sl, j], o_ref[sl, j]) <= TOL['bfloat16'], (r, j, rel(o[sl, j], o_ref[sl, j]))
+
+
+def test_mosaic_gpu_kernels_reject_unsupported_inputs():
     x = jnp.zeros((1, 1, 32), jnp.bfloat16)
+    pool, i32, b = jnp.zeros((2, 1, 32, 32)), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), bool)
     with pytest.raises(ValueError, match='multiple of 64'):
-        mosaic_gpu.decode(x, x, x, jnp.zeros((1,)), jnp.zeros((2, 1, 32, 32)), jnp.zeros((1,), jnp.int32),
-                          jnp.zeros((1,), bool), scale=1.0)
+        mosaic_gpu.decode(x, x, x, jnp.zeros((1,)), pool, i32, b, scale=1.0)
+    with pytest.raises(ValueError, match='multiple of 64'):
+        mosaic_gpu.prefill(x, x, x, jnp.zeros((1,)), pool, i32, jnp.zeros((2,), jnp.int32), b, scale=1.0)
+    x = jnp.zeros((1, 1, 128), jnp.float32)
+    with pytest.raises(ValueError, match='bfloat16/float16'):
+        mosaic_gpu.prefill(x, x, x, jnp.zeros((1,)), jnp.zeros((2, 1, 128, 128)), i32,
+                           jnp.zeros((2,), jnp.int32), b, scale=1.0)
 
 
 def test_gpu_prefill_auto_segment_choice():
@@ -393,17 +433,22 @@ def test_kernels_lower_for_target_with_pool_aliased(target):
             assert 'output_operand_aliases' in text, 'state pool must be aliased in -> out'
 
 
-def test_mosaic_gpu_decode_lowers_for_h100_as_one_kernel_with_pool_aliased():
-    """Pallas -> Mosaic GPU IR for an H100 (layouts, swizzle, TMA shapes are checked here): one
-    custom call, no XLA op around it (bool fresh read in the kernel), the pool aliased in -> out."""
+def test_mosaic_gpu_kernels_lower_for_h100_as_one_kernel_with_pool_aliased():
+    """Pallas -> Mosaic GPU IR for an H100 (layouts, swizzles, TMA shapes and alignment are
+    checked here): one custom call, no XLA op around it (bool fresh read in the kernel), the pool
+    aliased in -> out."""
     sd = jax.ShapeDtypeStruct
-    h, d, n, b = 4, 128, 8, 16
+    h, d, n, b, T, r = 4, 128, 8, 16, 512, 3
     dec = (sd((b, h, d), jnp.bfloat16),) * 3 + (sd((h,), jnp.float32), sd((n, h, d, d), jnp.float32),
                                                sd((b,), jnp.int32), sd((b,), jnp.bool_))
+    pre = (sd((T, h, d), jnp.bfloat16),) * 3 + (sd((h,), jnp.float32), sd((n, h, d, d), jnp.float32),
+                                               sd((r,), jnp.int32), sd((r + 1,), jnp.int32), sd((r,), jnp.bool_))
     with _abstract('cuda', 'NVIDIA H100 80GB HBM3'):
-        for bv in (32, 64, 128):
-            text = jax.jit(functools.partial(mosaic_gpu.decode, scale=0.1, block_v=bv), donate_argnums=4).trace(
-                *dec).lower(lowering_platforms=('cuda',)).as_text()
-            ops = [line.split('=', 1)[1].split('(')[0].strip() for line in text.splitlines() if ' = stablehlo.' in line]
-            assert ops == ['stablehlo.custom_call @mosaic_gpu_v2'], ops
-            assert 'output_operand_aliases' in text, 'state pool must be aliased in -> out'
+        for fn, args, bvs in ((mosaic_gpu.decode, dec, (32, 64, 128)), (mosaic_gpu.prefill, pre, (64,))):
+            for bv in bvs:
+                text = jax.jit(functools.partial(fn, scale=0.1, block_v=bv), donate_argnums=4).trace(
+                    *args).lower(lowering_platforms=('cuda',)).as_text()
+                ops = [line.split('=', 1)[1].split('(')[0].strip() for line in text.splitlines()
+                       if ' = stablehlo.' in line and 'stablehlo.constant' not in line]
+                assert ops == ['stablehlo.custom_call @mosaic_gpu_v2'], (fn.__name__, bv, ops)
+                assert 'output_operand_aliases' in text, 'state pool must be aliased in -> out'

@@ -5,8 +5,8 @@ gpu -> Pallas GPU kernels (gpu.py, Triton lowering), tpu -> Pallas Mosaic TPU ke
 anything else -> the pure-jnp reference. Override with ``impl=`` or the environment variable
 LINGJAX_KERNELS, one of
   reference | gpu | tpu | mosaic_gpu | gpu_interpret | tpu_interpret | mosaic_gpu_interpret
-mosaic_gpu: decode by the Pallas Mosaic GPU kernel (mosaic_gpu.py; head dim a multiple of 64, else
-gpu.py's), prefill by gpu.py's (not yet ported). Opt-in until it is measured on hardware.
+mosaic_gpu: the Pallas Mosaic GPU kernels (mosaic_gpu.py) where they take the inputs (head dim a
+multiple of 64; prefill: bf16/f16 q, k, v), gpu.py's otherwise. Opt-in until measured on hardware.
 (The *_interpret forms run the Pallas kernels in interpret mode on the CPU; for tests.)
 Both functions are traceable inside jit and shard_map (any local head count); pass the state pool
 donated so that its update happens in place.
@@ -15,6 +15,7 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 
 from lingjax.kernels.linear_attention.reference import chunked  # noqa: F401
 from lingjax.kernels.linear_attention import reference
@@ -40,6 +41,9 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
     args = (q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh)
     if impl == 'reference':
         return reference.prefill(*args, scale=scale)
+    if impl.startswith('mosaic_gpu') and _mosaic_ok(q, prefill=True):
+        from lingjax.kernels.linear_attention import mosaic_gpu
+        return mosaic_gpu.prefill(*args, scale=scale, interpret=impl.endswith('_interpret'))
     if impl.startswith(('gpu', 'mosaic_gpu')):
         from lingjax.kernels.linear_attention import gpu
         return gpu.prefill(*args, scale=scale, interpret=impl.endswith('_interpret'))
@@ -53,7 +57,7 @@ def decode(q, k, v, log_decay, state_pool, slots, fresh, *, scale, impl=None):
     args = (q, k, v, log_decay, state_pool, slots, fresh)
     if impl == 'reference':
         return reference.decode(*args, scale=scale)
-    if impl.startswith('mosaic_gpu') and q.shape[-1] % 64 == 0:
+    if impl.startswith('mosaic_gpu') and _mosaic_ok(q):
         from lingjax.kernels.linear_attention import mosaic_gpu
         return mosaic_gpu.decode(*args, scale=scale, interpret=impl.endswith('_interpret'))
     if impl.startswith(('gpu', 'mosaic_gpu')):
@@ -61,6 +65,12 @@ def decode(q, k, v, log_decay, state_pool, slots, fresh, *, scale, impl=None):
         return gpu.decode(*args, scale=scale, interpret=impl.endswith('_interpret'))
     from lingjax.kernels.linear_attention import tpu
     return tpu.decode(*args, scale=scale, interpret=_tpu_interpret(impl))
+
+
+def _mosaic_ok(q, prefill=False):
+    """Whether the Mosaic GPU kernels take these inputs: head dim a multiple of 64; prefill's
+    tensor-core products also need 16-bit q, k, v (f32 inputs go to gpu.py's exact f32 path)."""
+    return q.shape[-1] % 64 == 0 and (not prefill or q.dtype in (jnp.bfloat16, jnp.float16))
 
 
 def _tpu_interpret(impl):
