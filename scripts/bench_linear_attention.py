@@ -343,19 +343,21 @@ def check_small(log):
         q, k, v = (jnp.asarray(rng.standard_normal((T, H, D)) * 0.5, dt) for _ in range(3))
         o_ref, p_ref = oracle_prefill(q.astype(F32), k.astype(F32), v.astype(F32), g, pool, slots,
                                       cu, fresh, D ** -0.5)
-        o, p = gpu.prefill(q, k, v, jnp.asarray(g), jnp.asarray(pool), jnp.asarray(slots),
-                           jnp.asarray(cu), jnp.asarray(fresh), scale=D ** -0.5)
-        o, p = np.asarray(o.astype(F32)), np.asarray(p)
-        untouched = [i for i in range(N) if i not in set(slots[(np.diff(cu) > 0) & (slots >= 0)])]
-        ok_untouched = bool(np.array_equal(p[untouched], pool[untouched]))
-        e_o, e_s = rel(o, o_ref), rel(p, p_ref)
-        # per-sequence check too (a short sequence's error hides in the global norm)
-        e_seq = max(rel(o[cu[r]:cu[r + 1]], o_ref[cu[r]:cu[r + 1]]) for r in range(len(lens))
-                    if lens[r] > 0 and slots[r] >= 0)
-        pad_zero = bool(np.all(o[cu[-1]:] == 0) and np.all(o[cu[-2]:cu[-1]] == 0))
-        res[f'prefill_{dt}'] = dict(rel_o=e_o, rel_state=e_s, rel_o_worst_seq=e_seq,
-                                    untouched=ok_untouched, padding_zero=pad_zero,
-                                    ok=max(e_o, e_s, e_seq) <= tol and ok_untouched and pad_zero)
+        fns = [('prefill', gpu.prefill)] + ([('mosaic_prefill', mosaic_gpu.prefill)] if dt == 'bfloat16' else [])
+        for name, fn in fns:
+            o, p = fn(q, k, v, jnp.asarray(g), jnp.asarray(pool), jnp.asarray(slots),
+                      jnp.asarray(cu), jnp.asarray(fresh), scale=D ** -0.5)
+            o, p = np.asarray(o.astype(F32)), np.asarray(p)
+            untouched = [i for i in range(N) if i not in set(slots[(np.diff(cu) > 0) & (slots >= 0)])]
+            ok_untouched = bool(np.array_equal(p[untouched], pool[untouched]))
+            e_o, e_s = rel(o, o_ref), rel(p, p_ref)
+            # per-sequence check too (a short sequence's error hides in the global norm)
+            e_seq = max(rel(o[cu[r]:cu[r + 1]], o_ref[cu[r]:cu[r + 1]]) for r in range(len(lens))
+                        if lens[r] > 0 and slots[r] >= 0)
+            pad_zero = bool(np.all(o[cu[-1]:] == 0) and np.all(o[cu[-2]:cu[-1]] == 0))
+            res[f'{name}_{dt}'] = dict(rel_o=e_o, rel_state=e_s, rel_o_worst_seq=e_seq,
+                                       untouched=ok_untouched, padding_zero=pad_zero,
+                                       ok=max(e_o, e_s, e_seq) <= tol and ok_untouched and pad_zero)
         B = 9
         dslots = np.array([4, -1, 0, 11, 2, 6, 8, 10, 1], np.int32)
         dfresh = np.array([0, 0, 1, 0, 0, 1, 0, 0, 0], bool)
@@ -447,7 +449,7 @@ def bench_decode(H, B, bw, cfg, with_fla=True, with_xla=True):
     # correctness (ours vs jnp reference, f32 math) on one step
     slots0 = perm[:B]
     o_ref, p_ref = reference.decode(q, k, v, g, pool, slots0, fresh, scale=scale)
-    o, p = decode_fn(cfg)(q, k, v, g, pool, slots0, fresh, scale=scale)
+    o, p = our_kernel('decode', cfg)(q, k, v, g, pool, slots0, fresh, scale=scale)
     row['rel_err_o'] = rel(o.astype(F32), o_ref.astype(F32))
     row['rel_err_state'] = rel(p[slots0], p_ref[slots0])
     del o_ref, p_ref, p
@@ -462,7 +464,7 @@ def bench_decode(H, B, bw, cfg, with_fla=True, with_xla=True):
             return pool_c, o
         return step
 
-    row['ours_us'] = time_jax_unrolled(make_step(decode_fn(cfg)),
+    row['ours_us'] = time_jax_unrolled(make_step(our_kernel('decode', cfg)),
                                        pool, slot_sets) * 1e6
     _take_diag(row, 'ours')
     if with_xla:
@@ -527,17 +529,19 @@ def bench_prefill(H, T, R, bw, flops_rate, cfg, with_fla=True, with_xla=True, ch
     ref_fn = jax.jit(lambda q, k, v, h0: reference.chunked(
         q.reshape(R, L, H, D), k.reshape(R, L, H, D), v.reshape(R, L, H, D), g, h0, scale=scale))
     if check:
-        o, p = gpu.prefill(q, k, v, g, pool, slots, cu, fresh, scale=scale, **cfg)
+        o, p = our_kernel('prefill', cfg)(q, k, v, g, pool, slots, cu, fresh, scale=scale)
         o_ref, s_ref = ref_fn(q, k, v, h0_init)
         row['rel_err_o'] = rel(o.astype(F32), o_ref.reshape(T, H, D).astype(F32))
         row['rel_err_state'] = rel(p[slots], s_ref)
         del o, p, o_ref, s_ref
     nv = D // min(cfg.get('block_v', 64), D)
-    row['segment'] = gpu._pick_segment(T, R, H, nv, cfg.get('chunk', 64), cfg.get('segment'))
+    row['segment'] = (None if cfg.get('kernel') == 'mosaic' else
+                      gpu._pick_segment(T, R, H, nv, cfg.get('chunk', 64), cfg.get('segment')))
+    fn = our_kernel('prefill', cfg)
 
     def step(i, c):
         pool_c, acc = c
-        o, pool_c = gpu.prefill(q, k, v, g, pool_c, slots, cu, fresh, scale=scale, **cfg)
+        o, pool_c = fn(q, k, v, g, pool_c, slots, cu, fresh, scale=scale)
         return pool_c, acc + o[0, 0, 0].astype(F32)
     n = 10 if T <= 4096 else 3
     row['ours_us'] = time_jax_loop(step, (pool, jnp.zeros((), F32)), n) * 1e6
@@ -655,7 +659,7 @@ def profile_worker(cfgs):
             slots = jnp.asarray(np.random.default_rng(0).permutation(NUM_SLOTS)[:n].astype(np.int32))
             fresh = jnp.zeros((n,), bool)
             cfg = cfgs.get(f'decode_{n}', {})
-            f = jax.jit(lambda pool, q=q, k=k, v=v, g=g, slots=slots, fresh=fresh, cfg=cfg: decode_fn(cfg)(
+            f = jax.jit(lambda pool, q=q, k=k, v=v, g=g, slots=slots, fresh=fresh, cfg=cfg: our_kernel('decode', cfg)(
                 q, k, v, g, pool, slots, fresh, scale=scale), donate_argnums=0)
             tq, tk, tv = (torch.from_dlpack(x).unsqueeze(1).contiguous() for x in (q, k, v))
             h0 = torch.from_dlpack(pool[slots]).contiguous()
@@ -671,7 +675,7 @@ def profile_worker(cfgs):
             fresh = jnp.zeros((R,), bool)
             cfg = cfgs.get(f'prefill_{n}_{R}', {})
             f = jax.jit(lambda pool, q=q, k=k, v=v, g=g, slots=slots, cu=cu, fresh=fresh, cfg=cfg:
-                        gpu.prefill(q, k, v, g, pool, slots, cu, fresh, scale=scale, **cfg),
+                        our_kernel('prefill', cfg)(q, k, v, g, pool, slots, cu, fresh, scale=scale),
                         donate_argnums=0)
             tq, tk, tv = (torch.from_dlpack(x).unsqueeze(0).contiguous() for x in (q, k, v))
             h0 = torch.from_dlpack(pool[:1]).contiguous()
@@ -825,13 +829,13 @@ def summarize_ncu_csv(raw):
 # ---------------------------------------------------------------------------------------------
 
 
-def decode_fn(cfg):
-    """Our decode for a bench config: {"kernel": "mosaic", ...} = the Mosaic GPU kernel
-    (mosaic_gpu.py), otherwise the Pallas-Triton one (gpu.py) with cfg as its options."""
+def our_kernel(kind, cfg):
+    """Our 'prefill' or 'decode' for a bench config: {"kernel": "mosaic", ...} = the Mosaic GPU
+    kernel (mosaic_gpu.py), otherwise the Pallas-Triton one (gpu.py), with the rest of cfg as its
+    options."""
     cfg = dict(cfg)
-    if cfg.pop('kernel', 'triton') == 'mosaic':
-        return lambda *a, **kw: mosaic_gpu.decode(*a, **kw, **cfg)
-    return lambda *a, **kw: gpu.decode(*a, **kw, **cfg)
+    fn = getattr(mosaic_gpu if cfg.pop('kernel', 'triton') == 'mosaic' else gpu, kind)
+    return lambda *a, **kw: fn(*a, **kw, **cfg)
 
 
 def decode_sweep(B):
@@ -854,7 +858,12 @@ def _triton_decode_sweep(B, d):
 
 
 def prefill_sweep(T, R, H):
-    """Prefill configs tried per (H, T, R) (ours only): grid order, pipelining depth, segment."""
+    """Prefill configs tried per (H, T, R) (ours only): the Mosaic GPU kernel, then the Triton
+    kernel's grid order, pipelining depth, segment."""
+    return [dict(kernel='mosaic')] + _triton_prefill_sweep(T, R, H)
+
+
+def _triton_prefill_sweep(T, R, H):
     c = dict(block_v=64, num_warps=4, chunk=64)
     if R > 1:
         return [dict(c, num_stages=2, segment=0, tiles_first=True),
