@@ -535,8 +535,7 @@ def bench_prefill(H, T, R, bw, flops_rate, cfg, with_fla=True, with_xla=True, ch
         row['rel_err_state'] = rel(p[slots], s_ref)
         del o, p, o_ref, s_ref
     nv = D // min(cfg.get('block_v', 64), D)
-    row['segment'] = (None if cfg.get('kernel') == 'mosaic' else
-                      gpu._pick_segment(T, R, H, nv, cfg.get('chunk', 64), cfg.get('segment')))
+    row['segment'] = gpu._pick_segment(T, R, H, nv, cfg.get('chunk', 64), cfg.get('segment'))
     fn = our_kernel('prefill', cfg)
 
     def step(i, c):
@@ -860,7 +859,10 @@ def _triton_decode_sweep(B, d):
 def prefill_sweep(T, R, H):
     """Prefill configs tried per (H, T, R) (ours only): the Mosaic GPU kernel, then the Triton
     kernel's grid order, pipelining depth, segment."""
-    return [dict(kernel='mosaic')] + _triton_prefill_sweep(T, R, H)
+    mosaic = [dict(kernel='mosaic')]                   # segment split by the same auto rule
+    if mosaic_gpu._pick_segment(T, R, H, 2, 64, None) is not None:
+        mosaic.append(dict(kernel='mosaic', segment=0))
+    return mosaic + _triton_prefill_sweep(T, R, H)
 
 
 def _triton_prefill_sweep(T, R, H):

@@ -262,11 +262,14 @@ def test_mosaic_gpu_decode_matches_float64_recurrence(dtype, fresh_dtype, block_
         check_untouched(state, pool, unused)
 
 
-def test_mosaic_gpu_prefill_matches_float64_recurrence():
+@pytest.mark.parametrize('segment', [0, 64], ids=['unsplit', 'split'])
+def test_mosaic_gpu_prefill_matches_float64_recurrence(segment):
     """The Mosaic GPU prefill kernel (interpret mode; bf16 only: its products run on the tensor
     cores; D=128, chunks of 64): lengths 1, C-1, C, C+1 and long, sequences starting off the
     8-token grid, a zero-length and a padding sequence, fresh and continuing slots, padding
-    tokens past cu_seqlens[-1] with a token count that is not a multiple of 8, poisoned slots."""
+    tokens past cu_seqlens[-1] with a token count that is not a multiple of 8, poisoned slots.
+    split: 64-token segments run in parallel (increments + exact gamma^L fold), so the 65- and
+    131-token sequences span 2 and 3 segments, each starting off the 8-token grid."""
     rng = np.random.default_rng(12)
     h, d, n, c = 2, 128, 10, 64
     lam = np.array([0.917, 0.0039])
@@ -282,7 +285,8 @@ def test_mosaic_gpu_prefill_matches_float64_recurrence():
     pool[unused] = np.nan
     scale = d ** -0.5
     o_ref, pool_ref = oracle_prefill(q, k, v, lam, pool, slots, cu, fresh, scale)
-    fn = jax.jit(functools.partial(mosaic_gpu.prefill, scale=scale, interpret=True), donate_argnums=4)
+    fn = jax.jit(functools.partial(mosaic_gpu.prefill, scale=scale, segment=segment, interpret=True),
+                 donate_argnums=4)
     o, new_pool = fn(q, k, v, jnp.asarray(-lam, jnp.float32), jnp.asarray(pool), jnp.asarray(slots),
                      jnp.asarray(cu), jnp.asarray(fresh))
     assert o.dtype == q.dtype and o.shape == q.shape
@@ -444,11 +448,13 @@ def test_mosaic_gpu_kernels_lower_for_h100_as_one_kernel_with_pool_aliased():
     pre = (sd((T, h, d), jnp.bfloat16),) * 3 + (sd((h,), jnp.float32), sd((n, h, d, d), jnp.float32),
                                                sd((r,), jnp.int32), sd((r + 1,), jnp.int32), sd((r,), jnp.bool_))
     with _abstract('cuda', 'NVIDIA H100 80GB HBM3'):
-        for fn, args, bvs in ((mosaic_gpu.decode, dec, (32, 64, 128)), (mosaic_gpu.prefill, pre, (64,))):
-            for bv in bvs:
-                text = jax.jit(functools.partial(fn, scale=0.1, block_v=bv), donate_argnums=4).trace(
+        for fn, args, cfgs in ((mosaic_gpu.decode, dec, [dict(block_v=b) for b in (32, 64, 128)]),
+                               (mosaic_gpu.prefill, pre, [dict(segment=0), dict(segment=128)])):
+            for cfg in cfgs:
+                text = jax.jit(functools.partial(fn, scale=0.1, **cfg), donate_argnums=4).trace(
                     *args).lower(lowering_platforms=('cuda',)).as_text()
                 ops = [line.split('=', 1)[1].split('(')[0].strip() for line in text.splitlines()
                        if ' = stablehlo.' in line and 'stablehlo.constant' not in line]
-                assert ops == ['stablehlo.custom_call @mosaic_gpu_v2'], (fn.__name__, bv, ops)
+                split = cfg.get('segment', 0) > 0          # + the increments pass
+                assert ops == ['stablehlo.custom_call @mosaic_gpu_v2'] * (1 + split), (fn.__name__, cfg, ops)
                 assert 'output_operand_aliases' in text, 'state pool must be aliased in -> out'

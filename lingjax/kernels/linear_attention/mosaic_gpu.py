@@ -32,10 +32,17 @@ TMA stores of 64, 32, ..., 1 rows (one per set bit of hi - lo: a store box is st
 ragged). Row r = R zero-fills the tokens past cu_seqlens[-1]; a skipped sequence (length 0, slot <
 0) zero-fills its tokens and touches no slot. The token count must be a multiple of 8 for the tiled
 TMA (the wrapper pads q/k/v otherwise). f32 inputs are not taken (tf32 products would miss the f32
-tolerance): the dispatch sends them to gpu.py. Not yet here: gpu.py's segment split for a few long
-sequences, and warp specialization.
+tolerance): the dispatch sends them to gpu.py.
+
+Segment split for a few long sequences, as gpu.py's (same static rule, gpu._pick_segment): pass 1,
+grid (D/BV, H, R * NSEG), writes x[r, 0] = the initial state and x[r, i] = the zero-start state of
+full segment i-1 (the chunk walk above from zero, no outputs); pass 2, grid (D/BV, H, (R+1) NSEG),
+starts segment j from x[r, 0] folded with x[r, 1..j] (S = γ^L S + x[r, i]), walks it writing its
+outputs, and only the sequence's last segment writes the slot. Not yet here: warp specialization
+(a producer warpgroup issuing the TMA copies, as jax's attention_mgpu does).
 """
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +51,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas import mpmd as _mpmd
 
-from lingjax.kernels.linear_attention.gpu import _like
+from lingjax.kernels.linear_attention.gpu import _like, _pick_segment
 
 F32 = jnp.float32
 
@@ -136,132 +143,232 @@ def _mma(a, b):
     return pl.run_scoped(scope, plgpu.ACC((a.shape[0], b.shape[1]), F32))
 
 
-def _prefill_kernel(cu_g, slots_g, fresh_g, g_g, q_g, k_g, v_g, pool_g, o_g, pool_out_g,
-                    q_smem, k_smem, v_smem, kd_smem, a_smem, sb_smem, s_smem, o_smem, bars,
-                    *, R, T, C, BV, scale):
-    """Program (value block, head, row r): row r < R walks sequence r in chunks of C tokens from
-    its slot's state (or zero), row R zero-fills the padding tokens past cu[R]; a skipped sequence
-    (length 0 or slot < 0) zero-fills its tokens and touches no slot."""
-    jv, h, r = lax.axis_index('v'), lax.axis_index('h'), lax.axis_index('r')
-    vcols = pl.ds(jv * BV, BV)
-    D = q_smem.shape[-1]
+class _Bufs(NamedTuple):
+    """Shared memory of the prefill kernels (see prefill() for the shapes) and their barriers:
+    0-5 q/k/v of the two chunk buffers, 6 state tiles."""
+    q: Any
+    k: Any
+    v: Any
+    kd: Any
+    a: Any
+    sb: Any
+    s: Any
+    o: Any
+    bars: Any
+
+
+def _store_rows(bufs, o_g, h, vcols, base, lo, hi, C):
+    """o rows [lo, hi) of shared memory -> o[base + lo : base + hi, h, vcols]. A TMA copy has a
+    static box, so the n = hi - lo rows go out as one copy per set bit of n (C, C/2, ..., 1 rows)."""
+    plgpu.commit_smem()
+    n, off, p = hi - lo, lo, C
+    while p >= 1:
+        @pl.when((n & p) != 0)
+        def _(off=off, p=p):
+            plgpu.copy_smem_to_gmem(bufs.o.at[pl.ds(off, p)], o_g.at[pl.ds(base + off, p), h, vcols])
+        off = off + (n & p)
+        p //= 2
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _chunks(s, e, C):
+    """Chunks start at multiples of 8 tokens (the row tile of the swizzled shared-memory layout,
+    which a TMA copy into it must start on): chunk c of tokens [s, e) covers [base, base + C),
+    base = s8 + c*C with s8 = s rounded down to a multiple of 8, and its rows [lo, hi) are in
+    [s, e) (lo > 0 only in chunk 0, hi < C only in the last). Returns (count, span(c))."""
+    s8 = (s // 8) * 8
+
+    def span(c):
+        base = s8 + c * C
+        return base, jnp.maximum(s - base, 0), jnp.minimum(e - base, C)
+    return jnp.maximum(e - s8 + C - 1, 0) // C, span
+
+
+def _zero_fill(bufs, o_g, h, vcols, s, e, C):
+    """o[s:e, h, vcols] = 0."""
+    BV = bufs.o.shape[1]
+    bufs.o[...] = plgpu.layout_cast(jnp.zeros((C, BV), bufs.o.dtype), plgpu.Layout.WGMMA)
+    n, span = _chunks(s, e, C)
+
+    def body(c, carry):
+        _store_rows(bufs, o_g, h, vcols, *span(c), C)
+        return carry
+    lax.fori_loop(0, n, body, 0)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _load_state(bufs, src):
+    """An f32 [D, BV] tile of global memory -> registers (WGMMA layout), through bufs.s."""
+    plgpu.copy_gmem_to_smem(src, bufs.s, bufs.bars.at[6])
+    plgpu.barrier_wait(bufs.bars.at[6])
+    return plgpu.load(bufs.s, layout=plgpu.Layout.WGMMA)
+
+
+def _store_state(bufs, S, dst):
+    bufs.s[...] = S
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(bufs.s, dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _walk(bufs, g, h, vcols, q_g, k_g, v_g, o_g, s, e, S, *, C, scale):
+    """Tokens [s, e) of head h from state S (f32 [D, BV] registers): writes their outputs
+    o[s:e, h, vcols] (unless q_g is None: then only the state is wanted) and returns the state
+    after them. Chunk by chunk, the next one's q/k/v fetched while the current one computes."""
     mma = plgpu.Layout.WGMMA
-    rows_1d = mma.reduce(1)                          # 1-D along the C rows of a [C, *] fragment
+    n_chunks, span = _chunks(s, e, C)
+    s8 = (s // 8) * 8
+    with_o = q_g is not None
+
+    def load_chunk(c, buf):
+        t = pl.ds(s8 + c * C, C)
+        if with_o:
+            plgpu.copy_gmem_to_smem(q_g.at[t, h], bufs.q.at[buf], bufs.bars.at[buf])
+        plgpu.copy_gmem_to_smem(k_g.at[t, h], bufs.k.at[buf], bufs.bars.at[2 + buf])
+        plgpu.copy_gmem_to_smem(v_g.at[t, h, vcols], bufs.v.at[buf], bufs.bars.at[4 + buf])
+
+    @pl.when(n_chunks > 0)
+    def _():
+        load_chunk(0, 0)
+
+    i_idx = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=mma)
+    j_idx = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=mma)
+    diff = (i_idx - j_idx).astype(F32)
+    fi = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=mma.reduce(1))   # row index, 1-D
+    BV = S.shape[1]
+
+    def body(c, S):
+        buf = c % 2
+
+        @pl.when(c + 1 < n_chunks)                 # prefetch the next chunk into the other buffer
+        def _():
+            load_chunk(c + 1, 1 - buf)
+
+        for i in (0, 2, 4) if with_o else (2, 4):
+            plgpu.barrier_wait(bufs.bars.at[i + buf])
+        base, lo, hi = span(c)
+        if with_o:
+            bufs.sb[...] = S.astype(bufs.sb.dtype)     # the state as a 16-bit MMA operand
+            plgpu.commit_smem()
+            qk = _mma(bufs.q.at[buf], bufs.k.at[buf].transpose((1, 0)))
+            keep = (diff >= 0) & (j_idx >= lo)         # lo <= j <= i (rows >= hi are not stored)
+            a = jnp.where(keep, qk * jnp.exp(g * jnp.where(keep, diff, 0.0)), 0.0)
+            o = _mma(bufs.q.at[buf], bufs.sb)
+            # gamma^(i - lo + 1): the exact inter-chunk decay of SPEC 2.8 (exponent <= 0 for i >= lo)
+            q_decay = jnp.exp(g * jnp.maximum(fi - lo + 1, 0).astype(F32))
+            o = o * lax.broadcast_in_dim(q_decay, (C, BV), [0])
+            bufs.a[...] = a.astype(bufs.a.dtype)       # (Mosaic GPU interpret mode takes MMA
+            plgpu.commit_smem()                        # operands from shared memory only)
+            o = o + _mma(bufs.a, bufs.v.at[buf])
+            bufs.o[...] = (scale * o).astype(bufs.o.dtype)
+            _store_rows(bufs, o_g, h, vcols, base, lo, hi, C)
+
+        k = plgpu.load(bufs.k.at[buf], layout=mma).astype(F32)
+        live = (fi >= lo) & (fi < hi)
+        w = jnp.exp(g * jnp.where(live, hi - 1 - fi, 0).astype(F32))     # gamma^(hi-1-t)
+        kd = jnp.where(lax.broadcast_in_dim(live, k.shape, [0]), k * lax.broadcast_in_dim(w, k.shape, [0]), 0.0)
+        bufs.kd[...] = kd.astype(bufs.kd.dtype)
+        plgpu.commit_smem()
+        return jnp.exp(g * (hi - lo).astype(F32)) * S + _mma(bufs.kd.transpose((1, 0)), bufs.v.at[buf])
+
+    return lax.fori_loop(0, n_chunks, body, S)
+
+
+def _sequence(cu_g, slots_g, r, R, T):
+    """Row r's tokens [s, e), slot, and whether it is a real sequence to run (row R = the padding
+    tokens past cu[R]; a zero-length sequence or a negative slot is skipped)."""
     is_pad = r == R
     rc = jnp.minimum(r, R - 1)
     s = jnp.where(is_pad, cu_g[R], cu_g[rc])
     e = jnp.where(is_pad, T, cu_g[rc + 1])
     slot = slots_g[rc]
-    valid = (~is_pad) & (e > s) & (slot >= 0)
-    # Chunks start at multiples of 8 tokens (the row tile of the swizzled shared-memory layout,
-    # which every TMA copy into it must start on): chunk c covers tokens [base, base + C) with
-    # base = s8 + c*C, s8 = s rounded down to a multiple of 8; its rows [lo, hi) are this
-    # sequence's (lo > 0 only in chunk 0, hi < C only in the last).
-    s8 = (s // 8) * 8
-    n_chunks = jnp.maximum(e - s8 + C - 1, 0) // C
+    return rc, s, e, slot, (~is_pad) & (e > s) & (slot >= 0)
 
-    def span(c):
-        base = s8 + c * C
-        return base, jnp.maximum(s - base, 0), jnp.minimum(e - base, C)
 
-    def store_rows(base, lo, hi):
-        """o_smem rows [lo, hi) -> o[base + lo : base + hi, h, vcols]. A TMA copy has a static
-        box, so the n = hi - lo rows go out as one copy per set bit of n (C, C/2, ..., 1 rows)."""
-        plgpu.commit_smem()
-        n, off, p = hi - lo, lo, C
-        while p >= 1:
-            @pl.when((n & p) != 0)
-            def _(off=off, p=p):
-                plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(off, p)], o_g.at[pl.ds(base + off, p), h, vcols])
-            off = off + (n & p)
-            p //= 2
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+def _initial_state(bufs, fresh_g, pool_g, rc, slot, h, vcols):
+    """The sequence's starting state in registers: zero if fresh, else its slot's tile."""
+    fresh = fresh_g[rc] != 0
+
+    @pl.when(fresh)
+    def _():
+        bufs.s[...] = plgpu.layout_cast(jnp.zeros(bufs.s.shape, F32), plgpu.Layout.WGMMA)
+
+    @pl.when(~fresh)
+    def _():
+        plgpu.copy_gmem_to_smem(pool_g.at[slot, h, :, vcols], bufs.s, bufs.bars.at[6])
+        plgpu.barrier_wait(bufs.bars.at[6])
+    return plgpu.load(bufs.s, layout=plgpu.Layout.WGMMA)
+
+
+def _increment_kernel(cu_g, slots_g, fresh_g, g_g, k_g, v_g, pool_g, x_g, *scratch, R, T, C, BV, L, NSEG):
+    """Pass 1 of the segment split, program (value block, head, r * NSEG + i): i = 0 copies the
+    initial state (slot tile or zero) to x[r, 0]; 1 <= i < n_r writes x[r, i] = the zero-start
+    state of full segment i-1, sum_t gamma^(L-1-t) k_t v_tᵀ (all exponents <= 0, f32)."""
+    bufs = _Bufs(*scratch)
+    jv, h, ri = lax.axis_index('v'), lax.axis_index('h'), lax.axis_index('r')
+    vcols = pl.ds(jv * BV, BV)
+    r, i = ri // NSEG, ri % NSEG
+    rc, s, e, slot, valid = _sequence(cu_g, slots_g, r, R, T)
+    n_r = (e - s + L - 1) // L
+    x_at = x_g.at[r, i, h, :, vcols]
+
+    @pl.when(valid & (i == 0))
+    def _():
+        _store_state(bufs, _initial_state(bufs, fresh_g, pool_g, rc, slot, h, vcols), x_at)
+
+    @pl.when(valid & (i >= 1) & (i < n_r))
+    def _():
+        a = s + (i - 1) * L
+        zero = plgpu.layout_cast(jnp.zeros(bufs.s.shape, F32), plgpu.Layout.WGMMA)
+        S = _walk(bufs, g_g[h], h, vcols, None, k_g, v_g, None, a, a + L, zero, C=C, scale=1.0)
+        _store_state(bufs, S, x_at)
+
+
+def _prefill_kernel(cu_g, slots_g, fresh_g, g_g, q_g, k_g, v_g, pool_g, *rest, R, T, C, BV, L, NSEG, scale):
+    """Program (value block, head, r * NSEG + j): row r < R runs segment j of sequence r (the whole
+    sequence when L is None) from its start state -- the slot's state (or zero), or with the split
+    x[r, 0] folded with the increments x[r, 1..j] (S = gamma^L S + x[r, i]) -- writes its outputs,
+    and the last segment writes the final state to the slot. Row R zero-fills the padding tokens
+    past cu[R]; a skipped sequence zero-fills its tokens and touches no slot."""
+    if L is None:
+        x_g, (o_g, pool_out_g), scratch = None, rest[:2], rest[2:]
+    else:
+        x_g, (o_g, pool_out_g), scratch = rest[0], rest[1:3], rest[3:]
+    bufs = _Bufs(*scratch)
+    jv, h, rj = lax.axis_index('v'), lax.axis_index('h'), lax.axis_index('r')
+    vcols = pl.ds(jv * BV, BV)
+    r, j = rj // NSEG, rj % NSEG
+    rc, s, e, slot, valid = _sequence(cu_g, slots_g, r, R, T)
+    seg_s, seg_e = (s, e) if L is None else (s + j * L, jnp.minimum(e, s + (j + 1) * L))
+    valid = valid & (seg_e > seg_s)
 
     @pl.when(~valid)
     def _():
-        o_smem[...] = plgpu.layout_cast(jnp.zeros((C, BV), o_smem.dtype), mma)
-
-        def zero_chunk(c, carry):
-            store_rows(*span(c))
-            return carry
-        lax.fori_loop(0, n_chunks, zero_chunk, 0)
-        plgpu.wait_smem_to_gmem(0)
+        _zero_fill(bufs, o_g, h, vcols, seg_s, seg_e, C)
 
     @pl.when(valid)
     def _():
         g = g_g[h]
+        if L is None:
+            S = _initial_state(bufs, fresh_g, pool_g, rc, slot, h, vcols)
+        else:
+            gL = jnp.exp(g * float(L))
+            S = lax.fori_loop(1, j + 1, lambda i, S: gL * S + _load_state(bufs, x_g.at[r, i, h, :, vcols]),
+                              _load_state(bufs, x_g.at[r, 0, h, :, vcols]))
+        S = _walk(bufs, g, h, vcols, q_g, k_g, v_g, o_g, seg_s, seg_e, S, C=C, scale=scale)
 
-        def load_chunk(c, buf):
-            t = pl.ds(s8 + c * C, C)
-            plgpu.copy_gmem_to_smem(q_g.at[t, h], q_smem.at[buf], bars.at[buf])
-            plgpu.copy_gmem_to_smem(k_g.at[t, h], k_smem.at[buf], bars.at[2 + buf])
-            plgpu.copy_gmem_to_smem(v_g.at[t, h, vcols], v_smem.at[buf], bars.at[4 + buf])
-
-        load_chunk(0, 0)
-        fresh = fresh_g[rc] != 0
-
-        @pl.when(fresh)
+        @pl.when(seg_e == e)                           # the sequence's last segment
         def _():
-            s_smem[...] = plgpu.layout_cast(jnp.zeros((D, BV), F32), mma)
-
-        @pl.when(~fresh)
-        def _():
-            plgpu.copy_gmem_to_smem(pool_g.at[slot, h, :, vcols], s_smem, bars.at[6])
-            plgpu.barrier_wait(bars.at[6])
-
-        S0 = plgpu.load(s_smem, layout=mma)
-        i_idx = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=mma)
-        j_idx = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=mma)
-        diff = (i_idx - j_idx).astype(F32)
-        fi = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=rows_1d)
-
-        def body(c, S):
-            buf = c % 2
-
-            @pl.when(c + 1 < n_chunks)                 # prefetch the next chunk into the other buffer
-            def _():
-                load_chunk(c + 1, 1 - buf)
-
-            for i in (0, 2, 4):
-                plgpu.barrier_wait(bars.at[i + buf])
-            base, lo, hi = span(c)
-            sb_smem[...] = S.astype(sb_smem.dtype)     # the state as a bf16 MMA operand
-            plgpu.commit_smem()
-
-            qk = _mma(q_smem.at[buf], k_smem.at[buf].transpose((1, 0)))
-            keep = (diff >= 0) & (j_idx >= lo)         # lo <= j <= i (rows >= hi are not stored)
-            a = jnp.where(keep, qk * jnp.exp(g * jnp.where(keep, diff, 0.0)), 0.0)
-
-            o = _mma(q_smem.at[buf], sb_smem)
-            # gamma^(i - lo + 1): the exact inter-chunk decay of SPEC 2.8 (exponent <= 0 for i >= lo)
-            q_decay = jnp.exp(g * jnp.maximum(fi - lo + 1, 0).astype(F32))
-            o = o * lax.broadcast_in_dim(q_decay, (C, BV), [0])
-            a_smem[...] = a.astype(a_smem.dtype)       # (Mosaic GPU interpret mode takes MMA
-            plgpu.commit_smem()                        # operands from shared memory only)
-            o = o + _mma(a_smem, v_smem.at[buf])
-            o_smem[...] = (scale * o).astype(o_smem.dtype)
-            store_rows(base, lo, hi)
-
-            k = plgpu.load(k_smem.at[buf], layout=mma).astype(F32)
-            live = (fi >= lo) & (fi < hi)
-            w = jnp.exp(g * jnp.where(live, hi - 1 - fi, 0).astype(F32))     # gamma^(hi-1-t)
-            kd = jnp.where(lax.broadcast_in_dim(live, k.shape, [0]), k * lax.broadcast_in_dim(w, k.shape, [0]), 0.0)
-            kd_smem[...] = kd.astype(kd_smem.dtype)
-            plgpu.commit_smem()
-            return jnp.exp(g * (hi - lo).astype(F32)) * S + _mma(kd_smem.transpose((1, 0)), v_smem.at[buf])
-
-        S = lax.fori_loop(0, n_chunks, body, S0)
-        s_smem[...] = S
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(s_smem, pool_out_g.at[slot, h, :, vcols])
-        plgpu.wait_smem_to_gmem(0)
+            _store_state(bufs, S, pool_out_g.at[slot, h, :, vcols])
 
 
-@functools.partial(jax.jit, static_argnames=('scale', 'block_v', 'interpret'))
-def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, block_v=64,
+@functools.partial(jax.jit, static_argnames=('scale', 'block_v', 'segment', 'interpret'))
+def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, block_v=64, segment=None,
             interpret=False):
     """See reference.prefill (cu_seqlens[0] must be 0). q, k, v bf16 or f16 [T, H, D] with D a
-    multiple of 64; chunks of 64 tokens; state_pool f32 (pass it donated)."""
+    multiple of 64; chunks of 64 tokens; state_pool f32 (pass it donated). segment: as in
+    gpu.prefill (None = split a few long sequences into segments run in parallel, by the same
+    static rule; 0 = never; L = segments of L tokens, a multiple of 64)."""
     T, H, D = q.shape
     R = slots.shape[0]
     BV, C = min(block_v, D), 64
@@ -275,36 +382,47 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
         raise ValueError(f'the state pool must be float32, got {state_pool.dtype}')
     dt = q.dtype
     sw = lambda n: (plgpu.TilingTransform((8, n)), plgpu.SwizzleTransform(128))   # noqa: E731
-    scratch = [
-        plgpu.SMEM((2, C, D), dt, transforms=sw(64)),        # q, double-buffered
-        plgpu.SMEM((2, C, D), dt, transforms=sw(64)),        # k
-        plgpu.SMEM((2, C, BV), dt, transforms=sw(64)),       # v
-        plgpu.SMEM((C, D), dt, transforms=sw(64)),           # decayed k
-        plgpu.SMEM((C, C), dt, transforms=sw(64)),           # masked, decayed q kᵀ
-        plgpu.SMEM((D, BV), dt, transforms=sw(64)),          # state, as an MMA operand
-        plgpu.SMEM((D, BV), F32, transforms=sw(32)),         # state, f32 (initial / final)
-        plgpu.SMEM((C, BV), dt),                             # output rows
-        plgpu.Barrier(num_arrivals=1, num_barriers=7),
-    ]
-
+    scratch = _Bufs(
+        q=plgpu.SMEM((2, C, D), dt, transforms=sw(64)),      # double-buffered chunk inputs
+        k=plgpu.SMEM((2, C, D), dt, transforms=sw(64)),
+        v=plgpu.SMEM((2, C, BV), dt, transforms=sw(64)),
+        kd=plgpu.SMEM((C, D), dt, transforms=sw(64)),        # decayed k
+        a=plgpu.SMEM((C, C), dt, transforms=sw(64)),         # masked, decayed q kᵀ
+        sb=plgpu.SMEM((D, BV), dt, transforms=sw(64)),       # state, as an MMA operand
+        s=plgpu.SMEM((D, BV), F32, transforms=sw(32)),       # state tiles in / out, f32
+        o=plgpu.SMEM((C, BV), dt),                           # output rows
+        bars=plgpu.Barrier(num_arrivals=1, num_barriers=7),
+    )
     # TMA into the swizzled tiles needs the token count a multiple of 8: pad (a copy of q, k, v;
     # only for such odd T, never for the engine's power-of-two token budgets)
     Tp = -(-T // 8) * 8
     if Tp != T:
         q, k, v = (jnp.pad(x, ((0, Tp - T), (0, 0), (0, 0))) for x in (q, k, v))
-    body = functools.partial(_prefill_body, scratch=scratch, R=R, T=Tp, C=C, BV=BV, scale=float(scale))
-    mesh = plgpu.Mesh(grid=(D // BV, H, R + 1), grid_names=('v', 'h', 'r'))
+    L = _pick_segment(Tp, R, H, D // BV, C, segment)
+    NSEG = 1 if L is None else -(-Tp // L)
+    kw = dict(R=R, T=Tp, C=C, BV=BV, L=L, NSEG=NSEG)
+    ints = (cu_seqlens.astype(jnp.int32), slots.astype(jnp.int32), fresh, log_decay.astype(F32))
+    interp = _interpret_params() if interpret else False
+    extra = ()
+    if L is not None:
+        x = _mpmd._mpmd_map(
+            [(plgpu.Mesh(grid=(D // BV, H, R * NSEG), grid_names=('v', 'h', 'r')),
+              functools.partial(_scoped, _increment_kernel, scratch=scratch, **kw))],
+            out_types=_like(k, (R, NSEG, H, D, D), F32), interpret=interp,
+            name='lingjax_linear_attention_prefill_increments_mgpu',
+        )(*ints, k, v, state_pool)
+        extra = (x,)
     o, pool = _mpmd._mpmd_map(
-        [(mesh, body)], out_types=(_like(q), _like(state_pool)), input_output_aliases={7: 1},
-        interpret=_interpret_params() if interpret else False,
+        [(plgpu.Mesh(grid=(D // BV, H, (R + 1) * NSEG), grid_names=('v', 'h', 'r')),
+          functools.partial(_scoped, _prefill_kernel, scratch=scratch, scale=float(scale), **kw))],
+        out_types=(_like(q), _like(state_pool)), input_output_aliases={7: 1}, interpret=interp,
         name='lingjax_linear_attention_prefill_mgpu',
-    )(cu_seqlens.astype(jnp.int32), slots.astype(jnp.int32), fresh, log_decay.astype(F32), q, k, v,
-      state_pool)
+    )(*ints, q, k, v, state_pool, *extra)
     return o[:T], pool
 
 
-def _prefill_body(*refs, scratch, **kw):
-    pl.run_scoped(functools.partial(_prefill_kernel, *refs, **kw), *scratch)
+def _scoped(kernel, *refs, scratch, **kw):
+    pl.run_scoped(functools.partial(kernel, *refs, **kw), *scratch)
 
 
 def _interpret_params():
