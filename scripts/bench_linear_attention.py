@@ -846,11 +846,9 @@ def decode_sweep(B):
 
 
 def _triton_decode_sweep(B, d):
-    """block_k: key dim split over programs + an XLA sum of the partial outputs; key_piece: key
-    rows walked in pieces inside a program."""
+    """block_k: key dim split over programs + an XLA sum of the partial outputs."""
     if B >= 64:
-        return [d, dict(d, block_k=64), dict(block_v=128, num_warps=8, tiles_first=True, key_piece=64),
-                dict(d, key_piece=64)][:4 if B == 64 else 2]
+        return [d, dict(d, block_k=64)]
     if B >= 16:
         return [d, dict(d, tiles_first=False), dict(d, block_k=64)]
     return [dict(d, block_k=64), dict(d, block_v=32), dict(d, block_k=64, block_v=32)]

@@ -203,13 +203,11 @@ def test_gpu_prefill_grid_orders_match_float64_recurrence(tiles_first, fresh_dty
     check_prefill(o, new_pool, o_ref, pool_ref, pool, slots, cu, unused, TOL['float32'])
 
 
-@pytest.mark.parametrize('cfg', [dict(block_v=16, key_piece=8), dict(block_v=8, block_k=16),
-                                 dict(block_v=16, block_k=16, key_piece=8, tiles_first=False)],
-                         ids=['key_piece', 'key_split', 'split+piece'])
+@pytest.mark.parametrize('cfg', [dict(block_v=8, block_k=16), dict(block_v=16, block_k=16, tiles_first=False)],
+                         ids=['key_split', 'key_split_grid_bht'])
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_gpu_decode_variants_match_float64_recurrence(dtype, cfg):
-    """Decode with the key dim split over programs (partial sums) and/or walked in pieces inside a
-    program; int32 fresh."""
+    """Decode with the key dim split over programs (partial sums), in both grid orders; int32 fresh."""
     rng = np.random.default_rng(9)
     slots = np.array([4, -1, 0, 11, 2, 6, -1, 8], np.int32)
     fresh = np.array([0, 0, 1, 0, 0, 1, 0, 0], np.int32)

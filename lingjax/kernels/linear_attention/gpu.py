@@ -324,7 +324,7 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
 
 
 def _decode_kernel(slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, pool_ref, o_ref,
-                   pool_out_ref, *, BK, BV, NV, KI, scale, split, tiles_first):
+                   pool_out_ref, *, BK, BV, NV, scale, split, tiles_first):
     del pool_out_ref
     b = pl.program_id(2 if tiles_first else 0)
     h = pl.program_id(1)
@@ -332,6 +332,7 @@ def _decode_kernel(slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, pool_ref, o
     kb = tile // NV
     j = tile % NV
     vcols = pl.ds(j * BV, BV)
+    krows = pl.ds(kb * BK, BK)
     slot = slots_ref[b]
     # split (BK < D): o_ref is an f32 [NK, B, H, D] buffer of partial sums over key blocks
     o_at = o_ref.at[kb, b, h, vcols] if split else o_ref.at[b, h, vcols]
@@ -345,40 +346,31 @@ def _decode_kernel(slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, pool_ref, o
         fresh = _flag(fresh_ref, b)
         gamma = jnp.exp(g_ref[h])
         vv = v_ref[b, h, vcols].astype(F32)
-        o = jnp.zeros((BV,), F32)
-        # KI < BK: the program walks its key rows in KI-row pieces (load, update, store, reduce
-        # one piece at a time): fewer live registers per thread, more programs per SM.
-        for kk in range(BK // KI):
-            krows = pl.ds(kb * BK + kk * KI, KI)
-            qv = q_ref[b, h, krows].astype(F32)
-            kv = k_ref[b, h, krows].astype(F32)
-            S = pltr.load(pool_ref.at[slot, h, krows, vcols]).astype(F32)
-            S = jnp.where(fresh, 0.0, gamma * S) + kv[:, None] * vv[None, :]
-            pltr.store(pool_ref.at[slot, h, krows, vcols], S.astype(pool_ref.dtype))
-            o = o + jnp.sum(qv[:, None] * S, axis=0)
-        o_at[...] = (scale * o).astype(o_ref.dtype)
+        qv = q_ref[b, h, krows].astype(F32)
+        kv = k_ref[b, h, krows].astype(F32)
+        S = pltr.load(pool_ref.at[slot, h, krows, vcols]).astype(F32)
+        S = jnp.where(fresh, 0.0, gamma * S) + kv[:, None] * vv[None, :]
+        pltr.store(pool_ref.at[slot, h, krows, vcols], S.astype(pool_ref.dtype))
+        o_at[...] = (scale * jnp.sum(qv[:, None] * S, axis=0)).astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=('scale', 'block_k', 'block_v', 'num_warps',
-                                             'tiles_first', 'key_piece', 'interpret'))
+                                             'tiles_first', 'interpret'))
 def decode(q, k, v, log_decay, state_pool, slots, fresh, *, scale, block_k=None, block_v=64,
-           num_warps=4, tiles_first=True, key_piece=None, interpret=False):
+           num_warps=4, tiles_first=True, interpret=False):
     """See reference.decode. block_k < D splits the key dim over programs (f32 partial outputs
-    summed afterwards), for more programs in flight at small batch. key_piece < block_k: each
-    program walks its key rows in pieces of that many rows (fewer registers, no extra kernel).
+    summed afterwards), for more programs in flight at small batch.
     tiles_first: grid (tiles, H, B), so that programs launched together sweep one slot's
     [H, D, D] state in address order (as fla's grid does); False: grid (B, H, tiles).
     fresh may be bool or integer (read in the kernel as is; no conversion kernel)."""
     B, H, D = q.shape
     BV = min(block_v, D)
     BK = min(block_k or D, D)
-    KI = min(key_piece or BK, BK)
-    if D % BV or D % BK or BK % KI:
-        raise ValueError(f'head dim {D} is not a multiple of block_v={BV} / block_k={BK}, '
-                         f'or block_k not of key_piece={KI}')
+    if D % BV or D % BK:
+        raise ValueError(f'head dim {D} is not a multiple of block_v={BV} / block_k={BK}')
     NV, NK = D // BV, D // BK
     split = NK > 1
-    kernel = functools.partial(_decode_kernel, BK=BK, BV=BV, NV=NV, KI=KI, scale=float(scale),
+    kernel = functools.partial(_decode_kernel, BK=BK, BV=BV, NV=NV, scale=float(scale),
                                split=split, tiles_first=tiles_first)
     o_struct = _like(q, (NK,) + q.shape, F32) if split else _like(q)
     o, pool = pl.pallas_call(
