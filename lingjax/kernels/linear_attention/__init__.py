@@ -41,7 +41,7 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
     args = (q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh)
     if impl == 'reference':
         return reference.prefill(*args, scale=scale)
-    if impl.startswith('mosaic_gpu') and _mosaic_ok(q, prefill=True):
+    if impl.startswith('mosaic_gpu') and _mosaic_ok(q, state_pool, prefill=True):
         from lingjax.kernels.linear_attention import mosaic_gpu
         return mosaic_gpu.prefill(*args, scale=scale, interpret=impl.endswith('_interpret'))
     if impl.startswith(('gpu', 'mosaic_gpu')):
@@ -57,7 +57,7 @@ def decode(q, k, v, log_decay, state_pool, slots, fresh, *, scale, impl=None):
     args = (q, k, v, log_decay, state_pool, slots, fresh)
     if impl == 'reference':
         return reference.decode(*args, scale=scale)
-    if impl.startswith('mosaic_gpu') and _mosaic_ok(q):
+    if impl.startswith('mosaic_gpu') and _mosaic_ok(q, state_pool):
         from lingjax.kernels.linear_attention import mosaic_gpu
         return mosaic_gpu.decode(*args, scale=scale, interpret=impl.endswith('_interpret'))
     if impl.startswith(('gpu', 'mosaic_gpu')):
@@ -67,10 +67,12 @@ def decode(q, k, v, log_decay, state_pool, slots, fresh, *, scale, impl=None):
     return tpu.decode(*args, scale=scale, interpret=_tpu_interpret(impl))
 
 
-def _mosaic_ok(q, prefill=False):
-    """Whether the Mosaic GPU kernels take these inputs: head dim a multiple of 64; prefill's
-    tensor-core products also need 16-bit q, k, v (f32 inputs go to gpu.py's exact f32 path)."""
-    return q.shape[-1] % 64 == 0 and (not prefill or q.dtype in (jnp.bfloat16, jnp.float16))
+def _mosaic_ok(q, state_pool, prefill=False):
+    """Whether the Mosaic GPU kernels take these inputs: head dim a multiple of 64, an f32 state
+    pool; prefill's tensor-core products also need 16-bit q, k, v (f32 inputs go to gpu.py's exact
+    f32 path)."""
+    return (q.shape[-1] % 64 == 0 and state_pool.dtype == jnp.float32
+            and (not prefill or q.dtype in (jnp.bfloat16, jnp.float16)))
 
 
 def _tpu_interpret(impl):
