@@ -112,10 +112,7 @@ def decode(q, k, v, log_decay, state_pool, slots, fresh, *, scale, block_v=64, i
         plgpu.SMEM((BV,), q.dtype),
         plgpu.Barrier(num_arrivals=1, num_barriers=4),
     ]
-
-    def body(*refs):
-        pl.run_scoped(functools.partial(_decode_kernel, *refs, BV=BV, scale=float(scale)), *scratch)
-
+    body = functools.partial(_scoped, _decode_kernel, scratch=scratch, BV=BV, scale=float(scale))
     # plgpu.kernel (the public entry point over a named grid) takes no input_output_aliases, and
     # its other way to update in place, a mutable ref (jax.new_ref), is refused inside shard_map
     # (a ref varying over a manual axis). So: the mpmd_map under it, with the pool aliased
@@ -124,7 +121,7 @@ def decode(q, k, v, log_decay, state_pool, slots, fresh, *, scale, block_v=64, i
     mesh = plgpu.Mesh(grid=(D // BV, H, B), grid_names=('v', 'h', 'b'))
     o, pool = _mpmd._mpmd_map(
         [(mesh, body)], out_types=(_like(q), _like(state_pool)), input_output_aliases={6: 1},
-        interpret=plgpu.InterpretGPUParams(uninitialized_memory='zero') if interpret else False,
+        interpret=_interpret_params() if interpret else False,
         name='lingjax_linear_attention_decode_mgpu',
     )(slots.astype(jnp.int32), fresh, log_decay.astype(F32), q, k, v, state_pool)
     return o, pool
