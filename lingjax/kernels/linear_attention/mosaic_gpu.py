@@ -228,14 +228,13 @@ def _walk(bufs, g, h, vcols, q_g, k_g, v_g, o_g, s, e, S, *, C, scale):
     def _():
         load_chunk(0, 0)
 
-    i_idx = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=mma)
-    j_idx = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=mma)
-    diff = (i_idx - j_idx).astype(F32)
-    fi = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=mma.reduce(1))   # row index, 1-D
     BV = S.shape[1]
 
     def body(c, S):
         buf = c % 2
+        # index arrays made here, not carried through the loop: registers are scarce (S alone
+        # holds 64 per thread)
+        fi = plgpu.broadcasted_iota(jnp.int32, (C,), 0, layout=mma.reduce(1))   # row index, 1-D
 
         @pl.when(c + 1 < n_chunks)                 # prefetch the next chunk into the other buffer
         def _():
@@ -248,6 +247,9 @@ def _walk(bufs, g, h, vcols, q_g, k_g, v_g, o_g, s, e, S, *, C, scale):
             bufs.sb[...] = S.astype(bufs.sb.dtype)     # the state as a 16-bit MMA operand
             plgpu.commit_smem()
             qk = _mma(bufs.q.at[buf], bufs.k.at[buf].transpose((1, 0)))
+            i_idx = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=mma)
+            j_idx = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=mma)
+            diff = (i_idx - j_idx).astype(F32)
             keep = (diff >= 0) & (j_idx >= lo)         # lo <= j <= i (rows >= hi are not stored)
             a = jnp.where(keep, qk * jnp.exp(g * jnp.where(keep, diff, 0.0)), 0.0)
             o = _mma(bufs.q.at[buf], bufs.sb)
