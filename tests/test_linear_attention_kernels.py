@@ -244,6 +244,7 @@ def test_mosaic_gpu_decode_matches_float64_recurrence(dtype, fresh_dtype, block_
     pool = (rng.standard_normal((n, h, d, d)) * 0.3).astype(np.float32)
     unused = np.array([s for s in range(n) if s not in set(slots)])
     pool[unused] = np.nan
+    pool[slots[fresh.astype(bool)]] = np.nan          # a fresh slot's old contents must not be read
     scale = d ** -0.5
     fn = jax.jit(functools.partial(mosaic_gpu.decode, scale=scale, block_v=block_v, interpret=True),
                  donate_argnums=4)

@@ -14,8 +14,8 @@ aliased input -> output, so under donation a call moves only the touched slots' 
 
 Decode, grid (D/BV, H, B): read the request's slot and fresh flag (scalars from global memory; a
 bool flag is read as is, no XLA conversion); slot < 0 writes zeros and touches no slot; else TMA
-the f32 state tile pool[slot, h, :, vblock] and q/k/v[b, h] in, S = a S + k vᵀ (a = 0 if fresh
-else e^g), o = scale qᵀ S (a cross-warp column sum), TMA S and o out.
+q/k/v[b, h] and the f32 state tile pool[slot, h, :, vblock] in (not read for a fresh slot: S = 0),
+S = e^g S + k vᵀ, o = scale qᵀ S (a cross-warp column sum), TMA S and o out.
 
 Prefill, grid (D/BV, H, R + 1), chunks of C = 64 tokens, BV = 64: program (v, h, r < R) walks
 sequence r from its slot's state (or zero), carrying the f32 state tile S [D, BV] in registers:
@@ -76,19 +76,32 @@ def _decode_kernel(slots_g, fresh_g, g_g, q_g, k_g, v_g, pool_g, o_g, pool_out_g
 
     @pl.when(slot >= 0)
     def _():
-        plgpu.copy_gmem_to_smem(pool_g.at[slot, h, :, vcols], s_smem, bars.at[0])
+        fresh = fresh_g[b] != 0
+
+        @pl.when(~fresh)                # a fresh slot's old contents are never read (may be NaN)
+        def _():
+            plgpu.copy_gmem_to_smem(pool_g.at[slot, h, :, vcols], s_smem, bars.at[0])
+
+        @pl.when(fresh)
+        def _():
+            s_smem[...] = plgpu.layout_cast(jnp.zeros((D, BV), F32), plgpu.Layout.WGMMA)
+
         plgpu.copy_gmem_to_smem(q_g.at[b, h], qkv_smem.at[0], bars.at[1])
         plgpu.copy_gmem_to_smem(k_g.at[b, h], qkv_smem.at[1], bars.at[2])
         plgpu.copy_gmem_to_smem(v_g.at[b, h, vcols], qkv_smem.at[2, pl.ds(0, BV)], bars.at[3])
-        a = jnp.where(fresh_g[b] != 0, jnp.float32(0.0), jnp.exp(g_g[h]))
+        gamma = jnp.exp(g_g[h])
         for i in (1, 2, 3):
             plgpu.barrier_wait(bars.at[i])
         q = plgpu.load(qkv_smem.at[0], layout=rows).astype(F32)
         k = plgpu.load(qkv_smem.at[1], layout=rows).astype(F32)
         v = plgpu.load(qkv_smem.at[2, pl.ds(0, BV)], layout=cols).astype(F32)
-        plgpu.barrier_wait(bars.at[0])
+
+        @pl.when(~fresh)
+        def _():
+            plgpu.barrier_wait(bars.at[0])
+
         S = plgpu.load(s_smem, layout=plgpu.Layout.WGMMA)
-        S = a * S + lax.broadcast_in_dim(k, (D, BV), [0]) * lax.broadcast_in_dim(v, (D, BV), [1])
+        S = gamma * S + lax.broadcast_in_dim(k, (D, BV), [0]) * lax.broadcast_in_dim(v, (D, BV), [1])
         s_smem[...] = S
         write_o(scale * jnp.sum(lax.broadcast_in_dim(q, (D, BV), [0]) * S, axis=0))
         plgpu.copy_smem_to_gmem(s_smem, pool_out_g.at[slot, h, :, vcols])
