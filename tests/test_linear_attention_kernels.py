@@ -5,7 +5,8 @@ kernels (generic Pallas interpret mode) and the Pallas TPU kernels (TPU interpre
 random initial states, decays over the real slope range (λ 0.004 … 0.92), sequence lengths 1,
 C-1, C, C+1 and long, several sequences of different lengths packed together, fresh and
 continuing slots, a zero-length sequence, a padding sequence (slot -1), padding tokens past
-cu_seqlens[-1], and unused slots poisoned with NaN that must come back bit-identical.
+cu_seqlens[-1], unused slots poisoned with NaN that must come back bit-identical, and fresh slots
+holding NaN (a fresh start must never read the slot's old contents).
 Tolerance: relative 1e-5 for float32 inputs, 1e-2 for bfloat16 (oracle fed the same rounded inputs).
 """
 import functools
@@ -103,6 +104,7 @@ def prefill_case(rng, dtype):
     q, k, v = (jnp.asarray(rng.standard_normal((T, H, D)) * 0.5, dtype) for _ in range(3))
     written = slots[(np.diff(cu) > 0) & (slots >= 0)]
     pool, unused = make_pool(rng, written)
+    pool[slots[fresh & (slots >= 0)]] = np.nan        # a fresh slot's old contents must not be read
     return q, k, v, pool, unused, slots, cu, fresh
 
 
@@ -129,6 +131,7 @@ def test_decode_matches_float64_recurrence(impl, dtype):
     B = len(slots)
     q, k, v = (jnp.asarray(rng.standard_normal((B, H, D)) * 0.5, dtype) for _ in range(3))
     pool, unused = make_pool(rng, slots[slots >= 0])
+    pool[slots[fresh]] = np.nan                       # a fresh slot's old contents must not be read
     scale = D ** -0.5
     o_ref, pool_ref = oracle_prefill(q, k, v, LAMBDAS, pool, slots, np.arange(B + 1), fresh, scale)
     fn = jax.jit(functools.partial(IMPLS[impl][1], scale=scale), donate_argnums=4)
