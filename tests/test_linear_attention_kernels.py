@@ -285,6 +285,7 @@ def test_mosaic_gpu_prefill_matches_float64_recurrence(segment):
     written = slots[(np.diff(cu) > 0) & (slots >= 0)]
     unused = np.array([i for i in range(n) if i not in set(written)])
     pool[unused] = np.nan
+    pool[slots[fresh]] = np.nan                       # a fresh slot's old contents must not be read
     scale = d ** -0.5
     o_ref, pool_ref = oracle_prefill(q, k, v, lam, pool, slots, cu, fresh, scale)
     fn = jax.jit(functools.partial(mosaic_gpu.prefill, scale=scale, segment=segment, interpret=True),
