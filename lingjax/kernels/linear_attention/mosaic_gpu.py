@@ -227,11 +227,10 @@ def _walk(bufs, g, h, vcols, q_g, k_g, v_g, o_g, s, e, S, *, C, scale):
     after them. Chunk by chunk, the next one's q/k/v fetched while the current one computes."""
     mma = plgpu.Layout.WGMMA
     n_chunks, span = _chunks(s, e, C)
-    s8 = (s // 8) * 8
     with_o = q_g is not None
 
     def load_chunk(c, buf):
-        t = pl.ds(s8 + c * C, C)
+        t = pl.ds(span(c)[0], C)                   # the chunk's first token, a multiple of 8
         if with_o:
             plgpu.copy_gmem_to_smem(q_g.at[t, h], bufs.q.at[buf], bufs.bars.at[buf])
         plgpu.copy_gmem_to_smem(k_g.at[t, h], bufs.k.at[buf], bufs.bars.at[2 + buf])
