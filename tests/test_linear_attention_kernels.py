@@ -461,3 +461,23 @@ def test_mosaic_gpu_kernels_lower_for_h100_as_one_kernel_with_pool_aliased():
                 split = cfg.get('segment', 0) > 0          # + the increments pass
                 assert ops == ['stablehlo.custom_call @mosaic_gpu_v2'] * (1 + split), (fn.__name__, cfg, ops)
                 assert 'output_operand_aliases' in text, 'state pool must be aliased in -> out'
+
+
+def test_gpu_prefill_f32_product_modes_reach_the_triton_ir():
+    """float32 q/k/v: each f32_dot mode ('ieee', 'tf32x3', 'tf32') lowers for an H100 and gives its
+    own Triton IR (the CPU interpreter runs all of them as 'ieee'; their accuracy is checked on
+    the GPU by scripts/bench_linear_attention.py's oracle checks). An unknown mode is refused."""
+    sd = jax.ShapeDtypeStruct
+    T, h, d, n, r = 512, 4, 128, 8, 3
+    pre = (sd((T, h, d), jnp.float32),) * 3 + (sd((h,), jnp.float32), sd((n, h, d, d), jnp.float32),
+                                              sd((r,), jnp.int32), sd((r + 1,), jnp.int32), sd((r,), jnp.bool_))
+    irs = {}
+    with _abstract('cuda', 'NVIDIA H100 80GB HBM3'):
+        for mode in ('ieee', 'tf32x3', 'tf32'):
+            text = jax.jit(functools.partial(gpu.prefill, scale=0.1, f32_dot=mode), donate_argnums=4).trace(
+                *pre).lower(lowering_platforms=('cuda',)).as_text()
+            irs[mode] = [line for line in text.splitlines() if 'stablehlo.custom_call' in line]
+            assert len(irs[mode]) == 1 and 'output_operand_aliases' in text
+    assert len({ir[0] for ir in irs.values()}) == 3
+    with pytest.raises(ValueError, match="f32_dot='fp16'"):
+        gpu.prefill(*(jnp.zeros(s.shape, s.dtype) for s in pre), scale=0.1, f32_dot='fp16', interpret=True)

@@ -33,7 +33,13 @@ class LinearAttention(nnx.Module):
         self.dense = Dense(H * D, d, use_bias=cfg.use_bias, dtype=dtype, rngs=rngs)
 
     def qkv(self, x, positions):
-        """x [..., T, d] -> q, k, v [..., T, H_local, D] in float32 (SPEC §2.2 order)."""
+        """x [..., T, d] -> q, k, v [..., T, H_local, D] in x's dtype (SPEC §2.2 order).
+
+        Projections' outputs are cast to float32 for SiLU, RMSNorm and RoPE (SPEC §2.2); the
+        result is handed to the attention in the model's activation dtype, as HF hands it to
+        fla: a bf16 model runs the 16-bit tensor-core prefill kernel (on H200 5x faster than
+        float32 inputs, run 12 of scripts/bench_notes_linear_attention.md); a float32 model keeps
+        float32 (fp32-accurate products). The state and all sums stay float32 either way."""
         D = self.cfg.head_dim
         q, k, v = (p(x).astype(F32) for p in (self.q_proj, self.k_proj, self.v_proj))
         if self.cfg.linear_silu:
@@ -44,10 +50,10 @@ class LinearAttention(nnx.Module):
         rot = self.cfg.linear_rope_dim
         q = rope.apply_neox(q, positions, rot, self.cfg.rope_theta)
         k = rope.apply_neox(k, positions, rot, self.cfg.rope_theta)
-        return q, k, v
+        return q.astype(x.dtype), k.astype(x.dtype), v.astype(x.dtype)
 
     def output(self, o, x):
-        """o [..., T, H_local, D] float32 -> [..., T, d] (norm, gate from the same normed input x, dense)."""
+        """o [..., T, H_local, D] -> [..., T, d] (norm, gate from the same normed input x, dense)."""
         o = o.reshape(o.shape[:-2] + (-1,)).astype(x.dtype)
         return tp_psum(self.dense(self.g_norm(o, self.g_proj(x)), partial=True))
 

@@ -6,7 +6,10 @@ anything else -> the pure-jnp reference. Override with ``impl=`` or the environm
 LINGJAX_KERNELS, one of
   reference | gpu | tpu | mosaic_gpu | gpu_interpret | tpu_interpret | mosaic_gpu_interpret
 mosaic_gpu: the Pallas Mosaic GPU kernels (mosaic_gpu.py) where they take the inputs (head dim a
-multiple of 64; prefill: bf16/f16 q, k, v), gpu.py's otherwise. Opt-in until measured on hardware.
+multiple of 64; prefill: bf16/f16 q, k, v), gpu.py's otherwise. Opt-in: on H200 they are correct
+but slower than gpu.py's (decode 1.02-1.22x, prefill 1.26-1.57x the time; notes file, round 6).
+float32 q, k, v on the GPU: gpu.py's prefill multiplies them as 3xTF32 (fp32 accuracy); the model
+hands bf16 models' q, k, v over in bf16 (model/linear_attention.py).
 (The *_interpret forms run the Pallas kernels in interpret mode on the CPU; for tests.)
 Both functions are traceable inside jit and shard_map (any local head count); pass the state pool
 donated so that its update happens in place.

@@ -71,10 +71,19 @@ def _like(x, shape=None, dtype=None):
                                 manual_axis_type=aval.manual_axis_type)
 
 
-def _dot(a, b, exact, trans_a=False, trans_b=False):
-    # exact=True: full-f32 products (the f32 path must meet 1e-5 relative; tf32 would not).
-    return pltr.dot(a, b, trans_a=trans_a, trans_b=trans_b,
-                  precision=jax.lax.Precision.HIGHEST if exact else None)
+# How float32 q/k/v are multiplied (bf16/f16 inputs: one tensor-core product, f32 sum):
+# 'ieee': fp32 FMAs, no tensor cores; 'tf32x3': three tf32 tensor-core products with error
+# correction, about fp32 accuracy; 'tf32': one tf32 product (10-bit mantissa), what Triton
+# kernels given fp32 inputs do by default (vLLM's, SGLang's, fla's). Only 'ieee' and 'tf32x3'
+# meet the f32 path's 1e-5 relative bound.
+_F32_DOTS = {'ieee': jax.lax.Precision.HIGHEST,
+             'tf32x3': jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+             'tf32': jax.lax.DotAlgorithmPreset.TF32_TF32_F32}
+
+
+def _dot(a, b, prec, trans_a=False, trans_b=False):
+    # prec: None (bf16/f16 inputs) or a value of _F32_DOTS.
+    return pltr.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=prec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,7 +122,7 @@ def _grid_ids(tiles_first):
 
 
 def _increment_kernel(cu_ref, slots_ref, fresh_ref, g_ref, k_ref, v_ref, pool_ref, x_ref,
-                      *, NSEG, L, C, BV, exact, tiles_first):
+                      *, NSEG, L, C, BV, prec, tiles_first):
     """Pass 1 of the segment split. Program (r, i): i = 0 copies the initial state (pool tile or
     zero) to x[r, 0]; i >= 1 writes x[r, i] = the zero-start state of full segment i-1,
     sum_t gamma^(L-1-t) k_t v_t^T (exponents <= 0), if segment i-1 is not the sequence's last."""
@@ -149,14 +158,14 @@ def _increment_kernel(cu_ref, slots_ref, fresh_ref, g_ref, k_ref, v_ref, pool_re
             vb = pltr.load(v_ref.at[pl.ds(t0, C), h, vcols])
             w = jnp.exp(g * ((L - 1 - c * C) - fi))                       # gamma^(L-1-t) <= 1
             kd = (kb.astype(F32) * w[:, None]).astype(kb.dtype)
-            return S + _dot(kd, vb, exact, trans_a=True)
+            return S + _dot(kd, vb, prec, trans_a=True)
 
         S = jax.lax.fori_loop(0, L // C, body, jnp.zeros((D, BV), F32))
         pltr.store(x_at, S)
 
 
 def _prefill_kernel(cu_ref, slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, pool_ref, *rest,
-                    R, T, C, BV, scale, exact, L, NSEG, tiles_first):
+                    R, T, C, BV, scale, prec, L, NSEG, tiles_first):
     """Output pass. Unsplit (L None): program (r, h, vblock) walks sequence r from its slot's
     state. Split: program (r*NSEG + j, h, vblock) walks segment j of sequence r, starting from
     x[r, 0] (initial state) folded with the increments x[r, 1..j] (S = gamma^L S + x[r, i])."""
@@ -220,15 +229,15 @@ def _prefill_kernel(cu_ref, slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, po
             qb = pltr.load(q_ref.at[pl.ds(t0, C), h, :], mask=rows[:, None], other=0.0)
             kb = pltr.load(k_ref.at[pl.ds(t0, C), h, :], mask=rows[:, None], other=0.0)
             vb = pltr.load(v_ref.at[pl.ds(t0, C), h, vcols], mask=rows[:, None], other=0.0)
-            a = _dot(qb, kb, exact, trans_b=True) * intra                                          # f32 [C, C]
-            o = _dot(a.astype(vb.dtype), vb, exact)
-            o = o + q_decay[:, None] * _dot(qb, S.astype(qb.dtype), exact)
+            a = _dot(qb, kb, prec, trans_b=True) * intra                                          # f32 [C, C]
+            o = _dot(a.astype(vb.dtype), vb, prec)
+            o = o + q_decay[:, None] * _dot(qb, S.astype(qb.dtype), prec)
             pltr.store(o_ref.at[pl.ds(t0, C), h, vcols], (o * scale).astype(io_dtype),
                        mask=rows[:, None])
             mf = m.astype(F32)
             k_decay = jnp.where(rows, jnp.exp(g * jnp.maximum(mf - 1.0 - fi, 0.0)), 0.0)
             kd = (kb.astype(F32) * k_decay[:, None]).astype(kb.dtype)
-            return jnp.exp(g * mf) * S + _dot(kd, vb, exact, trans_a=True)
+            return jnp.exp(g * mf) * S + _dot(kd, vb, prec, trans_a=True)
 
         n = (e - s + C - 1) // C
         S = jax.lax.fori_loop(0, n, body, S0)
@@ -241,7 +250,9 @@ def _prefill_kernel(cu_ref, slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, po
 
 
 def _pick_stages(L, programs):
-    """Pipelining depth of the prefill passes (num_stages=None). Measured on H200 (notes file):
+    """Pipelining depth of the prefill passes (num_stages=None), bf16/f16 inputs (float32 ones
+    take 2: their tiles are twice the bytes, and tf32x3 at 3 stages asked for 256 KiB of shared
+    memory on H200, over its 227 KiB). Measured on H200 (notes file):
     unsplit with at most one wave of programs (few long sequences), 3 stages: H=64 one 32k
     sequence (128 programs) 1152 us vs 1994 at 2, H=32 1195 vs 1343; split, or a full grid, 2 stages:
     H=32 one 32k sequence split 899 vs 1045 us, 16 sequences unsplit 645 vs 762."""
@@ -265,10 +276,10 @@ def _pick_segment(T, R, H, NV, C, segment):
 
 
 @functools.partial(jax.jit, static_argnames=('scale', 'chunk', 'block_v', 'num_warps',
-                                             'num_stages', 'segment', 'tiles_first', 'interpret'))
+                                             'num_stages', 'segment', 'tiles_first', 'f32_dot', 'interpret'))
 def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, chunk=64,
             block_v=64, num_warps=4, num_stages=None, segment=None, tiles_first=True,
-            interpret=False):
+            f32_dot='tf32x3', interpret=False):
     """See reference.prefill. cu_seqlens[0] must be 0.
 
     segment: None = split long sequences automatically when the grid would be small (see the
@@ -277,6 +288,8 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
     tiles_first: the value-block axis is the first (fastest-launched) grid axis, so the D/BV
     programs of one (segment, head), which read the same q and k, run side by side (H200, one
     32k sequence, H=32, split: 899 vs 968 us; H=64 unsplit at 2 stages: 1856 vs 1994 us).
+    f32_dot: how float32 q/k/v are multiplied, 'ieee', 'tf32x3' or 'tf32' (see _F32_DOTS). The
+    CPU interpreter has no tf32 products, so there every mode runs as 'ieee'.
     fresh may be bool or integer (read in the kernel as is)."""
     T, H, D = q.shape
     R = slots.shape[0]
@@ -284,11 +297,15 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
     if D % BV:
         raise ValueError(f'head dim {D} is not a multiple of block_v={BV}')
     NV = D // BV
-    exact = q.dtype == jnp.float32
+    if f32_dot not in _F32_DOTS:
+        raise ValueError(f'f32_dot={f32_dot!r}: expected one of {sorted(_F32_DOTS)}')
+    prec = None
+    if q.dtype == jnp.float32:
+        prec = _F32_DOTS['ieee' if interpret else f32_dot]
     L = _pick_segment(T, R, H, NV, chunk, segment)
     NSEG = 1 if L is None else -(-T // L)
     if num_stages is None:
-        num_stages = _pick_stages(L, R * H * NV)
+        num_stages = 2 if prec is not None else _pick_stages(L, R * H * NV)
     cu = cu_seqlens.astype(jnp.int32)
     slots = slots.astype(jnp.int32)
     g = log_decay.astype(F32)
@@ -296,7 +313,7 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
     extra = ()
     if L is not None:
         x = pl.pallas_call(
-            functools.partial(_increment_kernel, NSEG=NSEG, L=L, C=chunk, BV=BV, exact=exact,
+            functools.partial(_increment_kernel, NSEG=NSEG, L=L, C=chunk, BV=BV, prec=prec,
                               tiles_first=tiles_first),
             grid=(NV, R * NSEG, H) if tiles_first else (R * NSEG, H, NV),
             out_shape=_like(k, (R, NSEG, H, D, v.shape[-1]), F32),
@@ -306,7 +323,7 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
         )(cu, slots, fresh, g, k, v, state_pool)
         extra = (x,)
     kernel = functools.partial(_prefill_kernel, R=R, T=T, C=chunk, BV=BV, scale=float(scale),
-                               exact=exact, L=L, NSEG=NSEG, tiles_first=tiles_first)
+                               prec=prec, L=L, NSEG=NSEG, tiles_first=tiles_first)
     o, pool = pl.pallas_call(
         kernel,
         grid=(NV, (R + 1) * NSEG, H) if tiles_first else ((R + 1) * NSEG, H, NV),
