@@ -5,12 +5,7 @@ q_lora 1536 / kv_lora 512, dense MLP 9216, 256 experts of width 1024 + 1 shared,
 layers, one of each kind: layer 0 = linear attention + dense MLP, layer 1 = MLA + MoE (~9.5 GB in
 bf16, in 4 GiB shards + index). Then, side by side in one run:
 
-  cat SRC/*.safetensors > /dev/null     cold (pages evicted with posix_fadvise DONTNEED) and warm; cold
-                                        twice: right after a full read of SRC (its 9.5 GB of page-cache
-                                        pages just freed, which the next cat reuses) and right after the
-                                        cold convert (which drops pages as it goes, so nothing big was
-                                        freed). On this VM the first is ~1.7x faster: fresh guest pages
-                                        cost more than the disk reads (the host backs each one again)
+  cat SRC/*.safetensors > /dev/null     cold and warm
   cat SRC/*.safetensors > one file      cold, + fsync: a read+write copy through the page cache
   stream copy SRC > one file            cold, fdatasync + drop both sides every 256 MB (what convert
                                         does): the read+write copy ceiling of this disk
@@ -19,11 +14,17 @@ bf16, in 4 GiB shards + index). Then, side by side in one run:
   lingjax convert SRC DST               in a child process, cold and warm source; its peak RSS from
                                         wait4() rusage, against the largest layer's bytes
 
-"Cold" means evicted from this machine's page cache; one untimed cold `cat` runs first (on a VM the
-host's cache of the disk image makes the very first read much slower than every later one). Prints a
-table (with the load average at the start and the end) and writes JSON (default bench_convert.json).
---repeat N measures everything N times, interleaved, and takes the ratios of medians. The synthetic
-checkpoint and the outputs are deleted at the end unless --keep.
+"Cold" means evicted from this machine's page cache. The two rows the target compares (cat cold,
+convert cold) are also measured from the same starting state: each right after a full read of SRC
+that is then evicted ("settle"), cat first on even runs and convert first on odd ones. On this VM a
+cold read's time depends on what ran before it (the host caches the disk image, and fresh guest pages
+cost more than reused ones): in one session the same cold cat took 5.2-5.4 s right after another
+cat, 8.5-10.1 s after settle, and 11.8-12.2 s right after a convert. Compared without settling, the
+ratio measures the order of the rows as much as the converter.
+
+Prints a table (with the load average at the start and the end) and writes JSON (default
+bench_convert.json). --repeat N measures everything N times, interleaved, and takes the ratios of
+medians. The synthetic checkpoint and the outputs are deleted at the end unless --keep.
 
     python scripts/bench_convert.py [--workdir DIR] [--keep] [--repeat N] [--json OUT]
 """
@@ -44,7 +45,6 @@ from lingjax.config import BailingConfig
 from lingjax.weights import HFStreamWriter, rules_for
 
 GB = 1e9
-CAT_AFTER = "cat SRC > /dev/null (cold, after)"
 
 
 def flash_config() -> BailingConfig:
@@ -191,15 +191,28 @@ def main():
             print(f"  run {run}: {what}: {seconds:.2f} s", file=sys.stderr)
 
         lj = [sys.executable, "-m", "lingjax.cli", "convert", src, dst, "--no-progress", "--overwrite"]
-        # Warm-up, not timed: on a VM the host caches the disk image too, so the first read of SRC after
-        # a while can be several times slower than the following "cold" (guest-evicted) ones. One pass
-        # first puts every measured row below on the same footing.
-        evict([src])
-        timed_child(["cat", *files])
-        for run in range(args.repeat):
+        def settle():
+            """The starting state of a cold row: SRC read in full, then evicted."""
+            subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
             evict([src])
-            s, _, rc = timed_child(["cat", *files])
-            row("cat SRC > /dev/null (cold)", run, s)
+
+        def convert_row(label):
+            s, rss, rc = timed_child(lj)
+            if rc != 0:
+                raise SystemExit(f"convert failed with status {rc}")
+            inner = json.load(open(os.path.join(dst, "lingjax_checkpoint.json")))["summary"]["seconds"]
+            row(f"lingjax convert ({label})", run, s, rss, note=f"{inner:.1f} s inside convert(), rest is start-up")
+            evict([dst])      # the written pages are not the next run's business
+
+        for run in range(args.repeat):
+            for what in ("cat", "convert") if run % 2 == 0 else ("convert", "cat"):
+                settle()
+                if what == "cat":
+                    s, _, rc = timed_child(["cat", *files])
+                    row("cat SRC > /dev/null (cold)", run, s, note="after settle")
+                else:
+                    convert_row("cold")
+            subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)    # fill the page cache
             s, _, rc = timed_child(["cat", *files])
             row("cat SRC > /dev/null (warm)", run, s)
             evict([src])
@@ -220,20 +233,8 @@ def main():
                      "for b in bufs: b[::4096] = 1\nprint(time.perf_counter() - t)")
             s = float(subprocess.run([sys.executable, "-c", touch], check=True, capture_output=True, text=True).stdout)
             row("fault in 2 x largest param", run, s, note="fresh memory, like convert's two arenas (GB/s: of SRC)")
-            for label in ("cold", "warm"):
-                evict([src])
-                if label == "warm":
-                    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
-                s, rss, rc = timed_child(lj)
-                if rc != 0:
-                    raise SystemExit(f"convert failed with status {rc}")
-                inner = json.load(open(os.path.join(dst, "lingjax_checkpoint.json")))["summary"]["seconds"]
-                row(f"lingjax convert ({label})", run, s, rss, note=f"{inner:.1f} s inside convert(), rest is start-up")
-                evict([dst])      # the written pages are not the next run's business
-                if label == "cold":
-                    evict([src])
-                    s, _, rc = timed_child(["cat", *files])
-                    row(CAT_AFTER, run, s, note="SRC was not in the page cache before the evict")
+            subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+            convert_row("warm")
         out_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dst) for f in fs)
     finally:
         if not args.keep:
@@ -260,8 +261,6 @@ def main():
     m = " (medians)" if args.repeat > 1 else ""
     print(f"convert (cold) time / cat (cold) time = {ratio_t:.2f} (target <= 2){m}; "
           f"warm/warm = {med('lingjax convert (warm)') / med('cat SRC > /dev/null (warm)'):.2f}")
-    print(f"  against the cat after the convert (no freed page-cache pages to reuse): "
-          f"{conv_cold / med(CAT_AFTER):.2f}{m}")
     if args.repeat > 1:
         per_run = [next(r["seconds"] for r in rows if r["run"] == k and r["what"] == "lingjax convert (cold)")
                    / next(r["seconds"] for r in rows if r["run"] == k and r["what"] == "cat SRC > /dev/null (cold)")
@@ -270,7 +269,7 @@ def main():
     print(f"convert (cold) time / copy ceilings: / cat > file + fsync = "
           f"{conv_cold / med('cat SRC > file + fsync (cold)'):.2f}, / stream copy = "
           f"{conv_cold / med('stream copy SRC > file (cold)'):.2f}{m}")
-    result = {"convert_over_cat_cold_after": round(conv_cold / med(CAT_AFTER), 3), "source_bytes": total, "output_bytes": out_bytes, "largest_layer": ".".join(map(str, largest_key)),
+    result = {"source_bytes": total, "output_bytes": out_bytes, "largest_layer": ".".join(map(str, largest_key)),
               "largest_layer_bytes": largest, "largest_param_bytes": largest_param, "rows": rows,
               "load_before": load_before, "load_after": load_after, "cpus": os.cpu_count(),
               "peak_rss_over_largest_layer": round(ratio_rss, 3), "convert_over_cat_cold": round(ratio_t, 3)}
