@@ -18,9 +18,11 @@ bf16, in 4 GiB shards + index). Then, side by side in one run:
 convert cold) are also measured from the same starting state: each right after a full read of SRC
 that is then evicted ("settle"), cat first on even runs and convert first on odd ones. On this VM a
 cold read's time depends on what ran before it (the host caches the disk image, and fresh guest pages
-cost more than reused ones): in one session the same cold cat took 5.2-5.4 s right after another
-cat, 8.5-10.1 s after settle, and 11.8-12.2 s right after a convert. Compared without settling, the
-ratio measures the order of the rows as much as the converter.
+cost more than reused ones). In one session the cold cat of the same 9.5 GB took 11.8-12.2 s right
+after a convert, and right after a full read + evict it took 5.2-5.4 s in the first two runs and
+8.5-10.1 s in the eight after them. Compared without settling, the ratio measures the order of the
+rows as much as the converter; with it, the medians of several interleaved runs still drift with
+the machine's state.
 
 Prints a table (with the load average at the start and the end) and writes JSON (default
 bench_convert.json). --repeat N measures everything N times, interleaved, and takes the ratios of
