@@ -72,8 +72,8 @@ def decode(q, k, v, log_decay, state_pool, slots, fresh, *, scale, impl=None):
 
 def _mosaic_ok(q, state_pool, prefill=False):
     """Whether the Mosaic GPU kernels take these inputs: head dim a multiple of 64, an f32 state
-    pool; prefill's tensor-core products also need 16-bit q, k, v (f32 inputs go to gpu.py's exact
-    f32 path)."""
+    pool; prefill's tensor-core products also need 16-bit q, k, v (f32 inputs go to gpu.py, which
+    multiplies them as 3xTF32)."""
     return (q.shape[-1] % 64 == 0 and state_pool.dtype == jnp.float32
             and (not prefill or q.dtype in (jnp.bfloat16, jnp.float16)))
 

@@ -249,14 +249,14 @@ def _prefill_kernel(cu_ref, slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, po
                 pltr.store(pool_ref.at[slot, h, :, vcols], S.astype(pool_ref.dtype))
 
 
-def _pick_stages(L, programs):
-    """Pipelining depth of the prefill passes (num_stages=None), bf16/f16 inputs (float32 ones
-    take 2: their tiles are twice the bytes, and tf32x3 at 3 stages asked for 256 KiB of shared
-    memory on H200, over its 227 KiB). Measured on H200 (notes file):
-    unsplit with at most one wave of programs (few long sequences), 3 stages: H=64 one 32k
-    sequence (128 programs) 1152 us vs 1994 at 2, H=32 1195 vs 1343; split, or a full grid, 2 stages:
-    H=32 one 32k sequence split 899 vs 1045 us, 16 sequences unsplit 645 vs 762."""
-    return 3 if L is None and programs <= 132 else 2
+def _pick_stages(L, programs, f32=False):
+    """Pipelining depth of the prefill passes (num_stages=None). float32 inputs: 2 (their tiles
+    are twice the bytes; tf32x3 at 3 stages asked for 256 KiB of shared memory on H200, over its
+    227 KiB). bf16/f16, measured on H200 (notes file): unsplit with at most one wave of programs
+    (few long sequences), 3 stages: H=64 one 32k sequence (128 programs) 1152 us vs 1994 at 2,
+    H=32 1195 vs 1343; split, or a full grid, 2 stages: H=32 one 32k sequence split 899 vs
+    1045 us, 16 sequences unsplit 645 vs 762."""
+    return 3 if not f32 and L is None and programs <= 132 else 2
 
 
 def _pick_segment(T, R, H, NV, C, segment):
@@ -284,7 +284,7 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
 
     segment: None = split long sequences automatically when the grid would be small (see the
     module docstring); 0 = never split; L (a multiple of chunk) = split into L-token segments.
-    num_stages: None = 3 unsplit with at most 132 programs, else 2 (_pick_stages).
+    num_stages: None = 3 for bf16/f16 unsplit with at most 132 programs, else 2 (_pick_stages).
     tiles_first: the value-block axis is the first (fastest-launched) grid axis, so the D/BV
     programs of one (segment, head), which read the same q and k, run side by side (H200, one
     32k sequence, H=32, split: 899 vs 968 us; H=64 unsplit at 2 stages: 1856 vs 1994 us).
@@ -305,7 +305,7 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
     L = _pick_segment(T, R, H, NV, chunk, segment)
     NSEG = 1 if L is None else -(-T // L)
     if num_stages is None:
-        num_stages = 2 if prec is not None else _pick_stages(L, R * H * NV)
+        num_stages = _pick_stages(L, R * H * NV, f32=prec is not None)
     cu = cu_seqlens.astype(jnp.int32)
     slots = slots.astype(jnp.int32)
     g = log_decay.astype(F32)
