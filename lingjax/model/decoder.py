@@ -22,13 +22,13 @@ F32 = jnp.float32
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: BailingConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: BailingConfig, layer: int, *, dtype, rngs: nnx.Rngs, kernels: str | None = None):
         self.is_mla, self.is_moe = cfg.is_mla(layer), cfg.is_moe(layer)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.attention = (MLA(cfg, dtype=dtype, rngs=rngs) if self.is_mla
                           else LinearAttention(cfg, layer, dtype=dtype, rngs=rngs))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.mlp = (MoE(cfg, dtype=dtype, rngs=rngs) if self.is_moe
+        self.mlp = (MoE(cfg, dtype=dtype, rngs=rngs, kernels=kernels) if self.is_moe
                     else MLP(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.use_bias, dtype=dtype, rngs=rngs))
 
     def __call__(self, x, positions):
@@ -47,12 +47,12 @@ class DecoderLayer(nnx.Module):
 class MTPLayer(nnx.Module):
     """NextN layer at model.layers.{L}: MLA + MoE on eh_proj([enorm(embed(t+1)), hnorm(hidden_t)])."""
 
-    def __init__(self, cfg: BailingConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: BailingConfig, layer: int, *, dtype, rngs: nnx.Rngs, kernels: str | None = None):
         d = cfg.hidden_size
         self.enorm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
         self.hnorm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
         self.eh_proj = Dense(2 * d, d, dtype=dtype, rngs=rngs)
-        self.block = DecoderLayer(cfg, layer, dtype=dtype, rngs=rngs)
+        self.block = DecoderLayer(cfg, layer, dtype=dtype, rngs=rngs, kernels=kernels)
         self.final_layernorm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
 
     def __call__(self, next_embeds, hidden, positions):
@@ -72,10 +72,12 @@ class BailingModel(nnx.Module):
     """matmul_precision: precision of the XLA matmuls of the model's entry points (`__call__`, `hidden`,
     `mtp_logits`, `step`): 'highest' (full float32), 'high' (3xbf16/TF32-class) or 'default' (the
     backend's: TF32 for float32 dots on NVIDIA GPUs). None: `default_matmul_precision(dtype)`. A plain
-    attribute (part of the graph definition), so it may also be set after loading."""
+    attribute (part of the graph definition), so it may also be set after loading.
+    kernels: the kernel implementation every layer passes as impl= to its kernel dispatch (None:
+    chosen by jax.default_backend() at trace time)."""
 
     def __init__(self, cfg: BailingConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None, mtp=True,
-                 matmul_precision: str | None = None):
+                 kernels: str | None = None, matmul_precision: str | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.cfg, self.dtype = cfg, dtype
         if matmul_precision is None:
@@ -84,11 +86,12 @@ class BailingModel(nnx.Module):
             raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {matmul_precision!r}")
         self.matmul_precision = matmul_precision
         self.word_embeddings = nnx.Param(init_normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))
-        self.layers = nnx.List([DecoderLayer(cfg, l, dtype=dtype, rngs=rngs) for l in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, l, dtype=dtype, rngs=rngs, kernels=kernels)
+                                for l in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.lm_head = nnx.Param(init_normal(rngs, (cfg.hidden_size, cfg.vocab_size), dtype))   # [d, V]
         L = cfg.num_hidden_layers
-        self.mtp = nnx.List([MTPLayer(cfg, L + i, dtype=dtype, rngs=rngs)
+        self.mtp = nnx.List([MTPLayer(cfg, L + i, dtype=dtype, rngs=rngs, kernels=kernels)
                              for i in range(cfg.num_nextn_predict_layers if mtp else 0)])
 
     def precision(self):
