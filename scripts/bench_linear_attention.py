@@ -25,7 +25,7 @@ fla, and op counts of our compiled HLO (custom calls, fusions, copies of >= 16 M
 --sweep: time the configs of decode_sweep / prefill_sweep (ours only, by device time) for the
 listed shapes ("decode:H:B,prefill:H:T:R") and use the fastest in the rows.
 
-Rows: ours (Pallas GPU kernels, lingjax.kernels.linear_attention.gpu) vs fla 0.6
+Rows: ours (Triton kernels via jax-triton, lingjax.kernels.linear_attention.triton_gpu) vs fla 0.6
 (`fused_recurrent_simple_gla` for decode, `chunk_simple_gla` for prefill, both with g_gamma) vs the
 XLA jnp reference, for H in {32, 64}, D = 128, bf16 q/k/v, f32 state:
   decode  at batch 1, 16, 64, 256 over a 512-slot pool (slots rotate every step, so the state
