@@ -1,8 +1,21 @@
-"""Benchmark + on-device correctness check of the linear-attention kernels (issue 6, items 2-3).
+"""Benchmark + on-device correctness check of the linear-attention kernels (issues 6, 19).
 
-Run on a CUDA machine with fla importable (fla-core / flash-linear-attention 0.6.0):
-    python scripts/bench_linear_attention.py [--quick] [--profile] [--trace] [--sweep SHAPES]
-        [--rows ROWS] [--configs JSON] [--no-check] [--no-xla] [--no-fla] [--deadline S] [--out DIR]
+Run on a CUDA machine with fla (fla-core / flash-linear-attention 0.6.0) and jax-triton 0.3.1
+importable:
+    python scripts/bench_linear_attention.py [--compare] [--smoke] [--quick] [--profile] [--trace]
+        [--sweep SHAPES] [--rows ROWS] [--configs JSON] [--no-check] [--no-xla] [--no-fla]
+        [--no-pallas-triton] [--deadline S] [--out DIR]
+"ours" = the GPU default, the Triton kernels launched through jax-triton (triton_gpu.py);
+"gpu.py" = the former default, the same kernels as Pallas programs through the deprecated
+Pallas-Triton lowering (pallas_triton.py), timed beside ours in every row unless
+--no-pallas-triton (same config, same inputs, same method).
+--compare (issue 19): the on-device float64-oracle checks of every kernel, then every row of the
+table (H 32/64 x decode B 1/16/64/256 and prefill T 4096/32768 x N 1/16) at the default configs,
+ours vs gpu.py vs fla, no XLA rows, no sweep; one table with device times, the ratios ours/gpu.py
+and ours/fla (< 1 = ours faster) and decode's % of copy bandwidth; JSON + log under --out.
+--smoke: only the oracle checks of ours (bf16, f32 3xTF32 and IEEE; split and unsplit; decode),
+three production-shape calls checked against the XLA reference, and one call through the dispatch
+inside jit + shard_map; fails fast (exit status 1) on any failed check.
 --profile: after the table, run Nsight Compute (ncu --clock-control none) on a child process that
 launches our decode (B=64, 256) and prefill (T=32768, N=1) kernels and fla's, once each, inside
 cudaProfilerStart/Stop, and write ncu_details.txt + profile_summary.txt (duration, DRAM throughput,
@@ -12,7 +25,7 @@ fla, and op counts of our compiled HLO (custom calls, fusions, copies of >= 16 M
 --sweep: time the configs of decode_sweep / prefill_sweep (ours only, by device time) for the
 listed shapes ("decode:H:B,prefill:H:T:R") and use the fastest in the rows.
 
-Rows: ours (Pallas GPU kernels, lingjax.kernels.linear_attention.gpu) vs fla 0.6
+Rows: ours (Triton kernels via jax-triton, lingjax.kernels.linear_attention.triton_gpu) vs fla 0.6
 (`fused_recurrent_simple_gla` for decode, `chunk_simple_gla` for prefill, both with g_gamma) vs the
 XLA jnp reference, for H in {32, 64}, D = 128, bf16 q/k/v, f32 state:
   decode  at batch 1, 16, 64, 256 over a 512-slot pool (slots rotate every step, so the state
@@ -41,7 +54,9 @@ import numpy as np  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from lingjax.kernels.linear_attention import gpu, mosaic_gpu, reference  # noqa: E402
+import lingjax.kernels.linear_attention as la  # noqa: E402
+from lingjax.kernels.linear_attention import (gpu_common, mosaic_gpu, pallas_triton, reference,  # noqa: E402
+                                              triton_gpu)
 
 F32 = jnp.float32
 NUM_SLOTS = 512
@@ -77,6 +92,9 @@ def rel(a, b):
 TRACE = dict(on=False, dev=True)
 DIAG = {}
 QKV = dict(dtype=jnp.dtype('bfloat16'))   # prefill rows' q/k/v dtype (--qkv-dtype)
+CHECK = dict(ours_only=False)             # oracle checks of ours only (--smoke)
+PT = dict(on=True)                        # time gpu.py (pallas_triton.py) beside ours in each row
+REPS = dict(n=5, calls_div=1)             # host-timed repetitions; decode calls per execution / div
 
 
 def dev_times(trace):
@@ -344,8 +362,13 @@ def check_small(log):
         q, k, v = (jnp.asarray(rng.standard_normal((T, H, D)) * 0.5, dt) for _ in range(3))
         o_ref, p_ref = oracle_prefill(q.astype(F32), k.astype(F32), v.astype(F32), g, pool, slots,
                                       cu, fresh, D ** -0.5)
-        fns = [('prefill', gpu.prefill)] + ([('mosaic_prefill', mosaic_gpu.prefill)] if dt == 'bfloat16' else
-                                            [('prefill_tf32x3', our_kernel('prefill', dict(f32_dot='tf32x3')))])
+        fns = [('prefill', triton_gpu.prefill)]                   # f32 inputs: 3xTF32, the default
+        if dt == 'float32':
+            fns.append(('prefill_ieee', our_kernel('prefill', dict(f32_dot='ieee'))))
+        if not CHECK['ours_only']:
+            fns.append(('pallas_triton_prefill', pallas_triton.prefill))
+            if dt == 'bfloat16':
+                fns.append(('mosaic_prefill', mosaic_gpu.prefill))
         for name, fn in fns:
             o, p = fn(q, k, v, jnp.asarray(g), jnp.asarray(pool), jnp.asarray(slots),
                       jnp.asarray(cu), jnp.asarray(fresh), scale=D ** -0.5)
@@ -366,7 +389,10 @@ def check_small(log):
         q, k, v = (jnp.asarray(rng.standard_normal((B, H, D)) * 0.5, dt) for _ in range(3))
         o_ref, p_ref = oracle_prefill(q.astype(F32), k.astype(F32), v.astype(F32), g, pool, dslots,
                                       np.arange(B + 1), dfresh, D ** -0.5)
-        for name, fn in (('decode', gpu.decode), ('mosaic_decode', mosaic_gpu.decode)):
+        dfns = [('decode', triton_gpu.decode), ('decode_key_split', our_kernel('decode', dict(block_k=64)))]
+        if not CHECK['ours_only']:
+            dfns += [('pallas_triton_decode', pallas_triton.decode), ('mosaic_decode', mosaic_gpu.decode)]
+        for name, fn in dfns:
             o, p = fn(q, k, v, jnp.asarray(g), jnp.asarray(pool), jnp.asarray(dslots),
                       jnp.asarray(dfresh), scale=D ** -0.5)
             o, p = np.asarray(o.astype(F32)), np.asarray(p)
@@ -399,13 +425,15 @@ def check_split(log):
     cases = [('ragged_seg256', slots, cu, fresh, T, dict(segment=256)),
              ('single_auto', np.array([2], np.int32), np.array([0, 4000], np.int32),
               np.array([0], bool), 4000 + 5, {})]
-    for name, sl, c, fr, TT, kw in cases:
+    kernels = [('', triton_gpu.prefill)] + ([] if CHECK['ours_only'] else
+                                             [('pallas_triton_', pallas_triton.prefill)])
+    for (name, sl, c, fr, TT, kw), (who, kernel) in ((case, k) for case in cases for k in kernels):
         for dt, tol in (('float32', 1e-5), ('bfloat16', 1e-2)):
             q, k, v = (jnp.asarray(rng.standard_normal((TT, H, D)) * 0.5, dt) for _ in range(3))
             o_ref, p_ref = oracle_prefill(q.astype(F32), k.astype(F32), v.astype(F32), g, pool, sl,
                                           c, fr, D ** -0.5)
-            o, p = gpu.prefill(q, k, v, jnp.asarray(g), jnp.asarray(pool), jnp.asarray(sl),
-                               jnp.asarray(c), jnp.asarray(fr), scale=D ** -0.5, **kw)
+            o, p = kernel(q, k, v, jnp.asarray(g), jnp.asarray(pool), jnp.asarray(sl),
+                          jnp.asarray(c), jnp.asarray(fr), scale=D ** -0.5, **kw)
             o, p = np.asarray(o.astype(F32)), np.asarray(p)
             live = [r for r in range(len(sl)) if c[r + 1] > c[r] and sl[r] >= 0]
             untouched = [i for i in range(N) if i not in set(sl[live])]
@@ -414,8 +442,8 @@ def check_split(log):
             ok_untouched = bool(np.array_equal(p[untouched], pool[untouched]))
             zero = bool(np.all(o[c[-1]:] == 0) and all(np.all(o[c[r]:c[r + 1]] == 0)
                                                         for r in range(len(sl)) if r not in live))
-            seg = gpu._pick_segment(TT, len(sl), H, 2, 64, kw.get('segment'))
-            res[f'split_{name}_{dt}'] = dict(segment=seg, rel_o_worst_seq=e_seq, rel_state=e_s,
+            seg = gpu_common.pick_segment(TT, len(sl), H, 2, 64, kw.get('segment'))
+            res[f'{who}split_{name}_{dt}'] = dict(segment=seg, rel_o_worst_seq=e_seq, rel_state=e_s,
                                              untouched=ok_untouched, padding_zero=zero,
                                              ok=max(e_seq, e_s) <= tol and ok_untouched and zero
                                              and seg is not None)
@@ -423,6 +451,115 @@ def check_split(log):
         log(f'oracle check {name}: ' + ', '.join(f'{a}={b:.2e}' if isinstance(b, float) else f'{a}={b}'
                                                  for a, b in r.items()))
     return res
+
+
+def check_production_shapes(log):
+    """Ours at production shapes (H=32, D=128, chunks of 64) against the XLA f32 reference
+    (reference.chunked / reference.decode, precision highest): bf16 prefill of one 4096-token
+    sequence (auto split) and of 16 x 256 tokens (unsplit), f32 prefill (3xTF32), bf16 decode
+    at B=64 over a 512-slot pool. Tolerance 1e-2 (bf16), 1e-5 (f32)."""
+    H, D, scale = 32, 128, 128 ** -0.5
+    g = jnp.asarray(-np.asarray(slopes(H), np.float32))
+    res = {}
+    for name, T, R, dt, tol in (('prefill_T4096_N1_bf16', 4096, 1, 'bfloat16', 1e-2),
+                                ('prefill_T4096_N16_bf16', 4096, 16, 'bfloat16', 1e-2),
+                                ('prefill_T4096_N16_f32', 4096, 16, 'float32', 1e-5)):
+        ks = jax.random.split(jax.random.key(T + R), 4)
+        q, k, v = (jax.random.normal(kk, (T, H, D), dt) * s for kk, s in zip(ks[:3], (1.0, 0.3, 1.0)))
+        pool = jax.random.normal(ks[3], (64, H, D, D), F32) * 0.1
+        slots = jnp.arange(R, dtype=jnp.int32) * 3 % 64
+        cu = jnp.arange(R + 1, dtype=jnp.int32) * (T // R)
+        fresh = jnp.zeros((R,), bool)
+        o_ref, s_ref = reference.chunked(*(x.reshape(R, T // R, H, D) for x in (q, k, v)), g,
+                                         pool[slots], scale=scale)
+        o, p = triton_gpu.prefill(q, k, v, g, pool, slots, cu, fresh, scale=scale)
+        e_o = rel(o.astype(F32), o_ref.reshape(T, H, D).astype(F32))
+        e_s = rel(p[slots], s_ref)
+        res[name] = dict(rel_o=e_o, rel_state=e_s, segment=gpu_common.pick_segment(T, R, H, 2, 64, None),
+                         ok=max(e_o, e_s) <= tol)
+    B = 64
+    ks = jax.random.split(jax.random.key(B), 4)
+    q, k, v = (jax.random.normal(kk, (B, H, D), jnp.bfloat16) for kk in ks[:3])
+    pool = jax.random.normal(ks[3], (NUM_SLOTS, H, D, D), F32) * 0.1
+    slots = jnp.asarray(np.random.default_rng(0).permutation(NUM_SLOTS)[:B].astype(np.int32))
+    fresh = jnp.zeros((B,), bool).at[3].set(True)
+    o_ref, p_ref = reference.decode(q, k, v, g, pool, slots, fresh, scale=scale)
+    o, p = triton_gpu.decode(q, k, v, g, pool, slots, fresh, scale=scale)
+    e_o, e_s = rel(o.astype(F32), o_ref.astype(F32)), rel(p[slots], p_ref[slots])
+    res['decode_B64_bf16'] = dict(rel_o=e_o, rel_state=e_s, ok=max(e_o, e_s) <= 1e-2)
+    for name, r in res.items():
+        log(f'oracle check {name}: ' + ', '.join(f'{a}={b:.2e}' if isinstance(b, float) else f'{a}={b}'
+                                                 for a, b in r.items()))
+    return res
+
+
+def check_shard_map(log):
+    """Ours through the dispatch (impl='gpu') inside jit + shard_map over the heads (a 1-device
+    mesh), the pool donated, against the jnp reference: prefill then decode."""
+    H, D, T, scale = 4, 128, 300, 128 ** -0.5
+    g = jnp.asarray(-np.linspace(0.004, 0.92, H).astype(np.float32))
+    ks = jax.random.split(jax.random.key(7), 4)
+    q, k, v = (jax.random.normal(kk, (T, H, D), jnp.bfloat16) for kk in ks[:3])
+    pool = jax.random.normal(ks[3], (6, H, D, D), F32) * 0.1
+    slots, cu, fresh = (jnp.asarray([2, 0, 5], jnp.int32), jnp.asarray([0, 130, 131, 290], jnp.int32),
+                        jnp.asarray([False, True, False]))
+    mesh = jax.make_mesh((1,), ('tensor',), axis_types=(jax.sharding.AxisType.Auto,))
+    P = jax.sharding.PartitionSpec
+    hs = P(None, 'tensor')
+
+    def run(impl, pool):
+        def body(q, k, v, g, pool, slots, cu, fresh):
+            o, pool = la.prefill(q, k, v, g, pool, slots, cu, fresh, scale=scale, impl=impl)
+            o2, pool = la.decode(q[:3], k[:3], v[:3], g, pool, slots, jnp.zeros_like(fresh),
+                                 scale=scale, impl=impl)
+            return o, o2, pool
+        f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(hs,) * 3 + (P('tensor'), hs, P(), P(), P()),
+                                  out_specs=(hs, hs, hs)), donate_argnums=4)
+        return f(q, k, v, g, pool, slots, cu, fresh)
+    ref = run('reference', pool + 0)
+    got = run('gpu', pool + 0)
+    errs = [rel(a.astype(F32), b.astype(F32)) for a, b in zip(got, ref)]
+    res = {'shard_map_dispatch_bf16': dict(rel_o=errs[0], rel_o_decode=errs[1], rel_pool=errs[2],
+                                           ok=max(errs) <= 1e-2)}
+    log('oracle check shard_map_dispatch_bf16: ' + ', '.join(f'{e:.2e}' for e in errs))
+    return res
+
+
+def fmt_compare(rows):
+    """Issue 19's table: device time (CUPTI) of ours (Triton via jax-triton), gpu.py (Pallas-
+    Triton, pallas_triton.py) and fla; ratios ours/gpu.py and ours/fla (< 1 = ours faster)."""
+    hdr = (f"{'kind':8}{'H':>4}{'shape':>14}{'ours dev':>10}{'gpu.py dev':>12}{'fla dev':>10}"
+           f"{'ours/gpu.py':>12}{'ours/fla':>10}{'%BW ours':>9}{'ours host':>11}{'gpu.py host':>12}"
+           f"{'err ours':>10}{'err gpu.py':>11}")
+    out = [hdr, '-' * len(hdr)]
+    nan = float('nan')
+    for r in rows:
+        shape = f"B={r['batch']}" if r['kind'] == 'decode' else f"T={r['tokens']},N={r['seqs']}"
+        od, pd, fd, oh, ph = (r.get(k) or nan for k in ('ours_dev_us', 'pt_dev_us', 'fla_dev_us',
+                                                        'ours_us', 'pt_us'))
+        pct = 100 * r['bytes'] / r['bw'] / (od * 1e-6)
+        err = max(r.get('rel_err_o', nan), r.get('rel_err_state', 0.0))
+        perr = max(r.get('pt_rel_err_o', nan), r.get('pt_rel_err_state', 0.0))
+        out.append(f"{r['kind']:8}{r['H']:>4}{shape:>14}{od:>10.1f}{pd:>12.1f}{fd:>10.1f}"
+                   f"{od / pd:>12.3f}{od / fd:>10.3f}{pct:>8.0f}%{oh:>11.1f}{ph:>12.1f}"
+                   f"{err:>10.1e}{perr:>11.1e}")
+    return '\n'.join(out)
+
+
+def verdicts(rows):
+    """Issue 19's targets per row, by device time: ours <= 1.03 x gpu.py; decode at B >= 64
+    >= 85% of copy bandwidth; prefill <= fla. None where a time is missing."""
+    out = []
+    for r in rows:
+        od, pd, fd = r.get('ours_dev_us'), r.get('pt_dev_us'), r.get('fla_dev_us')
+        v = dict(kind=r['kind'], H=r['H'], shape=r.get('batch') or (r['tokens'], r['seqs']),
+                 within_3pct_of_gpu_py=(od / pd <= 1.03) if od and pd else None)
+        if r['kind'] == 'decode' and r['batch'] >= 64:
+            v['bw_85pct'] = (r['bytes'] / r['bw'] / (od * 1e-6) >= 0.85) if od else None
+        if r['kind'] == 'prefill':
+            v['prefill_at_least_fla'] = (od <= fd) if od and fd else None
+        out.append(v)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,10 +591,15 @@ def bench_decode(H, B, bw, cfg, with_fla=True, with_xla=True):
     o, p = our_kernel('decode', cfg)(q, k, v, g, pool, slots0, fresh, scale=scale)
     row['rel_err_o'] = rel(o.astype(F32), o_ref.astype(F32))
     row['rel_err_state'] = rel(p[slots0], p_ref[slots0])
+    pt = _as_pallas_triton(cfg) if PT['on'] else None
+    if pt is not None:
+        o, p = our_kernel('decode', pt)(q, k, v, g, pool, slots0, fresh, scale=scale)
+        row['pt_rel_err_o'] = rel(o.astype(F32), o_ref.astype(F32))
+        row['pt_rel_err_state'] = rel(p[slots0], p_ref[slots0])
     del o_ref, p_ref, p
 
     h0_check = pool[slots0]
-    n = 100 if B <= 16 else 40
+    n = (100 if B <= 16 else 40) // REPS['calls_div']
     slot_sets = tuple(jnp.take(perm, (i * B + jnp.arange(B)) % NUM_SLOTS) for i in range(n))
 
     def make_step(fn):
@@ -467,8 +609,14 @@ def bench_decode(H, B, bw, cfg, with_fla=True, with_xla=True):
         return step
 
     row['ours_us'] = time_jax_unrolled(make_step(our_kernel('decode', cfg)),
-                                       pool, slot_sets) * 1e6
+                                       pool, slot_sets, reps=REPS['n']) * 1e6
     _take_diag(row, 'ours')
+    if pt is not None:                  # gpu.py (pallas_triton.py), same config, a fresh pool
+        pool3 = jax.random.normal(kp, (NUM_SLOTS, H, D, D), F32) * 0.1
+        row['pt_us'] = time_jax_unrolled(make_step(our_kernel('decode', pt)), pool3, slot_sets,
+                                         reps=REPS['n']) * 1e6
+        _take_diag(row, 'pt')
+        del pool3
     if with_xla:
         pool2 = jax.random.normal(kp, (NUM_SLOTS, H, D, D), F32) * 0.1
         dev, TRACE['dev'] = TRACE['dev'], False
@@ -530,23 +678,36 @@ def bench_prefill(H, T, R, bw, flops_rate, cfg, with_fla=True, with_xla=True, ch
     # correctness: ours vs XLA `chunked` (f32 math, highest precision) on the same bf16 inputs
     ref_fn = jax.jit(lambda q, k, v, h0: reference.chunked(
         q.reshape(R, L, H, D), k.reshape(R, L, H, D), v.reshape(R, L, H, D), g, h0, scale=scale))
+    pt = _as_pallas_triton(cfg) if PT['on'] else None
     if check:
         o, p = our_kernel('prefill', cfg)(q, k, v, g, pool, slots, cu, fresh, scale=scale)
         o_ref, s_ref = ref_fn(q, k, v, h0_init)
         row['rel_err_o'] = rel(o.astype(F32), o_ref.reshape(T, H, D).astype(F32))
         row['rel_err_state'] = rel(p[slots], s_ref)
+        if pt is not None:
+            o, p = our_kernel('prefill', pt)(q, k, v, g, pool, slots, cu, fresh, scale=scale)
+            row['pt_rel_err_o'] = rel(o.astype(F32), o_ref.reshape(T, H, D).astype(F32))
+            row['pt_rel_err_state'] = rel(p[slots], s_ref)
         del o, p, o_ref, s_ref
     nv = D // min(cfg.get('block_v', 64), D)
-    row['segment'] = gpu._pick_segment(T, R, H, nv, cfg.get('chunk', 64), cfg.get('segment'))
-    fn = our_kernel('prefill', cfg)
+    row['segment'] = gpu_common.pick_segment(T, R, H, nv, cfg.get('chunk', 64), cfg.get('segment'))
 
-    def step(i, c):
-        pool_c, acc = c
-        o, pool_c = fn(q, k, v, g, pool_c, slots, cu, fresh, scale=scale)
-        return pool_c, acc + o[0, 0, 0].astype(F32)
+    def make_step(fn):
+        def step(i, c):
+            pool_c, acc = c
+            o, pool_c = fn(q, k, v, g, pool_c, slots, cu, fresh, scale=scale)
+            return pool_c, acc + o[0, 0, 0].astype(F32)
+        return step
     n = 10 if T <= 4096 else 3
-    row['ours_us'] = time_jax_loop(step, (pool, jnp.zeros((), F32)), n) * 1e6
+    row['ours_us'] = time_jax_loop(make_step(our_kernel('prefill', cfg)), (pool, jnp.zeros((), F32)),
+                                   n, reps=REPS['n']) * 1e6
     _take_diag(row, 'ours')
+    if pt is not None:                  # gpu.py (pallas_triton.py), same config, a fresh pool
+        pool3 = jax.random.normal(kp, (npool, H, D, D), F32) * 0.1
+        row['pt_us'] = time_jax_loop(make_step(our_kernel('prefill', pt)),
+                                     (pool3, jnp.zeros((), F32)), n, reps=REPS['n']) * 1e6
+        _take_diag(row, 'pt')
+        del pool3
     if with_xla:
         def xstep(i, c):
             pool_c, acc = c
@@ -830,13 +991,24 @@ def summarize_ncu_csv(raw):
 # ---------------------------------------------------------------------------------------------
 
 
+KERNELS = {'triton': triton_gpu, 'pallas_triton': pallas_triton, 'mosaic': mosaic_gpu}
+
+
 def our_kernel(kind, cfg):
-    """Our 'prefill' or 'decode' for a bench config: {"kernel": "mosaic", ...} = the Mosaic GPU
-    kernel (mosaic_gpu.py), otherwise the Pallas-Triton one (gpu.py), with the rest of cfg as its
-    options."""
+    """Our 'prefill' or 'decode' for a bench config: cfg["kernel"] = "triton" (default: the
+    Triton kernels through jax-triton, triton_gpu.py), "pallas_triton" (the former default,
+    pallas_triton.py) or "mosaic" (mosaic_gpu.py), with the rest of cfg as its options."""
     cfg = dict(cfg)
-    fn = getattr(mosaic_gpu if cfg.pop('kernel', 'triton') == 'mosaic' else gpu, kind)
+    fn = getattr(KERNELS[cfg.pop('kernel', 'triton')], kind)
     return lambda *a, **kw: fn(*a, **kw, **cfg)
+
+
+def _as_pallas_triton(cfg):
+    """The same config on the former default (gpu.py, now pallas_triton.py), or None where the
+    config is not a Triton one."""
+    if cfg.get('kernel', 'triton') != 'triton':
+        return None
+    return dict(cfg, kernel='pallas_triton')
 
 
 def decode_sweep(B):
@@ -878,7 +1050,7 @@ def _triton_prefill_sweep(T, R, H):
                 + [dict(c, num_stages=3, segment=0, tiles_first=True),
                    dict(c, block_v=32, num_stages=3, segment=0, tiles_first=True),
                    dict(c, block_v=32, num_stages=2, segment=1024, tiles_first=True)])
-    if gpu._pick_segment(T, R, H, 2, 64, None) is None:      # auto: unsplit (H=64)
+    if gpu_common.pick_segment(T, R, H, 2, 64, None) is None:      # auto: unsplit (H=64)
         return [dict(c, num_stages=3, segment=None, tiles_first=True),
                 dict(c, num_stages=3, segment=None, tiles_first=False),
                 dict(c, num_stages=2, segment=T // 8, tiles_first=True)]
@@ -903,6 +1075,14 @@ def _lookup(sel, H, shape, default, h32=True):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--quick', action='store_true', help='few rows (smoke test)')
+    ap.add_argument('--compare', action='store_true',
+                    help='issue 19: oracle checks, then every row at the default configs, ours vs '
+                         'gpu.py (pallas_triton.py) vs fla, no XLA rows, no sweep; one comparison table')
+    ap.add_argument('--smoke', action='store_true',
+                    help='only the oracle checks of ours (incl. production shapes and shard_map); '
+                         'exit status 1 if one fails')
+    ap.add_argument('--no-pallas-triton', action='store_true',
+                    help='do not time gpu.py (pallas_triton.py) beside ours in each row')
     ap.add_argument('--no-sweep', action='store_true', help='default configs, no per-shape sweep')
     ap.add_argument('--sweep', default=None,
                     help='sweep only these shapes, e.g. "decode:32:64,prefill:64:32768:1" (as --rows); '
@@ -912,7 +1092,8 @@ def main():
                     help='per row: in-situ kernel durations / gaps (XLA profiler, CUPTI) for ours '
                          'and fla, and op counts of our compiled HLO')
     ap.add_argument('--deadline', type=float, default=560,
-                    help='seconds: sweeps stop early and the profile is skipped past this')
+                    help='seconds: sweeps stop early, rows are skipped (--compare) and the profile '
+                         'is skipped past this')
     ap.add_argument('--no-xla', action='store_true')
     ap.add_argument('--no-fla', action='store_true')
     ap.add_argument('--out', default=os.environ.get('OUT', 'out'))
@@ -932,6 +1113,11 @@ def main():
         profile_worker(json.loads(args.profile_worker))
         return
     TRACE['on'] = args.trace
+    PT['on'] = not args.no_pallas_triton
+    CHECK['ours_only'] = args.smoke
+    if args.compare:
+        args.no_xla, args.no_sweep = True, True
+        REPS.update(n=3, calls_div=2)
     QKV['dtype'] = jnp.dtype(args.qkv_dtype)
     given = json.loads(args.configs) if args.configs else {}
     given_d = {_cfg_key(b): c for b, c in given.get('decode', {}).items()}
@@ -973,6 +1159,20 @@ def main():
         log(f'fla {getattr(fla, "__version__", "?")}; torch {torch.__version__}; triton {triton.__version__}')
     except Exception as e:
         log(f'fla import failed: {e}')
+    if args.smoke:
+        result = dict(device=dev.device_kind, jax=jax.__version__, argv=sys.argv[1:], oracle={})
+        for check in (check_small, check_split, check_production_shapes, check_shard_map):
+            try:
+                result['oracle'].update(check(log))
+            except Exception as e:
+                log(f'{check.__name__}: FAILED {type(e).__name__}: {str(e)[:600]}')
+                result['oracle'][check.__name__] = dict(ok=False, error=str(e)[:600])
+        ok = all(r['ok'] for r in result['oracle'].values())
+        log(f'smoke: oracle checks all ok: {ok} ({time.time() - t_start:.0f} s)')
+        with open(os.path.join(args.out, f'bench_linear_attention_smoke{"_" + args.tag if args.tag else ""}.json'),
+                  'w') as f:
+            json.dump(result, f, indent=1, default=str)
+        sys.exit(0 if ok else 1)
     bw, jbw, tbw = copy_bandwidth()
     rate = matmul_rate()
     log(f'copy bandwidth (read+write): jax {jbw / 1e12:.2f} TB/s, torch {tbw / 1e12:.2f} TB/s -> using {bw / 1e12:.2f}')
@@ -983,11 +1183,15 @@ def main():
 
     def dump(rows=()):
         result['rows'] = list(rows)
+        if PT['on'] and rows:
+            result['verdicts'] = verdicts(rows)
         result['elapsed_s'] = time.time() - t_start
         with open(os.path.join(args.out, f'bench_linear_attention{tag}.json'), 'w') as f:
             json.dump(result, f, indent=1, default=str)
         with open(os.path.join(args.out, f'bench_linear_attention{tag}.log'), 'w') as f:
             f.write('\n'.join(lines) + '\n\n' + (fmt_table(rows) if rows else '') + '\n')
+            if PT['on'] and rows:
+                f.write('\n' + fmt_compare(rows) + '\n' + json.dumps(verdicts(rows)) + '\n')
 
     result['oracle'] = {}
     for check in () if args.no_check else (check_small, check_split):
@@ -1063,6 +1267,9 @@ def main():
         for B in ((1, 64) if args.quick else (1, 16, 64, 256)):
             if only is not None and ('decode', H, B) not in only:
                 continue
+            if left() < 25:
+                log(f'decode H={H} B={B}: skipped (deadline)')
+                continue
             try:
                 c = _lookup(dsel, H, (B,), dcfg)
                 r = bench_decode(H, B, bw, c, with_xla=not args.no_xla, with_fla=not args.no_fla)
@@ -1079,6 +1286,9 @@ def main():
             dump(rows)
         for T, R in (((4096, 1),) if args.quick else shapes):
             if only is not None and ('prefill', H, T, R) not in only:
+                continue
+            if left() < 40:
+                log(f'prefill H={H} T={T} R={R}: skipped (deadline)')
                 continue
             c = _lookup(psel, H, (T, R), pcfg, h32=False)
             try:
@@ -1100,6 +1310,14 @@ def main():
     print()
     print(f'device: {dev.device_kind}; copy BW {bw / 1e12:.2f} TB/s; bf16 matmul {rate / 1e12:.0f} TFLOP/s')
     print(table, flush=True)
+    if PT['on'] and rows:
+        print()
+        print('ours = Triton via jax-triton (triton_gpu.py); gpu.py = Pallas-Triton (pallas_triton.py); '
+              'device time (CUPTI) per call, us')
+        print(fmt_compare(rows))
+        for v in verdicts(rows):
+            print('  ' + json.dumps(v))
+        print(f'elapsed {time.time() - t_start:.0f} s', flush=True)
     if args.profile:
         if left() < 45:
             log(f'profile: skipped ({left():.0f} s left before the deadline)')

@@ -1,6 +1,6 @@
 """The engine's invariance tests with the Pallas linear-attention kernels behind the dispatch point
-(issue 6 item 4): on this CPU the GPU (Triton lowering) and TPU (Mosaic) kernels run in Pallas
-interpret mode. Score logits must equal the model-core full forward (float32, <= 1e-5 relative) with
+(issue 6 item 4): on this CPU the GPU kernels (raw Triton) run in Triton's interpreter and the TPU
+(Mosaic) kernels in Pallas interpret mode. Score logits must equal the model-core full forward (float32, <= 1e-5 relative) with
 prefill chunks and decodes mixed in one step, decodes packed first or last."""
 import jax.numpy as jnp
 import numpy as np
@@ -58,7 +58,7 @@ def test_dispatch_is_read_when_the_step_is_traced(model, monkeypatch):
 def test_engine_score_with_mosaic_gpu_kernels(tmp_path, monkeypatch):
     """LINGJAX_KERNELS=mosaic_gpu in the engine (Mosaic GPU interpret mode): the engine feeds the
     kernels float32 q/k/v (SPEC §2.2), which the Mosaic decode takes (head dim a multiple of 64, so
-    a model with head_dim 64) and its prefill leaves to gpu.py's exact f32 kernel. Lengths 9, 9, 1
+    a model with head_dim 64) and its prefill leaves to the Triton kernels' f32 path. Lengths 9, 9, 1
     with chunks of 8 and two rows: steps (8, 8), then (1, 1) and (1), decode-only (the decode kernel;
     a fresh slot in the last). Scores equal the full forward (<= 1e-5 relative)."""
     from lingjax.testing import tiny_config

@@ -1,16 +1,22 @@
 """Linear-attention kernels behind one dispatch point (see reference.py for the conventions).
 
 ``prefill`` and ``decode`` pick an implementation by ``jax.default_backend()``:
-gpu -> Pallas GPU kernels (gpu.py, Triton lowering), tpu -> Pallas Mosaic TPU kernels (tpu.py),
-anything else -> the pure-jnp reference. Override with ``impl=`` or the environment variable
-LINGJAX_KERNELS, one of
-  reference | gpu | tpu | mosaic_gpu | gpu_interpret | tpu_interpret | mosaic_gpu_interpret
+gpu -> Triton kernels launched through jax-triton (triton_gpu.py; kernel bodies in
+triton_kernels.py), tpu -> Pallas Mosaic TPU kernels (tpu.py), anything else -> the pure-jnp
+reference. Override with ``impl=`` or the environment variable LINGJAX_KERNELS, one of
+  reference | gpu | tpu | mosaic_gpu | pallas_triton
+  | gpu_interpret | tpu_interpret | mosaic_gpu_interpret | pallas_triton_interpret
+gpu: needs jax-triton (a declared dependency) and a CUDA build of JAX. float32 q, k, v: its
+prefill multiplies them as 3xTF32 (fp32 accuracy); the model hands bf16 models' q, k, v over in
+bf16 (model/linear_attention.py).
 mosaic_gpu: the Pallas Mosaic GPU kernels (mosaic_gpu.py) where they take the inputs (head dim a
-multiple of 64; prefill: bf16/f16 q, k, v), gpu.py's otherwise. Opt-in: on H200 they are correct
-but slower than gpu.py's (decode 1.02-1.22x, prefill 1.26-1.57x the time; notes file, round 6).
-float32 q, k, v on the GPU: gpu.py's prefill multiplies them as 3xTF32 (fp32 accuracy); the model
-hands bf16 models' q, k, v over in bf16 (model/linear_attention.py).
-(The *_interpret forms run the Pallas kernels in interpret mode on the CPU; for tests.)
+multiple of 64; prefill: bf16/f16 q, k, v), the Triton ones otherwise. Opt-in: on H200 they are
+correct but slower (notes file, round 6).
+pallas_triton: the former GPU default (pallas_triton.py: the same kernels as Pallas programs
+lowered through Pallas' Triton backend, which JAX 0.11 deprecates and warns about). An explicit
+fallback only, e.g. where jax-triton is not installed; never picked automatically.
+The *_interpret forms run on the CPU, for tests: gpu_interpret runs the Triton kernel bodies in
+Triton's interpreter (float32/float16 q, k, v), the others the Pallas kernels in interpret mode.
 Both functions are traceable inside jit and shard_map (any local head count); pass the state pool
 donated so that its update happens in place.
 """
@@ -24,7 +30,8 @@ from lingjax.kernels.linear_attention.reference import chunked  # noqa: F401
 from lingjax.kernels.linear_attention import reference
 
 log = logging.getLogger(__name__)
-IMPLS = ('reference', 'gpu', 'tpu', 'mosaic_gpu', 'gpu_interpret', 'tpu_interpret', 'mosaic_gpu_interpret')
+IMPLS = ('reference', 'gpu', 'tpu', 'mosaic_gpu', 'pallas_triton', 'gpu_interpret',
+         'tpu_interpret', 'mosaic_gpu_interpret', 'pallas_triton_interpret')
 
 
 def _resolve(impl):
@@ -42,14 +49,18 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
     """Varlen chunked prefill over slot-indexed states; see reference.prefill."""
     impl = _resolve(impl)
     args = (q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh)
+    interpret = impl.endswith('_interpret')
     if impl == 'reference':
         return reference.prefill(*args, scale=scale)
     if impl.startswith('mosaic_gpu') and _mosaic_ok(q, state_pool, prefill=True):
         from lingjax.kernels.linear_attention import mosaic_gpu
-        return mosaic_gpu.prefill(*args, scale=scale, interpret=impl.endswith('_interpret'))
+        return mosaic_gpu.prefill(*args, scale=scale, interpret=interpret)
     if impl.startswith(('gpu', 'mosaic_gpu')):
-        from lingjax.kernels.linear_attention import gpu
-        return gpu.prefill(*args, scale=scale, interpret=impl.endswith('_interpret'))
+        from lingjax.kernels.linear_attention import triton_gpu
+        return triton_gpu.prefill(*args, scale=scale, interpret=interpret)
+    if impl.startswith('pallas_triton'):
+        from lingjax.kernels.linear_attention import pallas_triton
+        return pallas_triton.prefill(*args, scale=scale, interpret=interpret)
     from lingjax.kernels.linear_attention import tpu
     return tpu.prefill(*args, scale=scale, interpret=_tpu_interpret(impl))
 
@@ -58,22 +69,26 @@ def decode(q, k, v, log_decay, state_pool, slots, fresh, *, scale, impl=None):
     """One-token decode over slot-indexed states; see reference.decode."""
     impl = _resolve(impl)
     args = (q, k, v, log_decay, state_pool, slots, fresh)
+    interpret = impl.endswith('_interpret')
     if impl == 'reference':
         return reference.decode(*args, scale=scale)
     if impl.startswith('mosaic_gpu') and _mosaic_ok(q, state_pool):
         from lingjax.kernels.linear_attention import mosaic_gpu
-        return mosaic_gpu.decode(*args, scale=scale, interpret=impl.endswith('_interpret'))
+        return mosaic_gpu.decode(*args, scale=scale, interpret=interpret)
     if impl.startswith(('gpu', 'mosaic_gpu')):
-        from lingjax.kernels.linear_attention import gpu
-        return gpu.decode(*args, scale=scale, interpret=impl.endswith('_interpret'))
+        from lingjax.kernels.linear_attention import triton_gpu
+        return triton_gpu.decode(*args, scale=scale, interpret=interpret)
+    if impl.startswith('pallas_triton'):
+        from lingjax.kernels.linear_attention import pallas_triton
+        return pallas_triton.decode(*args, scale=scale, interpret=interpret)
     from lingjax.kernels.linear_attention import tpu
     return tpu.decode(*args, scale=scale, interpret=_tpu_interpret(impl))
 
 
 def _mosaic_ok(q, state_pool, prefill=False):
     """Whether the Mosaic GPU kernels take these inputs: head dim a multiple of 64, an f32 state
-    pool; prefill's tensor-core products also need 16-bit q, k, v (f32 inputs go to gpu.py, which
-    multiplies them as 3xTF32)."""
+    pool; prefill's tensor-core products also need 16-bit q, k, v (f32 inputs go to the Triton
+    kernels, which multiply them as 3xTF32)."""
     return (q.shape[-1] % 64 == 0 and state_pool.dtype == jnp.float32
             and (not prefill or q.dtype in (jnp.bfloat16, jnp.float16)))
 

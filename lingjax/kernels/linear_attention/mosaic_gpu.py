@@ -1,5 +1,5 @@
 """Linear attention (simple GLA) as Pallas *Mosaic GPU* kernels for Hopper, the GPU backend JAX
-supports (gpu.py's kernels use the deprecated Pallas-Triton lowering).
+supports natively (the default GPU kernels, triton_gpu.py, are raw Triton through jax-triton).
 
 Same interface and semantics as ``reference.prefill`` / ``reference.decode`` (SPEC §2.4, §2.8,
 §2.9). Opt-in (LINGJAX_KERNELS=mosaic_gpu) until measured on hardware; the tests run them in Pallas'
@@ -32,10 +32,10 @@ TMA stores of 64, 32, ..., 1 rows (one per set bit of hi - lo: a store box is st
 ragged). Row r = R zero-fills the tokens past cu_seqlens[-1]; a skipped sequence (length 0, slot <
 0) zero-fills its tokens and touches no slot. The token count must be a multiple of 8 for the tiled
 TMA (the wrapper pads q/k/v otherwise). f32 inputs are not taken (tf32 products would miss the f32
-tolerance): the dispatch sends them to gpu.py.
+tolerance): the dispatch sends them to triton_gpu.py.
 
-Segment split for a few long sequences, as gpu.py's (same static rule, gpu._pick_segment): pass 1,
-grid (D/BV, H, R * NSEG), writes x[r, 0] = the initial state and x[r, i] = the zero-start state of
+Segment split for a few long sequences, as triton_gpu.py's (same static rule,
+gpu_common.pick_segment): pass 1, grid (D/BV, H, R * NSEG), writes x[r, 0] = the initial state and x[r, i] = the zero-start state of
 full segment i-1 (the chunk walk above from zero, no outputs); pass 2, grid (D/BV, H, (R+1) NSEG),
 starts segment j from x[r, 0] folded with x[r, 1..j] (S = γ^L S + x[r, i]), walks it writing its
 outputs, and only the sequence's last segment writes the slot. Not yet here: warp specialization
@@ -51,7 +51,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas import mpmd as _mpmd
 
-from lingjax.kernels.linear_attention.gpu import _like, _pick_segment
+from lingjax.kernels.linear_attention.gpu_common import like as _like, pick_segment as _pick_segment
 
 F32 = jnp.float32
 

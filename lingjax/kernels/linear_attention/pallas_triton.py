@@ -1,74 +1,28 @@
-"""Linear attention (simple GLA) Pallas kernels for NVIDIA Hopper, Pallas *Triton* lowering.
+"""Linear attention (simple GLA) as Pallas kernels lowered through Pallas' *Triton* backend: the
+former GPU default, kept as an explicit fallback (impl='pallas_triton'; 'pallas_triton_interpret'
+runs it in Pallas' interpret mode on the CPU). Not the default: JAX 0.11 deprecates this lowering
+(every call warns, and a later JAX removes it). The default GPU kernels (triton_gpu.py) are the
+same algorithm written directly in Triton and launched through jax-triton; triton_gpu.py's
+docstring describes it (chunked prefill over slot-indexed states, the segment split, the fused
+decode). This module is kept so that the benchmark can compare the two on the device
+(scripts/bench_linear_attention.py) and as a fallback where jax-triton is not installed; the CI
+does not run it (its interpret tests run only with LINGJAX_TEST_PALLAS_TRITON=1).
 
-Same interface and semantics as ``reference.prefill`` / ``reference.decode`` (SPEC §2.4, §2.8, §2.9).
-
-Why the Triton lowering and not Mosaic GPU: both kernels are built on masked, ragged accesses at
-run-time offsets -- a chunk starts wherever its sequence starts in the packed token array and ends
-at the sequence's true length, and the state tile lives at a run-time slot of the pool. In Triton
-these are one masked load each; in Mosaic GPU every copy is a TMA descriptor with a static tile
-shape (a ragged tail needs a ladder of descriptors, see jax's ragged_dot_mgpu) and every register
-array lives in a WGMMA fragment layout, which turns the per-token decay masks and the kᵀv / qS
-products into layout bookkeeping. The Triton lowering is deprecated in JAX 0.11 but still ships,
-runs on the CPU in Pallas' generic interpret mode (which is how the tests check these kernels), and
-compiles through Triton's own Hopper backend (wgmma for the chunk products).
-
-Prefill: one program per (sequence, head, block of BV value columns); it walks its sequence in
-chunks of C tokens starting at the sequence's first token, carrying the f32 state tile
-S[:, vblock] (D x BV) in registers, and writes the final tile to the sequence's slot. The grid has
-R + 1 rows: row R zero-fills the padding tokens past cu_seqlens[-1]; a skipped sequence (length
-0 or negative slot) zero-fills its own tokens and touches no slot. Grid order (value blocks, rows,
-H) by default (tiles_first): the D/BV programs that read the same q/k tokens launch side by side,
-so the second one finds them in L2. Pipelining depth auto (_pick_stages).
-
-Segment split (few, long sequences). With R * H * D/BV programs well under the GPU's width (one
-32k-token sequence at H=32: 64 programs for 132 SMs, each walking 512 chunks in series; the
-auto rule splits at <= _SPLIT_MAX_PROGRAMS = 64 programs) each sequence is cut into segments of
-L tokens (L static, a power-of-two multiple of C, chosen from the static shapes T, R, H so that
-about _TARGET_PROGRAMS programs run; `segment=` overrides, 0 disables). NSEG = ceil(T / L)
-bounds the segment count of any sequence; sequence r has n_r = ceil(len_r / L) segments at run
-time, programs past it do nothing. Two launches:
-  1. increments, grid (R * NSEG, H, D/BV): program (r, 0) copies the initial state (slot tile,
-     or 0 if fresh) to x[r, 0]; program (r, i), 1 <= i < n_r, writes the zero-start state of the
-     full segment i-1, x[r, i] = sum_t gamma^(L-1-t) k_t v_tᵀ (one accumulating product, all
-     exponents <= 0, f32).
-  2. output pass, grid ((R + 1) * NSEG, H, D/BV): program (r, j) folds its start state
-     S = x[r, 0]; S = gamma^L S + x[r, i] for i = 1..j (exact: every segment before the last
-     is exactly L tokens, so each fold step decays by exactly gamma^L), then runs the unsplit
-     chunk loop over [s_r + jL, min(e_r, s_r + (j+1)L)) (exact gamma^(i+1) inter-chunk rule as
-     above) and, only for the sequence's last segment, writes the final state to the slot.
-     Pad row / skipped sequences zero-fill their segments' tokens.
-The pool is read only by launch 1 and written only by launch 2 (aliased in -> out), so no slot is
-read after being written. x is a scratch output of R * NSEG * H * D * D f32 (33 MB for one 32k
-sequence at H=32); the fold re-reads at most NSEG tiles per program, mostly from L2. Extra cost:
-one more read of k and v, and the fold.
-
-Decode: one program per (request, head, value block): gather the slot's tile, S = e^g S + k vᵀ,
-o = scale qᵀ S, scatter back. The pool is aliased input->output, so under donation a step moves
-only the touched slots' bytes. Grid (value blocks, H, B) by default (tiles_first): programs
-launched together sweep one slot's [H, D, D] block in address order, as fla's grid does
-(H200, H=32: 304 vs 323 us at B=256, 95 vs 98 us at B=64 against grid (B, H, value blocks)).
-`fresh` is read in the kernel as given (bool or int), so a call launches this one kernel and no
-XLA conversion before it (block_k < D adds one XLA sum after it).
+Same interface and semantics as ``reference.prefill`` / ``reference.decode`` (SPEC §2.4, §2.8,
+§2.9), same options as triton_gpu.py's functions (plus interpret=).
 """
 import functools
 import logging
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
+from lingjax.kernels.linear_attention.gpu_common import like as _like, pick_segment, pick_stages
+
 log = logging.getLogger(__name__)
 F32 = jnp.float32
-
-
-def _like(x, shape=None, dtype=None):
-    """Output struct varying over the same shard_map axes as x (needed under check_vma)."""
-    aval = jax.typeof(x)
-    return jax.ShapeDtypeStruct(aval.shape if shape is None else shape,
-                                aval.dtype if dtype is None else dtype,
-                                manual_axis_type=aval.manual_axis_type)
 
 
 # How float32 q/k/v are multiplied (bf16/f16 inputs: one tensor-core product, f32 sum):
@@ -88,20 +42,6 @@ def _dot(a, b, prec, trans_a=False, trans_b=False):
 
 # --------------------------------------------------------------------------------------------
 # Prefill
-
-# Auto segment split (segment=None), for H100/H200 (132 SMs): split only when at most
-# _SPLIT_MAX_PROGRAMS (sequence, head, value-block) programs would run (at most ~half the SMs
-# busy), into segments giving about _TARGET_PROGRAMS programs. Measured on H200 (notes file):
-# H=32, one 32k sequence (64 programs): 1092 us unsplit -> 846-892 us split (L=2048); H=64, one
-# 32k sequence (128 programs): 1140 us unsplit vs 1566 us split (L=4096): with the SMs already
-# mostly busy, the split's extra pass costs more than its parallelism gains. Segments are at least
-# 16 chunks (1024 tokens): each output program folds every earlier segment's increment, so short
-# segments cost more in the fold than they gain (H=32, one 4096-token sequence, device time, run 8:
-# L=256 140.8 us, 512 112.6, 1024 101.0, unsplit 116.3; fla 106.6).
-_SPLIT_MAX_PROGRAMS = 64
-_TARGET_PROGRAMS = 1024
-_MIN_SEGMENT_CHUNKS = 16
-
 
 def _flag(ref, i):
     """Element i of a bool or integer flag vector as a bool scalar. A bool ref is read as is
@@ -249,32 +189,6 @@ def _prefill_kernel(cu_ref, slots_ref, fresh_ref, g_ref, q_ref, k_ref, v_ref, po
                 pltr.store(pool_ref.at[slot, h, :, vcols], S.astype(pool_ref.dtype))
 
 
-def _pick_stages(L, programs, f32=False):
-    """Pipelining depth of the prefill passes (num_stages=None). float32 inputs: 2 (their tiles
-    are twice the bytes; tf32x3 at 3 stages asked for 256 KiB of shared memory on H200, over its
-    227 KiB). bf16/f16, measured on H200 (notes file): unsplit with at most one wave of programs
-    (few long sequences), 3 stages: H=64 one 32k sequence (128 programs) 1152 us vs 1994 at 2,
-    H=32 1195 vs 1343; split, or a full grid, 2 stages: H=32 one 32k sequence split 899 vs
-    1045 us, 16 sequences unsplit 645 vs 762."""
-    return 3 if not f32 and L is None and programs <= 132 else 2
-
-
-def _pick_segment(T, R, H, NV, C, segment):
-    """Static segment length (tokens, a multiple of C) or None for no split."""
-    if segment is not None:
-        if segment <= 0:
-            return None
-        if segment % C:
-            raise ValueError(f'segment={segment} is not a multiple of chunk={C}')
-        return segment if segment < T else None
-    programs = R * H * NV
-    if programs > _SPLIT_MAX_PROGRAMS:
-        return None
-    per_seq = -(-_TARGET_PROGRAMS // programs)                  # segments wanted per sequence
-    L = max(_MIN_SEGMENT_CHUNKS * C, C * 2 ** int(np.ceil(np.log2(max(T / (R * per_seq * C), 1)))))
-    return L if 2 * L <= T else None
-
-
 @functools.partial(jax.jit, static_argnames=('scale', 'chunk', 'block_v', 'num_warps',
                                              'num_stages', 'segment', 'tiles_first', 'f32_dot', 'interpret'))
 def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, chunk=64,
@@ -284,7 +198,7 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
 
     segment: None = split long sequences automatically when the grid would be small (see the
     module docstring); 0 = never split; L (a multiple of chunk) = split into L-token segments.
-    num_stages: None = 3 for bf16/f16 unsplit with at most 132 programs, else 2 (_pick_stages).
+    num_stages: None = 3 for bf16/f16 unsplit with at most 132 programs, else 2 (pick_stages).
     tiles_first: the value-block axis is the first (fastest-launched) grid axis, so the D/BV
     programs of one (segment, head), which read the same q and k, run side by side (H200, one
     32k sequence, H=32, split: 899 vs 968 us; H=64 unsplit at 2 stages: 1856 vs 1994 us).
@@ -302,10 +216,10 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
     prec = None
     if q.dtype == jnp.float32:
         prec = _F32_DOTS['ieee' if interpret else f32_dot]
-    L = _pick_segment(T, R, H, NV, chunk, segment)
+    L = pick_segment(T, R, H, NV, chunk, segment)
     NSEG = 1 if L is None else -(-T // L)
     if num_stages is None:
-        num_stages = _pick_stages(L, R * H * NV, f32=prec is not None)
+        num_stages = pick_stages(L, R * H * NV, f32=prec is not None)
     cu = cu_seqlens.astype(jnp.int32)
     slots = slots.astype(jnp.int32)
     g = log_decay.astype(F32)
