@@ -44,6 +44,20 @@ SHAPES = {"flash": (4096, 1024), "1t": (8192, 2048)}
 E, K = 256, 8
 
 
+SWEEP_SMALL = [  # (gate_up config, down config) for blocks of <= 32 rows: (block_n, block_k, group_m, warps, stages)
+    ((16, 256, 1, 4, 3), (32, 256, 1, 4, 3)),
+    ((64, 128, 1, 4, 4), (128, 64, 1, 4, 4)),
+    ((32, 64, 1, 4, 6), (64, 64, 1, 4, 6)),
+    ((32, 128, 1, 8, 4), (64, 128, 1, 8, 4)),
+]
+SWEEP_LARGE = [  # blocks of >= 64 rows
+    ((128, 64, 8, 8, 3), (128, 64, 8, 8, 3)),
+    ((64, 128, 8, 8, 3), (256, 64, 8, 8, 3)),
+    ((128, 32, 8, 4, 4), (128, 32, 8, 4, 4)),
+    ((64, 64, 8, 4, 3), (128, 64, 8, 4, 3)),
+]
+
+
 def make_problem(T, d, I, E, k, seed, dtype):
     import jax
     import jax.numpy as jnp
@@ -110,20 +124,21 @@ def ragged(x, idx, w, wg, wu, wd, dot):
 
 
 def loop_time(fn, args, iters, reps):
-    """Device time per call: `iters` calls chained in one jitted fori_loop (x_{i+1} depends on out_i)."""
+    """Device time per call: `iters` calls chained in one jitted fori_loop (x_{i+1} depends on out_i).
+    Every array is an argument of the jitted loop (closed-over arrays would become constants)."""
     import jax
-    import jax.numpy as jnp
 
-    def body(i, x):
-        out = fn(x, *args[1:])
-        return (x + 1e-3 * out).astype(x.dtype)
+    def loop(x, *rest):
+        def body(i, x):
+            return (x + 1e-3 * fn(x, *rest)).astype(x.dtype)
+        return jax.lax.fori_loop(0, iters, body, x)
 
-    run = jax.jit(lambda x: jax.lax.fori_loop(0, iters, body, x))
-    jax.block_until_ready(run(args[0]))                          # compile + warm
+    run = jax.jit(loop)
+    jax.block_until_ready(run(*args))                            # compile + warm
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
-        jax.block_until_ready(run(args[0]))
+        jax.block_until_ready(run(*args))
         ts.append((time.perf_counter() - t) / iters)
     return statistics.median(ts)
 
@@ -146,31 +161,21 @@ def oracle_rel(out, x, idx, w, wg, wu, wd, n_tok):
 
 
 def ceilings(smoke):
+    """(copy bandwidth B/s counting read + write, dense bf16 matmul FLOP/s), each timed as 10 calls in
+    one jitted loop after a warm-up that also brings the clocks up."""
     import jax
     import jax.numpy as jnp
     n = (1 << 20) if smoke else (2 << 30)                 # bf16 elements: 4 GiB
     a = jax.random.normal(jax.random.key(1), (n,), jnp.bfloat16)
-    f = jax.jit(lambda v: v * 1.0001)
-    jax.block_until_ready(f(a))
-    ts = []
-    for _ in range(5):
-        t = time.perf_counter()
-        jax.block_until_ready(f(a))
-        ts.append(time.perf_counter() - t)
-    copy = 2 * a.nbytes / statistics.median(ts)
+    t_copy = loop_time(lambda v: v * 1.0001 - v, (a,), 10, 5)
+    copy = 2 * a.nbytes / t_copy
+    del a
     m = 256 if smoke else 8192
     p = jax.random.normal(jax.random.key(2), (m, m), jnp.bfloat16)
     q = jax.random.normal(jax.random.key(3), (m, m), jnp.bfloat16)
-    mm = jax.jit(lambda a, b: a @ b)
-    jax.block_until_ready(mm(p, q))
-    ts = []
-    for _ in range(10):
-        t = time.perf_counter()
-        jax.block_until_ready(mm(p, q))
-        ts.append(time.perf_counter() - t)
-    rate = 2 * m ** 3 / statistics.median(ts)
-    del a, p, q
-    return copy, rate
+    loop_time(lambda a, b: a @ b, (p, q), 20, 1)
+    t_mm = loop_time(lambda a, b: a @ b, (p, q), 20, 5)
+    return copy, 2 * m ** 3 / t_mm
 
 
 def torch_gmm_time(x, idx, wg, wu, wd):
@@ -207,13 +212,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="flash,1t", help="comma list of: flash (d 4096, I 1024), 1t (d 8192, I 2048)")
     p.add_argument("--tokens", default="1,16,64,256,4096,16384", help="comma list of token counts T")
-    p.add_argument("--methods", default="lingjax,lingjax-mm,old,ragged_dot,tokamax,torch-gmm",
+    p.add_argument("--methods", default="lingjax,lingjax-mm,old,ragged_dot,torch-gmm",
                    help="comma list of methods (old = the three old forms)")
     p.add_argument("--iters", type=int, default=10, help="calls per timed loop (default 10)")
     p.add_argument("--reps", type=int, default=3, help="timed loops; the median is reported (default 3)")
     p.add_argument("--max-old-tflop", type=float, default=40.0,
                    help="skip an old form whose flops (TFLOP) would exceed this per call (dense at large T)")
     p.add_argument("--oracle-tokens", type=int, default=4, help="tokens checked against float64 numpy (default 4)")
+    p.add_argument("--sweep", default="", help="token counts at which to also time the grouped matmuls with "
+                   "each tile configuration of SWEEP_SMALL / SWEEP_LARGE (rows 'mm[...]')")
     p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny shapes, reference impl, no peers")
     p.add_argument("--out", help="JSON output (default $OUT/bench_moe.json when $OUT is set)")
     args = p.parse_args(argv)
@@ -257,6 +264,14 @@ def main(argv=None):
                 def mm(x, idx, w, wg, wu, wd, lay=lay):
                     return mod.down(mod.gate_up(x, lay, wg, wu), lay, wd)[: x.shape[0]]
                 cands["lingjax-mm"] = mm
+            if str(T) in args.sweep.split(",") and not args.smoke:
+                bm = mod.pick_block_m(T * k, n_exp)
+                for gu, dn in (SWEEP_SMALL if bm <= 32 else SWEEP_LARGE):
+                    cg, cd = mod.Config(*gu), mod.Config(*dn)
+
+                    def mm_c(x, idx, w, wg, wu, wd, lay=lay, cg=cg, cd=cd):
+                        return mod.down(mod.gate_up(x, lay, wg, wu, config=cg), lay, wd, config=cd)[: x.shape[0]]
+                    cands[f"mm{list(gu)}{list(dn)}".replace(" ", "")] = mm_c
             if "old" in methods:
                 for name, fn in old_forms().items():
                     f_old = 2 * T * n_exp * 3 * d * I if name == "dense" else flops
