@@ -522,6 +522,7 @@ def main(argv=None) -> int:
         parser.print_help(sys.stderr)
         parser.error("choose a command")
     _setup_logging(args)
+    from lingjax.checkpoint import CheckpointError
     from lingjax.config import ConfigError
     try:
         from lingjax.engine import EngineError
@@ -533,7 +534,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("lingjax: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, EngineError, ConfigError, OSError) as e:
+    except (CLIError, EngineError, CheckpointError, ConfigError, OSError) as e:
         if args.debug:
             raise
         print(f"lingjax: error: {_first_line(e)}", file=sys.stderr)

@@ -80,6 +80,7 @@ from flax import nnx
 
 from lingjax.batch import StepBatch
 from lingjax.cache import SlotAllocator
+from lingjax.checkpoint import load_model  # noqa: F401  (re-exported: lingjax.engine.load_model)
 from lingjax.kernels.linear_attention import IMPLS as KERNELS   # the `kernels` choices
 
 log = logging.getLogger(__name__)
@@ -830,35 +831,3 @@ def _global(tree, mesh):
     """Host arrays (identical on every process) -> global arrays replicated over the mesh."""
     from lingjax import sharding
     return jax.tree.map(lambda a: sharding.host_to_global(np.asarray(a), mesh), tree)
-
-
-def load_model(path, dtype=jnp.bfloat16, mesh=None):
-    """(config, model) from a checkpoint directory. Today: an HF directory (config.json + *.safetensors);
-    the converted (Orbax) layout is recognised here too once the converter lands (issue 4).
-    Raises EngineError with a one-line message naming the problem."""
-    import os
-    from lingjax.config import ConfigError
-    if not os.path.isdir(path):
-        raise EngineError(f"model directory {path} does not exist")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise EngineError(f"{path} has no config.json: not a checkpoint directory")
-    from lingjax.weights import WeightError, load_hf
-    from lingjax.sharding import ShardingError, place_fn
-    from lingjax.convert import is_converted, load_converted
-    try:
-        place = None
-        if mesh is not None:        # each param goes straight to its shards, one tensor at a time
-            from lingjax.config import BailingConfig
-            place = place_fn(BailingConfig.from_json(path), mesh)
-        if is_converted(path):      # `lingjax convert` output: with a mesh, each device reads its own shard
-            sharding = None
-            if mesh is not None:
-                from jax.sharding import NamedSharding
-                from lingjax.config import BailingConfig
-                from lingjax.sharding import param_spec, tp_of
-                cfg = BailingConfig.from_json(path)
-                sharding = lambda p, shape, dt: NamedSharding(mesh, param_spec(p, cfg, tp_of(mesh)))  # noqa: E731
-            return load_converted(path, dtype, mtp=False, place=place, sharding=sharding)
-        return load_hf(path, dtype=dtype, mtp=False, place=place)      # the engine does not run the MTP layer
-    except (ConfigError, WeightError, ShardingError) as e:
-        raise EngineError(f"{path}: {e}") from None
