@@ -580,7 +580,7 @@ def _cli_errors():
 
     from lingjax.weights import WeightError
     try:
-        from lingjax.cli import CLIError
+        from lingjax.cli_common import CLIError
     except ImportError:
         CLIError = ConvertError
     prev = None
