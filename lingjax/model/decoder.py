@@ -23,10 +23,11 @@ F32 = jnp.float32
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: BailingConfig, layer: int, *, dtype, rngs: nnx.Rngs, kernels: str | None = None):
+        self.kernels = kernels
         self.is_mla, self.is_moe = cfg.is_mla(layer), cfg.is_moe(layer)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.attention = (MLA(cfg, dtype=dtype, rngs=rngs) if self.is_mla
-                          else LinearAttention(cfg, layer, dtype=dtype, rngs=rngs))
+                          else LinearAttention(cfg, layer, dtype=dtype, rngs=rngs, kernels=kernels))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.mlp = (MoE(cfg, dtype=dtype, rngs=rngs, kernels=kernels) if self.is_moe
                     else MLP(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.use_bias, dtype=dtype, rngs=rngs))
@@ -73,13 +74,14 @@ class BailingModel(nnx.Module):
     `mtp_logits`, `step`): 'highest' (full float32), 'high' (3xbf16/TF32-class) or 'default' (the
     backend's: TF32 for float32 dots on NVIDIA GPUs). None: `default_matmul_precision(dtype)`. A plain
     attribute (part of the graph definition), so it may also be set after loading.
-    kernels: the kernel implementation every layer passes as impl= to its kernel dispatch (None:
-    chosen by jax.default_backend() at trace time)."""
+    kernels: the kernel implementation every layer passes as impl= to its kernel dispatch (a name of
+    lingjax.kernels.linear_attention.IMPLS; the MoE layers map it to their family); None picks by
+    jax.default_backend() at trace time."""
 
     def __init__(self, cfg: BailingConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None, mtp=True,
                  kernels: str | None = None, matmul_precision: str | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
-        self.cfg, self.dtype = cfg, dtype
+        self.cfg, self.dtype, self.kernels = cfg, dtype, kernels
         if matmul_precision is None:
             matmul_precision = default_matmul_precision(dtype)
         if matmul_precision not in MATMUL_PRECISIONS:

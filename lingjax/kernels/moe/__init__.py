@@ -29,8 +29,16 @@ F32 = jnp.float32
 IMPLS = ('reference', 'gpu', 'tpu', 'tpu_interpret')
 
 
+# The model's single `kernels` option names a linear-attention implementation
+# (lingjax.kernels.linear_attention.IMPLS); the MoE implementation of the same family:
+FROM_MODEL_KERNELS = {'mosaic_gpu': 'gpu', 'pallas_triton': 'gpu', 'gpu_interpret': 'reference',
+                      'mosaic_gpu_interpret': 'reference', 'pallas_triton_interpret': 'reference'}
+
+
 def resolve(impl=None) -> str:
-    """The implementation that impl names (None: by the default backend); ValueError if unknown."""
+    """The implementation that impl names (None: by the default backend; a linear-attention name:
+    its family's, FROM_MODEL_KERNELS); ValueError if unknown."""
+    impl = FROM_MODEL_KERNELS.get(impl, impl)
     if impl is None:
         backend = jax.default_backend()
         return backend if backend in ('gpu', 'tpu') else 'reference'
