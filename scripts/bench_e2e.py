@@ -86,7 +86,7 @@ def step_bytes(cfg, model, B, C, tp):
         name = "/".join(map(str, path))
         if "w_gate" in name or "w_up" in name or "w_down" in name or "word_embeddings" in name:
             continue
-        total += x.value.size * x.value.dtype.itemsize
+        total += x.get_value().size * x.get_value().dtype.itemsize
     E, k = cfg.num_experts, cfg.num_experts_per_tok
     touched = E * (1 - (1 - k / E) ** B)
     experts = n_moe * touched * expert
@@ -192,8 +192,10 @@ def main(argv=None):
                    help="run the end-to-end generate() timing only where B x C is at most this (its prefill)")
     p.add_argument("--moe", choices=("grouped", "old"), default="grouped",
                    help="grouped: the MoE layer as it is; old: the forms it replaced (before/after)")
-    p.add_argument("--matmul-precision", choices=("default", "high", "highest"),
-                   help="override the model's matmul precision (float32 before/after of issue 21)")
+    p.add_argument("--matmul-precision", default=None,
+                   help="comma list of the model's matmul precisions to run in turn on the same weights "
+                        "(default, high, highest; e.g. 'default,highest' for issue 21's float32 before/after); "
+                        "default: the model's own (highest for float32, default for bfloat16)")
     p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny sizes, 2 steps")
     p.add_argument("--out", help="JSON output (default $OUT/bench_e2e.json when $OUT is set)")
     args = p.parse_args(argv)
@@ -201,7 +203,7 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
     from lingjax import sharding
-    from bench_moe import ceilings
+    from bench_moe import ceilings, torch_ceilings
     from shapes import param_counts, preset, random_model
     if args.moe == "old":
         use_old_moe()
@@ -209,9 +211,14 @@ def main(argv=None):
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     mesh = sharding.make_mesh(args.tp) if args.tp > 1 else None
     copy_bw, mm_rate = ceilings(args.smoke)
+    if jax.default_backend() == "gpu":
+        try:
+            t_copy, t_rate = torch_ceilings()
+            copy_bw, mm_rate = max(copy_bw, t_copy), max(mm_rate, t_rate)
+        except Exception as e:                          # noqa: BLE001
+            log.info("PyTorch ceilings not measured: %s", e)
     t0 = time.perf_counter()
-    kw = {"matmul_precision": args.matmul_precision} if args.matmul_precision else {}
-    model = random_model(cfg, mesh, dtype, **kw)
+    model = random_model(cfg, mesh, dtype)
     jax.block_until_ready(jax.tree.leaves(model))
     t_init = time.perf_counter() - t0
     total, active, head = param_counts(cfg)
@@ -219,7 +226,7 @@ def main(argv=None):
     mem = [d.memory_stats() or {} for d in devs] if jax.default_backend() != "cpu" else [{}]
     kinds = "".join("L" if k == "linear" else "M" for k in cfg.layer_kinds)
     report = dict(device=devs[0].device_kind, tp=args.tp, preset=args.preset, layers=cfg.num_hidden_layers, kinds=kinds,
-                  vocab=cfg.vocab_size, dtype=args.dtype, moe=args.moe, matmul_precision=model.matmul_precision,
+                  vocab=cfg.vocab_size, dtype=args.dtype, moe=args.moe, matmul_precisions=args.matmul_precision or model.matmul_precision,
                   copy_bw=copy_bw, matmul_rate=mm_rate, params=total, init_s=t_init,
                   bytes_in_use=[m.get("bytes_in_use") for m in mem], bytes_limit=[m.get("bytes_limit") for m in mem],
                   decode=[], prefill=[])
@@ -234,64 +241,66 @@ def main(argv=None):
                 json.dump(report, f, indent=1)
 
     steps, reps = (2, 1) if args.smoke else (args.steps, args.reps)
-    for B, C in parse_pairs(args.decode):
-        row = dict(batch=B, context=C)
-        try:
-            row["step_ms"] = device_decode_ms(model, cfg, mesh, B, C, steps, reps)
-            if B * C <= args.e2e_max_tokens:
-                row["e2e_ms"], row["prefill_s"] = e2e_decode_ms(model, mesh, cfg, B, C, steps)
-                row["host_gap_ms"] = row["e2e_ms"] - row["step_ms"]
-        except Exception as e:                      # noqa: BLE001 (OOM etc.: recorded, the run goes on)
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-            log.info("decode B=%d C=%d: %s", B, C, row["error"])
+    for prec in (args.matmul_precision.split(",") if args.matmul_precision else [model.matmul_precision]):
+        model.matmul_precision = prec          # a static attribute: the steps compile anew
+        for B, C in parse_pairs(args.decode):
+            row = dict(batch=B, context=C, matmul_precision=prec)
+            try:
+                row["step_ms"] = device_decode_ms(model, cfg, mesh, B, C, steps, reps)
+                if B * C <= args.e2e_max_tokens:
+                    row["e2e_ms"], row["prefill_s"] = e2e_decode_ms(model, mesh, cfg, B, C, steps)
+                    row["host_gap_ms"] = row["e2e_ms"] - row["step_ms"]
+            except Exception as e:                      # noqa: BLE001 (OOM etc.: recorded, the run goes on)
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                log.info("decode B=%d C=%d: %s", B, C, row["error"])
+                report["decode"].append(row)
+                save()
+                continue
+            nbytes, touched = step_bytes(cfg, model, B, C, args.tp)
+            ms = row.get("e2e_ms", row["step_ms"])
+            row.update(tok_s=B / ms * 1e3, bytes=nbytes, touched_experts=touched,
+                       mbu=nbytes / (row["step_ms"] * 1e-3) / copy_bw)
             report["decode"].append(row)
             save()
-            continue
-        nbytes, touched = step_bytes(cfg, model, B, C, args.tp)
-        ms = row.get("e2e_ms", row["step_ms"])
-        row.update(tok_s=B / ms * 1e3, bytes=nbytes, touched_experts=touched,
-                   mbu=nbytes / (row["step_ms"] * 1e-3) / copy_bw)
-        report["decode"].append(row)
-        save()
-        log.info("decode B=%-4d C=%-6d step %.2f ms  e2e %s  MBU %.0f%%", B, C, row["step_ms"],
-                 f"{row['e2e_ms']:.2f} ms" if "e2e_ms" in row else "-", 100 * row["mbu"])
-    for N, L in parse_pairs(args.prefill):
-        row = dict(requests=N, length=L)
-        try:
-            row["ms"] = prefill_ms(model, mesh, cfg, N, L, reps)
-        except Exception as e:                      # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-            log.info("prefill %dx%d: %s", N, L, row["error"])
+            log.info("decode B=%-4d C=%-6d step %.2f ms  e2e %s  MBU %.0f%%", B, C, row["step_ms"],
+                     f"{row['e2e_ms']:.2f} ms" if "e2e_ms" in row else "-", 100 * row["mbu"])
+        for N, L in parse_pairs(args.prefill):
+            row = dict(requests=N, length=L, matmul_precision=prec)
+            try:
+                row["ms"] = prefill_ms(model, mesh, cfg, N, L, reps)
+            except Exception as e:                      # noqa: BLE001
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                log.info("prefill %dx%d: %s", N, L, row["error"])
+                report["prefill"].append(row)
+                save()
+                continue
+            flops = 2 * active * N * L + 2 * head * N + attention_flops(cfg, [L] * N)
+            row.update(tok_s=N * L / row["ms"] * 1e3, flops=flops, mfu=flops / (row["ms"] * 1e-3) / (mm_rate * args.tp))
             report["prefill"].append(row)
             save()
-            continue
-        flops = 2 * active * N * L + 2 * head * N + attention_flops(cfg, [L] * N)
-        row.update(tok_s=N * L / row["ms"] * 1e3, flops=flops, mfu=flops / (row["ms"] * 1e-3) / (mm_rate * args.tp))
-        report["prefill"].append(row)
-        save()
-        log.info("prefill %dx%d: %.1f ms, %.0f tok/s, MFU %.1f%%", N, L, row["ms"], row["tok_s"], 100 * row["mfu"])
+            log.info("prefill %dx%d: %.1f ms, %.0f tok/s, MFU %.1f%%", N, L, row["ms"], row["tok_s"], 100 * row["mfu"])
     if jax.default_backend() != "cpu":
         report["peak_bytes_in_use"] = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devs]
     save()
     print(f"\n{report['device']} x{args.tp}, {args.preset} ({cfg.num_hidden_layers} layers {kinds}, vocab "
           f"{cfg.vocab_size}), {args.dtype}, moe={args.moe}; copy {copy_bw / 1e12:.2f} TB/s, "
           f"matmul {mm_rate / 1e12:.0f} TFLOP/s")
-    print(f"| batch | context | step ms | e2e ms | host gap ms | tok/s | GB/step | MBU |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| batch | context | precision | step ms | e2e ms | host gap ms | tok/s | GB/step | MBU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in report["decode"]:
         if "error" in r:
             print(f"| {r['batch']} | {r['context']} | {r['error'][:80]} |")
             continue
         e2e = f"{r['e2e_ms']:.2f}" if "e2e_ms" in r else "-"
         gap = f"{r['host_gap_ms']:.2f}" if "host_gap_ms" in r else "-"
-        print(f"| {r['batch']} | {r['context']} | {r['step_ms']:.2f} | {e2e} | {gap} | {r['tok_s']:.0f} | "
+        print(f"| {r['batch']} | {r['context']} | {r['matmul_precision']} | {r['step_ms']:.2f} | {e2e} | {gap} | {r['tok_s']:.0f} | "
               f"{r['bytes'] / 1e9:.2f} | {100 * r['mbu']:.0f}% |")
-    print(f"| prefill | ms | tok/s | MFU |\n|---|---|---|---|")
+    print(f"| prefill | precision | ms | tok/s | MFU |\n|---|---|---|---|---|")
     for r in report["prefill"]:
         if "error" in r:
             print(f"| {r['requests']}x{r['length']} | {r['error'][:80]} |")
         else:
-            print(f"| {r['requests']}x{r['length']} | {r['ms']:.1f} | {r['tok_s']:.0f} | {100 * r['mfu']:.1f}% |")
+            print(f"| {r['requests']}x{r['length']} | {r['matmul_precision']} | {r['ms']:.1f} | {r['tok_s']:.0f} | {100 * r['mfu']:.1f}% |")
     if report.get("peak_bytes_in_use"):
         print("peak GiB per device: " + ", ".join(f"{b / 2**30:.1f}" for b in report["peak_bytes_in_use"] if b))
     return 0

@@ -34,15 +34,20 @@ def pick_block_m(n_pairs: int, n_experts: int) -> int:
     return 128
 
 
-def pick_config(kind: str, block_m: int, K: int, N: int) -> Config:
-    """Tile shapes by rows per block. Small blocks (decode) are weight streaming: narrow n tiles so
-    that many programs stream in parallel, deep pipelines. Large blocks: tensor-core tiles."""
+def pick_config(kind: str, block_m: int, K: int, N: int, itemsize: int = 2) -> Config:
+    """Tile shapes by rows per block, the fastest of scripts/bench_moe.py's sweep on H200 (run 2 of
+    scripts/bench_notes_moe.md): small blocks (decode) stream weights, 64-wide gate/up tiles and
+    128-wide down tiles with deep pipelines (T = 16: 654 us, 64: 1319 us at the flash shapes);
+    large blocks: 64-wide gate/up and 128-wide down tiles, 64-deep k steps, 4 warps, 3 stages
+    (T = 4096: 2324 us). float32 inputs (3xTF32 products) take 64-deep k steps and at most 3 stages,
+    so the double-size tiles stay inside the 227 KiB of shared memory."""
     if block_m <= 32:
-        c = Config(block_n=64 if kind == "down" else 32, block_k=128, group_m=1, num_warps=4, num_stages=4)
-    elif block_m == 64:
-        c = Config(block_n=128 if kind == "down" else 64, block_k=64, group_m=8, num_warps=4, num_stages=4)
+        c = Config(block_n=128 if kind == "down" else 64, block_k=64 if kind == "down" else 128, group_m=1,
+                   num_warps=4, num_stages=4)
     else:
-        c = Config(block_n=128 if kind == "down" else 64, block_k=64, group_m=8, num_warps=8, num_stages=4)
+        c = Config(block_n=128 if kind == "down" else 64, block_k=64, group_m=8, num_warps=4, num_stages=3)
+    if itemsize >= 4:
+        c = dataclasses.replace(c, block_k=min(c.block_k, 64), num_stages=min(c.num_stages, 3))
     return _fit(c, K, N)
 
 
@@ -70,7 +75,7 @@ def gate_up(x, layout, w_gate, w_up, *, config: Config | None = None, f32_dot: s
     T, d = x.shape
     I = w_gate.shape[-1]
     nb, bm = layout.block_expert.shape[0], layout.block_m
-    c = config or pick_config("gate_up", bm, d, I)
+    c = config or pick_config("gate_up", bm, d, I, x.dtype.itemsize)
     return jt.triton_call(
         x, layout.row_token, layout.block_expert, w_gate.astype(x.dtype), w_up.astype(x.dtype),
         kernel=gate_up_kernel, out_shape=jax.ShapeDtypeStruct((nb * bm, I), x.dtype),
@@ -86,7 +91,7 @@ def down(h, layout, w_down, *, config: Config | None = None, f32_dot: str = "tf3
     P, I = h.shape
     d = w_down.shape[-1]
     nb, bm = layout.block_expert.shape[0], layout.block_m
-    c = config or pick_config("down", bm, I, d)
+    c = config or pick_config("down", bm, I, d, h.dtype.itemsize)
     return jt.triton_call(
         h, layout.block_expert, w_down.astype(h.dtype),
         kernel=down_kernel, out_shape=jax.ShapeDtypeStruct((P, d), h.dtype),

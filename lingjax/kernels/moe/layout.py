@@ -78,7 +78,8 @@ def make_layout(idx, num_experts: int, block_m: int) -> Layout:
     pair_row = jnp.zeros((n,), jnp.int32).at[order].set(row, unique_indices=True).reshape(T, k)
     used = (pad_end[-1] // bm).astype(jnp.int32)
     start = jnp.arange(nb, dtype=jnp.int32) * bm
-    expert = jnp.searchsorted(pad_end, start, side='right').astype(jnp.int32)
+    # compare_all: one fused comparison; the default binary search is a loop of small kernels
+    expert = jnp.searchsorted(pad_end, start, side='right', method='compare_all').astype(jnp.int32)
     block_expert = jnp.where(jnp.arange(nb) < used, expert, -1).astype(jnp.int32)
     return Layout(row_token=row_token, block_expert=block_expert, pair_row=pair_row,
                   num_used_blocks=used, block_m=bm)
