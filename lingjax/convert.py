@@ -59,6 +59,49 @@ class ConvertError(Exception):
     """A conversion that cannot go ahead: one line naming the file, tensor or flag."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during convert / export; `signum` gives the CLI its exit status 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Signals:
+    """SIGINT / SIGTERM handling of the convert and export commands (installed by `_cli_errors`).
+    Outside a `deferred()` block a signal raises Interrupted at once; inside one (an Orbax save or
+    restore, whose worker threads and event loop must not be abandoned halfway: they would keep writing
+    into the temporary directory being deleted and print asyncio tracebacks at exit) it is noted and
+    raised when the block ends, a fraction of a second later. Once raised, further signals are
+    ignored, so a second Ctrl-C cannot cut the clean-up short."""
+
+    def __init__(self):
+        self.depth, self.pending, self.fired = 0, None, False
+
+    def handler(self, signum, _frame):
+        if self.fired:
+            return
+        if self.depth:
+            self.pending = self.pending or signum
+            return
+        self.fired = True
+        raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth and self.pending is not None and not self.fired:
+                signum, self.pending, self.fired = self.pending, None, True
+                raise Interrupted(signum)
+
+
+_SIGNALS = _Signals()
+
+
 def is_converted(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MARKER))
 
@@ -267,6 +310,7 @@ class _Counting:
     def __init__(self, reader, on_read):
         self.reader, self.on_read = reader, on_read
         self.canonical, self.meta, self.dtype = reader.canonical, reader.meta, reader.dtype
+        self.path = reader.path
 
     def read_rows(self, name, r0, r1, out=None):
         t = self.reader.read_rows(name, r0, r1, out)
@@ -386,7 +430,7 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16", mtp: bool = True, ov
             for i, (item, tree) in enumerate(_produce(items, creader, np_dtype, arena_bytes)):
                 rel = os.path.join("params", f"{i:04d}")
                 try:
-                    with _flushing(os.path.join(tmp, "params"), done):
+                    with _flushing(os.path.join(tmp, "params"), done), _SIGNALS.deferred():
                         ckptr.save(os.path.join(tmp, rel), args=ocp.args.PyTreeSave(tree))
                 except Exception as e:
                     raise ConvertError(f"writing {os.path.join(dst, rel)}: {_first_line(e)}") from None
@@ -481,7 +525,7 @@ def _produce(items, reader, np_dtype, arena_bytes):
     """Yields (item rules, nested param tree) built by a background thread, at most one ahead of the
     consumer: while item k is being saved, item k+1 is read into the other of two arenas; item k+2
     waits for k's save to end and its arena to come back."""
-    from lingjax.weights import Scratch, materialize
+    from lingjax.weights import Scratch, check_finite, materialize
     q: queue.Queue = queue.Queue()
     free: queue.Queue = queue.Queue()
     for _ in range(min(2, len(items))):
@@ -500,7 +544,9 @@ def _produce(items, reader, np_dtype, arena_bytes):
                 for rule in item:
                     if stop.is_set():
                         return
-                    for p, v in zip(rule.params, materialize(reader, rule, np_dtype, alloc=arena, scratch=scratch)):
+                    values = materialize(reader, rule, np_dtype, alloc=arena, scratch=scratch)
+                    check_finite(reader, rule, values)
+                    for p, v in zip(rule.params, values):
                         flat[p] = v
                 q.put((item, _nested(flat), arena))
                 del flat
@@ -543,6 +589,16 @@ def read_marker(path: str) -> dict:
         raise WeightError(f"{p}: not a {FORMAT} marker")
     if meta.get("version") != VERSION:
         raise WeightError(f"{p}: format version {meta.get('version')}; this lingjax reads version {VERSION}")
+    items = meta.get("items")
+    if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("params"), dict)
+                                              for i in items):
+        raise WeightError(f"{p}: 'items' must be a list of objects with 'dir' and 'params'")
+    root = os.path.realpath(path)
+    for item in items:
+        d = item.get("dir")
+        if not isinstance(d, str) or not d or os.path.isabs(d) or \
+                not os.path.realpath(os.path.join(root, d)).startswith(root + os.sep):
+            raise WeightError(f"{p}: item dir {d!r} is not a directory inside the checkpoint; refusing it")
     return meta
 
 
@@ -550,13 +606,14 @@ def _restore_item(path, item, want, restore_args_for):
     """Restore the params `want` (param path -> (shape, dtype)) of one item."""
     from lingjax.weights import WeightError
     ocp, ckptr = _orbax()
-    d = os.path.join(path, item["dir"])
+    d = os.path.join(os.path.abspath(path), item["dir"])       # Orbax needs absolute paths
     flat = {p: restore_args_for(p, *want[p]) for p in want}
-    try:
-        return ckptr.restore(d, args=ocp.args.PyTreeRestore(item=_nested({p: 0 for p in flat}),
-                                                            restore_args=_nested(flat)))
-    except Exception as e:
-        raise WeightError(f"{d}: cannot restore ({_first_line(e)})") from None
+    with _SIGNALS.deferred():
+        try:
+            return ckptr.restore(d, args=ocp.args.PyTreeRestore(item=_nested({p: 0 for p in flat}),
+                                                                restore_args=_nested(flat)))
+        except Exception as e:
+            raise WeightError(f"{d}: cannot restore ({_first_line(e)})") from None
 
 
 def load_converted(path: str, dtype=None, *, mtp: bool = True, place=None, sharding=None):
@@ -570,7 +627,7 @@ def load_converted(path: str, dtype=None, *, mtp: bool = True, place=None, shard
     import numpy as np
 
     from lingjax.config import BailingConfig, ConfigError
-    from lingjax.weights import WeightError, abstract_model, rules_for, set_param
+    from lingjax.weights import WeightError, abstract_model, all_finite, rules_for, set_param
 
     meta = read_marker(path)
     try:
@@ -616,6 +673,9 @@ def load_converted(path: str, dtype=None, *, mtp: bool = True, place=None, shard
                                   f"{list(v.shape)}, expected {list(shape)}")
             if isinstance(v, np.ndarray):
                 v = np.asarray(v, dt)
+            if not all_finite(v):
+                raise WeightError(f"{os.path.join(path, item['dir'])}: param {_key(p)} holds NaN or Inf values")
+            if isinstance(v, np.ndarray):
                 v = place(p, v) if place else jnp.asarray(v)
             set_param(model, p, v)
         del tree
@@ -719,12 +779,23 @@ def convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="debug logging, and show tracebacks of errors")
 
 
+def _positive_gb(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GB > 0, got {s!r}") from None
+    if not (v > 0 and v * (1 << 30) < 2 ** 63):        # rejects nan and inf too
+        raise argparse.ArgumentTypeError(f"expected a number of GB > 0, got {s!r}")
+    return v
+
+
 def export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", metavar="SRC", help="lingjax checkpoint directory (made by `lingjax convert`)")
     p.add_argument("dst", metavar="DST", help="output HF checkpoint directory (must not exist, see --overwrite)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="tensor dtype of the safetensors (expert_bias stays float32); default: the stored one")
-    p.add_argument("--shard-gb", type=float, default=4.0, metavar="GB", help="safetensors shard size; default %(default)s")
+    p.add_argument("--shard-gb", type=_positive_gb, default=4.0, metavar="GB",
+                   help="safetensors shard size, a number > 0; default %(default)s")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST (only once the new one is complete)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="log details")
@@ -733,7 +804,8 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
 
 @contextlib.contextmanager
 def _cli_errors():
-    """WeightError / ConvertError -> the CLI's one-line error; SIGTERM -> cleanup as for Ctrl-C."""
+    """WeightError / ConvertError -> the CLI's one-line error; SIGINT / SIGTERM -> Interrupted (the
+    temporary directory is removed; exit status 130 / 143), deferred while Orbax is mid-save."""
     import signal
 
     from lingjax.weights import WeightError
@@ -741,19 +813,19 @@ def _cli_errors():
         from lingjax.cli import CLIError
     except ImportError:
         CLIError = ConvertError
-    prev = None
+    prev = {}
+    _SIGNALS.depth, _SIGNALS.pending, _SIGNALS.fired = 0, None, False
     if threading.current_thread() is threading.main_thread():
-        def on_term(*_):
-            raise KeyboardInterrupt
-        prev = signal.signal(signal.SIGTERM, on_term)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            prev[sig] = signal.signal(sig, _SIGNALS.handler)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # conversion runs on the host CPU
     try:
         yield
     except (WeightError, ConvertError) as e:
         raise CLIError(_first_line(e)) from None
     finally:
-        if prev is not None:
-            signal.signal(signal.SIGTERM, prev)
+        for sig, h in prev.items():
+            signal.signal(sig, h)
 
 
 def _log_info():

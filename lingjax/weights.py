@@ -326,6 +326,33 @@ def validate(cfg: BailingConfig, reader: CheckpointReader, mtp: bool = True) -> 
     return rules
 
 
+def all_finite(x) -> bool:
+    """Whether every element of x (a numpy or jax array) is finite. Host arrays: one float64 sum, NaN and
+    Inf survive it and finite bf16/fp32 values cannot overflow it, and numpy casts in small buffers, so
+    there is no temporary the size of x. Device arrays: one jitted reduction, on the device."""
+    if isinstance(x, np.ndarray):
+        return bool(np.isfinite(np.add.reduce(x.reshape(-1), dtype=np.float64)))
+    return bool(_all_finite_on_device(x))
+
+
+@jax.jit
+def _all_finite_on_device(x):
+    return jnp.isfinite(x).all()
+
+
+def check_finite(reader: "CheckpointReader", rule: Rule, values) -> None:
+    """Raise WeightError naming the HF tensor of `rule` that holds a NaN or Inf, unless every array of
+    `values` (the rule's params) is finite. Costs one reduction per param; only a failure reads the
+    rule's source tensors again, to name the one at fault."""
+    if all(all_finite(v) for v in values):
+        return
+    for n in rule.hf:
+        if not all_finite(reader.get(reader.canonical.get(n, n))):
+            raise WeightError(f"tensor {n} in {reader.path} holds NaN or Inf values")
+    raise WeightError(f"tensor {rule.hf[0]} in {reader.path} is not finite once cast to the model dtype "
+                      f"(values beyond its range)")
+
+
 def read_rule(reader: CheckpointReader, rule: Rule) -> list[np.ndarray]:
     return [reader.get(reader.canonical.get(n, n)) for n in rule.hf]
 
@@ -467,8 +494,10 @@ def load_hf(path: str, dtype=jnp.bfloat16, *, mtp: bool = True, place: Callable 
         from tqdm import tqdm
         it = tqdm(rules, desc="loading", unit="tensor")
     for rule in it:
-        for ppath, value in zip(rule.params, rule.to_params(read_rule(reader, rule))):
-            value = np.asarray(value, np.float32 if rule.float32 else jnp.dtype(dtype))
+        values = [np.asarray(v, np.float32 if rule.float32 else jnp.dtype(dtype))
+                  for v in rule.to_params(read_rule(reader, rule))]
+        check_finite(reader, rule, values)
+        for ppath, value in zip(rule.params, values):
             set_param(model, ppath, place(ppath, value) if place else jnp.asarray(value))
     return cfg, model
 
