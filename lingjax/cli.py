@@ -498,7 +498,11 @@ def _generate_run(args):
     _, eng = _engine(args, model_dir, max_len)
     if len(ids) == 1 and not args.jsonl:
         streamer = _Streamer(tok)
-        out = eng.generate(ids, params, on_token=streamer)[0]
+        try:
+            out = eng.generate(ids, params, on_token=streamer)[0]
+        except KeyboardInterrupt:      # the text so far is on the screen: end its line
+            sys.stdout.write("\n")
+            raise
         streamer.finish(tok.decode(out.token_ids))
         outs = [out]
     else:
