@@ -387,3 +387,22 @@ def test_marker_dirs_stay_inside_the_checkpoint(converted, tmp_path, capsys, how
     one_line_error(rc, err, 1, cv.MARKER, "not a directory inside the checkpoint")
     rc, _, err = run(capsys, ["export", str(dst), str(tmp_path / "exp"), "--no-progress"])
     last_line_error(rc, err, 1, "not a directory inside the checkpoint")
+
+
+def test_all_finite_finds_every_position():
+    """The fast check (float32 sums; bfloat16 as float32 words at two offsets) misses no element and
+    does not call huge but finite values non-finite."""
+    import ml_dtypes
+
+    from lingjax.weights import all_finite
+    rng = np.random.default_rng(0)
+    for dt in (ml_dtypes.bfloat16, np.float16, np.float32, np.float64):
+        for n in (1, 2, 3, 4, 5, 8, 17):
+            for pos in range(n):
+                for bad in (np.nan, np.inf, -np.inf):
+                    a = rng.standard_normal((n, 3)).astype(dt)
+                    assert all_finite(a)
+                    a[pos, pos % 3] = bad
+                    assert not all_finite(a), (dt, n, pos, bad)
+    assert all_finite(np.full(1000, 3e38, np.float32)) and all_finite(np.full(1001, 3e38).astype(ml_dtypes.bfloat16))
+    assert all_finite(np.zeros((3, 0), np.float32))
