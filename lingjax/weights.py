@@ -359,6 +359,11 @@ def _all_finite_host(flat: np.ndarray) -> bool:
     return all(bool(np.isfinite(flat[i:i + block]).all()) for i in range(0, flat.size, block))
 
 
+@jax.jit
+def _all_finite_on_device(x):
+    return jnp.isfinite(x).all()
+
+
 def check_finite(reader: "CheckpointReader", rule: Rule, values) -> None:
     """Raise WeightError naming the HF tensor of `rule` that holds a NaN or Inf, unless every array of
     `values` (the rule's params) is finite. Costs one reduction per param; only a failure reads the

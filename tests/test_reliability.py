@@ -406,3 +406,5 @@ def test_all_finite_finds_every_position():
                     assert not all_finite(a), (dt, n, pos, bad)
     assert all_finite(np.full(1000, 3e38, np.float32)) and all_finite(np.full(1001, 3e38).astype(ml_dtypes.bfloat16))
     assert all_finite(np.zeros((3, 0), np.float32))
+    import jax.numpy as jnp                                   # device arrays (sharded restores): on the device
+    assert all_finite(jnp.ones((4, 3), jnp.bfloat16)) and not all_finite(jnp.array([1.0, jnp.nan, 2.0]))
