@@ -396,11 +396,6 @@ class Tokenizer:
 
 def _read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
-    for i, p in enumerate(prompts):
-        try:
-            p.encode("utf-8")
-        except UnicodeEncodeError:
-            raise CLIError(f"--prompt {ascii(p)[:60]}: not valid UTF-8 text") from None
     if args.prompt_file == "-" and sys.stdin is None:
         raise CLIError("--prompt-file -: standard input is closed")
     if args.prompt_file:
@@ -414,6 +409,11 @@ def _read_prompts(args) -> list[str]:
             raise CLIError(f"--prompt-file {args.prompt_file}: not UTF-8 text ({e})") from None
     if not prompts:
         raise CLIError("no prompt: pass --prompt TEXT (or --prompt-file FILE)")
+    for i, p in enumerate(prompts):     # bytes that were not UTF-8 reach Python as lone surrogates
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CLIError(f"prompt {i} ({ascii(p)[:60]}): not valid UTF-8 text") from None
     return prompts
 
 
