@@ -99,6 +99,8 @@ def bench_run(args):
     from lingjax import cli_common as cli
 
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
+    if args.json:
+        cli.check_output_path(args.json, "--json")      # a bad path fails now, not after the benchmark
     mesh = cli.make_mesh(args)
     if args.random_tiny:
         from flax import nnx
@@ -122,6 +124,6 @@ def bench_run(args):
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy")
     print(format_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(model=what, dtype=args.dtype, device=str(jax.devices()[0]), tp=args.tp, rows=rows), f, indent=2)
+        doc = dict(model=what, dtype=args.dtype, device=str(jax.devices()[0]), tp=args.tp, rows=rows)
+        cli.write_output_atomic(args.json, lambda f: f.write(json.dumps(doc, indent=2).encode()), "--json")
     return 0

@@ -9,6 +9,7 @@ Imports only the standard library at the top (jax, numpy, orbax load inside the 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -18,6 +19,49 @@ FORMAT, VERSION = "lingjax-orbax", 1
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message (one line) names the path and the problem."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM during convert / export; `signum` gives the CLI its exit status 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Signals:
+    """SIGINT / SIGTERM handling of the convert and export commands (installed by convert.py's `_cli_errors`).
+    Outside a `deferred()` block a signal raises Interrupted at once; inside one (an Orbax save or
+    restore, whose worker threads and event loop must not be abandoned halfway: they would keep writing
+    into the temporary directory being deleted and print asyncio tracebacks at exit) it is noted and
+    raised when the block ends, a fraction of a second later. Once raised, further signals are
+    ignored, so a second Ctrl-C cannot cut the clean-up short."""
+
+    def __init__(self):
+        self.depth, self.pending, self.fired = 0, None, False
+
+    def handler(self, signum, _frame):
+        if self.fired:
+            return
+        if self.depth:
+            self.pending = self.pending or signum
+            return
+        self.fired = True
+        raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth and self.pending is not None and not self.fired:
+                signum, self.pending, self.fired = self.pending, None, True
+                raise Interrupted(signum)
+
+
+_SIGNALS = _Signals()
 
 
 def is_converted(path: str) -> bool:
@@ -100,6 +144,16 @@ def read_marker(path: str) -> dict:
         raise WeightError(f"{p}: not a {FORMAT} marker")
     if meta.get("version") != VERSION:
         raise WeightError(f"{p}: format version {meta.get('version')}; this lingjax reads version {VERSION}")
+    items = meta.get("items")
+    if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("params"), dict)
+                                              for i in items):
+        raise WeightError(f"{p}: 'items' must be a list of objects with 'dir' and 'params'")
+    root = os.path.realpath(path)
+    for item in items:
+        d = item.get("dir")
+        if not isinstance(d, str) or not d or os.path.isabs(d) or \
+                not os.path.realpath(os.path.join(root, d)).startswith(root + os.sep):
+            raise WeightError(f"{p}: item dir {d!r} is not a directory inside the checkpoint; refusing it")
     return meta
 
 
@@ -107,13 +161,14 @@ def _restore_item(path, item, want, restore_args_for):
     """Restore the params `want` (param path -> (shape, dtype)) of one item."""
     from lingjax.weights import WeightError
     ocp, ckptr = _orbax()
-    d = os.path.join(path, item["dir"])
+    d = os.path.join(os.path.abspath(path), item["dir"])       # Orbax needs absolute paths
     flat = {p: restore_args_for(p, *want[p]) for p in want}
-    try:
-        return ckptr.restore(d, args=ocp.args.PyTreeRestore(item=_nested({p: 0 for p in flat}),
-                                                            restore_args=_nested(flat)))
-    except Exception as e:
-        raise WeightError(f"{d}: cannot restore ({_first_line(e)})") from None
+    with _SIGNALS.deferred():
+        try:
+            return ckptr.restore(d, args=ocp.args.PyTreeRestore(item=_nested({p: 0 for p in flat}),
+                                                                restore_args=_nested(flat)))
+        except Exception as e:
+            raise WeightError(f"{d}: cannot restore ({_first_line(e)})") from None
 
 
 def load_converted(path: str, dtype=None, *, mtp: bool = True, place=None, sharding=None):
@@ -127,7 +182,7 @@ def load_converted(path: str, dtype=None, *, mtp: bool = True, place=None, shard
     import numpy as np
 
     from lingjax.config import BailingConfig, ConfigError
-    from lingjax.weights import WeightError, abstract_model, rules_for, set_param
+    from lingjax.weights import WeightError, abstract_model, all_finite, rules_for, set_param
 
     meta = read_marker(path)
     try:
@@ -173,6 +228,9 @@ def load_converted(path: str, dtype=None, *, mtp: bool = True, place=None, shard
                                   f"{list(v.shape)}, expected {list(shape)}")
             if isinstance(v, np.ndarray):
                 v = np.asarray(v, dt)
+            if not all_finite(v):
+                raise WeightError(f"{os.path.join(path, item['dir'])}: param {_key(p)} holds NaN or Inf values")
+            if isinstance(v, np.ndarray):
                 v = place(p, v) if place else jnp.asarray(v)
             set_param(model, p, v)
         del tree

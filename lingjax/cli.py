@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +33,7 @@ from lingjax.cli_common import int_at_least as _int_at_least
 from lingjax.cli_common import max_len_for as _max_len
 from lingjax.cli_common import progress_bar as _progress_bar
 from lingjax.cli_common import read_config as _read_config
+from lingjax.cli_common import check_output_path, write_output_atomic  # noqa: F401
 
 log = logging.getLogger("lingjax")
 
@@ -84,38 +84,22 @@ def _load_token_lists(path):
         raise CLIError(f"--tokens {path}: is a directory") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CLIError(f"--tokens {path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CLIError(f"--tokens {path}: JSON nested too deeply (expected a list of token-id lists)") from None
     if not isinstance(data, list) or not data:
         raise CLIError(f"--tokens {path}: expected a non-empty JSON list of token-id lists")
     return data
 
 
-def _check_out_path(out):
-    d = os.path.dirname(os.path.abspath(out)) or "."
-    if os.path.isdir(out):
-        raise CLIError(f"--out {out}: is a directory")
-    if not os.path.isdir(d):
-        raise CLIError(f"--out {out}: directory {d} does not exist")
-    if not os.access(d, os.W_OK):
-        raise CLIError(f"--out {out}: directory {d} is not writable")
-
-
 def _write_npz_atomic(out, arrays):
     import numpy as np
-    d = os.path.dirname(os.path.abspath(out))
-    fd, tmp = tempfile.mkstemp(prefix=".lingjax-", suffix=".npz.tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_output_atomic(out, lambda f: np.savez(f, **arrays))
 
 
 def _score_run(args):
     from lingjax.engine import check_token_lists
     data = _load_token_lists(args.tokens)
-    _check_out_path(args.out)
+    check_output_path(args.out)
     cfg = _read_config(args.model) if os.path.isdir(args.model) else None
     if cfg is None:
         raise CLIError(f"--model {args.model}: no such directory")
@@ -217,10 +201,17 @@ class Tokenizer:
         except TemplateError as e:
             raise CLIError(f"--chat: the chat template failed: {_first_line(e)}") from None
 
-    def encode(self, text, chat=False, system=None) -> list[int]:
+    def encode(self, text, chat=False, system=None, what="prompt") -> list[int]:
         if chat:
-            return self.tok.encode(self.chat(text, system), add_special_tokens=False).ids
-        return self.tok.encode(text).ids
+            text = self.chat(text, system)
+        ids = self.tok.encode(text, add_special_tokens=not chat).ids
+        unk = getattr(self.tok.model, "unk_token", None)
+        unk_id = self.tok.token_to_id(unk) if unk else None
+        if unk_id is not None:
+            n = ids.count(unk_id) - text.count(unk)
+            if n > 0:
+                log.warning("%s: %d character(s) the tokenizer cannot encode became %r (id %d)", what, n, unk, unk_id)
+        return ids
 
     def decode(self, ids) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
@@ -228,6 +219,8 @@ class Tokenizer:
 
 def _read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
+    if args.prompt_file == "-" and sys.stdin is None:
+        raise CLIError("--prompt-file -: standard input is closed")
     if args.prompt_file:
         try:
             f = sys.stdin if args.prompt_file == "-" else open(args.prompt_file, encoding="utf-8")
@@ -239,6 +232,11 @@ def _read_prompts(args) -> list[str]:
             raise CLIError(f"--prompt-file {args.prompt_file}: not UTF-8 text ({e})") from None
     if not prompts:
         raise CLIError("no prompt: pass --prompt TEXT (or --prompt-file FILE)")
+    for i, p in enumerate(prompts):     # bytes that were not UTF-8 reach Python as lone surrogates
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CLIError(f"prompt {i} ({ascii(p)[:60]}): not valid UTF-8 text") from None
     return prompts
 
 
@@ -264,6 +262,35 @@ class _Streamer:
         self.out.flush()
 
 
+class _FinishedRequests:
+    """An on_token callback that keeps each request's tokens and notes when it is finished, by the
+    engine's own rules (a stop token, max_new_tokens, a full context), so that an interrupted run can
+    still print the results that were complete."""
+
+    def __init__(self, prompts, params, max_len):
+        self.prompt_len = [len(p) for p in prompts]
+        self.params, self.max_len = params, max_len
+        self.stop = frozenset(() if params.ignore_eos else params.stop_token_ids or ())
+        self.tokens = [[] for _ in prompts]
+        self.finished: dict[int, tuple[list[int], str]] = {}
+
+    def __call__(self, i, token):
+        toks = self.tokens[i]
+        toks.append(token)
+        if token in self.stop:
+            self.finished[i] = (toks, "stop")
+        elif len(toks) >= self.params.max_new_tokens or self.prompt_len[i] + len(toks) >= self.max_len:
+            self.finished[i] = (toks, "length")
+
+
+def _print_result(args, i, prompt, text, token_ids, finish_reason):
+    if args.jsonl:
+        print(json.dumps({"index": i, "prompt": prompt, "text": text, "token_ids": token_ids,
+                          "finish_reason": finish_reason}, ensure_ascii=False), flush=True)
+    else:
+        print(f"=== {i} ===\n{text}", flush=True)
+
+
 def _generate_run(args):
     from lingjax.engine import SamplingParams, check_token_lists
     if args.system and not args.chat:
@@ -275,7 +302,7 @@ def _generate_run(args):
     cfg = _read_config(model_dir)
     max_len = _max_len(args, cfg)
     tok = Tokenizer(str(model_dir))
-    ids = [tok.encode(p, chat=args.chat, system=args.system) for p in prompts]
+    ids = [tok.encode(p, chat=args.chat, system=args.system, what=f"prompt {i}") for i, p in enumerate(prompts)]
     ids = check_token_lists(ids, vocab_size=cfg.vocab_size, max_len=max_len, what="prompt", room=1)
     stop = set(cfg.eos_ids)
     gen_cfg = model_dir / "generation_config.json"
@@ -287,25 +314,32 @@ def _generate_run(args):
             log.warning("%s: not valid JSON; ignored", gen_cfg)
     if tok.token_id("eos_token") is not None:
         stop.add(tok.token_id("eos_token"))
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=min(args.top_k, cfg.vocab_size),      # k >= vocab: the filter is off
                             top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos,
                             stop_token_ids=tuple(sorted(t for t in stop if 0 <= t < cfg.vocab_size)))
     _, eng = _engine(args, model_dir, max_len)
     if len(ids) == 1 and not args.jsonl:
         streamer = _Streamer(tok)
-        out = eng.generate(ids, params, on_token=streamer)[0]
+        try:
+            out = eng.generate(ids, params, on_token=streamer)[0]
+        except KeyboardInterrupt:      # the text so far is on the screen: end its line
+            sys.stdout.write("\n")
+            raise
         streamer.finish(tok.decode(out.token_ids))
         outs = [out]
     else:
-        with _progress_bar(len(ids), "generating") as bar:
-            outs = eng.generate(ids, params, progress=bar.update)
+        done = _FinishedRequests(ids, params, max_len)
+        try:
+            with _progress_bar(len(ids), "generating") as bar:
+                outs = eng.generate(ids, params, progress=bar.update, on_token=done)
+        except KeyboardInterrupt:       # Ctrl-C: print what is finished, then exit 130
+            for i, (token_ids, reason) in sorted(done.finished.items()):
+                _print_result(args, i, prompts[i], tok.decode(token_ids), token_ids, reason)
+            log.warning("interrupted: printed the %d of %d results that were finished", len(done.finished), len(ids))
+            raise
         for i, (p, o) in enumerate(zip(prompts, outs)):
-            text = tok.decode(o.token_ids)
-            if args.jsonl:
-                print(json.dumps({"index": i, "prompt": p, "text": text, "token_ids": o.token_ids,
-                                  "finish_reason": o.finish_reason}, ensure_ascii=False))
-            else:
-                print(f"=== {i} ===\n{text}")
+            _print_result(args, i, p, tok.decode(o.token_ids), o.token_ids, o.finish_reason)
     n_new = sum(len(o.token_ids) for o in outs)
     log.info("generated %d tokens for %d prompts in %d steps, %d compilations", n_new, len(outs), eng.steps,
              eng.compile_count)
@@ -344,6 +378,9 @@ register("bench", _bench.BENCH_HELP, _bench.bench_arguments, _bench.bench_run,
 
 
 # ------------------------------------------------------------------------------------------ main
+PRINTING_COMMANDS = ("generate", "eval", "bench")     # their results go to stdout
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lingjax", description="BailingMoE V2.5 (Ling-2.5 / Ling-2.6 / Ring-2.5) in JAX.",
                      epilog="Exit status: 0 success, 1 failure (bad input, missing model), 2 wrong command line.")
@@ -380,11 +417,13 @@ def main(argv=None) -> int:
     except ImportError:          # keep errors one line even if JAX itself cannot be imported
         EngineError = CLIError
     try:
+        if sys.stdout is None and args.command in PRINTING_COMMANDS:
+            raise CLIError("standard output is closed: nowhere to print the results")
         rc = args._run(args)
         return int(rc or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:     # Ctrl-C, or SIGTERM where a command turns it into this (convert)
         print("lingjax: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", 2)
     except (CLIError, EngineError, CheckpointError, ConfigError, OSError) as e:
         if args.debug:
             raise

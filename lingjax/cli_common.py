@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 log = logging.getLogger("lingjax")
@@ -116,10 +117,12 @@ def default_model_dir() -> Path:
 
 def read_config(path):
     from lingjax.config import BailingConfig, ConfigError
+    path = os.path.join(path, "config.json") if os.path.isdir(path) else str(path)
     try:
-        return BailingConfig.from_json(str(path))
+        return BailingConfig.from_json(path)
     except ConfigError as e:
-        raise CLIError(f"{path}: {e}") from None
+        msg = str(e)
+        raise CLIError(msg if msg.startswith(path) else f"{path}: {msg}") from None
 
 
 def max_len_for(args, cfg) -> int:
@@ -179,3 +182,42 @@ def first_line(e) -> str:
     return s.splitlines()[0] if s else type(e).__name__
 
 
+# ------------------------------------------------------------------------------------------ output files
+def check_output_path(out, flag="--out") -> str:
+    """The file an output path names, once it is safe to write there: a new path or a regular file
+    (a symlink is followed to its target); a directory, FIFO, device or socket is refused, and so is a
+    missing or unwritable directory. Call it before the long work, so a bad path fails at once."""
+    target = os.path.realpath(out)
+    if os.path.isdir(target):
+        raise CLIError(f"{flag} {out}: is a directory")
+    if os.path.exists(target) and not os.path.isfile(target):
+        raise CLIError(f"{flag} {out}: not a regular file (a FIFO, device or socket); refusing to replace it")
+    d = os.path.dirname(target)
+    if not os.path.isdir(d):
+        raise CLIError(f"{flag} {out}: directory {os.path.dirname(os.path.abspath(out))} does not exist")
+    if not os.access(d, os.W_OK):
+        raise CLIError(f"{flag} {out}: directory {d} is not writable")
+    return target
+
+
+def write_output_atomic(out, write, flag="--out") -> None:
+    """Write an output file atomically: write(f) fills a temporary file in the target's directory,
+    which then replaces the target (a symlink's target, never the link). A new file gets the usual
+    permissions (0666 less the umask), a replaced one keeps its own."""
+    target = check_output_path(out, flag)
+    try:
+        mode = os.stat(target).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd, tmp = tempfile.mkstemp(prefix=".lingjax-", suffix=".tmp", dir=os.path.dirname(target))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, mode)
+        check_output_path(out, flag)           # still a regular file or absent: not swapped meanwhile
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise

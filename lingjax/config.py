@@ -17,6 +17,9 @@ class ConfigError(ValueError):
 
 
 ARCHITECTURE = "BailingMoeV2_5ForCausalLM"
+# Fields a config.json must state: the model's size. The others have HF's class defaults (SPEC §1.2).
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_experts", "num_experts_per_tok", "moe_intermediate_size")
 MODEL_TYPE = "bailing_hybrid"
 
 
@@ -124,6 +127,9 @@ class BailingConfig:
             raise ConfigError(f"unsupported model_type {mt!r}: expected {MODEL_TYPE!r}")
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
+        missing = [k for k in REQUIRED if k not in kw and k not in overrides]
+        if missing:
+            raise ConfigError(f"missing required field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
         if "linear_silu" not in d and "use_linear_silu" in d:
             kw["linear_silu"] = d["use_linear_silu"]
         if "score_function" not in d and "scoring_func" in d:
@@ -142,8 +148,10 @@ class BailingConfig:
                 d = json.load(f)
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such file") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({_first_line(e)})") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a directory") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object")
         return cls.from_dict(d, **overrides)
@@ -160,6 +168,41 @@ class BailingConfig:
         def need(cond, msg):
             if not cond:
                 raise ConfigError(msg)
+
+        # Types and ranges first, so that the checks below compare numbers.
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "partial_rotary_factor"):
+            v = getattr(self, name)
+            need(is_num(v) and v > 0, f"{name} must be a finite number > 0, got {v!r}")
+        for name in ("max_position_embeddings", "num_key_value_heads"):
+            v = getattr(self, name)
+            need(is_int(v) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
+        for name in ("first_k_dense_replace", "num_nextn_predict_layers", "num_shared_experts", "slope_layer_offset"):
+            v = getattr(self, name)
+            need(is_int(v) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
+        for name in ("moe_shared_expert_intermediate_size", "q_lora_rank"):
+            v = getattr(self, name)
+            need(v is None or (is_int(v) and v > 0), f"{name} must be null or a positive integer, got {v!r}")
+        for name in ("use_qkv_bias", "use_bias", "tie_word_embeddings", "rope_interleave",
+                     "moe_router_enable_expert_bias", "linear_silu", "use_qk_norm"):
+            v = getattr(self, name)
+            need(isinstance(v, bool), f"{name} must be true or false, got {v!r}")
+        for name in ("pad_token_id", "bos_token_id"):
+            v = getattr(self, name)
+            need(v is None or (is_int(v) and v >= 0), f"{name} must be null or an integer >= 0, got {v!r}")
+        e = self.eos_token_id
+        need(e is None or (is_int(e) and e >= 0) or (isinstance(e, list) and all(is_int(x) and x >= 0 for x in e)),
+             f"eos_token_id must be null, an integer >= 0 or a list of them, got {e!r}")
+        # Parsed fields that change the math: honoured, or refused when lingjax cannot honour them.
+        need(self.router_dtype in ("fp32", "float32"),
+             f"router_dtype={self.router_dtype!r}: only 'fp32' is supported (the router runs in float32, SPEC §4.2)")
+        need(self.moe_router_enable_expert_bias,
+             "moe_router_enable_expert_bias=false is not supported (V2.5 routers select with mlp.gate.expert_bias)")
 
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
                      "num_experts", "num_experts_per_tok", "n_group", "topk_group", "moe_intermediate_size",
@@ -192,12 +235,16 @@ class BailingConfig:
         need(self.first_k_dense_replace >= 0, "first_k_dense_replace must be >= 0")
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
         need(self.slope_layer_offset in (0, 1), f"slope_layer_offset must be 0 or 1, got {self.slope_layer_offset}")
-        need(self.rms_norm_eps > 0, "rms_norm_eps must be > 0")
         need(not self.tie_word_embeddings, "tie_word_embeddings=True is not supported (V2.5 checkpoints are untied)")
         if self.rope_scaling is not None:
             need(isinstance(self.rope_scaling, dict), "rope_scaling must be null or an object")
             rt = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             need(rt in ("default", None), f"rope_scaling type {rt!r} is not supported yet (released configs use null)")
+
+
+def _first_line(e) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
 
 
 def alibi_slopes(n: int) -> list[float]:

@@ -45,8 +45,9 @@ import tempfile
 import threading
 import time
 
-from lingjax.checkpoint import (FORMAT, MARKER, VERSION, _first_line, _key, _leaf, _nested, _orbax,  # noqa: F401
-                                _param_shape, _restore_item, _unkey, is_converted, load_converted, read_marker)
+from lingjax.checkpoint import (FORMAT, MARKER, VERSION, _SIGNALS, Interrupted, _first_line, _key,  # noqa: F401
+                                _leaf, _nested, _orbax, _param_shape, _restore_item, _unkey, is_converted,
+                                load_converted, read_marker)
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,7 @@ class _Counting:
     def __init__(self, reader, on_read):
         self.reader, self.on_read = reader, on_read
         self.canonical, self.meta, self.dtype = reader.canonical, reader.meta, reader.dtype
+        self.path = reader.path
 
     def read_rows(self, name, r0, r1, out=None):
         t = self.reader.read_rows(name, r0, r1, out)
@@ -343,7 +345,7 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16", mtp: bool = True, ov
             for i, (item, tree) in enumerate(_produce(items, creader, np_dtype, arena_bytes)):
                 rel = os.path.join("params", f"{i:04d}")
                 try:
-                    with _flushing(os.path.join(tmp, "params"), done):
+                    with _flushing(os.path.join(tmp, "params"), done), _SIGNALS.deferred():
                         ckptr.save(os.path.join(tmp, rel), args=ocp.args.PyTreeSave(tree))
                 except Exception as e:
                     raise ConvertError(f"writing {os.path.join(dst, rel)}: {_first_line(e)}") from None
@@ -422,7 +424,7 @@ def _produce(items, reader, np_dtype, arena_bytes):
     """Yields (item rules, nested param tree) built by a background thread, at most one ahead of the
     consumer: while item k is being saved, item k+1 is read into the other of two arenas; item k+2
     waits for k's save to end and its arena to come back."""
-    from lingjax.weights import Scratch, materialize
+    from lingjax.weights import Scratch, check_finite, materialize
     q: queue.Queue = queue.Queue()
     free: queue.Queue = queue.Queue()
     for _ in range(min(2, len(items))):
@@ -441,7 +443,9 @@ def _produce(items, reader, np_dtype, arena_bytes):
                 for rule in item:
                     if stop.is_set():
                         return
-                    for p, v in zip(rule.params, materialize(reader, rule, np_dtype, alloc=arena, scratch=scratch)):
+                    values = materialize(reader, rule, np_dtype, alloc=arena, scratch=scratch)
+                    check_finite(reader, rule, values)
+                    for p, v in zip(rule.params, values):
                         flat[p] = v
                 q.put((item, _nested(flat), arena))
                 del flat
@@ -561,12 +565,23 @@ def convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="debug logging, and show tracebacks of errors")
 
 
+def _positive_gb(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GB > 0, got {s!r}") from None
+    if not (v > 0 and v * (1 << 30) < 2 ** 63):        # rejects nan and inf too
+        raise argparse.ArgumentTypeError(f"expected a number of GB > 0, got {s!r}")
+    return v
+
+
 def export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", metavar="SRC", help="lingjax checkpoint directory (made by `lingjax convert`)")
     p.add_argument("dst", metavar="DST", help="output HF checkpoint directory (must not exist, see --overwrite)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="tensor dtype of the safetensors (expert_bias stays float32); default: the stored one")
-    p.add_argument("--shard-gb", type=float, default=4.0, metavar="GB", help="safetensors shard size; default %(default)s")
+    p.add_argument("--shard-gb", type=_positive_gb, default=4.0, metavar="GB",
+                   help="safetensors shard size, a number > 0; default %(default)s")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST (only once the new one is complete)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="log details")
@@ -575,7 +590,8 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
 
 @contextlib.contextmanager
 def _cli_errors():
-    """WeightError / ConvertError -> the CLI's one-line error; SIGTERM -> cleanup as for Ctrl-C."""
+    """WeightError / ConvertError -> the CLI's one-line error; SIGINT / SIGTERM -> Interrupted (the
+    temporary directory is removed; exit status 130 / 143), deferred while Orbax is mid-save."""
     import signal
 
     from lingjax.weights import WeightError
@@ -583,19 +599,19 @@ def _cli_errors():
         from lingjax.cli_common import CLIError
     except ImportError:
         CLIError = ConvertError
-    prev = None
+    prev = {}
+    _SIGNALS.depth, _SIGNALS.pending, _SIGNALS.fired = 0, None, False
     if threading.current_thread() is threading.main_thread():
-        def on_term(*_):
-            raise KeyboardInterrupt
-        prev = signal.signal(signal.SIGTERM, on_term)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            prev[sig] = signal.signal(sig, _SIGNALS.handler)
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # conversion runs on the host CPU
     try:
         yield
     except (WeightError, ConvertError) as e:
         raise CLIError(_first_line(e)) from None
     finally:
-        if prev is not None:
-            signal.signal(signal.SIGTERM, prev)
+        for sig, h in prev.items():
+            signal.signal(sig, h)
 
 
 def _log_info():

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 from typing import Callable, Iterator, Sequence
 
 import jax
@@ -326,6 +327,56 @@ def validate(cfg: BailingConfig, reader: CheckpointReader, mtp: bool = True) -> 
     return rules
 
 
+def all_finite(x) -> bool:
+    """Whether every element of x (a numpy or jax array) is finite, without a temporary the size of x.
+
+    Host arrays: NaN and Inf survive a sum, so one float32 sum decides (numpy's fastest reduction);
+    only a non-finite sum, which an overflow of huge finite values could also give, is confirmed
+    element by element in blocks. bfloat16 (whose casts are slow) is summed as float32 words: on a
+    little-endian machine the word made of elements (i, i+1) takes its sign and exponent from element
+    i+1, so it is non-finite exactly when element i+1 is; the words at offsets 0 and 1 cover every
+    element but the first, checked by itself. Device arrays: one jitted reduction on the device."""
+    if not isinstance(x, np.ndarray):
+        return bool(_all_finite_on_device(x))
+    with np.errstate(all="ignore"):        # an overflowing or NaN sum is an answer, not a warning
+        return _all_finite_host(x.reshape(-1))
+
+
+def _all_finite_host(flat: np.ndarray) -> bool:
+    if flat.dtype == np.dtype(ml_dtypes.bfloat16) and flat.size > 2 and sys.byteorder == "little":
+        u = flat.view(np.uint16)
+        m = (flat.size - 1) // 2 * 2
+        quick = (np.isfinite(np.float32(flat[0])) and np.isfinite(np.add.reduce(u[:m].view(np.float32)))
+                 and np.isfinite(np.add.reduce(u[1:1 + m].view(np.float32)))
+                 and np.isfinite(np.float32(flat[-1])))
+    elif flat.dtype.kind == "f" or flat.dtype == np.dtype(ml_dtypes.bfloat16):
+        quick = np.isfinite(np.add.reduce(flat, dtype=np.float32 if flat.dtype.itemsize <= 4 else flat.dtype))
+    else:
+        return True
+    if quick:
+        return True
+    block = 1 << 22
+    return all(bool(np.isfinite(flat[i:i + block]).all()) for i in range(0, flat.size, block))
+
+
+@jax.jit
+def _all_finite_on_device(x):
+    return jnp.isfinite(x).all()
+
+
+def check_finite(reader: "CheckpointReader", rule: Rule, values) -> None:
+    """Raise WeightError naming the HF tensor of `rule` that holds a NaN or Inf, unless every array of
+    `values` (the rule's params) is finite. Costs one reduction per param; only a failure reads the
+    rule's source tensors again, to name the one at fault."""
+    if all(all_finite(v) for v in values):
+        return
+    for n in rule.hf:
+        if not all_finite(reader.get(reader.canonical.get(n, n))):
+            raise WeightError(f"tensor {n} in {reader.path} holds NaN or Inf values")
+    raise WeightError(f"tensor {rule.hf[0]} in {reader.path} is not finite once cast to the model dtype "
+                      f"(values beyond its range)")
+
+
 def read_rule(reader: CheckpointReader, rule: Rule) -> list[np.ndarray]:
     return [reader.get(reader.canonical.get(n, n)) for n in rule.hf]
 
@@ -467,8 +518,10 @@ def load_hf(path: str, dtype=jnp.bfloat16, *, mtp: bool = True, place: Callable 
         from tqdm import tqdm
         it = tqdm(rules, desc="loading", unit="tensor")
     for rule in it:
-        for ppath, value in zip(rule.params, rule.to_params(read_rule(reader, rule))):
-            value = np.asarray(value, np.float32 if rule.float32 else jnp.dtype(dtype))
+        values = [np.asarray(v, np.float32 if rule.float32 else jnp.dtype(dtype))
+                  for v in rule.to_params(read_rule(reader, rule))]
+        check_finite(reader, rule, values)
+        for ppath, value in zip(rule.params, values):
             set_param(model, ppath, place(ppath, value) if place else jnp.asarray(value))
     return cfg, model
 

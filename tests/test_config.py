@@ -28,11 +28,15 @@ def test_1t_layer_kinds():
     assert len(cfg.linear_layers) == 70
 
 
+SIZES = {k: FLASH[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                "num_attention_heads", "num_experts", "num_experts_per_tok", "moe_intermediate_size")}
+
+
 def test_defaults_and_aliases():
-    cfg = BailingConfig.from_dict({"use_linear_silu": True, "scoring_func": "sigmoid"})
+    cfg = BailingConfig.from_dict(dict(SIZES, use_linear_silu=True, scoring_func="sigmoid", layer_group_size=8))
     assert cfg.linear_silu is True
-    assert cfg.hidden_size == 2048 and cfg.layer_group_size == 5 and cfg.slope_layer_offset == 0
-    assert BailingConfig.from_dict({}, slope_layer_offset=1).slope_layer_offset == 1
+    assert cfg.head_dim == 128 and cfg.n_group == 8 and cfg.slope_layer_offset == 0
+    assert BailingConfig.from_dict(dict(FLASH), slope_layer_offset=1).slope_layer_offset == 1
 
 
 def test_slopes():
@@ -58,6 +62,24 @@ def test_decay_factor_conventions():
     (dict(hidden_size=0), "hidden_size must be a positive integer"),
     (dict(topk_group=9), "topk_group"),
     (dict(num_experts_per_tok=300), "num_experts_per_tok"),
+    # issue 20, defect 4/7: every number's type and range, named
+    (dict(rope_theta=0), "rope_theta must be a finite number > 0, got 0"),
+    (dict(rope_theta=float("nan")), "rope_theta must be a finite number > 0"),
+    (dict(rms_norm_eps="x"), "rms_norm_eps must be a finite number > 0, got 'x'"),
+    (dict(rms_norm_eps=-1e-6), "rms_norm_eps must be a finite number > 0"),
+    (dict(max_position_embeddings=0), "max_position_embeddings must be an integer >= 1, got 0"),
+    (dict(max_position_embeddings=1.5), "max_position_embeddings must be an integer >= 1"),
+    (dict(routed_scaling_factor=None), "routed_scaling_factor must be a finite number > 0"),
+    (dict(partial_rotary_factor="0.5"), "partial_rotary_factor must be a finite number > 0"),
+    (dict(hidden_size="4096"), "hidden_size must be a positive integer, got '4096'"),
+    (dict(num_hidden_layers=True), "num_hidden_layers must be a positive integer"),
+    (dict(first_k_dense_replace=-1), "first_k_dense_replace must be an integer >= 0"),
+    (dict(use_qk_norm="yes"), "use_qk_norm must be true or false"),
+    (dict(eos_token_id="x"), "eos_token_id must be null"),
+    (dict(rope_scaling="yarn"), "rope_scaling must be null or an object"),
+    # parsed fields that change the math: honoured or refused, never ignored
+    (dict(router_dtype="bf16"), "router_dtype='bf16': only 'fp32' is supported"),
+    (dict(moe_router_enable_expert_bias=False), "moe_router_enable_expert_bias=false is not supported"),
 ])
 def test_invalid_configs(bad, needle):
     with pytest.raises(ConfigError, match=needle.replace("*", r"\*")):
@@ -72,3 +94,17 @@ def test_from_json_errors(tmp_path):
         BailingConfig.from_json(str(tmp_path / "nope"))
     (tmp_path / "config.json").write_text(json.dumps(FLASH))
     assert BailingConfig.from_json(str(tmp_path)).num_hidden_layers == 32
+
+
+@pytest.mark.parametrize("field", ["hidden_size", "num_hidden_layers", "vocab_size", "num_experts"])
+def test_missing_required_field_is_named(field):
+    d = dict(FLASH)
+    del d[field]
+    with pytest.raises(ConfigError, match=f"missing required field {field}"):
+        BailingConfig.from_dict(d)
+    with pytest.raises(ConfigError, match="missing required fields vocab_size, hidden_size"):
+        BailingConfig.from_dict({})
+
+
+def test_router_dtype_float32_spellings_accepted():
+    assert BailingConfig.from_dict(dict(FLASH, router_dtype="float32")).router_dtype == "float32"

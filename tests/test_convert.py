@@ -2,9 +2,11 @@
 shards + index, MTP layer): scoring a converted checkpoint is bitwise the same as scoring the HF
 directory; export -> convert round-trips every tensor bitwise; bad sources and destinations fail with
 one line naming the file or tensor and leave no DST behind."""
+import contextlib
 import json
 import os
 import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -271,6 +273,25 @@ def test_config_disagrees_with_weights(hf, tmp_path, capsys):
     assert not dst.exists()
 
 
+@contextlib.contextmanager
+def read_only_dir(path):
+    """Make the directory path unwritable in a way root respects too: the immutable attribute
+    (`chattr +i`, ext4 / xfs / btrfs with CAP_LINUX_IMMUTABLE), else permission bits (which stop
+    only non-root users). Yields a description of the mechanism, or None when neither applies."""
+    immutable = shutil.which("chattr") and subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+    if immutable:
+        try:
+            yield "chattr +i"
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        return
+    os.chmod(path, 0o555)
+    try:
+        yield None if os.access(path, os.W_OK) else "chmod 0555"
+    finally:
+        os.chmod(path, 0o755)
+
+
 def test_unwritable_dst(hf, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
@@ -278,14 +299,11 @@ def test_unwritable_dst(hf, tmp_path, capsys):
     run_cli_error(capsys, ["convert", hf, str(dst)], str(dst))
     ro = tmp_path / "ro"
     ro.mkdir()
-    os.chmod(ro, 0o555)
-    try:
-        if os.access(ro, os.W_OK):                 # root writes anywhere: a read-only mount is not at hand
-            pytest.skip("running as root: permission bits do not stop writes")
+    with read_only_dir(ro) as how:
+        if how is None:
+            pytest.skip("root on a filesystem without chattr +i: no read-only directory at hand")
         run_cli_error(capsys, ["convert", hf, str(ro / "out")], str(ro / "out"))
         assert os.listdir(ro) == []
-    finally:
-        os.chmod(ro, 0o755)
 
 
 def test_existing_dst_refused_then_overwritten(hf, converted, tmp_path, capsys):
