@@ -13,7 +13,7 @@ same rounded inputs; the kernels round decayed keys and intra-chunk scores to th
 the tensor-core products, 2^-9 / 2^-12 relative each). The Triton interpreter runs float32 and
 float16 (its bfloat16 loads are wrong), so the Triton kernels' bfloat16 path is checked on the GPU
 by scripts/bench_linear_attention.py's oracle checks. The Triton kernels are also compiled for
-sm_90 here (Triton's own compiler, no GPU needed), and their jax-triton call is traced.
+sm_90 here by jax-triton's own compile function (no GPU needed), and their jax-triton calls traced.
 The deprecated Pallas-Triton fallback (pallas_triton.py) is tested only with
 LINGJAX_TEST_PALLAS_TRITON=1 (its GPU lowering warns; the bench checks it on the device).
 """
