@@ -23,9 +23,9 @@ accuracy on every task. At --final-at (0.6) of the steps the last stage starts r
 where the 8-pair stage stalled, the lookup then formed on the 86-pair listings within ~100 steps.
 Deterministic for `--seed` (numpy data, jax init).
 Time (2 CPU cores, the defaults): 28.9 min for 2400 steps, 0.55 s per step on short listings and
-0.75 s on the 86-pair ones. Two things make it fit: the MoE runs in its "sorted" form (the (token,
-expert) pairs grouped by expert, model/moe.py: 3x less expert work than running every expert on every
-token), and glibc malloc on transparent huge pages (below: ~20% less time per step).
+0.75 s on the 86-pair ones. Two things make it fit: the MoE runs grouped expert matmuls (the (token,
+expert) pairs grouped by expert, lingjax/kernels/moe/: 3x less expert work than running every expert on
+every token), and glibc malloc on transparent huge pages (below: ~20% less time per step).
 Writes the checkpoint (HF layout, bf16 by default) + tokenizer files + README, then evaluates it
 through the engine on held-out examples.
 """

@@ -3,7 +3,8 @@
 ``prefill`` and ``decode`` pick an implementation by ``jax.default_backend()``:
 gpu -> Triton kernels launched through jax-triton (triton_gpu.py; kernel bodies in
 triton_kernels.py), tpu -> Pallas Mosaic TPU kernels (tpu.py), anything else -> the pure-jnp
-reference. Override with ``impl=`` or the environment variable LINGJAX_KERNELS, one of
+reference. Choose another with ``impl=`` (the model's `kernels` option, the engine's
+`kernels=`, the CLI's `--kernels`), one of
   reference | gpu | tpu | mosaic_gpu | pallas_triton
   | gpu_interpret | tpu_interpret | mosaic_gpu_interpret | pallas_triton_interpret
 gpu: needs jax-triton (a declared dependency) and a CUDA build of JAX. float32 q, k, v: its
@@ -21,7 +22,6 @@ Both functions are traceable inside jit and shard_map (any local head count); pa
 donated so that its update happens in place.
 """
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -35,13 +35,12 @@ IMPLS = ('reference', 'gpu', 'tpu', 'mosaic_gpu', 'pallas_triton', 'gpu_interpre
 
 
 def _resolve(impl):
-    impl = impl or os.environ.get('LINGJAX_KERNELS') or None
     if impl is None:
         backend = jax.default_backend()
         impl = backend if backend in ('gpu', 'tpu') else 'reference'
     if impl not in IMPLS:
         raise ValueError(f'unknown linear-attention kernel implementation {impl!r}; '
-                         f'expected one of {IMPLS} (argument impl= or env LINGJAX_KERNELS)')
+                         f'expected one of {IMPLS} (argument impl=)')
     return impl
 
 

@@ -1,0 +1,87 @@
+"""Routed-expert FFN of a MoE layer behind one dispatch point: grouped matmuls over the (token, expert)
+pairs sorted by expert (layout.py), for every token count.
+
+    y = experts(x, idx, weights, w_gate, w_up, w_down, impl=None)
+
+Steps (the same for every implementation; only the two grouped matmuls differ):
+  block_m = mod.pick_block_m(T * k, E)                  static, the implementation's choice
+  layout  = make_layout(idx, E, block_m)                sort pairs by expert, pad groups to blocks
+  h = mod.gate_up(x, layout, w_gate, w_up)   [P, I]     silu(x Wg[e]) * (x Wu[e]), f32 accumulation
+  y = mod.down(h, layout, w_down)            [P, d]     h Wd[e], f32 accumulation
+  out = combine(y, layout, weights)          [T, d]     sum_j weights[t, j] * y[pair_row[t, j]] in f32
+
+Implementations (impl=):
+  reference      pure jnp (reference.py): the CPU path, differentiable, the oracle of the kernels
+  gpu            Triton grouped matmul through jax-triton (gpu.py; imports jax_triton: GPU only)
+  tpu            Pallas Mosaic TPU grouped matmul (tpu.py)
+  tpu_interpret  tpu.py's kernels in Pallas TPU interpret mode (on the CPU; for tests)
+impl=None picks by jax.default_backend(): gpu -> 'gpu', tpu -> 'tpu', anything else -> 'reference'.
+The kernel modules are imported only when chosen.
+"""
+import importlib
+
+import jax
+import jax.numpy as jnp
+
+from lingjax.kernels.moe.layout import Layout, make_layout, num_blocks  # noqa: F401
+
+F32 = jnp.float32
+IMPLS = ('reference', 'gpu', 'tpu', 'tpu_interpret')
+
+
+# The model's single `kernels` option names a linear-attention implementation
+# (lingjax.kernels.linear_attention.IMPLS); the MoE implementation of the same family:
+FROM_MODEL_KERNELS = {'mosaic_gpu': 'gpu', 'pallas_triton': 'gpu', 'gpu_interpret': 'reference',
+                      'mosaic_gpu_interpret': 'reference', 'pallas_triton_interpret': 'reference'}
+
+
+def resolve(impl=None) -> str:
+    """The implementation that impl names (None: by the default backend; a linear-attention name:
+    its family's, FROM_MODEL_KERNELS); ValueError if unknown."""
+    impl = FROM_MODEL_KERNELS.get(impl, impl)
+    if impl is None:
+        backend = jax.default_backend()
+        return backend if backend in ('gpu', 'tpu') else 'reference'
+    if impl not in IMPLS:
+        raise ValueError(f'unknown MoE kernel implementation {impl!r}; expected one of {IMPLS}')
+    return impl
+
+
+def _module(impl):
+    name = {'tpu_interpret': 'tpu'}.get(impl, impl)
+    return importlib.import_module(f'lingjax.kernels.moe.{name}')
+
+
+def combine(y, layout: Layout, weights):
+    """y [P, d]; weights [T, k] f32 -> [T, d] float32: sum over j (in order j = 0..k-1) of
+    weights[t, j] * y[pair_row[t, j]], row P being a zero row (dropped pairs). A gather, not a
+    scatter-add: deterministic."""
+    ye = jnp.concatenate([y, jnp.zeros((1, y.shape[1]), y.dtype)])
+    out = None
+    for j in range(layout.pair_row.shape[1]):
+        term = ye[layout.pair_row[:, j]].astype(F32) * weights[:, j, None].astype(F32)
+        out = term if out is None else out + term
+    return out
+
+
+def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None):
+    """Routed experts: x [T, d]; idx [T, k] int32 expert ids local to this device (ids outside
+    [0, E) are dropped: another device's experts); weights [T, k] float32 combine weights;
+    w_gate/w_up [E, d, I], w_down [E, I, d] as stored (cast to x.dtype only if they differ)
+    -> [T, d] in x.dtype."""
+    impl = resolve(impl)
+    T, d = x.shape
+    E, d2, I = w_gate.shape
+    if idx.shape != weights.shape or idx.shape[0] != T:
+        raise ValueError(f'experts: idx {idx.shape} and weights {weights.shape} must both be [T={T}, k]')
+    if d2 != d or w_up.shape != w_gate.shape or w_down.shape != (E, I, d):
+        raise ValueError(f'experts: weight shapes w_gate {w_gate.shape}, w_up {w_up.shape}, w_down '
+                         f'{w_down.shape} do not fit [E, d={d}, I] / [E, I, d]')
+    w_gate, w_up, w_down = (w if w.dtype == x.dtype else w.astype(x.dtype) for w in (w_gate, w_up, w_down))
+    mod = _module(impl)
+    kw = {'interpret': True} if impl == 'tpu_interpret' else {}
+    block_m = mod.pick_block_m(T * idx.shape[1], E)
+    layout = make_layout(idx.astype(jnp.int32), E, block_m)
+    h = mod.gate_up(x, layout, w_gate, w_up, **kw)
+    y = mod.down(h, layout, w_down, **kw)
+    return combine(y, layout, weights).astype(x.dtype)
