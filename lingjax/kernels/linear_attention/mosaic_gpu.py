@@ -2,7 +2,7 @@
 supports natively (the default GPU kernels, triton_gpu.py, are raw Triton through jax-triton).
 
 Same interface and semantics as ``reference.prefill`` / ``reference.decode`` (SPEC §2.4, §2.8,
-§2.9). Opt-in (LINGJAX_KERNELS=mosaic_gpu) until measured on hardware; the tests run them in Pallas'
+§2.9). Opt-in (kernels='mosaic_gpu'; measured correct but slower on H200); the tests run them in Pallas'
 Mosaic GPU interpret mode on the CPU against the float64 recurrence, and lower them for an H100 (on
 the CPU too: layouts, swizzles, TMA shapes and shared-memory size are all checked at lowering).
 
