@@ -161,7 +161,7 @@ def test_experts_match_float64_oracle(T, k, E, d, I, kind, dtype, impl):
         assert float(jnp.abs(got[0].astype(jnp.float32)).max()) == 0.0     # every pair of token 0 dropped
 
 
-def test_experts_are_deterministic_and_weights_cast_only_when_needed():
+def test_experts_are_deterministic_with_bf16_activations_and_f32_weights():
     idx, w, x, wg, wu, wd = problem(64, 2, 8, 32, 16, "uniform", seed=1, dtype=jnp.float32)
     args = (jnp.asarray(x, jnp.bfloat16), jnp.asarray(idx), jnp.asarray(w),
             jnp.asarray(wg), jnp.asarray(wu), jnp.asarray(wd))           # float32 weights, bf16 activations
@@ -208,12 +208,12 @@ def test_reference_gradient_matches_float64_oracle():
 
 # ------------------------------------------------------------------------------------------ expert parallel
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (XLA_FLAGS host device count)")
-@pytest.mark.parametrize("tp,T", [(2, 40), (4, 3)])
-def test_moe_layer_under_tp_matches_unsharded(tp, T):
+@pytest.mark.parametrize("tp,T,kernels", [(2, 40, None), (4, 3, None), (2, 3, "tpu_interpret")])
+def test_moe_layer_under_tp_matches_unsharded(tp, T, kernels):
     """The model's MoE (routing, local experts by offset ids, shared expert, one psum) inside a
     shard_map over tp devices equals the unsharded layer (float32, 1e-5)."""
     cfg = tiny_config(num_experts=8, num_experts_per_tok=3)
-    layer = MoE(cfg, dtype=jnp.float32, rngs=nnx.Rngs(2))
+    layer = MoE(cfg, dtype=jnp.float32, rngs=nnx.Rngs(2), kernels=kernels)
     rng = np.random.default_rng(T)
     layer.expert_bias[...] = jnp.asarray(rng.standard_normal(cfg.num_experts) * 0.1, jnp.float32)
     graphdef, state = nnx.split(layer)
@@ -226,3 +226,22 @@ def test_moe_layer_under_tp_matches_unsharded(tp, T):
                               in_specs=(specs, sharding.REPLICATED), out_specs=sharding.REPLICATED))
     got = f(state, x)
     assert rel(got, want) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------ TPU lowering
+@pytest.mark.parametrize("T,dtype", [(1, jnp.bfloat16), (512, jnp.float32), (16384, jnp.bfloat16)])
+def test_tpu_kernels_lower_for_tpu(T, dtype):
+    """Pallas -> Mosaic TPU IR for a v5e (block shapes against the (8, 128) tiling, scalar-prefetch
+    index maps): two kernels (gate_up, down), at tiled shapes (d 1024, I 512: 512-column tiles) and
+    block_m 16 (T 1), 32 (T 512) and 512 (T 16384)."""
+    from jax._src.mesh import AbstractDevice, AbstractMesh
+    E, k, d, I = 64, 8, 1024, 512
+    sd = jax.ShapeDtypeStruct
+    args = (sd((T, d), dtype), sd((T, k), jnp.int32), sd((T, k), jnp.float32), sd((E, d, I), dtype),
+            sd((E, d, I), dtype), sd((E, I, d), dtype))
+    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
+                                                                     platform="tpu"))
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(lambda *a: moe.experts(*a, impl="tpu")).trace(*args).lower(
+            lowering_platforms=("tpu",)).as_text()
+    assert text.count("lingjax_moe_gmm_tpu") >= 2 and text.count("tpu_custom_call") == 2

@@ -16,10 +16,11 @@ gate_up runs it with two weight stacks (w_gate, w_up) and the epilogue silu(g) *
 down with one (w_down) and the identity. The activations are gathered into layout order first
 (x[row_token], one [P, d] copy in XLA; row T is a zero row).
 
-Tiles: block_m rows (pick_block_m: 16..128, a multiple of the bf16 sublane tile), N and K tiles of
+Tiles: block_m rows (pick_block_m: 16..512, a multiple of the bf16 sublane tile), N and K tiles of
 512, 256 or 128 columns (the largest that divides the dimension; the whole dimension otherwise). At
-block_m 128 and 512 x 512 bf16 tiles the double-buffered inputs, output and accumulators take ~3 MiB
-of VMEM (below the 16 MiB default scoped limit of every TPU generation).
+the largest, block_m 512 and 512 x 512 tiles, gate_up's double-buffered inputs and output plus its two
+float32 accumulators take 6 MiB of VMEM in bf16 and 10 MiB in float32 (below the 16 MiB default scoped
+limit of v5e; 32 MiB on v6e).
 """
 import functools
 
@@ -32,10 +33,12 @@ F32 = jnp.float32
 
 
 def pick_block_m(n_pairs: int, num_experts: int) -> int:
-    """Rows per block: 128 (the MXU's width on v5e; full rate on later chips' 256 too with two
-    passes), halved (down to 16: bf16 packs 16 rows per sublane tile) while there are fewer than two
-    blocks' worth of pairs per expert, to bound the per-expert padding (< 1 block)."""
-    b = 128
+    """Rows per block: 512, halved (down to 16: bf16 packs 16 rows per sublane tile) while there are
+    fewer than two blocks' worth of pairs per expert, which bounds the padding (< 1 block per expert,
+    on average under a third of the rows). Large blocks matter: each block reads its expert's whole
+    weight matrices, so a block of block_m rows does block_m flops per weight byte, and a TPU's MXU
+    needs ~240 (v5e) to ~570 (v6e) of them to be compute-bound."""
+    b = 512
     while b > 16 and n_pairs < 2 * b * num_experts:
         b //= 2
     return b
