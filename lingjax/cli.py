@@ -101,8 +101,11 @@ def _add_common(p: argparse.ArgumentParser, *, model_required: bool) -> None:
                        help="checkpoint directory: an HF one (config.json, *.safetensors, tokenizer files) or "
                             "a `lingjax convert` output; default: the model shipped in checkpoints/")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
-                   help="parameter and activation dtype (logits are always float32; linear-attention states "
-                        "float32); default %(default)s")
+                   help="parameter and activation dtype. bfloat16: bf16 weights and activations, matmuls with "
+                        "bf16 products and float32 accumulation (the backend's default); float32: every matmul in "
+                        "full float32 on every backend (precision 'highest': no TF32 on GPUs; the linear-attention "
+                        "GPU kernels use 3xTF32, float32-accurate). Either way logits, router, softmax and the "
+                        "linear-attention states are float32; default %(default)s")
     p.add_argument("--prefill-chunk", type=_int_at_least(1), default=256, metavar="N",
                    help="prompt tokens a request feeds per engine step (chunked prefill); 1 sends every token "
                         "through the decode path; default %(default)s")

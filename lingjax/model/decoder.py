@@ -1,5 +1,14 @@
 """The BailingMoE V2.5 decoder: embedding, L pre-norm layers (linear attention or MLA; dense MLP or
-MoE), final norm, untied lm_head with float32 logits, and the MTP (NextN) layer (SPEC §0, §5)."""
+MoE), final norm, untied lm_head with float32 logits, and the MTP (NextN) layer (SPEC §0, §5).
+
+Matmul precision: a float32 model computes every XLA matmul and einsum in full float32 (precision
+HIGHEST) on every backend. XLA's GPU default for float32 dots is TF32 (10-bit mantissa products,
+about 1e-3 relative), which PyTorch does not use by default; bfloat16 models keep the backend's
+default (bf16 products, float32 accumulation). The Pallas linear-attention kernels follow the same
+rule on their own (float32 inputs: 3xTF32 on the GPU, float32-accurate)."""
+import contextlib
+
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -51,13 +60,31 @@ class MTPLayer(nnx.Module):
         return self.final_layernorm(self.block(z, positions))
 
 
+MATMUL_PRECISIONS = ("default", "high", "highest")
+
+
+def default_matmul_precision(dtype) -> str:
+    """'highest' (full float32 products) for a float32 model; 'default' (the backend's) otherwise."""
+    return "highest" if jnp.dtype(dtype) == jnp.float32 else "default"
+
+
 class BailingModel(nnx.Module):
+    """matmul_precision: precision of the XLA matmuls of the model's entry points (`__call__`, `hidden`,
+    `mtp_logits`, `step`): 'highest' (full float32), 'high' (3xbf16/TF32-class) or 'default' (the
+    backend's: TF32 for float32 dots on NVIDIA GPUs). None: `default_matmul_precision(dtype)`. A plain
+    attribute (part of the graph definition), so it may also be set after loading.
+    kernels: the kernel implementation every layer passes as impl= to its kernel dispatch (None:
+    chosen by jax.default_backend() at trace time)."""
+
     def __init__(self, cfg: BailingConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None, mtp=True,
-                 kernels: str | None = None):
-        """kernels: the kernel implementation every layer passes as impl= to its kernel dispatch
-        (None: chosen by jax.default_backend() at trace time)."""
+                 kernels: str | None = None, matmul_precision: str | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.cfg, self.dtype = cfg, dtype
+        if matmul_precision is None:
+            matmul_precision = default_matmul_precision(dtype)
+        if matmul_precision not in MATMUL_PRECISIONS:
+            raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {matmul_precision!r}")
+        self.matmul_precision = matmul_precision
         self.word_embeddings = nnx.Param(init_normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))
         self.layers = nnx.List([DecoderLayer(cfg, l, dtype=dtype, rngs=rngs, kernels=kernels)
                                 for l in range(cfg.num_hidden_layers)])
@@ -66,6 +93,13 @@ class BailingModel(nnx.Module):
         L = cfg.num_hidden_layers
         self.mtp = nnx.List([MTPLayer(cfg, L + i, dtype=dtype, rngs=rngs, kernels=kernels)
                              for i in range(cfg.num_nextn_predict_layers if mtp else 0)])
+
+    def precision(self):
+        """Context manager that applies `matmul_precision` to the matmuls traced inside it."""
+        p = getattr(self, "matmul_precision", None) or default_matmul_precision(self.dtype)
+        if p == "default":
+            return contextlib.nullcontext()
+        return jax.default_matmul_precision(p)
 
     def embed(self, tokens):
         return self.word_embeddings[...][tokens].astype(self.dtype)
@@ -78,14 +112,16 @@ class BailingModel(nnx.Module):
         """tokens [B, T] -> final-normed hidden states [B, T, d]."""
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
-        x = self.embed(tokens)
-        for layer in self.layers:
-            x = layer(x, positions)
-        return self.norm(x)
+        with self.precision():
+            x = self.embed(tokens)
+            for layer in self.layers:
+                x = layer(x, positions)
+            return self.norm(x)
 
     def __call__(self, tokens, positions=None):
         """Full-sequence forward without a cache: tokens [B, T] -> float32 logits [B, T, V]."""
-        return self.logits(self.hidden(tokens, positions))
+        with self.precision():
+            return self.logits(self.hidden(tokens, positions))
 
     def mtp_logits(self, tokens, hidden, positions=None):
         """MTP logits [B, T, V]: row t predicts token t+2 (rows 0..T-2 are meaningful). The input at
@@ -93,13 +129,18 @@ class BailingModel(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
         nxt = jnp.concatenate([tokens[..., 1:], jnp.zeros_like(tokens[..., :1])], axis=-1)
-        return self.logits(self.mtp[0](self.embed(nxt), hidden, positions))
+        with self.precision():
+            return self.logits(self.mtp[0](self.embed(nxt), hidden, positions))
 
     def step(self, batch, caches, rows=None):
         """One engine step over a packed batch -> (float32 logits [T, V], new caches).
         caches.linear [n_linear, slots, H, D, D]; caches.mla [n_mla, slots, max_len, r + rope].
         rows [N] int32 (optional): compute logits only for these token rows -> [N, V] (sampling
         needs one row per request, not the whole [T, V])."""
+        with self.precision():
+            return self._step(batch, caches, rows)
+
+    def _step(self, batch, caches, rows):
         x = self.embed(batch.tokens)
         lin, mla = caches.linear, caches.mla
         i_lin = i_mla = 0

@@ -1,0 +1,95 @@
+"""MoE grouped matmul on Hopper GPUs: the Triton kernels of triton_kernels.py called through jax-triton.
+
+Same interface as reference.py (see lingjax/kernels/moe/__init__.py): `pick_block_m`, `gate_up`,
+`down` over the expert-sorted row layout (layout.py). Each kernel reads every touched expert's weight
+panel once per block of rows and none of the untouched experts, straight from the stored [E, d, I] /
+[E, I, d] layout (no transposes, no weight copies). Tile shapes are picked per block size by
+`pick_config` (measured on H200: scripts/bench_moe.py); `config=` overrides them for sweeps.
+jax_triton is imported inside the functions: it cannot be imported on a CPU-only JAX.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def pick_block_m(n_pairs: int, n_experts: int) -> int:
+    """Rows per block: about the rows an expert gets on average (16 at decode sizes, up to 128), so
+    that padding stays a small share of the work and blocks are large enough for the tensor cores."""
+    avg = n_pairs / max(n_experts, 1)
+    for bm in (16, 32, 64):
+        if avg <= bm:
+            return bm
+    return 128
+
+
+def pick_config(kind: str, block_m: int, K: int, N: int) -> Config:
+    """Tile shapes by rows per block. Small blocks (decode) are weight streaming: narrow n tiles so
+    that many programs stream in parallel, deep pipelines. Large blocks: tensor-core tiles."""
+    if block_m <= 32:
+        c = Config(block_n=64 if kind == "down" else 32, block_k=128, group_m=1, num_warps=4, num_stages=4)
+    elif block_m == 64:
+        c = Config(block_n=128 if kind == "down" else 64, block_k=64, group_m=8, num_warps=4, num_stages=4)
+    else:
+        c = Config(block_n=128 if kind == "down" else 64, block_k=64, group_m=8, num_warps=8, num_stages=4)
+    return _fit(c, K, N)
+
+
+def _fit(c: Config, K: int, N: int) -> Config:
+    """Shrink tiles to small dims (tiny test models); dims must be multiples of 16."""
+    bn, bk = min(c.block_n, N), min(c.block_k, K)
+    if N % bn or K % bk or bn < 16 or bk < 16:
+        raise ValueError(f"MoE GPU kernel: dims K={K}, N={N} must be multiples of 16 and of the tile "
+                         f"({c.block_k}, {c.block_n})")
+    return dataclasses.replace(c, block_n=bn, block_k=bk)
+
+
+def _precision(dtype, f32_dot: str) -> str:
+    if dtype == jnp.float32:
+        if f32_dot not in ("tf32x3", "ieee", "tf32"):
+            raise ValueError(f"f32_dot must be 'tf32x3', 'ieee' or 'tf32', got {f32_dot!r}")
+        return f32_dot
+    return ""
+
+
+def gate_up(x, layout, w_gate, w_up, *, config: Config | None = None, f32_dot: str = "tf32x3"):
+    """h [P, I] = silu(x[row_token] @ Wg[e]) * (x[row_token] @ Wu[e]), float32 accumulation, x.dtype."""
+    import jax_triton as jt
+    from lingjax.kernels.moe.triton_kernels import gate_up_kernel
+    T, d = x.shape
+    I = w_gate.shape[-1]
+    nb, bm = layout.block_expert.shape[0], layout.block_m
+    c = config or pick_config("gate_up", bm, d, I)
+    return jt.triton_call(
+        x, layout.row_token, layout.block_expert, w_gate.astype(x.dtype), w_up.astype(x.dtype),
+        kernel=gate_up_kernel, out_shape=jax.ShapeDtypeStruct((nb * bm, I), x.dtype),
+        grid=(nb * (I // c.block_n),), num_warps=c.num_warps, num_stages=c.num_stages, name="moe_gate_up",
+        N_TOKENS=T, K=d, N=I, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+        GROUP_M=c.group_m, PRECISION=_precision(x.dtype, f32_dot))
+
+
+def down(h, layout, w_down, *, config: Config | None = None, f32_dot: str = "tf32x3"):
+    """y [P, d] = h @ Wd[e] per block, float32 accumulation, h.dtype."""
+    import jax_triton as jt
+    from lingjax.kernels.moe.triton_kernels import down_kernel
+    P, I = h.shape
+    d = w_down.shape[-1]
+    nb, bm = layout.block_expert.shape[0], layout.block_m
+    c = config or pick_config("down", bm, I, d)
+    return jt.triton_call(
+        h, layout.block_expert, w_down.astype(h.dtype),
+        kernel=down_kernel, out_shape=jax.ShapeDtypeStruct((P, d), h.dtype),
+        grid=(nb * (d // c.block_n),), num_warps=c.num_warps, num_stages=c.num_stages, name="moe_down",
+        K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+        GROUP_M=c.group_m, PRECISION=_precision(h.dtype, f32_dot))

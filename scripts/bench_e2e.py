@@ -1,0 +1,301 @@
+"""The engine end to end at real shapes, as a user runs it: decode and prefill, one table.
+
+Model: a preset of scripts/shapes.py (default flash8: Ling-2.6-flash layer shapes, 8 layers, vocab cut to
+32768) with random weights generated on device in their shards, on a mesh of --tp devices.
+
+Decode rows (batch B at context C): every request holds C tokens and decodes one more.
+  step ms     device time of one decode step: the engine's step (model step + greedy sampling),
+              B requests at position C, run --steps times back to back (caches donated, nothing read
+              back between steps); median over --reps
+  e2e ms      wall time per decode step of Engine.generate (the whole engine: scheduling, packing,
+              sampling, reading tokens back): median time between consecutive tokens of one request
+              (on_token), after a warm-up run; only where the prefill of B x C tokens takes reasonable
+              time (--e2e-max-tokens)
+  host gap    e2e ms - step ms (host time the device waits for)
+  tok/s       B / e2e (or B / step where no e2e was run)
+  bytes       what a step must touch: non-expert weights (embedding rows aside) + each touched expert once
+              (expected unique experts per MoE layer under uniform routing: E (1 - (1 - k/E)^B)) +
+              linear-attention states read and written (float32) + MLA latents read (bf16, C per request)
+  MBU         bytes / step ms over the copy bandwidth measured in the same run
+Prefill rows (N requests x L tokens, each one engine step of N x L tokens, sampling one token):
+  ms, tok/s, MFU = (2 x active params x tokens + attention flops) / time over the dense bf16 matmul rate
+  measured in the same run (attention: linear attention 4 H D (D + 64) per token; MLA causal scores
+  and values H (2 (r + rope) + 2 r) per token pair).
+
+--moe old swaps in the routed-expert forms the engine used before the grouped matmul (for a before/after
+table in one run; scripts/bench_moe.py old_forms). Writes JSON to --out (default $OUT/bench_e2e.json).
+
+    PYTHONPATH=.:scripts python3 scripts/bench_e2e.py                       # nvidia-h200, flash8
+    PYTHONPATH=.:scripts python3 scripts/bench_e2e.py --preset flash --tp 2  # nvidia-h200-x2, full depth
+    JAX_PLATFORMS=cpu PYTHONPATH=.:scripts python3 scripts/bench_e2e.py --preset tiny --smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+log = logging.getLogger("bench_e2e")
+
+
+def parse_pairs(s):
+    return [tuple(int(v) for v in p.split("x")) for p in s.split(",") if p]
+
+
+def use_old_moe():
+    """Route MoE layers through the pre-grouped-matmul forms (gather / sorted / dense by pick_form)."""
+    import jax.numpy as jnp
+    import lingjax.model.moe as moe_mod
+    from bench_moe import old_forms
+    forms = old_forms()
+
+    def pick(T, k, n, d, I):
+        if T * k < n:
+            return "gather"
+        bm = 64
+        while bm > 8 and T * k < 2 * bm * n:
+            bm //= 2
+        nb = -(-(T * k + n * (bm - 1)) // bm)
+        return "sorted" if nb * 3 * d * I * 4 <= (64 << 20) else "dense"
+
+    class Old:
+        @staticmethod
+        def experts(x, idx, w, wg, wu, wd, impl=None):
+            n, d, I = wg.shape
+            mine = (idx >= 0) & (idx < n)
+            idx, w = jnp.clip(idx, 0, n - 1), jnp.where(mine, w, 0.0)
+            return forms[pick(x.shape[0], idx.shape[1], n, d, I)](x, idx, w, wg, wu, wd)
+    moe_mod.moe_kernels = Old
+
+
+def step_bytes(cfg, model, B, C, tp):
+    """Bytes one decode step of B requests at context C must touch (per device under tp)."""
+    import jax
+    from flax import nnx
+    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2
+    n_moe = sum(cfg.is_moe(l) for l in range(cfg.num_hidden_layers))
+    total = 0
+    for path, x in nnx.to_flat_state(nnx.state(model)):
+        name = "/".join(map(str, path))
+        if "w_gate" in name or "w_up" in name or "w_down" in name or "word_embeddings" in name:
+            continue
+        total += x.value.size * x.value.dtype.itemsize
+    E, k = cfg.num_experts, cfg.num_experts_per_tok
+    touched = E * (1 - (1 - k / E) ** B)
+    experts = n_moe * touched * expert
+    lin = len(cfg.linear_layers) * B * cfg.num_attention_heads * cfg.head_dim ** 2 * 4 * 2
+    mla = len(cfg.mla_layers) * B * C * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
+    emb = B * cfg.hidden_size * 2
+    return (total + experts + lin) / tp + mla + emb, touched
+
+
+def attention_flops(cfg, lengths):
+    H, D = cfg.num_attention_heads, cfg.head_dim
+    lin = len(cfg.linear_layers) * 4 * H * D * (D + 64) * sum(lengths)
+    mla = len(cfg.mla_layers) * H * (2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + 2 * cfg.kv_lora_rank) \
+        * sum(L * (L + 1) / 2 for L in lengths)
+    return lin + mla
+
+
+def device_decode_ms(model, cfg, mesh, B, C, steps, reps):
+    """Median device time of one decode step (engine step + greedy), steps dispatched back to back."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from lingjax import sharding
+    from lingjax.batch import StepBatch
+    graphdef, state = nnx.split(model)
+    step = sharding.shard_step(graphdef, cfg, mesh)
+
+    def one(state, caches, batch):
+        logits, caches = step(state, batch, caches, jnp.arange(B, dtype=jnp.int32))
+        return jnp.argmax(logits, -1).astype(jnp.int32), caches
+    f = jax.jit(one, donate_argnums=1)
+    caches = sharding.init_caches(cfg, mesh, B, C + 8, latent_dtype=model.dtype)
+    rng = np.random.default_rng(B)
+    batch = StepBatch(tokens=jnp.asarray(rng.integers(2, cfg.vocab_size, B), jnp.int32),
+                      positions=jnp.full((B,), C, jnp.int32), token_seq=jnp.arange(B, dtype=jnp.int32),
+                      slots=jnp.arange(B, dtype=jnp.int32), cu_seqlens=jnp.arange(B + 1, dtype=jnp.int32),
+                      fresh=jnp.zeros((B,), bool), decode_only=True)
+    toks, caches = f(state, caches, batch)
+    jax.block_until_ready(toks)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(steps):
+            toks, caches = f(state, caches, batch)
+        jax.block_until_ready((toks, caches))
+        ts.append((time.perf_counter() - t) / steps * 1e3)
+    del caches
+    return statistics.median(ts)
+
+
+def engine(model, mesh, **kw):
+    from lingjax.engine import Engine
+    return Engine(model, mesh=mesh, **kw)
+
+
+def e2e_decode_ms(model, mesh, cfg, B, C, steps):
+    """Median wall time between consecutive decode steps of Engine.generate (request 0's token arrival
+    times through on_token), and the time to the first token (prefill)."""
+    from lingjax.engine import SamplingParams
+    rng = np.random.default_rng(C + B)
+    prompts = [rng.integers(2, cfg.vocab_size, C).tolist() for _ in range(B)]
+    chunk = min(C, max(256, 16384 // B))
+    eng = engine(model, mesh, max_batch=B, prefill_chunk=chunk, max_len=C + steps + 8)
+    sp = SamplingParams(max_new_tokens=steps + 1, ignore_eos=True)
+    eng.generate(prompts, sp)                                         # compile every shape
+    times = []
+    t0 = time.perf_counter()
+    eng.generate(prompts, sp, on_token=lambda i, tok: times.append(time.perf_counter()) if i == 0 else None)
+    del eng
+    gaps = np.diff(times)
+    return float(np.median(gaps[1:] if len(gaps) > 2 else gaps)) * 1e3, times[0] - t0
+
+
+def prefill_ms(model, mesh, cfg, N, L, reps):
+    from lingjax.engine import SamplingParams
+    rng = np.random.default_rng(N * L)
+    prompts = [rng.integers(2, cfg.vocab_size, L).tolist() for _ in range(N)]
+    eng = engine(model, mesh, max_batch=N, prefill_chunk=L, max_len=L + 8)
+    sp = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    eng.generate(prompts, sp)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        eng.generate(prompts, sp)
+        ts.append((time.perf_counter() - t) * 1e3)
+    del eng
+    return statistics.median(ts)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="flash8", help="model shapes (scripts/shapes.py): flash8, flash, 1t, tiny")
+    p.add_argument("--layers", type=int, help="override the preset's depth")
+    p.add_argument("--vocab", type=int, help="override the preset's vocabulary")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--decode", default="1x1024,16x1024,64x1024,256x1024",
+                   help="decode rows BxC (batch x context), comma list")
+    p.add_argument("--prefill", default="1x4096,8x2048", help="prefill rows NxL (requests x tokens), comma list")
+    p.add_argument("--steps", type=int, default=20, help="decode steps per timed run (default 20)")
+    p.add_argument("--reps", type=int, default=3, help="timed runs; the median is reported (default 3)")
+    p.add_argument("--e2e-max-tokens", type=int, default=300_000,
+                   help="run the end-to-end generate() timing only where B x C is at most this (its prefill)")
+    p.add_argument("--moe", choices=("grouped", "old"), default="grouped",
+                   help="grouped: the MoE layer as it is; old: the forms it replaced (before/after)")
+    p.add_argument("--matmul-precision", choices=("default", "high", "highest"),
+                   help="override the model's matmul precision (float32 before/after of issue 21)")
+    p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny sizes, 2 steps")
+    p.add_argument("--out", help="JSON output (default $OUT/bench_e2e.json when $OUT is set)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    import jax
+    import jax.numpy as jnp
+    from lingjax import sharding
+    from bench_moe import ceilings
+    from shapes import param_counts, preset, random_model
+    if args.moe == "old":
+        use_old_moe()
+    cfg = preset(args.preset, args.layers, args.vocab)
+    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
+    mesh = sharding.make_mesh(args.tp) if args.tp > 1 else None
+    copy_bw, mm_rate = ceilings(args.smoke)
+    t0 = time.perf_counter()
+    kw = {"matmul_precision": args.matmul_precision} if args.matmul_precision else {}
+    model = random_model(cfg, mesh, dtype, **kw)
+    jax.block_until_ready(jax.tree.leaves(model))
+    t_init = time.perf_counter() - t0
+    total, active, head = param_counts(cfg)
+    devs = jax.devices()[: args.tp]
+    mem = [d.memory_stats() or {} for d in devs] if jax.default_backend() != "cpu" else [{}]
+    kinds = "".join("L" if k == "linear" else "M" for k in cfg.layer_kinds)
+    report = dict(device=devs[0].device_kind, tp=args.tp, preset=args.preset, layers=cfg.num_hidden_layers, kinds=kinds,
+                  vocab=cfg.vocab_size, dtype=args.dtype, moe=args.moe, matmul_precision=model.matmul_precision,
+                  copy_bw=copy_bw, matmul_rate=mm_rate, params=total, init_s=t_init,
+                  bytes_in_use=[m.get("bytes_in_use") for m in mem], bytes_limit=[m.get("bytes_limit") for m in mem],
+                  decode=[], prefill=[])
+    log.info("%s x%d: %s %d layers %s vocab %d %s, moe=%s, %.1fB params, init %.0f s; copy %.2f TB/s, matmul %.0f TFLOP/s",
+             report["device"], args.tp, args.preset, cfg.num_hidden_layers, kinds, cfg.vocab_size, args.dtype, args.moe,
+             total / 1e9, t_init, copy_bw / 1e12, mm_rate / 1e12)
+    out = args.out or (os.path.join(os.environ["OUT"], "bench_e2e.json") if os.environ.get("OUT") else None)
+
+    def save():
+        if out:
+            with open(out, "w") as f:
+                json.dump(report, f, indent=1)
+
+    steps, reps = (2, 1) if args.smoke else (args.steps, args.reps)
+    for B, C in parse_pairs(args.decode):
+        row = dict(batch=B, context=C)
+        try:
+            row["step_ms"] = device_decode_ms(model, cfg, mesh, B, C, steps, reps)
+            if B * C <= args.e2e_max_tokens:
+                row["e2e_ms"], row["prefill_s"] = e2e_decode_ms(model, mesh, cfg, B, C, steps)
+                row["host_gap_ms"] = row["e2e_ms"] - row["step_ms"]
+        except Exception as e:                      # noqa: BLE001 (OOM etc.: recorded, the run goes on)
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            log.info("decode B=%d C=%d: %s", B, C, row["error"])
+            report["decode"].append(row)
+            save()
+            continue
+        nbytes, touched = step_bytes(cfg, model, B, C, args.tp)
+        ms = row.get("e2e_ms", row["step_ms"])
+        row.update(tok_s=B / ms * 1e3, bytes=nbytes, touched_experts=touched,
+                   mbu=nbytes / (row["step_ms"] * 1e-3) / copy_bw)
+        report["decode"].append(row)
+        save()
+        log.info("decode B=%-4d C=%-6d step %.2f ms  e2e %s  MBU %.0f%%", B, C, row["step_ms"],
+                 f"{row['e2e_ms']:.2f} ms" if "e2e_ms" in row else "-", 100 * row["mbu"])
+    for N, L in parse_pairs(args.prefill):
+        row = dict(requests=N, length=L)
+        try:
+            row["ms"] = prefill_ms(model, mesh, cfg, N, L, reps)
+        except Exception as e:                      # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            log.info("prefill %dx%d: %s", N, L, row["error"])
+            report["prefill"].append(row)
+            save()
+            continue
+        flops = 2 * active * N * L + 2 * head * N + attention_flops(cfg, [L] * N)
+        row.update(tok_s=N * L / row["ms"] * 1e3, flops=flops, mfu=flops / (row["ms"] * 1e-3) / (mm_rate * args.tp))
+        report["prefill"].append(row)
+        save()
+        log.info("prefill %dx%d: %.1f ms, %.0f tok/s, MFU %.1f%%", N, L, row["ms"], row["tok_s"], 100 * row["mfu"])
+    if jax.default_backend() != "cpu":
+        report["peak_bytes_in_use"] = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devs]
+    save()
+    print(f"\n{report['device']} x{args.tp}, {args.preset} ({cfg.num_hidden_layers} layers {kinds}, vocab "
+          f"{cfg.vocab_size}), {args.dtype}, moe={args.moe}; copy {copy_bw / 1e12:.2f} TB/s, "
+          f"matmul {mm_rate / 1e12:.0f} TFLOP/s")
+    print(f"| batch | context | step ms | e2e ms | host gap ms | tok/s | GB/step | MBU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in report["decode"]:
+        if "error" in r:
+            print(f"| {r['batch']} | {r['context']} | {r['error'][:80]} |")
+            continue
+        e2e = f"{r['e2e_ms']:.2f}" if "e2e_ms" in r else "-"
+        gap = f"{r['host_gap_ms']:.2f}" if "host_gap_ms" in r else "-"
+        print(f"| {r['batch']} | {r['context']} | {r['step_ms']:.2f} | {e2e} | {gap} | {r['tok_s']:.0f} | "
+              f"{r['bytes'] / 1e9:.2f} | {100 * r['mbu']:.0f}% |")
+    print(f"| prefill | ms | tok/s | MFU |\n|---|---|---|---|")
+    for r in report["prefill"]:
+        if "error" in r:
+            print(f"| {r['requests']}x{r['length']} | {r['error'][:80]} |")
+        else:
+            print(f"| {r['requests']}x{r['length']} | {r['ms']:.1f} | {r['tok_s']:.0f} | {100 * r['mfu']:.1f}% |")
+    if report.get("peak_bytes_in_use"):
+        print("peak GiB per device: " + ", ".join(f"{b / 2**30:.1f}" for b in report["peak_bytes_in_use"] if b))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

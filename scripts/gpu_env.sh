@@ -1,0 +1,14 @@
+# Source on a GPU machine of the device tool (the CUDA image has jax, flax, torch and triton, not these):
+# installs the wheels carried in .whl/ (jax-triton 0.3.1, and tokamax with what its import needs, for
+# the MoE peer comparison) into /tmp/site and puts it and the repository on PYTHONPATH. tokamax imports
+# xprof's kernel-stats tool at import time (only its benchmarking helpers use it): a stub stands in.
+#   . scripts/gpu_env.sh
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || { echo "gpu_env: installing .whl/ failed" >&2; return 1; }
+mkdir -p /tmp/site/xprof/cli
+[ -f /tmp/site/xprof/cli/tools.py ] || {
+  : > /tmp/site/xprof/__init__.py; : > /tmp/site/xprof/cli/__init__.py
+  echo 'def get_kernel_stats_tool(*a, **k): raise NotImplementedError("xprof stub (scripts/gpu_env.sh)")' > /tmp/site/xprof/cli/tools.py
+}
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader

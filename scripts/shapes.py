@@ -1,0 +1,88 @@
+"""Model shapes for the benchmarks (SPEC §1.4) and random weights made on device, in their shards.
+
+    from shapes import preset, random_model
+    cfg = preset("flash8")                       # Ling-2.6-flash shapes, 8 layers, vocab cut to 32768
+    model = random_model(cfg, mesh, jnp.bfloat16)
+
+Presets:
+  flash8     Ling-2.6-flash layer shapes (d 4096, 32 x 128 heads, MLA q_lora 1536 / kv_lora 512,
+             256 experts of width 1024, top-8, one shared expert, dense first layer of width 9216),
+             8 layers with layer_group_size 8 (7 linear + 1 MLA), vocabulary cut to 32768
+  flash      the full Ling-2.6-flash: 32 layers (28 linear + 4 MLA), vocabulary 157,184
+  1t         Ling-2.5-1T shapes (d 8192, 64 x 128 heads, 256 experts of width 2048, dense width 18432,
+             group_norm_size 8), 80 layers (70 linear + 10 MLA), vocabulary 157,184
+  tiny       small shapes for CPU smoke tests
+`layers=` / `vocab=` override the depth and the vocabulary (a cut is said in every table).
+"""
+from __future__ import annotations
+
+FLASH = dict(hidden_size=4096, num_attention_heads=32, head_dim=128, intermediate_size=9216, num_experts=256,
+             moe_intermediate_size=1024, n_group=8, topk_group=4, num_experts_per_tok=8, q_lora_rank=1536,
+             kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, group_norm_size=4,
+             layer_group_size=8, num_hidden_layers=32, vocab_size=157184)
+ONE_T = dict(FLASH, hidden_size=8192, num_attention_heads=64, intermediate_size=18432, moe_intermediate_size=2048,
+             group_norm_size=8, num_hidden_layers=80)
+TINY = dict(hidden_size=64, num_attention_heads=8, head_dim=16, intermediate_size=96, num_experts=16,
+            moe_intermediate_size=32, n_group=4, topk_group=2, num_experts_per_tok=4, q_lora_rank=24,
+            kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, group_norm_size=2,
+            layer_group_size=4, num_hidden_layers=8, vocab_size=256)
+PRESETS = {"flash8": dict(FLASH, num_hidden_layers=8, vocab_size=32768), "flash": FLASH, "1t": ONE_T, "tiny": TINY}
+
+
+def preset(name: str, layers: int | None = None, vocab: int | None = None):
+    from lingjax.config import BailingConfig
+    if name not in PRESETS:
+        raise SystemExit(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    shapes = dict(PRESETS[name])
+    if layers:
+        shapes["num_hidden_layers"] = layers
+    if vocab:
+        shapes["vocab_size"] = vocab
+    cfg = BailingConfig(num_key_value_heads=shapes["num_attention_heads"], num_shared_experts=1,
+                        first_k_dense_replace=1, routed_scaling_factor=2.5, rope_theta=6e6,
+                        max_position_embeddings=262144, num_nextn_predict_layers=0, pad_token_id=0, eos_token_id=1,
+                        rms_norm_eps=1e-6, **shapes)
+    cfg.validate()
+    return cfg
+
+
+def random_model(cfg, mesh, dtype, **model_kw):
+    """A BailingModel with random weights generated on device, each parameter directly in its shards
+    (same values at every tp: JAX's partitionable threefry)."""
+    import jax
+    from flax import nnx
+    from lingjax import sharding
+    from lingjax.model import BailingModel
+
+    def make():
+        return BailingModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), mtp=False, **model_kw)
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    if mesh is None:
+        state = jax.jit(lambda: nnx.split(make())[1])()
+    else:
+        shardings = sharding.state_shardings(abstract, cfg, mesh)
+        state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def param_counts(cfg):
+    """(total params, active params per token excluding the embedding lookup, params per token of the
+    lm_head) of a config, from its layer kinds (MTP excluded)."""
+    d, H, D = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+    lin = 4 * d * H * D + H * D * d + 2 * D + H * D            # q, k, v, g, dense, qk norms, g norm
+    q = (d * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * H * cfg.qk_head_dim) if cfg.q_lora_rank \
+        else d * H * cfg.qk_head_dim
+    mla = (q + d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank
+           + cfg.kv_lora_rank * H * (cfg.qk_nope_head_dim + cfg.v_head_dim) + H * cfg.v_head_dim * d)
+    dense = 3 * d * cfg.intermediate_size
+    expert = 3 * d * cfg.moe_intermediate_size
+    shared = 3 * d * cfg.moe_intermediate_size * cfg.num_shared_experts
+    total = active = 0
+    for l, kind in enumerate(cfg.layer_kinds):
+        att = mla if kind != "linear" else lin
+        ffn_total = (d * cfg.num_experts + cfg.num_experts * expert + shared) if cfg.is_moe(l) else dense
+        ffn_active = (d * cfg.num_experts + cfg.num_experts_per_tok * expert + shared) if cfg.is_moe(l) else dense
+        total += att + ffn_total + 2 * d
+        active += att + ffn_active + 2 * d
+    head = d * cfg.vocab_size
+    return total + 2 * head, active, head
