@@ -1,9 +1,10 @@
 """The grouped MoE path (lingjax.kernels.moe): the layout's invariants, every implementation that runs on
-the CPU against an independent float64 numpy oracle that runs every expert on every token, its gradient
-(training runs the reference path), and the model's MoE under expert parallelism (tp 2, 4).
+the CPU (reference; tpu.py in Pallas TPU interpret mode) against an independent float64 numpy oracle
+that runs every expert on every token, the reference's gradient (training runs it), the model's MoE
+under expert parallelism (tp 2, 4) against the unsharded layer, and tpu.py lowering for a real TPU.
 
-Tolerances (max abs error / max abs of the oracle): float32 1e-5 (sums of d, I <= 64 products of O(1)
-values, float32 rounding ~1e-6); bfloat16 1e-2 (inputs rounded to bf16 before the oracle sees them, so
+Tolerances (max abs error / max abs of the oracle): float32 1e-5 (sums of at most 384 products of O(1)
+values: float32 rounding ~1e-6); bfloat16 1e-2 (inputs rounded to bf16 before the oracle sees them, so
 the error is h's and y's single rounding to bf16, ~2^-8 relative, plus accumulation order).
 """
 import os
