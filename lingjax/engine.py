@@ -416,7 +416,9 @@ class Engine:
         self._graph = _Graph(self.graphdef, cfg, mesh, self._traces)
         self.caches = sharding.init_caches(cfg, mesh, num_slots, max_len, state_dtype=state_dtype,
                                            latent_dtype=latent_dtype or model.dtype)
-        self._prev = self._to_device(np.zeros(max_batch, np.int32))    # "previous sampled tokens" of step 0
+        if mesh is None:
+            self.caches = jax.device_put(self.caches, self._placement())
+        self._prev = self._zero_tokens()                  # "the previous step's sampled tokens" of the first step
         self.slots = SlotAllocator(num_slots)
         self.steps = 0
         self._guard = _Guard()
@@ -569,10 +571,24 @@ class Engine:
             raise EngineError(f"Engine.{what}() needs an idle engine: {len(self._requests)} requests added with "
                               f"add_request are unfinished (step() them to the end or abort() them)")
 
-    def _to_device(self, a):
-        if self.mesh is not None and jax.process_count() > 1:
-            return _global(a, self.mesh)
-        return jnp.asarray(a)
+    def _zero_tokens(self):
+        """[R] int32 zeros placed as a step's sampled tokens are (committed to the device, or
+        replicated over the mesh), so that the first step and the later ones share one compilation."""
+        from lingjax import sharding
+        zeros = np.zeros(self.max_batch, np.int32)
+        if self.mesh is not None:
+            return sharding.host_to_global(zeros, self.mesh)
+        return jax.device_put(zeros, self._placement())
+
+    def _placement(self):
+        """Without a mesh: where the step's outputs land, i.e. as the params are placed (a one-device
+        mesh or a device). Inputs of the first step placed so match the later steps' inputs (the
+        previous step's outputs) and share their compilation."""
+        from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+        s = getattr(jax.tree.leaves(self.state)[0], "sharding", None)
+        if isinstance(s, NamedSharding):
+            return NamedSharding(s.mesh, PartitionSpec())
+        return SingleDeviceSharding(min(s.device_set, key=lambda d: d.id) if s is not None else jax.devices()[0])
 
     def _add(self, prompt, params, *, request_id=None, score=False, index=0) -> str:
         prompt = self.check_request(prompt, params, score=score)
@@ -650,7 +666,7 @@ class Engine:
         for r in list(self._requests.values()):
             self._finish(r, "abort")
         self._aborted.clear()
-        self._prev = self._to_device(np.zeros(self.max_batch, np.int32))
+        self._prev = self._zero_tokens()
 
     def _drain(self) -> list[RequestOutput]:
         outs = []
