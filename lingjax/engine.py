@@ -302,10 +302,11 @@ def _step_fn(params, caches, batch, take, prev, rows, temperature, top_k, top_p,
     toks, lp, top_ids, top_lp = jnp.zeros(R, jnp.int32), None, None, None
     if want_sample:
         toks = sample(row_logits, temperature, top_k, top_p, seeds, request_ids, counters)
-        logp = jax.nn.log_softmax(row_logits, axis=-1)
-        lp = jnp.take_along_axis(logp, toks[:, None], axis=-1)[:, 0]
+        lse = jax.nn.logsumexp(row_logits, axis=-1)          # log_softmax at the few entries needed
+        lp = jnp.take_along_axis(row_logits, toks[:, None], axis=-1)[:, 0] - lse
         if want_top:
-            top_lp, top_ids = jax.lax.top_k(logp, MAX_LOGPROBS)
+            top, top_ids = jax.lax.top_k(row_logits, MAX_LOGPROBS)
+            top_lp = top - lse[:, None]
     out = (toks, lp, top_ids, top_lp)
     if graph.mesh is not None:     # every process reads the sampled tokens
         out = jax.lax.with_sharding_constraint(out, sharding.replicated(graph.mesh))

@@ -226,6 +226,14 @@ def test_engine_loop_from_several_threads(model, prompts):
     assert results[long][1] == "abort" and len(results[long][0]) < 100
     assert all(results[rid] == (ref[i], "length") for rid, i in ids.items())
     assert eng.slots.num_free == 4 and not eng.has_unfinished()
+    # stop() ends what is still running with "abort"; a stopped loop refuses new requests
+    loop = EngineLoop(eng).start()
+    ends = []
+    loop.submit(prompts[0], dataclasses.replace(GREEDY, max_new_tokens=150), lambda o: o.finished and ends.append(o))
+    loop.stop(timeout=60)
+    assert [o.finish_reason for o in ends] == ["abort"] and not loop.running and eng.slots.num_free == 4
+    with pytest.raises(EngineError, match="not running"):
+        loop.submit([1], GREEDY, on_output)
 
 
 # ------------------------------------------------------------------------------------------ logprobs
