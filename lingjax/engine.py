@@ -281,8 +281,9 @@ class _Graph:
 def _step_fn(params, caches, batch, take, prev, rows, temperature, top_k, top_p, seeds, request_ids, counters,
              *, graph: _Graph, mode: tuple[bool, bool, bool]):
     """One engine step. params: the model state's leaves (a flat list: cheaper to pass every step
-    than the nnx State, whose Variables flatten in Python). take [T]: for each packed token, the row of `prev` (the previous step's
-    sampled tokens [R], still on the device) it is, or -1 to use batch.tokens. mode (static):
+    than the nnx State, whose Variables flatten in Python). take [T]: for each packed token, the row
+    of `prev` (the previous step's sampled tokens [R], still on the device) it is, or -1 to use
+    batch.tokens. mode (static):
     (full logits [T, V] for score requests, sample one token per row, top-20 logprobs) ->
     (logits | None, tokens [R], logprobs [R] | None, top ids [R, 20] | None, top logprobs | None, caches)."""
     from lingjax import sharding
