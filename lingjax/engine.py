@@ -424,10 +424,8 @@ class Engine:
         self._traces = collections.Counter()         # (kind, T, decode_only) -> traces this engine caused
         self._params, treedef = jax.tree.flatten(self.state)
         self._graph = _Graph(self.graphdef, treedef, cfg, mesh, self._traces)
-        self.caches = sharding.init_caches(cfg, mesh, num_slots, max_len, state_dtype=state_dtype,
-                                           latent_dtype=latent_dtype or model.dtype)
-        if mesh is None:
-            self.caches = jax.device_put(self.caches, self._placement())
+        self._cache_dtypes = dict(state_dtype=state_dtype, latent_dtype=latent_dtype or model.dtype)
+        self.caches = self._new_caches()
         self._prev = self._zero_tokens()                  # "the previous step's sampled tokens" of the first step
         self.slots = SlotAllocator(num_slots)
         self.steps = 0
@@ -581,6 +579,11 @@ class Engine:
             raise EngineError(f"Engine.{what}() needs an idle engine: {len(self._requests)} requests added with "
                               f"add_request are unfinished (step() them to the end or abort() them)")
 
+    def _new_caches(self):
+        from lingjax import sharding
+        caches = sharding.init_caches(self.cfg, self.mesh, self.num_slots, self.max_len, **self._cache_dtypes)
+        return caches if self.mesh is not None else jax.device_put(caches, self._placement())
+
     def _zero_tokens(self):
         """[R] int32 zeros placed as a step's sampled tokens are (committed to the device, or
         replicated over the mesh), so that the first step and the later ones share one compilation."""
@@ -678,6 +681,8 @@ class Engine:
             self._finish(r, "abort")
         self._aborted.clear()
         self._prev = self._zero_tokens()
+        if any(a.is_deleted() for a in jax.tree.leaves(self.caches)):   # donated to a step that failed
+            self.caches = self._new_caches()
 
     def _drain(self) -> list[RequestOutput]:
         outs = []

@@ -236,6 +236,36 @@ def test_engine_loop_from_several_threads(model, prompts):
         loop.submit([1], GREEDY, on_output)
 
 
+def test_engine_loop_survives_a_failed_step(model, prompts):
+    """A step that raises ends every request with "abort" (loop.error keeps the exception); the loop
+    and the engine keep serving."""
+    eng = engine(model)
+    loop = EngineLoop(eng).start()
+    orig, fail = eng._dispatch, [True]
+
+    def dispatch(pieces):
+        if fail.pop() if fail else False:
+            raise RuntimeError("device lost")
+        return orig(pieces)
+
+    eng._dispatch = dispatch
+    results, done = {}, threading.Event()
+
+    def on_output(o):
+        results.setdefault(o.request_id, []).extend(o.new_token_ids)
+        if o.finished:
+            results[o.request_id].append(o.finish_reason)
+            done.set()
+
+    loop.submit(prompts[0], GREEDY, on_output, request_id="a")
+    assert done.wait(60) and results["a"] == ["abort"] and "device lost" in str(loop.error)
+    done.clear()
+    loop.submit(prompts[0], GREEDY, on_output, request_id="b")
+    assert done.wait(60)
+    loop.stop()
+    assert results["b"] == engine(model).generate([prompts[0]], GREEDY)[0].token_ids + ["length"]
+
+
 # ------------------------------------------------------------------------------------------ logprobs
 def test_logprobs_equal_log_softmax_of_score(model, prompts):
     """Each new token's logprob, and the top-n, equal log_softmax of score()'s float32 logits at that
