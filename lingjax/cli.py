@@ -416,6 +416,12 @@ register("bench", _bench.BENCH_HELP, _bench.bench_arguments, _bench.bench_run,
          description=_bench.BENCH_DESCRIPTION)
 
 
+from lingjax import serve_cli as _serve_cli   # noqa: E402  (stdlib imports only; the server loads inside run)
+
+register("serve", _serve_cli.SERVE_HELP, _serve_cli.serve_arguments, _serve_cli.serve_run,
+         description=_serve_cli.SERVE_DESCRIPTION)
+
+
 # ------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lingjax", description="BailingMoE V2.5 (Ling-2.5 / Ling-2.6 / Ring-2.5) in JAX.",
