@@ -344,9 +344,14 @@ def create_app(loop, tokenizer: Tokenizer, *, model_name: str, model_aliases: tu
         if not body.messages:
             raise APIError("messages must hold at least one message", param="messages")
         messages = [_message(m, i) for i, m in enumerate(body.messages)]
+        extra = body.chat_template_kwargs or {}
+        reserved = sorted(set(extra) & {"messages", "conversation", "tools", "add_generation_prompt", "tokenize",
+                                        "return_dict", "continue_final_message", "chat_template"})
+        if reserved:
+            raise APIError(f"chat_template_kwargs may not set {', '.join(reserved)}", param="chat_template_kwargs")
         try:
             ids = tokenizer.encode_chat(messages, tools=body.tools, add_generation_prompt=body.add_generation_prompt,
-                                        **(body.chat_template_kwargs or {}))
+                                        **extra)
         except TokenizerError as e:
             raise APIError(str(e), param="messages") from None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -450,6 +455,9 @@ def _choices(server: _Server, body, ids: list[int], max_tokens, logprobs, *, fir
                                 seed=seed, stop_token_ids=eos, ignore_eos=body.ignore_eos, logprobs=logprobs)
         try:
             params.validate()
+            check = getattr(server.loop.engine, "check_request", None)
+            if check is not None:          # the engine's own checks, before anything is submitted
+                check(ids, params)
         except EngineError as e:
             raise APIError(str(e), param=str(e).split(" ")[0]) from None
         out.append(_Choice(first_index + i, i, ids, params, server.tokenizer.text_stream(ids, stop),
@@ -459,11 +467,11 @@ def _choices(server: _Server, body, ids: list[int], max_tokens, logprobs, *, fir
 
 # --------------------------------------------------------------------------------------------- answers
 async def _respond(request: Request, gen: _Generation, body, fmt):
-    gen.submit()
-    if body.stream:
+    if body.stream:               # submitted by the stream itself: a stream that never starts holds no slot
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(_sse(gen, fmt, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+    gen.submit()
     collect = asyncio.ensure_future(_collect(gen))
     gone = asyncio.ensure_future(_disconnected(request))
     try:
@@ -495,6 +503,11 @@ async def _collect(gen: _Generation) -> dict[int, str]:
 
 async def _sse(gen: _Generation, fmt, include_usage: bool):
     try:
+        try:
+            gen.submit()
+        except APIError as e:      # e.g. the server began shutting down after the request was checked
+            yield _event({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+            return
         for chunk in fmt.stream_start(gen):
             yield _event(chunk)
         while not gen.finished:
