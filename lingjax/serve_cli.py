@@ -99,7 +99,7 @@ def serve_run(args) -> int:
         _check_port_free(args.host, args.port)
 
     import uvicorn
-    from lingjax.engine import EngineLoop
+    from lingjax.engine_loop import EngineLoop
     from lingjax.server import create_app, model_name_of
 
     _, eng = cli._engine(args, model_dir, max_len)

@@ -98,7 +98,8 @@ def child(args) -> int:
     import jax
     import jax.numpy as jnp
     import uvicorn
-    from lingjax.engine import Engine, EngineLoop
+    from lingjax.engine import Engine
+    from lingjax.engine_loop import EngineLoop
     from lingjax.server import create_app
     from lingjax.tokenizer import Tokenizer
 

@@ -27,13 +27,14 @@ import openai
 import pytest
 import uvicorn
 
-from lingjax.engine import Engine, EngineLoop, SamplingParams, load_model
+from lingjax.engine import Engine, SamplingParams, load_model
+from lingjax.engine_loop import EngineLoop
 from lingjax.server import create_app
 from lingjax.tokenizer import Tokenizer
 
 CKPT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "checkpoints", "ling-tiny"))
 NAME = "ling-tiny"
-ENGINE = dict(max_batch=16, prefill_chunk=32, max_len=256)
+ENGINE = dict(max_batch=8, prefill_chunk=16, max_len=256, max_tokens=64)   # step buckets T = 8, 16, 32, 64
 TIMEOUT = 60
 
 
@@ -309,7 +310,7 @@ def test_serve_cli_sigterm_finishes_in_flight_then_exits_0(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
                                                       + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     proc = subprocess.Popen([sys.executable, "-m", "lingjax.cli", "serve", "--model", CKPT, "--port", "0",
-                             "--dtype", "float32", "--max-batch", "2", "--max-len", "128", "--prefill-chunk", "16"],
+                             "--dtype", "float32", "--max-batch", "1", "--max-len", "128", "--prefill-chunk", "8"],
                             stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline, url = time.monotonic() + 120, None
@@ -319,13 +320,13 @@ def test_serve_cli_sigterm_finishes_in_flight_then_exits_0(tmp_path):
             m = re.search(r"on (http://127\.0\.0\.1:\d+/v1)", line)
             url = m and m.group(1)
         c = openai.OpenAI(base_url=url, api_key="none", timeout=TIMEOUT, max_retries=0)
-        stream = c.completions.create(model=CKPT, prompt="ab", max_tokens=100, temperature=0, stream=True,
-                                      extra_body={"ignore_eos": True})
-        first = next(iter(stream))                                # in flight
+        stream = iter(c.completions.create(model=CKPT, prompt="ab", max_tokens=100, temperature=0, stream=True,
+                                           stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+        next(stream)                                              # in flight
         proc.send_signal(signal.SIGTERM)
         rest = list(stream)
-        text = first.choices[0].text + "".join(ch.choices[0].text for ch in rest)
-        assert rest[-1].choices[0].finish_reason == "length" and len(text) == 100   # finished, not cut
+        assert rest[-2].choices[0].finish_reason == "length"      # finished, not cut
+        assert rest[-1].usage.completion_tokens == 100
         assert proc.wait(TIMEOUT) == 0
     finally:
         if proc.poll() is None:
