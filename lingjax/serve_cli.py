@@ -52,6 +52,9 @@ def serve_arguments(p):
     p.add_argument("--shutdown-timeout", type=_float_in(0.0, None, name="seconds"), default=30.0, metavar="S",
                    help="on SIGTERM / Ctrl-C, how long requests in flight may run before they are aborted; "
                         "default %(default)s")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip compiling every step shape before serving (the first requests then wait for "
+                        "compilations)")
     p.add_argument("-v", "--verbose", action="store_true", help="log requests and engine progress")
     p.add_argument("--debug", action="store_true", help="debug logging, and show tracebacks of errors")
 
@@ -100,9 +103,14 @@ def serve_run(args) -> int:
 
     import uvicorn
     from lingjax.engine_loop import EngineLoop
-    from lingjax.server import create_app, model_name_of
+    from lingjax.server import create_app, model_name_of, warm_up
 
     _, eng = cli._engine(args, model_dir, max_len)
+    if not args.no_warmup:
+        import time
+        t = time.perf_counter()
+        n = warm_up(eng)
+        log.info("warm-up: %d compilations in %.1fs", n, time.perf_counter() - t)
     name = args.served_model_name or model_name_of(str(model_dir))
     app = create_app(EngineLoop(eng), tok, model_name=name, model_aliases=(str(args.model or model_dir),))
     level = "info" if args.verbose or args.debug else "warning"

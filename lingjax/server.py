@@ -621,5 +621,23 @@ def _reason(c: _Choice) -> str | None:
     return c.finish_reason
 
 
+def warm_up(engine, *, logprobs: bool = False) -> int:
+    """Compile the engine's sampling step for every token bucket before serving (else the first requests
+    that hit a new step shape wait for its compilation). One generate per bucket T whose first step packs
+    exactly T prompt tokens (prompts of at most prefill_chunk tokens), then a decode step. Call it before
+    the EngineLoop starts. -> the compilations this caused."""
+    before = engine.compile_count
+    vocab = engine.cfg.vocab_size
+    for T in engine.t_buckets:
+        lens, left = [], T
+        while left > 0 and len(lens) < engine.max_batch:
+            lens.append(min(left, engine.prefill_chunk, engine.max_len - 1))
+            left -= lens[-1]
+        prompts = [[3 + (i + j) % max(vocab - 3, 1) for j in range(n)] for i, n in enumerate(lens)]
+        engine.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True,
+                                                logprobs=MAX_LOGPROBS if logprobs else None))
+    return engine.compile_count - before
+
+
 def model_name_of(path: str) -> str:
     return os.path.basename(os.path.normpath(path))

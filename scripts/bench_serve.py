@@ -10,8 +10,8 @@
 Requests are streamed completions (`/v1/completions`, `stream: true`) of random token-id prompts
 (--prompt-len MIN MAX) with random output lengths (--output-len MIN MAX; `ignore_eos`, so each
 request generates exactly that many tokens), sent either by --concurrency C closed-loop clients or
-at --request-rate R requests/s (Poisson arrivals). --warmup requests run first, unmeasured (they
-compile the engine's step shapes). The run is bounded by --num-requests and --max-seconds.
+at --request-rate R requests/s (Poisson arrivals). --warmup requests run first, unmeasured (the server
+compiles its step shapes at start-up, `lingjax.server.warm_up`; these settle the rest). The run is bounded by --num-requests and --max-seconds.
 
 Measured per request: TTFT (send -> first token), TPOT ((last - first token) / (tokens - 1)), ITL (gap
 between consecutive token events; a server-sent event usually holds one token), end-to-end latency.
@@ -100,7 +100,7 @@ def child(args) -> int:
     import uvicorn
     from lingjax.engine import Engine
     from lingjax.engine_loop import EngineLoop
-    from lingjax.server import create_app
+    from lingjax.server import create_app, warm_up
     from lingjax.tokenizer import Tokenizer
 
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
@@ -117,6 +117,9 @@ def child(args) -> int:
     kw = {} if args.kernels is None else dict(kernels=args.kernels)
     eng = Engine(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, max_len=args.max_len, mesh=mesh,
                  **kw)
+    t = time.perf_counter()
+    n = warm_up(eng)
+    print(f"bench_serve child: warm-up {n} compilations in {time.perf_counter() - t:.1f}s", file=sys.stderr)
     tmp = tempfile.mkdtemp(prefix="bench-serve-tok-")
     word_tokenizer_dir(cfg, tmp)
     app = create_app(EngineLoop(eng), Tokenizer(tmp), model_name=f"random-{args.random_shapes}")

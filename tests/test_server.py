@@ -29,7 +29,7 @@ import uvicorn
 
 from lingjax.engine import Engine, SamplingParams, load_model
 from lingjax.engine_loop import EngineLoop
-from lingjax.server import create_app
+from lingjax.server import create_app, warm_up
 from lingjax.tokenizer import Tokenizer
 
 CKPT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "checkpoints", "ling-tiny"))
@@ -51,7 +51,9 @@ def tok():
 @pytest.fixture(scope="module")
 def served(model, tok):
     """(base_url, engine loop) of a live server; always shut down."""
-    loop = EngineLoop(Engine(model, **ENGINE))
+    engine = Engine(model, **ENGINE)
+    assert warm_up(engine) == len(engine.t_buckets) + 1          # every sample-step shape, before serving
+    loop = EngineLoop(engine)
     app = create_app(loop, tok, model_name=NAME)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                                            timeout_graceful_shutdown=5))
@@ -224,6 +226,7 @@ def test_64_concurrent_clients_equal_offline(served, offline, tok):
     got = asyncio.run(run())
     assert got == want
     wait_idle(served[1])
+    assert served[1].engine.compiled_shapes().get(("sample", 64, False)) == 1    # compiled once, by warm_up
 
 
 # --------------------------------------------------------------------------------------------- disconnects
@@ -310,7 +313,7 @@ def test_serve_cli_sigterm_finishes_in_flight_then_exits_0(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
                                                       + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     proc = subprocess.Popen([sys.executable, "-m", "lingjax.cli", "serve", "--model", CKPT, "--port", "0",
-                             "--dtype", "float32", "--max-batch", "1", "--max-len", "128", "--prefill-chunk", "8"],
+                             "--dtype", "float32", "--max-batch", "1", "--max-len", "128", "--prefill-chunk", "8", "--no-warmup"],
                             stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline, url = time.monotonic() + 120, None
