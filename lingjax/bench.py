@@ -23,7 +23,7 @@ BENCH_DESCRIPTION = ("Measure the engine end to end on random prompts: for each 
 
 
 def bench_generate(model, batches, *, prompt_len, new_tokens, prefill_chunk, repeats=3, temperature=0.0,
-                   mesh=None, seed=0):
+                   mesh=None, seed=0, kernels=None):
     """Rows of measurements, one per batch size (see the module docstring)."""
     import numpy as np
     from lingjax.engine import Engine, SamplingParams
@@ -34,7 +34,8 @@ def bench_generate(model, batches, *, prompt_len, new_tokens, prefill_chunk, rep
         prompts = [rng.integers(3, model.cfg.vocab_size, prompt_len).tolist() for _ in range(B)]
         full = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, seed=seed, ignore_eos=True)
         first = SamplingParams(max_new_tokens=1, ignore_eos=True)
-        eng = Engine(model, max_batch=B, prefill_chunk=prefill_chunk, max_len=prompt_len + new_tokens + 1, mesh=mesh)
+        eng = Engine(model, max_batch=B, prefill_chunk=prefill_chunk, max_len=prompt_len + new_tokens + 1, mesh=mesh,
+                     kernels=kernels)
         t0 = time.perf_counter()
         eng.generate(prompts, full)
         eng.generate(prompts, first)
@@ -71,7 +72,7 @@ def format_table(rows) -> str:
 
 
 def bench_arguments(p):
-    from lingjax.cli import _int_at_least
+    from lingjax.cli import _add_kernels, _int_at_least
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="PATH", help="checkpoint directory (HF or converted); default: the shipped "
                                                      "model in checkpoints/")
@@ -86,6 +87,7 @@ def bench_arguments(p):
     p.add_argument("--prefill-chunk", type=_int_at_least(1), default=256, metavar="N", help="default %(default)s")
     p.add_argument("--repeats", type=_int_at_least(1), default=3, metavar="N", help="timed runs (min taken); default 3")
     p.add_argument("--tp", type=_int_at_least(1), default=1, metavar="N", help="tensor-parallel degree; default 1")
+    _add_kernels(p)
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
     p.add_argument("--debug", action="store_true", help="debug logging, and show tracebacks of errors")
@@ -114,7 +116,8 @@ def bench_run(args):
     if args.prompt_len + args.new_tokens + 1 > cfg.max_position_embeddings:
         raise cli.CLIError(f"--prompt-len + --new-tokens exceeds max_position_embeddings={cfg.max_position_embeddings}")
     rows = bench_generate(model, args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                          prefill_chunk=args.prefill_chunk, repeats=args.repeats, mesh=mesh)
+                          prefill_chunk=args.prefill_chunk, repeats=args.repeats, mesh=mesh,
+                          kernels=args.kernels)
     print(f"lingjax bench: {what}, {args.dtype}, {jax.devices()[0].platform} x{jax.device_count()}, tp={args.tp}, "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy")
     print(format_table(rows))

@@ -115,6 +115,7 @@ def _add_common(p: argparse.ArgumentParser, *, model_required: bool) -> None:
                         "min(max_position_embeddings, 4096)")
     p.add_argument("--tp", type=_int_at_least(1), default=1, metavar="N",
                    help="tensor-parallel degree (devices to shard heads and experts over); default 1")
+    _add_kernels(p)
     g = p.add_argument_group("multi-host (one process per host, JAX's distributed runtime; default: the "
                              "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID environment variables)")
     g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator service")
@@ -122,6 +123,13 @@ def _add_common(p: argparse.ArgumentParser, *, model_required: bool) -> None:
     g.add_argument("--process-id", type=_int_at_least(0), metavar="I", help="this process's index in [0, N)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details (compilations, steps)")
     p.add_argument("--debug", action="store_true", help="debug logging, and show tracebacks of errors")
+
+
+def _add_kernels(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernels", default=os.environ.get("LINGJAX_KERNELS") or None, metavar="IMPL",
+                   help="linear-attention kernels: reference, gpu, tpu, mosaic_gpu (or gpu_interpret, "
+                        "tpu_interpret, mosaic_gpu_interpret: Pallas interpret mode, for tests); default: "
+                        "$LINGJAX_KERNELS if set, else by platform (gpu, tpu, else reference)")
 
 
 # ------------------------------------------------------------------------------------------ shared steps
@@ -188,7 +196,8 @@ def _engine(args, model_dir, max_len):
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     log.info("loading %s (%s, tp=%d)", model_dir, args.dtype, args.tp)
     cfg, model = load_model(str(model_dir), dtype, mesh=mesh)
-    eng = Engine(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, max_len=max_len, mesh=mesh)
+    eng = Engine(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, max_len=max_len, mesh=mesh,
+                 kernels=getattr(args, "kernels", None))
     log.info("engine: max_batch=%d prefill_chunk=%d max_len=%d, step buckets T=%s", eng.max_batch,
              eng.prefill_chunk, eng.max_len, eng.t_buckets)
     return cfg, eng

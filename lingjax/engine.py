@@ -4,6 +4,17 @@
     logits = engine.score([[1, 2, 3], [4, 5]])                  # list of float32 [len_i, V]
     outs = engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=32, temperature=0.7, seed=1))
 
+    rid = engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=8))   # the incremental API
+    while engine.has_unfinished():
+        for out in engine.step():                               # RequestOutput: new tokens, finished?
+            ...
+    engine.abort(rid)                                           # frees its slot at once
+
+`generate` and `score` are thin wrappers over add_request / step. `EngineLoop` (lingjax/engine_loop.py)
+drives an engine from a background thread and takes requests from any thread (the server uses it).
+The engine itself is not re-entrant and not thread-safe: a call made while another call runs (e.g.
+`generate` from an `on_token` callback, or `step` from a second thread) raises EngineError.
+
 Scheduling (continuous batching). Requests wait in a FIFO queue; up to `max_batch` run at once, each
 holding one cache slot (`SlotAllocator`, lowest free slot first). Every step, each running request
 advances by one piece: a decode (its one newest token) or a prefill chunk of up to `prefill_chunk`
@@ -11,35 +22,55 @@ prompt tokens that continues from the slot's state. Decodes are always scheduled
 the remaining per-step token budget `max_tokens` (default `max_batch * prefill_chunk`, so every
 running request advances a full chunk). A request's first piece is marked `fresh`: its linear state
 starts from zero whatever the slot held; MLA reads are masked to positions <= the token's own, which
-this request has already written, so stale latents are never read. A finished request frees its
-slot at once and the next waiting request takes it in the following step.
+this request has already written, so stale latents are never read. A finished (or aborted) request
+frees its slot at once and the next waiting request takes it in a following step.
+
+Overlapped scheduling (`overlap=True`, the default). `step()` dispatches step n+1 before it waits
+for step n's results, so the host packs the next step while the device runs the last one. The
+sampled tokens stay on the device: a decode whose token is still in flight reads it from the
+previous step's output (`take`: per packed token, the row of the previous step's sampled tokens it
+is, or -1 for a token the host packed). A request is scheduled one step ahead as if it goes on; when
+step n's tokens reach the host and show a stop token, its piece of step n+1 is discarded. Requests
+that end by length are known on the host and never scheduled past their last token. The results
+equal the non-overlapped engine's (`overlap=False`: each step's results are read before the next
+is packed). `stats()` reports the host time per step (schedule, pack, dispatch) and the time the
+host waited for the device.
 
 Packing. The pieces of one step are packed back to back into a `StepBatch`; one-token pieces
 ("decodes") go first (`decode_order="first"`, vLLM's order) or last (`"last"`, SGLang's legacy
 order). A request's logits do not depend on this order, on the other requests in the step or on the
-chunk size: the tests check all three against the full forward pass (the mixed-batch bug, SPEC §7.1).
+chunk size beyond float rounding: the tests check all three against the full forward pass (the
+mixed-batch bug, SPEC §7.1).
 
 Shapes and compilations. R (request rows) is always `max_batch`; padding rows have slot -1. A step
 whose pieces are all one token is decode-only: T == R, tokens in row order, the decode kernels. Any
 other step pads T up to the next of `t_buckets` (powers of two from 8, capped at `max_tokens`), its
-padding tokens belonging to the dummy row R. So each kind of step ("score": float32 logits [T, V];
-"sample": one sampled token per row) compiles at most `len(t_buckets) + 1` times; `compile_count`
-counts the traces and `buckets()` lists every shape a run can hit.
+padding tokens belonging to the dummy row R. Each kind of step ("score": float32 logits [T, V];
+"sample": one sampled token per row; "+top": also the top-20 logprobs; a step holding score and
+sample requests does both) compiles at most `len(t_buckets) + 1` times; `compile_count` counts the
+traces this engine caused and `buckets()` lists every shape a run can hit. The compiled steps live
+in jit's cache of one module-level function whose static argument is the model's graph definition:
+engines of structurally identical models (and the same mesh and kernels) share them.
 
 Sampling runs on device inside the step: greedy (temperature 0), temperature, top-k, top-p. The key
-of request i's n-th new token is fold_in(fold_in(key(seed), i), n): a run is reproducible for a
-seed and a sample does not depend on batching. Generation stops at a stop token (the config's EOS
-ids unless `ignore_eos` or `stop_token_ids` says otherwise; the stop token is included in
-`token_ids`), after `max_new_tokens`, or when prompt + new tokens fill the context (`max_len` tokens; a prompt
-may therefore hold at most max_len - 1 tokens for `generate`, max_len for `score`).
+of a request's n-th new token is fold_in(fold_in(key(seed), index), n), index being the prompt's
+position in `generate` (`sample_index` of add_request, default 0): a run is reproducible for a seed
+and a sample does not depend on batching. Logprobs (`SamplingParams.logprobs`) are those of the raw
+float32 logits (log_softmax, before temperature or filters). Generation stops at a stop token (the
+config's EOS ids unless `ignore_eos` or `stop_token_ids` says otherwise; the stop token is included
+in `token_ids`), after `max_new_tokens`, or when prompt + new tokens fill the context (`max_len`
+tokens; a prompt may therefore hold at most max_len - 1 tokens for `generate`, max_len for `score`).
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import itertools
 import logging
 import math
-import weakref
+import threading
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -49,11 +80,13 @@ from flax import nnx
 
 from lingjax.batch import StepBatch
 from lingjax.cache import SlotAllocator
+from lingjax.kernels.linear_attention import IMPLS as KERNELS   # the `kernels` choices
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LEN = 4096
 MIN_T_BUCKET = 8
+MAX_LOGPROBS = 20                 # top logprobs a request may ask for (OpenAI's limit)
 
 
 class EngineError(ValueError):
@@ -61,9 +94,19 @@ class EngineError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------- API types
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """As in vLLM / HF: temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off."""
+    """As in vLLM / HF: temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off.
+    logprobs: None returns none; n >= 0 returns each new token's logprob and the n most likely
+    tokens' (n <= 20), from the raw float32 logits."""
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_k: int = 0
@@ -71,18 +114,24 @@ class SamplingParams:
     seed: int = 0
     stop_token_ids: tuple[int, ...] | None = None   # None: the model config's EOS ids
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def validate(self) -> None:
-        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+        if not (_is_int(self.max_new_tokens) and self.max_new_tokens >= 1):
             raise EngineError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+        if not (_is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0):
             raise EngineError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+        if not (_is_int(self.top_k) and self.top_k >= 0):
             raise EngineError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not (0.0 < self.top_p <= 1.0):
+        if not (_is_number(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise EngineError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.seed, int):
+        if not _is_int(self.seed):
             raise EngineError(f"seed must be an integer, got {self.seed!r}")
+        if self.stop_token_ids is not None and (isinstance(self.stop_token_ids, (str, bytes)) or not all(
+                _is_int(t) for t in self.stop_token_ids)):
+            raise EngineError(f"stop_token_ids must be a sequence of token ids, got {self.stop_token_ids!r}")
+        if self.logprobs is not None and not (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise EngineError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
 
 @dataclasses.dataclass
@@ -90,51 +139,78 @@ class GenerationOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]          # the new tokens, a final stop token included
     finish_reason: str            # "stop" (stop token), "length" (max_new_tokens or context full)
+    logprobs: list[float] | None = None                        # with SamplingParams.logprobs
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclasses.dataclass
+class RequestOutput:
+    """What one `step()` did for one request."""
+    request_id: str
+    new_token_ids: list[int]            # tokens produced by this step (0 or more; usually 1)
+    new_logprobs: list[float] | None    # logprob (log_softmax of the raw float32 logits) of each new token
+    new_top_logprobs: list[list[tuple[int, float]]] | None   # per new token, the top-n (id, logprob)
+    finished: bool
+    finish_reason: str | None           # "stop" | "length" | "abort"
+    prompt_len: int
+    num_generated: int                  # total so far
+    logits: np.ndarray | None = None    # score requests: float32 [len, V] when finished
+
+
+@dataclasses.dataclass(eq=False)
 class _Request:
-    index: int
-    tokens: list[int]             # prompt, then generated tokens
+    id: str
+    tokens: list[int]             # prompt, then generated tokens that reached the host
     prompt_len: int
     max_new: int                  # 0 = score request
-    slot: int = -1
-    fed: int = 0                  # tokens already in the slot's cache
-    logits: list = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None
     params: SamplingParams | None = None
     stop: frozenset = frozenset()
+    index: int = 0                # sample_index: the key is fold_in(fold_in(key(seed), index), n)
+    slot: int = -1
+    fed: int = 0                  # tokens in dispatched pieces (in the cache once those steps ran)
+    inflight: int = 0             # new tokens of dispatched steps that have not reached the host
+    src_row: int = -1             # row of the in-flight token in the last dispatched step's output
+    logits: list = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
 
     @property
-    def pending(self) -> int:
-        return len(self.tokens) - self.fed
+    def score(self) -> bool:
+        return self.max_new == 0
+
+    @property
+    def total(self) -> int:
+        """Tokens the request will hold once every dispatched step has come back."""
+        return len(self.tokens) + self.inflight
+
+
+def check_tokens(s, *, vocab_size: int, max_len: int, what: str = "sequence", room: int = 0) -> list[int]:
+    """Validate one token-id list (non-empty, ids in [0, vocab_size), at most max_len - room tokens)
+    -> a plain int list. Raises EngineError naming `what`."""
+    if isinstance(s, np.ndarray):
+        s = s.tolist()
+    if isinstance(s, (str, bytes, dict)) or not isinstance(s, Sequence):
+        raise EngineError(f"{what}: expected a list of token ids, got {type(s).__name__}")
+    if len(s) == 0:
+        raise EngineError(f"{what} is empty")
+    for j, t in enumerate(s):
+        if not _is_int(t):
+            raise EngineError(f"{what}: token {j} is {t!r}, not an integer id")
+        if not 0 <= t < vocab_size:
+            raise EngineError(f"{what}: token id {t} at position {j} is outside the vocabulary [0, {vocab_size})")
+    if len(s) > max_len - room:
+        extra = " with room for one new token" if room else ""
+        raise EngineError(f"{what} has {len(s)} tokens; the context (max_len={max_len}) holds "
+                          f"{max_len - room}{extra}")
+    return [int(t) for t in s]
 
 
 def check_token_lists(seqs, *, vocab_size: int, max_len: int, what: str = "sequence", room: int = 0) -> list[list[int]]:
-    """Validate a list of token-id lists (non-empty, ids in [0, vocab_size), at most max_len - room
-    tokens) -> plain int lists. Raises EngineError naming the first bad sequence."""
+    """Validate a list of token-id lists (see check_tokens) -> plain int lists. Raises EngineError
+    naming the first bad sequence ("sequence 3 is empty")."""
     if isinstance(seqs, (str, bytes, dict)) or not isinstance(seqs, (Sequence, np.ndarray)):
         raise EngineError(f"expected a list of token-id lists, got {type(seqs).__name__}")
-    out = []
-    for i, s in enumerate(seqs):
-        if isinstance(s, np.ndarray):
-            s = s.tolist()
-        if isinstance(s, (str, bytes)) or not isinstance(s, Sequence):
-            raise EngineError(f"{what} {i}: expected a list of token ids, got {type(s).__name__}")
-        if len(s) == 0:
-            raise EngineError(f"{what} {i} is empty")
-        for j, t in enumerate(s):
-            if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-                raise EngineError(f"{what} {i}: token {j} is {t!r}, not an integer id")
-            if not 0 <= t < vocab_size:
-                raise EngineError(f"{what} {i}: token id {t} at position {j} is outside the vocabulary "
-                                  f"[0, {vocab_size})")
-        if len(s) > max_len - room:
-            extra = " with room for one new token" if room else ""
-            raise EngineError(f"{what} {i} has {len(s)} tokens; the context (max_len={max_len}) holds "
-                              f"{max_len - room}{extra}")
-        out.append([int(t) for t in s])
-    return out
+    return [check_tokens(s, vocab_size=vocab_size, max_len=max_len, what=f"{what} {i}", room=room)
+            for i, s in enumerate(seqs)]
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -164,51 +240,108 @@ def sample(logits, temperature, top_k, top_p, seeds, request_ids, counters):
     return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
 
 
-# --------------------------------------------------------------------------------------------- jitted steps
-_TRACES = collections.Counter()          # (engine id, kind, T, decode_only) -> traces; see Engine.compile_count
-_active_engine: list = [None]
-# Compiled steps, shared by every engine whose model has the same graph definition (a structurally
-# identical model: same config, dtype and modules) and mesh; by model object when the graphdef is
-# unhashable (e.g. a config holding a dict).
-_JIT: dict = {}
-_JIT_BY_MODEL = weakref.WeakKeyDictionary()
+# --------------------------------------------------------------------------------------------- jitted step
+def _kind(mode) -> str:
+    """(logits, sample, top) -> "score", "sample", "sample+top", "score+sample", ..."""
+    return "+".join(n for n, on in zip(("score", "sample", "top"), mode) if on)
+
+
+class _Graph:
+    """The static argument of the jitted step: the model's graph definition, config and mesh. Equal
+    (and equally hashed) for structurally identical models, so that engines of such models share
+    the compiled steps in jit's cache; by identity when the graph definition is unhashable (e.g. a
+    config holding a dict). `traces` is the calling engine's counter, outside equality: a trace
+    counts against the engine whose call caused it."""
+
+    def __init__(self, graphdef, cfg, mesh, traces: collections.Counter):
+        self.graphdef, self.cfg, self.mesh, self.traces = graphdef, cfg, mesh, traces
+        try:
+            self._hash, self._by_value = hash((graphdef, mesh)), True
+        except TypeError:
+            self._hash, self._by_value = id(graphdef), False
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        if not isinstance(other, _Graph) or self.mesh != other.mesh:
+            return False
+        if self._by_value and other._by_value:
+            return self.graphdef == other.graphdef
+        return self.graphdef is other.graphdef
+
+
+@functools.partial(jax.jit, static_argnames=("graph", "mode"), donate_argnames=("caches",))
+def _step_fn(state, caches, batch, take, prev, rows, temperature, top_k, top_p, seeds, request_ids, counters,
+             *, graph: _Graph, mode: tuple[bool, bool, bool]):
+    """One engine step. take [T]: for each packed token, the row of `prev` (the previous step's
+    sampled tokens [R], still on the device) it is, or -1 to use batch.tokens. mode (static):
+    (full logits [T, V] for score requests, sample one token per row, top-20 logprobs) ->
+    (logits | None, tokens [R], logprobs [R] | None, top ids [R, 20] | None, top logprobs | None, caches)."""
+    from lingjax import sharding
+    want_logits, want_sample, want_top = mode
+    graph.traces[(_kind(mode), batch.tokens.shape[0], batch.decode_only)] += 1
+    model_step = sharding.shard_step(graph.graphdef, graph.cfg, graph.mesh)   # plain model.step without a mesh
+    tokens = jnp.where(take >= 0, prev[jnp.maximum(take, 0)], batch.tokens)
+    batch = dataclasses.replace(batch, tokens=tokens)
+    R = rows.shape[0]
+    if want_logits:
+        logits, caches = model_step(state, batch, caches)
+        row_logits = logits[rows]
+    else:
+        logits = None
+        row_logits, caches = model_step(state, batch, caches, rows)
+    toks, lp, top_ids, top_lp = jnp.zeros(R, jnp.int32), None, None, None
+    if want_sample:
+        toks = sample(row_logits, temperature, top_k, top_p, seeds, request_ids, counters)
+        logp = jax.nn.log_softmax(row_logits, axis=-1)
+        lp = jnp.take_along_axis(logp, toks[:, None], axis=-1)[:, 0]
+        if want_top:
+            top_lp, top_ids = jax.lax.top_k(logp, MAX_LOGPROBS)
+    out = (toks, lp, top_ids, top_lp)
+    if graph.mesh is not None:     # every process reads the sampled tokens
+        out = jax.lax.with_sharding_constraint(out, sharding.replicated(graph.mesh))
+    return (logits,) + out + (caches,)
 
 
 def clear_compiled() -> None:
     """Forget every compiled step (the next step of each shape compiles again)."""
-    _JIT.clear()
-    _JIT_BY_MODEL.clear()
+    _step_fn.clear_cache()
 
 
-def _jitted_steps(model, graphdef, mesh=None):
-    try:
-        hash(graphdef)
-        cache, key = _JIT, (graphdef, mesh)
-    except TypeError:
-        cache, key = _JIT_BY_MODEL.setdefault(model, {}), mesh
-    if key in cache:
-        return cache[key]
-    from lingjax import sharding
-    model_step = sharding.shard_step(graphdef, model.cfg, mesh)    # plain model.step when mesh is None
+@dataclasses.dataclass
+class _Flight:
+    """A dispatched step whose results have not been read: its pieces and the device outputs."""
+    pieces: list                  # [(request, n_tokens)] in packed order
+    produces: list                # per piece: it yields a new token (sample requests) / ends the request (score)
+    outputs: tuple                # (logits, tokens, logprobs, top ids, top logprobs) device arrays (or None)
+    top_n: list                   # per piece: top logprobs the request wants
 
-    def note(kind, batch):
-        _TRACES[(_active_engine[0], kind, batch.tokens.shape[0], batch.decode_only)] += 1
 
-    def score_step(state, caches, batch):
-        note("score", batch)
-        return model_step(state, batch, caches)
+class _Guard:
+    """Refuses a second engine call while one runs (a callback calling back in, or another thread)."""
 
-    def sample_step(state, caches, batch, rows, temperature, top_k, top_p, seeds, request_ids, counters):
-        note("sample", batch)
-        logits, caches = model_step(state, batch, caches, rows)
-        toks = sample(logits, temperature, top_k, top_p, seeds, request_ids, counters)
-        if mesh is not None:     # every process reads the sampled tokens
-            toks = jax.lax.with_sharding_constraint(toks, sharding.replicated(mesh))
-        return toks, caches
+    def __init__(self):
+        self._lock, self.holder = threading.Lock(), None
 
-    fns = (jax.jit(score_step, donate_argnums=1), jax.jit(sample_step, donate_argnums=1))
-    cache[key] = fns
-    return fns
+    def __call__(self, what: str):
+        return _Held(self, what)
+
+
+class _Held:
+    def __init__(self, guard, what):
+        self.guard, self.what = guard, what
+
+    def __enter__(self):
+        if not self.guard._lock.acquire(blocking=False):
+            raise EngineError(f"Engine.{self.what}() called while Engine.{self.guard.holder}() is running: the engine "
+                              f"is not re-entrant (do not call it from an on_token/on_output callback) and not "
+                              f"thread-safe (use lingjax.engine_loop.EngineLoop to submit from other threads)")
+        self.guard.holder = self.what
+
+    def __exit__(self, *exc):
+        self.guard.holder = None
+        self.guard._lock.release()
 
 
 # --------------------------------------------------------------------------------------------- engine
@@ -224,19 +357,25 @@ class Engine:
     tp / mesh      tensor parallelism (lingjax.sharding): `tp=N` shards over the first N devices, or pass a
                    mesh from sharding.make_mesh; params and caches are placed on it, and each step runs
                    inside one shard_map. Default: one device, no collectives.
+    kernels        linear-attention kernel backend, one of KERNELS; None keeps the model's choice (by
+                   default: by jax.default_backend()). The engine runs a copy of the model's modules
+                   with this setting (the parameters are shared, not copied).
+    overlap        dispatch step n+1 before reading step n's results (module docstring); False reads
+                   each step's results before packing the next (for debugging and to measure the gain)
     """
 
     def __init__(self, model, *, max_batch: int = 8, prefill_chunk: int = 256, max_len: int | None = None,
                  num_slots: int | None = None, max_tokens: int | None = None, decode_order: str = "first",
-                 state_dtype=jnp.float32, latent_dtype=None, tp: int | None = None, mesh=None):
+                 state_dtype=jnp.float32, latent_dtype=None, tp: int | None = None, mesh=None,
+                 kernels: str | None = None, overlap: bool = True):
         cfg = model.cfg
-        self.model, self.cfg = model, cfg
+        self.cfg = cfg
         if max_len is None:
             max_len = min(cfg.max_position_embeddings, DEFAULT_MAX_LEN)
         num_slots = max_batch if num_slots is None else num_slots
         for name, v in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk), ("max_len", max_len),
                         ("num_slots", num_slots)):
-            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            if not (_is_int(v) and v >= 1):
                 raise EngineError(f"{name} must be an integer >= 1, got {v!r}")
         if max_len > cfg.max_position_embeddings:
             raise EngineError(f"max_len={max_len} exceeds the model's max_position_embeddings="
@@ -244,12 +383,15 @@ class Engine:
         if num_slots < max_batch:
             raise EngineError(f"num_slots={num_slots} < max_batch={max_batch}: every running request needs a slot")
         max_tokens = max_batch * prefill_chunk if max_tokens is None else max_tokens
-        if not (isinstance(max_tokens, int) and max_tokens >= max_batch):
+        if not (_is_int(max_tokens) and max_tokens >= max_batch):
             raise EngineError(f"max_tokens must be an integer >= max_batch={max_batch}, got {max_tokens!r}")
         if decode_order not in ("first", "last"):
             raise EngineError(f"decode_order must be 'first' or 'last', got {decode_order!r}")
+        if kernels is not None and kernels not in KERNELS:
+            raise EngineError(f"kernels must be None or one of {', '.join(KERNELS)}; got {kernels!r}")
         self.max_batch, self.prefill_chunk, self.max_len = max_batch, prefill_chunk, max_len
         self.num_slots, self.max_tokens, self.decode_order = num_slots, max_tokens, decode_order
+        self.overlap = bool(overlap)
         b, self.t_buckets = MIN_T_BUCKET, []
         while b < max_tokens:
             self.t_buckets.append(b)
@@ -262,81 +404,286 @@ class Engine:
         if mesh is not None and sharding.tp_of(mesh) == 1 and jax.process_count() == 1:
             mesh = None
         self.mesh = mesh
+        if kernels is not None:
+            model = _with_kernels(model, kernels)
+        self.model = model
+        self.kernels = kernels
         self.graphdef, self.state = nnx.split(model)
         if mesh is not None:
             self.state = _engine_error(sharding.shard_state, self.state, cfg, mesh)
-        self._score_step, self._sample_step = _jitted_steps(model, self.graphdef, mesh)
+        self._traces = collections.Counter()         # (kind, T, decode_only) -> traces this engine caused
+        self._graph = _Graph(self.graphdef, cfg, mesh, self._traces)
         self.caches = sharding.init_caches(cfg, mesh, num_slots, max_len, state_dtype=state_dtype,
                                            latent_dtype=latent_dtype or model.dtype)
+        self._prev = self._to_device(np.zeros(max_batch, np.int32))    # "previous sampled tokens" of step 0
         self.slots = SlotAllocator(num_slots)
         self.steps = 0
+        self._guard = _Guard()
+        self._ids = itertools.count()
+        self._requests: dict[str, _Request] = {}      # unfinished requests by id
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._running: list[_Request] = []
+        self._flights: collections.deque[_Flight] = collections.deque()
+        self._aborted: list[_Request] = []            # aborted since the last step: reported by the next
+        self._counts = collections.Counter()          # stats: prompt/generated tokens, host and wait seconds
 
     # ----------------------------------------------------------------------------- introspection
     def buckets(self, kind: str | None = None) -> list[tuple[str, int, bool]]:
-        """Every (kind, T, decode_only) step shape this engine can compile."""
+        """Every (kind, T, decode_only) step shape this engine can compile (kind default: "score" and
+        "sample"; the others are "sample+top", "score+sample", "score+sample+top")."""
         kinds = (kind,) if kind else ("score", "sample")
         return [(k, self.max_batch, True) for k in kinds] + [(k, t, False) for k in kinds for t in self.t_buckets]
 
     def compiled_shapes(self) -> dict[tuple[str, int, bool], int]:
-        return {k[1:]: n for k, n in _TRACES.items() if k[0] == id(self)}
+        return dict(self._traces)
 
     @property
     def compile_count(self) -> int:
         """Compilations (traces) of the step this engine caused. Engines of structurally identical
         models share compiled steps, so a later engine may cause fewer."""
-        return sum(self.compiled_shapes().values())
+        return sum(self._traces.values())
 
-    # ----------------------------------------------------------------------------- public API
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def has_unfinished(self) -> bool:
+        """Whether a request is waiting or running, or an abort is still to be reported by step()."""
+        return bool(self._requests or self._aborted)
+
+    def stats(self) -> dict:
+        """Counters (a snapshot; safe to read from any thread): requests running (holding a slot) /
+        waiting, free slots, steps, prompt tokens fed, tokens generated, and the host's time:
+        `host_seconds` scheduling, packing and dispatching steps (steps that compiled are counted in
+        `compile_seconds` instead), `wait_seconds` blocked on the device for results; the per-step
+        means over the steps that did not compile."""
+        c, n = self._counts, max(self._counts["timed_steps"], 1)
+        return dict(running=len(self._running), waiting=len(self._waiting), free_slots=self.slots.num_free,
+                    steps=self.steps, prompt_tokens=c["prompt_tokens"], generated_tokens=c["generated_tokens"],
+                    host_seconds=c["host_seconds"], wait_seconds=c["wait_seconds"],
+                    host_ms_per_step=1e3 * c["host_seconds"] / n, wait_ms_per_step=1e3 * c["wait_seconds"] / n,
+                    compilations=self.compile_count, compile_seconds=c["compile_seconds"], overlap=self.overlap)
+
+    def reset_stats(self) -> None:
+        """Zero the token and time counters of stats() (e.g. after a warm-up)."""
+        self._counts.clear()
+
+    # ----------------------------------------------------------------------------- incremental API
+    def check_request(self, prompt: Sequence[int], params: SamplingParams | None = None, *,
+                      score: bool = False) -> list[int]:
+        """Validate a request without adding it (any thread) -> the prompt as a plain int list.
+        Raises EngineError with a one-line message."""
+        if not score:
+            if params is None:
+                params = SamplingParams()
+            if not isinstance(params, SamplingParams):
+                raise EngineError(f"expected SamplingParams, got {type(params).__name__}")
+            params.validate()
+        return check_tokens(prompt, vocab_size=self.cfg.vocab_size, max_len=self.max_len, what="prompt",
+                            room=0 if score else 1)
+
+    def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None, *,
+                    request_id: str | None = None, score: bool = False, sample_index: int = 0) -> str:
+        """Queue a request -> its id (request_id, or a new one). score=True: a teacher-forced scoring
+        request (params ignored; its finishing RequestOutput carries the float32 [len, V] logits).
+        sample_index: the `index` of the sampling key (module docstring); requests with the same seed
+        and index draw the same random numbers. Raises EngineError on bad input."""
+        with self._guard("add_request"):
+            return self._add(prompt, params, request_id=request_id, score=score, index=sample_index)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request: its slot is free at once (or it leaves the queue). The next step() reports it
+        finished with finish_reason "abort". False if no such unfinished request."""
+        with self._guard("abort"):
+            return self._abort(request_id)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step -> the outputs of the requests that got tokens or finished (with
+        overlap, the step whose results are read is the previous one; the new one is dispatched
+        first)."""
+        with self._guard("step"):
+            return self._step()
+
+    # ----------------------------------------------------------------------------- batch API
     def score(self, sequences: Sequence[Sequence[int]], *, progress: Callable[[int], None] | None = None
               ) -> list[np.ndarray]:
         """Teacher-forced next-token logits: one float32 [len_i, vocab] array per sequence."""
-        reqs = [_Request(i, toks, len(toks), 0) for i, toks in enumerate(self._check(sequences, "sequence", 0))]
-        self._run(reqs, "score", progress)
-        return [np.concatenate(r.logits, axis=0) for r in reqs]
+        with self._guard("score"):
+            seqs = self._check(sequences, "sequence", 0)
+            self._check_idle("score")
+            ids = [self._add(s, None, score=True) for s in seqs]
+            done = self._run(ids, progress)
+            return [done[i].logits for i in ids]
 
     def generate(self, prompts: Sequence[Sequence[int]],
                  params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  on_token: Callable[[int, int], None] | None = None,
                  progress: Callable[[int], None] | None = None) -> list[GenerationOutput]:
         """Sample a continuation of each prompt, with one SamplingParams for all or one per prompt.
-        on_token(i, token) is called as request i gets a token; progress(n) as n more requests finish."""
-        prompts = self._check(prompts, "prompt", 1)
-        params = params or SamplingParams()
-        per = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        if len(per) != len(prompts):
-            raise EngineError(f"{len(per)} SamplingParams for {len(prompts)} prompts")
-        reqs = []
-        for i, (p, sp) in enumerate(zip(prompts, per)):
-            if not isinstance(sp, SamplingParams):
-                raise EngineError(f"prompt {i}: expected SamplingParams, got {type(sp).__name__}")
-            sp.validate()
-            stop = () if sp.ignore_eos else self.cfg.eos_ids if sp.stop_token_ids is None else sp.stop_token_ids
-            reqs.append(_Request(i, list(p), len(p), sp.max_new_tokens, params=sp, stop=frozenset(stop)))
-        self._run(reqs, "sample", progress, on_token)
-        return [GenerationOutput(r.tokens[:r.prompt_len], r.tokens[r.prompt_len:], r.finish_reason) for r in reqs]
+        on_token(i, token) is called as request i gets a token; progress(n) as n more requests finish.
+        The callbacks must not call the engine (EngineError)."""
+        with self._guard("generate"):
+            prompts = self._check(prompts, "prompt", 1)
+            params = params or SamplingParams()
+            per = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+            if len(per) != len(prompts):
+                raise EngineError(f"{len(per)} SamplingParams for {len(prompts)} prompts")
+            for i, sp in enumerate(per):
+                if not isinstance(sp, SamplingParams):
+                    raise EngineError(f"prompt {i}: expected SamplingParams, got {type(sp).__name__}")
+                sp.validate()
+            self._check_idle("generate")
+            ids = [self._add(p, sp, index=i) for i, (p, sp) in enumerate(zip(prompts, per))]
+            index = {rid: i for i, rid in enumerate(ids)}
+            results = {rid: ([], [], []) for rid in ids}
+
+            def on_output(o):
+                toks, lps, tops = results[o.request_id]
+                toks += o.new_token_ids
+                if o.new_logprobs is not None:
+                    lps += o.new_logprobs
+                    tops += o.new_top_logprobs
+                if on_token is not None:
+                    for t in o.new_token_ids:
+                        on_token(index[o.request_id], t)
+
+            done = self._run(ids, progress, on_output)
+            outs = []
+            for rid, p, sp in zip(ids, prompts, per):
+                toks, lps, tops = results[rid]
+                lp = (lps, tops) if sp.logprobs is not None else (None, None)
+                outs.append(GenerationOutput(p, toks, done[rid].finish_reason, *lp))
+            return outs
 
     # ----------------------------------------------------------------------------- internals
     def _check(self, seqs, what, room):
         return check_token_lists(seqs, vocab_size=self.cfg.vocab_size, max_len=self.max_len, what=what, room=room)
 
-    def _schedule(self, waiting: collections.deque, running: list) -> list[tuple[_Request, int]]:
-        while waiting and len(running) < self.max_batch and self.slots.num_free:
-            r = waiting.popleft()
+    def _check_idle(self, what):
+        if self._requests or self._aborted:
+            raise EngineError(f"Engine.{what}() needs an idle engine: {len(self._requests)} requests added with "
+                              f"add_request are unfinished (step() them to the end or abort() them)")
+
+    def _to_device(self, a):
+        if self.mesh is not None and jax.process_count() > 1:
+            return _global(a, self.mesh)
+        return jnp.asarray(a)
+
+    def _add(self, prompt, params, *, request_id=None, score=False, index=0) -> str:
+        prompt = self.check_request(prompt, params, score=score)
+        if not _is_int(index):
+            raise EngineError(f"sample_index must be an integer, got {index!r}")
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+            while request_id in self._requests:
+                request_id = f"req-{next(self._ids)}"
+        elif not isinstance(request_id, str) or not request_id:
+            raise EngineError(f"request_id must be a non-empty string, got {request_id!r}")
+        elif request_id in self._requests:
+            raise EngineError(f"request_id {request_id!r} is already in use by an unfinished request")
+        if score:
+            r = _Request(request_id, prompt, len(prompt), 0)
+        else:
+            sp = params or SamplingParams()
+            stop = () if sp.ignore_eos else self.cfg.eos_ids if sp.stop_token_ids is None else sp.stop_token_ids
+            r = _Request(request_id, prompt, len(prompt), sp.max_new_tokens, params=sp,
+                         stop=frozenset(int(t) for t in stop), index=int(index))
+        self._requests[request_id] = r
+        self._waiting.append(r)
+        return request_id
+
+    def _abort(self, request_id) -> bool:
+        r = self._requests.get(request_id)
+        if r is None:
+            return False
+        self._finish(r, "abort")
+        self._aborted.append(r)
+        return True
+
+    def _finish(self, r: _Request, reason: str) -> None:
+        """Mark r finished and give its slot back (a later in-flight piece of r is then discarded).
+        A slot is given back as soon as no more pieces of its request will be dispatched, even with
+        the request's last step still in flight: the device runs steps in order, so those cache
+        writes land before the slot's next user's first (fresh) step."""
+        r.finish_reason = reason
+        del self._requests[r.id]
+        if r.slot >= 0:
+            self._release(r)
+        elif r.fed == 0:
+            self._waiting.remove(r)
+
+    def _release(self, r: _Request) -> None:
+        self._running.remove(r)
+        self.slots.free(r.slot)
+        r.slot = -1
+
+    def _run(self, ids, progress, on_output=None) -> dict:
+        """Step until the requests `ids` (all the engine's) finish -> id -> their _Request."""
+        reqs = {i: self._requests[i] for i in ids}
+        try:
+            while self._requests:
+                outs = self._step()
+                n_done = 0
+                for o in outs:
+                    if o.logits is not None:
+                        reqs[o.request_id].logits = o.logits
+                    if on_output is not None:
+                        on_output(o)
+                    n_done += o.finished
+                if n_done and progress is not None:
+                    progress(n_done)
+            self._drain()
+        except BaseException:
+            self._reset()
+            raise
+        return reqs
+
+    def _reset(self) -> None:
+        """After a failed or interrupted step: every request aborted, the slots free, nothing in flight,
+        so that the engine stays usable."""
+        self._flights.clear()
+        for r in list(self._requests.values()):
+            self._finish(r, "abort")
+        self._aborted.clear()
+        self._prev = self._to_device(np.zeros(self.max_batch, np.int32))
+
+    def _drain(self) -> list[RequestOutput]:
+        outs = []
+        while self._flights:
+            outs += self._collect(self._flights.popleft())
+        return outs
+
+    def _pending(self, r: _Request) -> int:
+        """Tokens of r still to feed: 0 when its last token is in flight or known and it ends there."""
+        total = r.total
+        if not r.score and (total - r.prompt_len >= r.max_new or total >= self.max_len):
+            return 0
+        return total - r.fed
+
+    def _schedule(self) -> list[tuple[_Request, int]]:
+        while self._waiting and len(self._running) < self.max_batch and self.slots.num_free:
+            r = self._waiting.popleft()
             r.slot = self.slots.alloc()
-            running.append(r)
+            self._running.append(r)
         budget = self.max_tokens
-        decodes = [(r, 1) for r in running if r.pending == 1]
+        pending = [(r, self._pending(r)) for r in self._running]
+        decodes = [(r, 1) for r, p in pending if p == 1]
         budget -= len(decodes)
         prefills = []
-        for r in running:
-            if r.pending > 1 and budget > 0:
-                n = min(self.prefill_chunk, r.pending, budget)
+        for r, p in pending:
+            if p > 1 and budget > 0:
+                n = min(self.prefill_chunk, p, budget)
                 prefills.append((r, n))
                 budget -= n
         return decodes + prefills if self.decode_order == "first" else prefills + decodes
 
     def _pack(self, pieces):
-        """Pieces [(request, n_tokens)] -> host arrays of a StepBatch (+ decode_only)."""
+        """Pieces [(request, n_tokens)] -> host arrays of a StepBatch (+ decode_only) and `take` [T]
+        (the previous step's output row of a token still on the device, else -1)."""
         R = self.max_batch
         decode_only = all(n == 1 for _, n in pieces)
         n_tok = sum(n for _, n in pieces)
@@ -344,12 +691,16 @@ class Engine:
         tokens = np.zeros(T, np.int32)
         positions = np.zeros(T, np.int32)
         token_seq = np.full(T, R, np.int32)
+        take = np.full(T, -1, np.int32)
         slots = np.full(R, -1, np.int32)
         fresh = np.zeros(R, bool)
         cu = np.zeros(R + 1, np.int32)
         off = 0
         for i, (r, n) in enumerate(pieces):
-            tokens[off:off + n] = r.tokens[r.fed:r.fed + n]
+            known = min(n, len(r.tokens) - r.fed)      # n - known == 1: the token in flight
+            tokens[off:off + known] = r.tokens[r.fed:r.fed + known]
+            if known < n:
+                take[off + known] = r.src_row
             positions[off:off + n] = np.arange(r.fed, r.fed + n)
             token_seq[off:off + n] = i
             slots[i], fresh[i] = r.slot, r.fed == 0
@@ -357,72 +708,114 @@ class Engine:
             cu[i + 1] = off
         cu[len(pieces) + 1:] = off
         return dict(tokens=tokens, positions=positions, token_seq=token_seq, slots=slots, cu_seqlens=cu,
-                    fresh=fresh, decode_only=decode_only)
+                    fresh=fresh, decode_only=decode_only, take=take)
 
-    def _run(self, reqs, kind, progress, on_token=None):
-        waiting, running = collections.deque(reqs), []
-        R = self.max_batch
-        _active_engine[0] = id(self)
-        try:
-            while waiting or running:
-                pieces = self._schedule(waiting, running)
-                b = self._pack(pieces)
-                batch = StepBatch(**b)
-                if self.mesh is not None and jax.process_count() > 1:
-                    batch = _global(batch, self.mesh)
-                if kind == "score":
-                    logits, self.caches = self._score_step(self.state, self.caches, batch)
-                    logits = np.asarray(logits)
-                    off = 0
-                    for r, n in pieces:
-                        r.logits.append(logits[off:off + n])
-                        off += n
-                else:
-                    rows = np.maximum(b["cu_seqlens"][1:] - 1, 0).astype(np.int32)
-                    ids, counters, top_k = (np.zeros(R, np.int32) for _ in range(3))
-                    temp, top_p, seeds = np.zeros(R, np.float32), np.ones(R, np.float32), np.zeros(R, np.uint32)
-                    for i, (r, _) in enumerate(pieces):
-                        ids[i], counters[i] = r.index, len(r.tokens) - r.prompt_len
-                        sp = r.params
-                        temp[i], top_k[i], top_p[i], seeds[i] = sp.temperature, sp.top_k, sp.top_p, sp.seed % 2 ** 32
-                    host = (rows, temp, top_k, top_p, seeds, ids, counters)
-                    if self.mesh is not None and jax.process_count() > 1:
-                        host = _global(host, self.mesh)
-                    toks, self.caches = self._sample_step(self.state, self.caches, batch, *host)
-                    toks = np.asarray(toks)
-                self.steps += 1
-                finished = []
-                for i, (r, n) in enumerate(pieces):
-                    r.fed += n
-                    if kind == "score":
-                        if r.pending == 0:
-                            r.finish_reason = "length"
-                            finished.append(r)
-                    elif r.pending == 0:                       # the piece reached the end: a new token
-                        t = int(toks[i])
-                        r.tokens.append(t)
-                        if on_token is not None:
-                            on_token(r.index, t)
-                        if t in r.stop:
-                            r.finish_reason = "stop"
-                        elif len(r.tokens) - r.prompt_len >= r.max_new or len(r.tokens) >= self.max_len:
-                            r.finish_reason = "length"
-                        if r.finish_reason:
-                            finished.append(r)
-                for r in finished:
-                    running.remove(r)
-                    self.slots.free(r.slot)
-                    r.slot = -1
-                if finished and progress is not None:
-                    progress(len(finished))
-        except BaseException:
-            # A failed or interrupted run: release the slots so the engine stays usable.
-            for r in running:
-                self.slots.free(r.slot)
-            raise
-        finally:
-            _active_engine[0] = None
-        log.debug("engine: %d steps so far, %d compilations", self.steps, self.compile_count)
+    def _dispatch(self, pieces) -> _Flight:
+        """Pack and launch one step (asynchronously); update the requests' bookkeeping."""
+        R, V = self.max_batch, self.cfg.vocab_size
+        b = self._pack(pieces)
+        take = b.pop("take")
+        rows = np.maximum(b["cu_seqlens"][1:] - 1, 0).astype(np.int32)
+        ids, counters, top_k = (np.zeros(R, np.int32) for _ in range(3))
+        temp, top_p, seeds = np.zeros(R, np.float32), np.ones(R, np.float32), np.zeros(R, np.uint32)
+        produces, top_n = [], []
+        for i, (r, n) in enumerate(pieces):
+            ends = r.fed + n == r.total
+            produces.append(ends)
+            top_n.append(0)
+            if ends and not r.score:
+                sp = r.params
+                ids[i], counters[i] = r.index % 2 ** 31, r.total - r.prompt_len
+                temp[i], top_k[i], top_p[i] = sp.temperature, min(sp.top_k, V), sp.top_p
+                seeds[i] = sp.seed % 2 ** 32
+                top_n[-1] = sp.logprobs or 0
+        want_logits = any(r.score for r, _ in pieces)
+        want_sample = any(p and not r.score for p, (r, _) in zip(produces, pieces))
+        mode = (want_logits, want_sample, any(top_n))
+        batch = StepBatch(**b)
+        host = (take, rows, temp, top_k, top_p, seeds, ids, counters)
+        if self.mesh is not None and jax.process_count() > 1:
+            batch, host = _global(batch, self.mesh), _global(host, self.mesh)
+        logits, toks, lp, top_ids, top_lp, self.caches = _step_fn(
+            self.state, self.caches, batch, host[0], self._prev, *host[1:], graph=self._graph, mode=mode)
+        self._prev = toks
+        self.steps += 1
+        for i, (r, n) in enumerate(pieces):
+            self._counts["prompt_tokens"] += max(0, min(r.fed + n, r.prompt_len) - r.fed)
+            r.fed += n
+            if produces[i] and not r.score:
+                r.inflight += 1
+                r.src_row = i
+            if self._pending(r) == 0:     # all of r is dispatched: its slot is free for the next step
+                self._release(r)
+        return _Flight(pieces, produces, (logits, toks, lp, top_ids, top_lp), top_n)
+
+    def _collect(self, f: _Flight) -> list[RequestOutput]:
+        """Read one dispatched step's results (blocks until the device has them) -> outputs."""
+        t0 = time.perf_counter()
+        logits, toks, lp, top_ids, top_lp = (None if a is None else np.asarray(a) for a in f.outputs)
+        self._counts["wait_seconds"] += time.perf_counter() - t0
+        outs, off = [], 0
+        for i, (r, n) in enumerate(f.pieces):
+            live = r.finish_reason is None                 # else stopped or aborted since: discard
+            if r.score:
+                if live:
+                    r.logits.append(logits[off:off + n])
+                if live and f.produces[i]:
+                    full = np.concatenate(r.logits, axis=0)
+                    r.logits = []
+                    self._finish(r, "length")
+                    outs.append(RequestOutput(r.id, [], None, None, True, "length", r.prompt_len, 0, logits=full))
+            elif f.produces[i]:
+                r.inflight -= 1
+                if live:
+                    outs.append(self._new_token(r, i, toks, lp, top_ids, top_lp, f.top_n[i]))
+            off += n
+        return outs
+
+    def _new_token(self, r, i, toks, lp, top_ids, top_lp, top_n) -> RequestOutput:
+        t = int(toks[i])
+        r.tokens.append(t)
+        self._counts["generated_tokens"] += 1
+        n_new = len(r.tokens) - r.prompt_len
+        reason = ("stop" if t in r.stop else
+                  "length" if n_new >= r.max_new or len(r.tokens) >= self.max_len else None)
+        if reason:
+            self._finish(r, reason)
+        want = r.params.logprobs is not None
+        lps = [float(lp[i])] if want else None
+        tops = [[(int(a), float(b)) for a, b in zip(top_ids[i, :top_n], top_lp[i, :top_n])]
+                if top_n else []] if want else None
+        return RequestOutput(r.id, [t], lps, tops, reason is not None, reason, r.prompt_len, n_new)
+
+    def _step(self) -> list[RequestOutput]:
+        t0, compiles = time.perf_counter(), self.compile_count
+        outs = [RequestOutput(r.id, [], None, None, True, "abort", r.prompt_len, len(r.tokens) - r.prompt_len)
+                for r in self._aborted]
+        self._aborted.clear()
+        pieces = self._schedule()
+        if pieces:
+            self._flights.append(self._dispatch(pieces))
+        dt = time.perf_counter() - t0           # a step that compiled counts as compile time, not host time
+        self._counts["compile_seconds" if self.compile_count > compiles else "host_seconds"] += dt
+        self._counts["compile_steps" if self.compile_count > compiles else "timed_steps"] += 1
+        keep = 1 if (self.overlap and pieces) else 0       # with overlap, the step just launched stays in flight
+        while len(self._flights) > keep:
+            outs += self._collect(self._flights.popleft())
+        if not pieces and not self._flights and self._requests and not outs:
+            raise RuntimeError(f"engine stalled: {len(self._requests)} unfinished requests and nothing to run")
+        return outs
+
+
+def _with_kernels(model, kernels: str):
+    """A copy of the model's modules (sharing its parameter arrays) whose kernel-calling layers use
+    `kernels`."""
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, state)
+    for _, m in nnx.iter_modules(model) if hasattr(nnx, "iter_modules") else model.iter_modules():
+        if hasattr(m, "kernels"):
+            m.kernels = kernels
+    return model
 
 
 def _engine_error(fn, *args):

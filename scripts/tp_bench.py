@@ -133,7 +133,7 @@ def bench_tp(tp, args, cfg, dtype, prompts, log):
     t_init = time.perf_counter() - t0
     B = len(prompts)
     eng = Engine(model, mesh=mesh if tp > 1 else None, max_batch=B, prefill_chunk=args.prompt_len,
-                 max_len=args.prompt_len + args.decode_steps + 8)
+                 max_len=args.prompt_len + args.decode_steps + 8, kernels=args.kernels)
     devices = list(mesh.devices.flat)
     mem_loaded = device_memory(devices)
     pbytes = param_bytes_per_device(model)
@@ -159,7 +159,7 @@ def bench_tp(tp, args, cfg, dtype, prompts, log):
                decode_steps_timed=len(steady), decode_step_ms=1e3 * statistics.median(steady),
                decode_step_ms_min=1e3 * min(steady), tokens_per_s=B / statistics.median(steady),
                param_bytes_per_device=max(pbytes.values()), memory=mem_loaded,
-               memory_after=device_memory(devices), kernels=os.environ.get("LINGJAX_KERNELS", "auto"))
+               memory_after=device_memory(devices), kernels=args.kernels or "auto")
     tokens = [o.token_ids for o in outs]
     del eng, model
     gc.collect()
@@ -184,15 +184,14 @@ def main(argv=None):
     p.add_argument("--check-layers", type=int, default=4, help="layers of the float32 logits check")
     p.add_argument("--check-batch", type=int, default=4, help="prompts of the float32 logits check")
     p.add_argument("--tol", type=float, default=1e-4, help="max relative float32 logits error vs tp=1")
-    p.add_argument("--kernels", default=None, help="LINGJAX_KERNELS for the linear-attention kernels (default: by platform)")
+    p.add_argument("--kernels", default=None, help="linear-attention kernels, the engine's kernels= (default: $LINGJAX_KERNELS, else by platform)")
     p.add_argument("--shrink", action="store_true", help="tiny shapes, for a CPU smoke test")
     p.add_argument("--out", default=None, help="JSON path (default $OUT/tp_bench.json, else ./tp_bench.json)")
     p.add_argument("--coordinator")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
     args = p.parse_args(argv)
-    if args.kernels:
-        os.environ["LINGJAX_KERNELS"] = args.kernels
+    args.kernels = args.kernels or os.environ.get("LINGJAX_KERNELS") or None
 
     import jax
     from lingjax import sharding
@@ -232,9 +231,9 @@ def main(argv=None):
         try:
             row, tokens = bench_tp(tp, args, cfg, dtype, prompts, log)
         except Exception as e:          # keep the rows done so far; a kernel failure falls back once
-            if os.environ.get("LINGJAX_KERNELS") != "reference" and jax.default_backend() == "gpu":
+            if args.kernels != "reference" and jax.default_backend() == "gpu":
                 log(f"tp={tp}: {type(e).__name__}: {str(e).splitlines()[0][:300]} -- retrying with reference kernels")
-                os.environ["LINGJAX_KERNELS"] = "reference"
+                args.kernels = "reference"
                 gc.collect()
                 row, tokens = bench_tp(tp, args, cfg, dtype, prompts, log)
             else:

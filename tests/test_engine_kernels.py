@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lingjax.engine import Engine, clear_compiled
+from lingjax import engine as engine_lib
+from lingjax.engine import Engine, EngineError
 from lingjax.testing import write_tiny_checkpoint
 from lingjax.weights import load_hf
 
@@ -22,7 +23,7 @@ def model(tmp_path_factory):
 
 
 @pytest.mark.parametrize("impl", ["gpu_interpret", "tpu_interpret"])
-def test_engine_score_with_kernels(model, impl, monkeypatch):
+def test_engine_score_with_kernels(model, impl):
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, model.cfg.vocab_size, n).tolist() for n in LENGTHS]
     T = max(LENGTHS)
@@ -30,33 +31,29 @@ def test_engine_score_with_kernels(model, impl, monkeypatch):
     for i, s in enumerate(seqs):
         tokens[i, :len(s)] = s
     full = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(tokens)))
-    monkeypatch.setenv("LINGJAX_KERNELS", impl)
-    clear_compiled()                         # the dispatch choice is made at trace time
-    try:
-        for order in ("first", "last"):
-            eng = Engine(model, max_batch=3, prefill_chunk=5, max_len=32, decode_order=order)
-            out = eng.score(seqs)
-            for i, (o, n) in enumerate(zip(out, LENGTHS)):
-                ref = full[i, :n]
-                assert np.abs(o - ref).max() / np.abs(ref).max() <= 1e-5, (impl, order, i)
-    finally:
-        clear_compiled()
+    for order in ("first", "last"):
+        eng = Engine(model, max_batch=3, prefill_chunk=5, max_len=32, decode_order=order, kernels=impl)
+        out = eng.score(seqs)
+        for i, (o, n) in enumerate(zip(out, LENGTHS)):
+            ref = full[i, :n]
+            assert np.abs(o - ref).max() / np.abs(ref).max() <= 1e-5, (impl, order, i)
 
 
-def test_dispatch_is_read_when_the_step_is_traced(model, monkeypatch):
-    """Guards the test above: the engine's step really consults LINGJAX_KERNELS (a bogus value fails),
-    so the interpret runs do go through the Pallas kernels."""
-    monkeypatch.setenv("LINGJAX_KERNELS", "bogus")
-    clear_compiled()
-    try:
-        with pytest.raises(ValueError, match="bogus"):
-            Engine(model, max_batch=2, prefill_chunk=4, max_len=16).score([[5, 6, 7], [8]])
-    finally:
-        clear_compiled()
+def test_engine_passes_its_kernels_option_to_the_dispatch(model, monkeypatch):
+    """Guards the test above: the engine's `kernels` reaches the dispatch point (a bogus value put on the
+    model's layers fails when the step is traced), so the interpret runs do go through the Pallas
+    kernels; the engine refuses a bogus option itself; the caller's model is left unchanged."""
+    with pytest.raises(EngineError, match="kernels must be None or one of"):
+        Engine(model, max_batch=2, prefill_chunk=4, max_len=16, kernels="bogus")
+    monkeypatch.setattr(engine_lib, "KERNELS", engine_lib.KERNELS + ("bogus",))
+    eng = Engine(model, max_batch=2, prefill_chunk=4, max_len=16, kernels="bogus")
+    assert model.layers[0].attention.kernels is None and eng.model.layers[0].attention.kernels == "bogus"
+    with pytest.raises(ValueError, match="bogus"):
+        eng.score([[5, 6, 7], [8]])
 
 
-def test_engine_score_with_mosaic_gpu_kernels(tmp_path, monkeypatch):
-    """LINGJAX_KERNELS=mosaic_gpu in the engine (Mosaic GPU interpret mode): the engine feeds the
+def test_engine_score_with_mosaic_gpu_kernels(tmp_path):
+    """kernels="mosaic_gpu" in the engine (Mosaic GPU interpret mode): the engine feeds the
     kernels float32 q/k/v (SPEC §2.2), which the Mosaic decode takes (head dim a multiple of 64, so
     a model with head_dim 64) and its prefill leaves to gpu.py's exact f32 kernel. Lengths 9, 9, 1
     with chunks of 8 and two rows: steps (8, 8), then (1, 1) and (1), decode-only (the decode kernel;
@@ -72,12 +69,7 @@ def test_engine_score_with_mosaic_gpu_kernels(tmp_path, monkeypatch):
     for i, s in enumerate(seqs):
         tokens[i, :len(s)] = s
     full = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(tokens)))
-    monkeypatch.setenv("LINGJAX_KERNELS", "mosaic_gpu_interpret")
-    clear_compiled()
-    try:
-        out = Engine(model, max_batch=2, prefill_chunk=8, max_len=32).score(seqs)
-    finally:
-        clear_compiled()
+    out = Engine(model, max_batch=2, prefill_chunk=8, max_len=32, kernels="mosaic_gpu_interpret").score(seqs)
     for i, (o, n) in enumerate(zip(out, lengths)):
         ref = full[i, :n]
         assert np.abs(o - ref).max() / np.abs(ref).max() <= 1e-5, i

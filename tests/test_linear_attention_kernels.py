@@ -368,9 +368,8 @@ def test_reference_chunked_matches_oracle():
 
 
 @pytest.mark.parametrize('impl', ['reference', 'gpu_interpret', 'tpu_interpret', 'mosaic_gpu_interpret'])
-def test_dispatch_default_chunks_inside_shard_map(impl, monkeypatch):
-    """Through the dispatch (env override, production chunk sizes, D=128), inside jit+shard_map."""
-    monkeypatch.setenv('LINGJAX_KERNELS', impl)
+def test_dispatch_default_chunks_inside_shard_map(impl):
+    """Through the dispatch (impl=, production chunk sizes, D=128), inside jit+shard_map."""
     rng = np.random.default_rng(4)
     h, d = 2, 128
     lens = [130, 1, 129]
@@ -387,9 +386,9 @@ def test_dispatch_default_chunks_inside_shard_map(impl, monkeypatch):
     P = jax.sharding.PartitionSpec
 
     def body(q, k, v, g, pool, slots, cu, fresh):
-        o, pool = la.prefill(q, k, v, g, pool, slots, cu, fresh, scale=d ** -0.5)
+        o, pool = la.prefill(q, k, v, g, pool, slots, cu, fresh, scale=d ** -0.5, impl=impl)
         o2, pool = la.decode(q[:3], k[:3], v[:3], g, pool, slots, jnp.zeros_like(fresh),
-                             scale=d ** -0.5)
+                             scale=d ** -0.5, impl=impl)
         return o, o2, pool
 
     f = jax.jit(jax.shard_map(body, mesh=mesh,

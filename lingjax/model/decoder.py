@@ -13,11 +13,12 @@ F32 = jnp.float32
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: BailingConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: BailingConfig, layer: int, *, dtype, rngs: nnx.Rngs, kernels: str | None = None):
+        self.kernels = kernels
         self.is_mla, self.is_moe = cfg.is_mla(layer), cfg.is_moe(layer)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.attention = (MLA(cfg, dtype=dtype, rngs=rngs) if self.is_mla
-                          else LinearAttention(cfg, layer, dtype=dtype, rngs=rngs))
+                          else LinearAttention(cfg, layer, dtype=dtype, rngs=rngs, kernels=kernels))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.mlp = (MoE(cfg, dtype=dtype, rngs=rngs) if self.is_moe
                     else MLP(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.use_bias, dtype=dtype, rngs=rngs))
@@ -38,12 +39,12 @@ class DecoderLayer(nnx.Module):
 class MTPLayer(nnx.Module):
     """NextN layer at model.layers.{L}: MLA + MoE on eh_proj([enorm(embed(t+1)), hnorm(hidden_t)])."""
 
-    def __init__(self, cfg: BailingConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: BailingConfig, layer: int, *, dtype, rngs: nnx.Rngs, kernels: str | None = None):
         d = cfg.hidden_size
         self.enorm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
         self.hnorm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
         self.eh_proj = Dense(2 * d, d, dtype=dtype, rngs=rngs)
-        self.block = DecoderLayer(cfg, layer, dtype=dtype, rngs=rngs)
+        self.block = DecoderLayer(cfg, layer, dtype=dtype, rngs=rngs, kernels=kernels)
         self.final_layernorm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype)
 
     def __call__(self, next_embeds, hidden, positions):
@@ -52,15 +53,20 @@ class MTPLayer(nnx.Module):
 
 
 class BailingModel(nnx.Module):
-    def __init__(self, cfg: BailingConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None, mtp=True):
+    """kernels: the linear-attention kernel backend (lingjax.kernels.linear_attention IMPLS), passed to
+    every layer; None picks by jax.default_backend()."""
+
+    def __init__(self, cfg: BailingConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None, mtp=True,
+                 kernels: str | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
-        self.cfg, self.dtype = cfg, dtype
+        self.cfg, self.dtype, self.kernels = cfg, dtype, kernels
         self.word_embeddings = nnx.Param(init_normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))
-        self.layers = nnx.List([DecoderLayer(cfg, l, dtype=dtype, rngs=rngs) for l in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, l, dtype=dtype, rngs=rngs, kernels=kernels)
+                               for l in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.lm_head = nnx.Param(init_normal(rngs, (cfg.hidden_size, cfg.vocab_size), dtype))   # [d, V]
         L = cfg.num_hidden_layers
-        self.mtp = nnx.List([MTPLayer(cfg, L + i, dtype=dtype, rngs=rngs)
+        self.mtp = nnx.List([MTPLayer(cfg, L + i, dtype=dtype, rngs=rngs, kernels=kernels)
                              for i in range(cfg.num_nextn_predict_layers if mtp else 0)])
 
     def embed(self, tokens):

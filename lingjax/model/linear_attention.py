@@ -20,8 +20,10 @@ def log_decay(cfg: BailingConfig, layer: int, num_heads: int | None = None):
 
 
 class LinearAttention(nnx.Module):
-    def __init__(self, cfg: BailingConfig, layer: int, *, dtype=jnp.bfloat16, rngs: nnx.Rngs):
+    def __init__(self, cfg: BailingConfig, layer: int, *, dtype=jnp.bfloat16, rngs: nnx.Rngs,
+                 kernels: str | None = None):
         self.cfg, self.layer = cfg, layer
+        self.kernels = kernels          # kernel backend (lingjax.kernels.linear_attention); None: by backend
         d, H, D = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
         self.q_proj = Dense(d, H * D, use_bias=cfg.use_qkv_bias, dtype=dtype, rngs=rngs)
         self.k_proj = Dense(d, H * D, use_bias=cfg.use_qkv_bias, dtype=dtype, rngs=rngs)
@@ -82,8 +84,9 @@ class LinearAttention(nnx.Module):
         q, k, v = self.qkv(x, batch.positions)
         g = self.decay(q.shape[-2], head_offset)
         if batch.decode_only:
-            o, state_pool = la.decode(q, k, v, g, state_pool, batch.slots, batch.fresh, scale=self.scale)
+            o, state_pool = la.decode(q, k, v, g, state_pool, batch.slots, batch.fresh, scale=self.scale,
+                                      impl=self.kernels)
         else:
             o, state_pool = la.prefill(q, k, v, g, state_pool, batch.slots, batch.cu_seqlens, batch.fresh,
-                                       scale=self.scale)
+                                       scale=self.scale, impl=self.kernels)
         return self.output(o, x), state_pool

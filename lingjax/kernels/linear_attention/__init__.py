@@ -2,8 +2,8 @@
 
 ``prefill`` and ``decode`` pick an implementation by ``jax.default_backend()``:
 gpu -> Pallas GPU kernels (gpu.py, Triton lowering), tpu -> Pallas Mosaic TPU kernels (tpu.py),
-anything else -> the pure-jnp reference. Override with ``impl=`` or the environment variable
-LINGJAX_KERNELS, one of
+anything else -> the pure-jnp reference. Choose another with ``impl=`` (the model's `kernels`
+option, the engine's `kernels=`, the CLI's `--kernels`), one of
   reference | gpu | tpu | mosaic_gpu | gpu_interpret | tpu_interpret | mosaic_gpu_interpret
 mosaic_gpu: the Pallas Mosaic GPU kernels (mosaic_gpu.py) where they take the inputs (head dim a
 multiple of 64; prefill: bf16/f16 q, k, v), gpu.py's otherwise. Opt-in: on H200 they are correct
@@ -15,7 +15,6 @@ Both functions are traceable inside jit and shard_map (any local head count); pa
 donated so that its update happens in place.
 """
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -28,13 +27,12 @@ IMPLS = ('reference', 'gpu', 'tpu', 'mosaic_gpu', 'gpu_interpret', 'tpu_interpre
 
 
 def _resolve(impl):
-    impl = impl or os.environ.get('LINGJAX_KERNELS') or None
     if impl is None:
         backend = jax.default_backend()
         impl = backend if backend in ('gpu', 'tpu') else 'reference'
     if impl not in IMPLS:
         raise ValueError(f'unknown linear-attention kernel implementation {impl!r}; '
-                         f'expected one of {IMPLS} (argument impl= or env LINGJAX_KERNELS)')
+                         f'expected one of {IMPLS} (argument impl=)')
     return impl
 
 
