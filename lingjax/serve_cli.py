@@ -23,7 +23,7 @@ SERVE_DESCRIPTION = (
 
 
 def serve_arguments(p):
-    from lingjax.cli import _int_at_least, _float_in
+    from lingjax.cli import _add_kernels, _float_in, _int_at_least
     p.add_argument("--model", metavar="PATH",
                    help="checkpoint directory: an HF one (config.json, *.safetensors, tokenizer files) or a "
                         "`lingjax convert` output (with the tokenizer files); default: the model shipped in "
@@ -46,9 +46,7 @@ def serve_arguments(p):
                    help="prompt tokens a request feeds per engine step (chunked prefill); default %(default)s")
     p.add_argument("--tp", type=_int_at_least(1), default=1, metavar="N",
                    help="tensor-parallel degree (devices to shard heads and experts over); default 1")
-    p.add_argument("--kernels", metavar="IMPL", default=None,
-                   help="linear-attention kernel implementation (lingjax.kernels.linear_attention.IMPLS: "
-                        "reference, gpu, tpu, mosaic_gpu, ...); default: by JAX's backend")
+    _add_kernels(p)
     p.add_argument("--shutdown-timeout", type=_float_in(0.0, None, name="seconds"), default=30.0, metavar="S",
                    help="on SIGTERM / Ctrl-C, how long requests in flight may run before they are aborted; "
                         "default %(default)s")
