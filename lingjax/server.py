@@ -622,20 +622,29 @@ def _reason(c: _Choice) -> str | None:
 
 
 def warm_up(engine, *, logprobs: bool = False) -> int:
-    """Compile the engine's sampling step for every token bucket before serving (else the first requests
-    that hit a new step shape wait for its compilation). One generate per bucket T whose first step packs
-    exactly T prompt tokens (prompts of at most prefill_chunk tokens), then a decode step. Call it before
-    the EngineLoop starts. -> the compilations this caused."""
+    """Compile the step shapes serving can hit before serving (else the first requests that hit a new
+    shape wait for its compilation, seconds on a GPU). For every token bucket T: a step that samples
+    (prompts of at most prefill_chunk tokens, T in all, then a decode step) and, when T >= prefill_chunk,
+    a prefill-only step (prompts one token longer than their first chunk: nothing samples). With
+    logprobs=True also the sampling steps that return top logprobs. Call it before the EngineLoop
+    starts. -> the compilations this caused."""
     before = engine.compile_count
-    vocab = engine.cfg.vocab_size
-    for T in engine.t_buckets:
-        lens, left = [], T
-        while left > 0 and len(lens) < engine.max_batch:
-            lens.append(min(left, engine.prefill_chunk, engine.max_len - 1))
-            left -= lens[-1]
+    vocab, c, cap = engine.cfg.vocab_size, engine.prefill_chunk, engine.max_len - 1
+
+    def run(lens):
         prompts = [[3 + (i + j) % max(vocab - 3, 1) for j in range(n)] for i, n in enumerate(lens)]
-        engine.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True,
-                                                logprobs=MAX_LOGPROBS if logprobs else None))
+        for top in ([None, MAX_LOGPROBS] if logprobs else [None]):
+            engine.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True, logprobs=top))
+
+    for T in engine.t_buckets:
+        lens, left = [], T                          # sampling step of T tokens
+        while left > 0 and len(lens) < engine.max_batch:
+            lens.append(min(left, c, cap))
+            left -= lens[-1]
+        run(lens)
+        k = min(T // c, engine.max_batch)           # prefill-only step: k full chunks, none ends its prompt
+        if k and c + 1 <= cap:
+            run([c + 1] * k)
     return engine.compile_count - before
 
 

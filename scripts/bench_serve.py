@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from urllib.parse import urlparse
 
@@ -257,7 +258,8 @@ def start_server(args):
         if line:
             sys.stderr.write(line)
         m = re.search(r"lingjax serve: (\S+) on (http://127\.0\.0\.1:\d+)/v1", line)
-        if m:
+        if m:         # keep reading the server's stderr (a full pipe would stall it)
+            threading.Thread(target=lambda: [sys.stderr.write(x) for x in proc.stderr], daemon=True).start()
             return proc, m.group(2), m.group(1)
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
