@@ -72,22 +72,22 @@ def format_table(rows) -> str:
 
 
 def bench_arguments(p):
-    from lingjax.cli import _add_kernels, _int_at_least
+    from lingjax.cli_common import add_kernels, int_at_least
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="PATH", help="checkpoint directory (HF or converted); default: the shipped "
                                                      "model in checkpoints/")
     src.add_argument("--random-tiny", action="store_true", help="a random tiny model (lingjax.testing.tiny_config) "
                                                                 "instead of a checkpoint")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="default %(default)s")
-    p.add_argument("--batch", type=_int_at_least(1), nargs="+", default=[1, 8], metavar="B",
+    p.add_argument("--batch", type=int_at_least(1), nargs="+", default=[1, 8], metavar="B",
                    help="batch sizes to measure (each is the engine's max-batch); default 1 8")
-    p.add_argument("--prompt-len", type=_int_at_least(1), default=128, metavar="N", help="prompt tokens; default %(default)s")
-    p.add_argument("--new-tokens", type=_int_at_least(2), default=64, metavar="N", help="tokens generated per request; "
+    p.add_argument("--prompt-len", type=int_at_least(1), default=128, metavar="N", help="prompt tokens; default %(default)s")
+    p.add_argument("--new-tokens", type=int_at_least(2), default=64, metavar="N", help="tokens generated per request; "
                                                                                        "default %(default)s")
-    p.add_argument("--prefill-chunk", type=_int_at_least(1), default=256, metavar="N", help="default %(default)s")
-    p.add_argument("--repeats", type=_int_at_least(1), default=3, metavar="N", help="timed runs (min taken); default 3")
-    p.add_argument("--tp", type=_int_at_least(1), default=1, metavar="N", help="tensor-parallel degree; default 1")
-    _add_kernels(p)
+    p.add_argument("--prefill-chunk", type=int_at_least(1), default=256, metavar="N", help="default %(default)s")
+    p.add_argument("--repeats", type=int_at_least(1), default=3, metavar="N", help="timed runs (min taken); default 3")
+    p.add_argument("--tp", type=int_at_least(1), default=1, metavar="N", help="tensor-parallel degree; default 1")
+    add_kernels(p)
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
     p.add_argument("--debug", action="store_true", help="debug logging, and show tracebacks of errors")
@@ -96,10 +96,10 @@ def bench_arguments(p):
 def bench_run(args):
     import jax
     import jax.numpy as jnp
-    from lingjax import cli
+    from lingjax import cli_common as cli
 
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
-    mesh = cli._mesh(args)
+    mesh = cli.make_mesh(args)
     if args.random_tiny:
         from flax import nnx
         from lingjax.model import BailingModel

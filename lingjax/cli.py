@@ -18,22 +18,24 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
 
+from lingjax.cli_common import (  # noqa: F401  (the shared pieces, under the names this module always used)
+    CHECKPOINTS_DIR, DEFAULT_CHECKPOINT, REPO_ROOT, CLIError, default_model_dir)
+from lingjax.cli_common import add_common as _add_common
+from lingjax.cli_common import build_engine as _engine
+from lingjax.cli_common import first_line as _first_line
+from lingjax.cli_common import float_in as _float_in
+from lingjax.cli_common import int_at_least as _int_at_least
+from lingjax.cli_common import max_len_for as _max_len
+from lingjax.cli_common import progress_bar as _progress_bar
+from lingjax.cli_common import read_config as _read_config
+
 log = logging.getLogger("lingjax")
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CHECKPOINTS_DIR = REPO_ROOT / "checkpoints"
-DEFAULT_CHECKPOINT = "ling-tiny"   # name under checkpoints/ to prefer when several are shipped
-
-
-class CLIError(Exception):
-    """A failure to report as one line and exit status 1."""
 
 
 # ------------------------------------------------------------------------------------------ registry
@@ -60,152 +62,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"lingjax: error: {message} (see `{self.prog} --help`)\n")
-
-
-# ------------------------------------------------------------------------------------------ flag types
-def _int_at_least(lo):
-    def parse(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}")
-        return v
-    parse.__name__ = f"int>={lo}"
-    return parse
-
-
-def _float_in(lo, hi, lo_open=False, name="value"):
-    def parse(s):
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (hi is None or v <= hi)
-        if not ok:
-            rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}{']' if hi is not None else ')'}"
-            raise argparse.ArgumentTypeError(f"expected a number in {rng}, got {s!r}")
-        return v
-    parse.__name__ = name
-    return parse
-
-
-def _add_common(p: argparse.ArgumentParser, *, model_required: bool) -> None:
-    if model_required:
-        p.add_argument("--model", required=True, metavar="PATH",
-                       help="checkpoint directory: an HF one (config.json, *.safetensors, tokenizer files) or "
-                            "a `lingjax convert` output")
-    else:
-        p.add_argument("--model", metavar="PATH",
-                       help="checkpoint directory: an HF one (config.json, *.safetensors, tokenizer files) or "
-                            "a `lingjax convert` output; default: the model shipped in checkpoints/")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
-                   help="parameter and activation dtype (logits are always float32; linear-attention states "
-                        "float32); default %(default)s")
-    p.add_argument("--prefill-chunk", type=_int_at_least(1), default=256, metavar="N",
-                   help="prompt tokens a request feeds per engine step (chunked prefill); 1 sends every token "
-                        "through the decode path; default %(default)s")
-    p.add_argument("--max-batch", type=_int_at_least(1), default=8, metavar="B",
-                   help="requests in flight at once (each holds a cache slot); more requests queue and start as "
-                        "slots free, so prefill chunks and decodes of different requests share steps; "
-                        "default %(default)s")
-    p.add_argument("--max-len", type=_int_at_least(1), default=None, metavar="N",
-                   help="context length of each cache slot, in tokens (prompt + generated); default "
-                        "min(max_position_embeddings, 4096)")
-    p.add_argument("--tp", type=_int_at_least(1), default=1, metavar="N",
-                   help="tensor-parallel degree (devices to shard heads and experts over); default 1")
-    _add_kernels(p)
-    g = p.add_argument_group("multi-host (one process per host, JAX's distributed runtime; default: the "
-                             "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID environment variables)")
-    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator service")
-    g.add_argument("--num-processes", type=_int_at_least(1), metavar="N", help="number of processes (hosts)")
-    g.add_argument("--process-id", type=_int_at_least(0), metavar="I", help="this process's index in [0, N)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress details (compilations, steps)")
-    p.add_argument("--debug", action="store_true", help="debug logging, and show tracebacks of errors")
-
-
-def _add_kernels(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kernels", default=os.environ.get("LINGJAX_KERNELS") or None, metavar="IMPL",
-                   help="linear-attention kernels: reference, gpu, tpu, mosaic_gpu (or gpu_interpret, "
-                        "tpu_interpret, mosaic_gpu_interpret: Pallas interpret mode, for tests); default: "
-                        "$LINGJAX_KERNELS if set, else by platform (gpu, tpu, else reference)")
-
-
-# ------------------------------------------------------------------------------------------ shared steps
-def default_model_dir() -> Path:
-    """The checkpoint shipped in checkpoints/ (the only one there, or DEFAULT_CHECKPOINT)."""
-    found = sorted(d for d in CHECKPOINTS_DIR.glob("*") if (d / "config.json").is_file()) \
-        if CHECKPOINTS_DIR.is_dir() else []
-    if not found:
-        raise CLIError(f"no --model given and no checkpoint is shipped in {CHECKPOINTS_DIR}; "
-                       f"pass --model PATH (an HF checkpoint directory)")
-    if len(found) == 1:
-        return found[0]
-    if DEFAULT_CHECKPOINT and (CHECKPOINTS_DIR / DEFAULT_CHECKPOINT / "config.json").is_file():
-        return CHECKPOINTS_DIR / DEFAULT_CHECKPOINT
-    raise CLIError(f"no --model given and {CHECKPOINTS_DIR} holds several checkpoints "
-                   f"({', '.join(d.name for d in found)}); pass --model PATH")
-
-
-def _read_config(path):
-    from lingjax.config import BailingConfig, ConfigError
-    try:
-        return BailingConfig.from_json(str(path))
-    except ConfigError as e:
-        raise CLIError(f"{path}: {e}") from None
-
-
-def _max_len(args, cfg) -> int:
-    from lingjax.engine import DEFAULT_MAX_LEN
-    if args.max_len is None:
-        return min(cfg.max_position_embeddings, DEFAULT_MAX_LEN)
-    if args.max_len > cfg.max_position_embeddings:
-        raise CLIError(f"--max-len {args.max_len} exceeds the model's max_position_embeddings="
-                       f"{cfg.max_position_embeddings}")
-    return args.max_len
-
-
-def _mesh(args):
-    """Start the distributed runtime if asked, then the tp mesh (None: one device, no sharding)."""
-    import jax
-    from lingjax import sharding
-    try:
-        multi = sharding.initialize_distributed(getattr(args, "coordinator", None),
-                                                getattr(args, "num_processes", None), getattr(args, "process_id", None))
-    except (sharding.ShardingError, RuntimeError, ValueError) as e:
-        raise CLIError(f"distributed runtime: {_first_line(e)}") from None
-    if multi and jax.process_index() != 0:
-        sys.stdout = open(os.devnull, "w")          # process 0 prints the results
-    n = jax.device_count()
-    if args.tp > n:
-        raise CLIError(f"--tp {args.tp} needs {args.tp} devices; found {n}")
-    if args.tp == 1 and not multi:
-        return None
-    try:
-        return sharding.make_mesh(args.tp)
-    except sharding.ShardingError as e:
-        raise CLIError(str(e)) from None
-
-
-def _engine(args, model_dir, max_len):
-    """Load the model at model_dir and build the engine the flags describe."""
-    import jax.numpy as jnp
-    from lingjax.engine import Engine, load_model
-    mesh = _mesh(args)
-    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
-    log.info("loading %s (%s, tp=%d)", model_dir, args.dtype, args.tp)
-    cfg, model = load_model(str(model_dir), dtype, mesh=mesh)
-    eng = Engine(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, max_len=max_len, mesh=mesh,
-                 kernels=getattr(args, "kernels", None))
-    log.info("engine: max_batch=%d prefill_chunk=%d max_len=%d, step buckets T=%s", eng.max_batch,
-             eng.prefill_chunk, eng.max_len, eng.t_buckets)
-    return cfg, eng
-
-
-def _progress_bar(total, desc, enabled=True):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="req", disable=not enabled, file=sys.stderr, leave=False)
 
 
 # ------------------------------------------------------------------------------------------ score
@@ -443,11 +299,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _first_line(e) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
-
-
 def _setup_logging(args) -> None:
     level = logging.DEBUG if getattr(args, "debug", False) else \
         logging.INFO if getattr(args, "verbose", False) else logging.WARNING
@@ -466,6 +317,7 @@ def main(argv=None) -> int:
         parser.print_help(sys.stderr)
         parser.error("choose a command")
     _setup_logging(args)
+    from lingjax.checkpoint import CheckpointError
     from lingjax.config import ConfigError
     try:
         from lingjax.engine import EngineError
@@ -477,7 +329,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("lingjax: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, EngineError, ConfigError, OSError) as e:
+    except (CLIError, EngineError, CheckpointError, ConfigError, OSError) as e:
         if args.debug:
             raise
         print(f"lingjax: error: {_first_line(e)}", file=sys.stderr)

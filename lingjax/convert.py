@@ -45,10 +45,11 @@ import tempfile
 import threading
 import time
 
+from lingjax.checkpoint import (FORMAT, MARKER, VERSION, _first_line, _key, _leaf, _nested, _orbax,  # noqa: F401
+                                _param_shape, _restore_item, _unkey, is_converted, load_converted, read_marker)
+
 log = logging.getLogger(__name__)
 
-MARKER = "lingjax_checkpoint.json"
-FORMAT, VERSION = "lingjax-orbax", 1
 EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
                "special_tokens_map.json")
 ITEM_BYTES = 256 << 20
@@ -57,18 +58,6 @@ DTYPES = ("bfloat16", "float32")
 
 class ConvertError(Exception):
     """A conversion that cannot go ahead: one line naming the file, tensor or flag."""
-
-
-def is_converted(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MARKER))
-
-
-def _key(path) -> str:
-    return ".".join(map(str, path))
-
-
-def _unkey(s: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in s.split("."))
 
 
 # ------------------------------------------------------------------------------------------ planning
@@ -90,22 +79,6 @@ def plan_items(rules, param_bytes, item_bytes: int = ITEM_BYTES) -> list[list]:
     if cur:
         items.append(cur)
     return items
-
-
-def _nested(flat: dict) -> dict:
-    tree = {}
-    for path, v in flat.items():
-        d = tree
-        for k in path[:-1]:
-            d = d.setdefault(str(k), {})
-        d[str(path[-1])] = v
-    return tree
-
-
-def _leaf(tree: dict, path):
-    for k in path:
-        tree = tree[str(k)]
-    return tree
 
 
 # ------------------------------------------------------------------------------------------ output dir
@@ -237,22 +210,6 @@ def _progress(total, desc, enabled):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True,
                 disable=None if enabled else True, smoothing=0.1)
-
-
-def _orbax(saving: bool = False):
-    import jax
-    import numpy as np
-    import orbax.checkpoint as ocp
-    kw = {}
-    if saving:
-        # Orbax deep-copies every host array before writing it (a guard for async saves); our saves are
-        # synchronous and the arrays ours, so skip it: it would double the peak and add a memcpy.
-        kw["type_handler_registry"] = ocp.type_handlers.create_type_handler_registry(
-            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
-            (jax.Array, ocp.type_handlers.ArrayHandler()))
-    # No zstd: bf16 weights compress by ~10% and zstd would be the bottleneck by far.
-    return ocp, ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True,
-                                                             use_compression=False, **kw))
 
 
 def _same_dir(a: str, b: str) -> bool:
@@ -461,22 +418,6 @@ def _flushing(parent: str, done: set, interval: float = 0.05):
         th.join()
 
 
-def _param_shape(rule, j):
-    """Shape of rule.params[j] from the rule's HF shapes (the layouts of weights.py)."""
-    s = rule.hf_shapes[0]
-    if rule.kind == "same":
-        return s
-    if rule.kind == "T":
-        return s[::-1]
-    if rule.kind == "split":
-        return (s[0] // len(rule.params),) + tuple(s[1:])
-    if rule.kind == "splitT":
-        return (s[1], s[0] // len(rule.params))
-    if rule.kind == "stack":
-        return (len(rule.hf),) + tuple(s[::-1])
-    raise ValueError(f"rule {rule.hf[0]}: unknown layout {rule.kind!r}")
-
-
 def _produce(items, reader, np_dtype, arena_bytes):
     """Yields (item rules, nested param tree) built by a background thread, at most one ahead of the
     consumer: while item k is being saved, item k+1 is read into the other of two arenas; item k+2
@@ -526,100 +467,6 @@ def _produce(items, reader, np_dtype, arena_bytes):
         stop.set()
         free.put(None)
         th.join()
-
-
-# ------------------------------------------------------------------------------------------ loading
-def read_marker(path: str) -> dict:
-    from lingjax.weights import WeightError
-    p = os.path.join(path, MARKER)
-    try:
-        with open(p) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise WeightError(f"{path} is not a lingjax checkpoint (no {MARKER})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightError(f"{p}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise WeightError(f"{p}: not a {FORMAT} marker")
-    if meta.get("version") != VERSION:
-        raise WeightError(f"{p}: format version {meta.get('version')}; this lingjax reads version {VERSION}")
-    return meta
-
-
-def _restore_item(path, item, want, restore_args_for):
-    """Restore the params `want` (param path -> (shape, dtype)) of one item."""
-    from lingjax.weights import WeightError
-    ocp, ckptr = _orbax()
-    d = os.path.join(path, item["dir"])
-    flat = {p: restore_args_for(p, *want[p]) for p in want}
-    try:
-        return ckptr.restore(d, args=ocp.args.PyTreeRestore(item=_nested({p: 0 for p in flat}),
-                                                            restore_args=_nested(flat)))
-    except Exception as e:
-        raise WeightError(f"{d}: cannot restore ({_first_line(e)})") from None
-
-
-def load_converted(path: str, dtype=None, *, mtp: bool = True, place=None, sharding=None):
-    """Load a lingjax checkpoint directory -> (cfg, model), one Orbax item at a time.
-
-    dtype: model dtype (default: the stored one; expert_bias stays float32).
-    place(path, np_array): as in weights.load_hf, puts each param where it belongs.
-    sharding(path, shape, dtype) -> jax.sharding.Sharding | None: restore that param straight into a
-    sharded jax.Array; Orbax then reads, on each device, only the bytes of that device's shard."""
-    import jax.numpy as jnp
-    import numpy as np
-
-    from lingjax.config import BailingConfig, ConfigError
-    from lingjax.weights import WeightError, abstract_model, rules_for, set_param
-
-    meta = read_marker(path)
-    try:
-        cfg = BailingConfig.from_json(path)
-    except ConfigError as e:
-        raise ConfigError(f"{os.path.join(path, 'config.json')}: {e}") from None
-    dtype = jnp.dtype(dtype or meta["dtype"])
-    if mtp and cfg.num_nextn_predict_layers > 0 and not meta["mtp"]:
-        raise WeightError(f"{path} was converted without the MTP layer (--no-mtp); load it with mtp=False")
-    mtp = mtp and meta["mtp"]
-    stored = {}
-    for item in meta["items"]:
-        for k, v in item["params"].items():
-            stored[k] = (item, tuple(v["shape"]), v["dtype"])
-    model = abstract_model(cfg, dtype, mtp=mtp)
-    wanted = {}
-    for rule in rules_for(cfg, mtp=mtp):
-        for j, p in enumerate(rule.params):
-            k = _key(p)
-            if k not in stored:
-                raise WeightError(f"{path}: param {k} is missing from {MARKER}")
-            shape = tuple(_param_shape(rule, j))
-            if stored[k][1] != shape:
-                raise WeightError(f"{path}: param {k} has shape {list(stored[k][1])}, config.json needs {list(shape)}")
-            wanted[p] = (stored[k][0]["dir"], shape, np.dtype(np.float32) if rule.float32 else np.dtype(dtype))
-    ocp, _ = _orbax()
-
-    def restore_args_for(p, shape, dt):
-        s = sharding(p, shape, dt) if sharding is not None else None
-        if s is not None:
-            return ocp.ArrayRestoreArgs(sharding=s, global_shape=shape, dtype=dt)
-        return ocp.RestoreArgs(restore_type=np.ndarray)
-
-    for item in meta["items"]:
-        want = {p: (shape, dt) for p, (d, shape, dt) in wanted.items() if d == item["dir"]}
-        if not want:
-            continue
-        tree = _restore_item(path, item, want, restore_args_for)
-        for p, (shape, dt) in want.items():
-            v = _leaf(tree, p)
-            if tuple(v.shape) != shape:
-                raise WeightError(f"{os.path.join(path, item['dir'])}: param {_key(p)} has shape "
-                                  f"{list(v.shape)}, expected {list(shape)}")
-            if isinstance(v, np.ndarray):
-                v = np.asarray(v, dt)
-                v = place(p, v) if place else jnp.asarray(v)
-            set_param(model, p, v)
-        del tree
-    return cfg, model
 
 
 # ------------------------------------------------------------------------------------------ export
@@ -700,11 +547,6 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def _first_line(e) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
-
-
 # ------------------------------------------------------------------------------------------ CLI
 def convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", metavar="SRC", help="HF checkpoint directory (config.json, *.safetensors, optional "
@@ -738,7 +580,7 @@ def _cli_errors():
 
     from lingjax.weights import WeightError
     try:
-        from lingjax.cli import CLIError
+        from lingjax.cli_common import CLIError
     except ImportError:
         CLIError = ConvertError
     prev = None

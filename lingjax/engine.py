@@ -80,6 +80,7 @@ from flax import nnx
 
 from lingjax.batch import StepBatch
 from lingjax.cache import SlotAllocator
+from lingjax.checkpoint import load_model  # noqa: F401  (re-exported: lingjax.engine.load_model)
 from lingjax.kernels.linear_attention import IMPLS as KERNELS   # the `kernels` choices
 
 log = logging.getLogger(__name__)
@@ -415,7 +416,9 @@ class Engine:
         self._graph = _Graph(self.graphdef, cfg, mesh, self._traces)
         self.caches = sharding.init_caches(cfg, mesh, num_slots, max_len, state_dtype=state_dtype,
                                            latent_dtype=latent_dtype or model.dtype)
-        self._prev = self._to_device(np.zeros(max_batch, np.int32))    # "previous sampled tokens" of step 0
+        if mesh is None:
+            self.caches = jax.device_put(self.caches, self._placement())
+        self._prev = self._zero_tokens()                  # "the previous step's sampled tokens" of the first step
         self.slots = SlotAllocator(num_slots)
         self.steps = 0
         self._guard = _Guard()
@@ -568,10 +571,24 @@ class Engine:
             raise EngineError(f"Engine.{what}() needs an idle engine: {len(self._requests)} requests added with "
                               f"add_request are unfinished (step() them to the end or abort() them)")
 
-    def _to_device(self, a):
-        if self.mesh is not None and jax.process_count() > 1:
-            return _global(a, self.mesh)
-        return jnp.asarray(a)
+    def _zero_tokens(self):
+        """[R] int32 zeros placed as a step's sampled tokens are (committed to the device, or
+        replicated over the mesh), so that the first step and the later ones share one compilation."""
+        from lingjax import sharding
+        zeros = np.zeros(self.max_batch, np.int32)
+        if self.mesh is not None:
+            return sharding.host_to_global(zeros, self.mesh)
+        return jax.device_put(zeros, self._placement())
+
+    def _placement(self):
+        """Without a mesh: where the step's outputs land, i.e. as the params are placed (a one-device
+        mesh or a device). Inputs of the first step placed so match the later steps' inputs (the
+        previous step's outputs) and share their compilation."""
+        from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+        s = getattr(jax.tree.leaves(self.state)[0], "sharding", None)
+        if isinstance(s, NamedSharding):
+            return NamedSharding(s.mesh, PartitionSpec())
+        return SingleDeviceSharding(min(s.device_set, key=lambda d: d.id) if s is not None else jax.devices()[0])
 
     def _add(self, prompt, params, *, request_id=None, score=False, index=0) -> str:
         prompt = self.check_request(prompt, params, score=score)
@@ -649,7 +666,7 @@ class Engine:
         for r in list(self._requests.values()):
             self._finish(r, "abort")
         self._aborted.clear()
-        self._prev = self._to_device(np.zeros(self.max_batch, np.int32))
+        self._prev = self._zero_tokens()
 
     def _drain(self) -> list[RequestOutput]:
         outs = []
@@ -830,35 +847,3 @@ def _global(tree, mesh):
     """Host arrays (identical on every process) -> global arrays replicated over the mesh."""
     from lingjax import sharding
     return jax.tree.map(lambda a: sharding.host_to_global(np.asarray(a), mesh), tree)
-
-
-def load_model(path, dtype=jnp.bfloat16, mesh=None):
-    """(config, model) from a checkpoint directory. Today: an HF directory (config.json + *.safetensors);
-    the converted (Orbax) layout is recognised here too once the converter lands (issue 4).
-    Raises EngineError with a one-line message naming the problem."""
-    import os
-    from lingjax.config import ConfigError
-    if not os.path.isdir(path):
-        raise EngineError(f"model directory {path} does not exist")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise EngineError(f"{path} has no config.json: not a checkpoint directory")
-    from lingjax.weights import WeightError, load_hf
-    from lingjax.sharding import ShardingError, place_fn
-    from lingjax.convert import is_converted, load_converted
-    try:
-        place = None
-        if mesh is not None:        # each param goes straight to its shards, one tensor at a time
-            from lingjax.config import BailingConfig
-            place = place_fn(BailingConfig.from_json(path), mesh)
-        if is_converted(path):      # `lingjax convert` output: with a mesh, each device reads its own shard
-            sharding = None
-            if mesh is not None:
-                from jax.sharding import NamedSharding
-                from lingjax.config import BailingConfig
-                from lingjax.sharding import param_spec, tp_of
-                cfg = BailingConfig.from_json(path)
-                sharding = lambda p, shape, dt: NamedSharding(mesh, param_spec(p, cfg, tp_of(mesh)))  # noqa: E731
-            return load_converted(path, dtype, mtp=False, place=place, sharding=sharding)
-        return load_hf(path, dtype=dtype, mtp=False, place=place)      # the engine does not run the MTP layer
-    except (ConfigError, WeightError, ShardingError) as e:
-        raise EngineError(f"{path}: {e}") from None

@@ -156,8 +156,9 @@ def load_engine(model_dir, dtype="float32", max_batch=16, prefill_chunk=256, max
 
 
 # ------------------------------------------------------------------------------------------ CLI
-# Registered in lingjax/cli.py; this module imports only the standard library at the top, so that
-# `lingjax --help` stays fast (numpy, jax and tokenizers load inside the functions).
+# Registered in lingjax/cli.py (the shared flags and steps come from lingjax/cli_common.py); this module
+# imports only the standard library at the top, so that `lingjax --help` stays fast (numpy, jax and
+# tokenizers load inside the functions).
 EVAL_HELP = "exact-match accuracy per task of the tiny model on held-out examples, through the engine"
 EVAL_DESCRIPTION = (
     "Generate held-out examples of the tasks the shipped tiny model was trained on (add: '123+45=', "
@@ -166,16 +167,16 @@ EVAL_DESCRIPTION = (
 
 
 def eval_arguments(p):
-    from lingjax.cli import _add_common, _int_at_least
-    p.add_argument("--n", type=_int_at_least(1), default=100, metavar="N",
+    from lingjax.cli_common import add_common, int_at_least
+    p.add_argument("--n", type=int_at_least(1), default=100, metavar="N",
                    help="held-out examples per task; default %(default)s")
     p.add_argument("--tasks", default=",".join(TASKS), metavar="LIST",
                    help=f"comma-separated tasks among {', '.join(TASKS)}; default all")
     p.add_argument("--seed", type=int, default=HELDOUT_SEED, metavar="S",
                    help="seed of the held-out examples (training never uses it); default %(default)s")
-    p.add_argument("--show-errors", type=_int_at_least(0), default=3, metavar="K",
+    p.add_argument("--show-errors", type=int_at_least(0), default=3, metavar="K",
                    help="print up to K wrong answers per task; default %(default)s")
-    _add_common(p, model_required=False)
+    add_common(p, model_required=False)
 
 
 def eval_run(args):
@@ -183,7 +184,7 @@ def eval_run(args):
 
     from tokenizers import Tokenizer
 
-    from lingjax.cli import CLIError, _engine, _read_config, default_model_dir
+    from lingjax.cli_common import CLIError, build_engine, default_model_dir, read_config
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     bad = [t for t in tasks if t not in TASKS]
     if bad or not tasks:
@@ -193,7 +194,7 @@ def eval_run(args):
         raise CLIError(f"--model {model_dir}: no such directory")
     if not (model_dir / "tokenizer.json").is_file():
         raise CLIError(f"{model_dir} has no tokenizer.json; eval needs the checkpoint's tokenizer")
-    cfg = _read_config(model_dir)
+    cfg = read_config(model_dir)
     examples = {t: make_examples(t, args.n, args.seed) for t in tasks}
     need = max(len(p) for ex in examples.values() for p, _ in ex) + MAX_NEW_TOKENS + 1
     # Default context: what the longest example needs (rounded up to 64), not the model's maximum:
@@ -204,7 +205,7 @@ def eval_run(args):
     if max_len > cfg.max_position_embeddings:
         raise CLIError(f"--max-len {max_len} exceeds the model's max_position_embeddings={cfg.max_position_embeddings}")
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    _, eng = _engine(args, model_dir, max_len)
+    _, eng = build_engine(args, model_dir, max_len)
     results = run_eval(eng, tok, tasks, examples=examples)
     print(format_table(results, f"{model_dir.name}  dtype={args.dtype} max_batch={args.max_batch} "
                                 f"prefill_chunk={args.prefill_chunk} n={args.n} seed={args.seed}"))

@@ -3,7 +3,8 @@
     lingjax serve --model PATH [--tp N] [--host 127.0.0.1] [--port 8000] [--max-batch B] [--max-len N]
 
 Registered in lingjax/cli.py; this module imports only the standard library at the top (the server,
-the engine and JAX load inside `serve_run`), so `lingjax --help` stays fast.
+the engine and JAX load inside `serve_run`), so `lingjax --help` stays fast. Shared CLI pieces come
+from lingjax/cli_common.py.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ SERVE_DESCRIPTION = (
 
 
 def serve_arguments(p):
-    from lingjax.cli import _add_kernels, _float_in, _int_at_least
+    from lingjax.cli_common import add_kernels, float_in, int_at_least
     p.add_argument("--model", metavar="PATH",
                    help="checkpoint directory: an HF one (config.json, *.safetensors, tokenizer files) or a "
                         "`lingjax convert` output (with the tokenizer files); default: the model shipped in "
@@ -31,23 +32,23 @@ def serve_arguments(p):
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; default %(default)s (this machine only; 0.0.0.0 for every "
                         "interface)")
-    p.add_argument("--port", type=_int_at_least(0), default=8000, help="TCP port; 0 picks a free one; default %(default)s")
+    p.add_argument("--port", type=int_at_least(0), default=8000, help="TCP port; 0 picks a free one; default %(default)s")
     p.add_argument("--served-model-name", metavar="NAME",
                    help="the model id clients send (and /v1/models lists); default: the checkpoint directory's "
                         "name (the --model path is accepted too)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                    help="parameter and activation dtype (logits are always float32); default %(default)s")
-    p.add_argument("--max-batch", type=_int_at_least(1), default=8, metavar="B",
+    p.add_argument("--max-batch", type=int_at_least(1), default=8, metavar="B",
                    help="requests in flight at once (each holds a cache slot); more queue; default %(default)s")
-    p.add_argument("--max-len", type=_int_at_least(2), default=None, metavar="N",
+    p.add_argument("--max-len", type=int_at_least(2), default=None, metavar="N",
                    help="context length of each cache slot (prompt + generated tokens); a request whose prompt "
                         "+ max_tokens exceeds it gets a 400; default min(max_position_embeddings, 4096)")
-    p.add_argument("--prefill-chunk", type=_int_at_least(1), default=256, metavar="N",
+    p.add_argument("--prefill-chunk", type=int_at_least(1), default=256, metavar="N",
                    help="prompt tokens a request feeds per engine step (chunked prefill); default %(default)s")
-    p.add_argument("--tp", type=_int_at_least(1), default=1, metavar="N",
+    p.add_argument("--tp", type=int_at_least(1), default=1, metavar="N",
                    help="tensor-parallel degree (devices to shard heads and experts over); default 1")
-    _add_kernels(p)
-    p.add_argument("--shutdown-timeout", type=_float_in(0.0, None, name="seconds"), default=30.0, metavar="S",
+    add_kernels(p)
+    p.add_argument("--shutdown-timeout", type=float_in(0.0, None, name="seconds"), default=30.0, metavar="S",
                    help="on SIGTERM / Ctrl-C, how long requests in flight may run before they are aborted; "
                         "default %(default)s")
     p.add_argument("--no-warmup", action="store_true",
@@ -59,7 +60,7 @@ def serve_arguments(p):
 
 def _check_port_free(host: str, port: int) -> None:
     """Fail before the model loads if the address cannot be listened on."""
-    from lingjax.cli import CLIError
+    from lingjax.cli_common import CLIError
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
@@ -89,13 +90,17 @@ def _server_class():
 
 def serve_run(args) -> int:
     from pathlib import Path
-    from lingjax import cli
-    model_dir = Path(args.model) if args.model else cli.default_model_dir()
+    from lingjax.cli_common import CLIError, build_engine, default_model_dir, max_len_for, read_config
+    from lingjax.tokenizer import Tokenizer, TokenizerError
+    model_dir = Path(args.model) if args.model else default_model_dir()
     if not model_dir.is_dir():
-        raise cli.CLIError(f"--model {model_dir}: no such directory")
-    cfg = cli._read_config(model_dir)
-    max_len = cli._max_len(args, cfg)
-    tok = cli._tokenizer(model_dir)                 # fail before the weights load
+        raise CLIError(f"--model {model_dir}: no such directory")
+    cfg = read_config(model_dir)
+    max_len = max_len_for(args, cfg)
+    try:
+        tok = Tokenizer(model_dir)                  # fail before the weights load
+    except TokenizerError as e:
+        raise CLIError(str(e)) from None
     if args.port:
         _check_port_free(args.host, args.port)
 
@@ -103,7 +108,7 @@ def serve_run(args) -> int:
     from lingjax.engine_loop import EngineLoop
     from lingjax.server import create_app, model_name_of, warm_up
 
-    _, eng = cli._engine(args, model_dir, max_len)
+    _, eng = build_engine(args, model_dir, max_len)
     if not args.no_warmup:
         import time
         t = time.perf_counter()
@@ -122,5 +127,5 @@ def serve_run(args) -> int:
              eng.max_batch, eng.max_len)
     server.run()
     if not server.started:
-        raise cli.CLIError(f"the server did not start on {args.host}:{args.port}")
+        raise CLIError(f"the server did not start on {args.host}:{args.port}")
     return 0

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lingjax import cli
+from lingjax import cli, cli_common
 from lingjax.engine import Engine, SamplingParams
 from lingjax.testing import CHAT_TEMPLATE, write_tiny_checkpoint
 from lingjax.tokenizer import Tokenizer
@@ -144,7 +144,7 @@ def test_chat_template(ckpt, capsys):
 
 
 def test_default_model(capsys, ckpt, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
+    monkeypatch.setattr(cli_common, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
     rc, _, err = run(capsys, ["generate", "--prompt", "hi"])
     assert_one_line_error(rc, err, 1, "no --model given")
     (tmp_path / "checkpoints").mkdir()

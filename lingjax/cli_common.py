@@ -1,0 +1,178 @@
+"""What the command-line modules share (lingjax.cli, and the commands of lingjax.evaluate, lingjax.bench
+and lingjax.convert): the one-line error type, flag types, the common model/engine flags, and the
+steps from flags to a loaded engine. Below all of them, so that none imports lingjax.cli; runtime
+modules (model, kernels, engine, server) import none of this.
+
+Imports only the standard library at the top, so that `lingjax --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("lingjax")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINTS_DIR = REPO_ROOT / "checkpoints"
+DEFAULT_CHECKPOINT = "ling-tiny"   # name under checkpoints/ to prefer when several are shipped
+
+
+class CLIError(Exception):
+    """A failure to report as one line and exit status 1."""
+
+
+
+# ------------------------------------------------------------------------------------------ flag types
+def int_at_least(lo):
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}")
+        return v
+    parse.__name__ = f"int>={lo}"
+    return parse
+
+
+def float_in(lo, hi, lo_open=False, name="value"):
+    def parse(s):
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (hi is None or v <= hi)
+        if not ok:
+            rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}{']' if hi is not None else ')'}"
+            raise argparse.ArgumentTypeError(f"expected a number in {rng}, got {s!r}")
+        return v
+    parse.__name__ = name
+    return parse
+
+
+def add_common(p: argparse.ArgumentParser, *, model_required: bool) -> None:
+    if model_required:
+        p.add_argument("--model", required=True, metavar="PATH",
+                       help="checkpoint directory: an HF one (config.json, *.safetensors, tokenizer files) or "
+                            "a `lingjax convert` output")
+    else:
+        p.add_argument("--model", metavar="PATH",
+                       help="checkpoint directory: an HF one (config.json, *.safetensors, tokenizer files) or "
+                            "a `lingjax convert` output; default: the model shipped in checkpoints/")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="parameter and activation dtype (logits are always float32; linear-attention states "
+                        "float32); default %(default)s")
+    p.add_argument("--prefill-chunk", type=int_at_least(1), default=256, metavar="N",
+                   help="prompt tokens a request feeds per engine step (chunked prefill); 1 sends every token "
+                        "through the decode path; default %(default)s")
+    p.add_argument("--max-batch", type=int_at_least(1), default=8, metavar="B",
+                   help="requests in flight at once (each holds a cache slot); more requests queue and start as "
+                        "slots free, so prefill chunks and decodes of different requests share steps; "
+                        "default %(default)s")
+    p.add_argument("--max-len", type=int_at_least(1), default=None, metavar="N",
+                   help="context length of each cache slot, in tokens (prompt + generated); default "
+                        "min(max_position_embeddings, 4096)")
+    p.add_argument("--tp", type=int_at_least(1), default=1, metavar="N",
+                   help="tensor-parallel degree (devices to shard heads and experts over); default 1")
+    add_kernels(p)
+    g = p.add_argument_group("multi-host (one process per host, JAX's distributed runtime; default: the "
+                             "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID environment variables)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator service")
+    g.add_argument("--num-processes", type=int_at_least(1), metavar="N", help="number of processes (hosts)")
+    g.add_argument("--process-id", type=int_at_least(0), metavar="I", help="this process's index in [0, N)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details (compilations, steps)")
+    p.add_argument("--debug", action="store_true", help="debug logging, and show tracebacks of errors")
+
+
+def add_kernels(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernels", default=os.environ.get("LINGJAX_KERNELS") or None, metavar="IMPL",
+                   help="linear-attention kernels: reference, gpu, tpu, mosaic_gpu (or gpu_interpret, "
+                        "tpu_interpret, mosaic_gpu_interpret: Pallas interpret mode, for tests); default: "
+                        "$LINGJAX_KERNELS if set, else by platform (gpu, tpu, else reference)")
+
+
+def default_model_dir() -> Path:
+    """The checkpoint shipped in checkpoints/ (the only one there, or DEFAULT_CHECKPOINT)."""
+    found = sorted(d for d in CHECKPOINTS_DIR.glob("*") if (d / "config.json").is_file()) \
+        if CHECKPOINTS_DIR.is_dir() else []
+    if not found:
+        raise CLIError(f"no --model given and no checkpoint is shipped in {CHECKPOINTS_DIR}; "
+                       f"pass --model PATH (an HF checkpoint directory)")
+    if len(found) == 1:
+        return found[0]
+    if DEFAULT_CHECKPOINT and (CHECKPOINTS_DIR / DEFAULT_CHECKPOINT / "config.json").is_file():
+        return CHECKPOINTS_DIR / DEFAULT_CHECKPOINT
+    raise CLIError(f"no --model given and {CHECKPOINTS_DIR} holds several checkpoints "
+                   f"({', '.join(d.name for d in found)}); pass --model PATH")
+
+
+def read_config(path):
+    from lingjax.config import BailingConfig, ConfigError
+    try:
+        return BailingConfig.from_json(str(path))
+    except ConfigError as e:
+        raise CLIError(f"{path}: {e}") from None
+
+
+def max_len_for(args, cfg) -> int:
+    from lingjax.engine import DEFAULT_MAX_LEN
+    if args.max_len is None:
+        return min(cfg.max_position_embeddings, DEFAULT_MAX_LEN)
+    if args.max_len > cfg.max_position_embeddings:
+        raise CLIError(f"--max-len {args.max_len} exceeds the model's max_position_embeddings="
+                       f"{cfg.max_position_embeddings}")
+    return args.max_len
+
+
+def make_mesh(args):
+    """Start the distributed runtime if asked, then the tp mesh (None: one device, no sharding)."""
+    import jax
+    from lingjax import sharding
+    try:
+        multi = sharding.initialize_distributed(getattr(args, "coordinator", None),
+                                                getattr(args, "num_processes", None), getattr(args, "process_id", None))
+    except (sharding.ShardingError, RuntimeError, ValueError) as e:
+        raise CLIError(f"distributed runtime: {first_line(e)}") from None
+    if multi and jax.process_index() != 0:
+        sys.stdout = open(os.devnull, "w")          # process 0 prints the results
+    n = jax.device_count()
+    if args.tp > n:
+        raise CLIError(f"--tp {args.tp} needs {args.tp} devices; found {n}")
+    if args.tp == 1 and not multi:
+        return None
+    try:
+        return sharding.make_mesh(args.tp)
+    except sharding.ShardingError as e:
+        raise CLIError(str(e)) from None
+
+
+def build_engine(args, model_dir, max_len):
+    """Load the model at model_dir and build the engine the flags describe."""
+    import jax.numpy as jnp
+    from lingjax.engine import Engine, load_model
+    mesh = make_mesh(args)
+    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
+    log.info("loading %s (%s, tp=%d)", model_dir, args.dtype, args.tp)
+    cfg, model = load_model(str(model_dir), dtype, mesh=mesh)
+    eng = Engine(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, max_len=max_len, mesh=mesh,
+                 kernels=getattr(args, "kernels", None))
+    log.info("engine: max_batch=%d prefill_chunk=%d max_len=%d, step buckets T=%s", eng.max_batch,
+             eng.prefill_chunk, eng.max_len, eng.t_buckets)
+    return cfg, eng
+
+
+def progress_bar(total, desc, enabled=True):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="req", disable=not enabled, file=sys.stderr, leave=False)
+
+
+def first_line(e) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
