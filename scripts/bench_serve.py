@@ -43,41 +43,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --------------------------------------------------------------------------------------------- random model (child)
-def random_config(shapes: str, max_len: int):
-    from lingjax.config import BailingConfig
-    if shapes == "flash8":      # Ling-2.6-flash (SPEC §1.4) cut to 8 layers: 7 linear-attention layers, MLA at 7
-        kw = dict(vocab_size=157184, hidden_size=4096, intermediate_size=9216, num_hidden_layers=8,
-                  num_attention_heads=32, num_key_value_heads=32, head_dim=128, num_experts=256,
-                  num_experts_per_tok=8, n_group=8, topk_group=4, moe_intermediate_size=1024,
-                  num_shared_experts=1, layer_group_size=8, group_norm_size=4, kv_lora_rank=512,
-                  q_lora_rank=1536, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-                  first_k_dense_replace=1, routed_scaling_factor=2.5, rope_theta=6e6)
-    elif shapes == "tiny":      # lingjax.testing.tiny_config
-        from lingjax.testing import tiny_config
-        return tiny_config(max_position_embeddings=max(max_len, 2048))
-    else:
-        raise SystemExit(f"bench_serve: unknown --random-shapes {shapes!r}")
-    cfg = BailingConfig(num_nextn_predict_layers=0, max_position_embeddings=max(max_len, 131072), pad_token_id=0,
-                        eos_token_id=1, bos_token_id=2, **kw)
-    cfg.validate()
-    return cfg
+def random_config(shapes: str):
+    """The model of scripts/tp_bench.py and scripts/bench_overlap.py: flash8 = Ling-2.6-flash layer shapes
+    (d=4096, 32 heads, MLA, 256 experts top-8), 8 layers (layer_group_size 4: 6 linear + 2 MLA), the full
+    vocabulary; tiny = its --shrink shapes (for a CPU smoke test)."""
+    import types
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tp_bench import build_config
+    return build_config(types.SimpleNamespace(shrink=shapes == "tiny", vocab=157184, layers=8, layer_group_size=4))
 
 
-def random_model(cfg, dtype, mesh):
-    """Random params generated on the device (each in its shards with a mesh); no host copy."""
-    import jax
-    from flax import nnx
-    from lingjax.model import BailingModel
-
-    def make():
-        return BailingModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), mtp=False)
-    graphdef, abstract = nnx.split(nnx.eval_shape(make))
-    if mesh is not None:
-        from lingjax import sharding
-        state = jax.jit(lambda: nnx.split(make())[1], out_shardings=sharding.state_shardings(abstract, cfg, mesh))()
-    else:
-        state = jax.jit(lambda: nnx.split(make())[1])()
-    return nnx.merge(graphdef, state)
+def random_model(cfg, dtype, tp):
+    """Random params generated on the device(s), each directly in its shards (tp_bench.init_state)."""
+    from lingjax.sharding import make_mesh
+    from tp_bench import init_state
+    return init_state(cfg, make_mesh(tp), dtype)
 
 
 def word_tokenizer_dir(cfg, path):
@@ -105,19 +85,15 @@ def child(args) -> int:
     from lingjax.tokenizer import Tokenizer
 
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
-    cfg = random_config(args.random_shapes, args.max_len)
-    mesh = None
-    if args.tp > 1:
-        from lingjax import sharding
-        mesh = sharding.make_mesh(args.tp)
+    cfg = random_config(args.random_shapes)
     t = time.perf_counter()
-    model = random_model(cfg, dtype, mesh)
+    model = random_model(cfg, dtype, args.tp)
     jax.block_until_ready(jax.tree.leaves(model))
     print(f"bench_serve child: random {args.random_shapes} model ({cfg.num_hidden_layers} layers, vocab "
           f"{cfg.vocab_size}) built in {time.perf_counter() - t:.1f}s on {jax.devices()[0].platform}", file=sys.stderr)
     kw = {} if args.kernels is None else dict(kernels=args.kernels)
-    eng = Engine(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, max_len=args.max_len, mesh=mesh,
-                 **kw)
+    eng = Engine(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, max_len=args.max_len,
+                 max_tokens=args.max_step_tokens, tp=args.tp, **kw)
     t = time.perf_counter()
     n = warm_up(eng)
     print(f"bench_serve child: warm-up {n} compilations in {time.perf_counter() - t:.1f}s", file=sys.stderr)
@@ -293,6 +269,9 @@ def parse_args(argv=None):
     g.add_argument("--max-batch", type=int, default=16)
     g.add_argument("--max-len", type=int, default=512)
     g.add_argument("--prefill-chunk", type=int, default=256)
+    g.add_argument("--max-step-tokens", type=int, default=None,
+                   help="--random-shapes: the engine's token budget per step (default max-batch x prefill-chunk); "
+                        "fewer step buckets to compile at start-up")
     g.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     g.add_argument("--tp", type=int, default=1)
     g.add_argument("--kernels", default=None)
@@ -308,7 +287,7 @@ def parse_args(argv=None):
     if args.prompt_len[0] < 1 or args.output_len[0] < 1 or args.prompt_len[0] > args.prompt_len[1] \
             or args.output_len[0] > args.output_len[1]:
         p.error("--prompt-len / --output-len: 1 <= MIN <= MAX")
-    if args.prompt_len[1] + args.output_len[1] > args.max_len and not args.url:
+    if args.prompt_len[1] + args.output_len[1] > args.max_len and not (args.url or args._child):
         p.error(f"--prompt-len MAX + --output-len MAX must fit --max-len {args.max_len}")
     return args
 
@@ -361,7 +340,7 @@ def main(argv=None) -> int:
 
 def _vocab(args, info) -> int:
     if args.random_shapes:
-        return random_config(args.random_shapes, args.max_len).vocab_size
+        return random_config(args.random_shapes).vocab_size
     if args.model:
         with open(os.path.join(args.model, "config.json")) as f:
             return json.load(f)["vocab_size"]
