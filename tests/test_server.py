@@ -134,7 +134,7 @@ def test_completion_and_chat_greedy(client, offline, tok):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].usage.completion_tokens == n
 
-    # chat: the checkpoint's template (contents joined by newlines) + generation prompt
+    # chat: the checkpoint's template (the messages' contents, concatenated)
     (want, _, n), = greedy(offline, tok, ["sort:hello="], [12])
     msgs = [{"role": "user", "content": "sort:hello="}]
     r = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=12, temperature=0)

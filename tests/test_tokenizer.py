@@ -147,3 +147,18 @@ def test_stop_string_held_back_until_decided(bpe):
     assert s.add(bpe.encode("x")) == ("<|ex", False)           # it does not
     assert s.add(bpe.encode("<|end|>tail")) == ("", True)
     assert s.text == "ok <|ex"
+
+
+def test_runs_without_torch():
+    """transformers' tokenizer needs no torch: a fresh interpreter where `import torch` fails."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from lingjax.tokenizer import Tokenizer\n"
+            f"t = Tokenizer({CKPT!r})\n"
+            "print(t.encode_chat([{'role': 'user', 'content': 'ab'}]), t.decode([13, 14, 1]), t.eos_token_ids)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+                                                      + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[13, 14] ab (1,)"
