@@ -136,7 +136,7 @@ class Metrics:
             .set_function(lambda: 1.0 - loop.stats()["free_slots"] / loop.engine.num_slots)
         self.prompt_tokens = Counter("lingjax_prompt_tokens", "Prompt tokens submitted to the engine", registry=r)
         self.generation_tokens = Counter("lingjax_generation_tokens", "Tokens generated", registry=r)
-        self.finished = Counter("lingjax_request_success", "Engine requests finished, by finish reason",
+        self.finished = Counter("lingjax_requests_finished", "Choices finished, by finish reason (stop, length, abort)",
                                 ["finish_reason"], registry=r)
         self.ttft = Histogram("lingjax_time_to_first_token_seconds", "Time from arrival to a choice's first token",
                               buckets=LATENCY_BUCKETS, registry=r)

@@ -231,7 +231,7 @@ def test_64_concurrent_clients_equal_offline(served, offline, tok):
 
 
 # --------------------------------------------------------------------------------------------- disconnects
-ABORTS = 'lingjax_request_success_total{finish_reason="abort"}'
+ABORTS = 'lingjax_requests_finished_total{finish_reason="abort"}'
 
 
 def test_disconnect_frees_the_slot(served):
