@@ -336,3 +336,18 @@ def test_serve_cli_sigterm_finishes_in_flight_then_exits_0(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_cli_bad_setup_is_one_line(capsys):
+    from lingjax import cli
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        cases = [(["--model", CKPT, "--port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
+                 (["--model", "/no/such/dir"], "--model /no/such/dir: no such directory"),
+                 (["--model", os.path.dirname(CKPT)], "config.json")]
+        for argv, want in cases:
+            assert cli.main(["serve"] + argv) == 1                # before any weights load
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith("lingjax: error: ") and want in err[0], err
