@@ -161,7 +161,8 @@ def _encode(tok, text, chat=False, system=None, what="prompt") -> list[int]:
         except TokenizerError as e:
             raise CLIError(f"--chat: {e}") from None
     ids = tok.encode(text, add_special_tokens=not chat)
-    unk, unk_id = tok.hf.unk_token, tok.hf.unk_token_id
+    unk = tok.hf.unk_token or getattr(tok.hf.backend_tokenizer.model, "unk_token", None)
+    unk_id = tok.hf.convert_tokens_to_ids(unk) if unk else None
     if unk is not None and unk_id is not None:
         n = ids.count(unk_id) - text.count(unk)
         if n > 0:
