@@ -1,6 +1,7 @@
 """Multi-head latent attention (SPEC §3): DeepSeek-V3 MLA with interleaved full RoPE on the 64
 rope dims. `__call__` is the naive form (= HF) over full sequences; `step` is the absorbed form
-(SPEC §3.4) over the per-slot latent cache [c (kv_lora_rank, post-norm) | k_pe (post-RoPE)]."""
+(SPEC §3.4) over the per-slot latent cache [c (kv_lora_rank, post-norm) | k_pe (post-RoPE)].
+YaRN (rope_scaling, SPEC §5.3) enters through the rotary table and `scaling`, so both forms get it."""
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -35,7 +36,8 @@ class MLA(nnx.Module):
 
     @property
     def scaling(self):
-        return self.cfg.qk_head_dim ** -0.5
+        """Softmax scale: qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN (SPEC §3.2)."""
+        return self.cfg.qk_head_dim ** -0.5 * rope.softmax_mscale(self.cfg.yarn)
 
     @property
     def latent_dim(self):
@@ -47,13 +49,13 @@ class MLA(nnx.Module):
         q = self.q_proj(x) if self.q_proj is not None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.reshape(q.shape[:-1] + (-1, c.qk_head_dim))
         q_nope, q_pe = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
-        return q_nope, rope.apply_interleaved(q_pe, positions, c.rope_theta)
+        return q_nope, rope.apply_interleaved(q_pe, positions, c.rope_theta, c.yarn)
 
     def latent(self, x, positions):
         """-> [..., T, kv_lora_rank + rope]: the normed latent c and the rotated shared k_pe."""
         ckv = self.kv_a_proj_with_mqa(x)
         c, k_pe = ckv[..., : self.cfg.kv_lora_rank], ckv[..., self.cfg.kv_lora_rank:]
-        k_pe = rope.apply_interleaved(k_pe[..., None, :], positions, self.cfg.rope_theta)[..., 0, :]
+        k_pe = rope.apply_interleaved(k_pe[..., None, :], positions, self.cfg.rope_theta, self.cfg.yarn)[..., 0, :]
         return jnp.concatenate([self.kv_a_layernorm(c), k_pe], axis=-1)
 
     def _kv_b(self):
