@@ -25,37 +25,38 @@ def rel(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-def make_cache(rng, lengths, dtype, extra_pages=5):
-    """pages [P, PS, R + ROPE] with every row NaN except the first lengths[s] rows of slot s; a page table
+def make_cache(rng, lengths, dtype, extra_pages=5, ps=PS, r=R, rope=ROPE):
+    """pages [P, ps, r + rope] with every row NaN except the first lengths[s] rows of slot s; a page table
     of scattered shuffled pages, garbage (large or negative ids) past each slot's pages."""
-    need = [-(-n // PS) for n in lengths]
+    need = [-(-n // ps) for n in lengths]
     P = sum(need) + extra_pages
     max_pages = max(need + [1]) + 2
     ids = rng.permutation(P)
     table = rng.integers(-5, 10 * P, (len(lengths), max_pages)).astype(np.int32)   # garbage by default
-    pages = np.full((P, PS, R + ROPE), np.nan)
+    pages = np.full((P, ps, r + rope), np.nan)
     rows, k = [], 0
     for s, n in enumerate(lengths):
         table[s, :need[s]] = ids[k:k + need[s]]
         k += need[s]
-        lat = rng.standard_normal((n, R + ROPE))
+        lat = rng.standard_normal((n, r + rope))
         for i in range(n):
-            pages[table[s, i // PS], i % PS] = lat[i]
+            pages[table[s, i // ps], i % ps] = lat[i]
         rows.append(lat)
     return pages.astype(dtype), table, rows
 
 
 def oracle(q_lat, q_pe, pages, table, slots, lengths, scale):
     """float64, position by position through the page table."""
+    ps, r = pages.shape[1], q_lat.shape[-1]
     out = np.zeros(q_lat.shape, np.float64)
     p64 = pages.astype(np.float64)
     for b, (s, n) in enumerate(zip(slots, lengths)):
         if s < 0 or n == 0:
             continue
-        keys = np.stack([p64[table[s, i // PS], i % PS] for i in range(n)])          # [n, R + ROPE]
-        sc = (q_lat[b].astype(np.float64) @ keys[:, :R].T + q_pe[b].astype(np.float64) @ keys[:, R:].T) * scale
+        keys = np.stack([p64[table[s, i // ps], i % ps] for i in range(n)])          # [n, r + rope]
+        sc = (q_lat[b].astype(np.float64) @ keys[:, :r].T + q_pe[b].astype(np.float64) @ keys[:, r:].T) * scale
         w = np.exp(sc - sc.max(-1, keepdims=True))
-        out[b] = (w / w.sum(-1, keepdims=True)) @ keys[:, :R]
+        out[b] = (w / w.sum(-1, keepdims=True)) @ keys[:, :r]
     return out
 
 
