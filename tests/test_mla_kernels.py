@@ -177,3 +177,19 @@ def test_mla_step_paged_matches_full_forward():
     want_b = np.asarray(layer(jnp.asarray(xs[2])[None], jnp.arange(5)[None]))[0]
     assert rel(got_a, want_a) <= 1e-5
     assert rel(np.asarray(o1)[20:], want_b) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-5), (ml_dtypes.bfloat16, 1e-2)])
+def test_tpu_decode_in_interpret_mode_matches_oracle(dtype, tol):
+    rng = np.random.default_rng(2)
+    pages, table, _ = make_cache(rng, LENGTHS, dtype)
+    slots = np.array([4, 0, 2, -1, 5, 1, 3, 4], np.int32)
+    lengths = np.array([LENGTHS[s] if s >= 0 else 9 for s in slots], np.int32)
+    lengths[-1] = 2 * PS + 1
+    q_lat = rng.standard_normal((len(slots), H, R)).astype(np.float32)
+    q_pe = rng.standard_normal((len(slots), H, ROPE)).astype(np.float32)
+    got = np.asarray(mla.decode(jnp.asarray(q_lat), jnp.asarray(q_pe), jnp.asarray(pages), jnp.asarray(table),
+                                jnp.asarray(slots), jnp.asarray(lengths), 0.3, impl="tpu_interpret"))
+    want = oracle(q_lat, q_pe, pages, table, slots, lengths, 0.3)
+    assert np.all(np.isfinite(got)) and np.all(got[slots < 0] == 0)
+    assert rel(got[slots >= 0], want[slots >= 0]) <= tol

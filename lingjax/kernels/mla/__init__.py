@@ -22,7 +22,10 @@ Implementations (impl=):
   reference      pure jnp (reference.py), flash-style over pages: the CPU path and the oracle
   gpu            decode: Triton kernel through jax-triton (gpu.py, kernel body in triton_kernels.py;
                  split over the context, combined in jnp); write/prefill: the reference
-impl=None picks by jax.default_backend(): gpu -> 'gpu', anything else -> 'reference'. A name of the
+  tpu            decode: Pallas Mosaic TPU kernel (tpu.py; grid over (request, page), scalar-prefetched
+                 page table); write/prefill: the reference
+  tpu_interpret  tpu.py's kernel in Pallas TPU interpret mode (on the CPU; for tests)
+impl=None picks by jax.default_backend(): gpu -> 'gpu', tpu -> 'tpu', anything else -> 'reference'. A name of the
 model's `kernels` option (a linear-attention implementation) maps to its family (FROM_MODEL_KERNELS).
 The kernel modules are imported only when chosen.
 """
@@ -32,9 +35,9 @@ import jax
 
 from lingjax.kernels.mla import reference
 
-IMPLS = ('reference', 'gpu')
-FROM_MODEL_KERNELS = {'mosaic_gpu': 'gpu', 'pallas_triton': 'gpu', 'tpu': 'reference', 'gpu_interpret': 'reference',
-                      'tpu_interpret': 'reference', 'mosaic_gpu_interpret': 'reference',
+IMPLS = ('reference', 'gpu', 'tpu', 'tpu_interpret')
+FROM_MODEL_KERNELS = {'mosaic_gpu': 'gpu', 'pallas_triton': 'gpu', 'gpu_interpret': 'reference',
+                      'mosaic_gpu_interpret': 'reference',
                       'pallas_triton_interpret': 'reference'}
 
 
@@ -42,7 +45,8 @@ def resolve(impl=None) -> str:
     """The implementation that impl names (None: by the default backend); ValueError if unknown."""
     impl = FROM_MODEL_KERNELS.get(impl, impl)
     if impl is None:
-        return 'gpu' if jax.default_backend() == 'gpu' else 'reference'
+        backend = jax.default_backend()
+        return backend if backend in ('gpu', 'tpu') else 'reference'
     if impl not in IMPLS:
         raise ValueError(f'unknown MLA kernel implementation {impl!r}; expected one of {IMPLS}')
     return impl
@@ -68,9 +72,14 @@ def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, impl=None):
     """q_lat [B, H, r], q_pe [B, H, rope]; request b reads positions [0, lengths[b]) of slot slots[b]
     (-1: padding row, output 0) -> [B, H, r] float32."""
     _check('decode', q_lat, q_pe, pages, page_table, slots, lengths)
-    if resolve(impl) == 'gpu':
+    impl = resolve(impl)
+    if impl == 'gpu':
         return importlib.import_module('lingjax.kernels.mla.gpu').decode(
             q_lat, q_pe, pages, page_table, slots, lengths, scale)
+    if impl in ('tpu', 'tpu_interpret'):
+        tpu = importlib.import_module('lingjax.kernels.mla.tpu')
+        kw = {'interpret': tpu.pltpu.InterpretParams()} if impl == 'tpu_interpret' else {}
+        return tpu.decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, **kw)
     return reference.decode(q_lat, q_pe, pages, page_table, slots, lengths, scale)
 
 
