@@ -6,7 +6,9 @@ For each batch size B: one warm-up run of B identical-length random prompts (it 
 shape the run needs; its time and the compilations are reported), then `--repeats` timed runs
 (min taken). Decode tokens/s counts generated tokens over the time of the full generate run minus a
 prefill-only run (1 new token); prefill tokens/s is the prompt tokens over that prefill-only run.
-Prints a table; `--json` writes the rows.
+"host ms" is the host's time per step scheduling, packing and dispatching (Engine.stats(); with
+overlap, the default, it runs while the device computes the previous step; `--no-overlap` turns that
+off). Prints a table; `--json` writes the rows.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ BENCH_DESCRIPTION = ("Measure the engine end to end on random prompts: for each 
 
 
 def bench_generate(model, batches, *, prompt_len, new_tokens, prefill_chunk, repeats=3, temperature=0.0,
-                   mesh=None, seed=0, kernels=None):
+                   mesh=None, seed=0, kernels=None, overlap=True):
     """Rows of measurements, one per batch size (see the module docstring)."""
     import numpy as np
     from lingjax.engine import Engine, SamplingParams
@@ -35,11 +37,12 @@ def bench_generate(model, batches, *, prompt_len, new_tokens, prefill_chunk, rep
         full = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, seed=seed, ignore_eos=True)
         first = SamplingParams(max_new_tokens=1, ignore_eos=True)
         eng = Engine(model, max_batch=B, prefill_chunk=prefill_chunk, max_len=prompt_len + new_tokens + 1, mesh=mesh,
-                     kernels=kernels)
+                     kernels=kernels, overlap=overlap)
         t0 = time.perf_counter()
         eng.generate(prompts, full)
         eng.generate(prompts, first)
         warm = time.perf_counter() - t0
+        eng.reset_stats()
 
         def timed(params):
             best, out = float("inf"), None
@@ -57,17 +60,21 @@ def bench_generate(model, batches, *, prompt_len, new_tokens, prefill_chunk, rep
                          prefill_tokens_per_s=B * prompt_len / t_prefill,
                          decode_tokens_per_s=(n_new - B) / t_decode,
                          ms_per_decode_step=1e3 * t_decode / max(new_tokens - 1, 1),
-                         warmup_seconds=warm, compilations=eng.compile_count))
+                         warmup_seconds=warm, compilations=eng.compile_count, overlap=overlap,
+                         host_ms_per_step=eng.stats()["host_ms_per_step"],
+                         wait_ms_per_step=eng.stats()["wait_ms_per_step"]))
         log.info("batch %d done", B)
     return rows
 
 
 def format_table(rows) -> str:
-    head = f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/decode step':>15} {'warm-up s':>10} {'compiles':>9}"
+    head = (f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/decode step':>15} {'host ms':>8} "
+            f"{'warm-up s':>10} {'compiles':>9}")
     lines = [head]
     for r in rows:
         lines.append(f"{r['batch']:>5} {r['prefill_tokens_per_s']:>14.1f} {r['decode_tokens_per_s']:>13.1f} "
-                     f"{r['ms_per_decode_step']:>15.2f} {r['warmup_seconds']:>10.1f} {r['compilations']:>9}")
+                     f"{r['ms_per_decode_step']:>15.2f} {r['host_ms_per_step']:>8.2f} {r['warmup_seconds']:>10.1f} "
+                     f"{r['compilations']:>9}")
     return "\n".join(lines)
 
 
@@ -88,6 +95,8 @@ def bench_arguments(p):
     p.add_argument("--repeats", type=int_at_least(1), default=3, metavar="N", help="timed runs (min taken); default 3")
     p.add_argument("--tp", type=int_at_least(1), default=1, metavar="N", help="tensor-parallel degree; default 1")
     add_kernels(p)
+    p.add_argument("--no-overlap", action="store_true",
+                   help="read each step's results before packing the next (the engine's overlap=False)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
     p.add_argument("--debug", action="store_true", help="debug logging, and show tracebacks of errors")
@@ -119,9 +128,10 @@ def bench_run(args):
         raise cli.CLIError(f"--prompt-len + --new-tokens exceeds max_position_embeddings={cfg.max_position_embeddings}")
     rows = bench_generate(model, args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                           prefill_chunk=args.prefill_chunk, repeats=args.repeats, mesh=mesh,
-                          kernels=args.kernels)
+                          kernels=args.kernels, overlap=not args.no_overlap)
     print(f"lingjax bench: {what}, {args.dtype}, {jax.devices()[0].platform} x{jax.device_count()}, tp={args.tp}, "
-          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy")
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, "
+          f"overlap {'off' if args.no_overlap else 'on'}")
     print(format_table(rows))
     if args.json:
         doc = dict(model=what, dtype=args.dtype, device=str(jax.devices()[0]), tp=args.tp, rows=rows)

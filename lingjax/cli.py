@@ -143,78 +143,31 @@ def _generate_arguments(p):
     _add_common(p, model_required=False)
 
 
-class Tokenizer:
-    """tokenizer.json through `tokenizers`, plus the chat template of tokenizer_config.json."""
+def _tokenizer(model_dir):
+    from lingjax.tokenizer import Tokenizer, TokenizerError
+    try:
+        return Tokenizer(model_dir)
+    except TokenizerError as e:
+        raise CLIError(str(e)) from None
 
-    def __init__(self, model_dir):
-        from tokenizers import Tokenizer as _T
-        path = os.path.join(model_dir, "tokenizer.json")
-        if not os.path.isfile(path):
-            raise CLIError(f"{model_dir} has no tokenizer.json; generate needs the checkpoint's tokenizer")
+
+def _encode(tok, text, chat=False, system=None, what="prompt") -> list[int]:
+    """A prompt's ids: the text as is, or (chat) one user message after an optional system message.
+    Characters the tokenizer cannot encode become its unknown token: a warning says how many."""
+    if chat:
+        from lingjax.tokenizer import TokenizerError
         try:
-            self.tok = _T.from_file(path)
-        except Exception as e:
-            raise CLIError(f"{path}: cannot load tokenizer ({_first_line(e)})") from None
-        self.config = {}
-        tc = os.path.join(model_dir, "tokenizer_config.json")
-        if os.path.isfile(tc):
-            try:
-                with open(tc) as f:
-                    self.config = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CLIError(f"{tc}: not valid JSON ({e})") from None
-        self.template = self.config.get("chat_template")
-        if isinstance(self.template, list):     # [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in self.template if isinstance(t, dict)}
-            self.template = named.get("default") or next(iter(named.values()), None)
-        jinja = os.path.join(model_dir, "chat_template.jinja")
-        if not self.template and os.path.isfile(jinja):
-            with open(jinja) as f:
-                self.template = f.read()
-        self.model_dir = model_dir
-
-    def _special(self, key):
-        v = self.config.get(key)
-        return v.get("content") if isinstance(v, dict) else v
-
-    def token_id(self, key):
-        s = self._special(key)
-        return self.tok.token_to_id(s) if s else None
-
-    def chat(self, text, system=None) -> str:
-        if not self.template:
-            raise CLIError(f"--chat: {self.model_dir} has no chat template (tokenizer_config.json chat_template "
-                           f"or chat_template.jinja)")
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(msg):
-            raise TemplateError(msg)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        try:
-            return env.from_string(self.template).render(
-                messages=messages, add_generation_prompt=True, bos_token=self._special("bos_token") or "",
-                eos_token=self._special("eos_token") or "")
-        except TemplateError as e:
-            raise CLIError(f"--chat: the chat template failed: {_first_line(e)}") from None
-
-    def encode(self, text, chat=False, system=None, what="prompt") -> list[int]:
-        if chat:
-            text = self.chat(text, system)
-        ids = self.tok.encode(text, add_special_tokens=not chat).ids
-        unk = getattr(self.tok.model, "unk_token", None)
-        unk_id = self.tok.token_to_id(unk) if unk else None
-        if unk_id is not None:
-            n = ids.count(unk_id) - text.count(unk)
-            if n > 0:
-                log.warning("%s: %d character(s) the tokenizer cannot encode became %r (id %d)", what, n, unk, unk_id)
-        return ids
-
-    def decode(self, ids) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
+            text = tok.chat(text, system)
+        except TokenizerError as e:
+            raise CLIError(f"--chat: {e}") from None
+    ids = tok.encode(text, add_special_tokens=not chat)
+    unk = tok.hf.unk_token or getattr(tok.hf.backend_tokenizer.model, "unk_token", None)
+    unk_id = tok.hf.convert_tokens_to_ids(unk) if unk else None
+    if unk is not None and unk_id is not None:
+        n = ids.count(unk_id) - text.count(unk)
+        if n > 0:
+            log.warning("%s: %d character(s) the tokenizer cannot encode became %r (id %d)", what, n, unk, unk_id)
+    return ids
 
 
 def _read_prompts(args) -> list[str]:
@@ -241,24 +194,19 @@ def _read_prompts(args) -> list[str]:
 
 
 class _Streamer:
-    """Prints one request's text as its tokens arrive (holding back incomplete UTF-8 sequences)."""
+    """Prints one request's text as its tokens arrive (never half of a multi-byte character)."""
 
     def __init__(self, tok, out=None):
-        self.tok, self.out, self.ids, self.shown = tok, out or sys.stdout, [], ""
+        self.detok, self.out = tok.detokenizer(), out or sys.stdout
 
     def __call__(self, _index, token):
-        self.ids.append(token)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd") or not text.startswith(self.shown):
-            return
-        self.out.write(text[len(self.shown):])
-        self.out.flush()
-        self.shown = text
+        piece = self.detok.add([token])
+        if piece:
+            self.out.write(piece)
+            self.out.flush()
 
-    def finish(self, final_text):
-        if final_text.startswith(self.shown) and len(final_text) > len(self.shown):
-            self.out.write(final_text[len(self.shown):])
-        self.out.write("\n")
+    def finish(self):
+        self.out.write(self.detok.flush() + "\n")
         self.out.flush()
 
 
@@ -301,23 +249,14 @@ def _generate_run(args):
         raise CLIError(f"--model {model_dir}: no such directory")
     cfg = _read_config(model_dir)
     max_len = _max_len(args, cfg)
-    tok = Tokenizer(str(model_dir))
-    ids = [tok.encode(p, chat=args.chat, system=args.system, what=f"prompt {i}") for i, p in enumerate(prompts)]
+    tok = _tokenizer(model_dir)
+    ids = [_encode(tok, p, chat=args.chat, system=args.system, what=f"prompt {i}") for i, p in enumerate(prompts)]
     ids = check_token_lists(ids, vocab_size=cfg.vocab_size, max_len=max_len, what="prompt", room=1)
-    stop = set(cfg.eos_ids)
-    gen_cfg = model_dir / "generation_config.json"
-    if gen_cfg.is_file():
-        try:
-            e = json.loads(gen_cfg.read_text()).get("eos_token_id")
-            stop |= set(e if isinstance(e, list) else [e] if isinstance(e, int) else [])
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            log.warning("%s: not valid JSON; ignored", gen_cfg)
-    if tok.token_id("eos_token") is not None:
-        stop.add(tok.token_id("eos_token"))
+    stop = tok.eos_token_ids          # config.json, generation_config.json and the tokenizer's EOS
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=min(args.top_k, cfg.vocab_size),      # k >= vocab: the filter is off
                             top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos,
-                            stop_token_ids=tuple(sorted(t for t in stop if 0 <= t < cfg.vocab_size)))
+                            stop_token_ids=stop)
     _, eng = _engine(args, model_dir, max_len)
     if len(ids) == 1 and not args.jsonl:
         streamer = _Streamer(tok)
@@ -326,7 +265,7 @@ def _generate_run(args):
         except KeyboardInterrupt:      # the text so far is on the screen: end its line
             sys.stdout.write("\n")
             raise
-        streamer.finish(tok.decode(out.token_ids))
+        streamer.finish()
         outs = [out]
     else:
         done = _FinishedRequests(ids, params, max_len)
@@ -375,6 +314,12 @@ from lingjax import bench as _bench   # noqa: E402  (stdlib imports only; jax lo
 
 register("bench", _bench.BENCH_HELP, _bench.bench_arguments, _bench.bench_run,
          description=_bench.BENCH_DESCRIPTION)
+
+
+from lingjax import serve_cli as _serve_cli   # noqa: E402  (stdlib imports only; the server loads inside run)
+
+register("serve", _serve_cli.SERVE_HELP, _serve_cli.serve_arguments, _serve_cli.serve_run,
+         description=_serve_cli.SERVE_DESCRIPTION)
 
 
 # ------------------------------------------------------------------------------------------ main

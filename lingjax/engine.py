@@ -173,6 +173,7 @@ class _Request:
     src_row: int = -1             # row of the in-flight token in the last dispatched step's output
     logits: list = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
+    sampling: tuple = ()          # (temperature, top_k, top_p, seed) as the step's arrays take them
 
     @property
     def score(self) -> bool:
@@ -254,34 +255,41 @@ class _Graph:
     config holding a dict). `traces` is the calling engine's counter, outside equality: a trace
     counts against the engine whose call caused it."""
 
-    def __init__(self, graphdef, cfg, mesh, traces: collections.Counter):
-        self.graphdef, self.cfg, self.mesh, self.traces = graphdef, cfg, mesh, traces
+    def __init__(self, graphdef, treedef, cfg, mesh, traces: collections.Counter):
+        self.graphdef, self.treedef, self.cfg, self.mesh, self.traces = graphdef, treedef, cfg, mesh, traces
         try:
-            self._hash, self._by_value = hash((graphdef, mesh)), True
+            self._hash, self._by_value = hash((graphdef, treedef, mesh)), True
         except TypeError:
             self._hash, self._by_value = id(graphdef), False
+        self._equal = []              # graphs found equal to this one (kept: jit compares keys every call)
 
     def __hash__(self):
         return self._hash
 
     def __eq__(self, other):
-        if not isinstance(other, _Graph) or self.mesh != other.mesh:
+        if self is other or any(g is other for g in self._equal):
+            return True
+        if not isinstance(other, _Graph) or self.mesh != other.mesh or not (self._by_value and other._by_value):
             return False
-        if self._by_value and other._by_value:
-            return self.graphdef == other.graphdef
-        return self.graphdef is other.graphdef
+        if self.graphdef == other.graphdef and self.treedef == other.treedef:
+            self._equal.append(other)
+            return True
+        return False
 
 
 @functools.partial(jax.jit, static_argnames=("graph", "mode"), donate_argnames=("caches",))
-def _step_fn(state, caches, batch, take, prev, rows, temperature, top_k, top_p, seeds, request_ids, counters,
+def _step_fn(params, caches, batch, take, prev, rows, temperature, top_k, top_p, seeds, request_ids, counters,
              *, graph: _Graph, mode: tuple[bool, bool, bool]):
-    """One engine step. take [T]: for each packed token, the row of `prev` (the previous step's
-    sampled tokens [R], still on the device) it is, or -1 to use batch.tokens. mode (static):
+    """One engine step. params: the model state's leaves (a flat list: cheaper to pass every step
+    than the nnx State, whose Variables flatten in Python). take [T]: for each packed token, the row
+    of `prev` (the previous step's sampled tokens [R], still on the device) it is, or -1 to use
+    batch.tokens. mode (static):
     (full logits [T, V] for score requests, sample one token per row, top-20 logprobs) ->
     (logits | None, tokens [R], logprobs [R] | None, top ids [R, 20] | None, top logprobs | None, caches)."""
     from lingjax import sharding
     want_logits, want_sample, want_top = mode
     graph.traces[(_kind(mode), batch.tokens.shape[0], batch.decode_only)] += 1
+    state = jax.tree.unflatten(graph.treedef, params)
     model_step = sharding.shard_step(graph.graphdef, graph.cfg, graph.mesh)   # plain model.step without a mesh
     tokens = jnp.where(take >= 0, prev[jnp.maximum(take, 0)], batch.tokens)
     batch = dataclasses.replace(batch, tokens=tokens)
@@ -295,10 +303,11 @@ def _step_fn(state, caches, batch, take, prev, rows, temperature, top_k, top_p, 
     toks, lp, top_ids, top_lp = jnp.zeros(R, jnp.int32), None, None, None
     if want_sample:
         toks = sample(row_logits, temperature, top_k, top_p, seeds, request_ids, counters)
-        logp = jax.nn.log_softmax(row_logits, axis=-1)
-        lp = jnp.take_along_axis(logp, toks[:, None], axis=-1)[:, 0]
+        lse = jax.nn.logsumexp(row_logits, axis=-1)          # log_softmax at the few entries needed
+        lp = jnp.take_along_axis(row_logits, toks[:, None], axis=-1)[:, 0] - lse
         if want_top:
-            top_lp, top_ids = jax.lax.top_k(logp, MAX_LOGPROBS)
+            top, top_ids = jax.lax.top_k(row_logits, MAX_LOGPROBS)
+            top_lp = top - lse[:, None]
     out = (toks, lp, top_ids, top_lp)
     if graph.mesh is not None:     # every process reads the sampled tokens
         out = jax.lax.with_sharding_constraint(out, sharding.replicated(graph.mesh))
@@ -413,10 +422,11 @@ class Engine:
         if mesh is not None:
             self.state = _engine_error(sharding.shard_state, self.state, cfg, mesh)
         self._traces = collections.Counter()         # (kind, T, decode_only) -> traces this engine caused
-        self._graph = _Graph(self.graphdef, cfg, mesh, self._traces)
-        self.caches = sharding.init_caches(cfg, mesh, num_slots, max_len, state_dtype=state_dtype,
-                                           latent_dtype=latent_dtype or model.dtype)
-        self._prev = self._to_device(np.zeros(max_batch, np.int32))    # "previous sampled tokens" of step 0
+        self._params, treedef = jax.tree.flatten(self.state)
+        self._graph = _Graph(self.graphdef, treedef, cfg, mesh, self._traces)
+        self._cache_dtypes = dict(state_dtype=state_dtype, latent_dtype=latent_dtype or model.dtype)
+        self.caches = self._new_caches()
+        self._prev = self._zero_tokens()                  # "the previous step's sampled tokens" of the first step
         self.slots = SlotAllocator(num_slots)
         self.steps = 0
         self._guard = _Guard()
@@ -569,10 +579,29 @@ class Engine:
             raise EngineError(f"Engine.{what}() needs an idle engine: {len(self._requests)} requests added with "
                               f"add_request are unfinished (step() them to the end or abort() them)")
 
-    def _to_device(self, a):
-        if self.mesh is not None and jax.process_count() > 1:
-            return _global(a, self.mesh)
-        return jnp.asarray(a)
+    def _new_caches(self):
+        from lingjax import sharding
+        caches = sharding.init_caches(self.cfg, self.mesh, self.num_slots, self.max_len, **self._cache_dtypes)
+        return caches if self.mesh is not None else jax.device_put(caches, self._placement())
+
+    def _zero_tokens(self):
+        """[R] int32 zeros placed as a step's sampled tokens are (committed to the device, or
+        replicated over the mesh), so that the first step and the later ones share one compilation."""
+        from lingjax import sharding
+        zeros = np.zeros(self.max_batch, np.int32)
+        if self.mesh is not None:
+            return sharding.host_to_global(zeros, self.mesh)
+        return jax.device_put(zeros, self._placement())
+
+    def _placement(self):
+        """Without a mesh: where the step's outputs land, i.e. as the params are placed (a one-device
+        mesh or a device). Inputs of the first step placed so match the later steps' inputs (the
+        previous step's outputs) and share their compilation."""
+        from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+        s = getattr(jax.tree.leaves(self.state)[0], "sharding", None)
+        if isinstance(s, NamedSharding):
+            return NamedSharding(s.mesh, PartitionSpec())
+        return SingleDeviceSharding(min(s.device_set, key=lambda d: d.id) if s is not None else jax.devices()[0])
 
     def _add(self, prompt, params, *, request_id=None, score=False, index=0) -> str:
         prompt = self.check_request(prompt, params, score=score)
@@ -592,7 +621,8 @@ class Engine:
             sp = params or SamplingParams()
             stop = () if sp.ignore_eos else self.cfg.eos_ids if sp.stop_token_ids is None else sp.stop_token_ids
             r = _Request(request_id, prompt, len(prompt), sp.max_new_tokens, params=sp,
-                         stop=frozenset(int(t) for t in stop), index=int(index))
+                         stop=frozenset(int(t) for t in stop), index=int(index),
+                         sampling=(sp.temperature, min(sp.top_k, self.cfg.vocab_size), sp.top_p, sp.seed % 2 ** 32))
         self._requests[request_id] = r
         self._waiting.append(r)
         return request_id
@@ -650,7 +680,9 @@ class Engine:
         for r in list(self._requests.values()):
             self._finish(r, "abort")
         self._aborted.clear()
-        self._prev = self._to_device(np.zeros(self.max_batch, np.int32))
+        self._prev = self._zero_tokens()
+        if any(a.is_deleted() for a in jax.tree.leaves(self.caches)):   # donated to a step that failed
+            self.caches = self._new_caches()
 
     def _drain(self) -> list[RequestOutput]:
         outs = []
@@ -684,71 +716,84 @@ class Engine:
 
     def _pack(self, pieces):
         """Pieces [(request, n_tokens)] -> host arrays of a StepBatch (+ decode_only) and `take` [T]
-        (the previous step's output row of a token still on the device, else -1)."""
-        R = self.max_batch
+        (the previous step's output row of a token still on the device, else -1). Plain Python lists,
+        one numpy conversion per array: this runs on the host every step."""
+        R, k = self.max_batch, len(pieces)
         decode_only = all(n == 1 for _, n in pieces)
-        n_tok = sum(n for _, n in pieces)
-        T = R if decode_only else next(t for t in self.t_buckets if t >= n_tok)
-        tokens = np.zeros(T, np.int32)
-        positions = np.zeros(T, np.int32)
-        token_seq = np.full(T, R, np.int32)
-        take = np.full(T, -1, np.int32)
         slots = np.full(R, -1, np.int32)
         fresh = np.zeros(R, bool)
-        cu = np.zeros(R + 1, np.int32)
-        off = 0
-        for i, (r, n) in enumerate(pieces):
-            known = min(n, len(r.tokens) - r.fed)      # n - known == 1: the token in flight
-            tokens[off:off + known] = r.tokens[r.fed:r.fed + known]
-            if known < n:
-                take[off + known] = r.src_row
-            positions[off:off + n] = np.arange(r.fed, r.fed + n)
-            token_seq[off:off + n] = i
-            slots[i], fresh[i] = r.slot, r.fed == 0
-            off += n
-            cu[i + 1] = off
-        cu[len(pieces) + 1:] = off
-        return dict(tokens=tokens, positions=positions, token_seq=token_seq, slots=slots, cu_seqlens=cu,
-                    fresh=fresh, decode_only=decode_only, take=take)
+        slots[:k] = [r.slot for r, _ in pieces]
+        fresh[:k] = [r.fed == 0 for r, _ in pieces]
+        if decode_only:                                # T == R, one token per row
+            tok, pos, take = [0] * R, [0] * R, [-1] * R
+            for i, (r, _) in enumerate(pieces):
+                f = pos[i] = r.fed
+                if f < len(r.tokens):
+                    tok[i] = r.tokens[f]
+                else:                                  # the token is still on the device
+                    take[i] = r.src_row
+            token_seq = list(range(k)) + [R] * (R - k)
+            cu = np.minimum(np.arange(R + 1, dtype=np.int32), k)
+        else:
+            n_tok = sum(n for _, n in pieces)
+            T = next(t for t in self.t_buckets if t >= n_tok)
+            tok, pos, take, token_seq, cu = [], [], [], [], [0]
+            for i, (r, n) in enumerate(pieces):
+                f = r.fed
+                known = min(n, len(r.tokens) - f)      # n - known == 1: the token in flight
+                tok += r.tokens[f:f + known]
+                take += [-1] * known
+                if known < n:
+                    tok.append(0)
+                    take.append(r.src_row)
+                pos += range(f, f + n)
+                token_seq += [i] * n
+                cu.append(cu[-1] + n)
+            pad = T - n_tok
+            tok, pos, take, token_seq = tok + [0] * pad, pos + [0] * pad, take + [-1] * pad, token_seq + [R] * pad
+            cu = np.asarray(cu + [n_tok] * (R - k), np.int32)
+        return dict(tokens=np.asarray(tok, np.int32), positions=np.asarray(pos, np.int32),
+                    token_seq=np.asarray(token_seq, np.int32), slots=slots, cu_seqlens=cu, fresh=fresh,
+                    decode_only=decode_only, take=np.asarray(take, np.int32))
 
     def _dispatch(self, pieces) -> _Flight:
         """Pack and launch one step (asynchronously); update the requests' bookkeeping."""
-        R, V = self.max_batch, self.cfg.vocab_size
+        R = self.max_batch
         b = self._pack(pieces)
         take = b.pop("take")
         rows = np.maximum(b["cu_seqlens"][1:] - 1, 0).astype(np.int32)
+        produces = [r.fed + n == r.total for r, n in pieces]
+        sampled = [i for i, (r, _) in enumerate(pieces) if produces[i] and not r.score]
         ids, counters, top_k = (np.zeros(R, np.int32) for _ in range(3))
         temp, top_p, seeds = np.zeros(R, np.float32), np.ones(R, np.float32), np.zeros(R, np.uint32)
-        produces, top_n = [], []
-        for i, (r, n) in enumerate(pieces):
-            ends = r.fed + n == r.total
-            produces.append(ends)
-            top_n.append(0)
-            if ends and not r.score:
-                sp = r.params
-                ids[i], counters[i] = r.index % 2 ** 31, r.total - r.prompt_len
-                temp[i], top_k[i], top_p[i] = sp.temperature, min(sp.top_k, V), sp.top_p
-                seeds[i] = sp.seed % 2 ** 32
-                top_n[-1] = sp.logprobs or 0
-        want_logits = any(r.score for r, _ in pieces)
-        want_sample = any(p and not r.score for p, (r, _) in zip(produces, pieces))
-        mode = (want_logits, want_sample, any(top_n))
+        top_n = [0] * len(pieces)
+        if sampled:
+            rs = [pieces[i][0] for i in sampled]
+            ids[sampled] = [r.index % 2 ** 31 for r in rs]
+            counters[sampled] = [r.total - r.prompt_len for r in rs]
+            temp[sampled], top_k[sampled], top_p[sampled], seeds[sampled] = zip(*(r.sampling for r in rs))
+            for i, r in zip(sampled, rs):
+                top_n[i] = r.params.logprobs or 0
+        mode = (any(r.score for r, _ in pieces), bool(sampled), any(top_n))
         batch = StepBatch(**b)
         host = (take, rows, temp, top_k, top_p, seeds, ids, counters)
         if self.mesh is not None and jax.process_count() > 1:
             batch, host = _global(batch, self.mesh), _global(host, self.mesh)
         logits, toks, lp, top_ids, top_lp, self.caches = _step_fn(
-            self.state, self.caches, batch, host[0], self._prev, *host[1:], graph=self._graph, mode=mode)
+            self._params, self.caches, batch, host[0], self._prev, *host[1:], graph=self._graph, mode=mode)
         self._prev = toks
         self.steps += 1
+        prompt_tokens = 0
         for i, (r, n) in enumerate(pieces):
-            self._counts["prompt_tokens"] += max(0, min(r.fed + n, r.prompt_len) - r.fed)
+            if r.fed < r.prompt_len:
+                prompt_tokens += min(r.fed + n, r.prompt_len) - r.fed
             r.fed += n
             if produces[i] and not r.score:
                 r.inflight += 1
                 r.src_row = i
             if self._pending(r) == 0:     # all of r is dispatched: its slot is free for the next step
                 self._release(r)
+        self._counts["prompt_tokens"] += prompt_tokens
         return _Flight(pieces, produces, (logits, toks, lp, top_ids, top_lp), top_n)
 
     def _collect(self, f: _Flight) -> list[RequestOutput]:

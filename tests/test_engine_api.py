@@ -226,6 +226,44 @@ def test_engine_loop_from_several_threads(model, prompts):
     assert results[long][1] == "abort" and len(results[long][0]) < 100
     assert all(results[rid] == (ref[i], "length") for rid, i in ids.items())
     assert eng.slots.num_free == 4 and not eng.has_unfinished()
+    # stop() ends what is still running with "abort"; a stopped loop refuses new requests
+    loop = EngineLoop(eng).start()
+    ends = []
+    loop.submit(prompts[0], dataclasses.replace(GREEDY, max_new_tokens=150), lambda o: o.finished and ends.append(o))
+    loop.stop(timeout=60)
+    assert [o.finish_reason for o in ends] == ["abort"] and not loop.running and eng.slots.num_free == 4
+    with pytest.raises(EngineError, match="not running"):
+        loop.submit([1], GREEDY, on_output)
+
+
+def test_engine_loop_survives_a_failed_step(model, prompts):
+    """A step that raises ends every request with "abort" (loop.error keeps the exception); the loop
+    and the engine keep serving."""
+    eng = engine(model)
+    loop = EngineLoop(eng).start()
+    orig, fail = eng._dispatch, [True]
+
+    def dispatch(pieces):
+        if fail.pop() if fail else False:
+            raise RuntimeError("device lost")
+        return orig(pieces)
+
+    eng._dispatch = dispatch
+    results, done = {}, threading.Event()
+
+    def on_output(o):
+        results.setdefault(o.request_id, []).extend(o.new_token_ids)
+        if o.finished:
+            results[o.request_id].append(o.finish_reason)
+            done.set()
+
+    loop.submit(prompts[0], GREEDY, on_output, request_id="a")
+    assert done.wait(60) and results["a"] == ["abort"] and "device lost" in str(loop.error)
+    done.clear()
+    loop.submit(prompts[0], GREEDY, on_output, request_id="b")
+    assert done.wait(60)
+    loop.stop()
+    assert results["b"] == engine(model).generate([prompts[0]], GREEDY)[0].token_ids + ["length"]
 
 
 # ------------------------------------------------------------------------------------------ logprobs

@@ -73,3 +73,20 @@ def test_engine_score_with_mosaic_gpu_kernels(tmp_path):
     for i, (o, n) in enumerate(zip(out, lengths)):
         ref = full[i, :n]
         assert np.abs(o - ref).max() / np.abs(ref).max() <= 1e-5, i
+
+
+def test_model_and_cli_kernels_option(monkeypatch):
+    """BailingModel(kernels=) reaches every linear-attention layer; the CLI's --kernels defaults to
+    $LINGJAX_KERNELS (the only use of that variable) and reaches the engine."""
+    from flax import nnx as _nnx
+    from lingjax import cli
+    from lingjax.model import BailingModel, LinearAttention
+    from lingjax.testing import tiny_config
+    m = BailingModel(tiny_config(), dtype=jnp.float32, rngs=_nnx.Rngs(0), mtp=True, kernels="tpu_interpret")
+    las = [x for _, x in _nnx.iter_modules(m) if isinstance(x, LinearAttention)]
+    assert las and all(x.kernels == "tpu_interpret" for x in las)
+    assert cli.build_parser().parse_args(["generate", "--prompt", "x"]).kernels is None
+    assert cli.build_parser().parse_args(["generate", "--prompt", "x", "--kernels", "gpu"]).kernels == "gpu"
+    monkeypatch.setenv("LINGJAX_KERNELS", "reference")
+    assert cli.build_parser().parse_args(["bench"]).kernels == "reference"
+

@@ -13,7 +13,7 @@ same rounded inputs; the kernels round decayed keys and intra-chunk scores to th
 the tensor-core products, 2^-9 / 2^-12 relative each). The Triton interpreter runs float32 and
 float16 (its bfloat16 loads are wrong), so the Triton kernels' bfloat16 path is checked on the GPU
 by scripts/bench_linear_attention.py's oracle checks. The Triton kernels are also compiled for
-sm_90 here (Triton's own compiler, no GPU needed), and their jax-triton call is traced.
+sm_90 here by jax-triton's own compile function (no GPU needed), and their jax-triton calls traced.
 The deprecated Pallas-Triton fallback (pallas_triton.py) is tested only with
 LINGJAX_TEST_PALLAS_TRITON=1 (its GPU lowering warns; the bench checks it on the device).
 """
@@ -478,59 +478,45 @@ def test_mosaic_gpu_kernels_lower_for_h100_as_one_kernel_with_pool_aliased():
 # import, so its call module is loaded without the package's GPU check, for this test only)
 
 SM90_SMEM = 227 * 1024          # shared memory a block may use on H100/H200
+_CALL_PARAMS = ('fn', 'scalar_args', 'name', 'custom_call_target_name', 'out_shapes', 'grid', 'num_warps',
+                'num_stages', 'num_ctas', 'compute_capability', 'enable_fp_fusion', 'input_output_aliases',
+                'zeroed_outputs', 'debug', 'serialized_metadata')
 
 
-def _compile_sm90(kernel, arrays, consts, num_warps=4, num_stages=3):
-    """Compile as jax-triton does: pointer arguments 16-byte aligned, constexprs bound."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    names = kernel.arg_names
-    sig = {n: f'*{t}' for n, t in zip(names, arrays)}
-    sig.update({n: 'constexpr' for n in consts})
-    src = ASTSource(kernel, signature=sig, constexprs=consts,
-                    attrs={(i,): [['tt.divisibility', 16]] for i in range(len(arrays))})
-    return triton.compile(src, target=GPUTarget('cuda', 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+def _eqns(jaxpr, primitive_name):
+    """The equations of one primitive in a jaxpr, nested jaxprs included, in order."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == primitive_name:
+            found.append(eqn)
+        for p in eqn.params.values():
+            inner = getattr(p, 'jaxpr', p)
+            if hasattr(inner, 'eqns'):
+                found += _eqns(inner, primitive_name)
+    return found
 
 
-def test_triton_kernels_compile_for_sm90_within_shared_memory():
-    """The production shapes (D=128, chunks of 64, BV=64) and pipelining depths: bf16 unsplit at 3
-    stages (loads pipelined: cp.async), the split's two passes, float32 as 3xTF32 at 2 stages (the
-    largest shared-memory user), decode with a bool fresh flag. Each fits in sm_90's shared memory."""
-    from lingjax.kernels.linear_attention import triton_kernels as tk
-    common = dict(H=4, D=128, BV=64, C=64, TILES_FIRST=True)
-    out = dict(R=3, T=4096, SCALE=0.1, **common)
+def _triton_calls(lib, jaxpr):
+    """The jax-triton calls of a jaxpr, in order."""
+    return [e for e in _eqns(jaxpr, lib.triton_kernel_call_p.name) if e.primitive is lib.triton_kernel_call_p]
 
-    def pre(dt):
-        return ['i32', 'i32', 'i1', 'fp32', dt, dt, dt, 'fp32', 'fp32', dt, 'fp32']
-    builds = [
-        ('bf16 unsplit', tk.prefill_kernel, pre('bf16'),
-         dict(out, L=0, NSEG=1, SPLIT=False, DOT_PREC='tf32'), 3),
-        ('bf16 increments', tk.prefill_increments_kernel,
-         ['i32', 'i32', 'i1', 'fp32', 'bf16', 'bf16', 'fp32', 'fp32'],
-         dict(common, L=1024, NSEG=4, DOT_PREC='tf32'), 2),
-        ('bf16 split', tk.prefill_kernel, pre('bf16'),
-         dict(out, L=1024, NSEG=4, SPLIT=True, DOT_PREC='tf32'), 2),
-        ('f32 tf32x3', tk.prefill_kernel, pre('fp32'),
-         dict(out, L=0, NSEG=1, SPLIT=False, DOT_PREC='tf32x3'), 2),
-        ('decode', tk.decode_kernel, ['i32', 'i1', 'fp32', 'bf16', 'bf16', 'bf16', 'fp32', 'bf16', 'fp32'],
-         dict(B=64, H=4, D=128, BK=128, BV=64, NV=2, SCALE=0.1, SPLIT=False, TILES_FIRST=True), 1),
-    ]
-    for name, kernel, arrays, consts, stages in builds:
-        k = _compile_sm90(kernel, arrays, consts, num_stages=stages)
-        assert 0 <= k.metadata.shared <= SM90_SMEM, (name, k.metadata.shared)
-        if name.startswith(('bf16', 'f32')):
-            assert 'wgmma' in k.asm['ptx'], name                 # tensor-core products
-        if name == 'bf16 unsplit':
-            assert 'cp.async' in k.asm['ptx'], 'the chunk loads are not pipelined'
-        if name == 'f32 tf32x3':
-            assert 'tf32x3' in k.asm['ttir'], 'float32 products must be 3xTF32'
+
+def _compile_call(lib, eqn):
+    """Compile one traced call for sm_90 through jax-triton's own compile function (its argument
+    types, alignment specialization and constexprs): (shared memory bytes, PTX, TTIR)."""
+    p = eqn.params
+    dtypes = [lib.get_triton_type(v.aval) for v in eqn.invars + eqn.outvars]
+    (_, _, _, shared, ptx, ttir, _), _ = lib.get_or_create_triton_kernel(
+        lib.get_cuda_backend, 'cuda', p['fn'], dtypes, p['scalar_args'], num_warps=p['num_warps'],
+        num_stages=p['num_stages'], num_ctas=1, compute_capability=90, enable_fp_fusion=True,
+        metaparams={k: v for k, v in p.items() if k not in _CALL_PARAMS}, dump=False)
+    return shared, ptx, ttir
 
 
 @pytest.fixture
 def jax_triton_call(monkeypatch):
-    """jax_triton with its call module loaded past the package's GPU check (tracing only)."""
+    """jax_triton with its call module loaded past the package's GPU check: its calls trace, and
+    its compile function (Triton -> PTX, what the GPU runs) works for an explicit sm_90."""
     import importlib
     import importlib.util
     import sys
@@ -544,14 +530,48 @@ def jax_triton_call(monkeypatch):
     monkeypatch.delitem(sys.modules, 'jax_triton.triton_lib', raising=False)
     lib = importlib.import_module('jax_triton.triton_lib')
     pkg.triton_call = lib.triton_call
+    # compile without a GPU: the kernel handle jaxlib would build from the PTX is a tuple here
+    monkeypatch.setattr(lib.triton_kernel_call_lib, 'TritonKernel', lambda *a: a, raising=False)
     return lib
+
+
+def test_triton_kernels_compile_for_sm90_within_shared_memory(jax_triton_call):
+    """The kernels the wrapper launches at production shapes (D=128, chunks of 64, BV=64), traced,
+    then compiled for sm_90 by jax-triton's own compile function (Triton -> PTX, no GPU needed):
+    bf16 unsplit at 3 stages (16 x 256 tokens: 128 programs; loads pipelined, cp.async), float32
+    as 3xTF32 at 2 stages (the largest shared-memory user), decode with a bool fresh flag. Each
+    fits in sm_90's shared memory and the prefill products run on the tensor cores (wgmma). The
+    split's two launches are compiled in the shard_map test below."""
+    sd = jax.ShapeDtypeStruct
+    T, h, d, n, r, b = 4096, 4, 128, 8, 16, 64
+
+    def pre(dt):
+        return (sd((T, h, d), dt),) * 3 + (sd((h,), jnp.float32), sd((n, h, d, d), jnp.float32),
+                                           sd((r,), jnp.int32), sd((r + 1,), jnp.int32), sd((r,), jnp.bool_))
+    dec = (sd((b, h, d), jnp.bfloat16),) * 3 + (sd((h,), jnp.float32), sd((n, h, d, d), jnp.float32),
+                                               sd((b,), jnp.int32), sd((b,), jnp.bool_))
+    cases = [('bf16 unsplit', triton_gpu.prefill, pre(jnp.bfloat16), 3),
+             ('f32 tf32x3', triton_gpu.prefill, pre(jnp.float32), 2),
+             ('decode', triton_gpu.decode, dec, 1)]
+    for name, fn, args, stages in cases:
+        eqn, = _triton_calls(jax_triton_call, jax.make_jaxpr(functools.partial(fn, scale=0.1))(*args).jaxpr)
+        assert eqn.params['num_stages'] == stages, name
+        shared, ptx, ttir = _compile_call(jax_triton_call, eqn)
+        assert 0 <= shared <= SM90_SMEM, (name, shared)
+        if name != 'decode':
+            assert 'wgmma' in ptx, name                             # tensor-core products
+        if name == 'bf16 unsplit':
+            assert 'cp.async' in ptx, 'the chunk loads are not pipelined'
+        if name == 'f32 tf32x3':
+            assert 'tf32x3' in ttir, 'float32 products must be 3xTF32'
 
 
 def test_triton_calls_traced_in_shard_map_alias_the_pool(jax_triton_call):
     """Through the dispatch (impl='gpu'), inside jit + shard_map over the heads: bf16 prefill
     (auto split: one long sequence -> increments + output pass) and decode are jax-triton calls
     with the pool aliased in -> out, the static choices of the wrapper (grid, stages, constexprs),
-    and outputs that vary over the mesh axis like their inputs (a loop may carry the pool)."""
+    and outputs that vary over the mesh axis like their inputs (a loop may carry the pool). The
+    split's two launches compile for sm_90 (pipelined loads, wgmma, shared memory)."""
     sd = jax.ShapeDtypeStruct
     T, h, d, n, b = 4096, 4, 128, 8, 16
     mesh = jax.make_mesh((1,), ('tensor',), axis_types=(jax.sharding.AxisType.Auto,))
@@ -568,19 +588,9 @@ def test_triton_calls_traced_in_shard_map_alias_the_pool(jax_triton_call):
     args = (sd((T, h, d), jnp.bfloat16),) * 3 + (sd((h,), jnp.float32), sd((n, h, d, d), jnp.float32),
                                                 sd((1,), jnp.int32), sd((2,), jnp.int32), sd((1,), jnp.bool_),
                                                 sd((b,), jnp.int32), sd((b,), jnp.bool_))
-    calls, bodies = [], []
-
-    def walk(jx):
-        for eqn in jx.eqns:
-            if eqn.primitive is jax_triton_call.triton_kernel_call_p:
-                calls.append(eqn)
-            if eqn.primitive.name == 'shard_map':
-                bodies.append(eqn.params['jaxpr'])
-            for p in eqn.params.values():
-                inner = getattr(p, 'jaxpr', p)
-                if hasattr(inner, 'eqns'):
-                    walk(inner)
-    walk(jax.make_jaxpr(f)(*args).jaxpr)
+    jaxpr = jax.make_jaxpr(f)(*args).jaxpr
+    calls = _triton_calls(jax_triton_call, jaxpr)
+    body, = [e.params['jaxpr'] for e in _eqns(jaxpr, 'shard_map')]
     names = [c.params['fn'].fn.__name__ for c in calls]
     assert names == ['prefill_increments_kernel', 'prefill_kernel', 'decode_kernel'], names
     inc, pre, dec = (c.params for c in calls)
@@ -593,9 +603,12 @@ def test_triton_calls_traced_in_shard_map_alias_the_pool(jax_triton_call):
     assert dec['num_stages'] == 1 and not dec['SPLIT']
     for c in calls[1:]:
         assert c.outvars[-1].aval.shape == (n, h, d, d)            # the pool comes back
-    body_out = bodies[0].outvars
+    body_out = body.outvars
     assert all('tensor' in v.aval.manual_axis_type.varying for v in body_out), \
         [v.aval for v in body_out]
+    for c in calls[:2]:                                             # the split's launches compile
+        shared, ptx, _ = _compile_call(jax_triton_call, c)
+        assert 0 <= shared <= SM90_SMEM and 'wgmma' in ptx and 'cp.async' in ptx
 
 
 @pytest.mark.parametrize('mode', ['tf32x3', 'ieee', 'tf32'])
@@ -609,8 +622,7 @@ def test_triton_prefill_f32_modes_reach_the_kernel(mode, jax_triton_call):
 
     def params(dt):
         jx = jax.make_jaxpr(functools.partial(triton_gpu.prefill, scale=0.1, f32_dot=mode))(*args(dt))
-        eqn, = [e for e in jx.jaxpr.eqns[0].params['jaxpr'].eqns
-                if e.primitive is jax_triton_call.triton_kernel_call_p]
+        eqn, = _triton_calls(jax_triton_call, jx.jaxpr)
         return eqn.params
     p = params(jnp.float32)
     assert p['DOT_PREC'] == mode and p['num_stages'] == 2

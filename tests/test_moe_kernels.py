@@ -1,9 +1,10 @@
 """The grouped MoE path (lingjax.kernels.moe): the layout's invariants, every implementation that runs on
-the CPU against an independent float64 numpy oracle that runs every expert on every token, its gradient
-(training runs the reference path), and the model's MoE under expert parallelism (tp 2, 4).
+the CPU (reference; tpu.py in Pallas TPU interpret mode) against an independent float64 numpy oracle
+that runs every expert on every token, the reference's gradient (training runs it), the model's MoE
+under expert parallelism (tp 2, 4) against the unsharded layer, and tpu.py lowering for a real TPU.
 
-Tolerances (max abs error / max abs of the oracle): float32 1e-5 (sums of d, I <= 64 products of O(1)
-values, float32 rounding ~1e-6); bfloat16 1e-2 (inputs rounded to bf16 before the oracle sees them, so
+Tolerances (max abs error / max abs of the oracle): float32 1e-5 (sums of at most 384 products of O(1)
+values: float32 rounding ~1e-6); bfloat16 1e-2 (inputs rounded to bf16 before the oracle sees them, so
 the error is h's and y's single rounding to bf16, ~2^-8 relative, plus accumulation order).
 """
 import os
@@ -22,8 +23,6 @@ from lingjax.kernels import moe  # noqa: E402
 from lingjax.kernels.moe import make_layout, num_blocks  # noqa: E402
 from lingjax.model.moe import MoE  # noqa: E402
 from lingjax.testing import tiny_config  # noqa: E402
-
-IMPLS_HERE = ("reference",)     # what runs on a CPU
 
 
 def rel(a, b):
@@ -88,7 +87,12 @@ CASES = [  # (T, k, E, d, I, routing)
     (40, 2, 8, 32, 16, "one_expert"),   # every pair to one expert (the worst case of the static size)
     (50, 2, 8, 32, 16, "empty"),        # empty experts before, between and after used ones
     (48, 3, 8, 32, 16, "dropped"),      # dropped pairs (expert parallel), a token with none
+    (24, 2, 4, 384, 256, "uniform"),    # several N and K tiles in tpu.py (128/256-column tiles)
 ]
+# Pallas TPU interpret mode costs ~5 s a call on 2 cores: it runs these (every kind of block / tile
+# situation once), the reference runs every case.
+INTERPRET_CASES = {(1, "uniform", jnp.float32), (48, "dropped", jnp.float32), (160, "uniform", jnp.bfloat16),
+                   (40, "one_expert", jnp.float32), (24, "uniform", jnp.float32)}
 
 
 # ------------------------------------------------------------------------------------------ layout
@@ -96,7 +100,7 @@ CASES = [  # (T, k, E, d, I, routing)
 @pytest.mark.parametrize("block_m", [1, 8, 16])
 def test_layout_invariants(T, k, E, d, I, kind, block_m):
     idx = routing(kind, T, k, E, np.random.default_rng(T))
-    L = jax.tree.map(np.asarray, make_layout(jnp.asarray(idx), E, block_m))
+    L = jax.tree.map(np.asarray, jax.jit(make_layout, static_argnums=(1, 2))(jnp.asarray(idx), E, block_m))
     nb = num_blocks(T * k, E, block_m)
     P = nb * block_m
     assert L.block_m == block_m and L.row_token.shape == (P,) and L.block_expert.shape == (nb,)
@@ -140,12 +144,14 @@ def test_layout_and_dispatch_errors():
 
 
 # ------------------------------------------------------------------------------------------ values
-@pytest.mark.parametrize("impl", IMPLS_HERE)
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
-@pytest.mark.parametrize("T,k,E,d,I,kind", CASES)
-def test_experts_match_float64_oracle(T, k, E, d, I, kind, dtype, tol, impl):
-    if impl != "reference" and kind in ("skewed", "empty") and dtype == jnp.bfloat16:
-        pytest.skip("covered in float32 (interpret mode is slow on 2 cores)")
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+VALUE_PARAMS = ([c + (dt, "reference") for c in CASES for dt in TOL]
+                + [c + (dt, "tpu_interpret") for c in CASES for dt in TOL if (c[0], c[-1], dt) in INTERPRET_CASES])
+
+
+@pytest.mark.parametrize("T,k,E,d,I,kind,dtype,impl", VALUE_PARAMS)
+def test_experts_match_float64_oracle(T, k, E, d, I, kind, dtype, impl):
+    tol = TOL[dtype]
     idx, w, x, wg, wu, wd = problem(T, k, E, d, I, kind, seed=T * 7 + k, dtype=dtype)
     f = jax.jit(lambda *a: moe.experts(*a, impl=impl))
     got = f(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), jnp.asarray(wg), jnp.asarray(wu), jnp.asarray(wd))
@@ -156,7 +162,7 @@ def test_experts_match_float64_oracle(T, k, E, d, I, kind, dtype, tol, impl):
         assert float(jnp.abs(got[0].astype(jnp.float32)).max()) == 0.0     # every pair of token 0 dropped
 
 
-def test_experts_are_deterministic_and_weights_cast_only_when_needed():
+def test_experts_are_deterministic_with_bf16_activations_and_f32_weights():
     idx, w, x, wg, wu, wd = problem(64, 2, 8, 32, 16, "uniform", seed=1, dtype=jnp.float32)
     args = (jnp.asarray(x, jnp.bfloat16), jnp.asarray(idx), jnp.asarray(w),
             jnp.asarray(wg), jnp.asarray(wu), jnp.asarray(wd))           # float32 weights, bf16 activations
@@ -171,7 +177,7 @@ def test_reference_gradient_matches_float64_oracle():
     """Training differentiates the reference path: gradients of x, the combine weights and the three
     expert stacks agree with the float64 dense oracle's (jax, x64) to float32 rounding, with an
     unused expert (zero gradient) and dropped pairs."""
-    T, k, E, d, I = 96, 2, 8, 16, 8
+    T, k, E, d, I = 48, 2, 8, 16, 8
     idx, w, x, wg, wu, wd = problem(T, k, E, d, I, "empty", seed=5, dtype=jnp.float32)   # experts 1, 2, 5
     idx[7, 1] = 11                                                       # a dropped pair
     idx[8, 0] = -1                                                       # another
@@ -191,8 +197,8 @@ def test_reference_gradient_matches_float64_oracle():
     args = tuple(map(jnp.asarray, (x, w, wg, wu, wd)))
     with jax.enable_x64(True):
         a64 = tuple(jnp.asarray(np.asarray(a), jnp.float64) for a in args)
-        want, g_want = np.asarray(dense(*a64)), [np.asarray(g) for g in grads(dense, a64)]
-    assert rel(grouped(*args), want) <= 1e-5
+        want, g_want = np.asarray(jax.jit(dense)(*a64)), [np.asarray(g) for g in jax.jit(lambda *a: grads(dense, a))(*a64)]
+    assert rel(jax.jit(grouped)(*args), want) <= 1e-5
     g = jax.jit(lambda *a: grads(grouped, a))(*args)
     for name, a, b in zip(("x", "w", "w_gate", "w_up", "w_down"), g, g_want):
         assert rel(a, b) <= 1e-5, name
@@ -203,13 +209,12 @@ def test_reference_gradient_matches_float64_oracle():
 
 # ------------------------------------------------------------------------------------------ expert parallel
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (XLA_FLAGS host device count)")
-@pytest.mark.parametrize("tp", [2, 4])
-@pytest.mark.parametrize("T", [1, 40])
-def test_moe_layer_under_tp_matches_unsharded(tp, T):
+@pytest.mark.parametrize("tp,T,kernels", [(2, 40, None), (4, 3, None), (2, 3, "tpu_interpret")])
+def test_moe_layer_under_tp_matches_unsharded(tp, T, kernels):
     """The model's MoE (routing, local experts by offset ids, shared expert, one psum) inside a
     shard_map over tp devices equals the unsharded layer (float32, 1e-5)."""
     cfg = tiny_config(num_experts=8, num_experts_per_tok=3)
-    layer = MoE(cfg, dtype=jnp.float32, rngs=nnx.Rngs(2))
+    layer = MoE(cfg, dtype=jnp.float32, rngs=nnx.Rngs(2), kernels=kernels)
     rng = np.random.default_rng(T)
     layer.expert_bias[...] = jnp.asarray(rng.standard_normal(cfg.num_experts) * 0.1, jnp.float32)
     graphdef, state = nnx.split(layer)
@@ -222,3 +227,22 @@ def test_moe_layer_under_tp_matches_unsharded(tp, T):
                               in_specs=(specs, sharding.REPLICATED), out_specs=sharding.REPLICATED))
     got = f(state, x)
     assert rel(got, want) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------ TPU lowering
+@pytest.mark.parametrize("T,dtype", [(1, jnp.bfloat16), (512, jnp.float32), (16384, jnp.bfloat16)])
+def test_tpu_kernels_lower_for_tpu(T, dtype):
+    """Pallas -> Mosaic TPU IR for a v5e (block shapes against the (8, 128) tiling, scalar-prefetch
+    index maps): two kernels (gate_up, down), at tiled shapes (d 1024, I 512: 512-column tiles) and
+    block_m 16 (T 1), 32 (T 512) and 512 (T 16384)."""
+    from jax._src.mesh import AbstractDevice, AbstractMesh
+    E, k, d, I = 64, 8, 1024, 512
+    sd = jax.ShapeDtypeStruct
+    args = (sd((T, d), dtype), sd((T, k), jnp.int32), sd((T, k), jnp.float32), sd((E, d, I), dtype),
+            sd((E, d, I), dtype), sd((E, I, d), dtype))
+    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind="TPU v5 lite", num_cores=1,
+                                                                     platform="tpu"))
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = jax.jit(lambda *a: moe.experts(*a, impl="tpu")).trace(*args).lower(
+            lowering_platforms=("tpu",)).as_text()
+    assert text.count("lingjax_moe_gmm_tpu") >= 2 and text.count("tpu_custom_call") == 2

@@ -98,7 +98,7 @@ def test_mla_matches_deepseek_v3_attention(q_lora):
 
 # (3, 11): 33 tokens x top-k >> experts; (1, 3): 3 tokens x top-k < experts (decode-like, most experts
 # empty); kernels: the reference path and the TPU kernels in interpret mode
-@pytest.mark.parametrize("tokens,kernels", [((3, 11), None), ((1, 3), None)])
+@pytest.mark.parametrize("tokens,kernels", [((3, 11), None), ((1, 3), None), ((1, 3), "tpu_interpret")])
 def test_moe_matches_deepseek_v3_moe(tokens, kernels):
     cfg = bailing_cfg()
     ours = MoE(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0), kernels=kernels)

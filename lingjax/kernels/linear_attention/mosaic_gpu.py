@@ -2,7 +2,7 @@
 supports natively (the default GPU kernels, triton_gpu.py, are raw Triton through jax-triton).
 
 Same interface and semantics as ``reference.prefill`` / ``reference.decode`` (SPEC §2.4, §2.8,
-§2.9). Opt-in (LINGJAX_KERNELS=mosaic_gpu) until measured on hardware; the tests run them in Pallas'
+§2.9). Opt-in (kernels='mosaic_gpu'; measured correct but slower on H200); the tests run them in Pallas'
 Mosaic GPU interpret mode on the CPU against the float64 recurrence, and lower them for an H100 (on
 the CPU too: layouts, swizzles, TMA shapes and shared-memory size are all checked at lowering).
 
@@ -35,8 +35,9 @@ TMA (the wrapper pads q/k/v otherwise). f32 inputs are not taken (tf32 products 
 tolerance): the dispatch sends them to triton_gpu.py.
 
 Segment split for a few long sequences, as triton_gpu.py's (same static rule,
-gpu_common.pick_segment): pass 1, grid (D/BV, H, R * NSEG), writes x[r, 0] = the initial state and x[r, i] = the zero-start state of
-full segment i-1 (the chunk walk above from zero, no outputs); pass 2, grid (D/BV, H, (R+1) NSEG),
+gpu_common.pick_segment): pass 1, grid (D/BV, H, R * NSEG), writes x[r, 0] = the initial state
+and x[r, i] = the zero-start state of full segment i-1 (the chunk walk above from zero, no
+outputs); pass 2, grid (D/BV, H, (R+1) NSEG),
 starts segment j from x[r, 0] folded with x[r, 1..j] (S = γ^L S + x[r, i]), walks it writing its
 outputs, and only the sequence's last segment writes the slot. Not yet here: warp specialization
 (a producer warpgroup issuing the TMA copies, as jax's attention_mgpu does).

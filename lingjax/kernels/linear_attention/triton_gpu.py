@@ -81,8 +81,8 @@ def _launch(kernel, args, out_shape, *, grid, aliases, num_warps, num_stages, na
     out_shape entry; meta = the kernel's constexpr arguments. Returns the outputs (a tuple)."""
     out_shape = tuple(jax.ShapeDtypeStruct(s.shape, s.dtype) for s in out_shape)
     if not interpret:
-        import jax_triton                      # needs a CUDA build of JAX
-        outs = jax_triton.triton_call(
+        from lingjax.kernels.jax_triton_lib import jax_triton      # needs a CUDA build of JAX
+        outs = jax_triton().triton_call(
             *args, kernel=kernel, out_shape=out_shape, grid=grid, input_output_aliases=aliases,
             num_warps=num_warps, num_stages=num_stages, name=name, **meta)
     else:

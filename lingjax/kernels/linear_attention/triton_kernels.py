@@ -13,10 +13,13 @@ Each access is a scalar int64 base (slot * H * D * D, token * H * D: can pass 2^
 int32 tile of offsets.
 The pool is read through pool_ptr and written through pool_out_ptr: the wrappers alias the two
 (jax-triton input_output_aliases), so they are one buffer on the GPU, and the untouched slots of
-pool_out keep the input's contents. Every kernel is self-contained: it calls no @triton.jit function
-of its own or of triton.language's (tl.sum, tl.zeros are such functions: tl.full stands for tl.zeros; decode's column sum
-is tl.reduce with tl.sum's own combine function, the same reduction), so that the kernels run in
-the interpreter without TRITON_INTERPRET set at import (triton_gpu.py's interpret=True).
+pool_out keep the input's contents.
+
+Every kernel is self-contained: it calls no @triton.jit function, of its own or of
+triton.language's (tl.sum and tl.zeros are such functions: tl.full stands for tl.zeros, and
+decode's column sum is tl.reduce with tl.sum's own combine function, the same reduction), so that
+the kernels run in Triton's interpreter without TRITON_INTERPRET set before triton is imported
+(triton_gpu.py's interpret=True).
 
 Dot products: DOT_PREC is Triton's input_precision, used for float32 q/k/v ('tf32x3', 'ieee',
 'tf32'); for bf16/f16 inputs it is 'tf32' (Triton's default, meaningless for 16-bit operands).

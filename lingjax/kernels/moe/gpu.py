@@ -70,7 +70,8 @@ def _precision(dtype, f32_dot: str) -> str:
 
 def gate_up(x, layout, w_gate, w_up, *, config: Config | None = None, f32_dot: str = "tf32x3"):
     """h [P, I] = silu(x[row_token] @ Wg[e]) * (x[row_token] @ Wu[e]), float32 accumulation, x.dtype."""
-    import jax_triton as jt
+    from lingjax.kernels.jax_triton_lib import jax_triton
+    jt = jax_triton()
     from lingjax.kernels.moe.triton_kernels import gate_up_kernel
     T, d = x.shape
     I = w_gate.shape[-1]
@@ -86,7 +87,8 @@ def gate_up(x, layout, w_gate, w_up, *, config: Config | None = None, f32_dot: s
 
 def down(h, layout, w_down, *, config: Config | None = None, f32_dot: str = "tf32x3"):
     """y [P, d] = h @ Wd[e] per block, float32 accumulation, h.dtype."""
-    import jax_triton as jt
+    from lingjax.kernels.jax_triton_lib import jax_triton
+    jt = jax_triton()
     from lingjax.kernels.moe.triton_kernels import down_kernel
     P, I = h.shape
     d = w_down.shape[-1]
