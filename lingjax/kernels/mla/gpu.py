@@ -4,8 +4,8 @@ merge of its context splits. Same interface as reference.decode (see lingjax/ker
 The kernel reads only the pages each request holds, up to its length (bf16 latents, float32 softmax and
 accumulation). The context of each request is split NUM_SPLITS ways (`pick_config`): at small batches
 one program per (request, head block) would leave most SMs idle, so the splits run in parallel and
-`combine_splits` merges their (o, lse) pairs. jax_triton is imported inside `decode`: it cannot be
-imported on a CPU-only JAX.
+`combine_splits` merges their (o, lse) pairs. jax_triton is imported inside `decode` (through
+lingjax.kernels.jax_triton_lib): it cannot be imported on a CPU-only JAX.
 """
 from __future__ import annotations
 
@@ -60,8 +60,9 @@ def _precision(dtype, f32_dot: str) -> str:
 def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Config | None = None,
            f32_dot: str = "tf32x3"):
     """As reference.decode: [B, H, r] float32. `scale` must be a Python number (a kernel constant)."""
-    import jax_triton as jt
+    from lingjax.kernels.jax_triton_lib import jax_triton
     from lingjax.kernels.mla.triton_kernels import decode_kernel
+    jt = jax_triton()
     B, H, R = q_lat.shape
     ROPE = q_pe.shape[-1]
     num_pages, page_size, _ = pages.shape
