@@ -21,6 +21,11 @@ ARCHITECTURE = "BailingMoeV2_5ForCausalLM"
 REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_experts", "num_experts_per_tok", "moe_intermediate_size")
 MODEL_TYPE = "bailing_hybrid"
+# Keys of a YaRN rope_scaling (transformers' `_validate_yarn_rope_parameters`, plus the two that SGLang's
+# 256K override repeats from the top level, SPEC §5.3).
+YARN_KEYS = frozenset({"rope_type", "type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                       "mscale", "mscale_all_dim", "attention_factor", "truncate", "rope_theta",
+                       "partial_rotary_factor"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +74,10 @@ class BailingConfig:
     num_nextn_predict_layers: int = 0
     # Not an HF field: 0 = vLLM/SGLang/training decay convention, 1 = HF remote code (SPEC §2.6).
     slope_layer_offset: int = 0
+
+    def __hash__(self):
+        # rope_scaling is a dict: hash the fields by value so that a config can key a jit cache.
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=repr))
 
     # ---------------------------------------------------------------- derived quantities
     @property
@@ -236,10 +245,65 @@ class BailingConfig:
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers must be >= 0")
         need(self.slope_layer_offset in (0, 1), f"slope_layer_offset must be 0 or 1, got {self.slope_layer_offset}")
         need(not self.tie_word_embeddings, "tie_word_embeddings=True is not supported (V2.5 checkpoints are untied)")
-        if self.rope_scaling is not None:
-            need(isinstance(self.rope_scaling, dict), "rope_scaling must be null or an object")
-            rt = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            need(rt in ("default", None), f"rope_scaling type {rt!r} is not supported yet (released configs use null)")
+        self._validate_rope_scaling(need, is_int, is_num)
+
+    def _validate_rope_scaling(self, need, is_int, is_num) -> None:
+        """rope_scaling: null, {"rope_type": "default"}, or YaRN (SPEC §5.3) with HF's keys, each checked."""
+        rs = self.rope_scaling
+        if rs is None:
+            return
+        need(isinstance(rs, dict), "rope_scaling must be null or an object")
+        rt, t = rs.get("rope_type"), rs.get("type")
+        need(rt is None or t is None or rt == t, f"rope_scaling has rope_type={rt!r} but type={t!r}")
+        rt = _rope_type(rs)
+        if rt in ("default", None):
+            extra = sorted(set(rs) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"})
+            need(not extra, f"rope_scaling of type 'default' takes no {', '.join(extra)}")
+        else:
+            need(rt == "yarn", f"rope_scaling type {rt!r} is not supported (only 'yarn')")
+            unknown = sorted(set(rs) - YARN_KEYS)
+            need(not unknown, f"rope_scaling: unknown YaRN key {', '.join(map(repr, unknown))}")
+            f = rs.get("factor")
+            need(is_num(f) and f >= 1, f"rope_scaling.factor must be a finite number >= 1, got {f!r}")
+            o = rs.get("original_max_position_embeddings")
+            need(o is None or (is_int(o) and o >= 1),
+                 f"rope_scaling.original_max_position_embeddings must be an integer >= 1, got {o!r}")
+            for k in ("beta_fast", "beta_slow", "attention_factor"):
+                v = rs.get(k)
+                need(v is None or (is_num(v) and v > 0), f"rope_scaling.{k} must be null or a finite number > 0, got {v!r}")
+            for k in ("mscale", "mscale_all_dim"):
+                v = rs.get(k)
+                need(v is None or (is_num(v) and v >= 0), f"rope_scaling.{k} must be null or a finite number >= 0, got {v!r}")
+            y = self.yarn
+            need(y["beta_fast"] >= y["beta_slow"],
+                 f"rope_scaling.beta_fast={y['beta_fast']} must be >= beta_slow={y['beta_slow']}")
+            tr = rs.get("truncate", True)
+            need(isinstance(tr, bool), f"rope_scaling.truncate must be true or false, got {tr!r}")
+        # SGLang's 256K override repeats these inside rope_scaling (SPEC §5.3); one value per model.
+        for k in ("rope_theta", "partial_rotary_factor"):
+            if k in rs:
+                need(rs[k] == getattr(self, k),
+                     f"rope_scaling.{k}={rs[k]!r} differs from {k}={getattr(self, k)!r}: set it at the top level")
+
+    @property
+    def yarn(self) -> dict | None:
+        """The YaRN parameters with HF's defaults filled in (transformers `_compute_yarn_parameters`),
+        or None when rope_scaling is null/default."""
+        rs = self.rope_scaling
+        if not isinstance(rs, dict) or _rope_type(rs) in ("default", None):
+            return None
+        o = rs.get("original_max_position_embeddings")
+        return dict(factor=rs["factor"],
+                    original_max_position_embeddings=o if o is not None else self.max_position_embeddings,
+                    beta_fast=rs.get("beta_fast") or 32, beta_slow=rs.get("beta_slow") or 1,
+                    mscale=rs.get("mscale"), mscale_all_dim=rs.get("mscale_all_dim"),
+                    attention_factor=rs.get("attention_factor"), truncate=rs.get("truncate", True))
+
+
+def _rope_type(rope_scaling: dict):
+    """HF reads `rope_type`, falling back to the older `type`."""
+    rt = rope_scaling.get("rope_type")
+    return rt if rt is not None else rope_scaling.get("type")
 
 
 def _first_line(e) -> str:

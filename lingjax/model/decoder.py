@@ -26,7 +26,7 @@ class DecoderLayer(nnx.Module):
         self.kernels = kernels
         self.is_mla, self.is_moe = cfg.is_mla(layer), cfg.is_moe(layer)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.attention = (MLA(cfg, dtype=dtype, rngs=rngs) if self.is_mla
+        self.attention = (MLA(cfg, dtype=dtype, rngs=rngs, kernels=kernels) if self.is_mla
                           else LinearAttention(cfg, layer, dtype=dtype, rngs=rngs, kernels=kernels))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.mlp = (MoE(cfg, dtype=dtype, rngs=rngs, kernels=kernels) if self.is_moe

@@ -50,8 +50,8 @@ class LinearAttention(nnx.Module):
         if self.cfg.use_qk_norm:
             q, k = self.query_layernorm(q), self.key_layernorm(k)
         rot = self.cfg.linear_rope_dim
-        q = rope.apply_neox(q, positions, rot, self.cfg.rope_theta)
-        k = rope.apply_neox(k, positions, rot, self.cfg.rope_theta)
+        q = rope.apply_neox(q, positions, rot, self.cfg.rope_theta, self.cfg.yarn)    # YaRN too (SPEC §5.3)
+        k = rope.apply_neox(k, positions, rot, self.cfg.rope_theta, self.cfg.yarn)
         return q.astype(x.dtype), k.astype(x.dtype), v.astype(x.dtype)
 
     def output(self, o, x):

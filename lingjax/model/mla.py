@@ -1,11 +1,14 @@
 """Multi-head latent attention (SPEC §3): DeepSeek-V3 MLA with interleaved full RoPE on the 64
 rope dims. `__call__` is the naive form (= HF) over full sequences; `step` is the absorbed form
-(SPEC §3.4) over the per-slot latent cache [c (kv_lora_rank, post-norm) | k_pe (post-RoPE)]."""
+(SPEC §3.4) over the per-slot latent cache [c (kv_lora_rank, post-norm) | k_pe (post-RoPE)].
+`step_paged` is the absorbed form over the paged latent cache of lingjax/kernels/mla (pages + page table).
+YaRN (rope_scaling, SPEC §5.3) enters through the rotary table and `scaling`, so every form gets it."""
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from lingjax.config import BailingConfig
+from lingjax.kernels import mla as mla_kernels
 from lingjax.model import rope
 from lingjax.model.common import Dense, RMSNorm
 from lingjax.model.parallel import tp_psum
@@ -16,8 +19,9 @@ MLA_SUBNORM_EPS = 1e-6   # HF q_a_layernorm / kv_a_layernorm use the class defau
 
 
 class MLA(nnx.Module):
-    def __init__(self, cfg: BailingConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs):
+    def __init__(self, cfg: BailingConfig, *, dtype=jnp.bfloat16, rngs: nnx.Rngs, kernels: str | None = None):
         self.cfg = cfg
+        self.kernels = kernels          # kernel backend of step_paged (lingjax.kernels.mla); None: by backend
         d, H = cfg.hidden_size, cfg.num_attention_heads
         qk, r = cfg.qk_head_dim, cfg.kv_lora_rank
         if cfg.q_lora_rank:
@@ -35,7 +39,8 @@ class MLA(nnx.Module):
 
     @property
     def scaling(self):
-        return self.cfg.qk_head_dim ** -0.5
+        """Softmax scale: qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN (SPEC §3.2)."""
+        return self.cfg.qk_head_dim ** -0.5 * rope.softmax_mscale(self.cfg.yarn)
 
     @property
     def latent_dim(self):
@@ -47,13 +52,13 @@ class MLA(nnx.Module):
         q = self.q_proj(x) if self.q_proj is not None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.reshape(q.shape[:-1] + (-1, c.qk_head_dim))
         q_nope, q_pe = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
-        return q_nope, rope.apply_interleaved(q_pe, positions, c.rope_theta)
+        return q_nope, rope.apply_interleaved(q_pe, positions, c.rope_theta, c.yarn)
 
     def latent(self, x, positions):
         """-> [..., T, kv_lora_rank + rope]: the normed latent c and the rotated shared k_pe."""
         ckv = self.kv_a_proj_with_mqa(x)
         c, k_pe = ckv[..., : self.cfg.kv_lora_rank], ckv[..., self.cfg.kv_lora_rank:]
-        k_pe = rope.apply_interleaved(k_pe[..., None, :], positions, self.cfg.rope_theta)[..., 0, :]
+        k_pe = rope.apply_interleaved(k_pe[..., None, :], positions, self.cfg.rope_theta, self.cfg.yarn)[..., 0, :]
         return jnp.concatenate([self.kv_a_layernorm(c), k_pe], axis=-1)
 
     def _kv_b(self):
@@ -120,3 +125,21 @@ class MLA(nnx.Module):
         pad = lambda a: jnp.pad(a, [(0, n * block - T)] + [(0, 0)] * (a.ndim - 1)).reshape((n, block) + a.shape[1:])
         o = jax.lax.map(attend, (pad(q_nope), pad(q_pe), pad(tok_slot), pad(positions)))
         return o.reshape((n * block,) + o.shape[2:])[:T]
+
+    def step_paged(self, x, batch, pages, page_table):
+        """Engine step over a packed batch with the paged latent cache (lingjax/kernels/mla/__init__.py).
+        x [T, d]; pages [num_pages, page_size, r + rope]; page_table [num_slots, max_pages] must already
+        hold pages for every position the batch writes. Writes the tokens' latents, then each token attends
+        to its own slot's positions <= its own (decode-only batches: the decode kernel).
+        -> (out [T, d], new pages)."""
+        q_nope, q_pe = self.query(x, batch.positions)
+        tok_slot = batch.token_slots
+        pages = mla_kernels.write(pages, page_table, tok_slot, batch.positions,
+                                  self.latent(x, batch.positions), impl=self.kernels)
+        w_uk, w_uv = self._kv_b()
+        q_lat = jnp.einsum('thn,rhn->thr', q_nope, w_uk.astype(q_nope.dtype), preferred_element_type=F32)
+        attend = mla_kernels.decode if batch.decode_only else mla_kernels.prefill
+        lengths = batch.positions + 1 if batch.decode_only else batch.positions
+        ctx = attend(q_lat, q_pe, pages, page_table, tok_slot, lengths, self.scaling, impl=self.kernels)
+        o = jnp.einsum('thr,rhv->thv', ctx, w_uv.astype(F32), preferred_element_type=F32)
+        return tp_psum(self.dense(o.astype(x.dtype).reshape(o.shape[0], -1), partial=True)), pages

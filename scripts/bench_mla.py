@@ -1,0 +1,219 @@
+"""MLA decode attention over the paged latent cache on one GPU (issue 14): lingjax's Triton decode kernel
+beside today's path (the per-slot [num_slots, max_len, 576] cache of MLA._attend_cache), and the paged
+prefill attention (the jnp reference: no prefill kernel yet).
+
+Shapes: Ling-2.6-flash MLA (kv_lora_rank 512, qk_rope_head_dim 64, --heads 32, nope/v 128), bf16 latents,
+page size --page-size (64), batch 1/16/64/256 x context 1k/8k/32k/128k (every request at the full context),
+pages of the batch scattered over the pool in a random order. A shape whose latents exceed --max-gb is skipped.
+
+Rows (method):
+  paged-triton    lingjax.kernels.mla.decode(impl='gpu'): the kernel + the jnp merge of its context splits
+  paged-triton[c] the same with config c = (block_n, num_splits, num_warps, num_stages) (--sweep)
+  paged-ref       lingjax.kernels.mla.decode(impl='reference') (jnp, flash-style over pages; --ref)
+  today           MLA._attend_cache over a [batch, context, 576] cache (absorbs W_UK/W_UV as the engine does)
+  prefill-ref     lingjax.kernels.mla.prefill(impl='reference'): one request of --prefill tokens, causal
+
+Timing: --iters calls chained in one jitted fori_loop (each call's query depends on the last output, so
+nothing is hoisted), seconds per call = loop time / iters, median of --reps loops.
+Columns: us per call; GB/s over the bytes a decode must move (latents of every request up to its length
++ q + out) and its share of the copy bandwidth (read + write of a 4 GiB bf16 array, measured in the same
+run); rel_err of paged-triton against the reference on the first 2 requests (bf16 queries in the kernel's
+products: ~1e-3..1e-2). Prefill: TFLOP/s over the causal flops 2 * H * (r + rope + r) per (query, key) pair.
+
+    PYTHONPATH=. python3 scripts/bench_mla.py [--batches 1,16,64,256] [--contexts 1024,8192,32768,131072]
+        [--sweep 16:32768,64:8192] [--out $OUT/bench_mla.json]
+    JAX_PLATFORMS=cpu PYTHONPATH=. python3 scripts/bench_mla.py --smoke     # CPU: tiny shapes, reference impl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+
+log = logging.getLogger("bench_mla")
+R, ROPE, NOPE = 512, 64, 128
+SWEEP = [(32, 0, 4, 2), (64, 0, 4, 2), (64, 0, 8, 2), (64, 0, 4, 3), (32, 0, 4, 4), (64, 1, 4, 2)]   # 0: picked
+
+
+def loop_time(fn, args, iters, reps):
+    """Seconds per call of fn(x, *rest) -> like x, chained `iters` times in one jitted fori_loop."""
+    import jax
+
+    def loop(x, *rest):
+        return jax.lax.fori_loop(0, iters, lambda i, x: (x + 1e-3 * fn(x, *rest)).astype(x.dtype), x)
+
+    run = jax.jit(loop)
+    jax.block_until_ready(run(*args))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(run(*args))
+        ts.append((time.perf_counter() - t) / iters)
+    return statistics.median(ts)
+
+
+def copy_bandwidth(smoke):
+    import jax
+    import jax.numpy as jnp
+    n = (1 << 20) if smoke else (2 << 30)
+    a = jax.random.normal(jax.random.key(1), (n,), jnp.bfloat16)
+    t = loop_time(lambda v: v * 1.0001 - v, (a,), 10, 5)
+    return 2 * a.nbytes / t
+
+
+def make_problem(B, L, H, ps, seed, r=R, rope=ROPE):
+    """pages of B requests of L tokens scattered over a shuffled pool (+1 spare page); q_lat, q_pe f32."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    n = -(-L // ps)
+    k = jax.random.split(jax.random.key(seed), 3)
+    pages = jax.random.normal(k[0], (B * n + 1, ps, r + rope), jnp.bfloat16)
+    table = jnp.asarray(np.random.default_rng(seed).permutation(B * n + 1)[: B * n].reshape(B, n), jnp.int32)
+    q_lat = jax.random.normal(k[1], (B, H, r), jnp.float32) * 0.05
+    q_pe = jax.random.normal(k[2], (B, H, rope), jnp.float32) * 0.05
+    return q_lat, q_pe, pages, table, jnp.arange(B, dtype=jnp.int32), jnp.full((B,), L, jnp.int32)
+
+
+def today_fn(H, r=R, rope=ROPE):
+    """MLA._attend_cache of a module with the flash MLA dims (small hidden size: only W_UK/W_UV matter)."""
+    import jax.numpy as jnp
+    from flax import nnx
+    from lingjax.config import BailingConfig
+    from lingjax.model.mla import MLA
+    cfg = BailingConfig(hidden_size=256, num_attention_heads=H, num_key_value_heads=H, num_hidden_layers=8,
+                        layer_group_size=8, group_norm_size=1, head_dim=128, vocab_size=8, intermediate_size=16,
+                        num_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=16,
+                        kv_lora_rank=r, qk_rope_head_dim=rope, qk_nope_head_dim=NOPE, v_head_dim=NOPE)
+    mla = MLA(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    graph, state = nnx.split(mla)
+
+    def fn(q_nope, q_pe, cache, slots, positions, state):
+        m = nnx.merge(graph, state)
+        o = m._attend_cache(q_nope.astype(jnp.bfloat16), q_pe.astype(jnp.bfloat16), cache, slots, positions)
+        return o.astype(q_nope.dtype)                                   # [B, H, v_head_dim = NOPE]
+    return fn, state
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", default="1,16,64,256", help="comma list of batch sizes")
+    p.add_argument("--contexts", default="1024,8192,32768,131072", help="comma list of context lengths (tokens)")
+    p.add_argument("--heads", type=int, default=32, help="MLA heads on the device (default 32: flash, no TP)")
+    p.add_argument("--page-size", type=int, default=64, help="tokens per page (default 64)")
+    p.add_argument("--methods", default="paged-triton,today", help="comma list of: paged-triton, paged-ref, today")
+    p.add_argument("--max-gb", type=float, default=40.0, help="skip shapes whose latents exceed this (GB, default 40)")
+    p.add_argument("--today-max-tokens", type=int, default=64 * 131072,
+                   help="skip 'today' above this batch x context (it holds a second, contiguous copy of the "
+                   "latents and float32 gathers; default 64 x 131072)")
+    p.add_argument("--sweep", default="", help="batch:context pairs at which to also time each SWEEP config")
+    p.add_argument("--prefill", default="4096,32768", help="prompt lengths for prefill-ref ('' to skip)")
+    p.add_argument("--iters", type=int, default=10, help="calls per timed loop (default 10)")
+    p.add_argument("--reps", type=int, default=3, help="timed loops; the median is reported (default 3)")
+    p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny shapes, reference impl only")
+    p.add_argument("--out", help="JSON output (default $OUT/bench_mla.json when $OUT is set)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from lingjax.kernels import mla
+    if args.smoke:
+        batches, contexts, H, ps, iters, reps = [1, 3], [40, 130], 4, 16, 2, 1
+        methods, prefills = ["paged-ref", "today"], [64]
+    else:
+        batches = [int(b) for b in args.batches.split(",")]
+        contexts = [int(c) for c in args.contexts.split(",")]
+        H, ps, iters, reps = args.heads, args.page_size, args.iters, args.reps
+        methods, prefills = args.methods.split(","), [int(x) for x in args.prefill.split(",") if x]
+    sweep = {tuple(int(v) for v in s.split(":")) for s in args.sweep.split(",") if s}
+    copy_bw = copy_bandwidth(args.smoke)
+    dev = jax.devices()[0].device_kind
+    log.info("device %s: copy %.2f TB/s", dev, copy_bw / 1e12)
+    rows = []
+    out_path = args.out or (os.path.join(os.environ["OUT"], "bench_mla.json") if os.environ.get("OUT") else None)
+    scale = (NOPE + ROPE) ** -0.5
+
+    def save():
+        if out_path:
+            with open(out_path, "w") as f:
+                json.dump(dict(device=dev, copy_bw=copy_bw, heads=H, page_size=ps, rows=rows), f, indent=1)
+
+    def record(row, fn, fargs, nbytes=None, flops=None):
+        try:
+            t = loop_time(fn, fargs, iters, reps)
+            row["us"] = round(t * 1e6, 2)
+            if nbytes:
+                row["GB/s"] = round(nbytes / t / 1e9, 1)
+                row["pct_copy"] = round(100 * nbytes / t / copy_bw, 1)
+            if flops:
+                row["TFLOP/s"] = round(flops / t / 1e12, 2)
+        except Exception as e:                                  # noqa: BLE001 (OOM, compile failure: recorded)
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+        rows.append(row)
+        log.info("%s", json.dumps(row))
+        save()
+
+    for B in batches:
+        for L in contexts:
+            lat_bytes = B * L * (R + ROPE) * 2
+            if lat_bytes > args.max_gb * 1e9:
+                rows.append(dict(batch=B, context=L, skipped=f"{lat_bytes / 1e9:.0f} GB of latents"))
+                continue
+            q_lat, q_pe, pages, table, slots, lengths = make_problem(B, L, H, ps, seed=B + L)
+            nbytes = lat_bytes + B * H * (R + ROPE) * 4 + B * H * R * 4
+            base = dict(batch=B, context=L, heads=H, page_size=ps)
+            if "paged-triton" in methods:
+                from lingjax.kernels.mla import gpu
+                row = dict(base, method="paged-triton", config=str(gpu.pick_config(B, H, ps, table.shape[1])))
+                try:
+                    got = jax.jit(lambda *a: mla.decode(*a, scale, impl="gpu"))(q_lat, q_pe, pages, table, slots,
+                                                                                lengths)
+                    want = jax.jit(lambda *a: mla.decode(*a, scale, impl="reference"))(
+                        q_lat[:2], q_pe[:2], pages, table, slots[:2], lengths[:2])
+                    g, w = np.asarray(got[:2], np.float64), np.asarray(want, np.float64)
+                    row["rel_err"] = float(np.linalg.norm(g - w) / np.linalg.norm(w))
+                except Exception as e:                          # noqa: BLE001
+                    row["check_error"] = f"{type(e).__name__}: {e}"[:300]
+                record(row, lambda q, *a: mla.decode(q, *a, scale, impl="gpu"),
+                       (q_lat, q_pe, pages, table, slots, lengths), nbytes)
+                if (B, L) in sweep:
+                    for bn, ns, nw, st in SWEEP:
+                        c0 = gpu.pick_config(B, H, ps, table.shape[1])
+                        c = gpu.Config(block_h=16, block_n=min(bn, ps), num_splits=ns or c0.num_splits,
+                                       num_warps=nw, num_stages=st)
+                        record(dict(base, method=f"paged-triton[{c.block_n},{c.num_splits},{nw},{st}]"),
+                               lambda q, *a, c=c: gpu.decode(q, *a, scale, config=c),
+                               (q_lat, q_pe, pages, table, slots, lengths), nbytes)
+            if "paged-ref" in methods:
+                record(dict(base, method="paged-ref"), lambda q, *a: mla.decode(q, *a, scale, impl="reference"),
+                       (q_lat, q_pe, pages, table, slots, lengths), nbytes)
+            if "today" in methods:
+                if B * L > args.today_max_tokens:
+                    rows.append(dict(base, method="today", skipped=f"batch x context > {args.today_max_tokens}"))
+                else:
+                    cache = pages[table.reshape(-1)].reshape(B, -1, R + ROPE)[:, :L]
+                    fn, state = today_fn(H)
+                    q_nope = jnp.zeros((B, H, NOPE), jnp.float32) + 0.01
+                    record(dict(base, method="today"),
+                           lambda q, qp, c, s, pos, st: fn(q, qp, c, s, pos, st),
+                           (q_nope, q_pe, cache, slots, lengths - 1, state), nbytes)
+                    del cache
+            del pages
+    for L in prefills:                                          # one request of L tokens, causal over itself
+        q_lat, q_pe, pages, table, slots, lengths = make_problem(1, L, H, ps, seed=L)
+        q_lat, q_pe = (jax.random.normal(jax.random.key(7), (L, H, d), jnp.float32) * 0.05 for d in (R, ROPE))
+        tok_slots, positions = jnp.zeros(L, jnp.int32), jnp.arange(L, dtype=jnp.int32)
+        flops = 2 * H * (2 * R + ROPE) * L * (L + 1) / 2
+        record(dict(method="prefill-ref", tokens=L, heads=H, page_size=ps),
+               lambda q, *a: mla.prefill(q, *a, scale, impl="reference"),
+               (q_lat, q_pe, pages, table, tok_slots, positions), flops=flops)
+    save()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Paged MLA attention (lingjax/kernels/mla) against an independent float64 numpy oracle that reads each
+token's latent row by its page-table address one position at a time.
+
+Page tables are random: each slot's pages are scattered over a shuffled pool, tables hold garbage past a
+slot's length, and every latent row no query may read is NaN, so a read of another slot's page (or of an
+unwritten row) poisons the result. Lengths 1, page_size - 1, page_size, page_size + 1, long, and padding rows.
+Tolerances: float32 pages 1e-5 relative (float32 rounding of sums over <= a few hundred keys), bf16 pages
+1e-2 (the oracle reads the same bf16 values; the kernel's float32 softmax and accumulation leave only
+float32 rounding, so 1e-2 is loose; it is the bf16 budget of the brief)."""
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from lingjax.kernels import mla
+
+jax.config.update("jax_default_matmul_precision", "highest")
+PS = 16                        # page size
+R, ROPE, H = 32, 16, 4
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def make_cache(rng, lengths, dtype, extra_pages=5, ps=PS, r=R, rope=ROPE):
+    """pages [P, ps, r + rope] with every row NaN except the first lengths[s] rows of slot s; a page table
+    of scattered shuffled pages, garbage (large or negative ids) past each slot's pages."""
+    need = [-(-n // ps) for n in lengths]
+    P = sum(need) + extra_pages
+    max_pages = max(need + [1]) + 2
+    ids = rng.permutation(P)
+    table = rng.integers(-5, 10 * P, (len(lengths), max_pages)).astype(np.int32)   # garbage by default
+    pages = np.full((P, ps, r + rope), np.nan)
+    rows, k = [], 0
+    for s, n in enumerate(lengths):
+        table[s, :need[s]] = ids[k:k + need[s]]
+        k += need[s]
+        lat = rng.standard_normal((n, r + rope))
+        for i in range(n):
+            pages[table[s, i // ps], i % ps] = lat[i]
+        rows.append(lat)
+    return pages.astype(dtype), table, rows
+
+
+def oracle(q_lat, q_pe, pages, table, slots, lengths, scale):
+    """float64, position by position through the page table."""
+    ps, r = pages.shape[1], q_lat.shape[-1]
+    out = np.zeros(q_lat.shape, np.float64)
+    p64 = pages.astype(np.float64)
+    for b, (s, n) in enumerate(zip(slots, lengths)):
+        if s < 0 or n == 0:
+            continue
+        keys = np.stack([p64[table[s, i // ps], i % ps] for i in range(n)])          # [n, r + rope]
+        sc = (q_lat[b].astype(np.float64) @ keys[:, :r].T + q_pe[b].astype(np.float64) @ keys[:, r:].T) * scale
+        w = np.exp(sc - sc.max(-1, keepdims=True))
+        out[b] = (w / w.sum(-1, keepdims=True)) @ keys[:, :r]
+    return out
+
+
+LENGTHS = [1, PS - 1, PS, PS + 1, 7 * PS + 5, 3]
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-5), (ml_dtypes.bfloat16, 1e-2)])
+def test_decode_matches_oracle(dtype, tol):
+    rng = np.random.default_rng(0)
+    pages, table, _ = make_cache(rng, LENGTHS, dtype)
+    # requests in another order than the slots, one slot read twice, one padding row
+    slots = np.array([4, 0, 2, 5, 1, 3, -1, 2], np.int32)
+    lengths = np.array([LENGTHS[s] if s >= 0 else 9 for s in slots], np.int32)
+    lengths[-1] = 5                                                  # a shorter read of slot 2
+    B = len(slots)
+    q_lat = rng.standard_normal((B, H, R)).astype(np.float32)
+    q_pe = rng.standard_normal((B, H, ROPE)).astype(np.float32)
+    scale = 0.3
+    got = jax.jit(mla.decode, static_argnames="impl")(
+        jnp.asarray(q_lat), jnp.asarray(q_pe), jnp.asarray(pages), jnp.asarray(table), jnp.asarray(slots),
+        jnp.asarray(lengths), scale, impl="reference")
+    want = oracle(q_lat, q_pe, pages, table, slots, lengths, scale)
+    assert got.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(got)))                      # no NaN row was read
+    assert np.all(np.asarray(got)[slots < 0] == 0)
+    for b in range(B):
+        if slots[b] >= 0:
+            assert rel(got[b], want[b]) <= tol, (b, slots[b], lengths[b])
+
+
+def test_prefill_is_causal_per_slot_and_write_places_rows():
+    """Write a packed chunk of three requests into the pages, then prefill-attend: each token sees its own
+    slot's positions <= its own (earlier chunks included), nothing else."""
+    rng = np.random.default_rng(1)
+    before = [10, 0, PS]                                             # tokens already cached per slot
+    pages, table, rows = make_cache(rng, [n + 30 for n in before], np.float32)
+    # forget the rows this chunk will write (NaN again), keep the older ones
+    chunk = [(0, 10, 7), (1, 0, PS + 2), (2, PS, 1)]                 # (slot, first position, count)
+    for s, p0, n in chunk:
+        for i in range(p0, p0 + n):
+            pages[table[s, i // PS], i % PS] = np.nan
+    tok_slots = np.concatenate([np.full(n, s) for s, _, n in chunk] + [[-1, -1]]).astype(np.int32)
+    positions = np.concatenate([np.arange(p0, p0 + n) for _, p0, n in chunk] + [[0, 3]]).astype(np.int32)
+    lat = np.concatenate([rows[s][p0:p0 + n] for s, p0, n in chunk] + [np.full((2, R + ROPE), 7.0)])
+    new = mla.write(jnp.asarray(pages), jnp.asarray(table), jnp.asarray(tok_slots), jnp.asarray(positions),
+                    jnp.asarray(lat, jnp.float32))
+    want_pages = pages.copy()
+    for t, (s, p) in enumerate(zip(tok_slots, positions)):
+        if s >= 0:
+            want_pages[table[s, p // PS], p % PS] = lat[t]
+    np.testing.assert_array_equal(np.asarray(new), want_pages)       # padding tokens dropped, rest untouched
+    T = len(tok_slots)
+    q_lat = rng.standard_normal((T, H, R)).astype(np.float32)
+    q_pe = rng.standard_normal((T, H, ROPE)).astype(np.float32)
+    got = jax.jit(mla.prefill)(jnp.asarray(q_lat), jnp.asarray(q_pe), new, jnp.asarray(table),
+                               jnp.asarray(tok_slots), jnp.asarray(positions), 0.25)
+    want = oracle(q_lat, q_pe, want_pages, table, tok_slots, positions + 1, 0.25)
+    assert np.all(np.asarray(got)[tok_slots < 0] == 0)
+    live = tok_slots >= 0
+    assert rel(np.asarray(got)[live], want[live]) <= 1e-5
+
+
+def test_bad_shapes_and_impl_are_named():
+    z = jnp.zeros
+    with pytest.raises(ValueError, match="unknown MLA kernel implementation 'cuda'"):
+        mla.decode(z((1, H, R)), z((1, H, ROPE)), z((2, PS, R + ROPE)), z((1, 2), jnp.int32), z((1,), jnp.int32),
+                   z((1,), jnp.int32), 1.0, impl="cuda")
+    with pytest.raises(ValueError, match="mla.decode: q_lat"):
+        mla.decode(z((1, H, R)), z((1, H, ROPE)), z((2, PS, R)), z((1, 2), jnp.int32), z((1,), jnp.int32),
+                   z((1,), jnp.int32), 1.0)
+    assert mla.resolve("mosaic_gpu") == "gpu" and mla.resolve(None) == "reference"
+
+
+def test_mla_step_paged_matches_full_forward():
+    """MLA.step_paged (write + paged prefill/decode) over two requests in three steps (a mixed prefill, a
+    second chunk, a decode-only step with a padding row) equals the naive full forward of each sequence.
+    Pages scattered and shuffled, every unwritten row NaN; YaRN on, so the softmax scale carries mscale^2."""
+    from flax import nnx
+    from lingjax.batch import StepBatch
+    from lingjax.model.mla import MLA
+    from lingjax.testing import tiny_config
+    from tests.test_reference_modules import randomize
+    cfg = tiny_config(rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16,
+                                        mscale=1.0, mscale_all_dim=0.7))
+    layer = MLA(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    randomize(layer, np.random.default_rng(5))
+    rng = np.random.default_rng(6)
+    lens = {0: 37, 2: 5}                                             # slot -> sequence length
+    xs = {s: rng.standard_normal((n, cfg.hidden_size)).astype(np.float32) for s, n in lens.items()}
+    ps, P = 8, 16
+    table = rng.integers(-3, 99, (3, 6)).astype(np.int32)
+    ids = rng.permutation(P)
+    table[0, :5], table[2, :1] = ids[:5], ids[5:6]
+    pages = jnp.full((P, ps, layer.latent_dim), jnp.nan, jnp.float32)
+
+    def step(pieces, decode_only=False, pad_rows=0):
+        """pieces: (slot, first position, count)."""
+        x = np.concatenate([xs[s][p0:p0 + n] for s, p0, n in pieces])
+        pos = np.concatenate([np.arange(p0, p0 + n) for _, p0, n in pieces])
+        counts = [n for *_, n in pieces] + [0] * pad_rows
+        slots = [s for s, *_ in pieces] + [-1] * pad_rows
+        if decode_only and pad_rows:                                 # a padding token for the padding row
+            x, pos, counts = np.concatenate([x, x[:1]]), np.concatenate([pos, [0]]), counts[:-1] + [1]
+        batch = StepBatch(tokens=jnp.zeros(len(x), jnp.int32), positions=jnp.asarray(pos, jnp.int32),
+                          token_seq=jnp.asarray(np.repeat(np.arange(len(counts)), counts), jnp.int32),
+                          slots=jnp.asarray(slots, jnp.int32), cu_seqlens=jnp.asarray(np.cumsum([0] + counts),
+                                                                                      jnp.int32),
+                          fresh=jnp.zeros(len(counts), bool), decode_only=decode_only)
+        return nnx.jit(lambda m, x, b, p: m.step_paged(x, b, p, jnp.asarray(table)))(layer, jnp.asarray(x), batch,
+                                                                                         pages)
+
+    o1, pages = step([(0, 0, 20), (2, 0, 5)])
+    o2, pages = step([(0, 20, 16)])
+    o3, pages = step([(0, 36, 1)], decode_only=True, pad_rows=1)
+    assert np.all(np.isfinite(np.asarray(o3)))
+    got_a = np.concatenate([np.asarray(o1)[:20], np.asarray(o2), np.asarray(o3)[:1]])
+    want_a = np.asarray(layer(jnp.asarray(xs[0])[None], jnp.arange(37)[None]))[0]
+    want_b = np.asarray(layer(jnp.asarray(xs[2])[None], jnp.arange(5)[None]))[0]
+    assert rel(got_a, want_a) <= 1e-5
+    assert rel(np.asarray(o1)[20:], want_b) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-5), (ml_dtypes.bfloat16, 1e-2)])
+def test_tpu_decode_in_interpret_mode_matches_oracle(dtype, tol):
+    rng = np.random.default_rng(2)
+    pages, table, _ = make_cache(rng, LENGTHS, dtype)
+    slots = np.array([4, 0, 2, -1, 5, 1, 3, 4], np.int32)
+    lengths = np.array([LENGTHS[s] if s >= 0 else 9 for s in slots], np.int32)
+    lengths[-1] = 2 * PS + 1
+    q_lat = rng.standard_normal((len(slots), H, R)).astype(np.float32)
+    q_pe = rng.standard_normal((len(slots), H, ROPE)).astype(np.float32)
+    got = np.asarray(mla.decode(jnp.asarray(q_lat), jnp.asarray(q_pe), jnp.asarray(pages), jnp.asarray(table),
+                                jnp.asarray(slots), jnp.asarray(lengths), 0.3, impl="tpu_interpret"))
+    want = oracle(q_lat, q_pe, pages, table, slots, lengths, 0.3)
+    assert np.all(np.isfinite(got)) and np.all(got[slots < 0] == 0)
+    assert rel(got[slots >= 0], want[slots >= 0]) <= tol

@@ -1,0 +1,98 @@
+"""The MLA decode Triton kernel body (lingjax/kernels/mla/triton_kernels.py) in Triton's CPU interpreter.
+
+jax-triton cannot run on a CPU-only JAX, so the kernel is called here directly on torch CPU tensors with
+TRITON_INTERPRET=1, in a child process (the variable must be set before triton is imported and must not
+leak into the other tests). The child saves each case's inputs and the kernel's per-split (o, lse); this
+process merges the splits with gpu.combine_splits (the jnp code the GPU path runs) and checks the result
+against the float64 numpy oracle of tests/test_mla_kernels.py: scattered, shuffled pages, garbage in the
+page table past each slot's pages, NaN in every row no request may read, a slot read by two requests,
+a padding row, heads not a multiple of the head block, context splits 1 and 3, blocks smaller than a page.
+float32 pages within 1e-5 relative, float16 within 1e-2 (16-bit products, float32 softmax and sums).
+bfloat16 loads are wrong in Triton's interpreter (numpy has no bfloat16): bf16 runs on the device
+(scripts/bench_mla.py checks it against the reference)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parent.parent
+R, ROPE, H = 32, 16, 20
+# (page_size, block_n, num_splits, dtype, precision, tol)
+CASES = [(16, 16, 1, "float32", "ieee", 1e-5), (32, 16, 3, "float32", "ieee", 1e-5),
+         (32, 16, 3, "float32", "tf32x3", 1e-5), (16, 16, 3, "float16", "", 1e-2)]
+
+
+def _key(case):
+    return "-".join(map(str, case[:5]))
+
+
+def _inputs(case):
+    from tests.test_mla_kernels import make_cache
+    ps = case[0]
+    rng = np.random.default_rng(ps + case[2])
+    lengths = [1, ps - 1, ps, ps + 1, 6 * ps + 5]
+    pages, table, _ = make_cache(rng, lengths, np.dtype(case[3]), ps=ps, r=R, rope=ROPE)
+    slots = np.array([3, 0, 4, -1, 2, 1, 4], np.int32)
+    lens = np.array([lengths[s] if s >= 0 else 7 for s in slots], np.int32)
+    lens[-1] = 2 * ps + 3                                            # slot 4 again, a shorter read
+    q_lat = rng.standard_normal((len(slots), H, R)).astype(np.float32)
+    q_pe = rng.standard_normal((len(slots), H, ROPE)).astype(np.float32)
+    return dict(q_lat=q_lat, q_pe=q_pe, pages=pages, table=table, slots=slots, lengths=lens)
+
+
+def _run(tk, case, x):
+    import torch
+    ps, block_n, S, _, precision, _ = case
+    tt = lambda a: torch.from_numpy(np.ascontiguousarray(a))           # noqa: E731
+    B = len(x["slots"])
+    o = torch.full((B, S, H, R), 1027.0)
+    lse = torch.full((B, S, H), 1027.0)
+    tk.decode_kernel[(B, -(-H // 16), S)](
+        tt(x["q_lat"]), tt(x["q_pe"]), tt(x["pages"]), tt(x["table"]), tt(x["slots"]), tt(x["lengths"]), o, lse,
+        SCALE=0.3, H=H, R=R, ROPE=ROPE, PAGE_SIZE=ps, MAX_PAGES=x["table"].shape[1], NUM_SPLITS=S, BLOCK_H=16,
+        BLOCK_N=block_n, PRECISION=precision)
+    return o.numpy(), lse.numpy()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mla_interp")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return {_key(c): dict(np.load(out / f"{_key(c)}.npz")) for c in CASES}
+
+
+@pytest.mark.parametrize("case", CASES, ids=_key)
+def test_decode_kernel_matches_float64(results, case):
+    import jax.numpy as jnp
+    from lingjax.kernels.mla.gpu import combine_splits
+    from tests.test_mla_kernels import oracle, rel
+    r = results[_key(case)]
+    got = np.asarray(combine_splits(jnp.asarray(r["o"]), jnp.asarray(r["lse"])))
+    want = oracle(r["q_lat"], r["q_pe"], r["pages"], r["table"], r["slots"], r["lengths"], 0.3)
+    assert np.all(np.isfinite(got)) and np.all(got[r["slots"] < 0] == 0)
+    assert np.all(r["lse"][r["slots"] < 0] == -np.inf)               # padding rows read nothing
+    live = r["slots"] >= 0
+    assert rel(got[live], want[live]) <= case[5]
+    if case[2] > 1:                                                  # splits really split: one is empty
+        assert np.any(np.isneginf(r["lse"][live]))                   # (a length-1 request has 1 block)
+
+
+if __name__ == "__main__":          # the child process
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from lingjax.kernels.mla import triton_kernels
+    out = Path(sys.argv[1])
+    for c in CASES:
+        x = _inputs(c)
+        o, lse = _run(triton_kernels, c, x)
+        np.savez(out / f"{_key(c)}.npz", o=o, lse=lse, **x)
+    print(json.dumps([_key(c) for c in CASES]))
