@@ -271,3 +271,116 @@ def test_compressed_tensors_library_checkpoint(tmp_path, preset, strategy):
     assert r.meta["model.layers.1.mlp.experts.3.up_proj.weight_scale"][0] == "BF16"
     assert r.meta["lm_head.weight"][0] == "BF16"
     _check_against_dequantized(tmp_path, src)
+
+
+# ------------------------------------------------------------------------------------------ convert / export
+@pytest.fixture(scope="module")
+def bf16_src(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("fp8src") / "hf")
+    testing.write_tiny_checkpoint(d, SMALL, seed=3, mtp=True)
+    return d
+
+
+@pytest.mark.parametrize("scheme", ["fp8-block", "fp8-channel"])
+def test_convert_quantize_export_round_trip_bit_for_bit(tmp_path, bf16_src, scheme):
+    """convert --quantize -> export writes exactly the FP8 tensors and scales that quantizing the bf16
+    source in HF layout gives (lingjax.quant, checked against float64 above), the other tensors
+    unchanged; exporting that again through convert (an FP8 source keeps its FP8) gives the same
+    bytes; the converted checkpoint loads to the same model as the exported one."""
+    from lingjax.checkpoint import load_converted
+    from lingjax.convert import convert, export
+    from lingjax.weights import CheckpointReader
+    conv, out, conv2, out2 = (str(tmp_path / n) for n in ("conv", "out", "conv2", "out2"))
+    convert(bf16_src, conv, quantize=scheme)
+    export(conv, out)
+    fmt = quant.SCHEMES[scheme]
+    assert quant.read_format(out) == fmt
+    src, got = CheckpointReader(bf16_src), CheckpointReader(out)
+    n_fp8 = 0
+    for name in src.names():
+        t = src.get(name)
+        if got.meta[name][0] == "F8_E4M3":
+            q, s = fmt.quantize(np.asarray(t, np.float32))
+            assert got.get(name).tobytes() == q.tobytes(), name
+            assert got.get(name[: -len("weight")] + fmt.scale_suffix).tobytes() == s.tobytes(), name
+            n_fp8 += 1
+        else:
+            assert got.get(name).tobytes() == t.tobytes(), name
+    assert n_fp8 == sum(len(r.hf) for r in rules_for(SMALL) if quant.quantizable(r))
+    assert set(got.names()) == set(src.names()) | {n[: -len("weight")] + fmt.scale_suffix
+                                                   for n in src.names() if got.meta[n][0] == "F8_E4M3"}
+    convert(out, conv2)
+    export(conv2, out2)
+    again = CheckpointReader(out2)
+    assert all(again.get(n).tobytes() == got.get(n).tobytes() for n in got.names())
+    _, a = load_converted(conv, jnp.float32, mtp=False)
+    _, b = load_hf(out, jnp.float32, mtp=False)
+    wa, wb = a.layers[0].attention.q_proj.kernel.get_value(), b.layers[0].attention.q_proj.kernel.get_value()
+    assert isinstance(wa, quant.FP8Weight) and wa.block == wb.block and wa.act == fmt.act
+    np.testing.assert_array_equal(np.asarray(a(TOKENS[:1, :6])), np.asarray(b(TOKENS[:1, :6])))
+
+
+def test_export_other_formats(tmp_path, bf16_src):
+    """An FP8 store exported as none (dequantized) or as the other FP8 format (re-quantized from the
+    dequantized float32 values)."""
+    from lingjax.convert import convert, export
+    from lingjax.weights import CheckpointReader
+    conv = str(tmp_path / "conv")
+    convert(bf16_src, conv, quantize="fp8-block", dtype="float32")
+    export(conv, str(tmp_path / "plain"), quantize="none")
+    export(conv, str(tmp_path / "chan"), quantize="fp8-channel")
+    assert quant.read_format(str(tmp_path / "plain")) is None
+    plain, chan = (CheckpointReader(str(tmp_path / n)) for n in ("plain", "chan"))
+    name = "model.layers.1.mlp.experts.2.down_proj.weight"
+    assert plain.meta[name][0] == "F32" and chan.meta[name][0] == "F8_E4M3"
+    q, s = quant.quantize_channel(plain.get(name))
+    assert chan.get(name).tobytes() == q.tobytes() and chan.get(name[:-6] + "weight_scale").tobytes() == s.tobytes()
+
+
+@pytest.mark.parametrize("qc,msg", [
+    ({"quant_method": "awq"}, "quant_method 'awq' is not supported"),
+    ({"quant_method": "fp8", "weight_block_size": [64, 64]}, r"weight_block_size \[64, 64\] is not supported"),
+    ({"quant_method": "fp8"}, "without weight_block_size"),
+    ({"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "static"}, "activation_scheme 'static'"),
+    ({"quant_method": "compressed-tensors", "config_groups": {"g": {"format": "pack-quantized", "weights": {}}}},
+     "format 'pack-quantized' is not supported"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"g": {"weights": {
+        "type": "int", "num_bits": 4}}}}, "int 4-bit is not supported"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"g": {"weights": {
+        "type": "float", "num_bits": 8, "strategy": "group"}}}}, "strategy 'group' is not supported"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {}}, "config_groups: missing"),
+])
+def test_malformed_quantization_configs_one_line(tmp_path, qc, msg):
+    d = str(tmp_path / "bad")
+    testing.write_fp8_checkpoint(d, "fp8-block", SMALL, mtp=False, shards=1)
+    testing.set_quantization_config(d, qc)
+    with pytest.raises(WeightError, match=msg) as e:
+        load_hf(d, jnp.float32, mtp=False)
+    assert "\n" not in str(e.value)
+
+
+def test_fp8_tensor_problems_one_line(tmp_path):
+    from safetensors.numpy import save_file
+
+    from lingjax.weights import CheckpointReader
+    d = str(tmp_path / "ck")
+    testing.write_fp8_checkpoint(d, "fp8-block", SMALL, mtp=False, shards=1)
+    f = os.path.join(d, "model.safetensors")
+    r = CheckpointReader(d)
+    full = {n: r.get(n) for n in r.names()}
+    del r
+    name = "model.layers.1.mlp.experts.0.gate_proj.weight_scale_inv"
+    t = dict(full)
+    del t[name]
+    save_file(t, f)
+    with pytest.raises(WeightError, match=f"its scale {name} is missing"):
+        load_hf(d, jnp.float32, mtp=False)
+    t = dict(full)
+    t[name] = np.ones((2, 2), np.float32)
+    save_file(t, f)
+    with pytest.raises(WeightError, match=r"has shape \[2, 2\], expected \[1, 1\]"):
+        load_hf(d, jnp.float32, mtp=False)
+    testing.set_quantization_config(d, None)
+    save_file(full, f)
+    with pytest.raises(WeightError, match="float8_e4m3fn but config.json has no FP8 quantization_config"):
+        load_hf(d, jnp.float32, mtp=False)
