@@ -189,8 +189,9 @@ class QuantError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Format:
     """An FP8 checkpoint format: method "compressed-tensors" or "fp8" (block), weight strategy
-    "tensor" | "channel" | "block", activation scheme (ACTS), the scale tensor's suffix, and the
-    modules left unquantized (ignore patterns: names, or "re:" regexes)."""
+    "tensor" | "channel" | "block", activation scheme (ACTS), and the modules its config lists as
+    unquantized (ignore / modules_to_not_convert; kept to write the config back: the loader follows
+    what the checkpoint holds, FP8 tensors with their scales, anything else as plain weights)."""
     method: str
     strategy: str
     act: str
@@ -207,15 +208,6 @@ class Format:
     @property
     def block(self) -> tuple:            # HF layout (rows of [out, in], cols)
         return {"tensor": (0, 0), "channel": (1, 0), "block": (BLOCK, BLOCK)}[self.strategy]
-
-    def ignored(self, module: str) -> bool:
-        for pat in self.ignore:
-            if pat.startswith("re:"):
-                if re.match(pat[3:], module):
-                    return True
-            elif module == pat:
-                return True
-        return False
 
     def quantize(self, w: np.ndarray):
         return {"tensor": quantize_tensor, "channel": quantize_channel, "block": quantize_block}[self.strategy](w)

@@ -611,9 +611,12 @@ def read_fp8_rule(reader: CheckpointReader, rule: Rule, fmt) -> list:
 
 
 def hf_tensors(cfg: BailingConfig, model: nnx.Module, hf_dtype=None, mtp: bool = True) -> Iterator[tuple[str, np.ndarray]]:
-    """The model's params as HF tensors, one rule at a time (export)."""
+    """The model's params as HF tensors, one rule at a time (export); FP8 params dequantized to float32
+    (`lingjax export` writes FP8 checkpoints)."""
+    from lingjax import quant
     for rule in rules_for(cfg, mtp=mtp and len(getattr(model, "mtp", [])) > 0):
-        values = [np.asarray(jax.device_get(get_param(model, p))) for p in rule.params]
+        values = [np.asarray(jax.device_get(quant.dequantize(v) if quant.is_fp8(v) else v))
+                  for v in (get_param(model, p) for p in rule.params)]
         for name, t in zip(rule.hf, rule.to_hf(values)):
             if hf_dtype is not None and not rule.float32:
                 t = t.astype(hf_dtype)
