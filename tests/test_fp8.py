@@ -237,6 +237,8 @@ def _write_compressed_tensors(path, preset, cfg=None, seed=0):
     for k, v in root.state_dict().items():
         if k.endswith("weight_zero_point"):
             continue
+        if k.endswith("input_scale"):          # static preset: a calibration would fill it; not loaded
+            v = torch.ones_like(v, dtype=torch.float32)
         out[k] = (v.view(torch.uint8).numpy().view(F8) if v.dtype == torch.float8_e4m3fn
                   else v.float().numpy().astype(ml_dtypes.bfloat16))
     names = [n for r in rules_for(cfg, mtp=False) for n in r.hf]
@@ -315,9 +317,18 @@ def test_convert_quantize_export_round_trip_bit_for_bit(tmp_path, bf16_src, sche
     assert all(again.get(n).tobytes() == got.get(n).tobytes() for n in got.names())
     _, a = load_converted(conv, jnp.float32, mtp=False)
     _, b = load_hf(out, jnp.float32, mtp=False)
-    wa, wb = a.layers[0].attention.q_proj.kernel.get_value(), b.layers[0].attention.q_proj.kernel.get_value()
-    assert isinstance(wa, quant.FP8Weight) and wa.block == wb.block and wa.act == fmt.act
-    np.testing.assert_array_equal(np.asarray(a(TOKENS[:1, :6])), np.asarray(b(TOKENS[:1, :6])))
+    from flax import nnx
+    la = jax.tree.leaves(nnx.state(a), is_leaf=quant.is_fp8)
+    lb = jax.tree.leaves(nnx.state(b), is_leaf=quant.is_fp8)
+    assert sum(map(quant.is_fp8, la)) == sum(len(r.params) for r in rules_for(SMALL, mtp=False) if quant.quantizable(r))
+    for x, y in zip(la, lb):                  # the same params, FP8 or not, bit for bit
+        assert type(x) is type(y)
+        if quant.is_fp8(x):
+            assert (x.block, x.act) == (y.block, y.act) and x.act == fmt.act
+            assert np.asarray(x.q).tobytes() == np.asarray(y.q).tobytes()
+            assert np.asarray(x.scale).tobytes() == np.asarray(y.scale).tobytes()
+        else:
+            assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
 
 
 def test_export_other_formats(tmp_path, bf16_src):
@@ -408,7 +419,7 @@ def test_dequantize_under_shard_map(tp, aligned):
     np.testing.assert_array_equal(np.asarray(f(ws)), np.asarray(quant.dequantize(w)))
 
 
-@pytest.mark.parametrize("scheme", ["fp8-block", "fp8-channel"])
+@pytest.mark.parametrize("scheme", ["fp8-channel"])      # block scales under tp: test_dequantize_under_shard_map
 def test_tp2_fp8_model_matches_tp1(tmp_path, scheme):
     """An FP8 checkpoint loaded straight onto a tp=2 mesh (each FP8 weight and its scale placed
     together) gives the tp=1 logits: weight-only to float32 rounding (1e-5 relative). With dynamic
@@ -466,7 +477,7 @@ def test_cli_convert_quantize_and_export(tmp_path, bf16_src, capsys):
 CKPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "ling-tiny")
 
 
-@pytest.mark.parametrize("scheme", ["fp8-block", "fp8-channel"])
+@pytest.mark.parametrize("scheme", ["fp8-block"])     # both schemes, 300 examples each: scripts/eval_fp8.py
 def test_shipped_tiny_model_in_fp8_keeps_its_accuracy(tmp_path, scheme):
     """The shipped model converted with --quantize, through the engine (float32 activations, dynamic
     FP8 activation scaling): a held-out subset (8 add, 8 sort, 2 recall) with at most one miss (the bf16
