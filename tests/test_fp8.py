@@ -227,6 +227,11 @@ def _write_compressed_tensors(path, preset, cfg=None, seed=0):
             args = m.quantization_scheme.weights
             if args.strategy == "channel":
                 lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+            elif args.strategy == "block":
+                o, i = w.shape
+                wp = torch.nn.functional.pad(w, (0, -i % 128, 0, -o % 128))
+                wb = wp.reshape(wp.shape[0] // 128, 128, wp.shape[1] // 128, 128)
+                lo, hi = wb.amin(dim=(1, 3)), wb.amax(dim=(1, 3))
             else:
                 lo, hi = w.amin(), w.amax()
             s, _ = calculate_qparams(lo, hi, args)
@@ -248,7 +253,7 @@ def _write_compressed_tensors(path, preset, cfg=None, seed=0):
     return cfg
 
 
-@pytest.mark.parametrize("preset,strategy", [("FP8_DYNAMIC", "channel"), ("FP8", "tensor")])
+@pytest.mark.parametrize("preset,strategy", [("FP8_DYNAMIC", "channel"), ("FP8_BLOCK", "block"), ("FP8", "tensor")])
 def test_compressed_tensors_library_checkpoint(tmp_path, preset, strategy):
     src = str(tmp_path / "ct")
     if preset == "FP8":        # static input scales: refused by name; weight-only variant loads
@@ -266,7 +271,8 @@ def test_compressed_tensors_library_checkpoint(tmp_path, preset, strategy):
         return
     _write_compressed_tensors(src, preset)
     fmt = quant.read_format(src)
-    assert (fmt.method, fmt.strategy, fmt.act) == ("compressed-tensors", strategy, "token")
+    assert (fmt.method, fmt.strategy, fmt.act) == ("compressed-tensors", strategy,
+                                                   "group" if strategy == "block" else "token")
     from lingjax.weights import CheckpointReader
     r = CheckpointReader(src)
     assert r.meta["model.layers.1.mlp.experts.3.up_proj.weight"][0] == "F8_E4M3"
