@@ -266,7 +266,10 @@ def _set_fp8(model, path, p, entry, parts, place):
     block, act = tuple(entry.get("block", ())), entry.get("act")
     if len(block) != 2 or act not in quant.ACTS:
         raise WeightError(f"{path}: FP8 param {_key(p)} has no valid block / act in {MARKER}")
-    w = quant.FP8Weight(parts["q"].view(quant.FP8_NP), scale, block, act)
+    q = parts["q"].view(quant.FP8_NP)
+    if scale.ndim != q.ndim or scale.shape[:-2] != q.shape[:-2]:
+        raise WeightError(f"{path}: FP8 param {_key(p)} has scale shape {list(scale.shape)} for values {list(q.shape)}")
+    w = quant.FP8Weight(q, scale, block, act)
     set_param(model, p, place(p, w) if place else to_device(w))
 
 

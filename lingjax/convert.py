@@ -553,6 +553,10 @@ def export(src: str, dst: str, *, dtype: str | None = None, overwrite: bool = Fa
     stored_fmt = None if not sq else quant.Format(sq["method"], sq["strategy"], sq["act"], tuple(sq.get("ignore", ())))
     out_fmt = stored_fmt if quantize is None else None if quantize == "none" else quant.SCHEMES[quantize]
     dir_of = {k: item for item in meta["items"] for k in item["params"]}
+    same_format = out_fmt is not None and stored_fmt is not None and \
+        (out_fmt.method, out_fmt.strategy, out_fmt.act) == (stored_fmt.method, stored_fmt.strategy, stored_fmt.act)
+    if same_format:
+        out_fmt = stored_fmt          # its ignore list too
 
     def stored_fp8(rule):
         return _key(rule.params[0]) + ".q" in dir_of
@@ -560,7 +564,7 @@ def export(src: str, dst: str, *, dtype: str | None = None, overwrite: bool = Fa
     def fp8_out(rule):       # write this rule's tensors as FP8 (+ scales)?
         if out_fmt is None:
             return False
-        return stored_fp8(rule) if out_fmt == stored_fmt else quant.quantizable(rule)
+        return stored_fp8(rule) if same_format else quant.quantizable(rule)
 
     plan = []
     for r in rules:
@@ -599,7 +603,7 @@ def export(src: str, dst: str, *, dtype: str | None = None, overwrite: bool = Fa
                                                           tuple(e["block"]), e["act"]))
                         else:
                             values.append(_leaf(tree, p))
-                    if fp8_out(rule) and stored_fp8(rule) and out_fmt == stored_fmt:
+                    if fp8_out(rule) and stored_fp8(rule) and same_format:
                         hf = quant.to_hf(rule.kind, values, out_fmt)          # bit for bit
                     elif fp8_out(rule) or (stored_fp8(rule)):
                         if stored_fp8(rule):

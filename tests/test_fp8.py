@@ -501,3 +501,23 @@ def test_shipped_tiny_model_in_fp8_keeps_its_accuracy(tmp_path, scheme):
     res = ev.run_eval(eng, tok, examples=examples)
     n, correct = sum(r.n for r in res), sum(r.correct for r in res)
     assert correct >= n - 1, ev.format_table(res, scheme)
+
+
+def test_compressed_tensors_checkpoint_convert_export_round_trip(tmp_path):
+    """A compressed-tensors (library-written) checkpoint through convert (FP8 kept) and export (the
+    stored format): the same FP8 bytes, the same scale values (written as float32; the library wrote
+    them in the weights' bf16, which float32 holds exactly), the same ignore list."""
+    from lingjax.convert import convert, export
+    from lingjax.weights import CheckpointReader
+    src, conv, out = (str(tmp_path / n) for n in ("ct", "conv", "out"))
+    _write_compressed_tensors(src, "FP8_DYNAMIC")
+    convert(src, conv, mtp=False)
+    export(conv, out)
+    a, b = CheckpointReader(src), CheckpointReader(out)
+    assert set(a.names()) == set(b.names())
+    for n in a.names():
+        if n.endswith("weight_scale"):
+            assert b.meta[n][0] == "F32" and (b.get(n) == a.get(n).astype(np.float32)).all(), n
+        else:
+            assert a.meta[n][0] == b.meta[n][0] and a.get(n).tobytes() == b.get(n).tobytes(), n
+    assert quant.read_format(out) == quant.read_format(src)
