@@ -447,6 +447,11 @@ def test_tp2_fp8_model_matches_tp1(tmp_path, scheme):
         assert w.scale.sharding.spec == jax.sharding.PartitionSpec(None, "tp")
     e = m2.layers[1].mlp.w_down.get_value()
     assert e.q.sharding.spec[0] == "tp" and e.scale.sharding.spec[0] == "tp"
+    from lingjax.convert import convert                  # the converted layout, loaded onto the mesh
+    convert(src, str(tmp_path / "conv"), mtp=False)
+    _, m3 = load_model(str(tmp_path / "conv"), jnp.float32, mesh=mesh)
+    for x, y in zip(jax.tree.leaves(nnx.state(m2)), jax.tree.leaves(nnx.state(m3))):
+        assert x.sharding.is_equivalent_to(y.sharding, x.ndim) and (np.asarray(x) == np.asarray(y)).all()
 
     def run(m, act):
         if not act:
