@@ -198,10 +198,21 @@ def load_converted(path: str, dtype=None, *, mtp: bool = True, place=None, shard
         for k, v in item["params"].items():
             stored[k] = (item, tuple(v["shape"]), v["dtype"])
     model = abstract_model(cfg, dtype, mtp=mtp)
-    wanted = {}
+    wanted, fp8 = {}, {}          # fp8: param path -> its ".q" manifest entry (block, act)
     for rule in rules_for(cfg, mtp=mtp):
         for j, p in enumerate(rule.params):
             k = _key(p)
+            if k not in stored and k + ".q" in stored and k + ".scale" in stored:     # an FP8 param
+                item, qshape, qdt = stored[k + ".q"]
+                shape = tuple(_param_shape(rule, j))
+                if qshape != shape or qdt != "float8_e4m3fn":
+                    raise WeightError(f"{path}: FP8 param {k} is {qdt} {list(qshape)}, config.json needs "
+                                      f"float8_e4m3fn {list(shape)}")
+                fp8[p] = item["params"][k + ".q"]
+                wanted[p + ("q",)] = (item["dir"], shape, np.dtype(np.uint8))
+                sitem, sshape, _ = stored[k + ".scale"]
+                wanted[p + ("scale",)] = (sitem["dir"], sshape, np.dtype(np.float32))
+                continue
             if k not in stored:
                 raise WeightError(f"{path}: param {k} is missing from {MARKER}")
             shape = tuple(_param_shape(rule, j))
@@ -211,17 +222,23 @@ def load_converted(path: str, dtype=None, *, mtp: bool = True, place=None, shard
     ocp, _ = _orbax()
 
     def restore_args_for(p, shape, dt):
-        s = sharding(p, shape, dt) if sharding is not None else None
+        s = sharding(p, shape, dt) if sharding is not None and p[-1] not in ("q", "scale") else None
         if s is not None:
             return ocp.ArrayRestoreArgs(sharding=s, global_shape=shape, dtype=dt)
         return ocp.RestoreArgs(restore_type=np.ndarray)
 
+    parts = {}
     for item in meta["items"]:
         want = {p: (shape, dt) for p, (d, shape, dt) in wanted.items() if d == item["dir"]}
         if not want:
             continue
         tree = _restore_item(path, item, want, restore_args_for)
         for p, (shape, dt) in want.items():
+            if p[:-1] in fp8:
+                parts.setdefault(p[:-1], {})[p[-1]] = np.asarray(_leaf(tree, p), dt)
+                if len(parts[p[:-1]]) == 2:
+                    _set_fp8(model, path, p[:-1], fp8[p[:-1]], parts.pop(p[:-1]), place)
+                continue
             v = _leaf(tree, p)
             if tuple(v.shape) != shape:
                 raise WeightError(f"{os.path.join(path, item['dir'])}: param {_key(p)} has shape "
@@ -235,6 +252,25 @@ def load_converted(path: str, dtype=None, *, mtp: bool = True, place=None, shard
             set_param(model, p, v)
         del tree
     return cfg, model
+
+
+def _set_fp8(model, path, p, entry, parts, place):
+    """Set the FP8 param p from its restored uint8 bits and float32 scale."""
+    import numpy as np
+
+    from lingjax import quant
+    from lingjax.weights import WeightError, set_param, to_device
+    scale = parts["scale"]
+    if not (np.isfinite(scale).all() and (scale > 0).all()):
+        raise WeightError(f"{path}: scale of FP8 param {_key(p)} holds values that are not finite and positive")
+    block, act = tuple(entry.get("block", ())), entry.get("act")
+    if len(block) != 2 or act not in quant.ACTS:
+        raise WeightError(f"{path}: FP8 param {_key(p)} has no valid block / act in {MARKER}")
+    q = parts["q"].view(quant.FP8_NP)
+    if scale.ndim != q.ndim or scale.shape[:-2] != q.shape[:-2]:
+        raise WeightError(f"{path}: FP8 param {_key(p)} has scale shape {list(scale.shape)} for values {list(q.shape)}")
+    w = quant.FP8Weight(q, scale, block, act)
+    set_param(model, p, place(p, w) if place else to_device(w))
 
 
 def load_model(path, dtype=None, mesh=None):

@@ -266,18 +266,27 @@ class _Arena:
 
 
 def convert(src: str, dst: str, *, dtype: str = "bfloat16", mtp: bool = True, overwrite: bool = False,
-            progress: bool = False, item_bytes: int = ITEM_BYTES) -> dict:
+            progress: bool = False, item_bytes: int = ITEM_BYTES, quantize: str | None = None) -> dict:
     """HF checkpoint directory src -> lingjax checkpoint directory dst. Returns the summary dict.
     Raises ConvertError / WeightError / ConfigError (one line naming the problem) before writing
-    anything when the source or dst is unusable."""
+    anything when the source or dst is unusable.
+
+    FP8 (lingjax.quant): an FP8 source (compressed-tensors or block FP8) keeps its FP8 tensors and
+    scales as they are; quantize ("fp8-block" | "fp8-channel") quantizes a bf16 / float32 source's
+    attention and MLP / expert projections. Each FP8 param is stored as two Orbax leaves,
+    <param>.q (the float8_e4m3fn bits as uint8) and <param>.scale (float32), and the marker records
+    the format ("quantization")."""
     import numpy as np
 
+    from lingjax import quant
     from lingjax.config import BailingConfig, ConfigError
     from lingjax.weights import CheckpointReader, WeightError, is_mtp_name, validate
 
     t0 = time.perf_counter()
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if quantize is not None and quantize not in quant.SCHEMES:
+        raise ConvertError(f"--quantize {quantize}: expected one of {', '.join(quant.SCHEMES)}")
     if not os.path.isdir(src):
         raise ConvertError(f"{src}: no such directory")
     if is_converted(src):
@@ -291,9 +300,16 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16", mtp: bool = True, ov
     except ConfigError as e:
         msg = str(e)
         raise ConfigError(msg if msg.startswith(cfg_path) else f"{cfg_path}: {msg}") from None
+    try:
+        src_fmt = quant.read_format(src)
+    except quant.QuantError as e:
+        raise ConvertError(str(e)) from None
+    if src_fmt is not None and quantize is not None:
+        raise ConvertError(f"{src} is already FP8 ({src_fmt.name}, {src_fmt.method}); convert it without --quantize")
+    fmt = quant.SCHEMES[quantize] if quantize else src_fmt
     reader = CheckpointReader(src)
     try:
-        rules = validate(cfg, reader, mtp=mtp)
+        rules = validate(cfg, reader, mtp=mtp, fmt=src_fmt)
     except WeightError as e:
         hint = ""
         missing = str(e).split()[2] if str(e).startswith("missing tensor") else ""
@@ -301,7 +317,20 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16", mtp: bool = True, ov
             hint = " (the MTP layer's tensors are absent: pass --no-mtp to convert without it)"
         raise WeightError(f"{e}{hint}") from None
     import jax.numpy as jnp
+    from lingjax.weights import fp8_rule, read_fp8_rule, scale_name
     np_dtype = np.dtype(jnp.dtype(dtype))
+
+    def fp8_values(rule, reader):
+        """The rule's FP8Weight params (numpy), or None for a param stored as before."""
+        if src_fmt is not None and fp8_rule(reader, rule, src_fmt):
+            return read_fp8_rule(reader, rule, src_fmt)
+        if quantize and quant.quantizable(rule):
+            from lingjax.weights import check_finite, read_rule
+            ws = read_rule(reader, rule)
+            check_finite(reader, rule, ws)
+            qs = [fmt.quantize(np.asarray(w, np.float32)) for w in ws]
+            return quant.from_hf(rule.kind, [q for q, _ in qs], [sc for _, sc in qs], fmt, n_parts=len(rule.params))
+        return None
 
     def out_dtype(rule):
         return np.dtype(np.float32) if rule.float32 else np_dtype
@@ -316,6 +345,9 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16", mtp: bool = True, ov
 
     items = plan_items(rules, param_bytes, item_bytes)
     bytes_in = sum(reader.nbytes(reader.canonical.get(n, n)) for r in rules for n in r.hf)
+    if src_fmt is not None:
+        bytes_in += sum(reader.nbytes(reader.canonical[scale_name(n, src_fmt)]) for r in rules for n in r.hf
+                        if fp8_rule(reader, r, src_fmt))
     bytes_out = sum(param_bytes(r) for r in rules)
     n_tensors = sum(len(r.hf) for r in rules)
     n_params = sum(int(np.prod(s, dtype=np.int64)) for r in rules for s in r.hf_shapes)
@@ -342,7 +374,7 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16", mtp: bool = True, ov
         with atomic_dir(dst) as tmp:
             os.makedirs(os.path.join(tmp, "params"))
             arena_bytes = max(sum(_Arena.size(b) for r in item for b in param_sizes(r)) for item in items)
-            for i, (item, tree) in enumerate(_produce(items, creader, np_dtype, arena_bytes)):
+            for i, (item, tree, entries) in enumerate(_produce(items, creader, np_dtype, arena_bytes, fp8_values)):
                 rel = os.path.join("params", f"{i:04d}")
                 try:
                     with _flushing(os.path.join(tmp, "params"), done), _SIGNALS.deferred():
@@ -352,9 +384,7 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16", mtp: bool = True, ov
                 del tree
                 _drop_cache(os.path.join(tmp, rel))
                 done.add(f"{i:04d}")
-                manifest.append({"dir": rel, "params": {
-                    _key(p): {"shape": list(_param_shape(r, j)), "dtype": str(out_dtype(r))}
-                    for r in item for j, p in enumerate(r.params)}})
+                manifest.append({"dir": rel, "params": entries})
             copied = _copy_extra(src, tmp)
             dt = time.perf_counter() - t0
             summary = {"source": os.path.abspath(src), "params": n_params, "tensors": n_tensors,
@@ -363,6 +393,9 @@ def convert(src: str, dst: str, *, dtype: str = "bfloat16", mtp: bool = True, ov
             with open(os.path.join(tmp, MARKER), "w") as f:
                 json.dump({"format": FORMAT, "version": VERSION, "dtype": dtype, "mtp": bool(mtp and
                            cfg.num_nextn_predict_layers > 0), "files": copied, "summary": summary,
+                           "quantization": None if fmt is None else {
+                               "scheme": fmt.name, "method": fmt.method, "strategy": fmt.strategy,
+                               "act": fmt.act, "ignore": list(fmt.ignore)},
                            "items": manifest}, f, indent=1)
     finally:
         bar.close()
@@ -420,10 +453,13 @@ def _flushing(parent: str, done: set, interval: float = 0.05):
         th.join()
 
 
-def _produce(items, reader, np_dtype, arena_bytes):
-    """Yields (item rules, nested param tree) built by a background thread, at most one ahead of the
-    consumer: while item k is being saved, item k+1 is read into the other of two arenas; item k+2
-    waits for k's save to end and its arena to come back."""
+def _produce(items, reader, np_dtype, arena_bytes, fp8_values=None):
+    """Yields (item rules, nested param tree, manifest entries) built by a background thread, at most
+    one ahead of the consumer: while item k is being saved, item k+1 is read into the other of two
+    arenas; item k+2 waits for k's save to end and its arena to come back. fp8_values(rule, reader):
+    the rule's FP8Weights, or None (then the rule is materialized as before)."""
+    import numpy as np
+
     from lingjax.weights import Scratch, check_finite, materialize
     q: queue.Queue = queue.Queue()
     free: queue.Queue = queue.Queue()
@@ -439,15 +475,25 @@ def _produce(items, reader, np_dtype, arena_bytes):
                 if arena is None or stop.is_set():
                     return
                 arena.off = 0
-                flat = {}
+                flat, entries = {}, {}
                 for rule in item:
                     if stop.is_set():
                         return
+                    fp8 = fp8_values(rule, reader) if fp8_values is not None else None
+                    if fp8 is not None:
+                        for p, w in zip(rule.params, fp8):
+                            flat[p + ("q",)] = np.ascontiguousarray(w.q).view(np.uint8)
+                            flat[p + ("scale",)] = np.ascontiguousarray(w.scale, np.float32)
+                            entries[_key(p) + ".q"] = {"shape": list(w.q.shape), "dtype": "float8_e4m3fn",
+                                                       "block": list(w.block), "act": w.act}
+                            entries[_key(p) + ".scale"] = {"shape": list(w.scale.shape), "dtype": "float32"}
+                        continue
                     values = materialize(reader, rule, np_dtype, alloc=arena, scratch=scratch)
                     check_finite(reader, rule, values)
                     for p, v in zip(rule.params, values):
                         flat[p] = v
-                q.put((item, _nested(flat), arena))
+                        entries[_key(p)] = {"shape": list(v.shape), "dtype": str(v.dtype)}
+                q.put((item, _nested(flat), arena, entries))
                 del flat
             q.put(None)
         except BaseException as e:   # handed to the consumer, re-raised there
@@ -462,9 +508,9 @@ def _produce(items, reader, np_dtype, arena_bytes):
                 return
             if isinstance(got, BaseException):
                 raise got
-            item, tree, arena = got
+            item, tree, arena, entries = got
             del got
-            yield item, tree
+            yield item, tree, entries
             del tree       # the save is synchronous: nothing refers to the arena's arrays any more
             free.put(arena)
     finally:
@@ -475,14 +521,20 @@ def _produce(items, reader, np_dtype, arena_bytes):
 
 # ------------------------------------------------------------------------------------------ export
 def export(src: str, dst: str, *, dtype: str | None = None, overwrite: bool = False, progress: bool = False,
-           shard_bytes: int = 4 << 30) -> dict:
+           shard_bytes: int = 4 << 30, quantize: str | None = None) -> dict:
     """lingjax checkpoint directory src -> HF checkpoint directory dst (safetensors shards + index,
-    config and tokenizer files), one Orbax item and one tensor at a time."""
+    config and tokenizer files), one Orbax item and one tensor at a time.
+
+    quantize: the FP8 format of the output: None = the stored one (FP8 params and scales written
+    back bit for bit, config.json's quantization_config set to match), "none" = no FP8 (FP8 params
+    dequantized to dtype), "fp8-block" / "fp8-channel" = that format (params stored in another
+    format are dequantized to float32 and quantized again)."""
     import jax.numpy as jnp
     import numpy as np
 
+    from lingjax import quant
     from lingjax.config import BailingConfig
-    from lingjax.weights import HFStreamWriter, rules_for, transpose_into
+    from lingjax.weights import HFStreamWriter, _scale_shape, rules_for, scale_name, transpose_into
 
     t0 = time.perf_counter()
     if not os.path.isdir(src):
@@ -492,11 +544,35 @@ def export(src: str, dst: str, *, dtype: str | None = None, overwrite: bool = Fa
         raise ConvertError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     if _same_dir(src, dst) or _same_dir(dst, src):
         raise ConvertError(f"{dst}: the output must not be the source directory or inside it")
+    if quantize is not None and quantize != "none" and quantize not in quant.SCHEMES:
+        raise ConvertError(f"--quantize {quantize}: expected none or one of {', '.join(quant.SCHEMES)}")
     cfg = BailingConfig.from_json(src)
     hf_dt = np.dtype(jnp.dtype(dtype or meta["dtype"]))
     rules = rules_for(cfg, mtp=meta["mtp"])
-    plan = [(n, s, np.dtype(np.float32) if r.float32 else hf_dt) for r in rules for n, s in zip(r.hf, r.hf_shapes)]
+    sq = meta.get("quantization")
+    stored_fmt = None if not sq else quant.Format(sq["method"], sq["strategy"], sq["act"], tuple(sq.get("ignore", ())))
+    out_fmt = stored_fmt if quantize is None else None if quantize == "none" else quant.SCHEMES[quantize]
     dir_of = {k: item for item in meta["items"] for k in item["params"]}
+    same_format = out_fmt is not None and stored_fmt is not None and \
+        (out_fmt.method, out_fmt.strategy, out_fmt.act) == (stored_fmt.method, stored_fmt.strategy, stored_fmt.act)
+    if same_format:
+        out_fmt = stored_fmt          # its ignore list too
+
+    def stored_fp8(rule):
+        return _key(rule.params[0]) + ".q" in dir_of
+
+    def fp8_out(rule):       # write this rule's tensors as FP8 (+ scales)?
+        if out_fmt is None:
+            return False
+        return stored_fp8(rule) if same_format else quant.quantizable(rule)
+
+    plan = []
+    for r in rules:
+        for n, s in zip(r.hf, r.hf_shapes):
+            if fp8_out(r):
+                plan += [(n, s, quant.FP8_NP), (scale_name(n, out_fmt), _scale_shape(s, out_fmt), np.dtype(np.float32))]
+            else:
+                plan.append((n, s, np.dtype(np.float32) if r.float32 else hf_dt))
     dst = _check_dst(dst, overwrite, lambda d: os.path.isfile(os.path.join(d, "config.json")))
     total = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, s, d in plan)
     _check_space(os.path.dirname(dst), total + (1 << 20))
@@ -508,30 +584,70 @@ def export(src: str, dst: str, *, dtype: str | None = None, overwrite: bool = Fa
             try:
                 cur_dir, tree = None, None
                 for rule in rules:
-                    item = dir_of.get(_key(rule.params[0]))
-                    if item is None:
-                        raise ConvertError(f"{src}: param {_key(rule.params[0])} is missing from {MARKER}")
-                    if item["dir"] != cur_dir:
-                        tree = None
-                        want = {_unkey(k): (tuple(v["shape"]), np.dtype(v["dtype"])) for k, v in item["params"].items()}
-                        tree = _restore_item(src, item, want, lambda p, s, d: ocp.RestoreArgs(restore_type=np.ndarray))
-                        cur_dir = item["dir"]
-                    values = [_leaf(tree, p) for p in rule.params]
-                    dt = np.dtype(np.float32) if rule.float32 else hf_dt
-                    for name, t in zip(rule.hf, rule.to_hf(values)):
-                        writer.write(name, _contiguous(t, dt, transpose_into))
-                        bar.update(t.size * dt.itemsize)
+                    values = []
+                    for p in rule.params:
+                        key = _key(p) + (".q" if stored_fp8(rule) else "")
+                        it = dir_of.get(key)
+                        if it is None:
+                            raise ConvertError(f"{src}: param {key} is missing from {MARKER}")
+                        if it["dir"] != cur_dir:
+                            tree = None
+                            want = {_unkey(k): (tuple(v["shape"]), np.dtype(
+                                "uint8" if v["dtype"] == "float8_e4m3fn" else v["dtype"])) for k, v in it["params"].items()}
+                            tree = _restore_item(src, it, want, lambda p, s, d: ocp.RestoreArgs(restore_type=np.ndarray))
+                            cur_dir = it["dir"]
+                        if stored_fp8(rule):
+                            e = it["params"][key]
+                            values.append(quant.FP8Weight(np.asarray(_leaf(tree, p + ("q",))).view(quant.FP8_NP),
+                                                          np.asarray(_leaf(tree, p + ("scale",)), np.float32),
+                                                          tuple(e["block"]), e["act"]))
+                        else:
+                            values.append(_leaf(tree, p))
+                    if fp8_out(rule) and stored_fp8(rule) and same_format:
+                        hf = quant.to_hf(rule.kind, values, out_fmt)          # bit for bit
+                    elif fp8_out(rule) or (stored_fp8(rule)):
+                        if stored_fp8(rule):
+                            values = [np.asarray(quant.dequantize(v)) for v in values]
+                        floats = rule.to_hf([np.asarray(v, np.float32) for v in values])
+                        if not fp8_out(rule):
+                            for name, t in zip(rule.hf, floats):
+                                writer.write(name, _contiguous(t, hf_dt, transpose_into))
+                                bar.update(t.size * hf_dt.itemsize)
+                            continue
+                        hf = [out_fmt.quantize(np.ascontiguousarray(t)) for t in floats]
+                    else:
+                        dt = np.dtype(np.float32) if rule.float32 else hf_dt
+                        for name, t in zip(rule.hf, rule.to_hf(values)):
+                            writer.write(name, _contiguous(t, dt, transpose_into))
+                            bar.update(t.size * dt.itemsize)
+                        continue
+                    for name, (qt, st) in zip(rule.hf, hf):
+                        writer.write(name, np.ascontiguousarray(qt))
+                        writer.write(scale_name(name, out_fmt), np.ascontiguousarray(st, np.float32))
+                        bar.update(qt.nbytes + st.size * 4)
                 tree = None
                 writer.finish()
             finally:
                 writer.close()
             _copy_extra(src, tmp)
+            _set_quantization_config(os.path.join(tmp, "config.json"), out_fmt)
     finally:
         bar.close()
     dt = time.perf_counter() - t0
     log.info("exported %s -> %s: %d tensors, %.2f GB in %d files, %.1f s, %.2f GB/s", src, dst, len(plan),
              total / 1e9, len(writer.files), dt, total / dt / 1e9)
     return {"tensors": len(plan), "bytes_written": total, "files": writer.files, "seconds": round(dt, 3)}
+
+
+def _set_quantization_config(path: str, fmt) -> None:
+    """config.json's quantization_config := the FP8 format written (removed for none)."""
+    with open(path) as f:
+        d = json.load(f)
+    d.pop("quantization_config", None)
+    if fmt is not None:
+        d["quantization_config"] = fmt.to_config()
+    with open(path, "w") as f:
+        json.dump(d, f, indent=2)
 
 
 def _contiguous(t, dt, transpose_into):
@@ -559,6 +675,11 @@ def convert_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16",
                    help="stored param dtype (expert_bias stays float32); default %(default)s")
     p.add_argument("--no-mtp", action="store_true", help="leave out the MTP (NextN) layer")
+    p.add_argument("--quantize", choices=("fp8-block", "fp8-channel"), default=None,
+                   help="store the attention and MLP / expert projections in FP8: fp8-block (128x128 block "
+                   "scales, the block-FP8 / DeepSeek format) or fp8-channel (per-output-channel scales, "
+                   "compressed-tensors FP8_DYNAMIC); router, norms, embeddings and lm_head stay in --dtype. "
+                   "An FP8 source keeps its own FP8 format without this flag")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST (only once the new one is complete)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="log details")
@@ -580,6 +701,10 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dst", metavar="DST", help="output HF checkpoint directory (must not exist, see --overwrite)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="tensor dtype of the safetensors (expert_bias stays float32); default: the stored one")
+    p.add_argument("--quantize", choices=("none", "fp8-block", "fp8-channel"), default=None,
+                   help="FP8 format of the output: fp8-block (quant_method fp8, weight_scale_inv), fp8-channel "
+                   "(compressed-tensors, weight_scale), none (FP8 params dequantized to --dtype); default: "
+                   "the stored one (FP8 tensors and scales written back bit for bit)")
     p.add_argument("--shard-gb", type=_positive_gb, default=4.0, metavar="GB",
                    help="safetensors shard size, a number > 0; default %(default)s")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST (only once the new one is complete)")
@@ -623,6 +748,7 @@ def convert_run(args) -> int:
     _log_info()
     with _cli_errors():
         convert(args.src, args.dst, dtype=args.dtype, mtp=not args.no_mtp, overwrite=args.overwrite,
+                quantize=args.quantize,
                 progress=not args.no_progress)
     return 0
 
@@ -631,6 +757,7 @@ def export_run(args) -> int:
     _log_info()
     with _cli_errors():
         export(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress,
+               quantize=args.quantize,
                shard_bytes=int(args.shard_gb * (1 << 30)))
     return 0
 

@@ -44,6 +44,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from lingjax import cache as cache_lib
+from lingjax import quant
 from lingjax.config import BailingConfig
 from lingjax.model.parallel import TP
 
@@ -129,6 +130,24 @@ def param_spec(path, cfg: BailingConfig, tp: int) -> P:
     raise ShardingError(f"no partition rule for param {'.'.join(map(str, path))}")
 
 
+def fp8_spec(spec: P, w, tp: int):
+    """Specs of an FP8 weight's two arrays (lingjax.quant.FP8Weight, values or shapes) given its
+    weight's spec: q as the weight; the scale follows it on the expert axis and, on the in / out
+    axes, wherever each device's slice of the weight is whole blocks (per-channel scales always;
+    128x128 blocks when weight dim / tp is a multiple of 128). Elsewhere the scale stays whole on
+    that axis and quant.dequantize picks this device's blocks by its tp index."""
+    nd = len(w.q.shape)
+    axes = list(spec) + [None] * (nd - len(spec))
+    s_axes = list(axes)
+    for a in (nd - 2, nd - 1):
+        b, n = w.block[a - (nd - 2)], w.q.shape[a]
+        if axes[a] is None:
+            continue
+        if b == 0 or w.scale.shape[a] == 1 or (n // tp) % b or n % tp:
+            s_axes[a] = None
+    return quant.FP8Weight(P(*axes), P(*s_axes), w.block, w.act)
+
+
 def _key_path(kp) -> tuple:
     out = []
     for k in kp:
@@ -144,7 +163,10 @@ def _key_path(kp) -> tuple:
 
 def state_specs(state, cfg: BailingConfig, tp: int):
     """A pytree of PartitionSpecs matching an nnx State of the model (nnx.split(model)[1])."""
-    return jax.tree_util.tree_map_with_path(lambda kp, _: param_spec(_key_path(kp), cfg, tp), state)
+    def spec(kp, x):
+        s = param_spec(_key_path(kp), cfg, tp)
+        return fp8_spec(s, x, tp) if quant.is_fp8(x) else s
+    return jax.tree_util.tree_map_with_path(spec, state, is_leaf=quant.is_fp8)
 
 
 def state_shardings(state, cfg: BailingConfig, mesh: Mesh):
@@ -169,10 +191,16 @@ def place_fn(cfg: BailingConfig, mesh: Mesh) -> Callable:
     tp = tp_of(mesh)
     check_tp(cfg, tp)
 
-    def place(path, value):
-        sharding = NamedSharding(mesh, param_spec(path, cfg, tp))
+    def put(value, spec):
         value = np.asarray(value)
-        return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
+        return jax.make_array_from_callback(value.shape, NamedSharding(mesh, spec), lambda idx: value[idx])
+
+    def place(path, value):
+        spec = param_spec(path, cfg, tp)
+        if quant.is_fp8(value):             # an FP8 weight and its scale, sharded together
+            s = fp8_spec(spec, value, tp)
+            return quant.FP8Weight(put(value.q, s.q), put(value.scale, s.scale), value.block, value.act)
+        return put(value, spec)
     return place
 
 

@@ -83,3 +83,45 @@ def write_tiny_checkpoint(path: str, cfg: BailingConfig | None = None, seed: int
     tensors = list(random_hf_tensors(cfg, seed, dtype, mtp=mtp))
     write_hf(cfg, tensors, path, num_shards=shards, extra_files=tokenizer_files() if tokenizer else None)
     return cfg
+
+
+def quantize_hf_tensors(cfg: BailingConfig, tensors, scheme: str, mtp: bool = True):
+    """HF tensors -> the same checkpoint in an FP8 format (lingjax.quant.SCHEMES: "fp8-block",
+    "fp8-channel"): each attention / MLP / expert projection weight becomes float8_e4m3fn plus its
+    scale tensor, quantized by lingjax.quant; everything else is unchanged."""
+    from lingjax import quant
+    fmt = quant.SCHEMES[scheme]
+    tensors = dict(tensors)
+    out = []
+    for rule in rules_for(cfg, mtp=mtp):
+        for name in rule.hf:
+            t = tensors[name]
+            if quant.quantizable(rule):
+                q, s = fmt.quantize(np.asarray(t, np.float32))
+                out += [(name, q), (name[: -len("weight")] + fmt.scale_suffix, s)]
+            else:
+                out.append((name, t))
+    return fmt, out
+
+
+def write_fp8_checkpoint(path: str, scheme: str, cfg: BailingConfig | None = None, seed: int = 0, *,
+                         shards: int = 2, mtp: bool = True) -> BailingConfig:
+    """A random tiny model (as write_tiny_checkpoint) written in an FP8 format by lingjax's quantizer."""
+    cfg = cfg or tiny_config()
+    fmt, tensors = quantize_hf_tensors(cfg, random_hf_tensors(cfg, seed, mtp=mtp), scheme, mtp=mtp)
+    write_hf(cfg, tensors, path, num_shards=shards, extra_files=tokenizer_files())
+    set_quantization_config(path, fmt.to_config())
+    return cfg
+
+
+def set_quantization_config(path: str, qc: dict | None) -> None:
+    """Put (or, for None, remove) config.json's quantization_config."""
+    import os
+    p = os.path.join(path, "config.json")
+    with open(p) as f:
+        d = json.load(f)
+    d.pop("quantization_config", None)
+    if qc is not None:
+        d["quantization_config"] = qc
+    with open(p, "w") as f:
+        json.dump(d, f, indent=2)

@@ -158,7 +158,9 @@ def is_mtp_name(cfg: BailingConfig, name: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ reading
-HF_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
+HF_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
+             "F8_E4M3": ml_dtypes.float8_e4m3fn}     # FP8 weights: only with their scales (lingjax.quant)
+FLOAT8 = "F8_E4M3"
 
 
 class CheckpointReader:
@@ -304,15 +306,41 @@ def canonical(name: str) -> str:
     return name
 
 
-def validate(cfg: BailingConfig, reader: CheckpointReader, mtp: bool = True) -> list[Rule]:
+def fp8_rule(reader: CheckpointReader, rule: Rule, fmt) -> bool:
+    """Whether the checkpoint holds `rule`'s tensors in FP8 (then with their scales; lingjax.quant).
+    An FP8 checkpoint's quantization config says how; which tensors are FP8 is what it holds (its
+    `ignore` list leaves some in bf16)."""
+    if fmt is None:
+        return False
+    fp8 = [reader.meta[reader.canonical.get(n, n)][0] == FLOAT8 for n in rule.hf if reader.canonical.get(n, n) in reader.meta]
+    return bool(fp8) and all(fp8)
+
+
+def scale_name(name: str, fmt) -> str:
+    return name[: -len("weight")] + fmt.scale_suffix
+
+
+def _scale_shape(shape, fmt) -> tuple:
+    out, inn = shape
+    if fmt.strategy == "tensor":
+        return (1,)
+    if fmt.strategy == "channel":
+        return (out, 1)
+    return (-(-out // 128), -(-inn // 128))
+
+
+def validate(cfg: BailingConfig, reader: CheckpointReader, mtp: bool = True, fmt=None) -> list[Rule]:
     """Check every tensor name, shape and dtype against the config before anything is loaded.
-    Returns the rules to apply. Raises WeightError naming the first problem found."""
+    Returns the rules to apply. Raises WeightError naming the first problem found. fmt: the FP8
+    format of the checkpoint (lingjax.quant.Format; None: no FP8 tensors allowed)."""
+    from lingjax import quant
     present = {c: n for c, n in reader.canonical.items() if not is_skipped(n)}
     rules = rules_for(cfg, mtp=mtp)
     expected = {}
     for rule in rules:
         for name, shape in zip(rule.hf, rule.hf_shapes):
             expected[name] = shape
+    fp8_names = set()
     for name, shape in expected.items():
         if name not in present:
             raise WeightError(f"missing tensor {name} (expected shape {list(shape)}) in {reader.path}")
@@ -321,6 +349,31 @@ def validate(cfg: BailingConfig, reader: CheckpointReader, mtp: bool = True) -> 
             raise WeightError(f"tensor {name} has shape {list(got)}, expected {list(shape)} from config.json")
         if dtype not in HF_DTYPES:
             raise WeightError(f"tensor {name} has dtype {dtype}; supported: {', '.join(HF_DTYPES)}")
+        if dtype == FLOAT8:
+            if fmt is None:
+                raise WeightError(f"tensor {name} is float8_e4m3fn but config.json has no FP8 quantization_config")
+            fp8_names.add(name)
+    for rule in rules:
+        fp8 = [n in fp8_names for n in rule.hf]
+        if not any(fp8):
+            continue
+        if not all(fp8):
+            raise WeightError(f"tensor {rule.hf[fp8.index(False)]} is not FP8 but {rule.hf[fp8.index(True)]} "
+                              f"(the same stacked param) is")
+        if not quant.quantizable(rule):
+            raise WeightError(f"tensor {rule.hf[0]} is FP8; lingjax keeps it unquantized (only the attention and "
+                              f"MLP / expert projections may be FP8)")
+        for name, shape in zip(rule.hf, rule.hf_shapes):
+            sn, want = scale_name(name, fmt), _scale_shape(shape, fmt)
+            if sn not in present:
+                raise WeightError(f"tensor {name} is float8_e4m3fn but its scale {sn} is missing in {reader.path}")
+            sdt, sshape = reader.meta[present[sn]]
+            if sdt not in ("F32", "BF16", "F16"):
+                raise WeightError(f"scale {sn} has dtype {sdt}; expected F32, BF16 or F16")
+            if tuple(sshape) != want and not (fmt.strategy == "tensor" and tuple(sshape) in ((), (1, 1))):
+                raise WeightError(f"scale {sn} has shape {list(sshape)}, expected {list(want)} for {fmt.strategy} "
+                                  f"FP8 ({fmt.method})")
+            expected[sn] = tuple(sshape)
     for name in present:
         if name not in expected and not (not mtp and is_mtp_name(cfg, name)):
             raise WeightError(f"unexpected tensor {name} in {reader.path} (not described by config.json)")
@@ -496,7 +549,7 @@ def get_param(model: nnx.Module, path: Path):
     obj = model
     for key in path:
         obj = obj[key] if isinstance(key, int) else getattr(obj, key)
-    return obj[...]
+    return obj.get_value()          # an array, or an FP8Weight
 
 
 def abstract_model(cfg: BailingConfig, dtype, mtp: bool = True):
@@ -508,28 +561,62 @@ def load_hf(path: str, dtype=jnp.bfloat16, *, mtp: bool = True, place: Callable 
             progress: bool = False, **config_overrides):
     """Load an HF checkpoint directory -> (cfg, model). `place(path, array)` may put each param on
     its devices (sharded loading); by default params go to the default device one at a time."""
+    from lingjax import quant
     from lingjax.config import BailingConfig as _C
     cfg = _C.from_json(path, **config_overrides)
+    try:
+        fmt = quant.read_format(path)
+    except quant.QuantError as e:
+        raise WeightError(str(e)) from None
     reader = CheckpointReader(path)
-    rules = validate(cfg, reader, mtp=mtp)
+    rules = validate(cfg, reader, mtp=mtp, fmt=fmt)
     model = abstract_model(cfg, dtype, mtp=mtp)
     it = rules
     if progress:
         from tqdm import tqdm
         it = tqdm(rules, desc="loading", unit="tensor")
     for rule in it:
-        values = [np.asarray(v, np.float32 if rule.float32 else jnp.dtype(dtype))
-                  for v in rule.to_params(read_rule(reader, rule))]
-        check_finite(reader, rule, values)
+        if fp8_rule(reader, rule, fmt):
+            values = read_fp8_rule(reader, rule, fmt)
+        else:
+            values = [np.asarray(v, np.float32 if rule.float32 else jnp.dtype(dtype))
+                      for v in rule.to_params(read_rule(reader, rule))]
+            check_finite(reader, rule, values)
         for ppath, value in zip(rule.params, values):
-            set_param(model, ppath, place(ppath, value) if place else jnp.asarray(value))
+            set_param(model, ppath, place(ppath, value) if place else to_device(value))
     return cfg, model
 
 
+def to_device(value):
+    """A host param (numpy array or FP8Weight of numpy arrays) on the default device."""
+    return jax.tree.map(jnp.asarray, value)
+
+
+def read_fp8_rule(reader: CheckpointReader, rule: Rule, fmt) -> list:
+    """The params of an FP8 rule as FP8Weights of numpy arrays (q float8_e4m3fn, scale float32);
+    WeightError when a scale is not finite and positive."""
+    from lingjax import quant
+    qs = read_rule(reader, rule)
+    scales = []
+    for n in rule.hf:
+        sn = scale_name(n, fmt)
+        s = np.asarray(reader.get(reader.canonical.get(sn, sn)), np.float32)
+        if not (np.isfinite(s).all() and (s > 0).all()):
+            raise WeightError(f"scale {sn} in {reader.path} holds values that are not finite and positive")
+        scales.append(s)
+    try:
+        return quant.from_hf(rule.kind, qs, scales, fmt, n_parts=len(rule.params))
+    except quant.QuantError as e:
+        raise WeightError(f"tensor {rule.hf[0]}: {e}") from None
+
+
 def hf_tensors(cfg: BailingConfig, model: nnx.Module, hf_dtype=None, mtp: bool = True) -> Iterator[tuple[str, np.ndarray]]:
-    """The model's params as HF tensors, one rule at a time (export)."""
+    """The model's params as HF tensors, one rule at a time (export); FP8 params dequantized to float32
+    (`lingjax export` writes FP8 checkpoints)."""
+    from lingjax import quant
     for rule in rules_for(cfg, mtp=mtp and len(getattr(model, "mtp", [])) > 0):
-        values = [np.asarray(jax.device_get(get_param(model, p))) for p in rule.params]
+        values = [np.asarray(jax.device_get(quant.dequantize(v) if quant.is_fp8(v) else v))
+                  for v in (get_param(model, p) for p in rule.params)]
         for name, t in zip(rule.hf, rule.to_hf(values)):
             if hf_dtype is not None and not rule.float32:
                 t = t.astype(hf_dtype)

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lingjax import quant
 from lingjax.model.parallel import tp_index, tp_psum
 
 F32 = jnp.float32
@@ -13,7 +14,8 @@ def init_normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
 
 
 class Dense(nnx.Module):
-    """y = x @ kernel (+ bias). kernel is [in, out] (the transpose of PyTorch's weight)."""
+    """y = x @ kernel (+ bias). kernel is [in, out] (the transpose of PyTorch's weight), a plain array or
+    an FP8 weight (lingjax.quant.FP8Weight, set by the FP8 loaders)."""
 
     def __init__(self, d_in, d_out, *, use_bias=False, dtype=jnp.bfloat16, rngs: nnx.Rngs):
         self.kernel = nnx.Param(init_normal(rngs, (d_in, d_out), dtype))
@@ -23,7 +25,7 @@ class Dense(nnx.Module):
         """partial=True marks a row-parallel projection: under tensor parallelism x holds this device's
         slice of the input features, the result is its partial sum and the bias is added on tp rank 0
         only, so that one psum over tp gives the full output (tp = 1: the plain projection)."""
-        y = jnp.dot(x, self.kernel[...].astype(x.dtype))
+        y = quant.matmul(x, self.kernel.get_value())       # a plain array or an FP8Weight
         if self.bias is not None:
             b = self.bias[...].astype(x.dtype)
             if partial and not isinstance(tp_index(), int):

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lingjax.config import BailingConfig
+from lingjax import quant
 from lingjax.kernels import mla as mla_kernels
 from lingjax.model import rope
 from lingjax.model.common import Dense, RMSNorm
@@ -63,7 +64,9 @@ class MLA(nnx.Module):
 
     def _kv_b(self):
         c = self.cfg
-        w = self.kv_b_proj.kernel[...]
+        # An FP8 kv_b_proj is dequantized whole, then split (exact, whatever its block layout; the
+        # absorbed form multiplies W_UK / W_UV into q and the context, so no activation scaling here).
+        w = quant.dequantize(self.kv_b_proj.kernel.get_value(), self.kv_a_layernorm.weight.get_value().dtype)
         w = w.reshape(c.kv_lora_rank, -1, c.qk_nope_head_dim + c.v_head_dim)
         return w[..., : c.qk_nope_head_dim], w[..., c.qk_nope_head_dim:]        # W_UK, W_UV [r, H, 128]
 

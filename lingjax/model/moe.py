@@ -57,8 +57,8 @@ class MoE(nnx.Module):
         computed in full on every device)."""
         n_local = self.w_gate.shape[0]
         off = 0 if n_local == self.cfg.num_experts else tp_index() * n_local
-        return moe_kernels.experts(x2, idx - off, w, self.w_gate[...], self.w_up[...], self.w_down[...],
-                                   impl=self.kernels)
+        return moe_kernels.experts(x2, idx - off, w, self.w_gate.get_value(), self.w_up.get_value(),
+                                   self.w_down.get_value(), impl=self.kernels)     # arrays or FP8Weights
 
     def __call__(self, x):
         shape = x.shape

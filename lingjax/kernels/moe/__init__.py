@@ -23,6 +23,7 @@ import importlib
 import jax
 import jax.numpy as jnp
 
+from lingjax import quant
 from lingjax.kernels.moe.layout import Layout, make_layout, num_blocks  # noqa: F401
 
 F32 = jnp.float32
@@ -67,7 +68,8 @@ def combine(y, layout: Layout, weights):
 def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None):
     """Routed experts: x [T, d]; idx [T, k] int32 expert ids local to this device (ids outside
     [0, E) are dropped: another device's experts); weights [T, k] float32 combine weights;
-    w_gate/w_up [E, d, I], w_down [E, I, d] as stored (cast to x.dtype only if they differ)
+    w_gate/w_up [E, d, I], w_down [E, I, d] as stored (cast to x.dtype only if they differ), or FP8
+    weights (lingjax.quant.FP8Weight) of those shapes
     -> [T, d] in x.dtype."""
     impl = resolve(impl)
     T, d = x.shape
@@ -77,11 +79,19 @@ def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None):
     if d2 != d or w_up.shape != w_gate.shape or w_down.shape != (E, I, d):
         raise ValueError(f'experts: weight shapes w_gate {w_gate.shape}, w_up {w_up.shape}, w_down '
                          f'{w_down.shape} do not fit [E, d={d}, I] / [E, I, d]')
+    fp8 = quant.is_fp8(w_gate)
+    if fp8 != quant.is_fp8(w_up) or fp8 != quant.is_fp8(w_down):
+        raise ValueError('experts: w_gate, w_up and w_down must be all FP8 or all plain arrays')
+    act = w_gate.act if fp8 else 'none'
+    if fp8:
+        # FP8 experts (lingjax.quant): dynamic activation scaling per the format, dequantized weights.
+        # HOOK: the grouped matmul's FP8 variant (fp8 weights, float32 accumulation) replaces this.
+        w_gate, w_up, w_down = (quant.dequantize(w, x.dtype) for w in (w_gate, w_up, w_down))
     w_gate, w_up, w_down = (w if w.dtype == x.dtype else w.astype(x.dtype) for w in (w_gate, w_up, w_down))
     mod = _module(impl)
     kw = {'interpret': True} if impl == 'tpu_interpret' else {}
     block_m = mod.pick_block_m(T * idx.shape[1], E)
     layout = make_layout(idx.astype(jnp.int32), E, block_m)
-    h = mod.gate_up(x, layout, w_gate, w_up, **kw)
-    y = mod.down(h, layout, w_down, **kw)
+    h = mod.gate_up(quant.quantize_activation(x, act), layout, w_gate, w_up, **kw)
+    y = mod.down(quant.quantize_activation(h, act), layout, w_down, **kw)
     return combine(y, layout, weights).astype(x.dtype)
