@@ -35,7 +35,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 
 import jax
 import jax.numpy as jnp
