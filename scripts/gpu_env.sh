@@ -3,6 +3,13 @@
 # the MoE peer comparison) into /tmp/site and puts it and the repository on PYTHONPATH. tokamax imports
 # xprof's kernel-stats tool at import time (only its benchmarking helpers use it): a stub stands in.
 #   . scripts/gpu_env.sh
+# .whl/ is git-ignored; fill it here (on the CPU machine) before the device call, with `carry: [".whl"]`:
+#   .venv/bin/pip download --no-deps -d .whl jax-triton==0.3.1 fla-core==0.6.0 flash-linear-attention==0.6.0
+#   .venv/bin/pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl tokamax==0.0.17 einshape qwix \
+#     immutabledict pydantic==2.14.4 pydantic-core annotated-types typing-inspection typing_extensions==4.16.0
+#   (for lingjax serve / bench_serve also: fastapi uvicorn starlette httpx httpcore h11 anyio sniffio
+#    prometheus_client, whichever the image lacks: KINDS.md lists what it has)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "gpu_env: installing .whl/ failed" >&2; return 1; }
 mkdir -p /tmp/site/xprof/cli
