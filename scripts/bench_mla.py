@@ -30,30 +30,13 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import sys
-import time
+
+from bench_moe import loop_time  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 log = logging.getLogger("bench_mla")
 R, ROPE, NOPE = 512, 64, 128
 SWEEP = [(32, 0, 4, 2), (64, 0, 4, 2), (64, 0, 8, 2), (64, 0, 4, 3), (32, 0, 4, 4), (64, 1, 4, 2)]   # 0: picked
-
-
-def loop_time(fn, args, iters, reps):
-    """Seconds per call of fn(x, *rest) -> like x, chained `iters` times in one jitted fori_loop."""
-    import jax
-
-    def loop(x, *rest):
-        return jax.lax.fori_loop(0, iters, lambda i, x: (x + 1e-3 * fn(x, *rest)).astype(x.dtype), x)
-
-    run = jax.jit(loop)
-    jax.block_until_ready(run(*args))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(run(*args))
-        ts.append((time.perf_counter() - t) / iters)
-    return statistics.median(ts)
 
 
 def copy_bandwidth(smoke):

@@ -1,4 +1,5 @@
-"""Import jax-triton without its side effect on the process.
+"""What the jax-triton wrappers of the kernels share: importing jax-triton without its side effect on
+the process, and the tl.dot precision of a kernel's inputs.
 
 `import jax_triton` (0.3.1) sets os.environ["TRITON_CACHE_DIR"] = "" for the whole process, which
 turns Triton's file cache off; every other Triton user in the process (PyTorch's Triton kernels,
@@ -20,3 +21,14 @@ def jax_triton():
     else:
         os.environ[key] = before
     return jt
+
+
+def dot_precision(dtype, f32_dot: str) -> str:
+    """The PRECISION constexpr of the Triton kernels: "" for 16-bit inputs (tensor-core products), or
+    the tl.dot input_precision for float32 inputs: 'tf32x3' (float32-accurate), 'ieee' or 'tf32'."""
+    import jax.numpy as jnp
+    if dtype == jnp.float32:
+        if f32_dot not in ("tf32x3", "ieee", "tf32"):
+            raise ValueError(f"f32_dot must be 'tf32x3', 'ieee' or 'tf32', got {f32_dot!r}")
+        return f32_dot
+    return ""

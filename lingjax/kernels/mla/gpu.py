@@ -13,6 +13,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from lingjax.kernels.jax_triton_lib import dot_precision
 
 F32 = jnp.float32
 
@@ -49,14 +50,6 @@ def combine_splits(o, lse):
     return jnp.where(total[..., None] > 0, out / jnp.where(total > 0, total, 1.0)[..., None], 0.0)
 
 
-def _precision(dtype, f32_dot: str) -> str:
-    if dtype == jnp.float32:
-        if f32_dot not in ("tf32x3", "ieee", "tf32"):
-            raise ValueError(f"f32_dot must be 'tf32x3', 'ieee' or 'tf32', got {f32_dot!r}")
-        return f32_dot
-    return ""
-
-
 def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Config | None = None,
            f32_dot: str = "tf32x3"):
     """As reference.decode: [B, H, r] float32. `scale` must be a Python number (a kernel constant)."""
@@ -79,5 +72,5 @@ def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Con
         out_shape=(jax.ShapeDtypeStruct((B, S, H, R), F32), jax.ShapeDtypeStruct((B, S, H), F32)),
         grid=(B, -(-H // c.block_h), S), num_warps=c.num_warps, num_stages=c.num_stages, name="mla_decode",
         SCALE=float(scale), H=H, R=R, ROPE=ROPE, PAGE_SIZE=page_size, MAX_PAGES=max_pages, NUM_SPLITS=S, BLOCK_H=c.block_h,
-        BLOCK_N=c.block_n, PRECISION=_precision(pages.dtype, f32_dot))
+        BLOCK_N=c.block_n, PRECISION=dot_precision(pages.dtype, f32_dot))
     return combine_splits(o, lse)

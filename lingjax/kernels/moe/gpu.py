@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
+from lingjax.kernels.jax_triton_lib import dot_precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,14 +60,6 @@ def _fit(c: Config, K: int, N: int) -> Config:
     return dataclasses.replace(c, block_n=bn, block_k=bk)
 
 
-def _precision(dtype, f32_dot: str) -> str:
-    if dtype == jnp.float32:
-        if f32_dot not in ("tf32x3", "ieee", "tf32"):
-            raise ValueError(f"f32_dot must be 'tf32x3', 'ieee' or 'tf32', got {f32_dot!r}")
-        return f32_dot
-    return ""
-
-
 def gate_up(x, layout, w_gate, w_up, *, config: Config | None = None, f32_dot: str = "tf32x3"):
     """h [P, I] = silu(x[row_token] @ Wg[e]) * (x[row_token] @ Wu[e]), float32 accumulation, x.dtype."""
     from lingjax.kernels.jax_triton_lib import jax_triton
@@ -82,7 +74,7 @@ def gate_up(x, layout, w_gate, w_up, *, config: Config | None = None, f32_dot: s
         kernel=gate_up_kernel, out_shape=jax.ShapeDtypeStruct((nb * bm, I), x.dtype),
         grid=(nb * (I // c.block_n),), num_warps=c.num_warps, num_stages=c.num_stages, name="moe_gate_up",
         N_TOKENS=T, K=d, N=I, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-        GROUP_M=c.group_m, PRECISION=_precision(x.dtype, f32_dot))
+        GROUP_M=c.group_m, PRECISION=dot_precision(x.dtype, f32_dot))
 
 
 def down(h, layout, w_down, *, config: Config | None = None, f32_dot: str = "tf32x3"):
@@ -99,4 +91,4 @@ def down(h, layout, w_down, *, config: Config | None = None, f32_dot: str = "tf3
         kernel=down_kernel, out_shape=jax.ShapeDtypeStruct((P, d), h.dtype),
         grid=(nb * (d // c.block_n),), num_warps=c.num_warps, num_stages=c.num_stages, name="moe_down",
         K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-        GROUP_M=c.group_m, PRECISION=_precision(h.dtype, f32_dot))
+        GROUP_M=c.group_m, PRECISION=dot_precision(h.dtype, f32_dot))
