@@ -292,7 +292,8 @@ def _step_fn(params, caches, batch, take, prev, rows, temperature, top_k, top_p,
     of `prev` (the previous step's sampled tokens [R], still on the device) it is, or -1 to use
     batch.tokens. mode (static):
     (full logits [T, V] for score requests, sample one token per row, top-20 logprobs, every sampled row
-    greedy: the argmax alone, without `sample`'s sort and filters; the same tokens) ->
+    greedy: the argmax alone, without `sample`'s sort and filters, the same tokens; the engine sets it
+    on decode-only steps only) ->
     (logits | None, tokens [R], logprobs [R] | None, top ids [R, 20] | None, top logprobs | None, caches)."""
     from lingjax import sharding
     want_logits, want_sample, want_top, greedy = mode
