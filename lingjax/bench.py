@@ -29,7 +29,7 @@ def bench_generate(model, batches, *, prompt_len, new_tokens, prefill_chunk, rep
     for B in batches:
         prompts = [rng.integers(3, model.cfg.vocab_size, prompt_len).tolist() for _ in range(B)]
         full = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, seed=seed, ignore_eos=True)
-        first = SamplingParams(max_new_tokens=1, ignore_eos=True)
+        first = SamplingParams(max_new_tokens=1, temperature=temperature, seed=seed, ignore_eos=True)
         eng = Engine(model, max_batch=B, prefill_chunk=prefill_chunk, max_len=prompt_len + new_tokens + 1, mesh=mesh,
                      kernels=kernels, overlap=overlap)
         t0 = time.perf_counter()
