@@ -104,12 +104,13 @@ def dequantize(w, dtype=F32):
     return (w.q.astype(F32) * s).astype(dtype)
 
 
-def quantize_activation(x, act: str, group: int = BLOCK):
-    """Dynamic activation quantization, quantize-dequantize: per token (act "token") or per token and
-    group of `group` features (act "group"): s = max|x| / 448, x -> float8_e4m3fn(x / s) * s, in
-    float32, cast back to x.dtype. act "none": x unchanged."""
-    if act == "none":
-        return x
+def quantize_activation_fp8(x, act: str, group: int = BLOCK):
+    """The FP8 parts of dynamic activation quantization (what an FP8 dot consumes): x [..., d] ->
+    (q float8_e4m3fn [..., d], s float32 [..., G]) with x ~ q * s, s = max|x| / 448 (1 for an all-zero
+    group) per token (act "token": G = 1) or per token and group of `group` features (act "group":
+    G = ceil(d / group); one group when d <= group), computed in float32."""
+    if act not in ("token", "group"):
+        raise ValueError(f"quantize_activation_fp8: act must be 'token' or 'group', got {act!r}")
     xf = x.astype(F32)
     d = x.shape[-1]
     if act == "group" and group and d > group:
@@ -119,8 +120,22 @@ def quantize_activation(x, act: str, group: int = BLOCK):
         xg = xf[..., None, :]
     s = jnp.max(jnp.abs(xg), axis=-1, keepdims=True) / FP8_MAX
     s = jnp.where(s > 0, s, 1.0)
-    y = (jnp.clip(xg / s, -FP8_MAX, FP8_MAX).astype(FP8).astype(F32) * s).reshape(xf.shape[:-1] + (-1,))[..., :d]
-    return y.astype(x.dtype)
+    q = jnp.clip(xg / s, -FP8_MAX, FP8_MAX).astype(FP8)
+    return q.reshape(xf.shape[:-1] + (-1,))[..., :d], s[..., 0]
+
+
+def quantize_activation(x, act: str, group: int = BLOCK):
+    """Dynamic activation quantization, quantize-dequantize: per token (act "token") or per token and
+    group of `group` features (act "group"): s = max|x| / 448, x -> float8_e4m3fn(x / s) * s, in
+    float32, cast back to x.dtype (quantize_activation_fp8's parts multiplied back). act "none": x
+    unchanged."""
+    if act == "none":
+        return x
+    q, s = quantize_activation_fp8(x, act, group)
+    d, G = x.shape[-1], s.shape[-1]
+    size = group if G > 1 else d
+    qg = jnp.pad(q.astype(F32), [(0, 0)] * (x.ndim - 1) + [(0, G * size - d)]).reshape(s.shape + (size,))
+    return (qg * s[..., None]).reshape(x.shape[:-1] + (-1,))[..., :d].astype(x.dtype)
 
 
 def matmul(x, w):
