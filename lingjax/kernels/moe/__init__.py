@@ -88,7 +88,8 @@ def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None):
     if fp8 and impl == 'gpu':
         from lingjax.kernels.moe import gpu_fp8       # FP8 grouped matmul (fp8 products, f32 accumulation)
         if gpu_fp8.supports(x, w_gate, w_up, w_down):
-            return gpu_fp8.experts(x, idx, weights, w_gate, w_up, w_down)
+            layout = make_layout(idx.astype(jnp.int32), E, gpu_fp8.pick_block_m(T * idx.shape[1], E))
+            return combine(gpu_fp8.grouped(x, layout, w_gate, w_up, w_down), layout, weights).astype(x.dtype)
     if fp8:
         # FP8 experts (lingjax.quant): dynamic activation scaling per the format, dequantized weights.
         # (impl 'gpu' runs the FP8 grouped matmul above, gpu_fp8.py, where it takes the weights)

@@ -1,8 +1,9 @@
 """MoE experts with FP8 weights on Hopper GPUs: the Triton kernels of triton_fp8.py through jax-triton.
 
-    y = experts(x, idx, weights, w_gate, w_up, w_down)     FP8Weight experts [E, d, I] / [E, I, d]
+    y = grouped(x, layout, w_gate, w_up, w_down)     FP8Weight experts [E, d, I] / [E, I, d] -> [P, d]
 
-The same steps as lingjax.kernels.moe.experts (make_layout, gate_up with SiLU fused, down, combine),
+lingjax.kernels.moe.experts runs it between make_layout (rows per block: pick_block_m) and combine.
+The same steps as the bf16 path (gate_up with SiLU fused, then down),
 with the activations quantized as the weights' format says (quant.quantize_activation_fp8: per token
 or per token and 128-group; x before gate_up, h before down, exactly where the reference path
 quantizes) and fp8 x fp8 products on the tensor cores with float32 accumulation. `supports` says
@@ -127,16 +128,12 @@ def down(hq, hs, layout, w_down, out_dtype, *, config: Config | None = None):
         K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, **sa)
 
 
-def experts(x, idx, weights, w_gate, w_up, w_down, *, gate_up_config: Config | None = None,
+def grouped(x, layout, w_gate, w_up, w_down, *, gate_up_config: Config | None = None,
             down_config: Config | None = None):
-    """Routed experts with FP8 weights (arguments as lingjax.kernels.moe.experts) -> [T, d] in x.dtype."""
-    from lingjax.kernels.moe import combine, make_layout
-    T, d = x.shape
-    E = w_gate.q.shape[0]
+    """The two FP8 grouped matmuls over a layout (make_layout with pick_block_m's rows per block):
+    x [T, d] -> y [P, d] in x.dtype, the activations quantized per the weights' format before each."""
     act = w_gate.act
-    layout = make_layout(idx.astype(jnp.int32), E, pick_block_m(T * idx.shape[1], E))
     xq, xs = quant.quantize_activation_fp8(x, act, GROUP)
     h = gate_up(xq, xs, layout, w_gate, w_up, x.dtype, config=gate_up_config)
     hq, hs = quant.quantize_activation_fp8(h, act, GROUP)
-    y = down(hq, hs, layout, w_down, x.dtype, config=down_config)
-    return combine(y, layout, weights).astype(x.dtype)
+    return down(hq, hs, layout, w_down, x.dtype, config=down_config)
