@@ -170,6 +170,26 @@ def _quantize(w: np.ndarray, bo: int, bi: int) -> tuple[np.ndarray, np.ndarray]:
     return q, s
 
 
+def quantize_param(w, block: tuple = (BLOCK, BLOCK), act: str = "group") -> FP8Weight:
+    """jnp, on device: a plain weight in the param layout [..., in, out] -> FP8Weight with one float32
+    scale per block (rows, cols) of the last two axes (0: the whole axis), by the HF quantizers' rule
+    (scale = amax(block) / 448, 1 for an all-zero block; q = round-to-nearest(w / scale)), so that
+    quantize_param(w_hf.T) == from_hf(quantize_block(w_hf)) (for models made in memory, e.g. the
+    benchmarks' random weights). act: the activation scheme the weight is used with (ACTS)."""
+    if act not in ACTS:
+        raise ValueError(f"quantize_param: act must be one of {ACTS}, got {act!r}")
+    n_in, n_out = w.shape[-2:]
+    bi, bo = block[0] or n_in, block[1] or n_out
+    ni, no = _cdiv(n_in, bi), _cdiv(n_out, bo)
+    lead = w.shape[:-2]
+    a = jnp.pad(jnp.abs(w.astype(F32)), [(0, 0)] * len(lead) + [(0, ni * bi - n_in), (0, no * bo - n_out)])
+    amax = a.reshape(lead + (ni, bi, no, bo)).max(axis=(-3, -1))
+    s = jnp.where(amax > 0, amax / FP8_MAX, 1.0).astype(F32)
+    full = jnp.repeat(jnp.repeat(s, bi, axis=-2)[..., :n_in, :], bo, axis=-1)[..., :n_out]
+    q = jnp.clip(w.astype(F32) / full, -FP8_MAX, FP8_MAX).astype(FP8)
+    return FP8Weight(q, s, tuple(block), act)
+
+
 def quantize_block(w: np.ndarray, block: int = BLOCK):
     """HF weight [out, in] -> (q, weight_scale_inv [ceil(out/block), ceil(in/block)]) (block FP8)."""
     return _quantize(w, block, block)
