@@ -17,6 +17,12 @@ same FP8 weights (impl='reference': quant.matmul / the dequantizing expert path)
 it should be bf16 rounding (the reference rounds the dequantized activations to bf16: < 2e-2); `err bf16`
 is against the bf16 method with the unquantized weights (the FP8 quantization error: ~3-6%).
 
+--model-check: the shipped tiny model (checkpoints/ling-tiny) converted to each FP8 format, its logits on
+200 tokens with its FP8 layers' (Dense, MoE) kernels 'gpu' (the FP8 kernels) against 'reference' (the
+reference math; the attention kernels as they are), on
+the same device, in float32 and bfloat16 (relative Frobenius error and the share of positions whose top-1
+token agrees; float32 should agree to ~1e-5 unless a near-tie routing flips, bf16 to ~1e-2).
+
 Timing: `--iters` calls chained in one jitted fori_loop (each call's input depends on the max of the last
 output, so nothing is hoisted; the max is part of every method's time), device time per call = loop time
 / iters, median of `--reps`. Columns: us; TB/s over the weight bytes (FP8: values + scales) plus
@@ -159,6 +165,45 @@ def moe_rows(T, methods, impl, iters, reps, d=D, inter=I, n_exp=E, k=K_TOP):
     return rows
 
 
+def model_check(smoke=False):
+    """[(scheme, dtype, rel err, top-1 agreement)] of the FP8 tiny model, kernels 'gpu' vs 'reference'."""
+    import tempfile
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from lingjax.checkpoint import load_model
+    from lingjax.convert import convert
+    from lingjax.model.common import Dense
+    from lingjax.model.moe import MoE
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "ling-tiny")
+    impl = "gpu" if jax.default_backend() == "gpu" else "reference"
+    rng = np.random.default_rng(0)
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for scheme in ("fp8-block", "fp8-channel"):
+            d = os.path.join(tmp, scheme)
+            convert(src, d, quantize=scheme)
+            for dtype in (jnp.float32, jnp.bfloat16):
+                cfg, model = load_model(d, dtype)
+                tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (2, 16 if smoke else 100)), jnp.int32)
+                logits = {}
+                for k in (impl, "reference"):
+                    for _, m in nnx.iter_modules(model):          # the FP8 layers only (attention as it is)
+                        if isinstance(m, (Dense, MoE)):
+                            m.kernels = k
+                    logits[k] = np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens), np.float64)
+                a, b = logits[impl], logits["reference"]
+                row = dict(kind="model", scheme=scheme, dtype=jnp.dtype(dtype).name,
+                           err=float(np.linalg.norm(a - b) / np.linalg.norm(b)),
+                           top1=float(np.mean(a.argmax(-1) == b.argmax(-1))))
+                log.info("model check %s %s: rel err %.2e, top-1 agreement %.4f", scheme, row["dtype"], row["err"],
+                         row["top1"])
+                out.append(row)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", default="1,16,64,4096", help="comma list of token counts T")
@@ -168,6 +213,8 @@ def main(argv=None):
     p.add_argument("--no-moe", action="store_true", help="skip the MoE rows")
     p.add_argument("--iters", type=int, default=20, help="calls per timed loop (default 20)")
     p.add_argument("--reps", type=int, default=3, help="timed loops; the median is reported (default 3)")
+    p.add_argument("--model-check", action="store_true",
+                   help="also check the FP8 tiny model's logits with the GPU kernels against the reference math")
     p.add_argument("--smoke", action="store_true", help="CPU smoke test: small shapes, reference impl")
     p.add_argument("--out", help="JSON output (default $OUT/bench_fp8.json when $OUT is set)")
     args = p.parse_args(argv)
@@ -191,6 +238,9 @@ def main(argv=None):
             with open(out, "w") as f:
                 json.dump(report, f, indent=1)
 
+    if args.model_check:
+        report["model_check"] = model_check(args.smoke)
+        save()
     for name in names:
         K, N = DENSE[name]
         if args.smoke:
@@ -212,6 +262,9 @@ def main(argv=None):
     print("| op | T | method | us | TB/s | TFLOP/s | x bf16 | err ref | err bf16 |\n|---|---|---|---|---|---|---|---|---|")
     for r in report["rows"]:
         print(_line(r, table=True))
+    for r in report.get("model_check", []):
+        print(f"ling-tiny {r['scheme']} {r['dtype']}: kernels {impl} vs reference: rel err {r['err']:.2e}, "
+              f"top-1 agreement {r['top1']:.4f}")
     return 0
 
 
