@@ -236,6 +236,8 @@ def main(argv=None):
         try:
             t_copy, t_rate = torch_ceilings()
             copy_bw, mm_rate = max(copy_bw, t_copy), max(mm_rate, t_rate)
+            import torch
+            torch.cuda.empty_cache()              # give PyTorch's cached blocks (8 GiB) back for the model
         except Exception as e:                          # noqa: BLE001
             log.info("PyTorch ceilings not measured: %s", e)
     if args.quantize != "none" and args.tp != 1:

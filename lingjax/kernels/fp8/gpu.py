@@ -41,21 +41,22 @@ def _cdiv(a, b):
 
 
 def pick_config(M: int, N: int, K: int) -> Config:
-    """Static tile choice. Decode-sized M (<= 64): the weight is streamed once, so the programs must
-    cover the SMs: 16..64-row tiles, the widest column tile giving >= 2 programs per SM, else 32-wide
-    tiles and split-K up to 2 programs per SM (k-blocks of 128 shared out). Large M: 128 x 128 tiles,
-    8 warps, 3 stages (fp8 tiles are half the bytes of bf16: 3 x 32 KiB of operands)."""
+    """Static tile choice (not yet tuned on a device: scripts/bench_fp8.py measures it). Decode-sized M
+    (<= 64): the weight is streamed once, so the programs must cover the SMs: 16..64-row tiles,
+    128-wide column tiles for wide outputs (16 tiles or more; else 64-wide), and split-K (shares of the
+    128-deep k-blocks, float32 partials summed after) up to 2 programs per SM, the partials kept under
+    a quarter of the weight's bytes (split <= K / (16 M)). Larger M: 64 x 128 tiles up to 256 rows, then
+    128 x 128 tiles with 8 warps and 3 stages (fp8 operand tiles are half the bytes of bf16 ones)."""
     if M <= 64:
         bm = 16 if M <= 16 else (32 if M <= 32 else 64)
         nm = _cdiv(M, bm)
-        for bn in (128, 64):
-            if nm * _cdiv(N, bn) >= 2 * NUM_SMS:
-                return Config(bm, bn)
-        bn = 32
+        bn = 128 if _cdiv(N, 128) >= 16 else 64
         tiles = nm * _cdiv(N, bn)
         nkb = _cdiv(K, 128)
-        split = max(1, min(nkb, (2 * NUM_SMS) // max(tiles, 1)))
-        split = _cdiv(nkb, _cdiv(nkb, split))          # no empty splits
+        split = 1
+        if tiles < 2 * NUM_SMS:
+            split = max(1, min(nkb, _cdiv(2 * NUM_SMS, tiles), K // (16 * M)))
+            split = _cdiv(nkb, _cdiv(nkb, split))          # no empty splits
         return Config(bm, bn, split_k=split)
     if M <= 256:
         return Config(64, 128, num_warps=4, num_stages=4)
