@@ -65,6 +65,66 @@ def random_model(cfg, mesh, dtype, **model_kw):
     return nnx.merge(graphdef, state)
 
 
+QUANTIZED_LEAVES = ("kernel", "w_gate", "w_up", "w_down")
+
+
+def is_quantized_param(path) -> bool:
+    """The params an FP8 checkpoint holds in FP8 (quant.quantizable's choice, by param path): the
+    attention and MLP / expert projections of the decoder layers; not the router, norms, embeddings,
+    lm_head."""
+    names = [str(p) for p in path]
+    return names[0] == "layers" and names[-1] in QUANTIZED_LEAVES and ("attention" in names or "mlp" in names)
+
+
+def random_fp8_model(cfg, dtype, scheme, **model_kw):
+    """A BailingModel on the default device with random weights, its projections and experts in FP8
+    (quant.SCHEMES[scheme]: fp8-block or fp8-channel), each made and quantized on device one parameter
+    at a time (quant.quantize_param), so that only one bf16 parameter exists at a time: full
+    Ling-2.6-flash is 208 GB in bf16 (more than one H200) and about 106 GB in FP8. The other params
+    are the model's own initialisation (one jitted call; the quantized ones are dropped from its
+    outputs, so XLA does not make them)."""
+    import functools
+
+    import jax
+    from flax import nnx
+    from lingjax import quant
+    from lingjax.model import BailingModel
+    from lingjax.weights import set_param
+    fmt = quant.SCHEMES[scheme]
+    block, act = quant.param_block(fmt), fmt.act
+
+    def make():
+        return BailingModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), mtp=False, **model_kw)
+    model = nnx.eval_shape(make)
+    flat = list(nnx.to_flat_state(nnx.state(model)))
+
+    def rest():
+        state = nnx.split(make())[1]
+        return {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state) if not is_quantized_param(p)}
+    plain = jax.jit(rest)()
+
+    @functools.partial(jax.jit, static_argnums=(1,))
+    def make_fp8(key, shape):
+        return quant.quantize_param(0.02 * jax.random.normal(key, shape, dtype), block, act)
+    key = jax.random.key(1)
+    for i, (path, var) in enumerate(flat):
+        name = "/".join(map(str, path))
+        if is_quantized_param(path):
+            value = make_fp8(jax.random.fold_in(key, i), tuple(var.get_value().shape))
+            jax.block_until_ready(value)
+        else:
+            value = plain.pop(name)
+        set_param(model, tuple(path), value)
+    return model
+
+
+def weight_bytes(model) -> int:
+    """Bytes of a model's parameters (FP8 weights: values + scales)."""
+    import jax
+    from flax import nnx
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(nnx.state(model)))
+
+
 def param_counts(cfg):
     """(total params, active params per token excluding the embedding lookup, params per token of the
     lm_head) of a config, from its layer kinds (MTP excluded)."""

@@ -12,7 +12,9 @@ Steps (the same for every implementation; only the two grouped matmuls differ):
 
 Implementations (impl=):
   reference      pure jnp (reference.py): the CPU path, differentiable, the oracle of the kernels
-  gpu            Triton grouped matmul through jax-triton (gpu.py; imports jax_triton: GPU only)
+  gpu            Triton grouped matmul through jax-triton (gpu.py; imports jax_triton: GPU only); FP8
+                 weights (quant.FP8Weight): the FP8 variant (gpu_fp8.py + triton_fp8.py: fp8 x fp8
+                 products, float32 accumulation) where it takes them, else dequantized as below
   tpu            Pallas Mosaic TPU grouped matmul (tpu.py)
   tpu_interpret  tpu.py's kernels in Pallas TPU interpret mode (on the CPU; for tests)
 impl=None picks by jax.default_backend(): gpu -> 'gpu', tpu -> 'tpu', anything else -> 'reference'.
@@ -83,9 +85,14 @@ def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None):
     if fp8 != quant.is_fp8(w_up) or fp8 != quant.is_fp8(w_down):
         raise ValueError('experts: w_gate, w_up and w_down must be all FP8 or all plain arrays')
     act = w_gate.act if fp8 else 'none'
+    if fp8 and impl == 'gpu':
+        from lingjax.kernels.moe import gpu_fp8       # FP8 grouped matmul (fp8 products, f32 accumulation)
+        if gpu_fp8.supports(x, w_gate, w_up, w_down):
+            layout = make_layout(idx.astype(jnp.int32), E, gpu_fp8.pick_block_m(T * idx.shape[1], E))
+            return combine(gpu_fp8.grouped(x, layout, w_gate, w_up, w_down), layout, weights).astype(x.dtype)
     if fp8:
         # FP8 experts (lingjax.quant): dynamic activation scaling per the format, dequantized weights.
-        # HOOK: the grouped matmul's FP8 variant (fp8 weights, float32 accumulation) replaces this.
+        # (impl 'gpu' runs the FP8 grouped matmul above, gpu_fp8.py, where it takes the weights)
         w_gate, w_up, w_down = (quant.dequantize(w, x.dtype) for w in (w_gate, w_up, w_down))
     w_gate, w_up, w_down = (w if w.dtype == x.dtype else w.astype(x.dtype) for w in (w_gate, w_up, w_down))
     mod = _module(impl)
