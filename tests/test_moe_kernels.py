@@ -98,9 +98,10 @@ INTERPRET_CASES = {(1, "uniform", jnp.float32), (48, "dropped", jnp.float32), (1
 # ------------------------------------------------------------------------------------------ layout
 @pytest.mark.parametrize("T,k,E,d,I,kind", CASES)
 @pytest.mark.parametrize("block_m", [1, 8, 16])
-def test_layout_invariants(T, k, E, d, I, kind, block_m):
+@pytest.mark.parametrize("method", ["sort", "compare"])
+def test_layout_invariants(T, k, E, d, I, kind, block_m, method):
     idx = routing(kind, T, k, E, np.random.default_rng(T))
-    L = jax.tree.map(np.asarray, jax.jit(make_layout, static_argnums=(1, 2))(jnp.asarray(idx), E, block_m))
+    L = jax.tree.map(np.asarray, jax.jit(make_layout, static_argnums=(1, 2, 3))(jnp.asarray(idx), E, block_m, method))
     nb = num_blocks(T * k, E, block_m)
     P = nb * block_m
     assert L.block_m == block_m and L.row_token.shape == (P,) and L.block_expert.shape == (nb,)
@@ -129,6 +130,20 @@ def test_layout_invariants(T, k, E, d, I, kind, block_m):
         assert (np.diff(L.pair_row.reshape(-1)[flat]) > 0).all()
 
 
+@pytest.mark.parametrize("T,k,E,bm", [(1, 8, 256, 16), (16, 8, 256, 16), (7, 3, 5, 4), (64, 8, 32, 32)])
+def test_layout_methods_build_the_same_layout(T, k, E, bm):
+    """'compare' (decode sizes) and 'sort' give identical arrays, for uniform routings with dropped
+    pairs and repeated experts at the flash model's E 256, k 8 (T 1, 16) and small shapes."""
+    rng = np.random.default_rng(T + E)
+    idx = rng.integers(-2, E + 2, (T, k)).astype(np.int32)
+    f = jax.jit(make_layout, static_argnums=(1, 2, 3))
+    a, b = (jax.tree.map(np.asarray, f(jnp.asarray(idx), E, bm, m)) for m in ("sort", "compare"))
+    for name in ("row_token", "block_expert", "pair_row", "num_used_blocks"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert a.block_m == b.block_m == bm
+    assert make_layout(jnp.asarray(idx), E, bm).row_token.shape == a.row_token.shape   # method=None
+
+
 def test_layout_and_dispatch_errors():
     with pytest.raises(ValueError, match="unknown MoE kernel implementation 'bogus'"):
         moe.experts(jnp.zeros((2, 4)), jnp.zeros((2, 1), jnp.int32), jnp.zeros((2, 1)), jnp.zeros((3, 4, 2)),
@@ -140,6 +155,8 @@ def test_layout_and_dispatch_errors():
                     jnp.zeros((3, 4, 2)), jnp.zeros((3, 4, 2)))
     with pytest.raises(ValueError, match="idx must be"):
         make_layout(jnp.zeros((4,), jnp.int32), 3, 8)
+    with pytest.raises(ValueError, match="unknown method 'bogus'"):
+        make_layout(jnp.zeros((4, 2), jnp.int32), 3, 8, "bogus")
     assert moe.resolve(None) == "reference"     # CPU backend
 
 
