@@ -141,7 +141,8 @@ def test_layout_methods_build_the_same_layout(T, k, E, bm):
     for name in ("row_token", "block_expert", "pair_row", "num_used_blocks"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
     assert a.block_m == b.block_m == bm
-    assert make_layout(jnp.asarray(idx), E, bm).row_token.shape == a.row_token.shape   # method=None
+    from lingjax.kernels.moe import gpu          # importable on the CPU (jax_triton only inside the kernels)
+    assert gpu.pick_layout_method(T * k) == "compare" and gpu.pick_layout_method(4096 * 8) == "sort"
 
 
 def test_layout_and_dispatch_errors():
@@ -177,6 +178,15 @@ def test_experts_match_float64_oracle(T, k, E, d, I, kind, dtype, impl):
     assert rel(got, want) <= tol
     if kind == "dropped":
         assert float(jnp.abs(got[0].astype(jnp.float32)).max()) == 0.0     # every pair of token 0 dropped
+
+
+@pytest.mark.parametrize("T,k,E,d,I,kind", [CASES[0], CASES[3], CASES[6]])
+def test_experts_with_compare_layout_match_float64_oracle(T, k, E, d, I, kind):
+    """The whole path with the comparison-built layout (what the GPU path runs at decode sizes)."""
+    idx, w, x, wg, wu, wd = problem(T, k, E, d, I, kind, seed=T * 7 + k, dtype=jnp.float32)
+    f = jax.jit(lambda *a: moe.experts(*a, impl="reference", layout_method="compare"))
+    got = f(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), jnp.asarray(wg), jnp.asarray(wu), jnp.asarray(wd))
+    assert rel(got, oracle(x, idx, w, wg, wu, wd)) <= 1e-5
 
 
 def test_experts_are_deterministic_with_bf16_activations_and_f32_weights():

@@ -5,8 +5,8 @@ pairs sorted by expert (layout.py), for every token count.
 
 Steps (the same for every implementation; only the two grouped matmuls differ):
   block_m = mod.pick_block_m(T * k, E)                  static, the implementation's choice
+  method  = mod.pick_layout_method(T * k)               'sort' or 'compare' (layout.py), same result
   layout  = make_layout(idx, E, block_m, method)        pairs grouped by expert, groups padded to blocks
-                                                        (by comparisons at decode sizes, by a sort above)
   h = mod.gate_up(x, layout, w_gate, w_up)   [P, I]     silu(x Wg[e]) * (x Wu[e]), f32 accumulation
   y = mod.down(h, layout, w_down)            [P, d]     h Wd[e], f32 accumulation
   out = combine(y, layout, weights)          [T, d]     sum_j weights[t, j] * y[pair_row[t, j]] in f32
@@ -71,7 +71,7 @@ def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None, layout_method=N
     [0, E) are dropped: another device's experts); weights [T, k] float32 combine weights;
     w_gate/w_up [E, d, I], w_down [E, I, d] as stored (cast to x.dtype only if they differ), or FP8
     weights (lingjax.quant.FP8Weight) of those shapes; layout_method: make_layout's method ('sort' or
-    'compare'; None: by the number of pairs)
+    'compare'; None: the implementation's pick_layout_method)
     -> [T, d] in x.dtype."""
     impl = resolve(impl)
     T, d = x.shape
@@ -93,7 +93,7 @@ def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None, layout_method=N
     mod = _module(impl)
     kw = {'interpret': True} if impl == 'tpu_interpret' else {}
     block_m = mod.pick_block_m(T * idx.shape[1], E)
-    lay = make_layout(idx.astype(jnp.int32), E, block_m, layout_method)
+    lay = make_layout(idx.astype(jnp.int32), E, block_m, layout_method or mod.pick_layout_method(idx.size))
     h = mod.gate_up(quant.quantize_activation(x, act), lay, w_gate, w_up, **kw)
     y = mod.down(quant.quantize_activation(h, act), lay, w_down, **kw)
     return combine(y, lay, weights).astype(x.dtype)

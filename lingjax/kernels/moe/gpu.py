@@ -1,8 +1,8 @@
 """MoE grouped matmul on Hopper GPUs: the Triton kernels of triton_kernels.py called through jax-triton.
 
-Same interface as reference.py (see lingjax/kernels/moe/__init__.py): `pick_block_m`, `gate_up`,
-`down` over the expert-sorted row layout (layout.py). Each kernel reads every touched expert's weight
-panel once per block of rows and none of the untouched experts, straight from the stored [E, d, I] /
+Same interface as reference.py (see lingjax/kernels/moe/__init__.py): `pick_block_m`,
+`pick_layout_method`, `gate_up`, `down` over the expert-sorted row layout (layout.py). Each kernel
+reads every touched expert's weight panel once per block of rows and none of the untouched experts, straight from the stored [E, d, I] /
 [E, I, d] layout (no transposes, no weight copies). Tile shapes are picked per block size by
 `pick_config` (measured on H200: scripts/bench_moe.py); `config=` overrides them for sweeps.
 jax_triton is imported inside the functions: it cannot be imported on a CPU-only JAX.
@@ -13,6 +13,7 @@ import dataclasses
 
 import jax
 from lingjax.kernels.jax_triton_lib import dot_precision
+from lingjax.kernels.moe.layout import COMPARE_MAX_PAIRS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,13 @@ def _schedule(c: Config, nb: int, num_n: int):
         return (nb * num_n,), False, 1
     programs = max(1, min(c.persistent * num_sms(), nb * num_n))
     return (programs,), True, programs
+
+
+def pick_layout_method(n_pairs: int) -> str:
+    """'compare' (layout.py: comparisons and reductions, a few fused kernels) up to
+    COMPARE_MAX_PAIRS pairs, where a sort and its scatters are a fixed cost larger than the work;
+    'sort' above (the comparisons grow as n_pairs^2)."""
+    return "compare" if n_pairs <= COMPARE_MAX_PAIRS else "sort"
 
 
 def pick_block_m(n_pairs: int, n_experts: int) -> int:

@@ -28,7 +28,9 @@ Two constructions of the same Layout (equal arrays for every routing; tests/test
   each row and the expert of each block are each one comparison of two index vectors reduced along
   one axis ([n, E], [n, n], [E, E], [P, n], [NB, E] booleans), elementwise work XLA fuses into a few
   kernels. Work O(n (n + E + P)): the choice at decode sizes (n <= COMPARE_MAX_PAIRS).
-`make_layout(..., method=None)` picks 'compare' for n <= COMPARE_MAX_PAIRS pairs, 'sort' above.
+Each implementation picks one by the number of pairs (its `pick_layout_method`): the GPU path
+'compare' up to COMPARE_MAX_PAIRS pairs (fewer kernel launches), the others 'sort' (on the CPU the
+comparisons are no faster).
 """
 import dataclasses
 
@@ -36,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 METHODS = ('sort', 'compare')
-COMPARE_MAX_PAIRS = 2048    # T * k up to which method=None builds the layout by comparisons (T <= 256 at k 8)
+COMPARE_MAX_PAIRS = 2048    # T * k up to which the GPU path builds the layout by comparisons (T <= 256 at k 8)
 
 
 @jax.tree_util.register_dataclass
@@ -62,16 +64,13 @@ def num_blocks(n_pairs: int, num_experts: int, block_m: int) -> int:
     return max(1, -(-(n_pairs + min(num_experts, n_pairs) * (block_m - 1)) // block_m))
 
 
-def make_layout(idx, num_experts: int, block_m: int, method: str | None = None) -> Layout:
+def make_layout(idx, num_experts: int, block_m: int, method: str = 'sort') -> Layout:
     """idx [T, k] int (expert ids local to this device; others are dropped) -> Layout.
-    method: 'sort' or 'compare' (the same Layout; see the module docstring); None: 'compare' for
-    T * k <= COMPARE_MAX_PAIRS, else 'sort'."""
+    method: 'sort' or 'compare' (the same Layout; see the module docstring)."""
     if idx.ndim != 2:
         raise ValueError(f'make_layout: idx must be [T, k], got shape {idx.shape}')
     if block_m < 1 or num_experts < 1:
         raise ValueError(f'make_layout: block_m={block_m} and num_experts={num_experts} must be >= 1')
-    if method is None:
-        method = 'compare' if idx.size <= COMPARE_MAX_PAIRS else 'sort'
     if method not in METHODS:
         raise ValueError(f'make_layout: unknown method {method!r}; expected one of {METHODS}')
     return (_layout_compare if method == 'compare' else _layout_sort)(idx, num_experts, block_m)
