@@ -1,7 +1,7 @@
 """The engine end to end at real shapes, as a user runs it: decode and prefill, one table.
 
 Model: a preset of scripts/shapes.py (default flash8: Ling-2.6-flash layer shapes, 8 layers, vocab cut to
-32768) with random weights generated on device in their shards, on a mesh of --tp devices.
+32768) with random weights generated on device in their shards (--fill), on a mesh of --tp devices.
 
 Decode rows (batch B at context C): every request holds C tokens and decodes one more.
   step ms     device time of one decode step: the engine's step (model step + greedy sampling),
@@ -196,6 +196,9 @@ def main(argv=None):
                    help="comma list of the model's matmul precisions to run in turn on the same weights "
                         "(default, high, highest; e.g. 'default,highest' for issue 21's float32 before/after); "
                         "default: the model's own (highest for float32, default for bfloat16)")
+    p.add_argument("--fill", choices=("hash", "init"), default="hash",
+                   help="random weights: hash (a cheap pseudo-random fill of every matrix, ~N(0, 0.02); "
+                        "default) or init (the model's own threefry initialisation: slow at real scale)")
     p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny sizes, 2 steps")
     p.add_argument("--out", help="JSON output (default $OUT/bench_e2e.json when $OUT is set)")
     args = p.parse_args(argv)
@@ -218,7 +221,7 @@ def main(argv=None):
         except Exception as e:                          # noqa: BLE001
             log.info("PyTorch ceilings not measured: %s", e)
     t0 = time.perf_counter()
-    model = random_model(cfg, mesh, dtype)
+    model = random_model(cfg, mesh, dtype, fill=args.fill)
     jax.block_until_ready(jax.tree.leaves(model))
     t_init = time.perf_counter() - t0
     total, active, head = param_counts(cfg)
@@ -227,7 +230,7 @@ def main(argv=None):
     kinds = "".join("L" if k == "linear" else "M" for k in cfg.layer_kinds)
     report = dict(device=devs[0].device_kind, tp=args.tp, preset=args.preset, layers=cfg.num_hidden_layers, kinds=kinds,
                   vocab=cfg.vocab_size, dtype=args.dtype, moe=args.moe, matmul_precisions=args.matmul_precision or model.matmul_precision,
-                  copy_bw=copy_bw, matmul_rate=mm_rate, params=total, init_s=t_init,
+                  copy_bw=copy_bw, matmul_rate=mm_rate, params=total, init_s=t_init, fill=args.fill,
                   bytes_in_use=[m.get("bytes_in_use") for m in mem], bytes_limit=[m.get("bytes_limit") for m in mem],
                   decode=[], prefill=[])
     log.info("%s x%d: %s %d layers %s vocab %d %s, moe=%s, %.1fB params, init %.0f s; copy %.2f TB/s, matmul %.0f TFLOP/s",
