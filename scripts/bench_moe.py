@@ -6,8 +6,15 @@ token 8 distinct experts) with float32 combine weights. Every method computes th
 out[t] = sum_j w[t,j] * (silu(x_t Wg[e]) * (x_t Wu[e])) Wd[e] (the shared expert is not included).
 
 Methods (rows):
-  lingjax       lingjax.kernels.moe.experts(impl='gpu'): layout + Triton gate_up/down + combine
-  lingjax-mm    the two Triton grouped matmuls alone (layout precomputed)
+  lingjax       lingjax.kernels.moe.experts(impl='gpu'): layout + Triton gate_up/down + combine, the
+                routing ids carried through the timed loop (the layout is computed every call)
+  lingjax-sort  the same with the sort-built layout (make_layout method 'sort': what T <= 256 ran
+                before the comparison-built one); only where gpu.pick_layout_method picks 'compare'
+  layout-compare / layout-sort
+                the layout alone (plus a checksum of its arrays)
+  lingjax-mm    the two Triton grouped matmuls alone (layout precomputed), default tiles
+  mm bm.. ..    --sweep: the grouped matmuls with each configuration of SWEEP_SMALL / SWEEP_LARGE
+                (block_m, gate_up tiles / down tiles, 'p': persistent); the best per T is printed
   old-gather / old-sorted / old-dense
                 the three forms of lingjax/model/moe.py before the grouped matmul (the issue's
                 baseline: 'dense' was what every T >= 32 ran at these shapes)
@@ -15,13 +22,16 @@ Methods (rows):
   tokamax       tokamax.ragged_dot (Pallas Mosaic GPU), if it imports (carried wheels)
   torch-gmm     torch._grouped_mm on the same buffers (dlpack), CUDA-graph-free, timed with CUDA events
 
-Timing: JAX methods run `--iters` times inside one jitted fori_loop (each iteration's input depends
-on the last output, so nothing is hoisted), device time per iteration = loop time / iters (median of
---reps); torch with triton.testing.do_bench (median). Ceilings measured in the same run: copy
-bandwidth (read + write of a 4 GiB bf16 array) and the dense bf16 matmul rate (8192^3).
+Timing: JAX methods run `--iters` times chained in one jitted function (each call's input depends on
+the last output, so nothing is hoisted; unrolled unless --unroll 0), device time per call = total /
+iters (median of --reps); torch with CUDA events (median). Ceilings measured in the same run: copy
+bandwidth (read + write of a 4 GiB bf16 array) and the dense bf16 matmul rate (8192^3), JAX's and
+PyTorch's, the larger kept.
 Columns: us; TFLOP/s over the useful flops 2 * T * k * 3 * d * I and its share of the matmul rate;
 TB/s over the unique bytes (each touched expert's weights once + x + out) and its share of copy
-bandwidth; rel err of the first tokens against a float64 numpy oracle (lingjax rows; bf16: ~1e-2).
+bandwidth; rel err of the first tokens against a float64 numpy oracle (lingjax and grouped-matmul
+rows, the latter combined; bf16: ~3e-3); ops: top-level instructions of the compiled layer (about
+one kernel launch each).
 
     PYTHONPATH=. python3 scripts/bench_moe.py [--shapes flash,1t] [--tokens 1,16,...] [--out $OUT/bench_moe.json]
     XLA_FLAGS=--xla_force_host_platform_device_count=1 JAX_PLATFORMS=cpu PYTHONPATH=. \\
@@ -53,7 +63,7 @@ SWEEP_SMALL = [  # blocks of <= 32 rows (decode: weight streaming)
     (None, (32, 128, 1, 4, 4), (64, 128, 1, 4, 4)),      # twice the programs (T = 1: 8 blocks only)
     (None, (16, 256, 1, 4, 3), (32, 256, 1, 4, 3)),
     (None, (32, 64, 1, 4, 6), (64, 64, 1, 4, 6)),
-    (None, (64, 256, 1, 8, 3), (128, 128, 1, 8, 3)),     # deeper k steps, 8 warps
+    (None, (64, 128, 1, 8, 4), (128, 128, 1, 8, 3)),     # 8 warps, deeper down k steps
 ]
 SWEEP_LARGE = [  # blocks of >= 64 rows
     (None, (64, 64, 8, 4, 3), (128, 64, 8, 4, 3)),
@@ -172,15 +182,17 @@ def hlo_ops(fn, args):
     return dict(ops), sum(ops.values())
 
 
-def loop_time(fn, args, iters, reps):
+def loop_time(fn, args, iters, reps, unroll=False):
     """Device time per call: `iters` calls chained in one jitted fori_loop (x_{i+1} depends on out_i).
-    Every array is an argument of the jitted loop (closed-over arrays would become constants)."""
+    Every array is an argument of the jitted loop (closed-over arrays would become constants).
+    unroll: the calls inlined one after the other (no while loop, whose per-iteration condition can
+    cost the GPU a round trip to the host: a fixed cost that matters next to a 50 us decode layer)."""
     import jax
 
     def loop(x, *rest):
         def body(i, x):
             return (x + 1e-3 * fn(x, *rest)).astype(x.dtype)
-        return jax.lax.fori_loop(0, iters, body, x)
+        return jax.lax.fori_loop(0, iters, body, x, unroll=True if unroll else 1)
 
     run = jax.jit(loop)
     jax.block_until_ready(run(*args))                            # compile + warm
@@ -293,6 +305,8 @@ def main(argv=None):
                    help="comma list of methods (old = the three old forms)")
     p.add_argument("--iters", type=int, default=10, help="calls per timed loop (default 10)")
     p.add_argument("--reps", type=int, default=3, help="timed loops; the median is reported (default 3)")
+    p.add_argument("--unroll", type=int, default=1, help="1 (default): the timed calls unrolled in one jitted "
+                   "function; 0: a rolled fori_loop (as runs 1-2 of scripts/bench_notes_moe.md)")
     p.add_argument("--max-old-tflop", type=float, default=40.0,
                    help="skip an old form whose flops (TFLOP) would exceed this per call (dense at large T)")
     p.add_argument("--oracle-tokens", type=int, default=4, help="tokens checked against float64 numpy (default 4)")
@@ -400,7 +414,7 @@ def main(argv=None):
                     elif name in checks:
                         out = jax.jit(checks[name])(*args_)
                         row["rel_err"] = oracle_rel(out, *args_, args.oracle_tokens if d < 8192 else 2)
-                    t = loop_time(fn, args_, args.iters if flops < 1e13 else 3, args.reps)
+                    t = loop_time(fn, args_, args.iters if flops < 1e13 else 3, args.reps, unroll=args.unroll)
                 except Exception as e:                      # noqa: BLE001 (OOM, unsupported: recorded)
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
                     rows.append(row)
