@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issue 13's MoE speed checks in ONE device call on nvidia-h200 (about 4-5 minutes): the MoE layer
+# Issue 13's MoE speed checks in ONE device call on nvidia-h200 (about 5 minutes; each part writes its JSON as it goes): the MoE layer
 # (bench_moe.py, flash shapes) at T = 1, 16, 64, 256, 4096, 16384, whole layer (new comparison-built
 # layout and the old sort-built one where they differ), the layout alone, the grouped matmuls alone,
-# torch._grouped_mm, and the tile sweep (block_m, 128-wide tiles, stages, group order, persistent
-# schedule) at T = 4096 and 16384, every lingjax / matmul row checked against a float64 oracle on the
+# torch._grouped_mm, and the tile sweeps: decode tiles at T = 1 (run 2 swept 16 and 64), block_m,
+# 128-wide tiles, stages, group order and the persistent schedule at T = 4096 and 16384, every lingjax / matmul row checked against a float64 oracle on the
 # device; then bench_e2e.py on the flash8 cut: decode batch 1, 16, 64 at context 1024 (MBU) and a
 # 4096-token prefill (MFU). Results and logs in $OUT. From the repository root, with .whl/ carried
 # (scripts/gpu_env.sh says how to fill it):
@@ -13,7 +13,7 @@ set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 timeout 300 python3 scripts/bench_moe.py --shapes flash --tokens 1,16,64,256,4096,16384 \
-  --methods lingjax,layout,lingjax-mm,torch-gmm --sweep 4096,16384 --out "$OUT/bench_moe.json" 2>&1 \
+  --methods lingjax,layout,lingjax-mm,torch-gmm --sweep 1,4096,16384 --out "$OUT/bench_moe.json" 2>&1 \
   | grep -v "^Unable to initialize backend" | tee "$OUT/bench_moe.log"
 PYTHONPATH=$PYTHONPATH:scripts timeout 240 python3 scripts/bench_e2e.py --preset flash8 \
   --decode 1x1024,16x1024,64x1024 --prefill 1x4096 --steps 10 --e2e-max-tokens 1024 \
