@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Issue 13's MoE speed checks in ONE device call on nvidia-h200 (about 5 minutes; each part writes its JSON as it goes): the MoE layer
-# (bench_moe.py, flash shapes) at T = 1, 16, 64, 256, 4096, 16384, whole layer (new comparison-built
-# layout and the old sort-built one where they differ), the layout alone, the grouped matmuls alone,
-# torch._grouped_mm, and the tile sweeps: decode tiles at T = 1 (run 2 swept 16 and 64), block_m,
-# 128-wide tiles, stages, group order and the persistent schedule at T = 4096 and 16384, every lingjax / matmul row checked against a float64 oracle on the
-# device; then bench_e2e.py on the flash8 cut: decode batch 1, 16, 64 at context 1024 (MBU) and a
-# 4096-token prefill (MFU). Results and logs in $OUT. From the repository root, with .whl/ carried
-# (scripts/gpu_env.sh says how to fill it):
+# Issue 13's MoE speed checks in ONE device call on nvidia-h200 (about 5 minutes; each part writes
+# its JSON as it goes):
+# 1. bench_moe.py at the flash shapes, T = 1, 16, 64, 256, 4096, 16384: the whole layer (new
+#    comparison-built layout, and the old sort-built one where they differ), the layout alone, the
+#    grouped matmuls alone, torch._grouped_mm; tile sweeps: decode tiles at T = 1 (run 2 swept 16
+#    and 64); block_m, 128-wide tiles, stages, group order and the persistent schedule at T = 4096
+#    and 16384. Every lingjax / grouped-matmul row is checked against a float64 oracle on the device.
+# 2. bench_e2e.py on the flash8 cut: decode batch 1, 16, 64 at context 1024 (MBU) and a 4096-token
+#    prefill (MFU).
+# Results and logs in $OUT. From the repository root, with .whl/ carried (scripts/gpu_env.sh says
+# how to fill it):
 #   bash scripts/bench_moe_device.sh
 set -u
 . scripts/gpu_env.sh || exit 1
