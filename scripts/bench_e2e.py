@@ -1,7 +1,7 @@
 """The engine end to end at real shapes, as a user runs it: decode and prefill, one table.
 
 Model: a preset of scripts/shapes.py (default flash8: Ling-2.6-flash layer shapes, 8 layers, vocab cut to
-32768) with random weights generated on device in their shards, on a mesh of --tp devices.
+32768) with random weights generated on device in their shards (--fill), on a mesh of --tp devices.
 
 Decode rows (batch B at context C): every request holds C tokens and decodes one more.
   step ms     device time of one decode step: the engine's step (model step + greedy sampling),
@@ -217,6 +217,9 @@ def main(argv=None):
                         "at a time (shapes.random_fp8_model; 128x128 blocks with per-token-group activations, or "
                         "per-channel with per-token activations); the model's kernels run them (GPU: the FP8 "
                         "Triton kernels). --tp 1 only")
+    p.add_argument("--fill", choices=("hash", "init"), default="hash",
+                   help="random weights: hash (a cheap pseudo-random fill of every matrix, ~N(0, 0.02); "
+                        "default) or init (the model's own threefry initialisation: slow at real scale)")
     p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny sizes, 2 steps")
     p.add_argument("--out", help="JSON output (default $OUT/bench_e2e.json when $OUT is set)")
     args = p.parse_args(argv)
@@ -243,7 +246,8 @@ def main(argv=None):
     if args.quantize != "none" and args.tp != 1:
         p.error("--quantize runs at --tp 1 only")
     t0 = time.perf_counter()
-    model = random_model(cfg, mesh, dtype) if args.quantize == "none" else random_fp8_model(cfg, dtype, args.quantize)
+    model = (random_model(cfg, mesh, dtype, fill=args.fill) if args.quantize == "none"
+             else random_fp8_model(cfg, dtype, args.quantize))
     jax.block_until_ready(jax.tree.leaves(model))
     t_init = time.perf_counter() - t0
     total, active, head = param_counts(cfg)
@@ -253,7 +257,7 @@ def main(argv=None):
     report = dict(device=devs[0].device_kind, tp=args.tp, preset=args.preset, layers=cfg.num_hidden_layers, kinds=kinds,
                   vocab=cfg.vocab_size, dtype=args.dtype, moe=args.moe, quantize=args.quantize,
                   weight_bytes=weight_bytes(model) / args.tp, cache_bytes=cache_bytes(cfg, model.dtype), matmul_precisions=args.matmul_precision or model.matmul_precision,
-                  copy_bw=copy_bw, matmul_rate=mm_rate, params=total, init_s=t_init,
+                  copy_bw=copy_bw, matmul_rate=mm_rate, params=total, init_s=t_init, fill=args.fill,
                   bytes_in_use=[m.get("bytes_in_use") for m in mem], bytes_limit=[m.get("bytes_limit") for m in mem],
                   decode=[], prefill=[])
     log.info("%s x%d: %s %d layers %s vocab %d %s, moe=%s, quantize=%s, %.1fB params (%.1f GiB), init %.0f s; "

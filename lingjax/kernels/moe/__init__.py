@@ -5,7 +5,8 @@ pairs sorted by expert (layout.py), for every token count.
 
 Steps (the same for every implementation; only the two grouped matmuls differ):
   block_m = mod.pick_block_m(T * k, E)                  static, the implementation's choice
-  layout  = make_layout(idx, E, block_m)                sort pairs by expert, pad groups to blocks
+  method  = mod.pick_layout_method(T * k)               'sort' or 'compare' (layout.py), same result
+  layout  = make_layout(idx, E, block_m, method)        pairs grouped by expert, groups padded to blocks
   h = mod.gate_up(x, layout, w_gate, w_up)   [P, I]     silu(x Wg[e]) * (x Wu[e]), f32 accumulation
   y = mod.down(h, layout, w_down)            [P, d]     h Wd[e], f32 accumulation
   out = combine(y, layout, weights)          [T, d]     sum_j weights[t, j] * y[pair_row[t, j]] in f32
@@ -57,21 +58,22 @@ def _module(impl):
 
 def combine(y, layout: Layout, weights):
     """y [P, d]; weights [T, k] f32 -> [T, d] float32: sum over j (in order j = 0..k-1) of
-    weights[t, j] * y[pair_row[t, j]], row P being a zero row (dropped pairs). A gather, not a
-    scatter-add: deterministic."""
-    ye = jnp.concatenate([y, jnp.zeros((1, y.shape[1]), y.dtype)])
+    weights[t, j] * y[pair_row[t, j]], a dropped pair (pair_row P, out of bounds) adding zero. A
+    gather of k rows per token (no copy of y, no scatter-add): deterministic."""
     out = None
     for j in range(layout.pair_row.shape[1]):
-        term = ye[layout.pair_row[:, j]].astype(F32) * weights[:, j, None].astype(F32)
+        rows = jnp.take(y, layout.pair_row[:, j], axis=0, mode='fill', fill_value=0)
+        term = rows.astype(F32) * weights[:, j, None].astype(F32)
         out = term if out is None else out + term
     return out
 
 
-def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None):
+def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None, layout_method=None):
     """Routed experts: x [T, d]; idx [T, k] int32 expert ids local to this device (ids outside
     [0, E) are dropped: another device's experts); weights [T, k] float32 combine weights;
     w_gate/w_up [E, d, I], w_down [E, I, d] as stored (cast to x.dtype only if they differ), or FP8
-    weights (lingjax.quant.FP8Weight) of those shapes
+    weights (lingjax.quant.FP8Weight) of those shapes; layout_method: make_layout's method ('sort' or
+    'compare'; None: the implementation's pick_layout_method)
     -> [T, d] in x.dtype."""
     impl = resolve(impl)
     T, d = x.shape
@@ -98,7 +100,7 @@ def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None):
     mod = _module(impl)
     kw = {'interpret': True} if impl == 'tpu_interpret' else {}
     block_m = mod.pick_block_m(T * idx.shape[1], E)
-    layout = make_layout(idx.astype(jnp.int32), E, block_m)
-    h = mod.gate_up(quant.quantize_activation(x, act), layout, w_gate, w_up, **kw)
-    y = mod.down(quant.quantize_activation(h, act), layout, w_down, **kw)
-    return combine(y, layout, weights).astype(x.dtype)
+    lay = make_layout(idx.astype(jnp.int32), E, block_m, layout_method or mod.pick_layout_method(idx.size))
+    h = mod.gate_up(quant.quantize_activation(x, act), lay, w_gate, w_up, **kw)
+    y = mod.down(quant.quantize_activation(h, act), lay, w_down, **kw)
+    return combine(y, lay, weights).astype(x.dtype)
