@@ -204,10 +204,22 @@ def loop_time(fn, args, iters, reps, unroll=False):
     return statistics.median(ts)
 
 
-def oracle_rel(out, x, idx, w, wg, wu, wd, n_tok):
-    """Relative error of out[:n_tok] against float64 numpy (only the touched experts are copied)."""
+def oracle_rel(out, x, idx, w, wg, wu, wd, n_tok, cache=None):
+    """Relative error of out[:n_tok] against float64 numpy (only the touched experts are copied);
+    cache: a dict holding the oracle's result for these inputs across calls."""
     import numpy as np
     n_tok = min(n_tok, x.shape[0])
+    if cache is None or "want" not in cache:
+        want = _oracle(x, idx, w, wg, wu, wd, n_tok)
+        if cache is not None:
+            cache["want"] = want
+    want = cache["want"] if cache is not None else want
+    got = np.asarray(out[:n_tok], np.float64)
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def _oracle(x, idx, w, wg, wu, wd, n_tok):
+    import numpy as np
     xs = np.asarray(x[:n_tok], np.float64)
     ids, ws = np.asarray(idx[:n_tok]), np.asarray(w[:n_tok], np.float64)
     want = np.zeros((n_tok, x.shape[1]))
@@ -217,8 +229,7 @@ def oracle_rel(out, x, idx, w, wg, wu, wd, n_tok):
             g = xs[t] @ np.asarray(wg[e], np.float64)
             u = xs[t] @ np.asarray(wu[e], np.float64)
             want[t] += ws[t, j] * ((g / (1 + np.exp(-g)) * u) @ np.asarray(wd[e], np.float64))
-    got = np.asarray(out[:n_tok], np.float64)
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    return want
 
 
 def ceilings(smoke):
@@ -402,6 +413,7 @@ def main(argv=None):
                     cands["tokamax"] = lambda *a, _d=tokamax_dot(): ragged(*a, dot=_d)
                 except Exception as e:                      # noqa: BLE001 (a peer that does not import)
                     rows.append(dict(shape=sname, T=T, method="tokamax", error=f"{type(e).__name__}: {e}"[:300]))
+            cache = {}                                  # the float64 oracle of this problem
             for name, fn in cands.items():
                 row = dict(shape=sname, d=d, I=I, T=T, method=name, touched_experts=touched)
                 if name in sweep:
@@ -409,11 +421,11 @@ def main(argv=None):
                 try:
                     if name.startswith("lingjax") and name != "lingjax-mm":
                         out = jax.jit(fn)(*args_)
-                        row["rel_err"] = oracle_rel(out, *args_, args.oracle_tokens if d < 8192 else 2)
+                        row["rel_err"] = oracle_rel(out, *args_, args.oracle_tokens if d < 8192 else 2, cache)
                         row["hlo_ops"], row["n_ops"] = hlo_ops(fn, args_)
                     elif name in checks:
                         out = jax.jit(checks[name])(*args_)
-                        row["rel_err"] = oracle_rel(out, *args_, args.oracle_tokens if d < 8192 else 2)
+                        row["rel_err"] = oracle_rel(out, *args_, args.oracle_tokens if d < 8192 else 2, cache)
                     t = loop_time(fn, args_, args.iters if flops < 1e13 else 3, args.reps, unroll=args.unroll)
                 except Exception as e:                      # noqa: BLE001 (OOM, unsupported: recorded)
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
