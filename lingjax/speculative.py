@@ -454,3 +454,30 @@ class SpecDriver:
                                               reason is not None, reason, r.prompt_len, len(r.tokens) - r.prompt_len))
             off += n + d
         return outs
+
+
+# ------------------------------------------------------------------------------------------ scoring
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _mtp_score_fn(state, tokens, *, graphdef):
+    model = nnx.merge(graphdef, state)
+    with model.precision():
+        return model.mtp_logits(tokens, model.hidden(tokens))
+
+
+def mtp_score(model, sequences, *, bucket: int = 64) -> list[np.ndarray]:
+    """The MTP layer's logits for each token sequence: float32 [len_i, V], row t computed from the main
+    model's final-norm hidden state at t and the embedding of token t+1, causal over positions 0..t; the
+    last row uses token id 0 (SPEC §5.2, App. B; `lingjax score --mtp`). A full forward without a cache,
+    one sequence at a time, right-padded with id 0 to a multiple of `bucket` (causal: padding changes no
+    earlier row, and row len-1 sees id 0 as its next token, as defined)."""
+    if not len(getattr(model, "mtp", ())):
+        raise ValueError("the model has no MTP layer (load it with mtp=True)")
+    graphdef, state = nnx.split(model)
+    out = []
+    for s in sequences:
+        n = len(s)
+        T = -(-n // bucket) * bucket
+        tok = np.zeros((1, T), np.int32)
+        tok[0, :n] = s
+        out.append(np.asarray(_mtp_score_fn(state, jnp.asarray(tok), graphdef=graphdef))[0, :n])
+    return out
