@@ -408,7 +408,7 @@ class Engine:
             if (tp is not None and tp > 1) or mesh is not None:
                 raise EngineError("speculative decoding does not support tensor parallelism yet (tp > 1)")
             if overlap:
-                log.info("speculative decoding: steps are not overlapped (overlap=True ignored)")
+                log.debug("speculative decoding: steps are not overlapped (overlap=True ignored)")
             overlap = False
             max_tokens = max(max_tokens, max_batch * (k_spec + 1))
         self.num_speculative_tokens = k_spec
@@ -424,6 +424,8 @@ class Engine:
             self.t_buckets.append(b)
             b *= 2
         self.t_buckets.append(max_tokens)
+        if k_spec and max_batch * (k_spec + 1) not in self.t_buckets:    # a step of verifies only: no padding
+            self.t_buckets = sorted(self.t_buckets + [max_batch * (k_spec + 1)])
 
         from lingjax import sharding
         if mesh is None and tp is not None and tp > 1:
