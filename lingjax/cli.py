@@ -26,6 +26,7 @@ from typing import Callable
 from lingjax.cli_common import (  # noqa: F401  (the shared pieces, under the names this module always used)
     CHECKPOINTS_DIR, DEFAULT_CHECKPOINT, REPO_ROOT, CLIError, default_model_dir)
 from lingjax.cli_common import add_common as _add_common
+from lingjax.cli_common import add_speculative
 from lingjax.cli_common import build_engine as _engine
 from lingjax.cli_common import first_line as _first_line
 from lingjax.cli_common import float_in as _float_in
@@ -71,6 +72,11 @@ def _score_arguments(p):
     p.add_argument("--out", required=True, metavar="OUT.npz",
                    help="output .npz with logits_0, logits_1, ...: float32 [len_i, vocab], the teacher-forced "
                         "next-token logits of each sequence (row t predicts token t+1); written atomically")
+    p.add_argument("--mtp", action="store_true",
+                   help="also write mtp_logits_i, float32 [len_i, vocab]: the MTP layer's logits, row t from the "
+                        "main model's final-norm hidden state at t and the embedding of token t+1 (token id 0 at "
+                        "the last row), causal over positions 0..t (row t predicts token t+2); needs the "
+                        "checkpoint's MTP layer; not with --tp > 1")
     _add_common(p, model_required=True)
 
 
@@ -106,12 +112,18 @@ def _score_run(args):
     max_len = _max_len(args, cfg)
     # Validate before loading any weights: a bad input file fails in a second, not after the load.
     seqs = check_token_lists(data, vocab_size=cfg.vocab_size, max_len=max_len, what="sequence")
+    if args.mtp and args.tp > 1:
+        raise CLIError("--mtp does not support --tp > 1 yet")
     _, eng = _engine(args, args.model, max_len)
     with _progress_bar(len(seqs), "scoring", enabled=len(seqs) > 1) as bar:
         logits = eng.score(seqs, progress=bar.update)
+    arrays = {f"logits_{i}": l for i, l in enumerate(logits)}
+    if args.mtp:
+        from lingjax.speculative import mtp_score
+        arrays.update({f"mtp_logits_{i}": l for i, l in enumerate(mtp_score(eng.model, seqs))})
     import jax
     if jax.process_index() == 0:                    # multi-host: process 0 writes the file
-        _write_npz_atomic(args.out, {f"logits_{i}": l for i, l in enumerate(logits)})
+        _write_npz_atomic(args.out, arrays)
         log.info("scored %d sequences (%d tokens) in %d steps, %d compilations; wrote %s", len(seqs),
                  sum(map(len, seqs)), eng.steps, eng.compile_count, args.out)
 
@@ -140,6 +152,7 @@ def _generate_arguments(p):
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--jsonl", action="store_true",
                    help="print one JSON object per prompt (prompt, text, token_ids, finish_reason) instead of text")
+    add_speculative(p)
     _add_common(p, model_required=False)
 
 

@@ -195,3 +195,45 @@ def test_bad_settings(model):
         Engine(no_mtp, num_speculative_tokens=1)
     with pytest.raises(EngineError, match="tensor parallelism"):
         Engine(model, num_speculative_tokens=1, tp=2)
+
+
+# ------------------------------------------------------------------------------------------ CLI, metrics
+def test_cli_flags_and_score_mtp(tmp_path, capsys):
+    """`--speculative-tokens` on generate and serve; `score --mtp` writes mtp_logits_i next to logits_i,
+    equal to speculative.mtp_score (whose numerics tests/test_decoder.py checks against float64 numpy)."""
+    import json
+    from lingjax import cli
+    from lingjax.engine import load_model
+    from lingjax.speculative import mtp_score
+    parser = cli.build_parser()
+    assert parser.parse_args(["generate", "--prompt", "x", "--speculative-tokens", "3"]).speculative_tokens == 3
+    assert parser.parse_args(["serve", "--speculative-tokens", "2"]).speculative_tokens == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--speculative-tokens", "-1"])
+    seqs = [[5, 6, 7, 8, 9, 10], [20, 21]]
+    (tmp_path / "t.json").write_text(json.dumps(seqs))
+    out = tmp_path / "o.npz"
+    assert cli.main(["score", "--model", TINY, "--tokens", str(tmp_path / "t.json"), "--out", str(out), "--mtp",
+                     "--dtype", "float32", "--max-len", "64"]) == 0
+    z = np.load(out)
+    assert sorted(z) == ["logits_0", "logits_1", "mtp_logits_0", "mtp_logits_1"]
+    _, m = load_model(TINY, jnp.float32, mtp=True)
+    for i, want in enumerate(mtp_score(m, seqs)):
+        assert z[f"mtp_logits_{i}"].dtype == np.float32 and z[f"mtp_logits_{i}"].shape == (len(seqs[i]), m.cfg.vocab_size)
+        np.testing.assert_allclose(z[f"mtp_logits_{i}"], want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_server_metrics_report_acceptance():
+    from lingjax.server import Metrics
+
+    class Loop:
+        class engine:
+            num_speculative_tokens, num_slots = 2, 4
+
+        @staticmethod
+        def stats():
+            return dict(running=1, waiting=0, free_slots=3, spec_drafts=10, spec_accepted=7, acceptance_rate=0.7,
+                        tokens_per_step=2.4)
+    text = Metrics(Loop).render().decode()
+    assert "lingjax_spec_acceptance_rate 0.7" in text and "lingjax_spec_tokens_per_step 2.4" in text
+    assert "lingjax_spec_draft_tokens 10.0" in text and "lingjax_spec_accepted_tokens 7.0" in text
