@@ -105,7 +105,7 @@ def add_speculative(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding: the checkpoint's MTP layer drafts K tokens per step and the "
                         "main model verifies them in the same step (exact: greedy output is unchanged, "
                         "sampling keeps its distribution); steps are then not overlapped. Needs the MTP "
-                        "weights (num_nextn_predict_layers >= 1); not with --tp > 1 yet; default 0 (off)")
+                        "weights (num_nextn_predict_layers >= 1); default 0 (off)")
 
 
 def default_model_dir() -> Path:
@@ -173,8 +173,6 @@ def build_engine(args, model_dir, max_len):
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     log.info("loading %s (%s, tp=%d)", model_dir, args.dtype, args.tp)
     k_spec = getattr(args, "speculative_tokens", 0) or 0
-    if k_spec and mesh is not None:
-        raise CLIError("--speculative-tokens does not support --tp > 1 yet")
     mtp = bool(k_spec) or bool(getattr(args, "mtp", False))       # the MTP layer: drafts, or score --mtp
     if mtp and read_config(model_dir).num_nextn_predict_layers < 1:
         raise CLIError(f"{model_dir}: the checkpoint has no MTP layer (num_nextn_predict_layers is 0); "

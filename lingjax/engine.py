@@ -405,8 +405,8 @@ class Engine:
             if not len(getattr(model, "mtp", ())):
                 raise EngineError("num_speculative_tokens > 0 needs the model's MTP layer: load it with "
                                   "load_model(..., mtp=True) (the checkpoint must have num_nextn_predict_layers >= 1)")
-            if (tp is not None and tp > 1) or mesh is not None:
-                raise EngineError("speculative decoding does not support tensor parallelism yet (tp > 1)")
+            if jax.process_count() > 1:
+                raise EngineError("speculative decoding does not support multi-host runs yet")
             if overlap:
                 log.debug("speculative decoding: steps are not overlapped (overlap=True ignored)")
             overlap = False

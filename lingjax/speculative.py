@@ -39,7 +39,8 @@ plain engine); fold_in(that key, TAG) with TAG_DRAFT, TAG_ACCEPT, TAG_RESIDUAL t
 acceptance test and the residual sample of that position. Stats: drafts proposed / accepted,
 acceptance rate and tokens per decoding step (Engine.stats()).
 
-Not supported yet: tensor parallelism (Engine raises EngineError for tp > 1 with speculation).
+Tensor parallelism: the whole step runs in one shard_map (sharding.py's specs; the MTP latent cache,
+drafts and draft logits are replicated like the MLA cache), logits all-gathered over the vocabulary.
 """
 from __future__ import annotations
 
@@ -224,11 +225,40 @@ def _spec_step_fn(params, caches, spec, batch, draft_take, next_tok, next_take, 
     emitted tokens); start [R]: first verify row (a prefill's last row); num_drafts [R]; produce [R]
     (the request emits tokens this step). mode (static): (full logits for score requests, want
     top logprobs) -> (logits | None, tokens [R, k+1], n_emit [R], logprobs [R, k+1], top ids, top
-    logprobs | None, caches, spec)."""
+    logprobs | None, caches, spec). Under tensor parallelism the whole step runs inside one shard_map
+    (sharding.py's specs); logits are all-gathered over the vocabulary inside it, so acceptance and
+    drafting run identically on every device."""
+    from lingjax import sharding
     want_logits, want_top = mode
     graph.traces[("spec" + ("+score" if want_logits else "") + ("+top" if want_top else ""),
                   batch.tokens.shape[0], False)] += 1
-    model = nnx.merge(graph.graphdef, jax.tree.unflatten(graph.treedef, params))
+    state = jax.tree.unflatten(graph.treedef, params)
+    host = (draft_take, next_tok, next_take, start, num_drafts, produce, temperature, top_k, top_p, seeds,
+            request_ids, counters)
+    tp = sharding.tp_of(graph.mesh)
+    if tp == 1:
+        return _spec_body(graph.graphdef, False, want_logits, want_top, k, state, caches, spec, batch, host)
+    from jax.sharding import PartitionSpec as P
+    gather = sharding.logits_spec(graph.cfg, tp) != sharding.REPLICATED
+    body = functools.partial(_spec_body, graph.graphdef, gather, want_logits, want_top, k)
+    rep = sharding.REPLICATED
+    out_specs = (rep if want_logits else None, rep, rep, rep, rep if want_top else None, rep if want_top else None,
+                 sharding.cache_specs(), rep)
+    f = jax.shard_map(body, mesh=graph.mesh, in_specs=(sharding.state_specs(state, graph.cfg, tp), sharding.cache_specs(),
+                                                      rep, rep, rep), out_specs=out_specs, check_vma=False)
+    del P
+    return f(state, caches, spec, batch, host)
+
+
+def _spec_body(graphdef, gather, want_logits, want_top, k, state, caches, spec, batch, host):
+    (draft_take, next_tok, next_take, start, num_drafts, produce, temperature, top_k, top_p, seeds, request_ids,
+     counters) = host
+    model = nnx.merge(graphdef, state)
+
+    def logits_of(y):          # full-vocabulary logits (all-gathered under tensor parallelism)
+        lg = model.logits(y)
+        return jax.lax.all_gather(lg, "tp", axis=lg.ndim - 1, tiled=True) if gather else lg
+
     with model.precision():
         R, T = start.shape[0], batch.tokens.shape[0]
         num_slots = spec.drafts.shape[0]
@@ -241,11 +271,11 @@ def _spec_step_fn(params, caches, spec, batch, draft_take, next_tok, next_take, 
         y, caches, saved = main_hidden(model, batch, caches, vrows, vslots)
         lrows = jnp.clip(start[:, None] + jnp.minimum(j1[None, :], num_drafts[:, None]), 0, T - 1)   # [R, k+1]
         if want_logits:
-            logits = model.logits(y)
+            logits = logits_of(y)
             target = logits[lrows]
         else:
             logits = None
-            target = model.logits(y[lrows])
+            target = logits_of(y[lrows])
         drafts = spec.drafts[vslots]
         dlog = spec.draft_logits[vslots]
         toks, n_acc = accept(target, drafts, dlog, num_drafts, temperature, top_k, top_p, seeds, request_ids,
@@ -269,7 +299,7 @@ def _spec_step_fn(params, caches, spec, batch, draft_take, next_tok, next_take, 
                                slots=d_slots, cu_seqlens=jnp.arange(R + 1, dtype=jnp.int32),
                                fresh=jnp.zeros(R, bool), decode_only=True)
                 h, mtp_cache = mtp_forward(model, b1, mtp_cache, h, prev)
-            lg = model.logits(h)
+            lg = logits_of(h)
             prev = draw(lg, temperature, top_k, top_p, seeds, request_ids, new_counters + j, TAG_DRAFT)
             new_d.append(prev)
             new_l.append(lg)
@@ -313,6 +343,9 @@ class SpecDriver:
 
     def _new_state(self, e):
         st = init_spec_state(e.cfg, e.num_slots, e.max_len, self.k, e._cache_dtypes["latent_dtype"])
+        if e.mesh is not None:                       # replicated over the mesh, like the MLA cache
+            from lingjax import sharding
+            return jax.device_put(st, sharding.replicated(e.mesh))
         return jax.device_put(st, e._placement())
 
     def reset(self, e):
