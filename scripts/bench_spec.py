@@ -128,6 +128,9 @@ def main(argv=None):
     p.add_argument("--accept", default="0.6,0.8,0.9", help="acceptance rates for the implied speedup")
     p.add_argument("--steps", type=int, default=10, help="steps per timed run")
     p.add_argument("--reps", type=int, default=3, help="timed runs; the median is reported")
+    p.add_argument("--time-budget", type=float, default=215.0,
+                   help="seconds after which no new measurement starts (rows are written as they finish; B=1 "
+                        "first); default %(default)s, so the run fits 4 minutes with the last compile")
     p.add_argument("--smoke", action="store_true", help="CPU check: 1 step, 1 rep, context 16")
     p.add_argument("--out", help="JSON output (default $OUT/bench_spec.json when $OUT is set)")
     args = p.parse_args(argv)
@@ -148,10 +151,17 @@ def main(argv=None):
                   note="random weights: drafts are (almost) never accepted; costs only, speedups implied", rows=[])
     out = args.out or (os.path.join(os.environ["OUT"], "bench_spec.json") if os.environ.get("OUT") else None)
     accs = [float(a) for a in args.accept.split(",")]
+    skipped = []
     for B in (int(b) for b in args.batches.split(",")):
+        if time.perf_counter() - t0 > args.time_budget:
+            skipped.append(f"B={B}")
+            continue
         base = plain_ms(model, B, args.context, args.steps, args.reps)
         log.info("B=%d plain decode step %.3f ms", B, base)
         for k in (int(x) for x in args.ks.split(",")):
+            if time.perf_counter() - t0 > args.time_budget:
+                skipped.append(f"B={B} k={k}")
+                continue
             v = verify_ms(model, B, args.context, k, args.steps, args.reps)
             ratio = v / base
             speed = {str(a): ((1 - a ** (k + 1)) / (1 - a)) / ratio for a in accs}
@@ -162,6 +172,12 @@ def main(argv=None):
             if out:
                 with open(out, "w") as f:
                     json.dump(report, f, indent=1)
+    if skipped:
+        report["skipped_for_time"] = skipped
+        log.info("time budget %.0f s: skipped %s", args.time_budget, ", ".join(skipped))
+        if out:
+            with open(out, "w") as f:
+                json.dump(report, f, indent=1)
     b1 = [r for r in report["rows"] if r["batch"] == 1 and r["k"] == 1]
     if b1:
         log.info("target B=1 k=1 verify <= 1.15x plain: %.3fx (%s)", b1[0]["cost_ratio"],
