@@ -104,11 +104,15 @@ def _key(seed, index, counter):
 
 def draw(logits, temperature, top_k, top_p, seeds, ids, counters, tag):
     """One draft per row [R] from raw logits [R, V] (greedy rows: argmax), key of (seed, index,
-    counter, tag)."""
-    keys = jax.vmap(lambda s, i, c: jax.random.fold_in(_key(s, i, c), tag))(seeds, ids, counters)
-    x = filtered_logits(logits, temperature, top_k, top_p)
-    drawn = jax.vmap(jax.random.categorical)(keys, x)
-    return jnp.where(temperature > 0, drawn, jnp.argmax(logits, -1)).astype(jnp.int32)
+    counter, tag). A batch without sampling rows skips the filters (lax.cond)."""
+    greedy = jnp.argmax(logits, -1).astype(jnp.int32)
+
+    def sampled():
+        keys = jax.vmap(lambda s, i, c: jax.random.fold_in(_key(s, i, c), tag))(seeds, ids, counters)
+        x = filtered_logits(logits, temperature, top_k, top_p)
+        drawn = jax.vmap(jax.random.categorical)(keys, x)
+        return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
 
 
 def accept(target_logits, drafts, draft_logits, num_drafts, temperature, top_k, top_p, seeds, ids, counters):
@@ -117,7 +121,26 @@ def accept(target_logits, drafts, draft_logits, num_drafts, temperature, top_k, 
     target_logits [R, k+1, V] raw f32 (row j: the token after draft j, i.e. new-token index
     counters + j); drafts [R, k]; draft_logits [R, k, V] raw MTP logits; num_drafts [R] (drafts
     beyond it are ignored). -> (tokens [R, k+1]: accepted drafts then one more token, zeros after;
-    num_accepted [R] in 0..num_drafts; the emitted count is num_accepted + 1)."""
+    num_accepted [R] in 0..num_drafts; the emitted count is num_accepted + 1). Greedy rows
+    (temperature 0) accept drafts equal to the argmax; a batch without sampling rows takes only
+    that path (lax.cond), without the sorts of the top-k / top-p filters."""
+    R, K1, V = target_logits.shape
+    k = K1 - 1
+    best = jnp.argmax(target_logits, -1).astype(jnp.int32)                    # [R, k+1]
+    if k:
+        ok = (best[:, :k] == drafts) & (jnp.arange(k)[None, :] < num_drafts[:, None])
+        n_acc = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+    else:
+        n_acc = jnp.zeros(R, jnp.int32)
+    toks = jnp.where(jnp.arange(K1)[None, :] <= n_acc[:, None], best, 0).astype(jnp.int32)
+    return jax.lax.cond(jnp.any(temperature > 0), lambda: _accept_sampling(
+        target_logits, drafts, draft_logits, num_drafts, temperature, top_k, top_p, seeds, ids, counters),
+        lambda: (toks, n_acc.astype(jnp.int32)))
+
+
+def _accept_sampling(target_logits, drafts, draft_logits, num_drafts, temperature, top_k, top_p, seeds, ids,
+                     counters):
+    """`accept` for a batch with sampling rows (greedy rows in it still take the argmax path)."""
     R, K1, V = target_logits.shape
     k = K1 - 1
     greedy = temperature <= 0
