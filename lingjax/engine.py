@@ -459,7 +459,7 @@ class Engine:
         self._spec = None
         if k_spec:
             from lingjax.speculative import SpecDriver
-            self._spec = SpecDriver(self, k_spec)     # draft state, verify packing (lingjax/speculative.py)
+            self._spec = SpecDriver(self, k_spec, RequestOutput)     # draft state, verify packing (lingjax/speculative.py)
 
     # ----------------------------------------------------------------------------- introspection
     def buckets(self, kind: str | None = None) -> list[tuple[str, int, bool]]:

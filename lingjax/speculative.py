@@ -359,8 +359,9 @@ class SpecDriver:
     """Host side of speculative decoding for one Engine: packs verify rows, runs `_spec_step_fn`,
     reads back the emitted tokens (Engine._dispatch / _collect hand over to it)."""
 
-    def __init__(self, engine, k: int):
+    def __init__(self, engine, k: int, output_type):
         self.k = k
+        self.output_type = output_type     # lingjax.engine.RequestOutput (passed in: no import cycle)
         self.state = self._new_state(engine)
         self.counts = dict(drafts=0, accepted=0, verify_pieces=0, verify_tokens=0)
 
@@ -460,8 +461,8 @@ class SpecDriver:
         return SpecFlight(list(pieces), produces, (logits, toks, n_emit, lp, top_ids, top_lp), top_n, nd)
 
     def collect(self, e, f: SpecFlight):
-        from lingjax.engine import RequestOutput
         import time
+        RequestOutput = self.output_type
         t0 = time.perf_counter()
         logits, toks, n_emit, lp, top_ids, top_lp = (None if a is None else np.asarray(a) for a in f.outputs)
         e._counts["wait_seconds"] += time.perf_counter() - t0
