@@ -35,9 +35,26 @@ import train_tiny as tt  # noqa: E402
 from lingjax.checkpoint import load_model  # noqa: E402
 
 
-def mtp_loss(model, tok, tgt):
+def mtp_loss(model, tok, tgt, chain_weight):
+    """MTP loss on the answer tokens: token t+2 from the main hidden state at t and token t+1 (the
+    first draft), plus `chain_weight` times the loss of the layer re-applied on its own output, as the
+    engine drafts for k > 1: at position s the hidden input is the MTP output at s-1 (the engine's
+    draft 2 at s comes from the MTP output at s-1 and draft 1 = token s+1). In training every
+    position of that second pass takes MTP outputs (in the engine the earlier positions' cache holds
+    first-pass entries): an approximation. -> (loss, first-draft accuracy)."""
     h = jax.lax.stop_gradient(model.hidden(tok))
-    return tt.masked_ce(model.mtp_logits(tok, h)[:, :-2], tok[:, 2:], tgt[:, 2:])
+    pos = jnp.broadcast_to(jnp.arange(tok.shape[-1]), tok.shape)
+    nxt = jnp.concatenate([tok[:, 1:], jnp.zeros_like(tok[:, :1])], axis=-1)
+    e = model.embed(nxt)
+    o1 = model.mtp[0](e, h, pos)
+    l1, acc = tt.masked_ce(model.logits(o1)[:, :-2], tok[:, 2:], tgt[:, 2:])
+    if not chain_weight:
+        return l1, acc
+    hid2 = jnp.concatenate([o1[:, :1], o1[:, :-1]], axis=1)
+    o2 = model.mtp[0](e, hid2, pos)
+    m2 = tgt[:, 2:] * (jnp.arange(tok.shape[-1] - 2) >= 1)
+    l2, _ = tt.masked_ce(model.logits(o2)[:, :-2], tok[:, 2:], m2)
+    return l1 + chain_weight * l2, acc
 
 
 def main(argv=None):
@@ -51,6 +68,8 @@ def main(argv=None):
     ap.add_argument("--n-sort", type=int, default=32)
     ap.add_argument("--n-recall", type=int, default=2)
     ap.add_argument("--pairs", type=int, default=86)
+    ap.add_argument("--chain-weight", type=float, default=0.5,
+                    help="weight of the re-applied (draft 2+) MTP loss; 0: first draft only")
     ap.add_argument("--time-limit", type=float, default=9.0, help="stop after this many minutes")
     args = ap.parse_args(argv)
 
@@ -66,8 +85,8 @@ def main(argv=None):
     def step(p, opt_state, rest, short, recall):
         def loss_fn(p):
             m = nnx.merge(graphdef, p, rest)
-            ls, acc_s = mtp_loss(m, *short)
-            lr_, acc_r = mtp_loss(m, *recall)
+            ls, acc_s = mtp_loss(m, *short, args.chain_weight)
+            lr_, acc_r = mtp_loss(m, *recall, args.chain_weight)
             return ls + lr_, (ls, lr_, acc_s, acc_r)
         (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
         upd, opt_state = tx.update(g, opt_state, p)
@@ -110,7 +129,7 @@ def main(argv=None):
             shutil.copy(os.path.join(args.model, f), os.path.join(tmp, f))
     with open(os.path.join(tmp, "README.md"), "a") as f:
         f.write(f"\n## MTP layer retrained for speculative decoding\n\n"
-                f"`scripts/train_tiny_mtp.py --steps {args.steps} --seed {args.seed}`: only `{prefix}*` "
+                f"`scripts/train_tiny_mtp.py --steps {args.steps} --seed {args.seed} --chain-weight {args.chain_weight}`: only `{prefix}*` "
                 f"({len(changed)} tensors) changed, the main model is bit-identical; {i + 1} steps, {minutes:.1f} min "
                 f"on CPU. Final MTP teacher-forced accuracy on answer tokens: addition/sorting "
                 f"{hist[-1]['short_mtp_acc']:.3f}, recall {hist[-1]['recall_mtp_acc']:.3f}. Acceptance measured by "
