@@ -312,24 +312,28 @@ def _spec_body(graphdef, gather, want_logits, want_top, k, state, caches, spec, 
         base = jnp.clip(start + n_acc, 0, T - 1)
         h = out[base]
         pos = batch.positions[base]
-        prev = toks[jnp.arange(R), n_acc]
         new_counters = counters + n_acc + 1
         d_slots = jnp.where(produce, batch.slots, -1)
-        new_d, new_l = [], []
-        for j in range(k):
-            if j:
+        lg = logits_of(h)
+        d = draw(lg, temperature, top_k, top_p, seeds, request_ids, new_counters, TAG_DRAFT)
+        new_d, new_l = d[:, None], lg[:, None]
+        if k > 1:                     # drafts 2..k: one row per request, in a scan (traced once, not k - 1 times)
+            def again(carry, j):
+                h, prev, cache = carry
                 b1 = StepBatch(tokens=prev, positions=pos + j, token_seq=jnp.arange(R, dtype=jnp.int32),
                                slots=d_slots, cu_seqlens=jnp.arange(R + 1, dtype=jnp.int32),
                                fresh=jnp.zeros(R, bool), decode_only=True)
-                h, mtp_cache = mtp_forward(model, b1, mtp_cache, h, prev)
-            lg = logits_of(h)
-            prev = draw(lg, temperature, top_k, top_p, seeds, request_ids, new_counters + j, TAG_DRAFT)
-            new_d.append(prev)
-            new_l.append(lg)
+                h, cache = mtp_forward(model, b1, cache, h, prev)
+                lg = logits_of(h)
+                d = draw(lg, temperature, top_k, top_p, seeds, request_ids, new_counters + j, TAG_DRAFT)
+                return (h, d, cache), (d, lg)
+            (_, _, mtp_cache), (ds, lgs) = jax.lax.scan(again, (h, d, mtp_cache), jnp.arange(1, k))
+            new_d = jnp.concatenate([new_d, ds.T], 1)
+            new_l = jnp.concatenate([new_l, jnp.moveaxis(lgs, 0, 1)], 1)
         dst = jnp.where(produce & (batch.slots >= 0), batch.slots, num_slots)
         spec = SpecState(mtp=mtp_cache,
-                         drafts=spec.drafts.at[dst].set(jnp.stack(new_d, 1), mode='drop'),
-                         draft_logits=spec.draft_logits.at[dst].set(jnp.stack(new_l, 1), mode='drop'))
+                         drafts=spec.drafts.at[dst].set(new_d, mode='drop'),
+                         draft_logits=spec.draft_logits.at[dst].set(new_l, mode='drop'))
 
         lse = jax.nn.logsumexp(target, axis=-1)
         lp = jnp.take_along_axis(target, toks[..., None], -1)[..., 0] - lse

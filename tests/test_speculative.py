@@ -9,8 +9,8 @@
 - rejected drafts leave no trace: the logprobs the speculative engine reports for its tokens equal
   those of scoring the final sequence with the plain engine.
 
-Compile budget: every speculative engine here has max_batch 2 and max_tokens 8, so each k compiles one
-step shape (T = 8) and the whole file a handful of steps.
+Compile budget: every speculative engine here has max_batch 2 and max_tokens 2 (k + 1), so each k
+compiles one step shape; the whole file a handful of steps.
 
 Chi-square thresholds: the 1 - 1e-4 quantile (Wilson-Hilferty approximation), so a correct
 implementation fails with probability ~1e-4 per test (the seeds are fixed, so the result is
@@ -111,7 +111,10 @@ def model(tmp_path_factory):
 
 
 def engine(model, k, chunk=8, **kw):
-    return Engine(model, max_batch=2, prefill_chunk=chunk, max_tokens=8, max_len=96, num_speculative_tokens=k, **kw)
+    """max_tokens 2 (k + 1): the step's token budget is exactly two verifies, so each k compiles one step
+    shape (prefill chunks then share steps with at most one verify, in chunks of at most k + 1)."""
+    return Engine(model, max_batch=2, prefill_chunk=chunk, max_tokens=2 * (k + 1) if k else 8, max_len=96,
+                  num_speculative_tokens=k, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -149,11 +152,11 @@ def test_greedy_speculative_tiny_model_answers():
     tok = Tokenizer.from_file(os.path.join(TINY, "tokenizer.json"))
     exs = [ex for t in ("add", "sort") for ex in ev.make_examples(t, 4)]
     prompts = [tok.encode(p, add_special_tokens=False).ids for p, _ in exs]
-    eng = Engine(m, max_batch=2, prefill_chunk=8, max_tokens=8, max_len=64, num_speculative_tokens=2)
+    eng = Engine(m, max_batch=2, prefill_chunk=8, max_tokens=8, max_len=64, num_speculative_tokens=3)
     out = eng.generate(prompts, SamplingParams(max_new_tokens=12))
     assert [tok.decode(o.token_ids, skip_special_tokens=True) for o in out] == [a for _, a in exs]
     st = eng.stats()
-    assert st["acceptance_rate"] > 0.7 and st["tokens_per_step"] > 1.5, st
+    assert st["acceptance_rate"] > 0.5 and st["tokens_per_step"] > 1.5, st    # k = 3: drafts 2, 3 are weaker
 
 
 def test_sampling_distribution_matches_plain(model):
@@ -178,7 +181,7 @@ def test_tensor_parallel_greedy_equals_plain(model, prompts, plain_greedy):
     if len(jax.devices()) < 2:
         pytest.skip("needs 2 devices (tests/conftest.py simulates 8 CPU devices)")
     sp, ref = plain_greedy
-    eng = engine(model, 2, 8, tp=2)
+    eng = engine(model, 3, 8, tp=2)
     assert eng.mesh is not None
     out = eng.generate(prompts, sp)
     assert [o.token_ids for o in out] == [r.token_ids for r in ref]
@@ -203,7 +206,7 @@ def test_rejected_drafts_leave_no_trace(model, prompts):
 
 def test_bad_settings(model):
     with pytest.raises(EngineError, match="num_speculative_tokens"):
-        engine(model, -1)
+        Engine(model, num_speculative_tokens=-1)
     _, no_mtp = load_hf(os.path.join(TINY), dtype=jnp.float32, mtp=False)
     with pytest.raises(EngineError, match="MTP layer"):
         Engine(no_mtp, num_speculative_tokens=1)
