@@ -30,7 +30,8 @@ class Interrupted(KeyboardInterrupt):
 
 
 class _Signals:
-    """SIGINT / SIGTERM handling of the convert and export commands (installed by convert.py's `_cli_errors`).
+    """SIGINT / SIGTERM handling of the convert and export commands (installed by
+    lingjax/cli/convert.py's `converter_errors`).
     Outside a `deferred()` block a signal raises Interrupted at once; inside one (an Orbax save or
     restore, whose worker threads and event loop must not be abandoned halfway: they would keep writing
     into the temporary directory being deleted and print asyncio tracebacks at exit) it is noted and

@@ -1,4 +1,5 @@
-"""`lingjax convert` / `lingjax export`: HF checkpoint directory <-> lingjax checkpoint directory.
+"""HF checkpoint directory <-> lingjax checkpoint directory: `convert` and `export` (the commands
+`lingjax convert` / `lingjax export` are lingjax/cli/convert.py and lingjax/cli/export.py).
 
 A lingjax checkpoint directory:
 
@@ -32,7 +33,6 @@ temporary directory; its name holds the host and pid, and the next run for the s
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -665,102 +665,3 @@ def _count(n: int) -> str:
         if n >= k:
             return f"{n / k:.2f}{unit}"
     return str(n)
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def convert_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", metavar="SRC", help="HF checkpoint directory (config.json, *.safetensors, optional "
-                   "model.safetensors.index.json, tokenizer files)")
-    p.add_argument("dst", metavar="DST", help="output lingjax checkpoint directory (must not exist, see --overwrite)")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16",
-                   help="stored param dtype (expert_bias stays float32); default %(default)s")
-    p.add_argument("--no-mtp", action="store_true", help="leave out the MTP (NextN) layer")
-    p.add_argument("--quantize", choices=("fp8-block", "fp8-channel"), default=None,
-                   help="store the attention and MLP / expert projections in FP8: fp8-block (128x128 block "
-                   "scales, the block-FP8 / DeepSeek format) or fp8-channel (per-output-channel scales, "
-                   "compressed-tensors FP8_DYNAMIC); router, norms, embeddings and lm_head stay in --dtype. "
-                   "An FP8 source keeps its own FP8 format without this flag")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing DST (only once the new one is complete)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-v", "--verbose", action="store_true", help="log details")
-    p.add_argument("--debug", action="store_true", help="debug logging, and show tracebacks of errors")
-
-
-def _positive_gb(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of GB > 0, got {s!r}") from None
-    if not (v > 0 and v * (1 << 30) < 2 ** 63):        # rejects nan and inf too
-        raise argparse.ArgumentTypeError(f"expected a number of GB > 0, got {s!r}")
-    return v
-
-
-def export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", metavar="SRC", help="lingjax checkpoint directory (made by `lingjax convert`)")
-    p.add_argument("dst", metavar="DST", help="output HF checkpoint directory (must not exist, see --overwrite)")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="tensor dtype of the safetensors (expert_bias stays float32); default: the stored one")
-    p.add_argument("--quantize", choices=("none", "fp8-block", "fp8-channel"), default=None,
-                   help="FP8 format of the output: fp8-block (quant_method fp8, weight_scale_inv), fp8-channel "
-                   "(compressed-tensors, weight_scale), none (FP8 params dequantized to --dtype); default: "
-                   "the stored one (FP8 tensors and scales written back bit for bit)")
-    p.add_argument("--shard-gb", type=_positive_gb, default=4.0, metavar="GB",
-                   help="safetensors shard size, a number > 0; default %(default)s")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing DST (only once the new one is complete)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-v", "--verbose", action="store_true", help="log details")
-    p.add_argument("--debug", action="store_true", help="debug logging, and show tracebacks of errors")
-
-
-@contextlib.contextmanager
-def _cli_errors():
-    """WeightError / ConvertError -> the CLI's one-line error; SIGINT / SIGTERM -> Interrupted (the
-    temporary directory is removed; exit status 130 / 143), deferred while Orbax is mid-save."""
-    import signal
-
-    from lingjax.weights import WeightError
-    try:
-        from lingjax.cli_common import CLIError
-    except ImportError:
-        CLIError = ConvertError
-    prev = {}
-    _SIGNALS.depth, _SIGNALS.pending, _SIGNALS.fired = 0, None, False
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            prev[sig] = signal.signal(sig, _SIGNALS.handler)
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")   # conversion runs on the host CPU
-    try:
-        yield
-    except (WeightError, ConvertError) as e:
-        raise CLIError(_first_line(e)) from None
-    finally:
-        for sig, h in prev.items():
-            signal.signal(sig, h)
-
-
-def _log_info():
-    if not log.isEnabledFor(logging.INFO):     # the summary is part of the command's output
-        log.setLevel(logging.INFO)
-
-
-def convert_run(args) -> int:
-    _log_info()
-    with _cli_errors():
-        convert(args.src, args.dst, dtype=args.dtype, mtp=not args.no_mtp, overwrite=args.overwrite,
-                quantize=args.quantize,
-                progress=not args.no_progress)
-    return 0
-
-
-def export_run(args) -> int:
-    _log_info()
-    with _cli_errors():
-        export(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress,
-               quantize=args.quantize,
-               shard_bytes=int(args.shard_gb * (1 << 30)))
-    return 0
-
-
-CONVERT_HELP = "HF checkpoint directory -> lingjax (Orbax) checkpoint directory"
-EXPORT_HELP = "lingjax checkpoint directory -> HF checkpoint directory"

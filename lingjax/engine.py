@@ -48,7 +48,11 @@ other step pads T up to the next of `t_buckets` (powers of two from 8, capped at
 padding tokens belonging to the dummy row R. Each kind of step ("score": float32 logits [T, V];
 "sample": one sampled token per row; "+top": also the top-20 logprobs; a step holding score and
 sample requests does both) compiles at most `len(t_buckets) + 1` times; `compile_count` counts the
-traces this engine caused and `buckets()` lists every shape a run can hit. The compiled steps live
+traces this engine caused and `buckets()` lists every shape a run can hit. A decode-only step whose
+sampled rows are all greedy (temperature 0) is the "greedy" twin of its kind ("greedy", "greedy+top",
+...): the argmax alone, the same tokens without `sample`'s sort over the vocabulary, which costs most
+where the model's share of the step is smallest. Only the decode-only shape has a twin, so each sampling
+kind compiles at most one more shape (the server's warm-up compiles both). The compiled steps live
 in jit's cache of one module-level function whose static argument is the model's graph definition:
 engines of structurally identical models (and the same mesh and kernels) share them.
 
@@ -244,8 +248,11 @@ def sample(logits, temperature, top_k, top_p, seeds, request_ids, counters):
 
 # --------------------------------------------------------------------------------------------- jitted step
 def _kind(mode) -> str:
-    """(logits, sample, top) -> "score", "sample", "sample+top", "score+sample", ..."""
-    return "+".join(n for n, on in zip(("score", "sample", "top"), mode) if on)
+    """(logits, sample, top, greedy) -> "score", "sample", "sample+top", "score+sample", ...; "greedy" in
+    place of "sample" in a decode-only step whose sampled rows are all greedy."""
+    want_logits, want_sample, want_top, greedy = mode
+    names = ("score", "greedy" if greedy else "sample", "top")
+    return "+".join(n for n, on in zip(names, (want_logits, want_sample, want_top)) if on)
 
 
 class _Graph:
@@ -279,15 +286,17 @@ class _Graph:
 
 @functools.partial(jax.jit, static_argnames=("graph", "mode"), donate_argnames=("caches",))
 def _step_fn(params, caches, batch, take, prev, rows, temperature, top_k, top_p, seeds, request_ids, counters,
-             *, graph: _Graph, mode: tuple[bool, bool, bool]):
+             *, graph: _Graph, mode: tuple[bool, bool, bool, bool]):
     """One engine step. params: the model state's leaves (a flat list: cheaper to pass every step
     than the nnx State, whose Variables flatten in Python). take [T]: for each packed token, the row
     of `prev` (the previous step's sampled tokens [R], still on the device) it is, or -1 to use
     batch.tokens. mode (static):
-    (full logits [T, V] for score requests, sample one token per row, top-20 logprobs) ->
+    (full logits [T, V] for score requests, sample one token per row, top-20 logprobs, every sampled row
+    greedy: the argmax alone, without `sample`'s sort and filters, the same tokens; the engine sets it
+    on decode-only steps only) ->
     (logits | None, tokens [R], logprobs [R] | None, top ids [R, 20] | None, top logprobs | None, caches)."""
     from lingjax import sharding
-    want_logits, want_sample, want_top = mode
+    want_logits, want_sample, want_top, greedy = mode
     graph.traces[(_kind(mode), batch.tokens.shape[0], batch.decode_only)] += 1
     state = jax.tree.unflatten(graph.treedef, params)
     model_step = sharding.shard_step(graph.graphdef, graph.cfg, graph.mesh)   # plain model.step without a mesh
@@ -302,7 +311,10 @@ def _step_fn(params, caches, batch, take, prev, rows, temperature, top_k, top_p,
         row_logits, caches = model_step(state, batch, caches, rows)
     toks, lp, top_ids, top_lp = jnp.zeros(R, jnp.int32), None, None, None
     if want_sample:
-        toks = sample(row_logits, temperature, top_k, top_p, seeds, request_ids, counters)
+        if greedy:           # what `sample` returns for temperature 0 rows (and padding rows)
+            toks = jnp.argmax(row_logits, axis=-1).astype(jnp.int32)
+        else:
+            toks = sample(row_logits, temperature, top_k, top_p, seeds, request_ids, counters)
         lse = jax.nn.logsumexp(row_logits, axis=-1)          # log_softmax at the few entries needed
         lp = jnp.take_along_axis(row_logits, toks[:, None], axis=-1)[:, 0] - lse
         if want_top:
@@ -464,9 +476,12 @@ class Engine:
     # ----------------------------------------------------------------------------- introspection
     def buckets(self, kind: str | None = None) -> list[tuple[str, int, bool]]:
         """Every (kind, T, decode_only) step shape this engine can compile (kind default: "score" and
-        "sample"; the others are "sample+top", "score+sample", "score+sample+top")."""
+        "sample"; the others are "sample+top", "score+sample", "score+sample+top"), with the "greedy" twin
+        of a sampling kind's decode-only shape."""
         kinds = (kind,) if kind else ("score", "sample")
-        return [(k, self.max_batch, True) for k in kinds] + [(k, t, False) for k in kinds for t in self.t_buckets]
+        R = self.max_batch
+        return ([(k, R, True) for k in kinds] + [(k.replace("sample", "greedy"), R, True) for k in kinds if "sample" in k]
+                + [(k, t, False) for k in kinds for t in self.t_buckets])
 
     def compiled_shapes(self) -> dict[tuple[str, int, bool], int]:
         return dict(self._traces)
@@ -806,7 +821,9 @@ class Engine:
             temp[sampled], top_k[sampled], top_p[sampled], seeds[sampled] = zip(*(r.sampling for r in rs))
             for i, r in zip(sampled, rs):
                 top_n[i] = r.params.logprobs or 0
-        mode = (any(r.score for r, _ in pieces), bool(sampled), any(top_n))
+        # a decode-only step in which no row draws skips the sampler's sort (module docstring)
+        greedy = b["decode_only"] and bool(sampled) and not (temp[sampled] > 0).any()
+        mode = (any(r.score for r, _ in pieces), bool(sampled), any(top_n), greedy)
         batch = StepBatch(**b)
         host = (take, rows, temp, top_k, top_p, seeds, ids, counters)
         if self.mesh is not None and jax.process_count() > 1:

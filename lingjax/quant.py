@@ -104,12 +104,13 @@ def dequantize(w, dtype=F32):
     return (w.q.astype(F32) * s).astype(dtype)
 
 
-def quantize_activation(x, act: str, group: int = BLOCK):
-    """Dynamic activation quantization, quantize-dequantize: per token (act "token") or per token and
-    group of `group` features (act "group"): s = max|x| / 448, x -> float8_e4m3fn(x / s) * s, in
-    float32, cast back to x.dtype. act "none": x unchanged."""
-    if act == "none":
-        return x
+def quantize_activation_fp8(x, act: str, group: int = BLOCK):
+    """The FP8 parts of dynamic activation quantization (what an FP8 dot consumes): x [..., d] ->
+    (q float8_e4m3fn [..., d], s float32 [..., G]) with x ~ q * s, s = max|x| / 448 (1 for an all-zero
+    group) per token (act "token": G = 1) or per token and group of `group` features (act "group":
+    G = ceil(d / group); one group when d <= group), computed in float32."""
+    if act not in ("token", "group"):
+        raise ValueError(f"quantize_activation_fp8: act must be 'token' or 'group', got {act!r}")
     xf = x.astype(F32)
     d = x.shape[-1]
     if act == "group" and group and d > group:
@@ -119,8 +120,22 @@ def quantize_activation(x, act: str, group: int = BLOCK):
         xg = xf[..., None, :]
     s = jnp.max(jnp.abs(xg), axis=-1, keepdims=True) / FP8_MAX
     s = jnp.where(s > 0, s, 1.0)
-    y = (jnp.clip(xg / s, -FP8_MAX, FP8_MAX).astype(FP8).astype(F32) * s).reshape(xf.shape[:-1] + (-1,))[..., :d]
-    return y.astype(x.dtype)
+    q = jnp.clip(xg / s, -FP8_MAX, FP8_MAX).astype(FP8)
+    return q.reshape(xf.shape[:-1] + (-1,))[..., :d], s[..., 0]
+
+
+def quantize_activation(x, act: str, group: int = BLOCK):
+    """Dynamic activation quantization, quantize-dequantize: per token (act "token") or per token and
+    group of `group` features (act "group"): s = max|x| / 448, x -> float8_e4m3fn(x / s) * s, in
+    float32, cast back to x.dtype (quantize_activation_fp8's parts multiplied back). act "none": x
+    unchanged."""
+    if act == "none":
+        return x
+    q, s = quantize_activation_fp8(x, act, group)
+    d, G = x.shape[-1], s.shape[-1]
+    size = group if G > 1 else d
+    qg = jnp.pad(q.astype(F32), [(0, 0)] * (x.ndim - 1) + [(0, G * size - d)]).reshape(s.shape + (size,))
+    return (qg * s[..., None]).reshape(x.shape[:-1] + (-1,))[..., :d].astype(x.dtype)
 
 
 def matmul(x, w):
@@ -153,6 +168,26 @@ def _quantize(w: np.ndarray, bo: int, bi: int) -> tuple[np.ndarray, np.ndarray]:
     full = np.repeat(np.repeat(s, bo or out, axis=-2)[..., :out, :], bi or inn, axis=-1)[..., :inn]
     q = np.clip(np.asarray(w, np.float32) / full, -FP8_MAX, FP8_MAX).astype(FP8_NP)
     return q, s
+
+
+def quantize_param(w, block: tuple = (BLOCK, BLOCK), act: str = "group") -> FP8Weight:
+    """jnp, on device: a plain weight in the param layout [..., in, out] -> FP8Weight with one float32
+    scale per block (rows, cols) of the last two axes (0: the whole axis), by the HF quantizers' rule
+    (scale = amax(block) / 448, 1 for an all-zero block; q = round-to-nearest(w / scale)), so that
+    quantize_param(w_hf.T) == from_hf(quantize_block(w_hf)) (for models made in memory, e.g. the
+    benchmarks' random weights). act: the activation scheme the weight is used with (ACTS)."""
+    if act not in ACTS:
+        raise ValueError(f"quantize_param: act must be one of {ACTS}, got {act!r}")
+    n_in, n_out = w.shape[-2:]
+    bi, bo = block[0] or n_in, block[1] or n_out
+    ni, no = _cdiv(n_in, bi), _cdiv(n_out, bo)
+    lead = w.shape[:-2]
+    a = jnp.pad(jnp.abs(w.astype(F32)), [(0, 0)] * len(lead) + [(0, ni * bi - n_in), (0, no * bo - n_out)])
+    amax = a.reshape(lead + (ni, bi, no, bo)).max(axis=(-3, -1))
+    s = jnp.where(amax > 0, amax / FP8_MAX, 1.0).astype(F32)
+    full = jnp.repeat(jnp.repeat(s, bi, axis=-2)[..., :n_in, :], bo, axis=-1)[..., :n_out]
+    q = jnp.clip(w.astype(F32) / full, -FP8_MAX, FP8_MAX).astype(FP8)
+    return FP8Weight(q, s, tuple(block), act)
 
 
 def quantize_block(w: np.ndarray, block: int = BLOCK):

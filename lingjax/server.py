@@ -634,16 +634,18 @@ def warm_up(engine, *, logprobs: bool = False) -> int:
     """Compile the step shapes serving can hit before serving (else the first requests that hit a new
     shape wait for its compilation, seconds on a GPU). For every token bucket T: a step that samples
     (prompts of at most prefill_chunk tokens, T in all, then a decode step) and, when T >= prefill_chunk,
-    a prefill-only step (prompts one token longer than their first chunk: nothing samples). With
-    logprobs=True also the sampling steps that return top logprobs. Call it before the EngineLoop
+    a prefill-only step (prompts one token longer than their first chunk: nothing samples); then a decode
+    step at temperature 1 (the greedy runs compiled the "greedy" twin of the decode step, see engine.py).
+    With logprobs=True also the sampling steps that return top logprobs. Call it before the EngineLoop
     starts. -> the compilations this caused."""
     before = engine.compile_count
     vocab, c, cap = engine.cfg.vocab_size, engine.prefill_chunk, engine.max_len - 1
 
-    def run(lens):
+    def run(lens, temperature=0.0):
         prompts = [[3 + (i + j) % max(vocab - 3, 1) for j in range(n)] for i, n in enumerate(lens)]
         for top in ([None, MAX_LOGPROBS] if logprobs else [None]):
-            engine.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True, logprobs=top))
+            engine.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True, logprobs=top,
+                                                    temperature=temperature))
 
     for T in engine.t_buckets:
         lens, left = [], T                          # sampling step of T tokens
@@ -654,6 +656,7 @@ def warm_up(engine, *, logprobs: bool = False) -> int:
         k = min(T // c, engine.max_batch)           # prefill-only step: k full chunks, none ends its prompt
         if k and c + 1 <= cap:
             run([c + 1] * k)
+    run([1], temperature=1.0)                       # one-token prompt: decode-only steps that draw
     return engine.compile_count - before
 
 

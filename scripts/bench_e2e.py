@@ -1,7 +1,7 @@
 """The engine end to end at real shapes, as a user runs it: decode and prefill, one table.
 
 Model: a preset of scripts/shapes.py (default flash8: Ling-2.6-flash layer shapes, 8 layers, vocab cut to
-32768) with random weights generated on device in their shards, on a mesh of --tp devices.
+32768) with random weights generated on device in their shards (--fill), on a mesh of --tp devices.
 
 Decode rows (batch B at context C): every request holds C tokens and decodes one more.
   step ms     device time of one decode step: the engine's step (model step + greedy sampling),
@@ -76,24 +76,40 @@ def use_old_moe():
 
 
 def step_bytes(cfg, model, B, C, tp):
-    """Bytes one decode step of B requests at context C must touch (per device under tp)."""
+    """Bytes one decode step of B requests at context C must touch (per device under tp). FP8 weights
+    count their values and scales."""
     import jax
     from flax import nnx
-    expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2
+
+    def nbytes(v):                       # an array or an FP8Weight
+        return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(v))
     n_moe = sum(cfg.is_moe(l) for l in range(cfg.num_hidden_layers))
-    total = 0
+    E, k = cfg.num_experts, cfg.num_experts_per_tok
+    total = expert = 0
     for path, x in nnx.to_flat_state(nnx.state(model)):
         name = "/".join(map(str, path))
-        if "w_gate" in name or "w_up" in name or "w_down" in name or "word_embeddings" in name:
+        if "w_gate" in name or "w_up" in name or "w_down" in name:
+            expert = max(expert, 3 * nbytes(x.get_value()) / E)       # one expert's three matrices
             continue
-        total += x.get_value().size * x.get_value().dtype.itemsize
-    E, k = cfg.num_experts, cfg.num_experts_per_tok
+        if "word_embeddings" in name:
+            continue
+        total += nbytes(x.get_value())
     touched = E * (1 - (1 - k / E) ** B)
     experts = n_moe * touched * expert
     lin = len(cfg.linear_layers) * B * cfg.num_attention_heads * cfg.head_dim ** 2 * 4 * 2
     mla = len(cfg.mla_layers) * B * C * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
     emb = B * cfg.hidden_size * 2
     return (total + experts + lin) / tp + mla + emb, touched
+
+
+def cache_bytes(cfg, latent_dtype):
+    """Cache bytes of one request: linear-attention states (float32 [H, D, D] per linear layer) and MLA
+    latents per token (kv_lora_rank + rope per MLA layer, in the latent dtype)."""
+    import jax.numpy as jnp
+    H, D = cfg.num_attention_heads, cfg.head_dim
+    return dict(linear_state_per_request=len(cfg.linear_layers) * H * D * D * 4,
+                mla_latent_per_token=len(cfg.mla_layers) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+                * jnp.dtype(latent_dtype).itemsize)
 
 
 def attention_flops(cfg, lengths):
@@ -196,6 +212,14 @@ def main(argv=None):
                    help="comma list of the model's matmul precisions to run in turn on the same weights "
                         "(default, high, highest; e.g. 'default,highest' for issue 21's float32 before/after); "
                         "default: the model's own (highest for float32, default for bfloat16)")
+    p.add_argument("--quantize", choices=("none", "fp8-block", "fp8-channel"), default="none",
+                   help="FP8 weights: the projections and experts made on device and quantized one parameter "
+                        "at a time (shapes.random_fp8_model; 128x128 blocks with per-token-group activations, or "
+                        "per-channel with per-token activations); the model's kernels run them (GPU: the FP8 "
+                        "Triton kernels). --tp 1 only")
+    p.add_argument("--fill", choices=("hash", "init"), default="hash",
+                   help="random weights: hash (a cheap pseudo-random fill of every matrix, ~N(0, 0.02); "
+                        "default) or init (the model's own threefry initialisation: slow at real scale)")
     p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny sizes, 2 steps")
     p.add_argument("--out", help="JSON output (default $OUT/bench_e2e.json when $OUT is set)")
     args = p.parse_args(argv)
@@ -204,7 +228,7 @@ def main(argv=None):
     import jax.numpy as jnp
     from lingjax import sharding
     from bench_moe import ceilings, torch_ceilings
-    from shapes import param_counts, preset, random_model
+    from shapes import param_counts, preset, random_fp8_model, random_model, weight_bytes
     if args.moe == "old":
         use_old_moe()
     cfg = preset(args.preset, args.layers, args.vocab)
@@ -215,10 +239,15 @@ def main(argv=None):
         try:
             t_copy, t_rate = torch_ceilings()
             copy_bw, mm_rate = max(copy_bw, t_copy), max(mm_rate, t_rate)
+            import torch
+            torch.cuda.empty_cache()              # give PyTorch's cached blocks (8 GiB) back for the model
         except Exception as e:                          # noqa: BLE001
             log.info("PyTorch ceilings not measured: %s", e)
+    if args.quantize != "none" and args.tp != 1:
+        p.error("--quantize runs at --tp 1 only")
     t0 = time.perf_counter()
-    model = random_model(cfg, mesh, dtype)
+    model = (random_model(cfg, mesh, dtype, fill=args.fill) if args.quantize == "none"
+             else random_fp8_model(cfg, dtype, args.quantize))
     jax.block_until_ready(jax.tree.leaves(model))
     t_init = time.perf_counter() - t0
     total, active, head = param_counts(cfg)
@@ -226,13 +255,22 @@ def main(argv=None):
     mem = [d.memory_stats() or {} for d in devs] if jax.default_backend() != "cpu" else [{}]
     kinds = "".join("L" if k == "linear" else "M" for k in cfg.layer_kinds)
     report = dict(device=devs[0].device_kind, tp=args.tp, preset=args.preset, layers=cfg.num_hidden_layers, kinds=kinds,
-                  vocab=cfg.vocab_size, dtype=args.dtype, moe=args.moe, matmul_precisions=args.matmul_precision or model.matmul_precision,
-                  copy_bw=copy_bw, matmul_rate=mm_rate, params=total, init_s=t_init,
+                  vocab=cfg.vocab_size, dtype=args.dtype, moe=args.moe, quantize=args.quantize,
+                  weight_bytes=weight_bytes(model) / args.tp, cache_bytes=cache_bytes(cfg, model.dtype), matmul_precisions=args.matmul_precision or model.matmul_precision,
+                  copy_bw=copy_bw, matmul_rate=mm_rate, params=total, init_s=t_init, fill=args.fill,
                   bytes_in_use=[m.get("bytes_in_use") for m in mem], bytes_limit=[m.get("bytes_limit") for m in mem],
                   decode=[], prefill=[])
-    log.info("%s x%d: %s %d layers %s vocab %d %s, moe=%s, %.1fB params, init %.0f s; copy %.2f TB/s, matmul %.0f TFLOP/s",
-             report["device"], args.tp, args.preset, cfg.num_hidden_layers, kinds, cfg.vocab_size, args.dtype, args.moe,
-             total / 1e9, t_init, copy_bw / 1e12, mm_rate / 1e12)
+    log.info("%s x%d: %s %d layers %s vocab %d %s, moe=%s, quantize=%s, %.1fB params (%.1f GiB), init %.0f s; "
+             "copy %.2f TB/s, matmul %.0f TFLOP/s", report["device"], args.tp, args.preset, cfg.num_hidden_layers, kinds,
+             cfg.vocab_size, args.dtype, args.moe, args.quantize, total / 1e9, report["weight_bytes"] / 2**30, t_init,
+             copy_bw / 1e12, mm_rate / 1e12)
+    if mem[0].get("bytes_limit"):
+        free = mem[0]["bytes_limit"] - mem[0]["bytes_in_use"]
+        cb = report["cache_bytes"]
+        log.info("memory after the weights: %.1f GiB in use of %.1f GiB; %.1f GiB left for caches and activations "
+                 "(a request's linear-attention states %.1f MiB + MLA latents %.1f KiB per token)",
+                 mem[0]["bytes_in_use"] / 2**30, mem[0]["bytes_limit"] / 2**30, free / 2**30,
+                 cb["linear_state_per_request"] / 2**20, cb["mla_latent_per_token"] / 2**10)
     out = args.out or (os.path.join(os.environ["OUT"], "bench_e2e.json") if os.environ.get("OUT") else None)
 
     def save():
@@ -283,7 +321,8 @@ def main(argv=None):
         report["peak_bytes_in_use"] = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devs]
     save()
     print(f"\n{report['device']} x{args.tp}, {args.preset} ({cfg.num_hidden_layers} layers {kinds}, vocab "
-          f"{cfg.vocab_size}), {args.dtype}, moe={args.moe}; copy {copy_bw / 1e12:.2f} TB/s, "
+          f"{cfg.vocab_size}), {args.dtype}, moe={args.moe}, quantize={args.quantize}, weights "
+          f"{report['weight_bytes'] / 2**30:.1f} GiB; copy {copy_bw / 1e12:.2f} TB/s, "
           f"matmul {mm_rate / 1e12:.0f} TFLOP/s")
     print(f"| batch | context | precision | step ms | e2e ms | host gap ms | tok/s | GB/step | MBU |")
     print("|---|---|---|---|---|---|---|---|---|")

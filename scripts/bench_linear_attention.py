@@ -93,7 +93,8 @@ TRACE = dict(on=False, dev=True)
 DIAG = {}
 QKV = dict(dtype=jnp.dtype('bfloat16'))   # prefill rows' q/k/v dtype (--qkv-dtype)
 CHECK = dict(ours_only=False)             # oracle checks of ours only (--smoke)
-PT = dict(on=True)                        # time gpu.py (pallas_triton.py) beside ours in each row
+PT = dict(on=True, default=False)         # time gpu.py (pallas_triton.py) beside ours in each row;
+                                          # default: at gpu.py's own default config (--pt-default)
 REPS = dict(n=5, calls_div=1)             # host-timed repetitions; decode calls per execution / div
 
 
@@ -591,7 +592,7 @@ def bench_decode(H, B, bw, cfg, with_fla=True, with_xla=True):
     o, p = our_kernel('decode', cfg)(q, k, v, g, pool, slots0, fresh, scale=scale)
     row['rel_err_o'] = rel(o.astype(F32), o_ref.astype(F32))
     row['rel_err_state'] = rel(p[slots0], p_ref[slots0])
-    pt = _as_pallas_triton(cfg) if PT['on'] else None
+    pt = _as_pallas_triton(cfg, 'decode') if PT['on'] else None
     if pt is not None:
         o, p = our_kernel('decode', pt)(q, k, v, g, pool, slots0, fresh, scale=scale)
         row['pt_rel_err_o'] = rel(o.astype(F32), o_ref.astype(F32))
@@ -678,7 +679,7 @@ def bench_prefill(H, T, R, bw, flops_rate, cfg, with_fla=True, with_xla=True, ch
     # correctness: ours vs XLA `chunked` (f32 math, highest precision) on the same bf16 inputs
     ref_fn = jax.jit(lambda q, k, v, h0: reference.chunked(
         q.reshape(R, L, H, D), k.reshape(R, L, H, D), v.reshape(R, L, H, D), g, h0, scale=scale))
-    pt = _as_pallas_triton(cfg) if PT['on'] else None
+    pt = _as_pallas_triton(cfg, 'prefill') if PT['on'] else None
     if check:
         o, p = our_kernel('prefill', cfg)(q, k, v, g, pool, slots, cu, fresh, scale=scale)
         o_ref, s_ref = ref_fn(q, k, v, h0_init)
@@ -1003,12 +1004,18 @@ def our_kernel(kind, cfg):
     return lambda *a, **kw: fn(*a, **kw, **cfg)
 
 
-def _as_pallas_triton(cfg):
+def _as_pallas_triton(cfg, kind=None):
     """The same config on the former default (gpu.py, now pallas_triton.py), or None where the
-    config is not a Triton one."""
+    config is not a Triton one. With --pt-default, gpu.py's own default config for `kind` instead
+    (today's gpu.py as a user runs it, whatever config ours was given)."""
+    if PT['default'] and kind is not None:
+        return dict(PT_DEFAULTS[kind], kernel='pallas_triton')
     if cfg.get('kernel', 'triton') != 'triton':
         return None
     return dict(cfg, kernel='pallas_triton')
+
+
+PT_DEFAULTS = dict(decode=dict(block_v=64, num_warps=4), prefill=dict(block_v=64, num_warps=4, chunk=64))
 
 
 def decode_sweep(B):
@@ -1044,7 +1051,11 @@ def _triton_prefill_sweep(T, R, H):
     c = dict(block_v=64, num_warps=4, chunk=64)
     if R > 1:
         return [dict(c, num_stages=2, segment=0, tiles_first=True),
-                dict(c, num_stages=2, segment=0, tiles_first=False)]
+                dict(c, num_stages=2, segment=0, tiles_first=False),
+                dict(c, num_stages=3, segment=0, tiles_first=True),
+                dict(c, num_stages=1, segment=0, tiles_first=True),
+                dict(c, num_warps=8, num_stages=2, segment=0, tiles_first=True),
+                dict(c, block_v=32, num_stages=2, segment=0, tiles_first=True)]
     if T <= 4096:
         return ([dict(c, num_stages=2, segment=s, tiles_first=True) for s in (None, 512, 1024)]
                 + [dict(c, num_stages=3, segment=0, tiles_first=True),
@@ -1081,6 +1092,8 @@ def main():
     ap.add_argument('--smoke', action='store_true',
                     help='only the oracle checks of ours (incl. production shapes and shard_map); '
                          'exit status 1 if one fails')
+    ap.add_argument('--pt-default', action='store_true',
+                    help="time gpu.py at its own default config in every row, whatever config ours runs")
     ap.add_argument('--no-pallas-triton', action='store_true',
                     help='do not time gpu.py (pallas_triton.py) beside ours in each row')
     ap.add_argument('--no-sweep', action='store_true', help='default configs, no per-shape sweep')
@@ -1114,6 +1127,7 @@ def main():
         return
     TRACE['on'] = args.trace
     PT['on'] = not args.no_pallas_triton
+    PT['default'] = args.pt_default
     CHECK['ours_only'] = args.smoke
     if args.compare:
         args.no_xla, args.no_sweep = True, True

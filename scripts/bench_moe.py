@@ -6,8 +6,15 @@ token 8 distinct experts) with float32 combine weights. Every method computes th
 out[t] = sum_j w[t,j] * (silu(x_t Wg[e]) * (x_t Wu[e])) Wd[e] (the shared expert is not included).
 
 Methods (rows):
-  lingjax       lingjax.kernels.moe.experts(impl='gpu'): layout + Triton gate_up/down + combine
-  lingjax-mm    the two Triton grouped matmuls alone (layout precomputed)
+  lingjax       lingjax.kernels.moe.experts(impl='gpu'): layout + Triton gate_up/down + combine, the
+                routing ids carried through the timed loop (the layout is computed every call)
+  lingjax-sort  the same with the sort-built layout (make_layout method 'sort': what T <= 256 ran
+                before the comparison-built one); only where gpu.pick_layout_method picks 'compare'
+  layout-compare / layout-sort
+                the layout alone (plus a checksum of its arrays)
+  lingjax-mm    the two Triton grouped matmuls alone (layout precomputed), default tiles
+  mm bm.. ..    --sweep: the grouped matmuls with each configuration of SWEEP_SMALL / SWEEP_LARGE
+                (block_m, gate_up tiles / down tiles, 'p': persistent); the best per T is printed
   old-gather / old-sorted / old-dense
                 the three forms of lingjax/model/moe.py before the grouped matmul (the issue's
                 baseline: 'dense' was what every T >= 32 ran at these shapes)
@@ -15,13 +22,16 @@ Methods (rows):
   tokamax       tokamax.ragged_dot (Pallas Mosaic GPU), if it imports (carried wheels)
   torch-gmm     torch._grouped_mm on the same buffers (dlpack), CUDA-graph-free, timed with CUDA events
 
-Timing: JAX methods run `--iters` times inside one jitted fori_loop (each iteration's input depends
-on the last output, so nothing is hoisted), device time per iteration = loop time / iters (median of
---reps); torch with triton.testing.do_bench (median). Ceilings measured in the same run: copy
-bandwidth (read + write of a 4 GiB bf16 array) and the dense bf16 matmul rate (8192^3).
+Timing: JAX methods run `--iters` times chained in one jitted function (each call's input depends on
+the last output, so nothing is hoisted; unrolled unless --unroll 0), device time per call = total /
+iters (median of --reps); torch with CUDA events (median). Ceilings measured in the same run: copy
+bandwidth (read + write of a 4 GiB bf16 array) and the dense bf16 matmul rate (8192^3), JAX's and
+PyTorch's, the larger kept.
 Columns: us; TFLOP/s over the useful flops 2 * T * k * 3 * d * I and its share of the matmul rate;
 TB/s over the unique bytes (each touched expert's weights once + x + out) and its share of copy
-bandwidth; rel err of the first tokens against a float64 numpy oracle (lingjax rows; bf16: ~1e-2).
+bandwidth; rel err of the first tokens against a float64 numpy oracle (lingjax and grouped-matmul
+rows, the latter combined; bf16: ~3e-3); ops: top-level instructions of the compiled layer (about
+one kernel launch each).
 
     PYTHONPATH=. python3 scripts/bench_moe.py [--shapes flash,1t] [--tokens 1,16,...] [--out $OUT/bench_moe.json]
     XLA_FLAGS=--xla_force_host_platform_device_count=1 JAX_PLATFORMS=cpu PYTHONPATH=. \\
@@ -30,6 +40,7 @@ bandwidth; rel err of the first tokens against a float64 numpy oracle (lingjax r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -44,17 +55,26 @@ SHAPES = {"flash": (4096, 1024), "1t": (8192, 2048)}
 E, K = 256, 8
 
 
-SWEEP_SMALL = [  # (gate_up config, down config) for blocks of <= 32 rows: (block_n, block_k, group_m, warps, stages)
-    ((16, 256, 1, 4, 3), (32, 256, 1, 4, 3)),
-    ((64, 128, 1, 4, 4), (128, 64, 1, 4, 4)),
-    ((32, 64, 1, 4, 6), (64, 64, 1, 4, 6)),
-    ((32, 128, 1, 8, 4), (64, 128, 1, 8, 4)),
+# Tile sweeps of the grouped matmuls (--sweep): (block_m or None for pick_block_m's, gate_up config, down
+# config), a config being gpu.Config's fields (block_n, block_k, group_m, num_warps, num_stages[, persistent]).
+# The first entry of each list is the default of gpu.pick_config; the best row per T is printed and saved.
+SWEEP_SMALL = [  # blocks of <= 32 rows (decode: weight streaming)
+    (None, (64, 128, 1, 4, 4), (128, 64, 1, 4, 4)),
+    (None, (32, 128, 1, 4, 4), (64, 128, 1, 4, 4)),      # twice the programs (T = 1: 8 blocks only)
+    (None, (16, 256, 1, 4, 3), (32, 256, 1, 4, 3)),
+    (None, (32, 64, 1, 4, 6), (64, 64, 1, 4, 6)),
+    (None, (64, 128, 1, 8, 4), (128, 128, 1, 8, 3)),     # 8 warps, deeper down k steps
 ]
 SWEEP_LARGE = [  # blocks of >= 64 rows
-    ((128, 64, 8, 8, 3), (128, 64, 8, 8, 3)),
-    ((64, 128, 8, 8, 3), (256, 64, 8, 8, 3)),
-    ((128, 32, 8, 4, 4), (128, 32, 8, 4, 4)),
-    ((64, 64, 8, 4, 3), (128, 64, 8, 4, 3)),
+    (None, (64, 64, 8, 4, 3), (128, 64, 8, 4, 3)),
+    (64, (64, 64, 8, 4, 3), (128, 64, 8, 4, 3)),         # half-height blocks: less padding per expert
+    (None, (128, 64, 8, 8, 3), (256, 64, 8, 8, 3)),      # 128 x 128 (x2: gate and up) / 128 x 256 tiles
+    (None, (128, 64, 8, 8, 4), (256, 64, 8, 8, 4)),      # the same, 4 stages (192 KiB of shared memory)
+    (64, (128, 64, 8, 4, 4), (128, 64, 8, 4, 4)),
+    (None, (64, 64, 32, 4, 3), (128, 64, 32, 4, 3)),     # 32 blocks per n tile in the order (L2 reuse)
+    (None, (64, 64, 8, 4, 3, 2), (128, 64, 8, 4, 3, 2)),       # persistent, 2 programs per SM
+    (None, (128, 64, 8, 8, 3, 1), (256, 64, 8, 8, 3, 1)),      # persistent, 1 per SM, large tiles
+    (64, (64, 64, 16, 4, 4, 2), (128, 64, 16, 4, 4, 2)),       # persistent, half-height blocks
 ]
 
 
@@ -123,15 +143,56 @@ def ragged(x, idx, w, wg, wu, wd, dot):
     return out.astype(x.dtype)
 
 
-def loop_time(fn, args, iters, reps):
+def carried_routing(fn):
+    """fn with its routing ids made to depend on the loop carry x (an addition of 0 the compiler cannot
+    prove is 0), so that the layout is computed in every iteration of loop_time and not hoisted out
+    of the loop as loop-invariant."""
+    import jax.numpy as jnp
+
+    def f(x, idx, *rest):
+        return fn(x, idx + (x[0, 0] > 1e30).astype(idx.dtype), *rest)
+    return f
+
+
+def layout_only(n_exp, bm, method):
+    """A function of the loop's signature that builds the layout and returns a [T, d] array depending
+    on every array of it (a checksum of each, broadcast), for timing the layout alone."""
+    import jax.numpy as jnp
+    from lingjax.kernels.moe import make_layout
+
+    def f(x, idx, w, wg, wu, wd):
+        lay = make_layout(idx, n_exp, bm, method)
+        s = (jnp.sum(lay.row_token) + jnp.sum(lay.block_expert) + jnp.sum(lay.pair_row) + lay.num_used_blocks)
+        return jnp.broadcast_to((s % 2).astype(x.dtype), x.shape)
+    return carried_routing(f)
+
+
+def hlo_ops(fn, args):
+    """{opcode: count} of the top-level instructions of fn's compiled entry computation (fusions,
+    custom calls, sorts, scatters ...: about one kernel launch each), and their total."""
+    import collections
+    import re
+    import jax
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    entry = text[text.index("ENTRY"):]
+    entry = entry[: entry.find("\n}") if "\n}" in entry else len(entry)]
+    ops = collections.Counter(re.findall(r"=\s*(?:\([^=]*?\)|\S+)\s+([a-z][\w-]*)\(", entry))
+    for skip in ("parameter", "constant", "get-tuple-element", "bitcast", "tuple"):
+        ops.pop(skip, None)
+    return dict(ops), sum(ops.values())
+
+
+def loop_time(fn, args, iters, reps, unroll=False):
     """Device time per call: `iters` calls chained in one jitted fori_loop (x_{i+1} depends on out_i).
-    Every array is an argument of the jitted loop (closed-over arrays would become constants)."""
+    Every array is an argument of the jitted loop (closed-over arrays would become constants).
+    unroll: the calls inlined one after the other (no while loop, whose per-iteration condition can
+    cost the GPU a round trip to the host: a fixed cost that matters next to a 50 us decode layer)."""
     import jax
 
     def loop(x, *rest):
         def body(i, x):
             return (x + 1e-3 * fn(x, *rest)).astype(x.dtype)
-        return jax.lax.fori_loop(0, iters, body, x)
+        return jax.lax.fori_loop(0, iters, body, x, unroll=True if unroll else 1)
 
     run = jax.jit(loop)
     jax.block_until_ready(run(*args))                            # compile + warm
@@ -244,6 +305,8 @@ def main(argv=None):
                    help="comma list of methods (old = the three old forms)")
     p.add_argument("--iters", type=int, default=10, help="calls per timed loop (default 10)")
     p.add_argument("--reps", type=int, default=3, help="timed loops; the median is reported (default 3)")
+    p.add_argument("--unroll", type=int, default=1, help="1 (default): the timed calls unrolled in one jitted "
+                   "function; 0: a rolled fori_loop (as runs 1-2 of scripts/bench_notes_moe.md)")
     p.add_argument("--max-old-tflop", type=float, default=40.0,
                    help="skip an old form whose flops (TFLOP) would exceed this per call (dense at large T)")
     p.add_argument("--oracle-tokens", type=int, default=4, help="tokens checked against float64 numpy (default 4)")
@@ -255,14 +318,15 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     import jax
     import jax.numpy as jnp
-    from lingjax.kernels.moe import experts, make_layout, resolve
+    from lingjax.kernels.moe import combine, experts, make_layout
+    from lingjax.kernels.moe.layout import COMPARE_MAX_PAIRS
     impl = "reference" if args.smoke else "gpu"
     shapes = {"smoke": (64, 32)} if args.smoke else {s: SHAPES[s] for s in args.shapes.split(",")}
     n_exp, k = (16, 4) if args.smoke else (E, K)
     tokens = [1, 5, 64] if args.smoke else [int(t) for t in args.tokens.split(",")]
     methods = args.methods.split(",")
     if args.smoke:
-        methods = [m for m in methods if m in ("lingjax", "lingjax-mm", "old", "ragged_dot")]
+        methods = [m for m in methods if m in ("lingjax", "lingjax-mm", "layout", "old", "ragged_dot")]
     copy_bw, mm_rate = ceilings(args.smoke)
     if not args.smoke:             # the larger of JAX's and PyTorch's measurement: the % columns stay conservative
         try:
@@ -275,14 +339,14 @@ def main(argv=None):
     log.info("device %s: copy %.2f TB/s, dense bf16 matmul %.0f TFLOP/s", jax.devices()[0].device_kind,
              copy_bw / 1e12, mm_rate / 1e12)
     mod = __import__(f"lingjax.kernels.moe.{'reference' if impl == 'reference' else 'gpu'}", fromlist=["x"])
-    rows = []
+    rows, best = [], {}
     out_path = args.out or (os.path.join(os.environ["OUT"], "bench_moe.json") if os.environ.get("OUT") else None)
 
     def save():
         if out_path:
             with open(out_path, "w") as f:
                 json.dump(dict(device=jax.devices()[0].device_kind, copy_bw=copy_bw, matmul_rate=mm_rate,
-                               rows=rows), f, indent=1)
+                               rows=rows, best=best), f, indent=1)
 
     for sname, (d, I) in shapes.items():
         for T in tokens:
@@ -292,22 +356,38 @@ def main(argv=None):
             nbytes = touched * 3 * d * I * 2 + 2 * T * d * 2
             args_ = (x, idx, w, wg, wu, wd)
             cands = {}
+            bm0 = mod.pick_block_m(T * k, n_exp)
+            small = T * k <= COMPARE_MAX_PAIRS          # where the layout is built by comparisons
             if "lingjax" in methods:
-                cands["lingjax"] = lambda *a: experts(*a, impl=impl)
+                cands["lingjax"] = carried_routing(lambda *a: experts(*a, impl=impl))
+                if small:                                 # the same layer with the sort-built layout (before)
+                    cands["lingjax-sort"] = carried_routing(lambda *a: experts(*a, impl=impl, layout_method="sort"))
+            if "layout" in methods:
+                for m in (("compare", "sort") if small else ("sort",)):
+                    cands[f"layout-{m}"] = layout_only(n_exp, bm0, m)
+            lays = {}
+
+            def layout_for(bm):
+                if bm not in lays:
+                    lays[bm] = jax.jit(make_layout, static_argnums=(1, 2))(idx, n_exp, bm)
+                return lays[bm]
+            checks = {}      # grouped-matmul rows: the same matmuls + combine, checked against the oracle
+
+            def add_mm(name, lay, cg=None, cd=None):
+                def y(x, wg, wu, wd):
+                    kg, kd = ({"config": cg}, {"config": cd}) if cg else ({}, {})
+                    return mod.down(mod.gate_up(x, lay, wg, wu, **kg), lay, wd, **kd)
+                cands[name] = lambda x, idx, w, wg, wu, wd: y(x, wg, wu, wd)[: x.shape[0]]   # the matmuls only
+                checks[name] = lambda x, idx, w, wg, wu, wd: combine(y(x, wg, wu, wd), lay, w).astype(x.dtype)
             if "lingjax-mm" in methods:
-                lay = jax.jit(make_layout, static_argnums=(1, 2))(idx, n_exp, mod.pick_block_m(T * k, n_exp))
-
-                def mm(x, idx, w, wg, wu, wd, lay=lay):
-                    return mod.down(mod.gate_up(x, lay, wg, wu), lay, wd)[: x.shape[0]]
-                cands["lingjax-mm"] = mm
+                add_mm("lingjax-mm", layout_for(bm0))
+            sweep = {}
             if str(T) in args.sweep.split(",") and not args.smoke:
-                bm = mod.pick_block_m(T * k, n_exp)
-                for gu, dn in (SWEEP_SMALL if bm <= 32 else SWEEP_LARGE):
+                for bm, gu, dn in (SWEEP_SMALL if bm0 <= 32 else SWEEP_LARGE):
                     cg, cd = mod.Config(*gu), mod.Config(*dn)
-
-                    def mm_c(x, idx, w, wg, wu, wd, lay=lay, cg=cg, cd=cd):
-                        return mod.down(mod.gate_up(x, lay, wg, wu, config=cg), lay, wd, config=cd)[: x.shape[0]]
-                    cands[f"mm{list(gu)}{list(dn)}".replace(" ", "")] = mm_c
+                    name = f"mm bm{bm or bm0} {cg.tag()}/{cd.tag()}"
+                    add_mm(name, layout_for(bm or bm0), cg, cd)
+                    sweep[name] = dict(block_m=bm or bm0, gate_up=dataclasses.asdict(cg), down=dataclasses.asdict(cd))
             if "old" in methods:
                 for name, fn in old_forms().items():
                     f_old = 2 * T * n_exp * 3 * d * I if name == "dense" else flops
@@ -324,13 +404,17 @@ def main(argv=None):
                     rows.append(dict(shape=sname, T=T, method="tokamax", error=f"{type(e).__name__}: {e}"[:300]))
             for name, fn in cands.items():
                 row = dict(shape=sname, d=d, I=I, T=T, method=name, touched_experts=touched)
+                if name in sweep:
+                    row["config"] = sweep[name]
                 try:
-                    if name == "lingjax":
+                    if name.startswith("lingjax") and name != "lingjax-mm":
                         out = jax.jit(fn)(*args_)
                         row["rel_err"] = oracle_rel(out, *args_, args.oracle_tokens if d < 8192 else 2)
-                        t = loop_time(fn, args_, args.iters, args.reps)
-                    else:
-                        t = loop_time(fn, args_, args.iters if flops < 1e13 else 3, args.reps)
+                        row["hlo_ops"], row["n_ops"] = hlo_ops(fn, args_)
+                    elif name in checks:
+                        out = jax.jit(checks[name])(*args_)
+                        row["rel_err"] = oracle_rel(out, *args_, args.oracle_tokens if d < 8192 else 2)
+                    t = loop_time(fn, args_, args.iters if flops < 1e13 else 3, args.reps, unroll=args.unroll)
                 except Exception as e:                      # noqa: BLE001 (OOM, unsupported: recorded)
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
                     rows.append(row)
@@ -339,9 +423,10 @@ def main(argv=None):
                 row.update(us=t * 1e6, tflops=flops / t / 1e12, pct_matmul=100 * flops / t / mm_rate,
                            tbps=nbytes / t / 1e12, pct_copy=100 * nbytes / t / copy_bw)
                 rows.append(row)
-                log.info("%-6s T=%-6d %-12s %10.1f us %7.1f TFLOP/s (%5.1f%%) %6.2f TB/s (%5.1f%%)%s", sname, T, name,
+                log.info("%-6s T=%-6d %-12s %10.1f us %7.1f TFLOP/s (%5.1f%%) %6.2f TB/s (%5.1f%%)%s%s", sname, T, name,
                          row["us"], row["tflops"], row["pct_matmul"], row["tbps"], row["pct_copy"],
-                         f"  rel {row['rel_err']:.1e}" if "rel_err" in row else "")
+                         f"  rel {row['rel_err']:.1e}" if "rel_err" in row else "",
+                         f"  {row['n_ops']} ops {row['hlo_ops']}" if "n_ops" in row else "")
                 save()
             if "torch-gmm" in methods and not args.smoke:
                 row = dict(shape=sname, d=d, I=I, T=T, method="torch-gmm", touched_experts=touched)
@@ -358,15 +443,36 @@ def main(argv=None):
                 save()
             del x, wg, wu, wd
     print(f"\ncopy {copy_bw / 1e12:.2f} TB/s, dense bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s")
-    print(f"{'shape':<6} {'T':>6} {'method':<12} {'us':>10} {'TFLOP/s':>8} {'%mm':>6} {'TB/s':>6} {'%copy':>6} {'rel err':>8}")
+    w = max([12] + [len(r["method"]) for r in rows])
+    print(f"{'shape':<6} {'T':>6} {'method':<{w}} {'us':>10} {'TFLOP/s':>8} {'%mm':>6} {'TB/s':>6} {'%copy':>6} "
+          f"{'rel err':>8} {'ops':>4}")
     for r in rows:
         if "us" in r:
-            print(f"{r['shape']:<6} {r['T']:>6} {r['method']:<12} {r['us']:>10.1f} {r['tflops']:>8.1f} {r['pct_matmul']:>6.1f} "
-                  f"{r['tbps']:>6.2f} {r['pct_copy']:>6.1f} {r.get('rel_err', float('nan')):>8.1e}")
+            print(f"{r['shape']:<6} {r['T']:>6} {r['method']:<{w}} {r['us']:>10.1f} {r['tflops']:>8.1f} "
+                  f"{r['pct_matmul']:>6.1f} {r['tbps']:>6.2f} {r['pct_copy']:>6.1f} "
+                  f"{r.get('rel_err', float('nan')):>8.1e} {r.get('n_ops', ''):>4}")
         else:
-            print(f"{r['shape']:<6} {r['T']:>6} {r['method']:<12} {r.get('error') or 'skipped: ' + r.get('skipped', '')}"[:140])
+            print(f"{r['shape']:<6} {r['T']:>6} {r['method']:<{w}} {r.get('error') or 'skipped: ' + r.get('skipped', '')}"[:160])
+    best.update(best_configs(rows))
+    for key, b in best.items():
+        print(f"best grouped matmul {key}: {b['method']} {b['us']:.1f} us ({b['speedup']:.2f}x the default tiles)")
     save()
     return 0
+
+
+def best_configs(rows):
+    """{'shape T=..': the fastest swept grouped-matmul row (its config, us, speedup over lingjax-mm)}."""
+    best = {}
+    for r in rows:
+        if "us" not in r or "config" not in r or r.get("rel_err", 1.0) > 2e-2:
+            continue
+        key = f"{r['shape']} T={r['T']}"
+        if key not in best or r["us"] < best[key]["us"]:
+            best[key] = dict(method=r["method"], us=r["us"], config=r["config"])
+    for key, b in best.items():
+        base = [r["us"] for r in rows if "us" in r and r["method"] == "lingjax-mm" and f"{r['shape']} T={r['T']}" == key]
+        b["speedup"] = base[0] / b["us"] if base else float("nan")
+    return best
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def child(args) -> int:
     app = create_app(EngineLoop(eng), Tokenizer(tmp), model_name=f"random-{args.random_shapes}")
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                                            timeout_graceful_shutdown=5))
-    signal.signal(signal.SIGTERM, lambda *_: None)      # graceful, exit 0 (see lingjax/serve_cli.py)
+    signal.signal(signal.SIGTERM, lambda *_: None)      # graceful, exit 0 (see lingjax/cli/serve.py)
 
     async def serve():
         task = asyncio.ensure_future(server.serve())

@@ -78,7 +78,7 @@ def plain_ms(model, B, C, steps, reps):
 
     def one(caches):
         take, rows, *rest = host
-        out = _step_fn(e._params, caches, batch, take, e._prev, rows, *rest, graph=e._graph, mode=(False, True, False))
+        out = _step_fn(e._params, caches, batch, take, e._prev, rows, *rest, graph=e._graph, mode=(False, True, False, True))
         return out[1], out[-1]
     ms, caches = timed(one, e.caches, steps, reps)
     del caches, e

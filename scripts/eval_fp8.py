@@ -4,8 +4,9 @@
 
 Converts the model with `lingjax convert --quantize fp8-block` and `--quantize fp8-channel` (into a
 temporary directory), runs `lingjax eval`'s held-out tasks through the engine on each, and prints the
-accuracy tables and the difference in points. Runs on the CPU; the numbers are the same math a GPU
-runs until the FP8 dot lands (lingjax/quant.py)."""
+accuracy tables and the difference in points. On the CPU the FP8 matmuls run the reference math
+(lingjax/quant.py); on a GPU the FP8 Triton kernels (lingjax/kernels/fp8, kernels/moe/gpu_fp8.py: the
+model's kernels default by backend)."""
 import argparse
 import logging
 import os

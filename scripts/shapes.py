@@ -2,7 +2,7 @@
 
     from shapes import preset, random_model
     cfg = preset("flash8")                       # Ling-2.6-flash shapes, 8 layers, vocab cut to 32768
-    model = random_model(cfg, mesh, jnp.bfloat16)
+    model = random_model(cfg, mesh, jnp.bfloat16)     # fill="init": the model's own (slow) initialisation
 
 Presets:
   flash8     Ling-2.6-flash layer shapes (d 4096, 32 x 128 heads, MLA q_lora 1536 / kv_lora 512,
@@ -46,23 +46,142 @@ def preset(name: str, layers: int | None = None, vocab: int | None = None):
     return cfg
 
 
-def random_model(cfg, mesh, dtype, **model_kw):
+def random_model(cfg, mesh, dtype, fill: str = "hash", **model_kw):
     """A BailingModel with random weights generated on device, each parameter directly in its shards
-    (same values at every tp: JAX's partitionable threefry)."""
+    (the same values at every tp).
+
+    fill "hash" (the default): every matrix (each float parameter of >= 2 dims, all of which the
+    model initialises as N(0, 0.02)) is a cheap deterministic pseudo-random fill (hash_fill: one
+    integer hash of the element's indices, ~N(0, 0.02)), one jitted function per distinct (shape,
+    dtype, sharding) reused across layers with the parameter's seed as an argument; the vectors (norm
+    weights, biases, expert_bias) are the model's own initial values (a jit of the model's init that
+    returns only them: the compiler drops the matrices' random generation).
+    fill "init": the model's own initialisation (nnx.Rngs(0), threefry normals) in one jit: exact, slow
+    at real scale (62 s for the 23.7B-parameter flash8 cut on an H200, run 2)."""
+    import zlib
+
     import jax
+    import jax.numpy as jnp
     from flax import nnx
     from lingjax import sharding
     from lingjax.model import BailingModel
 
+    if fill not in ("hash", "init"):
+        raise ValueError(f"random_model: fill must be 'hash' or 'init', got {fill!r}")
+
     def make():
         return BailingModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), mtp=False, **model_kw)
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
-    if mesh is None:
-        state = jax.jit(lambda: nnx.split(make())[1])()
-    else:
-        shardings = sharding.state_shardings(abstract, cfg, mesh)
+    shardings = sharding.state_shardings(abstract, cfg, mesh) if mesh is not None else None
+    if fill == "init":
         state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
+        return nnx.merge(graphdef, state)
+
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    shard_leaves = treedef.flatten_up_to(shardings) if shardings is not None else [None] * len(leaves)
+    is_matrix = [len(a.shape) >= 2 and jnp.issubdtype(a.dtype, jnp.floating) for _, a in leaves]
+
+    def vectors():
+        flat = treedef.flatten_up_to(nnx.split(make())[1])
+        return [v for v, m in zip(flat, is_matrix) if not m]
+    vec_shardings = [s for s, m in zip(shard_leaves, is_matrix) if not m]
+    vec = iter(jax.jit(vectors, out_shardings=vec_shardings if shardings is not None else None)())
+    fns = {}
+    values = []
+    for (path, a), sh, m in zip(leaves, shard_leaves, is_matrix):
+        if not m:
+            values.append(next(vec))
+            continue
+        key = (tuple(a.shape), jnp.dtype(a.dtype), sh)
+        if key not in fns:
+            fns[key] = jax.jit(lambda seed, shape=a.shape, dt=a.dtype: hash_fill(seed, shape, dt, 0.02),
+                               out_shardings=sh)
+        seed = zlib.crc32(jax.tree_util.keystr(path).encode())
+        values.append(fns[key](jnp.uint32(seed)))
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, values))
+
+
+def hash_fill(seed, shape, dtype, std):
+    """Deterministic pseudo-random values of about N(0, std^2): each element hashes its indices and the
+    uint32 seed (murmur3's 32-bit finaliser, once per axis) and sums the hash's four bytes (Irwin-Hall:
+    mean 510, sd 147.8 over [0, 1020]), centred and scaled. A few integer operations per element, one
+    fused kernel that writes the array once; indices per axis, so arrays of more than 2^32 elements
+    do not repeat."""
+    import jax
+    import jax.numpy as jnp
+    u32 = jnp.uint32
+
+    def fmix(h):
+        h = h ^ (h >> 16)
+        h = h * u32(0x85EBCA6B)
+        h = h ^ (h >> 13)
+        h = h * u32(0xC2B2AE35)
+        return h ^ (h >> 16)
+    h = jnp.broadcast_to(fmix(jnp.asarray(seed, u32) * u32(0x9E3779B1) + u32(1)), shape)
+    for ax in range(len(shape)):
+        h = fmix(h ^ (jax.lax.broadcasted_iota(u32, shape, ax) * u32(0x9E3779B1) + u32(ax + 1)))
+    s = ((h & 255) + ((h >> 8) & 255) + ((h >> 16) & 255) + (h >> 24)).astype(jnp.float32)
+    return ((s - 510.0) * (std / 147.8)).astype(dtype)
+
+
+QUANTIZED_LEAVES = ("kernel", "w_gate", "w_up", "w_down")
+
+
+def is_quantized_param(path) -> bool:
+    """The params an FP8 checkpoint holds in FP8 (quant.quantizable's choice, by param path): the
+    attention and MLP / expert projections of the decoder layers; not the router, norms, embeddings,
+    lm_head."""
+    names = [str(p) for p in path]
+    return names[0] == "layers" and names[-1] in QUANTIZED_LEAVES and ("attention" in names or "mlp" in names)
+
+
+def random_fp8_model(cfg, dtype, scheme, **model_kw):
+    """A BailingModel on the default device with random weights, its projections and experts in FP8
+    (quant.SCHEMES[scheme]: fp8-block or fp8-channel), each made and quantized on device one parameter
+    at a time (quant.quantize_param), so that only one bf16 parameter exists at a time: full
+    Ling-2.6-flash is 208 GB in bf16 (more than one H200) and about 106 GB in FP8. The other params
+    are the model's own initialisation (one jitted call; the quantized ones are dropped from its
+    outputs, so XLA does not make them)."""
+    import functools
+
+    import jax
+    from flax import nnx
+    from lingjax import quant
+    from lingjax.model import BailingModel
+    from lingjax.weights import set_param
+    fmt = quant.SCHEMES[scheme]
+    block, act = quant.param_block(fmt), fmt.act
+
+    def make():
+        return BailingModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), mtp=False, **model_kw)
+    model = nnx.eval_shape(make)
+    flat = list(nnx.to_flat_state(nnx.state(model)))
+
+    def rest():
+        state = nnx.split(make())[1]
+        return {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state) if not is_quantized_param(p)}
+    plain = jax.jit(rest)()
+
+    @functools.partial(jax.jit, static_argnums=(1,))
+    def make_fp8(key, shape):
+        return quant.quantize_param(0.02 * jax.random.normal(key, shape, dtype), block, act)
+    key = jax.random.key(1)
+    for i, (path, var) in enumerate(flat):
+        name = "/".join(map(str, path))
+        if is_quantized_param(path):
+            value = make_fp8(jax.random.fold_in(key, i), tuple(var.get_value().shape))
+            jax.block_until_ready(value)
+        else:
+            value = plain.pop(name)
+        set_param(model, tuple(path), value)
+    return model
+
+
+def weight_bytes(model) -> int:
+    """Bytes of a model's parameters (FP8 weights: values + scales)."""
+    import jax
+    from flax import nnx
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(nnx.state(model)))
 
 
 def param_counts(cfg):

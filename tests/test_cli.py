@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lingjax import cli, cli_common
+from lingjax import cli
+from lingjax.cli import common, generate
 from lingjax.engine import Engine, SamplingParams
 from lingjax.testing import CHAT_TEMPLATE, write_tiny_checkpoint
 from lingjax.tokenizer import Tokenizer
@@ -107,7 +108,7 @@ def test_streamer_writes_as_tokens_arrive(ckpt):
     buf = io.StringIO()
     writes = []
     buf.write = lambda s, w=buf.write: (writes.append(s), w(s))[1]
-    s = cli._Streamer(tok, buf)
+    s = generate.Streamer(tok, buf)
     ids = tok.encode("abc")
     for t in ids:
         s(0, t)
@@ -137,19 +138,19 @@ def test_generate_many_prompts_queue_and_sample(capsys, ckpt, model):
 def test_chat_template(ckpt, capsys):
     tok = Tokenizer(ckpt)
     assert CHAT_TEMPLATE and tok.chat("hi", system="be brief") == "system: be brief\nuser: hi\nassistant: "
-    assert cli._encode(tok, "hi", chat=True) == tok.encode("user: hi\nassistant: ")
+    assert generate.encode(tok, "hi", chat=True) == tok.encode("user: hi\nassistant: ")
     rc, out, err = run(capsys, ["generate", "--model", ckpt, "--prompt", "hi", "--chat", "--max-new-tokens", "2",
                                 "--jsonl"] + FAST)
     assert rc == 0, err and len(json.loads(out)["token_ids"]) <= 2
 
 
 def test_default_model(capsys, ckpt, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli_common, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
+    monkeypatch.setattr(common, "CHECKPOINTS_DIR", tmp_path / "checkpoints")
     rc, _, err = run(capsys, ["generate", "--prompt", "hi"])
     assert_one_line_error(rc, err, 1, "no --model given")
     (tmp_path / "checkpoints").mkdir()
     os.symlink(ckpt, tmp_path / "checkpoints" / "tiny")
-    assert cli.default_model_dir() == tmp_path / "checkpoints" / "tiny"
+    assert common.default_model_dir() == tmp_path / "checkpoints" / "tiny"
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -247,7 +248,7 @@ def test_console_entry_point_errors_are_one_line(tmp_path):
 
 
 def test_python_m_lingjax_cli_reports_user_errors_cleanly(tmp_path):
-    """`python -m lingjax.cli` (this module as __main__) prints the one-line message, not an internal error."""
+    """`python -m lingjax.cli` (the package's __main__.py) prints the one-line message, not an internal error."""
     p = subprocess.run([sys.executable, "-m", "lingjax.cli", "convert", str(tmp_path / "missing"),
                         str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert p.returncode == 1

@@ -1,5 +1,6 @@
 """Engine: invariance of score logits to chunking, batching and packing order (the mixed-batch bug of
-SPEC §7.1), slot hygiene, greedy generate vs score, sampling, bounded compilations, bad input.
+SPEC §7.1), slot hygiene, greedy generate vs score, sampling (and its all-greedy fast path), bounded
+compilations, bad input.
 
 One tiny random model (the HF-layout test checkpoint, float32) is shared by every test; engines of
 one model share their compiled steps, so the file compiles each step shape once."""
@@ -215,6 +216,43 @@ def test_sampling_reproducible_and_batch_independent(model, seqs):
     assert [o.token_ids for o in mixed] == [g[0].token_ids[:3], one[1].token_ids, other[2].token_ids[:2]]
     with pytest.raises(EngineError, match="2 SamplingParams for 3 prompts"):
         greedy.generate(prompts, per[:2])
+
+
+def test_all_greedy_steps_take_the_argmax_path(model, seqs, monkeypatch):
+    """A decode-only step whose sampled rows are all greedy is the "greedy" kind (argmax alone, no sort);
+    one drawing row makes it the "sample" kind, as every step with prompt chunks is. The tokens are the
+    sampler's: greedy == top_k=1 through `sample`, and a drawing request among greedy ones draws what it
+    draws among drawing ones."""
+    from lingjax import engine as engine_module
+    shapes, step = [], engine_module._step_fn
+
+    def recording_step(*args, mode, **kw):                     # the kind and shape of every step dispatched
+        batch = args[2]
+        shapes.append((engine_module._kind(mode), batch.tokens.shape[0], batch.decode_only))
+        return step(*args, mode=mode, **kw)
+
+    monkeypatch.setattr(engine_module, "_step_fn", recording_step)
+    prompts = [seqs[i] for i in (2, 5, 4)]
+    greedy = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    drawn = SamplingParams(max_new_tokens=6, temperature=2.0, seed=3, ignore_eos=True)
+    eng = Engine(model, max_batch=4, prefill_chunk=7, max_len=MAX_LEN)     # the shapes of the tests above
+
+    def run(params):
+        """-> (tokens of each prompt, kinds of its decode-only steps, kinds of its other sampling steps)"""
+        shapes.clear()
+        outs = eng.generate(prompts, params)
+        assert set(shapes) <= set(eng.buckets()) | set(eng.buckets("score+sample"))
+        return ([o.token_ids for o in outs], {k for k, _, d in shapes if d}, {k for k, _, d in shapes if not d} - {""})
+
+    g, decode, other = run(greedy)
+    assert decode == {"greedy"} and other == {"sample"}
+    k1, decode, other = run(dataclasses.replace(drawn, top_k=1))           # greedy through the full sampler
+    assert decode == other == {"sample"} and k1 == g
+    all_drawn, decode, _ = run(drawn)
+    assert decode == {"sample"} and all_drawn[1] != g[1]    # a draw at temperature 2, not the argmax
+    mixed, decode, _ = run([greedy, drawn, greedy])
+    assert "sample" in decode and mixed == [g[0], all_drawn[1], g[2]]
+    assert ("greedy", 4, True) in eng.buckets() and len(eng.buckets()) == 2 * (len(eng.t_buckets) + 1) + 1
 
 
 def test_sample_distribution():

@@ -98,9 +98,10 @@ INTERPRET_CASES = {(1, "uniform", jnp.float32), (48, "dropped", jnp.float32), (1
 # ------------------------------------------------------------------------------------------ layout
 @pytest.mark.parametrize("T,k,E,d,I,kind", CASES)
 @pytest.mark.parametrize("block_m", [1, 8, 16])
-def test_layout_invariants(T, k, E, d, I, kind, block_m):
+@pytest.mark.parametrize("method", ["sort", "compare"])
+def test_layout_invariants(T, k, E, d, I, kind, block_m, method):
     idx = routing(kind, T, k, E, np.random.default_rng(T))
-    L = jax.tree.map(np.asarray, jax.jit(make_layout, static_argnums=(1, 2))(jnp.asarray(idx), E, block_m))
+    L = jax.tree.map(np.asarray, jax.jit(make_layout, static_argnums=(1, 2, 3))(jnp.asarray(idx), E, block_m, method))
     nb = num_blocks(T * k, E, block_m)
     P = nb * block_m
     assert L.block_m == block_m and L.row_token.shape == (P,) and L.block_expert.shape == (nb,)
@@ -129,6 +130,21 @@ def test_layout_invariants(T, k, E, d, I, kind, block_m):
         assert (np.diff(L.pair_row.reshape(-1)[flat]) > 0).all()
 
 
+@pytest.mark.parametrize("T,k,E,bm", [(1, 8, 256, 16), (16, 8, 256, 16), (7, 3, 5, 4), (64, 8, 32, 32)])
+def test_layout_methods_build_the_same_layout(T, k, E, bm):
+    """'compare' (decode sizes) and 'sort' give identical arrays, for uniform routings with dropped
+    pairs and repeated experts at the flash model's E 256, k 8 (T 1, 16) and small shapes."""
+    rng = np.random.default_rng(T + E)
+    idx = rng.integers(-2, E + 2, (T, k)).astype(np.int32)
+    f = jax.jit(make_layout, static_argnums=(1, 2, 3))
+    a, b = (jax.tree.map(np.asarray, f(jnp.asarray(idx), E, bm, m)) for m in ("sort", "compare"))
+    for name in ("row_token", "block_expert", "pair_row", "num_used_blocks"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert a.block_m == b.block_m == bm
+    from lingjax.kernels.moe import gpu          # importable on the CPU (jax_triton only inside the kernels)
+    assert gpu.pick_layout_method(T * k) == "compare" and gpu.pick_layout_method(4096 * 8) == "sort"
+
+
 def test_layout_and_dispatch_errors():
     with pytest.raises(ValueError, match="unknown MoE kernel implementation 'bogus'"):
         moe.experts(jnp.zeros((2, 4)), jnp.zeros((2, 1), jnp.int32), jnp.zeros((2, 1)), jnp.zeros((3, 4, 2)),
@@ -140,6 +156,8 @@ def test_layout_and_dispatch_errors():
                     jnp.zeros((3, 4, 2)), jnp.zeros((3, 4, 2)))
     with pytest.raises(ValueError, match="idx must be"):
         make_layout(jnp.zeros((4,), jnp.int32), 3, 8)
+    with pytest.raises(ValueError, match="unknown method 'bogus'"):
+        make_layout(jnp.zeros((4, 2), jnp.int32), 3, 8, "bogus")
     assert moe.resolve(None) == "reference"     # CPU backend
 
 
@@ -160,6 +178,15 @@ def test_experts_match_float64_oracle(T, k, E, d, I, kind, dtype, impl):
     assert rel(got, want) <= tol
     if kind == "dropped":
         assert float(jnp.abs(got[0].astype(jnp.float32)).max()) == 0.0     # every pair of token 0 dropped
+
+
+@pytest.mark.parametrize("T,k,E,d,I,kind", [CASES[0], CASES[3], CASES[6]])
+def test_experts_with_compare_layout_match_float64_oracle(T, k, E, d, I, kind):
+    """The whole path with the comparison-built layout (what the GPU path runs at decode sizes)."""
+    idx, w, x, wg, wu, wd = problem(T, k, E, d, I, kind, seed=T * 7 + k, dtype=jnp.float32)
+    f = jax.jit(lambda *a: moe.experts(*a, impl="reference", layout_method="compare"))
+    got = f(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), jnp.asarray(wg), jnp.asarray(wu), jnp.asarray(wd))
+    assert rel(got, oracle(x, idx, w, wg, wu, wd)) <= 1e-5
 
 
 def test_experts_are_deterministic_with_bf16_activations_and_f32_weights():

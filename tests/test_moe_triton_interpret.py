@@ -6,7 +6,8 @@ and must not leak into the other tests). Checked against a float64 numpy oracle 
 independently here: float32 inputs (products 'ieee'; 'tf32x3' has no tf32 in the interpreter and runs
 exactly too) within 1e-5 relative, float16 within 1e-2 (16-bit products, float32 accumulation).
 bfloat16 loads are wrong in Triton's interpreter (numpy has no bfloat16), so bf16 is checked on the
-device by scripts/bench_moe.py. Unused blocks must stay unwritten, padding rows must be zero."""
+device by scripts/bench_moe.py. Unused blocks must stay unwritten, padding rows must be zero. Both
+schedules: one program per tile, and the persistent one (programs looping over the used tiles)."""
 import json
 import os
 import subprocess
@@ -61,21 +62,25 @@ def layout(idx, E, bm):
     return row_token, block_expert, pair_row
 
 
-def run(tk, x, idx, wg, wu, wd, bm, bn, bk, precision, group_m):
+def run(tk, x, idx, wg, wu, wd, bm, bn, bk, precision, group_m, programs=0):
+    """programs 0: one program per (block, n tile); > 0: the persistent schedule with that many."""
     import torch
     T, d = x.shape
     E, _, I = wg.shape
     row_token, block_expert, pair_row = layout(idx, E, bm)
     nb, P = len(block_expert), len(row_token)
     tt = lambda a: torch.from_numpy(np.ascontiguousarray(a))         # noqa: E731
+    num_used = tt(np.array([(block_expert >= 0).sum()], np.int32))
     sentinel = 1027.0      # exact in float16
     h = torch.full((P, I), sentinel, dtype=tt(x).dtype)
     y = torch.full((P, d), sentinel, dtype=tt(x).dtype)
-    tk.gate_up_kernel[(nb * (I // bn),)](tt(x), tt(row_token), tt(block_expert), tt(wg), tt(wu), h, N_TOKENS=T, K=d,
-                                          N=I, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
-                                          PRECISION=precision)
-    tk.down_kernel[(nb * (d // bn),)](h, tt(block_expert), tt(wd), y, K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm,
-                                       BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, PRECISION=precision)
+    sched = dict(PERSISTENT=programs > 0, NUM_PROGRAMS=max(programs, 1))
+    tk.gate_up_kernel[(programs or nb * (I // bn),)](
+        tt(x), tt(row_token), tt(block_expert), num_used, tt(wg), tt(wu), h, N_TOKENS=T, K=d, N=I, NUM_BLOCKS=nb,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, PRECISION=precision, **sched)
+    tk.down_kernel[(programs or nb * (d // bn),)](
+        h, tt(block_expert), num_used, tt(wd), y, K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        GROUP_M=group_m, PRECISION=precision, **sched)
     return h.double().numpy(), y.double().numpy(), row_token, block_expert, sentinel
 
 
@@ -105,9 +110,12 @@ CASES = [  # (T, k, E, block_m, routing)
 
 
 PARAMS = [("float32", "ieee", 1e-5), ("float32", "tf32x3", 1e-5), ("float16", "", 1e-2)]
+# the persistent schedule (programs looping over the used tiles): 3 programs, fewer than the tiles, so
+# each loops several times, and more programs than tiles (T = 1: 1 used block x 2 n tiles)
+PERSISTENT = [("float32", "ieee", 1e-5, 3), ("float16", "", 1e-2, 5)]
 
 
-def measure(tk, case, dtype, precision):
+def measure(tk, case, dtype, precision, programs=0):
     T, k, E, bm, routing = case
     d, I, bn, bk = 64, 32, 16, 32
     dtype = np.dtype(dtype)
@@ -121,7 +129,8 @@ def measure(tk, case, dtype, precision):
     wg = (rng.standard_normal((E, d, I)) / np.sqrt(d)).astype(dtype)
     wu = (rng.standard_normal((E, d, I)) / np.sqrt(d)).astype(dtype)
     wd = (rng.standard_normal((E, I, d)) / np.sqrt(I)).astype(dtype)
-    h, y, row_token, block_expert, sentinel = run(tk, x, idx, wg, wu, wd, bm, bn, bk, precision, group_m=2)
+    h, y, row_token, block_expert, sentinel = run(tk, x, idx, wg, wu, wd, bm, bn, bk, precision, group_m=2,
+                                                  programs=programs)
     want_h, want_y = oracle(x, wg, wu, wd, row_token, block_expert, bm)
     rows = sorted(want_h)
     H, Y = np.stack([want_h[r] for r in rows]), np.stack([want_y[r] for r in rows])
@@ -134,8 +143,8 @@ def measure(tk, case, dtype, precision):
                 unused_untouched=bool(np.all(h[unused] == sentinel) and np.all(y[unused] == sentinel)))
 
 
-def _key(case, dtype, precision):
-    return f"{case}-{dtype}-{precision}"
+def _key(case, dtype, precision, programs=0):
+    return f"{case}-{dtype}-{precision}-{programs}"
 
 
 @pytest.mark.parametrize("dtype,precision,tol", PARAMS)
@@ -149,6 +158,16 @@ def test_gate_up_down_match_float64(results, case, dtype, precision, tol):
         assert r["n_unused"] > 0 and r["n_pad"] > 0      # the case exercises both
 
 
+@pytest.mark.parametrize("dtype,precision,tol,programs", PERSISTENT)
+@pytest.mark.parametrize("case", CASES)
+def test_persistent_schedule_matches_float64(results, case, dtype, precision, tol, programs):
+    r = results[_key(case, dtype, precision, programs)]
+    assert r["rel_h"] < tol and r["rel_y"] < tol, r
+    assert r["pad_zero"] and r["unused_untouched"], r
+
+
 if __name__ == "__main__":          # the child process
     tk = _load_interpreted()
-    print(json.dumps({_key(c, dt, pr): measure(tk, c, dt, pr) for c in CASES for dt, pr, _ in PARAMS}))
+    res = {_key(c, dt, pr): measure(tk, c, dt, pr) for c in CASES for dt, pr, _ in PARAMS}
+    res.update({_key(c, dt, pr, n): measure(tk, c, dt, pr, n) for c in CASES for dt, pr, _, n in PERSISTENT})
+    print(json.dumps(res))

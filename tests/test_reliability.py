@@ -230,7 +230,7 @@ def test_ctrl_c_in_generate_prints_the_finished_results(hf, capsys, monkeypatch)
         def update(self, n):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_progress_bar", Bar)
+    monkeypatch.setattr(cli.generate, "progress_bar", Bar)
     rc, out, err = run(capsys, argv)
     assert rc == 130 and "lingjax: interrupted" in err and "Traceback" not in err
     got = [json.loads(line) for line in out.splitlines()]

@@ -228,6 +228,8 @@ def test_64_concurrent_clients_equal_offline(served, offline, tok):
     engine = served[1].engine              # serving (prompts longer than a chunk, mixed steps) compiled nothing
     assert {k: v for k, v in engine.compiled_shapes().items() if "top" not in k[0]} == engine.warm_shapes
     assert ("sample", 64, False) in engine.warm_shapes and ("", 64, False) in engine.warm_shapes
+    R = engine.max_batch
+    assert ("greedy", R, True) in engine.warm_shapes and ("sample", R, True) in engine.warm_shapes
 
 
 # --------------------------------------------------------------------------------------------- disconnects

@@ -51,7 +51,7 @@ def test_checkpoint_layout_and_features():
 
 
 def test_cli_default_model_is_the_tiny_checkpoint():
-    assert os.path.samefile(cli.default_model_dir(), CKPT)
+    assert os.path.samefile(cli.common.default_model_dir(), CKPT)
 
 
 # Held-out accuracy floor per task on a small subset (the CI bar). The shipped model measures

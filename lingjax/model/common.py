@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lingjax import quant
+from lingjax.kernels import fp8 as fp8_kernels
 from lingjax.model.parallel import tp_index, tp_psum
 
 F32 = jnp.float32
@@ -15,9 +15,13 @@ def init_normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
 
 class Dense(nnx.Module):
     """y = x @ kernel (+ bias). kernel is [in, out] (the transpose of PyTorch's weight), a plain array or
-    an FP8 weight (lingjax.quant.FP8Weight, set by the FP8 loaders)."""
+    an FP8 weight (lingjax.quant.FP8Weight, set by the FP8 loaders), multiplied through
+    lingjax.kernels.fp8.matmul with impl=kernels (None: by backend; the GPU runs FP8 weights on the
+    FP8 tensor cores)."""
 
-    def __init__(self, d_in, d_out, *, use_bias=False, dtype=jnp.bfloat16, rngs: nnx.Rngs):
+    def __init__(self, d_in, d_out, *, use_bias=False, dtype=jnp.bfloat16, rngs: nnx.Rngs,
+                 kernels: str | None = None):
+        self.kernels = kernels
         self.kernel = nnx.Param(init_normal(rngs, (d_in, d_out), dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if use_bias else None
 
@@ -25,7 +29,7 @@ class Dense(nnx.Module):
         """partial=True marks a row-parallel projection: under tensor parallelism x holds this device's
         slice of the input features, the result is its partial sum and the bias is added on tp rank 0
         only, so that one psum over tp gives the full output (tp = 1: the plain projection)."""
-        y = quant.matmul(x, self.kernel.get_value())       # a plain array or an FP8Weight
+        y = fp8_kernels.matmul(x, self.kernel.get_value(), impl=self.kernels)   # a plain array or an FP8Weight
         if self.bias is not None:
             b = self.bias[...].astype(x.dtype)
             if partial and not isinstance(tp_index(), int):
@@ -90,10 +94,10 @@ class GroupRMSNormGate(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)). The dense layers, the shared expert."""
 
-    def __init__(self, d, width, *, use_bias=False, dtype=jnp.bfloat16, rngs: nnx.Rngs):
-        self.gate_proj = Dense(d, width, use_bias=use_bias, dtype=dtype, rngs=rngs)
-        self.up_proj = Dense(d, width, use_bias=use_bias, dtype=dtype, rngs=rngs)
-        self.down_proj = Dense(width, d, use_bias=use_bias, dtype=dtype, rngs=rngs)
+    def __init__(self, d, width, *, use_bias=False, dtype=jnp.bfloat16, rngs: nnx.Rngs, kernels: str | None = None):
+        self.gate_proj = Dense(d, width, use_bias=use_bias, dtype=dtype, rngs=rngs, kernels=kernels)
+        self.up_proj = Dense(d, width, use_bias=use_bias, dtype=dtype, rngs=rngs, kernels=kernels)
+        self.down_proj = Dense(width, d, use_bias=use_bias, dtype=dtype, rngs=rngs, kernels=kernels)
 
     def __call__(self, x, *, reduce=True):
         """Under tensor parallelism gate/up are column- and down row-parallel over the width: reduce=False

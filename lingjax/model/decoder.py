@@ -30,7 +30,7 @@ class DecoderLayer(nnx.Module):
                           else LinearAttention(cfg, layer, dtype=dtype, rngs=rngs, kernels=kernels))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.mlp = (MoE(cfg, dtype=dtype, rngs=rngs, kernels=kernels) if self.is_moe
-                    else MLP(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.use_bias, dtype=dtype, rngs=rngs))
+                    else MLP(cfg.hidden_size, cfg.intermediate_size, use_bias=cfg.use_bias, dtype=dtype, rngs=rngs, kernels=kernels))
 
     def __call__(self, x, positions):
         h = self.input_layernorm(x)

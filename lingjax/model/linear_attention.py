@@ -25,14 +25,14 @@ class LinearAttention(nnx.Module):
         self.cfg, self.layer = cfg, layer
         self.kernels = kernels          # kernel backend (lingjax.kernels.linear_attention); None: by backend
         d, H, D = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
-        self.q_proj = Dense(d, H * D, use_bias=cfg.use_qkv_bias, dtype=dtype, rngs=rngs)
-        self.k_proj = Dense(d, H * D, use_bias=cfg.use_qkv_bias, dtype=dtype, rngs=rngs)
-        self.v_proj = Dense(d, H * D, use_bias=cfg.use_qkv_bias, dtype=dtype, rngs=rngs)
+        self.q_proj = Dense(d, H * D, use_bias=cfg.use_qkv_bias, dtype=dtype, rngs=rngs, kernels=kernels)
+        self.k_proj = Dense(d, H * D, use_bias=cfg.use_qkv_bias, dtype=dtype, rngs=rngs, kernels=kernels)
+        self.v_proj = Dense(d, H * D, use_bias=cfg.use_qkv_bias, dtype=dtype, rngs=rngs, kernels=kernels)
         self.query_layernorm = RMSNorm(D, eps=cfg.rms_norm_eps, dtype=dtype)
         self.key_layernorm = RMSNorm(D, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.g_proj = Dense(d, H * D, dtype=dtype, rngs=rngs)
+        self.g_proj = Dense(d, H * D, dtype=dtype, rngs=rngs, kernels=kernels)
         self.g_norm = GroupRMSNormGate(H * D, cfg.group_norm_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.dense = Dense(H * D, d, use_bias=cfg.use_bias, dtype=dtype, rngs=rngs)
+        self.dense = Dense(H * D, d, use_bias=cfg.use_bias, dtype=dtype, rngs=rngs, kernels=kernels)
 
     def qkv(self, x, positions):
         """x [..., T, d] -> q, k, v [..., T, H_local, D] in x's dtype (SPEC §2.2 order).

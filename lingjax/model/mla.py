@@ -26,17 +26,17 @@ class MLA(nnx.Module):
         d, H = cfg.hidden_size, cfg.num_attention_heads
         qk, r = cfg.qk_head_dim, cfg.kv_lora_rank
         if cfg.q_lora_rank:
-            self.q_a_proj = Dense(d, cfg.q_lora_rank, use_bias=cfg.use_qkv_bias, dtype=dtype, rngs=rngs)
+            self.q_a_proj = Dense(d, cfg.q_lora_rank, use_bias=cfg.use_qkv_bias, dtype=dtype, rngs=rngs, kernels=kernels)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=MLA_SUBNORM_EPS, dtype=dtype)
-            self.q_b_proj = Dense(cfg.q_lora_rank, H * qk, dtype=dtype, rngs=rngs)
+            self.q_b_proj = Dense(cfg.q_lora_rank, H * qk, dtype=dtype, rngs=rngs, kernels=kernels)
             self.q_proj = None
         else:
             self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
-            self.q_proj = Dense(d, H * qk, dtype=dtype, rngs=rngs)
-        self.kv_a_proj_with_mqa = Dense(d, r + cfg.qk_rope_head_dim, use_bias=cfg.use_qkv_bias, dtype=dtype, rngs=rngs)
+            self.q_proj = Dense(d, H * qk, dtype=dtype, rngs=rngs, kernels=kernels)
+        self.kv_a_proj_with_mqa = Dense(d, r + cfg.qk_rope_head_dim, use_bias=cfg.use_qkv_bias, dtype=dtype, rngs=rngs, kernels=kernels)
         self.kv_a_layernorm = RMSNorm(r, eps=MLA_SUBNORM_EPS, dtype=dtype)
-        self.kv_b_proj = Dense(r, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype=dtype, rngs=rngs)
-        self.dense = Dense(H * cfg.v_head_dim, d, use_bias=cfg.use_qkv_bias, dtype=dtype, rngs=rngs)
+        self.kv_b_proj = Dense(r, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), dtype=dtype, rngs=rngs, kernels=kernels)
+        self.dense = Dense(H * cfg.v_head_dim, d, use_bias=cfg.use_qkv_bias, dtype=dtype, rngs=rngs, kernels=kernels)
 
     @property
     def scaling(self):

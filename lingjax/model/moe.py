@@ -40,7 +40,7 @@ class MoE(nnx.Module):
         self.w_gate = nnx.Param(init_normal(rngs, (E, d, I), dtype))
         self.w_up = nnx.Param(init_normal(rngs, (E, d, I), dtype))
         self.w_down = nnx.Param(init_normal(rngs, (E, I, d), dtype))
-        self.shared_experts = (MLP(d, cfg.shared_intermediate_size, use_bias=cfg.use_bias, dtype=dtype, rngs=rngs)
+        self.shared_experts = (MLP(d, cfg.shared_intermediate_size, use_bias=cfg.use_bias, dtype=dtype, rngs=rngs, kernels=kernels)
                                if cfg.num_shared_experts > 0 else None)
 
     def route(self, x2):

@@ -5,14 +5,17 @@ pairs sorted by expert (layout.py), for every token count.
 
 Steps (the same for every implementation; only the two grouped matmuls differ):
   block_m = mod.pick_block_m(T * k, E)                  static, the implementation's choice
-  layout  = make_layout(idx, E, block_m)                sort pairs by expert, pad groups to blocks
+  method  = mod.pick_layout_method(T * k)               'sort' or 'compare' (layout.py), same result
+  layout  = make_layout(idx, E, block_m, method)        pairs grouped by expert, groups padded to blocks
   h = mod.gate_up(x, layout, w_gate, w_up)   [P, I]     silu(x Wg[e]) * (x Wu[e]), f32 accumulation
   y = mod.down(h, layout, w_down)            [P, d]     h Wd[e], f32 accumulation
   out = combine(y, layout, weights)          [T, d]     sum_j weights[t, j] * y[pair_row[t, j]] in f32
 
 Implementations (impl=):
   reference      pure jnp (reference.py): the CPU path, differentiable, the oracle of the kernels
-  gpu            Triton grouped matmul through jax-triton (gpu.py; imports jax_triton: GPU only)
+  gpu            Triton grouped matmul through jax-triton (gpu.py; imports jax_triton: GPU only); FP8
+                 weights (quant.FP8Weight): the FP8 variant (gpu_fp8.py + triton_fp8.py: fp8 x fp8
+                 products, float32 accumulation) where it takes them, else dequantized as below
   tpu            Pallas Mosaic TPU grouped matmul (tpu.py)
   tpu_interpret  tpu.py's kernels in Pallas TPU interpret mode (on the CPU; for tests)
 impl=None picks by jax.default_backend(): gpu -> 'gpu', tpu -> 'tpu', anything else -> 'reference'.
@@ -55,21 +58,22 @@ def _module(impl):
 
 def combine(y, layout: Layout, weights):
     """y [P, d]; weights [T, k] f32 -> [T, d] float32: sum over j (in order j = 0..k-1) of
-    weights[t, j] * y[pair_row[t, j]], row P being a zero row (dropped pairs). A gather, not a
-    scatter-add: deterministic."""
-    ye = jnp.concatenate([y, jnp.zeros((1, y.shape[1]), y.dtype)])
+    weights[t, j] * y[pair_row[t, j]], a dropped pair (pair_row P, out of bounds) adding zero. A
+    gather of k rows per token (no copy of y, no scatter-add): deterministic."""
     out = None
     for j in range(layout.pair_row.shape[1]):
-        term = ye[layout.pair_row[:, j]].astype(F32) * weights[:, j, None].astype(F32)
+        rows = jnp.take(y, layout.pair_row[:, j], axis=0, mode='fill', fill_value=0)
+        term = rows.astype(F32) * weights[:, j, None].astype(F32)
         out = term if out is None else out + term
     return out
 
 
-def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None):
+def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None, layout_method=None):
     """Routed experts: x [T, d]; idx [T, k] int32 expert ids local to this device (ids outside
     [0, E) are dropped: another device's experts); weights [T, k] float32 combine weights;
     w_gate/w_up [E, d, I], w_down [E, I, d] as stored (cast to x.dtype only if they differ), or FP8
-    weights (lingjax.quant.FP8Weight) of those shapes
+    weights (lingjax.quant.FP8Weight) of those shapes; layout_method: make_layout's method ('sort' or
+    'compare'; None: the implementation's pick_layout_method)
     -> [T, d] in x.dtype."""
     impl = resolve(impl)
     T, d = x.shape
@@ -83,15 +87,20 @@ def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None):
     if fp8 != quant.is_fp8(w_up) or fp8 != quant.is_fp8(w_down):
         raise ValueError('experts: w_gate, w_up and w_down must be all FP8 or all plain arrays')
     act = w_gate.act if fp8 else 'none'
+    if fp8 and impl == 'gpu':
+        from lingjax.kernels.moe import gpu_fp8       # FP8 grouped matmul (fp8 products, f32 accumulation)
+        if gpu_fp8.supports(x, w_gate, w_up, w_down):
+            layout = make_layout(idx.astype(jnp.int32), E, gpu_fp8.pick_block_m(T * idx.shape[1], E))
+            return combine(gpu_fp8.grouped(x, layout, w_gate, w_up, w_down), layout, weights).astype(x.dtype)
     if fp8:
         # FP8 experts (lingjax.quant): dynamic activation scaling per the format, dequantized weights.
-        # HOOK: the grouped matmul's FP8 variant (fp8 weights, float32 accumulation) replaces this.
+        # (impl 'gpu' runs the FP8 grouped matmul above, gpu_fp8.py, where it takes the weights)
         w_gate, w_up, w_down = (quant.dequantize(w, x.dtype) for w in (w_gate, w_up, w_down))
     w_gate, w_up, w_down = (w if w.dtype == x.dtype else w.astype(x.dtype) for w in (w_gate, w_up, w_down))
     mod = _module(impl)
     kw = {'interpret': True} if impl == 'tpu_interpret' else {}
     block_m = mod.pick_block_m(T * idx.shape[1], E)
-    layout = make_layout(idx.astype(jnp.int32), E, block_m)
-    h = mod.gate_up(quant.quantize_activation(x, act), layout, w_gate, w_up, **kw)
-    y = mod.down(quant.quantize_activation(h, act), layout, w_down, **kw)
-    return combine(y, layout, weights).astype(x.dtype)
+    lay = make_layout(idx.astype(jnp.int32), E, block_m, layout_method or mod.pick_layout_method(idx.size))
+    h = mod.gate_up(quant.quantize_activation(x, act), lay, w_gate, w_up, **kw)
+    y = mod.down(quant.quantize_activation(h, act), lay, w_down, **kw)
+    return combine(y, lay, weights).astype(x.dtype)

@@ -1,8 +1,8 @@
 """MoE grouped matmul on Hopper GPUs: the Triton kernels of triton_kernels.py called through jax-triton.
 
-Same interface as reference.py (see lingjax/kernels/moe/__init__.py): `pick_block_m`, `gate_up`,
-`down` over the expert-sorted row layout (layout.py). Each kernel reads every touched expert's weight
-panel once per block of rows and none of the untouched experts, straight from the stored [E, d, I] /
+Same interface as reference.py (see lingjax/kernels/moe/__init__.py): `pick_block_m`,
+`pick_layout_method`, `gate_up`, `down` over the expert-sorted row layout (layout.py). Each kernel
+reads every touched expert's weight panel once per block of rows and none of the untouched experts, straight from the stored [E, d, I] /
 [E, I, d] layout (no transposes, no weight copies). Tile shapes are picked per block size by
 `pick_config` (measured on H200: scripts/bench_moe.py); `config=` overrides them for sweeps.
 jax_triton is imported inside the functions: it cannot be imported on a CPU-only JAX.
@@ -13,15 +13,45 @@ import dataclasses
 
 import jax
 from lingjax.kernels.jax_triton_lib import dot_precision
+from lingjax.kernels.moe.layout import COMPARE_MAX_PAIRS
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """Tiles and schedule of one kernel: [block_m (the layout's), block_n] output tiles, block_k-deep
+    steps; group_m blocks per n tile in the tile order (L2 reuse); persistent 0: one program per
+    (block, n tile), p > 0: p programs per SM looping over the used blocks' tiles (triton_kernels.py)."""
     block_n: int
     block_k: int
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    persistent: int = 0
+
+    def tag(self) -> str:
+        """Short name of the config for tables: n64k128g8w4s3 (+ p2 when persistent)."""
+        t = f"n{self.block_n}k{self.block_k}g{self.group_m}w{self.num_warps}s{self.num_stages}"
+        return t + (f"p{self.persistent}" if self.persistent else "")
+
+
+def num_sms() -> int:
+    """Streaming multiprocessors of the first device (132 on an H200; 132 if the device does not say)."""
+    return int(getattr(jax.devices()[0], "core_count", 0) or 132)
+
+
+def _schedule(c: Config, nb: int, num_n: int):
+    """(grid, PERSISTENT, NUM_PROGRAMS) of a launch over nb blocks x num_n n tiles."""
+    if c.persistent <= 0:
+        return (nb * num_n,), False, 1
+    programs = max(1, min(c.persistent * num_sms(), nb * num_n))
+    return (programs,), True, programs
+
+
+def pick_layout_method(n_pairs: int) -> str:
+    """'compare' (layout.py: comparisons and reductions, a few fused kernels) up to
+    COMPARE_MAX_PAIRS pairs, where a sort and its scatters are a fixed cost larger than the work;
+    'sort' above (the comparisons grow as n_pairs^2)."""
+    return "compare" if n_pairs <= COMPARE_MAX_PAIRS else "sort"
 
 
 def pick_block_m(n_pairs: int, n_experts: int) -> int:
@@ -68,13 +98,15 @@ def gate_up(x, layout, w_gate, w_up, *, config: Config | None = None, f32_dot: s
     T, d = x.shape
     I = w_gate.shape[-1]
     nb, bm = layout.block_expert.shape[0], layout.block_m
-    c = config or pick_config("gate_up", bm, d, I, x.dtype.itemsize)
+    c = _fit(config, d, I) if config else pick_config("gate_up", bm, d, I, x.dtype.itemsize)
+    grid, persistent, programs = _schedule(c, nb, I // c.block_n)
     return jt.triton_call(
-        x, layout.row_token, layout.block_expert, w_gate.astype(x.dtype), w_up.astype(x.dtype),
-        kernel=gate_up_kernel, out_shape=jax.ShapeDtypeStruct((nb * bm, I), x.dtype),
-        grid=(nb * (I // c.block_n),), num_warps=c.num_warps, num_stages=c.num_stages, name="moe_gate_up",
+        x, layout.row_token, layout.block_expert, layout.num_used_blocks.reshape(1), w_gate.astype(x.dtype),
+        w_up.astype(x.dtype), kernel=gate_up_kernel, out_shape=jax.ShapeDtypeStruct((nb * bm, I), x.dtype),
+        grid=grid, num_warps=c.num_warps, num_stages=c.num_stages, name="moe_gate_up",
         N_TOKENS=T, K=d, N=I, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-        GROUP_M=c.group_m, PRECISION=dot_precision(x.dtype, f32_dot))
+        GROUP_M=c.group_m, PRECISION=dot_precision(x.dtype, f32_dot), PERSISTENT=persistent,
+        NUM_PROGRAMS=programs)
 
 
 def down(h, layout, w_down, *, config: Config | None = None, f32_dot: str = "tf32x3"):
@@ -85,10 +117,12 @@ def down(h, layout, w_down, *, config: Config | None = None, f32_dot: str = "tf3
     P, I = h.shape
     d = w_down.shape[-1]
     nb, bm = layout.block_expert.shape[0], layout.block_m
-    c = config or pick_config("down", bm, I, d, h.dtype.itemsize)
+    c = _fit(config, I, d) if config else pick_config("down", bm, I, d, h.dtype.itemsize)
+    grid, persistent, programs = _schedule(c, nb, d // c.block_n)
     return jt.triton_call(
-        h, layout.block_expert, w_down.astype(h.dtype),
+        h, layout.block_expert, layout.num_used_blocks.reshape(1), w_down.astype(h.dtype),
         kernel=down_kernel, out_shape=jax.ShapeDtypeStruct((P, d), h.dtype),
-        grid=(nb * (d // c.block_n),), num_warps=c.num_warps, num_stages=c.num_stages, name="moe_down",
+        grid=grid, num_warps=c.num_warps, num_stages=c.num_stages, name="moe_down",
         K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-        GROUP_M=c.group_m, PRECISION=dot_precision(h.dtype, f32_dot))
+        GROUP_M=c.group_m, PRECISION=dot_precision(h.dtype, f32_dot), PERSISTENT=persistent,
+        NUM_PROGRAMS=programs)

@@ -32,6 +32,11 @@ from jax.experimental.pallas import tpu as pltpu
 F32 = jnp.float32
 
 
+def pick_layout_method(n_pairs: int) -> str:
+    """How make_layout builds the layout: the sort (layout.py); the comparison-built layout is not yet measured on a TPU."""
+    return 'sort'
+
+
 def pick_block_m(n_pairs: int, num_experts: int) -> int:
     """Rows per block: 512, halved (down to 16: bf16 packs 16 rows per sublane tile) while there are
     fewer than two blocks' worth of pairs per expert, which bounds the padding (< 1 block per expert,

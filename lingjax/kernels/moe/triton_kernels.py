@@ -10,8 +10,15 @@ A program computes one [BLOCK_M, BLOCK_N] output tile of one block, streaming it
 panel [K, BLOCK_N] once, with float32 accumulation:
   gate_up: h[r] = silu(x[tok] @ Wg[e]) * (x[tok] @ Wu[e])      x [T, d], Wg/Wu [E, d, I] -> h [P, I]
   down:    y[r] = h[r] @ Wd[e]                                  h [P, I], Wd [E, I, d]    -> y [P, d]
-Rows of unused blocks are left unwritten (the combine step never reads them). Programs are ordered
-GROUP_M blocks at a time per weight tile, so blocks of one expert reuse its tiles from L2.
+Rows of unused blocks are left unwritten (the combine step never reads them). Tiles (block, n tile)
+are ordered GROUP_M blocks at a time per n tile, so that the GROUP_M blocks' activation rows and the
+weight panel of an expert with several blocks are reused from L2 (_tile).
+Two schedules (PERSISTENT, a compile-time choice):
+  False  one program per (block, n tile) over all NUM_BLOCKS blocks (the static worst case); programs
+         of unused blocks exit at once
+  True   NUM_PROGRAMS programs (a few per SM) loop over the tiles of the used blocks only
+         (num_used_blocks read on the device), in the same order: no launch of empty programs, and
+         the programs resident on the SMs move through the tiles together, keeping the L2 reuse.
 PRECISION: "" for 16-bit inputs (tensor cores, bf16/f16 products), or a tl.dot input_precision for
 float32 inputs ("tf32x3": float32-accurate, the default; "ieee"; "tf32").
 """
@@ -20,13 +27,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile(pid, NUM_BLOCKS: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Program id -> (block, n tile): GROUP_M consecutive blocks share each n tile."""
+def _tile(pid, n_blocks, N: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile index -> (block, n tile) over n_blocks blocks: GROUP_M consecutive blocks share each n tile."""
     num_n = N // BLOCK_N
     per_group = GROUP_M * num_n
     group = pid // per_group
     first = group * GROUP_M
-    size = tl.minimum(NUM_BLOCKS - first, GROUP_M)
+    size = tl.minimum(n_blocks - first, GROUP_M)
     pid_m = first + (pid % per_group) % size
     pid_n = (pid % per_group) // size
     return pid_m, pid_n
@@ -41,53 +48,82 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def gate_up_kernel(x_ptr, row_token_ptr, block_expert_ptr, wg_ptr, wu_ptr, h_ptr,
-                   N_TOKENS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, NUM_BLOCKS: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    pid_m, pid_n = _tile(tl.program_id(0), NUM_BLOCKS, N, BLOCK_N, GROUP_M)
-    e = tl.load(block_expert_ptr + pid_m)
-    if e >= 0:
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        tok = tl.load(row_token_ptr + rows)
-        real = tok < N_TOKENS
-        tok = tl.where(real, tok, 0).to(tl.int64)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
-        a_ptrs = x_ptr + tok[:, None] * K + ks[None, :]
-        w_off = e.to(tl.int64) * K * N + ks[:, None] * N + cols[None, :]
-        g_ptrs = wg_ptr + w_off
-        u_ptrs = wu_ptr + w_off
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for _ in range(0, K // BLOCK_K):
-            a = tl.load(a_ptrs, mask=real[:, None], other=0.0)
-            acc_g = _dot(a, tl.load(g_ptrs), acc_g, PRECISION)
-            acc_u = _dot(a, tl.load(u_ptrs), acc_u, PRECISION)
-            a_ptrs += BLOCK_K
-            g_ptrs += BLOCK_K * N
-            u_ptrs += BLOCK_K * N
-        h = acc_g * tl.sigmoid(acc_g) * acc_u
-        out = h_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
-        tl.store(out, h.to(h_ptr.dtype.element_ty))
+def _gate_up_tile(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, pid_m, pid_n, e, N_TOKENS: tl.constexpr,
+                  K: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok = tl.load(row_token_ptr + rows)
+    real = tok < N_TOKENS
+    tok = tl.where(real, tok, 0).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tok[:, None] * K + ks[None, :]
+    w_off = e.to(tl.int64) * K * N + ks[:, None] * N + cols[None, :]
+    g_ptrs = wg_ptr + w_off
+    u_ptrs = wu_ptr + w_off
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(0, K // BLOCK_K):
+        a = tl.load(a_ptrs, mask=real[:, None], other=0.0)
+        acc_g = _dot(a, tl.load(g_ptrs), acc_g, PRECISION)
+        acc_u = _dot(a, tl.load(u_ptrs), acc_u, PRECISION)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K * N
+        u_ptrs += BLOCK_K * N
+    h = acc_g * tl.sigmoid(acc_g) * acc_u
+    out = h_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+    tl.store(out, h.to(h_ptr.dtype.element_ty))
 
 
 @triton.jit
-def down_kernel(h_ptr, block_expert_ptr, w_ptr, y_ptr,
+def gate_up_kernel(x_ptr, row_token_ptr, block_expert_ptr, num_used_ptr, wg_ptr, wu_ptr, h_ptr,
+                   N_TOKENS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, NUM_BLOCKS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                   PRECISION: tl.constexpr, PERSISTENT: tl.constexpr = False, NUM_PROGRAMS: tl.constexpr = 1):
+    if PERSISTENT:
+        n_used = tl.load(num_used_ptr)
+        for t in range(tl.program_id(0), n_used * (N // BLOCK_N), NUM_PROGRAMS):
+            pid_m, pid_n = _tile(t, n_used, N, BLOCK_N, GROUP_M)
+            e = tl.load(block_expert_ptr + pid_m)
+            _gate_up_tile(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, pid_m, pid_n, e, N_TOKENS, K, N,
+                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    else:
+        pid_m, pid_n = _tile(tl.program_id(0), NUM_BLOCKS, N, BLOCK_N, GROUP_M)
+        e = tl.load(block_expert_ptr + pid_m)
+        if e >= 0:
+            _gate_up_tile(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, pid_m, pid_n, e, N_TOKENS, K, N,
+                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+
+
+@triton.jit
+def _down_tile(h_ptr, w_ptr, y_ptr, pid_m, pid_n, e, K: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = h_ptr + rows[:, None] * K + ks[None, :]
+    w_ptrs = w_ptr + e.to(tl.int64) * K * N + ks[:, None] * N + cols[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(0, K // BLOCK_K):
+        acc = _dot(tl.load(a_ptrs), tl.load(w_ptrs), acc, PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * N
+    tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty))
+
+
+@triton.jit
+def down_kernel(h_ptr, block_expert_ptr, num_used_ptr, w_ptr, y_ptr,
                 K: tl.constexpr, N: tl.constexpr, NUM_BLOCKS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                PRECISION: tl.constexpr):
-    pid_m, pid_n = _tile(tl.program_id(0), NUM_BLOCKS, N, BLOCK_N, GROUP_M)
-    e = tl.load(block_expert_ptr + pid_m)
-    if e >= 0:
-        rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
-        a_ptrs = h_ptr + rows[:, None] * K + ks[None, :]
-        w_ptrs = w_ptr + e.to(tl.int64) * K * N + ks[:, None] * N + cols[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for _ in range(0, K // BLOCK_K):
-            acc = _dot(tl.load(a_ptrs), tl.load(w_ptrs), acc, PRECISION)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * N
-        tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty))
+                PRECISION: tl.constexpr, PERSISTENT: tl.constexpr = False, NUM_PROGRAMS: tl.constexpr = 1):
+    if PERSISTENT:
+        n_used = tl.load(num_used_ptr)
+        for t in range(tl.program_id(0), n_used * (N // BLOCK_N), NUM_PROGRAMS):
+            pid_m, pid_n = _tile(t, n_used, N, BLOCK_N, GROUP_M)
+            e = tl.load(block_expert_ptr + pid_m)
+            _down_tile(h_ptr, w_ptr, y_ptr, pid_m, pid_n, e, K, N, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    else:
+        pid_m, pid_n = _tile(tl.program_id(0), NUM_BLOCKS, N, BLOCK_N, GROUP_M)
+        e = tl.load(block_expert_ptr + pid_m)
+        if e >= 0:
+            _down_tile(h_ptr, w_ptr, y_ptr, pid_m, pid_n, e, K, N, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)

@@ -2,9 +2,8 @@
 
     lingjax serve --model PATH [--tp N] [--host 127.0.0.1] [--port 8000] [--max-batch B] [--max-len N]
 
-Registered in lingjax/cli.py; this module imports only the standard library at the top (the server,
-the engine and JAX load inside `serve_run`), so `lingjax --help` stays fast. Shared CLI pieces come
-from lingjax/cli_common.py.
+Imports only the standard library and lingjax.cli.common at the top (the server, the engine and JAX
+load inside `run`), so that `lingjax --help` stays fast.
 """
 from __future__ import annotations
 
@@ -12,10 +11,13 @@ import logging
 import signal
 import socket
 
+from lingjax.cli.common import (CLIError, add_kernels, add_speculative, build_engine, default_model_dir, float_in, int_at_least,
+                                max_len_for, read_config)
+
 log = logging.getLogger(__name__)
 
-SERVE_HELP = "serve a model over an OpenAI-compatible HTTP API"
-SERVE_DESCRIPTION = (
+HELP = "serve a model over an OpenAI-compatible HTTP API"
+DESCRIPTION = (
     "Serve the model over HTTP: /v1/models, /v1/completions and /v1/chat/completions (OpenAI's API, streamed "
     "as server-sent events or not), /health and /metrics (Prometheus). Requests share the engine's continuous "
     "batching (--max-batch requests in flight, the rest queue). SIGTERM or Ctrl-C shut it down gracefully: "
@@ -23,8 +25,7 @@ SERVE_DESCRIPTION = (
     "SIGTERM.")
 
 
-def serve_arguments(p):
-    from lingjax.cli_common import add_kernels, add_speculative, float_in, int_at_least
+def add_arguments(p):
     p.add_argument("--model", metavar="PATH",
                    help="checkpoint directory: an HF one (config.json, *.safetensors, tokenizer files) or a "
                         "`lingjax convert` output (with the tokenizer files); default: the model shipped in "
@@ -61,7 +62,6 @@ def serve_arguments(p):
 
 def _check_port_free(host: str, port: int) -> None:
     """Fail before the model loads if the address cannot be listened on."""
-    from lingjax.cli_common import CLIError
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
@@ -89,9 +89,8 @@ def _server_class():
     return Server
 
 
-def serve_run(args) -> int:
+def run(args) -> int:
     from pathlib import Path
-    from lingjax.cli_common import CLIError, build_engine, default_model_dir, max_len_for, read_config
     from lingjax.tokenizer import Tokenizer, TokenizerError
     model_dir = Path(args.model) if args.model else default_model_dir()
     if not model_dir.is_dir():

@@ -1,7 +1,7 @@
-"""What the command-line modules share (lingjax.cli, and the commands of lingjax.evaluate, lingjax.bench
-and lingjax.convert): the one-line error type, flag types, the common model/engine flags, and the
-steps from flags to a loaded engine. Below all of them, so that none imports lingjax.cli; runtime
-modules (model, kernels, engine, server) import none of this.
+"""What the subcommands of lingjax.cli share: the one-line error type, flag types, the common
+model/engine flags, the steps from flags to a loaded engine, and atomic output files. Every module of
+lingjax/cli/ imports it; it imports no other module of lingjax.cli. Runtime modules (model, kernels,
+engine, server) import none of lingjax.cli.
 
 Imports only the standard library at the top, so that `lingjax --help` stays fast.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 log = logging.getLogger("lingjax")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 CHECKPOINTS_DIR = REPO_ROOT / "checkpoints"
 DEFAULT_CHECKPOINT = "ling-tiny"   # name under checkpoints/ to prefer when several are shipped
 

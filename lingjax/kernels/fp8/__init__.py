@@ -1,0 +1,47 @@
+"""Dense projections with FP8 weights behind one dispatch point (issue 18).
+
+    y = matmul(x, w, impl=None)        x [..., in] @ w [in, out], w a plain array or a quant.FP8Weight
+
+Implementations (impl=):
+  reference  the formats' math in jnp (quant.matmul): dynamic activation quantize-dequantize, then the
+             dequantized weight; the CPU path and the oracle of the kernel
+  gpu        Hopper: the activations quantized to float8_e4m3fn in jnp, then a Triton kernel (gpu.py,
+             through jax-triton) multiplies the fp8 operands on the tensor cores with float32
+             accumulation, scales applied per 128 k-block where they vary along K; weights the kernel
+             does not take (weight-only FP8, a tp-sharded weight whose scale is kept whole) run the
+             reference math (gpu.supports)
+impl=None picks by jax.default_backend(): gpu -> 'gpu', anything else -> 'reference'. The model's
+single `kernels` option (a linear-attention implementation name) maps to its family here: the GPU
+names to 'gpu', the TPU and *_interpret names to 'reference' (FROM_MODEL_KERNELS). Plain weights
+always take the plain dot (quant.matmul). The kernel module is imported only when chosen.
+"""
+import jax
+
+from lingjax import quant
+
+IMPLS = ('reference', 'gpu')
+FROM_MODEL_KERNELS = {'mosaic_gpu': 'gpu', 'pallas_triton': 'gpu', 'tpu': 'reference',
+                      'tpu_interpret': 'reference', 'gpu_interpret': 'reference',
+                      'mosaic_gpu_interpret': 'reference', 'pallas_triton_interpret': 'reference'}
+
+
+def resolve(impl=None) -> str:
+    """The implementation impl names (None: by the default backend; a model kernels name: its
+    family's); ValueError naming it if unknown."""
+    impl = FROM_MODEL_KERNELS.get(impl, impl)
+    if impl is None:
+        return 'gpu' if jax.default_backend() == 'gpu' else 'reference'
+    if impl not in IMPLS:
+        raise ValueError(f'unknown FP8 matmul implementation {impl!r}; expected one of {IMPLS}')
+    return impl
+
+
+def matmul(x, w, *, impl=None):
+    """x [..., in] @ w -> [..., out] in x.dtype, for a plain array or an FP8Weight (see module doc)."""
+    if not quant.is_fp8(w):
+        return quant.matmul(x, w)
+    if resolve(impl) == 'gpu':
+        from lingjax.kernels.fp8 import gpu
+        if gpu.supports(x, w):
+            return gpu.matmul(x, w)
+    return quant.matmul(x, w)

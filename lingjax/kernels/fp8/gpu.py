@@ -1,0 +1,120 @@
+"""Dense FP8 matmul on Hopper GPUs: the Triton kernel of triton_kernels.py called through jax-triton.
+
+    y = matmul(x, w)          x [..., K] (bf16 / f16 / f32), w an FP8Weight [K, N] -> [..., N] in x.dtype
+
+The activations are quantized first, in jnp (quant.quantize_activation_fp8: the same float8 values and
+scales as the reference path), then one kernel multiplies the fp8 operands on the tensor cores with
+float32 accumulation and applies both scales (per k-block where they vary along K). `supports(x, w)`
+says whether a weight's layout is one the kernel takes (else the dispatch uses the reference):
+activations quantized per token or per group of 128 (act "token" / "group"; weight-only FP8, act
+"none", stays on the reference), weight blocks (0, 0), (0, 1), (128, 1) or (128, 128) with the scale of
+the local weight (under tensor parallelism a scale kept whole because the shard is not whole blocks
+stays on the reference too). Tile shapes: `pick_config` (static, by M; `config=` overrides for sweeps).
+jax_triton is imported inside the functions: it cannot be imported on a CPU-only JAX.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from lingjax import quant
+
+GROUP = quant.BLOCK          # the 128-feature group of block scales
+NUM_SMS = 132                # H100 / H200
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int
+    block_k: int = 128
+    split_k: int = 1
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def pick_config(M: int, N: int, K: int) -> Config:
+    """Static tile choice (not yet tuned on a device: scripts/bench_fp8.py measures it). Decode-sized M
+    (<= 64): the weight is streamed once, so the programs must cover the SMs: 16..64-row tiles,
+    128-wide column tiles for wide outputs (16 tiles or more; else 64-wide), and split-K (shares of the
+    128-deep k-blocks, float32 partials summed after) up to 2 programs per SM, the partials kept under
+    a quarter of the weight's bytes (split <= K / (16 M)). Larger M: 64 x 128 tiles up to 256 rows, then
+    128 x 128 tiles with 8 warps and 3 stages (fp8 operand tiles are half the bytes of bf16 ones)."""
+    if M <= 64:
+        bm = 16 if M <= 16 else (32 if M <= 32 else 64)
+        nm = _cdiv(M, bm)
+        bn = 128 if _cdiv(N, 128) >= 16 else 64
+        tiles = nm * _cdiv(N, bn)
+        nkb = _cdiv(K, 128)
+        split = 1
+        if tiles < 2 * NUM_SMS:
+            split = max(1, min(nkb, _cdiv(2 * NUM_SMS, tiles), K // (16 * M)))
+            split = _cdiv(nkb, _cdiv(nkb, split))          # no empty splits
+        return Config(bm, bn, split_k=split)
+    if M <= 256:
+        return Config(64, 128, num_warps=4, num_stages=4)
+    return Config(128, 128, num_warps=8, num_stages=3)
+
+
+def supports(x, w) -> bool:
+    """Whether the kernel takes this (activation, FP8 weight) pair; else the reference math runs."""
+    if not quant.is_fp8(w) or w.act not in ("token", "group") or w.q.ndim != 2:
+        return False
+    if x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        return False
+    K, N = w.q.shape
+    bk, bn = w.block
+    if bk not in (0, GROUP) or bn not in (0, 1, GROUP):
+        return False
+    nk = 1 if bk == 0 else _cdiv(K, bk)
+    nn = 1 if bn == 0 else _cdiv(N, bn)
+    return tuple(w.scale.shape) == (nk, nn)
+
+
+def launch(M: int, w, a_groups: int, config: Config | None = None) -> tuple[Config, tuple, dict]:
+    """The static launch of one call (shared with the interpreter tests): (config, grid, constexprs)
+    for M rows of activations with `a_groups` scale groups per row and the FP8 weight w [K, N]."""
+    K, N = w.q.shape
+    c = config or pick_config(M, N, K)
+    a_per_k = int(a_groups > 1)
+    b_per_k = int(w.block[0] != 0 and w.scale.shape[-2] > 1)
+    if (a_per_k or b_per_k) and GROUP % c.block_k:
+        raise ValueError(f"fp8 gpu matmul: block_k {c.block_k} must divide {GROUP} with per-group scales")
+    grid = (_cdiv(M, c.block_m) * _cdiv(N, c.block_n), c.split_k)
+    consts = dict(M=M, N=N, K=K, AS_STRIDE=a_groups, A_PER_K=a_per_k, BS_STRIDE=w.scale.shape[-1],
+                  B_PER_K=b_per_k, B_BLOCK_N={0: max(N, 1), 1: 1}.get(w.block[1], w.block[1]),
+                  PER_K_SCALE=bool(a_per_k or b_per_k), SPLIT_K=c.split_k, BLOCK_M=c.block_m,
+                  BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m)
+    return c, grid, consts
+
+
+def matmul(x, w, *, config: Config | None = None):
+    """x [..., K] @ w (FP8Weight [K, N]) -> [..., N] in x.dtype; see the module docstring."""
+    from lingjax.kernels.jax_triton_lib import jax_triton
+    from lingjax.kernels.fp8.triton_kernels import fp8_matmul_kernel
+    if not supports(x, w):
+        raise ValueError(f"fp8 gpu matmul: unsupported weight (block {w.block}, act {w.act}, scale "
+                         f"{tuple(w.scale.shape)}) or activation dtype {x.dtype}")
+    K, N = w.q.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if M == 0:
+        return jnp.zeros(lead + (N,), x.dtype)
+    xq, xs = quant.quantize_activation_fp8(x2, w.act, GROUP)
+    c, grid, consts = launch(M, w, xs.shape[-1], config)
+    split = c.split_k > 1
+    out = jax.ShapeDtypeStruct((c.split_k, M, N) if split else (M, N), jnp.float32 if split else x.dtype)
+    y = jax_triton().triton_call(xq, xs, w.q, w.scale.astype(jnp.float32), kernel=fp8_matmul_kernel,
+                                 out_shape=out, grid=grid, num_warps=c.num_warps, num_stages=c.num_stages,
+                                 name="fp8_matmul", **consts)
+    if split:
+        y = jnp.sum(y, axis=0).astype(x.dtype)
+    return y.reshape(lead + (N,))

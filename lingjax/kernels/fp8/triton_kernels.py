@@ -1,0 +1,76 @@
+"""Triton kernel of the dense FP8 matmul (Hopper GPU; called from JAX by gpu.py through jax-triton).
+
+This module imports only triton, so the kernel body also runs in Triton's CPU interpreter
+(TRITON_INTERPRET=1, torch tensors; float8_e4m3fn loads and fp8 tl.dot work there) in the tests.
+
+    c [M, N] = sum over k-blocks kb of (a_q[:, kb] @ b_q[kb, :]) * a_s[:, g(kb)] * b_s[g(kb), n]
+
+a_q float8_e4m3fn [M, K] (activations quantized per token or per token and group of 128 features),
+a_s float32 [M, GA] (GA = 1 per token, ceil(K / 128) per group); b_q float8_e4m3fn [K, N] (the param
+layout [in, out]), b_s float32 [NK, NN] (NK = 1 or ceil(K / 128); NN = 1 per tensor, N per column,
+ceil(N / 128) per 128 block). g(kb) is the 128-group of the k-block. Products of fp8 values on the
+tensor cores, float32 accumulation:
+  PER_K_SCALE (some scale varies along K): each k-block's [BLOCK_M, BLOCK_N] product is multiplied by
+      its scales before it is added to the float32 accumulator (BLOCK_K divides 128), as DeepSeek's
+      block-FP8 GEMMs do; this also keeps Hopper's fp8 tensor-core sums short.
+  otherwise (per-token activations, per-channel / per-tensor weights): one accumulator over all of K,
+      scaled once at the end.
+Scale addressing: a_s[m, g * A_PER_K] (row stride AS_STRIDE), b_s[g * B_PER_K, n // B_BLOCK_N] (row
+stride BS_STRIDE), so the same body serves every layout (A_PER_K / B_PER_K = 0: one scale row).
+SPLIT_K > 1 (small M, few output tiles): program (tile, s) sums the s-th share of the k-blocks and writes
+float32 partials c [SPLIT_K, M, N] that the wrapper adds; SPLIT_K = 1 writes c [M, N] in its dtype.
+Tiles are ordered GROUP_M row blocks at a time per column tile (weight tiles reused from L2).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def fp8_matmul_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr,
+                      M: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
+                      AS_STRIDE: tl.constexpr, A_PER_K: tl.constexpr,
+                      BS_STRIDE: tl.constexpr, B_PER_K: tl.constexpr, B_BLOCK_N: tl.constexpr,
+                      PER_K_SCALE: tl.constexpr, SPLIT_K: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_m: tl.constexpr = (M + BLOCK_M - 1) // BLOCK_M
+    num_n: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+    per_group: tl.constexpr = GROUP_M * num_n
+    first = (pid // per_group) * GROUP_M
+    size = tl.minimum(num_m - first, GROUP_M)
+    pid_m = first + (pid % per_group) % size
+    pid_n = (pid % per_group) // size
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    rows_l = tl.where(rmask, rows, 0).to(tl.int64)
+    cols_c = tl.where(cmask, cols, 0)
+    ks = tl.arange(0, BLOCK_K)
+
+    NKB: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+    PER_SPLIT: tl.constexpr = (NKB + SPLIT_K - 1) // SPLIT_K
+    kb0 = split * PER_SPLIT
+    kb1 = tl.minimum(kb0 + PER_SPLIT, NKB)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(kb0, kb1):
+        k = kb * BLOCK_K + ks
+        kmask = k < K
+        a = tl.load(a_ptr + rows_l[:, None] * K + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptr + k.to(tl.int64)[:, None] * N + cols_c[None, :], mask=kmask[:, None] & cmask[None, :],
+                    other=0.0)
+        if PER_K_SCALE:
+            g = (kb * BLOCK_K) // 128
+            sa = tl.load(as_ptr + rows_l * AS_STRIDE + g * A_PER_K)
+            sb = tl.load(bs_ptr + g * B_PER_K * BS_STRIDE + cols_c // B_BLOCK_N)
+            acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+        else:
+            acc = tl.dot(a, b, acc)
+    if not PER_K_SCALE:
+        sa = tl.load(as_ptr + rows_l * AS_STRIDE)
+        sb = tl.load(bs_ptr + cols_c // B_BLOCK_N)
+        acc = acc * (sa[:, None] * sb[None, :])
+    out = c_ptr + split.to(tl.int64) * M * N + rows_l[:, None] * N + cols_c[None, :]
+    tl.store(out, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])

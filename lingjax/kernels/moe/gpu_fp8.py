@@ -1,0 +1,139 @@
+"""MoE experts with FP8 weights on Hopper GPUs: the Triton kernels of triton_fp8.py through jax-triton.
+
+    y = grouped(x, layout, w_gate, w_up, w_down)     FP8Weight experts [E, d, I] / [E, I, d] -> [P, d]
+
+lingjax.kernels.moe.experts runs it between make_layout (rows per block: pick_block_m) and combine.
+The same steps as the bf16 path (gate_up with SiLU fused, then down),
+with the activations quantized as the weights' format says (quant.quantize_activation_fp8: per token
+or per token and 128-group; x before gate_up, h before down, exactly where the reference path
+quantizes) and fp8 x fp8 products on the tensor cores with float32 accumulation. `supports` says
+whether the kernels take the weights (activations quantized, weight blocks (0, 0), (0, 1), (128, 1) or
+(128, 128) with local scales, dims multiples of the tiles); otherwise the dispatch dequantizes
+(reference math). Tiles: `pick_config` by rows per block, as the bf16 kernels (gpu.py); `config=`
+overrides them. jax_triton is imported inside the functions: it cannot be imported on a CPU-only JAX.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from lingjax import quant
+
+GROUP = quant.BLOCK
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    block_n: int
+    block_k: int = 128
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def pick_block_m(n_pairs: int, n_experts: int) -> int:
+    """Rows per block: about the rows an expert gets on average (16 at decode sizes, up to 128)."""
+    avg = n_pairs / max(n_experts, 1)
+    for bm in (16, 32, 64):
+        if avg <= bm:
+            return bm
+    return 128
+
+
+def pick_config(kind: str, block_m: int, K: int, N: int) -> Config:
+    """Static tiles: k-steps of 128 (one scale group; fp8 tiles are half the bytes of bf16 ones, so
+    128-deep steps cost what the bf16 kernels' 64-deep ones do), 64-wide gate/up tiles (two weight
+    panels each) and 128-wide down tiles; deep pipelines for decode-sized blocks, 3 stages for large
+    blocks. Shrunk to small dims (tiny test models)."""
+    bn = 128 if kind == "down" else 64
+    c = Config(block_n=bn, block_k=128, group_m=1 if block_m <= 32 else 8, num_warps=4,
+               num_stages=4 if block_m <= 32 else 3)
+    bn, bk = min(c.block_n, N), min(c.block_k, K)
+    if N % bn or K % bk or bn < 16 or bk < 32:
+        raise ValueError(f"MoE FP8 GPU kernel: dims K={K}, N={N} must be multiples of the tile ({bk}, {bn}), "
+                         f"K >= 32, N >= 16")
+    return dataclasses.replace(c, block_n=bn, block_k=bk)
+
+
+def _weight_ok(w, K: int, N: int) -> bool:
+    bk, bn = w.block
+    if bk not in (0, GROUP) or bn not in (0, 1, GROUP) or w.q.ndim != 3:
+        return False
+    nk = 1 if bk == 0 else -(-K // bk)
+    nn = 1 if bn == 0 else -(-N // bn)
+    return tuple(w.scale.shape[-2:]) == (nk, nn)
+
+
+def supports(x, w_gate, w_up, w_down) -> bool:
+    """Whether the FP8 kernels take these experts (see the module docstring)."""
+    E, d, I = w_gate.q.shape
+    if w_gate.act not in ("token", "group") or x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
+        return False
+    if not (_weight_ok(w_gate, d, I) and _weight_ok(w_up, d, I) and _weight_ok(w_down, I, d)):
+        return False
+    try:
+        pick_config("gate_up", 16, d, I)
+        pick_config("down", 16, I, d)
+    except ValueError:
+        return False
+    return True
+
+
+def scale_args(a_groups: int, w, N: int, block_k: int) -> dict:
+    """The scale constexprs of a kernel call (shared with the interpreter tests)."""
+    nk, nn = w.scale.shape[-2:]
+    a_per_k = int(a_groups > 1)
+    b_per_k = int(w.block[0] != 0 and nk > 1)
+    if (a_per_k or b_per_k) and GROUP % block_k:
+        raise ValueError(f"MoE FP8 GPU kernel: block_k {block_k} must divide {GROUP} with per-group scales")
+    return dict(GA=a_groups, A_PER_K=a_per_k, NK=nk, NN=nn, B_PER_K=b_per_k,
+                B_BLOCK_N={0: N, 1: 1}.get(w.block[1], w.block[1]), PER_K_SCALE=bool(a_per_k or b_per_k))
+
+
+def gate_up(xq, xs, layout, w_gate, w_up, out_dtype, *, config: Config | None = None):
+    """h [P, I] = silu(x Wg[e]) * (x Wu[e]) over the layout's rows, fp8 products, float32 sums, out_dtype."""
+    from lingjax.kernels.jax_triton_lib import jax_triton
+    from lingjax.kernels.moe.triton_fp8 import gate_up_fp8_kernel
+    jt = jax_triton()
+    T, d = xq.shape
+    I = w_gate.q.shape[-1]
+    nb, bm = layout.block_expert.shape[0], layout.block_m
+    c = config or pick_config("gate_up", bm, d, I)
+    sa = scale_args(xs.shape[-1], w_gate, I, c.block_k)
+    return jt.triton_call(
+        xq, xs, layout.row_token, layout.block_expert, w_gate.q, w_gate.scale.astype(jnp.float32),
+        w_up.q, w_up.scale.astype(jnp.float32), kernel=gate_up_fp8_kernel,
+        out_shape=jax.ShapeDtypeStruct((nb * bm, I), out_dtype), grid=(nb * (I // c.block_n),),
+        num_warps=c.num_warps, num_stages=c.num_stages, name="moe_gate_up_fp8",
+        N_TOKENS=T, K=d, N=I, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+        GROUP_M=c.group_m, **sa)
+
+
+def down(hq, hs, layout, w_down, out_dtype, *, config: Config | None = None):
+    """y [P, d] = h Wd[e] per block, fp8 products, float32 sums, out_dtype."""
+    from lingjax.kernels.jax_triton_lib import jax_triton
+    from lingjax.kernels.moe.triton_fp8 import down_fp8_kernel
+    jt = jax_triton()
+    P, I = hq.shape
+    d = w_down.q.shape[-1]
+    nb, bm = layout.block_expert.shape[0], layout.block_m
+    c = config or pick_config("down", bm, I, d)
+    sa = scale_args(hs.shape[-1], w_down, d, c.block_k)
+    return jt.triton_call(
+        hq, hs, layout.block_expert, w_down.q, w_down.scale.astype(jnp.float32), kernel=down_fp8_kernel,
+        out_shape=jax.ShapeDtypeStruct((P, d), out_dtype), grid=(nb * (d // c.block_n),),
+        num_warps=c.num_warps, num_stages=c.num_stages, name="moe_down_fp8",
+        K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, **sa)
+
+
+def grouped(x, layout, w_gate, w_up, w_down, *, gate_up_config: Config | None = None,
+            down_config: Config | None = None):
+    """The two FP8 grouped matmuls over a layout (make_layout with pick_block_m's rows per block):
+    x [T, d] -> y [P, d] in x.dtype, the activations quantized per the weights' format before each."""
+    act = w_gate.act
+    xq, xs = quant.quantize_activation_fp8(x, act, GROUP)
+    h = gate_up(xq, xs, layout, w_gate, w_up, x.dtype, config=gate_up_config)
+    hq, hs = quant.quantize_activation_fp8(h, act, GROUP)
+    return down(hq, hs, layout, w_down, x.dtype, config=down_config)

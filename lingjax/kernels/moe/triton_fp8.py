@@ -1,0 +1,114 @@
+"""Triton kernels of the MoE grouped matmul with FP8 weights (Hopper GPU; called from JAX by gpu_fp8.py
+through jax-triton). The FP8 variant of triton_kernels.py: the same expert-sorted row layout
+(layout.py: blocks of BLOCK_M rows of one expert, `block_expert[b]` = -1 for an unused block, which is
+skipped and left unwritten; row r holds token `row_token[r]`, == N_TOKENS for a padding row, which
+reads zeros), one [BLOCK_M, BLOCK_N] output tile of one block per program, its expert's weight panel
+streamed once, programs ordered GROUP_M blocks at a time per weight tile.
+
+This module imports only triton, so the kernel bodies also run in Triton's CPU interpreter
+(TRITON_INTERPRET=1, torch tensors; float8_e4m3fn loads and fp8 tl.dot work there) in the tests.
+
+Operands: activations quantized to float8_e4m3fn with float32 scales per row (GA = 1) or per row and
+128-group (GA = ceil(K / 128)): x_q [T, K], x_s [T, GA] (gate_up, rows gathered by row_token) and
+h_q [P, K], h_s [P, GA] (down); weights float8_e4m3fn [E, K, N] with float32 scales [E, NK, NN] (NK = 1
+or ceil(K / 128); NN = 1, N, or ceil(N / 128)). fp8 products on the tensor cores, float32
+accumulation; with PER_K_SCALE each k-block's product is scaled before it is added (BLOCK_K divides
+128), else the sum over K is scaled once at the end (see lingjax/kernels/fp8/triton_kernels.py for the
+scale addressing: x_s[r, g * A_PER_K], w_s[e, g * B_PER_K, n // B_BLOCK_N]).
+  gate_up: h[r] = silu(x[tok] Wg[e]) * (x[tok] Wu[e])      -> h [P, N] in h's dtype
+  down:    y[r] = h[r] Wd[e]                                -> y [P, N] in y's dtype
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile(pid, NUM_BLOCKS: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (block, n tile): GROUP_M consecutive blocks share each n tile."""
+    num_n = N // BLOCK_N
+    per_group = GROUP_M * num_n
+    first = (pid // per_group) * GROUP_M
+    size = tl.minimum(NUM_BLOCKS - first, GROUP_M)
+    return first + (pid % per_group) % size, (pid % per_group) // size
+
+
+@triton.jit
+def _w_scale(ws_ptr, e, g, cols, NK: tl.constexpr, NN: tl.constexpr, B_PER_K: tl.constexpr,
+             B_BLOCK_N: tl.constexpr):
+    return tl.load(ws_ptr + e.to(tl.int64) * NK * NN + g * B_PER_K * NN + cols // B_BLOCK_N)
+
+
+@triton.jit
+def gate_up_fp8_kernel(x_ptr, xs_ptr, row_token_ptr, block_expert_ptr, wg_ptr, wgs_ptr, wu_ptr, wus_ptr, h_ptr,
+                       N_TOKENS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, NUM_BLOCKS: tl.constexpr,
+                       GA: tl.constexpr, A_PER_K: tl.constexpr, NK: tl.constexpr, NN: tl.constexpr,
+                       B_PER_K: tl.constexpr, B_BLOCK_N: tl.constexpr, PER_K_SCALE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile(tl.program_id(0), NUM_BLOCKS, N, BLOCK_N, GROUP_M)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e >= 0:
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        tok = tl.load(row_token_ptr + rows)
+        real = tok < N_TOKENS
+        tok = tl.where(real, tok, 0).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + tok[:, None] * K + ks[None, :]
+        w_off = e.to(tl.int64) * K * N + ks[:, None] * N + cols[None, :]
+        g_ptrs = wg_ptr + w_off
+        u_ptrs = wu_ptr + w_off
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, K // BLOCK_K):
+            a = tl.load(a_ptrs, mask=real[:, None], other=0.0)
+            if PER_K_SCALE:
+                grp = (kb * BLOCK_K) // 128
+                sa = tl.load(xs_ptr + tok * GA + grp * A_PER_K, mask=real, other=0.0)[:, None]
+                sg = _w_scale(wgs_ptr, e, grp, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :]
+                su = _w_scale(wus_ptr, e, grp, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :]
+                acc_g += tl.dot(a, tl.load(g_ptrs)) * (sa * sg)
+                acc_u += tl.dot(a, tl.load(u_ptrs)) * (sa * su)
+            else:
+                acc_g = tl.dot(a, tl.load(g_ptrs), acc_g)
+                acc_u = tl.dot(a, tl.load(u_ptrs), acc_u)
+            a_ptrs += BLOCK_K
+            g_ptrs += BLOCK_K * N
+            u_ptrs += BLOCK_K * N
+        if not PER_K_SCALE:
+            sa = tl.load(xs_ptr + tok * GA, mask=real, other=0.0)[:, None]
+            acc_g = acc_g * (sa * _w_scale(wgs_ptr, e, 0, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :])
+            acc_u = acc_u * (sa * _w_scale(wus_ptr, e, 0, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :])
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        out = h_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+        tl.store(out, h.to(h_ptr.dtype.element_ty))
+
+
+@triton.jit
+def down_fp8_kernel(h_ptr, hs_ptr, block_expert_ptr, w_ptr, ws_ptr, y_ptr,
+                    K: tl.constexpr, N: tl.constexpr, NUM_BLOCKS: tl.constexpr,
+                    GA: tl.constexpr, A_PER_K: tl.constexpr, NK: tl.constexpr, NN: tl.constexpr,
+                    B_PER_K: tl.constexpr, B_BLOCK_N: tl.constexpr, PER_K_SCALE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile(tl.program_id(0), NUM_BLOCKS, N, BLOCK_N, GROUP_M)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e >= 0:
+        rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        a_ptrs = h_ptr + rows[:, None] * K + ks[None, :]
+        w_ptrs = w_ptr + e.to(tl.int64) * K * N + ks[:, None] * N + cols[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, K // BLOCK_K):
+            if PER_K_SCALE:
+                grp = (kb * BLOCK_K) // 128
+                sa = tl.load(hs_ptr + rows * GA + grp * A_PER_K)[:, None]
+                sw = _w_scale(ws_ptr, e, grp, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :]
+                acc += tl.dot(tl.load(a_ptrs), tl.load(w_ptrs)) * (sa * sw)
+            else:
+                acc = tl.dot(tl.load(a_ptrs), tl.load(w_ptrs), acc)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * N
+        if not PER_K_SCALE:
+            acc = acc * (tl.load(hs_ptr + rows * GA)[:, None]
+                         * _w_scale(ws_ptr, e, 0, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :])
+        tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty))

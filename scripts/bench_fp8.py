@@ -1,0 +1,281 @@
+"""FP8 matmuls against bf16 on one GPU: the dense projections and the routed experts of Ling-2.6-flash.
+
+Dense rows: each distinct projection shape of the flash model (in x out, param layout [in, out]) at T tokens
+(bf16 activations, bf16 out):
+  bf16         jnp.dot with a bf16 weight (XLA: cuBLAS)
+  fp8-block    lingjax.kernels.fp8.matmul(impl='gpu'): 128x128-block FP8 weights, activations quantized
+               per token and 128-group (the block-FP8 / DeepSeek scheme), the Triton FP8 kernel
+  fp8-channel  the same kernel with per-channel FP8 weights and per-token activations (compressed-tensors
+               FP8_DYNAMIC)
+  fp8-ref      (--methods) the reference math on the GPU: activation quantize-dequantize, the weight
+               dequantized to bf16, XLA's bf16 dot (what the GPU ran before the kernel)
+MoE rows: lingjax.kernels.moe.experts(impl='gpu') on 256 experts (d 4096, I 1024, top-8, uniform random
+routing) with bf16 weights (the bf16 grouped matmul) and FP8 weights (the FP8 grouped matmul).
+
+Correctness, on the device: `err ref` is each FP8 kernel's output against the reference math with the
+same FP8 weights (impl='reference': quant.matmul / the dequantizing expert path), relative Frobenius;
+it should be bf16 rounding (the reference rounds the dequantized activations to bf16: < 2e-2); `err bf16`
+is against the bf16 method with the unquantized weights (the FP8 quantization error: ~3-6%).
+
+--model-check: the shipped tiny model (checkpoints/ling-tiny) converted to each FP8 format, its logits on
+200 tokens with its FP8 layers' (Dense, MoE) kernels 'gpu' (the FP8 kernels) against 'reference' (the
+reference math; the attention kernels as they are), on
+the same device, in float32 and bfloat16 (relative Frobenius error and the share of positions whose top-1
+token agrees; float32 should agree to ~1e-5 unless a near-tie routing flips, bf16 to ~1e-2).
+
+Timing: `--iters` calls chained in one jitted fori_loop (each call's input depends on the max of the last
+output, so nothing is hoisted; the max is part of every method's time), device time per call = loop time
+/ iters, median of `--reps`. Columns: us; TB/s over the weight bytes (FP8: values + scales) plus
+activations in and out; TFLOP/s over 2 T in out; speed-up of each FP8 row over bf16.
+
+    PYTHONPATH=.:scripts python3 scripts/bench_fp8.py [--tokens 1,16,64,4096] [--out $OUT/bench_fp8.json]
+    JAX_PLATFORMS=cpu PYTHONPATH=.:scripts python3 scripts/bench_fp8.py --smoke     # CPU: tiny, reference
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+log = logging.getLogger("bench_fp8")
+
+# distinct projection shapes of Ling-2.6-flash (in, out): linear attention q/k/v/g/dense and MLA dense;
+# MLA q_a, q_b, kv_a; the dense layer's MLP; the shared expert
+DENSE = {"attn 4096x4096": (4096, 4096), "q_a 4096x1536": (4096, 1536), "q_b 1536x6144": (1536, 6144),
+         "kv_a 4096x576": (4096, 576), "mlp-up 4096x9216": (4096, 9216), "mlp-down 9216x4096": (9216, 4096),
+         "shared-up 4096x1024": (4096, 1024), "shared-down 1024x4096": (1024, 4096)}
+SCHEMES = {"fp8-block": ((128, 128), "group"), "fp8-channel": ((0, 1), "token")}
+E, K_TOP, D, I = 256, 8, 4096, 1024
+
+
+def loop_time(fn, x, rest, iters, reps):
+    """Seconds per call of fn(x, *rest) -> [T, n]: `iters` calls chained in one jitted fori_loop."""
+    import jax
+    import jax.numpy as jnp
+
+    def loop(x, *rest):
+        def body(i, x):
+            y = fn(x, *rest)
+            return x + (1e-6 * jnp.max(y.astype(jnp.float32), axis=-1, keepdims=True)).astype(x.dtype)
+        return jax.lax.fori_loop(0, iters, body, x)
+    run = jax.jit(loop)
+    jax.block_until_ready(run(x, *rest))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(run(x, *rest))
+        ts.append((time.perf_counter() - t) / iters)
+    return statistics.median(ts)
+
+
+def rel(a, b):
+    import jax.numpy as jnp
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def nbytes(w):
+    import jax
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(w))
+
+
+def dense_rows(name, K, N, T, methods, impl, iters, reps):
+    import jax
+    import jax.numpy as jnp
+    from lingjax import quant
+    from lingjax.kernels import fp8 as fp8_kernels
+    kx, kw = jax.random.split(jax.random.key(K * 7 + N + T))
+    x = jax.random.normal(kx, (T, K), jnp.bfloat16)
+    w = (jax.random.normal(kw, (K, N), jnp.float32) * K ** -0.5).astype(jnp.bfloat16)
+    base = jnp.dot(x, w)
+    rows, t_bf16 = [], None
+    for m in methods:
+        if m == "bf16":
+            fn, wt = (lambda x, w: jnp.dot(x, w)), w
+        else:
+            block, act = SCHEMES["fp8-block" if m == "fp8-ref" else m]
+            wt = quant.quantize_param(w, block, act)
+            use = "reference" if m == "fp8-ref" else impl
+            fn = (lambda use: lambda x, w: fp8_kernels.matmul(x, w, impl=use))(use)
+        row = dict(kind="dense", name=name, K=K, N=N, T=T, method=m)
+        try:
+            t = loop_time(fn, x, (wt,), iters, reps)
+            y = jax.jit(fn)(x, wt)
+            if m != "bf16":
+                row["err_ref"] = rel(y, jax.jit(lambda x, w: fp8_kernels.matmul(x, w, impl="reference"))(x, wt))
+                row["err_bf16"] = rel(y, base)
+        except Exception as e:                              # noqa: BLE001 (recorded, the run goes on)
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            log.info("%s T=%d %s: %s", name, T, m, row["error"])
+            rows.append(row)
+            continue
+        moved = nbytes(wt) + T * K * 2 + T * N * 2
+        row.update(us=t * 1e6, tb_s=moved / t / 1e12, tflop_s=2 * T * K * N / t / 1e12)
+        if m == "bf16":
+            t_bf16 = t
+        elif t_bf16:
+            row["speedup"] = t_bf16 / t
+        rows.append(row)
+    return rows
+
+
+def moe_rows(T, methods, impl, iters, reps, d=D, inter=I, n_exp=E, k=K_TOP):
+    import jax
+    import jax.numpy as jnp
+    from lingjax import quant
+    from lingjax.kernels import moe as moe_kernels
+    from bench_moe import make_problem
+    x, idx, cw, wg, wu, wd = make_problem(T, d, inter, n_exp, k, 0, jnp.bfloat16)
+    touched = n_exp * (1 - (1 - k / n_exp) ** T)
+    base = jax.jit(lambda *a: moe_kernels.experts(*a, impl=impl))(x, idx, cw, wg, wu, wd)
+    rows, t_bf16 = [], None
+    for m in methods:
+        if m == "bf16":
+            ws, use = (wg, wu, wd), impl
+        else:
+            block, act = SCHEMES["fp8-block" if m == "fp8-ref" else m]
+            ws = tuple(quant.quantize_param(w, block, act) for w in (wg, wu, wd))
+            use = "reference" if m == "fp8-ref" else impl
+        fn = (lambda use: lambda x, idx, cw, a, b, c: moe_kernels.experts(x, idx, cw, a, b, c, impl=use))(use)
+        row = dict(kind="moe", name=f"experts {n_exp}x{d}x{inter} top{k}", T=T, method=m)
+        try:
+            t = loop_time(fn, x, (idx, cw) + ws, iters, reps)
+            if m != "bf16":
+                y = jax.jit(fn)(x, idx, cw, *ws)
+                ref = jax.jit(lambda *a: moe_kernels.experts(*a, impl="reference"))(x, idx, cw, *ws)
+                row["err_ref"], row["err_bf16"] = rel(y, ref), rel(y, base)
+        except Exception as e:                              # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            log.info("moe T=%d %s: %s", T, m, row["error"])
+            rows.append(row)
+            continue
+        moved = sum(nbytes(w) for w in ws) / n_exp * touched + 2 * T * d * 2
+        row.update(us=t * 1e6, tb_s=moved / t / 1e12, tflop_s=2 * T * k * 3 * d * inter / t / 1e12)
+        if m == "bf16":
+            t_bf16 = t
+        elif t_bf16:
+            row["speedup"] = t_bf16 / t
+        rows.append(row)
+        del ws
+    return rows
+
+
+def model_check(smoke=False):
+    """[(scheme, dtype, rel err, top-1 agreement)] of the FP8 tiny model, kernels 'gpu' vs 'reference'."""
+    import tempfile
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from lingjax.checkpoint import load_model
+    from lingjax.convert import convert
+    from lingjax.model.common import Dense
+    from lingjax.model.moe import MoE
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints", "ling-tiny")
+    impl = "gpu" if jax.default_backend() == "gpu" else "reference"
+    rng = np.random.default_rng(0)
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for scheme in ("fp8-block", "fp8-channel"):
+            d = os.path.join(tmp, scheme)
+            convert(src, d, quantize=scheme)
+            for dtype in (jnp.float32, jnp.bfloat16):
+                cfg, model = load_model(d, dtype)
+                tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (2, 16 if smoke else 100)), jnp.int32)
+                logits = {}
+                for k in (impl, "reference"):
+                    for _, m in nnx.iter_modules(model):          # the FP8 layers only (attention as it is)
+                        if isinstance(m, (Dense, MoE)):
+                            m.kernels = k
+                    logits[k] = np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens), np.float64)
+                a, b = logits[impl], logits["reference"]
+                row = dict(kind="model", scheme=scheme, dtype=jnp.dtype(dtype).name,
+                           err=float(np.linalg.norm(a - b) / np.linalg.norm(b)),
+                           top1=float(np.mean(a.argmax(-1) == b.argmax(-1))))
+                log.info("model check %s %s: rel err %.2e, top-1 agreement %.4f", scheme, row["dtype"], row["err"],
+                         row["top1"])
+                out.append(row)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", default="1,16,64,4096", help="comma list of token counts T")
+    p.add_argument("--methods", default="bf16,fp8-block,fp8-channel",
+                   help="comma list of: bf16, fp8-block, fp8-channel, fp8-ref (bf16 first: the speed-ups use it)")
+    p.add_argument("--dense", default=",".join(DENSE), help=f"comma list of projection shapes: {', '.join(DENSE)}")
+    p.add_argument("--no-moe", action="store_true", help="skip the MoE rows")
+    p.add_argument("--iters", type=int, default=20, help="calls per timed loop (default 20)")
+    p.add_argument("--reps", type=int, default=3, help="timed loops; the median is reported (default 3)")
+    p.add_argument("--model-check", action="store_true",
+                   help="also check the FP8 tiny model's logits with the GPU kernels against the reference math")
+    p.add_argument("--smoke", action="store_true", help="CPU smoke test: small shapes, reference impl")
+    p.add_argument("--out", help="JSON output (default $OUT/bench_fp8.json when $OUT is set)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    import jax
+    tokens = [int(t) for t in args.tokens.split(",") if t]
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in ("bf16", "fp8-ref", *SCHEMES)]
+    if unknown:
+        p.error(f"unknown methods {unknown}")
+    names = [n for n in args.dense.split(",") if n]
+    if [n for n in names if n not in DENSE]:
+        p.error(f"unknown dense shapes {[n for n in names if n not in DENSE]}; expected some of {list(DENSE)}")
+    impl = "gpu" if jax.default_backend() == "gpu" else "reference"
+    iters, reps = (2, 1) if args.smoke else (args.iters, args.reps)
+    report = dict(device=jax.devices()[0].device_kind, impl=impl, iters=iters, reps=reps, rows=[])
+    out = args.out or (os.path.join(os.environ["OUT"], "bench_fp8.json") if os.environ.get("OUT") else None)
+
+    def save():
+        if out:
+            with open(out, "w") as f:
+                json.dump(report, f, indent=1)
+
+    if args.model_check:
+        report["model_check"] = model_check(args.smoke)
+        save()
+    for name in names:
+        K, N = DENSE[name]
+        if args.smoke:
+            K, N = max(K // 16, 128), max(N // 16, 64)
+        for T in tokens:
+            for r in dense_rows(name, K, N, T, methods, impl, iters, reps):
+                report["rows"].append(r)
+                log.info("%s", _line(r))
+            save()
+    if not args.no_moe:
+        for T in tokens:
+            kw = dict(d=256, inter=128, n_exp=16, k=2) if args.smoke else {}
+            for r in moe_rows(T, methods, impl, iters, reps, **kw):
+                report["rows"].append(r)
+                log.info("%s", _line(r))
+            save()
+    print(f"\n{report['device']}: FP8 vs bf16 (impl {impl}); us per call, err ref = vs the reference math with the "
+          f"same FP8 weights, err bf16 = vs bf16 weights")
+    print("| op | T | method | us | TB/s | TFLOP/s | x bf16 | err ref | err bf16 |\n|---|---|---|---|---|---|---|---|---|")
+    for r in report["rows"]:
+        print(_line(r, table=True))
+    for r in report.get("model_check", []):
+        print(f"ling-tiny {r['scheme']} {r['dtype']}: kernels {impl} vs reference: rel err {r['err']:.2e}, "
+              f"top-1 agreement {r['top1']:.4f}")
+    return 0
+
+
+def _line(r, table=False):
+    if "error" in r:
+        return f"| {r['name']} | {r['T']} | {r['method']} | {r['error'][:80]} |"
+    f = lambda k, fmt: (fmt % r[k]) if k in r else "-"          # noqa: E731
+    cells = [r["name"], str(r["T"]), r["method"], f("us", "%.1f"), f("tb_s", "%.2f"), f("tflop_s", "%.1f"),
+             f("speedup", "%.2f"), f("err_ref", "%.1e"), f("err_bf16", "%.1e")]
+    return "| " + " | ".join(cells) + " |" if table else "  ".join(cells)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Compile the MoE Triton kernels (lingjax/kernels/moe/triton_kernels.py) for sm_90 on the CPU (no GPU)
+at every configuration bench_moe.py uses (gpu.pick_config's defaults and the SWEEP_SMALL /
+SWEEP_LARGE sweeps) and print per kernel: shared memory (against the H100/H200's 227 KiB per
+block), wgmma ops and pipelined loads (cp.async) in TTGIR, PTX instructions. A configuration that
+does not compile or does not fit shows here before a device run; the timing is bench_moe.py's.
+
+    python scripts/compile_moe_kernels.py [--shape flash|1t] [--dtype bfloat16|float32]
+Exit status 1 if any configuration fails to compile or exceeds the shared memory.
+"""
+import argparse
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from bench_moe import E, K, SHAPES, SWEEP_LARGE, SWEEP_SMALL  # noqa: E402
+from lingjax.kernels.moe import gpu  # noqa: E402
+from lingjax.kernels.moe import triton_kernels as tk  # noqa: E402
+from lingjax.kernels.moe.layout import num_blocks  # noqa: E402
+
+CC = 90
+SMEM = 227 * 1024
+
+
+def compile_one(kernel, ptrs, consts, c: gpu.Config):
+    sig = dict(zip(kernel.arg_names, ptrs))
+    sig.update({n: "constexpr" for n in consts})
+    src = ASTSource(kernel, signature=sig, constexprs=consts,
+                    attrs={(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))})
+    k = triton.compile(src, target=GPUTarget("cuda", CC, 32),
+                       options=dict(num_warps=c.num_warps, num_stages=c.num_stages))
+    ttgir, ptx = k.asm["ttgir"], k.asm["ptx"]
+    n_ptx = sum(1 for line in ptx.splitlines() if line.startswith("\t") and not line.strip().startswith(("//", ".")))
+    return dict(shared=k.metadata.shared, wgmma=ttgir.count("warp_group_dot"),
+                cp_async=ttgir.count("async_copy_global_to_local"), ptx=n_ptx)
+
+
+def kernels(T, d, I, bm, cg, cd, dt):
+    """[(name, kernel, pointer types, constexprs, config)] of gate_up and down for one configuration."""
+    nb = num_blocks(T * K, E, bm)
+    prec = "" if dt != "fp32" else "tf32x3"
+    out = []
+    for kind, c in (("gate_up", cg), ("down", cd)):
+        Kd, N = (d, I) if kind == "gate_up" else (I, d)
+        c = gpu._fit(c, Kd, N)
+        sched = dict(PERSISTENT=c.persistent > 0, NUM_PROGRAMS=max(1, c.persistent * 132))
+        common = dict(K=Kd, N=N, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                      GROUP_M=c.group_m, PRECISION=prec, **sched)
+        if kind == "gate_up":
+            out.append((kind, tk.gate_up_kernel, [f"*{dt}", "*i32", "*i32", "*i32", f"*{dt}", f"*{dt}", f"*{dt}"],
+                        dict(N_TOKENS=T, **common), c))
+        else:
+            out.append((kind, tk.down_kernel, [f"*{dt}", "*i32", "*i32", f"*{dt}", f"*{dt}"], common, c))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="flash", choices=sorted(SHAPES))
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    args = ap.parse_args(argv)
+    d, I = SHAPES[args.shape]
+    dt = {"bfloat16": "bf16", "float32": "fp32"}[args.dtype]
+    itemsize = 2 if dt == "bf16" else 4
+    plans = []
+    for T in (1, 16, 64, 256, 4096, 16384):           # the defaults at each bench size
+        bm = gpu.pick_block_m(T * K, E)
+        plans.append((f"default T={T}", T, bm, gpu.pick_config("gate_up", bm, d, I, itemsize),
+                      gpu.pick_config("down", bm, I, d, itemsize)))
+    if dt == "bf16":
+        for T, sweep in ((16, SWEEP_SMALL), (4096, SWEEP_LARGE)):
+            for bm, gu, dn in sweep:
+                bm = bm or gpu.pick_block_m(T * K, E)
+                plans.append((f"sweep T={T}", T, bm, gpu.Config(*gu), gpu.Config(*dn)))
+    bad = 0
+    print(f"{'plan':<16} {'bm':>4} {'kernel':<8} {'config':<22} {'shared':>8} {'wgmma':>5} {'cp.async':>8} {'ptx':>6}")
+    for name, T, bm, cg, cd in plans:
+        for kind, kernel, ptrs, consts, c in kernels(T, d, I, bm, cg, cd, dt):
+            try:
+                r = compile_one(kernel, ptrs, consts, c)
+            except Exception as e:                      # noqa: BLE001 (reported; exit status 1)
+                bad += 1
+                print(f"{name:<16} {bm:>4} {kind:<8} {c.tag():<22} FAILED {type(e).__name__}: {str(e)[:200]}")
+                continue
+            over = r["shared"] > SMEM
+            bad += over
+            print(f"{name:<16} {bm:>4} {kind:<8} {c.tag():<22} {r['shared']:>8} {r['wgmma']:>5} {r['cp_async']:>8} "
+                  f"{r['ptx']:>6}{'  OVER 227 KiB' if over else ''}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

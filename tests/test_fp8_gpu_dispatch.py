@@ -1,0 +1,175 @@
+"""The FP8 GPU path on the CPU, short of running it: the model's `kernels` option routes every FP8
+projection and FP8 expert stack to the FP8 Triton kernels (jax-triton calls traced here; the kernel
+bodies run in Triton's interpreter in tests/test_fp8_triton_interpret.py), weights the kernels do not
+take fall back to the reference math, and the kernels compile for sm_90 (Triton -> PTX on the CPU,
+jax-triton's own compile function) within shared memory, on the fp8 tensor cores (wgmma ... e4m3) where
+the row tiles are 64 or more. On the CPU (kernels=None) the FP8 model's logits are the reference
+math's (tests/test_fp8.py checks those against the dequantized model)."""
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lingjax import quant, testing
+from lingjax.kernels import fp8 as fp8_kernels
+from lingjax.kernels import moe as moe_kernels
+from lingjax.kernels.fp8 import gpu as fp8_gpu
+from lingjax.kernels.moe import gpu_fp8
+from lingjax.model.common import Dense
+from lingjax.weights import load_hf
+from tests.test_linear_attention_kernels import (SM90_SMEM, _compile_call, _triton_calls,  # noqa: F401
+                                                 jax_triton_call)
+
+SMALL = testing.tiny_config(num_hidden_layers=2)     # a linear and an MLA layer, a dense MLP and a MoE
+TOKENS = jnp.array([[5, 9, 20, 33, 40, 41, 7, 8], [11, 12, 13, 14, 15, 16, 17, 18]])
+sd = jax.ShapeDtypeStruct
+
+
+def _fp8_weight(K, N, block=(128, 128), act="group", E=None):
+    lead = () if E is None else (E,)
+    nk = -(-K // block[0]) if block[0] else 1
+    nn = {0: 1, 1: N}.get(block[1], -(-N // 128))
+    return quant.FP8Weight(sd(lead + (K, N), jnp.float8_e4m3fn), sd(lead + (nk, nn), jnp.float32), block, act)
+
+
+def _set_kernels(model, kernels):
+    for _, m in nnx.iter_modules(model):
+        if hasattr(m, "kernels"):
+            m.kernels = kernels
+
+
+@pytest.fixture(scope="module")
+def fp8_model(tmp_path_factory):
+    src = str(tmp_path_factory.mktemp("fp8gpu") / "fp8")
+    testing.write_fp8_checkpoint(src, "fp8-block", SMALL, mtp=False)
+    return load_hf(src, jnp.bfloat16, mtp=False)[1]
+
+
+def test_model_routes_fp8_weights_to_the_fp8_kernels(fp8_model, jax_triton_call, monkeypatch):
+    """kernels='gpu': every FP8 Dense call is one fp8_matmul launch and every MoE layer one FP8
+    gate_up + down pair; quant.matmul (the reference FP8 matmul) is never reached with an FP8 weight.
+    Weight-only FP8 (act 'none') stays on the reference (no FP8 launch)."""
+    real = quant.matmul
+    calls = {"fp8_ref": 0}
+
+    def spy(x, w):
+        calls["fp8_ref"] += quant.is_fp8(w)
+        return real(x, w)
+    monkeypatch.setattr(quant, "matmul", spy)
+    _set_kernels(fp8_model, "gpu")
+    try:
+        jx = jax.make_jaxpr(lambda t: fp8_model(t))(TOKENS)
+        names = [e.params["fn"].fn.__name__ for e in _triton_calls(jax_triton_call, jx.jaxpr)]
+        assert calls["fp8_ref"] == 0, "an FP8 projection took the reference path under kernels='gpu'"
+        n_moe = sum(1 for l in fp8_model.layers if l.is_moe)
+        assert names.count("gate_up_fp8_kernel") == n_moe == names.count("down_fp8_kernel") == 1
+        # every FP8 projection of the model, once: linear attention q/k/v (the fused QKV, split), g,
+        # dense; MLA q_a, q_b, kv_a, kv_b, dense; the dense MLP's and the shared expert's gate/up/down
+        n_dense = sum(1 for _, m in nnx.iter_modules(fp8_model) if isinstance(m, Dense)
+                      and quant.is_fp8(m.kernel.get_value()))
+        assert names.count("fp8_matmul_kernel") == n_dense == 5 + 5 + 3 + 3, names
+        quant.without_activation_quant(fp8_model)
+        jx = jax.make_jaxpr(lambda t: fp8_model(t))(TOKENS)
+        names = [e.params["fn"].fn.__name__ for e in _triton_calls(jax_triton_call, jx.jaxpr)]
+        assert not [n for n in names if "fp8" in n], names
+        assert calls["fp8_ref"] == n_dense
+    finally:
+        _set_kernels(fp8_model, None)
+
+
+def test_dispatch_choices_and_fallbacks():
+    assert fp8_kernels.resolve("mosaic_gpu") == "gpu" and fp8_kernels.resolve("tpu") == "reference"
+    assert fp8_kernels.resolve("gpu_interpret") == "reference"
+    with pytest.raises(ValueError, match="unknown FP8 matmul implementation 'cuda'"):
+        fp8_kernels.resolve("cuda")
+    x = sd((4, 256), jnp.bfloat16)
+    assert fp8_gpu.supports(x, _fp8_weight(256, 384))
+    assert fp8_gpu.supports(x, _fp8_weight(256, 384, (0, 1), "token"))
+    assert fp8_gpu.supports(x, _fp8_weight(256, 96, (128, 1), "group"))
+    assert not fp8_gpu.supports(x, _fp8_weight(256, 384, act="none"))               # weight-only
+    whole = dataclasses.replace(_fp8_weight(256, 384), q=sd((256, 192), jnp.float8_e4m3fn))
+    assert not fp8_gpu.supports(x, whole)          # a tp shard of 192 columns keeps the whole scale
+    assert not fp8_gpu.supports(sd((4, 256), jnp.int8), _fp8_weight(256, 384))
+    wg, wd = _fp8_weight(64, 32, E=8), _fp8_weight(32, 64, E=8)
+    assert gpu_fp8.supports(sd((4, 64), jnp.bfloat16), wg, wg, wd)
+    assert not gpu_fp8.supports(sd((4, 64), jnp.bfloat16), *(dataclasses.replace(w, act="none") for w in (wg, wg, wd)))
+    w8 = _fp8_weight(64, 24, E=8)                  # 24 columns: not a multiple of a 16-wide tile
+    assert not gpu_fp8.supports(sd((4, 64), jnp.bfloat16), w8, w8, _fp8_weight(24, 64, E=8))
+
+
+def test_plain_and_reference_paths_unchanged():
+    """A plain weight takes the plain dot; impl 'reference' is quant.matmul bit for bit."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 256)), jnp.bfloat16)
+    w = rng.standard_normal((384, 256)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(fp8_kernels.matmul(x, jnp.asarray(w.T, jnp.bfloat16)), np.float32),
+                                  np.asarray(jnp.dot(x, jnp.asarray(w.T, jnp.bfloat16)), np.float32))
+    q, s = quant.quantize_block(w)
+    [p] = quant.from_hf("T", [q], [s], quant.SCHEMES["fp8-block"])
+    p = jax.tree.map(jnp.asarray, p)
+    np.testing.assert_array_equal(np.asarray(fp8_kernels.matmul(x, p, impl="reference"), np.float32),
+                                  np.asarray(quant.matmul(x, p), np.float32))
+
+
+def _ptx_ops(ptx):
+    return set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.\w+\.f32\.(\w+)\.", ptx)), "mma.sync" in ptx
+
+
+@pytest.mark.parametrize("M,block,act", [(1, (128, 128), "group"), (64, (128, 128), "group"),
+                                         (4096, (128, 128), "group"), (16, (0, 1), "token")])
+def test_dense_fp8_kernel_compiles_for_sm90(jax_triton_call, M, block, act):
+    """Flash's 4096 x 4096 projection: decode M=1 (16-row tiles: mma.sync, fp8 converted in
+    registers), M=64 (64-row tiles, split-K) and prefill M=4096 (128 x 128 tiles, 8 warps) on the fp8
+    wgmma; pipelined loads; within sm_90's shared memory."""
+    jx = jax.make_jaxpr(fp8_gpu.matmul)(sd((M, 4096), jnp.bfloat16), _fp8_weight(4096, 4096, block, act))
+    eqn, = _triton_calls(jax_triton_call, jx.jaxpr)
+    assert eqn.params["PER_K_SCALE"] == (act == "group")
+    shared, ptx, _ = _compile_call(jax_triton_call, eqn)
+    wgmma, mma = _ptx_ops(ptx)
+    assert 0 < shared <= SM90_SMEM and "cp.async" in ptx
+    if M >= 64:
+        assert wgmma == {"e4m3"}, wgmma
+    else:
+        assert mma
+
+
+@pytest.mark.parametrize("T", [16, 4096])
+def test_moe_fp8_kernels_compile_for_sm90(jax_triton_call, T):
+    """The FP8 grouped matmuls at Ling-2.6-flash's expert shapes (256 experts, d 4096, I 1024, top-8)
+    through the moe dispatch: decode-sized blocks (16 rows) and prefill blocks (128 rows: fp8 wgmma)."""
+    E, d, I, k = 256, 4096, 1024, 8
+    wg, wd = _fp8_weight(d, I, E=E), _fp8_weight(I, d, E=E)
+    args = (sd((T, d), jnp.bfloat16), sd((T, k), jnp.int32), sd((T, k), jnp.float32), wg, wg, wd)
+    jx = jax.make_jaxpr(lambda *a: moe_kernels.experts(*a, impl="gpu"))(*args)
+    calls = _triton_calls(jax_triton_call, jx.jaxpr)
+    assert [c.params["fn"].fn.__name__ for c in calls] == ["gate_up_fp8_kernel", "down_fp8_kernel"]
+    for c in calls:
+        assert c.params["BLOCK_M"] == (16 if T == 16 else 128)
+        shared, ptx, _ = _compile_call(jax_triton_call, c)
+        wgmma, mma = _ptx_ops(ptx)
+        assert 0 < shared <= SM90_SMEM
+        assert wgmma == {"e4m3"} if T == 4096 else mma, (wgmma, mma)
+
+
+@pytest.mark.parametrize("scheme", ["fp8-block", "fp8-channel"])
+def test_quantize_param_on_device_matches_the_hf_quantizers(scheme):
+    """quant.quantize_param (jnp, what the benchmarks quantize random models with) gives the HF
+    quantizers' scales to float32 rounding (XLA may divide by 448 as a multiplication by its reciprocal:
+    1 ulp) and their fp8 values (a value may round the other way only at a tie that the 1-ulp scale
+    moves: at most one fp8 step, in a handful of the 180,000 entries), for a plain and a stacked weight."""
+    rng = np.random.default_rng(1)
+    fmt = quant.SCHEMES[scheme]
+    w = rng.standard_normal((3, 200, 300)).astype(np.float32)                     # HF [E, out, in]
+    got = quant.quantize_param(jnp.asarray(np.swapaxes(w, 1, 2)), quant.param_block(fmt), fmt.act)
+    [want] = quant.from_hf("stack", *zip(*[fmt.quantize(we) for we in w]), fmt)
+    assert got.block == want.block and got.act == want.act and got.scale.shape == want.scale.shape
+    np.testing.assert_allclose(np.asarray(got.scale), want.scale, rtol=2.5e-7, atol=0)
+    gq, wq = np.asarray(got.q), want.q
+    assert np.mean(gq.view(np.uint8) != wq.view(np.uint8)) < 1e-3
+    np.testing.assert_allclose(gq.astype(np.float32), wq.astype(np.float32), rtol=2 ** -3, atol=2 ** -9)
+    one = quant.quantize_param(jnp.asarray(w[0].T), quant.param_block(fmt), fmt.act)
+    np.testing.assert_array_equal(np.asarray(one.q).view(np.uint8), gq[0].view(np.uint8))

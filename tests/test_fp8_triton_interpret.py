@@ -1,0 +1,267 @@
+"""The FP8 Triton kernel bodies (dense: lingjax/kernels/fp8/triton_kernels.py; MoE grouped:
+lingjax/kernels/moe/triton_fp8.py) in Triton's CPU interpreter.
+
+jax-triton cannot run on a CPU-only JAX, so this process builds each case's operands with lingjax's own
+code (quant.quantize_block / quantize_channel / quantize_tensor + from_hf for the weights,
+quant.quantize_activation_fp8 for the activations, kernels.moe.make_layout for the expert layout), saves
+them, and a child process (TRITON_INTERPRET=1 set before triton is imported) launches the kernels on torch
+CPU tensors with the launch parameters the jax-triton wrappers compute (fp8.gpu.launch,
+moe.gpu_fp8.pick_config / scale_args). float8_e4m3fn loads and fp8 tl.dot work in the interpreter
+(checked here: the kernels read the stored fp8 bytes), so no decoding is needed; the outputs are float32
+(bfloat16 stores are wrong in the interpreter: bf16 is checked on the device by scripts/bench_fp8.py)
+and float16 once.
+
+Tolerances. Against float64 numpy of the same fp8 operands and scales (the kernels' exact math):
+float32 outputs within 1e-5 relative (float32 accumulation over <= 384 terms and float32 scale
+products: ~1e-7 relative per step), float16 outputs within 1e-3 (float16 rounding, 2^-11). Against the
+unquantized float64 product: within 0.08 relative, the float8_e4m3fn rounding of both operands (at
+most 2^-4 relative each, RMS about 2^-4/sqrt(3) = 3.6%, so ~5% for a product; measured 3-5%), which
+checks that the scales were chosen and applied per the right blocks. The dense path is also checked
+against lingjax's reference FP8 matmul (quant.matmul, float32) within 1e-5: the GPU path computes what
+the CPU path does. MoE: padding rows give zeros, unused blocks stay unwritten."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# dense: (name, weight strategy, act, M, K, N, config (block_m, block_n, block_k, split_k) or None, out dtype)
+DENSE = [
+    ("block-decode", "block", "group", 1, 384, 200, None, "float32"),
+    ("block-split3", "block", "group", 5, 384, 96, (16, 32, 128, 3), "float32"),
+    ("block-k64-tail", "block", "group", 40, 320, 136, (16, 64, 64, 1), "float32"),
+    ("column-group", "column", "group", 17, 256, 96, (16, 32, 128, 2), "float32"),
+    ("channel-token", "channel", "token", 33, 320, 96, (32, 64, 64, 1), "float32"),
+    ("channel-group", "channel", "group", 3, 256, 64, (16, 32, 128, 1), "float32"),
+    ("tensor-token-f16", "tensor", "token", 20, 256, 80, (16, 32, 128, 1), "float16"),
+]
+# MoE: (name, weight strategy, act, T, k, E, block_m, out dtype)
+MOE = [
+    ("block-decode", "block", "group", 1, 2, 4, 16, "float32"),
+    ("block-many", "block", "group", 40, 2, 4, 16, "float32"),
+    ("channel-token", "channel", "token", 24, 2, 4, 16, "float32"),
+    ("channel-token-bm32", "channel", "token", 33, 3, 4, 32, "float16"),
+]
+D, I = 256, 256                     # MoE dims: two 128-groups each
+
+
+def _fmt(strategy, act):
+    from lingjax import quant
+    if strategy == "column":                 # a block tensor split at a non-multiple of 128: per-row scales
+        return quant.Format("fp8", "block", act)
+    return quant.Format("fp8" if strategy == "block" else "compressed-tensors", strategy, act)
+
+
+def _weight(rng, n_out, n_in, strategy, act):
+    """(FP8Weight in the param layout [in, out] (numpy), float64 weight before quantization)."""
+    from lingjax import quant
+    fmt = _fmt(strategy, act)
+    if strategy == "column":                 # a fused tensor split at a non-multiple of 128 (n_out rows)
+        w = rng.standard_normal((2 * n_out, n_in)) / np.sqrt(n_in)
+        q, s = quant.quantize_block(w.astype(np.float32))
+        p = quant.from_hf("splitT", [q], [s], fmt, n_parts=2)[0]
+        assert p.block == (128, 1), p.block
+        return p, w[:n_out].T
+    w = rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)
+    q, s = fmt.quantize(w.astype(np.float32))
+    [p] = quant.from_hf("T", [q], [s], fmt)
+    return p, w.T
+
+
+def _dequant(p):
+    from lingjax import quant
+    import jax
+    return np.asarray(quant.dequantize(jax.tree.map(np.asarray, p)), np.float64)
+
+
+def _act_parts(x, act):
+    import jax.numpy as jnp
+    from lingjax import quant
+    q, s = quant.quantize_activation_fp8(jnp.asarray(x, jnp.float32), act)
+    return np.asarray(q), np.asarray(s, np.float32)
+
+
+def _act_dequant(q, s):
+    G = s.shape[-1]
+    size = 128 if G > 1 else q.shape[-1]
+    return q.astype(np.float64) * np.repeat(s.astype(np.float64), size, axis=-1)[..., : q.shape[-1]]
+
+
+def _u8(a):
+    return np.ascontiguousarray(a).view(np.uint8)
+
+
+def _dense_inputs(case):
+    import jax
+    import jax.numpy as jnp
+    from lingjax import quant
+    name, strategy, act, M, K, N, cfg, out = case
+    rng = np.random.default_rng(len(name) * 31 + M)
+    x = rng.standard_normal((M, K)) * np.exp(rng.uniform(-2, 2, (M, 1)))
+    p, w64 = _weight(rng, N, K, strategy, act)
+    xq, xs = _act_parts(x, act)
+    ref = np.asarray(quant.matmul(jnp.asarray(x, jnp.float32), jax.tree.map(jnp.asarray, p)), np.float64)
+    exact = _act_dequant(xq, xs) @ _dequant(p)
+    return dict(xq=_u8(xq), xs=xs, wq=_u8(p.q), ws=np.asarray(p.scale, np.float32),
+                block=np.array(p.block), act=np.array(act), exact=exact, ref=ref, full=x @ w64)
+
+
+def _moe_inputs(case):
+    import jax.numpy as jnp
+    from lingjax.kernels.moe import make_layout
+    name, strategy, act, T, k, E, bm, out = case
+    rng = np.random.default_rng(len(name) * 17 + T)
+    idx = np.stack([rng.choice(E, k, replace=False) for _ in range(T)]).astype(np.int32)
+    lay = make_layout(jnp.asarray(idx), E, bm)
+    ws = {n: [_weight(rng, o, i, strategy, act) for _ in range(E)] for n, (o, i) in
+          dict(g=(I, D), u=(I, D), d=(D, I)).items()}
+    x = rng.standard_normal((T, D))
+    h = rng.standard_normal((len(lay.row_token), I))
+    h[np.asarray(lay.row_token) == T] = 0.0          # padding rows of h are zero (as gate_up writes them)
+    out = dict(row_token=np.asarray(lay.row_token), block_expert=np.asarray(lay.block_expert), x=x, h=h)
+    out["xq"], out["xs"] = _act_parts(x, act)
+    out["hq"], out["hs"] = _act_parts(h, act)
+    for n, lst in ws.items():
+        out[f"w{n}q"] = np.stack([p.q for p, _ in lst])
+        out[f"w{n}s"] = np.stack([np.asarray(p.scale, np.float32) for p, _ in lst])
+        out[f"w{n}64"] = np.stack([_dequant(p) for p, _ in lst])
+        out[f"w{n}full"] = np.stack([w for _, w in lst])
+        out["block"] = np.array(lst[0][0].block)
+    for key in ("xq", "hq", "wgq", "wuq", "wdq"):
+        out[key] = _u8(out[key])
+    return out
+
+
+# ------------------------------------------------------------------------------------------ child
+def _child(workdir):
+    """Runs with TRITON_INTERPRET=1: launches the kernels on the saved operands, saves the outputs."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    import torch
+    from lingjax import quant
+    from lingjax.kernels.fp8 import gpu
+    from lingjax.kernels.fp8.triton_kernels import fp8_matmul_kernel
+    from lingjax.kernels.moe import gpu_fp8
+    from lingjax.kernels.moe.triton_fp8 import down_fp8_kernel, gate_up_fp8_kernel
+    tt = lambda a: torch.from_numpy(np.ascontiguousarray(a))                      # noqa: E731
+    f8 = lambda a: tt(a).view(torch.float8_e4m3fn)                                # noqa: E731
+    sentinel = 1027.0
+    for case in DENSE:
+        name, _, _, M, K, N, cfg, out = case
+        z = np.load(Path(workdir) / f"dense-{name}.npz")
+        w = quant.FP8Weight(z["wq"].view(quant.FP8_NP), z["ws"], tuple(int(b) for b in z["block"]), str(z["act"]))
+        N = w.q.shape[1]
+        config = gpu.Config(*cfg) if cfg else None
+        c, grid, consts = gpu.launch(M, w, z["xs"].shape[-1], config)
+        dt = getattr(torch, out) if c.split_k == 1 else torch.float32
+        y = torch.full((c.split_k, M, N) if c.split_k > 1 else (M, N), sentinel, dtype=dt)
+        fp8_matmul_kernel[grid](f8(z["xq"]), tt(z["xs"]), f8(z["wq"]), tt(z["ws"]), y, **consts)
+        y = y.double().sum(0) if c.split_k > 1 else y.double()
+        np.save(Path(workdir) / f"dense-{name}-out.npy", y.numpy())
+    for case in MOE:
+        name, _, act, T, k, E, bm, out = case
+        z = np.load(Path(workdir) / f"moe-{name}.npz")
+        blk = tuple(int(b) for b in z["block"])
+        wg = quant.FP8Weight(z["wgq"].view(quant.FP8_NP), z["wgs"], blk, act)
+        wd = quant.FP8Weight(z["wdq"].view(quant.FP8_NP), z["wds"], blk, act)
+        nb, P = len(z["block_expert"]), len(z["row_token"])
+        dt = getattr(torch, out)
+        h = torch.full((P, I), sentinel, dtype=dt)
+        y = torch.full((P, D), sentinel, dtype=dt)
+        c = dataclass_replace(gpu_fp8.pick_config("gate_up", bm, D, I), block_n=32, group_m=2)
+        gate_up_fp8_kernel[(nb * (I // c.block_n),)](
+            f8(z["xq"]), tt(z["xs"]), tt(z["row_token"]), tt(z["block_expert"]), f8(z["wgq"]), tt(z["wgs"]),
+            f8(z["wuq"]), tt(z["wus"]), h, N_TOKENS=T, K=D, N=I, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n,
+            BLOCK_K=c.block_k, GROUP_M=c.group_m, **gpu_fp8.scale_args(z["xs"].shape[-1], wg, I, c.block_k))
+        c = dataclass_replace(gpu_fp8.pick_config("down", bm, I, D), block_n=64, block_k=64, group_m=2)
+        down_fp8_kernel[(nb * (D // c.block_n),)](
+            f8(z["hq"]), tt(z["hs"]), tt(z["block_expert"]), f8(z["wdq"]), tt(z["wds"]), y, K=I, N=D,
+            NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
+            **gpu_fp8.scale_args(z["hs"].shape[-1], wd, D, c.block_k))
+        np.savez(Path(workdir) / f"moe-{name}-out.npz", h=h.double().numpy(), y=y.double().numpy())
+
+
+def dataclass_replace(c, **kw):
+    import dataclasses
+    return dataclasses.replace(c, **kw)
+
+
+# ------------------------------------------------------------------------------------------ tests
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fp8_interp")
+    for case in DENSE:
+        np.savez(d / f"dense-{case[0]}.npz", **_dense_inputs(case))
+    for case in MOE:
+        np.savez(d / f"moe-{case[0]}.npz", **_moe_inputs(case))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, __file__, str(d)], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return d
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("case", DENSE, ids=[c[0] for c in DENSE])
+def test_dense_fp8_kernel_matches_float64(workdir, case):
+    z = np.load(workdir / f"dense-{case[0]}.npz")
+    y = np.load(workdir / f"dense-{case[0]}-out.npy")
+    tol = 1e-5 if case[7] == "float32" else 1e-3
+    r = dict(exact=_rel(y, z["exact"]), ref=_rel(y, z["ref"]), full=_rel(y, z["full"]))
+    assert r["exact"] < tol and r["ref"] < max(tol, 1e-5), r
+    assert 0.005 < r["full"] < 0.08, r             # the fp8 rounding is there, and bounded
+
+
+@pytest.mark.parametrize("case", MOE, ids=[c[0] for c in MOE])
+def test_moe_fp8_kernels_match_float64(workdir, case):
+    name, _, _, T, k, E, bm, out = case
+    z = np.load(workdir / f"moe-{name}.npz")
+    o = np.load(workdir / f"moe-{name}-out.npz")
+    xd, hd = _act_dequant(z["xq"].view(_f8()), z["xs"]), _act_dequant(z["hq"].view(_f8()), z["hs"])
+    row_token, block_expert = z["row_token"], z["block_expert"]
+    xe = np.concatenate([xd, np.zeros((1, D))])
+    xf = np.concatenate([z["x"], np.zeros((1, D))])
+    want_h, want_y, full_h, rows = [], [], [], []
+    for b, e in enumerate(block_expert):
+        if e < 0:
+            continue
+        r = np.arange(b * bm, (b + 1) * bm)
+        a = xe[row_token[r]]
+        g, u = a @ z["wg64"][e], a @ z["wu64"][e]
+        want_h.append(g / (1 + np.exp(-g)) * u)
+        want_y.append(hd[r] @ z["wd64"][e])
+        af = xf[row_token[r]]
+        g, u = af @ z["wgfull"][e], af @ z["wufull"][e]
+        full_h.append(g / (1 + np.exp(-g)) * u)
+        rows.append(r)
+    rows = np.concatenate(rows)
+    want_h, want_y, full_h = np.concatenate(want_h), np.concatenate(want_y), np.concatenate(full_h)
+    tol = 1e-5 if out == "float32" else 1e-3
+    assert _rel(o["h"][rows], want_h) < tol and _rel(o["y"][rows], want_y) < tol
+    assert 0.005 < _rel(o["h"][rows], full_h) < 0.08
+    pad = rows[row_token[rows] == T]
+    unused = np.setdiff1d(np.arange(len(row_token)), rows)
+    assert np.all(o["h"][pad] == 0) and np.all(o["y"][pad] == 0), "padding rows must be zero"
+    assert np.all(o["h"][unused] == 1027.0) and np.all(o["y"][unused] == 1027.0), "unused blocks written"
+    if T == 1:
+        assert len(pad)                            # a decode block is mostly padding
+
+
+def _f8():
+    import ml_dtypes
+    return np.dtype(ml_dtypes.float8_e4m3fn)
+
+
+if __name__ == "__main__":          # the child process
+    _child(sys.argv[1])

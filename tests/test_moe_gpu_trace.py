@@ -1,0 +1,55 @@
+"""The GPU path of the MoE layer (lingjax/kernels/moe/gpu.py) without a GPU: experts(impl='gpu') traced
+on the CPU at the Ling-2.6-flash shapes (d 4096, I 1024, E 256, top-8), its jax-triton calls checked
+(kernels, block size, grid, schedule) and compiled for sm_90 by jax-triton's own compile function
+(Triton -> PTX): every launch fits the H200's shared memory, the large-block products run on the
+tensor cores (wgmma). The decode-size layout is built without a sort, the large one with it. The
+persistent schedule's launch (programs per SM) compiles too. Values: tests/test_moe_triton_interpret.py
+(Triton interpreter) and scripts/bench_moe.py (on the device, against a float64 oracle)."""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from lingjax.kernels import moe
+from lingjax.kernels.moe import gpu, make_layout, num_blocks
+# jax-triton loaded past its GPU check, and its sm_90 compile (shared with the linear-attention tests)
+from test_linear_attention_kernels import SM90_SMEM, _compile_call, _eqns, _triton_calls, jax_triton_call  # noqa: F401
+
+E, K, D, I = 256, 8, 4096, 1024
+sd = jax.ShapeDtypeStruct
+
+
+def args(T, dt=jnp.bfloat16):
+    return (sd((T, D), dt), sd((T, K), jnp.int32), sd((T, K), jnp.float32), sd((E, D, I), dt), sd((E, D, I), dt),
+            sd((E, I, D), dt))
+
+
+@pytest.mark.parametrize("T,bm,sort", [(1, 16, False), (4096, 128, True)])
+def test_gpu_experts_trace_and_compile_for_sm90(jax_triton_call, T, bm, sort):
+    jaxpr = jax.make_jaxpr(lambda *a: moe.experts(*a, impl="gpu"))(*args(T)).jaxpr
+    calls = _triton_calls(jax_triton_call, jaxpr)
+    assert [c.params["fn"].fn.__name__ for c in calls] == ["gate_up_kernel", "down_kernel"]
+    assert bool(_eqns(jaxpr, "sort")) == sort          # T = 1: the comparison-built layout
+    nb = num_blocks(T * K, E, bm)
+    for c, n in zip(calls, (I, D)):
+        p = c.params
+        assert p["BLOCK_M"] == bm and p["NUM_BLOCKS"] == nb and not p["PERSISTENT"]
+        assert p["grid"] == (nb * (n // p["BLOCK_N"]),)
+        shared, ptx, _ = _compile_call(jax_triton_call, c)
+        assert 0 < shared <= SM90_SMEM
+        if bm >= 64:
+            assert "wgmma" in ptx
+
+
+def test_persistent_schedule_launch_compiles_for_sm90(jax_triton_call):
+    cfg = gpu.Config(block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=3, persistent=2)
+
+    def f(x, idx, w, wg, wu, wd):
+        lay = make_layout(idx, E, 128)
+        return gpu.down(gpu.gate_up(x, lay, wg, wu, config=cfg), lay, wd, config=cfg)
+    calls = _triton_calls(jax_triton_call, jax.make_jaxpr(f)(*args(4096)).jaxpr)
+    assert len(calls) == 2
+    for c in calls:
+        p = c.params
+        assert p["PERSISTENT"] and p["NUM_PROGRAMS"] == 2 * gpu.num_sms() and p["grid"] == (p["NUM_PROGRAMS"],)
+        shared, ptx, _ = _compile_call(jax_triton_call, c)
+        assert 0 < shared <= SM90_SMEM and "wgmma" in ptx
