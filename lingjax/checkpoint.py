@@ -274,10 +274,10 @@ def _set_fp8(model, path, p, entry, parts, place):
     set_param(model, p, place(p, w) if place else to_device(w))
 
 
-def load_model(path, dtype=None, mesh=None):
+def load_model(path, dtype=None, mesh=None, *, mtp: bool = False):
     """(config, model) from a checkpoint directory: an HF one (config.json + *.safetensors) or a
-    `lingjax convert` output (its marker file says which); without the MTP layer (the engine does
-    not run it). mesh: each param goes straight to its shards.
+    `lingjax convert` output (its marker file says which); without the MTP layer unless `mtp` (the
+    engine runs it only for speculative decoding). mesh: each param goes straight to its shards.
     dtype: default bfloat16. Raises CheckpointError with a one-line message naming the problem."""
     import jax.numpy as jnp
     from lingjax.config import ConfigError
@@ -301,7 +301,7 @@ def load_model(path, dtype=None, mesh=None):
                 from lingjax.sharding import param_spec, tp_of
                 cfg = BailingConfig.from_json(path)
                 sharding = lambda p, shape, dt: NamedSharding(mesh, param_spec(p, cfg, tp_of(mesh)))  # noqa: E731
-            return load_converted(path, dtype, mtp=False, place=place, sharding=sharding)
-        return load_hf(path, dtype=dtype, mtp=False, place=place)      # the engine does not run the MTP layer
+            return load_converted(path, dtype, mtp=mtp, place=place, sharding=sharding)
+        return load_hf(path, dtype=dtype, mtp=mtp, place=place)
     except (ConfigError, WeightError, ShardingError) as e:
         raise CheckpointError(f"{path}: {e}") from None

@@ -384,12 +384,15 @@ class Engine:
                    with this setting (the parameters are shared, not copied).
     overlap        dispatch step n+1 before reading step n's results (module docstring); False reads
                    each step's results before packing the next (for debugging and to measure the gain)
+    num_speculative_tokens  k > 0: speculative decoding with the model's MTP layer as the draft
+                   (lingjax/speculative.py; the model must be loaded with its MTP layer). Steps are then
+                   not overlapped, and max_tokens is raised to at least max_batch * (k + 1). 0: off.
     """
 
     def __init__(self, model, *, max_batch: int = 8, prefill_chunk: int = 256, max_len: int | None = None,
                  num_slots: int | None = None, max_tokens: int | None = None, decode_order: str = "first",
                  state_dtype=jnp.float32, latent_dtype=None, tp: int | None = None, mesh=None,
-                 kernels: str | None = None, overlap: bool = True):
+                 kernels: str | None = None, overlap: bool = True, num_speculative_tokens: int = 0):
         cfg = model.cfg
         self.cfg = cfg
         if max_len is None:
@@ -407,6 +410,20 @@ class Engine:
         max_tokens = max_batch * prefill_chunk if max_tokens is None else max_tokens
         if not (_is_int(max_tokens) and max_tokens >= max_batch):
             raise EngineError(f"max_tokens must be an integer >= max_batch={max_batch}, got {max_tokens!r}")
+        k_spec = num_speculative_tokens
+        if not (_is_int(k_spec) and k_spec >= 0):
+            raise EngineError(f"num_speculative_tokens must be an integer >= 0, got {k_spec!r}")
+        if k_spec:
+            if not len(getattr(model, "mtp", ())):
+                raise EngineError("num_speculative_tokens > 0 needs the model's MTP layer: load it with "
+                                  "load_model(..., mtp=True) (the checkpoint must have num_nextn_predict_layers >= 1)")
+            if jax.process_count() > 1:
+                raise EngineError("speculative decoding does not support multi-host runs yet")
+            if overlap:
+                log.debug("speculative decoding: steps are not overlapped (overlap=True ignored)")
+            overlap = False
+            max_tokens = max(max_tokens, max_batch * (k_spec + 1))
+        self.num_speculative_tokens = k_spec
         if decode_order not in ("first", "last"):
             raise EngineError(f"decode_order must be 'first' or 'last', got {decode_order!r}")
         if kernels is not None and kernels not in KERNELS:
@@ -419,6 +436,8 @@ class Engine:
             self.t_buckets.append(b)
             b *= 2
         self.t_buckets.append(max_tokens)
+        if k_spec and max_batch * (k_spec + 1) not in self.t_buckets:    # a step of verifies only: no padding
+            self.t_buckets = sorted(self.t_buckets + [max_batch * (k_spec + 1)])
 
         from lingjax import sharding
         if mesh is None and tp is not None and tp > 1:
@@ -449,6 +468,10 @@ class Engine:
         self._flights: collections.deque[_Flight] = collections.deque()
         self._aborted: list[_Request] = []            # aborted since the last step: reported by the next
         self._counts = collections.Counter()          # stats: prompt/generated tokens, host and wait seconds
+        self._spec = None
+        if k_spec:
+            from lingjax.speculative import SpecDriver
+            self._spec = SpecDriver(self, k_spec, RequestOutput)     # draft state, verify packing (lingjax/speculative.py)
 
     # ----------------------------------------------------------------------------- introspection
     def buckets(self, kind: str | None = None) -> list[tuple[str, int, bool]]:
@@ -488,15 +511,20 @@ class Engine:
         `compile_seconds` instead), `wait_seconds` blocked on the device for results; the per-step
         means over the steps that did not compile."""
         c, n = self._counts, max(self._counts["timed_steps"], 1)
-        return dict(running=len(self._running), waiting=len(self._waiting), free_slots=self.slots.num_free,
-                    steps=self.steps, prompt_tokens=c["prompt_tokens"], generated_tokens=c["generated_tokens"],
-                    host_seconds=c["host_seconds"], wait_seconds=c["wait_seconds"],
-                    host_ms_per_step=1e3 * c["host_seconds"] / n, wait_ms_per_step=1e3 * c["wait_seconds"] / n,
-                    compilations=self.compile_count, compile_seconds=c["compile_seconds"], overlap=self.overlap)
+        out = dict(running=len(self._running), waiting=len(self._waiting), free_slots=self.slots.num_free,
+                   steps=self.steps, prompt_tokens=c["prompt_tokens"], generated_tokens=c["generated_tokens"],
+                   host_seconds=c["host_seconds"], wait_seconds=c["wait_seconds"],
+                   host_ms_per_step=1e3 * c["host_seconds"] / n, wait_ms_per_step=1e3 * c["wait_seconds"] / n,
+                   compilations=self.compile_count, compile_seconds=c["compile_seconds"], overlap=self.overlap)
+        if self._spec is not None:    # speculative decoding: drafts proposed/accepted, tokens per decode step
+            out.update(self._spec.stats())
+        return out
 
     def reset_stats(self) -> None:
         """Zero the token and time counters of stats() (e.g. after a warm-up)."""
         self._counts.clear()
+        if self._spec is not None:
+            self._spec.counts = dict.fromkeys(self._spec.counts, 0)
 
     # ----------------------------------------------------------------------------- incremental API
     def check_request(self, prompt: Sequence[int], params: SamplingParams | None = None, *,
@@ -698,6 +726,8 @@ class Engine:
         self._prev = self._zero_tokens()
         if any(a.is_deleted() for a in jax.tree.leaves(self.caches)):   # donated to a step that failed
             self.caches = self._new_caches()
+        if self._spec is not None:
+            self._spec.reset(self)
 
     def _drain(self) -> list[RequestOutput]:
         outs = []
@@ -720,7 +750,7 @@ class Engine:
         budget = self.max_tokens
         pending = [(r, self._pending(r)) for r in self._running]
         decodes = [(r, 1) for r, p in pending if p == 1]
-        budget -= len(decodes)
+        budget -= len(decodes) * (1 + self.num_speculative_tokens)     # a decode verifies up to k drafts
         prefills = []
         for r, p in pending:
             if p > 1 and budget > 0:
@@ -773,6 +803,8 @@ class Engine:
 
     def _dispatch(self, pieces) -> _Flight:
         """Pack and launch one step (asynchronously); update the requests' bookkeeping."""
+        if self._spec is not None:
+            return self._spec.dispatch(self, pieces)
         R = self.max_batch
         b = self._pack(pieces)
         take = b.pop("take")
@@ -815,6 +847,8 @@ class Engine:
 
     def _collect(self, f: _Flight) -> list[RequestOutput]:
         """Read one dispatched step's results (blocks until the device has them) -> outputs."""
+        if self._spec is not None:
+            return self._spec.collect(self, f)
         t0 = time.perf_counter()
         logits, toks, lp, top_ids, top_lp = (None if a is None else np.asarray(a) for a in f.outputs)
         self._counts["wait_seconds"] += time.perf_counter() - t0

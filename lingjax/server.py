@@ -134,6 +134,15 @@ class Metrics:
             .set_function(lambda: loop.stats()["waiting"])
         Gauge("lingjax_cache_usage_ratio", "Cache slots in use / total slots", registry=r) \
             .set_function(lambda: 1.0 - loop.stats()["free_slots"] / loop.engine.num_slots)
+        if getattr(loop.engine, "num_speculative_tokens", 0):        # speculative decoding (--speculative-tokens)
+            Gauge("lingjax_spec_draft_tokens", "MTP draft tokens proposed to the main model", registry=r) \
+                .set_function(lambda: loop.stats()["spec_drafts"])
+            Gauge("lingjax_spec_accepted_tokens", "MTP draft tokens the main model accepted", registry=r) \
+                .set_function(lambda: loop.stats()["spec_accepted"])
+            Gauge("lingjax_spec_acceptance_rate", "Accepted / proposed draft tokens", registry=r) \
+                .set_function(lambda: loop.stats()["acceptance_rate"])
+            Gauge("lingjax_spec_tokens_per_step", "Tokens emitted per verify step of one request (1 .. k+1)",
+                  registry=r).set_function(lambda: loop.stats()["tokens_per_step"])
         self.prompt_tokens = Counter("lingjax_prompt_tokens", "Prompt tokens submitted to the engine", registry=r)
         self.generation_tokens = Counter("lingjax_generation_tokens", "Tokens generated", registry=r)
         self.finished = Counter("lingjax_requests_finished", "Choices finished, by finish reason (stop, length, abort)",

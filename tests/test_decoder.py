@@ -148,3 +148,21 @@ def test_decoder_layer_is_prenorm_residual_of_its_parts(model):
         got, want = _layer_and_parts(layer, x, pos)
         assert np.abs(np.asarray(got - x)).max() > 0.1                             # the layer does something
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_score_mtp_logits_match_float64_reference(model):
+    """`lingjax score --mtp` (speculative.mtp_score): row t from the main model's final-norm hidden at t and
+    the embedding of token t+1 (id 0 at the last row), causal over the MTP positions; same tolerance as
+    above. The hidden states come from the model itself (they are the input under test's definition)."""
+    from lingjax.speculative import mtp_score
+    cfg = model.cfg
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (9, 4)]
+    got = mtp_score(model, seqs, bucket=16)       # one compiled shape for both
+    emb = f64(model.word_embeddings)
+    for s, g in zip(seqs, got):
+        hidden = np.asarray(nnx.jit(lambda m, t: m.hidden(t))(model, jnp.asarray([s]))[0], np.float64)
+        nxt = np.asarray(s[1:] + [0])
+        want = mtp_ref(model.mtp[0], cfg, emb[nxt], hidden, np.arange(len(s), dtype=np.float64)) @ f64(model.lm_head)
+        assert g.dtype == np.float32 and g.shape == (len(s), cfg.vocab_size)
+        np.testing.assert_allclose(g.astype(np.float64), want, rtol=0, atol=1e-5 * np.abs(want).max())

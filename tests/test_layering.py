@@ -17,7 +17,7 @@ PKG = ROOT / "lingjax"
 TOOLS = ("lingjax.convert", "lingjax.evaluate", "lingjax.bench")
 RUNTIME_PREFIXES = ("lingjax.model", "lingjax.kernels", "lingjax.engine", "lingjax.cache", "lingjax.batch",
                     "lingjax.checkpoint", "lingjax.server", "lingjax.tokenizer", "lingjax.sharding",
-                    "lingjax.weights", "lingjax.config")
+                    "lingjax.weights", "lingjax.config", "lingjax.speculative")
 
 
 def module_name(path: pathlib.Path) -> str:

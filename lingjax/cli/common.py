@@ -100,6 +100,14 @@ def add_kernels(p: argparse.ArgumentParser) -> None:
                         "$LINGJAX_KERNELS if set, else by platform (gpu, tpu, else reference)")
 
 
+def add_speculative(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative-tokens", type=int_at_least(0), default=0, metavar="K",
+                   help="speculative decoding: the checkpoint's MTP layer drafts K tokens per step and the "
+                        "main model verifies them in the same step (exact: greedy output is unchanged, "
+                        "sampling keeps its distribution); steps are then not overlapped. Needs the MTP "
+                        "weights (num_nextn_predict_layers >= 1); default 0 (off)")
+
+
 def default_model_dir() -> Path:
     """The checkpoint shipped in checkpoints/ (the only one there, or DEFAULT_CHECKPOINT)."""
     found = sorted(d for d in CHECKPOINTS_DIR.glob("*") if (d / "config.json").is_file()) \
@@ -164,9 +172,14 @@ def build_engine(args, model_dir, max_len):
     mesh = make_mesh(args)
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     log.info("loading %s (%s, tp=%d)", model_dir, args.dtype, args.tp)
-    cfg, model = load_model(str(model_dir), dtype, mesh=mesh)
+    k_spec = getattr(args, "speculative_tokens", 0) or 0
+    mtp = bool(k_spec) or bool(getattr(args, "mtp", False))       # the MTP layer: drafts, or score --mtp
+    if mtp and read_config(model_dir).num_nextn_predict_layers < 1:
+        raise CLIError(f"{model_dir}: the checkpoint has no MTP layer (num_nextn_predict_layers is 0); "
+                       f"{'--speculative-tokens' if k_spec else '--mtp'} needs it")
+    cfg, model = load_model(str(model_dir), dtype, mesh=mesh, mtp=mtp)
     eng = Engine(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, max_len=max_len, mesh=mesh,
-                 kernels=getattr(args, "kernels", None))
+                 kernels=getattr(args, "kernels", None), num_speculative_tokens=k_spec)
     log.info("engine: max_batch=%d prefill_chunk=%d max_len=%d, step buckets T=%s", eng.max_batch,
              eng.prefill_chunk, eng.max_len, eng.t_buckets)
     return cfg, eng

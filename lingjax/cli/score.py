@@ -28,6 +28,11 @@ def add_arguments(p):
     p.add_argument("--out", required=True, metavar="OUT.npz",
                    help="output .npz with logits_0, logits_1, ...: float32 [len_i, vocab], the teacher-forced "
                         "next-token logits of each sequence (row t predicts token t+1); written atomically")
+    p.add_argument("--mtp", action="store_true",
+                   help="also write mtp_logits_i, float32 [len_i, vocab]: the MTP layer's logits, row t from the "
+                        "main model's final-norm hidden state at t and the embedding of token t+1 (token id 0 at "
+                        "the last row), causal over positions 0..t (row t predicts token t+2); needs the "
+                        "checkpoint's MTP layer; not with --tp > 1")
     add_common(p, model_required=True)
 
 
@@ -63,11 +68,17 @@ def run(args):
     max_len = max_len_for(args, cfg)
     # Validate before loading any weights: a bad input file fails in a second, not after the load.
     seqs = check_token_lists(data, vocab_size=cfg.vocab_size, max_len=max_len, what="sequence")
+    if args.mtp and args.tp > 1:
+        raise CLIError("--mtp does not support --tp > 1 yet")
     _, eng = build_engine(args, args.model, max_len)
     with progress_bar(len(seqs), "scoring", enabled=len(seqs) > 1) as bar:
         logits = eng.score(seqs, progress=bar.update)
+    arrays = {f"logits_{i}": l for i, l in enumerate(logits)}
+    if args.mtp:
+        from lingjax.speculative import mtp_score
+        arrays.update({f"mtp_logits_{i}": l for i, l in enumerate(mtp_score(eng.model, seqs))})
     import jax
     if jax.process_index() == 0:                    # multi-host: process 0 writes the file
-        write_npz_atomic(args.out, {f"logits_{i}": l for i, l in enumerate(logits)})
+        write_npz_atomic(args.out, arrays)
         log.info("scored %d sequences (%d tokens) in %d steps, %d compilations; wrote %s", len(seqs),
                  sum(map(len, seqs)), eng.steps, eng.compile_count, args.out)

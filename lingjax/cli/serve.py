@@ -11,7 +11,7 @@ import logging
 import signal
 import socket
 
-from lingjax.cli.common import (CLIError, add_kernels, build_engine, default_model_dir, float_in, int_at_least,
+from lingjax.cli.common import (CLIError, add_kernels, add_speculative, build_engine, default_model_dir, float_in, int_at_least,
                                 max_len_for, read_config)
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ def add_arguments(p):
     p.add_argument("--tp", type=int_at_least(1), default=1, metavar="N",
                    help="tensor-parallel degree (devices to shard heads and experts over); default 1")
     add_kernels(p)
+    add_speculative(p)
     p.add_argument("--shutdown-timeout", type=float_in(0.0, None, name="seconds"), default=30.0, metavar="S",
                    help="on SIGTERM / Ctrl-C, how long requests in flight may run before they are aborted; "
                         "default %(default)s")

@@ -1,0 +1,254 @@
+"""Speculative decoding with the MTP layer (lingjax/speculative.py, issue 16).
+
+- rejection sampling on synthetic p / q: the emitted tokens follow p (chi-square goodness of fit);
+- greedy speculative output == plain greedy output, token for token, for k = 1, 2, 3, several chunk
+  sizes and queued batch mixes, on a random checkpoint (drafts mostly rejected: exercises the
+  linear-state rollback) and on the shipped tiny model (drafts mostly accepted);
+- sampling: the speculative engine's joint distribution of two sampled tokens equals the plain
+  engine's (chi-square test of homogeneity over many seeds);
+- rejected drafts leave no trace: the logprobs the speculative engine reports for its tokens equal
+  those of scoring the final sequence with the plain engine.
+
+Compile budget: every speculative engine here has max_batch 2 and max_tokens 2 (k + 1), so each k
+compiles one step shape; the whole file a handful of steps.
+
+Chi-square thresholds: the 1 - 1e-4 quantile (Wilson-Hilferty approximation), so a correct
+implementation fails with probability ~1e-4 per test (the seeds are fixed, so the result is
+deterministic); a wrong residual (e.g. resampling from p instead of max(p - q, 0)) shifts the
+distributions by far more than that at these sample sizes (checked while writing the test by breaking it).
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lingjax.engine import Engine, EngineError, SamplingParams
+from lingjax.speculative import accept
+from lingjax.testing import tiny_config, write_tiny_checkpoint
+from lingjax.weights import load_hf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "checkpoints", "ling-tiny")
+Z_1E4 = 3.719          # standard normal 1 - 1e-4 quantile
+
+
+def chi2_crit(dof, z=Z_1E4):
+    return dof * (1 - 2 / (9 * dof) + z * np.sqrt(2 / (9 * dof))) ** 3
+
+
+def gof(counts, probs):
+    """Chi-square goodness of fit statistic and its threshold (categories with expected count >= 5)."""
+    n = counts.sum()
+    e = n * probs
+    m = e >= 5
+    assert counts[~m].sum() <= max(5, 0.01 * n), "mass where p is ~0"
+    stat = float(((counts[m] - e[m]) ** 2 / e[m]).sum())
+    return stat, chi2_crit(max(int(m.sum()) - 1, 1))
+
+
+def homogeneity(a, b):
+    """Two-sample chi-square statistic over the categories seen, and its threshold."""
+    cats = sorted(set(a) | set(b))
+    ca = np.array([a.count(c) for c in cats], float)
+    cb = np.array([b.count(c) for c in cats], float)
+    tot = ca + cb
+    keep = tot >= 10
+    ca, cb, tot = ca[keep], cb[keep], tot[keep]
+    na, nb = ca.sum(), cb.sum()
+    ea, eb = tot * na / (na + nb), tot * nb / (na + nb)
+    stat = float(((ca - ea) ** 2 / ea + (cb - eb) ** 2 / eb).sum())
+    return stat, chi2_crit(max(len(cats) - 1, 1))
+
+
+# ------------------------------------------------------------------------------------------ unit
+@pytest.mark.parametrize("top_k", [0, 4])
+def test_rejection_sampling_emits_target_distribution(top_k):
+    """k = 2 drafts from q, verified against p: token j of the output (when emitted) ~ p_j (after the
+    same temperature / top-k transform), whatever q is; greedy rows take argmax p."""
+    V, k, N = 7, 2, 40000
+    rng = np.random.default_rng(0)
+    p_logits = rng.normal(0, 1.5, (k + 1, V)).astype(np.float32)
+    q_logits = rng.normal(0, 1.5, (k, V)).astype(np.float32)
+    temp = 0.8
+    # drafts drawn from the transformed q, as the engine draws them
+    from lingjax.speculative import filtered_logits
+    fq = filtered_logits(jnp.asarray(q_logits), jnp.full((k,), temp), jnp.full((k,), top_k), jnp.ones(k))
+    fp = filtered_logits(jnp.asarray(p_logits), jnp.full((k + 1,), temp), jnp.full((k + 1,), top_k), jnp.ones(k + 1))
+    P = np.asarray(jax.nn.softmax(fp, -1), np.float64)
+    drafts = jax.random.categorical(jax.random.key(1), fq, shape=(N, k))
+    R = jnp.full((N,), 1)
+    toks, n_acc = jax.jit(accept)(
+        jnp.broadcast_to(p_logits, (N, k + 1, V)), drafts.astype(jnp.int32), jnp.broadcast_to(q_logits, (N, k, V)),
+        jnp.full((N,), k, jnp.int32), jnp.full((N,), temp, jnp.float32), R * top_k, jnp.ones(N, jnp.float32),
+        jnp.arange(N, dtype=jnp.uint32), jnp.zeros(N, jnp.int32), jnp.zeros(N, jnp.int32))
+    toks, n_acc = np.asarray(toks), np.asarray(n_acc)
+    assert 0 < (n_acc == 0).sum() and 0 < (n_acc == k).sum()          # both paths taken
+    for j in range(k + 1):
+        emitted = n_acc >= j
+        counts = np.bincount(toks[emitted, j], minlength=V).astype(float)
+        stat, crit = gof(counts, P[j])
+        assert stat < crit, (j, stat, crit, counts, P[j] * emitted.sum())
+    # accepted drafts are the drafts themselves
+    d = np.asarray(drafts)
+    for j in range(k):
+        m = n_acc > j
+        assert (toks[m, j] == d[m, j]).all()
+    # greedy: accept while draft == argmax p; then argmax p
+    g_toks, g_acc = accept(jnp.asarray(p_logits)[None], jnp.asarray([[P[0].argmax(), (P[1].argmax() + 1) % V]]),
+                           jnp.asarray(q_logits)[None], jnp.asarray([k]), jnp.zeros(1), jnp.zeros(1, jnp.int32),
+                           jnp.ones(1), jnp.zeros(1, jnp.uint32), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))
+    assert int(g_acc[0]) == 1 and list(np.asarray(g_toks[0, :2])) == [P[0].argmax(), P[1].argmax()]
+
+
+# ------------------------------------------------------------------------------------------ engine
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("spec"))
+    write_tiny_checkpoint(d, tiny_config(num_hidden_layers=2), seed=0, dtype=np.float32, shards=1)   # linear, MLA
+    return load_hf(d, dtype=jnp.float32, mtp=True)[1]
+
+
+def engine(model, k, chunk=8, **kw):
+    """max_tokens 2 (k + 1): the step's token budget is exactly two verifies, so each k compiles one step
+    shape (prefill chunks then share steps with at most one verify, in chunks of at most k + 1)."""
+    return Engine(model, max_batch=2, prefill_chunk=chunk, max_tokens=2 * (k + 1) if k else 8, max_len=96,
+                  num_speculative_tokens=k, **kw)
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    rng = np.random.default_rng(4)
+    return [rng.integers(3, model.cfg.vocab_size, n).tolist() for n in (1, 13, 5, 21, 2, 9)]
+
+
+@pytest.fixture(scope="module")
+def plain_greedy(model, prompts):
+    sp = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in (7, 12, 3, 9, 12, 1)]
+    return sp, engine(model, 0, overlap=False).generate(prompts, sp)
+
+
+@pytest.mark.parametrize("k,chunk", [(1, 3), (2, 8), (3, 5)])
+def test_greedy_speculative_equals_plain_random_model(model, prompts, plain_greedy, k, chunk):
+    """Random weights: the drafts are mostly rejected, so nearly every step rolls the linear state back."""
+    sp, ref = plain_greedy
+    eng = engine(model, k, chunk)
+    assert eng.overlap is False
+    out = eng.generate(prompts, sp)
+    for o, r in zip(out, ref):
+        assert o.token_ids == r.token_ids and o.finish_reason == r.finish_reason
+    st = eng.stats()
+    assert st["spec_drafts"] > 0 and 0 <= st["acceptance_rate"] <= 1 and 1 <= st["tokens_per_step"] <= k + 1
+
+
+def test_greedy_speculative_tiny_model_answers():
+    """The shipped tiny model's MTP layer is trained: most drafts are accepted (multi-token steps), and
+    the answers are the model's greedy answers (held-out examples it answers correctly: README)."""
+    from lingjax import evaluate as ev
+    from lingjax.engine import load_model
+    from tokenizers import Tokenizer
+    _, m = load_model(TINY, jnp.float32, mtp=True)
+    tok = Tokenizer.from_file(os.path.join(TINY, "tokenizer.json"))
+    exs = [ex for t in ("add", "sort") for ex in ev.make_examples(t, 4)]
+    prompts = [tok.encode(p, add_special_tokens=False).ids for p, _ in exs]
+    eng = Engine(m, max_batch=2, prefill_chunk=8, max_tokens=8, max_len=64, num_speculative_tokens=3)
+    out = eng.generate(prompts, SamplingParams(max_new_tokens=12))
+    assert [tok.decode(o.token_ids, skip_special_tokens=True) for o in out] == [a for _, a in exs]
+    st = eng.stats()
+    assert st["acceptance_rate"] > 0.5 and st["tokens_per_step"] > 1.5, st    # k = 3: drafts 2, 3 are weaker
+
+
+def test_sampling_distribution_matches_plain(model):
+    """Joint distribution of the first two sampled tokens (temperature 1, top_k 3: at most 9 outcomes),
+    700 seeds each, speculative (k = 2) vs plain: chi-square homogeneity."""
+    prompt = [5, 17, 33]
+    n = 700
+    sp = SamplingParams(max_new_tokens=2, temperature=1.0, top_k=3, seed=11, ignore_eos=True)
+    plain = engine(model, 0, overlap=False).generate([prompt] * n, sp)
+    spec = engine(model, 2).generate([prompt] * n, sp)
+    a = [tuple(o.token_ids) for o in plain]
+    b = [tuple(o.token_ids) for o in spec]
+    assert len(set(a)) > 3
+    stat, crit = homogeneity(a, b)
+    assert stat < crit, (stat, crit)
+
+
+def test_tensor_parallel_greedy_equals_plain(model, prompts, plain_greedy):
+    """tp = 2 (simulated CPU devices): the whole speculative step in one shard_map; same tokens as the
+    single-device plain engine (float32: the sharded sums differ from the unsharded ones by rounding
+    only)."""
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 devices (tests/conftest.py simulates 8 CPU devices)")
+    sp, ref = plain_greedy
+    eng = engine(model, 3, 8, tp=2)
+    assert eng.mesh is not None
+    out = eng.generate(prompts, sp)
+    assert [o.token_ids for o in out] == [r.token_ids for r in ref]
+    assert eng.stats()["spec_drafts"] > 0
+
+
+def test_rejected_drafts_leave_no_trace(model, prompts):
+    """Logprobs the speculative engine computed for its own tokens (each from a verify step whose cache
+    held rejected drafts before) == log_softmax of scoring the final sequence from scratch."""
+    sp = SamplingParams(max_new_tokens=14, temperature=0.9, seed=3, ignore_eos=True, logprobs=0)
+    eng = engine(model, 3, 5)
+    outs = eng.generate(prompts[:4], sp)
+    assert eng.stats()["spec_drafts"] > eng.stats()["spec_accepted"]          # some rejections happened
+    seqs = [o.prompt_token_ids + o.token_ids for o in outs]
+    scores = engine(model, 0, overlap=False).score(seqs)
+    for o, s in zip(outs, scores):
+        P = len(o.prompt_token_ids)
+        ls = jax.nn.log_softmax(jnp.asarray(s), -1)
+        want = [float(ls[P - 1 + i, t]) for i, t in enumerate(o.token_ids)]
+        np.testing.assert_allclose(o.logprobs, want, atol=2e-4)
+
+
+def test_bad_settings(model):
+    with pytest.raises(EngineError, match="num_speculative_tokens"):
+        Engine(model, num_speculative_tokens=-1)
+    _, no_mtp = load_hf(os.path.join(TINY), dtype=jnp.float32, mtp=False)
+    with pytest.raises(EngineError, match="MTP layer"):
+        Engine(no_mtp, num_speculative_tokens=1)
+
+
+# ------------------------------------------------------------------------------------------ CLI, metrics
+def test_cli_flags_and_score_mtp(tmp_path, capsys):
+    """`--speculative-tokens` on generate and serve; `score --mtp` writes mtp_logits_i next to logits_i,
+    equal to speculative.mtp_score (whose numerics tests/test_decoder.py checks against float64 numpy)."""
+    import json
+    from lingjax import cli
+    from lingjax.engine import load_model
+    from lingjax.speculative import mtp_score
+    parser = cli.build_parser()
+    assert parser.parse_args(["generate", "--prompt", "x", "--speculative-tokens", "3"]).speculative_tokens == 3
+    assert parser.parse_args(["serve", "--speculative-tokens", "2"]).speculative_tokens == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--speculative-tokens", "-1"])
+    seqs = [[5, 6, 7, 8, 9, 10], [20, 21]]
+    (tmp_path / "t.json").write_text(json.dumps(seqs))
+    out = tmp_path / "o.npz"
+    assert cli.main(["score", "--model", TINY, "--tokens", str(tmp_path / "t.json"), "--out", str(out), "--mtp",
+                     "--dtype", "float32", "--max-len", "64"]) == 0
+    z = np.load(out)
+    assert sorted(z) == ["logits_0", "logits_1", "mtp_logits_0", "mtp_logits_1"]
+    _, m = load_model(TINY, jnp.float32, mtp=True)
+    for i, want in enumerate(mtp_score(m, seqs)):
+        assert z[f"mtp_logits_{i}"].dtype == np.float32 and z[f"mtp_logits_{i}"].shape == (len(seqs[i]), m.cfg.vocab_size)
+        np.testing.assert_allclose(z[f"mtp_logits_{i}"], want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_server_metrics_report_acceptance():
+    from lingjax.server import Metrics
+
+    class Loop:
+        class engine:
+            num_speculative_tokens, num_slots = 2, 4
+
+        @staticmethod
+        def stats():
+            return dict(running=1, waiting=0, free_slots=3, spec_drafts=10, spec_accepted=7, acceptance_rate=0.7,
+                        tokens_per_step=2.4)
+    text = Metrics(Loop).render().decode()
+    assert "lingjax_spec_acceptance_rate 0.7" in text and "lingjax_spec_tokens_per_step 2.4" in text
+    assert "lingjax_spec_draft_tokens 10.0" in text and "lingjax_spec_accepted_tokens 7.0" in text
