@@ -16,14 +16,23 @@ The engine itself is not re-entrant and not thread-safe: a call made while anoth
 `generate` from an `on_token` callback, or `step` from a second thread) raises EngineError.
 
 Scheduling (continuous batching). Requests wait in a FIFO queue; up to `max_batch` run at once, each
-holding one cache slot (`SlotAllocator`, lowest free slot first). Every step, each running request
+holding one cache slot (`SlotAllocator`, lowest free slot first) for its linear-attention states and
+pages of the paged MLA latent cache (`PageAllocator`, lingjax/paging.py; `page_size` positions each,
+`num_pages` of them, set by `kv_cache_gb`; default: what num_slots x max_len needs). A request is
+admitted only when the pages it can ever need (prompt + max_new_tokens, at most max_len; a score
+request: its prompt) are free beyond those promised to the running requests: the pages are promised at
+admission and taken as its pieces are dispatched, so a running request never lacks a page and nothing
+is preempted; a request that does not fit waits (FIFO) until running ones end. The price of this choice
+(against vLLM's preempt-and-recompute): pages promised to a request that stops early are not lent to
+others meanwhile. A request needing more pages than the pool has is refused by add_request. Every step, each running request
 advances by one piece: a decode (its one newest token) or a prefill chunk of up to `prefill_chunk`
 prompt tokens that continues from the slot's state. Decodes are always scheduled; prefill chunks fill
 the remaining per-step token budget `max_tokens` (default `max_batch * prefill_chunk`, so every
 running request advances a full chunk). A request's first piece is marked `fresh`: its linear state
-starts from zero whatever the slot held; MLA reads are masked to positions <= the token's own, which
-this request has already written, so stale latents are never read. A finished (or aborted) request
-frees its slot at once and the next waiting request takes it in a following step.
+starts from zero whatever the slot held; MLA reads go through the request's own pages, up to positions
+<= the token's own, which this request has already written, so stale latents are never read. A finished
+(or aborted) request frees its slot and its pages at once and the next waiting request takes them in a
+following step (the device runs steps in order, so the old user's last writes land first).
 
 Overlapped scheduling (`overlap=True`, the default). `step()` dispatches step n+1 before it waits
 for step n's results, so the host packs the next step while the device runs the last one. The
@@ -79,13 +88,15 @@ import numpy as np
 from flax import nnx
 
 from lingjax.batch import StepBatch
-from lingjax.cache import SlotAllocator
+from lingjax.cache import SlotAllocator, page_bytes, pages_for
 from lingjax.checkpoint import load_model  # noqa: F401  (re-exported: lingjax.engine.load_model)
 from lingjax.kernels.linear_attention import IMPLS as KERNELS   # the `kernels` choices
+from lingjax.paging import PageAllocator
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LEN = 4096
+DEFAULT_PAGE_SIZE = 64            # MLA latent positions per page (the GPU decode kernel needs a multiple of 16)
 MIN_T_BUCKET = 8
 MAX_LOGPROBS = 20                 # top logprobs a request may ask for (OpenAI's limit)
 
@@ -171,6 +182,8 @@ class _Request:
     fed: int = 0                  # tokens in dispatched pieces (in the cache once those steps ran)
     inflight: int = 0             # new tokens of dispatched steps that have not reached the host
     src_row: int = -1             # row of the in-flight token in the last dispatched step's output
+    pages: list = dataclasses.field(default_factory=list)   # MLA page ids held, in position order
+    promised: int = 0             # pages promised at admission and not taken yet
     logits: list = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     sampling: tuple = ()          # (temperature, top_k, top_p, seed) as the step's arrays take them
@@ -372,19 +385,28 @@ class Engine:
                    with this setting (the parameters are shared, not copied).
     overlap        dispatch step n+1 before reading step n's results (module docstring); False reads
                    each step's results before packing the next (for debugging and to measure the gain)
+    page_size      MLA latent positions per page (default 64)
+    kv_cache_gb    memory for the MLA latent pages in GiB (per device; the pool is replicated under tp);
+                   num_pages = kv_cache_gb / (MLA layers x page_size x latent bytes). Default (None, and
+                   num_pages None): num_slots x ceil(max_len / page_size) pages, what a per-slot max_len
+                   cache needs (every admitted request always fits).
+    num_pages      the pool size in pages directly (instead of kv_cache_gb)
+    page_shuffle_seed  hand pages out in a seeded random order (tests: pages scattered and reused)
     """
 
     def __init__(self, model, *, max_batch: int = 8, prefill_chunk: int = 256, max_len: int | None = None,
                  num_slots: int | None = None, max_tokens: int | None = None, decode_order: str = "first",
                  state_dtype=jnp.float32, latent_dtype=None, tp: int | None = None, mesh=None,
-                 kernels: str | None = None, overlap: bool = True):
+                 kernels: str | None = None, overlap: bool = True, page_size: int = DEFAULT_PAGE_SIZE,
+                 kv_cache_gb: float | None = None, num_pages: int | None = None,
+                 page_shuffle_seed: int | None = None):
         cfg = model.cfg
         self.cfg = cfg
         if max_len is None:
             max_len = min(cfg.max_position_embeddings, DEFAULT_MAX_LEN)
         num_slots = max_batch if num_slots is None else num_slots
         for name, v in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk), ("max_len", max_len),
-                        ("num_slots", num_slots)):
+                        ("num_slots", num_slots), ("page_size", page_size)):
             if not (_is_int(v) and v >= 1):
                 raise EngineError(f"{name} must be an integer >= 1, got {v!r}")
         if max_len > cfg.max_position_embeddings:
@@ -425,6 +447,10 @@ class Engine:
         self._params, treedef = jax.tree.flatten(self.state)
         self._graph = _Graph(self.graphdef, treedef, cfg, mesh, self._traces)
         self._cache_dtypes = dict(state_dtype=state_dtype, latent_dtype=latent_dtype or model.dtype)
+        self.page_size, self.max_pages = page_size, pages_for(max_len, page_size)
+        self.num_pages = self._pool_pages(num_pages, kv_cache_gb)
+        self._page_shuffle_seed = page_shuffle_seed
+        self._new_pages()
         self.caches = self._new_caches()
         self._prev = self._zero_tokens()                  # "the previous step's sampled tokens" of the first step
         self.slots = SlotAllocator(num_slots)
@@ -474,6 +500,7 @@ class Engine:
         means over the steps that did not compile."""
         c, n = self._counts, max(self._counts["timed_steps"], 1)
         return dict(running=len(self._running), waiting=len(self._waiting), free_slots=self.slots.num_free,
+                    num_pages=self.num_pages, free_pages=self.pages.num_free, page_size=self.page_size,
                     steps=self.steps, prompt_tokens=c["prompt_tokens"], generated_tokens=c["generated_tokens"],
                     host_seconds=c["host_seconds"], wait_seconds=c["wait_seconds"],
                     host_ms_per_step=1e3 * c["host_seconds"] / n, wait_ms_per_step=1e3 * c["wait_seconds"] / n,
@@ -579,9 +606,39 @@ class Engine:
             raise EngineError(f"Engine.{what}() needs an idle engine: {len(self._requests)} requests added with "
                               f"add_request are unfinished (step() them to the end or abort() them)")
 
+    def _pool_pages(self, num_pages, kv_cache_gb) -> int:
+        if num_pages is not None and kv_cache_gb is not None:
+            raise EngineError("give kv_cache_gb or num_pages, not both")
+        if kv_cache_gb is not None:
+            if not (_is_number(kv_cache_gb) and math.isfinite(kv_cache_gb) and kv_cache_gb > 0):
+                raise EngineError(f"kv_cache_gb must be a number > 0, got {kv_cache_gb!r}")
+            per = page_bytes(self.cfg, self.page_size, self._cache_dtypes["latent_dtype"])
+            num_pages = int(kv_cache_gb * 2 ** 30 // per) if per else 1
+            if num_pages < 1:
+                raise EngineError(f"kv_cache_gb={kv_cache_gb} holds no page of {per} bytes")
+        elif num_pages is None:
+            num_pages = self.num_slots * self.max_pages
+        if not (_is_int(num_pages) and num_pages >= 1):
+            raise EngineError(f"num_pages must be an integer >= 1, got {num_pages!r}")
+        return int(num_pages)
+
+    def _new_pages(self):
+        """A fresh page allocator and host page table (nothing held, nothing promised)."""
+        self.pages = PageAllocator(self.num_pages, shuffle_seed=self._page_shuffle_seed)
+        self.page_table = np.zeros((self.num_slots, self.max_pages), np.int32)
+        self._promised = 0
+
+    def _pages_needed(self, r: _Request) -> int:
+        """Pages r can ever write: its prompt for a score request; else every position but the last
+        token's (that token is never fed), prompt + max_new_tokens at most max_len."""
+        if r.score:
+            return pages_for(r.prompt_len, self.page_size)
+        return pages_for(min(r.prompt_len + r.max_new, self.max_len) - 1, self.page_size)
+
     def _new_caches(self):
         from lingjax import sharding
-        caches = sharding.init_caches(self.cfg, self.mesh, self.num_slots, self.max_len, **self._cache_dtypes)
+        caches = sharding.init_caches(self.cfg, self.mesh, self.num_slots, self.num_pages, self.page_size,
+                                      **self._cache_dtypes)
         return caches if self.mesh is not None else jax.device_put(caches, self._placement())
 
     def _zero_tokens(self):
@@ -623,6 +680,10 @@ class Engine:
             r = _Request(request_id, prompt, len(prompt), sp.max_new_tokens, params=sp,
                          stop=frozenset(int(t) for t in stop), index=int(index),
                          sampling=(sp.temperature, min(sp.top_k, self.cfg.vocab_size), sp.top_p, sp.seed % 2 ** 32))
+        need = self._pages_needed(r)
+        if need > self.num_pages:
+            raise EngineError(f"the request needs {need} cache pages of {self.page_size} positions (prompt + "
+                              f"max_new_tokens) but the pool has {self.num_pages}; raise kv_cache_gb or shorten it")
         self._requests[request_id] = r
         self._waiting.append(r)
         return request_id
@@ -651,6 +712,32 @@ class Engine:
         self._running.remove(r)
         self.slots.free(r.slot)
         r.slot = -1
+        for p in r.pages:
+            self.pages.unref(p)
+        r.pages = []
+        self._promised -= r.promised
+        r.promised = 0
+
+    def _admit(self, r: _Request) -> bool:
+        """Give r a slot and promise it the pages it can need, if they are free beyond earlier promises."""
+        need = self._pages_needed(r)
+        if self.pages.num_free - self._promised < need:
+            return False
+        r.slot = self.slots.alloc()
+        r.promised = need
+        self._promised += need
+        return True
+
+    def _grow(self, r: _Request, upto: int) -> None:
+        """Take pages (promised at admission) so that r holds positions [0, upto)."""
+        while len(r.pages) < pages_for(upto, self.page_size):
+            p = self.pages.alloc()
+            if p is None or r.promised < 1:       # the admission rule makes this unreachable
+                raise RuntimeError(f"request {r.id} outgrew its promised pages ({len(r.pages)} held)")
+            self.page_table[r.slot, len(r.pages)] = p
+            r.pages.append(p)
+            r.promised -= 1
+            self._promised -= 1
 
     def _run(self, ids, progress, on_output=None) -> dict:
         """Step until the requests `ids` (all the engine's) finish -> id -> their _Request."""
@@ -681,6 +768,7 @@ class Engine:
             self._finish(r, "abort")
         self._aborted.clear()
         self._prev = self._zero_tokens()
+        self._new_pages()
         if any(a.is_deleted() for a in jax.tree.leaves(self.caches)):   # donated to a step that failed
             self.caches = self._new_caches()
 
@@ -699,9 +787,9 @@ class Engine:
 
     def _schedule(self) -> list[tuple[_Request, int]]:
         while self._waiting and len(self._running) < self.max_batch and self.slots.num_free:
-            r = self._waiting.popleft()
-            r.slot = self.slots.alloc()
-            self._running.append(r)
+            if not self._admit(self._waiting[0]):
+                break
+            self._running.append(self._waiting.popleft())
         budget = self.max_tokens
         pending = [(r, self._pending(r)) for r in self._running]
         decodes = [(r, 1) for r, p in pending if p == 1]
@@ -724,6 +812,8 @@ class Engine:
         fresh = np.zeros(R, bool)
         slots[:k] = [r.slot for r, _ in pieces]
         fresh[:k] = [r.fed == 0 for r, _ in pieces]
+        page_table = np.zeros((R, self.max_pages), np.int32)
+        page_table[:k] = self.page_table[slots[:k]]
         if decode_only:                                # T == R, one token per row
             tok, pos, take = [0] * R, [0] * R, [-1] * R
             for i, (r, _) in enumerate(pieces):
@@ -754,11 +844,13 @@ class Engine:
             cu = np.asarray(cu + [n_tok] * (R - k), np.int32)
         return dict(tokens=np.asarray(tok, np.int32), positions=np.asarray(pos, np.int32),
                     token_seq=np.asarray(token_seq, np.int32), slots=slots, cu_seqlens=cu, fresh=fresh,
-                    decode_only=decode_only, take=np.asarray(take, np.int32))
+                    page_table=page_table, decode_only=decode_only, take=np.asarray(take, np.int32))
 
     def _dispatch(self, pieces) -> _Flight:
         """Pack and launch one step (asynchronously); update the requests' bookkeeping."""
         R = self.max_batch
+        for r, n in pieces:
+            self._grow(r, r.fed + n)
         b = self._pack(pieces)
         take = b.pop("take")
         rows = np.maximum(b["cu_seqlens"][1:] - 1, 0).astype(np.int32)

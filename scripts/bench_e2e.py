@@ -104,13 +104,15 @@ def attention_flops(cfg, lengths):
     return lin + mla
 
 
-def device_decode_ms(model, cfg, mesh, B, C, steps, reps):
-    """Median device time of one decode step (engine step + greedy), steps dispatched back to back."""
+def device_decode_ms(model, cfg, mesh, B, C, steps, reps, page_size):
+    """Median device time of one decode step (engine step + greedy), steps dispatched back to back, over
+    the paged MLA cache with each request's pages scattered over the pool."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
     from lingjax import sharding
     from lingjax.batch import StepBatch
+    from lingjax.cache import pages_for
     graphdef, state = nnx.split(model)
     step = sharding.shard_step(graphdef, cfg, mesh)
 
@@ -118,12 +120,14 @@ def device_decode_ms(model, cfg, mesh, B, C, steps, reps):
         logits, caches = step(state, batch, caches, jnp.arange(B, dtype=jnp.int32))
         return jnp.argmax(logits, -1).astype(jnp.int32), caches
     f = jax.jit(one, donate_argnums=1)
-    caches = sharding.init_caches(cfg, mesh, B, C + 8, latent_dtype=model.dtype)
+    max_pages = pages_for(C + 8, page_size)
+    caches = sharding.init_caches(cfg, mesh, B, B * max_pages, page_size, latent_dtype=model.dtype)
     rng = np.random.default_rng(B)
+    table = rng.permutation(B * max_pages).astype(np.int32).reshape(B, max_pages)   # scattered pages
     batch = StepBatch(tokens=jnp.asarray(rng.integers(2, cfg.vocab_size, B), jnp.int32),
                       positions=jnp.full((B,), C, jnp.int32), token_seq=jnp.arange(B, dtype=jnp.int32),
                       slots=jnp.arange(B, dtype=jnp.int32), cu_seqlens=jnp.arange(B + 1, dtype=jnp.int32),
-                      fresh=jnp.zeros((B,), bool), decode_only=True)
+                      fresh=jnp.zeros((B,), bool), page_table=jnp.asarray(table), decode_only=True)
     toks, caches = f(state, caches, batch)
     jax.block_until_ready(toks)
     ts = []
@@ -246,7 +250,7 @@ def main(argv=None):
         for B, C in parse_pairs(args.decode):
             row = dict(batch=B, context=C, matmul_precision=prec)
             try:
-                row["step_ms"] = device_decode_ms(model, cfg, mesh, B, C, steps, reps)
+                row["step_ms"] = device_decode_ms(model, cfg, mesh, B, C, steps, reps, args.page_size)
                 if B * C <= args.e2e_max_tokens:
                     row["e2e_ms"], row["prefill_s"] = e2e_decode_ms(model, mesh, cfg, B, C, steps)
                     row["host_gap_ms"] = row["e2e_ms"] - row["step_ms"]
