@@ -785,11 +785,15 @@ class Engine:
             return 0
         return total - r.fed
 
-    def _schedule(self) -> list[tuple[_Request, int]]:
+    def _admit_waiting(self) -> None:
+        """Admit waiting requests in order while a slot and their pages are free."""
         while self._waiting and len(self._running) < self.max_batch and self.slots.num_free:
             if not self._admit(self._waiting[0]):
                 break
             self._running.append(self._waiting.popleft())
+
+    def _schedule(self) -> list[tuple[_Request, int]]:
+        self._admit_waiting()
         budget = self.max_tokens
         pending = [(r, self._pending(r)) for r in self._running]
         decodes = [(r, 1) for r, p in pending if p == 1]

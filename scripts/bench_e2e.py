@@ -22,12 +22,22 @@ Prefill rows (N requests x L tokens, each one engine step of N x L tokens, sampl
   measured in the same run (attention: linear attention 4 H D (D + 64) per token; MLA causal scores
   and values H (2 (r + rope) + 2 r) per token pair).
 
+Capacity rows (--capacity GB, comma list): how many requests of mixed lengths (total tokens uniform in
+--capacity-lengths, default 1k-128k, seeded) fit an MLA latent budget of GB GiB. before: the per-slot cache,
+each slot reserving --capacity-max-len positions (budget / (max_len x latent bytes per position)); after:
+the paged engine's own admission (Engine(kv_cache_gb=GB), requests added in order, one schedule() call,
+no step run), each request holding ceil(length / page_size) pages. The linear-attention states (the same
+per request either way) are reported beside it, outside the budget.
+
 --moe old swaps in the routed-expert forms the engine used before the grouped matmul (for a before/after
 table in one run; scripts/bench_moe.py old_forms). Writes JSON to --out (default $OUT/bench_e2e.json).
 
     PYTHONPATH=.:scripts python3 scripts/bench_e2e.py                       # nvidia-h200, flash8
     PYTHONPATH=.:scripts python3 scripts/bench_e2e.py --preset flash --tp 2  # nvidia-h200-x2, full depth
     JAX_PLATFORMS=cpu PYTHONPATH=.:scripts python3 scripts/bench_e2e.py --preset tiny --smoke
+    # issue 14 targets (nvidia-h200, < 4 min): batch 256 at a 131k cache, and the capacity at 40 GiB
+    PYTHONPATH=.:scripts python3 scripts/bench_e2e.py --decode 256x131072,64x8192 --prefill 1x4096 \
+        --e2e-max-tokens 0 --steps 10 --capacity 40
 """
 from __future__ import annotations
 
@@ -180,6 +190,39 @@ def prefill_ms(model, mesh, cfg, N, L, reps):
     return statistics.median(ts)
 
 
+def capacity(model, mesh, cfg, gb, page_size, max_len, lo, hi, seed=0):
+    """Requests of total length uniform in [lo, hi] that fit `gb` GiB of MLA latents: per-slot cache vs the
+    paged engine's admission (see the module docstring)."""
+    import jax.numpy as jnp
+    from lingjax.cache import page_bytes, state_bytes
+    from lingjax.engine import Engine, SamplingParams
+    per_pos = page_bytes(cfg, 1, model.dtype)
+    before = int(gb * 2 ** 30 // (max_len * per_pos))
+    pages = int(gb * 2 ** 30 // page_bytes(cfg, page_size, model.dtype))
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(lo, hi + 1, 4 * max(before, 1) + 64).tolist()
+    n = 0                                                 # upper bound on what can fit: size max_batch by it
+    budget = pages
+    for L in lengths:
+        budget -= -(-L // page_size)
+        if budget < 0:
+            break
+        n += 1
+    eng = Engine(model, mesh=mesh, max_batch=max(n, 1) + 1, max_len=max_len, page_size=page_size, kv_cache_gb=gb,
+                 prefill_chunk=1, max_tokens=max(n, 1) + 1, state_dtype=jnp.float32)
+    sp = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    for L in lengths[: n + 1]:
+        eng.add_request([2] * (L - 1) if L > 1 else [2], sp)   # prompt L - 1 + 1 new token: L positions
+    eng._admit_waiting()
+    after = eng.num_running
+    for rid in list(eng._requests):
+        eng.abort(rid)
+    del eng
+    return dict(gb=gb, lengths=[lo, hi], page_size=page_size, max_len=max_len, before=before, after=after,
+                ratio=after / max(before, 1), mean_length=float(np.mean(lengths[:after])) if after else 0.0,
+                linear_state_gib_per_request=state_bytes(cfg) / 2 ** 30)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="flash8", help="model shapes (scripts/shapes.py): flash8, flash, 1t, tiny")
@@ -200,6 +243,12 @@ def main(argv=None):
                    help="comma list of the model's matmul precisions to run in turn on the same weights "
                         "(default, high, highest; e.g. 'default,highest' for issue 21's float32 before/after); "
                         "default: the model's own (highest for float32, default for bfloat16)")
+    p.add_argument("--page-size", type=int, default=64, help="MLA latent positions per page (default 64)")
+    p.add_argument("--capacity", default="", help="MLA latent budgets in GiB (comma list) for the capacity rows")
+    p.add_argument("--capacity-lengths", default="1024,131072",
+                   help="capacity rows: request lengths uniform in LO,HI (default 1024,131072)")
+    p.add_argument("--capacity-max-len", type=int, default=131072,
+                   help="capacity rows: the context a per-slot cache reserves per request (default 131072)")
     p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny sizes, 2 steps")
     p.add_argument("--out", help="JSON output (default $OUT/bench_e2e.json when $OUT is set)")
     args = p.parse_args(argv)
@@ -283,6 +332,14 @@ def main(argv=None):
             report["prefill"].append(row)
             save()
             log.info("prefill %dx%d: %.1f ms, %.0f tok/s, MFU %.1f%%", N, L, row["ms"], row["tok_s"], 100 * row["mfu"])
+    report["capacity"] = []
+    lo, hi = (int(v) for v in args.capacity_lengths.split(","))
+    for gb in [float(v) for v in args.capacity.split(",") if v]:
+        row = capacity(model, mesh, cfg, gb, args.page_size, args.capacity_max_len, lo, hi)
+        report["capacity"].append(row)
+        save()
+        log.info("capacity %.3g GiB: %d requests per-slot, %d paged (%.2fx)", gb, row["before"], row["after"],
+                 row["ratio"])
     if jax.default_backend() != "cpu":
         report["peak_bytes_in_use"] = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devs]
     save()
@@ -305,6 +362,12 @@ def main(argv=None):
             print(f"| {r['requests']}x{r['length']} | {r['error'][:80]} |")
         else:
             print(f"| {r['requests']}x{r['length']} | {r['matmul_precision']} | {r['ms']:.1f} | {r['tok_s']:.0f} | {100 * r['mfu']:.1f}% |")
+    if report["capacity"]:
+        print("| MLA budget GiB | lengths | per-slot (max_len) | paged | ratio | linear state GiB / request |\n"
+              "|---|---|---|---|---|---|")
+        for r in report["capacity"]:
+            print(f"| {r['gb']:g} | {r['lengths'][0]}-{r['lengths'][1]} | {r['before']} ({r['max_len']}) | "
+                  f"{r['after']} | {r['ratio']:.2f}x | {r['linear_state_gib_per_request']:.4f} |")
     if report.get("peak_bytes_in_use"):
         print("peak GiB per device: " + ", ".join(f"{b / 2**30:.1f}" for b in report["peak_bytes_in_use"] if b))
     return 0
