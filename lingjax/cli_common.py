@@ -84,6 +84,7 @@ def add_common(p: argparse.ArgumentParser, *, model_required: bool) -> None:
     p.add_argument("--tp", type=int_at_least(1), default=1, metavar="N",
                    help="tensor-parallel degree (devices to shard heads and experts over); default 1")
     add_kernels(p)
+    add_kv_cache(p)
     g = p.add_argument_group("multi-host (one process per host, JAX's distributed runtime; default: the "
                              "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID environment variables)")
     g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator service")
@@ -98,6 +99,15 @@ def add_kernels(p: argparse.ArgumentParser) -> None:
                    help="linear-attention kernels: reference, gpu, tpu, mosaic_gpu (or gpu_interpret, "
                         "tpu_interpret, mosaic_gpu_interpret: Pallas interpret mode, for tests); default: "
                         "$LINGJAX_KERNELS if set, else by platform (gpu, tpu, else reference)")
+
+
+def add_kv_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache-gb", type=float_in(0.0, None, lo_open=True, name="GiB"), default=None, metavar="GB",
+                   help="memory for the paged MLA latent cache, in GiB per device: requests take pages as they "
+                        "grow and wait in the queue when the pages they may need are not free; default: what "
+                        "--max-batch x --max-len needs")
+    p.add_argument("--page-size", type=int_at_least(1), default=64, metavar="N",
+                   help="token positions per MLA cache page; default %(default)s")
 
 
 def default_model_dir() -> Path:
@@ -166,7 +176,8 @@ def build_engine(args, model_dir, max_len):
     log.info("loading %s (%s, tp=%d)", model_dir, args.dtype, args.tp)
     cfg, model = load_model(str(model_dir), dtype, mesh=mesh)
     eng = Engine(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, max_len=max_len, mesh=mesh,
-                 kernels=getattr(args, "kernels", None))
+                 kernels=getattr(args, "kernels", None), kv_cache_gb=getattr(args, "kv_cache_gb", None),
+                 page_size=getattr(args, "page_size", 64))
     log.info("engine: max_batch=%d prefill_chunk=%d max_len=%d, step buckets T=%s", eng.max_batch,
              eng.prefill_chunk, eng.max_len, eng.t_buckets)
     return cfg, eng

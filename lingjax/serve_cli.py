@@ -24,7 +24,7 @@ SERVE_DESCRIPTION = (
 
 
 def serve_arguments(p):
-    from lingjax.cli_common import add_kernels, float_in, int_at_least
+    from lingjax.cli_common import add_kernels, add_kv_cache, float_in, int_at_least
     p.add_argument("--model", metavar="PATH",
                    help="checkpoint directory: an HF one (config.json, *.safetensors, tokenizer files) or a "
                         "`lingjax convert` output (with the tokenizer files); default: the model shipped in "
@@ -48,6 +48,7 @@ def serve_arguments(p):
     p.add_argument("--tp", type=int_at_least(1), default=1, metavar="N",
                    help="tensor-parallel degree (devices to shard heads and experts over); default 1")
     add_kernels(p)
+    add_kv_cache(p)
     p.add_argument("--shutdown-timeout", type=float_in(0.0, None, name="seconds"), default=30.0, metavar="S",
                    help="on SIGTERM / Ctrl-C, how long requests in flight may run before they are aborted; "
                         "default %(default)s")
