@@ -177,7 +177,9 @@ def build_engine(args, model_dir, max_len):
     cfg, model = load_model(str(model_dir), dtype, mesh=mesh)
     eng = Engine(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, max_len=max_len, mesh=mesh,
                  kernels=getattr(args, "kernels", None), kv_cache_gb=getattr(args, "kv_cache_gb", None),
-                 page_size=getattr(args, "page_size", 64))
+                 page_size=getattr(args, "page_size", 64),
+                 prefix_cache=hasattr(args, "no_prefix_cache") and not args.no_prefix_cache,
+                 prefix_cache_states=getattr(args, "prefix_cache_states", None))
     log.info("engine: max_batch=%d prefill_chunk=%d max_len=%d, step buckets T=%s", eng.max_batch,
              eng.prefill_chunk, eng.max_len, eng.t_buckets)
     return cfg, eng

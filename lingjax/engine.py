@@ -92,6 +92,7 @@ from lingjax.cache import SlotAllocator, page_bytes, pages_for
 from lingjax.checkpoint import load_model  # noqa: F401  (re-exported: lingjax.engine.load_model)
 from lingjax.kernels.linear_attention import IMPLS as KERNELS   # the `kernels` choices
 from lingjax.paging import PageAllocator
+from lingjax.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,9 @@ class _Request:
     src_row: int = -1             # row of the in-flight token in the last dispatched step's output
     pages: list = dataclasses.field(default_factory=list)   # MLA page ids held, in position order
     promised: int = 0             # pages promised at admission and not taken yet
+    chain: list = dataclasses.field(default_factory=list)   # prefix-cache nodes of its first blocks (pinned)
+    cache_on: bool = False        # its prompt blocks still go into the prefix cache
+    snaps: list = dataclasses.field(default_factory=list)   # positions where its linear states are saved
     logits: list = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     sampling: tuple = ()          # (temperature, top_k, top_p, seed) as the step's arrays take them
@@ -327,6 +331,12 @@ def _step_fn(params, caches, batch, take, prev, rows, temperature, top_k, top_p,
     return (logits,) + out + (caches,)
 
 
+@functools.partial(jax.jit, donate_argnames=("caches",))
+def _copy_rows(caches, src, dst):
+    """Every linear layer's state rows src [K] copied to rows dst [K] (out of range: skipped)."""
+    return caches.replace(linear=tuple(p.at[dst].set(p[src], mode="drop") for p in caches.linear))
+
+
 def clear_compiled() -> None:
     """Forget every compiled step (the next step of each shape compiles again)."""
     _step_fn.clear_cache()
@@ -392,6 +402,12 @@ class Engine:
                    cache needs (every admitted request always fits).
     num_pages      the pool size in pages directly (instead of kv_cache_gb)
     page_shuffle_seed  hand pages out in a seeded random order (tests: pages scattered and reused)
+    prefix_cache   reuse cached prompt prefixes (lingjax/prefix_cache.py): MLA pages shared, linear states
+                   copied; generate requests only (score requests bypass it). Off by default here, on in
+                   `lingjax serve`. Results equal the cache-off engine's up to float rounding.
+    prefix_cache_states  linear-state rows the prefix cache may fill (each cache.state_bytes(cfg)); default
+                   num_slots. Its MLA pages come from the same pool as the running requests' (evicted
+                   least recently used first when a request needs pages).
     """
 
     def __init__(self, model, *, max_batch: int = 8, prefill_chunk: int = 256, max_len: int | None = None,
@@ -399,7 +415,8 @@ class Engine:
                  state_dtype=jnp.float32, latent_dtype=None, tp: int | None = None, mesh=None,
                  kernels: str | None = None, overlap: bool = True, page_size: int = DEFAULT_PAGE_SIZE,
                  kv_cache_gb: float | None = None, num_pages: int | None = None,
-                 page_shuffle_seed: int | None = None):
+                 page_shuffle_seed: int | None = None, prefix_cache: bool = False,
+                 prefix_cache_states: int | None = None):
         cfg = model.cfg
         self.cfg = cfg
         if max_len is None:
@@ -450,6 +467,10 @@ class Engine:
         self.page_size, self.max_pages = page_size, pages_for(max_len, page_size)
         self.num_pages = self._pool_pages(num_pages, kv_cache_gb)
         self._page_shuffle_seed = page_shuffle_seed
+        if prefix_cache_states is not None and not (_is_int(prefix_cache_states) and prefix_cache_states >= 0):
+            raise EngineError(f"prefix_cache_states must be an integer >= 0, got {prefix_cache_states!r}")
+        self.prefix_cache = bool(prefix_cache)
+        self.state_rows = (num_slots if prefix_cache_states is None else prefix_cache_states) if prefix_cache else 0
         self._new_pages()
         self.caches = self._new_caches()
         self._prev = self._zero_tokens()                  # "the previous step's sampled tokens" of the first step
@@ -499,12 +520,26 @@ class Engine:
         `compile_seconds` instead), `wait_seconds` blocked on the device for results; the per-step
         means over the steps that did not compile."""
         c, n = self._counts, max(self._counts["timed_steps"], 1)
+        pc = self.prefix
         return dict(running=len(self._running), waiting=len(self._waiting), free_slots=self.slots.num_free,
                     num_pages=self.num_pages, free_pages=self.pages.num_free, page_size=self.page_size,
+                    prefix_cache=pc is not None, prefix_cache_queries=c["prefix_queries"],
+                    prefix_cache_hits=c["prefix_hits"], prefix_cache_query_tokens=c["prefix_query_tokens"],
+                    prefix_cache_hit_tokens=c["prefix_hit_tokens"],
+                    prefix_cache_hit_rate=c["prefix_hit_tokens"] / max(c["prefix_query_tokens"], 1),
+                    prefix_cache_pages=pc.num_nodes if pc else 0, prefix_cache_states=pc.rows_used if pc else 0,
+                    prefix_cache_evicted_pages=pc.evicted if pc else 0,
                     steps=self.steps, prompt_tokens=c["prompt_tokens"], generated_tokens=c["generated_tokens"],
                     host_seconds=c["host_seconds"], wait_seconds=c["wait_seconds"],
                     host_ms_per_step=1e3 * c["host_seconds"] / n, wait_ms_per_step=1e3 * c["wait_seconds"] / n,
                     compilations=self.compile_count, compile_seconds=c["compile_seconds"], overlap=self.overlap)
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prefix (an idle engine only; a no-op without the prefix cache)."""
+        with self._guard("clear_prefix_cache"):
+            self._check_idle("clear_prefix_cache")
+            if self.prefix is not None:
+                self.prefix.clear()
 
     def reset_stats(self) -> None:
         """Zero the token and time counters of stats() (e.g. after a warm-up)."""
@@ -627,6 +662,8 @@ class Engine:
         self.pages = PageAllocator(self.num_pages, shuffle_seed=self._page_shuffle_seed)
         self.page_table = np.zeros((self.num_slots, self.max_pages), np.int32)
         self._promised = 0
+        self.prefix = (PrefixCache(self.page_size, self.pages, list(range(self.num_slots, self.num_slots + self.state_rows)))
+                       if self.prefix_cache else None)
 
     def _pages_needed(self, r: _Request) -> int:
         """Pages r can ever write: its prompt for a score request; else every position but the last
@@ -637,8 +674,8 @@ class Engine:
 
     def _new_caches(self):
         from lingjax import sharding
-        caches = sharding.init_caches(self.cfg, self.mesh, self.num_slots, self.num_pages, self.page_size,
-                                      **self._cache_dtypes)
+        caches = sharding.init_caches(self.cfg, self.mesh, self.num_slots + self.state_rows, self.num_pages,
+                                      self.page_size, **self._cache_dtypes)
         return caches if self.mesh is not None else jax.device_put(caches, self._placement())
 
     def _zero_tokens(self):
@@ -717,19 +754,91 @@ class Engine:
         r.pages = []
         self._promised -= r.promised
         r.promised = 0
+        for node in r.chain:
+            self.prefix.unpin(node)
+        r.chain, r.snaps, r.cache_on = [], [], False
 
-    def _admit(self, r: _Request) -> bool:
-        """Give r a slot and promise it the pages it can need, if they are free beyond earlier promises."""
+    def _admit(self, r: _Request, restores: list) -> bool:
+        """Give r a slot and promise it the pages it can need, if they are free beyond earlier promises
+        (pages the prefix cache can evict count as free). With the prefix cache: look r's prompt up, share
+        the pages of the cached prefix, and queue the copy of its saved state into r's slot (`restores`)."""
         need = self._pages_needed(r)
-        if self.pages.num_free - self._promised < need:
+        pc = self.prefix if not r.score else None
+        path, hit = pc.lookup(r.tokens) if pc is not None else ([], 0)
+        free = self.pages.num_free - self._promised
+        if self.prefix is not None:
+            free += self.prefix.evictable - sum(nd.users == 0 for nd in path)   # the path gets pinned
+        if free < need - hit:
             return False
         r.slot = self.slots.alloc()
-        r.promised = need
-        self._promised += need
+        r.promised = need - hit
+        self._promised += need - hit
+        if pc is None:
+            return True
+        ps = self.page_size
+        for nd in path:
+            pc.pin(nd)
+        r.chain, r.cache_on = list(path), True
+        if hit:
+            r.pages = [nd.page for nd in path[:hit]]
+            for p in r.pages:
+                self.pages.ref(p)
+            self.page_table[r.slot, :hit] = r.pages
+            r.fed = hit * ps
+            restores.append((path[hit - 1].state_row, r.slot))
+        # Save states where a later request can resume: where r leaves the cached path (a node without a
+        # state), and at r's last whole prompt block.
+        r.snaps = sorted({b for b in (len(path) * ps, (r.prompt_len - 1) // ps * ps) if b > hit * ps})
+        self._counts["prefix_queries"] += 1
+        self._counts["prefix_hits"] += hit > 0
+        self._counts["prefix_query_tokens"] += r.prompt_len
+        self._counts["prefix_hit_tokens"] += hit * ps
         return True
+
+    def _cache_progress(self, r: _Request, saves: list) -> None:
+        """After r's piece is dispatched: its whole prompt blocks fed so far go into the prefix cache (a
+        block already cached there is not replaced: r keeps its own page private), and a boundary where
+        r's state is to be saved queues the copy of r's slot into a state row (`saves`)."""
+        pc, ps = self.prefix, self.page_size
+        full = min(r.fed, r.prompt_len) // ps
+        while r.cache_on and len(r.chain) < full:
+            j = len(r.chain)
+            parent = r.chain[-1] if r.chain else pc.root
+            block = pc.block(r.tokens, j)
+            node = pc.child(parent, block)
+            if node is None:
+                node = pc.insert(parent, block, r.pages[j])
+            elif node.users > 0:
+                pc.pin(node)
+            else:               # cached meanwhile by a request that has ended: pinning it would break the
+                r.cache_on = False      # page promises (it counts as evictable), so r stops inserting here
+                break
+            r.chain.append(node)
+        while r.snaps and r.snaps[0] <= r.fed:
+            b = r.snaps.pop(0)
+            if b == r.fed and len(r.chain) >= b // ps:
+                row = pc.take_row(r.chain[b // ps - 1])
+                if row is not None:
+                    saves.append((r.slot, row))
+
+    def _copy_states(self, pairs) -> None:
+        """Copy linear-state rows src -> dst of every linear layer (one small jitted call, ordered on the
+        device between the steps dispatched before and after it)."""
+        if not pairs:
+            return
+        k = 1 << (len(pairs) - 1).bit_length()             # a power-of-two bucket: few compilations
+        src = np.zeros(k, np.int32)
+        dst = np.full(k, self.num_slots + self.state_rows, np.int32)          # out of range: dropped
+        src[:len(pairs)], dst[:len(pairs)] = zip(*pairs)
+        if self.mesh is not None and jax.process_count() > 1:
+            src, dst = _global((src, dst), self.mesh)
+        self.caches = _copy_rows(self.caches, src, dst)
 
     def _grow(self, r: _Request, upto: int) -> None:
         """Take pages (promised at admission) so that r holds positions [0, upto)."""
+        want = pages_for(upto, self.page_size) - len(r.pages)
+        if want > self.pages.num_free and self.prefix is not None:
+            self.prefix.evict(want - self.pages.num_free)
         while len(r.pages) < pages_for(upto, self.page_size):
             p = self.pages.alloc()
             if p is None or r.promised < 1:       # the admission rule makes this unreachable
@@ -786,11 +895,14 @@ class Engine:
         return total - r.fed
 
     def _admit_waiting(self) -> None:
-        """Admit waiting requests in order while a slot and their pages are free."""
+        """Admit waiting requests in order while a slot and their pages are free; prefix-cache hits get
+        their saved states copied into their slots at once."""
+        restores = []
         while self._waiting and len(self._running) < self.max_batch and self.slots.num_free:
-            if not self._admit(self._waiting[0]):
+            if not self._admit(self._waiting[0], restores):
                 break
             self._running.append(self._waiting.popleft())
+        self._copy_states(restores)
 
     def _schedule(self) -> list[tuple[_Request, int]]:
         self._admit_waiting()
@@ -802,6 +914,8 @@ class Engine:
         for r, p in pending:
             if p > 1 and budget > 0:
                 n = min(self.prefill_chunk, p, budget)
+                if r.snaps:                       # end the chunk where r's state is to be saved
+                    n = min(n, r.snaps[0] - r.fed)
                 prefills.append((r, n))
                 budget -= n
         return decodes + prefills if self.decode_order == "first" else prefills + decodes
@@ -879,17 +993,20 @@ class Engine:
             self._params, self.caches, batch, host[0], self._prev, *host[1:], graph=self._graph, mode=mode)
         self._prev = toks
         self.steps += 1
-        prompt_tokens = 0
+        prompt_tokens, saves = 0, []
         for i, (r, n) in enumerate(pieces):
             if r.fed < r.prompt_len:
                 prompt_tokens += min(r.fed + n, r.prompt_len) - r.fed
             r.fed += n
+            if r.chain or r.cache_on:
+                self._cache_progress(r, saves)
             if produces[i] and not r.score:
                 r.inflight += 1
                 r.src_row = i
             if self._pending(r) == 0:     # all of r is dispatched: its slot is free for the next step
                 self._release(r)
         self._counts["prompt_tokens"] += prompt_tokens
+        self._copy_states(saves)
         return _Flight(pieces, produces, (logits, toks, lp, top_ids, top_lp), top_n)
 
     def _collect(self, f: _Flight) -> list[RequestOutput]:
