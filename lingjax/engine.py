@@ -34,6 +34,14 @@ starts from zero whatever the slot held; MLA reads go through the request's own 
 (or aborted) request frees its slot and its pages at once and the next waiting request takes them in a
 following step (the device runs steps in order, so the old user's last writes land first).
 
+Prefix caching (`prefix_cache=True`; lingjax/prefix_cache.py holds the data structure and its rules). At
+admission a generate request's prompt is looked up; on a hit it starts at the cached prefix's length:
+the prefix's pages are shared (referenced in its page-table row), the saved linear states are copied
+into its slot (a small jitted copy dispatched before its first step, so it is ordered after the slot's
+previous user and before this request), and its first piece is not `fresh`. As its prompt is fed, its
+whole blocks go into the cache, and a chunk ends where its state is to be saved (copied out of the slot
+after that step).
+
 Overlapped scheduling (`overlap=True`, the default). `step()` dispatches step n+1 before it waits
 for step n's results, so the host packs the next step while the device runs the last one. The
 sampled tokens stay on the device: a decode whose token is still in flight reads it from the
@@ -515,7 +523,9 @@ class Engine:
 
     def stats(self) -> dict:
         """Counters (a snapshot; safe to read from any thread): requests running (holding a slot) /
-        waiting, free slots, steps, prompt tokens fed, tokens generated, and the host's time:
+        waiting, free slots, pages (total, free), the prefix cache's requests looked up, hits, prompt
+        tokens looked up and served from the cache (hit_rate = their ratio), pages and state rows it
+        holds, pages evicted; steps, prompt tokens fed, tokens generated, and the host's time:
         `host_seconds` scheduling, packing and dispatching steps (steps that compiled are counted in
         `compile_seconds` instead), `wait_seconds` blocked on the device for results; the per-step
         means over the steps that did not compile."""
@@ -765,20 +775,24 @@ class Engine:
         need = self._pages_needed(r)
         pc = self.prefix if not r.score else None
         path, hit = pc.lookup(r.tokens) if pc is not None else ([], 0)
-        free = self.pages.num_free - self._promised
-        if self.prefix is not None:
-            free += self.prefix.evictable - sum(nd.users == 0 for nd in path)   # the path gets pinned
-        if free < need - hit:
-            return False
+        free = self.pages.num_free - self._promised + (self.prefix.evictable if self.prefix is not None else 0)
+        # r pins the cached path it walked (pinned nodes are not evictable, so they no longer count as free):
+        # all of it, so that it can save its state where it leaves the path; if that does not fit, only the
+        # nodes whose pages it shares (then it saves nothing past them).
+        walk = path
+        if free - sum(nd.users == 0 for nd in walk) < need - hit:
+            walk = path[:hit]
+            if free - sum(nd.users == 0 for nd in walk) < need - hit:
+                return False
         r.slot = self.slots.alloc()
         r.promised = need - hit
         self._promised += need - hit
         if pc is None:
             return True
         ps = self.page_size
-        for nd in path:
+        for nd in walk:
             pc.pin(nd)
-        r.chain, r.cache_on = list(path), True
+        r.chain, r.cache_on = list(walk), True
         if hit:
             r.pages = [nd.page for nd in path[:hit]]
             for p in r.pages:
@@ -788,7 +802,7 @@ class Engine:
             restores.append((path[hit - 1].state_row, r.slot))
         # Save states where a later request can resume: where r leaves the cached path (a node without a
         # state), and at r's last whole prompt block.
-        r.snaps = sorted({b for b in (len(path) * ps, (r.prompt_len - 1) // ps * ps) if b > hit * ps})
+        r.snaps = sorted({b for b in (len(walk) * ps, (r.prompt_len - 1) // ps * ps) if b > hit * ps})
         self._counts["prefix_queries"] += 1
         self._counts["prefix_hits"] += hit > 0
         self._counts["prefix_query_tokens"] += r.prompt_len

@@ -188,3 +188,26 @@ def test_cached_state_and_pages_never_modified_by_readers(model):
         np.testing.assert_array_equal(np.asarray(lin[row]), want)
     for m, want in zip(on.caches.mla, saved_pages):
         np.testing.assert_array_equal(np.asarray(m[ids]), want)
+
+
+def test_admission_pins_only_shared_nodes_when_the_whole_path_does_not_fit(model):
+    """A pool of one request's size, the cache holding a 10-block path without a state: pinning the whole
+    path (to save a state where the prompt leaves it) would leave too few pages, so the request pins only
+    what it shares (nothing here) and is admitted; the cache then gives its pages up as the request grows.
+    (Pinning the whole path regardless stalled the engine.) No step runs: admission and page taking only."""
+    eng = Engine(model, max_batch=1, max_len=MAX_LEN, page_size=PS, num_pages=12, prefix_cache=True,
+                 prefix_cache_states=1)
+    pc, toks = eng.prefix, list(range(3, 93))
+    parent = pc.root
+    for j in range(10):
+        p = eng.pages.alloc()
+        parent = pc.insert(parent, pc.block(toks, j), p)
+        eng.pages.unref(p)
+        pc.unpin(parent)
+    assert eng.pages.num_free == 2 and pc.evictable == 10
+    eng.add_request(toks[:85], SamplingParams(max_new_tokens=8))          # 92 positions: 12 pages
+    eng._admit_waiting()
+    (r,) = eng._running
+    assert r.chain == [] and r.fed == 0 and r.promised == 12
+    eng._grow(r, 92)
+    assert len(r.pages) == 12 and pc.num_nodes == 0 and pc.evicted == 10
