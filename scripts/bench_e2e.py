@@ -210,9 +210,8 @@ def capacity(model, mesh, cfg, gb, page_size, max_len, lo, hi, seed=0):
         n += 1
     eng = Engine(model, mesh=mesh, max_batch=max(n, 1) + 1, max_len=max_len, page_size=page_size, kv_cache_gb=gb,
                  prefill_chunk=1, max_tokens=max(n, 1) + 1, state_dtype=jnp.float32)
-    sp = SamplingParams(max_new_tokens=1, ignore_eos=True)
-    for L in lengths[: n + 1]:
-        eng.add_request([2] * (L - 1) if L > 1 else [2], sp)   # prompt L - 1 + 1 new token: L positions
+    for L in lengths[: n + 1]:        # one prompt token + L - 1 new ones: a request of L tokens in all (cheap to
+        eng.add_request([2], SamplingParams(max_new_tokens=max(L - 1, 1), ignore_eos=True))   # validate)
     eng._admit_waiting()
     after = eng.num_running
     for rid in list(eng._requests):
