@@ -243,11 +243,13 @@ def test_server_metrics_report_acceptance():
 
     class Loop:
         class engine:
-            num_speculative_tokens, num_slots = 2, 4
+            num_speculative_tokens, num_slots, num_pages = 2, 4, 16
 
         @staticmethod
         def stats():
-            return dict(running=1, waiting=0, free_slots=3, spec_drafts=10, spec_accepted=7, acceptance_rate=0.7,
+            return dict(running=1, waiting=0, free_slots=3, free_pages=12, prefix_cache_hit_rate=0.0,
+                        prefix_cache_hit_tokens=0, prefix_cache_query_tokens=0, prefix_cache_hits=0,
+                        prefix_cache_pages=0, spec_drafts=10, spec_accepted=7, acceptance_rate=0.7,
                         tokens_per_step=2.4)
     text = Metrics(Loop).render().decode()
     assert "lingjax_spec_acceptance_rate 0.7" in text and "lingjax_spec_tokens_per_step 2.4" in text
