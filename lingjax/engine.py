@@ -420,7 +420,8 @@ class Engine:
                    not overlapped, and max_tokens is raised to at least max_batch * (k + 1). 0: off.
     page_size      MLA latent positions per page (default 64)
     kv_cache_gb    memory for the MLA latent pages in GiB (per device; the pool is replicated under tp);
-                   num_pages = kv_cache_gb / (MLA layers x page_size x latent bytes). Default (None, and
+                   num_pages = kv_cache_gb / ((MLA layers, + 1 for the MTP layer with speculative decoding)
+                   x page_size x latent bytes). Default (None, and
                    num_pages None): num_slots x ceil(max_len / page_size) pages, what a per-slot max_len
                    cache needs (every admitted request always fits).
     num_pages      the pool size in pages directly (instead of kv_cache_gb)

@@ -21,8 +21,8 @@ What one speculative step does, all in one jitted function (`_spec_step_fn`):
    from before the step (S_0) and its k, v rows, and after acceptance rebuilds the state after the
    accepted rows with the decode recurrence S <- exp(g) S + k^T v (the same float32 arithmetic as
    the decode kernels), replacing the state the prefill kernel left after all k_r + 1 rows.
-4. Draft. The MTP layer runs over every packed row (its own MLA latent cache, slot-indexed like the
-   main one) on the main model's final-norm hidden state at t and the embedding of token t+1: for the
+4. Draft. The MTP layer runs over every packed row (its own paged MLA latent pool: page id p of a
+   request's page-table row is page p of the main MLA pools and of the MTP pool) on the main model's final-norm hidden state at t and the embedding of token t+1: for the
    rows of accepted tokens that is the emitted token, for prompt rows the next prompt token, for a
    request's last row the token this step emitted. Its output at the request's last committed row
    gives draft 1; drafts 2..k re-apply the same layer (one row per request) on its own final-norm
@@ -38,6 +38,15 @@ key(seed), index), n), drives the bonus/plain sample (so a step without drafts s
 plain engine); fold_in(that key, TAG) with TAG_DRAFT, TAG_ACCEPT, TAG_RESIDUAL the draft, the
 acceptance test and the residual sample of that position. Stats: drafts proposed / accepted,
 acceptance rate and tokens per decoding step (Engine.stats()).
+
+Pages (lingjax/paging.py): a step takes the pages its rows write as Engine._dispatch does, plus those of
+the MTP latents drafts 2..k write (up to k - 1 positions past the verify rows) as far as the request's
+page promise goes; MTP writes past the pages held are dropped (the drafts that would read them are never
+verified: a request gets at most its remaining room - 1 drafts). With the prefix cache (Engine(prefix_cache=
+True), `lingjax serve`'s default) the two work together: prefix pages are shared with their MTP latents,
+saved linear states are copied between steps as in the plain engine, and prompt blocks are cached only
+up to position prompt_len - 2 (the MTP latent at prompt_len - 1 depends on the generated token), so a
+cached page depends on the prompt alone. Greedy output stays token for token the plain engine's.
 
 Tensor parallelism: the whole step runs in one shard_map (sharding.py's specs; the MTP latent cache,
 drafts and draft logits are replicated like the MLA cache), logits all-gathered over the vocabulary.
