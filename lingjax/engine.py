@@ -16,14 +16,31 @@ The engine itself is not re-entrant and not thread-safe: a call made while anoth
 `generate` from an `on_token` callback, or `step` from a second thread) raises EngineError.
 
 Scheduling (continuous batching). Requests wait in a FIFO queue; up to `max_batch` run at once, each
-holding one cache slot (`SlotAllocator`, lowest free slot first). Every step, each running request
+holding one cache slot (`SlotAllocator`, lowest free slot first) for its linear-attention states and
+pages of the paged MLA latent cache (`PageAllocator`, lingjax/paging.py; `page_size` positions each,
+`num_pages` of them, set by `kv_cache_gb`; default: what num_slots x max_len needs). A request is
+admitted only when the pages it can ever need (prompt + max_new_tokens, at most max_len; a score
+request: its prompt) are free beyond those promised to the running requests: the pages are promised at
+admission and taken as its pieces are dispatched, so a running request never lacks a page and nothing
+is preempted; a request that does not fit waits (FIFO) until running ones end. The price of this choice
+(against vLLM's preempt-and-recompute): pages promised to a request that stops early are not lent to
+others meanwhile. A request needing more pages than the pool has is refused by add_request. Every step, each running request
 advances by one piece: a decode (its one newest token) or a prefill chunk of up to `prefill_chunk`
 prompt tokens that continues from the slot's state. Decodes are always scheduled; prefill chunks fill
 the remaining per-step token budget `max_tokens` (default `max_batch * prefill_chunk`, so every
 running request advances a full chunk). A request's first piece is marked `fresh`: its linear state
-starts from zero whatever the slot held; MLA reads are masked to positions <= the token's own, which
-this request has already written, so stale latents are never read. A finished (or aborted) request
-frees its slot at once and the next waiting request takes it in a following step.
+starts from zero whatever the slot held; MLA reads go through the request's own pages, up to positions
+<= the token's own, which this request has already written, so stale latents are never read. A finished
+(or aborted) request frees its slot and its pages at once and the next waiting request takes them in a
+following step (the device runs steps in order, so the old user's last writes land first).
+
+Prefix caching (`prefix_cache=True`; lingjax/prefix_cache.py holds the data structure and its rules). At
+admission a generate request's prompt is looked up; on a hit it starts at the cached prefix's length:
+the prefix's pages are shared (referenced in its page-table row), the saved linear states are copied
+into its slot (a small jitted copy dispatched before its first step, so it is ordered after the slot's
+previous user and before this request), and its first piece is not `fresh`. As its prompt is fed, its
+whole blocks go into the cache, and a chunk ends where its state is to be saved (copied out of the slot
+after that step).
 
 Overlapped scheduling (`overlap=True`, the default). `step()` dispatches step n+1 before it waits
 for step n's results, so the host packs the next step while the device runs the last one. The
@@ -83,13 +100,16 @@ import numpy as np
 from flax import nnx
 
 from lingjax.batch import StepBatch
-from lingjax.cache import SlotAllocator
+from lingjax.cache import SlotAllocator, page_bytes, pages_for
 from lingjax.checkpoint import load_model  # noqa: F401  (re-exported: lingjax.engine.load_model)
 from lingjax.kernels.linear_attention import IMPLS as KERNELS   # the `kernels` choices
+from lingjax.paging import PageAllocator
+from lingjax.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LEN = 4096
+DEFAULT_PAGE_SIZE = 64            # MLA latent positions per page (the GPU decode kernel needs a multiple of 16)
 MIN_T_BUCKET = 8
 MAX_LOGPROBS = 20                 # top logprobs a request may ask for (OpenAI's limit)
 
@@ -175,6 +195,11 @@ class _Request:
     fed: int = 0                  # tokens in dispatched pieces (in the cache once those steps ran)
     inflight: int = 0             # new tokens of dispatched steps that have not reached the host
     src_row: int = -1             # row of the in-flight token in the last dispatched step's output
+    pages: list = dataclasses.field(default_factory=list)   # MLA page ids held, in position order
+    promised: int = 0             # pages promised at admission and not taken yet
+    chain: list = dataclasses.field(default_factory=list)   # prefix-cache nodes of its first blocks (pinned)
+    cache_on: bool = False        # its prompt blocks still go into the prefix cache
+    snaps: list = dataclasses.field(default_factory=list)   # positions where its linear states are saved
     logits: list = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     sampling: tuple = ()          # (temperature, top_k, top_p, seed) as the step's arrays take them
@@ -326,6 +351,12 @@ def _step_fn(params, caches, batch, take, prev, rows, temperature, top_k, top_p,
     return (logits,) + out + (caches,)
 
 
+@functools.partial(jax.jit, donate_argnames=("caches",))
+def _copy_rows(caches, src, dst):
+    """Every linear layer's state rows src [K] copied to rows dst [K] (out of range: skipped)."""
+    return caches.replace(linear=tuple(p.at[dst].set(p[src], mode="drop") for p in caches.linear))
+
+
 def clear_compiled() -> None:
     """Forget every compiled step (the next step of each shape compiles again)."""
     _step_fn.clear_cache()
@@ -387,19 +418,37 @@ class Engine:
     num_speculative_tokens  k > 0: speculative decoding with the model's MTP layer as the draft
                    (lingjax/speculative.py; the model must be loaded with its MTP layer). Steps are then
                    not overlapped, and max_tokens is raised to at least max_batch * (k + 1). 0: off.
+    page_size      MLA latent positions per page (default 64)
+    kv_cache_gb    memory for the MLA latent pages in GiB (per device; the pool is replicated under tp);
+                   num_pages = kv_cache_gb / ((MLA layers, + 1 for the MTP layer with speculative decoding)
+                   x page_size x latent bytes). Default (None, and
+                   num_pages None): num_slots x ceil(max_len / page_size) pages, what a per-slot max_len
+                   cache needs (every admitted request always fits).
+    num_pages      the pool size in pages directly (instead of kv_cache_gb)
+    page_shuffle_seed  hand pages out in a seeded random order (tests: pages scattered and reused)
+    prefix_cache   reuse cached prompt prefixes (lingjax/prefix_cache.py): MLA pages shared, linear states
+                   copied; generate requests only (score requests bypass it). Off by default here, on in
+                   `lingjax serve`. Results equal the cache-off engine's up to float rounding.
+    prefix_cache_states  linear-state rows the prefix cache may fill (each cache.state_bytes(cfg)); default
+                   num_slots. Its MLA pages come from the same pool as the running requests' (evicted
+                   least recently used first when a request needs pages).
     """
 
     def __init__(self, model, *, max_batch: int = 8, prefill_chunk: int = 256, max_len: int | None = None,
                  num_slots: int | None = None, max_tokens: int | None = None, decode_order: str = "first",
                  state_dtype=jnp.float32, latent_dtype=None, tp: int | None = None, mesh=None,
-                 kernels: str | None = None, overlap: bool = True, num_speculative_tokens: int = 0):
+                 kernels: str | None = None, overlap: bool = True, page_size: int = DEFAULT_PAGE_SIZE,
+                 kv_cache_gb: float | None = None, num_pages: int | None = None,
+                 page_shuffle_seed: int | None = None, prefix_cache: bool = False,
+                 prefix_cache_states: int | None = None,
+                 num_speculative_tokens: int = 0):
         cfg = model.cfg
         self.cfg = cfg
         if max_len is None:
             max_len = min(cfg.max_position_embeddings, DEFAULT_MAX_LEN)
         num_slots = max_batch if num_slots is None else num_slots
         for name, v in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk), ("max_len", max_len),
-                        ("num_slots", num_slots)):
+                        ("num_slots", num_slots), ("page_size", page_size)):
             if not (_is_int(v) and v >= 1):
                 raise EngineError(f"{name} must be an integer >= 1, got {v!r}")
         if max_len > cfg.max_position_embeddings:
@@ -456,6 +505,14 @@ class Engine:
         self._params, treedef = jax.tree.flatten(self.state)
         self._graph = _Graph(self.graphdef, treedef, cfg, mesh, self._traces)
         self._cache_dtypes = dict(state_dtype=state_dtype, latent_dtype=latent_dtype or model.dtype)
+        self.page_size, self.max_pages = page_size, pages_for(max_len, page_size)
+        self.num_pages = self._pool_pages(num_pages, kv_cache_gb)
+        self._page_shuffle_seed = page_shuffle_seed
+        if prefix_cache_states is not None and not (_is_int(prefix_cache_states) and prefix_cache_states >= 0):
+            raise EngineError(f"prefix_cache_states must be an integer >= 0, got {prefix_cache_states!r}")
+        self.prefix_cache = bool(prefix_cache)
+        self.state_rows = (num_slots if prefix_cache_states is None else prefix_cache_states) if prefix_cache else 0
+        self._new_pages()
         self.caches = self._new_caches()
         self._prev = self._zero_tokens()                  # "the previous step's sampled tokens" of the first step
         self.slots = SlotAllocator(num_slots)
@@ -506,12 +563,22 @@ class Engine:
 
     def stats(self) -> dict:
         """Counters (a snapshot; safe to read from any thread): requests running (holding a slot) /
-        waiting, free slots, steps, prompt tokens fed, tokens generated, and the host's time:
+        waiting, free slots, pages (total, free), the prefix cache's requests looked up, hits, prompt
+        tokens looked up and served from the cache (hit_rate = their ratio), pages and state rows it
+        holds, pages evicted; steps, prompt tokens fed, tokens generated, and the host's time:
         `host_seconds` scheduling, packing and dispatching steps (steps that compiled are counted in
         `compile_seconds` instead), `wait_seconds` blocked on the device for results; the per-step
         means over the steps that did not compile."""
         c, n = self._counts, max(self._counts["timed_steps"], 1)
+        pc = self.prefix
         out = dict(running=len(self._running), waiting=len(self._waiting), free_slots=self.slots.num_free,
+                   num_pages=self.num_pages, free_pages=self.pages.num_free, page_size=self.page_size,
+                   prefix_cache=pc is not None, prefix_cache_queries=c["prefix_queries"],
+                   prefix_cache_hits=c["prefix_hits"], prefix_cache_query_tokens=c["prefix_query_tokens"],
+                   prefix_cache_hit_tokens=c["prefix_hit_tokens"],
+                   prefix_cache_hit_rate=c["prefix_hit_tokens"] / max(c["prefix_query_tokens"], 1),
+                   prefix_cache_pages=pc.num_nodes if pc else 0, prefix_cache_states=pc.rows_used if pc else 0,
+                   prefix_cache_evicted_pages=pc.evicted if pc else 0,
                    steps=self.steps, prompt_tokens=c["prompt_tokens"], generated_tokens=c["generated_tokens"],
                    host_seconds=c["host_seconds"], wait_seconds=c["wait_seconds"],
                    host_ms_per_step=1e3 * c["host_seconds"] / n, wait_ms_per_step=1e3 * c["wait_seconds"] / n,
@@ -519,6 +586,13 @@ class Engine:
         if self._spec is not None:    # speculative decoding: drafts proposed/accepted, tokens per decode step
             out.update(self._spec.stats())
         return out
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prefix (an idle engine only; a no-op without the prefix cache)."""
+        with self._guard("clear_prefix_cache"):
+            self._check_idle("clear_prefix_cache")
+            if self.prefix is not None:
+                self.prefix.clear()
 
     def reset_stats(self) -> None:
         """Zero the token and time counters of stats() (e.g. after a warm-up)."""
@@ -622,9 +696,43 @@ class Engine:
             raise EngineError(f"Engine.{what}() needs an idle engine: {len(self._requests)} requests added with "
                               f"add_request are unfinished (step() them to the end or abort() them)")
 
+    def _pool_pages(self, num_pages, kv_cache_gb) -> int:
+        if num_pages is not None and kv_cache_gb is not None:
+            raise EngineError("give kv_cache_gb or num_pages, not both")
+        if kv_cache_gb is not None:
+            if not (_is_number(kv_cache_gb) and math.isfinite(kv_cache_gb) and kv_cache_gb > 0):
+                raise EngineError(f"kv_cache_gb must be a number > 0, got {kv_cache_gb!r}")
+            per = page_bytes(self.cfg, self.page_size, self._cache_dtypes["latent_dtype"])
+            if self.num_speculative_tokens and self.cfg.mla_layers:     # + the MTP layer's pool (speculative.py)
+                per += per // len(self.cfg.mla_layers)
+            num_pages = int(kv_cache_gb * 2 ** 30 // per) if per else 1
+            if num_pages < 1:
+                raise EngineError(f"kv_cache_gb={kv_cache_gb} holds no page of {per} bytes")
+        elif num_pages is None:
+            num_pages = self.num_slots * self.max_pages
+        if not (_is_int(num_pages) and num_pages >= 1):
+            raise EngineError(f"num_pages must be an integer >= 1, got {num_pages!r}")
+        return int(num_pages)
+
+    def _new_pages(self):
+        """A fresh page allocator and host page table (nothing held, nothing promised)."""
+        self.pages = PageAllocator(self.num_pages, shuffle_seed=self._page_shuffle_seed)
+        self.page_table = np.zeros((self.num_slots, self.max_pages), np.int32)
+        self._promised = 0
+        self.prefix = (PrefixCache(self.page_size, self.pages, list(range(self.num_slots, self.num_slots + self.state_rows)))
+                       if self.prefix_cache else None)
+
+    def _pages_needed(self, r: _Request) -> int:
+        """Pages r can ever write: its prompt for a score request; else every position but the last
+        token's (that token is never fed), prompt + max_new_tokens at most max_len."""
+        if r.score:
+            return pages_for(r.prompt_len, self.page_size)
+        return pages_for(min(r.prompt_len + r.max_new, self.max_len) - 1, self.page_size)
+
     def _new_caches(self):
         from lingjax import sharding
-        caches = sharding.init_caches(self.cfg, self.mesh, self.num_slots, self.max_len, **self._cache_dtypes)
+        caches = sharding.init_caches(self.cfg, self.mesh, self.num_slots + self.state_rows, self.num_pages,
+                                      self.page_size, **self._cache_dtypes)
         return caches if self.mesh is not None else jax.device_put(caches, self._placement())
 
     def _zero_tokens(self):
@@ -666,6 +774,10 @@ class Engine:
             r = _Request(request_id, prompt, len(prompt), sp.max_new_tokens, params=sp,
                          stop=frozenset(int(t) for t in stop), index=int(index),
                          sampling=(sp.temperature, min(sp.top_k, self.cfg.vocab_size), sp.top_p, sp.seed % 2 ** 32))
+        need = self._pages_needed(r)
+        if need > self.num_pages:
+            raise EngineError(f"the request needs {need} cache pages of {self.page_size} positions (prompt + "
+                              f"max_new_tokens) but the pool has {self.num_pages}; raise kv_cache_gb or shorten it")
         self._requests[request_id] = r
         self._waiting.append(r)
         return request_id
@@ -694,6 +806,111 @@ class Engine:
         self._running.remove(r)
         self.slots.free(r.slot)
         r.slot = -1
+        for p in r.pages:
+            self.pages.unref(p)
+        r.pages = []
+        self._promised -= r.promised
+        r.promised = 0
+        for node in r.chain:
+            self.prefix.unpin(node)
+        r.chain, r.snaps, r.cache_on = [], [], False
+
+    def _admit(self, r: _Request, restores: list) -> bool:
+        """Give r a slot and promise it the pages it can need, if they are free beyond earlier promises
+        (pages the prefix cache can evict count as free). With the prefix cache: look r's prompt up, share
+        the pages of the cached prefix, and queue the copy of its saved state into r's slot (`restores`)."""
+        need = self._pages_needed(r)
+        pc = self.prefix if not r.score else None
+        path, hit = pc.lookup(r.tokens) if pc is not None else ([], 0)
+        free = self.pages.num_free - self._promised + (self.prefix.evictable if self.prefix is not None else 0)
+        # r pins the cached path it walked (pinned nodes are not evictable, so they no longer count as free):
+        # all of it, so that it can save its state where it leaves the path; if that does not fit, only the
+        # nodes whose pages it shares (then it saves nothing past them).
+        walk = path
+        if free - sum(nd.users == 0 for nd in walk) < need - hit:
+            walk = path[:hit]
+            if free - sum(nd.users == 0 for nd in walk) < need - hit:
+                return False
+        r.slot = self.slots.alloc()
+        r.promised = need - hit
+        self._promised += need - hit
+        if pc is None:
+            return True
+        ps = self.page_size
+        for nd in walk:
+            pc.pin(nd)
+        r.chain, r.cache_on = list(walk), True
+        if hit:
+            r.pages = [nd.page for nd in path[:hit]]
+            for p in r.pages:
+                self.pages.ref(p)
+            self.page_table[r.slot, :hit] = r.pages
+            r.fed = hit * ps
+            restores.append((path[hit - 1].state_row, r.slot))
+        # Save states where a later request can resume: where r leaves the cached path (a node without a
+        # state), and at r's last whole prompt block.
+        r.snaps = sorted({b for b in (len(walk) * ps, (r.prompt_len - 1) // ps * ps) if b > hit * ps})
+        self._counts["prefix_queries"] += 1
+        self._counts["prefix_hits"] += hit > 0
+        self._counts["prefix_query_tokens"] += r.prompt_len
+        self._counts["prefix_hit_tokens"] += hit * ps
+        return True
+
+    def _cache_progress(self, r: _Request, saves: list) -> None:
+        """After r's piece is dispatched: its whole prompt blocks fed so far go into the prefix cache (a
+        block already cached there is not replaced: r keeps its own page private), and a boundary where
+        r's state is to be saved queues the copy of r's slot into a state row (`saves`)."""
+        pc, ps = self.prefix, self.page_size
+        # With speculative decoding a page also holds the MTP layer's latents, and the one at position
+        # prompt_len - 1 depends on the token r generated there: blocks stop before it, so that a cached
+        # page's contents depend on the prompt tokens alone.
+        full = min(r.fed, r.prompt_len - (1 if self.num_speculative_tokens else 0)) // ps
+        while r.cache_on and len(r.chain) < full:
+            j = len(r.chain)
+            parent = r.chain[-1] if r.chain else pc.root
+            block = pc.block(r.tokens, j)
+            node = pc.child(parent, block)
+            if node is None:
+                node = pc.insert(parent, block, r.pages[j])
+            elif node.users > 0:
+                pc.pin(node)
+            else:               # cached meanwhile by a request that has ended: pinning it would break the
+                r.cache_on = False      # page promises (it counts as evictable), so r stops inserting here
+                break
+            r.chain.append(node)
+        while r.snaps and r.snaps[0] <= r.fed:
+            b = r.snaps.pop(0)
+            if b == r.fed and len(r.chain) >= b // ps:
+                row = pc.take_row(r.chain[b // ps - 1])
+                if row is not None:
+                    saves.append((r.slot, row))
+
+    def _copy_states(self, pairs) -> None:
+        """Copy linear-state rows src -> dst of every linear layer (one small jitted call, ordered on the
+        device between the steps dispatched before and after it)."""
+        if not pairs:
+            return
+        k = 1 << (len(pairs) - 1).bit_length()             # a power-of-two bucket: few compilations
+        src = np.zeros(k, np.int32)
+        dst = np.full(k, self.num_slots + self.state_rows, np.int32)          # out of range: dropped
+        src[:len(pairs)], dst[:len(pairs)] = zip(*pairs)
+        if self.mesh is not None and jax.process_count() > 1:
+            src, dst = _global((src, dst), self.mesh)
+        self.caches = _copy_rows(self.caches, src, dst)
+
+    def _grow(self, r: _Request, upto: int) -> None:
+        """Take pages (promised at admission) so that r holds positions [0, upto)."""
+        want = pages_for(upto, self.page_size) - len(r.pages)
+        if want > self.pages.num_free and self.prefix is not None:
+            self.prefix.evict(want - self.pages.num_free)
+        while len(r.pages) < pages_for(upto, self.page_size):
+            p = self.pages.alloc()
+            if p is None or r.promised < 1:       # the admission rule makes this unreachable
+                raise RuntimeError(f"request {r.id} outgrew its promised pages ({len(r.pages)} held)")
+            self.page_table[r.slot, len(r.pages)] = p
+            r.pages.append(p)
+            r.promised -= 1
+            self._promised -= 1
 
     def _run(self, ids, progress, on_output=None) -> dict:
         """Step until the requests `ids` (all the engine's) finish -> id -> their _Request."""
@@ -724,6 +941,7 @@ class Engine:
             self._finish(r, "abort")
         self._aborted.clear()
         self._prev = self._zero_tokens()
+        self._new_pages()
         if any(a.is_deleted() for a in jax.tree.leaves(self.caches)):   # donated to a step that failed
             self.caches = self._new_caches()
         if self._spec is not None:
@@ -742,11 +960,18 @@ class Engine:
             return 0
         return total - r.fed
 
-    def _schedule(self) -> list[tuple[_Request, int]]:
+    def _admit_waiting(self) -> None:
+        """Admit waiting requests in order while a slot and their pages are free; prefix-cache hits get
+        their saved states copied into their slots at once."""
+        restores = []
         while self._waiting and len(self._running) < self.max_batch and self.slots.num_free:
-            r = self._waiting.popleft()
-            r.slot = self.slots.alloc()
-            self._running.append(r)
+            if not self._admit(self._waiting[0], restores):
+                break
+            self._running.append(self._waiting.popleft())
+        self._copy_states(restores)
+
+    def _schedule(self) -> list[tuple[_Request, int]]:
+        self._admit_waiting()
         budget = self.max_tokens
         pending = [(r, self._pending(r)) for r in self._running]
         decodes = [(r, 1) for r, p in pending if p == 1]
@@ -755,6 +980,8 @@ class Engine:
         for r, p in pending:
             if p > 1 and budget > 0:
                 n = min(self.prefill_chunk, p, budget)
+                if r.snaps:                       # end the chunk where r's state is to be saved
+                    n = min(n, r.snaps[0] - r.fed)
                 prefills.append((r, n))
                 budget -= n
         return decodes + prefills if self.decode_order == "first" else prefills + decodes
@@ -769,6 +996,8 @@ class Engine:
         fresh = np.zeros(R, bool)
         slots[:k] = [r.slot for r, _ in pieces]
         fresh[:k] = [r.fed == 0 for r, _ in pieces]
+        page_table = np.zeros((R, self.max_pages), np.int32)
+        page_table[:k] = self.page_table[slots[:k]]
         if decode_only:                                # T == R, one token per row
             tok, pos, take = [0] * R, [0] * R, [-1] * R
             for i, (r, _) in enumerate(pieces):
@@ -799,13 +1028,15 @@ class Engine:
             cu = np.asarray(cu + [n_tok] * (R - k), np.int32)
         return dict(tokens=np.asarray(tok, np.int32), positions=np.asarray(pos, np.int32),
                     token_seq=np.asarray(token_seq, np.int32), slots=slots, cu_seqlens=cu, fresh=fresh,
-                    decode_only=decode_only, take=np.asarray(take, np.int32))
+                    page_table=page_table, decode_only=decode_only, take=np.asarray(take, np.int32))
 
     def _dispatch(self, pieces) -> _Flight:
         """Pack and launch one step (asynchronously); update the requests' bookkeeping."""
         if self._spec is not None:
             return self._spec.dispatch(self, pieces)
         R = self.max_batch
+        for r, n in pieces:
+            self._grow(r, r.fed + n)
         b = self._pack(pieces)
         take = b.pop("take")
         rows = np.maximum(b["cu_seqlens"][1:] - 1, 0).astype(np.int32)
@@ -832,17 +1063,20 @@ class Engine:
             self._params, self.caches, batch, host[0], self._prev, *host[1:], graph=self._graph, mode=mode)
         self._prev = toks
         self.steps += 1
-        prompt_tokens = 0
+        prompt_tokens, saves = 0, []
         for i, (r, n) in enumerate(pieces):
             if r.fed < r.prompt_len:
                 prompt_tokens += min(r.fed + n, r.prompt_len) - r.fed
             r.fed += n
+            if r.chain or r.cache_on:
+                self._cache_progress(r, saves)
             if produces[i] and not r.score:
                 r.inflight += 1
                 r.src_row = i
             if self._pending(r) == 0:     # all of r is dispatched: its slot is free for the next step
                 self._release(r)
         self._counts["prompt_tokens"] += prompt_tokens
+        self._copy_states(saves)
         return _Flight(pieces, produces, (logits, toks, lp, top_ids, top_lp), top_n)
 
     def _collect(self, f: _Flight) -> list[RequestOutput]:

@@ -143,6 +143,18 @@ class Metrics:
                 .set_function(lambda: loop.stats()["acceptance_rate"])
             Gauge("lingjax_spec_tokens_per_step", "Tokens emitted per verify step of one request (1 .. k+1)",
                   registry=r).set_function(lambda: loop.stats()["tokens_per_step"])
+        Gauge("lingjax_kv_cache_pages_usage_ratio", "MLA cache pages held (by requests or the prefix cache) / total",
+              registry=r).set_function(lambda: 1.0 - loop.stats()["free_pages"] / loop.engine.num_pages)
+        Gauge("lingjax_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens looked up",
+              registry=r).set_function(lambda: loop.stats()["prefix_cache_hit_rate"])
+        Gauge("lingjax_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache (total)",
+              registry=r).set_function(lambda: loop.stats()["prefix_cache_hit_tokens"])
+        Gauge("lingjax_prefix_cache_query_tokens", "Prompt tokens of the requests looked up in the prefix cache (total)",
+              registry=r).set_function(lambda: loop.stats()["prefix_cache_query_tokens"])
+        Gauge("lingjax_prefix_cache_hits", "Requests that resumed from the prefix cache (total)",
+              registry=r).set_function(lambda: loop.stats()["prefix_cache_hits"])
+        Gauge("lingjax_prefix_cache_pages", "MLA cache pages the prefix cache holds", registry=r) \
+            .set_function(lambda: loop.stats()["prefix_cache_pages"])
         self.prompt_tokens = Counter("lingjax_prompt_tokens", "Prompt tokens submitted to the engine", registry=r)
         self.generation_tokens = Counter("lingjax_generation_tokens", "Tokens generated", registry=r)
         self.finished = Counter("lingjax_requests_finished", "Choices finished, by finish reason (stop, length, abort)",
@@ -644,6 +656,7 @@ def warm_up(engine, *, logprobs: bool = False) -> int:
     def run(lens, temperature=0.0):
         prompts = [[3 + (i + j) % max(vocab - 3, 1) for j in range(n)] for i, n in enumerate(lens)]
         for top in ([None, MAX_LOGPROBS] if logprobs else [None]):
+            engine.clear_prefix_cache()             # a hit would skip the shape meant to compile
             engine.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True, logprobs=top,
                                                     temperature=temperature))
 
@@ -657,6 +670,7 @@ def warm_up(engine, *, logprobs: bool = False) -> int:
         if k and c + 1 <= cap:
             run([c + 1] * k)
     run([1], temperature=1.0)                       # one-token prompt: decode-only steps that draw
+    engine.clear_prefix_cache()
     return engine.compile_count - before
 
 

@@ -23,9 +23,9 @@ What is sharded over tp (PartitionSpecs of the Flax `kernel [in, out]` layout):
                      vocab-sharded, gathered after the shard_map), else replicated
   embeddings, final norm, layer norms, MTP enorm/hnorm/eh_proj: replicated
 
-Caches: linear-attention states [n_lin, slots, H, D, D] shard on H (each device holds its heads'
-state for every slot); the MLA latent cache [n_mla, slots, max_len, r + rope] is replicated (one MQA
-head: every device needs all of it for its heads, and writes the same values).
+Caches: each linear layer's states [rows, H, D, D] shard on H (each device holds its heads' state for
+every row); the MLA latent pages [num_pages, page_size, r + rope] are replicated (one MQA head: every
+device needs all of it for its heads, and writes the same values).
 
 Collectives per layer: exactly one psum at the end of each attention block and one at the end of
 each MoE / dense MLP block (the routed and shared-expert partials are summed before it). When tp
@@ -176,7 +176,8 @@ def state_shardings(state, cfg: BailingConfig, mesh: Mesh):
 
 
 def cache_specs() -> cache_lib.Caches:
-    return cache_lib.Caches(linear=P(None, None, TP, None, None), mla=REPLICATED)
+    """A prefix of the Caches pytree: every linear layer's states on H, every MLA page pool replicated."""
+    return cache_lib.Caches(linear=P(None, TP, None, None), mla=REPLICATED)
 
 
 def logits_spec(cfg: BailingConfig, tp: int, ndim: int = 2) -> P:
@@ -239,12 +240,14 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     return model
 
 
-def init_caches(cfg: BailingConfig, mesh: Mesh | None, num_slots: int, max_len: int, **kw) -> cache_lib.Caches:
+def init_caches(cfg: BailingConfig, mesh: Mesh | None, num_rows: int, num_pages: int, page_size: int,
+                **kw) -> cache_lib.Caches:
     """Caches allocated directly in their shards (linear states split over heads, MLA replicated)."""
     if tp_of(mesh) == 1:
-        return cache_lib.init_caches(cfg, num_slots, max_len, **kw)
+        return cache_lib.init_caches(cfg, num_rows, num_pages, page_size, **kw)
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), cache_specs(), is_leaf=lambda x: isinstance(x, P))
-    return jax.jit(lambda: cache_lib.init_caches(cfg, num_slots, max_len, **kw), out_shardings=shardings)()
+    return jax.jit(lambda: cache_lib.init_caches(cfg, num_rows, num_pages, page_size, **kw),
+                   out_shardings=shardings)()
 
 
 # ------------------------------------------------------------------------------------------- shard_map

@@ -21,8 +21,8 @@ What one speculative step does, all in one jitted function (`_spec_step_fn`):
    from before the step (S_0) and its k, v rows, and after acceptance rebuilds the state after the
    accepted rows with the decode recurrence S <- exp(g) S + k^T v (the same float32 arithmetic as
    the decode kernels), replacing the state the prefill kernel left after all k_r + 1 rows.
-4. Draft. The MTP layer runs over every packed row (its own MLA latent cache, slot-indexed like the
-   main one) on the main model's final-norm hidden state at t and the embedding of token t+1: for the
+4. Draft. The MTP layer runs over every packed row (its own paged MLA latent pool: page id p of a
+   request's page-table row is page p of the main MLA pools and of the MTP pool) on the main model's final-norm hidden state at t and the embedding of token t+1: for the
    rows of accepted tokens that is the emitted token, for prompt rows the next prompt token, for a
    request's last row the token this step emitted. Its output at the request's last committed row
    gives draft 1; drafts 2..k re-apply the same layer (one row per request) on its own final-norm
@@ -38,6 +38,15 @@ key(seed), index), n), drives the bonus/plain sample (so a step without drafts s
 plain engine); fold_in(that key, TAG) with TAG_DRAFT, TAG_ACCEPT, TAG_RESIDUAL the draft, the
 acceptance test and the residual sample of that position. Stats: drafts proposed / accepted,
 acceptance rate and tokens per decoding step (Engine.stats()).
+
+Pages (lingjax/paging.py): a step takes the pages its rows write as Engine._dispatch does, plus those of
+the MTP latents drafts 2..k write (up to k - 1 positions past the verify rows) as far as the request's
+page promise goes; MTP writes past the pages held are dropped (the drafts that would read them are never
+verified: a request gets at most its remaining room - 1 drafts). With the prefix cache (Engine(prefix_cache=
+True), `lingjax serve`'s default) the two work together: prefix pages are shared with their MTP latents,
+saved linear states are copied between steps as in the plain engine, and prompt blocks are cached only
+up to position prompt_len - 2 (the MTP latent at prompt_len - 1 depends on the generated token), so a
+cached page depends on the prompt alone. Greedy output stays token for token the plain engine's.
 
 Tensor parallelism: the whole step runs in one shard_map (sharding.py's specs; the MTP latent cache,
 drafts and draft logits are replicated like the MLA cache), logits all-gathered over the vocabulary.
@@ -64,15 +73,16 @@ MAX_LOGPROBS = 20
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SpecState:
-    """Per-slot draft state: the MTP layer's MLA latent cache [num_slots, max_len, r + rope], the k
-    drafts [num_slots, k] int32 and their raw float32 MTP logits [num_slots, k, V]."""
+    """Draft state: the MTP layer's paged MLA latent cache [num_pages, page_size, r + rope] (page id p is
+    page p of the main model's MLA pools too: a request's page-table row indexes both), the k drafts
+    [num_slots, k] int32 and their raw float32 MTP logits [num_slots, k, V], by slot."""
     mtp: jax.Array
     drafts: jax.Array
     draft_logits: jax.Array
 
 
-def init_spec_state(cfg, num_slots: int, max_len: int, k: int, latent_dtype) -> SpecState:
-    return SpecState(mtp=jnp.zeros((num_slots, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim), latent_dtype),
+def init_spec_state(cfg, num_slots: int, num_pages: int, page_size: int, k: int, latent_dtype) -> SpecState:
+    return SpecState(mtp=jnp.zeros((num_pages, page_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim), latent_dtype),
                      drafts=jnp.zeros((num_slots, k), jnp.int32),
                      draft_logits=jnp.zeros((num_slots, k, cfg.vocab_size), F32))
 
@@ -190,13 +200,12 @@ def main_hidden(model, batch, caches, vrows, vslots):
     the rollback needs: (S_0 [R, H, D, D] of the verify rows' slots before the step, k and v at the
     verify rows [R, k+1, H, D], log decay [H])."""
     x = model.embed(batch.tokens)
-    lin, mla = caches.linear, caches.mla
+    lin, mla = list(caches.linear), list(caches.mla)
     saved = []
     i_lin = i_mla = 0
     for layer in model.layers:
         if layer.is_mla:
-            x, c = layer.step(x, batch, mla[i_mla])
-            mla = mla.at[i_mla].set(c)
+            x, mla[i_mla] = layer.step(x, batch, mla[i_mla])
             i_mla += 1
             continue
         att = layer.attention
@@ -209,29 +218,30 @@ def main_hidden(model, batch, caches, vrows, vslots):
                              impl=att.kernels)
         x = x + att.output(o, h)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-        lin = lin.at[i_lin].set(pool)
+        lin[i_lin] = pool
         i_lin += 1
-    return model.norm(x), caches.replace(linear=lin, mla=mla), saved
+    return model.norm(x), caches.replace(linear=tuple(lin), mla=tuple(mla)), saved
 
 
 def rollback_linear(lin, saved, slots, n_acc, is_verify):
     """Replace the verify rows' linear states with the state after their accepted rows 0..n_acc
-    (exact decode recurrence from S_0). lin [n_lin, num_slots, H, D, D]."""
-    num_slots = lin.shape[1]
-    dst = jnp.where(is_verify, slots, num_slots)
+    (exact decode recurrence from S_0). lin: per linear layer [rows, H, D, D] -> the same, updated."""
+    lin = list(lin)
     for i, (s0, k, v, g) in enumerate(saved):
+        dst = jnp.where(is_verify, slots, lin[i].shape[0])              # out of range: dropped
         S = s0.astype(F32)
         out = S
         decay = jnp.exp(g.astype(F32))[None, :, None, None]
         for j in range(k.shape[1]):
             S = decay * S + k[:, j].astype(F32)[..., :, None] * v[:, j].astype(F32)[..., None, :]
             out = jnp.where((n_acc == j)[:, None, None, None], S, out)
-        lin = lin.at[i, dst].set(out.astype(lin.dtype), mode='drop')
-    return lin
+        lin[i] = lin[i].at[dst].set(out.astype(lin[i].dtype), mode='drop')
+    return tuple(lin)
 
 
 def mtp_forward(model, batch, cache, hidden, next_tokens):
-    """The MTP layer over a packed batch with its own latent cache -> (final-norm output [T, d], cache)."""
+    """The MTP layer over a packed batch with its own paged latent cache (batch.page_table) -> (final-norm
+    output [T, d], cache)."""
     m = model.mtp[0]
     z = m.eh_proj(jnp.concatenate([m.enorm(model.embed(next_tokens)), m.hnorm(hidden.astype(model.dtype))], -1))
     z, cache = m.block.step(z, batch, cache)
@@ -240,13 +250,15 @@ def mtp_forward(model, batch, cache, hidden, next_tokens):
 
 # ------------------------------------------------------------------------------------------ jitted step
 @functools.partial(jax.jit, static_argnames=("graph", "mode", "k"), donate_argnames=("caches", "spec"))
-def _spec_step_fn(params, caches, spec, batch, draft_take, next_tok, next_take, start, num_drafts, produce,
+def _spec_step_fn(params, caches, spec, batch, draft_take, next_tok, next_take, start, num_drafts, produce, held,
                   temperature, top_k, top_p, seeds, request_ids, counters, *, graph, mode, k):
     """One speculative engine step (module docstring). Host arrays: draft_take [T] (index into the
     flattened [num_slots, k] drafts of a packed token that is a draft, else -1); next_tok / next_take
     [T]: the MTP input token of each row (a known token, or the index into the flattened [R, k+1]
     emitted tokens); start [R]: first verify row (a prefill's last row); num_drafts [R]; produce [R]
-    (the request emits tokens this step). mode (static): (full logits for score requests, want
+    (the request emits tokens this step); held [R]: positions the request row's pages cover (drafts 2..k
+    write the MTP latents of later positions; past `held` those writes are dropped, and the drafts they
+    would feed are never verified: lingjax.speculative.SpecDriver.dispatch). mode (static): (full logits for score requests, want
     top logprobs) -> (logits | None, tokens [R, k+1], n_emit [R], logprobs [R, k+1], top ids, top
     logprobs | None, caches, spec). Under tensor parallelism the whole step runs inside one shard_map
     (sharding.py's specs); logits are all-gathered over the vocabulary inside it, so acceptance and
@@ -256,7 +268,7 @@ def _spec_step_fn(params, caches, spec, batch, draft_take, next_tok, next_take, 
     graph.traces[("spec" + ("+score" if want_logits else "") + ("+top" if want_top else ""),
                   batch.tokens.shape[0], False)] += 1
     state = jax.tree.unflatten(graph.treedef, params)
-    host = (draft_take, next_tok, next_take, start, num_drafts, produce, temperature, top_k, top_p, seeds,
+    host = (draft_take, next_tok, next_take, start, num_drafts, produce, held, temperature, top_k, top_p, seeds,
             request_ids, counters)
     tp = sharding.tp_of(graph.mesh)
     if tp == 1:
@@ -274,7 +286,7 @@ def _spec_step_fn(params, caches, spec, batch, draft_take, next_tok, next_take, 
 
 
 def _spec_body(graphdef, gather, want_logits, want_top, k, state, caches, spec, batch, host):
-    (draft_take, next_tok, next_take, start, num_drafts, produce, temperature, top_k, top_p, seeds, request_ids,
+    (draft_take, next_tok, next_take, start, num_drafts, produce, held, temperature, top_k, top_p, seeds, request_ids,
      counters) = host
     model = nnx.merge(graphdef, state)
 
@@ -321,8 +333,9 @@ def _spec_body(graphdef, gather, want_logits, want_top, k, state, caches, spec, 
             def again(carry, j):
                 h, prev, cache = carry
                 b1 = StepBatch(tokens=prev, positions=pos + j, token_seq=jnp.arange(R, dtype=jnp.int32),
-                               slots=d_slots, cu_seqlens=jnp.arange(R + 1, dtype=jnp.int32),
-                               fresh=jnp.zeros(R, bool), decode_only=True)
+                               slots=jnp.where(pos + j < held, d_slots, -1),
+                               cu_seqlens=jnp.arange(R + 1, dtype=jnp.int32), fresh=jnp.zeros(R, bool),
+                               page_table=batch.page_table, decode_only=True)
                 h, cache = mtp_forward(model, b1, cache, h, prev)
                 lg = logits_of(h)
                 d = draw(lg, temperature, top_k, top_p, seeds, request_ids, new_counters + j, TAG_DRAFT)
@@ -370,7 +383,7 @@ class SpecDriver:
         self.counts = dict(drafts=0, accepted=0, verify_pieces=0, verify_tokens=0)
 
     def _new_state(self, e):
-        st = init_spec_state(e.cfg, e.num_slots, e.max_len, self.k, e._cache_dtypes["latent_dtype"])
+        st = init_spec_state(e.cfg, e.num_slots, e.num_pages, e.page_size, self.k, e._cache_dtypes["latent_dtype"])
         if e.mesh is not None:                       # replicated over the mesh, like the MLA cache
             from lingjax import sharding
             return jax.device_put(st, sharding.replicated(e.mesh))
@@ -399,6 +412,13 @@ class SpecDriver:
         R, k = e.max_batch, self.k
         nd = [self.num_drafts(e, r) if n == 1 else 0 for r, n in pieces]
         rows = [n + d for (r, n), d in zip(pieces, nd)]
+        held = np.zeros(R, np.int32)
+        for i, ((r, n), d) in enumerate(zip(pieces, nd)):
+            # pages for the rows written (verify rows included), and for the MTP latents of drafts 2..k
+            # (positions up to fed + n + d + k - 2) as far as r's promise goes: past it no draft is verified
+            e._grow(r, r.fed + n + d)
+            e._grow(r, max(r.fed + n + d, min(r.fed + n + d + k - 1, e._pages_needed(r) * e.page_size)))
+            held[i] = len(r.pages) * e.page_size
         n_tok = sum(rows)
         T = next(t for t in e.t_buckets if t >= n_tok)
         tok, pos, token_seq, draft_take, next_tok, next_take, cu = [], [], [], [], [], [], [0]
@@ -434,9 +454,11 @@ class SpecDriver:
         fresh = np.zeros(R, bool)
         slots[:len(pieces)] = [r.slot for r, _ in pieces]
         fresh[:len(pieces)] = [r.fed == 0 for r, _ in pieces]
+        page_table = np.zeros((R, e.max_pages), np.int32)
+        page_table[:len(pieces)] = e.page_table[slots[:len(pieces)]]
         batch = StepBatch(tokens=pad_i(tok, 0), positions=pad_i(pos, 0), token_seq=pad_i(token_seq, R), slots=slots,
                           cu_seqlens=np.asarray(cu + [n_tok] * (R - len(pieces)), np.int32), fresh=fresh,
-                          decode_only=False)
+                          page_table=page_table, decode_only=False)
         ids, counters, top_k = (np.zeros(R, np.int32) for _ in range(3))
         temp, top_p, seeds = np.zeros(R, np.float32), np.ones(R, np.float32), np.zeros(R, np.uint32)
         top_n = [0] * len(pieces)
@@ -448,20 +470,23 @@ class SpecDriver:
                 top_n[i] = r.params.logprobs or 0
         mode = (any(r.score for r, _ in pieces), any(top_n))
         out = _spec_step_fn(e._params, e.caches, self.state, batch, pad_i(draft_take, -1), pad_i(next_tok, 0),
-                            pad_i(next_take, -1), start, num_drafts, produce, temp, top_k, top_p, seeds, ids,
+                            pad_i(next_take, -1), start, num_drafts, produce, held, temp, top_k, top_p, seeds, ids,
                             counters, graph=e._graph, mode=mode, k=k)
         logits, toks, n_emit, lp, top_ids, top_lp, e.caches, self.state = out
         e.steps += 1
-        prompt_tokens = 0
+        prompt_tokens, saves = 0, []
         for i, (r, n) in enumerate(pieces):
             if r.fed < r.prompt_len:
                 prompt_tokens += min(r.fed + n, r.prompt_len) - r.fed
             r.fed += n
+            if r.chain or r.cache_on:
+                e._cache_progress(r, saves)
             if produce[i]:
                 r.inflight += 1
             if e._pending(r) == 0:
                 e._release(r)
         e._counts["prompt_tokens"] += prompt_tokens
+        e._copy_states(saves)
         return SpecFlight(list(pieces), produces, (logits, toks, n_emit, lp, top_ids, top_lp), top_n, nd)
 
     def collect(self, e, f: SpecFlight):

@@ -22,6 +22,13 @@ Prefill rows (N requests x L tokens, each one engine step of N x L tokens, sampl
   measured in the same run (attention: linear attention 4 H D (D + 64) per token; MLA causal scores
   and values H (2 (r + rope) + 2 r) per token pair).
 
+Capacity rows (--capacity GB, comma list): how many requests of mixed lengths (total tokens uniform in
+--capacity-lengths, default 1k-128k, seeded) fit an MLA latent budget of GB GiB. before: the per-slot cache,
+each slot reserving --capacity-max-len positions (budget / (max_len x latent bytes per position)); after:
+the paged engine's own admission (Engine(kv_cache_gb=GB), requests added in order, one schedule() call,
+no step run), each request holding ceil(length / page_size) pages. The linear-attention states (the same
+per request either way) are reported beside it, outside the budget.
+
 --moe old swaps in the routed-expert forms the engine used before the grouped matmul (for a before/after
 table in one run; scripts/bench_moe.py old_forms). Writes JSON to --out (default $OUT/bench_e2e.json).
 
@@ -32,6 +39,9 @@ table in one run; scripts/bench_moe.py old_forms). Writes JSON to --out (default
                                   # of the 140 GiB would leave 6.6 GiB for caches)
 FP8 (--quantize): MFU is still over the bf16 matmul rate (the FP8 tensor-core peak is twice that).
     JAX_PLATFORMS=cpu PYTHONPATH=.:scripts python3 scripts/bench_e2e.py --preset tiny --smoke
+    # issue 14 targets (nvidia-h200, < 4 min): batch 256 at a 131k cache, and the capacity at 40 GiB
+    PYTHONPATH=.:scripts python3 scripts/bench_e2e.py --decode 256x131072,64x8192 --prefill 1x4096 \
+        --e2e-max-tokens 0 --steps 10 --capacity 40
 """
 from __future__ import annotations
 
@@ -124,13 +134,15 @@ def attention_flops(cfg, lengths):
     return lin + mla
 
 
-def device_decode_ms(model, cfg, mesh, B, C, steps, reps):
-    """Median device time of one decode step (engine step + greedy), steps dispatched back to back."""
+def device_decode_ms(model, cfg, mesh, B, C, steps, reps, page_size):
+    """Median device time of one decode step (engine step + greedy), steps dispatched back to back, over
+    the paged MLA cache with each request's pages scattered over the pool."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
     from lingjax import sharding
     from lingjax.batch import StepBatch
+    from lingjax.cache import pages_for
     graphdef, state = nnx.split(model)
     step = sharding.shard_step(graphdef, cfg, mesh)
 
@@ -138,12 +150,14 @@ def device_decode_ms(model, cfg, mesh, B, C, steps, reps):
         logits, caches = step(state, batch, caches, jnp.arange(B, dtype=jnp.int32))
         return jnp.argmax(logits, -1).astype(jnp.int32), caches
     f = jax.jit(one, donate_argnums=1)
-    caches = sharding.init_caches(cfg, mesh, B, C + 8, latent_dtype=model.dtype)
+    max_pages = pages_for(C + 8, page_size)
+    caches = sharding.init_caches(cfg, mesh, B, B * max_pages, page_size, latent_dtype=model.dtype)
     rng = np.random.default_rng(B)
+    table = rng.permutation(B * max_pages).astype(np.int32).reshape(B, max_pages)   # scattered pages
     batch = StepBatch(tokens=jnp.asarray(rng.integers(2, cfg.vocab_size, B), jnp.int32),
                       positions=jnp.full((B,), C, jnp.int32), token_seq=jnp.arange(B, dtype=jnp.int32),
                       slots=jnp.arange(B, dtype=jnp.int32), cu_seqlens=jnp.arange(B + 1, dtype=jnp.int32),
-                      fresh=jnp.zeros((B,), bool), decode_only=True)
+                      fresh=jnp.zeros((B,), bool), page_table=jnp.asarray(table), decode_only=True)
     toks, caches = f(state, caches, batch)
     jax.block_until_ready(toks)
     ts = []
@@ -196,6 +210,38 @@ def prefill_ms(model, mesh, cfg, N, L, reps):
     return statistics.median(ts)
 
 
+def capacity(model, mesh, cfg, gb, page_size, max_len, lo, hi, seed=0):
+    """Requests of total length uniform in [lo, hi] that fit `gb` GiB of MLA latents: per-slot cache vs the
+    paged engine's admission (see the module docstring)."""
+    import jax.numpy as jnp
+    from lingjax.cache import page_bytes, state_bytes
+    from lingjax.engine import Engine, SamplingParams
+    per_pos = page_bytes(cfg, 1, model.dtype)
+    before = int(gb * 2 ** 30 // (max_len * per_pos))
+    pages = int(gb * 2 ** 30 // page_bytes(cfg, page_size, model.dtype))
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(lo, hi + 1, 4 * max(before, 1) + 64).tolist()
+    n = 0                                                 # upper bound on what can fit: size max_batch by it
+    budget = pages
+    for L in lengths:
+        budget -= -(-L // page_size)
+        if budget < 0:
+            break
+        n += 1
+    eng = Engine(model, mesh=mesh, max_batch=max(n, 1) + 1, max_len=max_len, page_size=page_size, kv_cache_gb=gb,
+                 prefill_chunk=1, max_tokens=max(n, 1) + 1, state_dtype=jnp.float32)
+    for L in lengths[: n + 1]:        # one prompt token + L - 1 new ones: a request of L tokens in all (cheap to
+        eng.add_request([2], SamplingParams(max_new_tokens=max(L - 1, 1), ignore_eos=True))   # validate)
+    eng._admit_waiting()
+    after = eng.num_running
+    for rid in list(eng._requests):
+        eng.abort(rid)
+    del eng
+    return dict(gb=gb, lengths=[lo, hi], page_size=page_size, max_len=max_len, before=before, after=after,
+                ratio=after / max(before, 1), mean_length=float(np.mean(lengths[:after])) if after else 0.0,
+                linear_state_gib_per_request=state_bytes(cfg) / 2 ** 30)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="flash8", help="model shapes (scripts/shapes.py): flash8, flash, 1t, tiny")
@@ -224,6 +270,12 @@ def main(argv=None):
     p.add_argument("--fill", choices=("hash", "init"), default="hash",
                    help="random weights: hash (a cheap pseudo-random fill of every matrix, ~N(0, 0.02); "
                         "default) or init (the model's own threefry initialisation: slow at real scale)")
+    p.add_argument("--page-size", type=int, default=64, help="MLA latent positions per page (default 64)")
+    p.add_argument("--capacity", default="", help="MLA latent budgets in GiB (comma list) for the capacity rows")
+    p.add_argument("--capacity-lengths", default="1024,131072",
+                   help="capacity rows: request lengths uniform in LO,HI (default 1024,131072)")
+    p.add_argument("--capacity-max-len", type=int, default=131072,
+                   help="capacity rows: the context a per-slot cache reserves per request (default 131072)")
     p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny sizes, 2 steps")
     p.add_argument("--out", help="JSON output (default $OUT/bench_e2e.json when $OUT is set)")
     args = p.parse_args(argv)
@@ -288,7 +340,7 @@ def main(argv=None):
         for B, C in parse_pairs(args.decode):
             row = dict(batch=B, context=C, matmul_precision=prec)
             try:
-                row["step_ms"] = device_decode_ms(model, cfg, mesh, B, C, steps, reps)
+                row["step_ms"] = device_decode_ms(model, cfg, mesh, B, C, steps, reps, args.page_size)
                 if B * C <= args.e2e_max_tokens:
                     row["e2e_ms"], row["prefill_s"] = e2e_decode_ms(model, mesh, cfg, B, C, steps)
                     row["host_gap_ms"] = row["e2e_ms"] - row["step_ms"]
@@ -321,6 +373,14 @@ def main(argv=None):
             report["prefill"].append(row)
             save()
             log.info("prefill %dx%d: %.1f ms, %.0f tok/s, MFU %.1f%%", N, L, row["ms"], row["tok_s"], 100 * row["mfu"])
+    report["capacity"] = []
+    lo, hi = (int(v) for v in args.capacity_lengths.split(","))
+    for gb in [float(v) for v in args.capacity.split(",") if v]:
+        row = capacity(model, mesh, cfg, gb, args.page_size, args.capacity_max_len, lo, hi)
+        report["capacity"].append(row)
+        save()
+        log.info("capacity %.3g GiB: %d requests per-slot, %d paged (%.2fx)", gb, row["before"], row["after"],
+                 row["ratio"])
     if jax.default_backend() != "cpu":
         report["peak_bytes_in_use"] = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devs]
     save()
@@ -344,6 +404,12 @@ def main(argv=None):
             print(f"| {r['requests']}x{r['length']} | {r['error'][:80]} |")
         else:
             print(f"| {r['requests']}x{r['length']} | {r['matmul_precision']} | {r['ms']:.1f} | {r['tok_s']:.0f} | {100 * r['mfu']:.1f}% |")
+    if report["capacity"]:
+        print("| MLA budget GiB | lengths | per-slot (max_len) | paged | ratio | linear state GiB / request |\n"
+              "|---|---|---|---|---|---|")
+        for r in report["capacity"]:
+            print(f"| {r['gb']:g} | {r['lengths'][0]}-{r['lengths'][1]} | {r['before']} ({r['max_len']}) | "
+                  f"{r['after']} | {r['ratio']:.2f}x | {r['linear_state_gib_per_request']:.4f} |")
     if report.get("peak_bytes_in_use"):
         print("peak GiB per device: " + ", ".join(f"{b / 2**30:.1f}" for b in report["peak_bytes_in_use"] if b))
     return 0

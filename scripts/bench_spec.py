@@ -65,13 +65,15 @@ def timed(fn, carry, steps, reps):
 def plain_ms(model, B, C, steps, reps):
     import jax.numpy as jnp
     from lingjax.batch import StepBatch
+    from lingjax.cache import contiguous_page_table
     from lingjax.engine import Engine, _step_fn
     e = Engine(model, max_batch=B, prefill_chunk=8, max_len=C + 16, overlap=False)
     rng = np.random.default_rng(B)
     batch = StepBatch(tokens=jnp.asarray(rng.integers(2, model.cfg.vocab_size, B), jnp.int32),
                       positions=jnp.full((B,), C, jnp.int32), token_seq=jnp.arange(B, dtype=jnp.int32),
                       slots=jnp.arange(B, dtype=jnp.int32), cu_seqlens=jnp.arange(B + 1, dtype=jnp.int32),
-                      fresh=jnp.zeros((B,), bool), decode_only=True)
+                      fresh=jnp.zeros((B,), bool), decode_only=True,
+                      page_table=jnp.asarray(contiguous_page_table(B, e.max_len, e.page_size)))
     z = jnp.zeros(B, jnp.int32)
     host = (jnp.full(B, -1, jnp.int32), jnp.arange(B, dtype=jnp.int32), jnp.zeros(B, jnp.float32), z,
             jnp.ones(B, jnp.float32), jnp.zeros(B, jnp.uint32), z, z)
@@ -88,6 +90,7 @@ def plain_ms(model, B, C, steps, reps):
 def verify_ms(model, B, C, k, steps, reps):
     import jax.numpy as jnp
     from lingjax.batch import StepBatch
+    from lingjax.cache import contiguous_page_table
     from lingjax.engine import Engine
     from lingjax.speculative import _spec_step_fn
     e = Engine(model, max_batch=B, prefill_chunk=8, max_len=C + 16, num_speculative_tokens=k)
@@ -99,12 +102,13 @@ def verify_ms(model, B, C, k, steps, reps):
                       positions=jnp.asarray(C + j, jnp.int32), token_seq=jnp.asarray(r, jnp.int32),
                       slots=jnp.arange(B, dtype=jnp.int32),
                       cu_seqlens=jnp.asarray(np.arange(B + 1) * (k + 1), jnp.int32),
-                      fresh=jnp.zeros((B,), bool), decode_only=False)
+                      fresh=jnp.zeros((B,), bool), decode_only=False,
+                      page_table=jnp.asarray(contiguous_page_table(B, e.max_len, e.page_size)))
     draft_take = jnp.asarray(np.where(j > 0, r * k + j - 1, -1), jnp.int32)
     next_take = jnp.asarray(r * (k + 1) + j, jnp.int32)
     z = jnp.zeros(B, jnp.int32)
     args = (draft_take, jnp.zeros(T, jnp.int32), next_take, jnp.asarray(np.arange(B) * (k + 1), jnp.int32),
-            jnp.full(B, k, jnp.int32), jnp.ones(B, bool), jnp.zeros(B, jnp.float32), z, jnp.ones(B, jnp.float32),
+            jnp.full(B, k, jnp.int32), jnp.ones(B, bool), jnp.full(B, e.max_len, jnp.int32), jnp.zeros(B, jnp.float32), z, jnp.ones(B, jnp.float32),
             jnp.zeros(B, jnp.uint32), z, z)
 
     def one(carry):

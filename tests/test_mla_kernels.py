@@ -164,9 +164,9 @@ def test_mla_step_paged_matches_full_forward():
                           token_seq=jnp.asarray(np.repeat(np.arange(len(counts)), counts), jnp.int32),
                           slots=jnp.asarray(slots, jnp.int32), cu_seqlens=jnp.asarray(np.cumsum([0] + counts),
                                                                                       jnp.int32),
-                          fresh=jnp.zeros(len(counts), bool), decode_only=decode_only)
-        return nnx.jit(lambda m, x, b, p: m.step_paged(x, b, p, jnp.asarray(table)))(layer, jnp.asarray(x), batch,
-                                                                                         pages)
+                          fresh=jnp.zeros(len(counts), bool), page_table=jnp.asarray(table[slots]),
+                          decode_only=decode_only)             # page-table rows of the request rows (-1: any row)
+        return nnx.jit(lambda m, x, b, p: m.step_paged(x, b, p))(layer, jnp.asarray(x), batch, pages)
 
     o1, pages = step([(0, 0, 20), (2, 0, 5)])
     o2, pages = step([(0, 20, 16)])

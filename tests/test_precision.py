@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from lingjax.batch import StepBatch
-from lingjax.cache import init_caches
+from lingjax.cache import contiguous_page_table, init_caches
 from lingjax.model import BailingModel
 from lingjax.testing import tiny_config
 
@@ -35,7 +35,7 @@ def _batch(T=6):
     tokens = jnp.arange(T, dtype=jnp.int32) % 50
     return StepBatch(tokens=tokens, positions=jnp.arange(T, dtype=jnp.int32), token_seq=jnp.zeros(T, jnp.int32),
                      slots=jnp.array([0, -1], jnp.int32), cu_seqlens=jnp.array([0, T, T], jnp.int32),
-                     fresh=jnp.array([True, False]))
+                     fresh=jnp.array([True, False]), page_table=jnp.asarray(contiguous_page_table(2, 16, 8)))
 
 
 def _lowered(dtype, which, **kw):
@@ -50,7 +50,7 @@ def _lowered_here(dtype, which, **kw):
     model = BailingModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), mtp=True, **kw)
     graphdef, state = nnx.split(model)
     if which == "step":
-        caches = init_caches(cfg, 2, 16, latent_dtype=dtype)
+        caches = init_caches(cfg, 2, 4, 8, latent_dtype=dtype)
         f = lambda s, b, c: nnx.merge(graphdef, s).step(b, c)             # noqa: E731
         return jax.jit(f).lower(state, _batch(), caches).as_text()
     if which == "mtp":

@@ -243,12 +243,48 @@ def test_server_metrics_report_acceptance():
 
     class Loop:
         class engine:
-            num_speculative_tokens, num_slots = 2, 4
+            num_speculative_tokens, num_slots, num_pages = 2, 4, 16
 
         @staticmethod
         def stats():
-            return dict(running=1, waiting=0, free_slots=3, spec_drafts=10, spec_accepted=7, acceptance_rate=0.7,
+            return dict(running=1, waiting=0, free_slots=3, free_pages=12, prefix_cache_hit_rate=0.0,
+                        prefix_cache_hit_tokens=0, prefix_cache_query_tokens=0, prefix_cache_hits=0,
+                        prefix_cache_pages=0, spec_drafts=10, spec_accepted=7, acceptance_rate=0.7,
                         tokens_per_step=2.4)
     text = Metrics(Loop).render().decode()
     assert "lingjax_spec_acceptance_rate 0.7" in text and "lingjax_spec_tokens_per_step 2.4" in text
     assert "lingjax_spec_draft_tokens 10.0" in text and "lingjax_spec_accepted_tokens 7.0" in text
+
+
+# ------------------------------------------------------------------------------------------ paged cache
+def test_speculative_on_scattered_small_pages_and_prefix_cache():
+    """The trained tiny model (drafts mostly accepted, so verify rows and drafts 2..k cross page
+    boundaries): pages of 4 positions handed out in a shuffled order, with the prefix cache on and
+    prompts sharing prefixes (second pass: hits). Greedy output equals plain greedy, and the drafts are
+    the same as with one large page per request (same proposed / accepted counts): the MTP layer's paged
+    latents are read back right across pages and from shared prefix pages."""
+    from lingjax.engine import load_model
+    _, m = load_model(TINY, jnp.float32, mtp=True)
+    from lingjax import evaluate as ev
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(TINY, "tokenizer.json"))
+    prompts = [tok.encode(p, add_special_tokens=False).ids for t in ("add", "sort") for p, _ in ev.make_examples(t, 2)]
+    sp = SamplingParams(max_new_tokens=12)
+    ref = Engine(m, max_batch=2, prefill_chunk=8, max_len=64, overlap=False).generate(prompts, sp)
+    big = Engine(m, max_batch=2, prefill_chunk=8, max_tokens=8, max_len=64, num_speculative_tokens=3)
+    want = big.generate(prompts, sp)
+    small = Engine(m, max_batch=2, prefill_chunk=8, max_tokens=8, max_len=64, num_speculative_tokens=3,
+                   page_size=4, page_shuffle_seed=3, prefix_cache=True, prefix_cache_states=8)
+    for _ in range(2):
+        small.reset_stats()
+        got = small.generate(prompts, sp)
+        assert [o.token_ids for o in got] == [o.token_ids for o in ref] == [o.token_ids for o in want]
+        s, b = small.stats(), big.stats()
+        assert (s["spec_drafts"], s["spec_accepted"]) == (b["spec_drafts"], b["spec_accepted"]), (s, b)
+        assert b["acceptance_rate"] > 0.5, b
+        # the last step's drafts and their MTP logits, by slot (the same slots in both engines)
+        np.testing.assert_array_equal(np.asarray(small._spec.state.drafts), np.asarray(big._spec.state.drafts))
+        np.testing.assert_allclose(np.asarray(small._spec.state.draft_logits),
+                                   np.asarray(big._spec.state.draft_logits), rtol=1e-4, atol=1e-4)
+    assert small.stats()["prefix_cache_hits"] > 0
+    assert small.stats()["free_pages"] == small.num_pages - small.stats()["prefix_cache_pages"]

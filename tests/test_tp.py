@@ -176,9 +176,11 @@ def test_sharded_load_places_each_param_on_its_devices(model4, mesh4, model):
         assert len(x.sharding.device_set) == 4, path
         assert {s.data.shape for s in x.addressable_shards} == {local}, path
         np.testing.assert_array_equal(np.asarray(x), np.asarray(get_param(model, path)))
-    caches = sharding.init_caches(cfg, mesh, 3, 16)
-    assert {s.data.shape for s in caches.linear.addressable_shards} == {(len(cfg.linear_layers), 3, H // 4, D, D)}
-    assert caches.mla.sharding.is_fully_replicated
+    caches = sharding.init_caches(cfg, mesh, 3, 6, 8)
+    assert len(caches.linear) == len(cfg.linear_layers) and len(caches.mla) == len(cfg.mla_layers)
+    for lin in caches.linear:
+        assert {s.data.shape for s in lin.addressable_shards} == {(3, H // 4, D, D)}
+    assert all(m.sharding.is_fully_replicated and m.shape[:2] == (6, 8) for m in caches.mla)
 
 
 # ------------------------------------------------------------------------------------------ engine
@@ -190,7 +192,7 @@ def test_engine_score_and_greedy_generate_match_tp1(tp, model, model4, mesh4, se
         m, kw = model, dict(tp=tp)
     eng = Engine(m, max_batch=3, prefill_chunk=5, max_len=MAX_LEN, **kw)
     if tp > 1:
-        assert {s.data.shape[2] for s in eng.caches.linear.addressable_shards} == {8 // tp}
+        assert {s.data.shape[1] for lin in eng.caches.linear for s in lin.addressable_shards} == {8 // tp}
     out = eng.score(seqs)
     assert [o.shape for o in out] == [(n, 128) for n in LENGTHS]
     assert rel_err(out, refs) <= 1e-5

@@ -84,6 +84,7 @@ def add_common(p: argparse.ArgumentParser, *, model_required: bool) -> None:
     p.add_argument("--tp", type=int_at_least(1), default=1, metavar="N",
                    help="tensor-parallel degree (devices to shard heads and experts over); default 1")
     add_kernels(p)
+    add_kv_cache(p)
     g = p.add_argument_group("multi-host (one process per host, JAX's distributed runtime; default: the "
                              "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID environment variables)")
     g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator service")
@@ -106,6 +107,13 @@ def add_speculative(p: argparse.ArgumentParser) -> None:
                         "main model verifies them in the same step (exact: greedy output is unchanged, "
                         "sampling keeps its distribution); steps are then not overlapped. Needs the MTP "
                         "weights (num_nextn_predict_layers >= 1); default 0 (off)")
+def add_kv_cache(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache-gb", type=float_in(0.0, None, lo_open=True, name="GiB"), default=None, metavar="GB",
+                   help="memory for the paged MLA latent cache, in GiB per device: requests take pages as they "
+                        "grow and wait in the queue when the pages they may need are not free; default: what "
+                        "--max-batch x --max-len needs")
+    p.add_argument("--page-size", type=int_at_least(1), default=64, metavar="N",
+                   help="token positions per MLA cache page; default %(default)s")
 
 
 def default_model_dir() -> Path:
@@ -179,7 +187,11 @@ def build_engine(args, model_dir, max_len):
                        f"{'--speculative-tokens' if k_spec else '--mtp'} needs it")
     cfg, model = load_model(str(model_dir), dtype, mesh=mesh, mtp=mtp)
     eng = Engine(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, max_len=max_len, mesh=mesh,
-                 kernels=getattr(args, "kernels", None), num_speculative_tokens=k_spec)
+                 kernels=getattr(args, "kernels", None), num_speculative_tokens=k_spec,
+                 kv_cache_gb=getattr(args, "kv_cache_gb", None),
+                 page_size=getattr(args, "page_size", 64),
+                 prefix_cache=hasattr(args, "no_prefix_cache") and not args.no_prefix_cache,
+                 prefix_cache_states=getattr(args, "prefix_cache_states", None))
     log.info("engine: max_batch=%d prefill_chunk=%d max_len=%d, step buckets T=%s", eng.max_batch,
              eng.prefill_chunk, eng.max_len, eng.t_buckets)
     return cfg, eng

@@ -11,7 +11,7 @@ import logging
 import signal
 import socket
 
-from lingjax.cli.common import (CLIError, add_kernels, add_speculative, build_engine, default_model_dir, float_in, int_at_least,
+from lingjax.cli.common import (CLIError, add_kernels, add_kv_cache, add_speculative, build_engine, default_model_dir, float_in, int_at_least,
                                 max_len_for, read_config)
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,14 @@ def add_arguments(p):
                    help="tensor-parallel degree (devices to shard heads and experts over); default 1")
     add_kernels(p)
     add_speculative(p)
+    add_kv_cache(p)
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="turn the prefix cache off (on by default: requests whose prompts start with a prefix "
+                        "served before reuse its MLA cache pages and saved linear-attention states and prefill "
+                        "only the rest; results equal up to float rounding)")
+    p.add_argument("--prefix-cache-states", type=int_at_least(0), default=None, metavar="N",
+                   help="linear-attention states the prefix cache may keep (one per cached prefix end, each "
+                        "linear layers x heads x head_dim^2 float32); default --max-batch")
     p.add_argument("--shutdown-timeout", type=float_in(0.0, None, name="seconds"), default=30.0, metavar="S",
                    help="on SIGTERM / Ctrl-C, how long requests in flight may run before they are aborted; "
                         "default %(default)s")

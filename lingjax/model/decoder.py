@@ -39,8 +39,10 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def step(self, x, batch, cache):
+        """cache: this layer's MLA pages [num_pages, page_size, r + rope] or linear states [rows, H, D, D]."""
         h = self.input_layernorm(x)
-        a, cache = self.attention.step(h, batch, cache)
+        a, cache = (self.attention.step_paged(h, batch, cache) if self.is_mla
+                    else self.attention.step(h, batch, cache))
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -136,7 +138,9 @@ class BailingModel(nnx.Module):
 
     def step(self, batch, caches, rows=None):
         """One engine step over a packed batch -> (float32 logits [T, V], new caches).
-        caches.linear [n_linear, slots, H, D, D]; caches.mla [n_mla, slots, max_len, r + rope].
+        caches (lingjax.cache.Caches): per linear layer [rows, H, D, D], per MLA layer the latent pages
+        [num_pages, page_size, r + rope] (batch.page_table says which pages each request row holds). Each
+        layer's buffer is updated by a scatter of the batch's rows: donated, the step updates it in place.
         rows [N] int32 (optional): compute logits only for these token rows -> [N, V] (sampling
         needs one row per request, not the whole [T, V])."""
         with self.precision():
@@ -144,18 +148,16 @@ class BailingModel(nnx.Module):
 
     def _step(self, batch, caches, rows):
         x = self.embed(batch.tokens)
-        lin, mla = caches.linear, caches.mla
+        lin, mla = list(caches.linear), list(caches.mla)
         i_lin = i_mla = 0
         for layer in self.layers:
             if layer.is_mla:
-                x, c = layer.step(x, batch, mla[i_mla])
-                mla = mla.at[i_mla].set(c)
+                x, mla[i_mla] = layer.step(x, batch, mla[i_mla])
                 i_mla += 1
             else:
-                x, c = layer.step(x, batch, lin[i_lin])
-                lin = lin.at[i_lin].set(c)
+                x, lin[i_lin] = layer.step(x, batch, lin[i_lin])
                 i_lin += 1
         y = self.norm(x)
         if rows is not None:
             y = y[rows]
-        return self.logits(y), caches.replace(linear=lin, mla=mla)
+        return self.logits(y), caches.replace(linear=tuple(lin), mla=tuple(mla))

@@ -1,7 +1,8 @@
 """Multi-head latent attention (SPEC §3): DeepSeek-V3 MLA with interleaved full RoPE on the 64
 rope dims. `__call__` is the naive form (= HF) over full sequences; `step` is the absorbed form
 (SPEC §3.4) over the per-slot latent cache [c (kv_lora_rank, post-norm) | k_pe (post-RoPE)].
-`step_paged` is the absorbed form over the paged latent cache of lingjax/kernels/mla (pages + page table).
+`step_paged` is the absorbed form over the paged latent cache of lingjax/kernels/mla (pages + page table):
+the engine's path; `step` (a per-slot [slots, max_len] cache) is kept as a second, independent form for tests.
 YaRN (rope_scaling, SPEC §5.3) enters through the rotary table and `scaling`, so every form gets it."""
 import jax
 import jax.numpy as jnp
@@ -129,20 +130,37 @@ class MLA(nnx.Module):
         o = jax.lax.map(attend, (pad(q_nope), pad(q_pe), pad(tok_slot), pad(positions)))
         return o.reshape((n * block,) + o.shape[2:])[:T]
 
-    def step_paged(self, x, batch, pages, page_table):
+    def step_paged(self, x, batch, pages, block=QUERY_BLOCK):
         """Engine step over a packed batch with the paged latent cache (lingjax/kernels/mla/__init__.py).
-        x [T, d]; pages [num_pages, page_size, r + rope]; page_table [num_slots, max_pages] must already
-        hold pages for every position the batch writes. Writes the tokens' latents, then each token attends
-        to its own slot's positions <= its own (decode-only batches: the decode kernel).
-        -> (out [T, d], new pages)."""
+        x [T, d]; pages [num_pages, page_size, r + rope]; batch.page_table [R, max_pages] (row r: the pages of
+        request row r) must already hold pages for every position the batch writes. Writes the tokens'
+        latents, then each token attends to its own request's positions <= its own (decode-only batches:
+        the decode kernel; otherwise the paged prefill, `block` query tokens at a time so that the keys
+        gathered per page stay [block, page_size, r + rope]). -> (out [T, d], new pages)."""
         q_nope, q_pe = self.query(x, batch.positions)
-        tok_slot = batch.token_slots
-        pages = mla_kernels.write(pages, page_table, tok_slot, batch.positions,
-                                  self.latent(x, batch.positions), impl=self.kernels)
+        rows, table = batch.token_rows, batch.page_table
+        pages = mla_kernels.write(pages, table, rows, batch.positions, self.latent(x, batch.positions),
+                                  impl=self.kernels)
         w_uk, w_uv = self._kv_b()
         q_lat = jnp.einsum('thn,rhn->thr', q_nope, w_uk.astype(q_nope.dtype), preferred_element_type=F32)
-        attend = mla_kernels.decode if batch.decode_only else mla_kernels.prefill
-        lengths = batch.positions + 1 if batch.decode_only else batch.positions
-        ctx = attend(q_lat, q_pe, pages, page_table, tok_slot, lengths, self.scaling, impl=self.kernels)
+        if batch.decode_only:
+            ctx = mla_kernels.decode(q_lat, q_pe, pages, table, rows, batch.positions + 1, self.scaling,
+                                     impl=self.kernels)
+        else:
+            def attend(args):
+                ql, qp, rw, pos = args
+                return mla_kernels.prefill(ql, qp, pages, table, rw, pos, self.scaling, impl=self.kernels)
+
+            T = q_lat.shape[0]
+            if T <= block:
+                ctx = attend((q_lat, q_pe, rows, batch.positions))
+            else:
+                n = -(-T // block)
+
+                def split(a, fill=0):
+                    a = jnp.pad(a, [(0, n * block - T)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
+                    return a.reshape((n, block) + a.shape[1:])
+                ctx = jax.lax.map(attend, (split(q_lat), split(q_pe), split(rows, -1), split(batch.positions)))
+                ctx = ctx.reshape((n * block,) + ctx.shape[2:])[:T]
         o = jnp.einsum('thr,rhv->thv', ctx, w_uv.astype(F32), preferred_element_type=F32)
         return tp_psum(self.dense(o.astype(x.dtype).reshape(o.shape[0], -1), partial=True)), pages

@@ -54,6 +54,12 @@ def attend(q_lat, q_pe, pages, page_table, slots, lengths, scale):
 
     n_pages = (jnp.max(lengths, initial=0) + page_size - 1) // page_size
     init = (jnp.full((N, H), -jnp.inf, F32), jnp.zeros((N, H), F32), jnp.zeros((N, H, r), F32))
+    # Under shard_map (heads split over tp) the loop carry must vary over the mesh axes the queries and
+    # pages vary over; the zero initial carry varies over none: cast it up to their union.
+    axes = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in (q_lat, q_pe, pages, page_table)))
+    missing = tuple(sorted(axes))
+    if missing:
+        init = tuple(jax.lax.pcast(x, missing, to='varying') for x in init)
     _, l, acc = jax.lax.fori_loop(0, jnp.minimum(n_pages, page_table.shape[1]), body, init)
     return jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
 
