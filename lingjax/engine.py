@@ -1063,6 +1063,14 @@ class Engine:
             self._params, self.caches, batch, host[0], self._prev, *host[1:], graph=self._graph, mode=mode)
         self._prev = toks
         self.steps += 1
+        self._advance(pieces, [p and not r.score for p, (r, _) in zip(produces, pieces)], src_rows=True)
+        return _Flight(pieces, produces, (logits, toks, lp, top_ids, top_lp), top_n)
+
+    def _advance(self, pieces, in_flight, *, src_rows: bool) -> None:
+        """Bookkeeping after a step is dispatched (plain and speculative): the pieces' tokens count as fed
+        (prompt tokens counted), prefix-cache progress and its state saves, one more token in flight where
+        in_flight[i] (its output row kept as src_row if src_rows), and the slot of a request with nothing
+        left to dispatch freed for the next step."""
         prompt_tokens, saves = 0, []
         for i, (r, n) in enumerate(pieces):
             if r.fed < r.prompt_len:
@@ -1070,14 +1078,27 @@ class Engine:
             r.fed += n
             if r.chain or r.cache_on:
                 self._cache_progress(r, saves)
-            if produces[i] and not r.score:
+            if in_flight[i]:
                 r.inflight += 1
-                r.src_row = i
+                if src_rows:
+                    r.src_row = i
             if self._pending(r) == 0:     # all of r is dispatched: its slot is free for the next step
                 self._release(r)
         self._counts["prompt_tokens"] += prompt_tokens
         self._copy_states(saves)
-        return _Flight(pieces, produces, (logits, toks, lp, top_ids, top_lp), top_n)
+
+    def _score_rows(self, r, rows, last: bool) -> list[RequestOutput]:
+        """A score request's logits rows from one step; its finished output when that step was its last
+        (nothing for a request stopped or aborted since)."""
+        if r.finish_reason is not None:
+            return []
+        r.logits.append(rows)
+        if not last:
+            return []
+        full = np.concatenate(r.logits, axis=0)
+        r.logits = []
+        self._finish(r, "length")
+        return [RequestOutput(r.id, [], None, None, True, "length", r.prompt_len, 0, logits=full)]
 
     def _collect(self, f: _Flight) -> list[RequestOutput]:
         """Read one dispatched step's results (blocks until the device has them) -> outputs."""
@@ -1090,13 +1111,7 @@ class Engine:
         for i, (r, n) in enumerate(f.pieces):
             live = r.finish_reason is None                 # else stopped or aborted since: discard
             if r.score:
-                if live:
-                    r.logits.append(logits[off:off + n])
-                if live and f.produces[i]:
-                    full = np.concatenate(r.logits, axis=0)
-                    r.logits = []
-                    self._finish(r, "length")
-                    outs.append(RequestOutput(r.id, [], None, None, True, "length", r.prompt_len, 0, logits=full))
+                outs += self._score_rows(r, logits[off:off + n], f.produces[i])
             elif f.produces[i]:
                 r.inflight -= 1
                 if live:

@@ -474,19 +474,7 @@ class SpecDriver:
                             counters, graph=e._graph, mode=mode, k=k)
         logits, toks, n_emit, lp, top_ids, top_lp, e.caches, self.state = out
         e.steps += 1
-        prompt_tokens, saves = 0, []
-        for i, (r, n) in enumerate(pieces):
-            if r.fed < r.prompt_len:
-                prompt_tokens += min(r.fed + n, r.prompt_len) - r.fed
-            r.fed += n
-            if r.chain or r.cache_on:
-                e._cache_progress(r, saves)
-            if produce[i]:
-                r.inflight += 1
-            if e._pending(r) == 0:
-                e._release(r)
-        e._counts["prompt_tokens"] += prompt_tokens
-        e._copy_states(saves)
+        e._advance(pieces, [bool(produce[i]) for i in range(len(pieces))], src_rows=False)
         return SpecFlight(list(pieces), produces, (logits, toks, n_emit, lp, top_ids, top_lp), top_n, nd)
 
     def collect(self, e, f: SpecFlight):
@@ -500,13 +488,7 @@ class SpecDriver:
             live = r.finish_reason is None
             d = f.num_drafts[i]
             if r.score:
-                if live:
-                    r.logits.append(logits[off:off + n])
-                if live and f.produces[i]:
-                    full = np.concatenate(r.logits, axis=0)
-                    r.logits = []
-                    e._finish(r, "length")
-                    outs.append(RequestOutput(r.id, [], None, None, True, "length", r.prompt_len, 0, logits=full))
+                outs += e._score_rows(r, logits[off:off + n], f.produces[i])
             elif f.produces[i]:
                 r.inflight -= 1
                 m = int(n_emit[i])
