@@ -35,18 +35,6 @@ import numpy as np
 log = logging.getLogger("bench_spec")
 
 
-def random_mtp_model(cfg, dtype):
-    import jax
-    from flax import nnx
-    from lingjax.model import BailingModel
-
-    def make():
-        return BailingModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), mtp=True)
-    graphdef, _ = nnx.split(nnx.eval_shape(make))
-    state = jax.jit(lambda: nnx.split(make())[1])()
-    return nnx.merge(graphdef, state)
-
-
 def timed(fn, carry, steps, reps):
     """fn(carry) -> (out, carry); median ms per call over reps runs of `steps` calls."""
     import jax
@@ -141,13 +129,13 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     import jax
     import jax.numpy as jnp
-    from shapes import preset
+    from shapes import preset, random_model
     if args.smoke:
         args.steps, args.reps, args.context = 1, 1, 16
     cfg = dataclasses.replace(preset(args.preset, args.layers, args.vocab), num_nextn_predict_layers=1)
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     t0 = time.perf_counter()
-    model = random_mtp_model(cfg, dtype)
+    model = random_model(cfg, None, dtype, mtp=True)
     jax.block_until_ready(jax.tree.leaves(nnx_state(model)))
     kinds = "".join("L" if kd == "linear" else "M" for kd in cfg.layer_kinds)
     report = dict(device=jax.devices()[0].device_kind, preset=args.preset, layers=cfg.num_hidden_layers, kinds=kinds,

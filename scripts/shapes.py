@@ -46,7 +46,7 @@ def preset(name: str, layers: int | None = None, vocab: int | None = None):
     return cfg
 
 
-def random_model(cfg, mesh, dtype, fill: str = "hash", **model_kw):
+def random_model(cfg, mesh, dtype, fill: str = "hash", mtp: bool = False, **model_kw):
     """A BailingModel with random weights generated on device, each parameter directly in its shards
     (the same values at every tp).
 
@@ -56,6 +56,7 @@ def random_model(cfg, mesh, dtype, fill: str = "hash", **model_kw):
     dtype, sharding) reused across layers with the parameter's seed as an argument; the vectors (norm
     weights, biases, expert_bias) are the model's own initial values (a jit of the model's init that
     returns only them: the compiler drops the matrices' random generation).
+    mtp: build the model with its MTP layer (speculative decoding benches).
     fill "init": the model's own initialisation (nnx.Rngs(0), threefry normals) in one jit: exact, slow
     at real scale (62 s for the 23.7B-parameter flash8 cut on an H200, run 2)."""
     import zlib
@@ -70,7 +71,7 @@ def random_model(cfg, mesh, dtype, fill: str = "hash", **model_kw):
         raise ValueError(f"random_model: fill must be 'hash' or 'init', got {fill!r}")
 
     def make():
-        return BailingModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), mtp=False, **model_kw)
+        return BailingModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), mtp=mtp, **model_kw)
     graphdef, abstract = nnx.split(nnx.eval_shape(make))
     shardings = sharding.state_shardings(abstract, cfg, mesh) if mesh is not None else None
     if fill == "init":
@@ -153,7 +154,7 @@ def random_fp8_model(cfg, dtype, scheme, **model_kw):
     block, act = quant.param_block(fmt), fmt.act
 
     def make():
-        return BailingModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), mtp=False, **model_kw)
+        return BailingModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), mtp=mtp, **model_kw)
     model = nnx.eval_shape(make)
     flat = list(nnx.to_flat_state(nnx.state(model)))
 
