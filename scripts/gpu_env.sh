@@ -9,7 +9,7 @@
 #     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl tokamax==0.0.17 einshape qwix \
 #     immutabledict pydantic==2.14.4 pydantic-core annotated-types typing-inspection typing_extensions==4.16.0
 #   (for lingjax serve / bench_serve also: fastapi uvicorn starlette httpx httpcore h11 anyio sniffio
-#    prometheus_client, whichever the image lacks: KINDS.md lists what it has)
+#    prometheus_client opentelemetry-api annotated-doc, whichever the image lacks: KINDS.md lists what it has)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "gpu_env: installing .whl/ failed" >&2; return 1; }
 mkdir -p /tmp/site/xprof/cli
