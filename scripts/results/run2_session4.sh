@@ -12,7 +12,7 @@ q() {   # q BRANCH NAME TIMEOUT CMD...: run CMD in .wt_cache/BRANCH with a timeo
   echo "$n: rc $? at $(el) s (limit $t)" >> $OUT/queue.txt
 }
 q mlaprefill bench_mla_prefill_h200 95 python3 scripts/bench_mla.py --batches "" --methods "" --prefill 4096,32768 --packed 8x512@8192 --out $OUT/bench_mla_prefill_h200.json
-q mladecode bench_mla_decode_h200 135 python3 scripts/bench_mla.py --methods paged-triton --prefill "" --sweep 16:32768,256:32768 --out $OUT --name bench_mla_decode_h200
+q mladecode bench_mla_decode_h200_stdout 135 python3 scripts/bench_mla.py --methods paged-triton --prefill "" --sweep 16:32768,256:32768 --out $OUT --name bench_mla_decode_h200
 q linattn bench_linear_attention_issue19_sweep 115 python3 scripts/bench_linear_attention.py --no-check --no-xla --no-fla --pt-default --sweep prefill:32:4096:16,prefill:64:4096:16,prefill:64:4096:1,prefill:32:4096:1 --sweep-variants --sweep-triton-only --rows none --deadline 105 --out $OUT --tag issue19_sweep
 q moe bench_moe_h200 150 python3 scripts/bench_moe.py --shapes flash --tokens 1,16,64,256,4096,16384 --methods lingjax,lingjax-mm,torch-gmm --sweep 1,4096,16384 --out $OUT/bench_moe_h200.json
 q hostover probe_dispatch_h200 100 python3 scripts/probe_dispatch.py --budget 85 --out $OUT
