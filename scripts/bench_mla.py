@@ -27,6 +27,7 @@ products: ~1e-3..1e-2). Prefill: TFLOP/s over the causal flops 2 * H * (r + rope
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -36,16 +37,42 @@ from bench_moe import loop_time  # noqa: E402  (scripts/ is on sys.path when run
 
 log = logging.getLogger("bench_mla")
 R, ROPE, NOPE = 512, 64, 128
-SWEEP = [(32, 0, 4, 2), (64, 0, 4, 2), (64, 0, 8, 2), (64, 0, 4, 3), (32, 0, 4, 4), (64, 1, 4, 2)]   # 0: picked
+BATCHES, CONTEXTS = (1, 16, 64, 256), (1024, 8192, 32768, 131072)
+
+
+def sweep_configs(heads):
+    """Configurations --sweep times (gpu.Config; num_splits 0: pick_config's, -1: half of it, -2: twice it).
+    Each compiles for sm_90 without spilling and fits (scripts/compile_mla_kernels.py prints registers,
+    shared memory and latent buffers: bufs 1 = the next block's load waits for this block's products)."""
+    from lingjax.kernels.mla.gpu import Config
+    C = lambda h, n, w, st, swap=False, s=0: Config(block_h=h, block_n=n, num_splits=s, num_warps=w,  # noqa: E731
+                                                    num_stages=st, swap=swap)
+    if heads > 32:
+        return [C(64, 32, 8, 5, True), C(64, 32, 8, 5, True, -1), C(64, 32, 8, 5, True, -2), C(64, 32, 8, 3, True),
+                C(64, 16, 8, 8, True), C(32, 64, 8, 5), C(32, 32, 8, 5, True), C(32, 64, 8, 2)]
+    return [C(16, 64, 4, 2),                                        # last session's kernel: 2 head blocks, 1 buffer
+            C(32, 64, 8, 2),                                        # all heads, 1 buffer
+            C(32, 64, 8, 5), C(32, 64, 8, 5, s=-1), C(32, 64, 8, 5, s=-2),   # the default, 2 buffers
+            C(32, 32, 8, 3), C(32, 32, 8, 5), C(32, 32, 4, 5), C(32, 16, 8, 8), C(32, 16, 4, 8),
+            C(16, 64, 4, 5), C(32, 32, 8, 5, True), C(32, 64, 8, 2, True)]
+
+
 
 
 def copy_bandwidth(smoke):
-    import jax
-    import jax.numpy as jnp
-    n = (1 << 20) if smoke else (2 << 30)
-    a = jax.random.normal(jax.random.key(1), (n,), jnp.bfloat16)
-    t = loop_time(lambda v: v * 1.0001 - v, (a,), 10, 5)
-    return 2 * a.nbytes / t
+    """Copy bandwidth (read + write, B/s): the larger of JAX's and PyTorch's measurement (bench_moe's
+    ceilings), so the % columns stay conservative (last session's JAX-only figure was 3.04 TB/s against
+    PyTorch's 4.27)."""
+    from bench_moe import ceilings, torch_ceilings
+    bw, _ = ceilings(smoke)
+    if not smoke:
+        try:
+            t_copy, _ = torch_ceilings()
+            log.info("copy: JAX %.2f TB/s, PyTorch %.2f TB/s", bw / 1e12, t_copy / 1e12)
+            bw = max(bw, t_copy)
+        except Exception as e:                          # noqa: BLE001
+            log.info("PyTorch copy not measured: %s", e)
+    return bw
 
 
 def make_problem(B, L, H, ps, seed, r=R, rope=ROPE):
@@ -165,11 +192,11 @@ def main(argv=None):
                 record(row, lambda q, *a: mla.decode(q, *a, scale, impl="gpu"),
                        (q_lat, q_pe, pages, table, slots, lengths), nbytes)
                 if (B, L) in sweep:
-                    for bn, ns, nw, st in SWEEP:
-                        c0 = gpu.pick_config(B, H, ps, table.shape[1])
-                        c = gpu.Config(block_h=16, block_n=min(bn, ps), num_splits=ns or c0.num_splits,
-                                       num_warps=nw, num_stages=st)
-                        record(dict(base, method=f"paged-triton[{c.block_n},{c.num_splits},{nw},{st}]"),
+                    c0 = gpu.pick_config(B, H, ps, table.shape[1])
+                    for c in sweep_configs(H):
+                        s = {0: c0.num_splits, -1: max(1, c0.num_splits // 2), -2: 2 * c0.num_splits}[c.num_splits]
+                        c = dataclasses.replace(c, num_splits=s)
+                        record(dict(base, method=f"paged-triton[{c.tag()}]", config=str(c)),
                                lambda q, *a, c=c: gpu.decode(q, *a, scale, config=c),
                                (q_lat, q_pe, pages, table, slots, lengths), nbytes)
             if "paged-ref" in methods:

@@ -54,7 +54,7 @@ def _run(tk, case, x):
     B = len(x["slots"])
     o = torch.full((B, S, H, R), 1027.0)
     lse = torch.full((B, S, H), 1027.0)
-    tk.decode_kernel[(B, -(-H // 16), S)](
+    tk.decode_kernel[(-(-H // 16), B, S)](
         tt(x["q_lat"]), tt(x["q_pe"]), tt(x["pages"]), tt(x["table"]), tt(x["slots"]), tt(x["lengths"]), o, lse,
         SCALE=0.3, H=H, R=R, ROPE=ROPE, PAGE_SIZE=ps, MAX_PAGES=x["table"].shape[1], NUM_SPLITS=S, BLOCK_H=16,
         BLOCK_N=block_n, PRECISION=precision)
