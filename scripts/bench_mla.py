@@ -8,7 +8,8 @@ pages of the batch scattered over the pool in a random order. A shape whose late
 
 Rows (method):
   paged-triton    lingjax.kernels.mla.decode(impl='gpu'): the kernel + the jnp merge of its context splits
-  paged-triton[c] the same with config c = (block_n, num_splits, num_warps, num_stages) (--sweep)
+  paged-triton[c] gpu.decode with Config c (--sweep; tag h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap],
+                  the configurations of sweep_configs, each checked with scripts/compile_mla_kernels.py)
   paged-ref       lingjax.kernels.mla.decode(impl='reference') (jnp, flash-style over pages; --ref)
   today           MLA._attend_cache over a [batch, context, 576] cache (absorbs W_UK/W_UV as the engine does)
   prefill-ref     lingjax.kernels.mla.prefill(impl='reference'): one request of --prefill tokens, causal
@@ -17,8 +18,10 @@ Timing: --iters calls chained in one jitted fori_loop (each call's query depends
 nothing is hoisted), seconds per call = loop time / iters, median of --reps loops.
 Columns: us per call; GB/s over the bytes a decode must move (latents of every request up to its length
 + q + out) and its share of the copy bandwidth (read + write of a 4 GiB bf16 array, measured in the same
-run); rel_err of paged-triton against the reference on the first 2 requests (bf16 queries in the kernel's
-products: ~1e-3..1e-2). Prefill: TFLOP/s over the causal flops 2 * H * (r + rope + r) per (query, key) pair.
+run: the larger of JAX's and PyTorch's); rel_err of every paged-triton row against the reference on the first
+2 requests, computed before its timing (bf16 queries in the kernel's products: ~1e-3..1e-2). Latent bytes
+are counted once per request even for configurations whose head blocks each read them (block_h < heads).
+Prefill: TFLOP/s over the causal flops 2 * H * (r + rope + r) per (query, key) pair.
 
     PYTHONPATH=. python3 scripts/bench_mla.py [--batches 1,16,64,256] [--contexts 1024,8192,32768,131072]
         [--sweep 16:32768,64:8192] [--out $OUT/bench_mla.json]
@@ -179,26 +182,33 @@ def main(argv=None):
             base = dict(batch=B, context=L, heads=H, page_size=ps)
             if "paged-triton" in methods:
                 from lingjax.kernels.mla import gpu
-                row = dict(base, method="paged-triton", config=str(gpu.pick_config(B, H, ps, table.shape[1])))
-                try:
-                    got = jax.jit(lambda *a: mla.decode(*a, scale, impl="gpu"))(q_lat, q_pe, pages, table, slots,
-                                                                                lengths)
-                    want = jax.jit(lambda *a: mla.decode(*a, scale, impl="reference"))(
-                        q_lat[:2], q_pe[:2], pages, table, slots[:2], lengths[:2])
-                    g, w = np.asarray(got[:2], np.float64), np.asarray(want, np.float64)
-                    row["rel_err"] = float(np.linalg.norm(g - w) / np.linalg.norm(w))
-                except Exception as e:                          # noqa: BLE001
-                    row["check_error"] = f"{type(e).__name__}: {e}"[:300]
-                record(row, lambda q, *a: mla.decode(q, *a, scale, impl="gpu"),
-                       (q_lat, q_pe, pages, table, slots, lengths), nbytes)
+                want = None
+
+                def check(row, f):
+                    """rel_err of f on the first 2 requests against the reference (on the device, before timing)."""
+                    nonlocal want
+                    try:
+                        if want is None:
+                            want = np.asarray(jax.jit(lambda *a: mla.decode(*a, scale, impl="reference"))(
+                                q_lat[:2], q_pe[:2], pages, table, slots[:2], lengths[:2]), np.float64)
+                        got = np.asarray(jax.jit(f)(q_lat, q_pe, pages, table, slots, lengths)[:2], np.float64)
+                        row["rel_err"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+                    except Exception as e:                      # noqa: BLE001
+                        row["check_error"] = f"{type(e).__name__}: {e}"[:300]
+
+                row = dict(base, method="paged-triton", config=gpu.pick_config(B, H, ps, table.shape[1]).tag())
+                f = lambda q, *a: mla.decode(q, *a, scale, impl="gpu")          # noqa: E731
+                check(row, f)
+                record(row, f, (q_lat, q_pe, pages, table, slots, lengths), nbytes)
                 if (B, L) in sweep:
                     c0 = gpu.pick_config(B, H, ps, table.shape[1])
                     for c in sweep_configs(H):
                         s = {0: c0.num_splits, -1: max(1, c0.num_splits // 2), -2: 2 * c0.num_splits}[c.num_splits]
                         c = dataclasses.replace(c, num_splits=s)
-                        record(dict(base, method=f"paged-triton[{c.tag()}]", config=str(c)),
-                               lambda q, *a, c=c: gpu.decode(q, *a, scale, config=c),
-                               (q_lat, q_pe, pages, table, slots, lengths), nbytes)
+                        row = dict(base, method=f"paged-triton[{c.tag()}]", config=c.tag())
+                        f = lambda q, *a, c=c: gpu.decode(q, *a, scale, config=c)    # noqa: E731
+                        check(row, f)
+                        record(row, f, (q_lat, q_pe, pages, table, slots, lengths), nbytes)
             if "paged-ref" in methods:
                 record(dict(base, method="paged-ref"), lambda q, *a: mla.decode(q, *a, scale, impl="reference"),
                        (q_lat, q_pe, pages, table, slots, lengths), nbytes)

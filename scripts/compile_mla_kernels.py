@@ -57,8 +57,10 @@ def compile_one(c: gpu.Config, heads: int, page_size: int, max_pages: int, dt: s
                   NUM_SPLITS=c.num_splits, BLOCK_H=c.block_h, BLOCK_N=c.block_n, PRECISION="", SWAP=c.swap)
     sig = dict(zip(k.arg_names, ptrs))
     sig.update({n: "constexpr" for n in consts})
-    src = ASTSource(k, signature=sig, constexprs=consts, attrs={(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))})
-    out = triton.compile(src, target=GPUTarget("cuda", CC, 32), options=dict(num_warps=c.num_warps, num_stages=c.num_stages))
+    src = ASTSource(k, signature=sig, constexprs=consts,
+                    attrs={(i,): [["tt.divisibility", 16]] for i in range(len(ptrs))})
+    out = triton.compile(src, target=GPUTarget("cuda", CC, 32),
+                         options=dict(num_warps=c.num_warps, num_stages=c.num_stages))
     ttgir = out.asm["ttgir"]
     bufs = [int(n) for n in re.findall(rf"local_alloc : \(\) -> !ttg.memdesc<(\d+)x{c.block_n}x{R}x", ttgir)]
     r = dict(shared=out.metadata.shared, bufs=max(bufs, default=0), wgmma=ttgir.count("warp_group_dot"),
@@ -102,7 +104,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     dt = {"bfloat16": "bf16", "float16": "fp16"}[args.dtype]
     rows, bad = [], 0
-    print(f"{'plan':<18} {'config':<22} {'regs':>5} {'spill':>9} {'shared':>7} {'per_sm':>6} {'bufs':>4} {'wgmma':>5} {'cp.async':>8}")
+    print(f"{'plan':<18} {'config':<22} {'regs':>5} {'spill':>9} {'shared':>7} {'per_sm':>6} {'bufs':>4} "
+          f"{'wgmma':>5} {'cp.async':>8}")
     for name, c in plans(args.heads, args.page_size):
         try:
             r = compile_one(c, args.heads, args.page_size, 2048, dt)

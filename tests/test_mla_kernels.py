@@ -130,6 +130,25 @@ def test_bad_shapes_and_impl_are_named():
     assert mla.resolve("mosaic_gpu") == "gpu" and mla.resolve(None) == "reference"
 
 
+def test_gpu_pick_config_covers_all_heads_and_fills_the_sms():
+    """gpu.pick_config (pure Python; the kernel runs in test_mla_triton_interpret.py): one head block for up
+    to 64 heads, so each request's latents are read once per split; splits fill the 132 SMs at small batches
+    without splits shorter than 4 blocks, and none at large batches."""
+    from lingjax.kernels.mla import gpu
+    c = gpu.pick_config(16, 32, 64, 8192 // 64)
+    assert (c.block_h, c.block_n, c.swap) == (32, 64, False) and 100 <= 16 * c.num_splits <= 132
+    assert gpu.pick_config(256, 32, 64, 131072 // 64).num_splits == 1
+    assert gpu.pick_config(64, 32, 64, 8192 // 64).num_splits == 2                     # 128 programs <= 132
+    one = gpu.pick_config(1, 32, 64, 131072 // 64)
+    assert 64 <= one.num_splits <= 132
+    c = gpu.pick_config(4, 64, 64, 1024 // 64)
+    assert (c.block_h, c.block_n, c.swap) == (64, 32, True) and c.num_splits <= (1024 // 32) // 4
+    assert gpu.pick_config(2, 128, 64, 4).block_h == 64                                 # 2 head blocks
+    assert gpu.pick_config(1, 16, 64, 1).num_splits == 1                               # 1 block: no split
+    assert gpu.Config(block_h=32, block_n=64, num_splits=3, num_warps=8, num_stages=5, swap=True).tag() == \
+        "h32n64s3w8st5swap"
+
+
 def test_mla_step_paged_matches_full_forward():
     """MLA.step_paged (write + paged prefill/decode) over two requests in three steps (a mixed prefill, a
     second chunk, a decode-only step with a padding row) equals the naive full forward of each sequence.

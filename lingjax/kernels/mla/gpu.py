@@ -5,8 +5,9 @@ The kernel reads only the pages each request holds, up to its length (bf16 laten
 accumulation). Decode is bound by reading the latents, so one program covers all heads of a request
 (Config.block_h) and reads them once. The context of each request is split num_splits ways
 (`pick_config`): at small batches one program per request would leave most SMs idle, so the splits run in
-parallel and `combine_splits` merges their (o, lse) pairs (with one split the kernel's output is the result). jax_triton is imported inside `decode` (through
-lingjax.kernels.jax_triton_lib): it cannot be imported on a CPU-only JAX.
+parallel and `combine_splits` merges their (o, lse) pairs (with one split the kernel's output is the
+result). jax_triton is imported inside `decode` (through lingjax.kernels.jax_triton_lib): it cannot be
+imported on a CPU-only JAX.
 """
 from __future__ import annotations
 
@@ -110,6 +111,6 @@ def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Con
         kernel=decode_kernel,
         out_shape=(jax.ShapeDtypeStruct((B, S, H, R), F32), jax.ShapeDtypeStruct((B, S, H), F32)),
         grid=(-(-H // c.block_h), B, S), num_warps=c.num_warps, num_stages=c.num_stages, name="mla_decode",
-        SCALE=float(scale), H=H, R=R, ROPE=ROPE, PAGE_SIZE=page_size, MAX_PAGES=max_pages, NUM_SPLITS=S, BLOCK_H=c.block_h,
-        BLOCK_N=c.block_n, PRECISION=dot_precision(pages.dtype, f32_dot), SWAP=c.swap)
+        SCALE=float(scale), H=H, R=R, ROPE=ROPE, PAGE_SIZE=page_size, MAX_PAGES=max_pages, NUM_SPLITS=S,
+        BLOCK_H=c.block_h, BLOCK_N=c.block_n, PRECISION=dot_precision(pages.dtype, f32_dot), SWAP=c.swap)
     return o[:, 0] if S == 1 else combine_splits(o, lse)

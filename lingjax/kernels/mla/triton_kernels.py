@@ -4,15 +4,15 @@ gpu.py through jax-triton). Cache format: lingjax/kernels/mla/__init__.py.
 This module imports only triton, so the kernel body can also run in Triton's CPU interpreter
 (TRITON_INTERPRET=1, torch tensors) in the tests; jax_triton itself cannot be imported on a CPU-only JAX.
 
-decode_kernel: one program per (block of BLOCK_H heads, request b, split sp of the context) (grid in that order). The request's
-context [0, length) is cut into blocks of BLOCK_N tokens; split sp takes a contiguous run of
-ceil(n_blocks / NUM_SPLITS) blocks. Per block it looks up each row's page id in the page table, loads the
-[BLOCK_N, R] latents and [BLOCK_N, ROPE] k_pe rows (masked past the length: rows of unused pages are never
-loaded), scores them against the heads' q_lat and q_pe (MQA: all heads share the rows), and keeps a running
-max / sum / [BLOCK_H, R] accumulator in float32. It writes the split's normalised output o[b, sp] [H, R]
-float32 and log-sum-exp lse[b, sp] [H] (-inf for an empty split, whose o is 0); gpu.combine_splits merges
-the splits (with one split, o is the result). Padding rows (slot < 0) read nothing. Options (BLOCK_H, SWAP):
-the kernel's docstring.
+decode_kernel: one program per (block of BLOCK_H heads, request b, split sp of the context), the grid in
+that order. The request's context [0, length) is cut into blocks of BLOCK_N tokens; split sp takes a
+contiguous run of ceil(n_blocks / NUM_SPLITS) blocks. Per block it looks up the page ids in the page table,
+loads the [BLOCK_N, R] latents and [BLOCK_N, ROPE] k_pe rows (masked past the length: rows of unused pages
+are never loaded), scores them against the heads' q_lat and q_pe (MQA: all heads share the rows), and keeps
+a running max / sum / [BLOCK_H, R] accumulator in float32. It writes the split's normalised output
+o[b, sp] [H, R] float32 and log-sum-exp lse[b, sp] [H] (-inf for an empty split, whose o is 0);
+gpu.combine_splits merges the splits (with one split, o is the result). Padding rows (slot < 0) read
+nothing. Options (BLOCK_H, BLOCK_N, SWAP): the kernel's docstring.
 The queries are cast to the pages' dtype for the products (bf16 tensor cores for a bf16 cache); the
 probabilities are cast to it for the second product, as flash attention does; sums stay float32.
 PRECISION: "" for 16-bit pages, or a tl.dot input_precision for float32 pages ("tf32x3", "ieee", "tf32").
