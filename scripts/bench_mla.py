@@ -24,7 +24,7 @@ are counted once per request even for configurations whose head blocks each read
 Prefill: TFLOP/s over the causal flops 2 * H * (r + rope + r) per (query, key) pair.
 
     PYTHONPATH=. python3 scripts/bench_mla.py [--batches 1,16,64,256] [--contexts 1024,8192,32768,131072]
-        [--sweep 16:32768,64:8192] [--out $OUT/bench_mla.json]
+        [--sweep 16:32768,256:32768] [--out DIR] [--name bench_mla]     # writes DIR/NAME.json and DIR/NAME.log
     JAX_PLATFORMS=cpu PYTHONPATH=. python3 scripts/bench_mla.py --smoke     # CPU: tiny shapes, reference impl
 """
 from __future__ import annotations
@@ -128,9 +128,17 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=10, help="calls per timed loop (default 10)")
     p.add_argument("--reps", type=int, default=3, help="timed loops; the median is reported (default 3)")
     p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny shapes, reference impl only")
-    p.add_argument("--out", help="JSON output (default $OUT/bench_mla.json when $OUT is set)")
+    p.add_argument("--out", help="output directory for NAME.json and NAME.log (default $OUT when set, else "
+                   "scripts/results; with --smoke and no --out nothing is written)")
+    p.add_argument("--name", default="bench_mla", help="file name stem of the outputs (default bench_mla)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    out_dir = args.out or (None if args.smoke else os.environ.get("OUT") or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results"))
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(out_dir, f"{args.name}.log"), mode="w"))
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=handlers, force=True)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -148,7 +156,7 @@ def main(argv=None):
     dev = jax.devices()[0].device_kind
     log.info("device %s: copy %.2f TB/s", dev, copy_bw / 1e12)
     rows = []
-    out_path = args.out or (os.path.join(os.environ["OUT"], "bench_mla.json") if os.environ.get("OUT") else None)
+    out_path = os.path.join(out_dir, f"{args.name}.json") if out_dir else None
     scale = (NOPE + ROPE) ** -0.5
 
     def save():
