@@ -5,9 +5,10 @@ Triton ships), shared memory (against the H100/H200's 227 KiB per block), progra
 and shared memory allow, the shared buffers of the latent block (bufs: 1 = the next block's load waits for
 the current block's products; 2 = double-buffered), and wgmma / pipelined-load (cp.async) ops in the TTGIR.
 A configuration that fails, spills or does not fit is marked DROP; it must not stay in
-bench_mla.sweep_configs or be pick_config's choice (exit status 1 if one is).
+bench_mla.sweep_configs or be pick_config's choice (exit status 1 if one is). float32 latents (tf32x3
+products, a parity path) spill at every configuration: there only failing or not fitting is DROP.
 
-    python scripts/compile_mla_kernels.py [--heads 32|64] [--dtype bfloat16|float16] [--json out.json]
+    python scripts/compile_mla_kernels.py [--heads 32|64] [--dtype bfloat16|float16|float32] [--json out.json]
 The device runs Triton 3.6.0; to compile with that version here (same results at the time of writing):
     pip install --no-deps --target /tmp/triton36 triton==3.6.0
     PYTHONPATH=/tmp/triton36:. python scripts/compile_mla_kernels.py
@@ -53,10 +54,12 @@ def ptxas_info(ptx: str) -> dict:
 
 
 def compile_one(c: gpu.Config, heads: int, page_size: int, max_pages: int, dt: str) -> dict:
+    """Compile decode_kernel for sm_90 with latents of Triton dtype `dt` ('bf16', 'fp16', 'fp32')."""
     k = tk.decode_kernel
     ptrs = ["*fp32", "*fp32", f"*{dt}", "*i32", "*i32", "*i32", "*fp32", "*fp32"]
     consts = dict(SCALE=0.0722, H=heads, R=R, ROPE=ROPE, PAGE_SIZE=page_size, MAX_PAGES=max_pages,
-                  NUM_SPLITS=c.num_splits, BLOCK_H=c.block_h, BLOCK_N=c.block_n, PRECISION="", SWAP=c.swap)
+                  NUM_SPLITS=c.num_splits, BLOCK_H=c.block_h, BLOCK_N=c.block_n,
+                  PRECISION="tf32x3" if dt == "fp32" else "", SWAP=c.swap)
     sig = dict(zip(k.arg_names, ptrs))
     sig.update({n: "constexpr" for n in consts})
     src = ASTSource(k, signature=sig, constexprs=consts,
@@ -70,21 +73,22 @@ def compile_one(c: gpu.Config, heads: int, page_size: int, max_pages: int, dt: s
     threads = 32 * c.num_warps
     by_regs = REGS_PER_SM // (threads * max(r["regs"], 1))
     r["per_sm"] = min(by_regs, SMEM // max(r["shared"], 1), 64 // c.num_warps)
-    r["drop"] = bool(r["spill_st"] or r["spill_ld"] or r["shared"] > SMEM or r["per_sm"] < 1)
+    spills = (r["spill_st"] or r["spill_ld"]) and dt != "fp32"     # float32 (tf32x3) spills everywhere: allowed
+    r["drop"] = bool(spills or r["shared"] > SMEM or r["per_sm"] < 1)
     return r
 
 
-def plans(heads: int, page_size: int):
-    """[(name, Config)]: pick_config at every bench shape, then the sweep configurations (splits 1)."""
+def plans(heads: int, page_size: int, itemsize: int):
+    """[(name, Config)]: pick_config at every bench shape, then (16-bit latents) the sweep configurations."""
     seen, out = set(), []
     for B in BATCHES:
         for L in CONTEXTS:
-            c = gpu.pick_config(B, heads, page_size, -(-L // page_size))
+            c = gpu.pick_config(B, heads, page_size, -(-L // page_size), itemsize=itemsize)
             key = dataclass_key(c)
             if key not in seen:
                 seen.add(key)
                 out.append(("pick", c))
-    for c in sweep_configs(heads):
+    for c in sweep_configs(heads) if itemsize == 2 else []:
         c = gpu.Config(**{**c.__dict__, "num_splits": 1})
         if dataclass_key(c) not in seen:
             seen.add(dataclass_key(c))
@@ -101,14 +105,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--heads", type=int, default=32, help="MLA heads per device (32: flash; 64: 1T without TP)")
     ap.add_argument("--page-size", type=int, default=64, help="tokens per page (default 64)")
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"), help="latent dtype")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                    help="latent dtype (float32: pick_config only, tf32x3 products)")
     ap.add_argument("--json", help="also write the table as JSON here")
     args = ap.parse_args(argv)
-    dt = {"bfloat16": "bf16", "float16": "fp16"}[args.dtype]
+    dt = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[args.dtype]
     rows, bad = [], 0
     print(f"{'plan':<18} {'config':<22} {'regs':>5} {'spill':>9} {'shared':>7} {'per_sm':>6} {'bufs':>4} "
           f"{'wgmma':>5} {'cp.async':>8}")
-    for name, c in plans(args.heads, args.page_size):
+    for name, c in plans(args.heads, args.page_size, 4 if dt == "fp32" else 2):
         try:
             r = compile_one(c, args.heads, args.page_size, 2048, dt)
         except Exception as e:                          # noqa: BLE001 (reported; DROP)

@@ -145,6 +145,7 @@ def test_gpu_pick_config_covers_all_heads_and_fills_the_sms():
     assert (c.block_h, c.block_n, c.swap) == (64, 32, True) and c.num_splits <= (1024 // 32) // 4
     assert gpu.pick_config(2, 128, 64, 4).block_h == 64                                 # 2 head blocks
     assert gpu.pick_config(1, 16, 64, 1).num_splits == 1                               # 1 block: no split
+    assert gpu.pick_config(16, 32, 64, 128, itemsize=4).block_n == 16                  # float32: less smem
     assert gpu.Config(block_h=32, block_n=64, num_splits=3, num_warps=8, num_stages=5, swap=True).tag() == \
         "h32n64s3w8st5swap"
 

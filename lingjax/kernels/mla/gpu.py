@@ -59,17 +59,22 @@ def pick_splits(programs: int, n_blocks: int, block_h: int, block_n: int, r: int
     return best
 
 
-def pick_config(batch: int, num_heads: int, page_size: int, max_pages: int, sm_count: int = 132) -> Config:
+def pick_config(batch: int, num_heads: int, page_size: int, max_pages: int, sm_count: int = 132,
+                itemsize: int = 2) -> Config:
     """All heads of a request in one program (block_h up to 64), so its latents are read once per split;
     8 warps for the [heads, 512] float32 accumulator; the latent block double-buffered (num_stages 5: the
     page-table load takes stages of Triton's pipeliner, and 2..4 stages leave one buffer, i.e. the next
     block's load waits for the current block's products); the context split so that requests x splits
     fill the SMs (pick_splits; one program per SM at these sizes). Heads <= 32: blocks of 64 tokens
     (2 x 72 KiB buffers in flight per SM). 64 heads: the [64, 512] accumulator leaves room for blocks of 32,
-    swapped products (wgmma). From the sm_90 compile check (scripts/compile_mla_kernels.py: no spills,
-    two buffers); scripts/bench_mla.py --sweep times the alternatives on the device."""
+    swapped products (wgmma). float32 latents (itemsize 4: parity checks, not speed; tf32x3 products
+    spill at every configuration): 16 heads x 16 tokens, the smallest shared memory.
+    From the sm_90 compile check (scripts/compile_mla_kernels.py: no spills, two buffers);
+    scripts/bench_mla.py --sweep times the alternatives on the device."""
     block_h = min(64, max(16, _pow2(num_heads)))
-    if block_h == 64:
+    if itemsize > 2:
+        c = Config(block_h=16, block_n=16, num_warps=4, num_stages=2)
+    elif block_h == 64:
         c = Config(block_h=64, block_n=32, num_warps=8, num_stages=5, swap=True)
     else:
         c = Config(block_h=block_h, block_n=64, num_warps=8, num_stages=5)
@@ -99,7 +104,7 @@ def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Con
     ROPE = q_pe.shape[-1]
     num_pages, page_size, _ = pages.shape
     max_pages = page_table.shape[1]
-    c = config or pick_config(B, H, page_size, max_pages)
+    c = config or pick_config(B, H, page_size, max_pages, itemsize=pages.dtype.itemsize)
     if R % 16 or ROPE % 16 or _pow2(R) != R or _pow2(ROPE) != ROPE:
         raise ValueError(f"MLA GPU decode: kv_lora_rank={R} and qk_rope_head_dim={ROPE} must be powers of 2 >= 16")
     if c.block_n < 16 or _pow2(c.block_n) != c.block_n or c.block_h < 16 or _pow2(c.block_h) != c.block_h:
