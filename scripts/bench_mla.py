@@ -14,8 +14,9 @@ Rows (method):
   today           MLA._attend_cache over a [batch, context, 576] cache (absorbs W_UK/W_UV as the engine does)
   prefill-ref     lingjax.kernels.mla.prefill(impl='reference'): one request of --prefill tokens, causal
 
-Timing: --iters calls chained in one jitted fori_loop (each call's query depends on the last output, so
-nothing is hoisted), seconds per call = loop time / iters, median of --reps loops.
+Timing: --iters calls chained in one jitted, unrolled loop (each call's query depends on the last output, so
+nothing is hoisted; unrolled: no while-loop condition between calls, as in the engine's step), seconds per
+call = loop time / iters, median of --reps loops.
 Columns: us per call; GB/s over the bytes a decode must move (latents of every request up to its length
 + q + out) and its share of the copy bandwidth (read + write of a 4 GiB bf16 array, measured in the same
 run: the larger of JAX's and PyTorch's); rel_err of every paged-triton row against the reference on the first
@@ -166,7 +167,7 @@ def main(argv=None):
 
     def record(row, fn, fargs, nbytes=None, flops=None):
         try:
-            t = loop_time(fn, fargs, iters, reps)
+            t = loop_time(fn, fargs, iters, reps, unroll=True)
             row["us"] = round(t * 1e6, 2)
             if nbytes:
                 row["GB/s"] = round(nbytes / t / 1e9, 1)

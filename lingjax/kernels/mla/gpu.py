@@ -85,18 +85,21 @@ def pick_config(batch: int, num_heads: int, page_size: int, max_pages: int, sm_c
 
 def combine_splits(o, lse):
     """o [B, S, H, R] float32 (each split normalised), lse [B, S, H] (-inf: empty split) -> [B, H, R]:
-    sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max_s lse_s); 0 where every split is empty."""
+    sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max_s lse_s); 0 where every split is empty.
+    A multiply and a sum over s (one reduction pass over o), not an einsum, which XLA may lower to a batched
+    matmul with o transposed first."""
     top = jnp.max(lse, axis=1, keepdims=True)
     top = jnp.where(jnp.isfinite(top), top, 0.0)
     w = jnp.exp(lse - top)                                             # 0 for empty splits
-    total = w.sum(1)
-    out = jnp.einsum('bsh,bshr->bhr', w, o)
-    return jnp.where(total[..., None] > 0, out / jnp.where(total > 0, total, 1.0)[..., None], 0.0)
+    total = w.sum(1, keepdims=True)
+    w = w / jnp.where(total > 0, total, 1.0)                           # all 0 where every split is empty
+    return jnp.sum(w[..., None] * o, axis=1)
 
 
 def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Config | None = None,
            f32_dot: str = "tf32x3"):
-    """As reference.decode: [B, H, r] float32. `scale` must be a Python number (a kernel constant)."""
+    """As reference.decode: [B, H, r] float32. `scale` must be a Python number (a kernel constant). The
+    queries go to the kernel in their dtype (it casts them to the pages' dtype): no conversion pass."""
     from lingjax.kernels.jax_triton_lib import jax_triton
     from lingjax.kernels.mla.triton_kernels import decode_kernel
     jt = jax_triton()
@@ -111,7 +114,7 @@ def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Con
         raise ValueError(f"MLA GPU decode: block_n={c.block_n} and block_h={c.block_h} must be powers of 2 >= 16")
     S = c.num_splits
     o, lse = jt.triton_call(
-        q_lat.astype(F32), q_pe.astype(F32), pages, page_table.astype(jnp.int32), slots.astype(jnp.int32),
+        q_lat, q_pe, pages, page_table.astype(jnp.int32), slots.astype(jnp.int32),
         lengths.astype(jnp.int32),
         kernel=decode_kernel,
         out_shape=(jax.ShapeDtypeStruct((B, S, H, R), F32), jax.ShapeDtypeStruct((B, S, H), F32)),
