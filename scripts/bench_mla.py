@@ -122,7 +122,10 @@ def main(argv=None):
     p.add_argument("--today-max-tokens", type=int, default=64 * 131072,
                    help="skip 'today' above this batch x context (it holds a second, contiguous copy of the "
                    "latents and float32 gathers; default 64 x 131072)")
-    p.add_argument("--sweep", default="", help="batch:context pairs at which to also time each SWEEP config")
+    p.add_argument("--sweep", default="", help="batch:context pairs at which to also time each sweep configuration")
+    p.add_argument("--configs", default="", help="comma list of config tags to sweep instead of sweep_configs "
+                   "(h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap]; s0: pick_config's splits, s-1: half, "
+                   "s-2: twice; check them first with scripts/compile_mla_kernels.py)")
     p.add_argument("--prefill", default="4096,32768", help="prompt lengths for prefill-ref ('' to skip)")
     p.add_argument("--iters", type=int, default=10, help="calls per timed loop (default 10)")
     p.add_argument("--reps", type=int, default=3, help="timed loops; the median is reported (default 3)")
@@ -151,6 +154,11 @@ def main(argv=None):
         H, ps, iters, reps = args.heads, args.page_size, args.iters, args.reps
         methods, prefills = args.methods.split(","), [int(x) for x in args.prefill.split(",") if x]
     sweep = {tuple(int(v) for v in s.split(":")) for s in args.sweep.split(",") if s}
+    if args.configs:
+        from lingjax.kernels.mla.gpu import Config
+        configs = [Config.from_tag(t) for t in args.configs.split(",") if t]
+    else:
+        configs = sweep_configs(H)
     copy_bw = copy_bandwidth(args.smoke)
     dev = jax.devices()[0].device_kind
     log.info("device %s: copy %.2f TB/s", dev, copy_bw / 1e12)
@@ -210,7 +218,7 @@ def main(argv=None):
                 if (B, L) in sweep:
                     c0 = gpu.pick_config(B, H, ps, table.shape[1])
                     done = {c0.tag()}
-                    for c in sweep_configs(H):
+                    for c in configs:
                         s = {0: c0.num_splits, -1: max(1, c0.num_splits // 2), -2: 2 * c0.num_splits}[c.num_splits]
                         c = dataclasses.replace(c, num_splits=s)
                         if c.tag() in done:                     # the default row above, or a repeated split

@@ -3,12 +3,15 @@ at every configuration scripts/bench_mla.py times (gpu.pick_config at each bench
 and print per configuration: registers per thread and spill stores / loads (`ptxas -v`, the ptxas that
 Triton ships), shared memory (against the H100/H200's 227 KiB per block), programs per SM that registers
 and shared memory allow, the shared buffers of the latent block (bufs: 1 = the next block's load waits for
-the current block's products; 2 = double-buffered), and wgmma / pipelined-load (cp.async) ops in the TTGIR.
+the current block's products; 2 = double-buffered), wait: the fewest async copy groups the loop leaves
+in flight when it waits (0: the loop waits for every load before its products, i.e. no overlap of the
+next block's load with this block's work, even with 2 buffers), and wgmma / pipelined-load (cp.async) ops in the TTGIR.
 A configuration that fails, spills or does not fit is marked DROP; it must not stay in
 bench_mla.sweep_configs or be pick_config's choice (exit status 1 if one is). float32 latents (tf32x3
 products, a parity path) spill at every configuration: there only failing or not fitting is DROP.
 
-    python scripts/compile_mla_kernels.py [--heads 32|64] [--dtype bfloat16|float16|float32] [--json out.json]
+    python scripts/compile_mla_kernels.py [--heads 32|64] [--dtype bfloat16|float16|float32] [--configs TAGS]
+        [--json out.json]
 The device runs Triton 3.6.0; to compile with that version here (same results at the time of writing):
     pip install --no-deps --target /tmp/triton36 triton==3.6.0
     PYTHONPATH=/tmp/triton36:. python scripts/compile_mla_kernels.py
@@ -68,7 +71,11 @@ def compile_one(c: gpu.Config, heads: int, page_size: int, max_pages: int, dt: s
                          options=dict(num_warps=c.num_warps, num_stages=c.num_stages))
     ttgir = out.asm["ttgir"]
     bufs = [int(n) for n in re.findall(rf"local_alloc : \(\) -> !ttg.memdesc<(\d+)x{c.block_n}x{R}x", ttgir)]
-    r = dict(shared=out.metadata.shared, bufs=max(bufs, default=0), wgmma=ttgir.count("warp_group_dot"),
+    loop = ttgir[ttgir.find("scf.for"):]
+    loop = loop[:loop.find("scf.yield")]
+    waits = [int(n) for n in re.findall(r"async_wait[^\n]*\{num = (\d+)", loop)]
+    r = dict(shared=out.metadata.shared, bufs=max(bufs, default=0), wait=min(waits, default=0),
+             wgmma=ttgir.count("warp_group_dot"),
              cp_async=ttgir.count("async_copy_global_to_local"), **ptxas_info(out.asm["ptx"]))
     threads = 32 * c.num_warps
     by_regs = REGS_PER_SM // (threads * max(r["regs"], 1))
@@ -78,8 +85,9 @@ def compile_one(c: gpu.Config, heads: int, page_size: int, max_pages: int, dt: s
     return r
 
 
-def plans(heads: int, page_size: int, itemsize: int):
-    """[(name, Config)]: pick_config at every bench shape, then (16-bit latents) the sweep configurations."""
+def plans(heads: int, page_size: int, itemsize: int, configs=None):
+    """[(name, Config)]: pick_config at every bench shape, then (16-bit latents) the sweep configurations
+    (`configs`, default bench_mla.sweep_configs)."""
     seen, out = set(), []
     for B in BATCHES:
         for L in CONTEXTS:
@@ -88,7 +96,7 @@ def plans(heads: int, page_size: int, itemsize: int):
             if key not in seen:
                 seen.add(key)
                 out.append(("pick", c))
-    for c in sweep_configs(heads) if itemsize == 2 else []:
+    for c in (configs or sweep_configs(heads)) if itemsize == 2 else []:
         c = gpu.Config(**{**c.__dict__, "num_splits": 1})
         if dataclass_key(c) not in seen:
             seen.add(dataclass_key(c))
@@ -107,13 +115,16 @@ def main(argv=None):
     ap.add_argument("--page-size", type=int, default=64, help="tokens per page (default 64)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                     help="latent dtype (float32: pick_config only, tf32x3 products)")
+    ap.add_argument("--configs", default="", help="comma list of config tags to check instead of "
+                    "bench_mla.sweep_configs (as bench_mla.py --configs)")
     ap.add_argument("--json", help="also write the table as JSON here")
     args = ap.parse_args(argv)
     dt = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[args.dtype]
     rows, bad = [], 0
-    print(f"{'plan':<18} {'config':<22} {'regs':>5} {'spill':>9} {'shared':>7} {'per_sm':>6} {'bufs':>4} "
+    print(f"{'plan':<18} {'config':<22} {'regs':>5} {'spill':>9} {'shared':>7} {'per_sm':>6} {'bufs':>4} {'wait':>4} "
           f"{'wgmma':>5} {'cp.async':>8}")
-    for name, c in plans(args.heads, args.page_size, 4 if dt == "fp32" else 2):
+    configs = [gpu.Config.from_tag(t) for t in args.configs.split(",") if t]
+    for name, c in plans(args.heads, args.page_size, 4 if dt == "fp32" else 2, configs):
         try:
             r = compile_one(c, args.heads, args.page_size, 2048, dt)
         except Exception as e:                          # noqa: BLE001 (reported; DROP)
@@ -121,7 +132,8 @@ def main(argv=None):
             print(f"{name:<18} {c.tag():<22} FAILED {r['error']}")
         else:
             print(f"{name:<18} {c.tag():<22} {r['regs']:>5} {r['spill_st']:>4}/{r['spill_ld']:<4} {r['shared']:>7} "
-                  f"{r['per_sm']:>6} {r['bufs']:>4} {r['wgmma']:>5} {r['cp_async']:>8}{'  DROP' if r['drop'] else ''}")
+                  f"{r['per_sm']:>6} {r['bufs']:>4} {r['wait']:>4} {r['wgmma']:>5} {r['cp_async']:>8}"
+                  f"{'  DROP' if r['drop'] else ''}")
         bad += r["drop"]
         rows.append(dict(plan=name, config=c.tag(), **r))
     if args.json:

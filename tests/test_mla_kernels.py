@@ -146,8 +146,11 @@ def test_gpu_pick_config_covers_all_heads_and_fills_the_sms():
     assert gpu.pick_config(2, 128, 64, 4).block_h == 64                                 # 2 head blocks
     assert gpu.pick_config(1, 16, 64, 1).num_splits == 1                               # 1 block: no split
     assert gpu.pick_config(16, 32, 64, 128, itemsize=4).block_n == 16                  # float32: less smem
-    assert gpu.Config(block_h=32, block_n=64, num_splits=3, num_warps=8, num_stages=5, swap=True).tag() == \
-        "h32n64s3w8st5swap"
+    c = gpu.Config(block_h=32, block_n=64, num_splits=3, num_warps=8, num_stages=5, swap=True)
+    assert c.tag() == "h32n64s3w8st5swap" and gpu.Config.from_tag(c.tag()) == c
+    assert gpu.Config.from_tag("h16n32s-1w4st2").num_splits == -1
+    with pytest.raises(ValueError, match="'h16n32' is not"):
+        gpu.Config.from_tag("h16n32")
 
 
 def test_mla_step_paged_matches_full_forward():

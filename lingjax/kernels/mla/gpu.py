@@ -12,6 +12,7 @@ imported on a CPU-only JAX.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,17 @@ class Config:
         """Short name for tables: h<block_h> n<block_n> s<splits> w<warps> st<stages> [swap]."""
         return (f"h{self.block_h}n{self.block_n}s{self.num_splits}w{self.num_warps}st{self.num_stages}"
                 + ("swap" if self.swap else ""))
+
+    @classmethod
+    def from_tag(cls, tag: str) -> "Config":
+        """The inverse of tag(): 'h32n64s4w8st5', 'h32n32s1w8st5swap' (s may be 0 or negative: a placeholder
+        the benchmark resolves); ValueError naming the tag otherwise."""
+        m = re.fullmatch(r"h(\d+)n(\d+)s(-?\d+)w(\d+)st(\d+)(swap)?", tag)
+        if not m:
+            raise ValueError(f"MLA decode config tag {tag!r} is not "
+                             "h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap]")
+        h, n, s, w, st = (int(g) for g in m.groups()[:5])
+        return cls(block_h=h, block_n=n, num_splits=s, num_warps=w, num_stages=st, swap=bool(m.group(6)))
 
 
 def _pow2(n: int) -> int:
