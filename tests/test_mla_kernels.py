@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from lingjax.kernels import mla
+from tests.test_linear_attention_kernels import jax_triton_call  # noqa: F401  (the fixture)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 PS = 16                        # page size
@@ -216,3 +217,29 @@ def test_tpu_decode_in_interpret_mode_matches_oracle(dtype, tol):
     want = oracle(q_lat, q_pe, pages, table, slots, lengths, 0.3)
     assert np.all(np.isfinite(got)) and np.all(got[slots < 0] == 0)
     assert rel(got[slots >= 0], want[slots >= 0]) <= tol
+
+
+def test_gpu_decode_launch_traces_and_compiles_for_sm90(jax_triton_call):
+    """mla.decode(impl='gpu') traced on the CPU at Ling-2.6-flash shapes (32 heads, r 512, rope 64, bf16
+    pages of 64): one kernel launch over (head blocks, requests, splits) with pick_config's options; with one
+    split no combine follows (the kernel's output is the result). The launch compiles for sm_90 through
+    jax-triton's own compile function within the H200's shared memory. Values: test_mla_triton_interpret.py
+    (interpreter) and scripts/bench_mla.py (device)."""
+    from lingjax.kernels.mla import gpu
+    from tests.test_linear_attention_kernels import SM90_SMEM, _compile_call, _eqns, _triton_calls
+    sd = jax.ShapeDtypeStruct
+    for B, L in ((16, 8192), (256, 1024)):
+        n = L // 64
+        shapes = (sd((B, 32, 512), jnp.float32), sd((B, 32, 64), jnp.bfloat16), sd((B * n, 64, 576), jnp.bfloat16),
+                  sd((B, n), jnp.int32), sd((B,), jnp.int32), sd((B,), jnp.int32))
+        jaxpr = jax.make_jaxpr(lambda *a: mla.decode(*a, 0.07, impl="gpu"))(*shapes).jaxpr
+        (call,) = _triton_calls(jax_triton_call, jaxpr)
+        c = gpu.pick_config(B, 32, 64, n)
+        p = call.params
+        assert p["grid"] == (1, B, c.num_splits) and (p["num_warps"], p["num_stages"]) == (8, 5)
+        assert (p["BLOCK_H"], p["BLOCK_N"], p["SWAP"], p["NUM_SPLITS"]) == (32, 64, False, c.num_splits)
+        assert jaxpr.outvars[0].aval.shape == (B, 32, 512)
+        assert (len(_eqns(jaxpr, "reduce_sum")) > 0) == (c.num_splits > 1)             # combine only if split
+    assert c.num_splits == 1
+    shared, ptx, _ = _compile_call(jax_triton_call, call)
+    assert 0 < shared <= SM90_SMEM and ".target sm_90" in ptx
