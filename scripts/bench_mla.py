@@ -57,7 +57,8 @@ def sweep_configs(heads):
     return [C(16, 64, 4, 2),                                        # last session's kernel: 2 head blocks, 1 buffer
             C(32, 64, 8, 2),                                        # all heads, 1 buffer
             C(32, 64, 8, 5), C(32, 64, 8, 5, s=-1), C(32, 64, 8, 5, s=-2),   # the default (2 buffers), splits
-            C(32, 32, 8, 5), C(32, 32, 4, 5), C(32, 16, 4, 8),      # smaller blocks; 2 per SM (w4); 3 buffers
+            C(32, 32, 8, 5), C(32, 32, 8, 7), C(32, 32, 4, 5), C(32, 16, 4, 8),  # smaller blocks, 3 buffers (st7),
+                                                                    # 2 per SM (w4), 16-token blocks
             C(32, 32, 8, 5, True), C(32, 64, 8, 2, True)]           # swapped products (wgmma)
 
 
