@@ -7,6 +7,8 @@ unwritten row) poisons the result. Lengths 1, page_size - 1, page_size, page_siz
 Tolerances: float32 pages 1e-5 relative (float32 rounding of sums over <= a few hundred keys), bf16 pages
 1e-2 (the oracle reads the same bf16 values; the kernel's float32 softmax and accumulation leave only
 float32 rounding, so 1e-2 is loose; it is the bf16 budget of the brief)."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -243,3 +245,6 @@ def test_gpu_decode_launch_traces_and_compiles_for_sm90(jax_triton_call):
     assert c.num_splits == 1
     shared, ptx, _ = _compile_call(jax_triton_call, call)
     assert 0 < shared <= SM90_SMEM and ".target sm_90" in ptx
+    for bad, msg in ((dict(num_splits=0), "num_splits=0 must be >= 1"), (dict(block_n=48), "block_n=48 and")):
+        with pytest.raises(ValueError, match=msg):
+            jax.eval_shape(lambda *a: gpu.decode(*a, 0.07, config=dataclasses.replace(c, **bad)), *shapes)

@@ -114,7 +114,6 @@ def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Con
     queries go to the kernel in their dtype (it casts them to the pages' dtype): no conversion pass."""
     from lingjax.kernels.jax_triton_lib import jax_triton
     from lingjax.kernels.mla.triton_kernels import decode_kernel
-    jt = jax_triton()
     B, H, R = q_lat.shape
     ROPE = q_pe.shape[-1]
     num_pages, page_size, _ = pages.shape
@@ -124,8 +123,10 @@ def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Con
         raise ValueError(f"MLA GPU decode: kv_lora_rank={R} and qk_rope_head_dim={ROPE} must be powers of 2 >= 16")
     if c.block_n < 16 or _pow2(c.block_n) != c.block_n or c.block_h < 16 or _pow2(c.block_h) != c.block_h:
         raise ValueError(f"MLA GPU decode: block_n={c.block_n} and block_h={c.block_h} must be powers of 2 >= 16")
+    if c.num_splits < 1:
+        raise ValueError(f"MLA GPU decode: num_splits={c.num_splits} must be >= 1")
     S = c.num_splits
-    o, lse = jt.triton_call(
+    o, lse = jax_triton().triton_call(
         q_lat, q_pe, pages, page_table.astype(jnp.int32), slots.astype(jnp.int32),
         lengths.astype(jnp.int32),
         kernel=decode_kernel,
