@@ -8,25 +8,30 @@ pages of the batch scattered over the pool in a random order. A shape whose late
 
 Rows (method):
   paged-triton    lingjax.kernels.mla.decode(impl='gpu'): the kernel + the jnp merge of its context splits
-  paged-triton[c] the same with config c = (block_n, num_splits, num_warps, num_stages) (--sweep)
+  paged-triton[c] gpu.decode with Config c (--sweep; tag h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap],
+                  the configurations of sweep_configs, each checked with scripts/compile_mla_kernels.py)
   paged-ref       lingjax.kernels.mla.decode(impl='reference') (jnp, flash-style over pages; --ref)
   today           MLA._attend_cache over a [batch, context, 576] cache (absorbs W_UK/W_UV as the engine does)
   prefill-ref     lingjax.kernels.mla.prefill(impl='reference'): one request of --prefill tokens, causal
 
-Timing: --iters calls chained in one jitted fori_loop (each call's query depends on the last output, so
-nothing is hoisted), seconds per call = loop time / iters, median of --reps loops.
+Timing: --iters calls chained in one jitted, unrolled loop (each call's query depends on the last output, so
+nothing is hoisted; unrolled: no while-loop condition between calls, as in the engine's step), seconds per
+call = loop time / iters, median of --reps loops.
 Columns: us per call; GB/s over the bytes a decode must move (latents of every request up to its length
 + q + out) and its share of the copy bandwidth (read + write of a 4 GiB bf16 array, measured in the same
-run); rel_err of paged-triton against the reference on the first 2 requests (bf16 queries in the kernel's
-products: ~1e-3..1e-2). Prefill: TFLOP/s over the causal flops 2 * H * (r + rope + r) per (query, key) pair.
+run: the larger of JAX's and PyTorch's); rel_err of every paged-triton row against the reference on the first
+2 requests, computed before its timing (bf16 queries in the kernel's products: ~1e-3..1e-2). Latent bytes
+are counted once per request even for configurations whose head blocks each read them (block_h < heads).
+Prefill: TFLOP/s over the causal flops 2 * H * (r + rope + r) per (query, key) pair.
 
     PYTHONPATH=. python3 scripts/bench_mla.py [--batches 1,16,64,256] [--contexts 1024,8192,32768,131072]
-        [--sweep 16:32768,64:8192] [--out $OUT/bench_mla.json]
+        [--sweep 16:32768,256:32768] [--out DIR] [--name bench_mla]     # writes DIR/NAME.json and DIR/NAME.log
     JAX_PLATFORMS=cpu PYTHONPATH=. python3 scripts/bench_mla.py --smoke     # CPU: tiny shapes, reference impl
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -36,16 +41,43 @@ from bench_moe import loop_time  # noqa: E402  (scripts/ is on sys.path when run
 
 log = logging.getLogger("bench_mla")
 R, ROPE, NOPE = 512, 64, 128
-SWEEP = [(32, 0, 4, 2), (64, 0, 4, 2), (64, 0, 8, 2), (64, 0, 4, 3), (32, 0, 4, 4), (64, 1, 4, 2)]   # 0: picked
+BATCHES, CONTEXTS = (1, 16, 64, 256), (1024, 8192, 32768, 131072)
+
+
+def sweep_configs(heads):
+    """Configurations --sweep times (gpu.Config; num_splits 0: pick_config's, -1: half of it, -2: twice it).
+    Each compiles for sm_90 without spilling and fits (scripts/compile_mla_kernels.py prints registers,
+    shared memory and latent buffers: bufs 1 = the next block's load waits for this block's products)."""
+    from lingjax.kernels.mla.gpu import Config
+    C = lambda h, n, w, st, swap=False, s=0: Config(block_h=h, block_n=n, num_splits=s, num_warps=w,  # noqa: E731
+                                                    num_stages=st, swap=swap)
+    if heads > 32:
+        return [C(64, 32, 8, 5, True), C(64, 32, 8, 5, True, -1), C(64, 32, 8, 5, True, -2), C(64, 32, 8, 3, True),
+                C(64, 16, 8, 8, True), C(32, 64, 8, 5), C(32, 32, 8, 5, True), C(32, 64, 8, 2)]
+    return [C(16, 64, 4, 2),                                        # last session's kernel: 2 head blocks, 1 buffer
+            C(32, 64, 8, 2),                                        # all heads, 1 buffer
+            C(32, 64, 8, 5), C(32, 64, 8, 5, s=-1), C(32, 64, 8, 5, s=-2),   # the default (2 buffers), splits
+            C(32, 32, 8, 5), C(32, 32, 8, 7), C(32, 32, 4, 5), C(32, 16, 4, 8),  # smaller blocks, 3 buffers (st7),
+                                                                    # 2 per SM (w4), 16-token blocks
+            C(32, 32, 8, 5, True), C(32, 64, 8, 2, True)]           # swapped products (wgmma)
 
 
 def copy_bandwidth(smoke):
-    import jax
-    import jax.numpy as jnp
-    n = (1 << 20) if smoke else (2 << 30)
-    a = jax.random.normal(jax.random.key(1), (n,), jnp.bfloat16)
-    t = loop_time(lambda v: v * 1.0001 - v, (a,), 10, 5)
-    return 2 * a.nbytes / t
+    """Copy bandwidth (read + write, B/s): the larger of JAX's and PyTorch's measurement (bench_moe's
+    ceilings), so the % columns stay conservative (last session's JAX-only figure was 3.04 TB/s against
+    PyTorch's 4.27)."""
+    from bench_moe import ceilings, torch_ceilings
+    bw, _ = ceilings(smoke)
+    if not smoke:
+        try:
+            t_copy, _ = torch_ceilings()
+            import torch
+            torch.cuda.empty_cache()                    # its 8 GiB of buffers back to the device
+            log.info("copy: JAX %.2f TB/s, PyTorch %.2f TB/s", bw / 1e12, t_copy / 1e12)
+            bw = max(bw, t_copy)
+        except Exception as e:                          # noqa: BLE001
+            log.info("PyTorch copy not measured: %s", e)
+    return bw
 
 
 def make_problem(B, L, H, ps, seed, r=R, rope=ROPE):
@@ -93,14 +125,25 @@ def main(argv=None):
     p.add_argument("--today-max-tokens", type=int, default=64 * 131072,
                    help="skip 'today' above this batch x context (it holds a second, contiguous copy of the "
                    "latents and float32 gathers; default 64 x 131072)")
-    p.add_argument("--sweep", default="", help="batch:context pairs at which to also time each SWEEP config")
+    p.add_argument("--sweep", default="", help="batch:context pairs at which to also time each sweep configuration")
+    p.add_argument("--configs", default="", help="comma list of config tags to sweep instead of sweep_configs "
+                   "(h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap]; s0: pick_config's splits, s-1: half, "
+                   "s-2: twice; check them first with scripts/compile_mla_kernels.py)")
     p.add_argument("--prefill", default="4096,32768", help="prompt lengths for prefill-ref ('' to skip)")
     p.add_argument("--iters", type=int, default=10, help="calls per timed loop (default 10)")
     p.add_argument("--reps", type=int, default=3, help="timed loops; the median is reported (default 3)")
     p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny shapes, reference impl only")
-    p.add_argument("--out", help="JSON output (default $OUT/bench_mla.json when $OUT is set)")
+    p.add_argument("--out", help="output directory for NAME.json and NAME.log (default $OUT when set, else "
+                   "scripts/results; with --smoke and no --out nothing is written)")
+    p.add_argument("--name", default="bench_mla", help="file name stem of the outputs (default bench_mla)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    out_dir = args.out or (None if args.smoke else os.environ.get("OUT") or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results"))
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(out_dir, f"{args.name}.log"), mode="w"))
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=handlers, force=True)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -114,11 +157,16 @@ def main(argv=None):
         H, ps, iters, reps = args.heads, args.page_size, args.iters, args.reps
         methods, prefills = args.methods.split(","), [int(x) for x in args.prefill.split(",") if x]
     sweep = {tuple(int(v) for v in s.split(":")) for s in args.sweep.split(",") if s}
+    if args.configs:
+        from lingjax.kernels.mla.gpu import Config
+        configs = [Config.from_tag(t) for t in args.configs.split(",") if t]
+    else:
+        configs = sweep_configs(H)
     copy_bw = copy_bandwidth(args.smoke)
     dev = jax.devices()[0].device_kind
     log.info("device %s: copy %.2f TB/s", dev, copy_bw / 1e12)
     rows = []
-    out_path = args.out or (os.path.join(os.environ["OUT"], "bench_mla.json") if os.environ.get("OUT") else None)
+    out_path = os.path.join(out_dir, f"{args.name}.json") if out_dir else None
     scale = (NOPE + ROPE) ** -0.5
 
     def save():
@@ -128,7 +176,7 @@ def main(argv=None):
 
     def record(row, fn, fargs, nbytes=None, flops=None):
         try:
-            t = loop_time(fn, fargs, iters, reps)
+            t = loop_time(fn, fargs, iters, reps, unroll=True)
             row["us"] = round(t * 1e6, 2)
             if nbytes:
                 row["GB/s"] = round(nbytes / t / 1e9, 1)
@@ -152,26 +200,37 @@ def main(argv=None):
             base = dict(batch=B, context=L, heads=H, page_size=ps)
             if "paged-triton" in methods:
                 from lingjax.kernels.mla import gpu
-                row = dict(base, method="paged-triton", config=str(gpu.pick_config(B, H, ps, table.shape[1])))
-                try:
-                    got = jax.jit(lambda *a: mla.decode(*a, scale, impl="gpu"))(q_lat, q_pe, pages, table, slots,
-                                                                                lengths)
-                    want = jax.jit(lambda *a: mla.decode(*a, scale, impl="reference"))(
-                        q_lat[:2], q_pe[:2], pages, table, slots[:2], lengths[:2])
-                    g, w = np.asarray(got[:2], np.float64), np.asarray(want, np.float64)
-                    row["rel_err"] = float(np.linalg.norm(g - w) / np.linalg.norm(w))
-                except Exception as e:                          # noqa: BLE001
-                    row["check_error"] = f"{type(e).__name__}: {e}"[:300]
-                record(row, lambda q, *a: mla.decode(q, *a, scale, impl="gpu"),
-                       (q_lat, q_pe, pages, table, slots, lengths), nbytes)
+                want = None
+
+                def check(row, f):
+                    """rel_err of f on the first 2 requests against the reference (on the device, before timing)."""
+                    nonlocal want
+                    try:
+                        if want is None:
+                            want = np.asarray(jax.jit(lambda *a: mla.decode(*a, scale, impl="reference"))(
+                                q_lat[:2], q_pe[:2], pages, table, slots[:2], lengths[:2]), np.float64)
+                        got = np.asarray(jax.jit(f)(q_lat, q_pe, pages, table, slots, lengths)[:2], np.float64)
+                        row["rel_err"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+                    except Exception as e:                      # noqa: BLE001
+                        row["check_error"] = f"{type(e).__name__}: {e}"[:300]
+
+                row = dict(base, method="paged-triton", config=gpu.pick_config(B, H, ps, table.shape[1]).tag())
+                f = lambda q, *a: mla.decode(q, *a, scale, impl="gpu")          # noqa: E731
+                check(row, f)
+                record(row, f, (q_lat, q_pe, pages, table, slots, lengths), nbytes)
                 if (B, L) in sweep:
-                    for bn, ns, nw, st in SWEEP:
-                        c0 = gpu.pick_config(B, H, ps, table.shape[1])
-                        c = gpu.Config(block_h=16, block_n=min(bn, ps), num_splits=ns or c0.num_splits,
-                                       num_warps=nw, num_stages=st)
-                        record(dict(base, method=f"paged-triton[{c.block_n},{c.num_splits},{nw},{st}]"),
-                               lambda q, *a, c=c: gpu.decode(q, *a, scale, config=c),
-                               (q_lat, q_pe, pages, table, slots, lengths), nbytes)
+                    c0 = gpu.pick_config(B, H, ps, table.shape[1])
+                    done = {c0.tag()}
+                    for c in configs:
+                        s = {0: c0.num_splits, -1: max(1, c0.num_splits // 2), -2: 2 * c0.num_splits}[c.num_splits]
+                        c = dataclasses.replace(c, num_splits=s)
+                        if c.tag() in done:                     # the default row above, or a repeated split
+                            continue
+                        done.add(c.tag())
+                        row = dict(base, method=f"paged-triton[{c.tag()}]", config=c.tag())
+                        f = lambda q, *a, c=c: gpu.decode(q, *a, scale, config=c)    # noqa: E731
+                        check(row, f)
+                        record(row, f, (q_lat, q_pe, pages, table, slots, lengths), nbytes)
             if "paged-ref" in methods:
                 record(dict(base, method="paged-ref"), lambda q, *a: mla.decode(q, *a, scale, impl="reference"),
                        (q_lat, q_pe, pages, table, slots, lengths), nbytes)

@@ -7,6 +7,8 @@ unwritten row) poisons the result. Lengths 1, page_size - 1, page_size, page_siz
 Tolerances: float32 pages 1e-5 relative (float32 rounding of sums over <= a few hundred keys), bf16 pages
 1e-2 (the oracle reads the same bf16 values; the kernel's float32 softmax and accumulation leave only
 float32 rounding, so 1e-2 is loose; it is the bf16 budget of the brief)."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 
 from lingjax.kernels import mla
+from tests.test_linear_attention_kernels import jax_triton_call  # noqa: F401  (the fixture)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 PS = 16                        # page size
@@ -130,6 +133,29 @@ def test_bad_shapes_and_impl_are_named():
     assert mla.resolve("mosaic_gpu") == "gpu" and mla.resolve(None) == "reference"
 
 
+def test_gpu_pick_config_covers_all_heads_and_fills_the_sms():
+    """gpu.pick_config (pure Python; the kernel runs in test_mla_triton_interpret.py): one head block for up
+    to 64 heads, so each request's latents are read once per split; splits fill the 132 SMs at small batches
+    without splits shorter than 4 blocks, and none at large batches."""
+    from lingjax.kernels.mla import gpu
+    c = gpu.pick_config(16, 32, 64, 8192 // 64)
+    assert (c.block_h, c.block_n, c.swap) == (32, 64, False) and 100 <= 16 * c.num_splits <= 132
+    assert gpu.pick_config(256, 32, 64, 131072 // 64).num_splits == 1
+    assert gpu.pick_config(64, 32, 64, 8192 // 64).num_splits == 2                     # 128 programs <= 132
+    one = gpu.pick_config(1, 32, 64, 131072 // 64)
+    assert 64 <= one.num_splits <= 132
+    c = gpu.pick_config(4, 64, 64, 1024 // 64)
+    assert (c.block_h, c.block_n, c.swap) == (64, 32, True) and c.num_splits <= (1024 // 32) // 4
+    assert gpu.pick_config(2, 128, 64, 4).block_h == 64                                 # 2 head blocks
+    assert gpu.pick_config(1, 16, 64, 1).num_splits == 1                               # 1 block: no split
+    assert gpu.pick_config(16, 32, 64, 128, itemsize=4).block_n == 16                  # float32: less smem
+    c = gpu.Config(block_h=32, block_n=64, num_splits=3, num_warps=8, num_stages=5, swap=True)
+    assert c.tag() == "h32n64s3w8st5swap" and gpu.Config.from_tag(c.tag()) == c
+    assert gpu.Config.from_tag("h16n32s-1w4st2").num_splits == -1
+    with pytest.raises(ValueError, match="'h16n32' is not"):
+        gpu.Config.from_tag("h16n32")
+
+
 def test_mla_step_paged_matches_full_forward():
     """MLA.step_paged (write + paged prefill/decode) over two requests in three steps (a mixed prefill, a
     second chunk, a decode-only step with a padding row) equals the naive full forward of each sequence.
@@ -193,3 +219,33 @@ def test_tpu_decode_in_interpret_mode_matches_oracle(dtype, tol):
     want = oracle(q_lat, q_pe, pages, table, slots, lengths, 0.3)
     assert np.all(np.isfinite(got)) and np.all(got[slots < 0] == 0)
     assert rel(got[slots >= 0], want[slots >= 0]) <= tol
+
+
+def test_gpu_decode_launch_traces_and_compiles_for_sm90(jax_triton_call):
+    """mla.decode(impl='gpu') traced on the CPU at Ling-2.6-flash shapes (32 heads, r 512, rope 64, bf16
+    pages of 64): one kernel launch over (head blocks, requests, splits) with pick_config's options; with one
+    split no combine follows (the kernel's output is the result). The launch compiles for sm_90 through
+    jax-triton's own compile function within the H200's shared memory, with two 64-token latent buffers
+    (the next block's load overlaps this block's products; scripts/compile_mla_kernels.py shows the wait). Values: test_mla_triton_interpret.py
+    (interpreter) and scripts/bench_mla.py (device)."""
+    from lingjax.kernels.mla import gpu
+    from tests.test_linear_attention_kernels import SM90_SMEM, _compile_call, _eqns, _triton_calls
+    sd = jax.ShapeDtypeStruct
+    for B, L in ((16, 8192), (256, 1024)):
+        n = L // 64
+        shapes = (sd((B, 32, 512), jnp.float32), sd((B, 32, 64), jnp.bfloat16), sd((B * n, 64, 576), jnp.bfloat16),
+                  sd((B, n), jnp.int32), sd((B,), jnp.int32), sd((B,), jnp.int32))
+        jaxpr = jax.make_jaxpr(lambda *a: mla.decode(*a, 0.07, impl="gpu"))(*shapes).jaxpr
+        (call,) = _triton_calls(jax_triton_call, jaxpr)
+        c = gpu.pick_config(B, 32, 64, n)
+        p = call.params
+        assert p["grid"] == (1, B, c.num_splits) and (p["num_warps"], p["num_stages"]) == (8, 5)
+        assert (p["BLOCK_H"], p["BLOCK_N"], p["SWAP"], p["NUM_SPLITS"]) == (32, 64, False, c.num_splits)
+        assert jaxpr.outvars[0].aval.shape == (B, 32, 512)
+        assert (len(_eqns(jaxpr, "reduce_sum")) > 0) == (c.num_splits > 1)             # combine only if split
+    assert c.num_splits == 1
+    shared, ptx, _ = _compile_call(jax_triton_call, call)
+    assert 2 * 64 * 576 * 2 <= shared <= SM90_SMEM and ".target sm_90" in ptx       # 2 latent buffers fit
+    for bad, msg in ((dict(num_splits=0), "num_splits=0 must be >= 1"), (dict(block_n=48), "block_n=48 and")):
+        with pytest.raises(ValueError, match=msg):
+            jax.eval_shape(lambda *a: gpu.decode(*a, 0.07, config=dataclasses.replace(c, **bad)), *shapes)

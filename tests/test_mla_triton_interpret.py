@@ -6,7 +6,8 @@ leak into the other tests). The child saves each case's inputs and the kernel's 
 process merges the splits with gpu.combine_splits (the jnp code the GPU path runs) and checks the result
 against the float64 numpy oracle of tests/test_mla_kernels.py: scattered, shuffled pages, garbage in the
 page table past each slot's pages, NaN in every row no request may read, a slot read by two requests,
-a padding row, heads not a multiple of the head block, context splits 1 and 3, blocks smaller than a page.
+a padding row, heads not a multiple of the head block, one head block for all heads, swapped products,
+context splits 1, 2 and 3, blocks smaller than a page, larger than a page, and not dividing the page size.
 float32 pages within 1e-5 relative, float16 within 1e-2 (16-bit products, float32 softmax and sums).
 bfloat16 loads are wrong in Triton's interpreter (numpy has no bfloat16): bf16 runs on the device
 (scripts/bench_mla.py checks it against the reference)."""
@@ -24,13 +25,17 @@ pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parent.parent
 R, ROPE, H = 32, 16, 20
-# (page_size, block_n, num_splits, dtype, precision, tol)
-CASES = [(16, 16, 1, "float32", "ieee", 1e-5), (32, 16, 3, "float32", "ieee", 1e-5),
-         (32, 16, 3, "float32", "tf32x3", 1e-5), (16, 16, 3, "float16", "", 1e-2)]
+# (page_size, block_n, num_splits, dtype, precision, tol, block_h, swap). block_h 16: two head blocks (the
+# second half masked); 32: all heads in one program. block_n > page_size or not dividing it: each row looks
+# up its own page id. One split: the kernel's o is the result (as gpu.decode returns it, no combine).
+CASES = [(16, 16, 1, "float32", "ieee", 1e-5, 16, False), (32, 16, 3, "float32", "ieee", 1e-5, 16, False),
+         (32, 16, 3, "float32", "tf32x3", 1e-5, 16, False), (16, 16, 3, "float16", "", 1e-2, 16, False),
+         (16, 32, 1, "float32", "ieee", 1e-5, 32, False), (32, 16, 3, "float32", "ieee", 1e-5, 32, True),
+         (16, 32, 2, "float16", "", 1e-2, 32, True), (24, 16, 2, "float32", "ieee", 1e-5, 16, True)]
 
 
 def _key(case):
-    return "-".join(map(str, case[:5]))
+    return "-".join(map(str, case[:5] + case[6:]))
 
 
 def _inputs(case):
@@ -49,15 +54,15 @@ def _inputs(case):
 
 def _run(tk, case, x):
     import torch
-    ps, block_n, S, _, precision, _ = case
+    ps, block_n, S, _, precision, _, block_h, swap = case
     tt = lambda a: torch.from_numpy(np.ascontiguousarray(a))           # noqa: E731
     B = len(x["slots"])
     o = torch.full((B, S, H, R), 1027.0)
     lse = torch.full((B, S, H), 1027.0)
-    tk.decode_kernel[(B, -(-H // 16), S)](
+    tk.decode_kernel[(-(-H // block_h), B, S)](
         tt(x["q_lat"]), tt(x["q_pe"]), tt(x["pages"]), tt(x["table"]), tt(x["slots"]), tt(x["lengths"]), o, lse,
-        SCALE=0.3, H=H, R=R, ROPE=ROPE, PAGE_SIZE=ps, MAX_PAGES=x["table"].shape[1], NUM_SPLITS=S, BLOCK_H=16,
-        BLOCK_N=block_n, PRECISION=precision)
+        SCALE=0.3, H=H, R=R, ROPE=ROPE, PAGE_SIZE=ps, MAX_PAGES=x["table"].shape[1], NUM_SPLITS=S, BLOCK_H=block_h,
+        BLOCK_N=block_n, PRECISION=precision, SWAP=swap)
     return o.numpy(), lse.numpy()
 
 
@@ -77,7 +82,7 @@ def test_decode_kernel_matches_float64(results, case):
     from lingjax.kernels.mla.gpu import combine_splits
     from tests.test_mla_kernels import oracle, rel
     r = results[_key(case)]
-    got = np.asarray(combine_splits(jnp.asarray(r["o"]), jnp.asarray(r["lse"])))
+    got = r["o"][:, 0] if case[2] == 1 else np.asarray(combine_splits(jnp.asarray(r["o"]), jnp.asarray(r["lse"])))
     want = oracle(r["q_lat"], r["q_pe"], r["pages"], r["table"], r["slots"], r["lengths"], 0.3)
     assert np.all(np.isfinite(got)) and np.all(got[r["slots"] < 0] == 0)
     assert np.all(r["lse"][r["slots"] < 0] == -np.inf)               # padding rows read nothing

@@ -2,14 +2,17 @@
 merge of its context splits. Same interface as reference.decode (see lingjax/kernels/mla/__init__.py).
 
 The kernel reads only the pages each request holds, up to its length (bf16 latents, float32 softmax and
-accumulation). The context of each request is split NUM_SPLITS ways (`pick_config`): at small batches
-one program per (request, head block) would leave most SMs idle, so the splits run in parallel and
-`combine_splits` merges their (o, lse) pairs. jax_triton is imported inside `decode` (through
-lingjax.kernels.jax_triton_lib): it cannot be imported on a CPU-only JAX.
+accumulation). Decode is bound by reading the latents, so one program covers all heads of a request
+(Config.block_h) and reads them once. The context of each request is split num_splits ways
+(`pick_config`): at small batches one program per request would leave most SMs idle, so the splits run in
+parallel and `combine_splits` merges their (o, lse) pairs (with one split the kernel's output is the
+result). jax_triton is imported inside `decode` (through lingjax.kernels.jax_triton_lib): it cannot be
+imported on a CPU-only JAX.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -20,57 +23,115 @@ F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    block_h: int = 16        # heads per program (tl.dot needs >= 16; extra heads are masked)
-    block_n: int = 64        # context tokens per inner step; divides the page size
+    """Launch options of decode_kernel (triton_kernels.py). block_h: heads per program (a power of 2 >= 16;
+    each head block reads the request's latents, so block_h >= heads reads them once); block_n: tokens per
+    step (a power of 2 >= 16); num_splits: context splits per request (merged by combine_splits); swap:
+    tokens / latent columns as the tensor-core M dimension (the kernel's docstring)."""
+    block_h: int = 32
+    block_n: int = 64
     num_splits: int = 1
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 2
+    swap: bool = False
+
+    def tag(self) -> str:
+        """Short name for tables: h<block_h> n<block_n> s<splits> w<warps> st<stages> [swap]."""
+        return (f"h{self.block_h}n{self.block_n}s{self.num_splits}w{self.num_warps}st{self.num_stages}"
+                + ("swap" if self.swap else ""))
+
+    @classmethod
+    def from_tag(cls, tag: str) -> "Config":
+        """The inverse of tag(): 'h32n64s4w8st5', 'h32n32s1w8st5swap' (s may be 0 or negative: a placeholder
+        the benchmark resolves); ValueError naming the tag otherwise."""
+        m = re.fullmatch(r"h(\d+)n(\d+)s(-?\d+)w(\d+)st(\d+)(swap)?", tag)
+        if not m:
+            raise ValueError(f"MLA decode config tag {tag!r} is not "
+                             "h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap]")
+        h, n, s, w, st = (int(g) for g in m.groups()[:5])
+        return cls(block_h=h, block_n=n, num_splits=s, num_warps=w, num_stages=st, swap=bool(m.group(6)))
 
 
-def pick_config(batch: int, num_heads: int, page_size: int, max_pages: int, sm_count: int = 132) -> Config:
-    """Enough programs to fill the GPU (about 2 per SM) without splitting contexts needlessly: split the
-    context only when batch x head blocks is below that, and never into splits shorter than 4 blocks.
-    Not tuned on a GPU yet (scripts/bench_mla.py sweeps it)."""
-    block_n = min(64, page_size)
-    head_blocks = -(-num_heads // 16)
-    programs = batch * head_blocks
-    max_splits = max(1, (max_pages * page_size) // (4 * block_n))
-    splits = max(1, min(max_splits, -(-2 * sm_count // programs), 64))
-    return Config(block_h=16, block_n=block_n, num_splits=splits)
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def pick_splits(programs: int, n_blocks: int, block_h: int, block_n: int, r: int = 512, d: int = 576,
+                slots: int = 132, max_splits: int = 128) -> int:
+    """Context splits per request that minimise a simple time model, in units of one block's load:
+    waves x (blocks per split + 2 of fixed cost per program) + the combine pass (each extra split writes and
+    re-reads a [block_h, r] float32 output, spread over the GPU). `programs`: requests x head blocks;
+    `slots`: programs resident at once (SMs x programs per SM). No split shorter than 4 blocks."""
+    combine = block_h * r * 4 * 2 / (block_n * d * 2)           # one split's output, in blocks of latents
+    best, best_t = 1, None
+    for s in range(1, max(1, min(max_splits, n_blocks // 4)) + 1):
+        waves = -(-programs * s // slots)
+        t = waves * (-(-n_blocks // s) + 2) + (programs * s * combine / slots if s > 1 else 0.0)
+        if best_t is None or t < best_t - 1e-9:
+            best, best_t = s, t
+    return best
+
+
+def pick_config(batch: int, num_heads: int, page_size: int, max_pages: int, sm_count: int = 132,
+                itemsize: int = 2) -> Config:
+    """All heads of a request in one program (block_h up to 64), so its latents are read once per split;
+    8 warps for the [heads, 512] float32 accumulator; the latent block double-buffered (num_stages 5: the
+    page-table load takes stages of Triton's pipeliner, and 2..4 stages leave one buffer, i.e. the next
+    block's load waits for the current block's products); the context split so that requests x splits
+    fill the SMs (pick_splits; one program per SM at these sizes). Heads <= 32: blocks of 64 tokens
+    (2 x 72 KiB buffers in flight per SM). 64 heads: the [64, 512] accumulator leaves room for blocks of 32,
+    swapped products (wgmma). float32 latents (itemsize 4: parity checks, not speed; tf32x3 products
+    spill at every configuration): 16 heads x 16 tokens, the smallest shared memory.
+    From the sm_90 compile check (scripts/compile_mla_kernels.py: no spills, two buffers);
+    scripts/bench_mla.py --sweep times the alternatives on the device."""
+    block_h = min(64, max(16, _pow2(num_heads)))
+    if itemsize > 2:
+        c = Config(block_h=16, block_n=16, num_warps=4, num_stages=2)
+    elif block_h == 64:
+        c = Config(block_h=64, block_n=32, num_warps=8, num_stages=5, swap=True)
+    else:
+        c = Config(block_h=block_h, block_n=64, num_warps=8, num_stages=5)
+    programs = batch * -(-num_heads // block_h)
+    n_blocks = -(-max_pages * page_size // c.block_n)
+    return dataclasses.replace(c, num_splits=pick_splits(programs, n_blocks, c.block_h, c.block_n, slots=sm_count))
 
 
 def combine_splits(o, lse):
     """o [B, S, H, R] float32 (each split normalised), lse [B, S, H] (-inf: empty split) -> [B, H, R]:
-    sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max_s lse_s); 0 where every split is empty."""
+    sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max_s lse_s); 0 where every split is empty.
+    A multiply and a sum over s (one reduction pass over o), not an einsum, which XLA may lower to a batched
+    matmul with o transposed first."""
     top = jnp.max(lse, axis=1, keepdims=True)
     top = jnp.where(jnp.isfinite(top), top, 0.0)
     w = jnp.exp(lse - top)                                             # 0 for empty splits
-    total = w.sum(1)
-    out = jnp.einsum('bsh,bshr->bhr', w, o)
-    return jnp.where(total[..., None] > 0, out / jnp.where(total > 0, total, 1.0)[..., None], 0.0)
+    total = w.sum(1, keepdims=True)
+    w = w / jnp.where(total > 0, total, 1.0)                           # all 0 where every split is empty
+    return jnp.sum(w[..., None] * o, axis=1)
 
 
 def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Config | None = None,
            f32_dot: str = "tf32x3"):
-    """As reference.decode: [B, H, r] float32. `scale` must be a Python number (a kernel constant)."""
+    """As reference.decode: [B, H, r] float32. `scale` must be a Python number (a kernel constant). The
+    queries go to the kernel in their dtype (it casts them to the pages' dtype): no conversion pass."""
     from lingjax.kernels.jax_triton_lib import jax_triton
     from lingjax.kernels.mla.triton_kernels import decode_kernel
-    jt = jax_triton()
     B, H, R = q_lat.shape
     ROPE = q_pe.shape[-1]
     num_pages, page_size, _ = pages.shape
     max_pages = page_table.shape[1]
-    c = config or pick_config(B, H, page_size, max_pages)
-    if page_size % c.block_n or R % 16 or ROPE % 16 or c.block_n < 16:
-        raise ValueError(f"MLA GPU decode: page_size={page_size} must be a multiple of block_n={c.block_n} (>= 16), "
-                         f"kv_lora_rank={R} and qk_rope_head_dim={ROPE} multiples of 16")
+    c = config or pick_config(B, H, page_size, max_pages, itemsize=pages.dtype.itemsize)
+    if R % 16 or ROPE % 16 or _pow2(R) != R or _pow2(ROPE) != ROPE:
+        raise ValueError(f"MLA GPU decode: kv_lora_rank={R} and qk_rope_head_dim={ROPE} must be powers of 2 >= 16")
+    if c.block_n < 16 or _pow2(c.block_n) != c.block_n or c.block_h < 16 or _pow2(c.block_h) != c.block_h:
+        raise ValueError(f"MLA GPU decode: block_n={c.block_n} and block_h={c.block_h} must be powers of 2 >= 16")
+    if c.num_splits < 1:
+        raise ValueError(f"MLA GPU decode: num_splits={c.num_splits} must be >= 1")
     S = c.num_splits
-    o, lse = jt.triton_call(
-        q_lat.astype(F32), q_pe.astype(F32), pages, page_table.astype(jnp.int32), slots.astype(jnp.int32),
+    o, lse = jax_triton().triton_call(
+        q_lat, q_pe, pages, page_table.astype(jnp.int32), slots.astype(jnp.int32),
         lengths.astype(jnp.int32),
         kernel=decode_kernel,
         out_shape=(jax.ShapeDtypeStruct((B, S, H, R), F32), jax.ShapeDtypeStruct((B, S, H), F32)),
-        grid=(B, -(-H // c.block_h), S), num_warps=c.num_warps, num_stages=c.num_stages, name="mla_decode",
-        SCALE=float(scale), H=H, R=R, ROPE=ROPE, PAGE_SIZE=page_size, MAX_PAGES=max_pages, NUM_SPLITS=S, BLOCK_H=c.block_h,
-        BLOCK_N=c.block_n, PRECISION=dot_precision(pages.dtype, f32_dot))
-    return combine_splits(o, lse)
+        grid=(-(-H // c.block_h), B, S), num_warps=c.num_warps, num_stages=c.num_stages, name="mla_decode",
+        SCALE=float(scale), H=H, R=R, ROPE=ROPE, PAGE_SIZE=page_size, MAX_PAGES=max_pages, NUM_SPLITS=S,
+        BLOCK_H=c.block_h, BLOCK_N=c.block_n, PRECISION=dot_precision(pages.dtype, f32_dot), SWAP=c.swap)
+    return o[:, 0] if S == 1 else combine_splits(o, lse)

@@ -4,14 +4,15 @@ gpu.py through jax-triton). Cache format: lingjax/kernels/mla/__init__.py.
 This module imports only triton, so the kernel body can also run in Triton's CPU interpreter
 (TRITON_INTERPRET=1, torch tensors) in the tests; jax_triton itself cannot be imported on a CPU-only JAX.
 
-decode_kernel: one program per (request b, block of BLOCK_H heads, split sp of the context). The request's
-context [0, length) is cut into blocks of BLOCK_N tokens (BLOCK_N divides PAGE_SIZE, so a block lies in one
-page); split sp takes a contiguous run of ceil(n_blocks / NUM_SPLITS) blocks. Per block it looks up the page
-id in the page table, loads the [BLOCK_N, R] latents and [BLOCK_N, ROPE] k_pe rows (masked past the
-length: rows of unused pages are never loaded), scores them against the heads' q_lat and q_pe (MQA: all
-heads share the rows), and keeps a running max / sum / [BLOCK_H, R] accumulator in float32. It writes the
-split's normalised output o[b, sp] [H, R] float32 and log-sum-exp lse[b, sp] [H] (-inf for an empty split,
-whose o is 0); gpu.combine_splits merges the splits. Padding rows (slot < 0) read nothing.
+decode_kernel: one program per (block of BLOCK_H heads, request b, split sp of the context), the grid in
+that order. The request's context [0, length) is cut into blocks of BLOCK_N tokens; split sp takes a
+contiguous run of ceil(n_blocks / NUM_SPLITS) blocks. Per block it looks up the page ids in the page table,
+loads the [BLOCK_N, R] latents and [BLOCK_N, ROPE] k_pe rows (masked past the length: rows of unused pages
+are never loaded), scores them against the heads' q_lat and q_pe (MQA: all heads share the rows), and keeps
+a running max / sum / [BLOCK_H, R] accumulator in float32. It writes the split's normalised output
+o[b, sp] [H, R] float32 and log-sum-exp lse[b, sp] [H] (-inf for an empty split, whose o is 0);
+gpu.combine_splits merges the splits (with one split, o is the result). Padding rows (slot < 0) read
+nothing. Options (BLOCK_H, BLOCK_N, SWAP): the kernel's docstring.
 The queries are cast to the pages' dtype for the products (bf16 tensor cores for a bf16 cache); the
 probabilities are cast to it for the second product, as flash attention does; sums stay float32.
 PRECISION: "" for 16-bit pages, or a tl.dot input_precision for float32 pages ("tf32x3", "ieee", "tf32").
@@ -31,10 +32,21 @@ def _dot(a, b, PRECISION: tl.constexpr):
 @triton.jit
 def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, lengths_ptr, o_ptr, lse_ptr,
                   SCALE: tl.constexpr, H: tl.constexpr, R: tl.constexpr, ROPE: tl.constexpr,
-                  PAGE_SIZE: tl.constexpr, MAX_PAGES: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    b = tl.program_id(0)
-    hb = tl.program_id(1)
+                  PAGE_SIZE: tl.constexpr, MAX_PAGES: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SWAP: tl.constexpr = False):
+    """One program per (head block, request b, split sp of the context); see the module docstring.
+
+    BLOCK_H: heads per program (a power of 2 >= 16; heads past H are masked). Every head block reads the
+    request's latents, so BLOCK_H >= H reads them once per request and split.
+    BLOCK_N: tokens per step (a power of 2 >= 16). When it divides PAGE_SIZE a block lies in one page (one page
+    id per block); otherwise each row looks up its own page id (any page size; ~60 more registers).
+    SWAP: the products run with the tokens (BLOCK_N) and the latent columns (R) as the M dimension of the
+    tensor-core op and the heads as N: s^T = c q^T [BLOCK_N, BLOCK_H], acc^T += c^T p^T [R, BLOCK_H]. Hopper's
+    wgmma needs M >= 64 per warpgroup, which 16 or 32 heads are not, and its A/B operands may come from
+    shared memory, so the queries need not sit in registers. Same arithmetic as SWAP=False.
+    """
+    hb = tl.program_id(0)           # head blocks of one request are launched together: with BLOCK_H < H
+    b = tl.program_id(1)            # their reads of the same latents meet in L2
     sp = tl.program_id(2)
     D: tl.constexpr = R + ROPE
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -43,8 +55,13 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
     offs_p = tl.arange(0, ROPE)
     offs_n = tl.arange(0, BLOCK_N)
     dtype = pages_ptr.dtype.element_ty
-    q = tl.load(q_lat_ptr + (b * H + heads)[:, None] * R + offs_r[None, :], mask=hmask[:, None], other=0.0)
-    qp = tl.load(q_pe_ptr + (b * H + heads)[:, None] * ROPE + offs_p[None, :], mask=hmask[:, None], other=0.0)
+    qrow = (b * H + heads).to(tl.int64)
+    if SWAP:
+        q = tl.load(q_lat_ptr + qrow[None, :] * R + offs_r[:, None], mask=hmask[None, :], other=0.0)    # [R, BH]
+        qp = tl.load(q_pe_ptr + qrow[None, :] * ROPE + offs_p[:, None], mask=hmask[None, :], other=0.0)
+    else:
+        q = tl.load(q_lat_ptr + qrow[:, None] * R + offs_r[None, :], mask=hmask[:, None], other=0.0)    # [BH, R]
+        qp = tl.load(q_pe_ptr + qrow[:, None] * ROPE + offs_p[None, :], mask=hmask[:, None], other=0.0)
     q = q.to(dtype)
     qp = qp.to(dtype)
 
@@ -52,6 +69,7 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
     length = tl.load(lengths_ptr + b)
     length = tl.where(slot >= 0, length, 0)
     slot = tl.maximum(slot, 0)
+    table = page_table_ptr + slot.to(tl.int64) * MAX_PAGES
     n_blocks = tl.cdiv(length, BLOCK_N)
     per_split = tl.cdiv(n_blocks, NUM_SPLITS)
     start = sp * per_split
@@ -59,27 +77,46 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, R], tl.float32)
+    if SWAP:
+        acc = tl.zeros([R, BLOCK_H], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_H, R], tl.float32)
     for blk in range(start, stop):
-        first = blk * BLOCK_N
-        page = tl.load(page_table_ptr + slot.to(tl.int64) * MAX_PAGES + first // PAGE_SIZE).to(tl.int64)
-        valid = first + offs_n < length
-        row = page * PAGE_SIZE + first % PAGE_SIZE + offs_n
+        pos = blk * BLOCK_N + offs_n
+        valid = pos < length
+        if PAGE_SIZE % BLOCK_N == 0:                    # the block lies in one page: one id (fewer registers)
+            page = tl.load(table + blk * BLOCK_N // PAGE_SIZE).to(tl.int64)
+            row = page * PAGE_SIZE + (blk * BLOCK_N) % PAGE_SIZE + offs_n
+        else:                                           # the block spans pages: an id per row
+            page = tl.load(table + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+            row = page * PAGE_SIZE + pos % PAGE_SIZE
         base = pages_ptr + row[:, None] * D
         c = tl.load(base + offs_r[None, :], mask=valid[:, None], other=0.0)            # [BLOCK_N, R]
         kpe = tl.load(base + R + offs_p[None, :], mask=valid[:, None], other=0.0)      # [BLOCK_N, ROPE]
-        s = _dot(q, tl.trans(c), PRECISION) + _dot(qp, tl.trans(kpe), PRECISION)       # [BLOCK_H, BLOCK_N]
-        s = tl.where(valid[None, :], s * SCALE, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))             # finite: the block's first token is valid
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(dtype), c, PRECISION)
+        if SWAP:
+            s = _dot(c, q, PRECISION) + _dot(kpe, qp, PRECISION)                       # [BLOCK_N, BLOCK_H]
+            s = tl.where(valid[:, None], s * SCALE, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 0))         # finite: the block's first token is valid
+            p = tl.exp(s - m_new[None, :])
+            alpha = tl.exp(m - m_new)
+            l = l * alpha + tl.sum(p, 0)
+            acc = acc * alpha[None, :] + _dot(tl.trans(c), p.to(dtype), PRECISION)
+        else:
+            s = _dot(q, tl.trans(c), PRECISION) + _dot(qp, tl.trans(kpe), PRECISION)   # [BLOCK_H, BLOCK_N]
+            s = tl.where(valid[None, :], s * SCALE, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(dtype), c, PRECISION)
         m = m_new
 
     nonempty = l > 0
-    out = acc / tl.where(nonempty, l, 1.0)[:, None]
+    inv = 1.0 / tl.where(nonempty, l, 1.0)
     lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, l, 1.0)), float("-inf"))
-    row_o = (b * NUM_SPLITS + sp) * H + heads
-    tl.store(o_ptr + row_o[:, None] * R + offs_r[None, :], out, mask=hmask[:, None])
+    row_o = ((b * NUM_SPLITS + sp) * H + heads).to(tl.int64)
+    if SWAP:
+        tl.store(o_ptr + row_o[None, :] * R + offs_r[:, None], acc * inv[None, :], mask=hmask[None, :])
+    else:
+        tl.store(o_ptr + row_o[:, None] * R + offs_r[None, :], acc * inv[:, None], mask=hmask[:, None])
     tl.store(lse_ptr + row_o, lse, mask=hmask)
