@@ -54,10 +54,11 @@ def random_config(shapes: str):
 
 
 def random_model(cfg, dtype, tp):
-    """Random params generated on the device(s), each directly in its shards (tp_bench.init_state)."""
+    """Random params generated on the device(s), each directly in its shards: shapes.random_model's hash fill
+    (seconds at flash8; the model's own threefry init took 66 s on an H200)."""
     from lingjax.sharding import make_mesh
-    from tp_bench import init_state
-    return init_state(cfg, make_mesh(tp), dtype)
+    from shapes import random_model as hash_model
+    return hash_model(cfg, make_mesh(tp) if tp > 1 else None, dtype)
 
 
 def word_tokenizer_dir(cfg, path):
