@@ -130,10 +130,14 @@ def test_bad_shapes_and_impl_are_named():
     assert mla.resolve("mosaic_gpu") == "gpu" and mla.resolve(None) == "reference"
 
 
-def test_mla_step_paged_matches_full_forward():
+def test_mla_step_paged_matches_full_forward(monkeypatch):
     """MLA.step_paged (write + paged prefill/decode) over two requests in three steps (a mixed prefill, a
     second chunk, a decode-only step with a padding row) equals the naive full forward of each sequence.
-    Pages scattered and shuffled, every unwritten row NaN; YaRN on, so the softmax scale carries mscale^2."""
+    Pages scattered and shuffled, every unwritten row NaN; YaRN on, so the softmax scale carries mscale^2.
+    Then the first step again with the MLA kernels 'gpu': step_paged must call mla.prefill ONCE on the whole
+    packed batch (the reference path cuts it into lax.map blocks of `block` tokens). gpu_prefill.prefill is
+    replaced by a recorder running the reference (jax-triton cannot run here; the kernel itself is tested in
+    tests/test_mla_prefill_triton_interpret.py)."""
     from flax import nnx
     from lingjax.batch import StepBatch
     from lingjax.model.mla import MLA
@@ -178,6 +182,23 @@ def test_mla_step_paged_matches_full_forward():
     assert rel(got_a, want_a) <= 1e-5
     assert rel(np.asarray(o1)[20:], want_b) <= 1e-5
 
+    from lingjax.kernels.mla import gpu_prefill, reference
+    calls = []
+
+    def recorder(q_lat, q_pe, pages, table, rows, positions, scale):
+        calls.append(q_lat.shape[0])
+        return reference.prefill(q_lat, q_pe, pages, table, rows, positions, scale)
+    monkeypatch.setattr(gpu_prefill, "prefill", recorder)
+    monkeypatch.setattr(layer, "kernels", "gpu")
+    x = np.concatenate([xs[0][:20], xs[2]])
+    batch = StepBatch(tokens=jnp.zeros(25, jnp.int32), positions=jnp.asarray(np.r_[np.arange(20), np.arange(5)]),
+                      token_seq=jnp.asarray([0] * 20 + [1] * 5, jnp.int32), slots=jnp.asarray([0, 2], jnp.int32),
+                      cu_seqlens=jnp.asarray([0, 20, 25], jnp.int32), fresh=jnp.ones(2, bool),
+                      page_table=jnp.asarray(table[[0, 2]]))
+    o1k, _ = nnx.jit(lambda m, x, b, p: m.step_paged(x, b, p, block=8))(layer, jnp.asarray(x), batch, pages)
+    assert calls == [25]
+    assert rel(np.asarray(o1k)[:20], want_a[:20]) <= 1e-5 and rel(np.asarray(o1k)[20:], want_b) <= 1e-5
+
 
 @pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-5), (ml_dtypes.bfloat16, 1e-2)])
 def test_tpu_decode_in_interpret_mode_matches_oracle(dtype, tol):
@@ -193,3 +214,4 @@ def test_tpu_decode_in_interpret_mode_matches_oracle(dtype, tol):
     want = oracle(q_lat, q_pe, pages, table, slots, lengths, 0.3)
     assert np.all(np.isfinite(got)) and np.all(got[slots < 0] == 0)
     assert rel(got[slots >= 0], want[slots >= 0]) <= tol
+
