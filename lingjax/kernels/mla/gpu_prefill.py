@@ -33,6 +33,9 @@ class Config:
         return f"m{self.block_m}n{self.block_n}r{self.block_r}w{self.num_warps}s{self.num_stages}"
 
 
+F32_CONFIG = Config(block_m=16, block_n=16, block_r=0, num_warps=4, num_stages=1)
+
+
 def head_block(num_heads: int, block_m: int) -> int:
     """Heads per program: the largest power of two dividing num_heads (no masked heads), at most block_m."""
     bh = 1
@@ -41,12 +44,14 @@ def head_block(num_heads: int, block_m: int) -> int:
     return bh
 
 
-def pick_config(num_tokens: int, num_heads: int, r: int) -> Config:
+def pick_config(num_tokens: int, num_heads: int, r: int, itemsize: int = 2) -> Config:
     """The default: 64 query rows x 64 keys, the whole of r per program, 8 warps (the [64, r] float32
     accumulator is 128 KiB at r = 512: 128 registers a thread over 256 threads). Not tuned on a GPU yet
     (scripts/bench_mla.py --prefill-sweep times the alternatives; scripts/compile_mla_kernels.py shows
     their registers and spills)."""
     del num_tokens, num_heads
+    if itemsize > 2:
+        return F32_CONFIG
     return Config(block_r=0 if r <= 512 else 512)
 
 
@@ -74,7 +79,7 @@ def prefill(q_lat, q_pe, pages, page_table, token_slots, positions, scale, *, co
     from lingjax.kernels.mla.triton_kernels import prefill_kernel
     jt = jax_triton()
     T, H, R = q_lat.shape
-    c = config or pick_config(T, H, R)
+    c = config or pick_config(T, H, R, pages.dtype.itemsize)
     grid, sizes = launch(T, H, R, q_pe.shape[-1], pages.shape[1], page_table.shape[1], c)
     return jt.triton_call(
         q_lat.astype(pages.dtype), q_pe.astype(pages.dtype), pages, page_table.astype(jnp.int32),
