@@ -95,6 +95,17 @@ def test_prefill_kernel_matches_float64(results, case):
         assert rel(got[t], want[t]) <= 10 * case[7], (t, rows[t], pos[t])
 
 
+def test_launch_names_sizes_it_cannot_take():
+    from lingjax.kernels.mla.gpu_prefill import Config, head_block, launch
+    assert head_block(32, 64) == 32 and head_block(20, 64) == 4 and head_block(6, 16) == 2 and head_block(7, 16) == 1
+    grid, sizes = launch(100, 32, 512, 64, 64, 10, Config())
+    assert grid == (50, 1, 1) and sizes["BLOCK_T"] * sizes["BLOCK_H"] == 64 and sizes["ROPE_P"] == 64
+    with pytest.raises(ValueError, match="MLA GPU prefill: kv_lora_rank=96"):
+        launch(8, 4, 96, 64, 64, 10, Config())
+    with pytest.raises(ValueError, match="block_m=24"):
+        launch(8, 4, 512, 64, 64, 10, Config(block_m=24))
+
+
 if __name__ == "__main__":          # the child process
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from lingjax.kernels.mla import triton_kernels

@@ -79,6 +79,8 @@ def prefill(q_lat, q_pe, pages, page_table, token_slots, positions, scale, *, co
     from lingjax.kernels.mla.triton_kernels import prefill_kernel
     jt = jax_triton()
     T, H, R = q_lat.shape
+    if T == 0:
+        return jnp.zeros((0, H, R), F32)
     c = config or pick_config(T, H, R, pages.dtype.itemsize)
     grid, sizes = launch(T, H, R, q_pe.shape[-1], pages.shape[1], page_table.shape[1], c)
     return jt.triton_call(
