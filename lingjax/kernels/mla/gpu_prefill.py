@@ -45,10 +45,12 @@ def head_block(num_heads: int, block_m: int) -> int:
 
 
 def pick_config(num_tokens: int, num_heads: int, r: int, itemsize: int = 2) -> Config:
-    """The default: 64 query rows x 64 keys, the whole of r per program, 8 warps (the [64, r] float32
-    accumulator is 128 KiB at r = 512: 128 registers a thread over 256 threads). Not tuned on a GPU yet
-    (scripts/bench_mla.py --prefill-sweep times the alternatives; scripts/compile_mla_kernels.py shows
-    their registers and spills)."""
+    """16-bit pages: 64 query rows x 64 keys, the whole of r per program, 8 warps, 2 stages. On sm_90
+    (scripts/compile_mla_prefill.py, local Triton 3.7) at r = 512, rope 64: 255 registers with ~200 bytes
+    spilled, 216 KiB of shared memory (q [64, 512] + 2 stages of [64, 576] keys), every product a wgmma;
+    the [64, 512] float32 accumulator alone is 128 registers a thread over 256 threads. float32 pages
+    (float32 models: parity, not speed): 16 x 16 blocks, 4 warps, 1 stage (tf32x3 products; every float32
+    config spills). Not tuned on a GPU yet: scripts/bench_mla.py --prefill-sweep times the alternatives."""
     del num_tokens, num_heads
     if itemsize > 2:
         return F32_CONFIG
