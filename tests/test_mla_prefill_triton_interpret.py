@@ -10,7 +10,8 @@ increasing order and one row in two places, so request boundaries fall inside to
 scattered and shuffled, page tables hold garbage past each row's pages and every row nobody may read is
 NaN. Cases: key blocks smaller than, equal to and spanning pages; value columns split over programs; a
 rope width padded up to 16; heads not a power of two. float32 pages within 1e-5 relative, float16 1e-2.
-bfloat16 loads are wrong in the interpreter: bf16 is checked on the device (scripts/bench_mla.py)."""
+bfloat16 loads are wrong in the interpreter: bf16 is checked on the device (scripts/bench_mla.py); here the
+bf16 step is traced and compiled for sm_90 (no GPU) to check that it is one call that fits."""
 import json
 import os
 import subprocess
@@ -22,6 +23,8 @@ import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("triton")
+from tests.test_linear_attention_kernels import (SM90_SMEM, _compile_call, _triton_calls,  # noqa: E402,F401
+                                                 jax_triton_call)
 
 ROOT = Path(__file__).resolve().parent.parent
 R, H = 32, 6
@@ -104,6 +107,38 @@ def test_launch_names_sizes_it_cannot_take():
         launch(8, 4, 96, 64, 64, 10, Config())
     with pytest.raises(ValueError, match="block_m=24"):
         launch(8, 4, 512, 64, 64, 10, Config(block_m=24))
+
+
+def test_step_paged_traces_one_prefill_call_that_compiles_for_sm90(jax_triton_call):
+    """MLA.step_paged with kernels 'gpu' at Ling-2.6-flash's MLA shapes (32 heads, kv_lora_rank 512, rope 64),
+    bf16, a packed prefill step of 4096 tokens: the traced step holds exactly ONE jax-triton call (the whole
+    batch; no lax.map blocks) with the default config, and jax-triton's own compile function builds it for
+    sm_90 (no GPU) within shared memory, with every product on wgmma and pipelined (cp.async) key loads."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from lingjax.batch import StepBatch
+    from lingjax.config import BailingConfig
+    from lingjax.model.mla import MLA
+    cfg = BailingConfig(hidden_size=256, num_attention_heads=32, num_key_value_heads=32, num_hidden_layers=8,
+                        layer_group_size=8, group_norm_size=1, head_dim=128, vocab_size=8, intermediate_size=16,
+                        num_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=16,
+                        kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128)
+    layer = MLA(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), kernels="gpu")
+    sd = jax.ShapeDtypeStruct
+    T, B, ps, mp = 4096, 3, 64, 80
+    i32 = jnp.int32
+    batch = StepBatch(tokens=sd((T,), i32), positions=sd((T,), i32), token_seq=sd((T,), i32), slots=sd((B,), i32),
+                      cu_seqlens=sd((B + 1,), i32), fresh=sd((B,), jnp.bool_), page_table=sd((B, mp), i32))
+    jx = jax.make_jaxpr(lambda x, b, p: layer.step_paged(x, b, p))(
+        sd((T, 256), jnp.bfloat16), batch, sd((B * mp, ps, 576), jnp.bfloat16))
+    eqn, = _triton_calls(jax_triton_call, jx.jaxpr)
+    p = eqn.params
+    assert p["grid"] == (T // 2, 1, 1) and (p["BLOCK_T"], p["BLOCK_H"], p["BLOCK_N"], p["BLOCK_R"]) == (2, 32, 64, 512)
+    assert p["num_warps"] == 8 and p["PRECISION"] == "" and eqn.outvars[0].aval.shape == (T, 32, 512)
+    shared, ptx, _ = _compile_call(jax_triton_call, eqn)
+    assert 0 < shared <= SM90_SMEM and "wgmma.mma_async" in ptx and "cp.async" in ptx
+    assert "mma.sync" not in ptx                                     # every product on the Hopper tensor cores
 
 
 if __name__ == "__main__":          # the child process
