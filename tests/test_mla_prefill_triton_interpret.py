@@ -141,6 +141,29 @@ def test_step_paged_traces_one_prefill_call_that_compiles_for_sm90(jax_triton_ca
     assert "mma.sync" not in ptx                                     # every product on the Hopper tensor cores
 
 
+def test_prefill_under_shard_map_varies_like_its_inputs(jax_triton_call):
+    """Heads split over a mesh axis (tensor parallelism): the kernel's output varies over that axis like the
+    queries (jax-triton's outputs vary over none), so it can meet the sharded W_UV and loop carries."""
+    import jax
+    import jax.numpy as jnp
+    from lingjax.kernels import mla
+    sd, P = jax.ShapeDtypeStruct, jax.sharding.PartitionSpec
+    mesh = jax.make_mesh((1,), ("tensor",), axis_types=(jax.sharding.AxisType.Auto,))
+    seen = {}
+
+    def body(q, qp, pages, table, rows, pos):
+        out = mla.prefill(q, qp, pages, table, rows, pos, 0.1, impl="gpu")
+        seen["vma"] = jax.typeof(out).manual_axis_type.varying
+        return out
+    hs = P(None, "tensor")
+    f = jax.shard_map(body, mesh=mesh, in_specs=(hs, hs, P(), P(), P(), P()), out_specs=hs)
+    i32 = jnp.int32
+    jx = jax.make_jaxpr(f)(sd((64, 4, 512), jnp.float32), sd((64, 4, 64), jnp.float32),
+                           sd((8, 64, 576), jnp.bfloat16), sd((2, 4), i32), sd((64,), i32), sd((64,), i32))
+    assert seen["vma"] == frozenset({"tensor"})
+    assert len(_triton_calls(jax_triton_call, jx.jaxpr)) == 1
+
+
 if __name__ == "__main__":          # the child process
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from lingjax.kernels.mla import triton_kernels

@@ -85,9 +85,14 @@ def prefill(q_lat, q_pe, pages, page_table, token_slots, positions, scale, *, co
         return jnp.zeros((0, H, R), F32)
     c = config or pick_config(T, H, R, pages.dtype.itemsize)
     grid, sizes = launch(T, H, R, q_pe.shape[-1], pages.shape[1], page_table.shape[1], c)
-    return jt.triton_call(
+    out = jt.triton_call(
         q_lat.astype(pages.dtype), q_pe.astype(pages.dtype), pages, page_table.astype(jnp.int32),
         token_slots.astype(jnp.int32), positions.astype(jnp.int32),
         kernel=prefill_kernel, out_shape=jax.ShapeDtypeStruct((T, H, R), F32), grid=grid,
         num_warps=c.num_warps, num_stages=c.num_stages, name="mla_prefill",
         SCALE=float(scale), PRECISION=dot_precision(pages.dtype, f32_dot), **sizes)
+    # under shard_map (heads split over tp) the output varies over the mesh axes its inputs vary over;
+    # jax-triton's outputs vary over none: cast it up
+    want = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in (q_lat, q_pe, pages, page_table)))
+    missing = tuple(sorted(want - jax.typeof(out).manual_axis_type.varying))
+    return jax.lax.pcast(out, missing, to='varying') if missing else out
