@@ -315,7 +315,8 @@ def main(argv=None):
                 record(row, fn, args_, flops=flops)
         if "prefill-ref" in prefill_methods:
             if B * n > args.prefill_ref_max:
-                rows.append(dict(base, method="prefill-ref", skipped=f"tokens > --prefill-ref-max {args.prefill_ref_max}"))
+                rows.append(dict(base, method="prefill-ref",
+                                 skipped=f"tokens > --prefill-ref-max {args.prefill_ref_max}"))
             else:
                 record(dict(base, method="prefill-ref"), lambda q, *a: mla.prefill(q, *a, scale, impl="reference"),
                        args_, flops=flops)
