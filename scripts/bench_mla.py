@@ -1,6 +1,6 @@
 """MLA decode attention over the paged latent cache on one GPU (issue 14): lingjax's Triton decode kernel
 beside today's path (the per-slot [num_slots, max_len, 576] cache of MLA._attend_cache), and the paged
-prefill attention (the jnp reference: no prefill kernel yet).
+prefill attention: lingjax's Triton prefill kernel beside the jnp reference.
 
 Shapes: Ling-2.6-flash MLA (kv_lora_rank 512, qk_rope_head_dim 64, --heads 32, nope/v 128), bf16 latents,
 page size --page-size (64), batch 1/16/64/256 x context 1k/8k/32k/128k (every request at the full context),
@@ -12,7 +12,12 @@ Rows (method):
                   the configurations of sweep_configs, each checked with scripts/compile_mla_kernels.py)
   paged-ref       lingjax.kernels.mla.decode(impl='reference') (jnp, flash-style over pages; --ref)
   today           MLA._attend_cache over a [batch, context, 576] cache (absorbs W_UK/W_UV as the engine does)
-  prefill-ref     lingjax.kernels.mla.prefill(impl='reference'): one request of --prefill tokens, causal
+  prefill-triton  lingjax.kernels.mla.prefill(impl='gpu') (gpu_prefill.py) over a packed batch: one request of
+                  each --prefill length (causal over itself), and each --packed batch (B requests of n new
+                  tokens after P cached tokens each: a prefix-cache hit / a later chunk)
+  prefill-triton[c] the same with gpu_prefill.Config c = (block_m, block_n, block_r, num_warps, num_stages)
+                  (--prefill-sweep: at those shapes, every PREFILL_SWEEP config)
+  prefill-ref     lingjax.kernels.mla.prefill(impl='reference') at the same shapes (up to --prefill-ref-max tokens)
 
 Timing: --iters calls chained in one jitted, unrolled loop (each call's query depends on the last output, so
 nothing is hoisted; unrolled: no while-loop condition between calls, as in the engine's step), seconds per
@@ -22,10 +27,16 @@ Columns: us per call; GB/s over the bytes a decode must move (latents of every r
 run: the larger of JAX's and PyTorch's); rel_err of every paged-triton row against the reference on the first
 2 requests, computed before its timing (bf16 queries in the kernel's products: ~1e-3..1e-2). Latent bytes
 are counted once per request even for configurations whose head blocks each read them (block_h < heads).
-Prefill: TFLOP/s over the causal flops 2 * H * (r + rope + r) per (query, key) pair.
+Prefill: TFLOP/s over the causal flops 2 * H * (r + rope + r) per (query, key) pair
+and its share (pct_mm) of the dense bf16 matmul rate (8192^3, measured in the same run); before timing,
+prefill-triton's output is checked against the reference on --check-tokens tokens (the first, the last and
+random ones; all of a request at a prefix boundary are covered): rel_err, and a row whose rel_err exceeds
+2e-2 (bf16 queries and probabilities in the products) is marked check_failed and not timed.
 
     PYTHONPATH=. python3 scripts/bench_mla.py [--batches 1,16,64,256] [--contexts 1024,8192,32768,131072]
-        [--sweep 16:32768,256:32768] [--out DIR] [--name bench_mla]     # writes DIR/NAME.json and DIR/NAME.log
+        [--sweep 16:32768,256:32768] [--prefill 4096,32768] [--packed 8x512@8192] [--prefill-sweep 8x512@8192]
+        [--out DIR] [--name bench_mla]     # writes DIR/NAME.json and DIR/NAME.log
+    prefill only: --batches "" --methods "" --prefill-methods prefill-triton,prefill-ref
     JAX_PLATFORMS=cpu PYTHONPATH=. python3 scripts/bench_mla.py --smoke     # CPU: tiny shapes, reference impl
 """
 from __future__ import annotations
@@ -60,6 +71,9 @@ def sweep_configs(heads):
             C(32, 32, 8, 5), C(32, 32, 8, 7), C(32, 32, 4, 5), C(32, 16, 4, 8),  # smaller blocks, 3 buffers (st7),
                                                                     # 2 per SM (w4), 16-token blocks
             C(32, 32, 8, 5, True), C(32, 64, 8, 2, True)]           # swapped products (wgmma)
+# prefill configs (gpu_prefill.Config: block_m, block_n, block_r (0: all of r), num_warps, num_stages)
+PREFILL_SWEEP = [(64, 64, 0, 8, 2), (64, 32, 0, 8, 2), (64, 32, 0, 8, 3), (64, 16, 0, 8, 3), (64, 64, 0, 8, 1),
+                 (32, 64, 0, 8, 2)]     # value splits (block_r < r) and block_m 128 exceed sm_90's shared memory
 
 
 def copy_bandwidth(smoke):
@@ -78,6 +92,31 @@ def copy_bandwidth(smoke):
         except Exception as e:                          # noqa: BLE001
             log.info("PyTorch copy not measured: %s", e)
     return bw
+
+
+def matmul_rate(smoke):
+    """dense bf16 matmul FLOP/s (8192^3; 256^3 for --smoke), 20 calls in one jitted loop after a warm-up."""
+    import jax
+    import jax.numpy as jnp
+    m = 256 if smoke else 8192
+    a = jax.random.normal(jax.random.key(2), (m, m), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(3), (m, m), jnp.bfloat16)
+    loop_time(lambda x, y: x @ y, (a, b), 20, 1)
+    return 2 * m ** 3 / loop_time(lambda x, y: x @ y, (a, b), 20, 5)
+
+
+def prefill_problem(B, n, P, H, ps, seed):
+    """B requests of n new tokens after P cached ones each, packed back to back (request b: row b, positions
+    P..P+n-1), pages of P + n tokens per request scattered over a shuffled pool. -> (q_lat, q_pe, pages, table,
+    token_rows, positions) and the causal (query, key) pairs."""
+    import jax
+    import jax.numpy as jnp
+    _, _, pages, table, _, _ = make_problem(B, P + n, H, ps, seed)
+    q_lat, q_pe = (jax.random.normal(jax.random.key(seed + 7 + i), (B * n, H, d), jnp.float32) * 0.05
+                   for i, d in enumerate((R, ROPE)))
+    rows = jnp.repeat(jnp.arange(B, dtype=jnp.int32), n)
+    positions = jnp.tile(jnp.arange(P, P + n, dtype=jnp.int32), B)
+    return (q_lat, q_pe, pages, table, rows, positions), B * (n * P + n * (n + 1) // 2)
 
 
 def make_problem(B, L, H, ps, seed, r=R, rope=ROPE):
@@ -114,6 +153,46 @@ def today_fn(H, r=R, rope=ROPE):
     return fn, state
 
 
+def parse_packed(text):
+    """'BxN@P' -> (B, N, P); ValueError naming the text otherwise."""
+    try:
+        bn, p = text.split("@")
+        b, n = bn.split("x")
+        return int(b), int(n), int(p)
+    except ValueError:
+        raise ValueError(f"--packed {text!r}: expected BxN@P, e.g. 8x512@8192") from None
+
+
+def check_prefill(fn, args, scale, n_check):
+    """Relative error of fn's output against mla.prefill(impl='reference') on n_check tokens: the first and
+    last quarter of them at the ends of the batch, the rest random (the reference on a subset of queries
+    reads the same keys, so it stays cheap at 32k)."""
+    import jax
+    import numpy as np
+    from lingjax.kernels import mla
+    q_lat, q_pe, pages, table, rows, positions = args
+    T = q_lat.shape[0]
+    k = min(n_check, T)
+    rng = np.random.default_rng(0)
+    idx = np.unique(np.r_[np.arange(k // 4), np.arange(T - k // 4, T), rng.integers(0, T, k - 2 * (k // 4))])
+    got = np.asarray(jax.jit(fn)(*args)[idx], np.float64)
+    want = np.asarray(jax.jit(lambda *a: mla.prefill(*a, scale, impl="reference"))(
+        q_lat[idx], q_pe[idx], pages, table, rows[idx], positions[idx]), np.float64)
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def print_prefill_table(rows):
+    print(f"\n{'prefill':<14} {'method':<34} {'ms':>9} {'TFLOP/s':>8} {'pct_mm':>6} {'rel_err':>9}")
+    for r in rows:
+        if "prefill" in r:
+            us = r.get("us")
+            err = r.get("rel_err")
+            print(f"{r['prefill']:<14} {r['method']:<34} {us / 1e3 if us else float('nan'):>9.3f} "
+                  f"{r.get('TFLOP/s', float('nan')):>8} {r.get('pct_mm', float('nan')):>6} "
+                  f"{err if err is not None else float('nan'):>9.2e} "
+                  f"{r.get('skipped') or r.get('error') or ('CHECK FAILED' if r.get('check_failed') else '')}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", default="1,16,64,256", help="comma list of batch sizes")
@@ -129,7 +208,17 @@ def main(argv=None):
     p.add_argument("--configs", default="", help="comma list of config tags to sweep instead of sweep_configs "
                    "(h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap]; s0: pick_config's splits, s-1: half, "
                    "s-2: twice; check them first with scripts/compile_mla_kernels.py)")
-    p.add_argument("--prefill", default="4096,32768", help="prompt lengths for prefill-ref ('' to skip)")
+    p.add_argument("--prefill", default="4096,32768", help="prompt lengths of one-request prefills ('' to skip)")
+    p.add_argument("--packed", default="8x512@8192",
+                   help="packed prefill batches BxN@P: B requests of N new tokens after P cached each ('' to skip)")
+    p.add_argument("--prefill-methods", default="prefill-triton,prefill-ref",
+                   help="comma list of: prefill-triton, prefill-ref ('' to skip every prefill)")
+    p.add_argument("--prefill-ref-max", type=int, default=4096,
+                   help="time prefill-ref only up to this many query tokens (default 4096: 32k takes seconds)")
+    p.add_argument("--prefill-sweep", default="", help="prefill shapes (a --prefill length or a --packed BxN@P) at "
+                   "which to also time each PREFILL_SWEEP config")
+    p.add_argument("--check-tokens", type=int, default=256, help="tokens of each prefill checked against the "
+                   "reference before timing (default 256)")
     p.add_argument("--iters", type=int, default=10, help="calls per timed loop (default 10)")
     p.add_argument("--reps", type=int, default=3, help="timed loops; the median is reported (default 3)")
     p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny shapes, reference impl only")
@@ -150,12 +239,16 @@ def main(argv=None):
     from lingjax.kernels import mla
     if args.smoke:
         batches, contexts, H, ps, iters, reps = [1, 3], [40, 130], 4, 16, 2, 1
-        methods, prefills = ["paged-ref", "today"], [64]
+        methods, prefills, packed = ["paged-ref", "today"], [64], [(2, 24, 40)]
+        prefill_methods = ["prefill-ref"]
     else:
-        batches = [int(b) for b in args.batches.split(",")]
-        contexts = [int(c) for c in args.contexts.split(",")]
+        batches = [int(b) for b in args.batches.split(",") if b]
+        contexts = [int(c) for c in args.contexts.split(",") if c]
         H, ps, iters, reps = args.heads, args.page_size, args.iters, args.reps
         methods, prefills = args.methods.split(","), [int(x) for x in args.prefill.split(",") if x]
+        packed = [parse_packed(x) for x in args.packed.split(",") if x]
+        prefill_methods = [m for m in args.prefill_methods.split(",") if m]
+    prefill_sweep = {x for x in args.prefill_sweep.split(",") if x}
     sweep = {tuple(int(v) for v in s.split(":")) for s in args.sweep.split(",") if s}
     if args.configs:
         from lingjax.kernels.mla.gpu import Config
@@ -163,8 +256,10 @@ def main(argv=None):
     else:
         configs = sweep_configs(H)
     copy_bw = copy_bandwidth(args.smoke)
+    mm_rate = matmul_rate(args.smoke) if prefill_methods and (prefills or packed) else None
     dev = jax.devices()[0].device_kind
-    log.info("device %s: copy %.2f TB/s", dev, copy_bw / 1e12)
+    log.info("device %s: copy %.2f TB/s, dense bf16 matmul %s TFLOP/s", dev, copy_bw / 1e12,
+             f"{mm_rate / 1e12:.0f}" if mm_rate else "-")
     rows = []
     out_path = os.path.join(out_dir, f"{args.name}.json") if out_dir else None
     scale = (NOPE + ROPE) ** -0.5
@@ -172,7 +267,8 @@ def main(argv=None):
     def save():
         if out_path:
             with open(out_path, "w") as f:
-                json.dump(dict(device=dev, copy_bw=copy_bw, heads=H, page_size=ps, rows=rows), f, indent=1)
+                json.dump(dict(device=dev, copy_bw=copy_bw, mm_rate=mm_rate, heads=H, page_size=ps, rows=rows), f,
+                          indent=1)
 
     def record(row, fn, fargs, nbytes=None, flops=None):
         try:
@@ -183,6 +279,8 @@ def main(argv=None):
                 row["pct_copy"] = round(100 * nbytes / t / copy_bw, 1)
             if flops:
                 row["TFLOP/s"] = round(flops / t / 1e12, 2)
+                if mm_rate:
+                    row["pct_mm"] = round(100 * flops / t / mm_rate, 1)
         except Exception as e:                                  # noqa: BLE001 (OOM, compile failure: recorded)
             row["error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
@@ -246,14 +344,42 @@ def main(argv=None):
                            (q_nope, q_pe, cache, slots, lengths - 1, state), nbytes)
                     del cache
             del pages
-    for L in prefills:                                          # one request of L tokens, causal over itself
-        q_lat, q_pe, pages, table, slots, lengths = make_problem(1, L, H, ps, seed=L)
-        q_lat, q_pe = (jax.random.normal(jax.random.key(7), (L, H, d), jnp.float32) * 0.05 for d in (R, ROPE))
-        tok_slots, positions = jnp.zeros(L, jnp.int32), jnp.arange(L, dtype=jnp.int32)
-        flops = 2 * H * (2 * R + ROPE) * L * (L + 1) / 2
-        record(dict(method="prefill-ref", tokens=L, heads=H, page_size=ps),
-               lambda q, *a: mla.prefill(q, *a, scale, impl="reference"),
-               (q_lat, q_pe, pages, table, tok_slots, positions), flops=flops)
+    shapes = [(str(L), (1, L, 0)) for L in prefills] + [(f"{B}x{n}@{P}", (B, n, P)) for B, n, P in packed]
+    for name, (B, n, P) in shapes:                              # B requests of n new tokens after P cached each
+        args_, pairs = prefill_problem(B, n, P, H, ps, seed=B + n + P)
+        flops = 2 * H * (2 * R + ROPE) * pairs
+        base = dict(prefill=name, tokens=B * n, cached=P, heads=H, page_size=ps)
+        if "prefill-triton" in prefill_methods:
+            from lingjax.kernels.mla import gpu_prefill
+            configs = [(None, "prefill-triton")]
+            if name in prefill_sweep:
+                configs += [(gpu_prefill.Config(*c), f"prefill-triton[{gpu_prefill.Config(*c).tag()}]")
+                            for c in PREFILL_SWEEP]
+            for c, method in configs:
+                row = dict(base, method=method)
+                fn = (lambda q, *a: mla.prefill(q, *a, scale, impl="gpu")) if c is None else \
+                    (lambda q, *a, c=c: gpu_prefill.prefill(q, *a, scale, config=c))
+                try:
+                    row["rel_err"] = check_prefill(fn, args_, scale, args.check_tokens)
+                except Exception as e:                          # noqa: BLE001 (compile failure: recorded)
+                    row["error"] = f"{type(e).__name__}: {e}"[:300]
+                    rows.append(row)
+                    log.info("%s", json.dumps(row))
+                    continue
+                if not row["rel_err"] <= 2e-2:
+                    row["check_failed"] = True
+                    rows.append(row)
+                    log.info("%s", json.dumps(row))
+                    continue
+                record(row, fn, args_, flops=flops)
+        if "prefill-ref" in prefill_methods:
+            if B * n > args.prefill_ref_max:
+                rows.append(dict(base, method="prefill-ref",
+                                 skipped=f"tokens > --prefill-ref-max {args.prefill_ref_max}"))
+            else:
+                record(dict(base, method="prefill-ref"), lambda q, *a: mla.prefill(q, *a, scale, impl="reference"),
+                       args_, flops=flops)
+    print_prefill_table(rows)
     save()
 
 

@@ -156,10 +156,14 @@ def test_gpu_pick_config_covers_all_heads_and_fills_the_sms():
         gpu.Config.from_tag("h16n32")
 
 
-def test_mla_step_paged_matches_full_forward():
+def test_mla_step_paged_matches_full_forward(monkeypatch):
     """MLA.step_paged (write + paged prefill/decode) over two requests in three steps (a mixed prefill, a
     second chunk, a decode-only step with a padding row) equals the naive full forward of each sequence.
-    Pages scattered and shuffled, every unwritten row NaN; YaRN on, so the softmax scale carries mscale^2."""
+    Pages scattered and shuffled, every unwritten row NaN; YaRN on, so the softmax scale carries mscale^2.
+    Then the first step again with the MLA kernels 'gpu': step_paged must call mla.prefill ONCE on the whole
+    packed batch (the reference path cuts it into lax.map blocks of `block` tokens). gpu_prefill.prefill is
+    replaced by a recorder running the reference (jax-triton cannot run here; the kernel itself is tested in
+    tests/test_mla_prefill_triton_interpret.py)."""
     from flax import nnx
     from lingjax.batch import StepBatch
     from lingjax.model.mla import MLA
@@ -203,6 +207,23 @@ def test_mla_step_paged_matches_full_forward():
     want_b = np.asarray(layer(jnp.asarray(xs[2])[None], jnp.arange(5)[None]))[0]
     assert rel(got_a, want_a) <= 1e-5
     assert rel(np.asarray(o1)[20:], want_b) <= 1e-5
+
+    from lingjax.kernels.mla import gpu_prefill, reference
+    calls = []
+
+    def recorder(q_lat, q_pe, pages, table, rows, positions, scale):
+        calls.append(q_lat.shape[0])
+        return reference.prefill(q_lat, q_pe, pages, table, rows, positions, scale)
+    monkeypatch.setattr(gpu_prefill, "prefill", recorder)
+    monkeypatch.setattr(layer, "kernels", "gpu")
+    x = np.concatenate([xs[0][:20], xs[2]])
+    batch = StepBatch(tokens=jnp.zeros(25, jnp.int32), positions=jnp.asarray(np.r_[np.arange(20), np.arange(5)]),
+                      token_seq=jnp.asarray([0] * 20 + [1] * 5, jnp.int32), slots=jnp.asarray([0, 2], jnp.int32),
+                      cu_seqlens=jnp.asarray([0, 20, 25], jnp.int32), fresh=jnp.ones(2, bool),
+                      page_table=jnp.asarray(table[[0, 2]]))
+    o1k, _ = nnx.jit(lambda m, x, b, p: m.step_paged(x, b, p, block=8))(layer, jnp.asarray(x), batch, pages)
+    assert calls == [25]
+    assert rel(np.asarray(o1k)[:20], want_a[:20]) <= 1e-5 and rel(np.asarray(o1k)[20:], want_b) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-5), (ml_dtypes.bfloat16, 1e-2)])

@@ -135,8 +135,9 @@ class MLA(nnx.Module):
         x [T, d]; pages [num_pages, page_size, r + rope]; batch.page_table [R, max_pages] (row r: the pages of
         request row r) must already hold pages for every position the batch writes. Writes the tokens'
         latents, then each token attends to its own request's positions <= its own (decode-only batches:
-        the decode kernel; otherwise the paged prefill, `block` query tokens at a time so that the keys
-        gathered per page stay [block, page_size, r + rope]). -> (out [T, d], new pages)."""
+        the decode kernel; otherwise the paged prefill: a kernel (impl 'gpu') once over the whole packed batch,
+        the jnp reference `block` query tokens at a time so that the keys it gathers per page stay
+        [block, page_size, r + rope]). -> (out [T, d], new pages)."""
         q_nope, q_pe = self.query(x, batch.positions)
         rows, table = batch.token_rows, batch.page_table
         pages = mla_kernels.write(pages, table, rows, batch.positions, self.latent(x, batch.positions),
@@ -146,6 +147,9 @@ class MLA(nnx.Module):
         if batch.decode_only:
             ctx = mla_kernels.decode(q_lat, q_pe, pages, table, rows, batch.positions + 1, self.scaling,
                                      impl=self.kernels)
+        elif mla_kernels.resolve(self.kernels) not in mla_kernels.BLOCKED_PREFILL:
+            ctx = mla_kernels.prefill(q_lat, q_pe, pages, table, rows, batch.positions, self.scaling,
+                                      impl=self.kernels)       # a kernel: the whole packed batch at once
         else:
             def attend(args):
                 ql, qp, rw, pos = args

@@ -21,7 +21,8 @@ the layer maps through W_UV. `scale` is the softmax scale (MLA.scaling, YaRN's m
 Implementations (impl=):
   reference      pure jnp (reference.py), flash-style over pages: the CPU path and the oracle
   gpu            decode: Triton kernel through jax-triton (gpu.py, kernel body in triton_kernels.py;
-                 split over the context, combined in jnp); write/prefill: the reference
+                 split over the context, combined in jnp); prefill: Triton kernel through jax-triton
+                 (gpu_prefill.py, the whole packed batch in one call); write: the reference
   tpu            decode: Pallas Mosaic TPU kernel (tpu.py; grid over (request, page), scalar-prefetched
                  page table); write/prefill: the reference
   tpu_interpret  tpu.py's kernel in Pallas TPU interpret mode (on the CPU; for tests)
@@ -36,6 +37,7 @@ import jax
 from lingjax.kernels.mla import reference
 
 IMPLS = ('reference', 'gpu', 'tpu', 'tpu_interpret')
+BLOCKED_PREFILL = ('reference', 'tpu', 'tpu_interpret')   # prefill runs the jnp reference: callers block T
 FROM_MODEL_KERNELS = {'mosaic_gpu': 'gpu', 'pallas_triton': 'gpu', 'gpu_interpret': 'reference',
                       'mosaic_gpu_interpret': 'reference',
                       'pallas_triton_interpret': 'reference'}
@@ -85,7 +87,11 @@ def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, impl=None):
 
 def prefill(q_lat, q_pe, pages, page_table, token_slots, positions, scale, *, impl=None):
     """q_lat [T, H, r], q_pe [T, H, rope]; token t reads positions [0, positions[t]] of slot token_slots[t]
-    (-1: padding, output 0) -> [T, H, r] float32. The tokens' own latents must be written first."""
+    (-1: padding, output 0) -> [T, H, r] float32. The tokens' own latents must be written first.
+    The reference gathers keys per query token (call it on blocks of tokens); the GPU kernel takes the
+    whole packed batch at once (BLOCKED_PREFILL says which)."""
     _check('prefill', q_lat, q_pe, pages, page_table, token_slots, positions)
-    resolve(impl)
+    if resolve(impl) == 'gpu':
+        return importlib.import_module('lingjax.kernels.mla.gpu_prefill').prefill(
+            q_lat, q_pe, pages, page_table, token_slots, positions, scale)
     return reference.prefill(q_lat, q_pe, pages, page_table, token_slots, positions, scale)

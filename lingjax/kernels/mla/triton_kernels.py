@@ -120,3 +120,92 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
     else:
         tl.store(o_ptr + row_o[:, None] * R + offs_r[None, :], acc * inv[:, None], mask=hmask[:, None])
     tl.store(lse_ptr + row_o, lse, mask=hmask)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prefill (lingjax/kernels/mla/gpu_prefill.py calls it). Separate from decode_kernel above.
+# ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def prefill_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, rows_ptr, positions_ptr, o_ptr,
+                   T: tl.constexpr, SCALE: tl.constexpr, H: tl.constexpr, R: tl.constexpr, ROPE: tl.constexpr,
+                   ROPE_P: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_PAGES: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """Causal absorbed MLA over the paged latents for a packed ragged batch of T query tokens.
+
+    One program per (block of BLOCK_T consecutive tokens of the packed batch, block of BLOCK_H heads, block
+    of BLOCK_R value columns). Its M = BLOCK_T * BLOCK_H query rows (token-major) share the keys of a page-
+    table row (MQA), so they form the M side of every product. Token t reads the latent rows of page-table
+    row rows[t] (-1: padding, output 0) at positions [0, positions[t]].
+
+    The tokens of a block may belong to several rows (a request boundary inside the block, one-token
+    requests, padding): the block is processed one row ("segment") at a time, lowest row first; a segment
+    walks that row's keys from position 0 to the largest position among its tokens, in blocks of BLOCK_N
+    positions (each key's page is looked up on its own, so BLOCK_N need not divide PAGE_SIZE), and only the
+    segment's query rows take part in the softmax update (the others keep their max / sum / accumulator:
+    their scores are -inf, their rescale factor 1). Nothing outside the block's rows' positions is loaded:
+    rows past a segment's last position and unused page-table entries are masked, so unwritten rows (even
+    NaN) never reach a product. Scores use all R + ROPE columns; the accumulator only this program's
+    BLOCK_R value columns (BLOCK_R < R recomputes the scores per value block, for a smaller accumulator).
+    ROPE_P: ROPE rounded up to a power of two >= 16 (the extra columns are loaded as zeros).
+    Queries are cast to the pages' dtype for the products, probabilities to it for the second one (bf16
+    tensor cores for a bf16 cache); max, sum and accumulator are float32. o: [T, H, R] float32.
+    """
+    tb = tl.num_programs(0) - 1 - tl.program_id(0)          # the last token blocks (most keys) start first
+    hb = tl.program_id(1)
+    rb = tl.program_id(2)
+    M: tl.constexpr = BLOCK_T * BLOCK_H
+    D: tl.constexpr = R + ROPE
+    offs_m = tl.arange(0, M)
+    tok = tb * BLOCK_T + offs_m // BLOCK_H
+    head = hb * BLOCK_H + offs_m % BLOCK_H
+    live = (tok < T) & (head < H)
+    row = tl.load(rows_ptr + tok, mask=live, other=-1)
+    pos = tl.load(positions_ptr + tok, mask=live, other=0)
+    row = tl.where(live, row, -1)
+    qrow = (tok.to(tl.int64) * H + head)
+    offs_r = tl.arange(0, R)
+    offs_p = tl.arange(0, ROPE_P)
+    offs_v = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = tl.arange(0, BLOCK_N)
+    dtype = pages_ptr.dtype.element_ty
+    q = tl.load(q_lat_ptr + qrow[:, None] * R + offs_r[None, :], mask=live[:, None], other=0.0).to(dtype)
+    qp = tl.load(q_pe_ptr + qrow[:, None] * ROPE + offs_p[None, :],
+                 mask=live[:, None] & (offs_p[None, :] < ROPE), other=0.0).to(dtype)
+
+    m = tl.full([M], float("-inf"), tl.float32)
+    l = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, BLOCK_R], tl.float32)
+    BIG: tl.constexpr = 2147483647
+    done = row < 0
+    cur = tl.min(tl.where(done, BIG, row), 0)
+    while cur < BIG:
+        seg = row == cur
+        last = tl.max(tl.where(seg, pos, -1), 0)
+        table = page_table_ptr + cur.to(tl.int64) * MAX_PAGES
+        for first in range(0, last + 1, BLOCK_N):
+            kpos = first + offs_n
+            kin = kpos <= last
+            page = tl.load(table + kpos // PAGE_SIZE, mask=kin, other=0).to(tl.int64)
+            base = pages_ptr + (page * PAGE_SIZE + kpos % PAGE_SIZE)[:, None] * D
+            c = tl.load(base + offs_r[None, :], mask=kin[:, None], other=0.0)                  # [BLOCK_N, R]
+            kpe = tl.load(base + R + offs_p[None, :], mask=kin[:, None] & (offs_p[None, :] < ROPE), other=0.0)
+            s = _dot(q, tl.trans(c), PRECISION) + _dot(qp, tl.trans(kpe), PRECISION)           # [M, BLOCK_N]
+            valid = seg[:, None] & (kpos[None, :] <= pos[:, None])
+            s = tl.where(valid, s * SCALE, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no key yet: exp(-inf) = 0
+            p = tl.exp(s - shift[:, None])
+            alpha = tl.exp(m - shift)
+            l = l * alpha + tl.sum(p, 1)
+            if BLOCK_R == R:
+                v = c
+            else:
+                v = tl.load(base + offs_v[None, :], mask=kin[:, None], other=0.0)             # [BLOCK_N, BLOCK_R]
+            acc = acc * alpha[:, None] + _dot(p.to(dtype), v, PRECISION)
+            m = m_new
+        done = done | seg
+        cur = tl.min(tl.where(done, BIG, row), 0)
+
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    tl.store(o_ptr + qrow[:, None] * R + offs_v[None, :], out, mask=live[:, None])
