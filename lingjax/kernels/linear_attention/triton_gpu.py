@@ -123,10 +123,10 @@ def _check_interpret_dtype(x, interpret):
 
 @functools.partial(jax.jit, static_argnames=('scale', 'chunk', 'block_v', 'num_warps',
                                              'num_stages', 'segment', 'tiles_first', 'f32_dot',
-                                             'interpret'))
+                                             'decay_v', 'intra_in_loop', 'interpret'))
 def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, chunk=64,
             block_v=64, num_warps=4, num_stages=None, segment=None, tiles_first=True,
-            f32_dot='tf32x3', interpret=False):
+            f32_dot='tf32x3', decay_v=None, intra_in_loop=False, interpret=False):
     """See reference.prefill. cu_seqlens[0] must be 0.
 
     segment: None = split long sequences automatically when the grid would be small (see the
@@ -136,6 +136,15 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
     programs of one (segment, head), which read the same q and k, run side by side.
     f32_dot: how float32 q/k/v are multiplied, 'ieee', 'tf32x3' or 'tf32' (see F32_DOTS); the
     CPU interpreter computes every mode in fp32.
+    decay_v: how the output pass's state update applies the per-token decay gamma^(m-1-t):
+    True scales the [chunk, block_v] v tile, S += kᵀ (decay * v), with kᵀ read by the tensor cores
+    straight from shared memory; False scales the [chunk, D] k tile, S += (decay * k)ᵀ v (the
+    Pallas kernels' form). None = True for bf16/f16 q/k/v, False for float32. Same sum, bf16
+    rounding of the scaled tile either way. sm_90, bf16, H=32 D=128 2 stages (ptxas 12.8, see
+    scripts/compare_triton_ir.py): 16 bytes of register spill instead of 128, 599 instead of 718
+    instructions per chunk, 8 KiB more shared memory.
+    intra_in_loop: recompute the [chunk, chunk] causal decay matrix in every chunk instead of
+    keeping it in 32 registers per thread across the loop (more exps, less register pressure).
     fresh may be bool or integer (read in the kernel as is). chunk, block_v and the head dim are
     powers of two >= 16 (Triton's block shapes and tensor-core products)."""
     T, H, D = q.shape
@@ -169,7 +178,9 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
                      (q, state_pool),
                      grid=(NV, (R + 1) * NSEG, H) if tiles_first else ((R + 1) * NSEG, H, NV),
                      aliases={7: 1}, name='lingjax_linear_attention_prefill',
-                     R=R, T=T, SCALE=float(scale), L=L or 0, NSEG=NSEG, SPLIT=L is not None)
+                     R=R, T=T, SCALE=float(scale), L=L or 0, NSEG=NSEG, SPLIT=L is not None,
+                     DECAY_V=bool(q.dtype != jnp.float32 if decay_v is None else decay_v),
+                     INTRA_IN_LOOP=bool(intra_in_loop))
     return o, pool
 
 
