@@ -136,13 +136,16 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
     programs of one (segment, head), which read the same q and k, run side by side.
     f32_dot: how float32 q/k/v are multiplied, 'ieee', 'tf32x3' or 'tf32' (see F32_DOTS); the
     CPU interpreter computes every mode in fp32.
-    decay_v: how the output pass's state update applies the per-token decay gamma^(m-1-t):
-    True scales the [chunk, block_v] v tile, S += kᵀ (decay * v), with kᵀ read by the tensor cores
-    straight from shared memory; False scales the [chunk, D] k tile, S += (decay * k)ᵀ v (the
-    Pallas kernels' form). None = True for bf16/f16 q/k/v, False for float32. Same sum, bf16
-    rounding of the scaled tile either way. sm_90, bf16, H=32 D=128 2 stages (ptxas 12.8, see
-    scripts/compare_triton_ir.py): 16 bytes of register spill instead of 128, 599 instead of 718
-    instructions per chunk, 8 KiB more shared memory.
+    decay_v: how the state updates (output pass and the split's increments) apply the per-token
+    decay: True scales the [chunk, block_v] v tile, S += kᵀ (decay * v), with kᵀ read by the
+    tensor cores straight from shared memory; False scales the [chunk, D] k tile,
+    S += (decay * k)ᵀ v (the Pallas kernels' form). None = True for bf16/f16 q/k/v, False for
+    float32. Same sum, one input-dtype rounding of the scaled tile either way. sm_90, bf16, D=128,
+    BV=64 (Triton 3.6, ptxas 12.8; scripts/compare_triton_ir.py): output pass at 2 stages, 16
+    bytes of register spill instead of 68 and 599 instead of 718 instructions per chunk; at 3
+    stages 0 bytes instead of 68, 634 instead of 777 (the Pallas kernels: 48 bytes at both);
+    8 KiB more shared memory. Increments: 168 instead of 221 registers, 213 instead of 432
+    instructions per chunk.
     intra_in_loop: recompute the [chunk, chunk] causal decay matrix in every chunk instead of
     keeping it in 32 registers per thread across the loop (more exps, less register pressure).
     fresh may be bool or integer (read in the kernel as is). chunk, block_v and the head dim are
@@ -166,7 +169,8 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
     g = log_decay.astype(F32)
     launch = functools.partial(_launch, num_warps=num_warps, num_stages=num_stages,
                                interpret=interpret, H=H, D=D, BV=BV, C=chunk,
-                               TILES_FIRST=tiles_first, DOT_PREC=dot_prec)
+                               TILES_FIRST=tiles_first, DOT_PREC=dot_prec,
+                               DECAY_V=bool(q.dtype != jnp.float32 if decay_v is None else decay_v))
     if L is not None:
         x, = launch(tk.prefill_increments_kernel, (cu, slots, fresh, g, k, v, state_pool),
                     (jax.ShapeDtypeStruct((R, NSEG, H, D, D), F32),),
@@ -179,7 +183,6 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
                      grid=(NV, (R + 1) * NSEG, H) if tiles_first else ((R + 1) * NSEG, H, NV),
                      aliases={7: 1}, name='lingjax_linear_attention_prefill',
                      R=R, T=T, SCALE=float(scale), L=L or 0, NSEG=NSEG, SPLIT=L is not None,
-                     DECAY_V=bool(q.dtype != jnp.float32 if decay_v is None else decay_v),
                      INTRA_IN_LOOP=bool(intra_in_loop))
     return o, pool
 

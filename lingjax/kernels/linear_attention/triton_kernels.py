@@ -32,7 +32,7 @@ import triton.language as tl
 def prefill_increments_kernel(cu_ptr, slots_ptr, fresh_ptr, g_ptr, k_ptr, v_ptr, pool_ptr, x_ptr,
                               H: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                               L: tl.constexpr, NSEG: tl.constexpr, TILES_FIRST: tl.constexpr,
-                              DOT_PREC: tl.constexpr):
+                              DOT_PREC: tl.constexpr, DECAY_V: tl.constexpr = False):
     """Pass 1 of the segment split. Program (r * NSEG + i, h, value block): i = 0 copies the
     initial state (pool tile, or zero if fresh) to x[r, 0]; 1 <= i < n_r writes x[r, i] = the
     zero-start state of full segment i-1, sum_t gamma^(L-1-t) k_t v_t^T (exponents <= 0)."""
@@ -75,8 +75,12 @@ def prefill_increments_kernel(cu_ptr, slots_ptr, fresh_ptr, g_ptr, k_ptr, v_ptr,
             kb = tl.load(k_ptr + base + k_off)
             vb = tl.load(v_ptr + base + v_off)
             w = tl.exp(g * ((L - 1 - c * C) - fi))                               # gamma^(L-1-t) <= 1
-            kd = (kb.to(tl.float32) * w[:, None]).to(kb.dtype)
-            S += tl.dot(tl.trans(kd), vb, input_precision=DOT_PREC)
+            if DECAY_V:                                    # k^T (w * v), as the output pass's DECAY_V
+                vd = (vb.to(tl.float32) * w[:, None]).to(vb.dtype)
+                S += tl.dot(tl.trans(kb), vd, input_precision=DOT_PREC)
+            else:
+                kd = (kb.to(tl.float32) * w[:, None]).to(kb.dtype)
+                S += tl.dot(tl.trans(kd), vb, input_precision=DOT_PREC)
         tl.store(x_at, S)
 
 
