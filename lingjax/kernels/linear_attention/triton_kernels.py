@@ -32,7 +32,7 @@ import triton.language as tl
 def prefill_increments_kernel(cu_ptr, slots_ptr, fresh_ptr, g_ptr, k_ptr, v_ptr, pool_ptr, x_ptr,
                               H: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                               L: tl.constexpr, NSEG: tl.constexpr, TILES_FIRST: tl.constexpr,
-                              DOT_PREC: tl.constexpr, DECAY_V: tl.constexpr = False):
+                              DOT_PREC: tl.constexpr, DECAY_V: tl.constexpr):
     """Pass 1 of the segment split. Program (r * NSEG + i, h, value block): i = 0 copies the
     initial state (pool tile, or zero if fresh) to x[r, 0]; 1 <= i < n_r writes x[r, i] = the
     zero-start state of full segment i-1, sum_t gamma^(L-1-t) k_t v_t^T (exponents <= 0)."""
@@ -90,8 +90,8 @@ def prefill_kernel(cu_ptr, slots_ptr, fresh_ptr, g_ptr, q_ptr, k_ptr, v_ptr, poo
                    R: tl.constexpr, T: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                    BV: tl.constexpr, C: tl.constexpr, SCALE: tl.constexpr, L: tl.constexpr,
                    NSEG: tl.constexpr, SPLIT: tl.constexpr, TILES_FIRST: tl.constexpr,
-                   DOT_PREC: tl.constexpr, DECAY_V: tl.constexpr = False,
-                   INTRA_IN_LOOP: tl.constexpr = False):
+                   DOT_PREC: tl.constexpr, DECAY_V: tl.constexpr,
+                   INTRA_IN_LOOP: tl.constexpr):
     """Output pass. Unsplit (SPLIT False, NSEG 1, x_ptr unused): program (r, h, value block)
     walks sequence r from its slot's state. Split: program (r * NSEG + j, h, value block) walks
     segment j of sequence r from x[r, 0] folded with x[r, 1..j] (S = gamma^L S + x[r, i]); only
