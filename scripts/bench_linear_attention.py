@@ -48,6 +48,7 @@ Prints a table and writes JSON to --out (default $OUT or ./out).
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -206,6 +207,9 @@ def _diag(run, calls, hlo=None):
     DIAG['last'] = d
 
 
+KERNEL_NAMES = re.compile(r'prefill|decode|linear_attention')   # ours and gpu.py's kernel names
+
+
 def _take_diag(row, who):
     d = DIAG.pop('last', None)
     if not d:
@@ -213,6 +217,12 @@ def _take_diag(row, who):
     if d.get('dev_us'):
         row[f'{who}_dev_us'] = d['dev_us']
         row[f'{who}_span_us'] = d['span_us']
+    if who in ('ours', 'pt') and isinstance(d.get('trace'), dict):
+        # the linear-attention kernels alone, without the XLA ops around them (per call)
+        kern = [(k['sum_us'], t['calls']) for name, t in d['trace'].items() if name != '_lines'
+                for kname, k in t['kernels'].items() if KERNEL_NAMES.search(kname)]
+        if kern:
+            row[f'{who}_kernel_us'] = sum(u for u, _ in kern) / kern[0][1]
     if TRACE['on']:
         row[f'diag_{who}'] = d
 
@@ -546,10 +556,11 @@ def check_shard_map(log):
 
 def fmt_compare(rows):
     """Issue 19's table: device time (CUPTI) of ours (Triton via jax-triton), gpu.py (Pallas-
-    Triton, pallas_triton.py) and fla; ratios ours/gpu.py and ours/fla (< 1 = ours faster)."""
+    Triton, pallas_triton.py) and fla; ratios ours/gpu.py and ours/fla (< 1 = ours faster); last
+    column: the ratio of the linear-attention kernels alone (without the XLA ops of the call)."""
     hdr = (f"{'kind':8}{'H':>4}{'shape':>14}{'ours dev':>10}{'gpu.py dev':>12}{'fla dev':>10}"
            f"{'ours/gpu.py':>12}{'ours/fla':>10}{'%BW ours':>9}{'ours host':>11}{'gpu.py host':>12}"
-           f"{'err ours':>10}{'err gpu.py':>11}")
+           f"{'err ours':>10}{'err gpu.py':>11}{'kernels ours/gpu.py':>20}")
     out = [hdr, '-' * len(hdr)]
     nan = float('nan')
     for r in rows:
@@ -561,7 +572,8 @@ def fmt_compare(rows):
         perr = max(r.get('pt_rel_err_o', nan), r.get('pt_rel_err_state', 0.0))
         out.append(f"{r['kind']:8}{r['H']:>4}{shape:>14}{od:>10.1f}{pd:>12.1f}{fd:>10.1f}"
                    f"{od / pd:>12.3f}{od / fd:>10.3f}{pct:>8.0f}%{oh:>11.1f}{ph:>12.1f}"
-                   f"{err:>10.1e}{perr:>11.1e}")
+                   f"{err:>10.1e}{perr:>11.1e}"
+                   f"{(r.get('ours_kernel_us') or nan) / (r.get('pt_kernel_us') or nan):>20.3f}")
     return '\n'.join(out)
 
 
@@ -1105,12 +1117,16 @@ def _triton_prefill_variants(T, R, H):
     """--sweep-variants (issue 19): the Triton kernel's code-generation options at the library's
     default config: the default first (decay_v auto = True for bf16), then decay_v=False (the
     Pallas kernels' state-update form: the pre-issue-19 Triton kernel, less its int64 pool-offset
-    tensor), then intra_in_loop; for the unsplit 3-stage rows (few programs) also 2 stages
-    (decay_v needs 8 KiB more shared memory per stage)."""
+    tensor), then intra_in_loop; for the unsplit rows of at most one wave of programs (3 stages,
+    one block per SM, latency-bound: H=64 T=4096 N=1) also 2 stages (decay_v needs 8 KiB more
+    shared memory per stage), 8 warps, and the segment split at 1024 tokens (the auto rule splits
+    only at <= 64 programs)."""
     d = dict(block_v=64, num_warps=4, chunk=64)
     out = [d, dict(d, decay_v=False), dict(d, intra_in_loop=True)]
     if gpu_common.pick_segment(T, R, H, 2, 64, None) is None and R * H * 2 <= 132:
-        out.append(dict(d, num_stages=2))
+        out += [dict(d, num_stages=2), dict(d, num_warps=8)]
+        if T >= 2048:
+            out.append(dict(d, segment=1024))
     return out
 
 
@@ -1315,6 +1331,10 @@ def main():
                                    + (f'; gpu.py dev {r["pt_dev_us"]:.1f} us, ours/gpu.py '
                                       f'{r["ours_dev_us"] / r["pt_dev_us"]:.3f}'
                                       if r.get('pt_dev_us') and r.get('ours_dev_us') else '')
+                                   + (f'; kernels alone ours {r["ours_kernel_us"]:.1f} gpu.py '
+                                      f'{r["pt_kernel_us"]:.1f} us, '
+                                      f'{r["ours_kernel_us"] / r["pt_kernel_us"]:.3f}'
+                                      if r.get('ours_kernel_us') and r.get('pt_kernel_us') else '')
                                    + f' [{time.time() - t_start:.0f} s]', 60)
                 if c:
                     psel[(H, T, R)] = c
