@@ -1119,12 +1119,12 @@ def _triton_prefill_variants(T, R, H):
     Pallas kernels' state-update form: the pre-issue-19 Triton kernel, less its int64 pool-offset
     tensor), then intra_in_loop; for the unsplit rows of at most one wave of programs (3 stages,
     one block per SM, latency-bound: H=64 T=4096 N=1) also 2 stages (decay_v needs 8 KiB more
-    shared memory per stage), 8 warps, and the segment split at 1024 tokens (the auto rule splits
-    only at <= 64 programs)."""
+    shared memory per stage), 8 warps, block_v 32 (twice the programs, half the state registers),
+    and the segment split at 1024 tokens (the auto rule splits only at <= 64 programs)."""
     d = dict(block_v=64, num_warps=4, chunk=64)
     out = [d, dict(d, decay_v=False), dict(d, intra_in_loop=True)]
     if gpu_common.pick_segment(T, R, H, 2, 64, None) is None and R * H * 2 <= 132:
-        out += [dict(d, num_stages=2), dict(d, num_warps=8)]
+        out += [dict(d, num_stages=2), dict(d, num_warps=8), dict(d, block_v=32)]
         if T >= 2048:
             out.append(dict(d, segment=1024))
     return out

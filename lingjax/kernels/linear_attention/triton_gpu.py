@@ -17,7 +17,10 @@ load each (wgmma for the chunk products, cp.async pipelining of the loads).
 
 Prefill: one program per (sequence, head, block of BV value columns); it walks its sequence in
 chunks of C tokens starting at the sequence's first token, carrying the f32 state tile
-S[:, vblock] (D x BV) in registers, and writes the final tile to the sequence's slot. The grid has
+S[:, vblock] (D x BV) in registers, and writes the final tile to the sequence's slot. Per chunk of
+m tokens: o = scale (tril(q kᵀ ∘ gamma^(i-j)) v + gamma^(i+1) q S), then S = gamma^m S + kᵀ (w ∘ v)
+with w_t = gamma^(m-1-t) applied to the v rows (decay_v, the bf16/f16 default: kᵀ feeds the tensor
+cores from shared memory) or to the k rows, (w ∘ k)ᵀ v (float32's default). The grid has
 R + 1 rows: row R zero-fills the padding tokens past cu_seqlens[-1]; a skipped sequence (length
 0 or negative slot) zero-fills its own tokens and touches no slot. Grid order (value blocks, rows,
 H) by default (tiles_first): the D/BV programs that read the same q/k tokens launch side by side,
