@@ -145,10 +145,10 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
     S += (decay * k)ᵀ v (the Pallas kernels' form). None = True for bf16/f16 q/k/v, False for
     float32. Same sum, one input-dtype rounding of the scaled tile either way. sm_90, bf16, D=128,
     BV=64 (Triton 3.6, ptxas 12.8; scripts/compare_triton_ir.py): output pass at 2 stages, 16
-    bytes of register spill instead of 68 and 599 instead of 718 instructions per chunk; at 3
+    bytes of register spill instead of 68 and 599 instead of 718 PTX instructions per chunk; at 3
     stages 0 bytes instead of 68, 634 instead of 777 (the Pallas kernels: 48 bytes at both);
-    8 KiB more shared memory. Increments: 168 instead of 221 registers, 213 instead of 432
-    instructions per chunk.
+    8 KiB more shared memory. Increments: 168 instead of 221 registers, 213 instead of 432 PTX
+    instructions per chunk. SASS figures: scripts/bench_notes_linear_attention.md, round 9.
     intra_in_loop: recompute the [chunk, chunk] causal decay matrix in every chunk instead of
     keeping it in 32 registers per thread across the loop (more exps, less register pressure).
     fresh may be bool or integer (read in the kernel as is). chunk, block_v and the head dim are
