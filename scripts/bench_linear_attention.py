@@ -23,7 +23,12 @@ occupancy, registers, top warp stalls per kernel) to --out.
 --trace: per row, the per-kernel in-situ breakdown (CUPTI through the XLA profiler) for ours and
 fla, and op counts of our compiled HLO (custom calls, fusions, copies of >= 16 MiB).
 --sweep: time the configs of decode_sweep / prefill_sweep (ours only, by device time) for the
-listed shapes ("decode:H:B,prefill:H:T:R") and use the fastest in the rows.
+listed shapes ("decode:H:B,prefill:H:T:R") and use the fastest in the rows. --sweep-variants: the
+prefill sweep tries the Triton kernel's code-generation options (decay_v, intra_in_loop, stages;
+_triton_prefill_variants) instead; each sweep line also gives gpu.py's device time at the shape
+and the ratio. --rows none: the sweep alone (it may then use the whole --deadline).
+--rows: only the listed rows, in the order listed; every row's log line ends with the seconds
+since the start, [N s].
 
 Rows: ours (Triton kernels via jax-triton, lingjax.kernels.linear_attention.triton_gpu) vs fla 0.6
 (`fused_recurrent_simple_gla` for decode, `chunk_simple_gla` for prefill, both with g_gamma) vs the
@@ -43,6 +48,7 @@ Prints a table and writes JSON to --out (default $OUT or ./out).
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -93,8 +99,11 @@ TRACE = dict(on=False, dev=True)
 DIAG = {}
 QKV = dict(dtype=jnp.dtype('bfloat16'))   # prefill rows' q/k/v dtype (--qkv-dtype)
 CHECK = dict(ours_only=False)             # oracle checks of ours only (--smoke)
+PT_CACHE = {}                             # gpu.py's prefill timing per (shape, config), reused by
+                                          # the sweep's configs that differ only in TRITON_ONLY options
 PT = dict(on=True, default=False)         # time gpu.py (pallas_triton.py) beside ours in each row;
                                           # default: at gpu.py's own default config (--pt-default)
+SWEEP = dict(variants=False, triton_only=False)   # --sweep-variants, --sweep-triton-only
 REPS = dict(n=5, calls_div=1)             # host-timed repetitions; decode calls per execution / div
 
 
@@ -198,6 +207,9 @@ def _diag(run, calls, hlo=None):
     DIAG['last'] = d
 
 
+KERNEL_NAMES = re.compile(r'prefill|decode|linear_attention')   # ours and gpu.py's kernel names
+
+
 def _take_diag(row, who):
     d = DIAG.pop('last', None)
     if not d:
@@ -205,6 +217,12 @@ def _take_diag(row, who):
     if d.get('dev_us'):
         row[f'{who}_dev_us'] = d['dev_us']
         row[f'{who}_span_us'] = d['span_us']
+    if who in ('ours', 'pt') and isinstance(d.get('trace'), dict):
+        # the linear-attention kernels alone, without the XLA ops around them (per call)
+        kern = [(k['sum_us'], t['calls']) for name, t in d['trace'].items() if name != '_lines'
+                for kname, k in t['kernels'].items() if KERNEL_NAMES.search(kname)]
+        if kern:
+            row[f'{who}_kernel_us'] = sum(u for u, _ in kern) / kern[0][1]
     if TRACE['on']:
         row[f'diag_{who}'] = d
 
@@ -366,6 +384,11 @@ def check_small(log):
         fns = [('prefill', triton_gpu.prefill)]                   # f32 inputs: 3xTF32, the default
         if dt == 'float32':
             fns.append(('prefill_ieee', our_kernel('prefill', dict(f32_dot='ieee'))))
+        # the state-update forms the dtype's default does not take (decay_v: True for bf16, False
+        # for f32), and the causal decay matrix recomputed per chunk
+        fns += [('prefill_decay_v' if dt == 'float32' else 'prefill_decay_k',
+                 our_kernel('prefill', dict(decay_v=dt == 'float32'))),
+                ('prefill_intra_in_loop', our_kernel('prefill', dict(intra_in_loop=True)))]
         if not CHECK['ours_only']:
             fns.append(('pallas_triton_prefill', pallas_triton.prefill))
             if dt == 'bfloat16':
@@ -409,6 +432,11 @@ def check_small(log):
     return res
 
 
+def _other_decay_form(q, *args, **kw):
+    """Our prefill with the state-update form its dtype's default does not take (both passes)."""
+    return triton_gpu.prefill(q, *args, decay_v=q.dtype == jnp.float32, **kw)
+
+
 def check_split(log):
     """Segment-split prefill (forced small segment) vs the float64 oracle: a long continuing
     sequence, ragged lengths, an empty and a padding (slot -1) sequence, a fresh slot,
@@ -426,8 +454,8 @@ def check_split(log):
     cases = [('ragged_seg256', slots, cu, fresh, T, dict(segment=256)),
              ('single_auto', np.array([2], np.int32), np.array([0, 4000], np.int32),
               np.array([0], bool), 4000 + 5, {})]
-    kernels = [('', triton_gpu.prefill)] + ([] if CHECK['ours_only'] else
-                                             [('pallas_triton_', pallas_triton.prefill)])
+    kernels = [('', triton_gpu.prefill), ('other_decay_form_', _other_decay_form)] + (
+        [] if CHECK['ours_only'] else [('pallas_triton_', pallas_triton.prefill)])
     for (name, sl, c, fr, TT, kw), (who, kernel) in ((case, k) for case in cases for k in kernels):
         for dt, tol in (('float32', 1e-5), ('bfloat16', 1e-2)):
             q, k, v = (jnp.asarray(rng.standard_normal((TT, H, D)) * 0.5, dt) for _ in range(3))
@@ -528,10 +556,11 @@ def check_shard_map(log):
 
 def fmt_compare(rows):
     """Issue 19's table: device time (CUPTI) of ours (Triton via jax-triton), gpu.py (Pallas-
-    Triton, pallas_triton.py) and fla; ratios ours/gpu.py and ours/fla (< 1 = ours faster)."""
+    Triton, pallas_triton.py) and fla; ratios ours/gpu.py and ours/fla (< 1 = ours faster); last
+    column: the ratio of the linear-attention kernels alone (without the XLA ops of the call)."""
     hdr = (f"{'kind':8}{'H':>4}{'shape':>14}{'ours dev':>10}{'gpu.py dev':>12}{'fla dev':>10}"
            f"{'ours/gpu.py':>12}{'ours/fla':>10}{'%BW ours':>9}{'ours host':>11}{'gpu.py host':>12}"
-           f"{'err ours':>10}{'err gpu.py':>11}")
+           f"{'err ours':>10}{'err gpu.py':>11}{'kernels ours/gpu.py':>20}")
     out = [hdr, '-' * len(hdr)]
     nan = float('nan')
     for r in rows:
@@ -543,7 +572,8 @@ def fmt_compare(rows):
         perr = max(r.get('pt_rel_err_o', nan), r.get('pt_rel_err_state', 0.0))
         out.append(f"{r['kind']:8}{r['H']:>4}{shape:>14}{od:>10.1f}{pd:>12.1f}{fd:>10.1f}"
                    f"{od / pd:>12.3f}{od / fd:>10.3f}{pct:>8.0f}%{oh:>11.1f}{ph:>12.1f}"
-                   f"{err:>10.1e}{perr:>11.1e}")
+                   f"{err:>10.1e}{perr:>11.1e}"
+                   f"{(r.get('ours_kernel_us') or nan) / (r.get('pt_kernel_us') or nan):>20.3f}")
     return '\n'.join(out)
 
 
@@ -703,11 +733,15 @@ def bench_prefill(H, T, R, bw, flops_rate, cfg, with_fla=True, with_xla=True, ch
     row['ours_us'] = time_jax_loop(make_step(our_kernel('prefill', cfg)), (pool, jnp.zeros((), F32)),
                                    n, reps=REPS['n']) * 1e6
     _take_diag(row, 'ours')
-    if pt is not None:                  # gpu.py (pallas_triton.py), same config, a fresh pool
+    pt_key = ('prefill', H, T, R, json.dumps(pt, sort_keys=True))
+    if pt is not None and pt_key in PT_CACHE:     # gpu.py at this shape and config: timed once
+        row.update(PT_CACHE[pt_key])
+    elif pt is not None:                # gpu.py (pallas_triton.py), same config, a fresh pool
         pool3 = jax.random.normal(kp, (npool, H, D, D), F32) * 0.1
         row['pt_us'] = time_jax_loop(make_step(our_kernel('prefill', pt)),
                                      (pool3, jnp.zeros((), F32)), n, reps=REPS['n']) * 1e6
         _take_diag(row, 'pt')
+        PT_CACHE[pt_key] = {a: b for a, b in row.items() if a.startswith(('pt_', 'diag_pt'))}
         del pool3
     if with_xla:
         def xstep(i, c):
@@ -1012,7 +1046,12 @@ def _as_pallas_triton(cfg, kind=None):
         return dict(PT_DEFAULTS[kind], kernel='pallas_triton')
     if cfg.get('kernel', 'triton') != 'triton':
         return None
-    return dict(cfg, kernel='pallas_triton')
+    return dict({a: b for a, b in cfg.items() if a not in TRITON_ONLY}, kernel='pallas_triton')
+
+
+# Options of the Triton kernels that the Pallas-Triton ones do not have (their form is decay_v=False,
+# intra_in_loop=False): a config's gpu.py twin runs without them.
+TRITON_ONLY = ('decay_v', 'intra_in_loop')
 
 
 PT_DEFAULTS = dict(decode=dict(block_v=64, num_warps=4), prefill=dict(block_v=64, num_warps=4, chunk=64))
@@ -1041,6 +1080,8 @@ def prefill_sweep(T, R, H):
     kernel's two f32 product modes, at its default config."""
     if QKV['dtype'] == jnp.float32:
         return [dict(f32_dot=m) for m in ('tf32', 'tf32x3', 'ieee')]
+    if SWEEP['triton_only']:
+        return _triton_prefill_sweep(T, R, H)
     mosaic = [dict(kernel='mosaic')]                   # segment split by the same auto rule
     if mosaic_gpu._pick_segment(T, R, H, 2, 64, None) is not None:
         mosaic.append(dict(kernel='mosaic', segment=0))
@@ -1049,6 +1090,8 @@ def prefill_sweep(T, R, H):
 
 def _triton_prefill_sweep(T, R, H):
     c = dict(block_v=64, num_warps=4, chunk=64)
+    if SWEEP['variants']:
+        return _triton_prefill_variants(T, R, H)
     if R > 1:
         return [dict(c, num_stages=2, segment=0, tiles_first=True),
                 dict(c, num_stages=2, segment=0, tiles_first=False),
@@ -1068,6 +1111,23 @@ def _triton_prefill_sweep(T, R, H):
     return [dict(c, num_stages=2, segment=None, tiles_first=True),
             dict(c, num_stages=2, segment=None, tiles_first=False),
             dict(c, num_stages=3, segment=None, tiles_first=True)]
+
+
+def _triton_prefill_variants(T, R, H):
+    """--sweep-variants (issue 19): the Triton kernel's code-generation options at the library's
+    default config: the default first (decay_v auto = True for bf16), then decay_v=False (the
+    Pallas kernels' state-update form: the pre-issue-19 Triton kernel, less its int64 pool-offset
+    tensor), then intra_in_loop; for the unsplit rows of at most one wave of programs (3 stages,
+    one block per SM, latency-bound: H=64 T=4096 N=1) also 2 stages (decay_v needs 8 KiB more
+    shared memory per stage), 8 warps, block_v 32 (twice the programs, half the state registers),
+    and the segment split at 1024 tokens (the auto rule splits only at <= 64 programs)."""
+    d = dict(block_v=64, num_warps=4, chunk=64)
+    out = [d, dict(d, decay_v=False), dict(d, intra_in_loop=True)]
+    if gpu_common.pick_segment(T, R, H, 2, 64, None) is None and R * H * 2 <= 132:
+        out += [dict(d, num_stages=2), dict(d, num_warps=8), dict(d, block_v=32)]
+        if T >= 2048:
+            out.append(dict(d, segment=1024))
+    return out
 
 
 def _cfg_key(s):
@@ -1100,6 +1160,11 @@ def main():
     ap.add_argument('--sweep', default=None,
                     help='sweep only these shapes, e.g. "decode:32:64,prefill:64:32768:1" (as --rows); '
                          'picks override --configs')
+    ap.add_argument('--sweep-variants', action='store_true',
+                    help="prefill sweep: the Triton kernel's code-generation options (decay_v, "
+                         "intra_in_loop, stages) at the default config instead of the config sweep")
+    ap.add_argument('--sweep-triton-only', action='store_true',
+                    help='prefill sweep: no Mosaic GPU configs')
     ap.add_argument('--profile', action='store_true', help='ncu profile of decode + prefill kernels')
     ap.add_argument('--trace', action='store_true',
                     help='per row: in-situ kernel durations / gaps (XLA profiler, CUPTI) for ours '
@@ -1114,7 +1179,8 @@ def main():
     ap.add_argument('--configs', default=None,
                     help='JSON {"decode": {"B" or "H,B": cfg}, "prefill": {"T,R" or "H,T,R": cfg}}')
     ap.add_argument('--rows', default=None,
-                    help='only these rows, e.g. "prefill:64:32768:1,decode:32:64" (no full sweep)')
+                    help='only these rows, in this order, e.g. "prefill:64:32768:1,decode:32:64" (no full '
+                         'sweep); "none": no rows (with --sweep: the sweep alone, up to the deadline)')
     ap.add_argument('--no-check', action='store_true', help='skip the float64 oracle checks')
     ap.add_argument('--qkv-dtype', default='bfloat16', choices=('bfloat16', 'float32'),
                     help='dtype of the prefill rows\' q/k/v (float32 = what the engine feeds, SPEC 2.2; '
@@ -1133,6 +1199,7 @@ def main():
         args.no_xla, args.no_sweep = True, True
         REPS.update(n=3, calls_div=2)
     QKV['dtype'] = jnp.dtype(args.qkv_dtype)
+    SWEEP.update(variants=args.sweep_variants, triton_only=args.sweep_triton_only)
     given = json.loads(args.configs) if args.configs else {}
     given_d = {_cfg_key(b): c for b, c in given.get('decode', {}).items()}
     given_p = {_cfg_key(k): c for k, c in given.get('prefill', {}).items()}
@@ -1149,10 +1216,11 @@ def main():
         return
     only = None
     if args.rows:
-        only = set()
-        for item in args.rows.split(','):
+        only_order = []
+        for item in ([] if args.rows == 'none' else args.rows.split(',')):
             f = item.split(':')
-            only.add((f[0], int(f[1])) + tuple(int(x) for x in f[2:]))
+            only_order.append((f[0], int(f[1])) + tuple(int(x) for x in f[2:]))
+        only = set(only_order)
     t_start = time.time()
 
     def left():
@@ -1229,11 +1297,13 @@ def main():
         sweep_items = [('prefill', 32, T, R) for T, R in shapes[::-1]] + \
                       [('decode', 32, B) for B in (1, 16, 64, 256)]
     if sweep_items:
+        rows_after = only is None or len(only) > 0
+
         def pick(kind, label, configs, run, note, min_left):
             """Time each config (ours only), log it, keep it in the sweep; the fastest config or None."""
             best = None
             for c in configs:
-                if left() < min_left:
+                if left() < (min_left if rows_after else 8):
                     log(f'{kind} sweep: stopping early (deadline)')
                     break
                 try:
@@ -1257,7 +1327,15 @@ def main():
                          lambda c: bench_prefill(H, T, R, bw, rate, c, with_fla=False,
                                                  with_xla=False, check=False),
                          lambda r: f' (segment used {r["segment"]}): dev {r.get("ours_dev_us") or 0:.1f} us '
-                                   f'(span {r.get("ours_span_us") or 0:.1f}), host {r["ours_us"]:.1f} us', 60)
+                                   f'(span {r.get("ours_span_us") or 0:.1f}), host {r["ours_us"]:.1f} us'
+                                   + (f'; gpu.py dev {r["pt_dev_us"]:.1f} us, ours/gpu.py '
+                                      f'{r["ours_dev_us"] / r["pt_dev_us"]:.3f}'
+                                      if r.get('pt_dev_us') and r.get('ours_dev_us') else '')
+                                   + (f'; kernels alone ours {r["ours_kernel_us"]:.1f} gpu.py '
+                                      f'{r["pt_kernel_us"]:.1f} us, '
+                                      f'{r["ours_kernel_us"] / r["pt_kernel_us"]:.3f}'
+                                      if r.get('ours_kernel_us') and r.get('pt_kernel_us') else '')
+                                   + f' [{time.time() - t_start:.0f} s]', 60)
                 if c:
                     psel[(H, T, R)] = c
             else:
@@ -1277,10 +1355,13 @@ def main():
 
     rows = []
     Hs = (32,) if args.quick else (32, 64)
-    for H in Hs:
-        for B in ((1, 64) if args.quick else (1, 16, 64, 256)):
-            if only is not None and ('decode', H, B) not in only:
-                continue
+    specs = [x for H in Hs for x in [('decode', H, B) for B in ((1, 64) if args.quick else (1, 16, 64, 256))]
+             + [('prefill', H, T, R) for T, R in (((4096, 1),) if args.quick else shapes)]]
+    if only is not None:                # --rows: those rows, in the order given
+        specs = [x for x in only_order if x in set(specs)]
+    for spec in specs:
+        if spec[0] == 'decode':
+            _, H, B = spec
             if left() < 25:
                 log(f'decode H={H} B={B}: skipped (deadline)')
                 continue
@@ -1294,13 +1375,10 @@ def main():
             r['config'] = c
             rows.append(r)
             log(f'decode H={H} B={B} {c}: ' + json.dumps({a: b for a, b in r.items()
-                                                           if 'us' in a or 'err' in a}))
-            if args.trace:
-                log(fmt_diag(r))
-            dump(rows)
-        for T, R in (((4096, 1),) if args.quick else shapes):
-            if only is not None and ('prefill', H, T, R) not in only:
-                continue
+                                                           if 'us' in a or 'err' in a})
+                + f' [{time.time() - t_start:.0f} s]')
+        else:
+            _, H, T, R = spec
             if left() < 40:
                 log(f'prefill H={H} T={T} R={R}: skipped (deadline)')
                 continue
@@ -1315,10 +1393,11 @@ def main():
             r['config'] = c
             rows.append(r)
             log(f'prefill H={H} T={T} R={R} {c}: ' + json.dumps(
-                {a: b for a, b in r.items() if 'us' in a or 'err' in a or a == 'segment'}))
-            if args.trace:
-                log(fmt_diag(r))
-            dump(rows)
+                {a: b for a, b in r.items() if 'us' in a or 'err' in a or a == 'segment'})
+                + f' [{time.time() - t_start:.0f} s]')
+        if args.trace:
+            log(fmt_diag(r))
+        dump(rows)
     table = fmt_table(rows)
     dump(rows)
     print()

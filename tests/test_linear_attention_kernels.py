@@ -216,6 +216,26 @@ def test_gpu_prefill_grid_orders_match_float64_recurrence(tiles_first, fresh_dty
     check_prefill(o, new_pool, o_ref, pool_ref, pool, slots, cu, unused, TOL['float32'])
 
 
+@pytest.mark.parametrize('dtype,decay_v,intra_in_loop,segment', [
+    ('float32', True, True, 0), ('float16', False, True, 0), ('float16', False, False, 0)])
+def test_gpu_prefill_state_update_variants_match_float64_recurrence(dtype, decay_v, intra_in_loop,
+                                                                    segment):
+    """The output pass's state-update forms (decay_v: scale v instead of k; intra_in_loop: the
+    causal decay matrix recomputed per chunk), each against the oracle, in the combinations the
+    dtype defaults do not reach (float16 defaults to decay_v, float32 not; the split tests above
+    run both defaults through the split's output pass)."""
+    rng = np.random.default_rng(9)
+    q, k, v, pool, unused, slots, cu, fresh = split_case(rng, dtype, 'ragged')
+    scale = D ** -0.5
+    o_ref, pool_ref = oracle_prefill(q, k, v, LAMBDAS, pool, slots, cu, fresh, scale)
+    fn = jax.jit(functools.partial(triton_gpu.prefill, scale=scale, chunk=C, block_v=16,
+                                   segment=segment, decay_v=decay_v, intra_in_loop=intra_in_loop,
+                                   interpret=True), donate_argnums=4)
+    o, new_pool = fn(q, k, v, jnp.asarray(-LAMBDAS, jnp.float32), jnp.asarray(pool),
+                     jnp.asarray(slots), jnp.asarray(cu), jnp.asarray(fresh))
+    check_prefill(o, new_pool, o_ref, pool_ref, pool, slots, cu, unused, TOL[dtype])
+
+
 @pytest.mark.parametrize('cfg', [dict(block_v=8, block_k=16), dict(block_v=16, block_k=16, tiles_first=False)],
                          ids=['key_split', 'key_split_grid_bht'])
 @pytest.mark.parametrize('dtype', ['float32', 'float16'])
@@ -625,9 +645,9 @@ def test_triton_prefill_f32_modes_reach_the_kernel(mode, jax_triton_call):
         eqn, = _triton_calls(jax_triton_call, jx.jaxpr)
         return eqn.params
     p = params(jnp.float32)
-    assert p['DOT_PREC'] == mode and p['num_stages'] == 2
+    assert p['DOT_PREC'] == mode and p['num_stages'] == 2 and not p['DECAY_V']
     p = params(jnp.bfloat16)
-    assert p['DOT_PREC'] == 'tf32' and p['num_stages'] == 3
+    assert p['DOT_PREC'] == 'tf32' and p['num_stages'] == 3 and p['DECAY_V']
     with pytest.raises(ValueError, match="f32_dot='fp16'"):
         triton_gpu.prefill(*(jnp.zeros(s.shape, s.dtype) for s in args(jnp.float32)), scale=0.1,
                            f32_dot='fp16', interpret=True)

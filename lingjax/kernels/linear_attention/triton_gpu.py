@@ -17,7 +17,10 @@ load each (wgmma for the chunk products, cp.async pipelining of the loads).
 
 Prefill: one program per (sequence, head, block of BV value columns); it walks its sequence in
 chunks of C tokens starting at the sequence's first token, carrying the f32 state tile
-S[:, vblock] (D x BV) in registers, and writes the final tile to the sequence's slot. The grid has
+S[:, vblock] (D x BV) in registers, and writes the final tile to the sequence's slot. Per chunk of
+m tokens: o = scale (tril(q kᵀ ∘ gamma^(i-j)) v + gamma^(i+1) q S), then S = gamma^m S + kᵀ (w ∘ v)
+with w_t = gamma^(m-1-t) applied to the v rows (decay_v, the bf16/f16 default: kᵀ feeds the tensor
+cores from shared memory) or to the k rows, (w ∘ k)ᵀ v (float32's default). The grid has
 R + 1 rows: row R zero-fills the padding tokens past cu_seqlens[-1]; a skipped sequence (length
 0 or negative slot) zero-fills its own tokens and touches no slot. Grid order (value blocks, rows,
 H) by default (tiles_first): the D/BV programs that read the same q/k tokens launch side by side,
@@ -123,10 +126,10 @@ def _check_interpret_dtype(x, interpret):
 
 @functools.partial(jax.jit, static_argnames=('scale', 'chunk', 'block_v', 'num_warps',
                                              'num_stages', 'segment', 'tiles_first', 'f32_dot',
-                                             'interpret'))
+                                             'decay_v', 'intra_in_loop', 'interpret'))
 def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, chunk=64,
             block_v=64, num_warps=4, num_stages=None, segment=None, tiles_first=True,
-            f32_dot='tf32x3', interpret=False):
+            f32_dot='tf32x3', decay_v=None, intra_in_loop=False, interpret=False):
     """See reference.prefill. cu_seqlens[0] must be 0.
 
     segment: None = split long sequences automatically when the grid would be small (see the
@@ -136,6 +139,18 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
     programs of one (segment, head), which read the same q and k, run side by side.
     f32_dot: how float32 q/k/v are multiplied, 'ieee', 'tf32x3' or 'tf32' (see F32_DOTS); the
     CPU interpreter computes every mode in fp32.
+    decay_v: how the state updates (output pass and the split's increments) apply the per-token
+    decay: True scales the [chunk, block_v] v tile, S += kᵀ (decay * v), with kᵀ read by the
+    tensor cores straight from shared memory; False scales the [chunk, D] k tile,
+    S += (decay * k)ᵀ v (the Pallas kernels' form). None = True for bf16/f16 q/k/v, False for
+    float32. Same sum, one input-dtype rounding of the scaled tile either way. sm_90, bf16, D=128,
+    BV=64 (Triton 3.6, ptxas 12.8; scripts/compare_triton_ir.py): output pass at 2 stages, 16
+    bytes of register spill instead of 68 and 599 instead of 718 PTX instructions per chunk; at 3
+    stages 0 bytes instead of 68, 634 instead of 777 (the Pallas kernels: 48 bytes at both);
+    8 KiB more shared memory. Increments: 168 instead of 221 registers, 213 instead of 432 PTX
+    instructions per chunk. SASS figures: scripts/bench_notes_linear_attention.md, round 9.
+    intra_in_loop: recompute the [chunk, chunk] causal decay matrix in every chunk instead of
+    keeping it in 32 registers per thread across the loop (more exps, less register pressure).
     fresh may be bool or integer (read in the kernel as is). chunk, block_v and the head dim are
     powers of two >= 16 (Triton's block shapes and tensor-core products)."""
     T, H, D = q.shape
@@ -157,7 +172,8 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
     g = log_decay.astype(F32)
     launch = functools.partial(_launch, num_warps=num_warps, num_stages=num_stages,
                                interpret=interpret, H=H, D=D, BV=BV, C=chunk,
-                               TILES_FIRST=tiles_first, DOT_PREC=dot_prec)
+                               TILES_FIRST=tiles_first, DOT_PREC=dot_prec,
+                               DECAY_V=bool(q.dtype != jnp.float32 if decay_v is None else decay_v))
     if L is not None:
         x, = launch(tk.prefill_increments_kernel, (cu, slots, fresh, g, k, v, state_pool),
                     (jax.ShapeDtypeStruct((R, NSEG, H, D, D), F32),),
@@ -169,7 +185,8 @@ def prefill(q, k, v, log_decay, state_pool, slots, cu_seqlens, fresh, *, scale, 
                      (q, state_pool),
                      grid=(NV, (R + 1) * NSEG, H) if tiles_first else ((R + 1) * NSEG, H, NV),
                      aliases={7: 1}, name='lingjax_linear_attention_prefill',
-                     R=R, T=T, SCALE=float(scale), L=L or 0, NSEG=NSEG, SPLIT=L is not None)
+                     R=R, T=T, SCALE=float(scale), L=L or 0, NSEG=NSEG, SPLIT=L is not None,
+                     INTRA_IN_LOOP=bool(intra_in_loop))
     return o, pool
 
 

@@ -32,7 +32,7 @@ import triton.language as tl
 def prefill_increments_kernel(cu_ptr, slots_ptr, fresh_ptr, g_ptr, k_ptr, v_ptr, pool_ptr, x_ptr,
                               H: tl.constexpr, D: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                               L: tl.constexpr, NSEG: tl.constexpr, TILES_FIRST: tl.constexpr,
-                              DOT_PREC: tl.constexpr):
+                              DOT_PREC: tl.constexpr, DECAY_V: tl.constexpr):
     """Pass 1 of the segment split. Program (r * NSEG + i, h, value block): i = 0 copies the
     initial state (pool tile, or zero if fresh) to x[r, 0]; 1 <= i < n_r writes x[r, i] = the
     zero-start state of full segment i-1, sum_t gamma^(L-1-t) k_t v_t^T (exponents <= 0)."""
@@ -75,8 +75,12 @@ def prefill_increments_kernel(cu_ptr, slots_ptr, fresh_ptr, g_ptr, k_ptr, v_ptr,
             kb = tl.load(k_ptr + base + k_off)
             vb = tl.load(v_ptr + base + v_off)
             w = tl.exp(g * ((L - 1 - c * C) - fi))                               # gamma^(L-1-t) <= 1
-            kd = (kb.to(tl.float32) * w[:, None]).to(kb.dtype)
-            S += tl.dot(tl.trans(kd), vb, input_precision=DOT_PREC)
+            if DECAY_V:                                    # k^T (w * v), as the output pass's DECAY_V
+                vd = (vb.to(tl.float32) * w[:, None]).to(vb.dtype)
+                S += tl.dot(tl.trans(kb), vd, input_precision=DOT_PREC)
+            else:
+                kd = (kb.to(tl.float32) * w[:, None]).to(kb.dtype)
+                S += tl.dot(tl.trans(kd), vb, input_precision=DOT_PREC)
         tl.store(x_at, S)
 
 
@@ -86,7 +90,8 @@ def prefill_kernel(cu_ptr, slots_ptr, fresh_ptr, g_ptr, q_ptr, k_ptr, v_ptr, poo
                    R: tl.constexpr, T: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                    BV: tl.constexpr, C: tl.constexpr, SCALE: tl.constexpr, L: tl.constexpr,
                    NSEG: tl.constexpr, SPLIT: tl.constexpr, TILES_FIRST: tl.constexpr,
-                   DOT_PREC: tl.constexpr):
+                   DOT_PREC: tl.constexpr, DECAY_V: tl.constexpr,
+                   INTRA_IN_LOOP: tl.constexpr):
     """Output pass. Unsplit (SPLIT False, NSEG 1, x_ptr unused): program (r, h, value block)
     walks sequence r from its slot's state. Split: program (r * NSEG + j, h, value block) walks
     segment j of sequence r from x[r, 0] folded with x[r, 1..j] (S = gamma^L S + x[r, i]); only
@@ -118,7 +123,7 @@ def prefill_kernel(cu_ptr, slots_ptr, fresh_ptr, g_ptr, q_ptr, k_ptr, v_ptr, poo
     tile = dk[:, None] * D + cols[None, :]
     if valid:
         g = tl.load(g_ptr + h)
-        pool_at = (slot.to(tl.int64) * H + h) * D * D + tile
+        pool_base = (slot.to(tl.int64) * H + h) * D * D     # scalar; + tile stays int32 per element
         if SPLIT:
             gL = tl.exp(g * L)
             S = tl.full((D, BV), 0.0, tl.float32)
@@ -126,12 +131,13 @@ def prefill_kernel(cu_ptr, slots_ptr, fresh_ptr, g_ptr, q_ptr, k_ptr, v_ptr, poo
                 S = gL * S + tl.load(x_ptr + ((r_c * NSEG + i).to(tl.int64) * H + h) * D * D + tile)
         else:
             fresh = tl.load(fresh_ptr + r_c) != 0
-            S = tl.load(pool_ptr + pool_at).to(tl.float32)
+            S = tl.load(pool_ptr + pool_base + tile).to(tl.float32)
             S = tl.where(fresh, tl.full((D, BV), 0.0, tl.float32), S)
         fi = ar.to(tl.float32)
         diff = fi[:, None] - fi[None, :]
         causal = diff >= 0
-        intra = tl.where(causal, tl.exp(g * tl.where(causal, diff, 0.0)), 0.0)   # [C, C]
+        if not INTRA_IN_LOOP:
+            intra = tl.where(causal, tl.exp(g * tl.where(causal, diff, 0.0)), 0.0)   # [C, C]
         q_decay = tl.exp(g * (fi + 1.0))                                          # gamma^(i+1)
         qk_off = ar[:, None] * (H * D) + dk[None, :]                         # [C, D] in [T, H, D]
         v_off = ar[:, None] * (H * D) + cols[None, :]                        # [C, BV]
@@ -144,19 +150,26 @@ def prefill_kernel(cu_ptr, slots_ptr, fresh_ptr, g_ptr, q_ptr, k_ptr, v_ptr, poo
             qb = tl.load(q_ptr + base + qk_off, mask=rows[:, None], other=0.0)
             kb = tl.load(k_ptr + base + qk_off, mask=rows[:, None], other=0.0)
             vb = tl.load(v_ptr + base + v_off, mask=rows[:, None], other=0.0)
+            if INTRA_IN_LOOP:       # recomputed per chunk (loop-variant through m): 32 fewer live registers
+                keep = causal & (ar < m)[None, :]
+                intra = tl.where(keep, tl.exp(g * tl.where(keep, diff, 0.0)), 0.0)
             a = tl.dot(qb, tl.trans(kb), input_precision=DOT_PREC) * intra           # f32 [C, C]
             o = tl.dot(a.to(vb.dtype), vb, input_precision=DOT_PREC)
             o = o + q_decay[:, None] * tl.dot(qb, S.to(qb.dtype), input_precision=DOT_PREC)
             tl.store(o_ptr + base + v_off, (o * SCALE).to(o_ptr.dtype.element_ty), mask=rows[:, None])
             mf = m.to(tl.float32)
             k_decay = tl.where(rows, tl.exp(g * tl.maximum(mf - 1.0 - fi, 0.0)), 0.0)
-            kd = (kb.to(tl.float32) * k_decay[:, None]).to(kb.dtype)
-            S = tl.exp(g * mf) * S + tl.dot(tl.trans(kd), vb, input_precision=DOT_PREC)
+            if DECAY_V:             # k^T (decay * v): the [C, BV] v tile scaled, k^T straight from shared memory
+                vd = (vb.to(tl.float32) * k_decay[:, None]).to(vb.dtype)
+                S = tl.exp(g * mf) * S + tl.dot(tl.trans(kb), vd, input_precision=DOT_PREC)
+            else:                   # (decay * k)^T v: the [C, D] k tile scaled
+                kd = (kb.to(tl.float32) * k_decay[:, None]).to(kb.dtype)
+                S = tl.exp(g * mf) * S + tl.dot(tl.trans(kd), vb, input_precision=DOT_PREC)
         if SPLIT:
             if e == e_row:                      # the sequence's last segment writes the final state
-                tl.store(pool_out_ptr + pool_at, S.to(pool_out_ptr.dtype.element_ty))
+                tl.store(pool_out_ptr + pool_base + tile, S.to(pool_out_ptr.dtype.element_ty))
         else:
-            tl.store(pool_out_ptr + pool_at, S.to(pool_out_ptr.dtype.element_ty))
+            tl.store(pool_out_ptr + pool_base + tile, S.to(pool_out_ptr.dtype.element_ty))
     else:
         n = tl.maximum(e - s + C - 1, 0) // C
         o_off = ar[:, None] * (H * D) + cols[None, :]
