@@ -23,8 +23,7 @@ class Config:
     steps; group_m blocks per n tile in the tile order (L2 reuse); persistent 0: one program per
     (block, n tile), p > 0: p programs per SM looping over the used blocks' tiles (triton_kernels.py);
     split_k > 1: each tile's K range in split_k slices, one program each, float32 partial sums
-    summed after the kernel (decode sizes: more programs than blocks x n tiles; not with persistent);
-    warp_specialize: the K loop with Triton's automatic warp specialization."""
+    summed after the kernel (decode sizes: more programs than blocks x n tiles; not with persistent)."""
     block_n: int
     block_k: int
     group_m: int = 8
@@ -32,14 +31,12 @@ class Config:
     num_stages: int = 3
     persistent: int = 0
     split_k: int = 1
-    warp_specialize: bool = False
 
     def tag(self) -> str:
         """Short name of the config for tables: n64k128g8w4s3 (+ p2 when persistent, x4 split in 4
-        along K, ws with warp specialization)."""
+        along K)."""
         t = f"n{self.block_n}k{self.block_k}g{self.group_m}w{self.num_warps}s{self.num_stages}"
-        return (t + (f"p{self.persistent}" if self.persistent else "") + (f"x{self.split_k}" if self.split_k > 1 else "")
-                + ("ws" if self.warp_specialize else ""))
+        return t + (f"p{self.persistent}" if self.persistent else "") + (f"x{self.split_k}" if self.split_k > 1 else "")
 
 
 def num_sms() -> int:
@@ -134,7 +131,7 @@ def gate_up(x, layout, w_gate, w_up, *, config: Config | None = None, f32_dot: s
     grid, persistent, programs = _schedule(c, nb, I // c.block_n)
     common = dict(grid=grid, num_warps=c.num_warps, num_stages=c.num_stages, N_TOKENS=T, K=d, N=I, NUM_BLOCKS=nb,
                   BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
-                  PRECISION=dot_precision(x.dtype, f32_dot), WS=c.warp_specialize)
+                  PRECISION=dot_precision(x.dtype, f32_dot))
     wg, wu = w_gate.astype(x.dtype), w_up.astype(x.dtype)
     if c.split_k > 1:
         part = jax.ShapeDtypeStruct((c.split_k, nb * bm, I), jnp.float32)
@@ -160,8 +157,7 @@ def down(h, layout, w_down, *, config: Config | None = None, f32_dot: str = "tf3
     c = _fit(config, I, d) if config else pick_config("down", bm, I, d, h.dtype.itemsize)
     grid, persistent, programs = _schedule(c, nb, d // c.block_n)
     common = dict(grid=grid, num_warps=c.num_warps, num_stages=c.num_stages, K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm,
-                  BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, PRECISION=dot_precision(h.dtype, f32_dot),
-                  WS=c.warp_specialize)
+                  BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, PRECISION=dot_precision(h.dtype, f32_dot))
     wd = w_down.astype(h.dtype)
     if c.split_k > 1:
         y = jt.triton_call(h, layout.block_expert, wd, kernel=tk.down_split_kernel,

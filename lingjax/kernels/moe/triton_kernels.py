@@ -26,8 +26,6 @@ program writes its float32 partial sums to its own slice of an [SPLIT_K, P, N] o
 the caller sums the slices in a fixed order, so the result is deterministic). gate_up's split writes
 the gate and up partials; silu(g) * u is taken after the sum (gpu.py). One program per (tile, slice);
 no persistent variant.
-WS (compile-time): the K loop as tl.range(..., warp_specialize=True) (Triton's automatic warp
-specialization: producer warps issue the loads, consumer warps the dots); False: a plain loop.
 PRECISION: "" for 16-bit inputs (tensor cores, bf16/f16 products), or a tl.dot input_precision for
 float32 inputs ("tf32x3": float32-accurate, the default; "ieee"; "tf32").
 """
@@ -59,7 +57,7 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 @triton.jit
 def _gate_up_acc(x_ptr, row_token_ptr, wg_ptr, wu_ptr, pid_m, pid_n, e, k0, N_TOKENS: tl.constexpr,
                  K: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr, PRECISION: tl.constexpr, WS: tl.constexpr):
+                 BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr, PRECISION: tl.constexpr):
     """float32 (x[tok] @ Wg[e], x[tok] @ Wu[e]) of one tile over K_STEPS k steps from column k0."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     tok = tl.load(row_token_ptr + rows)
@@ -73,7 +71,7 @@ def _gate_up_acc(x_ptr, row_token_ptr, wg_ptr, wu_ptr, pid_m, pid_n, e, k0, N_TO
     u_ptrs = wu_ptr + w_off
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in tl.range(0, K_STEPS, warp_specialize=WS):
+    for _ in range(0, K_STEPS):
         a = tl.load(a_ptrs, mask=real[:, None], other=0.0)
         acc_g = _dot(a, tl.load(g_ptrs), acc_g, PRECISION)
         acc_u = _dot(a, tl.load(u_ptrs), acc_u, PRECISION)
@@ -86,9 +84,9 @@ def _gate_up_acc(x_ptr, row_token_ptr, wg_ptr, wu_ptr, pid_m, pid_n, e, k0, N_TO
 @triton.jit
 def _gate_up_tile(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, pid_m, pid_n, e, N_TOKENS: tl.constexpr,
                   K: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, WS: tl.constexpr):
+                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     acc_g, acc_u = _gate_up_acc(x_ptr, row_token_ptr, wg_ptr, wu_ptr, pid_m, pid_n, e, 0, N_TOKENS, K, N,
-                                BLOCK_M, BLOCK_N, BLOCK_K, K // BLOCK_K, PRECISION, WS)
+                                BLOCK_M, BLOCK_N, BLOCK_K, K // BLOCK_K, PRECISION)
     h = acc_g * tl.sigmoid(acc_g) * acc_u
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -100,27 +98,25 @@ def _gate_up_tile(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, pid_m, pid_n, e, 
 def gate_up_kernel(x_ptr, row_token_ptr, block_expert_ptr, num_used_ptr, wg_ptr, wu_ptr, h_ptr,
                    N_TOKENS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, NUM_BLOCKS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   PRECISION: tl.constexpr, PERSISTENT: tl.constexpr = False, NUM_PROGRAMS: tl.constexpr = 1,
-                   WS: tl.constexpr = False):
+                   PRECISION: tl.constexpr, PERSISTENT: tl.constexpr = False, NUM_PROGRAMS: tl.constexpr = 1):
     if PERSISTENT:
         n_used = tl.load(num_used_ptr)
         for t in range(tl.program_id(0), n_used * (N // BLOCK_N), NUM_PROGRAMS):
             pid_m, pid_n = _tile(t, n_used, N, BLOCK_N, GROUP_M)
             e = tl.load(block_expert_ptr + pid_m)
             _gate_up_tile(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, pid_m, pid_n, e, N_TOKENS, K, N,
-                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WS)
+                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     else:
         pid_m, pid_n = _tile(tl.program_id(0), NUM_BLOCKS, N, BLOCK_N, GROUP_M)
         e = tl.load(block_expert_ptr + pid_m)
         if e >= 0:
             _gate_up_tile(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, pid_m, pid_n, e, N_TOKENS, K, N,
-                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WS)
+                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
 
 
 @triton.jit
 def _down_acc(h_ptr, w_ptr, pid_m, pid_n, e, k0, K: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr, PRECISION: tl.constexpr,
-              WS: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr, PRECISION: tl.constexpr):
     """float32 h[rows] @ Wd[e] of one tile over K_STEPS k steps from column k0."""
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -128,7 +124,7 @@ def _down_acc(h_ptr, w_ptr, pid_m, pid_n, e, k0, K: tl.constexpr, N: tl.constexp
     a_ptrs = h_ptr + rows[:, None] * K + ks[None, :]
     w_ptrs = w_ptr + e.to(tl.int64) * K * N + ks[:, None] * N + cols[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in tl.range(0, K_STEPS, warp_specialize=WS):
+    for _ in range(0, K_STEPS):
         acc = _dot(tl.load(a_ptrs), tl.load(w_ptrs), acc, PRECISION)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * N
@@ -137,8 +133,8 @@ def _down_acc(h_ptr, w_ptr, pid_m, pid_n, e, k0, K: tl.constexpr, N: tl.constexp
 
 @triton.jit
 def _down_tile(h_ptr, w_ptr, y_ptr, pid_m, pid_n, e, K: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, WS: tl.constexpr):
-    acc = _down_acc(h_ptr, w_ptr, pid_m, pid_n, e, 0, K, N, BLOCK_M, BLOCK_N, BLOCK_K, K // BLOCK_K, PRECISION, WS)
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    acc = _down_acc(h_ptr, w_ptr, pid_m, pid_n, e, 0, K, N, BLOCK_M, BLOCK_N, BLOCK_K, K // BLOCK_K, PRECISION)
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty))
@@ -148,19 +144,18 @@ def _down_tile(h_ptr, w_ptr, y_ptr, pid_m, pid_n, e, K: tl.constexpr, N: tl.cons
 def down_kernel(h_ptr, block_expert_ptr, num_used_ptr, w_ptr, y_ptr,
                 K: tl.constexpr, N: tl.constexpr, NUM_BLOCKS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                PRECISION: tl.constexpr, PERSISTENT: tl.constexpr = False, NUM_PROGRAMS: tl.constexpr = 1,
-                   WS: tl.constexpr = False):
+                PRECISION: tl.constexpr, PERSISTENT: tl.constexpr = False, NUM_PROGRAMS: tl.constexpr = 1):
     if PERSISTENT:
         n_used = tl.load(num_used_ptr)
         for t in range(tl.program_id(0), n_used * (N // BLOCK_N), NUM_PROGRAMS):
             pid_m, pid_n = _tile(t, n_used, N, BLOCK_N, GROUP_M)
             e = tl.load(block_expert_ptr + pid_m)
-            _down_tile(h_ptr, w_ptr, y_ptr, pid_m, pid_n, e, K, N, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WS)
+            _down_tile(h_ptr, w_ptr, y_ptr, pid_m, pid_n, e, K, N, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     else:
         pid_m, pid_n = _tile(tl.program_id(0), NUM_BLOCKS, N, BLOCK_N, GROUP_M)
         e = tl.load(block_expert_ptr + pid_m)
         if e >= 0:
-            _down_tile(h_ptr, w_ptr, y_ptr, pid_m, pid_n, e, K, N, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, WS)
+            _down_tile(h_ptr, w_ptr, y_ptr, pid_m, pid_n, e, K, N, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
 
 
 @triton.jit
@@ -176,8 +171,7 @@ def _split_tile(NUM_BLOCKS: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr
 def gate_up_split_kernel(x_ptr, row_token_ptr, block_expert_ptr, wg_ptr, wu_ptr, g_part_ptr, u_part_ptr,
                          N_TOKENS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, NUM_BLOCKS: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         GROUP_M: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr,
-                         WS: tl.constexpr = False):
+                         GROUP_M: tl.constexpr, PRECISION: tl.constexpr, SPLIT_K: tl.constexpr):
     """Split-K gate/up: g_part, u_part [SPLIT_K, P, N] float32, slice s = the products over K columns
     [s K / SPLIT_K, (s + 1) K / SPLIT_K) (K a multiple of SPLIT_K * BLOCK_K)."""
     pid_m, pid_n, pid_k = _split_tile(NUM_BLOCKS, N, BLOCK_N, GROUP_M, SPLIT_K)
@@ -185,7 +179,7 @@ def gate_up_split_kernel(x_ptr, row_token_ptr, block_expert_ptr, wg_ptr, wu_ptr,
     if e >= 0:
         steps: tl.constexpr = K // BLOCK_K // SPLIT_K
         acc_g, acc_u = _gate_up_acc(x_ptr, row_token_ptr, wg_ptr, wu_ptr, pid_m, pid_n, e, pid_k * steps * BLOCK_K,
-                                    N_TOKENS, K, N, BLOCK_M, BLOCK_N, BLOCK_K, steps, PRECISION, WS)
+                                    N_TOKENS, K, N, BLOCK_M, BLOCK_N, BLOCK_K, steps, PRECISION)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         off = pid_k.to(tl.int64) * (NUM_BLOCKS * BLOCK_M * N) + rows.to(tl.int64)[:, None] * N + cols[None, :]
@@ -197,14 +191,14 @@ def gate_up_split_kernel(x_ptr, row_token_ptr, block_expert_ptr, wg_ptr, wu_ptr,
 def down_split_kernel(h_ptr, block_expert_ptr, w_ptr, y_part_ptr, K: tl.constexpr, N: tl.constexpr,
                       NUM_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr,
-                      SPLIT_K: tl.constexpr, WS: tl.constexpr = False):
+                      SPLIT_K: tl.constexpr):
     """Split-K down: y_part [SPLIT_K, P, N] float32, slice s = h's K columns [s K / SPLIT_K, ...) @ Wd."""
     pid_m, pid_n, pid_k = _split_tile(NUM_BLOCKS, N, BLOCK_N, GROUP_M, SPLIT_K)
     e = tl.load(block_expert_ptr + pid_m)
     if e >= 0:
         steps: tl.constexpr = K // BLOCK_K // SPLIT_K
         acc = _down_acc(h_ptr, w_ptr, pid_m, pid_n, e, pid_k * steps * BLOCK_K, K, N, BLOCK_M, BLOCK_N, BLOCK_K,
-                        steps, PRECISION, WS)
+                        steps, PRECISION)
         rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         off = pid_k.to(tl.int64) * (NUM_BLOCKS * BLOCK_M * N) + rows[:, None] * N + cols[None, :]
