@@ -14,8 +14,8 @@ Methods (rows):
                 the layout alone (plus a checksum of its arrays)
   lingjax-mm    the two Triton grouped matmuls alone (layout precomputed), default tiles
   mm bm.. ..    --sweep: the grouped matmuls with each configuration of SWEEP_SMALL / SWEEP_LARGE
-                (block_m, gate_up tiles / down tiles, 'p': persistent, 'x': split K;
-                gpu.Config.tag); the best per T is printed
+                (block_m, gate_up tiles / down tiles, 'p': persistent, 'x': split K, 'h':
+                half-height tiles for half-padding blocks; gpu.Config.tag); the best per T is printed
   old-gather / old-sorted / old-dense
                 the three forms of lingjax/model/moe.py before the grouped matmul (the issue's
                 baseline: 'dense' was what every T >= 32 ran at these shapes)
@@ -58,7 +58,7 @@ E, K = 256, 8
 
 # Tile sweeps of the grouped matmuls (--sweep): (block_m or None for pick_block_m's, gate_up config, down
 # config), a config being gpu.Config's fields (block_n, block_k, group_m, num_warps, num_stages[, persistent
-# [, split_k]]). The first entry of each list is the default of gpu.pick_config; the
+# [, split_k[, short_blocks]]]). The first entry of each list is the default of gpu.pick_config; the
 # best row per T is printed and saved.
 SWEEP_SMALL = [  # blocks of <= 32 rows (decode: weight streaming)
     (None, (64, 128, 1, 4, 4), (128, 64, 1, 4, 4)),
@@ -82,6 +82,11 @@ SWEEP_LARGE = [  # blocks of >= 64 rows
     (None, (128, 64, 4, 8, 3, 1), (256, 64, 4, 8, 3, 1)),      # 4 blocks per n tile
     (None, (128, 128, 8, 8, 2, 1), (256, 128, 8, 8, 2, 1)),    # 128-deep k steps, 2 stages
     (64, (64, 64, 8, 4, 3), (128, 64, 8, 4, 3)),         # half-height blocks: less padding per expert
+    # half-height tiles where a block's second half is padding (T = 4096: ~1.25x the useful products
+    # instead of ~1.5x)
+    (None, (128, 64, 8, 8, 3, 1, 1, True), (256, 64, 8, 8, 3, 1, 1, True)),
+    (None, (128, 64, 8, 8, 3, 0, 1, True), (256, 64, 8, 8, 3, 0, 1, True)),
+    (None, (128, 64, 8, 8, 4, 1, 1, True), (256, 64, 8, 8, 4, 1, 1, True)),
 ]
 
 

@@ -79,12 +79,13 @@ def kernels(T, d, I, bm, cg, cd, dt):
             else:
                 out.append((kind, tk.down_split_kernel, [f"*{dt}", "*i32", f"*{dt}", "*fp32"], common, c))
             continue
-        common.update(PERSISTENT=c.persistent > 0, NUM_PROGRAMS=max(1, c.persistent * 132))
+        common.update(PERSISTENT=c.persistent > 0, NUM_PROGRAMS=max(1, c.persistent * 132), SHORT=c.short_blocks,
+                      N_TOKENS=T)
         if kind == "gate_up":
             out.append((kind, tk.gate_up_kernel, [f"*{dt}", "*i32", "*i32", "*i32", f"*{dt}", f"*{dt}", f"*{dt}"],
-                        dict(N_TOKENS=T, **common), c))
+                        common, c))
         else:
-            out.append((kind, tk.down_kernel, [f"*{dt}", "*i32", "*i32", f"*{dt}", f"*{dt}"], common, c))
+            out.append((kind, tk.down_kernel, [f"*{dt}", "*i32", "*i32", "*i32", f"*{dt}", f"*{dt}"], common, c))
     return out
 
 

@@ -3,7 +3,8 @@ on the CPU at the Ling-2.6-flash shapes (d 4096, I 1024, E 256, top-8), its jax-
 (kernels, block size, grid, schedule) and compiled for sm_90 by jax-triton's own compile function
 (Triton -> PTX): every launch fits the H200's shared memory, the large-block products run on the
 tensor cores (wgmma). The decode-size layout is built without a sort, the large one with it. The
-persistent schedule's launch (programs per SM) is the default at large blocks and compiles; the
+persistent schedule's launch (programs per SM) is the default at large blocks and compiles, with the
+half-height tiles too; the
 split-K kernels (decode sizes) launch split_k programs per tile and compile. Values: tests/test_moe_triton_interpret.py
 (Triton interpreter) and scripts/bench_moe.py (on the device, against a float64 oracle)."""
 import jax
@@ -45,7 +46,7 @@ def test_gpu_experts_trace_and_compile_for_sm90(jax_triton_call, T, bm, sort):
 
 
 def test_persistent_schedule_launch_compiles_for_sm90(jax_triton_call):
-    cfg = gpu.Config(block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=3, persistent=2)
+    cfg = gpu.Config(block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=3, persistent=2, short_blocks=True)
 
     def f(x, idx, w, wg, wu, wd):
         lay = make_layout(idx, E, 128)
@@ -55,6 +56,7 @@ def test_persistent_schedule_launch_compiles_for_sm90(jax_triton_call):
     for c in calls:
         p = c.params
         assert p["PERSISTENT"] and p["NUM_PROGRAMS"] == 2 * gpu.num_sms() and p["grid"] == (p["NUM_PROGRAMS"],)
+        assert p["SHORT"] and p["N_TOKENS"] == 4096        # half-height tiles: both heights compiled
         shared, ptx, _ = _compile_call(jax_triton_call, c)
         assert 0 < shared <= SM90_SMEM and "wgmma" in ptx
 

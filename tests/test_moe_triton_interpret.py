@@ -65,7 +65,7 @@ def layout(idx, E, bm):
     return row_token, block_expert, pair_row
 
 
-def run(tk, x, idx, wg, wu, wd, bm, bn, bk, precision, group_m, programs=0, split=1):
+def run(tk, x, idx, wg, wu, wd, bm, bn, bk, precision, group_m, programs=0, split=1, short=False):
     """programs 0: one program per (block, n tile); > 0: the persistent schedule with that many;
     split > 1: the split-K kernels with that many K slices (-> h, y, ..., and whether every unused
     block's partial rows kept the sentinel)."""
@@ -93,12 +93,12 @@ def run(tk, x, idx, wg, wu, wd, bm, bn, bk, precision, group_m, programs=0, spli
         return h.double().numpy(), y.double().numpy(), row_token, block_expert, untouched
     h = torch.full((P, I), sentinel, dtype=tt(x).dtype)
     y = torch.full((P, d), sentinel, dtype=tt(x).dtype)
-    sched = dict(PERSISTENT=programs > 0, NUM_PROGRAMS=max(programs, 1))
+    sched = dict(PERSISTENT=programs > 0, NUM_PROGRAMS=max(programs, 1), SHORT=short)
     tk.gate_up_kernel[(programs or nb * (I // bn),)](
         tt(x), tt(row_token), tt(block_expert), num_used, tt(wg), tt(wu), h, N_TOKENS=T, K=d, N=I, NUM_BLOCKS=nb,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, PRECISION=precision, **sched)
     tk.down_kernel[(programs or nb * (d // bn),)](
-        h, tt(block_expert), num_used, tt(wd), y, K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        h, tt(row_token), tt(block_expert), num_used, tt(wd), y, N_TOKENS=T, K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         GROUP_M=group_m, PRECISION=precision, **sched)
     return h.double().numpy(), y.double().numpy(), row_token, block_expert, sentinel
 
@@ -135,9 +135,13 @@ PERSISTENT = [("float32", "ieee", 1e-5, 3), ("float16", "", 1e-2, 5)]
 # split K in 2 slices: decode (T = 1, most blocks unused), empty experts, a skewed routing
 SPLIT_CASES = [CASES[0], CASES[1], CASES[3]]
 SPLIT = [("float32", "ieee", 1e-5, 2), ("float16", "", 1e-2, 2)]
+# half-height tiles for blocks whose second half is padding (SHORT), blocks of 32 rows: groups of more
+# and fewer than 16 rows, and groups spilling a few rows into a second block
+SHORT_CASES = [(60, 2, 4, 32, "uniform"), (24, 2, 4, 32, "skewed")]
+SHORT = [("float32", "ieee", 1e-5, 0), ("float32", "ieee", 1e-5, 3), ("float16", "", 1e-2, 0)]
 
 
-def measure(tk, case, dtype, precision, programs=0, split=1):
+def measure(tk, case, dtype, precision, programs=0, split=1, short=False):
     T, k, E, bm, routing = case
     d, I, bn, bk = 64, 32, 16, 32 if split == 1 else 16      # split: K = 32 in 2 slices of 16
     dtype = np.dtype(dtype)
@@ -152,7 +156,7 @@ def measure(tk, case, dtype, precision, programs=0, split=1):
     wu = (rng.standard_normal((E, d, I)) / np.sqrt(d)).astype(dtype)
     wd = (rng.standard_normal((E, I, d)) / np.sqrt(I)).astype(dtype)
     h, y, row_token, block_expert, sentinel = run(tk, x, idx, wg, wu, wd, bm, bn, bk, precision, group_m=2,
-                                                  programs=programs, split=split)
+                                                  programs=programs, split=split, short=short)
     want_h, want_y = oracle(x, wg, wu, wd, row_token, block_expert, bm)
     rows = sorted(want_h)
     H, Y = np.stack([want_h[r] for r in rows]), np.stack([want_y[r] for r in rows])
@@ -165,11 +169,14 @@ def measure(tk, case, dtype, precision, programs=0, split=1):
     return dict(rel_h=float(np.linalg.norm(h[rows] - H) / np.linalg.norm(H)),
                 rel_y=float(np.linalg.norm(y[rows] - Y) / np.linalg.norm(Y)),
                 n_rows=len(rows), n_pad=len(pad), n_unused=len(unused),
-                pad_zero=bool(np.all(h[pad] == 0) and np.all(y[pad] == 0)), unused_untouched=untouched)
+                pad_zero=bool(np.all(h[pad] == 0) and np.all(y[pad] == 0)), unused_untouched=untouched,
+                half_padding_blocks=int(sum(row_token[b * bm + bm // 2] == T for b in range(len(block_expert))
+                                            if block_expert[b] >= 0)),
+                used_blocks=int((block_expert >= 0).sum()))
 
 
-def _key(case, dtype, precision, programs=0, split=1):
-    return f"{case}-{dtype}-{precision}-{programs}" + (f"-split{split}" if split > 1 else "")
+def _key(case, dtype, precision, programs=0, split=1, short=False):
+    return f"{case}-{dtype}-{precision}-{programs}" + (f"-split{split}" if split > 1 else "") + ("-short" if short else "")
 
 
 @pytest.mark.parametrize("dtype,precision,tol", PARAMS)
@@ -201,9 +208,20 @@ def test_split_k_kernels_match_float64(results, case, dtype, precision, tol, spl
     assert r["n_unused"] > 0 and r["n_pad"] > 0      # the case exercises both
 
 
+@pytest.mark.parametrize("dtype,precision,tol,programs", SHORT)
+@pytest.mark.parametrize("case", SHORT_CASES)
+def test_half_height_tiles_match_float64(results, case, dtype, precision, tol, programs):
+    r = results[_key(case, dtype, precision, programs, short=True)]
+    assert r["rel_h"] < tol and r["rel_y"] < tol, r
+    assert r["pad_zero"] and r["unused_untouched"], r
+    assert 0 < r["half_padding_blocks"] < r["used_blocks"], r      # both tile heights run
+
+
 if __name__ == "__main__":          # the child process
     tk = _load_interpreted()
     res = {_key(c, dt, pr): measure(tk, c, dt, pr) for c in CASES for dt, pr, _ in PARAMS}
     res.update({_key(c, dt, pr, n): measure(tk, c, dt, pr, n) for c in CASES for dt, pr, _, n in PERSISTENT})
     res.update({_key(c, dt, pr, split=n): measure(tk, c, dt, pr, split=n) for c in SPLIT_CASES for dt, pr, _, n in SPLIT})
+    res.update({_key(c, dt, pr, n, short=True): measure(tk, c, dt, pr, n, short=True)
+                for c in SHORT_CASES for dt, pr, _, n in SHORT})
     print(json.dumps(res))

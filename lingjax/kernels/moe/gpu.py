@@ -23,7 +23,8 @@ class Config:
     steps; group_m blocks per n tile in the tile order (L2 reuse); persistent 0: one program per
     (block, n tile), p > 0: p programs per SM looping over the used blocks' tiles (triton_kernels.py);
     split_k > 1: each tile's K range in split_k slices, one program each, float32 partial sums
-    summed after the kernel (decode sizes: more programs than blocks x n tiles; not with persistent)."""
+    summed after the kernel (decode sizes: more programs than blocks x n tiles; not with persistent);
+    short_blocks: a block whose second half is padding runs a half-height tile (triton_kernels.py)."""
     block_n: int
     block_k: int
     group_m: int = 8
@@ -31,12 +32,14 @@ class Config:
     num_stages: int = 3
     persistent: int = 0
     split_k: int = 1
+    short_blocks: bool = False
 
     def tag(self) -> str:
         """Short name of the config for tables: n64k128g8w4s3 (+ p2 when persistent, x4 split in 4
-        along K)."""
+        along K, h with half-height tiles for half-padding blocks)."""
         t = f"n{self.block_n}k{self.block_k}g{self.group_m}w{self.num_warps}s{self.num_stages}"
-        return t + (f"p{self.persistent}" if self.persistent else "") + (f"x{self.split_k}" if self.split_k > 1 else "")
+        return (t + (f"p{self.persistent}" if self.persistent else "") + (f"x{self.split_k}" if self.split_k > 1 else "")
+                + ("h" if self.short_blocks else ""))
 
 
 def num_sms() -> int:
@@ -112,9 +115,16 @@ def _fit(c: Config, K: int, N: int) -> Config:
     if c.split_k < 1 or (K // bk) % c.split_k:
         raise ValueError(f"MoE GPU kernel: split_k={c.split_k} must divide the K={K} dim's {K // bk} k steps "
                          f"of {bk}")
-    if c.split_k > 1 and c.persistent:
-        raise ValueError("MoE GPU kernel: split_k > 1 has no persistent schedule (persistent must be 0)")
+    if c.split_k > 1 and (c.persistent or c.short_blocks):
+        raise ValueError("MoE GPU kernel: split_k > 1 has no persistent schedule or half-height tiles "
+                         "(persistent must be 0, short_blocks False)")
     return dataclasses.replace(c, block_n=bn, block_k=bk)
+
+
+def _check_short(c: Config, block_m: int):
+    if c.short_blocks and block_m < 32:
+        raise ValueError(f"MoE GPU kernel: short_blocks needs blocks of >= 32 rows (half-height tiles of >= 16), "
+                         f"got block_m={block_m}")
 
 
 def gate_up(x, layout, w_gate, w_up, *, config: Config | None = None, f32_dot: str = "tf32x3"):
@@ -128,6 +138,7 @@ def gate_up(x, layout, w_gate, w_up, *, config: Config | None = None, f32_dot: s
     I = w_gate.shape[-1]
     nb, bm = layout.block_expert.shape[0], layout.block_m
     c = _fit(config, d, I) if config else pick_config("gate_up", bm, d, I, x.dtype.itemsize)
+    _check_short(c, bm)
     grid, persistent, programs = _schedule(c, nb, I // c.block_n)
     common = dict(grid=grid, num_warps=c.num_warps, num_stages=c.num_stages, N_TOKENS=T, K=d, N=I, NUM_BLOCKS=nb,
                   BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
@@ -142,7 +153,7 @@ def gate_up(x, layout, w_gate, w_up, *, config: Config | None = None, f32_dot: s
     return jt.triton_call(
         x, layout.row_token, layout.block_expert, layout.num_used_blocks.reshape(1), wg, wu,
         kernel=tk.gate_up_kernel, out_shape=jax.ShapeDtypeStruct((nb * bm, I), x.dtype), name="moe_gate_up",
-        PERSISTENT=persistent, NUM_PROGRAMS=programs, **common)
+        PERSISTENT=persistent, NUM_PROGRAMS=programs, SHORT=c.short_blocks, **common)
 
 
 def down(h, layout, w_down, *, config: Config | None = None, f32_dot: str = "tf32x3"):
@@ -155,6 +166,7 @@ def down(h, layout, w_down, *, config: Config | None = None, f32_dot: str = "tf3
     d = w_down.shape[-1]
     nb, bm = layout.block_expert.shape[0], layout.block_m
     c = _fit(config, I, d) if config else pick_config("down", bm, I, d, h.dtype.itemsize)
+    _check_short(c, bm)
     grid, persistent, programs = _schedule(c, nb, d // c.block_n)
     common = dict(grid=grid, num_warps=c.num_warps, num_stages=c.num_stages, K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm,
                   BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, PRECISION=dot_precision(h.dtype, f32_dot))
@@ -165,6 +177,6 @@ def down(h, layout, w_down, *, config: Config | None = None, f32_dot: str = "tf3
                            SPLIT_K=c.split_k, **common)
         return y.sum(0).astype(h.dtype)
     return jt.triton_call(
-        h, layout.block_expert, layout.num_used_blocks.reshape(1), wd, kernel=tk.down_kernel,
+        h, layout.row_token, layout.block_expert, layout.num_used_blocks.reshape(1), wd, kernel=tk.down_kernel,
         out_shape=jax.ShapeDtypeStruct((P, d), h.dtype), name="moe_down", PERSISTENT=persistent,
-        NUM_PROGRAMS=programs, **common)
+        NUM_PROGRAMS=programs, SHORT=c.short_blocks, N_TOKENS=layout.pair_row.shape[0], **common)

@@ -10,7 +10,7 @@ A program computes one [BLOCK_M, BLOCK_N] output tile of one block, streaming it
 panel [K, BLOCK_N] once, with float32 accumulation:
   gate_up: h[r] = silu(x[tok] @ Wg[e]) * (x[tok] @ Wu[e])      x [T, d], Wg/Wu [E, d, I] -> h [P, I]
   down:    y[r] = h[r] @ Wd[e]                                  h [P, I], Wd [E, I, d]    -> y [P, d]
-Rows of unused blocks are left unwritten (the combine step never reads them). Tiles (block, n tile)
+Rows of unused blocks are left unwritten (the combine step never reads them); padding rows are zeros. Tiles (block, n tile)
 are ordered GROUP_M blocks at a time per n tile, so that the GROUP_M blocks' activation rows and the
 weight panel of an expert with several blocks are reused from L2 (_tile).
 Two schedules (PERSISTENT, a compile-time choice):
@@ -19,6 +19,12 @@ Two schedules (PERSISTENT, a compile-time choice):
   True   NUM_PROGRAMS programs (a few per SM) loop over the tiles of the used blocks only
          (num_used_blocks read on the device), in the same order: no launch of empty programs, and
          the programs resident on the SMs move through the tiles together, keeping the L2 reuse.
+Half-height tiles (SHORT, compile-time): an expert's last block is often mostly padding (T = 4096 at
+the flash shapes: 128 +- 11 pairs per expert in blocks of 128, so about half the experts have a second
+block of a few rows: 1.5x the useful products). With SHORT, a block whose row BLOCK_M/2 is padding
+(then so is every row after it: a group's padding is at its end) runs a [BLOCK_M/2, BLOCK_N] tile and
+stores zeros to the other half (1.25x instead of 1.5x at T = 4096). The row tokens tell it, so
+down_kernel takes row_token too.
 Split K (the *_split_kernel variants, SPLIT_K > 1): for decode sizes, where the used blocks x n tiles are
 fewer programs than the GPU has SMs (T = 1 at the flash shapes: 8 experts x 16 gate/up or 32 down
 tiles, on 132 SMs), each tile's K range is cut into SPLIT_K slices, one program each, and every
@@ -55,11 +61,11 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_acc(x_ptr, row_token_ptr, wg_ptr, wu_ptr, pid_m, pid_n, e, k0, N_TOKENS: tl.constexpr,
+def _gate_up_acc(x_ptr, row_token_ptr, wg_ptr, wu_ptr, row0, pid_n, e, k0, N_TOKENS: tl.constexpr,
                  K: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr, PRECISION: tl.constexpr):
-    """float32 (x[tok] @ Wg[e], x[tok] @ Wu[e]) of one tile over K_STEPS k steps from column k0."""
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """float32 (x[tok] @ Wg[e], x[tok] @ Wu[e]) of rows row0.. (BLOCK_M) over K_STEPS k steps from column k0."""
+    rows = row0 + tl.arange(0, BLOCK_M)
     tok = tl.load(row_token_ptr + rows)
     real = tok < N_TOKENS
     tok = tl.where(real, tok, 0).to(tl.int64)
@@ -82,43 +88,77 @@ def _gate_up_acc(x_ptr, row_token_ptr, wg_ptr, wu_ptr, pid_m, pid_n, e, k0, N_TO
 
 
 @triton.jit
-def _gate_up_tile(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, pid_m, pid_n, e, N_TOKENS: tl.constexpr,
+def _gate_up_tile(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, row0, pid_n, e, N_TOKENS: tl.constexpr,
                   K: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    acc_g, acc_u = _gate_up_acc(x_ptr, row_token_ptr, wg_ptr, wu_ptr, pid_m, pid_n, e, 0, N_TOKENS, K, N,
+    acc_g, acc_u = _gate_up_acc(x_ptr, row_token_ptr, wg_ptr, wu_ptr, row0, pid_n, e, 0, N_TOKENS, K, N,
                                 BLOCK_M, BLOCK_N, BLOCK_K, K // BLOCK_K, PRECISION)
     h = acc_g * tl.sigmoid(acc_g) * acc_u
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = row0 + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out = h_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
     tl.store(out, h.to(h_ptr.dtype.element_ty))
 
 
 @triton.jit
+def _store_zeros(out_ptr, row0, pid_n, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], tl.zeros((BLOCK_M, BLOCK_N), out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _half_padding(row_token_ptr, pid_m, N_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Whether rows BLOCK_M/2.. of block pid_m are all padding (a group's padding is at its end)."""
+    return tl.load(row_token_ptr + pid_m * BLOCK_M + BLOCK_M // 2) >= N_TOKENS
+
+
+@triton.jit
+def _gate_up_block(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, pid_m, pid_n, e, N_TOKENS: tl.constexpr,
+                   K: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SHORT: tl.constexpr):
+    """One output tile; SHORT: a block whose second half is padding runs a half-height tile (and
+    writes the padding half's zeros), halving its products."""
+    row0 = pid_m * BLOCK_M
+    if SHORT:
+        if _half_padding(row_token_ptr, pid_m, N_TOKENS, BLOCK_M):
+            _gate_up_tile(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, row0, pid_n, e, N_TOKENS, K, N,
+                          BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION)
+            _store_zeros(h_ptr, row0 + BLOCK_M // 2, pid_n, N, BLOCK_M // 2, BLOCK_N)
+        else:
+            _gate_up_tile(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, row0, pid_n, e, N_TOKENS, K, N,
+                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    else:
+        _gate_up_tile(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, row0, pid_n, e, N_TOKENS, K, N,
+                      BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+
+
+@triton.jit
 def gate_up_kernel(x_ptr, row_token_ptr, block_expert_ptr, num_used_ptr, wg_ptr, wu_ptr, h_ptr,
                    N_TOKENS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, NUM_BLOCKS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                   PRECISION: tl.constexpr, PERSISTENT: tl.constexpr = False, NUM_PROGRAMS: tl.constexpr = 1):
+                   PRECISION: tl.constexpr, PERSISTENT: tl.constexpr = False, NUM_PROGRAMS: tl.constexpr = 1,
+                   SHORT: tl.constexpr = False):
     if PERSISTENT:
         n_used = tl.load(num_used_ptr)
         for t in range(tl.program_id(0), n_used * (N // BLOCK_N), NUM_PROGRAMS):
             pid_m, pid_n = _tile(t, n_used, N, BLOCK_N, GROUP_M)
             e = tl.load(block_expert_ptr + pid_m)
-            _gate_up_tile(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, pid_m, pid_n, e, N_TOKENS, K, N,
-                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            _gate_up_block(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, pid_m, pid_n, e, N_TOKENS, K, N,
+                           BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, SHORT)
     else:
         pid_m, pid_n = _tile(tl.program_id(0), NUM_BLOCKS, N, BLOCK_N, GROUP_M)
         e = tl.load(block_expert_ptr + pid_m)
         if e >= 0:
-            _gate_up_tile(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, pid_m, pid_n, e, N_TOKENS, K, N,
-                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            _gate_up_block(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, pid_m, pid_n, e, N_TOKENS, K, N,
+                           BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, SHORT)
 
 
 @triton.jit
-def _down_acc(h_ptr, w_ptr, pid_m, pid_n, e, k0, K: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr,
+def _down_acc(h_ptr, w_ptr, row0, pid_n, e, k0, K: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_STEPS: tl.constexpr, PRECISION: tl.constexpr):
-    """float32 h[rows] @ Wd[e] of one tile over K_STEPS k steps from column k0."""
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    """float32 h[rows] @ Wd[e] of rows row0.. (BLOCK_M) over K_STEPS k steps from column k0."""
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = k0 + tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + rows[:, None] * K + ks[None, :]
@@ -132,30 +172,49 @@ def _down_acc(h_ptr, w_ptr, pid_m, pid_n, e, k0, K: tl.constexpr, N: tl.constexp
 
 
 @triton.jit
-def _down_tile(h_ptr, w_ptr, y_ptr, pid_m, pid_n, e, K: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr,
+def _down_tile(h_ptr, w_ptr, y_ptr, row0, pid_n, e, K: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    acc = _down_acc(h_ptr, w_ptr, pid_m, pid_n, e, 0, K, N, BLOCK_M, BLOCK_N, BLOCK_K, K // BLOCK_K, PRECISION)
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    acc = _down_acc(h_ptr, w_ptr, row0, pid_n, e, 0, K, N, BLOCK_M, BLOCK_N, BLOCK_K, K // BLOCK_K, PRECISION)
+    rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty))
 
 
 @triton.jit
-def down_kernel(h_ptr, block_expert_ptr, num_used_ptr, w_ptr, y_ptr,
-                K: tl.constexpr, N: tl.constexpr, NUM_BLOCKS: tl.constexpr,
+def _down_block(h_ptr, row_token_ptr, w_ptr, y_ptr, pid_m, pid_n, e, N_TOKENS: tl.constexpr, K: tl.constexpr,
+                N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                PRECISION: tl.constexpr, SHORT: tl.constexpr):
+    """One output tile; SHORT: half-height for a block whose second half is padding (as _gate_up_block)."""
+    row0 = pid_m * BLOCK_M
+    if SHORT:
+        if _half_padding(row_token_ptr, pid_m, N_TOKENS, BLOCK_M):
+            _down_tile(h_ptr, w_ptr, y_ptr, row0, pid_n, e, K, N, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION)
+            _store_zeros(y_ptr, row0 + BLOCK_M // 2, pid_n, N, BLOCK_M // 2, BLOCK_N)
+        else:
+            _down_tile(h_ptr, w_ptr, y_ptr, row0, pid_n, e, K, N, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    else:
+        _down_tile(h_ptr, w_ptr, y_ptr, row0, pid_n, e, K, N, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+
+
+@triton.jit
+def down_kernel(h_ptr, row_token_ptr, block_expert_ptr, num_used_ptr, w_ptr, y_ptr,
+                N_TOKENS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, NUM_BLOCKS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                PRECISION: tl.constexpr, PERSISTENT: tl.constexpr = False, NUM_PROGRAMS: tl.constexpr = 1):
+                PRECISION: tl.constexpr, PERSISTENT: tl.constexpr = False, NUM_PROGRAMS: tl.constexpr = 1,
+                SHORT: tl.constexpr = False):
     if PERSISTENT:
         n_used = tl.load(num_used_ptr)
         for t in range(tl.program_id(0), n_used * (N // BLOCK_N), NUM_PROGRAMS):
             pid_m, pid_n = _tile(t, n_used, N, BLOCK_N, GROUP_M)
             e = tl.load(block_expert_ptr + pid_m)
-            _down_tile(h_ptr, w_ptr, y_ptr, pid_m, pid_n, e, K, N, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            _down_block(h_ptr, row_token_ptr, w_ptr, y_ptr, pid_m, pid_n, e, N_TOKENS, K, N, BLOCK_M, BLOCK_N,
+                        BLOCK_K, PRECISION, SHORT)
     else:
         pid_m, pid_n = _tile(tl.program_id(0), NUM_BLOCKS, N, BLOCK_N, GROUP_M)
         e = tl.load(block_expert_ptr + pid_m)
         if e >= 0:
-            _down_tile(h_ptr, w_ptr, y_ptr, pid_m, pid_n, e, K, N, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            _down_block(h_ptr, row_token_ptr, w_ptr, y_ptr, pid_m, pid_n, e, N_TOKENS, K, N, BLOCK_M, BLOCK_N,
+                        BLOCK_K, PRECISION, SHORT)
 
 
 @triton.jit
@@ -178,7 +237,7 @@ def gate_up_split_kernel(x_ptr, row_token_ptr, block_expert_ptr, wg_ptr, wu_ptr,
     e = tl.load(block_expert_ptr + pid_m)
     if e >= 0:
         steps: tl.constexpr = K // BLOCK_K // SPLIT_K
-        acc_g, acc_u = _gate_up_acc(x_ptr, row_token_ptr, wg_ptr, wu_ptr, pid_m, pid_n, e, pid_k * steps * BLOCK_K,
+        acc_g, acc_u = _gate_up_acc(x_ptr, row_token_ptr, wg_ptr, wu_ptr, pid_m * BLOCK_M, pid_n, e, pid_k * steps * BLOCK_K,
                                     N_TOKENS, K, N, BLOCK_M, BLOCK_N, BLOCK_K, steps, PRECISION)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -197,7 +256,7 @@ def down_split_kernel(h_ptr, block_expert_ptr, w_ptr, y_part_ptr, K: tl.constexp
     e = tl.load(block_expert_ptr + pid_m)
     if e >= 0:
         steps: tl.constexpr = K // BLOCK_K // SPLIT_K
-        acc = _down_acc(h_ptr, w_ptr, pid_m, pid_n, e, pid_k * steps * BLOCK_K, K, N, BLOCK_M, BLOCK_N, BLOCK_K,
+        acc = _down_acc(h_ptr, w_ptr, pid_m * BLOCK_M, pid_n, e, pid_k * steps * BLOCK_K, K, N, BLOCK_M, BLOCK_N, BLOCK_K,
                         steps, PRECISION)
         rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
