@@ -63,7 +63,6 @@ E, K = 256, 8
 SWEEP_SMALL = [  # blocks of <= 32 rows (decode: weight streaming)
     (None, (64, 128, 1, 4, 4), (128, 64, 1, 4, 4)),
     (None, (32, 128, 1, 4, 4), (64, 128, 1, 4, 4)),      # twice the programs (T = 1: 8 blocks only)
-    (None, (64, 128, 1, 8, 4), (128, 128, 1, 8, 3)),     # 8 warps, deeper down k steps
     # split K (T = 1 at the flash shapes: 8 blocks x 16 gate/up or 32 down tiles = 128 / 256 programs on
     # 132 SMs; split 4 / 2: 512 each, every program still reads whole 128- or 256-byte weight rows)
     (None, (64, 128, 1, 4, 4, 0, 2), (128, 64, 1, 4, 4, 0, 2)),
@@ -75,15 +74,11 @@ SWEEP_SMALL = [  # blocks of <= 32 rows (decode: weight streaming)
 SWEEP_LARGE = [  # blocks of >= 64 rows
     (None, (128, 64, 8, 8, 3, 1), (256, 64, 8, 8, 3, 1)),      # default (run 17's best): 128 x 128 (x2) /
     #                                                            128 x 256 tiles, 8 warps, persistent 1 per SM
-    (None, (64, 64, 8, 4, 3), (128, 64, 8, 4, 3)),       # the default before run 17
-    (None, (128, 64, 8, 8, 3), (256, 64, 8, 8, 3)),      # the large tiles, one program per tile
+    (None, (64, 64, 8, 4, 3), (128, 64, 8, 4, 3)),             # the default before run 17
     (None, (128, 64, 8, 8, 4, 1), (256, 64, 8, 8, 4, 1)),      # 4 stages (192 KiB of shared memory)
-    (None, (128, 64, 16, 8, 3, 1), (256, 64, 16, 8, 3, 1)),    # 16 blocks per n tile in the order
-    (None, (128, 64, 4, 8, 3, 1), (256, 64, 4, 8, 3, 1)),      # 4 blocks per n tile
     (None, (128, 128, 8, 8, 2, 1), (256, 128, 8, 8, 2, 1)),    # 128-deep k steps, 2 stages
-    (64, (64, 64, 8, 4, 3), (128, 64, 8, 4, 3)),         # half-height blocks: less padding per expert
     # half-height tiles where a block's second half is padding (T = 4096: ~1.25x the useful products
-    # instead of ~1.5x)
+    # instead of ~1.5x; T = 16384: ~1.06x instead of ~1.12x)
     (None, (128, 64, 8, 8, 3, 1, 1, True), (256, 64, 8, 8, 3, 1, 1, True)),
     (None, (128, 64, 8, 8, 3, 0, 1, True), (256, 64, 8, 8, 3, 0, 1, True)),
     (None, (128, 64, 8, 8, 4, 1, 1, True), (256, 64, 8, 8, 4, 1, 1, True)),
