@@ -72,16 +72,15 @@ SWEEP_SMALL = [  # blocks of <= 32 rows (decode: weight streaming)
     (None, (32, 128, 1, 4, 4, 0, 4), (64, 128, 1, 4, 4, 0, 4)),     # narrow tiles and split: 1024 programs
 ]
 SWEEP_LARGE = [  # blocks of >= 64 rows
-    (None, (128, 64, 8, 8, 3, 1), (256, 64, 8, 8, 3, 1)),      # default (run 17's best): 128 x 128 (x2) /
-    #                                                            128 x 256 tiles, 8 warps, persistent 1 per SM
-    (None, (64, 64, 8, 4, 3), (128, 64, 8, 4, 3)),             # the default before run 17
-    (None, (128, 64, 8, 8, 4, 1), (256, 64, 8, 8, 4, 1)),      # 4 stages (192 KiB of shared memory)
-    (None, (128, 128, 8, 8, 2, 1), (256, 128, 8, 8, 2, 1)),    # 128-deep k steps, 2 stages
-    # half-height tiles where a block's second half is padding (T = 4096: ~1.25x the useful products
-    # instead of ~1.5x; T = 16384: ~1.06x instead of ~1.12x)
+    # default (gpu.LARGE_*): 128 x 128 (x2) / 128 x 256 tiles, 8 warps, persistent 1 per SM, half-height
+    # tiles where a block's second half is padding (T = 4096: 1.23x the useful products instead of 1.46x)
     (None, (128, 64, 8, 8, 3, 1, 1, True), (256, 64, 8, 8, 3, 1, 1, True)),
-    (None, (128, 64, 8, 8, 3, 0, 1, True), (256, 64, 8, 8, 3, 0, 1, True)),
-    (None, (128, 64, 8, 8, 4, 1, 1, True), (256, 64, 8, 8, 4, 1, 1, True)),
+    (None, (128, 64, 8, 8, 3, 1), (256, 64, 8, 8, 3, 1)),      # the same, full tiles only (run 17's best)
+    (None, (64, 64, 8, 4, 3), (128, 64, 8, 4, 3)),             # the default before run 17
+    (None, (128, 64, 8, 8, 3, 0, 1, True), (256, 64, 8, 8, 3, 0, 1, True)),   # one program per tile
+    (None, (128, 64, 8, 8, 4, 1, 1, True), (256, 64, 8, 8, 4, 1, 1, True)),   # 4 stages (192 KiB shared)
+    (None, (128, 64, 8, 8, 4, 1), (256, 64, 8, 8, 4, 1)),
+    (None, (128, 128, 8, 8, 2, 1), (256, 128, 8, 8, 2, 1)),    # 128-deep k steps, 2 stages
 ]
 
 

@@ -80,10 +80,16 @@ def pick_block_m(n_pairs: int, n_experts: int) -> int:
 # 3 stages, persistent with 1 program per SM: 2282 us for both matmuls, 361 TFLOP/s (52% of the 691
 # measured dense rate), against 2368-2455 us (48-50%) for the earlier default (64 / 128-wide tiles,
 # 4 warps, one program per tile). Measured at T = 4096 only; applied to every block_m >= 128 (larger T
-# has more blocks per expert, so the larger tiles' reuse should help more; bench_moe.py --sweep 16384
-# checks it against the earlier default, the second row of SWEEP_LARGE).
-LARGE_GATE_UP = Config(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3, persistent=1)
-LARGE_DOWN = Config(block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3, persistent=1)
+# has more blocks per expert, so the larger tiles' reuse should help more).
+# Plus half-height tiles for blocks whose second half is padding (short_blocks; not yet measured, by
+# this count): at T = 4096 an expert gets 128 +- 11 pairs, so about half the experts have a second,
+# nearly empty block of 128 rows and the tensor cores run 1.46x the useful products (uniform routing,
+# scripts/bench_moe.py's problem). 2282 us for 1.46 x 8.25e11 products is 527 TFLOP/s executed, 76% of
+# the dense rate: the kernel is bound by the products it runs, padding included. Half-height tiles
+# for the half-padding blocks cut that to 1.23x (-16%; T = 16384: 1.13x -> 1.06x). bench_moe.py --sweep
+# 4096,16384 times both (the first two rows of SWEEP_LARGE).
+LARGE_GATE_UP = Config(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3, persistent=1, short_blocks=True)
+LARGE_DOWN = Config(block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3, persistent=1, short_blocks=True)
 
 
 def pick_config(kind: str, block_m: int, K: int, N: int, itemsize: int = 2) -> Config:
@@ -91,7 +97,7 @@ def pick_config(kind: str, block_m: int, K: int, N: int, itemsize: int = 2) -> C
     small blocks (decode, run 2 of scripts/bench_notes_moe.md) stream weights, 64-wide gate/up tiles
     and 128-wide down tiles with deep pipelines (T = 16: 654 us, 64: 1319 us at the flash shapes);
     64-row blocks: 64-wide gate/up and 128-wide down tiles, 64-deep k steps, 4 warps, 3 stages;
-    128-row blocks of 16-bit inputs: LARGE_GATE_UP / LARGE_DOWN above (run 17). float32 inputs
+    128-row blocks of 16-bit inputs: LARGE_GATE_UP / LARGE_DOWN above (run 17 + half-height tiles). float32 inputs
     (3xTF32 products) take the 64-row blocks' tiles (the large tiles would not fit shared memory at
     4 bytes) with 64-deep k steps and at most 3 stages, inside the 227 KiB of shared memory."""
     if block_m <= 32:
