@@ -6,6 +6,10 @@ reads every touched expert's weight panel once per block of rows and none of the
 [E, I, d] layout (no transposes, no weight copies). Tile shapes are picked per block size by
 `pick_config` (measured on H200: scripts/bench_moe.py); `config=` overrides them for sweeps.
 jax_triton is imported inside the functions: it cannot be imported on a CPU-only JAX.
+Not used, and why: TMA loads (`tl.make_tensor_descriptor`) need a global scratch buffer per program
+for the descriptors (compiled for sm_90: 256 bytes for two), which jax-triton 0.3.1's kernel call does
+not allocate; `tl.range(..., warp_specialize=True)` produced no warp-specialized code for these
+pointer-load loops on sm_90 (scripts/compile_moe_kernels.py's check, local Triton 3.7.1).
 """
 from __future__ import annotations
 
