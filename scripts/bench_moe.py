@@ -74,12 +74,12 @@ SWEEP_SMALL = [  # blocks of <= 32 rows (decode: weight streaming)
 SWEEP_LARGE = [  # blocks of >= 64 rows
     # default (gpu.LARGE_*): 128 x 128 (x2) / 128 x 256 tiles, 8 warps, persistent 1 per SM, half-height
     # tiles where a block's second half is padding (T = 4096: 1.23x the useful products instead of 1.46x)
-    (None, (128, 64, 8, 8, 3, 1, 1, True), (256, 64, 8, 8, 3, 1, 1, True)),
+    (None, (128, 64, 8, 8, 3, 1, 1, 1), (256, 64, 8, 8, 3, 1, 1, 1)),
     (None, (128, 64, 8, 8, 3, 1), (256, 64, 8, 8, 3, 1)),      # the same, full tiles only (run 17's best)
+    (None, (128, 64, 8, 8, 3, 1, 1, 2), (256, 64, 8, 8, 3, 1, 1, 2)),   # + quarter-height tiles (1.12x)
     (None, (64, 64, 8, 4, 3), (128, 64, 8, 4, 3)),             # the default before run 17
-    (None, (128, 64, 8, 8, 3, 0, 1, True), (256, 64, 8, 8, 3, 0, 1, True)),   # one program per tile
-    (None, (128, 64, 8, 8, 4, 1, 1, True), (256, 64, 8, 8, 4, 1, 1, True)),   # 4 stages (192 KiB shared)
-    (None, (128, 64, 8, 8, 4, 1), (256, 64, 8, 8, 4, 1)),
+    (None, (128, 64, 8, 8, 3, 0, 1, 1), (256, 64, 8, 8, 3, 0, 1, 1)),   # one program per tile
+    (None, (128, 64, 8, 8, 4, 1, 1, 1), (256, 64, 8, 8, 4, 1, 1, 1)),   # 4 stages (192 KiB shared)
     (None, (128, 128, 8, 8, 2, 1), (256, 128, 8, 8, 2, 1)),    # 128-deep k steps, 2 stages
 ]
 

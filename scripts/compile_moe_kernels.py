@@ -79,7 +79,7 @@ def kernels(T, d, I, bm, cg, cd, dt):
             else:
                 out.append((kind, tk.down_split_kernel, [f"*{dt}", "*i32", f"*{dt}", "*fp32"], common, c))
             continue
-        common.update(PERSISTENT=c.persistent > 0, NUM_PROGRAMS=max(1, c.persistent * 132), SHORT=c.short_blocks,
+        common.update(PERSISTENT=c.persistent > 0, NUM_PROGRAMS=max(1, c.persistent * 132), SHORT=int(c.short_blocks),
                       N_TOKENS=T)
         if kind == "gate_up":
             out.append((kind, tk.gate_up_kernel, [f"*{dt}", "*i32", "*i32", "*i32", f"*{dt}", f"*{dt}", f"*{dt}"],

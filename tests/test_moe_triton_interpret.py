@@ -65,7 +65,7 @@ def layout(idx, E, bm):
     return row_token, block_expert, pair_row
 
 
-def run(tk, x, idx, wg, wu, wd, bm, bn, bk, precision, group_m, programs=0, split=1, short=False):
+def run(tk, x, idx, wg, wu, wd, bm, bn, bk, precision, group_m, programs=0, split=1, short=0):
     """programs 0: one program per (block, n tile); > 0: the persistent schedule with that many;
     split > 1: the split-K kernels with that many K slices (-> h, y, ..., and whether every unused
     block's partial rows kept the sentinel)."""
@@ -135,13 +135,17 @@ PERSISTENT = [("float32", "ieee", 1e-5, 3), ("float16", "", 1e-2, 5)]
 # split K in 2 slices: decode (T = 1, most blocks unused), empty experts, a skewed routing
 SPLIT_CASES = [CASES[0], CASES[1], CASES[3]]
 SPLIT = [("float32", "ieee", 1e-5, 2), ("float16", "", 1e-2, 2)]
-# half-height tiles for blocks whose second half is padding (SHORT), blocks of 32 rows: groups of more
-# and fewer than 16 rows, and groups spilling a few rows into a second block
+# short tiles for mostly-padding blocks (SHORT 1: half height; blocks of 32 rows: groups of more and
+# fewer than 16 rows, and groups spilling a few rows into a second block)
 SHORT_CASES = [(60, 2, 4, 32, "uniform"), (24, 2, 4, 32, "skewed")]
 SHORT = [("float32", "ieee", 1e-5, 0), ("float32", "ieee", 1e-5, 3), ("float16", "", 1e-2, 0)]
+# SHORT 2 (half and quarter height), blocks of 64 rows: ~30-row groups (half), a 40-row group and
+# ~13-row groups (full, quarter)
+SHORT2_CASES = [(60, 2, 4, 64, "uniform"), (40, 2, 4, 64, "skewed")]
+SHORT2 = [("float32", "ieee", 1e-5, 0), ("float16", "", 1e-2, 3)]
 
 
-def measure(tk, case, dtype, precision, programs=0, split=1, short=False):
+def measure(tk, case, dtype, precision, programs=0, split=1, short=0):
     T, k, E, bm, routing = case
     d, I, bn, bk = 64, 32, 16, 32 if split == 1 else 16      # split: K = 32 in 2 slices of 16
     dtype = np.dtype(dtype)
@@ -172,11 +176,13 @@ def measure(tk, case, dtype, precision, programs=0, split=1, short=False):
                 pad_zero=bool(np.all(h[pad] == 0) and np.all(y[pad] == 0)), unused_untouched=untouched,
                 half_padding_blocks=int(sum(row_token[b * bm + bm // 2] == T for b in range(len(block_expert))
                                             if block_expert[b] >= 0)),
+                quarter_padding_blocks=int(sum(row_token[b * bm + bm // 4] == T for b in range(len(block_expert))
+                                               if block_expert[b] >= 0)),
                 used_blocks=int((block_expert >= 0).sum()))
 
 
-def _key(case, dtype, precision, programs=0, split=1, short=False):
-    return f"{case}-{dtype}-{precision}-{programs}" + (f"-split{split}" if split > 1 else "") + ("-short" if short else "")
+def _key(case, dtype, precision, programs=0, split=1, short=0):
+    return f"{case}-{dtype}-{precision}-{programs}" + (f"-split{split}" if split > 1 else "") + (f"-short{short}" if short else "")
 
 
 @pytest.mark.parametrize("dtype,precision,tol", PARAMS)
@@ -211,10 +217,22 @@ def test_split_k_kernels_match_float64(results, case, dtype, precision, tol, spl
 @pytest.mark.parametrize("dtype,precision,tol,programs", SHORT)
 @pytest.mark.parametrize("case", SHORT_CASES)
 def test_half_height_tiles_match_float64(results, case, dtype, precision, tol, programs):
-    r = results[_key(case, dtype, precision, programs, short=True)]
+    r = results[_key(case, dtype, precision, programs, short=1)]
     assert r["rel_h"] < tol and r["rel_y"] < tol, r
     assert r["pad_zero"] and r["unused_untouched"], r
     assert 0 < r["half_padding_blocks"] < r["used_blocks"], r      # both tile heights run
+
+
+@pytest.mark.parametrize("dtype,precision,tol,programs", SHORT2)
+def test_half_and_quarter_height_tiles_match_float64(results, dtype, precision, tol, programs):
+    rs = [results[_key(case, dtype, precision, programs, short=2)] for case in SHORT2_CASES]
+    for r in rs:
+        assert r["rel_h"] < tol and r["rel_y"] < tol, r
+        assert r["pad_zero"] and r["unused_untouched"], r
+    quarter = sum(r["quarter_padding_blocks"] for r in rs)
+    half = sum(r["half_padding_blocks"] for r in rs) - quarter
+    full = sum(r["used_blocks"] for r in rs) - half - quarter
+    assert quarter > 0 and half > 0 and full > 0, rs                 # all three tile heights run
 
 
 if __name__ == "__main__":          # the child process
@@ -222,6 +240,8 @@ if __name__ == "__main__":          # the child process
     res = {_key(c, dt, pr): measure(tk, c, dt, pr) for c in CASES for dt, pr, _ in PARAMS}
     res.update({_key(c, dt, pr, n): measure(tk, c, dt, pr, n) for c in CASES for dt, pr, _, n in PERSISTENT})
     res.update({_key(c, dt, pr, split=n): measure(tk, c, dt, pr, split=n) for c in SPLIT_CASES for dt, pr, _, n in SPLIT})
-    res.update({_key(c, dt, pr, n, short=True): measure(tk, c, dt, pr, n, short=True)
+    res.update({_key(c, dt, pr, n, short=1): measure(tk, c, dt, pr, n, short=1)
                 for c in SHORT_CASES for dt, pr, _, n in SHORT})
+    res.update({_key(c, dt, pr, n, short=2): measure(tk, c, dt, pr, n, short=2)
+                for c in SHORT2_CASES for dt, pr, _, n in SHORT2})
     print(json.dumps(res))

@@ -28,7 +28,8 @@ class Config:
     (block, n tile), p > 0: p programs per SM looping over the used blocks' tiles (triton_kernels.py);
     split_k > 1: each tile's K range in split_k slices, one program each, float32 partial sums
     summed after the kernel (decode sizes: more programs than blocks x n tiles; not with persistent);
-    short_blocks: a block whose second half is padding runs a half-height tile (triton_kernels.py)."""
+    short_blocks 1: a block whose second half is padding runs a half-height tile, 2: also quarter-height
+    tiles where the last three quarters are padding (triton_kernels.py)."""
     block_n: int
     block_k: int
     group_m: int = 8
@@ -36,14 +37,14 @@ class Config:
     num_stages: int = 3
     persistent: int = 0
     split_k: int = 1
-    short_blocks: bool = False
+    short_blocks: int = 0
 
     def tag(self) -> str:
         """Short name of the config for tables: n64k128g8w4s3 (+ p2 when persistent, x4 split in 4
-        along K, h with half-height tiles for half-padding blocks)."""
+        along K, h1 / h2 with short tiles for mostly-padding blocks)."""
         t = f"n{self.block_n}k{self.block_k}g{self.group_m}w{self.num_warps}s{self.num_stages}"
         return (t + (f"p{self.persistent}" if self.persistent else "") + (f"x{self.split_k}" if self.split_k > 1 else "")
-                + ("h" if self.short_blocks else ""))
+                + (f"h{int(self.short_blocks)}" if self.short_blocks else ""))
 
 
 def num_sms() -> int:
@@ -91,9 +92,10 @@ def pick_block_m(n_pairs: int, n_experts: int) -> int:
 # scripts/bench_moe.py's problem). 2282 us for 1.46 x 8.25e11 products is 527 TFLOP/s executed, 76% of
 # the dense rate: the kernel is bound by the products it runs, padding included. Half-height tiles
 # for the half-padding blocks cut that to 1.23x (-16%; T = 16384: 1.13x -> 1.06x). bench_moe.py --sweep
-# 4096,16384 times both (the first two rows of SWEEP_LARGE).
-LARGE_GATE_UP = Config(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3, persistent=1, short_blocks=True)
-LARGE_DOWN = Config(block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3, persistent=1, short_blocks=True)
+# 4096,16384 times both (the first two rows of SWEEP_LARGE), and short_blocks 2 (quarter-height tiles
+# too: 1.12x at T = 4096; not the default: a 32-row tile compiles to mma.sync, not wgmma, on sm_90).
+LARGE_GATE_UP = Config(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3, persistent=1, short_blocks=1)
+LARGE_DOWN = Config(block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3, persistent=1, short_blocks=1)
 
 
 def pick_config(kind: str, block_m: int, K: int, N: int, itemsize: int = 2) -> Config:
@@ -127,14 +129,15 @@ def _fit(c: Config, K: int, N: int) -> Config:
                          f"of {bk}")
     if c.split_k > 1 and (c.persistent or c.short_blocks):
         raise ValueError("MoE GPU kernel: split_k > 1 has no persistent schedule or half-height tiles "
-                         "(persistent must be 0, short_blocks False)")
+                         "(persistent and short_blocks must be 0)")
     return dataclasses.replace(c, block_n=bn, block_k=bk)
 
 
 def _check_short(c: Config, block_m: int):
-    if c.short_blocks and block_m < 32:
-        raise ValueError(f"MoE GPU kernel: short_blocks needs blocks of >= 32 rows (half-height tiles of >= 16), "
-                         f"got block_m={block_m}")
+    """Short tiles must keep >= 16 rows (tl.dot): block_m >= 32 for short_blocks 1, >= 64 for 2."""
+    if c.short_blocks not in (0, 1, 2) or block_m < 16 << int(c.short_blocks):
+        raise ValueError(f"MoE GPU kernel: short_blocks={c.short_blocks} (0, 1 or 2) needs blocks of >= "
+                         f"{16 << int(c.short_blocks)} rows, got block_m={block_m}")
 
 
 def gate_up(x, layout, w_gate, w_up, *, config: Config | None = None, f32_dot: str = "tf32x3"):
@@ -163,7 +166,7 @@ def gate_up(x, layout, w_gate, w_up, *, config: Config | None = None, f32_dot: s
     return jt.triton_call(
         x, layout.row_token, layout.block_expert, layout.num_used_blocks.reshape(1), wg, wu,
         kernel=tk.gate_up_kernel, out_shape=jax.ShapeDtypeStruct((nb * bm, I), x.dtype), name="moe_gate_up",
-        PERSISTENT=persistent, NUM_PROGRAMS=programs, SHORT=c.short_blocks, **common)
+        PERSISTENT=persistent, NUM_PROGRAMS=programs, SHORT=int(c.short_blocks), **common)
 
 
 def down(h, layout, w_down, *, config: Config | None = None, f32_dot: str = "tf32x3"):
@@ -189,4 +192,4 @@ def down(h, layout, w_down, *, config: Config | None = None, f32_dot: str = "tf3
     return jt.triton_call(
         h, layout.row_token, layout.block_expert, layout.num_used_blocks.reshape(1), wd, kernel=tk.down_kernel,
         out_shape=jax.ShapeDtypeStruct((P, d), h.dtype), name="moe_down", PERSISTENT=persistent,
-        NUM_PROGRAMS=programs, SHORT=c.short_blocks, N_TOKENS=layout.pair_row.shape[0], **common)
+        NUM_PROGRAMS=programs, SHORT=int(c.short_blocks), N_TOKENS=layout.pair_row.shape[0], **common)

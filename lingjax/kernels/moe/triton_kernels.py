@@ -19,12 +19,12 @@ Two schedules (PERSISTENT, a compile-time choice):
   True   NUM_PROGRAMS programs (a few per SM) loop over the tiles of the used blocks only
          (num_used_blocks read on the device), in the same order: no launch of empty programs, and
          the programs resident on the SMs move through the tiles together, keeping the L2 reuse.
-Half-height tiles (SHORT, compile-time): an expert's last block is often mostly padding (T = 4096 at
-the flash shapes: 128 +- 11 pairs per expert in blocks of 128, so about half the experts have a second
-block of a few rows: 1.5x the useful products). With SHORT, a block whose row BLOCK_M/2 is padding
-(then so is every row after it: a group's padding is at its end) runs a [BLOCK_M/2, BLOCK_N] tile and
-stores zeros to the other half (1.25x instead of 1.5x at T = 4096). The row tokens tell it, so
-down_kernel takes row_token too.
+Short tiles (SHORT, compile-time 0, 1 or 2): an expert's last block is often mostly padding (T = 4096
+at the flash shapes: 128 +- 11 pairs per expert in blocks of 128, so about half the experts have a
+second block of a few rows: 1.46x the useful products). SHORT 1: a block whose row BLOCK_M/2 is
+padding (then so is every row after it: a group's padding is at its end) runs a [BLOCK_M/2, BLOCK_N]
+tile and stores zeros to the rest (1.23x at T = 4096); SHORT 2: also [BLOCK_M/4, BLOCK_N] tiles where
+row BLOCK_M/4 is padding (1.12x). The row tokens tell it, so down_kernel takes row_token too.
 Split K (the *_split_kernel variants, SPLIT_K > 1): for decode sizes, where the used blocks x n tiles are
 fewer programs than the GPU has SMs (T = 1 at the flash shapes: 8 experts x 16 gate/up or 32 down
 tiles, on 132 SMs), each tile's K range is cut into SPLIT_K slices, one program each, and every
@@ -108,20 +108,23 @@ def _store_zeros(out_ptr, row0, pid_n, N: tl.constexpr, BLOCK_M: tl.constexpr, B
 
 
 @triton.jit
-def _half_padding(row_token_ptr, pid_m, N_TOKENS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Whether rows BLOCK_M/2.. of block pid_m are all padding (a group's padding is at its end)."""
-    return tl.load(row_token_ptr + pid_m * BLOCK_M + BLOCK_M // 2) >= N_TOKENS
+def _padding_from(row_token_ptr, row, N_TOKENS: tl.constexpr):
+    """Whether row (and so every later row of its block: a group's padding is at its end) is padding."""
+    return tl.load(row_token_ptr + row) >= N_TOKENS
 
 
 @triton.jit
 def _gate_up_block(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, pid_m, pid_n, e, N_TOKENS: tl.constexpr,
                    K: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SHORT: tl.constexpr):
-    """One output tile; SHORT: a block whose second half is padding runs a half-height tile (and
-    writes the padding half's zeros), halving its products."""
+    """One output tile; SHORT 1 (2): the real rows of a block whose second half (last three quarters)
+    is padding in a half- (quarter-) height tile, zeros stored to the padding rows."""
     row0 = pid_m * BLOCK_M
-    if SHORT:
-        if _half_padding(row_token_ptr, pid_m, N_TOKENS, BLOCK_M):
+    if SHORT == 0:
+        _gate_up_tile(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, row0, pid_n, e, N_TOKENS, K, N,
+                      BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    elif SHORT == 1:
+        if _padding_from(row_token_ptr, row0 + BLOCK_M // 2, N_TOKENS):
             _gate_up_tile(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, row0, pid_n, e, N_TOKENS, K, N,
                           BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION)
             _store_zeros(h_ptr, row0 + BLOCK_M // 2, pid_n, N, BLOCK_M // 2, BLOCK_N)
@@ -129,8 +132,18 @@ def _gate_up_block(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, pid_m, pid_n, e,
             _gate_up_tile(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, row0, pid_n, e, N_TOKENS, K, N,
                           BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     else:
-        _gate_up_tile(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, row0, pid_n, e, N_TOKENS, K, N,
-                      BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        if _padding_from(row_token_ptr, row0 + BLOCK_M // 4, N_TOKENS):
+            _gate_up_tile(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, row0, pid_n, e, N_TOKENS, K, N,
+                          BLOCK_M // 4, BLOCK_N, BLOCK_K, PRECISION)
+            _store_zeros(h_ptr, row0 + BLOCK_M // 4, pid_n, N, BLOCK_M // 4, BLOCK_N)
+            _store_zeros(h_ptr, row0 + BLOCK_M // 2, pid_n, N, BLOCK_M // 2, BLOCK_N)
+        elif _padding_from(row_token_ptr, row0 + BLOCK_M // 2, N_TOKENS):
+            _gate_up_tile(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, row0, pid_n, e, N_TOKENS, K, N,
+                          BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION)
+            _store_zeros(h_ptr, row0 + BLOCK_M // 2, pid_n, N, BLOCK_M // 2, BLOCK_N)
+        else:
+            _gate_up_tile(x_ptr, row_token_ptr, wg_ptr, wu_ptr, h_ptr, row0, pid_n, e, N_TOKENS, K, N,
+                          BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
 
 
 @triton.jit
@@ -138,7 +151,7 @@ def gate_up_kernel(x_ptr, row_token_ptr, block_expert_ptr, num_used_ptr, wg_ptr,
                    N_TOKENS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, NUM_BLOCKS: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                    PRECISION: tl.constexpr, PERSISTENT: tl.constexpr = False, NUM_PROGRAMS: tl.constexpr = 1,
-                   SHORT: tl.constexpr = False):
+                   SHORT: tl.constexpr = 0):
     if PERSISTENT:
         n_used = tl.load(num_used_ptr)
         for t in range(tl.program_id(0), n_used * (N // BLOCK_N), NUM_PROGRAMS):
@@ -184,16 +197,26 @@ def _down_tile(h_ptr, w_ptr, y_ptr, row0, pid_n, e, K: tl.constexpr, N: tl.const
 def _down_block(h_ptr, row_token_ptr, w_ptr, y_ptr, pid_m, pid_n, e, N_TOKENS: tl.constexpr, K: tl.constexpr,
                 N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 PRECISION: tl.constexpr, SHORT: tl.constexpr):
-    """One output tile; SHORT: half-height for a block whose second half is padding (as _gate_up_block)."""
+    """One output tile; SHORT: short tiles for mostly-padding blocks, as _gate_up_block."""
     row0 = pid_m * BLOCK_M
-    if SHORT:
-        if _half_padding(row_token_ptr, pid_m, N_TOKENS, BLOCK_M):
+    if SHORT == 0:
+        _down_tile(h_ptr, w_ptr, y_ptr, row0, pid_n, e, K, N, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    elif SHORT == 1:
+        if _padding_from(row_token_ptr, row0 + BLOCK_M // 2, N_TOKENS):
             _down_tile(h_ptr, w_ptr, y_ptr, row0, pid_n, e, K, N, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION)
             _store_zeros(y_ptr, row0 + BLOCK_M // 2, pid_n, N, BLOCK_M // 2, BLOCK_N)
         else:
             _down_tile(h_ptr, w_ptr, y_ptr, row0, pid_n, e, K, N, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     else:
-        _down_tile(h_ptr, w_ptr, y_ptr, row0, pid_n, e, K, N, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        if _padding_from(row_token_ptr, row0 + BLOCK_M // 4, N_TOKENS):
+            _down_tile(h_ptr, w_ptr, y_ptr, row0, pid_n, e, K, N, BLOCK_M // 4, BLOCK_N, BLOCK_K, PRECISION)
+            _store_zeros(y_ptr, row0 + BLOCK_M // 4, pid_n, N, BLOCK_M // 4, BLOCK_N)
+            _store_zeros(y_ptr, row0 + BLOCK_M // 2, pid_n, N, BLOCK_M // 2, BLOCK_N)
+        elif _padding_from(row_token_ptr, row0 + BLOCK_M // 2, N_TOKENS):
+            _down_tile(h_ptr, w_ptr, y_ptr, row0, pid_n, e, K, N, BLOCK_M // 2, BLOCK_N, BLOCK_K, PRECISION)
+            _store_zeros(y_ptr, row0 + BLOCK_M // 2, pid_n, N, BLOCK_M // 2, BLOCK_N)
+        else:
+            _down_tile(h_ptr, w_ptr, y_ptr, row0, pid_n, e, K, N, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
 
 
 @triton.jit
@@ -201,7 +224,7 @@ def down_kernel(h_ptr, row_token_ptr, block_expert_ptr, num_used_ptr, w_ptr, y_p
                 N_TOKENS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, NUM_BLOCKS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                 PRECISION: tl.constexpr, PERSISTENT: tl.constexpr = False, NUM_PROGRAMS: tl.constexpr = 1,
-                SHORT: tl.constexpr = False):
+                SHORT: tl.constexpr = 0):
     if PERSISTENT:
         n_used = tl.load(num_used_ptr)
         for t in range(tl.program_id(0), n_used * (N // BLOCK_N), NUM_PROGRAMS):
