@@ -2,8 +2,9 @@
 at every configuration bench_moe.py uses (gpu.pick_config's defaults and the SWEEP_SMALL /
 SWEEP_LARGE sweeps) and print per kernel: shared memory (against the H100/H200's 227 KiB per
 block), wgmma ops and pipelined loads (cp.async) in TTGIR, PTX instructions, and ptxas's registers
-per thread and spill bytes (ptxas -v on the PTX, sm_90a). A configuration that does not compile, does not fit or spills shows here before a device run; the
-timing is bench_moe.py's. (Compiled with the local Triton; the GPU image runs Triton 3.6.0.)
+per thread and spill bytes (ptxas -v on the PTX, sm_90a). A configuration that does not compile,
+does not fit or spills shows here before a device run; the timing is bench_moe.py's. (Compiled with
+the local Triton; the GPU image runs Triton 3.6.0.)
 
     python scripts/compile_moe_kernels.py [--shape flash|1t] [--dtype bfloat16|float32]
 Exit status 1 if any configuration fails to compile or exceeds the shared memory (spills are reported,

@@ -98,7 +98,8 @@ def run(tk, x, idx, wg, wu, wd, bm, bn, bk, precision, group_m, programs=0, spli
         tt(x), tt(row_token), tt(block_expert), num_used, tt(wg), tt(wu), h, N_TOKENS=T, K=d, N=I, NUM_BLOCKS=nb,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, PRECISION=precision, **sched)
     tk.down_kernel[(programs or nb * (d // bn),)](
-        h, tt(row_token), tt(block_expert), num_used, tt(wd), y, N_TOKENS=T, K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        h, tt(row_token), tt(block_expert), num_used, tt(wd), y, N_TOKENS=T, K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm,
+        BLOCK_N=bn, BLOCK_K=bk,
         GROUP_M=group_m, PRECISION=precision, **sched)
     return h.double().numpy(), y.double().numpy(), row_token, block_expert, sentinel
 
@@ -182,7 +183,8 @@ def measure(tk, case, dtype, precision, programs=0, split=1, short=0):
 
 
 def _key(case, dtype, precision, programs=0, split=1, short=0):
-    return f"{case}-{dtype}-{precision}-{programs}" + (f"-split{split}" if split > 1 else "") + (f"-short{short}" if short else "")
+    return (f"{case}-{dtype}-{precision}-{programs}" + (f"-split{split}" if split > 1 else "")
+            + (f"-short{short}" if short else ""))
 
 
 @pytest.mark.parametrize("dtype,precision,tol", PARAMS)
@@ -239,7 +241,8 @@ if __name__ == "__main__":          # the child process
     tk = _load_interpreted()
     res = {_key(c, dt, pr): measure(tk, c, dt, pr) for c in CASES for dt, pr, _ in PARAMS}
     res.update({_key(c, dt, pr, n): measure(tk, c, dt, pr, n) for c in CASES for dt, pr, _, n in PERSISTENT})
-    res.update({_key(c, dt, pr, split=n): measure(tk, c, dt, pr, split=n) for c in SPLIT_CASES for dt, pr, _, n in SPLIT})
+    res.update({_key(c, dt, pr, split=n): measure(tk, c, dt, pr, split=n)
+                for c in SPLIT_CASES for dt, pr, _, n in SPLIT})
     res.update({_key(c, dt, pr, n, short=1): measure(tk, c, dt, pr, n, short=1)
                 for c in SHORT_CASES for dt, pr, _, n in SHORT})
     res.update({_key(c, dt, pr, n, short=2): measure(tk, c, dt, pr, n, short=2)

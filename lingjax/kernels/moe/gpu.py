@@ -43,7 +43,8 @@ class Config:
         """Short name of the config for tables: n64k128g8w4s3 (+ p2 when persistent, x4 split in 4
         along K, h1 / h2 with short tiles for mostly-padding blocks)."""
         t = f"n{self.block_n}k{self.block_k}g{self.group_m}w{self.num_warps}s{self.num_stages}"
-        return (t + (f"p{self.persistent}" if self.persistent else "") + (f"x{self.split_k}" if self.split_k > 1 else "")
+        return (t + (f"p{self.persistent}" if self.persistent else "")
+                + (f"x{self.split_k}" if self.split_k > 1 else "")
                 + (f"h{int(self.short_blocks)}" if self.short_blocks else ""))
 
 
@@ -103,8 +104,8 @@ def pick_config(kind: str, block_m: int, K: int, N: int, itemsize: int = 2) -> C
     small blocks (decode, run 2 of scripts/bench_notes_moe.md) stream weights, 64-wide gate/up tiles
     and 128-wide down tiles with deep pipelines (T = 16: 654 us, 64: 1319 us at the flash shapes);
     64-row blocks: 64-wide gate/up and 128-wide down tiles, 64-deep k steps, 4 warps, 3 stages;
-    128-row blocks of 16-bit inputs: LARGE_GATE_UP / LARGE_DOWN above (run 17 + half-height tiles). float32 inputs
-    (3xTF32 products) take the 64-row blocks' tiles (the large tiles would not fit shared memory at
+    128-row blocks of 16-bit inputs: LARGE_GATE_UP / LARGE_DOWN above (run 17 + half-height tiles).
+    float32 inputs (3xTF32 products) take the 64-row blocks' tiles (the large tiles would not fit shared memory at
     4 bytes) with 64-deep k steps and at most 3 stages, inside the 227 KiB of shared memory."""
     if block_m <= 32:
         c = Config(block_n=128 if kind == "down" else 64, block_k=64 if kind == "down" else 128, group_m=1,

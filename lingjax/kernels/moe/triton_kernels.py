@@ -10,7 +10,8 @@ A program computes one [BLOCK_M, BLOCK_N] output tile of one block, streaming it
 panel [K, BLOCK_N] once, with float32 accumulation:
   gate_up: h[r] = silu(x[tok] @ Wg[e]) * (x[tok] @ Wu[e])      x [T, d], Wg/Wu [E, d, I] -> h [P, I]
   down:    y[r] = h[r] @ Wd[e]                                  h [P, I], Wd [E, I, d]    -> y [P, d]
-Rows of unused blocks are left unwritten (the combine step never reads them); padding rows are zeros. Tiles (block, n tile)
+Rows of unused blocks are left unwritten (the combine step never reads them); padding rows are zeros.
+Tiles (block, n tile)
 are ordered GROUP_M blocks at a time per n tile, so that the GROUP_M blocks' activation rows and the
 weight panel of an expert with several blocks are reused from L2 (_tile).
 Two schedules (PERSISTENT, a compile-time choice):
@@ -260,7 +261,8 @@ def gate_up_split_kernel(x_ptr, row_token_ptr, block_expert_ptr, wg_ptr, wu_ptr,
     e = tl.load(block_expert_ptr + pid_m)
     if e >= 0:
         steps: tl.constexpr = K // BLOCK_K // SPLIT_K
-        acc_g, acc_u = _gate_up_acc(x_ptr, row_token_ptr, wg_ptr, wu_ptr, pid_m * BLOCK_M, pid_n, e, pid_k * steps * BLOCK_K,
+        acc_g, acc_u = _gate_up_acc(x_ptr, row_token_ptr, wg_ptr, wu_ptr, pid_m * BLOCK_M, pid_n, e,
+                                    pid_k * steps * BLOCK_K,
                                     N_TOKENS, K, N, BLOCK_M, BLOCK_N, BLOCK_K, steps, PRECISION)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -279,7 +281,8 @@ def down_split_kernel(h_ptr, block_expert_ptr, w_ptr, y_part_ptr, K: tl.constexp
     e = tl.load(block_expert_ptr + pid_m)
     if e >= 0:
         steps: tl.constexpr = K // BLOCK_K // SPLIT_K
-        acc = _down_acc(h_ptr, w_ptr, pid_m * BLOCK_M, pid_n, e, pid_k * steps * BLOCK_K, K, N, BLOCK_M, BLOCK_N, BLOCK_K,
+        acc = _down_acc(h_ptr, w_ptr, pid_m * BLOCK_M, pid_n, e, pid_k * steps * BLOCK_K, K, N, BLOCK_M, BLOCK_N,
+                        BLOCK_K,
                         steps, PRECISION)
         rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
