@@ -14,7 +14,8 @@ Methods (rows):
                 the layout alone (plus a checksum of its arrays)
   lingjax-mm    the two Triton grouped matmuls alone (layout precomputed), default tiles
   mm bm.. ..    --sweep: the grouped matmuls with each configuration of SWEEP_SMALL / SWEEP_LARGE
-                (block_m, gate_up tiles / down tiles, 'p': persistent); the best per T is printed
+                (block_m, gate_up tiles / down tiles, 'p': persistent, 'x': split K, 'h':
+                half-height tiles for half-padding blocks; gpu.Config.tag); the best per T is printed
   old-gather / old-sorted / old-dense
                 the three forms of lingjax/model/moe.py before the grouped matmul (the issue's
                 baseline: 'dense' was what every T >= 32 ran at these shapes)
@@ -56,25 +57,30 @@ E, K = 256, 8
 
 
 # Tile sweeps of the grouped matmuls (--sweep): (block_m or None for pick_block_m's, gate_up config, down
-# config), a config being gpu.Config's fields (block_n, block_k, group_m, num_warps, num_stages[, persistent]).
-# The first entry of each list is the default of gpu.pick_config; the best row per T is printed and saved.
+# config), a config being gpu.Config's fields (block_n, block_k, group_m, num_warps, num_stages[, persistent
+# [, split_k[, short_blocks]]]). The first entry of each list is the default of gpu.pick_config; the
+# best row per T is printed and saved.
 SWEEP_SMALL = [  # blocks of <= 32 rows (decode: weight streaming)
     (None, (64, 128, 1, 4, 4), (128, 64, 1, 4, 4)),
     (None, (32, 128, 1, 4, 4), (64, 128, 1, 4, 4)),      # twice the programs (T = 1: 8 blocks only)
-    (None, (16, 256, 1, 4, 3), (32, 256, 1, 4, 3)),
-    (None, (32, 64, 1, 4, 6), (64, 64, 1, 4, 6)),
-    (None, (64, 128, 1, 8, 4), (128, 128, 1, 8, 3)),     # 8 warps, deeper down k steps
+    # split K (T = 1 at the flash shapes: 8 blocks x 16 gate/up or 32 down tiles = 128 / 256 programs on
+    # 132 SMs; split 4 / 2: 512 each, every program still reads whole 128- or 256-byte weight rows)
+    (None, (64, 128, 1, 4, 4, 0, 2), (128, 64, 1, 4, 4, 0, 2)),
+    (None, (64, 128, 1, 4, 4, 0, 4), (128, 64, 1, 4, 4, 0, 2)),
+    (None, (64, 128, 1, 4, 4, 0, 8), (128, 64, 1, 4, 4, 0, 4)),
+    (None, (128, 128, 1, 4, 4, 0, 8), (256, 64, 1, 4, 4, 0, 4)),    # 256/512-byte rows, 512 programs each
+    (None, (32, 128, 1, 4, 4, 0, 4), (64, 128, 1, 4, 4, 0, 4)),     # narrow tiles and split: 1024 programs
 ]
 SWEEP_LARGE = [  # blocks of >= 64 rows
-    (None, (64, 64, 8, 4, 3), (128, 64, 8, 4, 3)),
-    (64, (64, 64, 8, 4, 3), (128, 64, 8, 4, 3)),         # half-height blocks: less padding per expert
-    (None, (128, 64, 8, 8, 3), (256, 64, 8, 8, 3)),      # 128 x 128 (x2: gate and up) / 128 x 256 tiles
-    (None, (128, 64, 8, 8, 4), (256, 64, 8, 8, 4)),      # the same, 4 stages (192 KiB of shared memory)
-    (64, (128, 64, 8, 4, 4), (128, 64, 8, 4, 4)),
-    (None, (64, 64, 32, 4, 3), (128, 64, 32, 4, 3)),     # 32 blocks per n tile in the order (L2 reuse)
-    (None, (64, 64, 8, 4, 3, 2), (128, 64, 8, 4, 3, 2)),       # persistent, 2 programs per SM
-    (None, (128, 64, 8, 8, 3, 1), (256, 64, 8, 8, 3, 1)),      # persistent, 1 per SM, large tiles
-    (64, (64, 64, 16, 4, 4, 2), (128, 64, 16, 4, 4, 2)),       # persistent, half-height blocks
+    # default (gpu.LARGE_*): 128 x 128 (x2) / 128 x 256 tiles, 8 warps, persistent 1 per SM, half-height
+    # tiles where a block's second half is padding (T = 4096: 1.23x the useful products instead of 1.46x)
+    (None, (128, 64, 8, 8, 3, 1, 1, 1), (256, 64, 8, 8, 3, 1, 1, 1)),
+    (None, (128, 64, 8, 8, 3, 1), (256, 64, 8, 8, 3, 1)),      # the same, full tiles only (run 17's best)
+    (None, (128, 64, 8, 8, 3, 1, 1, 2), (256, 64, 8, 8, 3, 1, 1, 2)),   # + quarter-height tiles (1.12x)
+    (None, (64, 64, 8, 4, 3), (128, 64, 8, 4, 3)),             # the default before run 17
+    (None, (128, 64, 8, 8, 3, 0, 1, 1), (256, 64, 8, 8, 3, 0, 1, 1)),   # one program per tile
+    (None, (128, 64, 8, 8, 4, 1, 1, 1), (256, 64, 8, 8, 4, 1, 1, 1)),   # 4 stages (192 KiB shared)
+    (None, (128, 128, 8, 8, 2, 1), (256, 128, 8, 8, 2, 1)),    # 128-deep k steps, 2 stages
 ]
 
 

@@ -1,15 +1,21 @@
 """Compile the MoE Triton kernels (lingjax/kernels/moe/triton_kernels.py) for sm_90 on the CPU (no GPU)
 at every configuration bench_moe.py uses (gpu.pick_config's defaults and the SWEEP_SMALL /
 SWEEP_LARGE sweeps) and print per kernel: shared memory (against the H100/H200's 227 KiB per
-block), wgmma ops and pipelined loads (cp.async) in TTGIR, PTX instructions. A configuration that
-does not compile or does not fit shows here before a device run; the timing is bench_moe.py's.
+block), wgmma ops and pipelined loads (cp.async) in TTGIR, PTX instructions, and ptxas's registers
+per thread and spill bytes (ptxas -v on the PTX, sm_90a). A configuration that does not compile,
+does not fit or spills shows here before a device run; the timing is bench_moe.py's. (Compiled with
+the local Triton; the GPU image runs Triton 3.6.0.)
 
     python scripts/compile_moe_kernels.py [--shape flash|1t] [--dtype bfloat16|float32]
-Exit status 1 if any configuration fails to compile or exceeds the shared memory.
+Exit status 1 if any configuration fails to compile or exceeds the shared memory (spills are reported,
+not failed: a small spill can still be the fastest).
 """
 import argparse
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -38,7 +44,22 @@ def compile_one(kernel, ptrs, consts, c: gpu.Config):
     ttgir, ptx = k.asm["ttgir"], k.asm["ptx"]
     n_ptx = sum(1 for line in ptx.splitlines() if line.startswith("\t") and not line.strip().startswith(("//", ".")))
     return dict(shared=k.metadata.shared, wgmma=ttgir.count("warp_group_dot"),
-                cp_async=ttgir.count("async_copy_global_to_local"), ptx=n_ptx)
+                cp_async=ttgir.count("async_copy_global_to_local"),
+                ptx=n_ptx, **ptxas_usage(ptx))
+
+
+def ptxas_usage(ptx: str) -> dict:
+    """{'regs': registers per thread, 'spill': spill store + load bytes} from `ptxas -v` (Triton's own ptxas)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([get_ptxas(CC).path, "-v", f"--gpu-name=sm_{CC}a", src, "-o", os.path.join(tmp, "k.o")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return dict(regs=int(regs.group(1)) if regs else -1, spill=spill)
 
 
 def kernels(T, d, I, bm, cg, cd, dt):
@@ -49,14 +70,23 @@ def kernels(T, d, I, bm, cg, cd, dt):
     for kind, c in (("gate_up", cg), ("down", cd)):
         Kd, N = (d, I) if kind == "gate_up" else (I, d)
         c = gpu._fit(c, Kd, N)
-        sched = dict(PERSISTENT=c.persistent > 0, NUM_PROGRAMS=max(1, c.persistent * 132))
         common = dict(K=Kd, N=N, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                      GROUP_M=c.group_m, PRECISION=prec, **sched)
+                      GROUP_M=c.group_m, PRECISION=prec)
+        if c.split_k > 1:                               # split K: float32 partial outputs, no num_used
+            common["SPLIT_K"] = c.split_k
+            if kind == "gate_up":
+                out.append((kind, tk.gate_up_split_kernel, [f"*{dt}", "*i32", "*i32", f"*{dt}", f"*{dt}", "*fp32",
+                                                            "*fp32"], dict(N_TOKENS=T, **common), c))
+            else:
+                out.append((kind, tk.down_split_kernel, [f"*{dt}", "*i32", f"*{dt}", "*fp32"], common, c))
+            continue
+        common.update(PERSISTENT=c.persistent > 0, NUM_PROGRAMS=max(1, c.persistent * 132), SHORT=int(c.short_blocks),
+                      N_TOKENS=T)
         if kind == "gate_up":
             out.append((kind, tk.gate_up_kernel, [f"*{dt}", "*i32", "*i32", "*i32", f"*{dt}", f"*{dt}", f"*{dt}"],
-                        dict(N_TOKENS=T, **common), c))
+                        common, c))
         else:
-            out.append((kind, tk.down_kernel, [f"*{dt}", "*i32", "*i32", f"*{dt}", f"*{dt}"], common, c))
+            out.append((kind, tk.down_kernel, [f"*{dt}", "*i32", "*i32", "*i32", f"*{dt}", f"*{dt}"], common, c))
     return out
 
 
@@ -74,24 +104,25 @@ def main(argv=None):
         plans.append((f"default T={T}", T, bm, gpu.pick_config("gate_up", bm, d, I, itemsize),
                       gpu.pick_config("down", bm, I, d, itemsize)))
     if dt == "bf16":
-        for T, sweep in ((16, SWEEP_SMALL), (4096, SWEEP_LARGE)):
+        for T, sweep in ((1, SWEEP_SMALL), (4096, SWEEP_LARGE)):
             for bm, gu, dn in sweep:
                 bm = bm or gpu.pick_block_m(T * K, E)
                 plans.append((f"sweep T={T}", T, bm, gpu.Config(*gu), gpu.Config(*dn)))
     bad = 0
-    print(f"{'plan':<16} {'bm':>4} {'kernel':<8} {'config':<22} {'shared':>8} {'wgmma':>5} {'cp.async':>8} {'ptx':>6}")
+    print(f"{'plan':<16} {'bm':>4} {'kernel':<8} {'config':<26} {'shared':>8} {'wgmma':>5} {'cp.async':>8} "
+          f"{'ptx':>6} {'regs':>4} {'spill':>5}")
     for name, T, bm, cg, cd in plans:
         for kind, kernel, ptrs, consts, c in kernels(T, d, I, bm, cg, cd, dt):
             try:
                 r = compile_one(kernel, ptrs, consts, c)
             except Exception as e:                      # noqa: BLE001 (reported; exit status 1)
                 bad += 1
-                print(f"{name:<16} {bm:>4} {kind:<8} {c.tag():<22} FAILED {type(e).__name__}: {str(e)[:200]}")
+                print(f"{name:<16} {bm:>4} {kind:<8} {c.tag():<26} FAILED {type(e).__name__}: {str(e)[:200]}")
                 continue
             over = r["shared"] > SMEM
             bad += over
-            print(f"{name:<16} {bm:>4} {kind:<8} {c.tag():<22} {r['shared']:>8} {r['wgmma']:>5} {r['cp_async']:>8} "
-                  f"{r['ptx']:>6}{'  OVER 227 KiB' if over else ''}")
+            print(f"{name:<16} {bm:>4} {kind:<8} {c.tag():<26} {r['shared']:>8} {r['wgmma']:>5} {r['cp_async']:>8} "
+                  f"{r['ptx']:>6} {r['regs']:>4} {r['spill']:>5}{'  OVER 227 KiB' if over else ''}")
     return 1 if bad else 0
 
 

@@ -3,7 +3,9 @@ on the CPU at the Ling-2.6-flash shapes (d 4096, I 1024, E 256, top-8), its jax-
 (kernels, block size, grid, schedule) and compiled for sm_90 by jax-triton's own compile function
 (Triton -> PTX): every launch fits the H200's shared memory, the large-block products run on the
 tensor cores (wgmma). The decode-size layout is built without a sort, the large one with it. The
-persistent schedule's launch (programs per SM) compiles too. Values: tests/test_moe_triton_interpret.py
+persistent schedule's launch (programs per SM) is the default at large blocks and compiles, with the
+half-height tiles too; the
+split-K kernels (decode sizes) launch split_k programs per tile and compile. Values: tests/test_moe_triton_interpret.py
 (Triton interpreter) and scripts/bench_moe.py (on the device, against a float64 oracle)."""
 import jax
 import jax.numpy as jnp
@@ -32,8 +34,12 @@ def test_gpu_experts_trace_and_compile_for_sm90(jax_triton_call, T, bm, sort):
     nb = num_blocks(T * K, E, bm)
     for c, n in zip(calls, (I, D)):
         p = c.params
-        assert p["BLOCK_M"] == bm and p["NUM_BLOCKS"] == nb and not p["PERSISTENT"]
-        assert p["grid"] == (nb * (n // p["BLOCK_N"]),)
+        assert p["BLOCK_M"] == bm and p["NUM_BLOCKS"] == nb
+        if bm >= 128:               # the large-block default (gpu.LARGE_*): persistent, 1 program per SM,
+            assert p["PERSISTENT"] and p["grid"] == (p["NUM_PROGRAMS"],) == (gpu.num_sms(),)   # half-height
+            assert p["SHORT"] and p["N_TOKENS"] == T                                            # tiles
+        else:
+            assert not p["PERSISTENT"] and p["grid"] == (nb * (n // p["BLOCK_N"]),)
         shared, ptx, _ = _compile_call(jax_triton_call, c)
         assert 0 < shared <= SM90_SMEM
         if bm >= 64:
@@ -41,7 +47,7 @@ def test_gpu_experts_trace_and_compile_for_sm90(jax_triton_call, T, bm, sort):
 
 
 def test_persistent_schedule_launch_compiles_for_sm90(jax_triton_call):
-    cfg = gpu.Config(block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=3, persistent=2)
+    cfg = gpu.Config(block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=3, persistent=2, short_blocks=True)
 
     def f(x, idx, w, wg, wu, wd):
         lay = make_layout(idx, E, 128)
@@ -51,5 +57,29 @@ def test_persistent_schedule_launch_compiles_for_sm90(jax_triton_call):
     for c in calls:
         p = c.params
         assert p["PERSISTENT"] and p["NUM_PROGRAMS"] == 2 * gpu.num_sms() and p["grid"] == (p["NUM_PROGRAMS"],)
+        assert p["SHORT"] and p["N_TOKENS"] == 4096        # half-height tiles: both heights compiled
         shared, ptx, _ = _compile_call(jax_triton_call, c)
         assert 0 < shared <= SM90_SMEM and "wgmma" in ptx
+
+
+def test_split_k_launch_compiles_for_sm90(jax_triton_call):
+    """T = 1 (8 blocks of 16 rows): split_k 4 gate/up, 2 down -> 4x / 2x the programs, float32 partials."""
+    cg = gpu.Config(block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4, split_k=4)
+    cd = gpu.Config(block_n=128, block_k=64, group_m=1, num_warps=4, num_stages=4, split_k=2)
+
+    def f(x, idx, w, wg, wu, wd):
+        lay = make_layout(idx, E, 16, "compare")
+        return gpu.down(gpu.gate_up(x, lay, wg, wu, config=cg), lay, wd, config=cd)
+    calls = _triton_calls(jax_triton_call, jax.make_jaxpr(f)(*args(1)).jaxpr)
+    assert [c.params["fn"].fn.__name__ for c in calls] == ["gate_up_split_kernel", "down_split_kernel"]
+    nb = num_blocks(K, E, 16)
+    for c, n, cfg in zip(calls, (I, D), (cg, cd)):
+        p = c.params
+        assert p["SPLIT_K"] == cfg.split_k and p["grid"] == (nb * (n // cfg.block_n) * cfg.split_k,)
+        assert all(v.aval.dtype == jnp.float32 and v.aval.shape[0] == cfg.split_k for v in c.outvars)
+        shared, _, _ = _compile_call(jax_triton_call, c)
+        assert 0 < shared <= SM90_SMEM
+    with pytest.raises(ValueError, match="split_k"):
+        gpu._fit(gpu.Config(block_n=64, block_k=128, split_k=3), D, I)     # 32 k steps
+    with pytest.raises(ValueError, match="persistent"):
+        gpu._fit(gpu.Config(block_n=64, block_k=128, split_k=2, persistent=1), D, I)

@@ -145,6 +145,17 @@ def test_layout_methods_build_the_same_layout(T, k, E, bm):
     assert gpu.pick_layout_method(T * k) == "compare" and gpu.pick_layout_method(4096 * 8) == "sort"
 
 
+def test_sort_by_expert_packed_keys_match_stable_argsort():
+    """layout._sort_by_expert: the packed single-operand sort (used while (E + 1) * n < 2^31) and the
+    stable argsort (beyond) give the same order, ties in pair order."""
+    from lingjax.kernels.moe.layout import _sort_by_expert
+    key = jnp.asarray(np.random.default_rng(0).integers(0, 9, 300), jnp.int32)     # E = 8, 8 = dropped
+    a, b = (jax.jit(_sort_by_expert, static_argnums=(1, 2))(key, 8, p) for p in (True, False))
+    want = np.argsort(np.asarray(key), kind="stable")
+    for order, ks in (a, b):
+        assert (np.asarray(order) == want).all() and (np.asarray(ks) == np.asarray(key)[want]).all()
+
+
 def test_layout_and_dispatch_errors():
     with pytest.raises(ValueError, match="unknown MoE kernel implementation 'bogus'"):
         moe.experts(jnp.zeros((2, 4)), jnp.zeros((2, 1), jnp.int32), jnp.zeros((2, 1)), jnp.zeros((3, 4, 2)),

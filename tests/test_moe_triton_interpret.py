@@ -7,7 +7,10 @@ independently here: float32 inputs (products 'ieee'; 'tf32x3' has no tf32 in the
 exactly too) within 1e-5 relative, float16 within 1e-2 (16-bit products, float32 accumulation).
 bfloat16 loads are wrong in Triton's interpreter (numpy has no bfloat16), so bf16 is checked on the
 device by scripts/bench_moe.py. Unused blocks must stay unwritten, padding rows must be zero. Both
-schedules: one program per tile, and the persistent one (programs looping over the used tiles)."""
+schedules: one program per tile, and the persistent one (programs looping over the used tiles). The
+split-K variants (gate_up_split_kernel / down_split_kernel: float32 partial sums per K slice, summed
+and, for gate/up, put through silu(g) * u here as gpu.py does): the same oracle and tolerances, and the
+unused blocks' partial rows left unwritten."""
 import json
 import os
 import subprocess
@@ -62,8 +65,10 @@ def layout(idx, E, bm):
     return row_token, block_expert, pair_row
 
 
-def run(tk, x, idx, wg, wu, wd, bm, bn, bk, precision, group_m, programs=0):
-    """programs 0: one program per (block, n tile); > 0: the persistent schedule with that many."""
+def run(tk, x, idx, wg, wu, wd, bm, bn, bk, precision, group_m, programs=0, split=1, short=0):
+    """programs 0: one program per (block, n tile); > 0: the persistent schedule with that many;
+    split > 1: the split-K kernels with that many K slices (-> h, y, ..., and whether every unused
+    block's partial rows kept the sentinel)."""
     import torch
     T, d = x.shape
     E, _, I = wg.shape
@@ -72,14 +77,29 @@ def run(tk, x, idx, wg, wu, wd, bm, bn, bk, precision, group_m, programs=0):
     tt = lambda a: torch.from_numpy(np.ascontiguousarray(a))         # noqa: E731
     num_used = tt(np.array([(block_expert >= 0).sum()], np.int32))
     sentinel = 1027.0      # exact in float16
+    if split > 1:
+        common = dict(NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, PRECISION=precision,
+                      SPLIT_K=split)
+        gp, up = (torch.full((split, P, I), sentinel, dtype=torch.float32) for _ in range(2))
+        tk.gate_up_split_kernel[(nb * (I // bn) * split,)](
+            tt(x), tt(row_token), tt(block_expert), tt(wg), tt(wu), gp, up, N_TOKENS=T, K=d, N=I, **common)
+        g, u = gp.sum(0), up.sum(0)
+        h = (g * torch.sigmoid(g) * u).to(tt(x).dtype)
+        yp = torch.full((split, P, d), sentinel, dtype=torch.float32)
+        tk.down_split_kernel[(nb * (d // bn) * split,)](h, tt(block_expert), tt(wd), yp, K=I, N=d, **common)
+        y = yp.sum(0).to(tt(x).dtype)
+        unused = np.repeat(block_expert < 0, bm)
+        untouched = all(bool((a[:, unused] == sentinel).all()) for a in (gp, up, yp))
+        return h.double().numpy(), y.double().numpy(), row_token, block_expert, untouched
     h = torch.full((P, I), sentinel, dtype=tt(x).dtype)
     y = torch.full((P, d), sentinel, dtype=tt(x).dtype)
-    sched = dict(PERSISTENT=programs > 0, NUM_PROGRAMS=max(programs, 1))
+    sched = dict(PERSISTENT=programs > 0, NUM_PROGRAMS=max(programs, 1), SHORT=short)
     tk.gate_up_kernel[(programs or nb * (I // bn),)](
         tt(x), tt(row_token), tt(block_expert), num_used, tt(wg), tt(wu), h, N_TOKENS=T, K=d, N=I, NUM_BLOCKS=nb,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m, PRECISION=precision, **sched)
     tk.down_kernel[(programs or nb * (d // bn),)](
-        h, tt(block_expert), num_used, tt(wd), y, K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        h, tt(row_token), tt(block_expert), num_used, tt(wd), y, N_TOKENS=T, K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm,
+        BLOCK_N=bn, BLOCK_K=bk,
         GROUP_M=group_m, PRECISION=precision, **sched)
     return h.double().numpy(), y.double().numpy(), row_token, block_expert, sentinel
 
@@ -113,11 +133,22 @@ PARAMS = [("float32", "ieee", 1e-5), ("float32", "tf32x3", 1e-5), ("float16", ""
 # the persistent schedule (programs looping over the used tiles): 3 programs, fewer than the tiles, so
 # each loops several times, and more programs than tiles (T = 1: 1 used block x 2 n tiles)
 PERSISTENT = [("float32", "ieee", 1e-5, 3), ("float16", "", 1e-2, 5)]
+# split K in 2 slices: decode (T = 1, most blocks unused), empty experts, a skewed routing
+SPLIT_CASES = [CASES[0], CASES[1], CASES[3]]
+SPLIT = [("float32", "ieee", 1e-5, 2), ("float16", "", 1e-2, 2)]
+# short tiles for mostly-padding blocks (SHORT 1: half height; blocks of 32 rows: groups of more and
+# fewer than 16 rows, and groups spilling a few rows into a second block)
+SHORT_CASES = [(60, 2, 4, 32, "uniform"), (24, 2, 4, 32, "skewed")]
+SHORT = [("float32", "ieee", 1e-5, 0), ("float32", "ieee", 1e-5, 3), ("float16", "", 1e-2, 0)]
+# SHORT 2 (half and quarter height), blocks of 64 rows: ~30-row groups (half), a 40-row group and
+# ~13-row groups (full, quarter)
+SHORT2_CASES = [(60, 2, 4, 64, "uniform"), (40, 2, 4, 64, "skewed")]
+SHORT2 = [("float32", "ieee", 1e-5, 0), ("float16", "", 1e-2, 3)]
 
 
-def measure(tk, case, dtype, precision, programs=0):
+def measure(tk, case, dtype, precision, programs=0, split=1, short=0):
     T, k, E, bm, routing = case
-    d, I, bn, bk = 64, 32, 16, 32
+    d, I, bn, bk = 64, 32, 16, 32 if split == 1 else 16      # split: K = 32 in 2 slices of 16
     dtype = np.dtype(dtype)
     rng = np.random.default_rng(T * 7 + E)
     if routing == "skewed":
@@ -130,21 +161,30 @@ def measure(tk, case, dtype, precision, programs=0):
     wu = (rng.standard_normal((E, d, I)) / np.sqrt(d)).astype(dtype)
     wd = (rng.standard_normal((E, I, d)) / np.sqrt(I)).astype(dtype)
     h, y, row_token, block_expert, sentinel = run(tk, x, idx, wg, wu, wd, bm, bn, bk, precision, group_m=2,
-                                                  programs=programs)
+                                                  programs=programs, split=split, short=short)
     want_h, want_y = oracle(x, wg, wu, wd, row_token, block_expert, bm)
     rows = sorted(want_h)
     H, Y = np.stack([want_h[r] for r in rows]), np.stack([want_y[r] for r in rows])
     pad = [r for r in rows if row_token[r] == T]
     unused = [r for r in range(len(row_token)) if r not in want_h]
+    if split > 1:       # run() checked the unused blocks' partial rows (h, y there are computed from them)
+        untouched = sentinel
+    else:
+        untouched = bool(np.all(h[unused] == sentinel) and np.all(y[unused] == sentinel))
     return dict(rel_h=float(np.linalg.norm(h[rows] - H) / np.linalg.norm(H)),
                 rel_y=float(np.linalg.norm(y[rows] - Y) / np.linalg.norm(Y)),
                 n_rows=len(rows), n_pad=len(pad), n_unused=len(unused),
-                pad_zero=bool(np.all(h[pad] == 0) and np.all(y[pad] == 0)),
-                unused_untouched=bool(np.all(h[unused] == sentinel) and np.all(y[unused] == sentinel)))
+                pad_zero=bool(np.all(h[pad] == 0) and np.all(y[pad] == 0)), unused_untouched=untouched,
+                half_padding_blocks=int(sum(row_token[b * bm + bm // 2] == T for b in range(len(block_expert))
+                                            if block_expert[b] >= 0)),
+                quarter_padding_blocks=int(sum(row_token[b * bm + bm // 4] == T for b in range(len(block_expert))
+                                               if block_expert[b] >= 0)),
+                used_blocks=int((block_expert >= 0).sum()))
 
 
-def _key(case, dtype, precision, programs=0):
-    return f"{case}-{dtype}-{precision}-{programs}"
+def _key(case, dtype, precision, programs=0, split=1, short=0):
+    return (f"{case}-{dtype}-{precision}-{programs}" + (f"-split{split}" if split > 1 else "")
+            + (f"-short{short}" if short else ""))
 
 
 @pytest.mark.parametrize("dtype,precision,tol", PARAMS)
@@ -166,8 +206,45 @@ def test_persistent_schedule_matches_float64(results, case, dtype, precision, to
     assert r["pad_zero"] and r["unused_untouched"], r
 
 
+@pytest.mark.parametrize("dtype,precision,tol,split", SPLIT)
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_split_k_kernels_match_float64(results, case, dtype, precision, tol, split):
+    r = results[_key(case, dtype, precision, split=split)]
+    assert r["rel_h"] < tol and r["rel_y"] < tol, r
+    assert r["pad_zero"], "padding rows must read zero tokens and produce zeros"
+    assert r["unused_untouched"] is True, "unused blocks' partial rows must not be written"
+    assert r["n_unused"] > 0 and r["n_pad"] > 0      # the case exercises both
+
+
+@pytest.mark.parametrize("dtype,precision,tol,programs", SHORT)
+@pytest.mark.parametrize("case", SHORT_CASES)
+def test_half_height_tiles_match_float64(results, case, dtype, precision, tol, programs):
+    r = results[_key(case, dtype, precision, programs, short=1)]
+    assert r["rel_h"] < tol and r["rel_y"] < tol, r
+    assert r["pad_zero"] and r["unused_untouched"], r
+    assert 0 < r["half_padding_blocks"] < r["used_blocks"], r      # both tile heights run
+
+
+@pytest.mark.parametrize("dtype,precision,tol,programs", SHORT2)
+def test_half_and_quarter_height_tiles_match_float64(results, dtype, precision, tol, programs):
+    rs = [results[_key(case, dtype, precision, programs, short=2)] for case in SHORT2_CASES]
+    for r in rs:
+        assert r["rel_h"] < tol and r["rel_y"] < tol, r
+        assert r["pad_zero"] and r["unused_untouched"], r
+    quarter = sum(r["quarter_padding_blocks"] for r in rs)
+    half = sum(r["half_padding_blocks"] for r in rs) - quarter
+    full = sum(r["used_blocks"] for r in rs) - half - quarter
+    assert quarter > 0 and half > 0 and full > 0, rs                 # all three tile heights run
+
+
 if __name__ == "__main__":          # the child process
     tk = _load_interpreted()
     res = {_key(c, dt, pr): measure(tk, c, dt, pr) for c in CASES for dt, pr, _ in PARAMS}
     res.update({_key(c, dt, pr, n): measure(tk, c, dt, pr, n) for c in CASES for dt, pr, _, n in PERSISTENT})
+    res.update({_key(c, dt, pr, split=n): measure(tk, c, dt, pr, split=n)
+                for c in SPLIT_CASES for dt, pr, _, n in SPLIT})
+    res.update({_key(c, dt, pr, n, short=1): measure(tk, c, dt, pr, n, short=1)
+                for c in SHORT_CASES for dt, pr, _, n in SHORT})
+    res.update({_key(c, dt, pr, n, short=2): measure(tk, c, dt, pr, n, short=2)
+                for c in SHORT2_CASES for dt, pr, _, n in SHORT2})
     print(json.dumps(res))

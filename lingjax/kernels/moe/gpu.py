@@ -6,12 +6,17 @@ reads every touched expert's weight panel once per block of rows and none of the
 [E, I, d] layout (no transposes, no weight copies). Tile shapes are picked per block size by
 `pick_config` (measured on H200: scripts/bench_moe.py); `config=` overrides them for sweeps.
 jax_triton is imported inside the functions: it cannot be imported on a CPU-only JAX.
+Not used, and why: TMA loads (`tl.make_tensor_descriptor`) need a global scratch buffer per program
+for the descriptors (compiled for sm_90: 256 bytes for two), which jax-triton 0.3.1's kernel call does
+not allocate; `tl.range(..., warp_specialize=True)` produced no warp-specialized code for these
+pointer-load loops on sm_90 (scripts/compile_moe_kernels.py's check, local Triton 3.7.1).
 """
 from __future__ import annotations
 
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 from lingjax.kernels.jax_triton_lib import dot_precision
 from lingjax.kernels.moe.layout import COMPARE_MAX_PAIRS
 
@@ -20,18 +25,27 @@ from lingjax.kernels.moe.layout import COMPARE_MAX_PAIRS
 class Config:
     """Tiles and schedule of one kernel: [block_m (the layout's), block_n] output tiles, block_k-deep
     steps; group_m blocks per n tile in the tile order (L2 reuse); persistent 0: one program per
-    (block, n tile), p > 0: p programs per SM looping over the used blocks' tiles (triton_kernels.py)."""
+    (block, n tile), p > 0: p programs per SM looping over the used blocks' tiles (triton_kernels.py);
+    split_k > 1: each tile's K range in split_k slices, one program each, float32 partial sums
+    summed after the kernel (decode sizes: more programs than blocks x n tiles; not with persistent);
+    short_blocks 1: a block whose second half is padding runs a half-height tile, 2: also quarter-height
+    tiles where the last three quarters are padding (triton_kernels.py)."""
     block_n: int
     block_k: int
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
     persistent: int = 0
+    split_k: int = 1
+    short_blocks: int = 0
 
     def tag(self) -> str:
-        """Short name of the config for tables: n64k128g8w4s3 (+ p2 when persistent)."""
+        """Short name of the config for tables: n64k128g8w4s3 (+ p2 when persistent, x4 split in 4
+        along K, h1 / h2 with short tiles for mostly-padding blocks)."""
         t = f"n{self.block_n}k{self.block_k}g{self.group_m}w{self.num_warps}s{self.num_stages}"
-        return t + (f"p{self.persistent}" if self.persistent else "")
+        return (t + (f"p{self.persistent}" if self.persistent else "")
+                + (f"x{self.split_k}" if self.split_k > 1 else "")
+                + (f"h{int(self.short_blocks)}" if self.short_blocks else ""))
 
 
 def num_sms() -> int:
@@ -40,7 +54,9 @@ def num_sms() -> int:
 
 
 def _schedule(c: Config, nb: int, num_n: int):
-    """(grid, PERSISTENT, NUM_PROGRAMS) of a launch over nb blocks x num_n n tiles."""
+    """(grid, PERSISTENT, NUM_PROGRAMS) of a launch over nb blocks x num_n n tiles (x split_k slices)."""
+    if c.split_k > 1:
+        return (nb * num_n * c.split_k,), False, 1
     if c.persistent <= 0:
         return (nb * num_n,), False, 1
     programs = max(1, min(c.persistent * num_sms(), nb * num_n))
@@ -64,16 +80,38 @@ def pick_block_m(n_pairs: int, n_experts: int) -> int:
     return 128
 
 
+# Large blocks (block_m 128: T >= ~2k tokens at E 256, k 8), 16-bit inputs: the fastest configuration of
+# scripts/bench_moe.py's sweep at the flash shapes, T = 4096 (run 17, scripts/results/bench_moe_h200.json,
+# `best`): 128 x 128 gate/up tiles (x2: gate and up) and 128 x 256 down tiles, 64-deep k steps, 8 warps,
+# 3 stages, persistent with 1 program per SM: 2282 us for both matmuls, 361 TFLOP/s (52% of the 691
+# measured dense rate), against 2368-2455 us (48-50%) for the earlier default (64 / 128-wide tiles,
+# 4 warps, one program per tile). Measured at T = 4096 only; applied to every block_m >= 128 (larger T
+# has more blocks per expert, so the larger tiles' reuse should help more).
+# Plus half-height tiles for blocks whose second half is padding (short_blocks; not yet measured, by
+# this count): at T = 4096 an expert gets 128 +- 11 pairs, so about half the experts have a second,
+# nearly empty block of 128 rows and the tensor cores run 1.46x the useful products (uniform routing,
+# scripts/bench_moe.py's problem). 2282 us for 1.46 x 8.25e11 products is 527 TFLOP/s executed, 76% of
+# the dense rate: the kernel is bound by the products it runs, padding included. Half-height tiles
+# for the half-padding blocks cut that to 1.23x (-16%; T = 16384: 1.13x -> 1.06x). bench_moe.py --sweep
+# 4096,16384 times both (the first two rows of SWEEP_LARGE), and short_blocks 2 (quarter-height tiles
+# too: 1.12x at T = 4096; not the default: a 32-row tile compiles to mma.sync, not wgmma, on sm_90).
+LARGE_GATE_UP = Config(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3, persistent=1, short_blocks=1)
+LARGE_DOWN = Config(block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3, persistent=1, short_blocks=1)
+
+
 def pick_config(kind: str, block_m: int, K: int, N: int, itemsize: int = 2) -> Config:
-    """Tile shapes by rows per block, the fastest of scripts/bench_moe.py's sweep on H200 (run 2 of
-    scripts/bench_notes_moe.md): small blocks (decode) stream weights, 64-wide gate/up tiles and
-    128-wide down tiles with deep pipelines (T = 16: 654 us, 64: 1319 us at the flash shapes);
-    large blocks: 64-wide gate/up and 128-wide down tiles, 64-deep k steps, 4 warps, 3 stages
-    (T = 4096: 2324 us). float32 inputs (3xTF32 products) take 64-deep k steps and at most 3 stages,
-    so the double-size tiles stay inside the 227 KiB of shared memory."""
+    """Tile shapes by rows per block, the fastest of scripts/bench_moe.py's sweeps on H200:
+    small blocks (decode, run 2 of scripts/bench_notes_moe.md) stream weights, 64-wide gate/up tiles
+    and 128-wide down tiles with deep pipelines (T = 16: 654 us, 64: 1319 us at the flash shapes);
+    64-row blocks: 64-wide gate/up and 128-wide down tiles, 64-deep k steps, 4 warps, 3 stages;
+    128-row blocks of 16-bit inputs: LARGE_GATE_UP / LARGE_DOWN above (run 17 + half-height tiles).
+    float32 inputs (3xTF32 products) take the 64-row blocks' tiles (the large tiles would not fit shared memory at
+    4 bytes) with 64-deep k steps and at most 3 stages, inside the 227 KiB of shared memory."""
     if block_m <= 32:
         c = Config(block_n=128 if kind == "down" else 64, block_k=64 if kind == "down" else 128, group_m=1,
                    num_warps=4, num_stages=4)
+    elif block_m >= 128 and itemsize <= 2:
+        c = LARGE_DOWN if kind == "down" else LARGE_GATE_UP
     else:
         c = Config(block_n=128 if kind == "down" else 64, block_k=64, group_m=8, num_warps=4, num_stages=3)
     if itemsize >= 4:
@@ -82,47 +120,77 @@ def pick_config(kind: str, block_m: int, K: int, N: int, itemsize: int = 2) -> C
 
 
 def _fit(c: Config, K: int, N: int) -> Config:
-    """Shrink tiles to small dims (tiny test models); dims must be multiples of 16."""
+    """Shrink tiles to small dims (tiny test models); dims must be multiples of 16, K of split_k k steps."""
     bn, bk = min(c.block_n, N), min(c.block_k, K)
     if N % bn or K % bk or bn < 16 or bk < 16:
         raise ValueError(f"MoE GPU kernel: dims K={K}, N={N} must be multiples of 16 and of the tile "
                          f"({c.block_k}, {c.block_n})")
+    if c.split_k < 1 or (K // bk) % c.split_k:
+        raise ValueError(f"MoE GPU kernel: split_k={c.split_k} must divide the K={K} dim's {K // bk} k steps "
+                         f"of {bk}")
+    if c.split_k > 1 and (c.persistent or c.short_blocks):
+        raise ValueError("MoE GPU kernel: split_k > 1 has no persistent schedule or half-height tiles "
+                         "(persistent and short_blocks must be 0)")
     return dataclasses.replace(c, block_n=bn, block_k=bk)
 
 
+def _check_short(c: Config, block_m: int):
+    """Short tiles must keep >= 16 rows (tl.dot): block_m >= 32 for short_blocks 1, >= 64 for 2."""
+    if c.short_blocks not in (0, 1, 2) or block_m < 16 << int(c.short_blocks):
+        raise ValueError(f"MoE GPU kernel: short_blocks={c.short_blocks} (0, 1 or 2) needs blocks of >= "
+                         f"{16 << int(c.short_blocks)} rows, got block_m={block_m}")
+
+
 def gate_up(x, layout, w_gate, w_up, *, config: Config | None = None, f32_dot: str = "tf32x3"):
-    """h [P, I] = silu(x[row_token] @ Wg[e]) * (x[row_token] @ Wu[e]), float32 accumulation, x.dtype."""
+    """h [P, I] = silu(x[row_token] @ Wg[e]) * (x[row_token] @ Wu[e]), float32 accumulation, x.dtype.
+    split_k > 1: the kernel writes float32 partial sums [split_k, P, I] of the gate and up products;
+    their sum (in slice order: deterministic) and silu(g) * u follow here (one fused XLA kernel)."""
     from lingjax.kernels.jax_triton_lib import jax_triton
     jt = jax_triton()
-    from lingjax.kernels.moe.triton_kernels import gate_up_kernel
+    from lingjax.kernels.moe import triton_kernels as tk
     T, d = x.shape
     I = w_gate.shape[-1]
     nb, bm = layout.block_expert.shape[0], layout.block_m
     c = _fit(config, d, I) if config else pick_config("gate_up", bm, d, I, x.dtype.itemsize)
+    _check_short(c, bm)
     grid, persistent, programs = _schedule(c, nb, I // c.block_n)
+    common = dict(grid=grid, num_warps=c.num_warps, num_stages=c.num_stages, N_TOKENS=T, K=d, N=I, NUM_BLOCKS=nb,
+                  BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
+                  PRECISION=dot_precision(x.dtype, f32_dot))
+    wg, wu = w_gate.astype(x.dtype), w_up.astype(x.dtype)
+    if c.split_k > 1:
+        part = jax.ShapeDtypeStruct((c.split_k, nb * bm, I), jnp.float32)
+        g, u = jt.triton_call(x, layout.row_token, layout.block_expert, wg, wu, kernel=tk.gate_up_split_kernel,
+                              out_shape=(part, part), name="moe_gate_up_split", SPLIT_K=c.split_k, **common)
+        g, u = g.sum(0), u.sum(0)
+        return (jax.nn.silu(g) * u).astype(x.dtype)
     return jt.triton_call(
-        x, layout.row_token, layout.block_expert, layout.num_used_blocks.reshape(1), w_gate.astype(x.dtype),
-        w_up.astype(x.dtype), kernel=gate_up_kernel, out_shape=jax.ShapeDtypeStruct((nb * bm, I), x.dtype),
-        grid=grid, num_warps=c.num_warps, num_stages=c.num_stages, name="moe_gate_up",
-        N_TOKENS=T, K=d, N=I, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-        GROUP_M=c.group_m, PRECISION=dot_precision(x.dtype, f32_dot), PERSISTENT=persistent,
-        NUM_PROGRAMS=programs)
+        x, layout.row_token, layout.block_expert, layout.num_used_blocks.reshape(1), wg, wu,
+        kernel=tk.gate_up_kernel, out_shape=jax.ShapeDtypeStruct((nb * bm, I), x.dtype), name="moe_gate_up",
+        PERSISTENT=persistent, NUM_PROGRAMS=programs, SHORT=int(c.short_blocks), **common)
 
 
 def down(h, layout, w_down, *, config: Config | None = None, f32_dot: str = "tf32x3"):
-    """y [P, d] = h @ Wd[e] per block, float32 accumulation, h.dtype."""
+    """y [P, d] = h @ Wd[e] per block, float32 accumulation, h.dtype. split_k > 1: float32 partial
+    sums [split_k, P, d] from the kernel, summed here in slice order."""
     from lingjax.kernels.jax_triton_lib import jax_triton
     jt = jax_triton()
-    from lingjax.kernels.moe.triton_kernels import down_kernel
+    from lingjax.kernels.moe import triton_kernels as tk
     P, I = h.shape
     d = w_down.shape[-1]
     nb, bm = layout.block_expert.shape[0], layout.block_m
     c = _fit(config, I, d) if config else pick_config("down", bm, I, d, h.dtype.itemsize)
+    _check_short(c, bm)
     grid, persistent, programs = _schedule(c, nb, d // c.block_n)
+    common = dict(grid=grid, num_warps=c.num_warps, num_stages=c.num_stages, K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm,
+                  BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, PRECISION=dot_precision(h.dtype, f32_dot))
+    wd = w_down.astype(h.dtype)
+    if c.split_k > 1:
+        y = jt.triton_call(h, layout.block_expert, wd, kernel=tk.down_split_kernel,
+                           out_shape=jax.ShapeDtypeStruct((c.split_k, P, d), jnp.float32), name="moe_down_split",
+                           SPLIT_K=c.split_k, **common)
+        return y.sum(0).astype(h.dtype)
     return jt.triton_call(
-        h, layout.block_expert, layout.num_used_blocks.reshape(1), w_down.astype(h.dtype),
-        kernel=down_kernel, out_shape=jax.ShapeDtypeStruct((P, d), h.dtype),
-        grid=grid, num_warps=c.num_warps, num_stages=c.num_stages, name="moe_down",
-        K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-        GROUP_M=c.group_m, PRECISION=dot_precision(h.dtype, f32_dot), PERSISTENT=persistent,
-        NUM_PROGRAMS=programs)
+        h, layout.row_token, layout.block_expert, layout.num_used_blocks.reshape(1), wd, kernel=tk.down_kernel,
+        out_shape=jax.ShapeDtypeStruct((P, d), h.dtype), name="moe_down", PERSISTENT=persistent,
+        NUM_PROGRAMS=programs, SHORT=int(c.short_blocks), N_TOKENS=layout.pair_row.shape[0], **common)

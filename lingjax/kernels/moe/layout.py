@@ -84,8 +84,7 @@ def _layout_sort(idx, num_experts: int, block_m: int) -> Layout:
     P = nb * bm
     e = idx.reshape(-1).astype(jnp.int32)
     key = jnp.where((e >= 0) & (e < E), e, E)                        # dropped pairs sort last, as "expert E"
-    order = jnp.argsort(key, stable=True).astype(jnp.int32)          # sorted position -> pair
-    key_sorted = key[order]
+    order, key_sorted = _sort_by_expert(key, E, packed=(E + 1) * n <= jnp.iinfo(jnp.int32).max)
     counts = jnp.bincount(key, length=E + 1)[:E].astype(jnp.int32)   # pairs per expert
     padded = -(-counts // bm) * bm                                   # rows per expert (whole blocks)
     pad_end = jnp.cumsum(padded)
@@ -103,6 +102,19 @@ def _layout_sort(idx, num_experts: int, block_m: int) -> Layout:
     block_expert = jnp.where(jnp.arange(nb) < used, expert, -1).astype(jnp.int32)
     return Layout(row_token=row_token, block_expert=block_expert, pair_row=pair_row,
                   num_used_blocks=used, block_m=bm)
+
+
+def _sort_by_expert(key, E: int, packed: bool):
+    """key [n] in [0, E] -> (order: sorted position -> pair, key_sorted), stable (pair order within a key).
+    packed: one sort of the unique int32 keys key * n + pair (needs (E + 1) * n < 2^31): no second
+    (index) operand to carry and no gather of the sorted keys (on the GPU a single-operand sort moves
+    half the data per step); else a stable argsort and a gather."""
+    n = key.shape[0]
+    if packed:
+        s = jnp.sort(key * n + jnp.arange(n, dtype=jnp.int32))
+        return s % n, s // n
+    order = jnp.argsort(key, stable=True).astype(jnp.int32)
+    return order, key[order]
 
 
 def _layout_compare(idx, num_experts: int, block_m: int) -> Layout:
