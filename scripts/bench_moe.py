@@ -72,10 +72,11 @@ SWEEP_SMALL = [  # blocks of <= 32 rows (decode: weight streaming)
     (None, (32, 128, 1, 4, 4, 0, 4), (64, 128, 1, 4, 4, 0, 4)),     # narrow tiles and split: 1024 programs
 ]
 SWEEP_LARGE = [  # blocks of >= 64 rows
-    # default (gpu.LARGE_*): 128 x 128 (x2) / 128 x 256 tiles, 8 warps, persistent 1 per SM, half-height
-    # tiles where a block's second half is padding (T = 4096: 1.23x the useful products instead of 1.46x)
+    # default (gpu.LARGE_*): 128 x 128 (x2) / 128 x 256 tiles, 8 warps, persistent 1 per SM (run 17's best)
+    (None, (128, 64, 8, 8, 3, 1), (256, 64, 8, 8, 3, 1)),
+    # the same + half-height tiles where a block's second half is padding (T = 4096: 1.23x the useful
+    # products instead of 1.46x; slower in session 4 run 2)
     (None, (128, 64, 8, 8, 3, 1, 1, 1), (256, 64, 8, 8, 3, 1, 1, 1)),
-    (None, (128, 64, 8, 8, 3, 1), (256, 64, 8, 8, 3, 1)),      # the same, full tiles only (run 17's best)
     (None, (128, 64, 8, 8, 3, 1, 1, 2), (256, 64, 8, 8, 3, 1, 1, 2)),   # + quarter-height tiles (1.12x)
     (None, (64, 64, 8, 4, 3), (128, 64, 8, 4, 3)),             # the default before run 17
     (None, (128, 64, 8, 8, 3, 0, 1, 1), (256, 64, 8, 8, 3, 0, 1, 1)),   # one program per tile

@@ -87,16 +87,20 @@ def pick_block_m(n_pairs: int, n_experts: int) -> int:
 # measured dense rate), against 2368-2455 us (48-50%) for the earlier default (64 / 128-wide tiles,
 # 4 warps, one program per tile). Measured at T = 4096 only; applied to every block_m >= 128 (larger T
 # has more blocks per expert, so the larger tiles' reuse should help more).
-# Plus half-height tiles for blocks whose second half is padding (short_blocks; not yet measured, by
-# this count): at T = 4096 an expert gets 128 +- 11 pairs, so about half the experts have a second,
+# Half-height tiles for blocks whose second half is padding (short_blocks) were expected to help by
+# this count: at T = 4096 an expert gets 128 +- 11 pairs, so about half the experts have a second,
 # nearly empty block of 128 rows and the tensor cores run 1.46x the useful products (uniform routing,
 # scripts/bench_moe.py's problem). 2282 us for 1.46 x 8.25e11 products is 527 TFLOP/s executed, 76% of
 # the dense rate: the kernel is bound by the products it runs, padding included. Half-height tiles
 # for the half-padding blocks cut that to 1.23x (-16%; T = 16384: 1.13x -> 1.06x). bench_moe.py --sweep
 # 4096,16384 times both (the first two rows of SWEEP_LARGE), and short_blocks 2 (quarter-height tiles
 # too: 1.12x at T = 4096; not the default: a 32-row tile compiles to mma.sync, not wgmma, on sm_90).
-LARGE_GATE_UP = Config(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3, persistent=1, short_blocks=1)
-LARGE_DOWN = Config(block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3, persistent=1, short_blocks=1)
+# Measured (session 4 run 2, scripts/results/bench_moe_h200.{json,log}: the sweep rows 'mm bm128 ...'), they
+# do not: T = 4096: 2373 us without (p1), 2437 with (p1h1); T = 16384: 6817 us (484 TFLOP/s, 71% of the
+# 681 measured dense rate; torch._grouped_mm 6852 us) without, 7390 with. So short_blocks stays 0 by default
+# (an option, swept).
+LARGE_GATE_UP = Config(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3, persistent=1)
+LARGE_DOWN = Config(block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3, persistent=1)
 
 
 def pick_config(kind: str, block_m: int, K: int, N: int, itemsize: int = 2) -> Config:
