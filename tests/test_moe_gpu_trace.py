@@ -36,8 +36,8 @@ def test_gpu_experts_trace_and_compile_for_sm90(jax_triton_call, T, bm, sort):
         p = c.params
         assert p["BLOCK_M"] == bm and p["NUM_BLOCKS"] == nb
         if bm >= 128:               # the large-block default (gpu.LARGE_*): persistent, 1 program per SM,
-            assert p["PERSISTENT"] and p["grid"] == (p["NUM_PROGRAMS"],) == (gpu.num_sms(),)   # half-height
-            assert p["SHORT"] and p["N_TOKENS"] == T                                            # tiles
+            assert p["PERSISTENT"] and p["grid"] == (p["NUM_PROGRAMS"],) == (gpu.num_sms(),)   # full-height
+            assert not p["SHORT"] and p["N_TOKENS"] == T                                        # tiles
         else:
             assert not p["PERSISTENT"] and p["grid"] == (nb * (n // p["BLOCK_N"]),)
         shared, ptx, _ = _compile_call(jax_triton_call, c)
