@@ -1,6 +1,6 @@
 """Multi-step decode (Engine(decode_steps=N), issue 15's host overhead): one dispatch runs up to N decode
 steps on the device. Its tokens (greedy and seeded sampling), logprobs and finish reasons equal the
-single-step engine's over a mix of requests with different max_new_tokens and stop ids, more requests
+single-step engine's over a mix of requests (all with logprobs: one set of step kinds, few compilations) with different max_new_tokens and stop ids, more requests
 than slots, the paged cache (scattered small pages) and the prefix cache on; a request arriving while a
 window runs is served. Same tiny float32 model and engine shapes as tests/test_engine_api.py, so the
 single-step shapes are shared with it."""
@@ -34,14 +34,14 @@ def prompts(model):
 
 
 def engine(model, **kw):
-    return Engine(model, **{"max_batch": 4, "prefill_chunk": 7, "max_len": MAX_LEN, "page_size": 4,
-                            "page_shuffle_seed": 3, "prefix_cache": True, **kw})
+    return Engine(model, **{"max_batch": 4, "prefill_chunk": 4, "max_tokens": 8, "max_len": MAX_LEN,
+                            "page_size": 4, "page_shuffle_seed": 3, "prefix_cache": True, **kw})
 
 
 def params_mix():
     g = dict(ignore_eos=True)
     s = dict(temperature=1.0, top_k=30, top_p=0.9, seed=11, ignore_eos=True)
-    return [SamplingParams(max_new_tokens=m, **(s if i % 2 else g), logprobs=2 if i == 6 else None)
+    return [SamplingParams(max_new_tokens=m, **(s if i % 2 else g), logprobs=2)
             for i, m in enumerate((3, 11, 14, 6, 2, 9, 13))]
 
 
@@ -78,7 +78,7 @@ def test_multi_step_equals_single_steps(model, prompts):
 
 
 def test_request_arriving_mid_window_is_served(model, prompts):
-    sp = SamplingParams(max_new_tokens=12, temperature=1.0, seed=5, ignore_eos=True)
+    sp = SamplingParams(max_new_tokens=12, temperature=1.0, seed=5, ignore_eos=True, logprobs=2)
     ref = engine(model).generate(prompts[:3], sp)
     eng = engine(model, decode_steps=N)
     ids = [eng.add_request(prompts[0], sp, sample_index=0)]
