@@ -647,7 +647,8 @@ def warm_up(engine, *, logprobs: bool = False) -> int:
     shape wait for its compilation, seconds on a GPU). For every token bucket T: a step that samples
     (prompts of at most prefill_chunk tokens, T in all, then a decode step) and, when T >= prefill_chunk,
     a prefill-only step (prompts one token longer than their first chunk: nothing samples); then a decode
-    step at temperature 1 (the greedy runs compiled the "greedy" twin of the decode step, see engine.py).
+    step at temperature 1 (the greedy runs compiled the "greedy" twin of the decode step, see engine.py);
+    with engine.decode_steps > 1, the multi-step decode windows (greedy and drawing).
     With logprobs=True also the sampling steps that return top logprobs. Call it before the EngineLoop
     starts. -> the compilations this caused."""
     before = engine.compile_count
@@ -670,6 +671,12 @@ def warm_up(engine, *, logprobs: bool = False) -> int:
         if k and c + 1 <= cap:
             run([c + 1] * k)
     run([1], temperature=1.0)                       # one-token prompt: decode-only steps that draw
+    if getattr(engine, "decode_steps", 1) > 1:      # multi-step decode windows, greedy and drawing
+        for temperature in (0.0, 1.0):
+            for top in ([None, MAX_LOGPROBS] if logprobs else [None]):
+                engine.clear_prefix_cache()
+                engine.generate([[3]], SamplingParams(max_new_tokens=min(3, cap), ignore_eos=True, logprobs=top,
+                                                      temperature=temperature))
     engine.clear_prefix_cache()
     return engine.compile_count - before
 
