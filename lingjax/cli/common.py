@@ -184,15 +184,15 @@ def make_mesh(args):
 
 def build_engine(args, model_dir, max_len):
     """Load the model at model_dir and build the engine the flags describe."""
+    k_spec = getattr(args, "speculative_tokens", 0) or 0
+    decode_steps = getattr(args, "decode_steps", 1) or 1
+    if decode_steps > 1 and k_spec:
+        raise CLIError("--decode-steps > 1 cannot be combined with --speculative-tokens: use one or the other")
     import jax.numpy as jnp
     from lingjax.engine import Engine, load_model
     mesh = make_mesh(args)
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     log.info("loading %s (%s, tp=%d)", model_dir, args.dtype, args.tp)
-    k_spec = getattr(args, "speculative_tokens", 0) or 0
-    decode_steps = getattr(args, "decode_steps", 1) or 1
-    if decode_steps > 1 and k_spec:
-        raise CLIError("--decode-steps > 1 cannot be combined with --speculative-tokens: use one or the other")
     mtp = bool(k_spec) or bool(getattr(args, "mtp", False))       # the MTP layer: drafts, or score --mtp
     if mtp and read_config(model_dir).num_nextn_predict_layers < 1:
         raise CLIError(f"{model_dir}: the checkpoint has no MTP layer (num_nextn_predict_layers is 0); "
