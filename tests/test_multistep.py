@@ -101,3 +101,10 @@ def test_bad_settings(model):
         engine(model, decode_steps=0)
     with pytest.raises(EngineError, match="cannot be combined with speculative decoding"):
         engine(model, decode_steps=2, num_speculative_tokens=1)
+
+
+def test_cli_refuses_decode_steps_with_speculative_decoding():
+    import types
+    from lingjax.cli.common import CLIError, build_engine
+    with pytest.raises(CLIError, match="--decode-steps > 1 cannot be combined with --speculative-tokens"):
+        build_engine(types.SimpleNamespace(decode_steps=2, speculative_tokens=1), "no-such-dir", 64)
