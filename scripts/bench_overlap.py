@@ -1,7 +1,7 @@
 """Host overhead of the engine step, with and without overlapped scheduling and multi-step decode (issue 15).
 
-Model: Ling-2.6-flash layer shapes with random weights and 8 layers (6 linear-attention + 2 MLA,
-1 dense + 7 MoE; the same builder as scripts/tp_bench.py), full vocabulary (157184) by default, on
+Model: Ling-2.6-flash layer shapes with random weights (scripts/shapes.py's hash fill) and 8 layers (6
+linear-attention + 2 MLA, 1 dense + 7 MoE; the config builder of scripts/tp_bench.py), full vocabulary (157184) by default, on
 one device. For each --batch B and each mode (overlap off, on; then overlap on with each
 --decode-steps N > 1, multi-step decode): an Engine(max_batch=B) generates --new-tokens greedy tokens
 for B random prompts of --prompt-len tokens after a warm-up run of the same shapes (compiles).
@@ -78,12 +78,13 @@ def main(argv=None):
     from lingjax import engine as engine_lib
     from lingjax.engine import Engine, SamplingParams
     from lingjax.sharding import make_mesh
-    from tp_bench import build_config, init_state
+    from shapes import random_model
+    from tp_bench import build_config
 
     cfg = build_config(types.SimpleNamespace(shrink=args.shrink, vocab=args.vocab, layers=args.layers,
                                              layer_group_size=args.layer_group_size))
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
-    model = init_state(cfg, make_mesh(1), dtype)
+    model = random_model(cfg, make_mesh(1), dtype)             # hash fill: seconds, not the init's minute
     rng = np.random.default_rng(0)
     orig, orig_multi = engine_lib._step_fn, engine_lib._multi_step_fn
     calls = {}
