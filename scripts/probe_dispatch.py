@@ -14,6 +14,8 @@ recorded and replayed on the engine's caches:
   pipe ms     --calls calls back to back, then one block: max(host, device) per call
   win ms      (N > 1) the N-step window called back to back, per step: the device's time per step
               (the host's launch cost is paid once per N steps), and its host ms per call (win host)
+              (if the runtime launched the kernels on a thread of its own, host ms would be small and the
+              launch cost would show as pipe ms above win ms instead: read the two together)
   noop ms     host ms of a jitted function taking the same arguments and returning one of them
               untouched (argument handling and dispatch without the model's kernels)
   fus / cc / while / cb   in the optimized HLO of the step (XLA's dump, not a second compilation):
