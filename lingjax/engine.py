@@ -61,9 +61,11 @@ request waits, one dispatch (`_multi_step_fn`, a while loop over the same step) 
 steps: each step's sampled tokens feed the next on the device, one position further, with the
 sampling key's counter one higher, so the tokens equal those of N single steps for the same seed. A
 request's steps in a window stop where it ends by length (its pages for those positions were promised
-at admission and are taken before the dispatch); one that hits a stop token mid-window ends when the
-host reads the window, and the window's tokens after it are dropped (up to N - 1 steps of its row
-wasted). The host then handles up to N tokens per request at once; with overlap, the next window is
+at admission and are taken before the dispatch; its row idles through the rest of the window); one
+that hits a stop token mid-window ends when the host reads the window, and the window's tokens after
+it are dropped (up to N - 1 steps of its row wasted). A window always runs N steps (a static trip
+count: XLA:GPU then does not read the loop condition back each iteration), so it is dispatched only
+when some request can use more than half of it; near the requests' ends, plain steps. The host then handles up to N tokens per request at once; with overlap, the next window is
 dispatched before this one is read. Prefill chunks, score requests, waiting requests and speculative
 decoding use single steps (decode_steps > 1 with speculative decoding is refused). The price: a
 request that arrives during a window waits for it (up to N - 1 more steps before its prefill), tokens
@@ -385,7 +387,10 @@ def _multi_step_fn(params, caches, batch, take, prev, steps, temperature, top_k,
     the sampling counter one higher. steps [R] int32: the steps row r takes (its tokens to produce, at
     most num_steps); past them a row is frozen (it feeds its last token at its last position again,
     which its own pages hold, and its outputs are dropped by the host), so it never writes past the
-    pages the engine gave it. The loop runs max(steps) times. -> (tokens [N, R], logprobs [N, R] | None,
+    pages the engine gave it. The loop always runs num_steps times: a static trip count, so that XLA
+    runs it without reading a loop condition back from the device every iteration (with a dynamic one,
+    XLA:GPU copies the predicate to the host and waits for it each time, which would serialize the host's
+    kernel launches with the device's work). -> (tokens [N, R], logprobs [N, R] | None,
     top ids [N, R, 20] | None, top logprobs [N, R, 20] | None, last tokens [R] (each row's last own
     token: the next step's `prev`), caches)."""
     graph.traces[(_kind(mode) + f"*{num_steps}", batch.tokens.shape[0], True)] += 1
@@ -399,8 +404,8 @@ def _multi_step_fn(params, caches, batch, take, prev, steps, temperature, top_k,
             jnp.zeros((N, R, MAX_LOGPROBS), jnp.int32) if want_top else None,
             jnp.zeros((N, R, MAX_LOGPROBS), jnp.float32) if want_top else None)
 
-    def body(carry):
-        i, tok, caches, bufs = carry
+    def body(i, carry):
+        tok, caches, bufs = carry
         j = jnp.minimum(i, jnp.maximum(steps - 1, 0))          # the row's own step (frozen past its last)
         b = dataclasses.replace(batch, tokens=tok, positions=batch.positions + j, fresh=batch.fresh & (i == 0))
         _, toks, lp, top_ids, top_lp, caches = _step_body(
@@ -408,10 +413,9 @@ def _multi_step_fn(params, caches, batch, take, prev, steps, temperature, top_k,
         bufs = tuple(None if buf is None else jax.lax.dynamic_update_index_in_dim(buf, x, i, 0)
                      for buf, x in zip(bufs, (toks, lp, top_ids, top_lp)))
         tok = jnp.where(i < steps, toks, tok)
-        return i + 1, tok, caches, bufs
+        return tok, caches, bufs
 
-    n = jnp.minimum(jnp.max(steps), N)
-    _, last, caches, bufs = jax.lax.while_loop(lambda c: c[0] < n, body, (jnp.int32(0), tok0, caches, bufs))
+    last, caches, bufs = jax.lax.fori_loop(0, N, body, (tok0, caches, bufs))
     return bufs + (last, caches)
 
 
@@ -1208,7 +1212,9 @@ class Engine:
         (no prefill chunk, no score request, no prefix-cache state to save) and no request waits (it would
         wait for the whole window). A request's count stops where it ends by length (max_new_tokens or
         max_len), so that it writes no position past its promised pages; a stop token that comes
-        mid-window ends it when the host reads the window (the tokens after it are dropped)."""
+        mid-window ends it when the host reads the window (the tokens after it are dropped). A window
+        always runs decode_steps steps on the device (rows past their count idle along), so it is used
+        only when some request can take more than half of them; else a plain step."""
         N = self.decode_steps
         if N == 1 or self._spec is not None or self._waiting or len(pieces) != len(self._running):
             return None
@@ -1217,7 +1223,7 @@ class Engine:
             if n != 1 or r.score or r.fed < r.prompt_len or r.snaps:
                 return None
             steps.append(min(N, r.max_new - (r.total - r.prompt_len), self.max_len - r.total))
-        return steps if max(steps) > 1 else None
+        return steps if max(steps) > max(N // 2, 1) else None
 
     def _dispatch_window(self, pieces, steps) -> _Flight:
         """Pack and launch one multi-step decode window (_multi_step_fn); the requests' bookkeeping."""

@@ -6,7 +6,7 @@ one device. For each --batch B and each mode (overlap off, on; then overlap on w
 --decode-steps N > 1, multi-step decode): an Engine(max_batch=B) generates --new-tokens greedy tokens
 for B random prompts of --prompt-len tokens after a warm-up run of the same shapes (compiles).
 Reported per mode, over the timed run's steps (one prefill step, then decodes; a multi-step window
-counts as the decode steps it ran):
+counts as the decode steps its longest request used, which is the tokens per row it yields):
 
   N            decode steps per dispatch (Engine(decode_steps=N); 1: one step per dispatch)
   ms/step      wall time of the run / engine steps (for N > 1: per decode step, i.e. per token of a row)
@@ -130,7 +130,7 @@ def main(argv=None):
             win_ms = None
             if "window" in calls:
                 per_call, eng.caches = replay_ms(orig_multi, calls["window"], eng.caches, max(args.replay // n_steps, 1))
-                win_ms = per_call / int(max(calls["window"][0][5]))
+                win_ms = per_call / calls["window"][1]["num_steps"]      # a window always runs N steps
             toks = [o.token_ids for o in outs]
             same = ref is None or toks == ref
             ref = ref or toks
