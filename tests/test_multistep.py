@@ -108,3 +108,10 @@ def test_cli_refuses_decode_steps_with_speculative_decoding():
     from lingjax.cli.common import CLIError, build_engine
     with pytest.raises(CLIError, match="--decode-steps > 1 cannot be combined with --speculative-tokens"):
         build_engine(types.SimpleNamespace(decode_steps=2, speculative_tokens=1), "no-such-dir", 64)
+
+
+def test_server_warm_up_runs_the_windows(model):
+    from lingjax.server import warm_up_windows
+    eng = engine(model, decode_steps=N)
+    warm_up_windows(eng, tops=(2,))          # logprobs as in the tests above: their compiled shapes
+    assert eng.stats()["windows"] == 2       # one greedy window, one drawing window
