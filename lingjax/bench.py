@@ -8,7 +8,7 @@ shape the run needs; its time and the compilations are reported), then `--repeat
 prefill-only run (1 new token); prefill tokens/s is the prompt tokens over that prefill-only run.
 "host ms" is the host's time per step scheduling, packing and dispatching (Engine.stats(); with
 overlap, the default, it runs while the device computes the previous step; `--no-overlap` turns that
-off). `lingjax bench` (lingjax/cli/bench.py) prints the table; `--json` writes the rows.
+off; with `--decode-steps N` a step is a dispatch, which may run up to N decode steps). `lingjax bench` (lingjax/cli/bench.py) prints the table; `--json` writes the rows.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def bench_generate(model, batches, *, prompt_len, new_tokens, prefill_chunk, repeats=3, temperature=0.0,
-                   mesh=None, seed=0, kernels=None, overlap=True):
+                   mesh=None, seed=0, kernels=None, overlap=True, decode_steps=1):
     """Rows of measurements, one per batch size (see the module docstring)."""
     import numpy as np
     from lingjax.engine import Engine, SamplingParams
@@ -31,7 +31,7 @@ def bench_generate(model, batches, *, prompt_len, new_tokens, prefill_chunk, rep
         full = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, seed=seed, ignore_eos=True)
         first = SamplingParams(max_new_tokens=1, temperature=temperature, seed=seed, ignore_eos=True)
         eng = Engine(model, max_batch=B, prefill_chunk=prefill_chunk, max_len=prompt_len + new_tokens + 1, mesh=mesh,
-                     kernels=kernels, overlap=overlap)
+                     kernels=kernels, overlap=overlap, decode_steps=decode_steps)
         t0 = time.perf_counter()
         eng.generate(prompts, full)
         eng.generate(prompts, first)
@@ -55,6 +55,7 @@ def bench_generate(model, batches, *, prompt_len, new_tokens, prefill_chunk, rep
                          decode_tokens_per_s=(n_new - B) / t_decode,
                          ms_per_decode_step=1e3 * t_decode / max(new_tokens - 1, 1),
                          warmup_seconds=warm, compilations=eng.compile_count, overlap=overlap,
+                         decode_steps=decode_steps,
                          host_ms_per_step=eng.stats()["host_ms_per_step"],
                          wait_ms_per_step=eng.stats()["wait_ms_per_step"]))
         log.info("batch %d done", B)

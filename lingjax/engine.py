@@ -53,6 +53,26 @@ equal the non-overlapped engine's (`overlap=False`: each step's results are read
 is packed). `stats()` reports the host time per step (schedule, pack, dispatch) and the time the
 host waited for the device.
 
+Multi-step decode (`decode_steps=N`, default 1 = off; vLLM's num_scheduler_steps). Each dispatch costs
+the host a fixed time (the jitted call launches every kernel of the step: about 3 ms for the 8-layer
+Ling-2.6-flash cut on an H200, as long as a batch-1 decode step on the device), which overlap cannot
+hide when the device step is that short. When every running request is decoding past its prompt and no
+request waits, one dispatch (`_multi_step_fn`, a while loop over the same step) runs up to N decode
+steps: each step's sampled tokens feed the next on the device, one position further, with the
+sampling key's counter one higher, so the tokens equal those of N single steps for the same seed. A
+request's steps in a window stop where it ends by length (its pages for those positions were promised
+at admission and are taken before the dispatch; its row idles through the rest of the window); one
+that hits a stop token mid-window ends when the host reads the window, and the window's tokens after
+it are dropped (up to N - 1 steps of its row wasted). A window always runs N steps (a static trip
+count: XLA:GPU then does not read the loop condition back each iteration), so it is dispatched only
+when some request can use more than half of it; near the requests' ends, plain steps. The host then handles up to N tokens per request at once; with overlap, the next window is
+dispatched before this one is read. Prefill chunks, score requests, waiting requests and speculative
+decoding use single steps (decode_steps > 1 with speculative decoding is refused). The price: a
+request that arrives during a window waits for it (up to N - 1 more steps before its prefill), tokens
+stream N at a time, and each sampling kind compiles one more shape ("greedy*N", "sample*N", ...).
+Hence the default 1: raise it (4 to 8) where the host's dispatch time is a large share of a decode step,
+i.e. small batches on a fast device (scripts/bench_overlap.py --decode-steps measures it).
+
 Packing. The pieces of one step are packed back to back into a `StepBatch`; one-token pieces
 ("decodes") go first (`decode_order="first"`, vLLM's order) or last (`"last"`, SGLang's legacy
 order). A request's logits do not depend on this order, on the other requests in the step or on the
@@ -320,13 +340,20 @@ def _step_fn(params, caches, batch, take, prev, rows, temperature, top_k, top_p,
     greedy: the argmax alone, without `sample`'s sort and filters, the same tokens; the engine sets it
     on decode-only steps only) ->
     (logits | None, tokens [R], logprobs [R] | None, top ids [R, 20] | None, top logprobs | None, caches)."""
-    from lingjax import sharding
-    want_logits, want_sample, want_top, greedy = mode
     graph.traces[(_kind(mode), batch.tokens.shape[0], batch.decode_only)] += 1
     state = jax.tree.unflatten(graph.treedef, params)
-    model_step = sharding.shard_step(graph.graphdef, graph.cfg, graph.mesh)   # plain model.step without a mesh
     tokens = jnp.where(take >= 0, prev[jnp.maximum(take, 0)], batch.tokens)
     batch = dataclasses.replace(batch, tokens=tokens)
+    return _step_body(state, caches, batch, rows, temperature, top_k, top_p, seeds, request_ids, counters,
+                      graph=graph, mode=mode)
+
+
+def _step_body(state, caches, batch, rows, temperature, top_k, top_p, seeds, request_ids, counters, *, graph, mode):
+    """The traced body of one step (_step_fn; each step of _multi_step_fn): the model on `batch`, then
+    sampling -> (logits | None, tokens, logprobs | None, top ids | None, top logprobs | None, caches)."""
+    from lingjax import sharding
+    want_logits, want_sample, want_top, greedy = mode
+    model_step = sharding.shard_step(graph.graphdef, graph.cfg, graph.mesh)   # plain model.step without a mesh
     R = rows.shape[0]
     if want_logits:
         logits, caches = model_step(state, batch, caches)
@@ -351,6 +378,47 @@ def _step_fn(params, caches, batch, take, prev, rows, temperature, top_k, top_p,
     return (logits,) + out + (caches,)
 
 
+@functools.partial(jax.jit, static_argnames=("graph", "mode", "num_steps"), donate_argnames=("caches",))
+def _multi_step_fn(params, caches, batch, take, prev, steps, temperature, top_k, top_p, seeds, request_ids, counters,
+                   *, graph: _Graph, mode: tuple[bool, bool, bool, bool], num_steps: int):
+    """Up to `num_steps` decode steps in one call (multi-step decode, Engine(decode_steps=N)): `batch` is
+    a decode-only step (one token per row; its first tokens from `prev` where take >= 0, as _step_fn);
+    each later step feeds every row the token it sampled in the step before, one position further, with
+    the sampling counter one higher. steps [R] int32: the steps row r takes (its tokens to produce, at
+    most num_steps); past them a row is frozen (it feeds its last token at its last position again,
+    which its own pages hold, and its outputs are dropped by the host), so it never writes past the
+    pages the engine gave it. The loop always runs num_steps times: a static trip count, so that XLA
+    runs it without reading a loop condition back from the device every iteration (with a dynamic one,
+    XLA:GPU copies the predicate to the host and waits for it each time, which would serialize the host's
+    kernel launches with the device's work). -> (tokens [N, R], logprobs [N, R] | None,
+    top ids [N, R, 20] | None, top logprobs [N, R, 20] | None, last tokens [R] (each row's last own
+    token: the next step's `prev`), caches)."""
+    graph.traces[(_kind(mode) + f"*{num_steps}", batch.tokens.shape[0], True)] += 1
+    state = jax.tree.unflatten(graph.treedef, params)
+    R, N = steps.shape[0], num_steps
+    tok0 = jnp.where(take >= 0, prev[jnp.maximum(take, 0)], batch.tokens)
+    rows = jnp.arange(R, dtype=jnp.int32)
+    _, want_sample, want_top, _ = mode
+    bufs = (jnp.zeros((N, R), jnp.int32),
+            jnp.zeros((N, R), jnp.float32) if want_sample else None,
+            jnp.zeros((N, R, MAX_LOGPROBS), jnp.int32) if want_top else None,
+            jnp.zeros((N, R, MAX_LOGPROBS), jnp.float32) if want_top else None)
+
+    def body(i, carry):
+        tok, caches, bufs = carry
+        j = jnp.minimum(i, jnp.maximum(steps - 1, 0))          # the row's own step (frozen past its last)
+        b = dataclasses.replace(batch, tokens=tok, positions=batch.positions + j, fresh=batch.fresh & (i == 0))
+        _, toks, lp, top_ids, top_lp, caches = _step_body(
+            state, caches, b, rows, temperature, top_k, top_p, seeds, request_ids, counters + j, graph=graph, mode=mode)
+        bufs = tuple(None if buf is None else jax.lax.dynamic_update_index_in_dim(buf, x, i, 0)
+                     for buf, x in zip(bufs, (toks, lp, top_ids, top_lp)))
+        tok = jnp.where(i < steps, toks, tok)
+        return tok, caches, bufs
+
+    last, caches, bufs = jax.lax.fori_loop(0, N, body, (tok0, caches, bufs))
+    return bufs + (last, caches)
+
+
 @functools.partial(jax.jit, donate_argnames=("caches",))
 def _copy_rows(caches, src, dst):
     """Every linear layer's state rows src [K] copied to rows dst [K] (out of range: skipped)."""
@@ -360,6 +428,7 @@ def _copy_rows(caches, src, dst):
 def clear_compiled() -> None:
     """Forget every compiled step (the next step of each shape compiles again)."""
     _step_fn.clear_cache()
+    _multi_step_fn.clear_cache()
 
 
 @dataclasses.dataclass
@@ -369,6 +438,7 @@ class _Flight:
     produces: list                # per piece: it yields a new token (sample requests) / ends the request (score)
     outputs: tuple                # (logits, tokens, logprobs, top ids, top logprobs) device arrays (or None)
     top_n: list                   # per piece: top logprobs the request wants
+    steps: list | None = None     # a multi-step decode window: per piece, the tokens it produces (outputs [N, R])
 
 
 class _Guard:
@@ -415,6 +485,10 @@ class Engine:
                    with this setting (the parameters are shared, not copied).
     overlap        dispatch step n+1 before reading step n's results (module docstring); False reads
                    each step's results before packing the next (for debugging and to measure the gain)
+    decode_steps   N > 1: multi-step decode (module docstring): when every running request is decoding and
+                   none waits, one dispatch runs up to N decode steps on the device, so the host's
+                   per-dispatch cost is paid once per N tokens. Tokens equal those of N single steps.
+                   Default 1 (off): see the module docstring for when to raise it.
     num_speculative_tokens  k > 0: speculative decoding with the model's MTP layer as the draft
                    (lingjax/speculative.py; the model must be loaded with its MTP layer). Steps are then
                    not overlapped, and max_tokens is raised to at least max_batch * (k + 1). 0: off.
@@ -441,7 +515,7 @@ class Engine:
                  kv_cache_gb: float | None = None, num_pages: int | None = None,
                  page_shuffle_seed: int | None = None, prefix_cache: bool = False,
                  prefix_cache_states: int | None = None,
-                 num_speculative_tokens: int = 0):
+                 num_speculative_tokens: int = 0, decode_steps: int = 1):
         cfg = model.cfg
         self.cfg = cfg
         if max_len is None:
@@ -462,6 +536,11 @@ class Engine:
         k_spec = num_speculative_tokens
         if not (_is_int(k_spec) and k_spec >= 0):
             raise EngineError(f"num_speculative_tokens must be an integer >= 0, got {k_spec!r}")
+        if not (_is_int(decode_steps) and decode_steps >= 1):
+            raise EngineError(f"decode_steps must be an integer >= 1, got {decode_steps!r}")
+        if decode_steps > 1 and k_spec:
+            raise EngineError("decode_steps > 1 (multi-step decode) cannot be combined with speculative decoding "
+                              "(num_speculative_tokens > 0): use one or the other")
         if k_spec:
             if not len(getattr(model, "mtp", ())):
                 raise EngineError("num_speculative_tokens > 0 needs the model's MTP layer: load it with "
@@ -473,6 +552,7 @@ class Engine:
             overlap = False
             max_tokens = max(max_tokens, max_batch * (k_spec + 1))
         self.num_speculative_tokens = k_spec
+        self.decode_steps = int(decode_steps)
         if decode_order not in ("first", "last"):
             raise EngineError(f"decode_order must be 'first' or 'last', got {decode_order!r}")
         if kernels is not None and kernels not in KERNELS:
@@ -537,8 +617,11 @@ class Engine:
         of a sampling kind's decode-only shape."""
         kinds = (kind,) if kind else ("score", "sample")
         R = self.max_batch
+        windows = [] if self.decode_steps == 1 else [
+            (f"{k.replace('sample', g)}*{self.decode_steps}", R, True)
+            for k in kinds if "sample" in k and "score" not in k for g in ("sample", "greedy")]
         return ([(k, R, True) for k in kinds] + [(k.replace("sample", "greedy"), R, True) for k in kinds if "sample" in k]
-                + [(k, t, False) for k in kinds for t in self.t_buckets])
+                + [(k, t, False) for k in kinds for t in self.t_buckets] + windows)
 
     def compiled_shapes(self) -> dict[tuple[str, int, bool], int]:
         return dict(self._traces)
@@ -582,7 +665,9 @@ class Engine:
                    steps=self.steps, prompt_tokens=c["prompt_tokens"], generated_tokens=c["generated_tokens"],
                    host_seconds=c["host_seconds"], wait_seconds=c["wait_seconds"],
                    host_ms_per_step=1e3 * c["host_seconds"] / n, wait_ms_per_step=1e3 * c["wait_seconds"] / n,
-                   compilations=self.compile_count, compile_seconds=c["compile_seconds"], overlap=self.overlap)
+                   compilations=self.compile_count, compile_seconds=c["compile_seconds"], overlap=self.overlap,
+                   decode_steps=self.decode_steps, dispatches=c["dispatches"], windows=c["windows"],
+                   window_steps=c["window_steps"])
         if self._spec is not None:    # speculative decoding: drafts proposed/accepted, tokens per decode step
             out.update(self._spec.stats())
         return out
@@ -1104,6 +1189,8 @@ class Engine:
         """Read one dispatched step's results (blocks until the device has them) -> outputs."""
         if self._spec is not None:
             return self._spec.collect(self, f)
+        if f.steps is not None:
+            return self._collect_window(f)
         t0 = time.perf_counter()
         logits, toks, lp, top_ids, top_lp = (None if a is None else np.asarray(a) for a in f.outputs)
         self._counts["wait_seconds"] += time.perf_counter() - t0
@@ -1117,6 +1204,85 @@ class Engine:
                 if live:
                     outs.append(self._new_token(r, i, toks, lp, top_ids, top_lp, f.top_n[i]))
             off += n
+        return outs
+
+    def _window(self, pieces) -> list[int] | None:
+        """Multi-step decode: the tokens each piece produces in one window of up to decode_steps steps, or
+        None for a plain step. A window runs only when every running request is decoding past its prompt
+        (no prefill chunk, no score request, no prefix-cache state to save) and no request waits (it would
+        wait for the whole window). A request's count stops where it ends by length (max_new_tokens or
+        max_len), so that it writes no position past its promised pages; a stop token that comes
+        mid-window ends it when the host reads the window (the tokens after it are dropped). A window
+        always runs decode_steps steps on the device (rows past their count idle along), so it is used
+        only when some request can take more than half of them; else a plain step."""
+        N = self.decode_steps
+        if N == 1 or self._spec is not None or self._waiting or len(pieces) != len(self._running):
+            return None
+        steps = []
+        for r, n in pieces:
+            if n != 1 or r.score or r.fed < r.prompt_len or r.snaps:
+                return None
+            steps.append(min(N, r.max_new - (r.total - r.prompt_len), self.max_len - r.total))
+        return steps if max(steps) > max(N // 2, 1) else None
+
+    def _dispatch_window(self, pieces, steps) -> _Flight:
+        """Pack and launch one multi-step decode window (_multi_step_fn); the requests' bookkeeping."""
+        R, k = self.max_batch, len(pieces)
+        for (r, _), m in zip(pieces, steps):
+            self._grow(r, r.fed + m)
+        b = self._pack(pieces)
+        take = b.pop("take")
+        rs = [r for r, _ in pieces]
+        st, ids, counters, top_k = (np.zeros(R, np.int32) for _ in range(4))
+        temp, top_p, seeds = np.zeros(R, np.float32), np.ones(R, np.float32), np.zeros(R, np.uint32)
+        st[:k] = steps
+        ids[:k] = [r.index % 2 ** 31 for r in rs]
+        counters[:k] = [r.total - r.prompt_len for r in rs]
+        temp[:k], top_k[:k], top_p[:k], seeds[:k] = zip(*(r.sampling for r in rs))
+        top_n = [r.params.logprobs or 0 for r in rs]
+        mode = (False, True, any(top_n), not (temp[:k] > 0).any())
+        batch = StepBatch(**b)
+        host = (take, st, temp, top_k, top_p, seeds, ids, counters)
+        if self.mesh is not None and jax.process_count() > 1:
+            batch, host = _global(batch, self.mesh), _global(host, self.mesh)
+        *outs, self._prev, self.caches = _multi_step_fn(
+            self._params, self.caches, batch, host[0], self._prev, *host[1:], graph=self._graph, mode=mode,
+            num_steps=self.decode_steps)
+        self.steps += max(steps)
+        self._counts["windows"] += 1
+        self._counts["window_steps"] += max(steps)
+        for i, (r, m) in enumerate(zip(rs, steps)):
+            r.fed += m
+            r.inflight += m
+            r.src_row = i
+            if self._pending(r) == 0:     # ends by length in this window: its slot is free for the next step
+                self._release(r)
+        return _Flight(pieces, [True] * k, (None, *outs), top_n, steps=list(steps))
+
+    def _collect_window(self, f: _Flight) -> list[RequestOutput]:
+        """Read a multi-step window's results -> one output per live request with its new tokens (up to
+        and including a stop token; the window's tokens past a request's end are dropped)."""
+        t0 = time.perf_counter()
+        _, toks, lp, top_ids, top_lp = (None if a is None else np.asarray(a) for a in f.outputs)
+        self._counts["wait_seconds"] += time.perf_counter() - t0
+        outs = []
+        for i, (r, _) in enumerate(f.pieces):
+            m = f.steps[i]
+            r.inflight -= m
+            got = []
+            for j in range(m):
+                if r.finish_reason is not None:           # stopped or aborted (before or within the window)
+                    break
+                got.append(self._new_token(r, i, toks[j], None if lp is None else lp[j],
+                                           None if top_ids is None else top_ids[j],
+                                           None if top_lp is None else top_lp[j], f.top_n[i]))
+            if got:
+                o = got[-1]
+                o.new_token_ids = [t for g in got for t in g.new_token_ids]
+                if o.new_logprobs is not None:
+                    o.new_logprobs = [x for g in got for x in g.new_logprobs]
+                    o.new_top_logprobs = [x for g in got for x in g.new_top_logprobs]
+                outs.append(o)
         return outs
 
     def _new_token(self, r, i, toks, lp, top_ids, top_lp, top_n) -> RequestOutput:
@@ -1141,7 +1307,9 @@ class Engine:
         self._aborted.clear()
         pieces = self._schedule()
         if pieces:
-            self._flights.append(self._dispatch(pieces))
+            steps = self._window(pieces)
+            self._flights.append(self._dispatch(pieces) if steps is None else self._dispatch_window(pieces, steps))
+            self._counts["dispatches"] += 1
         dt = time.perf_counter() - t0           # a step that compiled counts as compile time, not host time
         self._counts["compile_seconds" if self.compile_count > compiles else "host_seconds"] += dt
         self._counts["compile_steps" if self.compile_count > compiles else "timed_steps"] += 1

@@ -647,7 +647,8 @@ def warm_up(engine, *, logprobs: bool = False) -> int:
     shape wait for its compilation, seconds on a GPU). For every token bucket T: a step that samples
     (prompts of at most prefill_chunk tokens, T in all, then a decode step) and, when T >= prefill_chunk,
     a prefill-only step (prompts one token longer than their first chunk: nothing samples); then a decode
-    step at temperature 1 (the greedy runs compiled the "greedy" twin of the decode step, see engine.py).
+    step at temperature 1 (the greedy runs compiled the "greedy" twin of the decode step, see engine.py);
+    with engine.decode_steps > 1, the multi-step decode windows (greedy and drawing).
     With logprobs=True also the sampling steps that return top logprobs. Call it before the EngineLoop
     starts. -> the compilations this caused."""
     before = engine.compile_count
@@ -670,8 +671,23 @@ def warm_up(engine, *, logprobs: bool = False) -> int:
         if k and c + 1 <= cap:
             run([c + 1] * k)
     run([1], temperature=1.0)                       # one-token prompt: decode-only steps that draw
+    warm_up_windows(engine, [None, MAX_LOGPROBS] if logprobs else [None])
     engine.clear_prefix_cache()
     return engine.compile_count - before
+
+
+def warm_up_windows(engine, tops=(None,)) -> None:
+    """With engine.decode_steps = N > 1: run one greedy and one drawing request per logprobs setting in
+    `tops` long enough that a whole multi-step decode window runs (its first token, then N in one
+    window), so that the window shapes compile before serving. A no-op for N = 1."""
+    N = getattr(engine, "decode_steps", 1)
+    if N == 1:
+        return
+    for temperature in (0.0, 1.0):
+        for top in tops:
+            engine.clear_prefix_cache()
+            engine.generate([[3]], SamplingParams(max_new_tokens=min(N + 1, engine.max_len - 1), ignore_eos=True,
+                                                  logprobs=top, temperature=temperature))
 
 
 def model_name_of(path: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from lingjax.cli.common import (CLIError, add_kernels, check_output_path, default_model_dir, int_at_least,
+from lingjax.cli.common import (CLIError, add_decode_steps, add_kernels, check_output_path, default_model_dir, int_at_least,
                                 make_mesh, write_output_atomic)
 
 HELP = "engine throughput: prefill and decode tokens/s at several batch sizes"
@@ -37,6 +37,7 @@ def add_arguments(p):
     add_kernels(p)
     p.add_argument("--no-overlap", action="store_true",
                    help="read each step's results before packing the next (the engine's overlap=False)")
+    add_decode_steps(p)
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON here")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
     p.add_argument("--debug", action="store_true", help="debug logging, and show tracebacks of errors")
@@ -68,10 +69,10 @@ def run(args):
         raise CLIError(f"--prompt-len + --new-tokens exceeds max_position_embeddings={cfg.max_position_embeddings}")
     rows = bench.bench_generate(model, args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                                 prefill_chunk=args.prefill_chunk, repeats=args.repeats, mesh=mesh,
-                                kernels=args.kernels, overlap=not args.no_overlap)
+                                kernels=args.kernels, overlap=not args.no_overlap, decode_steps=args.decode_steps)
     print(f"lingjax bench: {what}, {args.dtype}, {jax.devices()[0].platform} x{jax.device_count()}, tp={args.tp}, "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, "
-          f"overlap {'off' if args.no_overlap else 'on'}")
+          f"overlap {'off' if args.no_overlap else 'on'}, decode steps {args.decode_steps}")
     print(bench.format_table(rows))
     if args.json:
         doc = dict(model=what, dtype=args.dtype, device=str(jax.devices()[0]), tp=args.tp, rows=rows)

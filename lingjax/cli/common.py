@@ -107,6 +107,15 @@ def add_speculative(p: argparse.ArgumentParser) -> None:
                         "main model verifies them in the same step (exact: greedy output is unchanged, "
                         "sampling keeps its distribution); steps are then not overlapped. Needs the MTP "
                         "weights (num_nextn_predict_layers >= 1); default 0 (off)")
+def add_decode_steps(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--decode-steps", type=int_at_least(1), default=1, metavar="N",
+                   help="multi-step decode: when every running request is decoding and none waits, one dispatch "
+                        "runs up to N decode steps on the device (the same tokens as N single steps), so the "
+                        "host's fixed cost per dispatch is paid once per N tokens. Helps small batches on a fast "
+                        "device; a request arriving meanwhile waits for the window, tokens stream N at a time. "
+                        "Not with --speculative-tokens. Default %(default)s (off)")
+
+
 def add_kv_cache(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-gb", type=float_in(0.0, None, lo_open=True, name="GiB"), default=None, metavar="GB",
                    help="memory for the paged MLA latent cache, in GiB per device: requests take pages as they "
@@ -175,19 +184,22 @@ def make_mesh(args):
 
 def build_engine(args, model_dir, max_len):
     """Load the model at model_dir and build the engine the flags describe."""
+    k_spec = getattr(args, "speculative_tokens", 0) or 0
+    decode_steps = getattr(args, "decode_steps", 1) or 1
+    if decode_steps > 1 and k_spec:
+        raise CLIError("--decode-steps > 1 cannot be combined with --speculative-tokens: use one or the other")
     import jax.numpy as jnp
     from lingjax.engine import Engine, load_model
     mesh = make_mesh(args)
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     log.info("loading %s (%s, tp=%d)", model_dir, args.dtype, args.tp)
-    k_spec = getattr(args, "speculative_tokens", 0) or 0
     mtp = bool(k_spec) or bool(getattr(args, "mtp", False))       # the MTP layer: drafts, or score --mtp
     if mtp and read_config(model_dir).num_nextn_predict_layers < 1:
         raise CLIError(f"{model_dir}: the checkpoint has no MTP layer (num_nextn_predict_layers is 0); "
                        f"{'--speculative-tokens' if k_spec else '--mtp'} needs it")
     cfg, model = load_model(str(model_dir), dtype, mesh=mesh, mtp=mtp)
     eng = Engine(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, max_len=max_len, mesh=mesh,
-                 kernels=getattr(args, "kernels", None), num_speculative_tokens=k_spec,
+                 kernels=getattr(args, "kernels", None), num_speculative_tokens=k_spec, decode_steps=decode_steps,
                  kv_cache_gb=getattr(args, "kv_cache_gb", None),
                  page_size=getattr(args, "page_size", 64),
                  prefix_cache=hasattr(args, "no_prefix_cache") and not args.no_prefix_cache,

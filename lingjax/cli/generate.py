@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from lingjax.cli.common import (CLIError, add_common, add_speculative, build_engine, default_model_dir, float_in,
+from lingjax.cli.common import (CLIError, add_common, add_decode_steps, add_speculative, build_engine, default_model_dir, float_in,
                                 int_at_least, max_len_for, progress_bar, read_config)
 
 log = logging.getLogger("lingjax")
@@ -48,6 +48,7 @@ def add_arguments(p):
     p.add_argument("--jsonl", action="store_true",
                    help="print one JSON object per prompt (prompt, text, token_ids, finish_reason) instead of text")
     add_speculative(p)
+    add_decode_steps(p)
     add_common(p, model_required=False)
 
 

@@ -11,7 +11,7 @@ import logging
 import signal
 import socket
 
-from lingjax.cli.common import (CLIError, add_kernels, add_kv_cache, add_speculative, build_engine, default_model_dir, float_in, int_at_least,
+from lingjax.cli.common import (CLIError, add_decode_steps, add_kernels, add_kv_cache, add_speculative, build_engine, default_model_dir, float_in, int_at_least,
                                 max_len_for, read_config)
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ def add_arguments(p):
                    help="tensor-parallel degree (devices to shard heads and experts over); default 1")
     add_kernels(p)
     add_speculative(p)
+    add_decode_steps(p)
     add_kv_cache(p)
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="turn the prefix cache off (on by default: requests whose prompts start with a prefix "
