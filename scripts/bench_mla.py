@@ -52,14 +52,18 @@ def sweep_configs(heads):
     C = lambda h, n, w, st, swap=False, s=0: Config(block_h=h, block_n=n, num_splits=s, num_warps=w,  # noqa: E731
                                                     num_stages=st, swap=swap)
     if heads > 32:
-        return [C(64, 32, 8, 5, True), C(64, 32, 8, 5, True, -1), C(64, 32, 8, 5, True, -2), C(64, 32, 8, 3, True),
-                C(64, 16, 8, 8, True), C(32, 64, 8, 5), C(32, 32, 8, 5, True), C(32, 64, 8, 2)]
-    return [C(16, 64, 4, 2),                                        # last session's kernel: 2 head blocks, 1 buffer
-            C(32, 64, 8, 2),                                        # all heads, 1 buffer
-            C(32, 64, 8, 5), C(32, 64, 8, 5, s=-1), C(32, 64, 8, 5, s=-2),   # the default (2 buffers), splits
-            C(32, 32, 8, 5), C(32, 32, 8, 7), C(32, 32, 4, 5), C(32, 16, 4, 8),  # smaller blocks, 3 buffers (st7),
-                                                                    # 2 per SM (w4), 16-token blocks
-            C(32, 32, 8, 5, True), C(32, 64, 8, 2, True)]           # swapped products (wgmma)
+        return [C(64, 32, 8, 3, True), C(64, 32, 8, 3, True, -1), C(64, 32, 8, 3, True, -2), C(64, 32, 8, 4, True),
+                C(64, 16, 8, 5, True), C(32, 64, 4, 3), C(32, 64, 8, 3), C(32, 32, 4, 3)]
+    # round 2 (bench_notes_mla.md): the kernel prefetches each block's page id one block ahead, so st<k> keeps
+    # k - 1 latent buffers (round 1's st5 = two buffers is st3 now). Shared-memory reads per latent byte
+    # ~ 2 + warps x block_h / block_n (mma.sync: every warp reads all queries once per block).
+    return [C(32, 64, 4, 3), C(32, 64, 4, 3, s=-1), C(32, 64, 4, 3, s=-2),  # the default (4 warps: ratio 4), splits
+            C(32, 64, 8, 3),                                        # round 1's default (8 warps: ratio 6)
+            C(32, 64, 4, 2),                                        # 1 buffer, 2 programs per SM (ratio 4)
+            C(32, 32, 4, 3), C(32, 32, 4, 4), C(32, 32, 4, 5),      # round 1's best (68.9% at B=256; 2 per SM),
+                                                                    # 3 and 4 buffers (1 per SM; ratio 6)
+            C(16, 64, 4, 3),                                        # 2 head blocks (L2), ratio 3 per program
+            C(32, 64, 4, 2, True)]                                  # swapped products (wgmma; ratio ~3, no overlap)
 
 
 def copy_bandwidth(smoke):

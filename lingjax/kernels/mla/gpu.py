@@ -71,28 +71,41 @@ def pick_splits(programs: int, n_blocks: int, block_h: int, block_n: int, r: int
     return best
 
 
+def programs_per_sm(c: Config, r: int = 512, d: int = 576, itemsize: int = 2, smem: int = 227 * 1024) -> int:
+    """Programs of config c resident per SM (H100/H200): shared memory ~ (num_stages - 1) latent buffers of
+    [block_n, d] + the queries [block_h, d], against 227 KiB; registers: up to 255 per thread, so 4 warps
+    allow 2 programs and 8 warps 1 (65536 per SM). An estimate; scripts/compile_mla_kernels.py prints the
+    compiler's figures."""
+    shared = (max(1, c.num_stages - 1) * c.block_n + c.block_h) * d * itemsize
+    return max(1, min(smem // shared, 65536 // (32 * c.num_warps * 255)))
+
+
 def pick_config(batch: int, num_heads: int, page_size: int, max_pages: int, sm_count: int = 132,
                 itemsize: int = 2) -> Config:
     """All heads of a request in one program (block_h up to 64), so its latents are read once per split;
-    8 warps for the [heads, 512] float32 accumulator; the latent block double-buffered (num_stages 5: the
-    page-table load takes stages of Triton's pipeliner, and 2..4 stages leave one buffer, i.e. the next
-    block's load waits for the current block's products); the context split so that requests x splits
-    fill the SMs (pick_splits; one program per SM at these sizes). Heads <= 32: blocks of 64 tokens
-    (2 x 72 KiB buffers in flight per SM). 64 heads: the [64, 512] accumulator leaves room for blocks of 32,
-    swapped products (wgmma). float32 latents (itemsize 4: parity checks, not speed; tf32x3 products
-    spill at every configuration): 16 heads x 16 tokens, the smallest shared memory.
-    From the sm_90 compile check (scripts/compile_mla_kernels.py: no spills, two buffers);
-    scripts/bench_mla.py --sweep times the alternatives on the device."""
+    the context split so that requests x splits fill the SMs (pick_splits over programs_per_sm x SMs).
+    Heads <= 32 (bench_notes_mla.md, round 2): 64-token blocks, 4 warps, 3 stages = two latent buffers (the
+    kernel prefetches each block's page id one block ahead, so the pipeliner keeps num_stages - 1 buffers).
+    The products are mma.sync with all warps side by side along the tokens, so every warp reads all the
+    queries from shared memory once per block: shared-memory bytes read per latent byte ~ 2 + warps x
+    block_h / block_n (the latents once per product, the queries once per warp). 8 warps x 32 heads / 64
+    tokens = 6 measured ~64% of the copy bandwidth on the H200 (10 -> ~41%); 4 warps / 64 tokens = 4.
+    64 heads: [64, 512] accumulator, blocks of 32, swapped products (wgmma), two buffers.
+    float32 latents (itemsize 4: parity checks, not speed; tf32x3 products spill at every configuration):
+    16 heads x 16 tokens, the smallest shared memory.
+    Compiled for sm_90 by scripts/compile_mla_kernels.py (spills, buffers); scripts/bench_mla.py --sweep times
+    the alternatives on the device."""
     block_h = min(64, max(16, _pow2(num_heads)))
     if itemsize > 2:
         c = Config(block_h=16, block_n=16, num_warps=4, num_stages=2)
     elif block_h == 64:
-        c = Config(block_h=64, block_n=32, num_warps=8, num_stages=5, swap=True)
+        c = Config(block_h=64, block_n=32, num_warps=8, num_stages=3, swap=True)
     else:
-        c = Config(block_h=block_h, block_n=64, num_warps=8, num_stages=5)
+        c = Config(block_h=block_h, block_n=64, num_warps=4, num_stages=3)
     programs = batch * -(-num_heads // block_h)
     n_blocks = -(-max_pages * page_size // c.block_n)
-    return dataclasses.replace(c, num_splits=pick_splits(programs, n_blocks, c.block_h, c.block_n, slots=sm_count))
+    slots = sm_count * programs_per_sm(c, itemsize=itemsize)
+    return dataclasses.replace(c, num_splits=pick_splits(programs, n_blocks, c.block_h, c.block_n, slots=slots))
 
 
 def combine_splits(o, lse):

@@ -81,18 +81,24 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
         acc = tl.zeros([R, BLOCK_H], tl.float32)
     else:
         acc = tl.zeros([BLOCK_H, R], tl.float32)
+    off_c = offs_n[:, None] * D + offs_r[None, :]      # int32 offsets in a block (one page): fewer registers
+    off_pe = offs_n[:, None] * D + offs_p[None, :]
+    nxt = tl.load(table + (start * BLOCK_N // PAGE_SIZE), mask=start < stop, other=0)
     for blk in range(start, stop):
         pos = blk * BLOCK_N + offs_n
         valid = pos < length
         if PAGE_SIZE % BLOCK_N == 0:                    # the block lies in one page: one id (fewer registers)
-            page = tl.load(table + blk * BLOCK_N // PAGE_SIZE).to(tl.int64)
-            row = page * PAGE_SIZE + (blk * BLOCK_N) % PAGE_SIZE + offs_n
+            page = nxt.to(tl.int64)
+            nxt = tl.load(table + ((blk + 1) * BLOCK_N // PAGE_SIZE), mask=blk + 1 < stop, other=0)
+            blk_ptr = pages_ptr + (page * PAGE_SIZE + (blk * BLOCK_N) % PAGE_SIZE) * D
+            c = tl.load(blk_ptr + off_c, mask=valid[:, None], other=0.0)                  # [BLOCK_N, R]
+            kpe = tl.load(blk_ptr + R + off_pe, mask=valid[:, None], other=0.0)           # [BLOCK_N, ROPE]
         else:                                           # the block spans pages: an id per row
             page = tl.load(table + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
             row = page * PAGE_SIZE + pos % PAGE_SIZE
-        base = pages_ptr + row[:, None] * D
-        c = tl.load(base + offs_r[None, :], mask=valid[:, None], other=0.0)            # [BLOCK_N, R]
-        kpe = tl.load(base + R + offs_p[None, :], mask=valid[:, None], other=0.0)      # [BLOCK_N, ROPE]
+            base = pages_ptr + row[:, None] * D
+            c = tl.load(base + offs_r[None, :], mask=valid[:, None], other=0.0)            # [BLOCK_N, R]
+            kpe = tl.load(base + R + offs_p[None, :], mask=valid[:, None], other=0.0)      # [BLOCK_N, ROPE]
         if SWAP:
             s = _dot(c, q, PRECISION) + _dot(kpe, qp, PRECISION)                       # [BLOCK_N, BLOCK_H]
             s = tl.where(valid[:, None], s * SCALE, float("-inf"))
