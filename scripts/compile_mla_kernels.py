@@ -64,7 +64,8 @@ def compile_one(c: gpu.Config, heads: int, page_size: int, max_pages: int, dt: s
     ptrs = ["*fp32", "*fp32", f"*{dt}", "*i32", "*i32", "*i32", "*fp32", "*fp32"]
     consts = dict(SCALE=0.0722, H=heads, R=R, ROPE=ROPE, PAGE_SIZE=page_size, MAX_PAGES=max_pages,
                   NUM_SPLITS=c.num_splits, BLOCK_H=c.block_h, BLOCK_N=c.block_n,
-                  PRECISION="tf32x3" if dt == "fp32" else "", SWAP=c.swap)
+                  PRECISION="tf32x3" if dt == "fp32" else "", SWAP=c.swap,
+                  REG_PREFETCH=c.reg_prefetch)
     sig = dict(zip(k.arg_names, ptrs))
     sig.update({n: "constexpr" for n in consts})
     src = ASTSource(k, signature=sig, constexprs=consts,
@@ -108,7 +109,7 @@ def plans(heads: int, page_size: int, itemsize: int, configs=None):
 
 def dataclass_key(c):
     """Compile-relevant fields (the split count only changes a constant)."""
-    return (c.block_h, c.block_n, c.num_warps, c.num_stages, c.swap)
+    return (c.block_h, c.block_n, c.num_warps, c.num_stages, c.swap, c.reg_prefetch)
 
 
 def main(argv=None):
