@@ -153,8 +153,10 @@ def test_gpu_pick_config_covers_all_heads_and_fills_the_sms():
     assert c.tag() == "h32n64s3w8st5swap" and gpu.Config.from_tag(c.tag()) == c
     assert gpu.Config.from_tag("h16n32s-1w4st2").num_splits == -1
     per_sm = {t: gpu.programs_per_sm(gpu.Config.from_tag(t)) for t in ("h32n64s1w4st3", "h32n64s1w8st3",
-                                                                       "h32n32s1w4st3", "h32n64s1w4st2")}
-    assert per_sm == {"h32n64s1w4st3": 1, "h32n64s1w8st3": 1, "h32n32s1w4st3": 2, "h32n64s1w4st2": 2}
+                                                                       "h32n32s1w4st3", "h32n64s1w4st2",
+                                                                       "h32n64s1w4st2swap")}
+    assert per_sm == {"h32n64s1w4st3": 1, "h32n64s1w8st3": 1, "h32n32s1w4st3": 2, "h32n64s1w4st2": 2,
+                      "h32n64s1w4st2swap": 1}          # as scripts/compile_mla_kernels.py's per_sm column
     two = gpu.with_splits(gpu.Config.from_tag("h32n32s0w4st3"), 16, 32, 64, 8192 // 64)     # 2 programs per SM:
     assert 132 < 16 * two.num_splits <= 264                                                 # twice the splits
     rp = gpu.Config.from_tag("h32n64s8w8st1swaprp")

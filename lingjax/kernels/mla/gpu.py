@@ -76,11 +76,13 @@ def pick_splits(programs: int, n_blocks: int, block_h: int, block_n: int, r: int
 
 
 def programs_per_sm(c: Config, r: int = 512, d: int = 576, itemsize: int = 2, smem: int = 227 * 1024) -> int:
-    """Programs of config c resident per SM (H100/H200): shared memory ~ (num_stages - 1) latent buffers of
-    [block_n, d] + the queries [block_h, d], against 227 KiB; registers: up to 255 per thread, so 4 warps
+    """Programs of config c resident per SM (H100/H200): shared memory ~ latent buffers of [block_n, d]
+    + the queries [block_h, d], against 227 KiB; registers: up to 255 per thread, so 4 warps
     allow 2 programs and 8 warps 1 (65536 per SM). An estimate; scripts/compile_mla_kernels.py prints the
     compiler's figures."""
-    bufs = 1 if c.reg_prefetch else max(1, c.num_stages - 1)          # reg_prefetch: one block staged
+    # latent tiles in shared memory: reg_prefetch stages one; the swapped (wgmma) form keeps at least two
+    # (Triton's pipeliner, also at num_stages 2); otherwise num_stages - 1
+    bufs = 1 if c.reg_prefetch else max(2 if c.swap else 1, c.num_stages - 1)
     shared = (bufs * c.block_n + c.block_h) * d * itemsize
     return max(1, min(smem // shared, 65536 // (32 * c.num_warps * 255)))
 
