@@ -44,8 +44,8 @@ class Config:
 
     @classmethod
     def from_tag(cls, tag: str) -> "Config":
-        """The inverse of tag(): 'h32n64s4w8st5', 'h32n32s1w8st5swap', 'h32n64s8w8st1swaprp' (s may be 0 or negative: a placeholder
-        the benchmark resolves); ValueError naming the tag otherwise."""
+        """The inverse of tag(): 'h32n64s4w8st5', 'h32n32s1w8st5swap', 'h32n64s8w8st1swaprp' (s may be 0 or
+        negative: a placeholder the benchmark resolves); ValueError naming the tag otherwise."""
         m = re.fullmatch(r"h(\d+)n(\d+)s(-?\d+)w(\d+)st(\d+)(swap)?(rp)?", tag)
         if not m:
             raise ValueError(f"MLA decode config tag {tag!r} is not "
