@@ -3,11 +3,12 @@ at every configuration scripts/bench_mla.py times (gpu.pick_config at each bench
 and print per configuration: registers per thread and spill stores / loads (`ptxas -v`, the ptxas that
 Triton ships), shared memory (against the H100/H200's 227 KiB per block), programs per SM that registers
 and shared memory allow, the shared buffers of the latent block (bufs: 1 = the next block's load waits for
-the current block's products; 2 = double-buffered), wait: the fewest async copy groups the loop leaves
+the current block's products; 2 = double-buffered; 0 for reg_prefetch configs (tag suffix rp): the next
+block waits in registers, one shared tile per block), wait: the fewest async copy groups the loop leaves
 in flight when it waits (0: the loop waits for every load before its products, i.e. no overlap of the
-next block's load with this block's work, even with 2 buffers), and wgmma / pipelined-load (cp.async) ops in the TTGIR.
-A configuration that fails, spills more than SPILL_OK bytes per thread or does not fit is marked DROP; it must not stay in
-bench_mla.sweep_configs or be pick_config's choice (exit status 1 if one is). float32 latents (tf32x3
+next block's load with this block's work, even with 2 buffers), and wgmma / pipelined-load (cp.async) ops
+in the TTGIR. A configuration that fails, spills more than SPILL_OK bytes per thread or does not fit is
+marked DROP; it must not stay in bench_mla.sweep_configs or be pick_config's choice (exit status 1 if one is). float32 latents (tf32x3
 products, a parity path) spill at every configuration: there only failing or not fitting is DROP.
 
     python scripts/compile_mla_kernels.py [--heads 32|64] [--dtype bfloat16|float16|float32] [--configs TAGS]
