@@ -8,7 +8,7 @@ pages of the batch scattered over the pool in a random order. A shape whose late
 
 Rows (method):
   paged-triton    lingjax.kernels.mla.decode(impl='gpu'): the kernel + the jnp merge of its context splits
-  paged-triton[c] gpu.decode with Config c (--sweep; tag h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap],
+  paged-triton[c] gpu.decode with Config c (--sweep; tag h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp],
                   the configurations of sweep_configs, each checked with scripts/compile_mla_kernels.py)
   paged-ref       lingjax.kernels.mla.decode(impl='reference') (jnp, flash-style over pages; --ref)
   today           MLA._attend_cache over a [batch, context, 576] cache (absorbs W_UK/W_UV as the engine does)
@@ -56,21 +56,27 @@ BATCHES, CONTEXTS = (1, 16, 64, 256), (1024, 8192, 32768, 131072)
 
 
 def sweep_configs(heads):
-    """Configurations --sweep times (gpu.Config; num_splits 0: pick_config's, -1: half of it, -2: twice it).
+    """Configurations --sweep times (gpu.Config; num_splits 0: gpu.with_splits' choice for the configuration
+    (its programs per SM), -1: half of it, -2: twice it; > 0: as given).
     Each compiles for sm_90 without spilling and fits (scripts/compile_mla_kernels.py prints registers,
     shared memory and latent buffers: bufs 1 = the next block's load waits for this block's products)."""
     from lingjax.kernels.mla.gpu import Config
-    C = lambda h, n, w, st, swap=False, s=0: Config(block_h=h, block_n=n, num_splits=s, num_warps=w,  # noqa: E731
-                                                    num_stages=st, swap=swap)
+    C = lambda h, n, w, st, swap=False, s=0, rp=False: Config(  # noqa: E731
+        block_h=h, block_n=n, num_splits=s, num_warps=w, num_stages=st, swap=swap, reg_prefetch=rp)
     if heads > 32:
-        return [C(64, 32, 8, 5, True), C(64, 32, 8, 5, True, -1), C(64, 32, 8, 5, True, -2), C(64, 32, 8, 3, True),
-                C(64, 16, 8, 8, True), C(32, 64, 8, 5), C(32, 32, 8, 5, True), C(32, 64, 8, 2)]
-    return [C(16, 64, 4, 2),                                        # last session's kernel: 2 head blocks, 1 buffer
-            C(32, 64, 8, 2),                                        # all heads, 1 buffer
-            C(32, 64, 8, 5), C(32, 64, 8, 5, s=-1), C(32, 64, 8, 5, s=-2),   # the default (2 buffers), splits
-            C(32, 32, 8, 5), C(32, 32, 8, 7), C(32, 32, 4, 5), C(32, 16, 4, 8),  # smaller blocks, 3 buffers (st7),
-                                                                    # 2 per SM (w4), 16-token blocks
-            C(32, 32, 8, 5, True), C(32, 64, 8, 2, True)]           # swapped products (wgmma)
+        return [C(64, 32, 8, 3, True), C(64, 32, 8, 3, True, -1), C(64, 32, 8, 3, True, -2), C(64, 32, 8, 4, True),
+                C(64, 16, 8, 5, True), C(32, 64, 4, 3), C(32, 64, 8, 3), C(32, 32, 4, 3)]
+    # round 2 (bench_notes_mla.md): the kernel prefetches each block's page id one block ahead, so st<k> keeps
+    # k - 1 latent buffers (round 1's st5 = two buffers is st3 now). Shared-memory reads per latent byte
+    # ~ 2 + warps x block_h / block_n (mma.sync: every warp reads all queries once per block).
+    return [C(32, 64, 4, 3), C(32, 64, 4, 3, s=-2),                # the default (4 warps: ratio 4), twice the splits
+            C(32, 64, 8, 3),                                        # round 1's default (8 warps: ratio 6)
+            C(32, 64, 4, 2),                                        # 1 buffer, 2 programs per SM (ratio 4)
+            C(32, 32, 4, 3), C(32, 32, 4, 4),                       # round 1's best (68.9% at B=256; 2 per SM),
+                                                                    # 3 buffers (1 per SM; ratio 6)
+            C(16, 64, 4, 3),                                        # 2 head blocks (L2), ratio 3 per program
+            C(32, 64, 4, 2, True),                                  # swapped products (wgmma), no overlap
+            C(32, 64, 8, 1, True, rp=True)]                         # wgmma + next block prefetched to registers
 # prefill configs (gpu_prefill.Config: block_m, block_n, block_r (0: all of r), num_warps, num_stages)
 PREFILL_SWEEP = [(64, 64, 0, 8, 2), (64, 32, 0, 8, 2), (64, 32, 0, 8, 3), (64, 16, 0, 8, 3), (64, 64, 0, 8, 1),
                  (32, 64, 0, 8, 2)]     # value splits (block_r < r) and block_m 128 exceed sm_90's shared memory
@@ -206,8 +212,8 @@ def main(argv=None):
                    "latents and float32 gathers; default 64 x 131072)")
     p.add_argument("--sweep", default="", help="batch:context pairs at which to also time each sweep configuration")
     p.add_argument("--configs", default="", help="comma list of config tags to sweep instead of sweep_configs "
-                   "(h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap]; s0: pick_config's splits, s-1: half, "
-                   "s-2: twice; check them first with scripts/compile_mla_kernels.py)")
+                   "(h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp]; s0: gpu.with_splits' splits for that "
+                   "config, s-1: half, s-2: twice, s<k>: k; check them first with scripts/compile_mla_kernels.py)")
     p.add_argument("--prefill", default="4096,32768", help="prompt lengths of one-request prefills ('' to skip)")
     p.add_argument("--packed", default="8x512@8192",
                    help="packed prefill batches BxN@P: B requests of N new tokens after P cached each ('' to skip)")
@@ -320,7 +326,8 @@ def main(argv=None):
                     c0 = gpu.pick_config(B, H, ps, table.shape[1])
                     done = {c0.tag()}
                     for c in configs:
-                        s = {0: c0.num_splits, -1: max(1, c0.num_splits // 2), -2: 2 * c0.num_splits}[c.num_splits]
+                        s0 = gpu.with_splits(c, B, H, ps, table.shape[1]).num_splits   # its own programs per SM
+                        s = {0: s0, -1: max(1, s0 // 2), -2: 2 * s0}.get(c.num_splits, c.num_splits)
                         c = dataclasses.replace(c, num_splits=s)
                         if c.tag() in done:                     # the default row above, or a repeated split
                             continue

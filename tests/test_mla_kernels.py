@@ -152,6 +152,15 @@ def test_gpu_pick_config_covers_all_heads_and_fills_the_sms():
     c = gpu.Config(block_h=32, block_n=64, num_splits=3, num_warps=8, num_stages=5, swap=True)
     assert c.tag() == "h32n64s3w8st5swap" and gpu.Config.from_tag(c.tag()) == c
     assert gpu.Config.from_tag("h16n32s-1w4st2").num_splits == -1
+    per_sm = {t: gpu.programs_per_sm(gpu.Config.from_tag(t)) for t in ("h32n64s1w4st3", "h32n64s1w8st3",
+                                                                       "h32n32s1w4st3", "h32n64s1w4st2",
+                                                                       "h32n64s1w4st2swap")}
+    assert per_sm == {"h32n64s1w4st3": 1, "h32n64s1w8st3": 1, "h32n32s1w4st3": 2, "h32n64s1w4st2": 2,
+                      "h32n64s1w4st2swap": 1}          # as scripts/compile_mla_kernels.py's per_sm column
+    two = gpu.with_splits(gpu.Config.from_tag("h32n32s0w4st3"), 16, 32, 64, 8192 // 64)     # 2 programs per SM:
+    assert 132 < 16 * two.num_splits <= 264                                                 # twice the splits
+    rp = gpu.Config.from_tag("h32n64s8w8st1swaprp")
+    assert rp.reg_prefetch and rp.swap and rp.tag() == "h32n64s8w8st1swaprp"
     with pytest.raises(ValueError, match="'h16n32' is not"):
         gpu.Config.from_tag("h16n32")
 
@@ -260,13 +269,17 @@ def test_gpu_decode_launch_traces_and_compiles_for_sm90(jax_triton_call):
         (call,) = _triton_calls(jax_triton_call, jaxpr)
         c = gpu.pick_config(B, 32, 64, n)
         p = call.params
-        assert p["grid"] == (1, B, c.num_splits) and (p["num_warps"], p["num_stages"]) == (8, 5)
+        assert p["grid"] == (1, B, c.num_splits) and (p["num_warps"], p["num_stages"]) == (4, 3)
         assert (p["BLOCK_H"], p["BLOCK_N"], p["SWAP"], p["NUM_SPLITS"]) == (32, 64, False, c.num_splits)
         assert jaxpr.outvars[0].aval.shape == (B, 32, 512)
         assert (len(_eqns(jaxpr, "reduce_sum")) > 0) == (c.num_splits > 1)             # combine only if split
     assert c.num_splits == 1
     shared, ptx, _ = _compile_call(jax_triton_call, call)
     assert 2 * 64 * 576 * 2 <= shared <= SM90_SMEM and ".target sm_90" in ptx       # 2 latent buffers fit
-    for bad, msg in ((dict(num_splits=0), "num_splits=0 must be >= 1"), (dict(block_n=48), "block_n=48 and")):
+    rp = gpu.Config.from_tag("h32n64s1w8st1swaprp")                                  # register prefetch
+    (call,) = _triton_calls(jax_triton_call, jax.make_jaxpr(lambda *a: gpu.decode(*a, 0.07, config=rp))(*shapes).jaxpr)
+    assert call.params["REG_PREFETCH"] and call.params["SWAP"] and call.params["num_stages"] == 1
+    for bad, msg in ((dict(num_splits=0), "num_splits=0 must be >= 1"), (dict(block_n=48), "block_n=48 and"),
+                     (dict(block_n=128, reg_prefetch=True), "reg_prefetch needs block_n=128 to divide")):
         with pytest.raises(ValueError, match=msg):
             jax.eval_shape(lambda *a: gpu.decode(*a, 0.07, config=dataclasses.replace(c, **bad)), *shapes)

@@ -7,7 +7,8 @@ process merges the splits with gpu.combine_splits (the jnp code the GPU path run
 against the float64 numpy oracle of tests/test_mla_kernels.py: scattered, shuffled pages, garbage in the
 page table past each slot's pages, NaN in every row no request may read, a slot read by two requests,
 a padding row, heads not a multiple of the head block, one head block for all heads, swapped products,
-context splits 1, 2 and 3, blocks smaller than a page, larger than a page, and not dividing the page size.
+context splits 1, 2 and 3, blocks smaller than a page, larger than a page, and not dividing the page size,
+and the register-prefetch loop (REG_PREFETCH: the next block loaded during this block's products).
 float32 pages within 1e-5 relative, float16 within 1e-2 (16-bit products, float32 softmax and sums).
 bfloat16 loads are wrong in Triton's interpreter (numpy has no bfloat16): bf16 runs on the device
 (scripts/bench_mla.py checks it against the reference)."""
@@ -25,13 +26,15 @@ pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parent.parent
 R, ROPE, H = 32, 16, 20
-# (page_size, block_n, num_splits, dtype, precision, tol, block_h, swap). block_h 16: two head blocks (the
+# (page_size, block_n, num_splits, dtype, precision, tol, block_h, swap, reg_prefetch). block_h 16: two head blocks (the
 # second half masked); 32: all heads in one program. block_n > page_size or not dividing it: each row looks
 # up its own page id. One split: the kernel's o is the result (as gpu.decode returns it, no combine).
-CASES = [(16, 16, 1, "float32", "ieee", 1e-5, 16, False), (32, 16, 3, "float32", "ieee", 1e-5, 16, False),
-         (32, 16, 3, "float32", "tf32x3", 1e-5, 16, False), (16, 16, 3, "float16", "", 1e-2, 16, False),
-         (16, 32, 1, "float32", "ieee", 1e-5, 32, False), (32, 16, 3, "float32", "ieee", 1e-5, 32, True),
-         (16, 32, 2, "float16", "", 1e-2, 32, True), (24, 16, 2, "float32", "ieee", 1e-5, 16, True)]
+CASES = [(16, 16, 1, "float32", "ieee", 1e-5, 16, False, False), (32, 16, 3, "float32", "ieee", 1e-5, 16, False, False),
+         (32, 16, 3, "float32", "tf32x3", 1e-5, 16, False, False), (16, 16, 3, "float16", "", 1e-2, 16, False, False),
+         (16, 32, 1, "float32", "ieee", 1e-5, 32, False, False), (32, 16, 3, "float32", "ieee", 1e-5, 32, True, False),
+         (16, 32, 2, "float16", "", 1e-2, 32, True, False), (24, 16, 2, "float32", "ieee", 1e-5, 16, True, False),
+         (32, 16, 3, "float32", "ieee", 1e-5, 32, True, True), (16, 16, 2, "float16", "", 1e-2, 16, False, True),
+         (32, 32, 1, "float32", "ieee", 1e-5, 32, False, True)]
 
 
 def _key(case):
@@ -54,7 +57,7 @@ def _inputs(case):
 
 def _run(tk, case, x):
     import torch
-    ps, block_n, S, _, precision, _, block_h, swap = case
+    ps, block_n, S, _, precision, _, block_h, swap, rp = case
     tt = lambda a: torch.from_numpy(np.ascontiguousarray(a))           # noqa: E731
     B = len(x["slots"])
     o = torch.full((B, S, H, R), 1027.0)
@@ -62,7 +65,7 @@ def _run(tk, case, x):
     tk.decode_kernel[(-(-H // block_h), B, S)](
         tt(x["q_lat"]), tt(x["q_pe"]), tt(x["pages"]), tt(x["table"]), tt(x["slots"]), tt(x["lengths"]), o, lse,
         SCALE=0.3, H=H, R=R, ROPE=ROPE, PAGE_SIZE=ps, MAX_PAGES=x["table"].shape[1], NUM_SPLITS=S, BLOCK_H=block_h,
-        BLOCK_N=block_n, PRECISION=precision, SWAP=swap)
+        BLOCK_N=block_n, PRECISION=precision, SWAP=swap, REG_PREFETCH=rp)
     return o.numpy(), lse.numpy()
 
 

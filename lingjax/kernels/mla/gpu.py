@@ -26,29 +26,33 @@ class Config:
     """Launch options of decode_kernel (triton_kernels.py). block_h: heads per program (a power of 2 >= 16;
     each head block reads the request's latents, so block_h >= heads reads them once); block_n: tokens per
     step (a power of 2 >= 16); num_splits: context splits per request (merged by combine_splits); swap:
-    tokens / latent columns as the tensor-core M dimension (the kernel's docstring)."""
+    tokens / latent columns as the tensor-core M dimension; reg_prefetch: the next block loaded into registers
+    during this block's products instead of Triton's pipelined shared buffers (run with num_stages 1; block_n
+    must divide the page size). The kernel's docstring has both."""
     block_h: int = 32
     block_n: int = 64
     num_splits: int = 1
     num_warps: int = 8
     num_stages: int = 2
     swap: bool = False
+    reg_prefetch: bool = False
 
     def tag(self) -> str:
-        """Short name for tables: h<block_h> n<block_n> s<splits> w<warps> st<stages> [swap]."""
+        """Short name for tables: h<block_h> n<block_n> s<splits> w<warps> st<stages> [swap] [rp]."""
         return (f"h{self.block_h}n{self.block_n}s{self.num_splits}w{self.num_warps}st{self.num_stages}"
-                + ("swap" if self.swap else ""))
+                + ("swap" if self.swap else "") + ("rp" if self.reg_prefetch else ""))
 
     @classmethod
     def from_tag(cls, tag: str) -> "Config":
-        """The inverse of tag(): 'h32n64s4w8st5', 'h32n32s1w8st5swap' (s may be 0 or negative: a placeholder
-        the benchmark resolves); ValueError naming the tag otherwise."""
-        m = re.fullmatch(r"h(\d+)n(\d+)s(-?\d+)w(\d+)st(\d+)(swap)?", tag)
+        """The inverse of tag(): 'h32n64s4w8st5', 'h32n32s1w8st5swap', 'h32n64s8w8st1swaprp' (s may be 0 or
+        negative: a placeholder the benchmark resolves); ValueError naming the tag otherwise."""
+        m = re.fullmatch(r"h(\d+)n(\d+)s(-?\d+)w(\d+)st(\d+)(swap)?(rp)?", tag)
         if not m:
             raise ValueError(f"MLA decode config tag {tag!r} is not "
-                             "h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap]")
+                             "h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp]")
         h, n, s, w, st = (int(g) for g in m.groups()[:5])
-        return cls(block_h=h, block_n=n, num_splits=s, num_warps=w, num_stages=st, swap=bool(m.group(6)))
+        return cls(block_h=h, block_n=n, num_splits=s, num_warps=w, num_stages=st, swap=bool(m.group(6)),
+                   reg_prefetch=bool(m.group(7)))
 
 
 def _pow2(n: int) -> int:
@@ -71,28 +75,51 @@ def pick_splits(programs: int, n_blocks: int, block_h: int, block_n: int, r: int
     return best
 
 
+def programs_per_sm(c: Config, r: int = 512, d: int = 576, itemsize: int = 2, smem: int = 227 * 1024) -> int:
+    """Programs of config c resident per SM (H100/H200): shared memory ~ latent buffers of [block_n, d]
+    + the queries [block_h, d], against 227 KiB; registers: up to 255 per thread, so 4 warps
+    allow 2 programs and 8 warps 1 (65536 per SM). An estimate; scripts/compile_mla_kernels.py prints the
+    compiler's figures."""
+    # latent tiles in shared memory: reg_prefetch stages one; the swapped (wgmma) form keeps at least two
+    # (Triton's pipeliner, also at num_stages 2); otherwise num_stages - 1
+    bufs = 1 if c.reg_prefetch else max(2 if c.swap else 1, c.num_stages - 1)
+    shared = (bufs * c.block_n + c.block_h) * d * itemsize
+    return max(1, min(smem // shared, 65536 // (32 * c.num_warps * 255)))
+
+
 def pick_config(batch: int, num_heads: int, page_size: int, max_pages: int, sm_count: int = 132,
                 itemsize: int = 2) -> Config:
     """All heads of a request in one program (block_h up to 64), so its latents are read once per split;
-    8 warps for the [heads, 512] float32 accumulator; the latent block double-buffered (num_stages 5: the
-    page-table load takes stages of Triton's pipeliner, and 2..4 stages leave one buffer, i.e. the next
-    block's load waits for the current block's products); the context split so that requests x splits
-    fill the SMs (pick_splits; one program per SM at these sizes). Heads <= 32: blocks of 64 tokens
-    (2 x 72 KiB buffers in flight per SM). 64 heads: the [64, 512] accumulator leaves room for blocks of 32,
-    swapped products (wgmma). float32 latents (itemsize 4: parity checks, not speed; tf32x3 products
-    spill at every configuration): 16 heads x 16 tokens, the smallest shared memory.
-    From the sm_90 compile check (scripts/compile_mla_kernels.py: no spills, two buffers);
-    scripts/bench_mla.py --sweep times the alternatives on the device."""
+    the context split so that requests x splits fill the SMs (pick_splits over programs_per_sm x SMs).
+    Heads <= 32 (bench_notes_mla.md, round 2): 64-token blocks, 4 warps, 3 stages = two latent buffers (the
+    kernel prefetches each block's page id one block ahead, so the pipeliner keeps num_stages - 1 buffers).
+    The products are mma.sync with all warps side by side along the tokens, so every warp reads all the
+    queries from shared memory once per block: shared-memory bytes read per latent byte ~ 2 + warps x
+    block_h / block_n (the latents once per product, the queries once per warp). 8 warps x 32 heads / 64
+    tokens = 6 measured ~64% of the copy bandwidth on the H200 (10 -> ~41%); 4 warps / 64 tokens = 4.
+    64 heads: [64, 512] accumulator, blocks of 32, swapped products (wgmma), two buffers.
+    float32 latents (itemsize 4: parity checks, not speed; tf32x3 products spill at every configuration):
+    16 heads x 16 tokens, the smallest shared memory.
+    Compiled for sm_90 by scripts/compile_mla_kernels.py (spills, buffers); scripts/bench_mla.py --sweep times
+    the alternatives on the device."""
     block_h = min(64, max(16, _pow2(num_heads)))
     if itemsize > 2:
         c = Config(block_h=16, block_n=16, num_warps=4, num_stages=2)
     elif block_h == 64:
-        c = Config(block_h=64, block_n=32, num_warps=8, num_stages=5, swap=True)
+        c = Config(block_h=64, block_n=32, num_warps=8, num_stages=3, swap=True)
     else:
-        c = Config(block_h=block_h, block_n=64, num_warps=8, num_stages=5)
-    programs = batch * -(-num_heads // block_h)
+        c = Config(block_h=block_h, block_n=64, num_warps=4, num_stages=3)
+    return with_splits(c, batch, num_heads, page_size, max_pages, sm_count, itemsize)
+
+
+def with_splits(c: Config, batch: int, num_heads: int, page_size: int, max_pages: int, sm_count: int = 132,
+                itemsize: int = 2) -> Config:
+    """c with the context splits pick_splits chooses for it: (requests x head blocks) x splits over
+    sm_count x programs_per_sm(c) resident programs."""
+    programs = batch * -(-num_heads // c.block_h)
     n_blocks = -(-max_pages * page_size // c.block_n)
-    return dataclasses.replace(c, num_splits=pick_splits(programs, n_blocks, c.block_h, c.block_n, slots=sm_count))
+    slots = sm_count * programs_per_sm(c, itemsize=itemsize)
+    return dataclasses.replace(c, num_splits=pick_splits(programs, n_blocks, c.block_h, c.block_n, slots=slots))
 
 
 def combine_splits(o, lse):
@@ -123,6 +150,8 @@ def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Con
         raise ValueError(f"MLA GPU decode: kv_lora_rank={R} and qk_rope_head_dim={ROPE} must be powers of 2 >= 16")
     if c.block_n < 16 or _pow2(c.block_n) != c.block_n or c.block_h < 16 or _pow2(c.block_h) != c.block_h:
         raise ValueError(f"MLA GPU decode: block_n={c.block_n} and block_h={c.block_h} must be powers of 2 >= 16")
+    if c.reg_prefetch and page_size % c.block_n:
+        raise ValueError(f"MLA GPU decode: reg_prefetch needs block_n={c.block_n} to divide page_size={page_size}")
     if c.num_splits < 1:
         raise ValueError(f"MLA GPU decode: num_splits={c.num_splits} must be >= 1")
     S = c.num_splits
@@ -133,5 +162,6 @@ def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Con
         out_shape=(jax.ShapeDtypeStruct((B, S, H, R), F32), jax.ShapeDtypeStruct((B, S, H), F32)),
         grid=(-(-H // c.block_h), B, S), num_warps=c.num_warps, num_stages=c.num_stages, name="mla_decode",
         SCALE=float(scale), H=H, R=R, ROPE=ROPE, PAGE_SIZE=page_size, MAX_PAGES=max_pages, NUM_SPLITS=S,
-        BLOCK_H=c.block_h, BLOCK_N=c.block_n, PRECISION=dot_precision(pages.dtype, f32_dot), SWAP=c.swap)
+        BLOCK_H=c.block_h, BLOCK_N=c.block_n, PRECISION=dot_precision(pages.dtype, f32_dot), SWAP=c.swap,
+        REG_PREFETCH=c.reg_prefetch)
     return o[:, 0] if S == 1 else combine_splits(o, lse)

@@ -30,10 +30,34 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _block(c, kpe, q, qp, valid, m, l, acc, SCALE: tl.constexpr, PRECISION: tl.constexpr, SWAP: tl.constexpr):
+    """One block of BLOCK_N tokens: scores against the heads, online-softmax update of (m, l, acc)."""
+    dtype = c.dtype
+    if SWAP:
+        s = _dot(c, q, PRECISION) + _dot(kpe, qp, PRECISION)                       # [BLOCK_N, BLOCK_H]
+        s = tl.where(valid[:, None], s * SCALE, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 0))         # finite: the block's first token is valid
+        p = tl.exp(s - m_new[None, :])
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, 0)
+        acc = acc * alpha[None, :] + _dot(tl.trans(c), p.to(dtype), PRECISION)
+    else:
+        s = _dot(q, tl.trans(c), PRECISION) + _dot(qp, tl.trans(kpe), PRECISION)   # [BLOCK_H, BLOCK_N]
+        s = tl.where(valid[None, :], s * SCALE, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(dtype), c, PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
 def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, lengths_ptr, o_ptr, lse_ptr,
                   SCALE: tl.constexpr, H: tl.constexpr, R: tl.constexpr, ROPE: tl.constexpr,
                   PAGE_SIZE: tl.constexpr, MAX_PAGES: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SWAP: tl.constexpr = False):
+                  BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SWAP: tl.constexpr = False,
+                  REG_PREFETCH: tl.constexpr = False):
     """One program per (head block, request b, split sp of the context); see the module docstring.
 
     BLOCK_H: heads per program (a power of 2 >= 16; heads past H are masked). Every head block reads the
@@ -44,6 +68,10 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
     tensor-core op and the heads as N: s^T = c q^T [BLOCK_N, BLOCK_H], acc^T += c^T p^T [R, BLOCK_H]. Hopper's
     wgmma needs M >= 64 per warpgroup, which 16 or 32 heads are not, and its A/B operands may come from
     shared memory, so the queries need not sit in registers. Same arithmetic as SWAP=False.
+    REG_PREFETCH (BLOCK_N dividing PAGE_SIZE; launch with num_stages=1): the loop loads block i + 1 into
+    registers before block i's products (software pipelining by hand: ordinary global loads, waited for only
+    at their use in the next iteration), instead of Triton's pipeliner (async copies to shared buffers,
+    num_stages - 1 of them). For the swapped form at 64-token blocks, whose three shared buffers do not fit.
     """
     hb = tl.program_id(0)           # head blocks of one request are launched together: with BLOCK_H < H
     b = tl.program_id(1)            # their reads of the same latents meet in L2
@@ -81,35 +109,44 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
         acc = tl.zeros([R, BLOCK_H], tl.float32)
     else:
         acc = tl.zeros([BLOCK_H, R], tl.float32)
-    for blk in range(start, stop):
-        pos = blk * BLOCK_N + offs_n
-        valid = pos < length
-        if PAGE_SIZE % BLOCK_N == 0:                    # the block lies in one page: one id (fewer registers)
-            page = tl.load(table + blk * BLOCK_N // PAGE_SIZE).to(tl.int64)
-            row = page * PAGE_SIZE + (blk * BLOCK_N) % PAGE_SIZE + offs_n
-        else:                                           # the block spans pages: an id per row
-            page = tl.load(table + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
-            row = page * PAGE_SIZE + pos % PAGE_SIZE
-        base = pages_ptr + row[:, None] * D
-        c = tl.load(base + offs_r[None, :], mask=valid[:, None], other=0.0)            # [BLOCK_N, R]
-        kpe = tl.load(base + R + offs_p[None, :], mask=valid[:, None], other=0.0)      # [BLOCK_N, ROPE]
-        if SWAP:
-            s = _dot(c, q, PRECISION) + _dot(kpe, qp, PRECISION)                       # [BLOCK_N, BLOCK_H]
-            s = tl.where(valid[:, None], s * SCALE, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 0))         # finite: the block's first token is valid
-            p = tl.exp(s - m_new[None, :])
-            alpha = tl.exp(m - m_new)
-            l = l * alpha + tl.sum(p, 0)
-            acc = acc * alpha[None, :] + _dot(tl.trans(c), p.to(dtype), PRECISION)
-        else:
-            s = _dot(q, tl.trans(c), PRECISION) + _dot(qp, tl.trans(kpe), PRECISION)   # [BLOCK_H, BLOCK_N]
-            s = tl.where(valid[None, :], s * SCALE, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m - m_new)
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(dtype), c, PRECISION)
-        m = m_new
+    off_c = offs_n[:, None] * D + offs_r[None, :]      # int32 offsets in a block (one page): fewer registers
+    off_pe = offs_n[:, None] * D + offs_p[None, :]
+    if REG_PREFETCH:
+        tl.static_assert(PAGE_SIZE % BLOCK_N == 0, "REG_PREFETCH: BLOCK_N must divide PAGE_SIZE")
+        page = tl.load(table + (start * BLOCK_N // PAGE_SIZE), mask=start < stop, other=0).to(tl.int64)
+        nxt = tl.load(table + ((start + 1) * BLOCK_N // PAGE_SIZE), mask=start + 1 < stop, other=0)
+        blk_ptr = pages_ptr + (page * PAGE_SIZE + (start * BLOCK_N) % PAGE_SIZE) * D
+        valid_n = (start * BLOCK_N + offs_n < length) & (start < stop)
+        c_n = tl.load(blk_ptr + off_c, mask=valid_n[:, None], other=0.0)                   # block `start`
+        kpe_n = tl.load(blk_ptr + R + off_pe, mask=valid_n[:, None], other=0.0)
+        for blk in range(start, stop):
+            c = c_n
+            kpe = kpe_n
+            valid = blk * BLOCK_N + offs_n < length
+            valid_n = ((blk + 1) * BLOCK_N + offs_n < length) & (blk + 1 < stop)           # block blk + 1
+            blk_ptr = pages_ptr + (nxt.to(tl.int64) * PAGE_SIZE + ((blk + 1) * BLOCK_N) % PAGE_SIZE) * D
+            c_n = tl.load(blk_ptr + off_c, mask=valid_n[:, None], other=0.0)
+            kpe_n = tl.load(blk_ptr + R + off_pe, mask=valid_n[:, None], other=0.0)
+            nxt = tl.load(table + ((blk + 2) * BLOCK_N // PAGE_SIZE), mask=blk + 2 < stop, other=0)
+            m, l, acc = _block(c, kpe, q, qp, valid, m, l, acc, SCALE, PRECISION, SWAP)
+    else:
+        nxt = tl.load(table + (start * BLOCK_N // PAGE_SIZE), mask=start < stop, other=0)
+        for blk in range(start, stop):
+            pos = blk * BLOCK_N + offs_n
+            valid = pos < length
+            if PAGE_SIZE % BLOCK_N == 0:                # the block lies in one page: one id (fewer registers),
+                page = nxt.to(tl.int64)                 # loaded one block ahead (not a pipeline stage)
+                nxt = tl.load(table + ((blk + 1) * BLOCK_N // PAGE_SIZE), mask=blk + 1 < stop, other=0)
+                blk_ptr = pages_ptr + (page * PAGE_SIZE + (blk * BLOCK_N) % PAGE_SIZE) * D
+                c = tl.load(blk_ptr + off_c, mask=valid[:, None], other=0.0)              # [BLOCK_N, R]
+                kpe = tl.load(blk_ptr + R + off_pe, mask=valid[:, None], other=0.0)       # [BLOCK_N, ROPE]
+            else:                                       # the block spans pages: an id per row
+                page = tl.load(table + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+                row = page * PAGE_SIZE + pos % PAGE_SIZE
+                base = pages_ptr + row[:, None] * D
+                c = tl.load(base + offs_r[None, :], mask=valid[:, None], other=0.0)        # [BLOCK_N, R]
+                kpe = tl.load(base + R + offs_p[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, ROPE]
+            m, l, acc = _block(c, kpe, q, qp, valid, m, l, acc, SCALE, PRECISION, SWAP)
 
     nonempty = l > 0
     inv = 1.0 / tl.where(nonempty, l, 1.0)
