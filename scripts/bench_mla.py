@@ -77,6 +77,8 @@ def sweep_configs(heads):
             C(16, 64, 4, 3),                                        # 2 head blocks (L2), ratio 3 per program
             C(32, 64, 4, 2, True),                                  # swapped products (wgmma), no overlap
             C(32, 64, 8, 1, True, rp=True)]                         # wgmma + next block prefetched to registers
+
+
 # prefill configs (gpu_prefill.Config: block_m, block_n, block_r (0: all of r), num_warps, num_stages)
 PREFILL_SWEEP = [(64, 64, 0, 8, 2), (64, 32, 0, 8, 2), (64, 32, 0, 8, 3), (64, 16, 0, 8, 3), (64, 64, 0, 8, 1),
                  (32, 64, 0, 8, 2)]     # value splits (block_r < r) and block_m 128 exceed sm_90's shared memory
