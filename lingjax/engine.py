@@ -243,6 +243,8 @@ def check_tokens(s, *, vocab_size: int, max_len: int, what: str = "sequence", ro
         raise EngineError(f"{what}: expected a list of token ids, got {type(s).__name__}")
     if len(s) == 0:
         raise EngineError(f"{what} is empty")
+    if len(s) <= max_len - room and all(type(t) is int for t in s) and 0 <= min(s) and max(s) < vocab_size:
+        return list(s)              # the common case, without the per-token checks below (~10x faster)
     for j, t in enumerate(s):
         if not _is_int(t):
             raise EngineError(f"{what}: token {j} is {t!r}, not an integer id")
@@ -506,6 +508,12 @@ class Engine:
     prefix_cache_states  linear-state rows the prefix cache may fill (each cache.state_bytes(cfg)); default
                    num_slots. Its MLA pages come from the same pool as the running requests' (evicted
                    least recently used first when a request needs pages).
+    prefix_cache_save_last  also save a state at each prompt's last whole block (default True), so that a
+                   repeat of the prompt, or a later turn that extends it, resumes there. The save ends a
+                   prefill chunk there, which costs one more step for the prompt's last tokens (one more
+                   read of every weight); False saves only where prompts branch off the cached path, for
+                   workloads that share a prefix and differ after it (a hit then prefills its rest in
+                   one step when it fits a chunk). Results are the same either way.
     """
 
     def __init__(self, model, *, max_batch: int = 8, prefill_chunk: int = 256, max_len: int | None = None,
@@ -514,7 +522,7 @@ class Engine:
                  kernels: str | None = None, overlap: bool = True, page_size: int = DEFAULT_PAGE_SIZE,
                  kv_cache_gb: float | None = None, num_pages: int | None = None,
                  page_shuffle_seed: int | None = None, prefix_cache: bool = False,
-                 prefix_cache_states: int | None = None,
+                 prefix_cache_states: int | None = None, prefix_cache_save_last: bool = True,
                  num_speculative_tokens: int = 0, decode_steps: int = 1):
         cfg = model.cfg
         self.cfg = cfg
@@ -591,6 +599,9 @@ class Engine:
         if prefix_cache_states is not None and not (_is_int(prefix_cache_states) and prefix_cache_states >= 0):
             raise EngineError(f"prefix_cache_states must be an integer >= 0, got {prefix_cache_states!r}")
         self.prefix_cache = bool(prefix_cache)
+        if not isinstance(prefix_cache_save_last, (bool, np.bool_)):
+            raise EngineError(f"prefix_cache_save_last must be True or False, got {prefix_cache_save_last!r}")
+        self.prefix_cache_save_last = bool(prefix_cache_save_last)
         self.state_rows = (num_slots if prefix_cache_states is None else prefix_cache_states) if prefix_cache else 0
         self._new_pages()
         self.caches = self._new_caches()
@@ -933,8 +944,9 @@ class Engine:
             r.fed = hit * ps
             restores.append((path[hit - 1].state_row, r.slot))
         # Save states where a later request can resume: where r leaves the cached path (a node without a
-        # state), and at r's last whole prompt block.
-        r.snaps = sorted({b for b in (len(walk) * ps, (r.prompt_len - 1) // ps * ps) if b > hit * ps})
+        # state), and (prefix_cache_save_last) at r's last whole prompt block.
+        last = (r.prompt_len - 1) // ps * ps if self.prefix_cache_save_last else 0
+        r.snaps = sorted({b for b in (len(walk) * ps, last) if b > hit * ps})
         self._counts["prefix_queries"] += 1
         self._counts["prefix_hits"] += hit > 0
         self._counts["prefix_query_tokens"] += r.prompt_len

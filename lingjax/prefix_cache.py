@@ -21,7 +21,9 @@ at the last whole block of each prompt ((len - 1) // page_size blocks: a repeat 
 longer one that extends it, resumes there), and at the point where a prompt leaves the cached path, when
 that node has no state yet (the branch point of a shared system prompt: the second request that shares it
 saves the state there, and every later one resumes from it). The engine ends a prefill chunk at each such
-boundary so that the slot holds exactly that state after the step, and copies it into a free row.
+boundary so that the slot holds exactly that state after the step, and copies it into a free row. That
+costs a step: a hit whose rest fits one chunk runs two steps when the last-block save falls inside it (the
+engine's `prefix_cache_save_last=False` keeps only the branch-point saves).
 
 Eviction, least recently used first, under two budgets: the page pool shared with running requests (the
 engine evicts when it needs pages) and `num_rows` state rows (a new state evicts the least recently used

@@ -7,7 +7,10 @@ time of generate(max_new_tokens=1), median over --n prompts of each kind:
   miss   the cache on but empty (cleared before each prompt): the whole prompt is prefilled, and the
          states at the save points are copied out (the cost of filling the cache)
   hit    the cache holding the shared prefix (saved by earlier prompts): the saved linear states are
-         copied into the slot, the prefix's MLA pages are shared, only the suffix is prefilled
+         copied into the slot, the prefix's MLA pages are shared, only the suffix is prefilled; the engine
+         also saves the state at the prompt's last whole block, which ends a chunk there: two steps
+  hit1   the same hit on an engine with prefix_cache_save_last=False (states saved only where prompts
+         branch off the cached path): the suffix is prefilled in one step
 Every shape is compiled before the timed runs. Memory per cached token: the MLA latent bytes of a
 position plus one saved linear state per cached prefix spread over its tokens (and the measured total:
 the cache's pages and state rows after the run over the tokens it holds).
@@ -75,15 +78,18 @@ def main(argv=None):
 
     off = Engine(model, **kw)
     on = Engine(model, prefix_cache=True, prefix_cache_states=4, **kw)
+    on1 = Engine(model, prefix_cache=True, prefix_cache_states=4, prefix_cache_save_last=False, **kw)
     # Compile: a miss on each engine, then on `on` a branch (saves the state at the end of the prefix) and a hit.
     t0 = time.perf_counter()
     ttft(off, prefix + suffixes[0])
     ttft(on, prefix + suffixes[0])
     ttft(on, prefix + suffixes[1])
     ttft(on, prefix + suffixes[2])
+    for i in range(3):                                 # the same shapes: nothing new to compile
+        ttft(on1, prefix + suffixes[i])
     compile_s = time.perf_counter() - t0
-    assert on.stats()["prefix_cache_hits"] >= 1, "the warm-up hit did not hit"
-    times = {"off": [], "miss": [], "hit": []}
+    assert on.stats()["prefix_cache_hits"] >= 1 and on1.stats()["prefix_cache_hits"] >= 1, "a warm-up hit did not hit"
+    times = {"off": [], "miss": [], "hit": [], "hit1": []}
     for i in range(args.n):
         times["off"].append(ttft(off, prefix + suffixes[3 + i]))
     for i in range(args.n):
@@ -93,11 +99,23 @@ def main(argv=None):
     ttft(on, prefix + suffixes[0])                     # fill: the prompt's blocks
     ttft(on, prefix + suffixes[1])                     # branch: the state at the end of the shared prefix
     on.reset_stats()
+    steps0 = on.steps
     for i in range(args.n):
         times["hit"].append(ttft(on, prefix + suffixes[3 + args.n + i]))
     st = on.stats()
     assert st["prefix_cache_hits"] == args.n, st
     hit_tokens = st["prefix_cache_hit_tokens"] // args.n
+    steps = {"hit": (on.steps - steps0) / args.n}
+    on1.clear_prefix_cache()
+    ttft(on1, prefix + suffixes[0])
+    ttft(on1, prefix + suffixes[1])
+    on1.reset_stats()
+    steps0 = on1.steps
+    for i in range(args.n):
+        times["hit1"].append(ttft(on1, prefix + suffixes[3 + args.n + i]))
+    st1 = on1.stats()
+    assert st1["prefix_cache_hits"] == args.n and st1["prefix_cache_hit_tokens"] == st["prefix_cache_hit_tokens"], st1
+    steps["hit1"] = (on1.steps - steps0) / args.n
 
     lat_per_tok = page_bytes(cfg, 1, dtype)
     sb = state_bytes(cfg)
@@ -109,7 +127,8 @@ def main(argv=None):
                   dtype=args.dtype, prefix=args.prefix, suffix=args.suffix, prefill_chunk=args.prefill_chunk,
                   page_size=args.page_size, init_s=init_s, compile_s=compile_s, n=args.n, ttft_s=times,
                   ttft_median_s=med, speedup_hit_vs_off=med["off"] / med["hit"],
-                  speedup_hit_vs_miss=med["miss"] / med["hit"], hit_tokens_per_request=hit_tokens,
+                  speedup_hit_vs_miss=med["miss"] / med["hit"], speedup_hit1_vs_off=med["off"] / med["hit1"],
+                  steps_per_hit=steps, hit_tokens_per_request=hit_tokens,
                   mla_bytes_per_token=lat_per_tok, state_bytes_per_saved_state=sb,
                   bytes_per_cached_token_for_this_prefix=lat_per_tok + sb / args.prefix,
                   cache_held_bytes=held, cache_held_tokens=cached_tokens, cache_states=pc.rows_used,
@@ -125,7 +144,8 @@ def main(argv=None):
     for k, v in times.items():
         print(f"| {k} | {1e3 * med[k]:.1f} | {', '.join(f'{1e3 * t:.1f}' for t in v)} |")
     print(f"hit: {hit_tokens} cached tokens per request; {report['speedup_hit_vs_off']:.1f}x faster than off, "
-          f"{report['speedup_hit_vs_miss']:.1f}x than a miss")
+          f"{report['speedup_hit_vs_miss']:.1f}x than a miss; hit1 {report['speedup_hit1_vs_off']:.1f}x faster than off; "
+          f"steps per hit: {steps['hit']:g} (hit), {steps['hit1']:g} (hit1)")
     print(f"memory per cached token: {lat_per_tok} B of MLA latents + one saved state of {sb / 2**20:.2f} MiB per "
           f"cached prefix ({report['bytes_per_cached_token_for_this_prefix']:.0f} B/token for this prefix); measured "
           f"{held / 2**20:.1f} MiB for {cached_tokens} tokens ({report['bytes_per_cached_token_measured']:.0f} B/token)")

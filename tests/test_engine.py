@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from lingjax.cache import SlotAllocator
-from lingjax.engine import Engine, EngineError, SamplingParams, sample
+from lingjax.engine import Engine, EngineError, SamplingParams, check_tokens, sample
 from lingjax.testing import write_tiny_checkpoint
 from lingjax.weights import load_hf
 
@@ -322,6 +322,18 @@ def test_score_rejects_bad_input(model, seqs_in, msg):
     with pytest.raises(EngineError, match=msg):
         eng.score(seqs_in)
     assert eng.slots.num_free == 2
+
+
+def test_check_tokens_plain_and_numpy_ints():
+    """Plain int lists take check_tokens' fast path; numpy ints, bools and floats the per-token one."""
+    assert check_tokens([3, 0, 97], vocab_size=98, max_len=8) == [3, 0, 97]
+    got = check_tokens(np.array([3, 5], np.int64), vocab_size=98, max_len=8)
+    assert got == [3, 5] and all(type(t) is int for t in got)
+    assert check_tokens([np.int32(4), 2], vocab_size=98, max_len=8) == [4, 2]
+    for bad, msg in (([1, True], "token 1 is True, not an integer id"), ([2, 98], "token id 98 at position 1"),
+                     ([1.0], "not an integer id"), ([1] * 9, "has 9 tokens")):
+        with pytest.raises(EngineError, match=msg):
+            check_tokens(bad, vocab_size=98, max_len=8)
 
 
 def test_generate_rejects_bad_input(model):

@@ -211,3 +211,29 @@ def test_admission_pins_only_shared_nodes_when_the_whole_path_does_not_fit(model
     assert r.chain == [] and r.fed == 0 and r.promised == 12
     eng._grow(r, 92)
     assert len(r.pages) == 12 and pc.num_nodes == 0 and pc.evicted == 10
+
+
+def test_branch_saves_only_hit_runs_its_rest_in_one_step(model):
+    """prefix_cache_save_last=False: prompts that share a 12-token prefix and differ after it. The second
+    saves the state where it branches off (8), the later ones hit there and prefill their 9 other tokens in
+    one step (chunk 16), where the default also ends a chunk at the last whole block (16): two steps.
+    Results equal the cache-off engine's either way."""
+    rng = np.random.default_rng(4)
+    V = model.cfg.vocab_size
+    shared = rng.integers(3, V, 12).tolist()
+    prompts = [shared + rng.integers(3, V, 5).tolist() for _ in range(4)]
+    _, off = engines(model)
+    want = off.generate(prompts, SP)
+    common = dict(max_batch=B, prefill_chunk=16, max_len=MAX_LEN, page_size=PS, num_pages=PAGES)
+    for save_last, steps in ((False, 1), (True, 2)):
+        on = Engine(model, prefix_cache=True, prefix_cache_states=ROWS, prefix_cache_save_last=save_last, **common)
+        for p, w in zip(prompts[:2], want):                                 # fill, then the branch save at 8
+            same(on.generate([p], SP), [w])
+        for p, w in zip(prompts[2:], want[2:]):
+            before = (on.steps, on.stats()["prefix_cache_hit_tokens"])
+            same(on.generate([p], SP), [w])                                # + 3 decode steps
+            assert (on.steps - before[0], on.stats()["prefix_cache_hit_tokens"] - before[1]) == (steps + 3, PS)
+        assert on.stats()["prefix_cache_states"] == (1 if not save_last else ROWS)
+        settled(on)
+    with pytest.raises(Exception, match="prefix_cache_save_last"):
+        Engine(model, prefix_cache=True, prefix_cache_save_last="no", **common)
