@@ -85,6 +85,15 @@ def write_tiny_checkpoint(path: str, cfg: BailingConfig | None = None, seed: int
     return cfg
 
 
+def tiny_float32_model(path: str, seed: int = 0):
+    """The tiny random model as the engine tests use it: written to `path` as a float32 HF checkpoint (one
+    shard, no MTP) and loaded back with lingjax.weights.load_hf (a float32 BailingModel)."""
+    import jax.numpy as jnp
+    from lingjax.weights import load_hf
+    write_tiny_checkpoint(path, seed=seed, dtype=np.float32, shards=1)
+    return load_hf(path, dtype=jnp.float32, mtp=False)[1]
+
+
 def quantize_hf_tensors(cfg: BailingConfig, tensors, scheme: str, mtp: bool = True):
     """HF tensors -> the same checkpoint in an FP8 format (lingjax.quant.SCHEMES: "fp8-block",
     "fp8-channel"): each attention / MLP / expert projection weight becomes float8_e4m3fn plus its

@@ -13,8 +13,7 @@ import pytest
 
 from lingjax.engine import Engine, EngineError, SamplingParams
 from lingjax.engine_loop import EngineLoop
-from lingjax.testing import write_tiny_checkpoint
-from lingjax.weights import load_hf
+from lingjax.testing import tiny_float32_model
 
 MAX_LEN = 160
 LENGTHS = (9, 1, 23, 4, 15, 2, 8)
@@ -22,9 +21,7 @@ LENGTHS = (9, 1, 23, 4, 15, 2, 8)
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ck")
-    write_tiny_checkpoint(str(d), seed=0, dtype=np.float32, shards=1)
-    return load_hf(str(d), dtype=jnp.float32, mtp=False)[1]
+    return tiny_float32_model(str(tmp_path_factory.mktemp("ck")))
 
 
 @pytest.fixture(scope="module")

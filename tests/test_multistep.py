@@ -6,13 +6,11 @@ window runs is served. Same tiny float32 model and engine shapes as tests/test_e
 single-step shapes are shared with it."""
 import dataclasses
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lingjax.engine import Engine, EngineError, SamplingParams
-from lingjax.testing import write_tiny_checkpoint
-from lingjax.weights import load_hf
+from lingjax.testing import tiny_float32_model
 
 MAX_LEN = 160
 N = 4
@@ -20,9 +18,7 @@ N = 4
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ck")
-    write_tiny_checkpoint(str(d), seed=0, dtype=np.float32, shards=1)
-    return load_hf(str(d), dtype=jnp.float32, mtp=False)[1]
+    return tiny_float32_model(str(tmp_path_factory.mktemp("ck")))
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,7 @@ from lingjax.engine import Engine, EngineError, SamplingParams
 from lingjax.kernels.linear_attention import reference as la_ref
 from lingjax.model import BailingModel
 from lingjax.paging import PageAllocator
-from lingjax.testing import tiny_config, write_tiny_checkpoint
-from lingjax.weights import load_hf
+from lingjax.testing import tiny_config, tiny_float32_model
 
 MAX_LEN = 160
 PS = 8                                          # page size: a 65-token request spans 9 pages
@@ -29,9 +28,7 @@ LENGTHS = (1, 65, 8, 30, 15, 3, 22, 9)
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ck")
-    write_tiny_checkpoint(str(d), seed=0, dtype=np.float32, shards=1)
-    return load_hf(str(d), dtype=jnp.float32, mtp=False)[1]
+    return tiny_float32_model(str(tmp_path_factory.mktemp("ck")))
 
 
 @pytest.fixture(scope="module")
