@@ -21,17 +21,16 @@ against lingjax's reference FP8 matmul (quant.matmul, float32) within 1e-5: the 
 the CPU path does. MoE: padding rows give zeros, unused blocks stay unwritten."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.triton_interpreter import run_child
 
 pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parent.parent
 
 # dense: (name, weight strategy, act, M, K, N, config (block_m, block_n, block_k, split_k) or None, out dtype)
 DENSE = [
@@ -201,11 +200,7 @@ def workdir(tmp_path_factory):
         np.savez(d / f"dense-{case[0]}.npz", **_dense_inputs(case))
     for case in MOE:
         np.savez(d / f"moe-{case[0]}.npz", **_moe_inputs(case))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               JAX_PLATFORMS="cpu")
-    p = subprocess.run([sys.executable, __file__, str(d)], env=env, capture_output=True, text=True, timeout=600,
-                       cwd=ROOT)
-    assert p.returncode == 0, p.stderr[-3000:]
+    run_child(__file__, d, JAX_PLATFORMS="cpu")
     return d
 
 

@@ -14,7 +14,6 @@ bfloat16 loads are wrong in the interpreter: bf16 is checked on the device (scri
 bf16 step is traced and compiled for sm_90 (no GPU) to check that it is one call that fits."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,8 +24,8 @@ pytest.importorskip("torch")
 pytest.importorskip("triton")
 from tests.test_linear_attention_kernels import (SM90_SMEM, _compile_call, _triton_calls,  # noqa: E402,F401
                                                  jax_triton_call)
+from tests.triton_interpreter import run_child  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 R, H = 32, 6
 # (page_size, rope, block_m, block_n, block_r, dtype, precision, tol)
 CASES = [(16, 16, 16, 16, 0, "float32", "ieee", 1e-5), (8, 8, 32, 16, 16, "float32", "tf32x3", 1e-5),
@@ -73,10 +72,7 @@ def _run(tk, case, x):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("mla_prefill_interp")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600,
-                       cwd=ROOT)
-    assert p.returncode == 0, p.stderr[-3000:]
+    run_child(__file__, out)
     return {_key(c): dict(np.load(out / f"{_key(c)}.npz")) for c in CASES}
 
 

@@ -14,17 +14,16 @@ bfloat16 loads are wrong in Triton's interpreter (numpy has no bfloat16): bf16 r
 (scripts/bench_mla.py checks it against the reference)."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.triton_interpreter import run_child
 
 pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parent.parent
 R, ROPE, H = 32, 16, 20
 # (page_size, block_n, num_splits, dtype, precision, tol, block_h, swap, reg_prefetch). block_h 16: two head blocks (the
 # second half masked); 32: all heads in one program. block_n > page_size or not dividing it: each row looks
@@ -72,10 +71,7 @@ def _run(tk, case, x):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("mla_interp")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600,
-                       cwd=ROOT)
-    assert p.returncode == 0, p.stderr[-3000:]
+    run_child(__file__, out)
     return {_key(c): dict(np.load(out / f"{_key(c)}.npz")) for c in CASES}
 
 

@@ -13,17 +13,14 @@ and, for gate/up, put through silu(g) * u here as gpu.py does): the same oracle 
 unused blocks' partial rows left unwritten."""
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.triton_interpreter import run_child
 
 pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _load_interpreted():
@@ -37,10 +34,7 @@ def _load_interpreted():
 @pytest.fixture(scope="module")
 def results():
     """Run every case in one child process with the interpreter on; {case id: measured numbers}."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return json.loads(run_child(__file__).strip().splitlines()[-1])
 
 
 def layout(idx, E, bm):
