@@ -51,6 +51,9 @@ MOE = [
     ("channel-token-bm32", "channel", "token", 33, 3, 4, 32, "float16"),
 ]
 D, I = 256, 256                     # MoE dims: two 128-groups each
+# cases also run with the weights stored K-major ([N, K] / [E, N, K], quant.with_layout: B_KMAJOR)
+KMAJOR_DENSE = ("block-decode", "block-k64-tail", "column-group", "channel-token", "tensor-token-f16")
+KMAJOR_MOE = ("block-many", "channel-token-bm32")
 
 
 def _fmt(strategy, act):
@@ -110,7 +113,7 @@ def _dense_inputs(case):
     xq, xs = _act_parts(x, act)
     ref = np.asarray(quant.matmul(jnp.asarray(x, jnp.float32), jax.tree.map(jnp.asarray, p)), np.float64)
     exact = _act_dequant(xq, xs) @ _dequant(p)
-    return dict(xq=_u8(xq), xs=xs, wq=_u8(p.q), ws=np.asarray(p.scale, np.float32),
+    return dict(xq=_u8(xq), xs=xs, wq=_u8(p.q), wq_k=_u8(p.q.T), ws=np.asarray(p.scale, np.float32),
                 block=np.array(p.block), act=np.array(act), exact=exact, ref=ref, full=x @ w64)
 
 
@@ -137,6 +140,8 @@ def _moe_inputs(case):
         out["block"] = np.array(lst[0][0].block)
     for key in ("xq", "hq", "wgq", "wuq", "wdq"):
         out[key] = _u8(out[key])
+    for key in ("wgq", "wuq", "wdq"):
+        out[key + "_k"] = _u8(np.swapaxes(out[key], 1, 2))
     return out
 
 
@@ -156,36 +161,45 @@ def _child(workdir):
     for case in DENSE:
         name, _, _, M, K, N, cfg, out = case
         z = np.load(Path(workdir) / f"dense-{name}.npz")
-        w = quant.FP8Weight(z["wq"].view(quant.FP8_NP), z["ws"], tuple(int(b) for b in z["block"]), str(z["act"]))
-        N = w.q.shape[1]
-        config = gpu.Config(*cfg) if cfg else None
-        c, grid, consts = gpu.launch(M, w, z["xs"].shape[-1], config)
-        dt = getattr(torch, out) if c.split_k == 1 else torch.float32
-        y = torch.full((c.split_k, M, N) if c.split_k > 1 else (M, N), sentinel, dtype=dt)
-        fp8_matmul_kernel[grid](f8(z["xq"]), tt(z["xs"]), f8(z["wq"]), tt(z["ws"]), y, **consts)
-        y = y.double().sum(0) if c.split_k > 1 else y.double()
-        np.save(Path(workdir) / f"dense-{name}-out.npy", y.numpy())
+        for kmajor in (False, True) if name in KMAJOR_DENSE else (False,):
+            wq = z["wq_k"] if kmajor else z["wq"]
+            w = quant.FP8Weight(wq.view(quant.FP8_NP), z["ws"], tuple(int(b) for b in z["block"]), str(z["act"]),
+                                kmajor)
+            N = w.shape[1]
+            config = gpu.Config(*cfg) if cfg else None
+            c, grid, consts = gpu.launch(M, w, z["xs"].shape[-1], config)
+            assert consts["B_KMAJOR"] == kmajor
+            dt = getattr(torch, out) if c.split_k == 1 else torch.float32
+            y = torch.full((c.split_k, M, N) if c.split_k > 1 else (M, N), sentinel, dtype=dt)
+            fp8_matmul_kernel[grid](f8(z["xq"]), tt(z["xs"]), f8(wq), tt(z["ws"]), y, **consts)
+            y = y.double().sum(0) if c.split_k > 1 else y.double()
+            np.save(Path(workdir) / f"dense-{name}-out{'-kmajor' if kmajor else ''}.npy", y.numpy())
     for case in MOE:
         name, _, act, T, k, E, bm, out = case
         z = np.load(Path(workdir) / f"moe-{name}.npz")
         blk = tuple(int(b) for b in z["block"])
-        wg = quant.FP8Weight(z["wgq"].view(quant.FP8_NP), z["wgs"], blk, act)
-        wd = quant.FP8Weight(z["wdq"].view(quant.FP8_NP), z["wds"], blk, act)
-        nb, P = len(z["block_expert"]), len(z["row_token"])
-        dt = getattr(torch, out)
-        h = torch.full((P, I), sentinel, dtype=dt)
-        y = torch.full((P, D), sentinel, dtype=dt)
-        c = dataclass_replace(gpu_fp8.pick_config("gate_up", bm, D, I), block_n=32, group_m=2)
-        gate_up_fp8_kernel[(nb * (I // c.block_n),)](
-            f8(z["xq"]), tt(z["xs"]), tt(z["row_token"]), tt(z["block_expert"]), f8(z["wgq"]), tt(z["wgs"]),
-            f8(z["wuq"]), tt(z["wus"]), h, N_TOKENS=T, K=D, N=I, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n,
-            BLOCK_K=c.block_k, GROUP_M=c.group_m, **gpu_fp8.scale_args(z["xs"].shape[-1], wg, I, c.block_k))
-        c = dataclass_replace(gpu_fp8.pick_config("down", bm, I, D), block_n=64, block_k=64, group_m=2)
-        down_fp8_kernel[(nb * (D // c.block_n),)](
-            f8(z["hq"]), tt(z["hs"]), tt(z["block_expert"]), f8(z["wdq"]), tt(z["wds"]), y, K=I, N=D,
-            NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
-            **gpu_fp8.scale_args(z["hs"].shape[-1], wd, D, c.block_k))
-        np.savez(Path(workdir) / f"moe-{name}-out.npz", h=h.double().numpy(), y=y.double().numpy())
+        for kmajor in (False, True) if name in KMAJOR_MOE else (False,):
+            sfx = "_k" if kmajor else ""
+            wg = quant.FP8Weight(z["wgq" + sfx].view(quant.FP8_NP), z["wgs"], blk, act, kmajor)
+            wd = quant.FP8Weight(z["wdq" + sfx].view(quant.FP8_NP), z["wds"], blk, act, kmajor)
+            nb, P = len(z["block_expert"]), len(z["row_token"])
+            dt = getattr(torch, out)
+            h = torch.full((P, I), sentinel, dtype=dt)
+            y = torch.full((P, D), sentinel, dtype=dt)
+            c = dataclass_replace(gpu_fp8.pick_config("gate_up", bm, D, I), block_n=32, group_m=2)
+            sa = gpu_fp8.scale_args(z["xs"].shape[-1], wg, I, c.block_k)
+            assert sa["B_KMAJOR"] == kmajor
+            gate_up_fp8_kernel[(nb * (I // c.block_n),)](
+                f8(z["xq"]), tt(z["xs"]), tt(z["row_token"]), tt(z["block_expert"]), f8(z["wgq" + sfx]),
+                tt(z["wgs"]), f8(z["wuq" + sfx]), tt(z["wus"]), h, N_TOKENS=T, K=D, N=I, NUM_BLOCKS=nb, BLOCK_M=bm,
+                BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, **sa)
+            c = dataclass_replace(gpu_fp8.pick_config("down", bm, I, D), block_n=64, block_k=64, group_m=2)
+            down_fp8_kernel[(nb * (D // c.block_n),)](
+                f8(z["hq"]), tt(z["hs"]), tt(z["block_expert"]), f8(z["wdq" + sfx]), tt(z["wds"]), y, K=I, N=D,
+                NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
+                **gpu_fp8.scale_args(z["hs"].shape[-1], wd, D, c.block_k))
+            np.savez(Path(workdir) / f"moe-{name}-out{'-kmajor' if kmajor else ''}.npz", h=h.double().numpy(),
+                     y=y.double().numpy())
 
 
 def dataclass_replace(c, **kw):
@@ -213,21 +227,26 @@ def _rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("case", DENSE, ids=[c[0] for c in DENSE])
-def test_dense_fp8_kernel_matches_float64(workdir, case):
+DENSE_RUNS = [(c, False) for c in DENSE] + [(c, True) for c in DENSE if c[0] in KMAJOR_DENSE]
+MOE_RUNS = [(c, False) for c in MOE] + [(c, True) for c in MOE if c[0] in KMAJOR_MOE]
+
+
+@pytest.mark.parametrize("case,kmajor", DENSE_RUNS, ids=[c[0] + ("-kmajor" if k else "") for c, k in DENSE_RUNS])
+def test_dense_fp8_kernel_matches_float64(workdir, case, kmajor):
+    """Either weight layout (the param layout [K, N] or K-major [N, K]) gives the same products."""
     z = np.load(workdir / f"dense-{case[0]}.npz")
-    y = np.load(workdir / f"dense-{case[0]}-out.npy")
+    y = np.load(workdir / f"dense-{case[0]}-out{'-kmajor' if kmajor else ''}.npy")
     tol = 1e-5 if case[7] == "float32" else 1e-3
     r = dict(exact=_rel(y, z["exact"]), ref=_rel(y, z["ref"]), full=_rel(y, z["full"]))
     assert r["exact"] < tol and r["ref"] < max(tol, 1e-5), r
     assert 0.005 < r["full"] < 0.08, r             # the fp8 rounding is there, and bounded
 
 
-@pytest.mark.parametrize("case", MOE, ids=[c[0] for c in MOE])
-def test_moe_fp8_kernels_match_float64(workdir, case):
+@pytest.mark.parametrize("case,kmajor", MOE_RUNS, ids=[c[0] + ("-kmajor" if k else "") for c, k in MOE_RUNS])
+def test_moe_fp8_kernels_match_float64(workdir, case, kmajor):
     name, _, _, T, k, E, bm, out = case
     z = np.load(workdir / f"moe-{name}.npz")
-    o = np.load(workdir / f"moe-{name}-out.npz")
+    o = np.load(workdir / f"moe-{name}-out{'-kmajor' if kmajor else ''}.npz")
     xd, hd = _act_dequant(z["xq"].view(_f8()), z["xs"]), _act_dequant(z["hq"].view(_f8()), z["hs"])
     row_token, block_expert = z["row_token"], z["block_expert"]
     xe = np.concatenate([xd, np.zeros((1, D))])

@@ -9,7 +9,9 @@ says whether a weight's layout is one the kernel takes (else the dispatch uses t
 activations quantized per token or per group of 128 (act "token" / "group"; weight-only FP8, act
 "none", stays on the reference), weight blocks (0, 0), (0, 1), (128, 1) or (128, 128) with the scale of
 the local weight (under tensor parallelism a scale kept whole because the shard is not whole blocks
-stays on the reference too). Tile shapes: `pick_config` (static, by M; `config=` overrides for sweeps).
+stays on the reference too). The weight may be stored in the param layout [K, N] or K-major [N, K]
+(quant.with_layout; the fast one on Hopper: its tiles are pipelined by asynchronous copies; the
+engine lays FP8 weights out K-major when they run here). Tile shapes: `pick_config` (static, by M; `config=` overrides for sweeps).
 jax_triton is imported inside the functions: it cannot be imported on a CPU-only JAX.
 """
 from __future__ import annotations
@@ -69,7 +71,7 @@ def supports(x, w) -> bool:
         return False
     if x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
         return False
-    K, N = w.q.shape
+    K, N = w.shape
     bk, bn = w.block
     if bk not in (0, GROUP) or bn not in (0, 1, GROUP):
         return False
@@ -80,8 +82,9 @@ def supports(x, w) -> bool:
 
 def launch(M: int, w, a_groups: int, config: Config | None = None) -> tuple[Config, tuple, dict]:
     """The static launch of one call (shared with the interpreter tests): (config, grid, constexprs)
-    for M rows of activations with `a_groups` scale groups per row and the FP8 weight w [K, N]."""
-    K, N = w.q.shape
+    for M rows of activations with `a_groups` scale groups per row and the FP8 weight w [K, N] (either
+    layout: B_KMAJOR)."""
+    K, N = w.shape
     c = config or pick_config(M, N, K)
     a_per_k = int(a_groups > 1)
     b_per_k = int(w.block[0] != 0 and w.scale.shape[-2] > 1)
@@ -90,7 +93,7 @@ def launch(M: int, w, a_groups: int, config: Config | None = None) -> tuple[Conf
     grid = (_cdiv(M, c.block_m) * _cdiv(N, c.block_n), c.split_k)
     consts = dict(M=M, N=N, K=K, AS_STRIDE=a_groups, A_PER_K=a_per_k, BS_STRIDE=w.scale.shape[-1],
                   B_PER_K=b_per_k, B_BLOCK_N={0: max(N, 1), 1: 1}.get(w.block[1], w.block[1]),
-                  PER_K_SCALE=bool(a_per_k or b_per_k), SPLIT_K=c.split_k, BLOCK_M=c.block_m,
+                  PER_K_SCALE=bool(a_per_k or b_per_k), SPLIT_K=c.split_k, B_KMAJOR=bool(w.kmajor), BLOCK_M=c.block_m,
                   BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m)
     return c, grid, consts
 
@@ -102,7 +105,7 @@ def matmul(x, w, *, config: Config | None = None):
     if not supports(x, w):
         raise ValueError(f"fp8 gpu matmul: unsupported weight (block {w.block}, act {w.act}, scale "
                          f"{tuple(w.scale.shape)}) or activation dtype {x.dtype}")
-    K, N = w.q.shape
+    K, N = w.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]

@@ -7,7 +7,9 @@ This module imports only triton, so the kernel body also runs in Triton's CPU in
 
 a_q float8_e4m3fn [M, K] (activations quantized per token or per token and group of 128 features),
 a_s float32 [M, GA] (GA = 1 per token, ceil(K / 128) per group); b_q float8_e4m3fn [K, N] (the param
-layout [in, out]), b_s float32 [NK, NN] (NK = 1 or ceil(K / 128); NN = 1 per tensor, N per column,
+layout [in, out]) or, B_KMAJOR, [N, K] (K-major: what Hopper's fp8 wgmma reads its B operand as, so
+the weight tiles go global -> shared by asynchronous copies, pipelined; an [in, out] weight's tiles are
+loaded into registers and transposed into shared memory, unpipelined), b_s float32 [NK, NN] (NK = 1 or ceil(K / 128); NN = 1 per tensor, N per column,
 ceil(N / 128) per 128 block). g(kb) is the 128-group of the k-block. Products of fp8 values on the
 tensor cores, float32 accumulation:
   PER_K_SCALE (some scale varies along K): each k-block's [BLOCK_M, BLOCK_N] product is multiplied by
@@ -30,7 +32,7 @@ def fp8_matmul_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr,
                       M: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
                       AS_STRIDE: tl.constexpr, A_PER_K: tl.constexpr,
                       BS_STRIDE: tl.constexpr, B_PER_K: tl.constexpr, B_BLOCK_N: tl.constexpr,
-                      PER_K_SCALE: tl.constexpr, SPLIT_K: tl.constexpr,
+                      PER_K_SCALE: tl.constexpr, SPLIT_K: tl.constexpr, B_KMAJOR: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -59,8 +61,11 @@ def fp8_matmul_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr,
         k = kb * BLOCK_K + ks
         kmask = k < K
         a = tl.load(a_ptr + rows_l[:, None] * K + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b_ptr + k.to(tl.int64)[:, None] * N + cols_c[None, :], mask=kmask[:, None] & cmask[None, :],
-                    other=0.0)
+        if B_KMAJOR:
+            b_off = cols_c.to(tl.int64)[None, :] * K + k[:, None]
+        else:
+            b_off = k.to(tl.int64)[:, None] * N + cols_c[None, :]
+        b = tl.load(b_ptr + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
         if PER_K_SCALE:
             g = (kb * BLOCK_K) // 128
             sa = tl.load(as_ptr + rows_l * AS_STRIDE + g * A_PER_K)

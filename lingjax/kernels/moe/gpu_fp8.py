@@ -9,7 +9,9 @@ or per token and 128-group; x before gate_up, h before down, exactly where the r
 quantizes) and fp8 x fp8 products on the tensor cores with float32 accumulation. `supports` says
 whether the kernels take the weights (activations quantized, weight blocks (0, 0), (0, 1), (128, 1) or
 (128, 128) with local scales, dims multiples of the tiles); otherwise the dispatch dequantizes
-(reference math). Tiles: `pick_config` by rows per block, as the bf16 kernels (gpu.py); `config=`
+(reference math). Weights in the param layout [E, K, N] or K-major [E, N, K] (quant.with_layout; the
+fast one: pipelined weight tiles). The layout of the rows is built as the bf16 GPU path builds it
+(pick_layout_method: sort-free at decode sizes). Tiles: `pick_config` by rows per block, as the bf16 kernels (gpu.py); `config=`
 overrides them. jax_triton is imported inside the functions: it cannot be imported on a CPU-only JAX.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from lingjax import quant
+from lingjax.kernels.moe.layout import COMPARE_MAX_PAIRS
 
 GROUP = quant.BLOCK
 
@@ -31,6 +34,12 @@ class Config:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 4
+
+
+def pick_layout_method(n_pairs: int) -> str:
+    """The bf16 GPU path's choice (gpu.py): 'compare' (no sort, a few fused kernels) up to
+    COMPARE_MAX_PAIRS pairs, 'sort' above."""
+    return "compare" if n_pairs <= COMPARE_MAX_PAIRS else "sort"
 
 
 def pick_block_m(n_pairs: int, n_experts: int) -> int:
@@ -68,10 +77,12 @@ def _weight_ok(w, K: int, N: int) -> bool:
 
 def supports(x, w_gate, w_up, w_down) -> bool:
     """Whether the FP8 kernels take these experts (see the module docstring)."""
-    E, d, I = w_gate.q.shape
+    E, d, I = w_gate.shape
     if w_gate.act not in ("token", "group") or x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
         return False
     if not (_weight_ok(w_gate, d, I) and _weight_ok(w_up, d, I) and _weight_ok(w_down, I, d)):
+        return False
+    if w_gate.kmajor != w_up.kmajor:             # one gate_up launch reads both in one layout
         return False
     try:
         pick_config("gate_up", 16, d, I)
@@ -89,7 +100,8 @@ def scale_args(a_groups: int, w, N: int, block_k: int) -> dict:
     if (a_per_k or b_per_k) and GROUP % block_k:
         raise ValueError(f"MoE FP8 GPU kernel: block_k {block_k} must divide {GROUP} with per-group scales")
     return dict(GA=a_groups, A_PER_K=a_per_k, NK=nk, NN=nn, B_PER_K=b_per_k,
-                B_BLOCK_N={0: N, 1: 1}.get(w.block[1], w.block[1]), PER_K_SCALE=bool(a_per_k or b_per_k))
+                B_BLOCK_N={0: N, 1: 1}.get(w.block[1], w.block[1]), PER_K_SCALE=bool(a_per_k or b_per_k),
+                B_KMAJOR=bool(w.kmajor))
 
 
 def gate_up(xq, xs, layout, w_gate, w_up, out_dtype, *, config: Config | None = None):
@@ -98,7 +110,7 @@ def gate_up(xq, xs, layout, w_gate, w_up, out_dtype, *, config: Config | None = 
     from lingjax.kernels.moe.triton_fp8 import gate_up_fp8_kernel
     jt = jax_triton()
     T, d = xq.shape
-    I = w_gate.q.shape[-1]
+    I = w_gate.shape[-1]
     nb, bm = layout.block_expert.shape[0], layout.block_m
     c = config or pick_config("gate_up", bm, d, I)
     sa = scale_args(xs.shape[-1], w_gate, I, c.block_k)
@@ -117,7 +129,7 @@ def down(hq, hs, layout, w_down, out_dtype, *, config: Config | None = None):
     from lingjax.kernels.moe.triton_fp8 import down_fp8_kernel
     jt = jax_triton()
     P, I = hq.shape
-    d = w_down.q.shape[-1]
+    d = w_down.shape[-1]
     nb, bm = layout.block_expert.shape[0], layout.block_m
     c = config or pick_config("down", bm, I, d)
     sa = scale_args(hs.shape[-1], w_down, d, c.block_k)

@@ -10,7 +10,9 @@ This module imports only triton, so the kernel bodies also run in Triton's CPU i
 
 Operands: activations quantized to float8_e4m3fn with float32 scales per row (GA = 1) or per row and
 128-group (GA = ceil(K / 128)): x_q [T, K], x_s [T, GA] (gate_up, rows gathered by row_token) and
-h_q [P, K], h_s [P, GA] (down); weights float8_e4m3fn [E, K, N] with float32 scales [E, NK, NN] (NK = 1
+h_q [P, K], h_s [P, GA] (down); weights float8_e4m3fn [E, K, N] or, B_KMAJOR, K-major [E, N, K]
+(the layout Hopper's fp8 wgmma reads its B operand in: weight tiles copied to shared memory
+asynchronously, pipelined; see lingjax/kernels/fp8/triton_kernels.py) with float32 scales [E, NK, NN] (NK = 1
 or ceil(K / 128); NN = 1, N, or ceil(N / 128)). fp8 products on the tensor cores, float32
 accumulation; with PER_K_SCALE each k-block's product is scaled before it is added (BLOCK_K divides
 128), else the sum over K is scaled once at the end (see lingjax/kernels/fp8/triton_kernels.py for the
@@ -33,6 +35,15 @@ def _tile(pid, NUM_BLOCKS: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def _w_tile(ks, cols, K: tl.constexpr, N: tl.constexpr, B_KMAJOR: tl.constexpr):
+    """Offsets of a [BLOCK_K, BLOCK_N] weight tile within one expert's [K, N] (or K-major [N, K]) matrix."""
+    if B_KMAJOR:
+        return cols[None, :] * K + ks[:, None]
+    else:
+        return ks[:, None] * N + cols[None, :]
+
+
+@triton.jit
 def _w_scale(ws_ptr, e, g, cols, NK: tl.constexpr, NN: tl.constexpr, B_PER_K: tl.constexpr,
              B_BLOCK_N: tl.constexpr):
     return tl.load(ws_ptr + e.to(tl.int64) * NK * NN + g * B_PER_K * NN + cols // B_BLOCK_N)
@@ -43,7 +54,7 @@ def gate_up_fp8_kernel(x_ptr, xs_ptr, row_token_ptr, block_expert_ptr, wg_ptr, w
                        N_TOKENS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, NUM_BLOCKS: tl.constexpr,
                        GA: tl.constexpr, A_PER_K: tl.constexpr, NK: tl.constexpr, NN: tl.constexpr,
                        B_PER_K: tl.constexpr, B_BLOCK_N: tl.constexpr, PER_K_SCALE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                       B_KMAJOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile(tl.program_id(0), NUM_BLOCKS, N, BLOCK_N, GROUP_M)
     e = tl.load(block_expert_ptr + pid_m)
     if e >= 0:
@@ -54,7 +65,7 @@ def gate_up_fp8_kernel(x_ptr, xs_ptr, row_token_ptr, block_expert_ptr, wg_ptr, w
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + tok[:, None] * K + ks[None, :]
-        w_off = e.to(tl.int64) * K * N + ks[:, None] * N + cols[None, :]
+        w_off = e.to(tl.int64) * K * N + _w_tile(ks, cols, K, N, B_KMAJOR)
         g_ptrs = wg_ptr + w_off
         u_ptrs = wu_ptr + w_off
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -72,8 +83,8 @@ def gate_up_fp8_kernel(x_ptr, xs_ptr, row_token_ptr, block_expert_ptr, wg_ptr, w
                 acc_g = tl.dot(a, tl.load(g_ptrs), acc_g)
                 acc_u = tl.dot(a, tl.load(u_ptrs), acc_u)
             a_ptrs += BLOCK_K
-            g_ptrs += BLOCK_K * N
-            u_ptrs += BLOCK_K * N
+            g_ptrs += BLOCK_K if B_KMAJOR else BLOCK_K * N
+            u_ptrs += BLOCK_K if B_KMAJOR else BLOCK_K * N
         if not PER_K_SCALE:
             sa = tl.load(xs_ptr + tok * GA, mask=real, other=0.0)[:, None]
             acc_g = acc_g * (sa * _w_scale(wgs_ptr, e, 0, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :])
@@ -88,7 +99,7 @@ def down_fp8_kernel(h_ptr, hs_ptr, block_expert_ptr, w_ptr, ws_ptr, y_ptr,
                     K: tl.constexpr, N: tl.constexpr, NUM_BLOCKS: tl.constexpr,
                     GA: tl.constexpr, A_PER_K: tl.constexpr, NK: tl.constexpr, NN: tl.constexpr,
                     B_PER_K: tl.constexpr, B_BLOCK_N: tl.constexpr, PER_K_SCALE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                    B_KMAJOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile(tl.program_id(0), NUM_BLOCKS, N, BLOCK_N, GROUP_M)
     e = tl.load(block_expert_ptr + pid_m)
     if e >= 0:
@@ -96,7 +107,7 @@ def down_fp8_kernel(h_ptr, hs_ptr, block_expert_ptr, w_ptr, ws_ptr, y_ptr,
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
         a_ptrs = h_ptr + rows[:, None] * K + ks[None, :]
-        w_ptrs = w_ptr + e.to(tl.int64) * K * N + ks[:, None] * N + cols[None, :]
+        w_ptrs = w_ptr + e.to(tl.int64) * K * N + _w_tile(ks, cols, K, N, B_KMAJOR)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(0, K // BLOCK_K):
             if PER_K_SCALE:
@@ -107,7 +118,7 @@ def down_fp8_kernel(h_ptr, hs_ptr, block_expert_ptr, w_ptr, ws_ptr, y_ptr,
             else:
                 acc = tl.dot(tl.load(a_ptrs), tl.load(w_ptrs), acc)
             a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * N
+            w_ptrs += BLOCK_K if B_KMAJOR else BLOCK_K * N
         if not PER_K_SCALE:
             acc = acc * (tl.load(hs_ptr + rows * GA)[:, None]
                          * _w_scale(ws_ptr, e, 0, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :])
