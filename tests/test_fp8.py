@@ -423,6 +423,11 @@ def test_dequantize_under_shard_map(tp, aligned):
     ws = jax.tree.map(lambda a, p: jax.device_put(a, NamedSharding(mesh, p)), w, spec)
     f = jax.jit(jax.shard_map(lambda v: quant.dequantize(v), mesh=mesh, in_specs=(spec,), out_specs=P(None, "tp")))
     np.testing.assert_array_equal(np.asarray(f(ws)), np.asarray(quant.dequantize(w)))
+    wk = quant.with_layout(ws, True)               # K-major q [out, in]: its spec swapped, kept by the transpose
+    spec_k = sharding.fp8_spec(P(None, "tp"), wk, tp)
+    assert spec_k.q == P("tp", None) and spec_k.scale == spec.scale and wk.q.sharding.spec == spec_k.q
+    f = jax.jit(jax.shard_map(lambda v: quant.dequantize(v), mesh=mesh, in_specs=(spec_k,), out_specs=P(None, "tp")))
+    np.testing.assert_array_equal(np.asarray(f(wk)), np.asarray(quant.dequantize(w)))
 
 
 @pytest.mark.parametrize("scheme", ["fp8-channel"])      # block scales under tp: test_dequantize_under_shard_map
