@@ -187,14 +187,15 @@ def _ptx_counts(ptx):
 def test_kmajor_weights_stream_by_async_copies(jax_triton_call, kind, M):
     """Hopper's fp8 MMAs read B K-major. Weights stored K-major (quant.with_layout) are fed the way
     bf16 weights are: 64+-row tiles (wgmma) copy weight tiles to shared memory by cp.async in the
-    pipelined loop, 16-row tiles (mma.sync) read them from shared memory by ldmatrix. In the param
+    pipelined loop, 16-row tiles (mma.sync) read them from shared memory by ldmatrix (the scalar
+    ld.shared left there are the activations' in-kernel quantization, a row reduction). In the param
     layout [K, N] the weight tiles go through registers unpipelined (fewer cp.async), or are gathered
     from shared memory byte by byte (scalar ld.shared): the FP8 decode slowdown of issue 18.
     Flash's shapes, compiled for sm_90."""
     counts = {}
     for kmajor in (False, True):
         if kind == "dense":
-            f = fp8_gpu.matmul
+            f = lambda x, w: fp8_gpu.matmul(x, w)                        # noqa: E731  (a fresh trace)
             args = (sd((M, 4096), jnp.bfloat16), _fp8_weight(4096, 4096, kmajor=kmajor))
         else:
             E, d, I, k = 256, 4096, 1024, 8
@@ -212,7 +213,7 @@ def test_kmajor_weights_stream_by_async_copies(jax_triton_call, kind, M):
     if M >= 64:
         assert cp_k > cp_io > 0, counts
     else:
-        assert ldm_k > ldm_io and 10 * lds_k < lds_io, counts
+        assert ldm_k > ldm_io and 4 * lds_k < lds_io, counts
 
 
 def test_kernel_layout_same_model(fp8_model, jax_triton_call):

@@ -30,6 +30,10 @@ import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from lingjax.kernels.fp8.triton_kernels import _round_e4m3  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +46,8 @@ DENSE = [
     ("channel-token", "channel", "token", 33, 320, 96, (32, 64, 64, 1), "float32"),
     ("channel-group", "channel", "group", 3, 256, 64, (16, 32, 128, 1), "float32"),
     ("tensor-token-f16", "tensor", "token", 20, 256, 80, (16, 32, 128, 1), "float16"),
+    ("channel-group-fused", "channel", "group", 17, 256, 96, (16, 32, 128, 2, 8, 4, 4, True), "float32"),
+    ("block-fused-f16", "block", "group", 6, 320, 136, (16, 64, 128, 1, 8, 4, 4, True), "float16"),
 ]
 # MoE: (name, weight strategy, act, T, k, E, block_m, out dtype)
 MOE = [
@@ -52,8 +58,12 @@ MOE = [
 ]
 D, I = 256, 256                     # MoE dims: two 128-groups each
 # cases also run with the weights stored K-major ([N, K] / [E, N, K], quant.with_layout: B_KMAJOR)
-KMAJOR_DENSE = ("block-decode", "block-k64-tail", "column-group", "channel-token", "tensor-token-f16")
+KMAJOR_DENSE = ("block-decode", "block-k64-tail", "column-group", "channel-token", "tensor-token-f16",
+                "block-fused-f16")
 KMAJOR_MOE = ("block-many", "channel-token-bm32")
+# cases whose launch quantizes the activations in the kernel (gpu.fused_quant: per-group scales, 128-deep
+# k-steps, a config with quant_a: pick_config's for decode sizes): the kernel reads x itself
+FUSED_DENSE = ("block-decode", "channel-group-fused", "block-fused-f16")
 
 
 def _fmt(strategy, act):
@@ -109,12 +119,14 @@ def _dense_inputs(case):
     name, strategy, act, M, K, N, cfg, out = case
     rng = np.random.default_rng(len(name) * 31 + M)
     x = rng.standard_normal((M, K)) * np.exp(rng.uniform(-2, 2, (M, 1)))
+    if name in FUSED_DENSE:                 # the kernel reads x in the output dtype (float32 / float16)
+        x = x.astype(out).astype(np.float64)
     p, w64 = _weight(rng, N, K, strategy, act)
     xq, xs = _act_parts(x, act)
     ref = np.asarray(quant.matmul(jnp.asarray(x, jnp.float32), jax.tree.map(jnp.asarray, p)), np.float64)
     exact = _act_dequant(xq, xs) @ _dequant(p)
-    return dict(xq=_u8(xq), xs=xs, wq=_u8(p.q), wq_k=_u8(p.q.T), ws=np.asarray(p.scale, np.float32),
-                block=np.array(p.block), act=np.array(act), exact=exact, ref=ref, full=x @ w64)
+    return dict(x=x.astype(np.float32), xq=_u8(xq), xs=xs, wq=_u8(p.q), wq_k=_u8(p.q.T),
+                ws=np.asarray(p.scale, np.float32), block=np.array(p.block), act=np.array(act), exact=exact, ref=ref, full=x @ w64)
 
 
 def _moe_inputs(case):
@@ -158,6 +170,7 @@ def _child(workdir):
     tt = lambda a: torch.from_numpy(np.ascontiguousarray(a))                      # noqa: E731
     f8 = lambda a: tt(a).view(torch.float8_e4m3fn)                                # noqa: E731
     sentinel = 1027.0
+    _round_check(workdir)
     for case in DENSE:
         name, _, _, M, K, N, cfg, out = case
         z = np.load(Path(workdir) / f"dense-{name}.npz")
@@ -169,9 +182,11 @@ def _child(workdir):
             config = gpu.Config(*cfg) if cfg else None
             c, grid, consts = gpu.launch(M, w, z["xs"].shape[-1], config)
             assert consts["B_KMAJOR"] == kmajor
+            assert consts["QUANT_A"] == (name in FUSED_DENSE), name
             dt = getattr(torch, out) if c.split_k == 1 else torch.float32
             y = torch.full((c.split_k, M, N) if c.split_k > 1 else (M, N), sentinel, dtype=dt)
-            fp8_matmul_kernel[grid](f8(z["xq"]), tt(z["xs"]), f8(wq), tt(z["ws"]), y, **consts)
+            a = tt(z["x"]).to(getattr(torch, out)) if consts["QUANT_A"] else f8(z["xq"])   # the kernel quantizes x
+            fp8_matmul_kernel[grid](a, tt(z["xs"]), f8(wq), tt(z["ws"]), y, **consts)
             y = y.double().sum(0) if c.split_k > 1 else y.double()
             np.save(Path(workdir) / f"dense-{name}-out{'-kmajor' if kmajor else ''}.npy", y.numpy())
     for case in MOE:
@@ -202,6 +217,35 @@ def _child(workdir):
                      y=y.double().numpy())
 
 
+@triton.jit
+def _round_kernel(x_ptr, y_ptr):
+    i = tl.program_id(0) * 1024 + tl.arange(0, 1024)
+    tl.store(y_ptr + i, _round_e4m3(tl.load(x_ptr + i)).to(tl.float8e4nv))
+
+
+def _round_values():
+    """float32 values in [-448, 448]: every finite float8_e4m3fn value, every midpoint of two neighbours
+    (ties: to even), their float32 neighbours (just below / above a tie), and random magnitudes over the
+    whole range (subnormals included)."""
+    import ml_dtypes
+    f8 = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    f8 = np.unique(f8[np.isfinite(f8)])
+    mid = ((f8[:-1].astype(np.float64) + f8[1:]) / 2).astype(np.float32)
+    rng = np.random.default_rng(5)
+    rand = (rng.choice([-1, 1], 4096) * np.exp(rng.uniform(np.log(1e-4), np.log(448), 4096))).astype(np.float32)
+    v = np.concatenate([f8, mid, np.nextafter(mid, np.float32(-np.inf)), np.nextafter(mid, np.float32(np.inf)), rand])
+    v = np.clip(v, -448, 448).astype(np.float32)
+    return np.pad(v, (0, -len(v) % 1024))
+
+
+def _round_check(workdir):
+    import torch
+    v = _round_values()
+    y = torch.zeros(len(v), dtype=torch.float8_e4m3fn)
+    _round_kernel[(len(v) // 1024,)](torch.from_numpy(v), y)
+    np.save(Path(workdir) / "round-out.npy", y.view(torch.uint8).numpy())
+
+
 def dataclass_replace(c, **kw):
     import dataclasses
     return dataclasses.replace(c, **kw)
@@ -221,6 +265,18 @@ def workdir(tmp_path_factory):
                        cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
     return d
+
+
+def test_in_kernel_fp8_rounding_is_round_to_nearest_even(workdir):
+    """The kernels' float32 -> float8_e4m3fn rounding (triton_kernels._round_e4m3, then an exact cast)
+    gives ml_dtypes' (round to nearest, ties to even) bits for every fp8 value, every tie between two
+    neighbours, the float32 values either side of each tie, and random magnitudes down to subnormals."""
+    import ml_dtypes
+    v = _round_values()
+    got = np.load(workdir / "round-out.npy")
+    want = v.astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+    bad = np.nonzero(got != want)[0]
+    assert not len(bad), [(float(v[i]), int(got[i]), int(want[i])) for i in bad[:5]]
 
 
 def _rel(a, b):
