@@ -180,7 +180,7 @@ def sweep_configs(T: int, K: int, N: int):
     if T <= 64:
         for bn in (64, 128):
             for split in (1, 2, 4, 8, 16):
-                for stages in (3, 5):
+                for stages in (4,):
                     for qa in (True, False):
                         c = gpu.Config(auto.block_m, bn, 128, split, 8, 4, stages, qa)
                         if c != auto:
