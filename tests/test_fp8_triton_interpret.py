@@ -64,6 +64,7 @@ KMAJOR_MOE = ("block-many", "channel-token-bm32")
 # cases whose launch quantizes the activations in the kernel (gpu.fused_quant: per-group scales, 128-deep
 # k-steps, a config with quant_a: pick_config's for decode sizes): the kernel reads x itself
 FUSED_DENSE = ("block-decode", "channel-group-fused", "block-fused-f16")
+FUSED_MOE = ("block-decode", "block-many")       # also run with QUANT_A (gpu_fp8.fused_quant), K-major
 
 
 def _fmt(strategy, act):
@@ -193,7 +194,8 @@ def _child(workdir):
         name, _, act, T, k, E, bm, out = case
         z = np.load(Path(workdir) / f"moe-{name}.npz")
         blk = tuple(int(b) for b in z["block"])
-        for kmajor in (False, True) if name in KMAJOR_MOE else (False,):
+        variants = [(False, False)] + [(True, False)] * (name in KMAJOR_MOE) + [(True, True)] * (name in FUSED_MOE)
+        for kmajor, fused in variants:
             sfx = "_k" if kmajor else ""
             wg = quant.FP8Weight(z["wgq" + sfx].view(quant.FP8_NP), z["wgs"], blk, act, kmajor)
             wd = quant.FP8Weight(z["wdq" + sfx].view(quant.FP8_NP), z["wds"], blk, act, kmajor)
@@ -201,20 +203,25 @@ def _child(workdir):
             dt = getattr(torch, out)
             h = torch.full((P, I), sentinel, dtype=dt)
             y = torch.full((P, D), sentinel, dtype=dt)
-            c = dataclass_replace(gpu_fp8.pick_config("gate_up", bm, D, I), block_n=32, group_m=2)
-            sa = gpu_fp8.scale_args(z["xs"].shape[-1], wg, I, c.block_k)
-            assert sa["B_KMAJOR"] == kmajor
+            c = dataclass_replace(gpu_fp8.pick_config("gate_up", bm, D, I), block_n=32, group_m=2, quant_a=fused)
+            assert gpu_fp8.fused_quant(act, D, c) == fused
+            # under QUANT_A the kernels read x / h unquantized (float32 here) and quantize them themselves
+            xa, ha = (tt(z["x"]).float(), tt(z["h"]).float()) if fused else (f8(z["xq"]), f8(z["hq"]))
+            sa = gpu_fp8.scale_args(z["xs"].shape[-1], wg, I, c.block_k, fused)
+            assert sa["B_KMAJOR"] == kmajor and sa["QUANT_A"] == fused
             gate_up_fp8_kernel[(nb * (I // c.block_n),)](
-                f8(z["xq"]), tt(z["xs"]), tt(z["row_token"]), tt(z["block_expert"]), f8(z["wgq" + sfx]),
+                xa, tt(z["xs"]), tt(z["row_token"]), tt(z["block_expert"]), f8(z["wgq" + sfx]),
                 tt(z["wgs"]), f8(z["wuq" + sfx]), tt(z["wus"]), h, N_TOKENS=T, K=D, N=I, NUM_BLOCKS=nb, BLOCK_M=bm,
                 BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, **sa)
-            c = dataclass_replace(gpu_fp8.pick_config("down", bm, I, D), block_n=64, block_k=64, group_m=2)
+            c = dataclass_replace(gpu_fp8.pick_config("down", bm, I, D), block_n=64, block_k=128 if fused else 64,
+                                  group_m=2, quant_a=fused)
+            assert gpu_fp8.fused_quant(act, I, c) == fused
             down_fp8_kernel[(nb * (D // c.block_n),)](
-                f8(z["hq"]), tt(z["hs"]), tt(z["block_expert"]), f8(z["wdq" + sfx]), tt(z["wds"]), y, K=I, N=D,
+                ha, tt(z["hs"]), tt(z["block_expert"]), f8(z["wdq" + sfx]), tt(z["wds"]), y, K=I, N=D,
                 NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
-                **gpu_fp8.scale_args(z["hs"].shape[-1], wd, D, c.block_k))
-            np.savez(Path(workdir) / f"moe-{name}-out{'-kmajor' if kmajor else ''}.npz", h=h.double().numpy(),
-                     y=y.double().numpy())
+                **gpu_fp8.scale_args(z["hs"].shape[-1], wd, D, c.block_k, fused))
+            tag = ("-kmajor" if kmajor else "") + ("-fused" if fused else "")
+            np.savez(Path(workdir) / f"moe-{name}-out{tag}.npz", h=h.double().numpy(), y=y.double().numpy())
 
 
 @triton.jit
@@ -284,7 +291,8 @@ def _rel(a, b):
 
 
 DENSE_RUNS = [(c, False) for c in DENSE] + [(c, True) for c in DENSE if c[0] in KMAJOR_DENSE]
-MOE_RUNS = [(c, False) for c in MOE] + [(c, True) for c in MOE if c[0] in KMAJOR_MOE]
+MOE_RUNS = ([(c, "") for c in MOE] + [(c, "-kmajor") for c in MOE if c[0] in KMAJOR_MOE]
+            + [(c, "-kmajor-fused") for c in MOE if c[0] in FUSED_MOE])
 
 
 @pytest.mark.parametrize("case,kmajor", DENSE_RUNS, ids=[c[0] + ("-kmajor" if k else "") for c, k in DENSE_RUNS])
@@ -298,11 +306,13 @@ def test_dense_fp8_kernel_matches_float64(workdir, case, kmajor):
     assert 0.005 < r["full"] < 0.08, r             # the fp8 rounding is there, and bounded
 
 
-@pytest.mark.parametrize("case,kmajor", MOE_RUNS, ids=[c[0] + ("-kmajor" if k else "") for c, k in MOE_RUNS])
-def test_moe_fp8_kernels_match_float64(workdir, case, kmajor):
+@pytest.mark.parametrize("case,variant", MOE_RUNS, ids=[c[0] + v for c, v in MOE_RUNS])
+def test_moe_fp8_kernels_match_float64(workdir, case, variant):
+    """Each weight layout, and the activations quantized before the kernels or inside them (-fused:
+    the same values, so the same bound), give the float64 products of the same fp8 operands."""
     name, _, _, T, k, E, bm, out = case
     z = np.load(workdir / f"moe-{name}.npz")
-    o = np.load(workdir / f"moe-{name}-out{'-kmajor' if kmajor else ''}.npz")
+    o = np.load(workdir / f"moe-{name}-out{variant}.npz")
     xd, hd = _act_dequant(z["xq"].view(_f8()), z["xs"]), _act_dequant(z["hq"].view(_f8()), z["hs"])
     row_token, block_expert = z["row_token"], z["block_expert"]
     xe = np.concatenate([xd, np.zeros((1, D))])

@@ -19,9 +19,15 @@ accumulation; with PER_K_SCALE each k-block's product is scaled before it is add
 scale addressing: x_s[r, g * A_PER_K], w_s[e, g * B_PER_K, n // B_BLOCK_N]).
   gate_up: h[r] = silu(x[tok] Wg[e]) * (x[tok] Wu[e])      -> h [P, N] in h's dtype
   down:    y[r] = h[r] Wd[e]                                -> y [P, N] in y's dtype
+QUANT_A (per-group activations, BLOCK_K = 128): x / h are passed unquantized (float32 / bfloat16 /
+float16) and each [BLOCK_M, 128] tile is quantized as it is loaded, exactly as
+lingjax.quant.quantize_activation_fp8 does (lingjax/kernels/fp8/triton_kernels.py _quantize_rows;
+x_s / h_s unused): no separate pass over the activations.
 """
 import triton
 import triton.language as tl
+
+from lingjax.kernels.fp8.triton_kernels import _quantize_rows
 
 
 @triton.jit
@@ -54,7 +60,8 @@ def gate_up_fp8_kernel(x_ptr, xs_ptr, row_token_ptr, block_expert_ptr, wg_ptr, w
                        N_TOKENS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, NUM_BLOCKS: tl.constexpr,
                        GA: tl.constexpr, A_PER_K: tl.constexpr, NK: tl.constexpr, NN: tl.constexpr,
                        B_PER_K: tl.constexpr, B_BLOCK_N: tl.constexpr, PER_K_SCALE: tl.constexpr,
-                       B_KMAJOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                       B_KMAJOR: tl.constexpr, QUANT_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile(tl.program_id(0), NUM_BLOCKS, N, BLOCK_N, GROUP_M)
     e = tl.load(block_expert_ptr + pid_m)
     if e >= 0:
@@ -72,9 +79,14 @@ def gate_up_fp8_kernel(x_ptr, xs_ptr, row_token_ptr, block_expert_ptr, wg_ptr, w
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(0, K // BLOCK_K):
             a = tl.load(a_ptrs, mask=real[:, None], other=0.0)
+            if QUANT_A:
+                a, sa_q = _quantize_rows(a.to(tl.float32))
             if PER_K_SCALE:
                 grp = (kb * BLOCK_K) // 128
-                sa = tl.load(xs_ptr + tok * GA + grp * A_PER_K, mask=real, other=0.0)[:, None]
+                if QUANT_A:
+                    sa = sa_q[:, None]
+                else:
+                    sa = tl.load(xs_ptr + tok * GA + grp * A_PER_K, mask=real, other=0.0)[:, None]
                 sg = _w_scale(wgs_ptr, e, grp, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :]
                 su = _w_scale(wus_ptr, e, grp, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :]
                 acc_g += tl.dot(a, tl.load(g_ptrs)) * (sa * sg)
@@ -99,7 +111,8 @@ def down_fp8_kernel(h_ptr, hs_ptr, block_expert_ptr, w_ptr, ws_ptr, y_ptr,
                     K: tl.constexpr, N: tl.constexpr, NUM_BLOCKS: tl.constexpr,
                     GA: tl.constexpr, A_PER_K: tl.constexpr, NK: tl.constexpr, NN: tl.constexpr,
                     B_PER_K: tl.constexpr, B_BLOCK_N: tl.constexpr, PER_K_SCALE: tl.constexpr,
-                    B_KMAJOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                    B_KMAJOR: tl.constexpr, QUANT_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile(tl.program_id(0), NUM_BLOCKS, N, BLOCK_N, GROUP_M)
     e = tl.load(block_expert_ptr + pid_m)
     if e >= 0:
@@ -110,13 +123,19 @@ def down_fp8_kernel(h_ptr, hs_ptr, block_expert_ptr, w_ptr, ws_ptr, y_ptr,
         w_ptrs = w_ptr + e.to(tl.int64) * K * N + _w_tile(ks, cols, K, N, B_KMAJOR)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(0, K // BLOCK_K):
+            a = tl.load(a_ptrs)
+            if QUANT_A:
+                a, sa_q = _quantize_rows(a.to(tl.float32))
             if PER_K_SCALE:
                 grp = (kb * BLOCK_K) // 128
-                sa = tl.load(hs_ptr + rows * GA + grp * A_PER_K)[:, None]
+                if QUANT_A:
+                    sa = sa_q[:, None]
+                else:
+                    sa = tl.load(hs_ptr + rows * GA + grp * A_PER_K)[:, None]
                 sw = _w_scale(ws_ptr, e, grp, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :]
-                acc += tl.dot(tl.load(a_ptrs), tl.load(w_ptrs)) * (sa * sw)
+                acc += tl.dot(a, tl.load(w_ptrs)) * (sa * sw)
             else:
-                acc = tl.dot(tl.load(a_ptrs), tl.load(w_ptrs), acc)
+                acc = tl.dot(a, tl.load(w_ptrs), acc)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K if B_KMAJOR else BLOCK_K * N
         if not PER_K_SCALE:
