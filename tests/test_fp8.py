@@ -467,6 +467,12 @@ def test_tp2_fp8_model_matches_tp1(tmp_path, scheme):
         a, b = run(m1, act), run(m2, act)
         rel = np.linalg.norm(a - b) / np.linalg.norm(a)
         assert rel < (0.35 if act else 1e-5), (act, rel)
+    # the K-major layout the engine gives GPU-kernel FP8 weights, on the mesh: q's spec swapped, same logits
+    quant.to_kernel_layout(m2)
+    w = m2.layers[0].attention.q_proj.kernel.get_value()
+    assert w.kmajor and w.q.sharding.spec == jax.sharding.PartitionSpec("tp", None)
+    k = run(m2, False)
+    assert np.linalg.norm(k - b) / np.linalg.norm(b) < 1e-6
 
 
 def test_cli_convert_quantize_and_export(tmp_path, bf16_src, capsys):
