@@ -15,7 +15,8 @@ greedy sampling, paged MLA cache) timed (median of --reps) and traced under the 
 (bench_linear_attention.device_trace). Per mode it prints the step time, the floor (bytes a step must
 touch, bench_e2e.step_bytes, over --bandwidth), the busy time and the gaps between kernels, the
 device time per step by kernel category (FP8 dense matmul, FP8 MoE, bf16 MoE, cuBLAS/XLA matmuls,
-linear attention, MLA, activation quantization and other XLA fusions) and the top kernels.
+linear attention, MLA, activation quantization and other XLA fusions) and the top kernels (each mode
+as soon as it is done, then one table of all).
 
     . scripts/gpu_env.sh; PYTHONPATH=.:scripts python3 scripts/profile_fp8.py --out scripts/results
     # ~60-90 s on nvidia-h200: flash8, B=16 at 1k context, bf16 / fp8 / fp8-inout
@@ -224,6 +225,10 @@ def main(argv=None):
             json.dump(report, f, indent=1)
         log.info("%s: step %.2f ms (floor %.2f ms), compile %.0f s, %.0f s so far", mode, row["step_ms"],
                  row["floor_ms"], row["compile_s"], time.perf_counter() - t_all)
+        for c, v in sorted(row.get("categories", {}).items(), key=lambda kv: -kv[1]["us"]):
+            log.info("  %-50s %8.1f us/step  %5.0f launches/step", c, v["us"], v["n"])
+        for k in row.get("top", [])[:12]:
+            log.info("  %8.1f us (%.0f)  %s", k["us"], k["n"], k["name"])
     print(f"\n{report['device']}, {name} ({cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}), "
           f"decode B={B} C={C}, {args.scheme}")
     print("| mode | step ms | floor ms | busy us | gaps us | kernels/step | GiB weights |\n|---|---|---|---|---|---|---|")
@@ -240,10 +245,6 @@ def main(argv=None):
                 v = r.get("categories", {}).get(c)
                 cells.append(f"{v['us']:.0f} ({v['n']:.0f})" if v else "-")
             print(f"| {c} | " + " | ".join(cells) + " |")
-        for mode, r in report["modes"].items():
-            print(f"\n{mode}: top kernels, us per step (launches per step)")
-            for k in r["top"][:15]:
-                print(f"  {k['us']:8.1f} ({k['n']:.0f})  {k['name']}")
     return 0
 
 
