@@ -1167,7 +1167,7 @@ def _fp8_on_gpu_kernels(model, kernels) -> bool:
     from lingjax import quant
     from lingjax.kernels import fp8 as fp8_kernels
     from lingjax.model.common import Dense
-    for _, m in nnx.iter_modules(model):
+    for _, m in nnx.iter_modules(model) if hasattr(nnx, "iter_modules") else model.iter_modules():
         if isinstance(m, Dense) and quant.is_fp8(m.kernel.get_value()):
             return fp8_kernels.resolve(kernels if kernels is not None else m.kernels) == "gpu"
     return False
