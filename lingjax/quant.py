@@ -116,12 +116,14 @@ def to_kernel_layout(model, kmajor: bool = True) -> int:
     either layout; K-major is the fast one (lingjax.engine does this when the FP8 matmuls run on the
     GPU kernels). Returns the number of weights changed."""
     from flax import nnx
-    from lingjax.weights import set_param
     n = 0
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         w = var.get_value()
         if is_fp8(w) and w.kmajor != kmajor:
-            set_param(model, tuple(path), with_layout(w, kmajor))
+            obj = model                                  # the model's own Variable at this path
+            for key in path[:-1]:
+                obj = obj[key] if isinstance(key, int) else getattr(obj, key)
+            getattr(obj, path[-1]).set_value(with_layout(w, kmajor))
             n += 1
     return n
 
