@@ -484,7 +484,9 @@ class Engine:
                    inside one shard_map. Default: one device, no collectives.
     kernels        linear-attention kernel backend, one of KERNELS; None keeps the model's choice (by
                    default: by jax.default_backend()). The engine runs a copy of the model's modules
-                   with this setting (the parameters are shared, not copied).
+                   with this setting (the parameters are shared, not copied). FP8 weights that run on
+                   the GPU FP8 kernels are laid out K-major in the model, in place, once
+                   (quant.to_kernel_layout: the same values, the layout those kernels read fastest).
     overlap        dispatch step n+1 before reading step n's results (module docstring); False reads
                    each step's results before packing the next (for debugging and to measure the gain)
     decode_steps   N > 1: multi-step decode (module docstring): when every running request is decoding and
@@ -582,6 +584,11 @@ class Engine:
         if mesh is not None and sharding.tp_of(mesh) == 1 and jax.process_count() == 1:
             mesh = None
         self.mesh = mesh
+        if _fp8_on_gpu_kernels(model, kernels):
+            from lingjax import quant
+            n = quant.to_kernel_layout(model)           # in place: the same weights, K-major
+            if n:
+                log.info("laid %d FP8 weights out K-major for the GPU FP8 kernels", n)
         if kernels is not None:
             model = _with_kernels(model, kernels)
         self.model = model
@@ -1331,6 +1338,19 @@ class Engine:
         if not pieces and not self._flights and self._requests and not outs:
             raise RuntimeError(f"engine stalled: {len(self._requests)} unfinished requests and nothing to run")
         return outs
+
+
+def _fp8_on_gpu_kernels(model, kernels) -> bool:
+    """Whether the model holds FP8 projections that run on the GPU FP8 kernels (with the engine's
+    `kernels`, or the layers' own choice when None): then the engine lays its FP8 weights out K-major
+    (quant.to_kernel_layout), the layout those kernels stream fastest."""
+    from lingjax import quant
+    from lingjax.kernels import fp8 as fp8_kernels
+    from lingjax.model.common import Dense
+    for _, m in nnx.iter_modules(model) if hasattr(nnx, "iter_modules") else model.iter_modules():
+        if isinstance(m, Dense) and quant.is_fp8(m.kernel.get_value()):
+            return fp8_kernels.resolve(kernels if kernels is not None else m.kernels) == "gpu"
+    return False
 
 
 def _with_kernels(model, kernels: str):

@@ -60,10 +60,13 @@ class FP8Weight:
     scale: jax.Array              # float32 [..., n_in, n_out]
     block: tuple = dataclasses.field(default=(0, 1), metadata=dict(static=True))
     act: str = dataclasses.field(default="none", metadata=dict(static=True))
+    kmajor: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def shape(self):
-        return self.q.shape
+        """The param-layout shape [..., in, out] (also when q is stored K-major)."""
+        s = self.q.shape
+        return tuple(s[:-2]) + (s[-1], s[-2]) if self.kmajor else tuple(s)
 
     @property
     def ndim(self):
@@ -76,6 +79,53 @@ class FP8Weight:
 
 def is_fp8(w) -> bool:
     return isinstance(w, FP8Weight)
+
+
+def q_in_out(w: FP8Weight):
+    """w's values in the param layout [..., in, out] (a transposed view of a K-major q)."""
+    return w.q.swapaxes(-1, -2) if w.kmajor else w.q
+
+
+def _swap_last2(a):
+    """a [..., m, n] -> a [..., n, m] materialized (numpy: contiguous; jnp: one jitted transpose that
+    keeps a NamedSharding's spec, its last two axes swapped)."""
+    if isinstance(a, np.ndarray):
+        return np.ascontiguousarray(np.swapaxes(a, -1, -2))
+    sh = getattr(a, "sharding", None)
+    out = None
+    if isinstance(sh, jax.sharding.NamedSharding):
+        spec = list(sh.spec) + [None] * (a.ndim - len(sh.spec))
+        spec[-2], spec[-1] = spec[-1], spec[-2]
+        out = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*spec))
+    return jax.jit(lambda v: jnp.swapaxes(v, -1, -2), out_shardings=out)(a)
+
+
+def with_layout(w: FP8Weight, kmajor: bool) -> FP8Weight:
+    """w with q stored K-major ([..., out, in]: each output column's inputs contiguous, the layout
+    Hopper's fp8 wgmma reads its B operand in, so the GPU kernels stream it with asynchronous copies)
+    or in the param layout [..., in, out]; the scale keeps its [..., n_in, n_out] layout either way.
+    The same weight (dequantize equal); a copy of q when the layout changes."""
+    if w.kmajor == kmajor:
+        return w
+    return FP8Weight(_swap_last2(w.q), w.scale, w.block, w.act, kmajor)
+
+
+def to_kernel_layout(model, kmajor: bool = True) -> int:
+    """Lay every FP8 weight of an nnx model out K-major (kmajor=False: back to [in, out]), in place,
+    one weight at a time (peak memory: the weights plus one weight's copy). The GPU FP8 kernels take
+    either layout; K-major is the fast one (lingjax.engine does this when the FP8 matmuls run on the
+    GPU kernels). Returns the number of weights changed."""
+    from flax import nnx
+    n = 0
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        w = var.get_value()
+        if is_fp8(w) and w.kmajor != kmajor:
+            obj = model                                  # the model's own Variable at this path
+            for key in path[:-1]:
+                obj = obj[key] if isinstance(key, int) else getattr(obj, key)
+            getattr(obj, path[-1]).set_value(with_layout(w, kmajor))
+            n += 1
+    return n
 
 
 def _cdiv(a, b):
@@ -99,9 +149,9 @@ def dequantize(w, dtype=F32):
     """q * scale (computed in float32, cast to dtype); a plain array is cast to dtype."""
     if not is_fp8(w):
         return w.astype(dtype)
-    n_in, n_out = w.q.shape[-2:]
+    n_in, n_out = w.shape[-2:]
     s = _expand(_expand(w.scale.astype(F32), -2, n_in, w.block[0]), -1, n_out, w.block[1])
-    return (w.q.astype(F32) * s).astype(dtype)
+    return (q_in_out(w).astype(F32) * s).astype(dtype)
 
 
 def quantize_activation_fp8(x, act: str, group: int = BLOCK):
@@ -392,7 +442,9 @@ def from_hf(kind: str, qs: list, scales: list, fmt: Format, n_parts: int = 1) ->
 
 
 def to_hf(kind: str, params: list, fmt: Format) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Inverse of from_hf: FP8Weight params (numpy) -> [(q [out, in], scale in the format's HF shape)]."""
+    """Inverse of from_hf: FP8Weight params (numpy; either layout) -> [(q [out, in], scale in the
+    format's HF shape)]."""
+    params = [with_layout(jax.tree.map(np.asarray, p), False) for p in params]
     def hf_scale(s, block):
         s = np.asarray(s, np.float32).T
         if block == (BLOCK, 1):                    # per-row scales of a split block tensor -> blocks

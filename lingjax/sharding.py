@@ -135,17 +135,20 @@ def fp8_spec(spec: P, w, tp: int):
     weight's spec: q as the weight; the scale follows it on the expert axis and, on the in / out
     axes, wherever each device's slice of the weight is whole blocks (per-channel scales always;
     128x128 blocks when weight dim / tp is a multiple of 128). Elsewhere the scale stays whole on
-    that axis and quant.dequantize picks this device's blocks by its tp index."""
-    nd = len(w.q.shape)
+    that axis and quant.dequantize picks this device's blocks by its tp index. A K-major q (stored
+    [..., out, in]) takes the weight's spec with its last two axes swapped."""
+    shape = w.shape                                  # the param layout [..., in, out]
+    nd = len(shape)
     axes = list(spec) + [None] * (nd - len(spec))
     s_axes = list(axes)
     for a in (nd - 2, nd - 1):
-        b, n = w.block[a - (nd - 2)], w.q.shape[a]
+        b, n = w.block[a - (nd - 2)], shape[a]
         if axes[a] is None:
             continue
         if b == 0 or w.scale.shape[a] == 1 or (n // tp) % b or n % tp:
             s_axes[a] = None
-    return quant.FP8Weight(P(*axes), P(*s_axes), w.block, w.act)
+    q_axes = axes[:-2] + axes[:-3:-1] if w.kmajor else axes
+    return quant.FP8Weight(P(*q_axes), P(*s_axes), w.block, w.act, w.kmajor)
 
 
 def _key_path(kp) -> tuple:
@@ -200,7 +203,7 @@ def place_fn(cfg: BailingConfig, mesh: Mesh) -> Callable:
         spec = param_spec(path, cfg, tp)
         if quant.is_fp8(value):             # an FP8 weight and its scale, sharded together
             s = fp8_spec(spec, value, tp)
-            return quant.FP8Weight(put(value.q, s.q), put(value.scale, s.scale), value.block, value.act)
+            return quant.FP8Weight(put(value.q, s.q), put(value.scale, s.scale), value.block, value.act, value.kmajor)
         return put(value, spec)
     return place
 

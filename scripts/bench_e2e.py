@@ -134,9 +134,10 @@ def attention_flops(cfg, lengths):
     return lin + mla
 
 
-def device_decode_ms(model, cfg, mesh, B, C, steps, reps, page_size):
-    """Median device time of one decode step (engine step + greedy), steps dispatched back to back, over
-    the paged MLA cache with each request's pages scattered over the pool."""
+def decode_setup(model, cfg, mesh, B, C, page_size):
+    """(f, state, caches, batch) of one decode step of B requests at context C: f(state, caches, batch)
+    -> (greedy tokens, caches) jitted with the caches donated, over the paged MLA cache with each
+    request's pages scattered over the pool."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -158,6 +159,14 @@ def device_decode_ms(model, cfg, mesh, B, C, steps, reps, page_size):
                       positions=jnp.full((B,), C, jnp.int32), token_seq=jnp.arange(B, dtype=jnp.int32),
                       slots=jnp.arange(B, dtype=jnp.int32), cu_seqlens=jnp.arange(B + 1, dtype=jnp.int32),
                       fresh=jnp.zeros((B,), bool), page_table=jnp.asarray(table), decode_only=True)
+    return f, state, caches, batch
+
+
+def device_decode_ms(model, cfg, mesh, B, C, steps, reps, page_size):
+    """Median device time of one decode step (engine step + greedy), steps dispatched back to back, over
+    the paged MLA cache with each request's pages scattered over the pool (decode_setup)."""
+    import jax
+    f, state, caches, batch = decode_setup(model, cfg, mesh, B, C, page_size)
     toks, caches = f(state, caches, batch)
     jax.block_until_ready(toks)
     ts = []

@@ -9,6 +9,12 @@ Dense rows: each distinct projection shape of the flash model (in x out, param l
                FP8_DYNAMIC)
   fp8-ref      (--methods) the reference math on the GPU: activation quantize-dequantize, the weight
                dequantized to bf16, XLA's bf16 dot (what the GPU ran before the kernel)
+  fp8-block-inout, fp8-channel-inout  (--methods) the FP8 weights in the param layout [in, out] instead
+               of K-major [out, in] (quant.with_layout; K-major is what the engine runs: its weight tiles
+               are pipelined by cp.async, the [in, out] ones are not)
+--sweep: the dense FP8 kernel (fp8-block, K-major) at each --sweep-shapes projection and --sweep-tokens
+T over a grid of tiles (fp8.gpu.Config: block_n, split_k, num_stages, activations quantized in the
+kernel or before it), each row timed as above against pick_config's choice (the `auto` row).
 MoE rows: lingjax.kernels.moe.experts(impl='gpu') on 256 experts (d 4096, I 1024, top-8, uniform random
 routing) with bf16 weights (the bf16 grouped matmul) and FP8 weights (the FP8 grouped matmul).
 
@@ -98,8 +104,8 @@ def dense_rows(name, K, N, T, methods, impl, iters, reps):
         if m == "bf16":
             fn, wt = (lambda x, w: jnp.dot(x, w)), w
         else:
-            block, act = SCHEMES["fp8-block" if m == "fp8-ref" else m]
-            wt = quant.quantize_param(w, block, act)
+            block, act = SCHEMES["fp8-block" if m == "fp8-ref" else m.removesuffix("-inout")]
+            wt = quant.with_layout(quant.quantize_param(w, block, act), not m.endswith("-inout"))
             use = "reference" if m == "fp8-ref" else impl
             fn = (lambda use: lambda x, w: fp8_kernels.matmul(x, w, impl=use))(use)
         row = dict(kind="dense", name=name, K=K, N=N, T=T, method=m)
@@ -138,8 +144,9 @@ def moe_rows(T, methods, impl, iters, reps, d=D, inter=I, n_exp=E, k=K_TOP):
         if m == "bf16":
             ws, use = (wg, wu, wd), impl
         else:
-            block, act = SCHEMES["fp8-block" if m == "fp8-ref" else m]
-            ws = tuple(quant.quantize_param(w, block, act) for w in (wg, wu, wd))
+            block, act = SCHEMES["fp8-block" if m == "fp8-ref" else m.removesuffix("-inout")]
+            ws = tuple(quant.with_layout(quant.quantize_param(w, block, act), not m.endswith("-inout"))
+                       for w in (wg, wu, wd))
             use = "reference" if m == "fp8-ref" else impl
         fn = (lambda use: lambda x, idx, cw, a, b, c: moe_kernels.experts(x, idx, cw, a, b, c, impl=use))(use)
         row = dict(kind="moe", name=f"experts {n_exp}x{d}x{inter} top{k}", T=T, method=m)
@@ -162,6 +169,60 @@ def moe_rows(T, methods, impl, iters, reps, d=D, inter=I, n_exp=E, k=K_TOP):
             row["speedup"] = t_bf16 / t
         rows.append(row)
         del ws
+    return rows
+
+
+def sweep_configs(T: int, K: int, N: int):
+    """The tile grid of --sweep for T rows of a K x N projection (fp8.gpu.Config), pick_config's first."""
+    from lingjax.kernels.fp8 import gpu
+    auto = gpu.pick_config(T, N, K)
+    out = [("auto", auto)]
+    if T <= 64:
+        for bn in (64, 128):
+            for split in (1, 2, 4, 8, 16):
+                for stages in (4,):
+                    for qa in (True, False):
+                        c = gpu.Config(auto.block_m, bn, 128, split, 8, 4, stages, qa)
+                        if c != auto:
+                            out.append((f"n{bn} s{split} st{stages} {'qa' if qa else 'xla-q'}", c))
+    else:
+        for bm, bn, warps, stages in ((64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3),
+                                      (64, 256, 8, 3)):
+            c = gpu.Config(bm, bn, 128, 1, 8, warps, stages)
+            if c != auto:
+                out.append((f"m{bm} n{bn} w{warps} st{stages}", c))
+    return out
+
+
+def sweep_rows(name, K, N, T, iters, reps):
+    import jax
+    import jax.numpy as jnp
+    from lingjax import quant
+    from lingjax.kernels import fp8 as fp8_kernels
+    from lingjax.kernels.fp8 import gpu
+    kx, kw = jax.random.split(jax.random.key(K * 7 + N + T))
+    x = jax.random.normal(kx, (T, K), jnp.bfloat16)
+    w = (jax.random.normal(kw, (K, N), jnp.float32) * K ** -0.5).astype(jnp.bfloat16)
+    wt = quant.with_layout(quant.quantize_param(w, *SCHEMES["fp8-block"]), True)
+    ref = jax.jit(lambda x, w: fp8_kernels.matmul(x, w, impl="reference"))(x, wt)
+    rows, t_auto = [], None
+    for tag, c in sweep_configs(T, K, N):
+        fn = (lambda c: lambda x, w: gpu.matmul(x, w, config=c))(c)
+        row = dict(kind="sweep", name=name, K=K, N=N, T=T, method=f"fp8-block {tag}", config=str(c))
+        try:
+            t = loop_time(fn, x, (wt,), iters, reps)
+            row["err_ref"] = rel(jax.jit(fn)(x, wt), ref)
+        except Exception as e:                              # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            rows.append(row)
+            continue
+        moved = nbytes(wt) + T * K * 2 + T * N * 2
+        row.update(us=t * 1e6, tb_s=moved / t / 1e12, tflop_s=2 * T * K * N / t / 1e12)
+        if tag == "auto":
+            t_auto = t
+        elif t_auto:
+            row["speedup"] = t_auto / t
+        rows.append(row)
     return rows
 
 
@@ -211,6 +272,9 @@ def main(argv=None):
                    help="comma list of: bf16, fp8-block, fp8-channel, fp8-ref (bf16 first: the speed-ups use it)")
     p.add_argument("--dense", default=",".join(DENSE), help=f"comma list of projection shapes: {', '.join(DENSE)}")
     p.add_argument("--no-moe", action="store_true", help="skip the MoE rows")
+    p.add_argument("--sweep", action="store_true", help="also sweep the dense FP8 kernel's tiles (see above)")
+    p.add_argument("--sweep-shapes", default="attn 4096x4096", help="comma list of dense shapes to sweep")
+    p.add_argument("--sweep-tokens", default="16,64", help="comma list of T to sweep at")
     p.add_argument("--iters", type=int, default=20, help="calls per timed loop (default 20)")
     p.add_argument("--reps", type=int, default=3, help="timed loops; the median is reported (default 3)")
     p.add_argument("--model-check", action="store_true",
@@ -222,7 +286,7 @@ def main(argv=None):
     import jax
     tokens = [int(t) for t in args.tokens.split(",") if t]
     methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in ("bf16", "fp8-ref", *SCHEMES)]
+    unknown = [m for m in methods if m not in ("bf16", "fp8-ref", *SCHEMES, *(f"{k}-inout" for k in SCHEMES))]
     if unknown:
         p.error(f"unknown methods {unknown}")
     names = [n for n in args.dense.split(",") if n]
@@ -250,6 +314,15 @@ def main(argv=None):
                 report["rows"].append(r)
                 log.info("%s", _line(r))
             save()
+    if args.sweep and impl == "gpu":
+        for name in [n for n in args.sweep_shapes.split(",") if n]:
+            if name not in DENSE:
+                p.error(f"unknown sweep shape {name!r}; expected some of {list(DENSE)}")
+            for T in [int(t) for t in args.sweep_tokens.split(",") if t]:
+                for r in sweep_rows(name, *DENSE[name], T, iters, reps):
+                    report["rows"].append(r)
+                    log.info("%s", _line(r))
+                save()
     if not args.no_moe:
         for T in tokens:
             kw = dict(d=256, inter=128, n_exp=16, k=2) if args.smoke else {}

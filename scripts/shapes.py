@@ -136,13 +136,15 @@ def is_quantized_param(path) -> bool:
     return names[0] == "layers" and names[-1] in QUANTIZED_LEAVES and ("attention" in names or "mlp" in names)
 
 
-def random_fp8_model(cfg, dtype, scheme, **model_kw):
+def random_fp8_model(cfg, dtype, scheme, kmajor: bool = True, **model_kw):
     """A BailingModel on the default device with random weights, its projections and experts in FP8
     (quant.SCHEMES[scheme]: fp8-block or fp8-channel), each made and quantized on device one parameter
     at a time (quant.quantize_param), so that only one bf16 parameter exists at a time: full
     Ling-2.6-flash is 208 GB in bf16 (more than one H200) and about 106 GB in FP8. The other params
     are the model's own initialisation (one jitted call; the quantized ones are dropped from its
-    outputs, so XLA does not make them)."""
+    outputs, so XLA does not make them). kmajor: the FP8 values stored K-major ([..., out, in], the
+    layout the GPU FP8 kernels read fastest and the engine lays them out in; quant.with_layout), else
+    in the param layout [..., in, out]."""
     import functools
 
     import jax
@@ -165,7 +167,8 @@ def random_fp8_model(cfg, dtype, scheme, **model_kw):
 
     @functools.partial(jax.jit, static_argnums=(1,))
     def make_fp8(key, shape):
-        return quant.quantize_param(0.02 * jax.random.normal(key, shape, dtype), block, act)
+        w = quant.quantize_param(0.02 * jax.random.normal(key, shape, dtype), block, act)
+        return quant.FP8Weight(jax.numpy.swapaxes(w.q, -1, -2), w.scale, w.block, w.act, True) if kmajor else w
     key = jax.random.key(1)
     for i, (path, var) in enumerate(flat):
         name = "/".join(map(str, path))

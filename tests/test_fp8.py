@@ -423,6 +423,11 @@ def test_dequantize_under_shard_map(tp, aligned):
     ws = jax.tree.map(lambda a, p: jax.device_put(a, NamedSharding(mesh, p)), w, spec)
     f = jax.jit(jax.shard_map(lambda v: quant.dequantize(v), mesh=mesh, in_specs=(spec,), out_specs=P(None, "tp")))
     np.testing.assert_array_equal(np.asarray(f(ws)), np.asarray(quant.dequantize(w)))
+    wk = quant.with_layout(ws, True)               # K-major q [out, in]: its spec swapped, kept by the transpose
+    spec_k = sharding.fp8_spec(P(None, "tp"), wk, tp)
+    assert spec_k.q == P("tp", None) and spec_k.scale == spec.scale and wk.q.sharding.spec == spec_k.q
+    f = jax.jit(jax.shard_map(lambda v: quant.dequantize(v), mesh=mesh, in_specs=(spec_k,), out_specs=P(None, "tp")))
+    np.testing.assert_array_equal(np.asarray(f(wk)), np.asarray(quant.dequantize(w)))
 
 
 @pytest.mark.parametrize("scheme", ["fp8-channel"])      # block scales under tp: test_dequantize_under_shard_map
@@ -462,6 +467,12 @@ def test_tp2_fp8_model_matches_tp1(tmp_path, scheme):
         a, b = run(m1, act), run(m2, act)
         rel = np.linalg.norm(a - b) / np.linalg.norm(a)
         assert rel < (0.35 if act else 1e-5), (act, rel)
+    # the K-major layout the engine gives GPU-kernel FP8 weights, on the mesh: q's spec swapped, same logits
+    quant.to_kernel_layout(m2)
+    w = m2.layers[0].attention.q_proj.kernel.get_value()
+    assert w.kmajor and w.q.sharding.spec == jax.sharding.PartitionSpec("tp", None)
+    k = run(m2, False)
+    assert np.linalg.norm(k - b) / np.linalg.norm(b) < 1e-6
 
 
 def test_cli_convert_quantize_and_export(tmp_path, bf16_src, capsys):

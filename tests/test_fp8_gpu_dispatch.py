@@ -29,11 +29,12 @@ TOKENS = jnp.array([[5, 9, 20, 33, 40, 41, 7, 8], [11, 12, 13, 14, 15, 16, 17, 1
 sd = jax.ShapeDtypeStruct
 
 
-def _fp8_weight(K, N, block=(128, 128), act="group", E=None):
+def _fp8_weight(K, N, block=(128, 128), act="group", E=None, kmajor=False):
     lead = () if E is None else (E,)
     nk = -(-K // block[0]) if block[0] else 1
     nn = {0: 1, 1: N}.get(block[1], -(-N // 128))
-    return quant.FP8Weight(sd(lead + (K, N), jnp.float8_e4m3fn), sd(lead + (nk, nn), jnp.float32), block, act)
+    return quant.FP8Weight(sd(lead + ((N, K) if kmajor else (K, N)), jnp.float8_e4m3fn), sd(lead + (nk, nn), jnp.float32),
+                           block, act, kmajor)
 
 
 def _set_kernels(model, kernels):
@@ -173,3 +174,80 @@ def test_quantize_param_on_device_matches_the_hf_quantizers(scheme):
     np.testing.assert_allclose(gq.astype(np.float32), wq.astype(np.float32), rtol=2 ** -3, atol=2 ** -9)
     one = quant.quantize_param(jnp.asarray(w[0].T), quant.param_block(fmt), fmt.act)
     np.testing.assert_array_equal(np.asarray(one.q).view(np.uint8), gq[0].view(np.uint8))
+
+
+def _ptx_counts(ptx):
+    """(cp.async copies, ldmatrix loads, ld.shared loads) in a kernel's PTX."""
+    ins = [line.strip() for line in ptx.splitlines()]
+    return (sum(i.startswith("cp.async.c") for i in ins), sum(i.startswith("ldmatrix") for i in ins),
+            sum(i.startswith("ld.shared") for i in ins))
+
+
+@pytest.mark.parametrize("kind,M", [("dense", 16), ("dense", 4096), ("moe", 16)])
+def test_kmajor_weights_stream_by_async_copies(jax_triton_call, kind, M):
+    """Hopper's fp8 MMAs read B K-major. Weights stored K-major (quant.with_layout) are fed the way
+    bf16 weights are: 64+-row tiles (wgmma) copy weight tiles to shared memory by cp.async in the
+    pipelined loop, 16-row tiles (mma.sync) read them from shared memory by ldmatrix (the scalar
+    ld.shared left there are the activations' in-kernel quantization, a row reduction). In the param
+    layout [K, N] the weight tiles go through registers unpipelined (fewer cp.async), or are gathered
+    from shared memory byte by byte (scalar ld.shared): the FP8 decode slowdown of issue 18.
+    Flash's shapes, compiled for sm_90."""
+    counts = {}
+    for kmajor in (False, True):
+        if kind == "dense":
+            f = lambda x, w: fp8_gpu.matmul(x, w)                        # noqa: E731  (a fresh trace)
+            args = (sd((M, 4096), jnp.bfloat16), _fp8_weight(4096, 4096, kmajor=kmajor))
+        else:
+            E, d, I, k = 256, 4096, 1024, 8
+            wg, wd = _fp8_weight(d, I, E=E, kmajor=kmajor), _fp8_weight(I, d, E=E, kmajor=kmajor)
+            f = lambda *a: moe_kernels.experts(*a, impl="gpu")                        # noqa: E731
+            args = (sd((M, d), jnp.bfloat16), sd((M, k), jnp.int32), sd((M, k), jnp.float32), wg, wg, wd)
+        calls = _triton_calls(jax_triton_call, jax.make_jaxpr(f)(*args).jaxpr)
+        assert all(c.params["B_KMAJOR"] == kmajor for c in calls)
+        c = calls[0]
+        shared, ptx, _ = _compile_call(jax_triton_call, c)
+        assert 0 < shared <= SM90_SMEM
+        counts[kmajor] = _ptx_counts(ptx)
+        assert _ptx_ops(ptx)[0] == {"e4m3"} if M >= 64 else _ptx_ops(ptx)[1]
+    (cp_io, ldm_io, lds_io), (cp_k, ldm_k, lds_k) = counts[False], counts[True]
+    if M >= 64:
+        assert cp_k > cp_io > 0, counts
+    else:
+        assert ldm_k > ldm_io and 4 * lds_k < lds_io, counts
+
+
+def test_kernel_layout_same_model(fp8_model, jax_triton_call):
+    """quant.to_kernel_layout lays every FP8 weight out K-major in place: the same weights (dequantize,
+    all the reference path reads of them, bit for bit), the same output of an FP8 projection (the
+    same values through a transposed operand: bf16 outputs equal up to a reordered float32 sum's
+    rounding, 1e-3 relative), every FP8 launch under kernels='gpu' reads K-major weights, the HF
+    export layout is unchanged (to_hf bit for bit), and back."""
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((5, SMALL.hidden_size)), jnp.bfloat16)
+    dense = fp8_model.layers[0].attention.dense
+    ref = np.asarray(dense(x), np.float32)
+    fp8 = lambda: [v.get_value() for _, v in nnx.to_flat_state(nnx.state(fp8_model)) if quant.is_fp8(v.get_value())]  # noqa: E731
+    deq = [np.asarray(quant.dequantize(w)) for w in fp8()]
+    from lingjax.engine import _fp8_on_gpu_kernels      # when the engine calls to_kernel_layout
+    assert _fp8_on_gpu_kernels(fp8_model, "gpu") and _fp8_on_gpu_kernels(fp8_model, "pallas_triton")
+    assert not _fp8_on_gpu_kernels(fp8_model, None) and not _fp8_on_gpu_kernels(fp8_model, "gpu_interpret")
+    w0 = jax.tree.map(np.asarray, fp8_model.layers[1].mlp.w_down.get_value())
+    n = quant.to_kernel_layout(fp8_model)
+    try:
+        assert n == len(deq) and all(w.kmajor for w in fp8())
+        for w, d in zip(fp8(), deq):
+            np.testing.assert_array_equal(np.asarray(quant.dequantize(w)), d)
+        w1 = fp8_model.layers[1].mlp.w_down.get_value()
+        assert w1.kmajor and w1.shape == w0.shape and w1.q.shape == w0.q.shape[:1] + w0.q.shape[:0:-1]
+        for (qa, sa), (qb, sb) in zip(quant.to_hf("stack", [w0], quant.SCHEMES["fp8-block"]),
+                                      quant.to_hf("stack", [jax.tree.map(np.asarray, w1)], quant.SCHEMES["fp8-block"])):
+            np.testing.assert_array_equal(qa.view(np.uint8), qb.view(np.uint8))
+            np.testing.assert_array_equal(sa, sb)
+        got = np.asarray(dense(x), np.float32)
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-3
+        _set_kernels(fp8_model, "gpu")
+        calls = _triton_calls(jax_triton_call, jax.make_jaxpr(lambda t: fp8_model(t))(TOKENS).jaxpr)
+        assert calls and all(c.params["B_KMAJOR"] for c in calls if "fp8" in c.params["fn"].fn.__name__)
+    finally:
+        _set_kernels(fp8_model, None)
+        quant.to_kernel_layout(fp8_model, kmajor=False)
+    assert not fp8_model.layers[1].mlp.w_down.get_value().kmajor

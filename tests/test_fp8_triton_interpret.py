@@ -30,6 +30,10 @@ from tests.triton_interpreter import run_child
 
 pytest.importorskip("torch")
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from lingjax.kernels.fp8.triton_kernels import _round_e4m3  # noqa: E402
 
 
 # dense: (name, weight strategy, act, M, K, N, config (block_m, block_n, block_k, split_k) or None, out dtype)
@@ -41,6 +45,8 @@ DENSE = [
     ("channel-token", "channel", "token", 33, 320, 96, (32, 64, 64, 1), "float32"),
     ("channel-group", "channel", "group", 3, 256, 64, (16, 32, 128, 1), "float32"),
     ("tensor-token-f16", "tensor", "token", 20, 256, 80, (16, 32, 128, 1), "float16"),
+    ("channel-group-fused", "channel", "group", 17, 256, 96, (16, 32, 128, 2, 8, 4, 4, True), "float32"),
+    ("block-fused-f16", "block", "group", 6, 320, 136, (16, 64, 128, 1, 8, 4, 4, True), "float16"),
 ]
 # MoE: (name, weight strategy, act, T, k, E, block_m, out dtype)
 MOE = [
@@ -50,6 +56,14 @@ MOE = [
     ("channel-token-bm32", "channel", "token", 33, 3, 4, 32, "float16"),
 ]
 D, I = 256, 256                     # MoE dims: two 128-groups each
+# cases also run with the weights stored K-major ([N, K] / [E, N, K], quant.with_layout: B_KMAJOR)
+KMAJOR_DENSE = ("block-decode", "block-k64-tail", "column-group", "channel-token", "tensor-token-f16",
+                "block-fused-f16")
+KMAJOR_MOE = ("block-many", "channel-token-bm32")
+# cases whose launch quantizes the activations in the kernel (gpu.fused_quant: per-group scales, 128-deep
+# k-steps, a config with quant_a: pick_config's for decode sizes): the kernel reads x itself
+FUSED_DENSE = ("block-decode", "channel-group-fused", "block-fused-f16")
+FUSED_MOE = ("block-decode", "block-many")       # also run with QUANT_A (gpu_fp8.fused_quant), K-major
 
 
 def _fmt(strategy, act):
@@ -105,12 +119,14 @@ def _dense_inputs(case):
     name, strategy, act, M, K, N, cfg, out = case
     rng = np.random.default_rng(len(name) * 31 + M)
     x = rng.standard_normal((M, K)) * np.exp(rng.uniform(-2, 2, (M, 1)))
+    if name in FUSED_DENSE:                 # the kernel reads x in the output dtype (float32 / float16)
+        x = x.astype(out).astype(np.float64)
     p, w64 = _weight(rng, N, K, strategy, act)
     xq, xs = _act_parts(x, act)
     ref = np.asarray(quant.matmul(jnp.asarray(x, jnp.float32), jax.tree.map(jnp.asarray, p)), np.float64)
     exact = _act_dequant(xq, xs) @ _dequant(p)
-    return dict(xq=_u8(xq), xs=xs, wq=_u8(p.q), ws=np.asarray(p.scale, np.float32),
-                block=np.array(p.block), act=np.array(act), exact=exact, ref=ref, full=x @ w64)
+    return dict(x=x.astype(np.float32), xq=_u8(xq), xs=xs, wq=_u8(p.q), wq_k=_u8(p.q.T),
+                ws=np.asarray(p.scale, np.float32), block=np.array(p.block), act=np.array(act), exact=exact, ref=ref, full=x @ w64)
 
 
 def _moe_inputs(case):
@@ -136,6 +152,8 @@ def _moe_inputs(case):
         out["block"] = np.array(lst[0][0].block)
     for key in ("xq", "hq", "wgq", "wuq", "wdq"):
         out[key] = _u8(out[key])
+    for key in ("wgq", "wuq", "wdq"):
+        out[key + "_k"] = _u8(np.swapaxes(out[key], 1, 2))
     return out
 
 
@@ -152,39 +170,86 @@ def _child(workdir):
     tt = lambda a: torch.from_numpy(np.ascontiguousarray(a))                      # noqa: E731
     f8 = lambda a: tt(a).view(torch.float8_e4m3fn)                                # noqa: E731
     sentinel = 1027.0
+    _round_check(workdir)
     for case in DENSE:
         name, _, _, M, K, N, cfg, out = case
         z = np.load(Path(workdir) / f"dense-{name}.npz")
-        w = quant.FP8Weight(z["wq"].view(quant.FP8_NP), z["ws"], tuple(int(b) for b in z["block"]), str(z["act"]))
-        N = w.q.shape[1]
-        config = gpu.Config(*cfg) if cfg else None
-        c, grid, consts = gpu.launch(M, w, z["xs"].shape[-1], config)
-        dt = getattr(torch, out) if c.split_k == 1 else torch.float32
-        y = torch.full((c.split_k, M, N) if c.split_k > 1 else (M, N), sentinel, dtype=dt)
-        fp8_matmul_kernel[grid](f8(z["xq"]), tt(z["xs"]), f8(z["wq"]), tt(z["ws"]), y, **consts)
-        y = y.double().sum(0) if c.split_k > 1 else y.double()
-        np.save(Path(workdir) / f"dense-{name}-out.npy", y.numpy())
+        for kmajor in (False, True) if name in KMAJOR_DENSE else (False,):
+            wq = z["wq_k"] if kmajor else z["wq"]
+            w = quant.FP8Weight(wq.view(quant.FP8_NP), z["ws"], tuple(int(b) for b in z["block"]), str(z["act"]),
+                                kmajor)
+            N = w.shape[1]
+            config = gpu.Config(*cfg) if cfg else None
+            c, grid, consts = gpu.launch(M, w, z["xs"].shape[-1], config)
+            assert consts["B_KMAJOR"] == kmajor
+            assert consts["QUANT_A"] == (name in FUSED_DENSE), name
+            dt = getattr(torch, out) if c.split_k == 1 else torch.float32
+            y = torch.full((c.split_k, M, N) if c.split_k > 1 else (M, N), sentinel, dtype=dt)
+            a = tt(z["x"]).to(getattr(torch, out)) if consts["QUANT_A"] else f8(z["xq"])   # the kernel quantizes x
+            fp8_matmul_kernel[grid](a, tt(z["xs"]), f8(wq), tt(z["ws"]), y, **consts)
+            y = y.double().sum(0) if c.split_k > 1 else y.double()
+            np.save(Path(workdir) / f"dense-{name}-out{'-kmajor' if kmajor else ''}.npy", y.numpy())
     for case in MOE:
         name, _, act, T, k, E, bm, out = case
         z = np.load(Path(workdir) / f"moe-{name}.npz")
         blk = tuple(int(b) for b in z["block"])
-        wg = quant.FP8Weight(z["wgq"].view(quant.FP8_NP), z["wgs"], blk, act)
-        wd = quant.FP8Weight(z["wdq"].view(quant.FP8_NP), z["wds"], blk, act)
-        nb, P = len(z["block_expert"]), len(z["row_token"])
-        dt = getattr(torch, out)
-        h = torch.full((P, I), sentinel, dtype=dt)
-        y = torch.full((P, D), sentinel, dtype=dt)
-        c = dataclass_replace(gpu_fp8.pick_config("gate_up", bm, D, I), block_n=32, group_m=2)
-        gate_up_fp8_kernel[(nb * (I // c.block_n),)](
-            f8(z["xq"]), tt(z["xs"]), tt(z["row_token"]), tt(z["block_expert"]), f8(z["wgq"]), tt(z["wgs"]),
-            f8(z["wuq"]), tt(z["wus"]), h, N_TOKENS=T, K=D, N=I, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n,
-            BLOCK_K=c.block_k, GROUP_M=c.group_m, **gpu_fp8.scale_args(z["xs"].shape[-1], wg, I, c.block_k))
-        c = dataclass_replace(gpu_fp8.pick_config("down", bm, I, D), block_n=64, block_k=64, group_m=2)
-        down_fp8_kernel[(nb * (D // c.block_n),)](
-            f8(z["hq"]), tt(z["hs"]), tt(z["block_expert"]), f8(z["wdq"]), tt(z["wds"]), y, K=I, N=D,
-            NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
-            **gpu_fp8.scale_args(z["hs"].shape[-1], wd, D, c.block_k))
-        np.savez(Path(workdir) / f"moe-{name}-out.npz", h=h.double().numpy(), y=y.double().numpy())
+        variants = [(False, False)] + [(True, False)] * (name in KMAJOR_MOE) + [(True, True)] * (name in FUSED_MOE)
+        for kmajor, fused in variants:
+            sfx = "_k" if kmajor else ""
+            wg = quant.FP8Weight(z["wgq" + sfx].view(quant.FP8_NP), z["wgs"], blk, act, kmajor)
+            wd = quant.FP8Weight(z["wdq" + sfx].view(quant.FP8_NP), z["wds"], blk, act, kmajor)
+            nb, P = len(z["block_expert"]), len(z["row_token"])
+            dt = getattr(torch, out)
+            h = torch.full((P, I), sentinel, dtype=dt)
+            y = torch.full((P, D), sentinel, dtype=dt)
+            c = dataclass_replace(gpu_fp8.pick_config("gate_up", bm, D, I), block_n=32, group_m=2, quant_a=fused)
+            assert gpu_fp8.fused_quant(act, D, c) == fused
+            # under QUANT_A the kernels read x / h unquantized (float32 here) and quantize them themselves
+            xa, ha = (tt(z["x"]).float(), tt(z["h"]).float()) if fused else (f8(z["xq"]), f8(z["hq"]))
+            sa = gpu_fp8.scale_args(z["xs"].shape[-1], wg, I, c.block_k, fused)
+            assert sa["B_KMAJOR"] == kmajor and sa["QUANT_A"] == fused
+            gate_up_fp8_kernel[(nb * (I // c.block_n),)](
+                xa, tt(z["xs"]), tt(z["row_token"]), tt(z["block_expert"]), f8(z["wgq" + sfx]),
+                tt(z["wgs"]), f8(z["wuq" + sfx]), tt(z["wus"]), h, N_TOKENS=T, K=D, N=I, NUM_BLOCKS=nb, BLOCK_M=bm,
+                BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, **sa)
+            c = dataclass_replace(gpu_fp8.pick_config("down", bm, I, D), block_n=64, block_k=128 if fused else 64,
+                                  group_m=2, quant_a=fused)
+            assert gpu_fp8.fused_quant(act, I, c) == fused
+            down_fp8_kernel[(nb * (D // c.block_n),)](
+                ha, tt(z["hs"]), tt(z["block_expert"]), f8(z["wdq" + sfx]), tt(z["wds"]), y, K=I, N=D,
+                NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
+                **gpu_fp8.scale_args(z["hs"].shape[-1], wd, D, c.block_k, fused))
+            tag = ("-kmajor" if kmajor else "") + ("-fused" if fused else "")
+            np.savez(Path(workdir) / f"moe-{name}-out{tag}.npz", h=h.double().numpy(), y=y.double().numpy())
+
+
+@triton.jit
+def _round_kernel(x_ptr, y_ptr):
+    i = tl.program_id(0) * 1024 + tl.arange(0, 1024)
+    tl.store(y_ptr + i, _round_e4m3(tl.load(x_ptr + i)).to(tl.float8e4nv))
+
+
+def _round_values():
+    """float32 values in [-448, 448]: every finite float8_e4m3fn value, every midpoint of two neighbours
+    (ties: to even), their float32 neighbours (just below / above a tie), and random magnitudes over the
+    whole range (subnormals included)."""
+    import ml_dtypes
+    f8 = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    f8 = np.unique(f8[np.isfinite(f8)])
+    mid = ((f8[:-1].astype(np.float64) + f8[1:]) / 2).astype(np.float32)
+    rng = np.random.default_rng(5)
+    rand = (rng.choice([-1, 1], 4096) * np.exp(rng.uniform(np.log(1e-4), np.log(448), 4096))).astype(np.float32)
+    v = np.concatenate([f8, mid, np.nextafter(mid, np.float32(-np.inf)), np.nextafter(mid, np.float32(np.inf)), rand])
+    v = np.clip(v, -448, 448).astype(np.float32)
+    return np.pad(v, (0, -len(v) % 1024))
+
+
+def _round_check(workdir):
+    import torch
+    v = _round_values()
+    y = torch.zeros(len(v), dtype=torch.float8_e4m3fn)
+    _round_kernel[(len(v) // 1024,)](torch.from_numpy(v), y)
+    np.save(Path(workdir) / "round-out.npy", y.view(torch.uint8).numpy())
 
 
 def dataclass_replace(c, **kw):
@@ -204,25 +269,45 @@ def workdir(tmp_path_factory):
     return d
 
 
+def test_in_kernel_fp8_rounding_is_round_to_nearest_even(workdir):
+    """The kernels' float32 -> float8_e4m3fn rounding (triton_kernels._round_e4m3, then an exact cast)
+    gives ml_dtypes' (round to nearest, ties to even) bits for every fp8 value, every tie between two
+    neighbours, the float32 values either side of each tie, and random magnitudes down to subnormals."""
+    import ml_dtypes
+    v = _round_values()
+    got = np.load(workdir / "round-out.npy")
+    want = v.astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+    bad = np.nonzero(got != want)[0]
+    assert not len(bad), [(float(v[i]), int(got[i]), int(want[i])) for i in bad[:5]]
+
+
 def _rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("case", DENSE, ids=[c[0] for c in DENSE])
-def test_dense_fp8_kernel_matches_float64(workdir, case):
+DENSE_RUNS = [(c, False) for c in DENSE] + [(c, True) for c in DENSE if c[0] in KMAJOR_DENSE]
+MOE_RUNS = ([(c, "") for c in MOE] + [(c, "-kmajor") for c in MOE if c[0] in KMAJOR_MOE]
+            + [(c, "-kmajor-fused") for c in MOE if c[0] in FUSED_MOE])
+
+
+@pytest.mark.parametrize("case,kmajor", DENSE_RUNS, ids=[c[0] + ("-kmajor" if k else "") for c, k in DENSE_RUNS])
+def test_dense_fp8_kernel_matches_float64(workdir, case, kmajor):
+    """Either weight layout (the param layout [K, N] or K-major [N, K]) gives the same products."""
     z = np.load(workdir / f"dense-{case[0]}.npz")
-    y = np.load(workdir / f"dense-{case[0]}-out.npy")
+    y = np.load(workdir / f"dense-{case[0]}-out{'-kmajor' if kmajor else ''}.npy")
     tol = 1e-5 if case[7] == "float32" else 1e-3
     r = dict(exact=_rel(y, z["exact"]), ref=_rel(y, z["ref"]), full=_rel(y, z["full"]))
     assert r["exact"] < tol and r["ref"] < max(tol, 1e-5), r
     assert 0.005 < r["full"] < 0.08, r             # the fp8 rounding is there, and bounded
 
 
-@pytest.mark.parametrize("case", MOE, ids=[c[0] for c in MOE])
-def test_moe_fp8_kernels_match_float64(workdir, case):
+@pytest.mark.parametrize("case,variant", MOE_RUNS, ids=[c[0] + v for c, v in MOE_RUNS])
+def test_moe_fp8_kernels_match_float64(workdir, case, variant):
+    """Each weight layout, and the activations quantized before the kernels or inside them (-fused:
+    the same values, so the same bound), give the float64 products of the same fp8 operands."""
     name, _, _, T, k, E, bm, out = case
     z = np.load(workdir / f"moe-{name}.npz")
-    o = np.load(workdir / f"moe-{name}-out.npz")
+    o = np.load(workdir / f"moe-{name}-out{variant}.npz")
     xd, hd = _act_dequant(z["xq"].view(_f8()), z["xs"]), _act_dequant(z["hq"].view(_f8()), z["hs"])
     row_token, block_expert = z["row_token"], z["block_expert"]
     xe = np.concatenate([xd, np.zeros((1, D))])

@@ -2,14 +2,17 @@
 
     y = matmul(x, w)          x [..., K] (bf16 / f16 / f32), w an FP8Weight [K, N] -> [..., N] in x.dtype
 
-The activations are quantized first, in jnp (quant.quantize_activation_fp8: the same float8 values and
-scales as the reference path), then one kernel multiplies the fp8 operands on the tensor cores with
-float32 accumulation and applies both scales (per k-block where they vary along K). `supports(x, w)`
+The activations are quantized as the reference path quantizes them (quant.quantize_activation_fp8's
+float8 values and scales): at decode sizes inside the kernel as it loads them (per-group scaling;
+Config.quant_a, fused_quant), otherwise first, in jnp; then one kernel multiplies the fp8 operands on
+the tensor cores with float32 accumulation and applies both scales (per k-block where they vary along K). `supports(x, w)`
 says whether a weight's layout is one the kernel takes (else the dispatch uses the reference):
 activations quantized per token or per group of 128 (act "token" / "group"; weight-only FP8, act
 "none", stays on the reference), weight blocks (0, 0), (0, 1), (128, 1) or (128, 128) with the scale of
 the local weight (under tensor parallelism a scale kept whole because the shard is not whole blocks
-stays on the reference too). Tile shapes: `pick_config` (static, by M; `config=` overrides for sweeps).
+stays on the reference too). The weight may be stored in the param layout [K, N] or K-major [N, K]
+(quant.with_layout; the fast one on Hopper: its tiles are pipelined by asynchronous copies; the
+engine lays FP8 weights out K-major when they run here). Tile shapes: `pick_config` (static, by M; `config=` overrides for sweeps).
 jax_triton is imported inside the functions: it cannot be imported on a CPU-only JAX.
 """
 from __future__ import annotations
@@ -34,6 +37,7 @@ class Config:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 4
+    quant_a: bool = False        # quantize per-group activations in the kernel (fused_quant) where it can
 
 
 def _cdiv(a, b):
@@ -46,7 +50,10 @@ def pick_config(M: int, N: int, K: int) -> Config:
     128-wide column tiles for wide outputs (16 tiles or more; else 64-wide), and split-K (shares of the
     128-deep k-blocks, float32 partials summed after) up to 2 programs per SM, the partials kept under
     a quarter of the weight's bytes (split <= K / (16 M)). Larger M: 64 x 128 tiles up to 256 rows, then
-    128 x 128 tiles with 8 warps and 3 stages (fp8 operand tiles are half the bytes of bf16 ones)."""
+    128 x 128 tiles with 8 warps and 3 stages (fp8 operand tiles are half the bytes of bf16 ones).
+    Decode-sized M quantizes per-group activations in the kernel (quant_a: no separate XLA pass, no
+    fp8 copy of x); larger M quantizes them once before the kernel (in the kernel every column tile
+    would quantize its rows again)."""
     if M <= 64:
         bm = 16 if M <= 16 else (32 if M <= 32 else 64)
         nm = _cdiv(M, bm)
@@ -57,7 +64,7 @@ def pick_config(M: int, N: int, K: int) -> Config:
         if tiles < 2 * NUM_SMS:
             split = max(1, min(nkb, _cdiv(2 * NUM_SMS, tiles), K // (16 * M)))
             split = _cdiv(nkb, _cdiv(nkb, split))          # no empty splits
-        return Config(bm, bn, split_k=split)
+        return Config(bm, bn, split_k=split, quant_a=True)
     if M <= 256:
         return Config(64, 128, num_warps=4, num_stages=4)
     return Config(128, 128, num_warps=8, num_stages=3)
@@ -69,7 +76,7 @@ def supports(x, w) -> bool:
         return False
     if x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
         return False
-    K, N = w.q.shape
+    K, N = w.shape
     bk, bn = w.block
     if bk not in (0, GROUP) or bn not in (0, 1, GROUP):
         return False
@@ -78,11 +85,23 @@ def supports(x, w) -> bool:
     return tuple(w.scale.shape) == (nk, nn)
 
 
+def fused_quant(w, c: Config) -> bool:
+    """Whether a call quantizes the activations in the kernel (QUANT_A): the config asks for it, the
+    activations are scaled per token and 128-group over more than one group, and each k-step is one
+    group (block_k 128). Otherwise quant.quantize_activation_fp8 runs first (per-token scales need
+    the whole row before the first k-step)."""
+    return bool(c.quant_a and w.act == "group" and w.shape[0] > GROUP and c.block_k == GROUP)
+
+
 def launch(M: int, w, a_groups: int, config: Config | None = None) -> tuple[Config, tuple, dict]:
     """The static launch of one call (shared with the interpreter tests): (config, grid, constexprs)
-    for M rows of activations with `a_groups` scale groups per row and the FP8 weight w [K, N]."""
-    K, N = w.q.shape
+    for M rows of activations with `a_groups` scale groups per row and the FP8 weight w [K, N] (either
+    layout: B_KMAJOR); QUANT_A when fused_quant (then a_groups must be the row's 128-groups)."""
+    K, N = w.shape
     c = config or pick_config(M, N, K)
+    quant_a = fused_quant(w, c)
+    if quant_a and a_groups != _cdiv(K, GROUP):
+        raise ValueError(f"fp8 gpu matmul: in-kernel quantization needs {_cdiv(K, GROUP)} groups, got {a_groups}")
     a_per_k = int(a_groups > 1)
     b_per_k = int(w.block[0] != 0 and w.scale.shape[-2] > 1)
     if (a_per_k or b_per_k) and GROUP % c.block_k:
@@ -90,8 +109,8 @@ def launch(M: int, w, a_groups: int, config: Config | None = None) -> tuple[Conf
     grid = (_cdiv(M, c.block_m) * _cdiv(N, c.block_n), c.split_k)
     consts = dict(M=M, N=N, K=K, AS_STRIDE=a_groups, A_PER_K=a_per_k, BS_STRIDE=w.scale.shape[-1],
                   B_PER_K=b_per_k, B_BLOCK_N={0: max(N, 1), 1: 1}.get(w.block[1], w.block[1]),
-                  PER_K_SCALE=bool(a_per_k or b_per_k), SPLIT_K=c.split_k, BLOCK_M=c.block_m,
-                  BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m)
+                  PER_K_SCALE=bool(a_per_k or b_per_k), SPLIT_K=c.split_k, B_KMAJOR=bool(w.kmajor),
+                  QUANT_A=quant_a, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m)
     return c, grid, consts
 
 
@@ -102,14 +121,20 @@ def matmul(x, w, *, config: Config | None = None):
     if not supports(x, w):
         raise ValueError(f"fp8 gpu matmul: unsupported weight (block {w.block}, act {w.act}, scale "
                          f"{tuple(w.scale.shape)}) or activation dtype {x.dtype}")
-    K, N = w.q.shape
+    K, N = w.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     if M == 0:
         return jnp.zeros(lead + (N,), x.dtype)
-    xq, xs = quant.quantize_activation_fp8(x2, w.act, GROUP)
-    c, grid, consts = launch(M, w, xs.shape[-1], config)
+    c = config or pick_config(M, N, K)
+    if fused_quant(w, c):                      # the kernel quantizes x as it loads it
+        xq, xs = x2, jnp.ones((1,), jnp.float32)
+        groups = _cdiv(K, GROUP)
+    else:
+        xq, xs = quant.quantize_activation_fp8(x2, w.act, GROUP)
+        groups = xs.shape[-1]
+    c, grid, consts = launch(M, w, groups, c)
     split = c.split_k > 1
     out = jax.ShapeDtypeStruct((c.split_k, M, N) if split else (M, N), jnp.float32 if split else x.dtype)
     y = jax_triton().triton_call(xq, xs, w.q, w.scale.astype(jnp.float32), kernel=fp8_matmul_kernel,

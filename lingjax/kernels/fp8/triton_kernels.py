@@ -7,7 +7,9 @@ This module imports only triton, so the kernel body also runs in Triton's CPU in
 
 a_q float8_e4m3fn [M, K] (activations quantized per token or per token and group of 128 features),
 a_s float32 [M, GA] (GA = 1 per token, ceil(K / 128) per group); b_q float8_e4m3fn [K, N] (the param
-layout [in, out]), b_s float32 [NK, NN] (NK = 1 or ceil(K / 128); NN = 1 per tensor, N per column,
+layout [in, out]) or, B_KMAJOR, [N, K] (K-major: what Hopper's fp8 wgmma reads its B operand as, so
+the weight tiles go global -> shared by asynchronous copies, pipelined; an [in, out] weight's tiles are
+loaded into registers and transposed into shared memory, unpipelined), b_s float32 [NK, NN] (NK = 1 or ceil(K / 128); NN = 1 per tensor, N per column,
 ceil(N / 128) per 128 block). g(kb) is the 128-group of the k-block. Products of fp8 values on the
 tensor cores, float32 accumulation:
   PER_K_SCALE (some scale varies along K): each k-block's [BLOCK_M, BLOCK_N] product is multiplied by
@@ -20,9 +22,41 @@ stride BS_STRIDE), so the same body serves every layout (A_PER_K / B_PER_K = 0: 
 SPLIT_K > 1 (small M, few output tiles): program (tile, s) sums the s-th share of the k-blocks and writes
 float32 partials c [SPLIT_K, M, N] that the wrapper adds; SPLIT_K = 1 writes c [M, N] in its dtype.
 Tiles are ordered GROUP_M row blocks at a time per column tile (weight tiles reused from L2).
+QUANT_A (per-group activations, BLOCK_K = 128): a_ptr holds the activations unquantized (float32 /
+bfloat16 / float16 [M, K]) and the kernel quantizes each [BLOCK_M, 128] tile as it loads it, exactly as
+lingjax.quant.quantize_activation_fp8 does (s = max|x| / 448 per row and group, 1 for an all-zero group;
+q = float8_e4m3fn(x / s), round to nearest even; _quantize_rows): no separate pass over the
+activations and no fp8 copy of them in memory (as_ptr is then unused).
 """
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _round_e4m3(v):
+    """float32 v with |v| <= 448 -> the nearest float8_e4m3fn value (ties to even), as float32. The
+    value is exact in float8_e4m3fn, so the cast after it does not round (the same bits on every
+    target: Triton's CPU interpreter rounds some values across a power of two wrongly). Normal range
+    (|v| >= 2^-6): keep 3 of float32's 23 mantissa bits; subnormals: multiples of 2^-9, rounded by
+    the float32 addition of 1.5 * 2^23 to the magnitude (ties to even), the sign put back."""
+    bits = v.to(tl.int32, bitcast=True)
+    lsb = (bits >> 20) & 1
+    normal = ((bits + 0x7FFFF + lsb) & -0x100000).to(tl.float32, bitcast=True)
+    mag = tl.abs(v)
+    sub = ((mag * 512.0 + 12582912.0) - 12582912.0) * 0.001953125
+    sub = (sub.to(tl.int32, bitcast=True) | (bits & -0x80000000)).to(tl.float32, bitcast=True)  # v's sign (-0 too)
+    return tl.where(mag < 0.015625, sub, normal)
+
+
+@triton.jit
+def _quantize_rows(x):
+    """x float32 [R, 128] (one group of each row) -> (float8_e4m3fn [R, 128], float32 scales [R]):
+    s = max|x| / 448 per row (1 for an all-zero row), q = fp8(x / s), IEEE divisions."""
+    amax = tl.max(tl.abs(x), axis=1)
+    s = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
+    v = tl.math.div_rn(x, tl.broadcast_to(s[:, None], x.shape))
+    v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+    return _round_e4m3(v).to(tl.float8e4nv), s
 
 
 @triton.jit
@@ -30,8 +64,8 @@ def fp8_matmul_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr,
                       M: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
                       AS_STRIDE: tl.constexpr, A_PER_K: tl.constexpr,
                       BS_STRIDE: tl.constexpr, B_PER_K: tl.constexpr, B_BLOCK_N: tl.constexpr,
-                      PER_K_SCALE: tl.constexpr, SPLIT_K: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                      PER_K_SCALE: tl.constexpr, SPLIT_K: tl.constexpr, B_KMAJOR: tl.constexpr,
+                      QUANT_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_m: tl.constexpr = (M + BLOCK_M - 1) // BLOCK_M
@@ -59,11 +93,19 @@ def fp8_matmul_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr,
         k = kb * BLOCK_K + ks
         kmask = k < K
         a = tl.load(a_ptr + rows_l[:, None] * K + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b_ptr + k.to(tl.int64)[:, None] * N + cols_c[None, :], mask=kmask[:, None] & cmask[None, :],
-                    other=0.0)
+        if QUANT_A:
+            a, sa_q = _quantize_rows(a.to(tl.float32))
+        if B_KMAJOR:
+            b_off = cols_c.to(tl.int64)[None, :] * K + k[:, None]
+        else:
+            b_off = k.to(tl.int64)[:, None] * N + cols_c[None, :]
+        b = tl.load(b_ptr + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
         if PER_K_SCALE:
             g = (kb * BLOCK_K) // 128
-            sa = tl.load(as_ptr + rows_l * AS_STRIDE + g * A_PER_K)
+            if QUANT_A:
+                sa = sa_q
+            else:
+                sa = tl.load(as_ptr + rows_l * AS_STRIDE + g * A_PER_K)
             sb = tl.load(bs_ptr + g * B_PER_K * BS_STRIDE + cols_c // B_BLOCK_N)
             acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
         else:

@@ -90,7 +90,9 @@ def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None, layout_method=N
     if fp8 and impl == 'gpu':
         from lingjax.kernels.moe import gpu_fp8       # FP8 grouped matmul (fp8 products, f32 accumulation)
         if gpu_fp8.supports(x, w_gate, w_up, w_down):
-            layout = make_layout(idx.astype(jnp.int32), E, gpu_fp8.pick_block_m(T * idx.shape[1], E))
+            n_pairs = T * idx.shape[1]
+            layout = make_layout(idx.astype(jnp.int32), E, gpu_fp8.pick_block_m(n_pairs, E),
+                                 layout_method or gpu_fp8.pick_layout_method(n_pairs))
             return combine(gpu_fp8.grouped(x, layout, w_gate, w_up, w_down), layout, weights).astype(x.dtype)
     if fp8:
         # FP8 experts (lingjax.quant): dynamic activation scaling per the format, dequantized weights.

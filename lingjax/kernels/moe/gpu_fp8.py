@@ -4,13 +4,15 @@
 
 lingjax.kernels.moe.experts runs it between make_layout (rows per block: pick_block_m) and combine.
 The same steps as the bf16 path (gate_up with SiLU fused, then down),
-with the activations quantized as the weights' format says (quant.quantize_activation_fp8: per token
-or per token and 128-group; x before gate_up, h before down, exactly where the reference path
-quantizes) and fp8 x fp8 products on the tensor cores with float32 accumulation. `supports` says
+with the activations quantized as the weights' format says (quant.quantize_activation_fp8's values:
+per token or per token and 128-group; x for gate_up, h for down, exactly where the reference path
+quantizes; at decode sizes inside the kernels as they load them, fused_quant) and fp8 x fp8 products on the tensor cores with float32 accumulation. `supports` says
 whether the kernels take the weights (activations quantized, weight blocks (0, 0), (0, 1), (128, 1) or
 (128, 128) with local scales, dims multiples of the tiles); otherwise the dispatch dequantizes
-(reference math). Tiles: `pick_config` by rows per block, as the bf16 kernels (gpu.py); `config=`
-overrides them. jax_triton is imported inside the functions: it cannot be imported on a CPU-only JAX.
+(reference math). Weights in the param layout [E, K, N] or K-major [E, N, K] (quant.with_layout; the
+fast one: pipelined weight tiles). The layout of the rows is built as the bf16 GPU path builds it
+(pick_layout_method: sort-free at decode sizes). Tiles: `pick_config` by rows per block, as the bf16
+kernels (gpu.py); `config=` overrides them. jax_triton is imported inside the functions: it cannot be imported on a CPU-only JAX.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from lingjax import quant
+from lingjax.kernels.moe.layout import COMPARE_MAX_PAIRS
 
 GROUP = quant.BLOCK
 
@@ -31,6 +34,13 @@ class Config:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 4
+    quant_a: bool = False        # quantize per-group activations in the kernel (fused_quant) where it can
+
+
+def pick_layout_method(n_pairs: int) -> str:
+    """The bf16 GPU path's choice (gpu.py): 'compare' (no sort, a few fused kernels) up to
+    COMPARE_MAX_PAIRS pairs, 'sort' above."""
+    return "compare" if n_pairs <= COMPARE_MAX_PAIRS else "sort"
 
 
 def pick_block_m(n_pairs: int, n_experts: int) -> int:
@@ -46,10 +56,12 @@ def pick_config(kind: str, block_m: int, K: int, N: int) -> Config:
     """Static tiles: k-steps of 128 (one scale group; fp8 tiles are half the bytes of bf16 ones, so
     128-deep steps cost what the bf16 kernels' 64-deep ones do), 64-wide gate/up tiles (two weight
     panels each) and 128-wide down tiles; deep pipelines for decode-sized blocks, 3 stages for large
-    blocks. Shrunk to small dims (tiny test models)."""
+    blocks. Shrunk to small dims (tiny test models). Decode-sized blocks quantize per-group
+    activations in the kernel (quant_a; large blocks quantize them once before: in the kernel every
+    n tile would quantize its rows again)."""
     bn = 128 if kind == "down" else 64
     c = Config(block_n=bn, block_k=128, group_m=1 if block_m <= 32 else 8, num_warps=4,
-               num_stages=4 if block_m <= 32 else 3)
+               num_stages=4 if block_m <= 32 else 3, quant_a=block_m <= 32)
     bn, bk = min(c.block_n, N), min(c.block_k, K)
     if N % bn or K % bk or bn < 16 or bk < 32:
         raise ValueError(f"MoE FP8 GPU kernel: dims K={K}, N={N} must be multiples of the tile ({bk}, {bn}), "
@@ -68,10 +80,12 @@ def _weight_ok(w, K: int, N: int) -> bool:
 
 def supports(x, w_gate, w_up, w_down) -> bool:
     """Whether the FP8 kernels take these experts (see the module docstring)."""
-    E, d, I = w_gate.q.shape
+    E, d, I = w_gate.shape
     if w_gate.act not in ("token", "group") or x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
         return False
     if not (_weight_ok(w_gate, d, I) and _weight_ok(w_up, d, I) and _weight_ok(w_down, I, d)):
+        return False
+    if w_gate.kmajor != w_up.kmajor:             # one gate_up launch reads both in one layout
         return False
     try:
         pick_config("gate_up", 16, d, I)
@@ -81,27 +95,45 @@ def supports(x, w_gate, w_up, w_down) -> bool:
     return True
 
 
-def scale_args(a_groups: int, w, N: int, block_k: int) -> dict:
-    """The scale constexprs of a kernel call (shared with the interpreter tests)."""
+def fused_quant(act: str, K: int, c: Config) -> bool:
+    """Whether a kernel over K input features quantizes its activations itself (QUANT_A): the config
+    asks for it, per-group scaling over more than one group, 128-deep k steps."""
+    return bool(c.quant_a and act == "group" and K > GROUP and c.block_k == GROUP)
+
+
+def _act_parts(a, act: str, K: int, c: Config):
+    """(activations, scales, groups) a kernel call takes: a itself and a dummy scale under QUANT_A."""
+    if fused_quant(act, K, c):
+        return a, jnp.ones((1,), jnp.float32), -(-K // GROUP)
+    aq, s = quant.quantize_activation_fp8(a, act, GROUP)
+    return aq, s, s.shape[-1]
+
+
+def scale_args(a_groups: int, w, N: int, block_k: int, quant_a: bool = False) -> dict:
+    """The scale constexprs of a kernel call (shared with the interpreter tests); quant_a: QUANT_A
+    (a_groups must then be the 128-groups of the input features)."""
     nk, nn = w.scale.shape[-2:]
     a_per_k = int(a_groups > 1)
     b_per_k = int(w.block[0] != 0 and nk > 1)
     if (a_per_k or b_per_k) and GROUP % block_k:
         raise ValueError(f"MoE FP8 GPU kernel: block_k {block_k} must divide {GROUP} with per-group scales")
     return dict(GA=a_groups, A_PER_K=a_per_k, NK=nk, NN=nn, B_PER_K=b_per_k,
-                B_BLOCK_N={0: N, 1: 1}.get(w.block[1], w.block[1]), PER_K_SCALE=bool(a_per_k or b_per_k))
+                B_BLOCK_N={0: N, 1: 1}.get(w.block[1], w.block[1]), PER_K_SCALE=bool(a_per_k or b_per_k),
+                B_KMAJOR=bool(w.kmajor), QUANT_A=bool(quant_a))
 
 
-def gate_up(xq, xs, layout, w_gate, w_up, out_dtype, *, config: Config | None = None):
-    """h [P, I] = silu(x Wg[e]) * (x Wu[e]) over the layout's rows, fp8 products, float32 sums, out_dtype."""
+def gate_up(x, layout, w_gate, w_up, out_dtype, *, config: Config | None = None):
+    """h [P, I] = silu(x Wg[e]) * (x Wu[e]) over the layout's rows, fp8 products, float32 sums, out_dtype;
+    x [T, d] unquantized, quantized per the weights' format (in the kernel under fused_quant)."""
     from lingjax.kernels.jax_triton_lib import jax_triton
     from lingjax.kernels.moe.triton_fp8 import gate_up_fp8_kernel
     jt = jax_triton()
-    T, d = xq.shape
-    I = w_gate.q.shape[-1]
+    T, d = x.shape
+    I = w_gate.shape[-1]
     nb, bm = layout.block_expert.shape[0], layout.block_m
     c = config or pick_config("gate_up", bm, d, I)
-    sa = scale_args(xs.shape[-1], w_gate, I, c.block_k)
+    xq, xs, groups = _act_parts(x, w_gate.act, d, c)
+    sa = scale_args(groups, w_gate, I, c.block_k, fused_quant(w_gate.act, d, c))
     return jt.triton_call(
         xq, xs, layout.row_token, layout.block_expert, w_gate.q, w_gate.scale.astype(jnp.float32),
         w_up.q, w_up.scale.astype(jnp.float32), kernel=gate_up_fp8_kernel,
@@ -111,16 +143,18 @@ def gate_up(xq, xs, layout, w_gate, w_up, out_dtype, *, config: Config | None = 
         GROUP_M=c.group_m, **sa)
 
 
-def down(hq, hs, layout, w_down, out_dtype, *, config: Config | None = None):
-    """y [P, d] = h Wd[e] per block, fp8 products, float32 sums, out_dtype."""
+def down(h, layout, w_down, out_dtype, *, config: Config | None = None):
+    """y [P, d] = h Wd[e] per block, fp8 products, float32 sums, out_dtype; h [P, I] unquantized,
+    quantized per the weights' format (in the kernel under fused_quant)."""
     from lingjax.kernels.jax_triton_lib import jax_triton
     from lingjax.kernels.moe.triton_fp8 import down_fp8_kernel
     jt = jax_triton()
-    P, I = hq.shape
-    d = w_down.q.shape[-1]
+    P, I = h.shape
+    d = w_down.shape[-1]
     nb, bm = layout.block_expert.shape[0], layout.block_m
     c = config or pick_config("down", bm, I, d)
-    sa = scale_args(hs.shape[-1], w_down, d, c.block_k)
+    hq, hs, groups = _act_parts(h, w_down.act, I, c)
+    sa = scale_args(groups, w_down, d, c.block_k, fused_quant(w_down.act, I, c))
     return jt.triton_call(
         hq, hs, layout.block_expert, w_down.q, w_down.scale.astype(jnp.float32), kernel=down_fp8_kernel,
         out_shape=jax.ShapeDtypeStruct((P, d), out_dtype), grid=(nb * (d // c.block_n),),
@@ -131,9 +165,7 @@ def down(hq, hs, layout, w_down, out_dtype, *, config: Config | None = None):
 def grouped(x, layout, w_gate, w_up, w_down, *, gate_up_config: Config | None = None,
             down_config: Config | None = None):
     """The two FP8 grouped matmuls over a layout (make_layout with pick_block_m's rows per block):
-    x [T, d] -> y [P, d] in x.dtype, the activations quantized per the weights' format before each."""
-    act = w_gate.act
-    xq, xs = quant.quantize_activation_fp8(x, act, GROUP)
-    h = gate_up(xq, xs, layout, w_gate, w_up, x.dtype, config=gate_up_config)
-    hq, hs = quant.quantize_activation_fp8(h, act, GROUP)
-    return down(hq, hs, layout, w_down, x.dtype, config=down_config)
+    x [T, d] -> y [P, d] in x.dtype, the activations quantized per the weights' format for each
+    (before it, or inside it at decode sizes: fused_quant)."""
+    h = gate_up(x, layout, w_gate, w_up, x.dtype, config=gate_up_config)
+    return down(h, layout, w_down, x.dtype, config=down_config)

@@ -10,16 +10,24 @@ This module imports only triton, so the kernel bodies also run in Triton's CPU i
 
 Operands: activations quantized to float8_e4m3fn with float32 scales per row (GA = 1) or per row and
 128-group (GA = ceil(K / 128)): x_q [T, K], x_s [T, GA] (gate_up, rows gathered by row_token) and
-h_q [P, K], h_s [P, GA] (down); weights float8_e4m3fn [E, K, N] with float32 scales [E, NK, NN] (NK = 1
+h_q [P, K], h_s [P, GA] (down); weights float8_e4m3fn [E, K, N] or, B_KMAJOR, K-major [E, N, K]
+(the layout Hopper's fp8 wgmma reads its B operand in: weight tiles copied to shared memory
+asynchronously, pipelined; see lingjax/kernels/fp8/triton_kernels.py) with float32 scales [E, NK, NN] (NK = 1
 or ceil(K / 128); NN = 1, N, or ceil(N / 128)). fp8 products on the tensor cores, float32
 accumulation; with PER_K_SCALE each k-block's product is scaled before it is added (BLOCK_K divides
 128), else the sum over K is scaled once at the end (see lingjax/kernels/fp8/triton_kernels.py for the
 scale addressing: x_s[r, g * A_PER_K], w_s[e, g * B_PER_K, n // B_BLOCK_N]).
   gate_up: h[r] = silu(x[tok] Wg[e]) * (x[tok] Wu[e])      -> h [P, N] in h's dtype
   down:    y[r] = h[r] Wd[e]                                -> y [P, N] in y's dtype
+QUANT_A (per-group activations, BLOCK_K = 128): x / h are passed unquantized (float32 / bfloat16 /
+float16) and each [BLOCK_M, 128] tile is quantized as it is loaded, exactly as
+lingjax.quant.quantize_activation_fp8 does (lingjax/kernels/fp8/triton_kernels.py _quantize_rows;
+x_s / h_s unused): no separate pass over the activations.
 """
 import triton
 import triton.language as tl
+
+from lingjax.kernels.fp8.triton_kernels import _quantize_rows
 
 
 @triton.jit
@@ -33,6 +41,15 @@ def _tile(pid, NUM_BLOCKS: tl.constexpr, N: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def _w_tile(ks, cols, K: tl.constexpr, N: tl.constexpr, B_KMAJOR: tl.constexpr):
+    """Offsets of a [BLOCK_K, BLOCK_N] weight tile within one expert's [K, N] (or K-major [N, K]) matrix."""
+    if B_KMAJOR:
+        return cols[None, :] * K + ks[:, None]
+    else:
+        return ks[:, None] * N + cols[None, :]
+
+
+@triton.jit
 def _w_scale(ws_ptr, e, g, cols, NK: tl.constexpr, NN: tl.constexpr, B_PER_K: tl.constexpr,
              B_BLOCK_N: tl.constexpr):
     return tl.load(ws_ptr + e.to(tl.int64) * NK * NN + g * B_PER_K * NN + cols // B_BLOCK_N)
@@ -43,7 +60,8 @@ def gate_up_fp8_kernel(x_ptr, xs_ptr, row_token_ptr, block_expert_ptr, wg_ptr, w
                        N_TOKENS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, NUM_BLOCKS: tl.constexpr,
                        GA: tl.constexpr, A_PER_K: tl.constexpr, NK: tl.constexpr, NN: tl.constexpr,
                        B_PER_K: tl.constexpr, B_BLOCK_N: tl.constexpr, PER_K_SCALE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                       B_KMAJOR: tl.constexpr, QUANT_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile(tl.program_id(0), NUM_BLOCKS, N, BLOCK_N, GROUP_M)
     e = tl.load(block_expert_ptr + pid_m)
     if e >= 0:
@@ -54,16 +72,21 @@ def gate_up_fp8_kernel(x_ptr, xs_ptr, row_token_ptr, block_expert_ptr, wg_ptr, w
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + tok[:, None] * K + ks[None, :]
-        w_off = e.to(tl.int64) * K * N + ks[:, None] * N + cols[None, :]
+        w_off = e.to(tl.int64) * K * N + _w_tile(ks, cols, K, N, B_KMAJOR)
         g_ptrs = wg_ptr + w_off
         u_ptrs = wu_ptr + w_off
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(0, K // BLOCK_K):
             a = tl.load(a_ptrs, mask=real[:, None], other=0.0)
+            if QUANT_A:
+                a, sa_q = _quantize_rows(a.to(tl.float32))
             if PER_K_SCALE:
                 grp = (kb * BLOCK_K) // 128
-                sa = tl.load(xs_ptr + tok * GA + grp * A_PER_K, mask=real, other=0.0)[:, None]
+                if QUANT_A:
+                    sa = sa_q[:, None]
+                else:
+                    sa = tl.load(xs_ptr + tok * GA + grp * A_PER_K, mask=real, other=0.0)[:, None]
                 sg = _w_scale(wgs_ptr, e, grp, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :]
                 su = _w_scale(wus_ptr, e, grp, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :]
                 acc_g += tl.dot(a, tl.load(g_ptrs)) * (sa * sg)
@@ -72,8 +95,8 @@ def gate_up_fp8_kernel(x_ptr, xs_ptr, row_token_ptr, block_expert_ptr, wg_ptr, w
                 acc_g = tl.dot(a, tl.load(g_ptrs), acc_g)
                 acc_u = tl.dot(a, tl.load(u_ptrs), acc_u)
             a_ptrs += BLOCK_K
-            g_ptrs += BLOCK_K * N
-            u_ptrs += BLOCK_K * N
+            g_ptrs += BLOCK_K if B_KMAJOR else BLOCK_K * N
+            u_ptrs += BLOCK_K if B_KMAJOR else BLOCK_K * N
         if not PER_K_SCALE:
             sa = tl.load(xs_ptr + tok * GA, mask=real, other=0.0)[:, None]
             acc_g = acc_g * (sa * _w_scale(wgs_ptr, e, 0, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :])
@@ -88,7 +111,8 @@ def down_fp8_kernel(h_ptr, hs_ptr, block_expert_ptr, w_ptr, ws_ptr, y_ptr,
                     K: tl.constexpr, N: tl.constexpr, NUM_BLOCKS: tl.constexpr,
                     GA: tl.constexpr, A_PER_K: tl.constexpr, NK: tl.constexpr, NN: tl.constexpr,
                     B_PER_K: tl.constexpr, B_BLOCK_N: tl.constexpr, PER_K_SCALE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                    B_KMAJOR: tl.constexpr, QUANT_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile(tl.program_id(0), NUM_BLOCKS, N, BLOCK_N, GROUP_M)
     e = tl.load(block_expert_ptr + pid_m)
     if e >= 0:
@@ -96,18 +120,24 @@ def down_fp8_kernel(h_ptr, hs_ptr, block_expert_ptr, w_ptr, ws_ptr, y_ptr,
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
         a_ptrs = h_ptr + rows[:, None] * K + ks[None, :]
-        w_ptrs = w_ptr + e.to(tl.int64) * K * N + ks[:, None] * N + cols[None, :]
+        w_ptrs = w_ptr + e.to(tl.int64) * K * N + _w_tile(ks, cols, K, N, B_KMAJOR)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(0, K // BLOCK_K):
+            a = tl.load(a_ptrs)
+            if QUANT_A:
+                a, sa_q = _quantize_rows(a.to(tl.float32))
             if PER_K_SCALE:
                 grp = (kb * BLOCK_K) // 128
-                sa = tl.load(hs_ptr + rows * GA + grp * A_PER_K)[:, None]
+                if QUANT_A:
+                    sa = sa_q[:, None]
+                else:
+                    sa = tl.load(hs_ptr + rows * GA + grp * A_PER_K)[:, None]
                 sw = _w_scale(ws_ptr, e, grp, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :]
-                acc += tl.dot(tl.load(a_ptrs), tl.load(w_ptrs)) * (sa * sw)
+                acc += tl.dot(a, tl.load(w_ptrs)) * (sa * sw)
             else:
-                acc = tl.dot(tl.load(a_ptrs), tl.load(w_ptrs), acc)
+                acc = tl.dot(a, tl.load(w_ptrs), acc)
             a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * N
+            w_ptrs += BLOCK_K if B_KMAJOR else BLOCK_K * N
         if not PER_K_SCALE:
             acc = acc * (tl.load(hs_ptr + rows * GA)[:, None]
                          * _w_scale(ws_ptr, e, 0, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :])

@@ -1,0 +1,252 @@
+"""Where the time of one decode step goes: FP8 against bf16, per kernel, on the device (issue 18).
+
+Model: a preset of scripts/shapes.py (default flash8) with random weights made on device. Modes (--modes,
+run in turn on one GPU, one model in memory at a time):
+  bf16          the bf16 model (shapes.random_model)
+  fp8           the FP8 model (shapes.random_fp8_model, --scheme), weights K-major (quant.with_layout:
+                the layout the engine gives FP8 weights that run on the GPU kernels)
+  fp8-inout     the same FP8 weights laid out [in, out] again (quant.to_kernel_layout(kmajor=False)):
+                the layout before K-major weights (the weight tiles loaded unpipelined)
+For each mode: first a correctness check on the device (FP8: one projection of each kind and one
+MoE layer through the GPU kernels against the reference math, quant.matmul / the dequantized
+experts, at B tokens: within 2e-2 relative, the bf16 output rounding plus the float32 sums' order),
+then --steps decode steps of B requests at context C (bench_e2e.decode_setup: the engine's step and
+greedy sampling, paged MLA cache) timed (median of --reps) and traced under the XLA profiler
+(bench_linear_attention.device_trace). Per mode it prints the step time, the floor (bytes a step must
+touch, bench_e2e.step_bytes, over --bandwidth), the busy time and the gaps between kernels, the
+device time per step by kernel category (FP8 dense matmul, FP8 MoE, bf16 MoE, cuBLAS/XLA matmuls,
+linear attention, MLA, activation quantization and other XLA fusions) and the top kernels (each mode
+as soon as it is done, then one table of all).
+
+    . scripts/gpu_env.sh; PYTHONPATH=.:scripts python3 scripts/profile_fp8.py --out scripts/results
+    # ~60-90 s on nvidia-h200: flash8, B=16 at 1k context, bf16 / fp8 / fp8-inout
+    JAX_PLATFORMS=cpu PYTHONPATH=.:scripts python3 scripts/profile_fp8.py --smoke   # CPU: the plumbing only
+Writes profile_fp8.json (and the printed tables) under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+log = logging.getLogger("profile_fp8")
+
+# kernel name substrings -> category (first match wins; names are the device kernels' own)
+CATEGORIES = [
+    ("fp8 dense (Triton)", ("fp8_matmul",)),
+    ("fp8 MoE (Triton)", ("gate_up_fp8", "down_fp8")),
+    ("bf16 MoE (Triton)", ("gate_up_kernel", "down_kernel", "moe_gate_up", "moe_down")),
+    ("linear attention", ("linear", "chunk", "recurrent", "la_", "lightning")),
+    ("MLA", ("mla", "decode_kernel", "paged")),
+    ("cuBLAS / XLA matmul", ("gemm", "gemv", "cutlass", "xmma", "cublas", "matmul", "triton_dot", "dot")),
+    ("XLA fusions (incl. activation quant, split-K sums)", ("fusion", "loop_", "input_", "reduce", "convert",
+                                                           "transpose", "concatenate", "copy", "select", "wrapped")),
+]
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def check_fp8(model, B, tol=2e-2):
+    """The GPU kernels against the reference math on the device, at B tokens: one projection of each
+    FP8 kind (linear-attention q, MLA q_b / kv_a, the dense MLP's down, a shared expert's gate) and one
+    MoE layer's experts. Returns {name: relative error}; raises if any exceeds tol."""
+    import jax
+    import jax.numpy as jnp
+    from lingjax import quant
+    from lingjax.kernels import fp8 as fp8_kernels
+    from lingjax.kernels import moe as moe_kernels
+    cfg = model.cfg
+    rng = np.random.default_rng(0)
+    errs = {}
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+    dense = {}
+    for i, layer in enumerate(model.layers):
+        att = layer.attention
+        for name in ("q_proj", "q_b_proj", "kv_a_proj_with_mqa", "dense"):
+            m = getattr(att, name, None)
+            if m is not None and quant.is_fp8(m.kernel.get_value()):
+                dense.setdefault(f"{type(att).__name__}.{name}", m.kernel.get_value())
+        mlp = layer.mlp
+        if getattr(mlp, "down_proj", None) is not None and quant.is_fp8(mlp.down_proj.kernel.get_value()):
+            dense.setdefault("mlp.down_proj", mlp.down_proj.kernel.get_value())
+        shared = getattr(mlp, "shared_experts", None)
+        if shared is not None and quant.is_fp8(shared.gate_proj.kernel.get_value()):
+            dense.setdefault("shared.gate_proj", shared.gate_proj.kernel.get_value())
+    for name, w in dense.items():
+        x = jnp.asarray(rng.standard_normal((B, w.shape[0])), model.dtype)
+        got = jax.jit(lambda x, w: fp8_kernels.matmul(x, w, impl="gpu"))(x, w)
+        want = jax.jit(lambda x, w: fp8_kernels.matmul(x, w, impl="reference"))(x, w)
+        errs[name] = rel(got, want)
+    moe = next((l.mlp for l in model.layers if l.is_moe), None)
+    if moe is not None and quant.is_fp8(moe.w_gate.get_value()):
+        x = jnp.asarray(rng.standard_normal((B, cfg.hidden_size)), model.dtype)
+        idx, w = moe.route(x)
+        ws = (moe.w_gate.get_value(), moe.w_up.get_value(), moe.w_down.get_value())
+        got = jax.jit(lambda *a: moe_kernels.experts(*a, impl="gpu"))(x, idx, w, *ws)
+        want = jax.jit(lambda *a: moe_kernels.experts(*a, impl="reference"))(x, idx, w, *ws)
+        errs["moe.experts"] = rel(got, want)
+    bad = {k: v for k, v in errs.items() if not v < tol}
+    if bad:
+        raise SystemExit(f"FP8 GPU kernels differ from the reference math beyond {tol}: {bad}")
+    return errs
+
+
+def profile_mode(model, cfg, B, C, steps, reps, page_size, smoke):
+    import jax
+    from bench_e2e import decode_setup
+    from bench_linear_attention import device_trace
+    f, state, caches, batch = decode_setup(model, cfg, None, B, C, page_size)
+    t = time.perf_counter()
+    toks, caches = f(state, caches, batch)
+    jax.block_until_ready(toks)
+    compile_s = time.perf_counter() - t
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(steps):
+            toks, caches = f(state, caches, batch)
+        jax.block_until_ready((toks, caches))
+        ts.append((time.perf_counter() - t) / steps * 1e3)
+    out = dict(step_ms=statistics.median(ts), compile_s=compile_s)
+    if smoke or jax.default_backend() != "gpu":
+        return out
+
+    box = {}
+
+    def run():
+        c = caches
+        for _ in range(steps):
+            tk, c = f(state, c, batch)
+        jax.block_until_ready((tk, c))
+        box["c"] = c
+    tr = device_trace(run, steps)
+    streams = {k: v for k, v in tr.items() if not k.startswith("_")}
+    kernels, busy, span, gaps = {}, 0.0, 0.0, 0.0
+    for v in streams.values():
+        busy += v["busy_us"]
+        span = max(span, v["span_us"])
+        gaps += v["gap_sum_us"]
+        for name, k in v["kernels"].items():
+            e = kernels.setdefault(name, dict(n=0, sum_us=0.0))
+            e["n"] += k["n"]
+            e["sum_us"] += k["sum_us"]
+    cats = {}
+    for name, k in kernels.items():
+        c = cats.setdefault(category(name), dict(n=0, us=0.0))
+        c["n"] += k["n"] / steps
+        c["us"] += k["sum_us"] / steps
+    top = sorted(((k["sum_us"] / steps, k["n"] / steps, name) for name, k in kernels.items()), reverse=True)
+    out.update(busy_us=busy / steps, span_us=span / steps, gap_us=gaps / steps, streams=sorted(streams),
+               categories=cats, top=[dict(us=u, n=n, name=name) for u, n, name in top[:25]],
+               kernels_per_step=sum(k["n"] for k in kernels.values()) / steps)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="flash8", help="model shapes (scripts/shapes.py; default flash8)")
+    p.add_argument("--layers", type=int, help="override the preset's depth")
+    p.add_argument("--batch", type=int, default=16, help="decode batch B (default 16)")
+    p.add_argument("--context", type=int, default=1024, help="context C of every request (default 1024)")
+    p.add_argument("--modes", default="bf16,fp8,fp8-inout", help="comma list of bf16, fp8, fp8-inout")
+    p.add_argument("--scheme", choices=("fp8-block", "fp8-channel"), default="fp8-block",
+                   help="FP8 format of the fp8 modes (default fp8-block: 128x128 weight blocks, per-token-group "
+                        "activations)")
+    p.add_argument("--steps", type=int, default=5, help="decode steps per timed / traced run (default 5)")
+    p.add_argument("--reps", type=int, default=3, help="timed runs, median reported (default 3)")
+    p.add_argument("--page-size", type=int, default=64, help="MLA latent positions per page (default 64)")
+    p.add_argument("--bandwidth", type=float, default=4.3e12,
+                   help="copy bandwidth for the floor in bytes/s (default 4.3e12, the H200 measured)")
+    p.add_argument("--smoke", action="store_true", help="CPU plumbing check: tiny preset, no trace")
+    p.add_argument("--out", default=os.environ.get("OUT", "scripts/results"),
+                   help="directory of profile_fp8.json (default $OUT or scripts/results)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    import jax
+    import jax.numpy as jnp
+    from lingjax import quant
+    from bench_e2e import step_bytes
+    from shapes import preset, random_fp8_model, random_model, weight_bytes
+    modes = [m for m in args.modes.split(",") if m]
+    for m in modes:
+        if m not in ("bf16", "fp8", "fp8-inout"):
+            p.error(f"unknown mode {m!r} (bf16, fp8, fp8-inout)")
+    cfg = preset("tiny" if args.smoke else args.preset, args.layers)
+    B, C = (2, 8) if args.smoke else (args.batch, args.context)
+    steps, reps = (2, 1) if args.smoke else (args.steps, args.reps)
+    name = "tiny" if args.smoke else args.preset
+    report = dict(device=jax.devices()[0].device_kind, preset=name, layers=cfg.num_hidden_layers,
+                  vocab=cfg.vocab_size, batch=B, context=C, scheme=args.scheme, steps=steps, modes={})
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "profile_fp8.json")
+    t_all = time.perf_counter()
+    model = None
+    for mode in modes:
+        t0 = time.perf_counter()
+        if mode == "bf16":
+            model = None
+            gc.collect()
+            model = random_model(cfg, None, jnp.bfloat16)
+        elif model is None or not quant.is_fp8(model.layers[0].attention.dense.kernel.get_value()):
+            model = None
+            gc.collect()
+            model = random_fp8_model(cfg, jnp.bfloat16, args.scheme, kmajor=(mode == "fp8"))
+        else:
+            quant.to_kernel_layout(model, kmajor=(mode == "fp8"))
+        jax.block_until_ready(jax.tree.leaves(model))
+        row = dict(init_s=time.perf_counter() - t0, weight_bytes=weight_bytes(model))
+        nbytes, _ = step_bytes(cfg, model, B, C, 1)
+        row["floor_ms"] = nbytes / args.bandwidth * 1e3
+        row["bytes"] = nbytes
+        if mode != "bf16" and jax.default_backend() == "gpu":
+            row["check"] = check_fp8(model, B)
+            log.info("%s: kernels vs reference %s", mode, {k: f"{v:.1e}" for k, v in row["check"].items()})
+        row.update(profile_mode(model, cfg, B, C, steps, reps, args.page_size, args.smoke))
+        report["modes"][mode] = row
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+        log.info("%s: step %.2f ms (floor %.2f ms), compile %.0f s, %.0f s so far", mode, row["step_ms"],
+                 row["floor_ms"], row["compile_s"], time.perf_counter() - t_all)
+        for c, v in sorted(row.get("categories", {}).items(), key=lambda kv: -kv[1]["us"]):
+            log.info("  %-50s %8.1f us/step  %5.0f launches/step", c, v["us"], v["n"])
+        for k in row.get("top", [])[:12]:
+            log.info("  %8.1f us (%.0f)  %s", k["us"], k["n"], k["name"])
+    print(f"\n{report['device']}, {name} ({cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}), "
+          f"decode B={B} C={C}, {args.scheme}")
+    print("| mode | step ms | floor ms | busy us | gaps us | kernels/step | GiB weights |\n|---|---|---|---|---|---|---|")
+    for mode, r in report["modes"].items():
+        print(f"| {mode} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | {r.get('busy_us', 0):.0f} | "
+              f"{r.get('gap_us', 0):.0f} | {r.get('kernels_per_step', 0):.0f} | {r['weight_bytes'] / 2**30:.1f} |")
+    cats = sorted({c for r in report["modes"].values() for c in r.get("categories", {})})
+    if cats:
+        print("\ndevice us per step by category (launches per step)")
+        print("| category | " + " | ".join(report["modes"]) + " |\n|---|" + "---|" * len(report["modes"]))
+        for c in cats:
+            cells = []
+            for r in report["modes"].values():
+                v = r.get("categories", {}).get(c)
+                cells.append(f"{v['us']:.0f} ({v['n']:.0f})" if v else "-")
+            print(f"| {c} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
