@@ -254,3 +254,15 @@ def test_python_m_lingjax_cli_reports_user_errors_cleanly(tmp_path):
     assert p.returncode == 1
     assert "no such directory" in p.stderr and "internal error" not in p.stderr, p.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_serve_prefix_save_last_flag_reaches_the_engine(ckpt):
+    """`lingjax serve --no-prefix-save-last` builds an engine that saves prefix states only where prompts branch
+    (Engine.prefix_cache_save_last False; the behaviour itself: tests/test_prefix_cache.py); the default keeps
+    the save at each prompt's last block."""
+    parser = cli.build_parser()
+    for flags, want in (([], True), (["--no-prefix-save-last"], False)):
+        args = parser.parse_args(["serve", "--model", str(ckpt), "--dtype", "float32", "--max-batch", "2",
+                                  "--no-warmup", *flags])
+        _, eng = common.build_engine(args, str(ckpt), 64)
+        assert eng.prefix_cache_save_last is want and eng.state_rows > 0            # the prefix cache is on

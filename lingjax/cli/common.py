@@ -203,7 +203,8 @@ def build_engine(args, model_dir, max_len):
                  kv_cache_gb=getattr(args, "kv_cache_gb", None),
                  page_size=getattr(args, "page_size", 64),
                  prefix_cache=hasattr(args, "no_prefix_cache") and not args.no_prefix_cache,
-                 prefix_cache_states=getattr(args, "prefix_cache_states", None))
+                 prefix_cache_states=getattr(args, "prefix_cache_states", None),
+                 prefix_cache_save_last=not getattr(args, "no_prefix_save_last", False))
     log.info("engine: max_batch=%d prefill_chunk=%d max_len=%d, step buckets T=%s", eng.max_batch,
              eng.prefill_chunk, eng.max_len, eng.t_buckets)
     return cfg, eng
