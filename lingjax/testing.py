@@ -94,6 +94,25 @@ def tiny_float32_model(path: str, seed: int = 0):
     return load_hf(path, dtype=jnp.float32, mtp=False)[1]
 
 
+def full_forward_logits(model, seqs):
+    """The model-core full forward pass (no cache, no engine), the engine tests' reference: all token lists in
+    `seqs` right-padded into one causal batch, so row t of sequence i sees only its own first t+1 tokens.
+    -> one [len(s), vocab] logits array per sequence."""
+    import jax.numpy as jnp
+    from flax import nnx
+    T = max(map(len, seqs))
+    tokens = np.zeros((len(seqs), T), np.int32)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = s
+    logits = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(tokens)))
+    return [logits[i, :len(s)] for i, s in enumerate(seqs)]
+
+
+def rel_err(out, ref):
+    """Worst, over paired arrays, of max |out - ref| / max |ref|."""
+    return max(float(np.abs(o - r).max() / np.abs(r).max()) for o, r in zip(out, ref))
+
+
 def quantize_hf_tensors(cfg: BailingConfig, tensors, scheme: str, mtp: bool = True):
     """HF tensors -> the same checkpoint in an FP8 format (lingjax.quant.SCHEMES: "fp8-block",
     "fp8-channel"): each attention / MLP / expert projection weight becomes float8_e4m3fn plus its

@@ -11,11 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from lingjax.cache import SlotAllocator
 from lingjax.engine import Engine, EngineError, SamplingParams, check_tokens, sample
-from lingjax.testing import write_tiny_checkpoint
+from lingjax.testing import full_forward_logits, rel_err, write_tiny_checkpoint
 from lingjax.weights import load_hf
 
 MAX_LEN = 160
@@ -42,18 +41,7 @@ def seqs(model):
 
 @pytest.fixture(scope="module")
 def refs(model, seqs):
-    """The model-core full forward pass (no cache, no engine): all sequences right-padded into one
-    causal batch, so row t of sequence i sees only its own first t+1 tokens."""
-    T = max(map(len, seqs))
-    tokens = np.zeros((len(seqs), T), np.int32)
-    for i, s in enumerate(seqs):
-        tokens[i, :len(s)] = s
-    logits = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(tokens)))
-    return [logits[i, :len(s)] for i, s in enumerate(seqs)]
-
-
-def rel_err(out, ref):
-    return max(float(np.abs(o - r).max() / np.abs(r).max()) for o, r in zip(out, ref))
+    return full_forward_logits(model, seqs)
 
 
 def recording(engine):

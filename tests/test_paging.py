@@ -19,7 +19,7 @@ from lingjax.engine import Engine, EngineError, SamplingParams
 from lingjax.kernels.linear_attention import reference as la_ref
 from lingjax.model import BailingModel
 from lingjax.paging import PageAllocator
-from lingjax.testing import tiny_config, tiny_float32_model
+from lingjax.testing import full_forward_logits, rel_err, tiny_config, tiny_float32_model
 
 MAX_LEN = 160
 PS = 8                                          # page size: a 65-token request spans 9 pages
@@ -39,16 +39,7 @@ def seqs(model):
 
 @pytest.fixture(scope="module")
 def refs(model, seqs):
-    T = max(map(len, seqs))
-    tokens = np.zeros((len(seqs), T), np.int32)
-    for i, s in enumerate(seqs):
-        tokens[i, :len(s)] = s
-    logits = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(tokens)))
-    return [logits[i, :len(s)] for i, s in enumerate(seqs)]
-
-
-def rel_err(out, ref):
-    return max(float(np.abs(o - r).max() / np.abs(r).max()) for o, r in zip(out, ref))
+    return full_forward_logits(model, seqs)
 
 
 def poisoned(eng):
