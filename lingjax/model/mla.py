@@ -135,9 +135,8 @@ class MLA(nnx.Module):
         x [T, d]; pages [num_pages, page_size, r + rope]; batch.page_table [R, max_pages] (row r: the pages of
         request row r) must already hold pages for every position the batch writes. Writes the tokens'
         latents, then each token attends to its own request's positions <= its own (decode-only batches:
-        the decode kernel; otherwise the paged prefill: a kernel (impl 'gpu') once over the whole packed batch,
-        the jnp reference `block` query tokens at a time so that the keys it gathers per page stay
-        [block, page_size, r + rope]). -> (out [T, d], new pages)."""
+        the decode kernel; otherwise the paged prefill: the GPU kernel once over the whole packed batch, the
+        jnp reference `block` query tokens at a time, see mla_kernels.prefill). -> (out [T, d], new pages)."""
         q_nope, q_pe = self.query(x, batch.positions)
         rows, table = batch.token_rows, batch.page_table
         pages = mla_kernels.write(pages, table, rows, batch.positions, self.latent(x, batch.positions),
@@ -147,24 +146,8 @@ class MLA(nnx.Module):
         if batch.decode_only:
             ctx = mla_kernels.decode(q_lat, q_pe, pages, table, rows, batch.positions + 1, self.scaling,
                                      impl=self.kernels)
-        elif mla_kernels.resolve(self.kernels) not in mla_kernels.BLOCKED_PREFILL:
-            ctx = mla_kernels.prefill(q_lat, q_pe, pages, table, rows, batch.positions, self.scaling,
-                                      impl=self.kernels)       # a kernel: the whole packed batch at once
         else:
-            def attend(args):
-                ql, qp, rw, pos = args
-                return mla_kernels.prefill(ql, qp, pages, table, rw, pos, self.scaling, impl=self.kernels)
-
-            T = q_lat.shape[0]
-            if T <= block:
-                ctx = attend((q_lat, q_pe, rows, batch.positions))
-            else:
-                n = -(-T // block)
-
-                def split(a, fill=0):
-                    a = jnp.pad(a, [(0, n * block - T)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
-                    return a.reshape((n, block) + a.shape[1:])
-                ctx = jax.lax.map(attend, (split(q_lat), split(q_pe), split(rows, -1), split(batch.positions)))
-                ctx = ctx.reshape((n * block,) + ctx.shape[2:])[:T]
+            ctx = mla_kernels.prefill(q_lat, q_pe, pages, table, rows, batch.positions, self.scaling,
+                                      impl=self.kernels, block=block)
         o = jnp.einsum('thr,rhv->thv', ctx, w_uv.astype(F32), preferred_element_type=F32)
         return tp_psum(self.dense(o.astype(x.dtype).reshape(o.shape[0], -1), partial=True)), pages

@@ -37,7 +37,6 @@ import jax
 from lingjax.kernels.mla import reference
 
 IMPLS = ('reference', 'gpu', 'tpu', 'tpu_interpret')
-BLOCKED_PREFILL = ('reference', 'tpu', 'tpu_interpret')   # prefill runs the jnp reference: callers block T
 FROM_MODEL_KERNELS = {'mosaic_gpu': 'gpu', 'pallas_triton': 'gpu', 'gpu_interpret': 'reference',
                       'mosaic_gpu_interpret': 'reference',
                       'pallas_triton_interpret': 'reference'}
@@ -85,13 +84,14 @@ def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, impl=None):
     return reference.decode(q_lat, q_pe, pages, page_table, slots, lengths, scale)
 
 
-def prefill(q_lat, q_pe, pages, page_table, token_slots, positions, scale, *, impl=None):
+def prefill(q_lat, q_pe, pages, page_table, token_slots, positions, scale, *, impl=None, block=None):
     """q_lat [T, H, r], q_pe [T, H, rope]; token t reads positions [0, positions[t]] of slot token_slots[t]
     (-1: padding, output 0) -> [T, H, r] float32. The tokens' own latents must be written first.
-    The reference gathers keys per query token (call it on blocks of tokens); the GPU kernel takes the
-    whole packed batch at once (BLOCKED_PREFILL says which)."""
+    The GPU kernel takes the whole packed batch in one call; the jnp reference (every other impl) gathers
+    keys per query token, so a caller with many tokens passes `block` (reference.prefill: at most that many
+    query tokens at a time; None: all at once)."""
     _check('prefill', q_lat, q_pe, pages, page_table, token_slots, positions)
     if resolve(impl) == 'gpu':
         return importlib.import_module('lingjax.kernels.mla.gpu_prefill').prefill(
             q_lat, q_pe, pages, page_table, token_slots, positions, scale)
-    return reference.prefill(q_lat, q_pe, pages, page_table, token_slots, positions, scale)
+    return reference.prefill(q_lat, q_pe, pages, page_table, token_slots, positions, scale, block=block)

@@ -70,7 +70,20 @@ def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale):
     return attend(q_lat, q_pe, pages, page_table, slots, lengths, scale)
 
 
-def prefill(q_lat, q_pe, pages, page_table, token_slots, positions, scale):
+def prefill(q_lat, q_pe, pages, page_table, token_slots, positions, scale, block=None):
     """A packed ragged batch of query tokens: token t (slot token_slots[t], -1: padding) attends to its
-    slot's positions <= positions[t] (which must already be written) -> [T, H, r] float32."""
-    return attend(q_lat, q_pe, pages, page_table, token_slots, positions + 1, scale)
+    slot's positions <= positions[t] (which must already be written) -> [T, H, r] float32.
+    block: at most this many query tokens at a time (lax.map over blocks; padding tokens fill the last), so
+    that the keys gathered per page stay [block, page_size, r + rope]; None: all T at once. Each token's
+    result is the same either way (the tokens are independent)."""
+    T = q_lat.shape[0]
+    if block is None or T <= block:
+        return attend(q_lat, q_pe, pages, page_table, token_slots, positions + 1, scale)
+    n = -(-T // block)
+
+    def split(a, fill=0):
+        a = jnp.pad(a, [(0, n * block - T)] + [(0, 0)] * (a.ndim - 1), constant_values=fill)
+        return a.reshape((n, block) + a.shape[1:])
+    out = jax.lax.map(lambda a: attend(a[0], a[1], pages, page_table, a[2], a[3] + 1, scale),
+                      (split(q_lat), split(q_pe), split(token_slots, -1), split(positions)))
+    return out.reshape((n * block,) + out.shape[2:])[:T]
