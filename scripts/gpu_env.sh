@@ -21,3 +21,4 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYM
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader
 export HOME=/tmp/home XDG_CACHE_HOME=/tmp/cache TRITON_CACHE_DIR=/tmp/cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/cache/inductor
 mkdir -p $HOME $XDG_CACHE_HOME $TRITON_CACHE_DIR
+export LINGJAX_GPU_ENV=1   # sourced: scripts that run inside another queue skip the install

@@ -5,7 +5,7 @@
 #   bash scripts/run_fp8_device.sh
 # On nvidia-h200-x2, part 1 + 2 and part 3 + 4 can run as two queues (CUDA_VISIBLE_DEVICES=0 / 1).
 T0=$(date +%s)
-. scripts/gpu_env.sh
+[ -n "${LINGJAX_GPU_ENV:-}" ] || . scripts/gpu_env.sh   # already sourced by a caller that runs two queues
 export PYTHONPATH=$PYTHONPATH:$PWD/scripts
 OUT=${OUT:-scripts/results}
 mkdir -p "$OUT"
