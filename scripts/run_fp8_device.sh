@@ -12,7 +12,7 @@ mkdir -p "$OUT"
 el() { echo $(( $(date +%s) - T0 )); }
 q() {   # q NAME TIMEOUT CMD...: run CMD with a timeout (cut to what is left of 580 s), log to $OUT/NAME.log
   local n=$1 t=$2; shift 2
-  local left=$(( 580 - $(el) )); [ $t -gt $left ] && t=$left
+  local left=$(( ${FP8_BUDGET:-580} - $(el) )); [ $t -gt $left ] && t=$left
   [ $t -lt 30 ] && { echo "$n: skipped ($t s left) at $(el) s" >> $OUT/queue_fp8.txt; return; }
   timeout $t "$@" > $OUT/$n.log 2>&1
   echo "$n: rc $? at $(el) s (limit $t)" >> $OUT/queue_fp8.txt

@@ -18,7 +18,7 @@ q 0 check_gpu_parity_h200_s5 150 python3 scripts/check_gpu_parity.py --out $OUT/
 q 0 bench_serve_h200 270 python3 scripts/bench_serve.py --random-shapes flash8 --max-batch 16 --max-len 2048 --prefill-chunk 512 --max-step-tokens 512 --concurrency 16 --num-requests 96 --warmup 16 --prompt-len 128 1024 --output-len 64 256 --max-seconds 90 --start-timeout 150 --out $OUT/bench_serve_h200.json
 q 0 bench_overlap_multistep16_h200 120 python3 scripts/bench_overlap.py --batch 1 --decode-steps 8 16 --out $OUT/bench_overlap_multistep16_h200.json
 ) &
-( CUDA_VISIBLE_DEVICES=1 bash scripts/run_fp8_device.sh > $OUT/run_fp8_device.log 2>&1 ) &
+( CUDA_VISIBLE_DEVICES=1 FP8_BUDGET=535 bash scripts/run_fp8_device.sh > $OUT/run_fp8_device.log 2>&1 ) &
 wait
 cat $OUT/queue0.txt $OUT/queue_fp8.txt
 for f in $OUT/*.log; do echo "=== $f"; grep -v "^Unable to initialize backend\|^$" $f | tail -n 25 | cut -c1-220; done
