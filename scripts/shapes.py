@@ -136,7 +136,7 @@ def is_quantized_param(path) -> bool:
     return names[0] == "layers" and names[-1] in QUANTIZED_LEAVES and ("attention" in names or "mlp" in names)
 
 
-def random_fp8_model(cfg, dtype, scheme, kmajor: bool = True, **model_kw):
+def random_fp8_model(cfg, dtype, scheme, kmajor: bool = True, mtp: bool = False, **model_kw):
     """A BailingModel on the default device with random weights, its projections and experts in FP8
     (quant.SCHEMES[scheme]: fp8-block or fp8-channel), each made and quantized on device one parameter
     at a time (quant.quantize_param), so that only one bf16 parameter exists at a time: full

@@ -283,3 +283,27 @@ def test_gpu_decode_launch_traces_and_compiles_for_sm90(jax_triton_call):
                      (dict(block_n=128, reg_prefetch=True), "reg_prefetch needs block_n=128 to divide")):
         with pytest.raises(ValueError, match=msg):
             jax.eval_shape(lambda *a: gpu.decode(*a, 0.07, config=dataclasses.replace(c, **bad)), *shapes)
+
+
+def test_gpu_impl_runs_the_reference_for_latent_sizes_its_kernels_cannot_tile():
+    """The tiny test models (kv_lora_rank 32, rope 8) run on a GPU too: impl='gpu' falls back to the
+    reference for sizes gpu.supports / gpu_prefill.supports refuse (on the CPU, a kernel launch would fail,
+    so equality here shows no kernel was called)."""
+    from lingjax.kernels.mla import gpu, gpu_prefill
+    assert gpu.supports(512, 64) and gpu.supports(32, 16) and not gpu.supports(32, 8) and not gpu.supports(48, 16)
+    assert gpu_prefill.supports(512) and gpu_prefill.supports(32) and not gpu_prefill.supports(24)
+    rng = np.random.default_rng(5)
+    rope = 8
+    pages, table, _ = make_cache(rng, [5, PS + 3], np.float32, rope=rope)
+    slots, lengths = np.array([1, 0], np.int32), np.array([PS + 3, 5], np.int32)
+    q_lat = jnp.asarray(rng.standard_normal((2, H, R)), jnp.float32)
+    q_pe = jnp.asarray(rng.standard_normal((2, H, rope)), jnp.float32)
+    args = (q_lat, q_pe, jnp.asarray(pages), jnp.asarray(table), jnp.asarray(slots), jnp.asarray(lengths), 0.3)
+    np.testing.assert_array_equal(np.asarray(mla.decode(*args, impl="gpu")), np.asarray(mla.decode(*args)))
+    r2 = 24                                                          # not a power of two: prefill falls back
+    pages2, table2, _ = make_cache(rng, [PS + 3], np.float32, r=r2, rope=rope)
+    pos = np.arange(PS + 3, dtype=np.int32)
+    args2 = (jnp.asarray(rng.standard_normal((PS + 3, H, r2)), jnp.float32),
+             jnp.asarray(rng.standard_normal((PS + 3, H, rope)), jnp.float32), jnp.asarray(pages2),
+             jnp.asarray(table2), jnp.zeros(PS + 3, jnp.int32), jnp.asarray(pos), 0.3)
+    np.testing.assert_array_equal(np.asarray(mla.prefill(*args2, impl="gpu")), np.asarray(mla.prefill(*args2)))

@@ -22,7 +22,9 @@ Implementations (impl=):
   reference      pure jnp (reference.py), flash-style over pages: the CPU path and the oracle
   gpu            decode: Triton kernel through jax-triton (gpu.py, kernel body in triton_kernels.py;
                  split over the context, combined in jnp); prefill: Triton kernel through jax-triton
-                 (gpu_prefill.py, the whole packed batch in one call); write: the reference
+                 (gpu_prefill.py, the whole packed batch in one call); write: the reference. Latent sizes
+                 the kernels cannot tile (gpu.supports / gpu_prefill.supports: not powers of two >= 16,
+                 as in the tiny test models) run the reference
   tpu            decode: Pallas Mosaic TPU kernel (tpu.py; grid over (request, page), scalar-prefetched
                  page table); write/prefill: the reference
   tpu_interpret  tpu.py's kernel in Pallas TPU interpret mode (on the CPU; for tests)
@@ -74,7 +76,7 @@ def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, impl=None):
     (-1: padding row, output 0) -> [B, H, r] float32."""
     _check('decode', q_lat, q_pe, pages, page_table, slots, lengths)
     impl = resolve(impl)
-    if impl == 'gpu':
+    if impl == 'gpu' and importlib.import_module('lingjax.kernels.mla.gpu').supports(q_lat.shape[-1], q_pe.shape[-1]):
         return importlib.import_module('lingjax.kernels.mla.gpu').decode(
             q_lat, q_pe, pages, page_table, slots, lengths, scale)
     if impl in ('tpu', 'tpu_interpret'):
@@ -91,7 +93,7 @@ def prefill(q_lat, q_pe, pages, page_table, token_slots, positions, scale, *, im
     keys per query token, so a caller with many tokens passes `block` (reference.prefill: at most that many
     query tokens at a time; None: all at once)."""
     _check('prefill', q_lat, q_pe, pages, page_table, token_slots, positions)
-    if resolve(impl) == 'gpu':
+    if resolve(impl) == 'gpu' and importlib.import_module('lingjax.kernels.mla.gpu_prefill').supports(q_lat.shape[-1]):
         return importlib.import_module('lingjax.kernels.mla.gpu_prefill').prefill(
             q_lat, q_pe, pages, page_table, token_slots, positions, scale)
     return reference.prefill(q_lat, q_pe, pages, page_table, token_slots, positions, scale, block=block)

@@ -55,6 +55,12 @@ class Config:
                    reg_prefetch=bool(m.group(7)))
 
 
+def supports(kv_lora_rank: int, rope_dim: int) -> bool:
+    """Whether the decode kernel can tile these latent sizes: both powers of two >= 16 (every released
+    V2.5 model: 512 and 64; not the tiny test models, whose MLA the dispatch runs on the reference)."""
+    return all(n >= 16 and _pow2(n) == n for n in (kv_lora_rank, rope_dim))
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -146,7 +152,7 @@ def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Con
     num_pages, page_size, _ = pages.shape
     max_pages = page_table.shape[1]
     c = config or pick_config(B, H, page_size, max_pages, itemsize=pages.dtype.itemsize)
-    if R % 16 or ROPE % 16 or _pow2(R) != R or _pow2(ROPE) != ROPE:
+    if not supports(R, ROPE):
         raise ValueError(f"MLA GPU decode: kv_lora_rank={R} and qk_rope_head_dim={ROPE} must be powers of 2 >= 16")
     if c.block_n < 16 or _pow2(c.block_n) != c.block_n or c.block_h < 16 or _pow2(c.block_h) != c.block_h:
         raise ValueError(f"MLA GPU decode: block_n={c.block_n} and block_h={c.block_h} must be powers of 2 >= 16")

@@ -57,6 +57,12 @@ def pick_config(num_tokens: int, num_heads: int, r: int, itemsize: int = 2) -> C
     return Config(block_r=0 if r <= 512 else 512)
 
 
+def supports(kv_lora_rank: int) -> bool:
+    """Whether the prefill kernel can tile this latent size: a power of two >= 16 (any rope dim: it is
+    padded in the kernel)."""
+    return kv_lora_rank >= 16 and not kv_lora_rank & (kv_lora_rank - 1)
+
+
 def launch(T, H, R, ROPE, page_size, max_pages, config: Config):
     """(grid, constexpr keywords) of prefill_kernel for these sizes; ValueError for sizes it cannot take."""
     c = config
