@@ -10,6 +10,9 @@
 #     immutabledict pydantic==2.14.4 pydantic-core annotated-types typing-inspection typing_extensions==4.16.0
 #   (for lingjax serve / bench_serve also: fastapi uvicorn starlette httpx httpcore h11 anyio sniffio
 #    prometheus_client opentelemetry-api annotated-doc, whichever the image lacks: KINDS.md lists what it has)
+if [ -n "${LINGJAX_GPU_ENV:-}" ]; then   # sourced before (a queue inside a device call): only the paths
+  export PYTHONPATH=/tmp/site:$PWD; return 0
+fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "gpu_env: installing .whl/ failed" >&2; return 1; }
 mkdir -p /tmp/site/xprof/cli
