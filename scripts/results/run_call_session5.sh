@@ -13,7 +13,7 @@ runq() {
     [ $t -lt 30 ] && { echo "$n: skipped ($t s left) at $(el) s" >> $OUT/queue$g.txt; continue; }
     mkdir -p $OUT/$n
     ( cd $ROOT/.wt_cache/$n && export PYTHONPATH=/tmp/site:$PWD:$PWD/scripts OUT=$OUT/$n CUDA_VISIBLE_DEVICES=$g \
-      && timeout $t bash devreq.sh > $OUT/$n/devreq.log 2>&1 )
+      && timeout $t bash devreq.sh > $OUT/devreq.log 2>&1 )   # OUT is $OUT/$n here
     echo "$n: rc $? at $(el) s (limit $t)" >> $OUT/queue$g.txt
   done
 }
