@@ -9,7 +9,7 @@ run in turn on one GPU, one model in memory at a time):
                 the layout before K-major weights (the weight tiles loaded unpipelined)
 For each mode: first a correctness check on the device (FP8: one projection of each kind and one
 MoE layer through the GPU kernels against the reference math, quant.matmul / the dequantized
-experts, at B tokens: within 2e-2 relative, the bf16 output rounding plus the float32 sums' order),
+experts, at B tokens: within 1e-2 relative (experts 2e-2; the error model is in check_fp8)),
 then --steps decode steps of B requests at context C (bench_e2e.decode_setup: the engine's step and
 greedy sampling, paged MLA cache) timed (median of --reps) and traced under the XLA profiler
 (bench_linear_attention.device_trace). Per mode it prints the step time, the floor (bytes a step must
@@ -60,10 +60,23 @@ def category(name: str) -> str:
     return "other"
 
 
-def check_fp8(model, B, tol=2e-2):
+def check_fp8(model, B, tol=1e-2):
     """The GPU kernels against the reference math on the device, at B tokens: one projection of each
     FP8 kind (linear-attention q, MLA q_b / kv_a, the dense MLP's down, a shared expert's gate) and one
-    MoE layer's experts. Returns {name: relative error}; raises if any exceeds tol."""
+    MoE layer's experts (bound 2 tol: two quantized matmuls and the bf16 h between them). Returns
+    ({name: relative error}, {name: the activation quantization's size}); raises if any error exceeds
+    its bound or if the reference does not quantize its activations.
+
+    Error model. Both sides multiply the same float8_e4m3fn operands (activations quantized per token
+    group, round to nearest even: quant.round_e4m3 / the kernels' _round_e4m3). They differ by the
+    reference's bf16 roundings (dequantized activations and weights, 2^-9 relative each, RMS ~1e-3),
+    the bf16 outputs (~1e-3) and float32 sums in another order: ~2-3e-3 relative in all, bound 1e-2.
+    The fp8 rounding itself (3 mantissa bits: at most 2^-4 relative per element, RMS 2^-3 / sqrt(12) /
+    sqrt(2) = 2.55% for values spread over a binade) is common to both and cancels. Session 4 measured
+    2.6% here (4.4% for the experts) because XLA's GPU pipeline had removed the reference's
+    float32 -> fp8 -> float32 round trip (SimplifyFPConversions), so that reference multiplied
+    unquantized activations: 2.55% is exactly the activation rounding. `act_quant` reports the
+    reference against unquantized activations, which must be that size (1-5%)."""
     import jax
     import jax.numpy as jnp
     from lingjax import quant
@@ -71,11 +84,14 @@ def check_fp8(model, B, tol=2e-2):
     from lingjax.kernels import moe as moe_kernels
     cfg = model.cfg
     rng = np.random.default_rng(0)
-    errs = {}
+    errs, act_quant = {}, {}
 
     def rel(a, b):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+    def weight_only(w):
+        return quant.FP8Weight(w.q, w.scale, w.block, "none", w.kmajor)
 
     dense = {}
     for i, layer in enumerate(model.layers):
@@ -94,7 +110,8 @@ def check_fp8(model, B, tol=2e-2):
         x = jnp.asarray(rng.standard_normal((B, w.shape[0])), model.dtype)
         got = jax.jit(lambda x, w: fp8_kernels.matmul(x, w, impl="gpu"))(x, w)
         want = jax.jit(lambda x, w: fp8_kernels.matmul(x, w, impl="reference"))(x, w)
-        errs[name] = rel(got, want)
+        plain = jax.jit(lambda x, w: fp8_kernels.matmul(x, w, impl="reference"))(x, weight_only(w))
+        errs[name], act_quant[name] = rel(got, want), rel(want, plain)
     moe = next((l.mlp for l in model.layers if l.is_moe), None)
     if moe is not None and quant.is_fp8(moe.w_gate.get_value()):
         x = jnp.asarray(rng.standard_normal((B, cfg.hidden_size)), model.dtype)
@@ -102,11 +119,16 @@ def check_fp8(model, B, tol=2e-2):
         ws = (moe.w_gate.get_value(), moe.w_up.get_value(), moe.w_down.get_value())
         got = jax.jit(lambda *a: moe_kernels.experts(*a, impl="gpu"))(x, idx, w, *ws)
         want = jax.jit(lambda *a: moe_kernels.experts(*a, impl="reference"))(x, idx, w, *ws)
-        errs["moe.experts"] = rel(got, want)
-    bad = {k: v for k, v in errs.items() if not v < tol}
+        plain = jax.jit(lambda *a: moe_kernels.experts(*a, impl="reference"))(x, idx, w, *map(weight_only, ws))
+        errs["moe.experts"], act_quant["moe.experts"] = rel(got, want), rel(want, plain)
+    bound = {k: 2 * tol if k == "moe.experts" else tol for k in errs}
+    bad = {k: v for k, v in errs.items() if not v < bound[k]}
     if bad:
-        raise SystemExit(f"FP8 GPU kernels differ from the reference math beyond {tol}: {bad}")
-    return errs
+        raise SystemExit(f"FP8 GPU kernels differ from the reference math beyond {tol} (experts {2 * tol}): {bad}")
+    noq = {k: v for k, v in act_quant.items() if not 0.01 < v < 0.05}
+    if noq:
+        raise SystemExit(f"the reference's activation quantization is not the fp8 rounding's size (1-5%): {noq}")
+    return errs, act_quant
 
 
 def profile_mode(model, cfg, B, C, steps, reps, page_size, smoke):
@@ -217,8 +239,10 @@ def main(argv=None):
         row["floor_ms"] = nbytes / args.bandwidth * 1e3
         row["bytes"] = nbytes
         if mode != "bf16" and jax.default_backend() == "gpu":
-            row["check"] = check_fp8(model, B)
-            log.info("%s: kernels vs reference %s", mode, {k: f"{v:.1e}" for k, v in row["check"].items()})
+            row["check"], row["act_quant"] = check_fp8(model, B)
+            log.info("%s: kernels vs reference %s (ok); the reference's activation quantization %s", mode,
+                     {k: f"{v:.1e}" for k, v in row["check"].items()},
+                     {k: f"{v:.1e}" for k, v in row["act_quant"].items()})
         row.update(profile_mode(model, cfg, B, C, steps, reps, args.page_size, args.smoke))
         report["modes"][mode] = row
         with open(path, "w") as f:
