@@ -131,6 +131,16 @@ def check_fp8(model, B, tol=1e-2):
     return errs, act_quant
 
 
+def xla_fp8_round_trip_rounds() -> bool:
+    """Whether XLA on this backend rounds x.astype(float8_e4m3fn).astype(float32) inside one jit (the
+    round trip the reference math used before quant.round_e4m3: XLA's GPU pipeline removes it)."""
+    import jax
+    import jax.numpy as jnp
+    x = jnp.float32(1.0 + 2.0 ** -6)                      # not an e4m3 value: rounds to 1.0
+    y = jax.jit(lambda v: v.astype(jnp.float8_e4m3fn).astype(jnp.float32))(x)
+    return float(y) != float(x)
+
+
 def profile_mode(model, cfg, B, C, steps, reps, page_size, smoke):
     import jax
     from bench_e2e import decode_setup
@@ -239,6 +249,9 @@ def main(argv=None):
         row["floor_ms"] = nbytes / args.bandwidth * 1e3
         row["bytes"] = nbytes
         if mode != "bf16" and jax.default_backend() == "gpu":
+            report["xla_fp8_round_trip_rounds"] = xla_fp8_round_trip_rounds()
+            log.info("XLA rounds a float32 -> fp8 -> float32 round trip in one jit: %s",
+                     report["xla_fp8_round_trip_rounds"])
             row["check"], row["act_quant"] = check_fp8(model, B)
             log.info("%s: kernels vs reference %s (ok); the reference's activation quantization %s", mode,
                      {k: f"{v:.1e}" for k, v in row["check"].items()},
