@@ -196,7 +196,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="flash8", help="model shapes (scripts/shapes.py; default flash8)")
     p.add_argument("--layers", type=int, help="override the preset's depth")
-    p.add_argument("--batch", type=int, default=16, help="decode batch B (default 16)")
+    p.add_argument("--batch", default="16", help="decode batch B, or a comma list (each profiled on the same model; "
+                                              "default 16)")
     p.add_argument("--context", type=int, default=1024, help="context C of every request (default 1024)")
     p.add_argument("--modes", default="bf16,fp8,fp8-inout", help="comma list of bf16, fp8, fp8-inout")
     p.add_argument("--scheme", choices=("fp8-block", "fp8-channel"), default="fp8-block",
@@ -222,11 +223,12 @@ def main(argv=None):
         if m not in ("bf16", "fp8", "fp8-inout"):
             p.error(f"unknown mode {m!r} (bf16, fp8, fp8-inout)")
     cfg = preset("tiny" if args.smoke else args.preset, args.layers)
-    B, C = (2, 8) if args.smoke else (args.batch, args.context)
+    batches = [2] if args.smoke else [int(b) for b in args.batch.split(",") if b]
+    B, C = batches[0], (8 if args.smoke else args.context)
     steps, reps = (2, 1) if args.smoke else (args.steps, args.reps)
     name = "tiny" if args.smoke else args.preset
     report = dict(device=jax.devices()[0].device_kind, preset=name, layers=cfg.num_hidden_layers,
-                  vocab=cfg.vocab_size, batch=B, context=C, scheme=args.scheme, steps=steps, modes={})
+                  vocab=cfg.vocab_size, batch=batches, context=C, scheme=args.scheme, steps=steps, modes={})
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "profile_fp8.json")
     t_all = time.perf_counter()
@@ -244,30 +246,34 @@ def main(argv=None):
         else:
             quant.to_kernel_layout(model, kmajor=(mode == "fp8"))
         jax.block_until_ready(jax.tree.leaves(model))
-        row = dict(init_s=time.perf_counter() - t0, weight_bytes=weight_bytes(model))
-        nbytes, _ = step_bytes(cfg, model, B, C, 1)
-        row["floor_ms"] = nbytes / args.bandwidth * 1e3
-        row["bytes"] = nbytes
+        init_s = time.perf_counter() - t0
+        check = {}
         if mode != "bf16" and jax.default_backend() == "gpu":
             report["xla_fp8_round_trip_rounds"] = xla_fp8_round_trip_rounds()
             log.info("XLA rounds a float32 -> fp8 -> float32 round trip in one jit: %s",
                      report["xla_fp8_round_trip_rounds"])
-            row["check"], row["act_quant"] = check_fp8(model, B)
+            check["check"], check["act_quant"] = check_fp8(model, B)
             log.info("%s: kernels vs reference %s (ok); the reference's activation quantization %s", mode,
-                     {k: f"{v:.1e}" for k, v in row["check"].items()},
-                     {k: f"{v:.1e}" for k, v in row["act_quant"].items()})
-        row.update(profile_mode(model, cfg, B, C, steps, reps, args.page_size, args.smoke))
-        report["modes"][mode] = row
-        with open(path, "w") as f:
-            json.dump(report, f, indent=1)
-        log.info("%s: step %.2f ms (floor %.2f ms), compile %.0f s, %.0f s so far", mode, row["step_ms"],
-                 row["floor_ms"], row["compile_s"], time.perf_counter() - t_all)
-        for c, v in sorted(row.get("categories", {}).items(), key=lambda kv: -kv[1]["us"]):
-            log.info("  %-50s %8.1f us/step  %5.0f launches/step", c, v["us"], v["n"])
-        for k in row.get("top", [])[:12]:
-            log.info("  %8.1f us (%.0f)  %s", k["us"], k["n"], k["name"])
+                     {k: f"{v:.1e}" for k, v in check["check"].items()},
+                     {k: f"{v:.1e}" for k, v in check["act_quant"].items()})
+        for b in batches:
+            key = mode if len(batches) == 1 else f"{mode} B={b}"
+            row = dict(batch=b, init_s=init_s, weight_bytes=weight_bytes(model), **check)
+            nbytes, _ = step_bytes(cfg, model, b, C, 1)
+            row["floor_ms"] = nbytes / args.bandwidth * 1e3
+            row["bytes"] = nbytes
+            row.update(profile_mode(model, cfg, b, C, steps, reps, args.page_size, args.smoke))
+            report["modes"][key] = row
+            with open(path, "w") as f:
+                json.dump(report, f, indent=1)
+            log.info("%s: step %.2f ms (floor %.2f ms), compile %.0f s, %.0f s so far", key, row["step_ms"],
+                     row["floor_ms"], row["compile_s"], time.perf_counter() - t_all)
+            for c, v in sorted(row.get("categories", {}).items(), key=lambda kv: -kv[1]["us"]):
+                log.info("  %-50s %8.1f us/step  %5.0f launches/step", c, v["us"], v["n"])
+            for k in row.get("top", [])[:12]:
+                log.info("  %8.1f us (%.0f)  %s", k["us"], k["n"], k["name"])
     print(f"\n{report['device']}, {name} ({cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}), "
-          f"decode B={B} C={C}, {args.scheme}")
+          f"decode B={','.join(map(str, batches))} C={C}, {args.scheme}")
     print("| mode | step ms | floor ms | busy us | gaps us | kernels/step | GiB weights |\n|---|---|---|---|---|---|---|")
     for mode, r in report["modes"].items():
         print(f"| {mode} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | {r.get('busy_us', 0):.0f} | "
