@@ -208,6 +208,8 @@ def main(argv=None):
     p.add_argument("--page-size", type=int, default=64, help="MLA latent positions per page (default 64)")
     p.add_argument("--bandwidth", type=float, default=4.3e12,
                    help="copy bandwidth for the floor in bytes/s (default 4.3e12, the H200 measured)")
+    p.add_argument("--check-only", action="store_true",
+                   help="FP8 modes: only the device check of the kernels against the reference math (no timing)")
     p.add_argument("--smoke", action="store_true", help="CPU plumbing check: tiny preset, no trace")
     p.add_argument("--out", default=os.environ.get("OUT", "scripts/results"),
                    help="directory of profile_fp8.json (default $OUT or scripts/results)")
@@ -256,6 +258,11 @@ def main(argv=None):
             log.info("%s: kernels vs reference %s (ok); the reference's activation quantization %s", mode,
                      {k: f"{v:.1e}" for k, v in check["check"].items()},
                      {k: f"{v:.1e}" for k, v in check["act_quant"].items()})
+        if args.check_only:
+            report["modes"][mode] = dict(init_s=init_s, **check)
+            with open(path, "w") as f:
+                json.dump(report, f, indent=1)
+            continue
         for b in batches:
             key = mode if len(batches) == 1 else f"{mode} B={b}"
             row = dict(batch=b, init_s=init_s, weight_bytes=weight_bytes(model), **check)
@@ -272,6 +279,9 @@ def main(argv=None):
                 log.info("  %-50s %8.1f us/step  %5.0f launches/step", c, v["us"], v["n"])
             for k in row.get("top", [])[:12]:
                 log.info("  %8.1f us (%.0f)  %s", k["us"], k["n"], k["name"])
+    if args.check_only:
+        print("FP8 kernels vs the reference math on the device:", {m: r.get("check") for m, r in report["modes"].items()})
+        return 0
     print(f"\n{report['device']}, {name} ({cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}), "
           f"decode B={','.join(map(str, batches))} C={C}, {args.scheme}")
     print("| mode | step ms | floor ms | busy us | gaps us | kernels/step | GiB weights |\n|---|---|---|---|---|---|---|")
