@@ -61,8 +61,8 @@ KMAJOR_DENSE = ("block-decode", "block-k64-tail", "column-group", "channel-token
                 "block-fused-f16")
 KMAJOR_MOE = ("block-many", "channel-token-bm32")
 # cases whose launch quantizes the activations in the kernel (gpu.fused_quant: per-group scales, 128-deep
-# k-steps, a config with quant_a: pick_config's for decode sizes): the kernel reads x itself
-FUSED_DENSE = ("block-decode", "channel-group-fused", "block-fused-f16")
+# k-steps, a config with quant_a: an option, not pick_config's default): the kernel reads x itself
+FUSED_DENSE = ("channel-group-fused", "block-fused-f16")
 FUSED_MOE = ("block-decode", "block-many")       # also run with QUANT_A (gpu_fp8.fused_quant), K-major
 
 
