@@ -9,7 +9,8 @@ run in turn on one GPU, one model in memory at a time):
                 the layout before K-major weights (the weight tiles loaded unpipelined)
 For each mode: first a correctness check on the device (FP8: one projection of each kind and one
 MoE layer through the GPU kernels against the reference math, quant.matmul / the dequantized
-experts, at B tokens: within 1e-2 relative (experts 2e-2; the error model is in check_fp8)),
+experts (each grouped matmul, and whole), at B tokens: within 1e-2 relative (whole experts 5e-2; the
+error model is in check_fp8)),
 then --steps decode steps of B requests at context C (bench_e2e.decode_setup: the engine's step and
 greedy sampling, paged MLA cache) timed (median of --reps) and traced under the XLA profiler
 (bench_linear_attention.device_trace). Per mode it prints the step time, the floor (bytes a step must
@@ -62,15 +63,20 @@ def category(name: str) -> str:
 
 def check_fp8(model, B, tol=1e-2):
     """The GPU kernels against the reference math on the device, at B tokens: one projection of each
-    FP8 kind (linear-attention q, MLA q_b / kv_a, the dense MLP's down, a shared expert's gate) and one
-    MoE layer's experts (bound 2 tol: two quantized matmuls and the bf16 h between them). Returns
+    FP8 kind (linear-attention q, MLA q_b / kv_a, the dense MLP's down, a shared expert's gate), one
+    MoE layer's two grouped matmuls each on the same input (gate_up on x, down on the kernel's h;
+    bound tol) and the whole experts (bound 5 tol: see below). Returns
     ({name: relative error}, {name: the activation quantization's size}); raises if any error exceeds
     its bound or if the reference does not quantize its activations.
 
     Error model. Both sides multiply the same float8_e4m3fn operands (activations quantized per token
     group, round to nearest even: quant.round_e4m3 / the kernels' _round_e4m3). They differ by the
-    reference's bf16 roundings (dequantized activations and weights, 2^-9 relative each, RMS ~1e-3),
-    the bf16 outputs (~1e-3) and float32 sums in another order: ~2-3e-3 relative in all, bound 1e-2.
+    reference's bf16 roundings (dequantized activations and weights, 2^-9 relative each, RMS ~1.6e-3),
+    the bf16 outputs (~1.6e-3 each) and float32 sums in another order: ~3e-3 relative in all (device
+    call A: 4.1-4.9e-3), bound 1e-2. The whole experts quantize h, which the two sides computed with
+    those ~5e-3 differences: an element of h within that distance of an fp8 rounding boundary
+    (~5e-3 / 2^-4, ~8% of them) rounds the other way, off by one fp8 step (~9%): sqrt(0.08) * 0.09
+    = ~2.5% (device call A: 2.0e-2), bound 5e-2; the per-matmul checks are the sharp ones.
     The fp8 rounding itself (3 mantissa bits: at most 2^-4 relative per element, RMS 2^-3 / sqrt(12) /
     sqrt(2) = 2.55% for values spread over a binade) is common to both and cancels. Session 4 measured
     2.6% here (4.4% for the experts) because XLA's GPU pipeline had removed the reference's
@@ -114,6 +120,7 @@ def check_fp8(model, B, tol=1e-2):
         errs[name], act_quant[name] = rel(got, want), rel(want, plain)
     moe = next((l.mlp for l in model.layers if l.is_moe), None)
     if moe is not None and quant.is_fp8(moe.w_gate.get_value()):
+        from lingjax.kernels.moe import gpu_fp8, make_layout, reference as moe_ref
         x = jnp.asarray(rng.standard_normal((B, cfg.hidden_size)), model.dtype)
         idx, w = moe.route(x)
         ws = (moe.w_gate.get_value(), moe.w_up.get_value(), moe.w_down.get_value())
@@ -121,10 +128,23 @@ def check_fp8(model, B, tol=1e-2):
         want = jax.jit(lambda *a: moe_kernels.experts(*a, impl="reference"))(x, idx, w, *ws)
         plain = jax.jit(lambda *a: moe_kernels.experts(*a, impl="reference"))(x, idx, w, *map(weight_only, ws))
         errs["moe.experts"], act_quant["moe.experts"] = rel(got, want), rel(want, plain)
-    bound = {k: 2 * tol if k == "moe.experts" else tol for k in errs}
+        # each grouped matmul on the same input (gate_up on x; down on the kernel's own h), so that an
+        # fp8 rounding of h moved by the bf16 differences of gate_up does not count twice
+        E, n_pairs = cfg.num_experts, idx.size
+        lay = make_layout(idx.astype(jnp.int32), E, gpu_fp8.pick_block_m(n_pairs, E), gpu_fp8.pick_layout_method(n_pairs))
+        used = np.repeat(np.asarray(lay.block_expert) >= 0, lay.block_m)
+        act = ws[0].act
+        deq = [quant.dequantize(v, x.dtype) for v in ws]
+        h = jax.jit(lambda x, a, b: gpu_fp8.gate_up(x, lay, a, b, x.dtype))(x, ws[0], ws[1])
+        h_ref = jax.jit(lambda x, a, b: moe_ref.gate_up(quant.quantize_activation(x, act), lay, a, b))(x, deq[0], deq[1])
+        y = jax.jit(lambda h, c: gpu_fp8.down(h, lay, c, x.dtype))(h, ws[2])
+        y_ref = jax.jit(lambda h, c: moe_ref.down(quant.quantize_activation(h, act), lay, c))(h, deq[2])
+        errs["moe.gate_up"] = rel(np.asarray(h)[used], np.asarray(h_ref)[used])
+        errs["moe.down"] = rel(np.asarray(y)[used], np.asarray(y_ref)[used])
+    bound = {k: 5 * tol if k == "moe.experts" else tol for k in errs}
     bad = {k: v for k, v in errs.items() if not v < bound[k]}
     if bad:
-        raise SystemExit(f"FP8 GPU kernels differ from the reference math beyond {tol} (experts {2 * tol}): {bad}")
+        raise SystemExit(f"FP8 GPU kernels differ from the reference math beyond {tol} (whole experts {5 * tol}): {bad}")
     noq = {k: v for k, v in act_quant.items() if not 0.01 < v < 0.1}
     if noq:
         raise SystemExit(f"the reference's activation quantization is not the fp8 rounding's size (1-10%): {noq}")
