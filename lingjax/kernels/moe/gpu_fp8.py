@@ -150,9 +150,10 @@ def gate_up(x, layout, w_gate, w_up, out_dtype, *, config: Config | None = None)
         GROUP_M=c.group_m, **sa)
 
 
-def down(h, layout, w_down, out_dtype, *, config: Config | None = None):
+def down(h, layout, w_down, out_dtype, n_tokens: int, *, config: Config | None = None):
     """y [P, d] = h Wd[e] per block, fp8 products, float32 sums, out_dtype; h [P, I] unquantized,
-    quantized per the weights' format (in the kernel under fused_quant)."""
+    quantized per the weights' format (in the kernel under fused_quant). Rows of the layout's padding
+    (row_token == n_tokens, the T of gate_up's x) are not read and stay unwritten in y."""
     from lingjax.kernels.jax_triton_lib import jax_triton
     from lingjax.kernels.moe.triton_fp8 import down_fp8_kernel
     jt = jax_triton()
@@ -163,10 +164,10 @@ def down(h, layout, w_down, out_dtype, *, config: Config | None = None):
     hq, hs, groups = _act_parts(h, w_down.act, I, c)
     sa = scale_args(groups, w_down, d, c.block_k, fused_quant(w_down.act, I, c))
     return jt.triton_call(
-        hq, hs, layout.block_expert, w_down.q, w_down.scale.astype(jnp.float32), kernel=down_fp8_kernel,
-        out_shape=jax.ShapeDtypeStruct((P, d), out_dtype), grid=(nb * (d // c.block_n),),
+        hq, hs, layout.row_token, layout.block_expert, w_down.q, w_down.scale.astype(jnp.float32),
+        kernel=down_fp8_kernel, out_shape=jax.ShapeDtypeStruct((P, d), out_dtype), grid=(nb * (d // c.block_n),),
         num_warps=c.num_warps, num_stages=c.num_stages, name="moe_down_fp8",
-        K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, **sa)
+        N_TOKENS=n_tokens, K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, **sa)
 
 
 def grouped(x, layout, w_gate, w_up, w_down, *, gate_up_config: Config | None = None,
@@ -175,4 +176,4 @@ def grouped(x, layout, w_gate, w_up, w_down, *, gate_up_config: Config | None = 
     x [T, d] -> y [P, d] in x.dtype, the activations quantized per the weights' format for each
     (before it, or inside it at decode sizes: fused_quant)."""
     h = gate_up(x, layout, w_gate, w_up, x.dtype, config=gate_up_config)
-    return down(h, layout, w_down, x.dtype, config=down_config)
+    return down(h, layout, w_down, x.dtype, x.shape[0], config=down_config)
