@@ -52,8 +52,8 @@ def pick_block_m(n_pairs: int, n_experts: int) -> int:
     in the kernel) against the bf16 kernels' ~20; session 5's device call A measured them at 1.33 TB/s
     (31% of the copy bandwidth; the bf16 ones stream at ~100%). 64-row blocks run the fp8 wgmma, which
     reads both fp8 operands from shared memory (~60-80 per KiB). The padding rows cost no weight bytes
-    (an expert's weights are read once per block either way); their h / y rows are written (small
-    beside the weights: y is ~4% of a decode step's expert bytes)."""
+    (an expert's weights are read once per block either way); gate_up writes their h rows (zeros),
+    down skips them."""
     avg = n_pairs / max(n_experts, 1)
     return 64 if avg <= 64 else 128
 
@@ -174,6 +174,6 @@ def grouped(x, layout, w_gate, w_up, w_down, *, gate_up_config: Config | None = 
             down_config: Config | None = None):
     """The two FP8 grouped matmuls over a layout (make_layout with pick_block_m's rows per block):
     x [T, d] -> y [P, d] in x.dtype, the activations quantized per the weights' format for each
-    (before it, or inside it at decode sizes: fused_quant)."""
+    (before it; inside it where a config asks for it: fused_quant)."""
     h = gate_up(x, layout, w_gate, w_up, x.dtype, config=gate_up_config)
     return down(h, layout, w_down, x.dtype, x.shape[0], config=down_config)
