@@ -15,7 +15,8 @@ h_q [P, K], h_s [P, GA] (down); weights float8_e4m3fn [E, K, N] or, B_KMAJOR, K-
 asynchronously, pipelined; see lingjax/kernels/fp8/triton_kernels.py) with float32 scales [E, NK, NN] (NK = 1
 or ceil(K / 128); NN = 1, N, or ceil(N / 128)). fp8 products on the tensor cores, float32
 accumulation; with PER_K_SCALE each k-block's product is scaled before it is added (BLOCK_K divides
-128), else the sum over K is scaled once at the end (see lingjax/kernels/fp8/triton_kernels.py for the
+128), else the sum over K is scaled once at the end (each k-block's tensor-core sum added in float32:
+max_num_imprecise_acc, see lingjax/kernels/fp8/triton_kernels.py) (see lingjax/kernels/fp8/triton_kernels.py for the
 scale addressing: x_s[r, g * A_PER_K], w_s[e, g * B_PER_K, n // B_BLOCK_N]).
   gate_up: h[r] = silu(x[tok] Wg[e]) * (x[tok] Wu[e])      -> h [P, N] in h's dtype
   down:    y[r] = h[r] Wd[e]                                -> y [P, N] in y's dtype; padding rows
@@ -94,8 +95,8 @@ def gate_up_fp8_kernel(x_ptr, xs_ptr, row_token_ptr, block_expert_ptr, wg_ptr, w
                 acc_g += tl.dot(a, tl.load(g_ptrs)) * (sa * sg)
                 acc_u += tl.dot(a, tl.load(u_ptrs)) * (sa * su)
             else:
-                acc_g = tl.dot(a, tl.load(g_ptrs), acc_g)
-                acc_u = tl.dot(a, tl.load(u_ptrs), acc_u)
+                acc_g = tl.dot(a, tl.load(g_ptrs), acc_g, max_num_imprecise_acc=BLOCK_K)
+                acc_u = tl.dot(a, tl.load(u_ptrs), acc_u, max_num_imprecise_acc=BLOCK_K)
             a_ptrs += BLOCK_K
             g_ptrs += BLOCK_K if B_KMAJOR else BLOCK_K * N
             u_ptrs += BLOCK_K if B_KMAJOR else BLOCK_K * N
@@ -138,7 +139,7 @@ def down_fp8_kernel(h_ptr, hs_ptr, row_token_ptr, block_expert_ptr, w_ptr, ws_pt
                 sw = _w_scale(ws_ptr, e, grp, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :]
                 acc += tl.dot(a, tl.load(w_ptrs)) * (sa * sw)
             else:
-                acc = tl.dot(a, tl.load(w_ptrs), acc)
+                acc = tl.dot(a, tl.load(w_ptrs), acc, max_num_imprecise_acc=BLOCK_K)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K if B_KMAJOR else BLOCK_K * N
         if not PER_K_SCALE:
