@@ -38,7 +38,7 @@ table in one run; scripts/bench_moe.py old_forms). Writes JSON to --out (default
         --quantize fp8-block      # nvidia-h200: full depth in FP8 (98.3 GiB of weights: JAX's default 75% cap
                                   # of the 140 GiB would leave 6.6 GiB for caches)
 FP8 (--quantize): MFU is still over the bf16 matmul rate (the FP8 tensor-core peak is twice that).
-    JAX_PLATFORMS=cpu PYTHONPATH=.:scripts python3 scripts/bench_e2e.py --preset tiny --smoke
+    JAX_PLATFORMS=cpu PYTHONPATH=.:scripts python3 scripts/bench_e2e.py --smoke [--quantize fp8-block]
     # issue 14 targets (nvidia-h200, < 4 min): batch 256 at a 131k cache, and the capacity at 40 GiB
     PYTHONPATH=.:scripts python3 scripts/bench_e2e.py --decode 256x131072,64x8192 --prefill 1x4096 \
         --e2e-max-tokens 0 --steps 10 --capacity 40
@@ -253,14 +253,17 @@ def capacity(model, mesh, cfg, gb, page_size, max_len, lo, hi, seed=0):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="flash8", help="model shapes (scripts/shapes.py): flash8, flash, 1t, tiny")
+    p.add_argument("--preset", default=None,
+                   help="model shapes (scripts/shapes.py): flash8 (default), flash, 1t, tiny (default under --smoke)")
     p.add_argument("--layers", type=int, help="override the preset's depth")
     p.add_argument("--vocab", type=int, help="override the preset's vocabulary")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    p.add_argument("--decode", default="1x1024,16x1024,64x1024,256x1024",
-                   help="decode rows BxC (batch x context), comma list")
-    p.add_argument("--prefill", default="1x4096,8x2048", help="prefill rows NxL (requests x tokens), comma list")
+    p.add_argument("--decode", default=None,
+                   help="decode rows BxC (batch x context), comma list (default 1x1024,16x1024,64x1024,256x1024; "
+                        "under --smoke 2x16)")
+    p.add_argument("--prefill", default=None,
+                   help="prefill rows NxL (requests x tokens), comma list (default 1x4096,8x2048; under --smoke 1x32)")
     p.add_argument("--steps", type=int, default=20, help="decode steps per timed run (default 20)")
     p.add_argument("--reps", type=int, default=3, help="timed runs; the median is reported (default 3)")
     p.add_argument("--e2e-max-tokens", type=int, default=300_000,
@@ -285,9 +288,14 @@ def main(argv=None):
                    help="capacity rows: request lengths uniform in LO,HI (default 1024,131072)")
     p.add_argument("--capacity-max-len", type=int, default=131072,
                    help="capacity rows: the context a per-slot cache reserves per request (default 131072)")
-    p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny sizes, 2 steps")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU smoke test: the tiny preset and small rows unless given, 2 steps, 1 rep")
     p.add_argument("--out", help="JSON output (default $OUT/bench_e2e.json when $OUT is set)")
     args = p.parse_args(argv)
+    for name, full, smoke in (("preset", "flash8", "tiny"), ("decode", "1x1024,16x1024,64x1024,256x1024", "2x16"),
+                              ("prefill", "1x4096,8x2048", "1x32")):
+        if getattr(args, name) is None:
+            setattr(args, name, smoke if args.smoke else full)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     import jax
     import jax.numpy as jnp

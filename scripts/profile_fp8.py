@@ -9,7 +9,8 @@ run in turn on one GPU, one model in memory at a time):
                 the layout before K-major weights (the weight tiles loaded unpipelined)
 For each mode: first a correctness check on the device (FP8: one projection of each kind and one
 MoE layer through the GPU kernels against the reference math, quant.matmul / the dequantized
-experts, at B tokens: within 2e-2 relative, the bf16 output rounding plus the float32 sums' order),
+experts (each grouped matmul, and whole), at B tokens: within 1e-2 relative (whole experts 5e-2; the
+error model is in check_fp8)),
 then --steps decode steps of B requests at context C (bench_e2e.decode_setup: the engine's step and
 greedy sampling, paged MLA cache) timed (median of --reps) and traced under the XLA profiler
 (bench_linear_attention.device_trace). Per mode it prints the step time, the floor (bytes a step must
@@ -60,10 +61,28 @@ def category(name: str) -> str:
     return "other"
 
 
-def check_fp8(model, B, tol=2e-2):
+def check_fp8(model, B, tol=1e-2):
     """The GPU kernels against the reference math on the device, at B tokens: one projection of each
-    FP8 kind (linear-attention q, MLA q_b / kv_a, the dense MLP's down, a shared expert's gate) and one
-    MoE layer's experts. Returns {name: relative error}; raises if any exceeds tol."""
+    FP8 kind (linear-attention q, MLA q_b / kv_a, the dense MLP's down, a shared expert's gate), one
+    MoE layer's two grouped matmuls each on the same input (gate_up on x, down on the kernel's h;
+    bound tol) and the whole experts (bound 5 tol: see below). Returns
+    ({name: relative error}, {name: the activation quantization's size}); raises if any error exceeds
+    its bound or if the reference does not quantize its activations.
+
+    Error model. Both sides multiply the same float8_e4m3fn operands (activations quantized per token
+    group, round to nearest even: quant.round_e4m3 / the kernels' _round_e4m3). They differ by the
+    reference's bf16 roundings (dequantized activations and weights, 2^-9 relative each, RMS ~1.6e-3),
+    the bf16 outputs (~1.6e-3 each) and float32 sums in another order: ~3e-3 relative in all (device
+    call A: 4.1-4.9e-3), bound 1e-2. The whole experts quantize h, which the two sides computed with
+    those ~5e-3 differences: an element of h within that distance of an fp8 rounding boundary
+    (~5e-3 / 2^-4, ~8% of them) rounds the other way, off by one fp8 step (~9%): sqrt(0.08) * 0.09
+    = ~2.5% (device call A: 2.0e-2), bound 5e-2; the per-matmul checks are the sharp ones.
+    The fp8 rounding itself (3 mantissa bits: at most 2^-4 relative per element, RMS 2^-3 / sqrt(12) /
+    sqrt(2) = 2.55% for values spread over a binade) is common to both and cancels. Session 4 measured
+    2.6% here (4.4% for the experts) because XLA's GPU pipeline had removed the reference's
+    float32 -> fp8 -> float32 round trip (SimplifyFPConversions), so that reference multiplied
+    unquantized activations: 2.55% is exactly the activation rounding. `act_quant` reports the
+    reference against unquantized activations, which must be that size (1-10%: 2.6%, experts 4.4%)."""
     import jax
     import jax.numpy as jnp
     from lingjax import quant
@@ -71,11 +90,14 @@ def check_fp8(model, B, tol=2e-2):
     from lingjax.kernels import moe as moe_kernels
     cfg = model.cfg
     rng = np.random.default_rng(0)
-    errs = {}
+    errs, act_quant = {}, {}
 
     def rel(a, b):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+    def weight_only(w):
+        return quant.FP8Weight(w.q, w.scale, w.block, "none", w.kmajor)
 
     dense = {}
     for i, layer in enumerate(model.layers):
@@ -94,19 +116,50 @@ def check_fp8(model, B, tol=2e-2):
         x = jnp.asarray(rng.standard_normal((B, w.shape[0])), model.dtype)
         got = jax.jit(lambda x, w: fp8_kernels.matmul(x, w, impl="gpu"))(x, w)
         want = jax.jit(lambda x, w: fp8_kernels.matmul(x, w, impl="reference"))(x, w)
-        errs[name] = rel(got, want)
+        plain = jax.jit(lambda x, w: fp8_kernels.matmul(x, w, impl="reference"))(x, weight_only(w))
+        errs[name], act_quant[name] = rel(got, want), rel(want, plain)
     moe = next((l.mlp for l in model.layers if l.is_moe), None)
     if moe is not None and quant.is_fp8(moe.w_gate.get_value()):
+        from lingjax.kernels.moe import gpu_fp8, make_layout, reference as moe_ref
         x = jnp.asarray(rng.standard_normal((B, cfg.hidden_size)), model.dtype)
         idx, w = moe.route(x)
         ws = (moe.w_gate.get_value(), moe.w_up.get_value(), moe.w_down.get_value())
         got = jax.jit(lambda *a: moe_kernels.experts(*a, impl="gpu"))(x, idx, w, *ws)
         want = jax.jit(lambda *a: moe_kernels.experts(*a, impl="reference"))(x, idx, w, *ws)
-        errs["moe.experts"] = rel(got, want)
-    bad = {k: v for k, v in errs.items() if not v < tol}
+        plain = jax.jit(lambda *a: moe_kernels.experts(*a, impl="reference"))(x, idx, w, *map(weight_only, ws))
+        errs["moe.experts"], act_quant["moe.experts"] = rel(got, want), rel(want, plain)
+        # each grouped matmul on the same input (gate_up on x; down on the kernel's own h), so that an
+        # fp8 rounding of h moved by the bf16 differences of gate_up does not count twice
+        E, n_pairs = cfg.num_experts, idx.size
+        lay = make_layout(idx.astype(jnp.int32), E, gpu_fp8.pick_block_m(n_pairs, E), gpu_fp8.pick_layout_method(n_pairs))
+        used = np.repeat(np.asarray(lay.block_expert) >= 0, lay.block_m)
+        real = used & (np.asarray(lay.row_token) < B)            # down leaves padding rows unwritten
+        act = ws[0].act
+        deq = [quant.dequantize(v, x.dtype) for v in ws]
+        h = jax.jit(lambda x, a, b: gpu_fp8.gate_up(x, lay, a, b, x.dtype))(x, ws[0], ws[1])
+        h_ref = jax.jit(lambda x, a, b: moe_ref.gate_up(quant.quantize_activation(x, act), lay, a, b))(x, deq[0], deq[1])
+        y = jax.jit(lambda h, c: gpu_fp8.down(h, lay, c, x.dtype, B))(h, ws[2])
+        y_ref = jax.jit(lambda h, c: moe_ref.down(quant.quantize_activation(h, act), lay, c))(h, deq[2])
+        errs["moe.gate_up"] = rel(np.asarray(h)[used], np.asarray(h_ref)[used])
+        errs["moe.down"] = rel(np.asarray(y)[real], np.asarray(y_ref)[real])
+    bound = {k: 5 * tol if k == "moe.experts" else tol for k in errs}
+    bad = {k: v for k, v in errs.items() if not v < bound[k]}
     if bad:
-        raise SystemExit(f"FP8 GPU kernels differ from the reference math beyond {tol}: {bad}")
-    return errs
+        raise SystemExit(f"FP8 GPU kernels differ from the reference math beyond {tol} (whole experts {5 * tol}): {bad}")
+    noq = {k: v for k, v in act_quant.items() if not 0.01 < v < 0.1}
+    if noq:
+        raise SystemExit(f"the reference's activation quantization is not the fp8 rounding's size (1-10%): {noq}")
+    return errs, act_quant
+
+
+def xla_fp8_round_trip_rounds() -> bool:
+    """Whether XLA on this backend rounds x.astype(float8_e4m3fn).astype(float32) inside one jit (the
+    round trip the reference math used before quant.round_e4m3: XLA's GPU pipeline removes it)."""
+    import jax
+    import jax.numpy as jnp
+    x = jnp.float32(1.0 + 2.0 ** -6)                      # not an e4m3 value: rounds to 1.0
+    y = jax.jit(lambda v: v.astype(jnp.float8_e4m3fn).astype(jnp.float32))(x)
+    return float(y) != float(x)
 
 
 def profile_mode(model, cfg, B, C, steps, reps, page_size, smoke):
@@ -164,7 +217,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="flash8", help="model shapes (scripts/shapes.py; default flash8)")
     p.add_argument("--layers", type=int, help="override the preset's depth")
-    p.add_argument("--batch", type=int, default=16, help="decode batch B (default 16)")
+    p.add_argument("--batch", default="16", help="decode batch B, or a comma list (each profiled on the same model; "
+                                              "default 16)")
     p.add_argument("--context", type=int, default=1024, help="context C of every request (default 1024)")
     p.add_argument("--modes", default="bf16,fp8,fp8-inout", help="comma list of bf16, fp8, fp8-inout")
     p.add_argument("--scheme", choices=("fp8-block", "fp8-channel"), default="fp8-block",
@@ -175,6 +229,8 @@ def main(argv=None):
     p.add_argument("--page-size", type=int, default=64, help="MLA latent positions per page (default 64)")
     p.add_argument("--bandwidth", type=float, default=4.3e12,
                    help="copy bandwidth for the floor in bytes/s (default 4.3e12, the H200 measured)")
+    p.add_argument("--check-only", action="store_true",
+                   help="FP8 modes: only the device check of the kernels against the reference math (no timing)")
     p.add_argument("--smoke", action="store_true", help="CPU plumbing check: tiny preset, no trace")
     p.add_argument("--out", default=os.environ.get("OUT", "scripts/results"),
                    help="directory of profile_fp8.json (default $OUT or scripts/results)")
@@ -190,11 +246,12 @@ def main(argv=None):
         if m not in ("bf16", "fp8", "fp8-inout"):
             p.error(f"unknown mode {m!r} (bf16, fp8, fp8-inout)")
     cfg = preset("tiny" if args.smoke else args.preset, args.layers)
-    B, C = (2, 8) if args.smoke else (args.batch, args.context)
+    batches = [2] if args.smoke else [int(b) for b in args.batch.split(",") if b]
+    B, C = batches[0], (8 if args.smoke else args.context)
     steps, reps = (2, 1) if args.smoke else (args.steps, args.reps)
     name = "tiny" if args.smoke else args.preset
     report = dict(device=jax.devices()[0].device_kind, preset=name, layers=cfg.num_hidden_layers,
-                  vocab=cfg.vocab_size, batch=B, context=C, scheme=args.scheme, steps=steps, modes={})
+                  vocab=cfg.vocab_size, batch=batches, context=C, scheme=args.scheme, steps=steps, modes={})
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "profile_fp8.json")
     t_all = time.perf_counter()
@@ -212,25 +269,42 @@ def main(argv=None):
         else:
             quant.to_kernel_layout(model, kmajor=(mode == "fp8"))
         jax.block_until_ready(jax.tree.leaves(model))
-        row = dict(init_s=time.perf_counter() - t0, weight_bytes=weight_bytes(model))
-        nbytes, _ = step_bytes(cfg, model, B, C, 1)
-        row["floor_ms"] = nbytes / args.bandwidth * 1e3
-        row["bytes"] = nbytes
+        init_s = time.perf_counter() - t0
+        check = {}
         if mode != "bf16" and jax.default_backend() == "gpu":
-            row["check"] = check_fp8(model, B)
-            log.info("%s: kernels vs reference %s", mode, {k: f"{v:.1e}" for k, v in row["check"].items()})
-        row.update(profile_mode(model, cfg, B, C, steps, reps, args.page_size, args.smoke))
-        report["modes"][mode] = row
-        with open(path, "w") as f:
-            json.dump(report, f, indent=1)
-        log.info("%s: step %.2f ms (floor %.2f ms), compile %.0f s, %.0f s so far", mode, row["step_ms"],
-                 row["floor_ms"], row["compile_s"], time.perf_counter() - t_all)
-        for c, v in sorted(row.get("categories", {}).items(), key=lambda kv: -kv[1]["us"]):
-            log.info("  %-50s %8.1f us/step  %5.0f launches/step", c, v["us"], v["n"])
-        for k in row.get("top", [])[:12]:
-            log.info("  %8.1f us (%.0f)  %s", k["us"], k["n"], k["name"])
+            report["xla_fp8_round_trip_rounds"] = xla_fp8_round_trip_rounds()
+            log.info("XLA rounds a float32 -> fp8 -> float32 round trip in one jit: %s",
+                     report["xla_fp8_round_trip_rounds"])
+            check["check"], check["act_quant"] = check_fp8(model, B)
+            log.info("%s: kernels vs reference %s (ok); the reference's activation quantization %s", mode,
+                     {k: f"{v:.1e}" for k, v in check["check"].items()},
+                     {k: f"{v:.1e}" for k, v in check["act_quant"].items()})
+        if args.check_only:
+            report["modes"][mode] = dict(init_s=init_s, **check)
+            with open(path, "w") as f:
+                json.dump(report, f, indent=1)
+            continue
+        for b in batches:
+            key = mode if len(batches) == 1 else f"{mode} B={b}"
+            row = dict(batch=b, init_s=init_s, weight_bytes=weight_bytes(model), **check)
+            nbytes, _ = step_bytes(cfg, model, b, C, 1)
+            row["floor_ms"] = nbytes / args.bandwidth * 1e3
+            row["bytes"] = nbytes
+            row.update(profile_mode(model, cfg, b, C, steps, reps, args.page_size, args.smoke))
+            report["modes"][key] = row
+            with open(path, "w") as f:
+                json.dump(report, f, indent=1)
+            log.info("%s: step %.2f ms (floor %.2f ms), compile %.0f s, %.0f s so far", key, row["step_ms"],
+                     row["floor_ms"], row["compile_s"], time.perf_counter() - t_all)
+            for c, v in sorted(row.get("categories", {}).items(), key=lambda kv: -kv[1]["us"]):
+                log.info("  %-50s %8.1f us/step  %5.0f launches/step", c, v["us"], v["n"])
+            for k in row.get("top", [])[:12]:
+                log.info("  %8.1f us (%.0f)  %s", k["us"], k["n"], k["name"])
+    if args.check_only:
+        print("FP8 kernels vs the reference math on the device:", {m: r.get("check") for m, r in report["modes"].items()})
+        return 0
     print(f"\n{report['device']}, {name} ({cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}), "
-          f"decode B={B} C={C}, {args.scheme}")
+          f"decode B={','.join(map(str, batches))} C={C}, {args.scheme}")
     print("| mode | step ms | floor ms | busy us | gaps us | kernels/step | GiB weights |\n|---|---|---|---|---|---|---|")
     for mode, r in report["modes"].items():
         print(f"| {mode} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | {r.get('busy_us', 0):.0f} | "

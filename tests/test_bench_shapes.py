@@ -53,3 +53,35 @@ def test_hash_fill_statistics():
     assert abs(np.corrcoef(v[:-1].ravel(), v[1:].ravel())[0, 1]) < 0.01              # along a column
     w = np.asarray(hash_fill(jnp.uint32(8), (64, 4096), jnp.float32, 1.0), np.float64)
     assert abs(np.corrcoef(v.ravel(), w.ravel())[0, 1]) < 0.01                       # seeds
+
+
+def test_random_fp8_model_and_a_bench_decode_step():
+    """shapes.random_fp8_model, the FP8 benches' model (bench_e2e --quantize, profile_fp8), at tiny size
+    (4 layers: linear, MLA, dense MLP, MoE): each param shapes.is_quantized_param names is an FP8Weight
+    stored K-major (q float8_e4m3fn [..., out, in], 128x128-block scales [..., n_in, n_out], per-group
+    activations) whose values dequantize to ~N(0, 0.02) (sd within 20%: a few thousand values per
+    matrix); the other params stay plain. One decode step of the benches (bench_e2e.decode_setup:
+    engine step + greedy sampling over the paged MLA cache) runs on it and gives in-vocabulary tokens.
+    (The FP8 math itself is checked against the dequantized model in tests/test_fp8.py; this is the
+    benches' plumbing, which had no test: session 5's device call lost every FP8 bench to a NameError.)"""
+    from bench_e2e import decode_setup
+    from shapes import is_quantized_param, random_fp8_model
+
+    from lingjax import quant
+    cfg = preset("tiny", layers=4)
+    model = random_fp8_model(cfg, jnp.bfloat16, "fp8-block")
+    n_fp8 = 0
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        v = var.get_value()
+        assert quant.is_fp8(v) == is_quantized_param(path), path
+        if quant.is_fp8(v):
+            n_fp8 += 1
+            K, N = v.shape[-2:]
+            assert v.kmajor and v.q.dtype == jnp.float8_e4m3fn and v.q.shape[-2:] == (N, K), path
+            assert v.scale.shape[-2:] == (-(-K // 128), -(-N // 128)) and v.act == "group", path
+            assert abs(float(np.asarray(quant.dequantize(v)).std()) - 0.02) < 4e-3, path
+    assert n_fp8 >= 10
+    f, state, caches, batch = decode_setup(model, cfg, None, 2, 8, 4)
+    toks, caches = f(state, caches, batch)
+    toks = np.asarray(toks)
+    assert toks.shape == (2,) and ((0 <= toks) & (toks < cfg.vocab_size)).all()

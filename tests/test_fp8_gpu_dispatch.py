@@ -123,25 +123,23 @@ def _ptx_ops(ptx):
 @pytest.mark.parametrize("M,block,act", [(1, (128, 128), "group"), (64, (128, 128), "group"),
                                          (4096, (128, 128), "group"), (16, (0, 1), "token")])
 def test_dense_fp8_kernel_compiles_for_sm90(jax_triton_call, M, block, act):
-    """Flash's 4096 x 4096 projection: decode M=1 (16-row tiles: mma.sync, fp8 converted in
-    registers), M=64 (64-row tiles, split-K) and prefill M=4096 (128 x 128 tiles, 8 warps) on the fp8
-    wgmma; pipelined loads; within sm_90's shared memory."""
+    """Flash's 4096 x 4096 projection: decode M=1 and M=64 (one 64-row tile, split-K) and prefill
+    M=4096 (128 x 128 tiles, 8 warps), all on the fp8 wgmma (no f16 conversion: gpu.pick_config);
+    pipelined loads; within sm_90's shared memory."""
     jx = jax.make_jaxpr(fp8_gpu.matmul)(sd((M, 4096), jnp.bfloat16), _fp8_weight(4096, 4096, block, act))
     eqn, = _triton_calls(jax_triton_call, jx.jaxpr)
     assert eqn.params["PER_K_SCALE"] == (act == "group")
     shared, ptx, _ = _compile_call(jax_triton_call, eqn)
     wgmma, mma = _ptx_ops(ptx)
     assert 0 < shared <= SM90_SMEM and "cp.async" in ptx
-    if M >= 64:
-        assert wgmma == {"e4m3"}, wgmma
-    else:
-        assert mma
+    assert eqn.params["BLOCK_M"] >= 64 and wgmma == {"e4m3"} and not mma, (wgmma, mma)
 
 
 @pytest.mark.parametrize("T", [16, 4096])
 def test_moe_fp8_kernels_compile_for_sm90(jax_triton_call, T):
     """The FP8 grouped matmuls at Ling-2.6-flash's expert shapes (256 experts, d 4096, I 1024, top-8)
-    through the moe dispatch: decode-sized blocks (16 rows) and prefill blocks (128 rows: fp8 wgmma)."""
+    through the moe dispatch: decode-sized blocks (64 rows, gpu_fp8.pick_block_m) and prefill blocks
+    (128 rows), both on the fp8 wgmma."""
     E, d, I, k = 256, 4096, 1024, 8
     wg, wd = _fp8_weight(d, I, E=E), _fp8_weight(I, d, E=E)
     args = (sd((T, d), jnp.bfloat16), sd((T, k), jnp.int32), sd((T, k), jnp.float32), wg, wg, wd)
@@ -149,11 +147,11 @@ def test_moe_fp8_kernels_compile_for_sm90(jax_triton_call, T):
     calls = _triton_calls(jax_triton_call, jx.jaxpr)
     assert [c.params["fn"].fn.__name__ for c in calls] == ["gate_up_fp8_kernel", "down_fp8_kernel"]
     for c in calls:
-        assert c.params["BLOCK_M"] == (16 if T == 16 else 128)
+        assert c.params["BLOCK_M"] == (64 if T == 16 else 128)
         shared, ptx, _ = _compile_call(jax_triton_call, c)
         wgmma, mma = _ptx_ops(ptx)
         assert 0 < shared <= SM90_SMEM
-        assert wgmma == {"e4m3"} if T == 4096 else mma, (wgmma, mma)
+        assert wgmma == {"e4m3"} and not mma, (wgmma, mma)
 
 
 @pytest.mark.parametrize("scheme", ["fp8-block", "fp8-channel"])
@@ -191,7 +189,8 @@ def test_kmajor_weights_stream_by_async_copies(jax_triton_call, kind, M):
     ld.shared left there are the activations' in-kernel quantization, a row reduction). In the param
     layout [K, N] the weight tiles go through registers unpipelined (fewer cp.async), or are gathered
     from shared memory byte by byte (scalar ld.shared): the FP8 decode slowdown of issue 18.
-    Flash's shapes, compiled for sm_90."""
+    Flash's shapes, compiled for sm_90 (the defaults run 64+-row tiles at every size since session 5:
+    gpu.pick_config, gpu_fp8.pick_block_m)."""
     counts = {}
     for kmajor in (False, True):
         if kind == "dense":
@@ -208,9 +207,10 @@ def test_kmajor_weights_stream_by_async_copies(jax_triton_call, kind, M):
         shared, ptx, _ = _compile_call(jax_triton_call, c)
         assert 0 < shared <= SM90_SMEM
         counts[kmajor] = _ptx_counts(ptx)
-        assert _ptx_ops(ptx)[0] == {"e4m3"} if M >= 64 else _ptx_ops(ptx)[1]
+        bm = c.params["BLOCK_M"]
+        assert _ptx_ops(ptx)[0] == {"e4m3"} if bm >= 64 else _ptx_ops(ptx)[1]
     (cp_io, ldm_io, lds_io), (cp_k, ldm_k, lds_k) = counts[False], counts[True]
-    if M >= 64:
+    if bm >= 64:
         assert cp_k > cp_io > 0, counts
     else:
         assert ldm_k > ldm_io and 4 * lds_k < lds_io, counts

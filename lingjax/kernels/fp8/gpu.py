@@ -3,8 +3,8 @@
     y = matmul(x, w)          x [..., K] (bf16 / f16 / f32), w an FP8Weight [K, N] -> [..., N] in x.dtype
 
 The activations are quantized as the reference path quantizes them (quant.quantize_activation_fp8's
-float8 values and scales): at decode sizes inside the kernel as it loads them (per-group scaling;
-Config.quant_a, fused_quant), otherwise first, in jnp; then one kernel multiplies the fp8 operands on
+float8 values and scales): first, in jnp (or, as an option for sweeps, inside the kernel as it loads
+them: per-group scaling, Config.quant_a, fused_quant); then one kernel multiplies the fp8 operands on
 the tensor cores with float32 accumulation and applies both scales (per k-block where they vary along K). `supports(x, w)`
 says whether a weight's layout is one the kernel takes (else the dispatch uses the reference):
 activations quantized per token or per group of 128 (act "token" / "group"; weight-only FP8, act
@@ -45,17 +45,19 @@ def _cdiv(a, b):
 
 
 def pick_config(M: int, N: int, K: int) -> Config:
-    """Static tile choice (not yet tuned on a device: scripts/bench_fp8.py measures it). Decode-sized M
-    (<= 64): the weight is streamed once, so the programs must cover the SMs: 16..64-row tiles,
-    128-wide column tiles for wide outputs (16 tiles or more; else 64-wide), and split-K (shares of the
-    128-deep k-blocks, float32 partials summed after) up to 2 programs per SM, the partials kept under
-    a quarter of the weight's bytes (split <= K / (16 M)). Larger M: 64 x 128 tiles up to 256 rows, then
-    128 x 128 tiles with 8 warps and 3 stages (fp8 operand tiles are half the bytes of bf16 ones).
-    Decode-sized M quantizes per-group activations in the kernel (quant_a: no separate XLA pass, no
-    fp8 copy of x); larger M quantizes them once before the kernel (in the kernel every column tile
-    would quantize its rows again)."""
+    """Static tile choice. Decode-sized M (<= 64): one 64-row tile (the fp8 wgmma: Triton runs a
+    tl.dot of fewer than 64 rows on sm_90 as mma.sync, which has no fp8 form there and converts every
+    fp8 operand to f16 in registers: ~2-4x the loop's instructions; session 5's device call A measured
+    the 16-row kernels at ~4x their weight bytes' time). The weight is streamed once, so the programs
+    must cover the SMs: 128-wide column tiles for wide outputs (16 tiles or more; else 64-wide), and
+    split-K (shares of the 128-deep k-blocks, float32 partials summed after) up to 2 programs per SM,
+    the partials kept under a quarter of the weight's bytes (split <= K / (16 M)). Larger M: 64 x 128
+    tiles up to 256 rows, then 128 x 128 tiles with 8 warps and 3 stages (fp8 operand tiles are half
+    the bytes of bf16 ones). The activations are quantized before the kernel
+    (quant.quantize_activation_fp8; quant_a, in the kernel, is an option for sweeps: every column
+    tile would quantize its rows again, ~6x the 64-row loop's instructions compiled for sm_90)."""
     if M <= 64:
-        bm = 16 if M <= 16 else (32 if M <= 32 else 64)
+        bm = 64
         nm = _cdiv(M, bm)
         bn = 128 if _cdiv(N, 128) >= 16 else 64
         tiles = nm * _cdiv(N, bn)
@@ -64,7 +66,7 @@ def pick_config(M: int, N: int, K: int) -> Config:
         if tiles < 2 * NUM_SMS:
             split = max(1, min(nkb, _cdiv(2 * NUM_SMS, tiles), K // (16 * M)))
             split = _cdiv(nkb, _cdiv(nkb, split))          # no empty splits
-        return Config(bm, bn, split_k=split, quant_a=True)
+        return Config(bm, bn, split_k=split)
     if M <= 256:
         return Config(64, 128, num_warps=4, num_stages=4)
     return Config(128, 128, num_warps=8, num_stages=3)

@@ -6,7 +6,7 @@ lingjax.kernels.moe.experts runs it between make_layout (rows per block: pick_bl
 The same steps as the bf16 path (gate_up with SiLU fused, then down),
 with the activations quantized as the weights' format says (quant.quantize_activation_fp8's values:
 per token or per token and 128-group; x for gate_up, h for down, exactly where the reference path
-quantizes; at decode sizes inside the kernels as they load them, fused_quant) and fp8 x fp8 products on the tensor cores with float32 accumulation. `supports` says
+quantizes; inside the kernels as they load them as an option, fused_quant) and fp8 x fp8 products on the tensor cores with float32 accumulation. `supports` says
 whether the kernels take the weights (activations quantized, weight blocks (0, 0), (0, 1), (128, 1) or
 (128, 128) with local scales, dims multiples of the tiles); otherwise the dispatch dequantizes
 (reference math). Weights in the param layout [E, K, N] or K-major [E, N, K] (quant.with_layout; the
@@ -44,24 +44,31 @@ def pick_layout_method(n_pairs: int) -> str:
 
 
 def pick_block_m(n_pairs: int, n_experts: int) -> int:
-    """Rows per block: about the rows an expert gets on average (16 at decode sizes, up to 128)."""
+    """Rows per block: at least 64 (about the rows an expert gets on average above that, up to 128).
+    Why not 16 at decode sizes as the bf16 path: Triton runs a tl.dot of fewer than 64 rows on sm_90
+    as mma.sync, which has no fp8 form there: every fp8 operand is converted to f16 in registers
+    (cvt.rn.f16x2.e4m3x2) before an f16 mma. Compiled for sm_90 (flash's experts, T=16), the 16-row
+    kernels' loop runs ~90 warp-instructions per KiB of weights (160 with the activations quantized
+    in the kernel) against the bf16 kernels' ~20; session 5's device call A measured them at 1.33 TB/s
+    (31% of the copy bandwidth; the bf16 ones stream at ~100%). 64-row blocks run the fp8 wgmma, which
+    reads both fp8 operands from shared memory (~60-80 per KiB). The padding rows cost no weight bytes
+    (an expert's weights are read once per block either way); gate_up writes their h rows (zeros),
+    down skips them."""
     avg = n_pairs / max(n_experts, 1)
-    for bm in (16, 32, 64):
-        if avg <= bm:
-            return bm
-    return 128
+    return 64 if avg <= 64 else 128
 
 
 def pick_config(kind: str, block_m: int, K: int, N: int) -> Config:
     """Static tiles: k-steps of 128 (one scale group; fp8 tiles are half the bytes of bf16 ones, so
     128-deep steps cost what the bf16 kernels' 64-deep ones do), 64-wide gate/up tiles (two weight
-    panels each) and 128-wide down tiles; deep pipelines for decode-sized blocks, 3 stages for large
-    blocks. Shrunk to small dims (tiny test models). Decode-sized blocks quantize per-group
-    activations in the kernel (quant_a; large blocks quantize them once before: in the kernel every
-    n tile would quantize its rows again)."""
+    panels each) and 128-wide down tiles; deep pipelines for blocks of <= 32 rows, 3 stages for larger
+    blocks. Shrunk to small dims (tiny test models). The activations are quantized before the kernels
+    (quant.quantize_activation_fp8, one small XLA pass each): quant_a (in the kernel) is an option for
+    sweeps, not the default: every n tile would quantize its rows again, and compiled for sm_90 it
+    doubles the 16-row loop's instructions (64-row blocks: x6)."""
     bn = 128 if kind == "down" else 64
     c = Config(block_n=bn, block_k=128, group_m=1 if block_m <= 32 else 8, num_warps=4,
-               num_stages=4 if block_m <= 32 else 3, quant_a=block_m <= 32)
+               num_stages=4 if block_m <= 32 else 3, quant_a=False)
     bn, bk = min(c.block_n, N), min(c.block_k, K)
     if N % bn or K % bk or bn < 16 or bk < 32:
         raise ValueError(f"MoE FP8 GPU kernel: dims K={K}, N={N} must be multiples of the tile ({bk}, {bn}), "
@@ -143,9 +150,10 @@ def gate_up(x, layout, w_gate, w_up, out_dtype, *, config: Config | None = None)
         GROUP_M=c.group_m, **sa)
 
 
-def down(h, layout, w_down, out_dtype, *, config: Config | None = None):
+def down(h, layout, w_down, out_dtype, n_tokens: int, *, config: Config | None = None):
     """y [P, d] = h Wd[e] per block, fp8 products, float32 sums, out_dtype; h [P, I] unquantized,
-    quantized per the weights' format (in the kernel under fused_quant)."""
+    quantized per the weights' format (in the kernel under fused_quant). Rows of the layout's padding
+    (row_token == n_tokens, the T of gate_up's x) are not read and stay unwritten in y."""
     from lingjax.kernels.jax_triton_lib import jax_triton
     from lingjax.kernels.moe.triton_fp8 import down_fp8_kernel
     jt = jax_triton()
@@ -156,16 +164,16 @@ def down(h, layout, w_down, out_dtype, *, config: Config | None = None):
     hq, hs, groups = _act_parts(h, w_down.act, I, c)
     sa = scale_args(groups, w_down, d, c.block_k, fused_quant(w_down.act, I, c))
     return jt.triton_call(
-        hq, hs, layout.block_expert, w_down.q, w_down.scale.astype(jnp.float32), kernel=down_fp8_kernel,
-        out_shape=jax.ShapeDtypeStruct((P, d), out_dtype), grid=(nb * (d // c.block_n),),
+        hq, hs, layout.row_token, layout.block_expert, w_down.q, w_down.scale.astype(jnp.float32),
+        kernel=down_fp8_kernel, out_shape=jax.ShapeDtypeStruct((P, d), out_dtype), grid=(nb * (d // c.block_n),),
         num_warps=c.num_warps, num_stages=c.num_stages, name="moe_down_fp8",
-        K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, **sa)
+        N_TOKENS=n_tokens, K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, **sa)
 
 
 def grouped(x, layout, w_gate, w_up, w_down, *, gate_up_config: Config | None = None,
             down_config: Config | None = None):
     """The two FP8 grouped matmuls over a layout (make_layout with pick_block_m's rows per block):
     x [T, d] -> y [P, d] in x.dtype, the activations quantized per the weights' format for each
-    (before it, or inside it at decode sizes: fused_quant)."""
+    (before it; inside it where a config asks for it: fused_quant)."""
     h = gate_up(x, layout, w_gate, w_up, x.dtype, config=gate_up_config)
-    return down(h, layout, w_down, x.dtype, config=down_config)
+    return down(h, layout, w_down, x.dtype, x.shape[0], config=down_config)

@@ -15,10 +15,13 @@ h_q [P, K], h_s [P, GA] (down); weights float8_e4m3fn [E, K, N] or, B_KMAJOR, K-
 asynchronously, pipelined; see lingjax/kernels/fp8/triton_kernels.py) with float32 scales [E, NK, NN] (NK = 1
 or ceil(K / 128); NN = 1, N, or ceil(N / 128)). fp8 products on the tensor cores, float32
 accumulation; with PER_K_SCALE each k-block's product is scaled before it is added (BLOCK_K divides
-128), else the sum over K is scaled once at the end (see lingjax/kernels/fp8/triton_kernels.py for the
+128), else the sum over K is scaled once at the end (each k-block's tensor-core sum added in float32:
+max_num_imprecise_acc, see lingjax/kernels/fp8/triton_kernels.py) (see lingjax/kernels/fp8/triton_kernels.py for the
 scale addressing: x_s[r, g * A_PER_K], w_s[e, g * B_PER_K, n // B_BLOCK_N]).
   gate_up: h[r] = silu(x[tok] Wg[e]) * (x[tok] Wu[e])      -> h [P, N] in h's dtype
-  down:    y[r] = h[r] Wd[e]                                -> y [P, N] in y's dtype
+  down:    y[r] = h[r] Wd[e]                                -> y [P, N] in y's dtype; padding rows
+           (row_token[r] == N_TOKENS) are neither read nor written (combine never reads them; at
+           decode sizes most rows of a 64-row block are padding)
 QUANT_A (per-group activations, BLOCK_K = 128): x / h are passed unquantized (float32 / bfloat16 /
 float16) and each [BLOCK_M, 128] tile is quantized as it is loaded, exactly as
 lingjax.quant.quantize_activation_fp8 does (lingjax/kernels/fp8/triton_kernels.py _quantize_rows;
@@ -92,8 +95,8 @@ def gate_up_fp8_kernel(x_ptr, xs_ptr, row_token_ptr, block_expert_ptr, wg_ptr, w
                 acc_g += tl.dot(a, tl.load(g_ptrs)) * (sa * sg)
                 acc_u += tl.dot(a, tl.load(u_ptrs)) * (sa * su)
             else:
-                acc_g = tl.dot(a, tl.load(g_ptrs), acc_g)
-                acc_u = tl.dot(a, tl.load(u_ptrs), acc_u)
+                acc_g = tl.dot(a, tl.load(g_ptrs), acc_g, max_num_imprecise_acc=BLOCK_K)
+                acc_u = tl.dot(a, tl.load(u_ptrs), acc_u, max_num_imprecise_acc=BLOCK_K)
             a_ptrs += BLOCK_K
             g_ptrs += BLOCK_K if B_KMAJOR else BLOCK_K * N
             u_ptrs += BLOCK_K if B_KMAJOR else BLOCK_K * N
@@ -107,8 +110,8 @@ def gate_up_fp8_kernel(x_ptr, xs_ptr, row_token_ptr, block_expert_ptr, wg_ptr, w
 
 
 @triton.jit
-def down_fp8_kernel(h_ptr, hs_ptr, block_expert_ptr, w_ptr, ws_ptr, y_ptr,
-                    K: tl.constexpr, N: tl.constexpr, NUM_BLOCKS: tl.constexpr,
+def down_fp8_kernel(h_ptr, hs_ptr, row_token_ptr, block_expert_ptr, w_ptr, ws_ptr, y_ptr,
+                    N_TOKENS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, NUM_BLOCKS: tl.constexpr,
                     GA: tl.constexpr, A_PER_K: tl.constexpr, NK: tl.constexpr, NN: tl.constexpr,
                     B_PER_K: tl.constexpr, B_BLOCK_N: tl.constexpr, PER_K_SCALE: tl.constexpr,
                     B_KMAJOR: tl.constexpr, QUANT_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -117,13 +120,14 @@ def down_fp8_kernel(h_ptr, hs_ptr, block_expert_ptr, w_ptr, ws_ptr, y_ptr,
     e = tl.load(block_expert_ptr + pid_m)
     if e >= 0:
         rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        real = tl.load(row_token_ptr + rows) < N_TOKENS        # padding rows: not read, not written
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
         a_ptrs = h_ptr + rows[:, None] * K + ks[None, :]
         w_ptrs = w_ptr + e.to(tl.int64) * K * N + _w_tile(ks, cols, K, N, B_KMAJOR)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(0, K // BLOCK_K):
-            a = tl.load(a_ptrs)
+            a = tl.load(a_ptrs, mask=real[:, None], other=0.0)
             if QUANT_A:
                 a, sa_q = _quantize_rows(a.to(tl.float32))
             if PER_K_SCALE:
@@ -131,14 +135,14 @@ def down_fp8_kernel(h_ptr, hs_ptr, block_expert_ptr, w_ptr, ws_ptr, y_ptr,
                 if QUANT_A:
                     sa = sa_q[:, None]
                 else:
-                    sa = tl.load(hs_ptr + rows * GA + grp * A_PER_K)[:, None]
+                    sa = tl.load(hs_ptr + rows * GA + grp * A_PER_K, mask=real, other=0.0)[:, None]
                 sw = _w_scale(ws_ptr, e, grp, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :]
                 acc += tl.dot(a, tl.load(w_ptrs)) * (sa * sw)
             else:
-                acc = tl.dot(a, tl.load(w_ptrs), acc)
+                acc = tl.dot(a, tl.load(w_ptrs), acc, max_num_imprecise_acc=BLOCK_K)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K if B_KMAJOR else BLOCK_K * N
         if not PER_K_SCALE:
-            acc = acc * (tl.load(hs_ptr + rows * GA)[:, None]
+            acc = acc * (tl.load(hs_ptr + rows * GA, mask=real, other=0.0)[:, None]
                          * _w_scale(ws_ptr, e, 0, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :])
-        tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty))
+        tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=real[:, None])
