@@ -24,8 +24,9 @@ What one speculative step does, all in one jitted function (`_spec_step_fn`):
 4. Draft. The MTP layer runs over every packed row (its own paged MLA latent pool: page id p of a
    request's page-table row is page p of the main MLA pools and of the MTP pool) on the main model's final-norm hidden state at t and the embedding of token t+1: for the
    rows of accepted tokens that is the emitted token, for prompt rows the next prompt token, for a
-   request's last row the token this step emitted. Its output at the request's last committed row
-   gives draft 1; drafts 2..k re-apply the same layer (one row per request) on its own final-norm
+   request's last row the token this step emitted. Every row writes its MTP latent (the attention
+   part), but the rest of the block (its MoE) and the final norm run only at each request's last
+   committed row, whose output gives draft 1 (`mtp_forward(rows=)`); drafts 2..k re-apply the same layer (one row per request) on its own final-norm
    output and its previous draft, as vLLM and SGLang do. Drafts (tokens and their raw float32 logits,
    needed for q) stay on the device in `SpecState`, indexed by slot.
 
@@ -239,13 +240,22 @@ def rollback_linear(lin, saved, slots, n_acc, is_verify):
     return tuple(lin)
 
 
-def mtp_forward(model, batch, cache, hidden, next_tokens):
+def mtp_forward(model, batch, cache, hidden, next_tokens, rows=None):
     """The MTP layer over a packed batch with its own paged latent cache (batch.page_table) -> (final-norm
-    output [T, d], cache)."""
+    output [T, d], cache). rows [N] (optional): the output only at these rows -> [N, d]. The latents of
+    every row are written (later drafts attend to them), but the MoE, the rest of the block after the
+    attention, runs only on the rows whose output is used: a verify step needs one row per request, and
+    with random routing each extra row through the MoE reads about num_experts_per_tok more experts."""
     m = model.mtp[0]
     z = m.eh_proj(jnp.concatenate([m.enorm(model.embed(next_tokens)), m.hnorm(hidden.astype(model.dtype))], -1))
-    z, cache = m.block.step(z, batch, cache)
-    return m.final_layernorm(z), cache
+    if rows is None:
+        z, cache = m.block.step(z, batch, cache)
+        return m.final_layernorm(z), cache
+    blk = m.block
+    a, cache = blk.attention.step_paged(blk.input_layernorm(z), batch, cache)     # every row: its latent
+    x = (z + a)[rows]
+    x = x + blk.mlp(blk.post_attention_layernorm(x))
+    return m.final_layernorm(x), cache
 
 
 # ------------------------------------------------------------------------------------------ jitted step
@@ -318,11 +328,11 @@ def _spec_body(graphdef, gather, want_logits, want_top, k, state, caches, spec, 
         is_verify = produce & (num_drafts > 0) & (batch.slots >= 0)
         caches = caches.replace(linear=rollback_linear(caches.linear, saved, batch.slots, n_acc, is_verify))
 
-        # Drafts for the next step: MTP over every row, then k - 1 more single-row passes.
+        # Drafts for the next step: MTP latents of every row, its output at one row per request, then k - 1
+        # more single-row passes.
         nxt = jnp.where(next_take >= 0, toks.reshape(-1)[jnp.maximum(next_take, 0)], next_tok)
-        out, mtp_cache = mtp_forward(model, batch, spec.mtp, y, nxt)
         base = jnp.clip(start + n_acc, 0, T - 1)
-        h = out[base]
+        h, mtp_cache = mtp_forward(model, batch, spec.mtp, y, nxt, rows=base)
         pos = batch.positions[base]
         new_counters = counters + n_acc + 1
         d_slots = jnp.where(produce, batch.slots, -1)
