@@ -42,13 +42,14 @@ start (a jitted y = 2x over 1 GiB, read + write), in the columns "floor ms":
               rollback's minimum: read S_0, write the accepted state), MLA latents read (context) per MLA
               layer and request, and the MTP latents per pass; embedding rows; the draft logits read and
               written (float32 [B, k, V]).
---hot-experts m (synthetic, NOT a checkpoint's routing): every MoE layer's expert_bias is raised by 2 on
-m experts (m / 4 in each of 4 groups; sigmoid scores are < 1, so those groups and experts always win),
-so every token picks its top_k among the same m experts: m = top_k makes every token of the batch use
-the same experts (the MoE bytes of a verify step equal a plain step's: the ratio then shows what else
-the verify step costs); larger m lets consecutive tokens share most experts. It applies across the whole
-batch (requests share experts too), so the B > 1 plain steps get cheaper as well. Floor: m (1 - (1 -
-top_k / m)^n) experts.
+--routing hotM (synthetic, NOT a checkpoint's routing): every MoE layer's expert_bias is raised by 2 on
+M experts (M / 4 in each of 4 groups; sigmoid scores are < 1, so those groups and experts always win),
+so every token picks its top_k among the same M experts: M = top_k (hot8) makes every token of the
+batch use the same experts (the MoE bytes of a verify step equal a plain step's: the ratio then shows
+what else the verify step costs); larger M lets consecutive tokens share most experts. It applies
+across the whole batch (requests share experts too), so the B > 1 plain steps get cheaper as well.
+Floor: M (1 - (1 - top_k / M)^n) experts. `--routing hot8,uniform --hot-batches 1` runs B = 1 with
+hot8 first (its compiled steps are then reused by the uniform pass: the same shapes), then every B.
 --profile: each measurement is also run under the XLA profiler; per step: device busy time, the gaps
 between kernels, kernel launches, and device time by kernel category (the verify step's excess over
 the plain step, by category, is printed at the end).
@@ -141,23 +142,29 @@ def copy_bandwidth(nbytes=1 << 30, reps=10):
     return 2 * nbytes / statistics.median(ts)
 
 
-def set_hot_experts(model, m, seed=0):
-    """--hot-experts: raise every MoE layer's expert_bias by 2 on m experts, m / 4 in each of 4 groups
-    (a different random choice per layer), so that every token picks its top_k among them."""
+def set_hot_experts(model, m, base, seed=0):
+    """--routing hotM: every MoE layer's expert_bias = its base value (`base`, in layer order) + 2 on m
+    experts, m / topk_group in each of topk_group groups (a different random choice per layer), so that
+    every token picks its top_k among them; m = 0: the base values."""
     import jax.numpy as jnp
     cfg = model.cfg
     E, G, top = cfg.num_experts, cfg.n_group, cfg.num_experts_per_tok
     per = E // G
-    if m % cfg.topk_group or not (top <= m <= cfg.topk_group * per):
-        raise SystemExit(f"--hot-experts {m}: must be a multiple of topk_group={cfg.topk_group} between "
+    if m and (m % cfg.topk_group or not (top <= m <= cfg.topk_group * per)):
+        raise SystemExit(f"--routing hot{m}: must be a multiple of topk_group={cfg.topk_group} between "
                          f"top_k={top} and {cfg.topk_group * per}")
     rng = np.random.default_rng(seed)
-    layers = [l.mlp for l in model.layers if l.is_moe] + [m_.block.mlp for m_ in model.mtp if m_.block.is_moe]
-    for moe in layers:
+    layers = moe_layers(model)
+    for moe, b0 in zip(layers, base):
         bias = np.zeros(E, np.float32)
-        for g in rng.choice(G, cfg.topk_group, replace=False):
-            bias[g * per + rng.choice(per, m // cfg.topk_group, replace=False)] = 2.0
-        moe.expert_bias.set_value(jnp.asarray(bias) + moe.expert_bias.get_value())
+        if m:
+            for g in rng.choice(G, cfg.topk_group, replace=False):
+                bias[g * per + rng.choice(per, m // cfg.topk_group, replace=False)] = 2.0
+        moe.expert_bias.set_value(b0 + jnp.asarray(bias))
+
+
+def moe_layers(model):
+    return [l.mlp for l in model.layers if l.is_moe] + [m_.block.mlp for m_ in model.mtp if m_.block.is_moe]
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -192,7 +199,11 @@ def traced(fn, carry, steps):
             out, c = fn(c)
         jax.block_until_ready((out, c))
         box["carry"] = c
-    tr = device_trace(run, steps)
+    try:
+        tr = device_trace(run, steps)
+    except Exception as err:         # a profiler failure costs the profile, not the measurement
+        log.warning("profile failed: %s: %s", type(err).__name__, err)
+        return None, box.get("carry", carry)
     streams = {name: v for name, v in tr.items() if not name.startswith("_")}
     kernels, busy, gaps = {}, 0.0, 0.0
     for v in streams.values():
@@ -332,9 +343,11 @@ def main(argv=None):
     p.add_argument("--time-budget", type=float, default=215.0,
                    help="seconds after which no new measurement starts (rows are written as they finish; B=1 "
                         "first); default %(default)s, so the run fits 4 minutes with the last compile")
-    p.add_argument("--hot-experts", type=int, default=0,
-                   help="synthetic correlated routing: every token picks its experts among the same m per layer "
-                        "(module docstring); 0 (default): the random model's own, independent routing")
+    p.add_argument("--routing", default="uniform",
+                   help="comma list of routing passes, run in order: 'uniform' (the random model's own, independent "
+                        "routing) or 'hotM' (SYNTHETIC correlated routing: every token picks its experts among the "
+                        "same M per layer, module docstring); default %(default)s")
+    p.add_argument("--hot-batches", default="1", help="batch sizes of the hotM passes (comma list; default 1)")
     p.add_argument("--profile", action="store_true",
                    help="also trace each measurement under the XLA profiler (device busy time, gaps, categories)")
     p.add_argument("--bandwidth", type=float, default=0.0,
@@ -356,32 +369,38 @@ def main(argv=None):
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     batches = [int(b) for b in args.batches.split(",")]
     ks = [int(x) for x in args.ks.split(",")]
-    hot = args.hot_experts
+    passes = []
+    for name in args.routing.split(","):
+        if name == "uniform":
+            passes.append((0, batches))
+        elif name.startswith("hot") and name[3:].isdigit():
+            passes.append((int(name[3:]), [int(x) for x in args.hot_batches.split(",")]))
+        else:
+            p.error(f"--routing: unknown pass {name!r} (uniform or hotM, e.g. hot8)")
     if args.floor_only:
         from lingjax.model import BailingModel
         abstract = nnx.eval_shape(lambda: BailingModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), mtp=True))
         pb = param_bytes(abstract)
         bw = args.bandwidth or 4.3e12
         print(f"{args.preset} ({cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}), context {args.context}, "
-              f"{'hot experts ' + str(hot) if hot else 'uniform routing'}, bandwidth {bw / 1e12:.2f} TB/s; "
-              + ", ".join(f"{q} {v / 1e6:.1f} MB" for q, v in pb.items()))
-        print_floor(floor_rows(cfg, pb, batches, ks, args.context, hot, bw))
+              f"bandwidth {bw / 1e12:.2f} TB/s; " + ", ".join(f"{q} {v / 1e6:.1f} MB" for q, v in pb.items()))
+        for hot, bs in passes:
+            print(f"\nrouting: {routing_name(hot)}")
+            print_floor(floor_rows(cfg, pb, bs, ks, args.context, hot, bw))
         return 0
     t0 = time.perf_counter()
     bw = args.bandwidth or copy_bandwidth(1 << (24 if args.smoke else 30))
     log.info("copy bandwidth %.3f TB/s", bw / 1e12)
     model = random_model(cfg, None, dtype, mtp=True)
-    if hot:
-        set_hot_experts(model, hot)
     jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
+    base_bias = [moe.expert_bias.get_value() for moe in moe_layers(model)]
     pb = param_bytes(model)
     kinds = "".join("L" if kd == "linear" else "M" for kd in cfg.layer_kinds)
     report = dict(device=jax.devices()[0].device_kind, preset=args.preset, layers=cfg.num_hidden_layers, kinds=kinds,
                   vocab=cfg.vocab_size, dtype=args.dtype, context=args.context, init_s=time.perf_counter() - t0,
-                  copy_bandwidth=bw, param_bytes=pb, hot_experts=hot,
-                  routing=(f"SYNTHETIC: every token picks its experts among the same {hot} per layer" if hot
-                           else "the random model's (independent, about uniform)"),
-                  note="random weights: drafts are (almost) never accepted; costs only, speedups implied", rows=[])
+                  copy_bandwidth=bw, param_bytes=pb,
+                  note="random weights: drafts are (almost) never accepted; costs only, speedups implied",
+                  plain=[], rows=[])
     out = args.out or (os.path.join(os.environ["OUT"], "bench_spec.json") if os.environ.get("OUT") else None)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -391,47 +410,59 @@ def main(argv=None):
             with open(out, "w") as f:
                 json.dump(report, f, indent=1)
     accs = [float(a) for a in args.accept.split(",")]
-    skipped, plains = [], {}
-    profile = args.profile and jax.default_backend() == "gpu"
-    for B in batches:
-        if time.perf_counter() - t0 > args.time_budget:
-            skipped.append(f"B={B}")
-            continue
-        base, pfirst, pprof = plain_ms(model, B, args.context, args.steps, args.reps, profile)
-        pfloor = sum(step_bytes(cfg, pb, B, args.context, 0, hot).values()) / bw * 1e3
-        plains[B] = dict(batch=B, ms=base, floor_ms=pfloor, profile=pprof)
-        report["plain"] = list(plains.values())
-        log.info("B=%d plain decode step %.3f ms (floor %.3f ms%s)", B, base, pfloor,
-                 f"; device busy {pprof['busy_us'] / 1e3:.3f} ms, {pprof['launches']:.0f} launches" if pprof else "")
-        for k in ks:
+    skipped, failed = [], []
+    profile = args.profile          # (on the CPU the trace has no device kernels: empty categories)
+    for hot, bs in passes:
+        set_hot_experts(model, hot, base_bias)
+        routing = routing_name(hot)
+        for B in bs:
             if time.perf_counter() - t0 > args.time_budget:
-                skipped.append(f"B={B} k={k}")
+                skipped.append(f"{routing} B={B}")
                 continue
-            v, vfirst, vprof = verify_ms(model, B, args.context, k, args.steps, args.reps, profile)
-            agree, dlp = agreement(pfirst, vfirst)
-            parts = step_bytes(cfg, pb, B, args.context, k, hot)
-            vfloor = sum(parts.values()) / bw * 1e3
-            ratio = v / base
-            speed = {str(a): ((1 - a ** (k + 1)) / (1 - a)) / ratio for a in accs}
-            row = dict(batch=B, k=k, plain_ms=base, verify_ms=v, cost_ratio=ratio, speedup_at_acceptance=speed,
-                       plain_floor_ms=pfloor, verify_floor_ms=vfloor, floor_ratio=vfloor / pfloor,
-                       verify_bytes=parts, check_first_token_agreement=agree, check_max_logprob_diff=dlp,
-                       profile=vprof)
-            report["rows"].append(row)
-            log.info("B=%d k=%d verify %.3f ms = %.3fx plain (floor %.3f ms, floor ratio %.3fx)%s; check: first token "
-                     "agrees for %.0f%% of requests, max |dlogprob| %.2g; implied speedup %s", B, k, v, ratio, vfloor,
-                     vfloor / pfloor, f"; device busy {vprof['busy_us'] / 1e3:.3f} ms, {vprof['launches']:.0f} launches"
-                     if vprof else "", 100 * agree, dlp, "  ".join(f"a={a}: {s:.2f}x" for a, s in speed.items()))
-            save()
-            if agree < 0.75 or not dlp < 0.1:
-                raise SystemExit(f"check failed at B={B} k={k}: the verify step's first tokens agree with the plain "
-                                 f"step's for {100 * agree:.0f}% of requests, max |logprob difference| {dlp}")
+            base, pfirst, pprof = plain_ms(model, B, args.context, args.steps, args.reps, profile)
+            pfloor = sum(step_bytes(cfg, pb, B, args.context, 0, hot).values()) / bw * 1e3
+            report["plain"].append(dict(routing=routing, batch=B, ms=base, floor_ms=pfloor, profile=pprof))
+            log.info("[%s] B=%d plain decode step %.3f ms (floor %.3f ms%s)", routing, B, base, pfloor,
+                     f"; device busy {pprof['busy_us'] / 1e3:.3f} ms, {pprof['launches']:.0f} launches" if pprof else "")
+            for k in ks:
+                if time.perf_counter() - t0 > args.time_budget:
+                    skipped.append(f"{routing} B={B} k={k}")
+                    continue
+                v, vfirst, vprof = verify_ms(model, B, args.context, k, args.steps, args.reps, profile)
+                agree, dlp = agreement(pfirst, vfirst)
+                parts = step_bytes(cfg, pb, B, args.context, k, hot)
+                vfloor = sum(parts.values()) / bw * 1e3
+                ratio = v / base
+                speed = {str(a): ((1 - a ** (k + 1)) / (1 - a)) / ratio for a in accs}
+                ok = agree >= 0.75 and dlp < 0.1
+                row = dict(routing=routing, batch=B, k=k, plain_ms=base, verify_ms=v, cost_ratio=ratio,
+                           speedup_at_acceptance=speed, plain_floor_ms=pfloor, verify_floor_ms=vfloor,
+                           floor_ratio=vfloor / pfloor, verify_bytes=parts, check_first_token_agreement=agree,
+                           check_max_logprob_diff=dlp, check_ok=ok, profile=vprof)
+                report["rows"].append(row)
+                log.info("[%s] B=%d k=%d verify %.3f ms = %.3fx plain (floor %.3f ms, floor ratio %.3fx)%s; check: "
+                         "first token agrees for %.0f%% of requests, max |dlogprob| %.2g%s; implied speedup %s",
+                         routing, B, k, v, ratio, vfloor, vfloor / pfloor,
+                         f"; device busy {vprof['busy_us'] / 1e3:.3f} ms, {vprof['launches']:.0f} launches"
+                         if vprof else "", 100 * agree, dlp, "" if ok else " CHECK FAILED",
+                         "  ".join(f"a={a}: {s:.2f}x" for a, s in speed.items()))
+                if not ok:
+                    failed.append(f"{routing} B={B} k={k}")
+                save()
     if skipped:
         report["skipped_for_time"] = skipped
         log.info("time budget %.0f s: skipped %s", args.time_budget, ", ".join(skipped))
     save()
     print_table(report)
+    if failed:
+        print(f"CHECK FAILED (verify's first token or its logprob differs from the plain step's: agreement < 75% or "
+              f"|dlogprob| >= 0.1) at {', '.join(failed)}")
+        return 1
     return 0
+
+
+def routing_name(hot):
+    return f"SYNTHETIC hot{hot}" if hot else "uniform"
 
 
 def print_table(report):
@@ -439,46 +470,59 @@ def print_table(report):
     if not rows:
         return
     print(f"\n{report['device']}, {report['preset']} ({report['layers']} layers {report['kinds']} + MTP, vocab "
-          f"{report['vocab']}), context {report['context']}, routing: {report['routing']}; copy bandwidth "
-          f"{report['copy_bandwidth'] / 1e12:.2f} TB/s; {report['note']}")
-    print("| B | k | plain ms | verify ms | ratio | plain floor ms | verify floor ms | floor ratio | verify / its floor | "
-          "plain / its floor | check (agree, max dlogprob) |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          f"{report['vocab']}), context {report['context']}; copy bandwidth {report['copy_bandwidth'] / 1e12:.2f} TB/s; "
+          f"{report['note']}. Routing 'SYNTHETIC hotM': every token's experts among the same M per layer (not a "
+          f"checkpoint's routing)")
+    print("| routing | B | k | plain ms | verify ms | ratio | plain floor ms | verify floor ms | floor ratio | "
+          "verify / its floor | plain / its floor | check (agree, max dlogprob) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['k']} | {r['plain_ms']:.3f} | {r['verify_ms']:.3f} | {r['cost_ratio']:.3f} | "
-              f"{r['plain_floor_ms']:.3f} | {r['verify_floor_ms']:.3f} | {r['floor_ratio']:.3f} | "
+        print(f"| {r['routing']} | {r['batch']} | {r['k']} | {r['plain_ms']:.3f} | {r['verify_ms']:.3f} | "
+              f"{r['cost_ratio']:.3f} | {r['plain_floor_ms']:.3f} | {r['verify_floor_ms']:.3f} | {r['floor_ratio']:.3f} | "
               f"{r['verify_ms'] / r['verify_floor_ms']:.2f} | {r['plain_ms'] / r['plain_floor_ms']:.2f} | "
-              f"{100 * r['check_first_token_agreement']:.0f}%, {r['check_max_logprob_diff']:.2g} |")
-    b1 = [r for r in rows if r["batch"] == 1 and r["k"] == 1]
-    if b1:
-        print(f"target B=1 k=1 verify <= 1.15x plain: {b1[0]['cost_ratio']:.3f}x "
-              f"({'met' if b1[0]['cost_ratio'] <= 1.15 else 'NOT met'}); the floor ratio there is "
-              f"{b1[0]['floor_ratio']:.3f} ({'the target is below the floor' if b1[0]['floor_ratio'] > 1.15 else 'reachable'})")
+              f"{100 * r['check_first_token_agreement']:.0f}%, {r['check_max_logprob_diff']:.2g}"
+              f"{'' if r['check_ok'] else ' FAILED'} |")
+    for r in rows:
+        if r["batch"] == 1 and r["k"] == 1:
+            print(f"[{r['routing']}] target B=1 k=1 verify <= 1.15x plain: {r['cost_ratio']:.3f}x "
+                  f"({'met' if r['cost_ratio'] <= 1.15 else 'NOT met'}); the floor ratio there is {r['floor_ratio']:.3f} "
+                  f"({'the target is below the floor' if r['floor_ratio'] > 1.15 else 'reachable'})")
     accs = list(rows[0]["speedup_at_acceptance"])
     print("\nimplied speedup (tokens per step / cost ratio) at acceptance " + ", ".join(accs))
-    print("| B | k | " + " | ".join(f"a={a}" for a in accs) + " |\n|---|---|" + "---|" * len(accs))
+    print("| routing | B | k | " + " | ".join(f"a={a}" for a in accs) + " |\n|---|---|---|" + "---|" * len(accs))
     for r in rows:
-        print(f"| {r['batch']} | {r['k']} | " + " | ".join(f"{r['speedup_at_acceptance'][a]:.2f}x" for a in accs) + " |")
+        print(f"| {r['routing']} | {r['batch']} | {r['k']} | "
+              + " | ".join(f"{r['speedup_at_acceptance'][a]:.2f}x" for a in accs) + " |")
     profs = [(r, r["profile"]) for r in rows if r.get("profile")]
-    plains = {p["batch"]: p for p in report.get("plain", [])}
+    plains = {(p["routing"], p["batch"]): p for p in report.get("plain", [])}
     if profs:
-        print("\ndevice profile per step: busy us (launches); verify excess over plain by category, us")
+        print("\ndevice profile per step: busy us (launches), gaps us; verify minus plain by kernel category: us (launches)")
         cats = sorted({c for _, pr in profs for c in pr["categories"]}
                       | {c for p in plains.values() if p.get("profile") for c in p["profile"]["categories"]})
-        print("| B | k | plain busy | verify busy | plain gaps | verify gaps | " + " | ".join(cats) + " |\n|---|---|---|---|---|---|"
-              + "---|" * len(cats))
+        print("| routing | B | k | plain busy | verify busy | plain gaps | verify gaps | " + " | ".join(cats)
+              + " |\n|---|---|---|---|---|---|---|" + "---|" * len(cats))
         for r, pr in profs:
-            pp = plains.get(r["batch"], {}).get("profile") or dict(busy_us=0, gap_us=0, launches=0, categories={})
+            pp = (plains.get((r["routing"], r["batch"]), {}).get("profile")
+                  or dict(busy_us=0, gap_us=0, launches=0, categories={}))
             cells = []
             for c in cats:
                 a = pr["categories"].get(c, dict(us=0.0, n=0.0))
                 b = pp["categories"].get(c, dict(us=0.0, n=0.0))
                 cells.append(f"{a['us'] - b['us']:+.0f} ({a['n'] - b['n']:+.0f})")
-            print(f"| {r['batch']} | {r['k']} | {pp['busy_us']:.0f} ({pp['launches']:.0f}) | {pr['busy_us']:.0f} "
-                  f"({pr['launches']:.0f}) | {pp['gap_us']:.0f} | {pr['gap_us']:.0f} | " + " | ".join(cells) + " |")
-        r, pr = profs[0]
-        print(f"\ntop kernels of the verify step B={r['batch']} k={r['k']} (us per step, launches):")
-        for kk in pr["top"][:12]:
-            print(f"  {kk['us']:8.1f} ({kk['n']:.0f})  {kk['name']}")
+            print(f"| {r['routing']} | {r['batch']} | {r['k']} | {pp['busy_us']:.0f} ({pp['launches']:.0f}) | "
+                  f"{pr['busy_us']:.0f} ({pr['launches']:.0f}) | {pp['gap_us']:.0f} | {pr['gap_us']:.0f} | "
+                  + " | ".join(cells) + " |")
+        for r, pr in profs:
+            if r["k"] != 1 or r["batch"] not in (1, 64):
+                continue
+            print(f"\ntop kernels of the [{r['routing']}] verify step B={r['batch']} k={r['k']} (us per step, launches):")
+            for kk in pr["top"][:12]:
+                print(f"  {kk['us']:8.1f} ({kk['n']:.0f})  {kk['name']}")
+            pp = plains.get((r["routing"], r["batch"]), {}).get("profile")
+            if pp:
+                print(f"top kernels of the [{r['routing']}] plain step B={r['batch']}:")
+                for kk in pp["top"][:8]:
+                    print(f"  {kk['us']:8.1f} ({kk['n']:.0f})  {kk['name']}")
 
 
 if __name__ == "__main__":
