@@ -257,8 +257,10 @@ def plain_ms(model, B, C, steps, reps, profile=False):
     return ms, dict(tokens=np.asarray(first[0]), logprobs=np.asarray(first[1])), prof
 
 
-def verify_ms(model, B, C, k, steps, reps, profile=False):
-    """-> (ms, {"tokens" (first emitted token per request), "logprobs"} of the first call, profile or None)."""
+def verify_ms(model, B, C, k, steps, reps, profile=False, sampling=False):
+    """-> (ms, {"tokens" (first emitted token per request), "logprobs"} of the first call, profile or None).
+    sampling: the step's static sampling flag (False: greedy code only, as the engine runs an all-greedy
+    step; None: the acceptance and drafts choose greedy or sampling on the device, by lax.cond)."""
     import jax.numpy as jnp
     from lingjax.batch import StepBatch
     from lingjax.cache import contiguous_page_table
@@ -285,7 +287,7 @@ def verify_ms(model, B, C, k, steps, reps, profile=False):
 
     def one(carry):
         caches, spec = carry
-        out = _spec_step_fn(e._params, caches, spec, batch, *args, graph=e._graph, mode=(False, False), k=k)
+        out = _spec_step_fn(e._params, caches, spec, batch, *args, graph=e._graph, mode=(False, False, sampling), k=k)
         return (out[1][:, 0], out[3][:, 0]), (out[-2], out[-1])
     ms, first, carry = timed(one, (e.caches, e._spec.state), steps, reps)
     prof = None
@@ -348,6 +350,9 @@ def main(argv=None):
                         "routing) or 'hotM' (SYNTHETIC correlated routing: every token picks its experts among the "
                         "same M per layer, module docstring); default %(default)s")
     p.add_argument("--hot-batches", default="1", help="batch sizes of the hotM passes (comma list; default 1)")
+    p.add_argument("--cond-ks", default="",
+                   help="comma list of k: at the first B of the uniform pass also time the verify step with the "
+                        "greedy/sampling choice made on the device by lax.cond (as before session 5), for comparison")
     p.add_argument("--profile", action="store_true",
                    help="also trace each measurement under the XLA profiler (device busy time, gaps, categories)")
     p.add_argument("--bandwidth", type=float, default=0.0,
@@ -423,7 +428,8 @@ def main(argv=None):
             pfloor = sum(step_bytes(cfg, pb, B, args.context, 0, hot).values()) / bw * 1e3
             report["plain"].append(dict(routing=routing, batch=B, ms=base, floor_ms=pfloor, profile=pprof))
             log.info("[%s] B=%d plain decode step %.3f ms (floor %.3f ms%s)", routing, B, base, pfloor,
-                     f"; device busy {pprof['busy_us'] / 1e3:.3f} ms, {pprof['launches']:.0f} launches" if pprof else "")
+                     f"; device busy {pprof['busy_us'] / 1e3:.3f} ms, gaps {pprof['gap_us'] / 1e3:.3f} ms, "
+                     f"{pprof['launches']:.0f} launches" if pprof else "")
             for k in ks:
                 if time.perf_counter() - t0 > args.time_budget:
                     skipped.append(f"{routing} B={B} k={k}")
@@ -443,11 +449,22 @@ def main(argv=None):
                 log.info("[%s] B=%d k=%d verify %.3f ms = %.3fx plain (floor %.3f ms, floor ratio %.3fx)%s; check: "
                          "first token agrees for %.0f%% of requests, max |dlogprob| %.2g%s; implied speedup %s",
                          routing, B, k, v, ratio, vfloor, vfloor / pfloor,
-                         f"; device busy {vprof['busy_us'] / 1e3:.3f} ms, {vprof['launches']:.0f} launches"
-                         if vprof else "", 100 * agree, dlp, "" if ok else " CHECK FAILED",
+                         f"; device busy {vprof['busy_us'] / 1e3:.3f} ms, gaps {vprof['gap_us'] / 1e3:.3f} ms, "
+                         f"{vprof['launches']:.0f} launches" if vprof else "", 100 * agree, dlp, "" if ok else " CHECK FAILED",
                          "  ".join(f"a={a}: {s:.2f}x" for a, s in speed.items()))
                 if not ok:
                     failed.append(f"{routing} B={B} k={k}")
+                save()
+            for k in [int(x) for x in args.cond_ks.split(",") if x] if (hot == 0 and B == bs[0]) else []:
+                if time.perf_counter() - t0 > args.time_budget:
+                    skipped.append(f"{routing} B={B} k={k} lax.cond")
+                    continue
+                v, vfirst, vprof = verify_ms(model, B, args.context, k, args.steps, args.reps, profile, sampling=None)
+                report.setdefault("cond_rows", []).append(dict(routing=routing, batch=B, k=k, verify_ms=v, plain_ms=base,
+                                                               cost_ratio=v / base, profile=vprof))
+                log.info("[%s] B=%d k=%d verify with the greedy/sampling choice by lax.cond on the device: %.3f ms = "
+                         "%.3fx plain%s", routing, B, k, v, v / base, f"; device busy {vprof['busy_us'] / 1e3:.3f} ms, "
+                         f"gaps {vprof['gap_us'] / 1e3:.3f} ms, {vprof['launches']:.0f} launches" if vprof else "")
                 save()
     if skipped:
         report["skipped_for_time"] = skipped
@@ -487,6 +504,11 @@ def print_table(report):
             print(f"[{r['routing']}] target B=1 k=1 verify <= 1.15x plain: {r['cost_ratio']:.3f}x "
                   f"({'met' if r['cost_ratio'] <= 1.15 else 'NOT met'}); the floor ratio there is {r['floor_ratio']:.3f} "
                   f"({'the target is below the floor' if r['floor_ratio'] > 1.15 else 'reachable'})")
+    for r in report.get("cond_rows", []):
+        print(f"[{r['routing']}] B={r['batch']} k={r['k']} with the greedy/sampling choice by lax.cond on the device "
+              f"(as before session 5): verify {r['verify_ms']:.3f} ms = {r['cost_ratio']:.3f}x plain"
+              + (f" (device busy {r['profile']['busy_us'] / 1e3:.3f} ms, gaps {r['profile']['gap_us'] / 1e3:.3f} ms)"
+                 if r.get("profile") else ""))
     accs = list(rows[0]["speedup_at_acceptance"])
     print("\nimplied speedup (tokens per step / cost ratio) at acceptance " + ", ".join(accs))
     print("| routing | B | k | " + " | ".join(f"a={a}" for a in accs) + " |\n|---|---|---|" + "---|" * len(accs))

@@ -305,3 +305,18 @@ def test_engine_draft_is_the_mtp_head_at_the_last_row(model):
     got = np.asarray(eng._spec.state.draft_logits)[0, 0]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
     assert int(np.asarray(eng._spec.state.drafts)[0, 0]) == int(np.argmax(want))
+
+
+def test_server_warm_up_runs_greedy_and_drawing_steps(model):
+    """A speculative step is compiled greedy-only or drawing (a static choice: no lax.cond on the device),
+    so the server's warm_up runs every bucket's sampling step at temperature 0 and 1 (generate recorded,
+    not run: this checks the shapes warm_up asks for, without compiling them)."""
+    from lingjax.server import warm_up
+    eng = Engine(model, max_batch=2, prefill_chunk=3, max_tokens=16, max_len=96, num_speculative_tokens=1)
+    calls = []
+    eng.generate = lambda prompts, sp: calls.append((tuple(map(len, prompts)), sp.temperature))
+    warm_up(eng)
+    assert len(eng.t_buckets) > 1
+    drawn = {lens for lens, t in calls if t > 0}
+    sampled_steps = {lens for lens, t in calls if t == 0 and all(n <= 3 for n in lens)}   # not prefill-only
+    assert sampled_steps and sampled_steps <= drawn, (calls, eng.t_buckets)
