@@ -288,13 +288,13 @@ def verify_ms(model, B, C, k, steps, reps, profile=False, sampling=False):
     def one(carry):
         caches, spec = carry
         out = _spec_step_fn(e._params, caches, spec, batch, *args, graph=e._graph, mode=(False, False, sampling), k=k)
-        return (out[1][:, 0], out[3][:, 0]), (out[-2], out[-1])
+        return (out[1], out[3]), (out[-2], out[-1])        # (no slicing here: an op outside the step)
     ms, first, carry = timed(one, (e.caches, e._spec.state), steps, reps)
     prof = None
     if profile:
         prof, carry = traced(one, carry, steps)
     del carry, e
-    return ms, dict(tokens=np.asarray(first[0]), logprobs=np.asarray(first[1])), prof
+    return ms, dict(tokens=np.asarray(first[0])[:, 0], logprobs=np.asarray(first[1])[:, 0]), prof
 
 
 def agreement(plain, verify):
