@@ -26,9 +26,10 @@ What one speculative step does, all in one jitted function (`_spec_step_fn`):
    rows of accepted tokens that is the emitted token, for prompt rows the next prompt token, for a
    request's last row the token this step emitted. Every row writes its MTP latent (the attention
    part), but the rest of the block (its MoE) and the final norm run only at each request's last
-   committed row, whose output gives draft 1 (`mtp_forward(rows=)`); drafts 2..k re-apply the same layer (one row per request) on its own final-norm
-   output and its previous draft, as vLLM and SGLang do. Drafts (tokens and their raw float32 logits,
-   needed for q) stay on the device in `SpecState`, indexed by slot.
+   committed row, whose output gives draft 1 (`mtp_forward(rows=)`); drafts 2..k re-apply the same
+   layer (one row per request) on its own final-norm output and its previous draft, as vLLM and SGLang
+   do. Drafts (tokens and their raw float32 logits, needed for q) stay on the device in `SpecState`,
+   indexed by slot.
 
 The engine side (`SpecDriver`): steps are not overlapped (the host must know how many tokens each
 request accepted before packing the next step; `Engine(overlap=True)` is turned off with a log line),
@@ -37,8 +38,8 @@ gets k_r = min(k, tokens it may still emit - 1) drafts, so nothing is computed p
 the context. Whether a step has sampling requests is decided on the host and compiled in (each step
 shape has a greedy and a drawing twin): a greedy step runs the argmax acceptance and drafts alone, with
 no lax.cond, which on the GPU would copy its predicate to the host and hold the host's kernel launches
-until the device caught up. Random keys: the plain engine's key of a request's n-th new token, fold_in(fold_in(
-key(seed), index), n), drives the bonus/plain sample (so a step without drafts samples exactly as the
+until the device caught up. Random keys: the plain engine's key of a request's n-th new token,
+fold_in(fold_in(key(seed), index), n), drives the bonus/plain sample (so a step without drafts samples exactly as the
 plain engine); fold_in(that key, TAG) with TAG_DRAFT, TAG_ACCEPT, TAG_RESIDUAL the draft, the
 acceptance test and the residual sample of that position. Stats: drafts proposed / accepted,
 acceptance rate and tokens per decoding step (Engine.stats()).
@@ -282,10 +283,10 @@ def _spec_step_fn(params, caches, spec, batch, draft_take, next_tok, next_take, 
     (the request emits tokens this step); held [R]: positions the request row's pages cover (drafts 2..k
     write the MTP latents of later positions; past `held` those writes are dropped, and the drafts they
     would feed are never verified: lingjax.speculative.SpecDriver.dispatch). mode (static): (full logits for score requests, want
-    top logprobs, any sampling row: False runs the greedy acceptance and drafts alone, with no lax.cond
-    (on the GPU each one waits for its predicate on the host, `draw`)) -> (logits | None, tokens [R, k+1], n_emit [R], logprobs [R, k+1], top ids, top
-    logprobs | None, caches, spec). Under tensor parallelism the whole step runs inside one shard_map
-    (sharding.py's specs); logits are all-gathered over the vocabulary inside it, so acceptance and
+    top logprobs, any emitting request samples: False runs the greedy acceptance and drafts alone, with no
+    lax.cond: on the GPU each one waits for its predicate on the host, `draw`) -> (logits | None, tokens
+    [R, k+1], n_emit [R], logprobs [R, k+1], top ids, top logprobs | None, caches, spec). Under tensor
+    parallelism the whole step runs inside one shard_map (sharding.py's specs); logits are all-gathered over the vocabulary inside it, so acceptance and
     drafting run identically on every device."""
     from lingjax import sharding
     want_logits, want_top, sampling = mode
