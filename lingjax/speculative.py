@@ -286,8 +286,8 @@ def _spec_step_fn(params, caches, spec, batch, draft_take, next_tok, next_take, 
     top logprobs, any emitting request samples: False runs the greedy acceptance and drafts alone, with no
     lax.cond: on the GPU each one waits for its predicate on the host, `draw`) -> (logits | None, tokens
     [R, k+1], n_emit [R], logprobs [R, k+1], top ids, top logprobs | None, caches, spec). Under tensor
-    parallelism the whole step runs inside one shard_map (sharding.py's specs); logits are all-gathered over the vocabulary inside it, so acceptance and
-    drafting run identically on every device."""
+    parallelism the whole step runs inside one shard_map (sharding.py's specs); logits are all-gathered
+    over the vocabulary inside it, so acceptance and drafting run identically on every device."""
     from lingjax import sharding
     want_logits, want_top, sampling = mode
     graph.traces[("spec" + ("+score" if want_logits else "") + ("+top" if want_top else "")
