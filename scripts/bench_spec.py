@@ -342,7 +342,7 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--batches", default="1,16,64", help="batch sizes B (comma list)")
     p.add_argument("--ks", default="1,2,3", help="draft counts k (comma list)")
-    p.add_argument("--large-ks", default="", help="draft counts k for the batches B > 1 (default: --ks)")
+    p.add_argument("--large-ks", default="", help="draft counts k for the batches after the first (default: --ks)")
     p.add_argument("--context", type=int, default=1024, help="tokens already in each request's cache")
     p.add_argument("--accept", default="0.6,0.8,0.9", help="acceptance rates for the implied speedup")
     p.add_argument("--steps", type=int, default=10, help="steps per timed run")
@@ -351,7 +351,8 @@ def main(argv=None):
                    help="seconds after which no new measurement starts (rows are written as they finish; B=1 "
                         "first); default %(default)s, so the run fits 4 minutes with the last compile")
     p.add_argument("--routing", default="uniform",
-                   help="comma list of routing passes, run in order: 'uniform' (the random model's own, independent "
+                   help="comma list of routing passes, for each B in this order (B = 1 first): 'uniform' (the random "
+                        "model's own, independent "
                         "routing) or 'hotM' (SYNTHETIC correlated routing: every token picks its experts among the "
                         "same M per layer, module docstring); default %(default)s")
     p.add_argument("--hot-batches", default="1", help="batch sizes of the hotM passes (comma list; default 1)")
