@@ -510,9 +510,10 @@ def print_table(report):
               f"{'' if r['check_ok'] else ' FAILED'} |")
     for r in rows:
         if r["batch"] == 1 and r["k"] == 1:
+            reach = "unreachable at this routing: the floor ratio is above 1.15" if r["floor_ratio"] > 1.15 else "reachable"
             print(f"[{r['routing']}] target B=1 k=1 verify <= 1.15x plain: {r['cost_ratio']:.3f}x "
                   f"({'met' if r['cost_ratio'] <= 1.15 else 'NOT met'}); the floor ratio there is {r['floor_ratio']:.3f} "
-                  f"({'unreachable at this routing: the floor ratio is above 1.15' if r['floor_ratio'] > 1.15 else 'reachable'})")
+                  f"({reach})")
     for r in report.get("cond_rows", []):
         print(f"[{r['routing']}] B={r['batch']} k={r['k']} with the greedy/sampling choice by lax.cond on the device "
               f"(as before session 5): verify {r['verify_ms']:.3f} ms = {r['cost_ratio']:.3f}x plain"
