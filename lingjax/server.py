@@ -661,12 +661,16 @@ def warm_up(engine, *, logprobs: bool = False) -> int:
             engine.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True, logprobs=top,
                                                     temperature=temperature))
 
+    # a speculative engine compiles each step shape twice, greedy and drawing (the choice is static:
+    # lingjax.speculative._spec_step_fn), so every bucket runs at both temperatures there
+    temps = (0.0, 1.0) if getattr(engine, "num_speculative_tokens", 0) else (0.0,)
     for T in engine.t_buckets:
         lens, left = [], T                          # sampling step of T tokens
         while left > 0 and len(lens) < engine.max_batch:
             lens.append(min(left, c, cap))
             left -= lens[-1]
-        run(lens)
+        for temp in temps:
+            run(lens, temp)
         k = min(T // c, engine.max_batch)           # prefill-only step: k full chunks, none ends its prompt
         if k and c + 1 <= cap:
             run([c + 1] * k)

@@ -24,17 +24,22 @@ What one speculative step does, all in one jitted function (`_spec_step_fn`):
 4. Draft. The MTP layer runs over every packed row (its own paged MLA latent pool: page id p of a
    request's page-table row is page p of the main MLA pools and of the MTP pool) on the main model's final-norm hidden state at t and the embedding of token t+1: for the
    rows of accepted tokens that is the emitted token, for prompt rows the next prompt token, for a
-   request's last row the token this step emitted. Its output at the request's last committed row
-   gives draft 1; drafts 2..k re-apply the same layer (one row per request) on its own final-norm
-   output and its previous draft, as vLLM and SGLang do. Drafts (tokens and their raw float32 logits,
-   needed for q) stay on the device in `SpecState`, indexed by slot.
+   request's last row the token this step emitted. Every row writes its MTP latent (the attention
+   part), but the rest of the block (its MoE) and the final norm run only at each request's last
+   committed row, whose output gives draft 1 (`mtp_forward(rows=)`); drafts 2..k re-apply the same
+   layer (one row per request) on its own final-norm output and its previous draft, as vLLM and SGLang
+   do. Drafts (tokens and their raw float32 logits, needed for q) stay on the device in `SpecState`,
+   indexed by slot.
 
 The engine side (`SpecDriver`): steps are not overlapped (the host must know how many tokens each
 request accepted before packing the next step; `Engine(overlap=True)` is turned off with a log line),
 every step is packed as a prefill-shaped batch (verify rows use the prefill kernels), and a request
 gets k_r = min(k, tokens it may still emit - 1) drafts, so nothing is computed past max_new_tokens or
-the context. Random keys: the plain engine's key of a request's n-th new token, fold_in(fold_in(
-key(seed), index), n), drives the bonus/plain sample (so a step without drafts samples exactly as the
+the context. Whether a step has sampling requests is decided on the host and compiled in (each step
+shape has a greedy and a drawing twin): a greedy step runs the argmax acceptance and drafts alone, with
+no lax.cond, which on the GPU would copy its predicate to the host and hold the host's kernel launches
+until the device caught up. Random keys: the plain engine's key of a request's n-th new token,
+fold_in(fold_in(key(seed), index), n), drives the bonus/plain sample (so a step without drafts samples exactly as the
 plain engine); fold_in(that key, TAG) with TAG_DRAFT, TAG_ACCEPT, TAG_RESIDUAL the draft, the
 acceptance test and the residual sample of that position. Stats: drafts proposed / accepted,
 acceptance rate and tokens per decoding step (Engine.stats()).
@@ -112,9 +117,13 @@ def _key(seed, index, counter):
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), index), counter)
 
 
-def draw(logits, temperature, top_k, top_p, seeds, ids, counters, tag):
+def draw(logits, temperature, top_k, top_p, seeds, ids, counters, tag, sampling=None):
     """One draft per row [R] from raw logits [R, V] (greedy rows: argmax), key of (seed, index,
-    counter, tag). A batch without sampling rows skips the filters (lax.cond)."""
+    counter, tag). sampling (static): False: every row is greedy (the argmax alone); True: the sampling
+    path (greedy rows in it still take the argmax); None: chosen on the device (lax.cond on any
+    temperature > 0). The engine passes it from the host: on the GPU a lax.cond copies its predicate
+    to the host and waits for it, which stalls the host's kernel launches until the device has run
+    everything before it."""
     greedy = jnp.argmax(logits, -1).astype(jnp.int32)
 
     def sampled():
@@ -122,10 +131,13 @@ def draw(logits, temperature, top_k, top_p, seeds, ids, counters, tag):
         x = filtered_logits(logits, temperature, top_k, top_p)
         drawn = jax.vmap(jax.random.categorical)(keys, x)
         return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
-    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
+    if sampling is None:
+        return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
+    return sampled() if sampling else greedy
 
 
-def accept(target_logits, drafts, draft_logits, num_drafts, temperature, top_k, top_p, seeds, ids, counters):
+def accept(target_logits, drafts, draft_logits, num_drafts, temperature, top_k, top_p, seeds, ids, counters,
+           sampling=None):
     """Verify drafts against the main model.
 
     target_logits [R, k+1, V] raw f32 (row j: the token after draft j, i.e. new-token index
@@ -133,7 +145,8 @@ def accept(target_logits, drafts, draft_logits, num_drafts, temperature, top_k, 
     beyond it are ignored). -> (tokens [R, k+1]: accepted drafts then one more token, zeros after;
     num_accepted [R] in 0..num_drafts; the emitted count is num_accepted + 1). Greedy rows
     (temperature 0) accept drafts equal to the argmax; a batch without sampling rows takes only
-    that path (lax.cond), without the sorts of the top-k / top-p filters."""
+    that path, without the sorts of the top-k / top-p filters. sampling (static) as in `draw`: False
+    the greedy path, True the sampling path (same result for greedy rows), None a lax.cond."""
     R, K1, V = target_logits.shape
     k = K1 - 1
     best = jnp.argmax(target_logits, -1).astype(jnp.int32)                    # [R, k+1]
@@ -143,9 +156,11 @@ def accept(target_logits, drafts, draft_logits, num_drafts, temperature, top_k, 
     else:
         n_acc = jnp.zeros(R, jnp.int32)
     toks = jnp.where(jnp.arange(K1)[None, :] <= n_acc[:, None], best, 0).astype(jnp.int32)
-    return jax.lax.cond(jnp.any(temperature > 0), lambda: _accept_sampling(
-        target_logits, drafts, draft_logits, num_drafts, temperature, top_k, top_p, seeds, ids, counters),
-        lambda: (toks, n_acc.astype(jnp.int32)))
+    sample = functools.partial(_accept_sampling, target_logits, drafts, draft_logits, num_drafts, temperature,
+                               top_k, top_p, seeds, ids, counters)
+    if sampling is None:
+        return jax.lax.cond(jnp.any(temperature > 0), sample, lambda: (toks, n_acc.astype(jnp.int32)))
+    return sample() if sampling else (toks, n_acc.astype(jnp.int32))
 
 
 def _accept_sampling(target_logits, drafts, draft_logits, num_drafts, temperature, top_k, top_p, seeds, ids,
@@ -239,13 +254,22 @@ def rollback_linear(lin, saved, slots, n_acc, is_verify):
     return tuple(lin)
 
 
-def mtp_forward(model, batch, cache, hidden, next_tokens):
+def mtp_forward(model, batch, cache, hidden, next_tokens, rows=None):
     """The MTP layer over a packed batch with its own paged latent cache (batch.page_table) -> (final-norm
-    output [T, d], cache)."""
+    output [T, d], cache). rows [N] (optional): the output only at these rows -> [N, d]. The latents of
+    every row are written (later drafts attend to them), but the MoE, the rest of the block after the
+    attention, runs only on the rows whose output is used: a verify step needs one row per request, and
+    with random routing each extra row through the MoE reads about num_experts_per_tok more experts."""
     m = model.mtp[0]
     z = m.eh_proj(jnp.concatenate([m.enorm(model.embed(next_tokens)), m.hnorm(hidden.astype(model.dtype))], -1))
-    z, cache = m.block.step(z, batch, cache)
-    return m.final_layernorm(z), cache
+    if rows is None:
+        z, cache = m.block.step(z, batch, cache)
+        return m.final_layernorm(z), cache
+    blk = m.block
+    a, cache = blk.attention.step_paged(blk.input_layernorm(z), batch, cache)     # every row: its latent
+    x = (z + a)[rows]
+    x = x + blk.mlp(blk.post_attention_layernorm(x))
+    return m.final_layernorm(x), cache
 
 
 # ------------------------------------------------------------------------------------------ jitted step
@@ -259,23 +283,24 @@ def _spec_step_fn(params, caches, spec, batch, draft_take, next_tok, next_take, 
     (the request emits tokens this step); held [R]: positions the request row's pages cover (drafts 2..k
     write the MTP latents of later positions; past `held` those writes are dropped, and the drafts they
     would feed are never verified: lingjax.speculative.SpecDriver.dispatch). mode (static): (full logits for score requests, want
-    top logprobs) -> (logits | None, tokens [R, k+1], n_emit [R], logprobs [R, k+1], top ids, top
-    logprobs | None, caches, spec). Under tensor parallelism the whole step runs inside one shard_map
-    (sharding.py's specs); logits are all-gathered over the vocabulary inside it, so acceptance and
-    drafting run identically on every device."""
+    top logprobs, any emitting request samples: False runs the greedy acceptance and drafts alone, with no
+    lax.cond: on the GPU each one waits for its predicate on the host, `draw`) -> (logits | None, tokens
+    [R, k+1], n_emit [R], logprobs [R, k+1], top ids, top logprobs | None, caches, spec). Under tensor
+    parallelism the whole step runs inside one shard_map (sharding.py's specs); logits are all-gathered
+    over the vocabulary inside it, so acceptance and drafting run identically on every device."""
     from lingjax import sharding
-    want_logits, want_top = mode
-    graph.traces[("spec" + ("+score" if want_logits else "") + ("+top" if want_top else ""),
-                  batch.tokens.shape[0], False)] += 1
+    want_logits, want_top, sampling = mode
+    graph.traces[("spec" + ("+score" if want_logits else "") + ("+top" if want_top else "")
+                  + ("+sample" if sampling else ""), batch.tokens.shape[0], False)] += 1
     state = jax.tree.unflatten(graph.treedef, params)
     host = (draft_take, next_tok, next_take, start, num_drafts, produce, held, temperature, top_k, top_p, seeds,
             request_ids, counters)
     tp = sharding.tp_of(graph.mesh)
     if tp == 1:
-        return _spec_body(graph.graphdef, False, want_logits, want_top, k, state, caches, spec, batch, host)
+        return _spec_body(graph.graphdef, False, want_logits, want_top, sampling, k, state, caches, spec, batch, host)
     from jax.sharding import PartitionSpec as P
     gather = sharding.logits_spec(graph.cfg, tp) != sharding.REPLICATED
-    body = functools.partial(_spec_body, graph.graphdef, gather, want_logits, want_top, k)
+    body = functools.partial(_spec_body, graph.graphdef, gather, want_logits, want_top, sampling, k)
     rep = sharding.REPLICATED
     out_specs = (rep if want_logits else None, rep, rep, rep, rep if want_top else None, rep if want_top else None,
                  sharding.cache_specs(), rep)
@@ -285,7 +310,7 @@ def _spec_step_fn(params, caches, spec, batch, draft_take, next_tok, next_take, 
     return f(state, caches, spec, batch, host)
 
 
-def _spec_body(graphdef, gather, want_logits, want_top, k, state, caches, spec, batch, host):
+def _spec_body(graphdef, gather, want_logits, want_top, sampling, k, state, caches, spec, batch, host):
     (draft_take, next_tok, next_take, start, num_drafts, produce, held, temperature, top_k, top_p, seeds, request_ids,
      counters) = host
     model = nnx.merge(graphdef, state)
@@ -314,20 +339,20 @@ def _spec_body(graphdef, gather, want_logits, want_top, k, state, caches, spec, 
         drafts = spec.drafts[vslots]
         dlog = spec.draft_logits[vslots]
         toks, n_acc = accept(target, drafts, dlog, num_drafts, temperature, top_k, top_p, seeds, request_ids,
-                             counters)
+                             counters, sampling)
         is_verify = produce & (num_drafts > 0) & (batch.slots >= 0)
         caches = caches.replace(linear=rollback_linear(caches.linear, saved, batch.slots, n_acc, is_verify))
 
-        # Drafts for the next step: MTP over every row, then k - 1 more single-row passes.
+        # Drafts for the next step: MTP latents of every row, its output at one row per request, then k - 1
+        # more single-row passes.
         nxt = jnp.where(next_take >= 0, toks.reshape(-1)[jnp.maximum(next_take, 0)], next_tok)
-        out, mtp_cache = mtp_forward(model, batch, spec.mtp, y, nxt)
         base = jnp.clip(start + n_acc, 0, T - 1)
-        h = out[base]
+        h, mtp_cache = mtp_forward(model, batch, spec.mtp, y, nxt, rows=base)
         pos = batch.positions[base]
         new_counters = counters + n_acc + 1
         d_slots = jnp.where(produce, batch.slots, -1)
         lg = logits_of(h)
-        d = draw(lg, temperature, top_k, top_p, seeds, request_ids, new_counters, TAG_DRAFT)
+        d = draw(lg, temperature, top_k, top_p, seeds, request_ids, new_counters, TAG_DRAFT, sampling)
         new_d, new_l = d[:, None], lg[:, None]
         if k > 1:                     # drafts 2..k: one row per request, in a scan (traced once, not k - 1 times)
             def again(carry, j):
@@ -338,7 +363,7 @@ def _spec_body(graphdef, gather, want_logits, want_top, k, state, caches, spec, 
                                page_table=batch.page_table, decode_only=True)
                 h, cache = mtp_forward(model, b1, cache, h, prev)
                 lg = logits_of(h)
-                d = draw(lg, temperature, top_k, top_p, seeds, request_ids, new_counters + j, TAG_DRAFT)
+                d = draw(lg, temperature, top_k, top_p, seeds, request_ids, new_counters + j, TAG_DRAFT, sampling)
                 return (h, d, cache), (d, lg)
             (_, _, mtp_cache), (ds, lgs) = jax.lax.scan(again, (h, d, mtp_cache), jnp.arange(1, k))
             new_d = jnp.concatenate([new_d, ds.T], 1)
@@ -468,7 +493,9 @@ class SpecDriver:
                 counters[i] = len(r.tokens) - r.prompt_len
                 temp[i], top_k[i], top_p[i], seeds[i] = r.sampling
                 top_n[i] = r.params.logprobs or 0
-        mode = (any(r.score for r, _ in pieces), any(top_n))
+        # drawing twin only when a request that emits tokens this step samples (other rows' acceptance
+        # and drafts are discarded): prefill-only steps are always greedy-only
+        mode = (any(r.score for r, _ in pieces), any(top_n), bool(((temp > 0) & produce).any()))
         out = _spec_step_fn(e._params, e.caches, self.state, batch, pad_i(draft_take, -1), pad_i(next_tok, 0),
                             pad_i(next_take, -1), start, num_drafts, produce, held, temp, top_k, top_p, seeds, ids,
                             counters, graph=e._graph, mode=mode, k=k)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Cost of a speculative verify step (k = 1, 2, 3 MTP drafts) against a plain decode step (issue 16).
 
-    PYTHONPATH=.:scripts python3 scripts/bench_spec.py --out $OUT/bench_spec.json                   # one H200
+    PYTHONPATH=.:scripts python3 scripts/bench_spec.py --profile --out $OUT/bench_spec.json         # one H200
+    PYTHONPATH=.:scripts python3 scripts/bench_spec.py --floor-only                                 # no device
     JAX_PLATFORMS=cpu PYTHONPATH=.:scripts python3 scripts/bench_spec.py --preset tiny --smoke      # CPU check
 
 Model: a preset of scripts/shapes.py (default flash8: Ling-2.6-flash layer shapes, 8 layers, vocab cut
@@ -12,12 +13,46 @@ matter and do not depend on it.
 For each batch B (requests, each at context --context): the device time of
   plain   one engine decode step (lingjax.engine._step_fn: B tokens through the main model, sampling),
   verify  one speculative step (lingjax.speculative._spec_step_fn) with k drafts per request: B (k + 1)
-          tokens through the main model, acceptance, linear-state rollback, the MTP layer over the
-          B (k + 1) rows and k - 1 more single-row MTP passes (the next step's drafts),
+          tokens through the main model, acceptance, linear-state rollback, the MTP layer's latents over
+          the B (k + 1) rows and its MoE at one row per request, and k - 1 more single-row MTP passes
+          (the next step's drafts),
 each the median over --reps runs of --steps steps dispatched back to back (caches donated). Reported:
 cost ratio verify / plain and the speedup implied at acceptance a in --accept: expected tokens per step
 (1 - a^(k+1)) / (1 - a) over the cost ratio (independent per-draft acceptance a). Target: at B = 1,
 k = 1 the ratio is <= 1.15. JSON to --out after every measurement (a run cut short keeps its rows).
+
+Correctness, on the device before timing: the first (warm-up) call of the plain step and of each verify
+step start from the same zeroed caches with the same first token per request, so the verify step's
+first emitted token (the argmax of its row 0) must be the plain step's greedy token and its logprob the
+plain one; the agreement (share of requests, max |logprob difference|) is printed and kept in the JSON
+(bf16 decode and prefill kernels round differently: a near-tie may flip; below 75% agreement or a
+difference above 0.1 the run stops).
+
+The floor (`step_bytes`): the bytes a step must read or write, over the copy bandwidth measured at the
+start (a jitted y = 2x over 1 GiB, read + write), in the columns "floor ms":
+  weights     every main-model parameter but the routed experts, the embedding and the lm_head, once;
+  experts     per MoE layer, the distinct experts the step's tokens route to, times one expert's bytes:
+              with independent uniform routing E[distinct] = E (1 - (1 - top_k / E)^n) for n tokens
+              (exact for independent tokens by symmetry; the random model's router is that);
+  lm_head     read once by the plain step; by the verify step once for its B (k + 1) target rows and
+              once per MTP draft pass (k; each depends on the last);
+  mtp         the MTP layer's non-expert weights per pass (k passes) and its experts: each pass routes
+              B rows (the first pass's MoE runs at one row per request);
+  caches      linear states read and written once per linear layer and request (float32 [H, D, D]; the
+              rollback's minimum: read S_0, write the accepted state), MLA latents read (context) per MLA
+              layer and request, and the MTP latents per pass; embedding rows; the draft logits read and
+              written (float32 [B, k, V]).
+--routing hotM (synthetic, NOT a checkpoint's routing): every MoE layer's expert_bias is raised by 2 on
+M experts (M / 4 in each of 4 groups; sigmoid scores are < 1, so those groups and experts always win),
+so every token picks its top_k among the same M experts: M = top_k (hot8) makes every token of the
+batch use the same experts (the MoE bytes of a verify step equal a plain step's: the ratio then shows
+what else the verify step costs); larger M lets consecutive tokens share most experts. It applies
+across the whole batch (requests share experts too), so the B > 1 plain steps get cheaper as well.
+Floor: M (1 - (1 - top_k / M)^n) experts. `--routing hot8,uniform --hot-batches 1` runs B = 1 with
+hot8 first (its compiled steps are then reused by the uniform pass: the same shapes), then every B.
+--profile: each measurement is also run under the XLA profiler; per step: device busy time, the gaps
+between kernels, kernel launches, and device time by kernel category (the verify step's excess over
+the plain step, by category, is printed at the end).
 """
 from __future__ import annotations
 
@@ -33,13 +68,113 @@ import time
 import numpy as np
 
 log = logging.getLogger("bench_spec")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def timed(fn, carry, steps, reps):
-    """fn(carry) -> (out, carry); median ms per call over reps runs of `steps` calls."""
+# ------------------------------------------------------------------------------------------ floor
+def param_bytes(model):
+    """Bytes of the model's parameters by role (works on an abstract model: nnx.eval_shape):
+    dense (main model, not experts / embedding / lm_head), expert (one routed expert's three matrices),
+    lm_head, embed_row (one embedding row), mtp_dense, mtp_expert."""
     import jax
-    out, carry = fn(carry)                 # compile + warm up
-    jax.block_until_ready(out)
+    from flax import nnx
+    E = model.cfg.num_experts
+    out = dict(dense=0, expert=0, lm_head=0, embed_row=0, mtp_dense=0, mtp_expert=0)
+    for path, x in nnx.to_flat_state(nnx.state(model)):
+        names = [str(q) for q in path]
+        v = x.get_value() if hasattr(x, "get_value") else x.value
+        n = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(v))
+        mtp = names[0] == "mtp"
+        if names[-1] in ("w_gate", "w_up", "w_down"):
+            out["mtp_expert" if mtp else "expert"] += n / E
+        elif names[0] == "word_embeddings":
+            out["embed_row"] = n / model.cfg.vocab_size
+        elif names[0] == "lm_head":
+            out["lm_head"] = n
+        else:
+            out["mtp_dense" if mtp else "dense"] += n
+    n_moe = sum(model.cfg.is_moe(l) for l in range(model.cfg.num_hidden_layers))
+    out["expert"] /= n_moe              # summed over the MoE layers above: one layer's expert
+    return out
+
+
+def distinct_experts(n, E, top_k, hot=0):
+    """Expected distinct experts that n tokens with independent uniform routing touch in one layer
+    (hot: every token picks top_k of the same `hot` experts)."""
+    if n <= 0:
+        return 0.0
+    pool = hot or E
+    return pool * (1 - (1 - top_k / pool) ** n)
+
+
+def step_bytes(cfg, pb, B, C, k, hot=0, latent_itemsize=2, state_itemsize=4):
+    """Bytes a plain step (k = 0) or a verify step with k drafts per request must touch: {part: bytes}
+    (module docstring)."""
+    E, top = cfg.num_experts, cfg.num_experts_per_tok
+    n_moe = sum(cfg.is_moe(l) for l in range(cfg.num_hidden_layers))
+    H, D = cfg.num_attention_heads, cfg.head_dim
+    lat = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * latent_itemsize
+    T = B * (k + 1)
+    parts = dict(weights=pb["dense"], experts=n_moe * distinct_experts(T, E, top, hot) * pb["expert"],
+                 lm_head=(1 + k) * pb["lm_head"])
+    caches = (len(cfg.linear_layers) * B * H * D * D * state_itemsize * 2
+              + len(cfg.mla_layers) * (B * (C + k) + T) * lat + T * pb["embed_row"])
+    if k:
+        parts["mtp"] = k * pb["mtp_dense"] + k * distinct_experts(B, E, top, hot) * pb["mtp_expert"]
+        caches += k * (B * (C + k) + T) * lat + (T + (k - 1) * B) * pb["embed_row"] + 2 * B * k * cfg.vocab_size * 4
+    parts["caches"] = caches
+    return parts
+
+
+def copy_bandwidth(nbytes=1 << 30, reps=10):
+    """Bytes/s of a jitted y = 2 x over nbytes of bfloat16 (read + write), the median of reps."""
+    import jax
+    import jax.numpy as jnp
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda x: x * 2)
+    jax.block_until_ready(f(x))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(f(x))
+        ts.append(time.perf_counter() - t)
+    del x
+    return 2 * nbytes / statistics.median(ts)
+
+
+def set_hot_experts(model, m, base, seed=0):
+    """--routing hotM: every MoE layer's expert_bias = its base value (`base`, in layer order) + 2 on m
+    experts, m / topk_group in each of topk_group groups (a different random choice per layer), so that
+    every token picks its top_k among them; m = 0: the base values."""
+    import jax.numpy as jnp
+    cfg = model.cfg
+    E, G, top = cfg.num_experts, cfg.n_group, cfg.num_experts_per_tok
+    per = E // G
+    if m and (m % cfg.topk_group or not (top <= m <= cfg.topk_group * per)):
+        raise SystemExit(f"--routing hot{m}: must be a multiple of topk_group={cfg.topk_group} between "
+                         f"top_k={top} and {cfg.topk_group * per}")
+    rng = np.random.default_rng(seed)
+    layers = moe_layers(model)
+    for moe, b0 in zip(layers, base):
+        bias = np.zeros(E, np.float32)
+        if m:
+            for g in rng.choice(G, cfg.topk_group, replace=False):
+                bias[g * per + rng.choice(per, m // cfg.topk_group, replace=False)] = 2.0
+        moe.expert_bias.set_value(b0 + jnp.asarray(bias))
+
+
+def moe_layers(model):
+    return [l.mlp for l in model.layers if l.is_moe] + [m_.block.mlp for m_ in model.mtp if m_.block.is_moe]
+
+
+# ------------------------------------------------------------------------------------------ timing
+def timed(fn, carry, steps, reps):
+    """fn(carry) -> (out, carry) -> (median ms per call over reps runs of `steps` calls, the first
+    call's out (the compile and warm-up call, from the initial carry), carry)."""
+    import jax
+    first, carry = fn(carry)
+    jax.block_until_ready(first)
+    first = jax.device_get(first)
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -47,17 +182,65 @@ def timed(fn, carry, steps, reps):
             out, carry = fn(carry)
         jax.block_until_ready((out, carry))
         ts.append((time.perf_counter() - t) / steps * 1e3)
-    return statistics.median(ts), carry
+    return statistics.median(ts), first, carry
 
 
-def plain_ms(model, B, C, steps, reps):
+def traced(fn, carry, steps):
+    """Device profile of `steps` calls of fn: per-step busy / gap us, launches, us by kernel category and
+    the top kernels (bench_linear_attention.device_trace; categories of profile_fp8)."""
+    import jax
+    try:
+        from bench_linear_attention import device_trace
+        from profile_fp8 import category
+    except Exception as err:         # a profiler failure costs the profile, not the measurement
+        log.warning("profile unavailable: %s: %s", type(err).__name__, err)
+        return None, carry
+    box = {}
+
+    def run():
+        c = carry
+        for _ in range(steps):
+            out, c = fn(c)
+        jax.block_until_ready((out, c))
+        box["carry"] = c
+    try:
+        tr = device_trace(run, steps)
+    except Exception as err:         # a profiler failure costs the profile, not the measurement
+        log.warning("profile failed: %s: %s", type(err).__name__, err)
+        return None, box.get("carry", carry)
+    streams = {name: v for name, v in tr.items() if not name.startswith("_")}
+    kernels, busy, gaps = {}, 0.0, 0.0
+    for v in streams.values():
+        busy += v["busy_us"]
+        gaps += v["gap_sum_us"]
+        for name, kk in v["kernels"].items():
+            e = kernels.setdefault(name, dict(n=0, sum_us=0.0))
+            e["n"] += kk["n"]
+            e["sum_us"] += kk["sum_us"]
+    cats = {}
+    for name, kk in kernels.items():
+        c = cats.setdefault(category(name), dict(n=0.0, us=0.0))
+        c["n"] += kk["n"] / steps
+        c["us"] += kk["sum_us"] / steps
+    top = sorted(((kk["sum_us"] / steps, kk["n"] / steps, name) for name, kk in kernels.items()), reverse=True)
+    prof = dict(busy_us=busy / steps, gap_us=gaps / steps, launches=sum(kk["n"] for kk in kernels.values()) / steps,
+                categories=cats, top=[dict(us=u, n=n, name=name) for u, n, name in top[:15]])
+    return prof, box["carry"]
+
+
+def first_tokens(model, B):
+    """The first token of each request (the same in the plain and the verify steps of a batch size)."""
+    return np.random.default_rng(B).integers(2, model.cfg.vocab_size, B)
+
+
+def plain_ms(model, B, C, steps, reps, profile=False):
+    """-> (ms, {"tokens", "logprobs"} of the first call, profile or None)."""
     import jax.numpy as jnp
     from lingjax.batch import StepBatch
     from lingjax.cache import contiguous_page_table
     from lingjax.engine import Engine, _step_fn
     e = Engine(model, max_batch=B, prefill_chunk=8, max_len=C + 16, overlap=False)
-    rng = np.random.default_rng(B)
-    batch = StepBatch(tokens=jnp.asarray(rng.integers(2, model.cfg.vocab_size, B), jnp.int32),
+    batch = StepBatch(tokens=jnp.asarray(first_tokens(model, B), jnp.int32),
                       positions=jnp.full((B,), C, jnp.int32), token_seq=jnp.arange(B, dtype=jnp.int32),
                       slots=jnp.arange(B, dtype=jnp.int32), cu_seqlens=jnp.arange(B + 1, dtype=jnp.int32),
                       fresh=jnp.zeros((B,), bool), decode_only=True,
@@ -69,13 +252,19 @@ def plain_ms(model, B, C, steps, reps):
     def one(caches):
         take, rows, *rest = host
         out = _step_fn(e._params, caches, batch, take, e._prev, rows, *rest, graph=e._graph, mode=(False, True, False, True))
-        return out[1], out[-1]
-    ms, caches = timed(one, e.caches, steps, reps)
+        return (out[1], out[2]), out[-1]
+    ms, first, caches = timed(one, e.caches, steps, reps)
+    prof = None
+    if profile:
+        prof, caches = traced(one, caches, steps)
     del caches, e
-    return ms
+    return ms, dict(tokens=np.asarray(first[0]), logprobs=np.asarray(first[1])), prof
 
 
-def verify_ms(model, B, C, k, steps, reps):
+def verify_ms(model, B, C, k, steps, reps, profile=False, sampling=False):
+    """-> (ms, {"tokens" (first emitted token per request), "logprobs"} of the first call, profile or None).
+    sampling: the step's static sampling flag (False: greedy code only, as the engine runs an all-greedy
+    step; None: the acceptance and drafts choose greedy or sampling on the device, by lax.cond)."""
     import jax.numpy as jnp
     from lingjax.batch import StepBatch
     from lingjax.cache import contiguous_page_table
@@ -83,10 +272,11 @@ def verify_ms(model, B, C, k, steps, reps):
     from lingjax.speculative import _spec_step_fn
     e = Engine(model, max_batch=B, prefill_chunk=8, max_len=C + 16, num_speculative_tokens=k)
     T = B * (k + 1)
-    rng = np.random.default_rng(B + k)
     r = np.repeat(np.arange(B), k + 1)
     j = np.tile(np.arange(k + 1), B)
-    batch = StepBatch(tokens=jnp.asarray(rng.integers(2, model.cfg.vocab_size, T), jnp.int32),
+    tokens = np.zeros(T, np.int64)
+    tokens[j == 0] = first_tokens(model, B)        # draft rows: the drafts held on the device (zeros at first)
+    batch = StepBatch(tokens=jnp.asarray(tokens, jnp.int32),
                       positions=jnp.asarray(C + j, jnp.int32), token_seq=jnp.asarray(r, jnp.int32),
                       slots=jnp.arange(B, dtype=jnp.int32),
                       cu_seqlens=jnp.asarray(np.arange(B + 1) * (k + 1), jnp.int32),
@@ -101,11 +291,47 @@ def verify_ms(model, B, C, k, steps, reps):
 
     def one(carry):
         caches, spec = carry
-        out = _spec_step_fn(e._params, caches, spec, batch, *args, graph=e._graph, mode=(False, False), k=k)
-        return out[1], (out[-2], out[-1])
-    ms, carry = timed(one, (e.caches, e._spec.state), steps, reps)
+        out = _spec_step_fn(e._params, caches, spec, batch, *args, graph=e._graph, mode=(False, False, sampling), k=k)
+        return (out[1], out[3]), (out[-2], out[-1])        # (no slicing here: an op outside the step)
+    ms, first, carry = timed(one, (e.caches, e._spec.state), steps, reps)
+    prof = None
+    if profile:
+        prof, carry = traced(one, carry, steps)
     del carry, e
-    return ms
+    return ms, dict(tokens=np.asarray(first[0])[:, 0], logprobs=np.asarray(first[1])[:, 0]), prof
+
+
+def agreement(plain, verify):
+    """(share of requests whose first verify token is the plain step's greedy token, max |logprob
+    difference| over those)."""
+    same = plain["tokens"] == verify["tokens"]
+    d = np.abs(plain["logprobs"] - verify["logprobs"])[same]
+    return float(same.mean()), float(d.max()) if d.size else float("nan")
+
+
+# ------------------------------------------------------------------------------------------ main
+def floor_rows(cfg, pb, batches, ks, C, hot, bw):
+    rows = []
+    for B in batches:
+        base = sum(step_bytes(cfg, pb, B, C, 0, hot).values())
+        for k in ks:
+            parts = step_bytes(cfg, pb, B, C, k, hot)
+            v = sum(parts.values())
+            rows.append(dict(batch=B, k=k, plain_bytes=base, verify_bytes=v, verify_parts=parts,
+                             plain_parts=step_bytes(cfg, pb, B, C, 0, hot),
+                             plain_floor_ms=base / bw * 1e3, verify_floor_ms=v / bw * 1e3, floor_ratio=v / base))
+    return rows
+
+
+def print_floor(rows):
+    print("\nfloor: bytes a step must touch / copy bandwidth (module docstring)")
+    print("| B | k | plain GB | verify GB | plain floor ms | verify floor ms | floor ratio | verify GB: weights / experts / "
+          "lm_head / mtp / caches |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        p = r["verify_parts"]
+        print(f"| {r['batch']} | {r['k']} | {r['plain_bytes'] / 1e9:.3f} | {r['verify_bytes'] / 1e9:.3f} | "
+              f"{r['plain_floor_ms']:.3f} | {r['verify_floor_ms']:.3f} | {r['floor_ratio']:.3f} | "
+              + " / ".join(f"{p[q] / 1e9:.3f}" for q in ("weights", "experts", "lm_head", "mtp", "caches")) + " |")
 
 
 def main(argv=None):
@@ -116,6 +342,7 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--batches", default="1,16,64", help="batch sizes B (comma list)")
     p.add_argument("--ks", default="1,2,3", help="draft counts k (comma list)")
+    p.add_argument("--large-ks", default="", help="draft counts k for the batches after the first (default: --ks)")
     p.add_argument("--context", type=int, default=1024, help="tokens already in each request's cache")
     p.add_argument("--accept", default="0.6,0.8,0.9", help="acceptance rates for the implied speedup")
     p.add_argument("--steps", type=int, default=10, help="steps per timed run")
@@ -123,63 +350,211 @@ def main(argv=None):
     p.add_argument("--time-budget", type=float, default=215.0,
                    help="seconds after which no new measurement starts (rows are written as they finish; B=1 "
                         "first); default %(default)s, so the run fits 4 minutes with the last compile")
+    p.add_argument("--routing", default="uniform",
+                   help="comma list of routing passes, for each B in this order (B = 1 first): 'uniform' (the random "
+                        "model's own, independent "
+                        "routing) or 'hotM' (SYNTHETIC correlated routing: every token picks its experts among the "
+                        "same M per layer, module docstring); default %(default)s")
+    p.add_argument("--hot-batches", default="1", help="batch sizes of the hotM passes (comma list; default 1)")
+    p.add_argument("--cond-ks", default="",
+                   help="comma list of k: at the first B of the uniform pass also time the verify step with the "
+                        "greedy/sampling choice made on the device by lax.cond (as before session 5), for comparison")
+    p.add_argument("--profile", action="store_true",
+                   help="also trace each measurement under the XLA profiler (device busy time, gaps, categories)")
+    p.add_argument("--bandwidth", type=float, default=0.0,
+                   help="copy bandwidth for the floor in bytes/s; 0 (default): measured at the start (--floor-only: "
+                        "4.3e12, the H200's measured)")
+    p.add_argument("--floor-only", action="store_true",
+                   help="print the floor table only (abstract model: no weights, no device time)")
     p.add_argument("--smoke", action="store_true", help="CPU check: 1 step, 1 rep, context 16")
     p.add_argument("--out", help="JSON output (default $OUT/bench_spec.json when $OUT is set)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     import jax
     import jax.numpy as jnp
+    from flax import nnx
     from shapes import preset, random_model
     if args.smoke:
         args.steps, args.reps, args.context = 1, 1, 16
     cfg = dataclasses.replace(preset(args.preset, args.layers, args.vocab), num_nextn_predict_layers=1)
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
+    batches = [int(b) for b in args.batches.split(",")]
+    ks = [int(x) for x in args.ks.split(",")]
+    large_ks = [int(x) for x in args.large_ks.split(",")] if args.large_ks else ks
+    passes = []
+    for name in args.routing.split(","):
+        if name == "uniform":
+            passes.append((0, batches))
+        elif name.startswith("hot") and name[3:].isdigit():
+            passes.append((int(name[3:]), [int(x) for x in args.hot_batches.split(",")]))
+        else:
+            p.error(f"--routing: unknown pass {name!r} (uniform or hotM, e.g. hot8)")
+    if args.floor_only:
+        from lingjax.model import BailingModel
+        abstract = nnx.eval_shape(lambda: BailingModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), mtp=True))
+        pb = param_bytes(abstract)
+        bw = args.bandwidth or 4.3e12
+        print(f"{args.preset} ({cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}), context {args.context}, "
+              f"bandwidth {bw / 1e12:.2f} TB/s; " + ", ".join(f"{q} {v / 1e6:.1f} MB" for q, v in pb.items()))
+        for hot, bs in passes:
+            print(f"\nrouting: {routing_name(hot)}")
+            print_floor(floor_rows(cfg, pb, bs, ks, args.context, hot, bw))
+        return 0
     t0 = time.perf_counter()
+    bw = args.bandwidth or copy_bandwidth(1 << (24 if args.smoke else 30))
+    log.info("copy bandwidth %.3f TB/s", bw / 1e12)
     model = random_model(cfg, None, dtype, mtp=True)
-    jax.block_until_ready(jax.tree.leaves(nnx_state(model)))
+    jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
+    base_bias = [moe.expert_bias.get_value() for moe in moe_layers(model)]
+    pb = param_bytes(model)
     kinds = "".join("L" if kd == "linear" else "M" for kd in cfg.layer_kinds)
     report = dict(device=jax.devices()[0].device_kind, preset=args.preset, layers=cfg.num_hidden_layers, kinds=kinds,
                   vocab=cfg.vocab_size, dtype=args.dtype, context=args.context, init_s=time.perf_counter() - t0,
-                  note="random weights: drafts are (almost) never accepted; costs only, speedups implied", rows=[])
+                  copy_bandwidth=bw, param_bytes=pb,
+                  note="random weights: drafts are (almost) never accepted; costs only, speedups implied",
+                  plain=[], rows=[])
     out = args.out or (os.path.join(os.environ["OUT"], "bench_spec.json") if os.environ.get("OUT") else None)
-    accs = [float(a) for a in args.accept.split(",")]
-    skipped = []
-    for B in (int(b) for b in args.batches.split(",")):
-        if time.perf_counter() - t0 > args.time_budget:
-            skipped.append(f"B={B}")
-            continue
-        base = plain_ms(model, B, args.context, args.steps, args.reps)
-        log.info("B=%d plain decode step %.3f ms", B, base)
-        for k in (int(x) for x in args.ks.split(",")):
-            if time.perf_counter() - t0 > args.time_budget:
-                skipped.append(f"B={B} k={k}")
-                continue
-            v = verify_ms(model, B, args.context, k, args.steps, args.reps)
-            ratio = v / base
-            speed = {str(a): ((1 - a ** (k + 1)) / (1 - a)) / ratio for a in accs}
-            row = dict(batch=B, k=k, plain_ms=base, verify_ms=v, cost_ratio=ratio, speedup_at_acceptance=speed)
-            report["rows"].append(row)
-            log.info("B=%d k=%d verify %.3f ms = %.3fx plain; implied speedup %s", B, k, v, ratio,
-                     "  ".join(f"a={a}: {s:.2f}x" for a, s in speed.items()))
-            if out:
-                with open(out, "w") as f:
-                    json.dump(report, f, indent=1)
-    if skipped:
-        report["skipped_for_time"] = skipped
-        log.info("time budget %.0f s: skipped %s", args.time_budget, ", ".join(skipped))
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+
+    def save():
         if out:
             with open(out, "w") as f:
                 json.dump(report, f, indent=1)
-    b1 = [r for r in report["rows"] if r["batch"] == 1 and r["k"] == 1]
-    if b1:
-        log.info("target B=1 k=1 verify <= 1.15x plain: %.3fx (%s)", b1[0]["cost_ratio"],
-                 "met" if b1[0]["cost_ratio"] <= 1.15 else "NOT met")
+    accs = [float(a) for a in args.accept.split(",")]
+    skipped, failed = [], []
+    profile = args.profile          # (on the CPU the trace has no device kernels: empty categories)
+    order = [(B, hot) for B in dict.fromkeys(b for _, bs in passes for b in bs)       # B outer, passes inner:
+             for hot, bs in passes if B in bs]                                         # B = 1 first, every pass
+    for B, hot in order:
+        set_hot_experts(model, hot, base_bias)
+        routing = routing_name(hot)
+        bs = [b for h, bb in passes if h == hot for b in bb]
+        if time.perf_counter() - t0 > args.time_budget:
+            skipped.append(f"{routing} B={B}")
+            continue
+        base, pfirst, pprof = plain_ms(model, B, args.context, args.steps, args.reps, profile)
+        pfloor = sum(step_bytes(cfg, pb, B, args.context, 0, hot).values()) / bw * 1e3
+        report["plain"].append(dict(routing=routing, batch=B, ms=base, floor_ms=pfloor, profile=pprof))
+        log.info("[%s] B=%d plain decode step %.3f ms (floor %.3f ms%s)", routing, B, base, pfloor,
+                 f"; device busy {pprof['busy_us'] / 1e3:.3f} ms, gaps {pprof['gap_us'] / 1e3:.3f} ms, "
+                 f"{pprof['launches']:.0f} launches" if pprof else "")
+        for k in [int(x) for x in args.cond_ks.split(",") if x] if (hot == 0 and B == bs[0]) else []:
+            if time.perf_counter() - t0 > args.time_budget:
+                skipped.append(f"{routing} B={B} k={k} lax.cond")
+                continue
+            v, vfirst, vprof = verify_ms(model, B, args.context, k, args.steps, args.reps, profile, sampling=None)
+            report.setdefault("cond_rows", []).append(dict(routing=routing, batch=B, k=k, verify_ms=v, plain_ms=base,
+                                                           cost_ratio=v / base, profile=vprof))
+            log.info("[%s] B=%d k=%d verify with the greedy/sampling choice by lax.cond on the device: %.3f ms = "
+                     "%.3fx plain%s", routing, B, k, v, v / base, f"; device busy {vprof['busy_us'] / 1e3:.3f} ms, "
+                     f"gaps {vprof['gap_us'] / 1e3:.3f} ms, {vprof['launches']:.0f} launches" if vprof else "")
+            save()
+        for k in (ks if B == order[0][0] else large_ks):
+            if time.perf_counter() - t0 > args.time_budget:
+                skipped.append(f"{routing} B={B} k={k}")
+                continue
+            v, vfirst, vprof = verify_ms(model, B, args.context, k, args.steps, args.reps, profile)
+            agree, dlp = agreement(pfirst, vfirst)
+            parts = step_bytes(cfg, pb, B, args.context, k, hot)
+            vfloor = sum(parts.values()) / bw * 1e3
+            ratio = v / base
+            speed = {str(a): ((1 - a ** (k + 1)) / (1 - a)) / ratio for a in accs}
+            ok = agree >= 0.75 and dlp < 0.1
+            row = dict(routing=routing, batch=B, k=k, plain_ms=base, verify_ms=v, cost_ratio=ratio,
+                       speedup_at_acceptance=speed, plain_floor_ms=pfloor, verify_floor_ms=vfloor,
+                       floor_ratio=vfloor / pfloor, verify_bytes=parts, check_first_token_agreement=agree,
+                       check_max_logprob_diff=dlp, check_ok=ok, profile=vprof)
+            report["rows"].append(row)
+            log.info("[%s] B=%d k=%d verify %.3f ms = %.3fx plain (floor %.3f ms, floor ratio %.3fx)%s; check: "
+                     "first token agrees for %.0f%% of requests, max |dlogprob| %.2g%s; implied speedup %s",
+                     routing, B, k, v, ratio, vfloor, vfloor / pfloor,
+                     f"; device busy {vprof['busy_us'] / 1e3:.3f} ms, gaps {vprof['gap_us'] / 1e3:.3f} ms, "
+                     f"{vprof['launches']:.0f} launches" if vprof else "", 100 * agree, dlp, "" if ok else " CHECK FAILED",
+                     "  ".join(f"a={a}: {s:.2f}x" for a, s in speed.items()))
+            if not ok:
+                failed.append(f"{routing} B={B} k={k}")
+            save()
+    if skipped:
+        report["skipped_for_time"] = skipped
+        log.info("time budget %.0f s: skipped %s", args.time_budget, ", ".join(skipped))
+    save()
+    print_table(report)
+    if failed:
+        print(f"CHECK FAILED (verify's first token or its logprob differs from the plain step's: agreement < 75% or "
+              f"|dlogprob| >= 0.1) at {', '.join(failed)}")
+        return 1
     return 0
 
 
-def nnx_state(model):
-    from flax import nnx
-    return nnx.state(model)
+def routing_name(hot):
+    return f"SYNTHETIC hot{hot}" if hot else "uniform"
+
+
+def print_table(report):
+    rows = report["rows"]
+    if not rows:
+        return
+    print(f"\n{report['device']}, {report['preset']} ({report['layers']} layers {report['kinds']} + MTP, vocab "
+          f"{report['vocab']}), context {report['context']}; copy bandwidth {report['copy_bandwidth'] / 1e12:.2f} TB/s; "
+          f"{report['note']}. Routing 'SYNTHETIC hotM': every token's experts among the same M per layer (not a "
+          f"checkpoint's routing)")
+    print("| routing | B | k | plain ms | verify ms | ratio | plain floor ms | verify floor ms | floor ratio | "
+          "verify / its floor | plain / its floor | check (agree, max dlogprob) |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['routing']} | {r['batch']} | {r['k']} | {r['plain_ms']:.3f} | {r['verify_ms']:.3f} | "
+              f"{r['cost_ratio']:.3f} | {r['plain_floor_ms']:.3f} | {r['verify_floor_ms']:.3f} | {r['floor_ratio']:.3f} | "
+              f"{r['verify_ms'] / r['verify_floor_ms']:.2f} | {r['plain_ms'] / r['plain_floor_ms']:.2f} | "
+              f"{100 * r['check_first_token_agreement']:.0f}%, {r['check_max_logprob_diff']:.2g}"
+              f"{'' if r['check_ok'] else ' FAILED'} |")
+    for r in rows:
+        if r["batch"] == 1 and r["k"] == 1:
+            reach = "unreachable at this routing: the floor ratio is above 1.15" if r["floor_ratio"] > 1.15 else "reachable"
+            print(f"[{r['routing']}] target B=1 k=1 verify <= 1.15x plain: {r['cost_ratio']:.3f}x "
+                  f"({'met' if r['cost_ratio'] <= 1.15 else 'NOT met'}); the floor ratio there is {r['floor_ratio']:.3f} "
+                  f"({reach})")
+    for r in report.get("cond_rows", []):
+        print(f"[{r['routing']}] B={r['batch']} k={r['k']} with the greedy/sampling choice by lax.cond on the device "
+              f"(as before session 5): verify {r['verify_ms']:.3f} ms = {r['cost_ratio']:.3f}x plain"
+              + (f" (device busy {r['profile']['busy_us'] / 1e3:.3f} ms, gaps {r['profile']['gap_us'] / 1e3:.3f} ms)"
+                 if r.get("profile") else ""))
+    accs = list(rows[0]["speedup_at_acceptance"])
+    print("\nimplied speedup (tokens per step / cost ratio) at acceptance " + ", ".join(accs))
+    print("| routing | B | k | " + " | ".join(f"a={a}" for a in accs) + " |\n|---|---|---|" + "---|" * len(accs))
+    for r in rows:
+        print(f"| {r['routing']} | {r['batch']} | {r['k']} | "
+              + " | ".join(f"{r['speedup_at_acceptance'][a]:.2f}x" for a in accs) + " |")
+    profs = [(r, r["profile"]) for r in rows if r.get("profile")]
+    plains = {(p["routing"], p["batch"]): p for p in report.get("plain", [])}
+    if profs:
+        print("\ndevice profile per step: busy us (launches), gaps us; verify minus plain by kernel category: us (launches)")
+        cats = sorted({c for _, pr in profs for c in pr["categories"]}
+                      | {c for p in plains.values() if p.get("profile") for c in p["profile"]["categories"]})
+        print("| routing | B | k | plain busy | verify busy | plain gaps | verify gaps | " + " | ".join(cats)
+              + " |\n|---|---|---|---|---|---|---|" + "---|" * len(cats))
+        for r, pr in profs:
+            pp = (plains.get((r["routing"], r["batch"]), {}).get("profile")
+                  or dict(busy_us=0, gap_us=0, launches=0, categories={}))
+            cells = []
+            for c in cats:
+                a = pr["categories"].get(c, dict(us=0.0, n=0.0))
+                b = pp["categories"].get(c, dict(us=0.0, n=0.0))
+                cells.append(f"{a['us'] - b['us']:+.0f} ({a['n'] - b['n']:+.0f})")
+            print(f"| {r['routing']} | {r['batch']} | {r['k']} | {pp['busy_us']:.0f} ({pp['launches']:.0f}) | "
+                  f"{pr['busy_us']:.0f} ({pr['launches']:.0f}) | {pp['gap_us']:.0f} | {pr['gap_us']:.0f} | "
+                  + " | ".join(cells) + " |")
+        for r, pr in profs:
+            if r["k"] != 1 or r["batch"] not in (1, 64):
+                continue
+            print(f"\ntop kernels of the [{r['routing']}] verify step B={r['batch']} k={r['k']} (us per step, launches):")
+            for kk in pr["top"][:12]:
+                print(f"  {kk['us']:8.1f} ({kk['n']:.0f})  {kk['name']}")
+            pp = plains.get((r["routing"], r["batch"]), {}).get("profile")
+            if pp:
+                print(f"top kernels of the [{r['routing']}] plain step B={r['batch']}:")
+                for kk in pp["top"][:8]:
+                    print(f"  {kk['us']:8.1f} ({kk['n']:.0f})  {kk['name']}")
 
 
 if __name__ == "__main__":

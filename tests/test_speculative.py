@@ -288,3 +288,35 @@ def test_speculative_on_scattered_small_pages_and_prefix_cache():
                                    np.asarray(big._spec.state.draft_logits), rtol=1e-4, atol=1e-4)
     assert small.stats()["prefix_cache_hits"] > 0
     assert small.stats()["free_pages"] == small.num_pages - small.stats()["prefix_cache_pages"]
+
+
+def test_engine_draft_is_the_mtp_head_at_the_last_row(model):
+    """The draft a greedy step leaves for the next one (its MTP logits kept in SpecState) is the MTP head's
+    output at the request's last committed row: speculative.mtp_score's row len - 2 of the final sequence
+    (main-model hidden state there, embedding of the last token; tests/test_decoder.py checks mtp_score
+    against float64 numpy). The step computes the MTP MoE at that row only (mtp_forward(rows=)), the MTP
+    latents at every row: this checks both, through prefill chunks and verify steps."""
+    from lingjax.speculative import mtp_score
+    prompt = np.random.default_rng(9).integers(3, model.cfg.vocab_size, 11).tolist()
+    eng = engine(model, 1, 3)
+    out = eng.generate([prompt], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
+    seq = prompt + out.token_ids
+    want = mtp_score(model, [seq])[0][len(seq) - 2]
+    got = np.asarray(eng._spec.state.draft_logits)[0, 0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+    assert int(np.asarray(eng._spec.state.drafts)[0, 0]) == int(np.argmax(want))
+
+
+def test_server_warm_up_runs_greedy_and_drawing_steps(model):
+    """A speculative step is compiled greedy-only or drawing (a static choice: no lax.cond on the device),
+    so the server's warm_up runs every bucket's sampling step at temperature 0 and 1 (generate recorded,
+    not run: this checks the shapes warm_up asks for, without compiling them)."""
+    from lingjax.server import warm_up
+    eng = Engine(model, max_batch=2, prefill_chunk=3, max_tokens=16, max_len=96, num_speculative_tokens=1)
+    calls = []
+    eng.generate = lambda prompts, sp: calls.append((tuple(map(len, prompts)), sp.temperature))
+    warm_up(eng)
+    assert len(eng.t_buckets) > 1
+    drawn = {lens for lens, t in calls if t > 0}
+    sampled_steps = {lens for lens, t in calls if t == 0 and all(n <= 3 for n in lens)}   # not prefill-only
+    assert sampled_steps and sampled_steps <= drawn, (calls, eng.t_buckets)
