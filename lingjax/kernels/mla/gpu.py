@@ -28,7 +28,9 @@ class Config:
     step (a power of 2 >= 16); num_splits: context splits per request (merged by combine_splits); swap:
     tokens / latent columns as the tensor-core M dimension; reg_prefetch: the next block loaded into registers
     during this block's products instead of Triton's pipelined shared buffers (run with num_stages 1; block_n
-    must divide the page size). The kernel's docstring has both."""
+    must divide the page size); combine: with num_splits > 1, the last program of each request merges the
+    splits in the kernel (an atomic counter per request) instead of combine_splits' separate pass. The
+    kernel's docstring has each."""
     block_h: int = 32
     block_n: int = 64
     num_splits: int = 1
@@ -36,23 +38,25 @@ class Config:
     num_stages: int = 2
     swap: bool = False
     reg_prefetch: bool = False
+    combine: bool = False
 
     def tag(self) -> str:
-        """Short name for tables: h<block_h> n<block_n> s<splits> w<warps> st<stages> [swap] [rp]."""
+        """Short name for tables: h<block_h> n<block_n> s<splits> w<warps> st<stages> [swap] [rp] [fc]."""
         return (f"h{self.block_h}n{self.block_n}s{self.num_splits}w{self.num_warps}st{self.num_stages}"
-                + ("swap" if self.swap else "") + ("rp" if self.reg_prefetch else ""))
+                + ("swap" if self.swap else "") + ("rp" if self.reg_prefetch else "")
+                + ("fc" if self.combine else ""))
 
     @classmethod
     def from_tag(cls, tag: str) -> "Config":
-        """The inverse of tag(): 'h32n64s4w8st5', 'h32n32s1w8st5swap', 'h32n64s8w8st1swaprp' (s may be 0 or
-        negative: a placeholder the benchmark resolves); ValueError naming the tag otherwise."""
-        m = re.fullmatch(r"h(\d+)n(\d+)s(-?\d+)w(\d+)st(\d+)(swap)?(rp)?", tag)
+        """The inverse of tag(): 'h32n64s4w8st5', 'h32n32s1w8st5swap', 'h32n64s8w8st1swaprp', 'h32n64s8w4st3fc'
+        (s may be 0 or negative: a placeholder the benchmark resolves); ValueError naming the tag otherwise."""
+        m = re.fullmatch(r"h(\d+)n(\d+)s(-?\d+)w(\d+)st(\d+)(swap)?(rp)?(fc)?", tag)
         if not m:
             raise ValueError(f"MLA decode config tag {tag!r} is not "
-                             "h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp]")
+                             "h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp][fc]")
         h, n, s, w, st = (int(g) for g in m.groups()[:5])
         return cls(block_h=h, block_n=n, num_splits=s, num_warps=w, num_stages=st, swap=bool(m.group(6)),
-                   reg_prefetch=bool(m.group(7)))
+                   reg_prefetch=bool(m.group(7)), combine=bool(m.group(8)))
 
 
 def supports(kv_lora_rank: int, rope_dim: int) -> bool:
@@ -161,13 +165,22 @@ def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Con
     if c.num_splits < 1:
         raise ValueError(f"MLA GPU decode: num_splits={c.num_splits} must be >= 1")
     S = c.num_splits
-    o, lse = jax_triton().triton_call(
+    fused = c.combine and S > 1
+    head_blocks = -(-H // c.block_h)
+    # out [B, H, R] and the per-(request, head block) counters (zeroed by jax-triton before the launch) are
+    # used only when the kernel merges the splits; otherwise one-element placeholders
+    extra = ((jax.ShapeDtypeStruct((B, H, R), F32), jax.ShapeDtypeStruct((B * head_blocks,), jnp.int32)) if fused
+             else (jax.ShapeDtypeStruct((1,), F32), jax.ShapeDtypeStruct((1,), jnp.int32)))
+    o, lse, out, _ = jax_triton().triton_call(
         q_lat, q_pe, pages, page_table.astype(jnp.int32), slots.astype(jnp.int32),
         lengths.astype(jnp.int32),
         kernel=decode_kernel,
-        out_shape=(jax.ShapeDtypeStruct((B, S, H, R), F32), jax.ShapeDtypeStruct((B, S, H), F32)),
-        grid=(-(-H // c.block_h), B, S), num_warps=c.num_warps, num_stages=c.num_stages, name="mla_decode",
+        out_shape=(jax.ShapeDtypeStruct((B, S, H, R), F32), jax.ShapeDtypeStruct((B, S, H), F32)) + extra,
+        zeroed_outputs=(3,) if fused else (),
+        grid=(head_blocks, B, S), num_warps=c.num_warps, num_stages=c.num_stages, name="mla_decode",
         SCALE=float(scale), H=H, R=R, ROPE=ROPE, PAGE_SIZE=page_size, MAX_PAGES=max_pages, NUM_SPLITS=S,
         BLOCK_H=c.block_h, BLOCK_N=c.block_n, PRECISION=dot_precision(pages.dtype, f32_dot), SWAP=c.swap,
-        REG_PREFETCH=c.reg_prefetch)
-    return o[:, 0] if S == 1 else combine_splits(o, lse)
+        REG_PREFETCH=c.reg_prefetch, COMBINE=fused)
+    if S == 1:
+        return o[:, 0]
+    return out if fused else combine_splits(o, lse)

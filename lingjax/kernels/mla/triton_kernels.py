@@ -11,8 +11,9 @@ loads the [BLOCK_N, R] latents and [BLOCK_N, ROPE] k_pe rows (masked past the le
 are never loaded), scores them against the heads' q_lat and q_pe (MQA: all heads share the rows), and keeps
 a running max / sum / [BLOCK_H, R] accumulator in float32. It writes the split's normalised output
 o[b, sp] [H, R] float32 and log-sum-exp lse[b, sp] [H] (-inf for an empty split, whose o is 0);
-gpu.combine_splits merges the splits (with one split, o is the result). Padding rows (slot < 0) read
-nothing. Options (BLOCK_H, BLOCK_N, SWAP): the kernel's docstring.
+gpu.combine_splits merges the splits (with one split, o is the result), or, with COMBINE, the last program
+of each request merges them in the same launch. Padding rows (slot < 0) read nothing. Options (BLOCK_H,
+BLOCK_N, SWAP, REG_PREFETCH, COMBINE): the kernel's docstring.
 The queries are cast to the pages' dtype for the products (bf16 tensor cores for a bf16 cache); the
 probabilities are cast to it for the second product, as flash attention does; sums stay float32.
 PRECISION: "" for 16-bit pages, or a tl.dot input_precision for float32 pages ("tf32x3", "ieee", "tf32").
@@ -54,10 +55,11 @@ def _block(c, kpe, q, qp, valid, m, l, acc, SCALE: tl.constexpr, PRECISION: tl.c
 
 @triton.jit
 def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, lengths_ptr, o_ptr, lse_ptr,
+                  out_ptr, count_ptr,
                   SCALE: tl.constexpr, H: tl.constexpr, R: tl.constexpr, ROPE: tl.constexpr,
                   PAGE_SIZE: tl.constexpr, MAX_PAGES: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr,
                   BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SWAP: tl.constexpr = False,
-                  REG_PREFETCH: tl.constexpr = False):
+                  REG_PREFETCH: tl.constexpr = False, COMBINE: tl.constexpr = False):
     """One program per (head block, request b, split sp of the context); see the module docstring.
 
     BLOCK_H: heads per program (a power of 2 >= 16; heads past H are masked). Every head block reads the
@@ -72,6 +74,12 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
     registers before block i's products (software pipelining by hand: ordinary global loads, waited for only
     at their use in the next iteration), instead of Triton's pipeliner (async copies to shared buffers,
     num_stages - 1 of them). For the swapped form at 64-token blocks, whose three shared buffers do not fit.
+    COMBINE (NUM_SPLITS > 1): the splits are merged in this launch, not by gpu.combine_splits afterwards. After
+    writing its (o, lse), each program increments the counter count[b, head block] (int32, zero at launch;
+    acquire-release at GPU scope, after a barrier so that the whole program's stores precede it); the program
+    that sees NUM_SPLITS - 1 is the last of its request and head block: it reads the NUM_SPLITS partials back
+    (from L2: .cg loads) and writes the merged rows to out [B, H, R] float32 (same formula as combine_splits:
+    weights exp(lse_s - max_s lse_s), 0 where every split is empty). Without COMBINE, out and count are unused.
     """
     hb = tl.program_id(0)           # head blocks of one request are launched together: with BLOCK_H < H
     b = tl.program_id(1)            # their reads of the same latents meet in L2
@@ -157,6 +165,33 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
     else:
         tl.store(o_ptr + row_o[:, None] * R + offs_r[None, :], acc * inv[:, None], mask=hmask[:, None])
     tl.store(lse_ptr + row_o, lse, mask=hmask)
+    if COMBINE:
+        tl.debug_barrier()                              # every thread's stores above, before the release
+        seen = tl.atomic_add(count_ptr + b * tl.num_programs(0) + hb, 1, sem="acq_rel", scope="gpu")
+        if seen == NUM_SPLITS - 1:                      # the other splits of (b, hb) have written theirs
+            _combine(o_ptr, lse_ptr, out_ptr, b, heads, hmask, offs_r, H, R, NUM_SPLITS, BLOCK_H)
+
+
+@triton.jit
+def _combine(o_ptr, lse_ptr, out_ptr, b, heads, hmask, offs_r, H: tl.constexpr, R: tl.constexpr,
+             NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[b, heads] = sum_s w_s o[b, s, heads] / sum_s w_s, w_s = exp(lse_s - max_s lse_s) (COMBINE)."""
+    top = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    for sp in range(NUM_SPLITS):
+        row = ((b * NUM_SPLITS + sp) * H + heads).to(tl.int64)
+        top = tl.maximum(top, tl.load(lse_ptr + row, mask=hmask, other=float("-inf"), cache_modifier=".cg"))
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.zeros([BLOCK_H], tl.float32)
+    res = tl.zeros([BLOCK_H, R], tl.float32)
+    for sp in range(NUM_SPLITS):
+        row = ((b * NUM_SPLITS + sp) * H + heads).to(tl.int64)
+        w = tl.exp(tl.load(lse_ptr + row, mask=hmask, other=float("-inf"), cache_modifier=".cg") - top)
+        part = tl.load(o_ptr + row[:, None] * R + offs_r[None, :], mask=hmask[:, None], other=0.0,
+                       cache_modifier=".cg")
+        res += w[:, None] * part
+        total += w
+    res = res / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(out_ptr + (b * H + heads).to(tl.int64)[:, None] * R + offs_r[None, :], res, mask=hmask[:, None])
 
 
 # ---------------------------------------------------------------------------------------------------------
