@@ -161,6 +161,8 @@ def test_gpu_pick_config_covers_all_heads_and_fills_the_sms():
     assert 132 < 16 * two.num_splits <= 264                                                 # twice the splits
     rp = gpu.Config.from_tag("h32n64s8w8st1swaprp")
     assert rp.reg_prefetch and rp.swap and rp.tag() == "h32n64s8w8st1swaprp"
+    fc = gpu.Config.from_tag("h32n32s8w4st5fc")
+    assert fc.combine and not fc.swap and fc.num_stages == 5 and fc.tag() == "h32n32s8w4st5fc"
     with pytest.raises(ValueError, match="'h16n32' is not"):
         gpu.Config.from_tag("h16n32")
 
@@ -273,6 +275,16 @@ def test_gpu_decode_launch_traces_and_compiles_for_sm90(jax_triton_call):
         assert (p["BLOCK_H"], p["BLOCK_N"], p["SWAP"], p["NUM_SPLITS"]) == (32, 64, False, c.num_splits)
         assert jaxpr.outvars[0].aval.shape == (B, 32, 512)
         assert (len(_eqns(jaxpr, "reduce_sum")) > 0) == (c.num_splits > 1)             # combine only if split
+        if c.num_splits > 1:                            # the splits merged in the kernel: no combine pass after it
+            fc = dataclasses.replace(c, combine=True)
+            jaxpr = jax.make_jaxpr(lambda *a: gpu.decode(*a, 0.07, config=fc))(*shapes).jaxpr
+            (call,) = _triton_calls(jax_triton_call, jaxpr)
+            assert call.params["COMBINE"] and call.params["zeroed_outputs"] == (3,)      # the counters start at 0
+            assert not _eqns(jaxpr, "reduce_sum") and not _eqns(jaxpr, "exp")
+            assert jaxpr.outvars[0].aval.shape == (B, 32, 512)
+            jaxpr = jax.make_jaxpr(lambda *a: gpu.decode_profiled(*a, 0.07, config=fc))(*shapes).jaxpr
+            (call,) = _triton_calls(jax_triton_call, jaxpr)                       # the benchmark's timestamps
+            assert call.params["PROFILE"] and jaxpr.outvars[1].aval.shape == (B * c.num_splits, 5)
     assert c.num_splits == 1
     shared, ptx, _ = _compile_call(jax_triton_call, call)
     assert 2 * 64 * 576 * 2 <= shared <= SM90_SMEM and ".target sm_90" in ptx       # 2 latent buffers fit
@@ -283,6 +295,20 @@ def test_gpu_decode_launch_traces_and_compiles_for_sm90(jax_triton_call):
                      (dict(block_n=128, reg_prefetch=True), "reg_prefetch needs block_n=128 to divide")):
         with pytest.raises(ValueError, match=msg):
             jax.eval_shape(lambda *a: gpu.decode(*a, 0.07, config=dataclasses.replace(c, **bad)), *shapes)
+
+
+def test_gpu_profile_summary_reads_the_kernel_words():
+    """gpu.profile_summary: int32 (low, high) words of %globaltimer per program (the low word wrapping past
+    2^31 and 2^32 between programs), SM ids -> spans in microseconds."""
+    from lingjax.kernels.mla import gpu
+    t0 = np.array([2**32 - 1000, 2**32 + 4000, 2**32 - 1000], np.int64) + 7 * 2**32     # ns
+    t1 = t0 + np.array([10_000, 12_000, 30_000])
+    lo = lambda t: (t & 0xFFFFFFFF).astype(np.uint32).view(np.int32)             # noqa: E731  (as the kernel stores)
+    hi = lambda t: (t >> 32).astype(np.int32)                                    # noqa: E731
+    prof = np.stack([lo(t0), hi(t0), lo(t1), hi(t1), np.array([3, 5, 3], np.int32)], 1)
+    got = gpu.profile_summary(prof)
+    assert got == dict(span_us=30.0, start_spread_us=5.0, end_spread_us=20.0, prog_min_us=10.0, prog_med_us=12.0,
+                       prog_max_us=30.0, sms=2, programs=3)
 
 
 def test_gpu_impl_runs_the_reference_for_latent_sizes_its_kernels_cannot_tile():

@@ -149,6 +149,33 @@ def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Con
            f32_dot: str = "tf32x3"):
     """As reference.decode: [B, H, r] float32. `scale` must be a Python number (a kernel constant). The
     queries go to the kernel in their dtype (it casts them to the pages' dtype): no conversion pass."""
+    return _decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, config, f32_dot, profile=False)[0]
+
+
+def decode_profiled(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Config | None = None):
+    """decode with the kernel's PROFILE timestamps (a benchmark tool: scripts/bench_mla.py --profile) ->
+    (out, prof [programs, 5] int32: start ns low / high word, end ns low / high word, SM id per program,
+    program = (hb * B + b) * S + sp; profile_summary reads it)."""
+    return _decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, config, "tf32x3", profile=True)
+
+
+def profile_summary(prof) -> dict:
+    """decode_profiled's prof -> microseconds: span (first start to last end), start_spread / end_spread (last
+    minus first), program time min / median / max, and SMs used."""
+    import numpy as np
+    p = np.asarray(prof).astype(np.int64)
+    word = lambda lo, hi: (p[:, hi] << 32) | (p[:, lo] & 0xFFFFFFFF)     # noqa: E731
+    t0, t1 = word(0, 1), word(2, 3)
+    base = t0.min()
+    t0, t1 = (t0 - base) / 1e3, (t1 - base) / 1e3
+    dur = t1 - t0
+    return dict(span_us=round(float(t1.max()), 2), start_spread_us=round(float(t0.max()), 2),
+                end_spread_us=round(float(t1.max() - t1.min()), 2), prog_min_us=round(float(dur.min()), 2),
+                prog_med_us=round(float(np.median(dur)), 2), prog_max_us=round(float(dur.max()), 2),
+                sms=int(len(np.unique(p[:, 4]))), programs=int(len(p)))
+
+
+def _decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, config, f32_dot, profile):
     from lingjax.kernels.jax_triton_lib import jax_triton
     from lingjax.kernels.mla.triton_kernels import decode_kernel
     B, H, R = q_lat.shape
@@ -171,7 +198,8 @@ def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Con
     # used only when the kernel merges the splits; otherwise one-element placeholders
     extra = ((jax.ShapeDtypeStruct((B, H, R), F32), jax.ShapeDtypeStruct((B * head_blocks,), jnp.int32)) if fused
              else (jax.ShapeDtypeStruct((1,), F32), jax.ShapeDtypeStruct((1,), jnp.int32)))
-    o, lse, out, _ = jax_triton().triton_call(
+    extra += (jax.ShapeDtypeStruct((head_blocks * B * S, 5) if profile else (1,), jnp.int32),)
+    o, lse, out, _, prof = jax_triton().triton_call(
         q_lat, q_pe, pages, page_table.astype(jnp.int32), slots.astype(jnp.int32),
         lengths.astype(jnp.int32),
         kernel=decode_kernel,
@@ -180,7 +208,7 @@ def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Con
         grid=(head_blocks, B, S), num_warps=c.num_warps, num_stages=c.num_stages, name="mla_decode",
         SCALE=float(scale), H=H, R=R, ROPE=ROPE, PAGE_SIZE=page_size, MAX_PAGES=max_pages, NUM_SPLITS=S,
         BLOCK_H=c.block_h, BLOCK_N=c.block_n, PRECISION=dot_precision(pages.dtype, f32_dot), SWAP=c.swap,
-        REG_PREFETCH=c.reg_prefetch, COMBINE=fused)
+        REG_PREFETCH=c.reg_prefetch, COMBINE=fused, PROFILE=profile)
     if S == 1:
-        return o[:, 0]
-    return out if fused else combine_splits(o, lse)
+        return o[:, 0], prof
+    return (out if fused else combine_splits(o, lse)), prof

@@ -55,11 +55,11 @@ def _block(c, kpe, q, qp, valid, m, l, acc, SCALE: tl.constexpr, PRECISION: tl.c
 
 @triton.jit
 def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, lengths_ptr, o_ptr, lse_ptr,
-                  out_ptr, count_ptr,
+                  out_ptr, count_ptr, prof_ptr,
                   SCALE: tl.constexpr, H: tl.constexpr, R: tl.constexpr, ROPE: tl.constexpr,
                   PAGE_SIZE: tl.constexpr, MAX_PAGES: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr,
                   BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SWAP: tl.constexpr = False,
-                  REG_PREFETCH: tl.constexpr = False, COMBINE: tl.constexpr = False):
+                  REG_PREFETCH: tl.constexpr = False, COMBINE: tl.constexpr = False, PROFILE: tl.constexpr = False):
     """One program per (head block, request b, split sp of the context); see the module docstring.
 
     BLOCK_H: heads per program (a power of 2 >= 16; heads past H are masked). Every head block reads the
@@ -80,10 +80,19 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
     that sees NUM_SPLITS - 1 is the last of its request and head block: it reads the NUM_SPLITS partials back
     (from L2: .cg loads) and writes the merged rows to out [B, H, R] float32 (same formula as combine_splits:
     weights exp(lse_s - max_s lse_s), 0 where every split is empty). Without COMBINE, out and count are unused.
+    PROFILE (GPU only: inline PTX, not in the interpreter): the program writes prof[program] = int32 words (start
+    ns low, high, end ns low, high, SM id), program = (hb * B + b) * NUM_SPLITS + sp (%globaltimer at entry and
+    after its last store).
+    scripts/bench_mla.py --profile reads them: spread of starts and ends, program times, the launch gap.
     """
     hb = tl.program_id(0)           # head blocks of one request are launched together: with BLOCK_H < H
     b = tl.program_id(1)            # their reads of the same latents meet in L2
     sp = tl.program_id(2)
+    if PROFILE:                     # the start stored at once (nothing more lives across the loop)
+        t0 = _globaltimer()
+        prog = ((hb * tl.num_programs(1) + b) * NUM_SPLITS + sp).to(tl.int64) * 5
+        tl.store(prof_ptr + prog, (t0 & 0xFFFFFFFF).to(tl.int32))     # int32 words: JAX may run without x64
+        tl.store(prof_ptr + prog + 1, (t0 >> 32).to(tl.int32))
     D: tl.constexpr = R + ROPE
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = heads < H
@@ -167,31 +176,52 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
     tl.store(lse_ptr + row_o, lse, mask=hmask)
     if COMBINE:
         tl.debug_barrier()                              # every thread's stores above, before the release
-        seen = tl.atomic_add(count_ptr + b * tl.num_programs(0) + hb, 1, sem="acq_rel", scope="gpu")
+        seen = tl.atomic_add(count_ptr + b * ((H + BLOCK_H - 1) // BLOCK_H) + hb, 1, sem="acq_rel", scope="gpu")
         if seen == NUM_SPLITS - 1:                      # the other splits of (b, hb) have written theirs
-            _combine(o_ptr, lse_ptr, out_ptr, b, heads, hmask, offs_r, H, R, NUM_SPLITS, BLOCK_H)
+            _combine(o_ptr, lse_ptr, out_ptr, b, hb, H, R, NUM_SPLITS, BLOCK_H)
+    if PROFILE:
+        t1 = _globaltimer()
+        smid = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        prog = ((hb * tl.num_programs(1) + b) * NUM_SPLITS + sp).to(tl.int64) * 5
+        tl.store(prof_ptr + prog + 2, (t1 & 0xFFFFFFFF).to(tl.int32))
+        tl.store(prof_ptr + prog + 3, (t1 >> 32).to(tl.int32))
+        tl.store(prof_ptr + prog + 4, smid)
 
 
 @triton.jit
-def _combine(o_ptr, lse_ptr, out_ptr, b, heads, hmask, offs_r, H: tl.constexpr, R: tl.constexpr,
+def _globaltimer():
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _combine(o_ptr, lse_ptr, out_ptr, b, hb, H: tl.constexpr, R: tl.constexpr,
              NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out[b, heads] = sum_s w_s o[b, s, heads] / sum_s w_s, w_s = exp(lse_s - max_s lse_s) (COMBINE)."""
+    """out[b, heads] = sum_s w_s o[b, s, heads] / sum_s w_s, w_s = exp(lse_s - max_s lse_s) (COMBINE), in
+    column chunks of at most 128 (a [BLOCK_H, 128] float32 sum: no spills next to the kernel's registers)."""
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)       # recomputed here: nothing more lives across the main loop
+    hmask = heads < H
     top = tl.full([BLOCK_H], float("-inf"), tl.float32)
     for sp in range(NUM_SPLITS):
         row = ((b * NUM_SPLITS + sp) * H + heads).to(tl.int64)
         top = tl.maximum(top, tl.load(lse_ptr + row, mask=hmask, other=float("-inf"), cache_modifier=".cg"))
     top = tl.where(top == float("-inf"), 0.0, top)
     total = tl.zeros([BLOCK_H], tl.float32)
-    res = tl.zeros([BLOCK_H, R], tl.float32)
     for sp in range(NUM_SPLITS):
         row = ((b * NUM_SPLITS + sp) * H + heads).to(tl.int64)
-        w = tl.exp(tl.load(lse_ptr + row, mask=hmask, other=float("-inf"), cache_modifier=".cg") - top)
-        part = tl.load(o_ptr + row[:, None] * R + offs_r[None, :], mask=hmask[:, None], other=0.0,
-                       cache_modifier=".cg")
-        res += w[:, None] * part
-        total += w
-    res = res / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(out_ptr + (b * H + heads).to(tl.int64)[:, None] * R + offs_r[None, :], res, mask=hmask[:, None])
+        total += tl.exp(tl.load(lse_ptr + row, mask=hmask, other=float("-inf"), cache_modifier=".cg") - top)
+    inv = 1.0 / tl.where(total > 0, total, 1.0)
+    RC: tl.constexpr = 128 if R > 128 else R
+    offs_c = tl.arange(0, RC)
+    for c0 in tl.static_range(0, R, RC):
+        res = tl.zeros([BLOCK_H, RC], tl.float32)
+        for sp in range(NUM_SPLITS):
+            row = ((b * NUM_SPLITS + sp) * H + heads).to(tl.int64)
+            w = tl.exp(tl.load(lse_ptr + row, mask=hmask, other=float("-inf"), cache_modifier=".cg") - top) * inv
+            part = tl.load(o_ptr + row[:, None] * R + c0 + offs_c[None, :], mask=hmask[:, None], other=0.0,
+                           cache_modifier=".cg")
+            res += w[:, None] * part
+        tl.store(out_ptr + (b * H + heads).to(tl.int64)[:, None] * R + c0 + offs_c[None, :], res,
+                 mask=hmask[:, None])
 
 
 # ---------------------------------------------------------------------------------------------------------
