@@ -27,6 +27,11 @@ Columns: us per call; GB/s over the bytes a decode must move (latents of every r
 run: the larger of JAX's and PyTorch's); rel_err of every paged-triton row against the reference on the first
 2 and last 2 requests, computed before its timing (bf16 queries in the kernel's products: ~1e-3..1e-2). Latent bytes
 are counted once per request even for configurations whose head blocks each read them (block_h < heads).
+--device-time adds, per paged-triton row, CUPTI device times (XLA profiler) of one more execution of the timed
+loop: kernel_us / pct_copy_kernel (the decode kernel alone) and busy_us / pct_copy_busy (every kernel of a call:
++ the split combine, + the loop's own q update). The wall-clock us also holds the jitted program's launch
+overhead (0.4-0.8 ms per execution on the H200: up to ~80 us per call at --iters 10; it was round 1's ~40 us
+"fixed cost" per call). --profile adds the kernel's own per-program timestamps (gpu.decode_profiled).
 Prefill: TFLOP/s over the causal flops 2 * H * (r + rope + r) per (query, key) pair
 and its share (pct_mm) of the dense bf16 matmul rate (8192^3, measured in the same run); before timing,
 prefill-triton's output is checked against the reference on --check-tokens tokens (the first, the last and
@@ -81,6 +86,45 @@ def sweep_configs(heads):
 # prefill configs (gpu_prefill.Config: block_m, block_n, block_r (0: all of r), num_warps, num_stages)
 PREFILL_SWEEP = [(64, 64, 0, 8, 2), (64, 32, 0, 8, 2), (64, 32, 0, 8, 3), (64, 16, 0, 8, 3), (64, 64, 0, 8, 1),
                  (32, 64, 0, 8, 2)]     # value splits (block_r < r) and block_m 128 exceed sm_90's shared memory
+
+
+def time_calls(fn, args, iters, reps, trace=False):
+    """bench_moe.loop_time's measurement (iters chained calls, unrolled, in one jitted program; median of reps)
+    -> (seconds per call, trace): with trace, one more execution of the same compiled program under the XLA
+    profiler (CUPTI, bench_linear_attention.device_trace): per call, the decode kernel alone (kernel names with
+    'decode_kernel') and every kernel of the call ('busy': + the combine's fusions + the loop's own update of q).
+    The wall-clock time also holds the jitted program's launch overhead (0.4-0.8 ms per execution on the H200,
+    bench_linear_attention.py), i.e. up to ~80 us per call at 10 calls: the device times do not."""
+    import statistics
+    import time
+    import jax
+
+    def loop(x, *rest):
+        def body(i, x):
+            return (x + 1e-3 * fn(x, *rest)).astype(x.dtype)
+        return jax.lax.fori_loop(0, iters, body, x, unroll=True)
+
+    run = jax.jit(loop)
+    jax.block_until_ready(run(*args))                            # compile + warm
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(run(*args))
+        ts.append((time.perf_counter() - t) / iters)
+    dev = None
+    if trace:
+        try:
+            from bench_linear_attention import device_trace
+            tr = device_trace(lambda: jax.block_until_ready(run(*args)), iters)
+            streams = [t for k, t in tr.items() if k != "_lines"]
+            if streams:
+                t = max(streams, key=lambda t: t["busy_us"])
+                kern = sum(k["sum_us"] for name, k in t["kernels"].items() if "decode_kernel" in name)
+                dev = dict(kernel_us=round(kern / iters, 2), busy_us=round(t["busy_us"] / iters, 2),
+                           kernels={name[:40]: round(k["sum_us"] / iters, 2) for name, k in t["kernels"].items()})
+        except Exception as e:                                  # noqa: BLE001 (the wall-clock time stands)
+            dev = dict(trace_error=f"{type(e).__name__}: {e}"[:200])
+    return statistics.median(ts), dev
 
 
 def copy_bandwidth(smoke):
@@ -191,13 +235,16 @@ def check_prefill(fn, args, scale, n_check):
 def print_decode_table(rows):
     """decode rows: us, % of copy bandwidth, rel_err (CHECK FAILED above 2e-2: bf16 products allow ~1e-3);
     then the --profile rows."""
-    print(f"\n{'batch':>5} {'context':>7} {'method':<34} {'us':>9} {'pct_copy':>8} {'rel_err':>9}")
+    print(f"\n{'batch':>5} {'context':>7} {'method':<34} {'us':>9} {'pct_copy':>8} {'kernel_us':>9} {'pct_kern':>8} "
+          f"{'busy_us':>9} {'pct_busy':>8} {'rel_err':>9}")
     for r in rows:
         if "batch" in r and "method" in r and not r["method"].startswith("profile"):
             err = r.get("rel_err")
             bad = err is not None and not err <= 2e-2
             print(f"{r['batch']:>5} {r['context']:>7} {r['method']:<34} {r.get('us', float('nan')):>9} "
-                  f"{r.get('pct_copy', float('nan')):>8} {err if err is not None else float('nan'):>9.2e} "
+                  f"{r.get('pct_copy', float('nan')):>8} {r.get('kernel_us', float('nan')):>9} "
+                  f"{r.get('pct_copy_kernel', float('nan')):>8} {r.get('busy_us', float('nan')):>9} "
+                  f"{r.get('pct_copy_busy', float('nan')):>8} {err if err is not None else float('nan'):>9.2e} "
                   f"{r.get('skipped') or r.get('error') or r.get('check_error') or ('CHECK FAILED' if bad else '')}")
 
 
@@ -242,6 +289,9 @@ def main(argv=None):
                    "timestamps (gpu.decode_profiled) for the default config and each --profile-configs tag: spread "
                    "of program starts / ends, program times, SMs used (the profiled kernel has its own registers: "
                    "compare its span with the timed rows, not its speed)")
+    p.add_argument("--device-time", action="store_true", help="paged-triton rows: also the device time per call "
+                   "from CUPTI (XLA profiler): the kernel alone (kernel_us, pct_copy_kernel) and every kernel of "
+                   "the call (busy_us, pct_copy_busy: + the split combine + the loop's q update)")
     p.add_argument("--profile-configs", default="", help="comma list of config tags also profiled (as --configs)")
     p.add_argument("--prefill", default="4096,32768", help="prompt lengths of one-request prefills ('' to skip)")
     p.add_argument("--packed", default="8x512@8192",
@@ -308,11 +358,17 @@ def main(argv=None):
 
     def record(row, fn, fargs, nbytes=None, flops=None):
         try:
-            t = loop_time(fn, fargs, iters, reps, unroll=True)
+            trace = args.device_time and row.get("method", "").startswith("paged-triton")
+            t, dev = time_calls(fn, fargs, iters, reps, trace=trace)
             row["us"] = round(t * 1e6, 2)
             if nbytes:
                 row["GB/s"] = round(nbytes / t / 1e9, 1)
                 row["pct_copy"] = round(100 * nbytes / t / copy_bw, 1)
+            if dev:
+                row.update(dev)
+                if nbytes and dev.get("kernel_us"):
+                    row["pct_copy_kernel"] = round(100 * nbytes / (dev["kernel_us"] * 1e-6) / copy_bw, 1)
+                    row["pct_copy_busy"] = round(100 * nbytes / (dev["busy_us"] * 1e-6) / copy_bw, 1)
             if flops:
                 row["TFLOP/s"] = round(flops / t / 1e12, 2)
                 if mm_rate:
@@ -371,7 +427,7 @@ def main(argv=None):
                             runs = sorted((gpu.profile_summary(jax.block_until_ready(fp(*fargs))[1])
                                            for _ in range(5)), key=lambda d: d["span_us"])
                             row.update(runs[2])                 # the median span of 5 calls
-                            t = loop_time(lambda *a: fp(*a)[0], fargs, iters, reps, unroll=True)
+                            t, _ = time_calls(lambda *a: fp(*a)[0], fargs, iters, reps)
                             row["us_profiled_call"] = round(t * 1e6, 2)     # the profiled kernel's own time
                         except Exception as e:                  # noqa: BLE001
                             row["error"] = f"{type(e).__name__}: {e}"[:300]
