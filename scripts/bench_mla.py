@@ -415,10 +415,14 @@ def main(argv=None):
                 if (B, L) in profile:
                     from lingjax.kernels.mla.gpu import Config
                     c0 = gpu.pick_config(B, H, ps, table.shape[1])
+                    profiled = set()
                     for c in [c0] + [Config.from_tag(t) for t in args.profile_configs.split(",") if t]:
                         s0 = gpu.with_splits(c, B, H, ps, table.shape[1]).num_splits
-                        c = dataclasses.replace(c, num_splits={0: s0, -1: max(1, s0 // 2), -2: 2 * s0}.get(
-                            c.num_splits, c.num_splits))
+                        s = {0: s0, -1: max(1, s0 // 2), -2: 2 * s0}.get(c.num_splits, c.num_splits)
+                        c = dataclasses.replace(c, num_splits=s, combine=c.combine and s > 1)
+                        if c.tag() in profiled:                 # fc at one split is the default kernel
+                            continue
+                        profiled.add(c.tag())
                         row = dict(base, method=f"profile[{c.tag()}]", config=c.tag())
                         try:
                             fp = jax.jit(lambda *a, c=c: gpu.decode_profiled(*a, scale, config=c))
@@ -440,7 +444,7 @@ def main(argv=None):
                     for c in configs:
                         s0 = gpu.with_splits(c, B, H, ps, table.shape[1]).num_splits   # its own programs per SM
                         s = {0: s0, -1: max(1, s0 // 2), -2: 2 * s0}.get(c.num_splits, c.num_splits)
-                        c = dataclasses.replace(c, num_splits=s)
+                        c = dataclasses.replace(c, num_splits=s, combine=c.combine and s > 1)  # fc: only if split
                         if c.tag() in done:                     # the default row above, or a repeated split
                             continue
                         done.add(c.tag())
