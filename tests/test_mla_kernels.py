@@ -285,6 +285,14 @@ def test_gpu_decode_launch_traces_and_compiles_for_sm90(jax_triton_call):
             jaxpr = jax.make_jaxpr(lambda *a: gpu.decode_profiled(*a, 0.07, config=fc))(*shapes).jaxpr
             (call,) = _triton_calls(jax_triton_call, jaxpr)                       # the benchmark's timestamps
             assert call.params["PROFILE"] and jaxpr.outvars[1].aval.shape == (B * c.num_splits, 5)
+            sk = gpu.with_splits(gpu.Config.from_tag("h32n32s0w4st5sk"), B, 32, 64, n)          # stream-K runs:
+            assert sk.num_splits == 132                                                  # one per SM
+            jaxpr = jax.make_jaxpr(lambda *a: gpu.decode(*a, 0.07, config=sk))(*shapes).jaxpr
+            (call,) = _triton_calls(jax_triton_call, jaxpr)
+            assert call.params["grid"] == (132,) and call.params["zeroed_outputs"] == (0, 3)
+            assert not _eqns(jaxpr, "reduce_sum") and jaxpr.outvars[0].aval.shape == (B, 32, 512)
+            with pytest.raises(ValueError, match="stream needs block_h >= heads"):
+                jax.eval_shape(lambda *a: gpu.decode(*a, 0.07, config=dataclasses.replace(sk, block_h=16)), *shapes)
     assert c.num_splits == 1
     shared, ptx, _ = _compile_call(jax_triton_call, call)
     assert 2 * 64 * 576 * 2 <= shared <= SM90_SMEM and ".target sm_90" in ptx       # 2 latent buffers fit

@@ -36,6 +36,10 @@ CASES = [(16, 16, 1, "float32", "ieee", 1e-5, 16, False, False), (32, 16, 3, "fl
          (32, 32, 1, "float32", "ieee", 1e-5, 32, False, True)]
 # COMBINE (the splits merged in the kernel by the last program of each request and head block): the kernel's
 # out is checked, and its partials must equal what the kernel wrote without COMBINE (same case, key + "-fc")
+# stream (decode_stream_kernel): (page_size, block_n, programs, dtype, precision, tol, block_h); 3 programs: runs
+# cross several requests; 40 > the 15 blocks of the batch: empty runs between the ones over a request
+STREAM_CASES = [(16, 16, 3, "float32", "ieee", 1e-5, 32), (32, 16, 7, "float16", "", 1e-2, 32),
+                (16, 16, 40, "float32", "ieee", 1e-5, 32)]
 COMBINE_CASES = [(32, 16, 3, "float32", "ieee", 1e-5, 16, False, False), (16, 32, 2, "float16", "", 1e-2, 32, True, False)]
 
 
@@ -79,7 +83,28 @@ def _run(tk, case, x, combine=False):
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("mla_interp")
     run_child(__file__, out)
-    return {k: dict(np.load(out / f"{k}.npz")) for k in [_key(c) for c in CASES] + [_key(c) + "-fc" for c in COMBINE_CASES]}
+    keys = [_key(c) for c in CASES] + [_key(c) + "-fc" for c in COMBINE_CASES] + [_skey(c) for c in STREAM_CASES]
+    return {k: dict(np.load(out / f"{k}.npz")) for k in keys}
+
+
+def _skey(case):
+    return "sk-" + "-".join(map(str, case[:5] + case[6:]))
+
+
+def _run_stream(tk, case, x):
+    import torch
+    ps, block_n, P, _, precision, _, block_h = case
+    tt = lambda a: torch.from_numpy(np.ascontiguousarray(a))           # noqa: E731
+    B = len(x["slots"])
+    out = torch.zeros((B, H, R))                                       # zeroed at launch, as gpu.py asks
+    part_o = torch.full((P, 2, H, R), 1027.0)
+    part_lse = torch.full((P, 2, H), 1027.0)                           # garbage in slots no run writes
+    count = torch.zeros((B,), dtype=torch.int32)
+    tk.decode_stream_kernel[(P,)](
+        tt(x["q_lat"]), tt(x["q_pe"]), tt(x["pages"]), tt(x["table"]), tt(x["slots"]), tt(x["lengths"]), out, part_o,
+        part_lse, count, SCALE=0.3, B=B, B_P2=16, H=H, R=R, ROPE=ROPE, PAGE_SIZE=ps, MAX_PAGES=x["table"].shape[1],
+        BLOCK_H=block_h, BLOCK_N=block_n, P_P2=64, PRECISION=precision)
+    return out.numpy(), count.numpy()
 
 
 @pytest.mark.parametrize("case", CASES, ids=_key)
@@ -116,6 +141,21 @@ def test_decode_kernel_combine_in_kernel(results, case):
     np.testing.assert_allclose(got, merged, rtol=1e-5, atol=1e-6)   # float32: same formula, other summation order
 
 
+@pytest.mark.parametrize("case", STREAM_CASES, ids=_skey)
+def test_decode_stream_kernel_matches_float64(results, case):
+    """decode_stream_kernel (Config.stream): equal runs of the batch's blocks, merged per request in the kernel."""
+    from tests.test_mla_kernels import oracle, rel
+    r = results[_skey(case)]
+    want = oracle(r["q_lat"], r["q_pe"], r["pages"], r["table"], r["slots"], r["lengths"], 0.3)
+    got = r["out"]
+    assert np.all(np.isfinite(got)) and np.all(got[r["slots"] < 0] == 0)
+    live = r["slots"] >= 0
+    assert rel(got[live], want[live]) <= case[5]
+    for b in np.flatnonzero(live):                                   # no request lost to a merge never done
+        assert rel(got[b], want[b]) <= 10 * case[5], b
+    assert r["count"].max() >= 2                                     # some request was split over runs
+
+
 if __name__ == "__main__":          # the child process
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from lingjax.kernels.mla import triton_kernels
@@ -128,4 +168,8 @@ if __name__ == "__main__":          # the child process
         x = _inputs(c)
         o, lse, merged = _run(triton_kernels, c, x, combine=True)
         np.savez(out / f"{_key(c)}-fc.npz", o=o, lse=lse, out=merged, **x)
+    for c in STREAM_CASES:
+        x = _inputs(c[:2] + (1,) + c[3:])
+        merged, count = _run_stream(triton_kernels, c, x)
+        np.savez(out / f"{_skey(c)}.npz", out=merged, count=count, **x)
     print(json.dumps([_key(c) for c in CASES]))

@@ -6,7 +6,9 @@ accumulation). Decode is bound by reading the latents, so one program covers all
 (Config.block_h) and reads them once. The context of each request is split num_splits ways
 (`pick_config`): at small batches one program per request would leave most SMs idle, so the splits run in
 parallel and `combine_splits` merges their (o, lse) pairs (with one split the kernel's output is the
-result). jax_triton is imported inside `decode` (through lingjax.kernels.jax_triton_lib): it cannot be
+result). Config.stream runs decode_stream_kernel instead: the blocks of the whole batch cut into equal runs,
+one per program, whatever the requests' lengths (stream-K; the runs over one request merged in the kernel).
+jax_triton is imported inside `decode` (through lingjax.kernels.jax_triton_lib): it cannot be
 imported on a CPU-only JAX.
 """
 from __future__ import annotations
@@ -29,8 +31,10 @@ class Config:
     tokens / latent columns as the tensor-core M dimension; reg_prefetch: the next block loaded into registers
     during this block's products instead of Triton's pipelined shared buffers (run with num_stages 1; block_n
     must divide the page size); combine: with num_splits > 1, the last program of each request merges the
-    splits in the kernel (an atomic counter per request) instead of combine_splits' separate pass. The
-    kernel's docstring has each."""
+    splits in the kernel (an atomic counter per request) instead of combine_splits' separate pass; stream:
+    decode_stream_kernel instead, the blocks of all requests cut into num_splits equal runs, one per program
+    (num_splits = the programs, not splits per request; with_splits: SMs x programs per SM), whatever the
+    lengths (one head block, not swapped, block_n dividing the page size). The kernels' docstrings have each."""
     block_h: int = 32
     block_n: int = 64
     num_splits: int = 1
@@ -39,24 +43,25 @@ class Config:
     swap: bool = False
     reg_prefetch: bool = False
     combine: bool = False
+    stream: bool = False
 
     def tag(self) -> str:
-        """Short name for tables: h<block_h> n<block_n> s<splits> w<warps> st<stages> [swap] [rp] [fc]."""
+        """Short name for tables: h<block_h> n<block_n> s<splits> w<warps> st<stages> [swap] [rp] [fc] [sk]."""
         return (f"h{self.block_h}n{self.block_n}s{self.num_splits}w{self.num_warps}st{self.num_stages}"
                 + ("swap" if self.swap else "") + ("rp" if self.reg_prefetch else "")
-                + ("fc" if self.combine else ""))
+                + ("fc" if self.combine else "") + ("sk" if self.stream else ""))
 
     @classmethod
     def from_tag(cls, tag: str) -> "Config":
         """The inverse of tag(): 'h32n64s4w8st5', 'h32n32s1w8st5swap', 'h32n64s8w8st1swaprp', 'h32n64s8w4st3fc'
         (s may be 0 or negative: a placeholder the benchmark resolves); ValueError naming the tag otherwise."""
-        m = re.fullmatch(r"h(\d+)n(\d+)s(-?\d+)w(\d+)st(\d+)(swap)?(rp)?(fc)?", tag)
+        m = re.fullmatch(r"h(\d+)n(\d+)s(-?\d+)w(\d+)st(\d+)(swap)?(rp)?(fc)?(sk)?", tag)
         if not m:
             raise ValueError(f"MLA decode config tag {tag!r} is not "
-                             "h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp][fc]")
+                             "h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp][fc][sk]")
         h, n, s, w, st = (int(g) for g in m.groups()[:5])
         return cls(block_h=h, block_n=n, num_splits=s, num_warps=w, num_stages=st, swap=bool(m.group(6)),
-                   reg_prefetch=bool(m.group(7)), combine=bool(m.group(8)))
+                   reg_prefetch=bool(m.group(7)), combine=bool(m.group(8)), stream=bool(m.group(9)))
 
 
 def supports(kv_lora_rank: int, rope_dim: int) -> bool:
@@ -129,6 +134,8 @@ def with_splits(c: Config, batch: int, num_heads: int, page_size: int, max_pages
     programs = batch * -(-num_heads // c.block_h)
     n_blocks = -(-max_pages * page_size // c.block_n)
     slots = sm_count * programs_per_sm(c, itemsize=itemsize)
+    if c.stream:                                    # one run of the blocks per resident program
+        return dataclasses.replace(c, num_splits=slots)
     return dataclasses.replace(c, num_splits=pick_splits(programs, n_blocks, c.block_h, c.block_n, slots=slots))
 
 
@@ -156,6 +163,8 @@ def decode_profiled(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, co
     """decode with the kernel's PROFILE timestamps (a benchmark tool: scripts/bench_mla.py --profile) ->
     (out, prof [programs, 5] int32: start ns low / high word, end ns low / high word, SM id per program,
     program = (hb * B + b) * S + sp; profile_summary reads it)."""
+    if config is not None and config.stream:
+        raise ValueError("MLA GPU decode_profiled: the stream kernel (Config.stream) has no PROFILE timestamps")
     return _decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, config, "tf32x3", profile=True)
 
 
@@ -191,6 +200,8 @@ def _decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, config, f32_d
         raise ValueError(f"MLA GPU decode: reg_prefetch needs block_n={c.block_n} to divide page_size={page_size}")
     if c.num_splits < 1:
         raise ValueError(f"MLA GPU decode: num_splits={c.num_splits} must be >= 1")
+    if c.stream:
+        return _decode_stream(q_lat, q_pe, pages, page_table, slots, lengths, scale, c, f32_dot), None
     S = c.num_splits
     fused = c.combine and S > 1
     head_blocks = -(-H // c.block_h)
@@ -212,3 +223,26 @@ def _decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, config, f32_d
     if S == 1:
         return o[:, 0], prof
     return (out if fused else combine_splits(o, lse)), prof
+
+
+def _decode_stream(q_lat, q_pe, pages, page_table, slots, lengths, scale, c: Config, f32_dot):
+    """decode with Config.stream: decode_stream_kernel over c.num_splits programs (runs of the blocks)."""
+    from lingjax.kernels.jax_triton_lib import jax_triton
+    from lingjax.kernels.mla.triton_kernels import decode_stream_kernel
+    B, H, R = q_lat.shape
+    ROPE = q_pe.shape[-1]
+    _, page_size, _ = pages.shape
+    P = c.num_splits
+    if c.block_h < H or c.swap or c.reg_prefetch or page_size % c.block_n:
+        raise ValueError(f"MLA GPU decode: stream needs block_h >= heads ({c.block_h} < {H}?), no swap / "
+                         f"reg_prefetch, and block_n={c.block_n} dividing page_size={page_size}")
+    out, _, _, _ = jax_triton().triton_call(
+        q_lat, q_pe, pages, page_table.astype(jnp.int32), slots.astype(jnp.int32), lengths.astype(jnp.int32),
+        kernel=decode_stream_kernel,
+        out_shape=(jax.ShapeDtypeStruct((B, H, R), F32), jax.ShapeDtypeStruct((P, 2, H, R), F32),
+                   jax.ShapeDtypeStruct((P, 2, H), F32), jax.ShapeDtypeStruct((B,), jnp.int32)),
+        zeroed_outputs=(0, 3), grid=(P,), num_warps=c.num_warps, num_stages=c.num_stages, name="mla_decode_stream",
+        SCALE=float(scale), B=B, B_P2=max(16, _pow2(B)), H=H, R=R, ROPE=ROPE, PAGE_SIZE=page_size,
+        MAX_PAGES=page_table.shape[1], BLOCK_H=c.block_h, BLOCK_N=c.block_n, P_P2=max(16, _pow2(P)),
+        PRECISION=dot_precision(pages.dtype, f32_dot))
+    return out
