@@ -44,6 +44,9 @@ SPILL_OK = 8        # bytes per thread: h32n64w4 (4 warps, 255 registers) spills
                     # store and load per 64-token block (to L1, next to 32 x 16-byte copies per thread)
 SPILL_OK_COMBINE = 32   # combine (tag fc) at 4 warps: 28 bytes, 6 stores + 6 loads of 4 bytes per block inside
                         # the loop (nvdisasm); kept as a device-measured candidate (round 3), not the default
+SPILL_OK_STREAM = 72    # stream (tag sk): h32n64w4st3 56/72 bytes (stores/loads), 2 loads of 4 bytes per block in
+                        # the block loop, the rest around it (per run); h32n32w4st5 24, none in the block loop
+                        # (nvdisasm)
 
 
 def ptxas_info(ptx: str) -> dict:
