@@ -66,8 +66,9 @@ def sweep_configs(heads):
     Each compiles for sm_90 without spilling and fits (scripts/compile_mla_kernels.py prints registers,
     shared memory and latent buffers: bufs 1 = the next block's load waits for this block's products)."""
     from lingjax.kernels.mla.gpu import Config
-    C = lambda h, n, w, st, swap=False, s=0, rp=False, fc=False: Config(  # noqa: E731
-        block_h=h, block_n=n, num_splits=s, num_warps=w, num_stages=st, swap=swap, reg_prefetch=rp, combine=fc)
+    C = lambda h, n, w, st, swap=False, s=0, rp=False, fc=False, sk=False: Config(  # noqa: E731
+        block_h=h, block_n=n, num_splits=s, num_warps=w, num_stages=st, swap=swap, reg_prefetch=rp, combine=fc,
+        stream=sk)
     if heads > 32:
         return [C(64, 32, 8, 3, True), C(64, 32, 8, 3, True, -1), C(64, 32, 8, 3, True, -2), C(64, 32, 8, 4, True),
                 C(64, 16, 8, 5, True), C(32, 64, 4, 3), C(32, 64, 8, 3), C(32, 32, 4, 3)]
@@ -75,12 +76,12 @@ def sweep_configs(heads):
     # k - 1 latent buffers and the loop leaves k - 2 blocks in flight while it computes one (TTGIR: the copy of
     # block i + k - 1 is issued after block i's products). Shared-memory reads per latent byte ~ 2 + warps x
     # block_h / block_n (mma.sync: every warp reads all queries once per block). fc: the splits merged in the
-    # kernel (no combine pass).
+    # kernel (no combine pass); sk: stream-K (the batch's blocks in equal runs, one per resident program).
     return [C(32, 64, 4, 3), C(32, 64, 4, 3, fc=True),             # the default (ratio 4, 1 block in flight)
             C(32, 32, 4, 4), C(32, 32, 4, 5), C(32, 32, 4, 6),      # ratio 6 with 2, 3, 4 blocks in flight
-            C(32, 32, 4, 5, fc=True),
             C(32, 64, 4, 2),                                        # 1 buffer, 2 programs per SM (ratio 4)
-            C(32, 64, 4, 3, s=-2, fc=True)]                         # twice the splits, merged in the kernel
+            C(32, 64, 4, 3, s=-2, fc=True),                         # twice the splits, merged in the kernel
+            C(32, 64, 4, 3, sk=True), C(32, 32, 4, 5, sk=True), C(32, 64, 4, 2, sk=True)]
 
 
 # prefill configs (gpu_prefill.Config: block_m, block_n, block_r (0: all of r), num_warps, num_stages)
