@@ -93,7 +93,8 @@ def time_calls(fn, args, iters, reps, trace=False):
     """bench_moe.loop_time's measurement (iters chained calls, unrolled, in one jitted program; median of reps)
     -> (seconds per call, trace): with trace, one more execution of the same compiled program under the XLA
     profiler (CUPTI, bench_linear_attention.device_trace): per call, the decode kernel alone (kernel names with
-    'decode': decode_kernel, decode_stream_kernel) and every kernel of the call ('busy': + the combine's fusions + the loop's own update of q).
+    'decode': decode_kernel, decode_stream_kernel) and every kernel of the call ('busy': + the combine's fusions
+    + the loop's own update of q).
     The wall-clock time also holds the jitted program's launch overhead (0.4-0.8 ms per execution on the H200,
     bench_linear_attention.py), i.e. up to ~80 us per call at 10 calls: the device times do not."""
     import statistics

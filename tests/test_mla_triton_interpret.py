@@ -40,7 +40,8 @@ CASES = [(16, 16, 1, "float32", "ieee", 1e-5, 16, False, False), (32, 16, 3, "fl
 # cross several requests; 40 > the 15 blocks of the batch: empty runs between the ones over a request
 STREAM_CASES = [(16, 16, 3, "float32", "ieee", 1e-5, 32), (32, 16, 7, "float16", "", 1e-2, 32),
                 (16, 16, 40, "float32", "ieee", 1e-5, 32)]
-COMBINE_CASES = [(32, 16, 3, "float32", "ieee", 1e-5, 16, False, False), (16, 32, 2, "float16", "", 1e-2, 32, True, False)]
+COMBINE_CASES = [(32, 16, 3, "float32", "ieee", 1e-5, 16, False, False),
+                 (16, 32, 2, "float16", "", 1e-2, 32, True, False)]
 
 
 def _key(case):
@@ -72,8 +73,8 @@ def _run(tk, case, x, combine=False):
     count = torch.zeros((B * -(-H // block_h),), dtype=torch.int32)
     tk.decode_kernel[(-(-H // block_h), B, S)](
         tt(x["q_lat"]), tt(x["q_pe"]), tt(x["pages"]), tt(x["table"]), tt(x["slots"]), tt(x["lengths"]), o, lse,
-        out, count, torch.zeros((1,), dtype=torch.int32), SCALE=0.3, H=H, R=R, ROPE=ROPE, PAGE_SIZE=ps, MAX_PAGES=x["table"].shape[1], NUM_SPLITS=S,
-        BLOCK_H=block_h, BLOCK_N=block_n, PRECISION=precision, SWAP=swap, REG_PREFETCH=rp, COMBINE=combine)
+        out, count, torch.zeros((1,), dtype=torch.int32), SCALE=0.3, H=H, R=R, ROPE=ROPE, PAGE_SIZE=ps,
+        MAX_PAGES=x["table"].shape[1], NUM_SPLITS=S, BLOCK_H=block_h, BLOCK_N=block_n, PRECISION=precision, SWAP=swap, REG_PREFETCH=rp, COMBINE=combine)
     if combine:
         assert np.all(count.numpy() == S)                            # every program counted once
     return o.numpy(), lse.numpy(), out.numpy()
@@ -83,7 +84,8 @@ def _run(tk, case, x, combine=False):
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("mla_interp")
     run_child(__file__, out)
-    keys = [_key(c) for c in CASES] + [_key(c) + "-fc" for c in COMBINE_CASES] + [_skey(c) for c in STREAM_CASES]
+    keys = ([_key(c) for c in CASES] + [_key(c) + "-fc" for c in COMBINE_CASES]
+            + [_skey(c) for c in STREAM_CASES])
     return {k: dict(np.load(out / f"{k}.npz")) for k in keys}
 
 
