@@ -74,7 +74,8 @@ def _run(tk, case, x, combine=False):
     tk.decode_kernel[(-(-H // block_h), B, S)](
         tt(x["q_lat"]), tt(x["q_pe"]), tt(x["pages"]), tt(x["table"]), tt(x["slots"]), tt(x["lengths"]), o, lse,
         out, count, torch.zeros((1,), dtype=torch.int32), SCALE=0.3, H=H, R=R, ROPE=ROPE, PAGE_SIZE=ps,
-        MAX_PAGES=x["table"].shape[1], NUM_SPLITS=S, BLOCK_H=block_h, BLOCK_N=block_n, PRECISION=precision, SWAP=swap, REG_PREFETCH=rp, COMBINE=combine)
+        MAX_PAGES=x["table"].shape[1], NUM_SPLITS=S, BLOCK_H=block_h, BLOCK_N=block_n, PRECISION=precision,
+        SWAP=swap, REG_PREFETCH=rp, COMBINE=combine)
     if combine:
         assert np.all(count.numpy() == S)                            # every program counted once
     return o.numpy(), lse.numpy(), out.numpy()
