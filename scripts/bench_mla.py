@@ -77,11 +77,13 @@ def sweep_configs(heads):
     # block i + k - 1 is issued after block i's products). Shared-memory reads per latent byte ~ 2 + warps x
     # block_h / block_n (mma.sync: every warp reads all queries once per block). fc: the splits merged in the
     # kernel (no combine pass); sk: stream-K (the batch's blocks in equal runs, one per resident program).
-    return [C(32, 64, 4, 3), C(32, 64, 4, 3, fc=True),             # the default (ratio 4, 1 block in flight)
-            C(32, 32, 4, 4), C(32, 32, 4, 5), C(32, 32, 4, 6),      # ratio 6 with 2, 3, 4 blocks in flight
-            C(32, 64, 4, 2),                                        # 1 buffer, 2 programs per SM (ratio 4)
-            C(32, 64, 4, 3, s=-2, fc=True),                         # twice the splits, merged in the kernel
-            C(32, 64, 4, 3, sk=True), C(32, 32, 4, 5, sk=True), C(32, 64, 4, 2, sk=True)]
+    # Round 3 measured (CUPTI kernel time): 1 buffer + 2 programs per SM (h32n64w4st2, now the default) 80-87%;
+    # round 2's h32n64w4st3 74-78%; fc and the 32-token forms lower (bench_notes_mla.md).
+    return [C(32, 64, 4, 2),                                        # the default: 1 buffer, 2 programs per SM
+            C(32, 64, 4, 3),                                        # round 2's default (2 buffers, 1 per SM)
+            C(32, 64, 4, 2, sk=True), C(32, 64, 4, 3, sk=True),     # stream-K runs
+            C(32, 64, 4, 3, fc=True),                               # splits merged in the kernel
+            C(32, 32, 4, 4), C(32, 32, 4, 5), C(32, 32, 4, 6)]      # ratio 6 with 2, 3, 4 blocks in flight
 
 
 # prefill configs (gpu_prefill.Config: block_m, block_n, block_r (0: all of r), num_warps, num_stages)

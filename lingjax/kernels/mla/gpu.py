@@ -106,12 +106,14 @@ def pick_config(batch: int, num_heads: int, page_size: int, max_pages: int, sm_c
                 itemsize: int = 2) -> Config:
     """All heads of a request in one program (block_h up to 64), so its latents are read once per split;
     the context split so that requests x splits fill the SMs (pick_splits over programs_per_sm x SMs).
-    Heads <= 32 (bench_notes_mla.md, round 2): 64-token blocks, 4 warps, 3 stages = two latent buffers (the
-    kernel prefetches each block's page id one block ahead, so the pipeliner keeps num_stages - 1 buffers).
-    The products are mma.sync with all warps side by side along the tokens, so every warp reads all the
-    queries from shared memory once per block: shared-memory bytes read per latent byte ~ 2 + warps x
-    block_h / block_n (the latents once per product, the queries once per warp). 8 warps x 32 heads / 64
-    tokens = 6 measured ~64% of the copy bandwidth on the H200 (10 -> ~41%); 4 warps / 64 tokens = 4.
+    Heads <= 32 (bench_notes_mla.md, round 3): 64-token blocks, 4 warps, 2 stages = one latent buffer per
+    program and TWO programs per SM (108 KiB of shared memory each): while one program computes a block, the
+    other's next block is loading, and B=256 runs in one wave of 256 programs on 264 slots. The products are
+    mma.sync with all warps side by side along the tokens, so every warp reads all the queries from shared
+    memory once per block: shared-memory bytes read per latent byte ~ 2 + warps x block_h / block_n (4 here;
+    the 32-token forms, 6, measured ~60%). Measured on the H200 (CUPTI kernel time, round 3): 87% of the copy
+    bandwidth at B=64 and B=256 x 32k, 79.7% at B=16 x 32k, against 77-78% / 74% for round 2's h32n64w4st3
+    (two buffers, one program per SM).
     64 heads: [64, 512] accumulator, blocks of 32, swapped products (wgmma), two buffers.
     float32 latents (itemsize 4: parity checks, not speed; tf32x3 products spill at every configuration):
     16 heads x 16 tokens, the smallest shared memory.
@@ -123,7 +125,7 @@ def pick_config(batch: int, num_heads: int, page_size: int, max_pages: int, sm_c
     elif block_h == 64:
         c = Config(block_h=64, block_n=32, num_warps=8, num_stages=3, swap=True)
     else:
-        c = Config(block_h=block_h, block_n=64, num_warps=4, num_stages=3)
+        c = Config(block_h=block_h, block_n=64, num_warps=4, num_stages=2)
     return with_splits(c, batch, num_heads, page_size, max_pages, sm_count, itemsize)
 
 
