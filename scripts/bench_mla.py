@@ -25,8 +25,13 @@ call = loop time / iters, median of --reps loops.
 Columns: us per call; GB/s over the bytes a decode must move (latents of every request up to its length
 + q + out) and its share of the copy bandwidth (read + write of a 4 GiB bf16 array, measured in the same
 run: the larger of JAX's and PyTorch's); rel_err of every paged-triton row against the reference on the first
-2 requests, computed before its timing (bf16 queries in the kernel's products: ~1e-3..1e-2). Latent bytes
+2 and last 2 requests, computed before its timing (bf16 queries in the kernel's products: ~1e-3..1e-2). Latent bytes
 are counted once per request even for configurations whose head blocks each read them (block_h < heads).
+--device-time adds, per paged-triton row, CUPTI device times (XLA profiler) of one more execution of the timed
+loop: kernel_us / pct_copy_kernel (the decode kernel alone) and busy_us / pct_copy_busy (every kernel of a call:
++ the split combine, + the loop's own q update). The wall-clock us also holds the jitted program's launch
+overhead (0.4-0.8 ms per execution on the H200: up to ~80 us per call at --iters 10; it was round 1's ~40 us
+"fixed cost" per call). --profile adds the kernel's own per-program timestamps (gpu.decode_profiled).
 Prefill: TFLOP/s over the causal flops 2 * H * (r + rope + r) per (query, key) pair
 and its share (pct_mm) of the dense bf16 matmul rate (8192^3, measured in the same run); before timing,
 prefill-triton's output is checked against the reference on --check-tokens tokens (the first, the last and
@@ -61,27 +66,69 @@ def sweep_configs(heads):
     Each compiles for sm_90 without spilling and fits (scripts/compile_mla_kernels.py prints registers,
     shared memory and latent buffers: bufs 1 = the next block's load waits for this block's products)."""
     from lingjax.kernels.mla.gpu import Config
-    C = lambda h, n, w, st, swap=False, s=0, rp=False: Config(  # noqa: E731
-        block_h=h, block_n=n, num_splits=s, num_warps=w, num_stages=st, swap=swap, reg_prefetch=rp)
+    C = lambda h, n, w, st, swap=False, s=0, rp=False, fc=False, sk=False: Config(  # noqa: E731
+        block_h=h, block_n=n, num_splits=s, num_warps=w, num_stages=st, swap=swap, reg_prefetch=rp, combine=fc,
+        stream=sk)
     if heads > 32:
         return [C(64, 32, 8, 3, True), C(64, 32, 8, 3, True, -1), C(64, 32, 8, 3, True, -2), C(64, 32, 8, 4, True),
                 C(64, 16, 8, 5, True), C(32, 64, 4, 3), C(32, 64, 8, 3), C(32, 32, 4, 3)]
-    # round 2 (bench_notes_mla.md): the kernel prefetches each block's page id one block ahead, so st<k> keeps
-    # k - 1 latent buffers (round 1's st5 = two buffers is st3 now). Shared-memory reads per latent byte
-    # ~ 2 + warps x block_h / block_n (mma.sync: every warp reads all queries once per block).
-    return [C(32, 64, 4, 3), C(32, 64, 4, 3, s=-2),                # the default (4 warps: ratio 4), twice the splits
-            C(32, 64, 8, 3),                                        # round 1's default (8 warps: ratio 6)
-            C(32, 64, 4, 2),                                        # 1 buffer, 2 programs per SM (ratio 4)
-            C(32, 32, 4, 3), C(32, 32, 4, 4),                       # round 1's best (68.9% at B=256; 2 per SM),
-                                                                    # 3 buffers (1 per SM; ratio 6)
-            C(16, 64, 4, 3),                                        # 2 head blocks (L2), ratio 3 per program
-            C(32, 64, 4, 2, True),                                  # swapped products (wgmma), no overlap
-            C(32, 64, 8, 1, True, rp=True)]                         # wgmma + next block prefetched to registers
+    # round 3 (bench_notes_mla.md): the kernel prefetches each block's page id one block ahead, so st<k> keeps
+    # k - 1 latent buffers and the loop leaves k - 2 blocks in flight while it computes one (TTGIR: the copy of
+    # block i + k - 1 is issued after block i's products). Shared-memory reads per latent byte ~ 2 + warps x
+    # block_h / block_n (mma.sync: every warp reads all queries once per block). fc: the splits merged in the
+    # kernel (no combine pass); sk: stream-K (the batch's blocks in equal runs, one per resident program).
+    # Round 3 measured (CUPTI kernel time): 1 buffer + 2 programs per SM (h32n64w4st2, now the default) 80-87%;
+    # round 2's h32n64w4st3 74-78%; fc and the 32-token forms lower (bench_notes_mla.md).
+    return [C(32, 64, 4, 2),                                        # the default: 1 buffer, 2 programs per SM
+            C(32, 64, 4, 3),                                        # round 2's default (2 buffers, 1 per SM)
+            C(32, 64, 4, 2, sk=True), C(32, 64, 4, 3, sk=True),     # stream-K runs
+            C(32, 64, 4, 3, fc=True),                               # splits merged in the kernel
+            C(32, 32, 4, 4), C(32, 32, 4, 5), C(32, 32, 4, 6)]      # ratio 6 with 2, 3, 4 blocks in flight
 
 
 # prefill configs (gpu_prefill.Config: block_m, block_n, block_r (0: all of r), num_warps, num_stages)
 PREFILL_SWEEP = [(64, 64, 0, 8, 2), (64, 32, 0, 8, 2), (64, 32, 0, 8, 3), (64, 16, 0, 8, 3), (64, 64, 0, 8, 1),
                  (32, 64, 0, 8, 2)]     # value splits (block_r < r) and block_m 128 exceed sm_90's shared memory
+
+
+def time_calls(fn, args, iters, reps, trace=False):
+    """bench_moe.loop_time's measurement (iters chained calls, unrolled, in one jitted program; median of reps)
+    -> (seconds per call, trace): with trace, one more execution of the same compiled program under the XLA
+    profiler (CUPTI, bench_linear_attention.device_trace): per call, the decode kernel alone (kernel names with
+    'decode': decode_kernel, decode_stream_kernel) and every kernel of the call ('busy': + the combine's fusions
+    + the loop's own update of q).
+    The wall-clock time also holds the jitted program's launch overhead (0.4-0.8 ms per execution on the H200,
+    bench_linear_attention.py), i.e. up to ~80 us per call at 10 calls: the device times do not."""
+    import statistics
+    import time
+    import jax
+
+    def loop(x, *rest):
+        def body(i, x):
+            return (x + 1e-3 * fn(x, *rest)).astype(x.dtype)
+        return jax.lax.fori_loop(0, iters, body, x, unroll=True)
+
+    run = jax.jit(loop)
+    jax.block_until_ready(run(*args))                            # compile + warm
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(run(*args))
+        ts.append((time.perf_counter() - t) / iters)
+    dev = None
+    if trace:
+        try:
+            from bench_linear_attention import device_trace
+            tr = device_trace(lambda: jax.block_until_ready(run(*args)), iters)
+            streams = [t for k, t in tr.items() if k != "_lines"]
+            if streams:
+                t = max(streams, key=lambda t: t["busy_us"])
+                kern = sum(k["sum_us"] for name, k in t["kernels"].items() if "decode" in name)   # (stream_)kernel
+                dev = dict(kernel_us=round(kern / iters, 2), busy_us=round(t["busy_us"] / iters, 2),
+                           kernels={name[:40]: round(k["sum_us"] / iters, 2) for name, k in t["kernels"].items()})
+        except Exception as e:                                  # noqa: BLE001 (the wall-clock time stands)
+            dev = dict(trace_error=f"{type(e).__name__}: {e}"[:200])
+    return statistics.median(ts), dev
 
 
 def copy_bandwidth(smoke):
@@ -189,6 +236,32 @@ def check_prefill(fn, args, scale, n_check):
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
+def print_decode_table(rows):
+    """decode rows: us, % of copy bandwidth, rel_err (CHECK FAILED above 2e-2: bf16 products allow ~1e-3);
+    then the --profile rows."""
+    print(f"\n{'batch':>5} {'context':>7} {'method':<34} {'us':>9} {'pct_copy':>8} {'kernel_us':>9} {'pct_kern':>8} "
+          f"{'busy_us':>9} {'pct_busy':>8} {'rel_err':>9}")
+    for r in rows:
+        if "batch" in r and "method" in r and not r["method"].startswith("profile"):
+            err = r.get("rel_err")
+            bad = err is not None and not err <= 2e-2
+            print(f"{r['batch']:>5} {r['context']:>7} {r['method']:<34} {r.get('us', float('nan')):>9} "
+                  f"{r.get('pct_copy', float('nan')):>8} {r.get('kernel_us', float('nan')):>9} "
+                  f"{r.get('pct_copy_kernel', float('nan')):>8} {r.get('busy_us', float('nan')):>9} "
+                  f"{r.get('pct_copy_busy', float('nan')):>8} {err if err is not None else float('nan'):>9.2e} "
+                  f"{r.get('skipped') or r.get('error') or r.get('check_error') or ('CHECK FAILED' if bad else '')}")
+
+
+    prof = [r for r in rows if r.get("method", "").startswith("profile")]
+    if prof:
+        keys = ("us_profiled_call", "span_us", "start_spread_us", "end_spread_us", "prog_min_us", "prog_med_us",
+                "prog_max_us", "sms", "programs")
+        print(f"\n{'batch':>5} {'context':>7} {'profile':<28} " + " ".join(f"{k[:15]:>15}" for k in keys))
+        for r in prof:
+            print(f"{r['batch']:>5} {r['context']:>7} {r['method']:<28} "
+                  + " ".join(f"{r.get(k, float('nan')):>15}" for k in keys) + f" {r.get('error', '')}")
+
+
 def print_prefill_table(rows):
     print(f"\n{'prefill':<14} {'method':<34} {'ms':>9} {'TFLOP/s':>8} {'pct_mm':>6} {'rel_err':>9}")
     for r in rows:
@@ -216,6 +289,14 @@ def main(argv=None):
     p.add_argument("--configs", default="", help="comma list of config tags to sweep instead of sweep_configs "
                    "(h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp]; s0: gpu.with_splits' splits for that "
                    "config, s-1: half, s-2: twice, s<k>: k; check them first with scripts/compile_mla_kernels.py)")
+    p.add_argument("--profile", default="", help="batch:context pairs at which to also run the kernel with its PROFILE "
+                   "timestamps (gpu.decode_profiled) for the default config and each --profile-configs tag: spread "
+                   "of program starts / ends, program times, SMs used (the profiled kernel has its own registers: "
+                   "compare its span with the timed rows, not its speed)")
+    p.add_argument("--device-time", action="store_true", help="paged-triton rows: also the device time per call "
+                   "from CUPTI (XLA profiler): the kernel alone (kernel_us, pct_copy_kernel) and every kernel of "
+                   "the call (busy_us, pct_copy_busy: + the split combine + the loop's q update)")
+    p.add_argument("--profile-configs", default="", help="comma list of config tags also profiled (as --configs)")
     p.add_argument("--prefill", default="4096,32768", help="prompt lengths of one-request prefills ('' to skip)")
     p.add_argument("--packed", default="8x512@8192",
                    help="packed prefill batches BxN@P: B requests of N new tokens after P cached each ('' to skip)")
@@ -258,6 +339,7 @@ def main(argv=None):
         prefill_methods = [m for m in args.prefill_methods.split(",") if m]
     prefill_sweep = {x for x in args.prefill_sweep.split(",") if x}
     sweep = {tuple(int(v) for v in s.split(":")) for s in args.sweep.split(",") if s}
+    profile = {tuple(int(v) for v in s.split(":")) for s in args.profile.split(",") if s}
     if args.configs:
         from lingjax.kernels.mla.gpu import Config
         configs = [Config.from_tag(t) for t in args.configs.split(",") if t]
@@ -280,11 +362,17 @@ def main(argv=None):
 
     def record(row, fn, fargs, nbytes=None, flops=None):
         try:
-            t = loop_time(fn, fargs, iters, reps, unroll=True)
+            trace = args.device_time and row.get("method", "").startswith("paged-triton")
+            t, dev = time_calls(fn, fargs, iters, reps, trace=trace)
             row["us"] = round(t * 1e6, 2)
             if nbytes:
                 row["GB/s"] = round(nbytes / t / 1e9, 1)
                 row["pct_copy"] = round(100 * nbytes / t / copy_bw, 1)
+            if dev:
+                row.update(dev)
+                if nbytes and dev.get("kernel_us"):
+                    row["pct_copy_kernel"] = round(100 * nbytes / (dev["kernel_us"] * 1e-6) / copy_bw, 1)
+                    row["pct_copy_busy"] = round(100 * nbytes / (dev["busy_us"] * 1e-6) / copy_bw, 1)
             if flops:
                 row["TFLOP/s"] = round(flops / t / 1e12, 2)
                 if mm_rate:
@@ -308,14 +396,18 @@ def main(argv=None):
                 from lingjax.kernels.mla import gpu
                 want = None
 
+                pick = np.unique([0, 1, B - 2, B - 1]).clip(0, B - 1)     # the first and the last requests
+
                 def check(row, f):
-                    """rel_err of f on the first 2 requests against the reference (on the device, before timing)."""
+                    """rel_err of f on the first 2 and last 2 requests against the reference (on the device,
+                    before timing; the last ones run in the last wave, and with an in-kernel combine (fc)
+                    their merge is the last to happen)."""
                     nonlocal want
                     try:
                         if want is None:
                             want = np.asarray(jax.jit(lambda *a: mla.decode(*a, scale, impl="reference"))(
-                                q_lat[:2], q_pe[:2], pages, table, slots[:2], lengths[:2]), np.float64)
-                        got = np.asarray(jax.jit(f)(q_lat, q_pe, pages, table, slots, lengths)[:2], np.float64)
+                                q_lat[pick], q_pe[pick], pages, table, slots[pick], lengths[pick]), np.float64)
+                        got = np.asarray(jax.jit(f)(q_lat, q_pe, pages, table, slots, lengths)[pick], np.float64)
                         row["rel_err"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
                     except Exception as e:                      # noqa: BLE001
                         row["check_error"] = f"{type(e).__name__}: {e}"[:300]
@@ -324,13 +416,39 @@ def main(argv=None):
                 f = lambda q, *a: mla.decode(q, *a, scale, impl="gpu")          # noqa: E731
                 check(row, f)
                 record(row, f, (q_lat, q_pe, pages, table, slots, lengths), nbytes)
+                if (B, L) in profile:
+                    from lingjax.kernels.mla.gpu import Config
+                    c0 = gpu.pick_config(B, H, ps, table.shape[1])
+                    profiled = set()
+                    for c in [c0] + [Config.from_tag(t) for t in args.profile_configs.split(",") if t]:
+                        s0 = gpu.with_splits(c, B, H, ps, table.shape[1]).num_splits
+                        s = {0: s0, -1: max(1, s0 // 2), -2: 2 * s0}.get(c.num_splits, c.num_splits)
+                        c = dataclasses.replace(c, num_splits=s, combine=c.combine and s > 1)
+                        if c.tag() in profiled:                 # fc at one split is the default kernel
+                            continue
+                        profiled.add(c.tag())
+                        row = dict(base, method=f"profile[{c.tag()}]", config=c.tag())
+                        try:
+                            fp = jax.jit(lambda *a, c=c: gpu.decode_profiled(*a, scale, config=c))
+                            fargs = (q_lat, q_pe, pages, table, slots, lengths)
+                            jax.block_until_ready(fp(*fargs))
+                            runs = sorted((gpu.profile_summary(jax.block_until_ready(fp(*fargs))[1])
+                                           for _ in range(5)), key=lambda d: d["span_us"])
+                            row.update(runs[2])                 # the median span of 5 calls
+                            t, _ = time_calls(lambda *a: fp(*a)[0], fargs, iters, reps)
+                            row["us_profiled_call"] = round(t * 1e6, 2)     # the profiled kernel's own time
+                        except Exception as e:                  # noqa: BLE001
+                            row["error"] = f"{type(e).__name__}: {e}"[:300]
+                        rows.append(row)
+                        log.info("%s", json.dumps(row))
+                        save()
                 if (B, L) in sweep:
                     c0 = gpu.pick_config(B, H, ps, table.shape[1])
                     done = {c0.tag()}
                     for c in configs:
                         s0 = gpu.with_splits(c, B, H, ps, table.shape[1]).num_splits   # its own programs per SM
                         s = {0: s0, -1: max(1, s0 // 2), -2: 2 * s0}.get(c.num_splits, c.num_splits)
-                        c = dataclasses.replace(c, num_splits=s)
+                        c = dataclasses.replace(c, num_splits=s, combine=c.combine and s > 1)  # fc: only if split
                         if c.tag() in done:                     # the default row above, or a repeated split
                             continue
                         done.add(c.tag())
@@ -388,6 +506,7 @@ def main(argv=None):
             else:
                 record(dict(base, method="prefill-ref"), lambda q, *a: mla.prefill(q, *a, scale, impl="reference"),
                        args_, flops=flops)
+    print_decode_table(rows)
     print_prefill_table(rows)
     save()
 

@@ -42,6 +42,11 @@ SMEM = 227 * 1024
 REGS_PER_SM = 65536
 SPILL_OK = 8        # bytes per thread: h32n64w4 (4 warps, 255 registers) spills one register, one 4-byte
                     # store and load per 64-token block (to L1, next to 32 x 16-byte copies per thread)
+SPILL_OK_COMBINE = 32   # combine (tag fc) at 4 warps: 28 bytes, 6 stores + 6 loads of 4 bytes per block inside
+                        # the loop (nvdisasm); kept as a device-measured candidate (round 3), not the default
+SPILL_OK_STREAM = 72    # stream (tag sk): h32n64w4st3 56/72 bytes (stores/loads), 2 loads of 4 bytes per block in
+                        # the block loop, the rest around it (per run); h32n32w4st5 24, none in the block loop
+                        # (nvdisasm)
 
 
 def ptxas_info(ptx: str) -> dict:
@@ -61,12 +66,19 @@ def ptxas_info(ptx: str) -> dict:
 
 def compile_one(c: gpu.Config, heads: int, page_size: int, max_pages: int, dt: str) -> dict:
     """Compile decode_kernel for sm_90 with latents of Triton dtype `dt` ('bf16', 'fp16', 'fp32')."""
-    k = tk.decode_kernel
-    ptrs = ["*fp32", "*fp32", f"*{dt}", "*i32", "*i32", "*i32", "*fp32", "*fp32"]
-    consts = dict(SCALE=0.0722, H=heads, R=R, ROPE=ROPE, PAGE_SIZE=page_size, MAX_PAGES=max_pages,
-                  NUM_SPLITS=c.num_splits, BLOCK_H=c.block_h, BLOCK_N=c.block_n,
-                  PRECISION="tf32x3" if dt == "fp32" else "", SWAP=c.swap,
-                  REG_PREFETCH=c.reg_prefetch)
+    if c.stream:                                        # decode_stream_kernel (batch of 256: its vectors)
+        k = tk.decode_stream_kernel
+        ptrs = ["*fp32", "*fp32", f"*{dt}", "*i32", "*i32", "*i32", "*fp32", "*fp32", "*fp32", "*i32"]
+        consts = dict(SCALE=0.0722, B=256, B_P2=256, H=heads, R=R, ROPE=ROPE, PAGE_SIZE=page_size,
+                      MAX_PAGES=max_pages, BLOCK_H=c.block_h, BLOCK_N=c.block_n, P_P2=256,
+                      PRECISION="tf32x3" if dt == "fp32" else "")
+    else:
+        k = tk.decode_kernel
+        ptrs = ["*fp32", "*fp32", f"*{dt}", "*i32", "*i32", "*i32", "*fp32", "*fp32", "*fp32", "*i32", "*i32"]
+        consts = dict(SCALE=0.0722, H=heads, R=R, ROPE=ROPE, PAGE_SIZE=page_size, MAX_PAGES=max_pages,
+                      NUM_SPLITS=c.num_splits, BLOCK_H=c.block_h, BLOCK_N=c.block_n,
+                      PRECISION="tf32x3" if dt == "fp32" else "", SWAP=c.swap,
+                      REG_PREFETCH=c.reg_prefetch, COMBINE=c.combine and c.num_splits > 1)
     sig = dict(zip(k.arg_names, ptrs))
     sig.update({n: "constexpr" for n in consts})
     src = ASTSource(k, signature=sig, constexprs=consts,
@@ -75,7 +87,7 @@ def compile_one(c: gpu.Config, heads: int, page_size: int, max_pages: int, dt: s
                          options=dict(num_warps=c.num_warps, num_stages=c.num_stages))
     ttgir = out.asm["ttgir"]
     bufs = [int(n) for n in re.findall(rf"local_alloc : \(\) -> !ttg.memdesc<(\d+)x{c.block_n}x{R}x", ttgir)]
-    loop = ttgir[ttgir.find("scf.for"):]
+    loop = ttgir[ttgir.find("scf.for", max(0, ttgir.find("scf.while"))):]   # the block loop (in the runs' while)
     loop = loop[:loop.find("scf.yield")]
     waits = [int(n) for n in re.findall(r"async_wait[^\n]*\{num = (\d+)", loop)]
     r = dict(shared=out.metadata.shared, bufs=max(bufs, default=0), wait=min(waits, default=0),
@@ -84,7 +96,8 @@ def compile_one(c: gpu.Config, heads: int, page_size: int, max_pages: int, dt: s
     threads = 32 * c.num_warps
     by_regs = REGS_PER_SM // (threads * max(r["regs"], 1))
     r["per_sm"] = min(by_regs, SMEM // max(r["shared"], 1), 64 // c.num_warps)
-    spills = max(r["spill_st"], r["spill_ld"]) > SPILL_OK and dt != "fp32"   # float32 (tf32x3) spills everywhere
+    ok = SPILL_OK_STREAM if c.stream else SPILL_OK_COMBINE if c.combine and c.num_splits > 1 else SPILL_OK
+    spills = max(r["spill_st"], r["spill_ld"]) > ok and dt != "fp32"   # float32 (tf32x3) spills everywhere
     r["drop"] = bool(spills or r["shared"] > SMEM or r["per_sm"] < 1)
     return r
 
@@ -101,7 +114,7 @@ def plans(heads: int, page_size: int, itemsize: int, configs=None):
                 seen.add(key)
                 out.append(("pick", c))
     for c in (configs or sweep_configs(heads)) if itemsize == 2 else []:
-        c = gpu.Config(**{**c.__dict__, "num_splits": 1})
+        c = gpu.Config(**{**c.__dict__, "num_splits": 8 if c.combine else 1})   # combine: compiled with splits
         if dataclass_key(c) not in seen:
             seen.add(dataclass_key(c))
             out.append(("sweep", c))
@@ -110,7 +123,8 @@ def plans(heads: int, page_size: int, itemsize: int, configs=None):
 
 def dataclass_key(c):
     """Compile-relevant fields (the split count only changes a constant)."""
-    return (c.block_h, c.block_n, c.num_warps, c.num_stages, c.swap, c.reg_prefetch)
+    return (c.block_h, c.block_n, c.num_warps, c.num_stages, c.swap, c.reg_prefetch, c.combine and c.num_splits > 1,
+            c.stream)
 
 
 def main(argv=None):

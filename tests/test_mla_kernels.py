@@ -138,10 +138,10 @@ def test_gpu_pick_config_covers_all_heads_and_fills_the_sms():
     to 64 heads, so each request's latents are read once per split; splits fill the 132 SMs at small batches
     without splits shorter than 4 blocks, and none at large batches."""
     from lingjax.kernels.mla import gpu
-    c = gpu.pick_config(16, 32, 64, 8192 // 64)
-    assert (c.block_h, c.block_n, c.swap) == (32, 64, False) and 100 <= 16 * c.num_splits <= 132
+    c = gpu.pick_config(16, 32, 64, 8192 // 64)          # 2 programs per SM: up to 264 resident
+    assert (c.block_h, c.block_n, c.swap) == (32, 64, False) and 200 <= 16 * c.num_splits <= 264
     assert gpu.pick_config(256, 32, 64, 131072 // 64).num_splits == 1
-    assert gpu.pick_config(64, 32, 64, 8192 // 64).num_splits == 2                     # 128 programs <= 132
+    assert gpu.pick_config(64, 32, 64, 8192 // 64).num_splits == 4                     # 256 programs <= 264
     one = gpu.pick_config(1, 32, 64, 131072 // 64)
     assert 64 <= one.num_splits <= 132
     c = gpu.pick_config(4, 64, 64, 1024 // 64)
@@ -161,6 +161,8 @@ def test_gpu_pick_config_covers_all_heads_and_fills_the_sms():
     assert 132 < 16 * two.num_splits <= 264                                                 # twice the splits
     rp = gpu.Config.from_tag("h32n64s8w8st1swaprp")
     assert rp.reg_prefetch and rp.swap and rp.tag() == "h32n64s8w8st1swaprp"
+    fc = gpu.Config.from_tag("h32n32s8w4st5fc")
+    assert fc.combine and not fc.swap and fc.num_stages == 5 and fc.tag() == "h32n32s8w4st5fc"
     with pytest.raises(ValueError, match="'h16n32' is not"):
         gpu.Config.from_tag("h16n32")
 
@@ -255,9 +257,9 @@ def test_gpu_decode_launch_traces_and_compiles_for_sm90(jax_triton_call):
     """mla.decode(impl='gpu') traced on the CPU at Ling-2.6-flash shapes (32 heads, r 512, rope 64, bf16
     pages of 64): one kernel launch over (head blocks, requests, splits) with pick_config's options; with one
     split no combine follows (the kernel's output is the result). The launch compiles for sm_90 through
-    jax-triton's own compile function within the H200's shared memory, with two 64-token latent buffers
-    (the next block's load overlaps this block's products; scripts/compile_mla_kernels.py shows the wait). Values: test_mla_triton_interpret.py
-    (interpreter) and scripts/bench_mla.py (device)."""
+    jax-triton's own compile function with one 64-token latent buffer + the queries, small enough for two
+    programs per SM (the next block of one loads while the other computes; bench_notes_mla.md round 3).
+    Values: test_mla_triton_interpret.py (interpreter) and scripts/bench_mla.py (device)."""
     from lingjax.kernels.mla import gpu
     from tests.test_linear_attention_kernels import SM90_SMEM, _compile_call, _eqns, _triton_calls
     sd = jax.ShapeDtypeStruct
@@ -269,13 +271,31 @@ def test_gpu_decode_launch_traces_and_compiles_for_sm90(jax_triton_call):
         (call,) = _triton_calls(jax_triton_call, jaxpr)
         c = gpu.pick_config(B, 32, 64, n)
         p = call.params
-        assert p["grid"] == (1, B, c.num_splits) and (p["num_warps"], p["num_stages"]) == (4, 3)
+        assert p["grid"] == (1, B, c.num_splits) and (p["num_warps"], p["num_stages"]) == (4, 2)
         assert (p["BLOCK_H"], p["BLOCK_N"], p["SWAP"], p["NUM_SPLITS"]) == (32, 64, False, c.num_splits)
         assert jaxpr.outvars[0].aval.shape == (B, 32, 512)
         assert (len(_eqns(jaxpr, "reduce_sum")) > 0) == (c.num_splits > 1)             # combine only if split
+        if c.num_splits > 1:                            # the splits merged in the kernel: no combine pass after it
+            fc = dataclasses.replace(c, combine=True)
+            jaxpr = jax.make_jaxpr(lambda *a: gpu.decode(*a, 0.07, config=fc))(*shapes).jaxpr
+            (call,) = _triton_calls(jax_triton_call, jaxpr)
+            assert call.params["COMBINE"] and call.params["zeroed_outputs"] == (3,)      # the counters start at 0
+            assert not _eqns(jaxpr, "reduce_sum") and not _eqns(jaxpr, "exp")
+            assert jaxpr.outvars[0].aval.shape == (B, 32, 512)
+            jaxpr = jax.make_jaxpr(lambda *a: gpu.decode_profiled(*a, 0.07, config=fc))(*shapes).jaxpr
+            (call,) = _triton_calls(jax_triton_call, jaxpr)                       # the benchmark's timestamps
+            assert call.params["PROFILE"] and jaxpr.outvars[1].aval.shape == (B * c.num_splits, 5)
+            sk = gpu.with_splits(gpu.Config.from_tag("h32n32s0w4st5sk"), B, 32, 64, n)          # stream-K runs:
+            assert sk.num_splits == 132                                                  # one per SM
+            jaxpr = jax.make_jaxpr(lambda *a: gpu.decode(*a, 0.07, config=sk))(*shapes).jaxpr
+            (call,) = _triton_calls(jax_triton_call, jaxpr)
+            assert call.params["grid"] == (132,) and call.params["zeroed_outputs"] == (0, 3)
+            assert not _eqns(jaxpr, "reduce_sum") and jaxpr.outvars[0].aval.shape == (B, 32, 512)
+            with pytest.raises(ValueError, match="stream needs block_h >= heads"):
+                jax.eval_shape(lambda *a: gpu.decode(*a, 0.07, config=dataclasses.replace(sk, block_h=16)), *shapes)
     assert c.num_splits == 1
     shared, ptx, _ = _compile_call(jax_triton_call, call)
-    assert 2 * 64 * 576 * 2 <= shared <= SM90_SMEM and ".target sm_90" in ptx       # 2 latent buffers fit
+    assert (64 + 32) * 576 * 2 <= shared and 2 * shared <= SM90_SMEM and ".target sm_90" in ptx  # 2 per SM
     rp = gpu.Config.from_tag("h32n64s1w8st1swaprp")                                  # register prefetch
     (call,) = _triton_calls(jax_triton_call, jax.make_jaxpr(lambda *a: gpu.decode(*a, 0.07, config=rp))(*shapes).jaxpr)
     assert call.params["REG_PREFETCH"] and call.params["SWAP"] and call.params["num_stages"] == 1
@@ -283,6 +303,20 @@ def test_gpu_decode_launch_traces_and_compiles_for_sm90(jax_triton_call):
                      (dict(block_n=128, reg_prefetch=True), "reg_prefetch needs block_n=128 to divide")):
         with pytest.raises(ValueError, match=msg):
             jax.eval_shape(lambda *a: gpu.decode(*a, 0.07, config=dataclasses.replace(c, **bad)), *shapes)
+
+
+def test_gpu_profile_summary_reads_the_kernel_words():
+    """gpu.profile_summary: int32 (low, high) words of %globaltimer per program (the low word wrapping past
+    2^31 and 2^32 between programs), SM ids -> spans in microseconds."""
+    from lingjax.kernels.mla import gpu
+    t0 = np.array([2**32 - 1000, 2**32 + 4000, 2**32 - 1000], np.int64) + 7 * 2**32     # ns
+    t1 = t0 + np.array([10_000, 12_000, 30_000])
+    lo = lambda t: (t & 0xFFFFFFFF).astype(np.uint32).view(np.int32)             # noqa: E731  (as the kernel stores)
+    hi = lambda t: (t >> 32).astype(np.int32)                                    # noqa: E731
+    prof = np.stack([lo(t0), hi(t0), lo(t1), hi(t1), np.array([3, 5, 3], np.int32)], 1)
+    got = gpu.profile_summary(prof)
+    assert got == dict(span_us=30.0, start_spread_us=5.0, end_spread_us=20.0, prog_min_us=10.0, prog_med_us=12.0,
+                       prog_max_us=30.0, sms=2, programs=3)
 
 
 def test_gpu_impl_runs_the_reference_for_latent_sizes_its_kernels_cannot_tile():

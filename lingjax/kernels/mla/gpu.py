@@ -6,7 +6,9 @@ accumulation). Decode is bound by reading the latents, so one program covers all
 (Config.block_h) and reads them once. The context of each request is split num_splits ways
 (`pick_config`): at small batches one program per request would leave most SMs idle, so the splits run in
 parallel and `combine_splits` merges their (o, lse) pairs (with one split the kernel's output is the
-result). jax_triton is imported inside `decode` (through lingjax.kernels.jax_triton_lib): it cannot be
+result). Config.stream runs decode_stream_kernel instead: the blocks of the whole batch cut into equal runs,
+one per program, whatever the requests' lengths (stream-K; the runs over one request merged in the kernel).
+jax_triton is imported inside `decode` (through lingjax.kernels.jax_triton_lib): it cannot be
 imported on a CPU-only JAX.
 """
 from __future__ import annotations
@@ -28,7 +30,11 @@ class Config:
     step (a power of 2 >= 16); num_splits: context splits per request (merged by combine_splits); swap:
     tokens / latent columns as the tensor-core M dimension; reg_prefetch: the next block loaded into registers
     during this block's products instead of Triton's pipelined shared buffers (run with num_stages 1; block_n
-    must divide the page size). The kernel's docstring has both."""
+    must divide the page size); combine: with num_splits > 1, the last program of each request merges the
+    splits in the kernel (an atomic counter per request) instead of combine_splits' separate pass; stream:
+    decode_stream_kernel instead, the blocks of all requests cut into num_splits equal runs, one per program
+    (num_splits = the programs, not splits per request; with_splits: SMs x programs per SM), whatever the
+    lengths (one head block, not swapped, block_n dividing the page size). The kernels' docstrings have each."""
     block_h: int = 32
     block_n: int = 64
     num_splits: int = 1
@@ -36,23 +42,26 @@ class Config:
     num_stages: int = 2
     swap: bool = False
     reg_prefetch: bool = False
+    combine: bool = False
+    stream: bool = False
 
     def tag(self) -> str:
-        """Short name for tables: h<block_h> n<block_n> s<splits> w<warps> st<stages> [swap] [rp]."""
+        """Short name for tables: h<block_h> n<block_n> s<splits> w<warps> st<stages> [swap] [rp] [fc] [sk]."""
         return (f"h{self.block_h}n{self.block_n}s{self.num_splits}w{self.num_warps}st{self.num_stages}"
-                + ("swap" if self.swap else "") + ("rp" if self.reg_prefetch else ""))
+                + ("swap" if self.swap else "") + ("rp" if self.reg_prefetch else "")
+                + ("fc" if self.combine else "") + ("sk" if self.stream else ""))
 
     @classmethod
     def from_tag(cls, tag: str) -> "Config":
-        """The inverse of tag(): 'h32n64s4w8st5', 'h32n32s1w8st5swap', 'h32n64s8w8st1swaprp' (s may be 0 or
-        negative: a placeholder the benchmark resolves); ValueError naming the tag otherwise."""
-        m = re.fullmatch(r"h(\d+)n(\d+)s(-?\d+)w(\d+)st(\d+)(swap)?(rp)?", tag)
+        """The inverse of tag(): 'h32n64s4w8st5', 'h32n32s1w8st5swap', 'h32n64s8w8st1swaprp', 'h32n64s8w4st3fc'
+        (s may be 0 or negative: a placeholder the benchmark resolves); ValueError naming the tag otherwise."""
+        m = re.fullmatch(r"h(\d+)n(\d+)s(-?\d+)w(\d+)st(\d+)(swap)?(rp)?(fc)?(sk)?", tag)
         if not m:
             raise ValueError(f"MLA decode config tag {tag!r} is not "
-                             "h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp]")
+                             "h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp][fc][sk]")
         h, n, s, w, st = (int(g) for g in m.groups()[:5])
         return cls(block_h=h, block_n=n, num_splits=s, num_warps=w, num_stages=st, swap=bool(m.group(6)),
-                   reg_prefetch=bool(m.group(7)))
+                   reg_prefetch=bool(m.group(7)), combine=bool(m.group(8)), stream=bool(m.group(9)))
 
 
 def supports(kv_lora_rank: int, rope_dim: int) -> bool:
@@ -97,12 +106,14 @@ def pick_config(batch: int, num_heads: int, page_size: int, max_pages: int, sm_c
                 itemsize: int = 2) -> Config:
     """All heads of a request in one program (block_h up to 64), so its latents are read once per split;
     the context split so that requests x splits fill the SMs (pick_splits over programs_per_sm x SMs).
-    Heads <= 32 (bench_notes_mla.md, round 2): 64-token blocks, 4 warps, 3 stages = two latent buffers (the
-    kernel prefetches each block's page id one block ahead, so the pipeliner keeps num_stages - 1 buffers).
-    The products are mma.sync with all warps side by side along the tokens, so every warp reads all the
-    queries from shared memory once per block: shared-memory bytes read per latent byte ~ 2 + warps x
-    block_h / block_n (the latents once per product, the queries once per warp). 8 warps x 32 heads / 64
-    tokens = 6 measured ~64% of the copy bandwidth on the H200 (10 -> ~41%); 4 warps / 64 tokens = 4.
+    Heads <= 32 (bench_notes_mla.md, round 3): 64-token blocks, 4 warps, 2 stages = one latent buffer per
+    program and TWO programs per SM (108 KiB of shared memory each): while one program computes a block, the
+    other's next block is loading, and B=256 runs in one wave of 256 programs on 264 slots. The products are
+    mma.sync with all warps side by side along the tokens, so every warp reads all the queries from shared
+    memory once per block: shared-memory bytes read per latent byte ~ 2 + warps x block_h / block_n (4 here;
+    the 32-token forms, 6, measured ~60%). Measured on the H200 (CUPTI kernel time, round 3): 87% of the copy
+    bandwidth at B=64 and B=256 x 32k, 79.7% at B=16 x 32k, against 77-78% / 74% for round 2's h32n64w4st3
+    (two buffers, one program per SM).
     64 heads: [64, 512] accumulator, blocks of 32, swapped products (wgmma), two buffers.
     float32 latents (itemsize 4: parity checks, not speed; tf32x3 products spill at every configuration):
     16 heads x 16 tokens, the smallest shared memory.
@@ -114,7 +125,7 @@ def pick_config(batch: int, num_heads: int, page_size: int, max_pages: int, sm_c
     elif block_h == 64:
         c = Config(block_h=64, block_n=32, num_warps=8, num_stages=3, swap=True)
     else:
-        c = Config(block_h=block_h, block_n=64, num_warps=4, num_stages=3)
+        c = Config(block_h=block_h, block_n=64, num_warps=4, num_stages=2)
     return with_splits(c, batch, num_heads, page_size, max_pages, sm_count, itemsize)
 
 
@@ -125,6 +136,8 @@ def with_splits(c: Config, batch: int, num_heads: int, page_size: int, max_pages
     programs = batch * -(-num_heads // c.block_h)
     n_blocks = -(-max_pages * page_size // c.block_n)
     slots = sm_count * programs_per_sm(c, itemsize=itemsize)
+    if c.stream:                                    # one run of the blocks per resident program
+        return dataclasses.replace(c, num_splits=slots)
     return dataclasses.replace(c, num_splits=pick_splits(programs, n_blocks, c.block_h, c.block_n, slots=slots))
 
 
@@ -145,6 +158,35 @@ def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Con
            f32_dot: str = "tf32x3"):
     """As reference.decode: [B, H, r] float32. `scale` must be a Python number (a kernel constant). The
     queries go to the kernel in their dtype (it casts them to the pages' dtype): no conversion pass."""
+    return _decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, config, f32_dot, profile=False)[0]
+
+
+def decode_profiled(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Config | None = None):
+    """decode with the kernel's PROFILE timestamps (a benchmark tool: scripts/bench_mla.py --profile) ->
+    (out, prof [programs, 5] int32: start ns low / high word, end ns low / high word, SM id per program,
+    program = (hb * B + b) * S + sp; profile_summary reads it)."""
+    if config is not None and config.stream:
+        raise ValueError("MLA GPU decode_profiled: the stream kernel (Config.stream) has no PROFILE timestamps")
+    return _decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, config, "tf32x3", profile=True)
+
+
+def profile_summary(prof) -> dict:
+    """decode_profiled's prof -> microseconds: span (first start to last end), start_spread / end_spread (last
+    minus first), program time min / median / max, and SMs used."""
+    import numpy as np
+    p = np.asarray(prof).astype(np.int64)
+    word = lambda lo, hi: (p[:, hi] << 32) | (p[:, lo] & 0xFFFFFFFF)     # noqa: E731
+    t0, t1 = word(0, 1), word(2, 3)
+    base = t0.min()
+    t0, t1 = (t0 - base) / 1e3, (t1 - base) / 1e3
+    dur = t1 - t0
+    return dict(span_us=round(float(t1.max()), 2), start_spread_us=round(float(t0.max()), 2),
+                end_spread_us=round(float(t1.max() - t1.min()), 2), prog_min_us=round(float(dur.min()), 2),
+                prog_med_us=round(float(np.median(dur)), 2), prog_max_us=round(float(dur.max()), 2),
+                sms=int(len(np.unique(p[:, 4]))), programs=int(len(p)))
+
+
+def _decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, config, f32_dot, profile):
     from lingjax.kernels.jax_triton_lib import jax_triton
     from lingjax.kernels.mla.triton_kernels import decode_kernel
     B, H, R = q_lat.shape
@@ -160,14 +202,49 @@ def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Con
         raise ValueError(f"MLA GPU decode: reg_prefetch needs block_n={c.block_n} to divide page_size={page_size}")
     if c.num_splits < 1:
         raise ValueError(f"MLA GPU decode: num_splits={c.num_splits} must be >= 1")
+    if c.stream:
+        return _decode_stream(q_lat, q_pe, pages, page_table, slots, lengths, scale, c, f32_dot), None
     S = c.num_splits
-    o, lse = jax_triton().triton_call(
+    fused = c.combine and S > 1
+    head_blocks = -(-H // c.block_h)
+    # out [B, H, R] and the per-(request, head block) counters (zeroed by jax-triton before the launch) are
+    # used only when the kernel merges the splits; otherwise one-element placeholders
+    extra = ((jax.ShapeDtypeStruct((B, H, R), F32), jax.ShapeDtypeStruct((B * head_blocks,), jnp.int32)) if fused
+             else (jax.ShapeDtypeStruct((1,), F32), jax.ShapeDtypeStruct((1,), jnp.int32)))
+    extra += (jax.ShapeDtypeStruct((head_blocks * B * S, 5) if profile else (1,), jnp.int32),)
+    o, lse, out, _, prof = jax_triton().triton_call(
         q_lat, q_pe, pages, page_table.astype(jnp.int32), slots.astype(jnp.int32),
         lengths.astype(jnp.int32),
         kernel=decode_kernel,
-        out_shape=(jax.ShapeDtypeStruct((B, S, H, R), F32), jax.ShapeDtypeStruct((B, S, H), F32)),
-        grid=(-(-H // c.block_h), B, S), num_warps=c.num_warps, num_stages=c.num_stages, name="mla_decode",
+        out_shape=(jax.ShapeDtypeStruct((B, S, H, R), F32), jax.ShapeDtypeStruct((B, S, H), F32)) + extra,
+        zeroed_outputs=(3,) if fused else (),
+        grid=(head_blocks, B, S), num_warps=c.num_warps, num_stages=c.num_stages, name="mla_decode",
         SCALE=float(scale), H=H, R=R, ROPE=ROPE, PAGE_SIZE=page_size, MAX_PAGES=max_pages, NUM_SPLITS=S,
         BLOCK_H=c.block_h, BLOCK_N=c.block_n, PRECISION=dot_precision(pages.dtype, f32_dot), SWAP=c.swap,
-        REG_PREFETCH=c.reg_prefetch)
-    return o[:, 0] if S == 1 else combine_splits(o, lse)
+        REG_PREFETCH=c.reg_prefetch, COMBINE=fused, PROFILE=profile)
+    if S == 1:
+        return o[:, 0], prof
+    return (out if fused else combine_splits(o, lse)), prof
+
+
+def _decode_stream(q_lat, q_pe, pages, page_table, slots, lengths, scale, c: Config, f32_dot):
+    """decode with Config.stream: decode_stream_kernel over c.num_splits programs (runs of the blocks)."""
+    from lingjax.kernels.jax_triton_lib import jax_triton
+    from lingjax.kernels.mla.triton_kernels import decode_stream_kernel
+    B, H, R = q_lat.shape
+    ROPE = q_pe.shape[-1]
+    _, page_size, _ = pages.shape
+    P = c.num_splits
+    if c.block_h < H or c.swap or c.reg_prefetch or page_size % c.block_n:
+        raise ValueError(f"MLA GPU decode: stream needs block_h >= heads ({c.block_h} < {H}?), no swap / "
+                         f"reg_prefetch, and block_n={c.block_n} dividing page_size={page_size}")
+    out, _, _, _ = jax_triton().triton_call(
+        q_lat, q_pe, pages, page_table.astype(jnp.int32), slots.astype(jnp.int32), lengths.astype(jnp.int32),
+        kernel=decode_stream_kernel,
+        out_shape=(jax.ShapeDtypeStruct((B, H, R), F32), jax.ShapeDtypeStruct((P, 2, H, R), F32),
+                   jax.ShapeDtypeStruct((P, 2, H), F32), jax.ShapeDtypeStruct((B,), jnp.int32)),
+        zeroed_outputs=(0, 3), grid=(P,), num_warps=c.num_warps, num_stages=c.num_stages, name="mla_decode_stream",
+        SCALE=float(scale), B=B, B_P2=max(16, _pow2(B)), H=H, R=R, ROPE=ROPE, PAGE_SIZE=page_size,
+        MAX_PAGES=page_table.shape[1], BLOCK_H=c.block_h, BLOCK_N=c.block_n, P_P2=max(16, _pow2(P)),
+        PRECISION=dot_precision(pages.dtype, f32_dot))
+    return out

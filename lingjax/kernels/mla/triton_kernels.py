@@ -11,8 +11,11 @@ loads the [BLOCK_N, R] latents and [BLOCK_N, ROPE] k_pe rows (masked past the le
 are never loaded), scores them against the heads' q_lat and q_pe (MQA: all heads share the rows), and keeps
 a running max / sum / [BLOCK_H, R] accumulator in float32. It writes the split's normalised output
 o[b, sp] [H, R] float32 and log-sum-exp lse[b, sp] [H] (-inf for an empty split, whose o is 0);
-gpu.combine_splits merges the splits (with one split, o is the result). Padding rows (slot < 0) read
-nothing. Options (BLOCK_H, BLOCK_N, SWAP): the kernel's docstring.
+gpu.combine_splits merges the splits (with one split, o is the result), or, with COMBINE, the last program
+of each request merges them in the same launch. Padding rows (slot < 0) read nothing. Options (BLOCK_H,
+BLOCK_N, SWAP, REG_PREFETCH, COMBINE): the kernel's docstring.
+decode_stream_kernel: the same attention with the batch's blocks cut into equal runs, one per program
+(stream-K: balanced whatever the lengths); its docstring.
 The queries are cast to the pages' dtype for the products (bf16 tensor cores for a bf16 cache); the
 probabilities are cast to it for the second product, as flash attention does; sums stay float32.
 PRECISION: "" for 16-bit pages, or a tl.dot input_precision for float32 pages ("tf32x3", "ieee", "tf32").
@@ -54,10 +57,11 @@ def _block(c, kpe, q, qp, valid, m, l, acc, SCALE: tl.constexpr, PRECISION: tl.c
 
 @triton.jit
 def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, lengths_ptr, o_ptr, lse_ptr,
+                  out_ptr, count_ptr, prof_ptr,
                   SCALE: tl.constexpr, H: tl.constexpr, R: tl.constexpr, ROPE: tl.constexpr,
                   PAGE_SIZE: tl.constexpr, MAX_PAGES: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr,
                   BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SWAP: tl.constexpr = False,
-                  REG_PREFETCH: tl.constexpr = False):
+                  REG_PREFETCH: tl.constexpr = False, COMBINE: tl.constexpr = False, PROFILE: tl.constexpr = False):
     """One program per (head block, request b, split sp of the context); see the module docstring.
 
     BLOCK_H: heads per program (a power of 2 >= 16; heads past H are masked). Every head block reads the
@@ -72,10 +76,25 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
     registers before block i's products (software pipelining by hand: ordinary global loads, waited for only
     at their use in the next iteration), instead of Triton's pipeliner (async copies to shared buffers,
     num_stages - 1 of them). For the swapped form at 64-token blocks, whose three shared buffers do not fit.
+    COMBINE (NUM_SPLITS > 1): the splits are merged in this launch, not by gpu.combine_splits afterwards. After
+    writing its (o, lse), each program increments the counter count[b, head block] (int32, zero at launch;
+    acquire-release at GPU scope, after a barrier so that the whole program's stores precede it); the program
+    that sees NUM_SPLITS - 1 is the last of its request and head block: it reads the NUM_SPLITS partials back
+    (from L2: .cg loads) and writes the merged rows to out [B, H, R] float32 (same formula as combine_splits:
+    weights exp(lse_s - max_s lse_s), 0 where every split is empty). Without COMBINE, out and count are unused.
+    PROFILE (GPU only: inline PTX, not in the interpreter): the program writes prof[program] = int32 words (start
+    ns low, high, end ns low, high, SM id), program = (hb * B + b) * NUM_SPLITS + sp (%globaltimer at entry and
+    after its last store).
+    scripts/bench_mla.py --profile reads them: spread of starts and ends, program times, the launch gap.
     """
     hb = tl.program_id(0)           # head blocks of one request are launched together: with BLOCK_H < H
     b = tl.program_id(1)            # their reads of the same latents meet in L2
     sp = tl.program_id(2)
+    if PROFILE:                     # the start stored at once (nothing more lives across the loop)
+        t0 = _globaltimer()
+        prog = ((hb * tl.num_programs(1) + b) * NUM_SPLITS + sp).to(tl.int64) * 5
+        tl.store(prof_ptr + prog, (t0 & 0xFFFFFFFF).to(tl.int32))     # int32 words: JAX may run without x64
+        tl.store(prof_ptr + prog + 1, (t0 >> 32).to(tl.int32))
     D: tl.constexpr = R + ROPE
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = heads < H
@@ -157,6 +176,202 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
     else:
         tl.store(o_ptr + row_o[:, None] * R + offs_r[None, :], acc * inv[:, None], mask=hmask[:, None])
     tl.store(lse_ptr + row_o, lse, mask=hmask)
+    if COMBINE:
+        tl.debug_barrier()                              # every thread's stores above, before the release
+        seen = tl.atomic_add(count_ptr + b * ((H + BLOCK_H - 1) // BLOCK_H) + hb, 1, sem="acq_rel", scope="gpu")
+        if seen == NUM_SPLITS - 1:                      # the other splits of (b, hb) have written theirs
+            _combine(o_ptr, lse_ptr, out_ptr, b, hb, H, R, NUM_SPLITS, BLOCK_H)
+    if PROFILE:
+        t1 = _globaltimer()
+        smid = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        prog = ((hb * tl.num_programs(1) + b) * NUM_SPLITS + sp).to(tl.int64) * 5
+        tl.store(prof_ptr + prog + 2, (t1 & 0xFFFFFFFF).to(tl.int32))
+        tl.store(prof_ptr + prog + 3, (t1 >> 32).to(tl.int32))
+        tl.store(prof_ptr + prog + 4, smid)
+
+
+@triton.jit
+def _globaltimer():
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _combine(o_ptr, lse_ptr, out_ptr, b, hb, H: tl.constexpr, R: tl.constexpr,
+             NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[b, heads] = sum_s w_s o[b, s, heads] / sum_s w_s, w_s = exp(lse_s - max_s lse_s) (COMBINE), in
+    column chunks of at most 128 (a [BLOCK_H, 128] float32 sum: no spills next to the kernel's registers)."""
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)       # recomputed here: nothing more lives across the main loop
+    hmask = heads < H
+    top = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    for sp in range(NUM_SPLITS):
+        row = ((b * NUM_SPLITS + sp) * H + heads).to(tl.int64)
+        top = tl.maximum(top, tl.load(lse_ptr + row, mask=hmask, other=float("-inf"), cache_modifier=".cg"))
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.zeros([BLOCK_H], tl.float32)
+    for sp in range(NUM_SPLITS):
+        row = ((b * NUM_SPLITS + sp) * H + heads).to(tl.int64)
+        total += tl.exp(tl.load(lse_ptr + row, mask=hmask, other=float("-inf"), cache_modifier=".cg") - top)
+    inv = 1.0 / tl.where(total > 0, total, 1.0)
+    RC: tl.constexpr = 128 if R > 128 else R
+    offs_c = tl.arange(0, RC)
+    for c0 in tl.static_range(0, R, RC):
+        res = tl.zeros([BLOCK_H, RC], tl.float32)
+        for sp in range(NUM_SPLITS):
+            row = ((b * NUM_SPLITS + sp) * H + heads).to(tl.int64)
+            w = tl.exp(tl.load(lse_ptr + row, mask=hmask, other=float("-inf"), cache_modifier=".cg") - top) * inv
+            part = tl.load(o_ptr + row[:, None] * R + c0 + offs_c[None, :], mask=hmask[:, None], other=0.0,
+                           cache_modifier=".cg")
+            res += w[:, None] * part
+        tl.store(out_ptr + (b * H + heads).to(tl.int64)[:, None] * R + c0 + offs_c[None, :], res,
+                 mask=hmask[:, None])
+
+
+@triton.jit
+def _stream(q, qp, pages_ptr, table, length, start, stop, m, l, acc, off_c, off_pe, offs_n,
+            SCALE: tl.constexpr, R: tl.constexpr, D: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """Blocks [start, stop) of one request (BLOCK_N dividing PAGE_SIZE): decode_kernel's loop (page id one block
+    ahead), online softmax into (m, l, acc)."""
+    nxt = tl.load(table + (start * BLOCK_N // PAGE_SIZE), mask=start < stop, other=0)
+    for blk in range(start, stop):
+        valid = blk * BLOCK_N + offs_n < length
+        page = nxt.to(tl.int64)
+        nxt = tl.load(table + ((blk + 1) * BLOCK_N // PAGE_SIZE), mask=blk + 1 < stop, other=0)
+        blk_ptr = pages_ptr + (page * PAGE_SIZE + (blk * BLOCK_N) % PAGE_SIZE) * D
+        c = tl.load(blk_ptr + off_c, mask=valid[:, None], other=0.0)
+        kpe = tl.load(blk_ptr + R + off_pe, mask=valid[:, None], other=0.0)
+        m, l, acc = _block(c, kpe, q, qp, valid, m, l, acc, SCALE, PRECISION, False)
+    return m, l, acc
+
+
+@triton.jit
+def decode_stream_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, lengths_ptr,
+                         out_ptr, part_o_ptr, part_lse_ptr, count_ptr,
+                         SCALE: tl.constexpr, B: tl.constexpr, B_P2: tl.constexpr, H: tl.constexpr,
+                         R: tl.constexpr, ROPE: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_PAGES: tl.constexpr,
+                         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, P_P2: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """Balanced ("stream-K") decode: the blocks of all requests, laid end to end (request 0's, then 1's, ...;
+    BLOCK_N-token blocks, padding rows and empty requests hold none), are cut into P = num_programs equal runs
+    [p T / P, (p + 1) T / P) of the T blocks, one per program, whatever the requests' lengths; a run may cross
+    request boundaries. One head block (BLOCK_H >= H); BLOCK_N divides PAGE_SIZE.
+
+    A program walks its run one request segment at a time. A segment holding a whole request writes
+    out[b] itself. Only a run's first and last segments can hold part of a request: they go to the program's
+    partial slots part_o / part_lse[p, 0] (its first segment) and [p, 1] (its last), then the program counts
+    itself in count[b] (atomic, acquire-release, after a barrier; zeroed at launch); the one that sees the
+    number of non-empty runs over b minus 1 merges their partials into out[b] (weights exp(lse - max lse)).
+    out is zeroed at launch: padding rows and empty requests stay 0. Same math as decode_kernel + combine.
+    """
+    p = tl.program_id(0)
+    P = tl.num_programs(0)
+    D: tl.constexpr = R + ROPE
+    T = _locate(slots_ptr, lengths_ptr, 0, B, B_P2, BLOCK_N)[3]
+    lo = ((p.to(tl.int64) * T) // P).to(tl.int32)
+    hi = (((p + 1).to(tl.int64) * T) // P).to(tl.int32)
+    heads = tl.arange(0, BLOCK_H)
+    hmask = heads < H
+    offs_r = tl.arange(0, R)
+    offs_p = tl.arange(0, ROPE)
+    offs_n = tl.arange(0, BLOCK_N)
+    dtype = pages_ptr.dtype.element_ty
+    off_c = offs_n[:, None] * D + offs_r[None, :]
+    off_pe = offs_n[:, None] * D + offs_p[None, :]
+    pos = lo
+    while pos < hi:
+        b, start_b, end_b, _ = _locate(slots_ptr, lengths_ptr, pos, B, B_P2, BLOCK_N)
+        slot = tl.load(slots_ptr + b)
+        length = tl.load(lengths_ptr + b)
+        table = page_table_ptr + slot.to(tl.int64) * MAX_PAGES
+        qrow = (b * H + heads).to(tl.int64)
+        q = tl.load(q_lat_ptr + qrow[:, None] * R + offs_r[None, :], mask=hmask[:, None], other=0.0).to(dtype)
+        qp = tl.load(q_pe_ptr + qrow[:, None] * ROPE + offs_p[None, :], mask=hmask[:, None], other=0.0).to(dtype)
+        m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, R], tl.float32)
+        m, l, acc = _stream(q, qp, pages_ptr, table, length, pos - start_b, tl.minimum(hi, end_b) - start_b,
+                            m, l, acc, off_c, off_pe, offs_n, SCALE, R, D, PAGE_SIZE, BLOCK_N, PRECISION)
+        # after the loop, the run's bookkeeping again from memory (fewer registers live across the loop)
+        b, start_b, end_b, T = _locate(slots_ptr, lengths_ptr, pos, B, B_P2, BLOCK_N)
+        lo = ((p.to(tl.int64) * T) // P).to(tl.int32)
+        hi = (((p + 1).to(tl.int64) * T) // P).to(tl.int32)
+        seg_hi = tl.minimum(hi, end_b)
+        qrow = (b * H + heads).to(tl.int64)
+        inv = 1.0 / tl.where(l > 0, l, 1.0)
+        if (pos == start_b) & (seg_hi == end_b):                     # the whole request: the result
+            tl.store(out_ptr + qrow[:, None] * R + offs_r[None, :], acc * inv[:, None], mask=hmask[:, None])
+        else:
+            part = (p * 2 + tl.where(pos == lo, 0, 1)).to(tl.int64)
+            prow = part * H + heads
+            tl.store(part_o_ptr + prow[:, None] * R + offs_r[None, :], acc * inv[:, None], mask=hmask[:, None])
+            tl.store(part_lse_ptr + prow, tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf")),
+                     mask=hmask)
+            # the runs over b: programs first_p..last_p (those holding b's first and last blocks), less any
+            # empty run between them (T < P)
+            T64 = T.to(tl.int64)
+            first_p = (((start_b + 1).to(tl.int64) * P + T64 - 1) // T64 - 1).to(tl.int32)
+            last_p = ((end_b.to(tl.int64) * P + T64 - 1) // T64 - 1).to(tl.int32)
+            qs = tl.arange(0, P_P2)
+            runs = ((qs >= first_p) & (qs <= last_p)
+                    & (((qs + 1).to(tl.int64) * T64) // P > (qs.to(tl.int64) * T64) // P)).to(tl.int32)
+            tl.debug_barrier()
+            seen = tl.atomic_add(count_ptr + b, 1, sem="acq_rel", scope="gpu")
+            if seen == tl.sum(runs, 0) - 1:
+                _merge_runs(part_o_ptr, part_lse_ptr, out_ptr, b, start_b, first_p, last_p, T64, P, H, R, BLOCK_H)
+        pos = seg_hi
+
+
+@triton.jit
+def _locate(slots_ptr, lengths_ptr, pos, B: tl.constexpr, B_P2: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(b, its first block, its end block, T): the request holding block `pos` of the batch's blocks laid end to
+    end (padding rows and empty requests hold none) and the total T (decode_stream_kernel)."""
+    offs_b = tl.arange(0, B_P2)
+    bmask = offs_b < B
+    sl = tl.load(slots_ptr + offs_b, mask=bmask, other=-1)
+    ln = tl.load(lengths_ptr + offs_b, mask=bmask, other=0)
+    nb = tl.where(bmask & (sl >= 0), tl.cdiv(ln, BLOCK_N), 0)
+    cum = tl.cumsum(nb, 0)                                          # inclusive: request b ends at block cum[b]
+    b = tl.sum(((cum <= pos) & bmask).to(tl.int32), 0)
+    end_b = tl.sum(tl.where(offs_b == b, cum, 0), 0)
+    start_b = end_b - tl.sum(tl.where(offs_b == b, nb, 0), 0)
+    return b, start_b, end_b, tl.sum(nb, 0)
+
+
+@triton.jit
+def _merge_runs(part_o_ptr, part_lse_ptr, out_ptr, b, start_b, first_p, last_p, T, P, H: tl.constexpr,
+                R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[b] from the partials of runs first_p..last_p (decode_stream_kernel): run first_p holds b in its slot 1
+    unless its run starts at b's first block; the others in slot 0; empty runs are skipped."""
+    heads = tl.arange(0, BLOCK_H)
+    hmask = heads < H
+    top = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    for q in range(first_p, last_p + 1):
+        live = ((q + 1) * T) // P > (q * T) // P
+        part = q * 2 + tl.where((q == first_p) & ((q * T) // P < start_b), 1, 0)
+        top = tl.maximum(top, tl.load(part_lse_ptr + part * H + heads, mask=hmask & live, other=float("-inf"),
+                                      cache_modifier=".cg"))
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.zeros([BLOCK_H], tl.float32)
+    for q in range(first_p, last_p + 1):
+        live = ((q + 1) * T) // P > (q * T) // P
+        part = q * 2 + tl.where((q == first_p) & ((q * T) // P < start_b), 1, 0)
+        total += tl.exp(tl.load(part_lse_ptr + part * H + heads, mask=hmask & live, other=float("-inf"),
+                                cache_modifier=".cg") - top)
+    inv = 1.0 / tl.where(total > 0, total, 1.0)
+    RC: tl.constexpr = 128 if R > 128 else R
+    offs_c = tl.arange(0, RC)
+    for c0 in tl.static_range(0, R, RC):
+        res = tl.zeros([BLOCK_H, RC], tl.float32)
+        for q in range(first_p, last_p + 1):
+            live = ((q + 1) * T) // P > (q * T) // P
+            part = q * 2 + tl.where((q == first_p) & ((q * T) // P < start_b), 1, 0)
+            prow = part * H + heads
+            w = tl.exp(tl.load(part_lse_ptr + prow, mask=hmask & live, other=float("-inf"),
+                               cache_modifier=".cg") - top) * inv
+            res += w[:, None] * tl.load(part_o_ptr + prow[:, None] * R + c0 + offs_c[None, :],
+                                        mask=hmask[:, None] & live, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + (b * H + heads).to(tl.int64)[:, None] * R + c0 + offs_c[None, :], res,
+                 mask=hmask[:, None])
 
 
 # ---------------------------------------------------------------------------------------------------------
