@@ -1,0 +1,564 @@
+"""Where a prefix-cache hit's time to first token goes, on the device (issue 17).
+
+The hit of scripts/bench_prefix.py's `hit1` row: one engine (max_batch 1, prefix cache on,
+prefix_cache_save_last=False) holding the shared prefix (--prefix tokens, saved by a miss and a branch), then
+prompts = prefix + their own --suffix tokens, max_new_tokens 1. Parts:
+
+ 1. Correctness on the device first: the hit's first token and its logprob against a miss of the same prompt
+    on the same engine (cache cleared; it runs the same chunks): equal tokens, logprobs within 1e-2.
+ 2. TTFT of --n warm hits as bench_prefix times them (generate wall time, no syncs).
+ 3. The same hits with a sync after each piece (block_until_ready): host admission (token check, lookup,
+    page sharing), the state copy into the slot (_copy_rows, dispatch + device), the step's host packing and
+    dispatch, its device time after the dispatch returns, the readback of the sampled token, other host work.
+ 4. The hit's step alone, back to back (--repeat times, one sync at the end): its device time without host
+    gaps.
+ 5. Device traces (XLA profiler / CUPTI) of one warm hit end to end and of the back-to-back steps: kernel
+    device time grouped by category (MoE, MLA, linear attention, matmuls, copies, sampling, state restore,
+    other), the kernel count, the device's idle time inside the hit (host gaps) and before its first kernel.
+    Kernels are attributed through the compiled HLO's metadata (the source file of each op) where the trace
+    names the HLO op, else by kernel name.
+ 6. --moe-block-m: the hit's MoE experts alone (one layer's weights, the model's own routing of random
+    activations at the hit's token count) with each block_m of the grouped layout, checked against the
+    first, timed back to back (us per layer; the step runs it once per MoE layer).
+The floor of the step: the bytes it must read (every weight once, the MLA latents of the context, the linear
+states read and written) over --bandwidth, plus its matmul flops over --flops.
+
+    . scripts/gpu_env.sh; PYTHONPATH=.:scripts python3 scripts/profile_prefix.py --out $OUT   # H200, ~2-3 min
+    JAX_PLATFORMS=cpu PYTHONPATH=.:scripts python3 scripts/profile_prefix.py --smoke           # CPU plumbing
+Writes profile_prefix.json under --out and prints the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import statistics
+import sys
+import time
+import warnings
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+log = logging.getLogger("profile_prefix")
+warnings.filterwarnings("ignore", message=".*has no __module__ attribute")   # the profiler's event stats
+
+CATS = ("MoE", "MLA", "linear attention", "matmuls", "copies", "sampling", "state restore", "other")
+# source files (of the HLO ops' metadata) -> category; first match wins
+SOURCE_CATS = [("MoE", ("kernels/moe", "model/moe.py")), ("MLA", ("kernels/mla", "model/mla.py")),
+               ("linear attention", ("kernels/linear_attention", "model/linear_attention.py")),
+               ("sampling", ("lingjax/engine.py",))]
+# kernel names -> category (the fallback); first match wins
+NAME_CATS = [("MoE", ("gate_up", "moe_", "down_kernel")), ("MLA", ("mla", "paged")),
+             ("linear attention", ("linear", "chunk", "recurrent", "lightning", "la_")),
+             ("copies", ("memcpy", "memset", "copy", "dynamic_update", "dynamic-update", "scatter")),
+             ("matmuls", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "matmul", "dot"))]
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^0-9a-z]", "_", name.lower())
+
+
+def hlo_categories(hlo_text: str, module_cat: str | None = None) -> dict:
+    """Optimized HLO text -> {normalized instruction name: category}: by the source file of the op's
+    innermost stack frame (the module's FileNames / FileLocations / StackFrames tables; jax keeps the
+    user frames: lingjax's), matmuls for dots (and gemm custom calls) of lingjax/model/common.py (Dense,
+    MLP) and decoder.py (LM head), copies for copy / dynamic-update-slice / scatter ops, else other."""
+    files, locs, frames = {}, {}, {}
+    section = None
+    for line in hlo_text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            section = line
+            continue
+        if not line.strip() or line.startswith(("%", "ENTRY", "HloModule", " ")):
+            section = None if not line.strip() else section
+            if line.startswith(("%", "ENTRY", " ")):
+                break
+            continue
+        m = re.match(r"(\d+) (.*)", line)
+        if not m:
+            continue
+        i, rest = int(m.group(1)), m.group(2)
+        if section == "FileNames":
+            files[i] = rest.strip('"')
+        elif section == "FileLocations":
+            f = re.search(r"file_name_id=(\d+)", rest)
+            locs[i] = int(f.group(1)) if f else 0
+        elif section == "StackFrames":
+            f = re.search(r"file_location_id=(\d+)", rest)
+            frames[i] = int(f.group(1)) if f else 0
+    out = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?\s([\w\-]+)\(", line)
+        if not m:
+            continue
+        name, op = m.group(1), m.group(2)
+        if module_cat:
+            out[_norm(name)] = module_cat
+            continue
+        src = re.search(r'source_file="([^"]*)"', line)
+        src = src.group(1) if src else ""
+        fid = re.search(r"stack_frame_id=(\d+)", line)
+        if fid:
+            src = files.get(locs.get(frames.get(int(fid.group(1)), 0), 0), src)
+        low = line.lower()
+        dot = op in ("dot", "convolution") or "gemm" in low or "cublas" in low
+        cat = next((c for c, keys in SOURCE_CATS if any(k in src for k in keys)), None)
+        if cat is None:
+            if op in ("copy", "copy-start", "dynamic-update-slice", "scatter") or "dynamic_update_slice" in name:
+                cat = "copies"
+            elif dot:
+                cat = "matmuls"
+            else:
+                cat = "other"
+        out[_norm(name)] = cat
+    return out
+
+
+def name_category(name: str) -> str:
+    low = name.lower()
+    return next((c for c, keys in NAME_CATS if any(k in low for k in keys)), "other")
+
+
+def trace(run, hlo_maps: dict):
+    """Run `run()` under the XLA profiler -> (kernels [(start_ns, dur_ns, name, category, module)] of the
+    device streams, (start_ns, end_ns) of the 'hit' annotation on the host or None)."""
+    from jax._src.lib import _profile_data, _profiler
+    sess = _profiler.ProfilerSession()
+    try:
+        run()
+    finally:
+        xs = sess.stop()
+    data = _profile_data.ProfileData.from_serialized_xspace(xs)
+    kernels, mark, gpu, cpu_ops = [], None, False, []
+    for plane in data.planes:
+        if plane.name.startswith("/host"):
+            for line in plane.lines:
+                for e in line.events:
+                    if e.name == "profile_prefix_hit":
+                        mark = (e.start_ns, e.end_ns)
+                    elif line.name.startswith("tf_XLA"):     # the CPU backend's ops (no device plane)
+                        st = {k: str(v) for k, v in e.stats}
+                        if "hlo_op" in st:
+                            cpu_ops.append((e, st))
+            continue
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        gpu = True
+        names = [line.name for line in plane.lines]
+        streams = [n for n in names if n.startswith("Stream")]
+        for line in plane.lines:
+            if streams and line.name not in streams:      # derived lines repeat the streams' kernels
+                continue
+            if not streams and any(w in line.name for w in ("XLA", "Step", "Launch", "Framework", "Source",
+                                                            "TensorFlow", "Ops")):
+                continue
+            for e in line.events:
+                st = {k: str(v) for k, v in e.stats}
+                kernels.append((e.start_ns, e.duration_ns, e.name, _categorize(st, e.name, hlo_maps),
+                                st.get("hlo_module", "")))
+    if not gpu:               # the CPU backend: its XLA ops stand in for kernels (the plumbing's check)
+        for e, st in cpu_ops:
+            kernels.append((e.start_ns, e.duration_ns, e.name, _categorize(st, e.name, hlo_maps), st["hlo_module"]))
+    kernels.sort()
+    return kernels, mark
+
+
+def _categorize(st, name, hlo_maps):
+    mod, op = st.get("hlo_module", ""), st.get("hlo_op", "")
+    for key in (op, name):
+        for mname, mp in hlo_maps.items():
+            if (not mod or mname in mod or mod in mname) and _norm(key) in mp:
+                return mp[_norm(key)]
+    return name_category(name)
+
+
+def summarize(kernels, mark, calls: int) -> dict:
+    """Per call: device time by category, kernel count, busy (union of kernel intervals), span, idle inside
+    the span (host gaps), the time from the host annotation's start to the first kernel, top kernels."""
+    if not kernels:
+        return dict(kernels=0)
+    cats, by_name = {}, {}
+    for _, d, name, cat, _ in kernels:
+        cats[cat] = cats.get(cat, 0.0) + d / 1e3 / calls
+        k = by_name.setdefault((name[:80], cat), [0, 0.0])
+        k[0] += 1
+        k[1] += d / 1e3
+    busy, end = 0, None
+    for s, d, *_ in kernels:                           # union of the intervals (streams may overlap)
+        e = s + d
+        if end is None or s >= end:
+            busy += d
+            end = e
+        elif e > end:
+            busy += e - end
+            end = e
+    start = kernels[0][0]
+    stop = max(s + d for s, d, *_ in kernels)
+    out = dict(kernels=len(kernels) / calls, busy_us=busy / 1e3 / calls, span_us=(stop - start) / 1e3 / calls,
+               idle_in_span_us=(stop - start - busy) / 1e3 / calls, categories=cats,
+               top=[dict(name=n, category=c, n=v[0] / calls, us=v[1] / calls)
+                    for (n, c), v in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]])
+    if mark is not None:
+        out["host_span_us"] = (mark[1] - mark[0]) / 1e3
+        out["first_kernel_after_us"] = (start - mark[0]) / 1e3
+        out["after_last_kernel_us"] = (mark[1] - stop) / 1e3
+    return out
+
+
+def step_floor(cfg, model, T, context, bandwidth, flops_rate):
+    """(bytes, flops, ms) of one T-token prefill step after `context` cached positions: every weight read
+    once (the embedding table: only the T rows looked up), the MLA latents of context + T positions read,
+    the linear states read and written; matmul flops: 2 x T x the matrix parameters each token uses (the
+    routed experts: top-k of E) plus the LM head for one row and the MLA attention products (absorbed form:
+    (r + rope) + r per query, key and head)."""
+    import jax
+    from flax import nnx
+    from lingjax.cache import page_bytes, state_bytes
+    leaves = jax.tree.leaves(model)
+    wbytes = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in leaves)
+    emb = model.word_embeddings.get_value()
+    wbytes -= (emb.shape[0] - T) * emb.shape[1] * emb.dtype.itemsize
+    nbytes = wbytes + (context + T) * page_bytes(cfg, 1, model.dtype) + 2 * state_bytes(cfg)
+    E, k = cfg.num_experts, cfg.num_experts_per_tok
+    params = 0
+    for path, a in jax.tree_util.tree_leaves_with_path(nnx.state(model.layers)):
+        if len(getattr(a, "shape", ())) < 2:
+            continue
+        n = int(np.prod(a.shape))
+        if any(w in jax.tree_util.keystr(path) for w in ("w_gate", "w_up", "w_down")):
+            n = n * k // E
+        params += n
+    H, r, rope = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    attn = 2 * T * (context + T / 2) * H * (2 * r + rope) * len(cfg.mla_layers)
+    flops = 2 * T * params + 2 * cfg.hidden_size * cfg.vocab_size + attn
+    return nbytes, flops, 1e3 * (nbytes / bandwidth + flops / flops_rate)
+
+
+def moe_block_m(model, T, block_ms, iters, impl):
+    """The MoE experts of the first MoE layer at T tokens with each block_m -> rows."""
+    import jax
+    import jax.numpy as jnp
+    from lingjax.kernels import moe as mk
+    moe = next(l.mlp for l in model.layers if l.is_moe)
+    wg, wu, wd = moe.w_gate.get_value(), moe.w_up.get_value(), moe.w_down.get_value()
+    x = jax.random.normal(jax.random.key(1), (T, model.cfg.hidden_size), jnp.float32).astype(model.dtype)
+    idx, w = jax.jit(moe.route)(x)
+    E = wg.shape[0]
+    counts = np.bincount(np.asarray(idx).ravel(), minlength=E)
+    mod = mk._module(impl)
+
+    def make(bm):
+        @jax.jit
+        def f(x, idx, w, wg, wu, wd):
+            lay = mk.make_layout(idx, E, bm, mod.pick_layout_method(idx.size))
+            h = mod.gate_up(x, lay, wg, wu)
+            y = mod.down(h, lay, wd)
+            return mk.combine(y, lay, w).astype(x.dtype)
+        return f
+
+    rows, ref = [], None
+    for bm in block_ms:
+        f = make(bm)
+        y = f(x, idx, w, wg, wu, wd)
+        y = np.asarray(y, np.float32)
+        ref = y if ref is None else ref
+        err = float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30))
+        ts = []
+        for _ in range(3):
+            t = time.perf_counter()
+            for _ in range(iters):
+                out = f(x, idx, w, wg, wu, wd)
+            jax.block_until_ready(out)
+            ts.append((time.perf_counter() - t) / iters * 1e6)
+        blocks = int(np.sum(-(-counts // bm)))
+        rows.append(dict(block_m=bm, us=statistics.median(ts), rel_err_vs_first=err, blocks=blocks,
+                         padded_rows=blocks * bm, pick_block_m=mod.pick_block_m(idx.size, E)))
+        log.info("MoE T=%d block_m %d: %.1f us/layer, %d blocks, rel err vs block_m %d: %.1e", T, bm,
+                 rows[-1]["us"], blocks, block_ms[0], err)
+    return dict(T=T, pairs_per_expert_max=int(counts.max()), pairs_per_expert_mean=float(counts.mean()),
+                experts_touched=int((counts > 0).sum()), rows=rows)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="flash8", help="model shapes (scripts/shapes.py; default flash8)")
+    p.add_argument("--layers", type=int, help="override the preset's depth")
+    p.add_argument("--prefix", type=int, default=8192, help="shared prefix tokens (default 8192)")
+    p.add_argument("--suffix", type=int, default=512, help="tokens after the prefix (default 512)")
+    p.add_argument("--prefill-chunk", type=int, default=2048, help="engine prefill chunk (default 2048)")
+    p.add_argument("--page-size", type=int, default=64, help="MLA cache page size (default 64)")
+    p.add_argument("--n", type=int, default=3, help="warm hits timed per part (default 3)")
+    p.add_argument("--repeat", type=int, default=10, help="back-to-back runs of the hit's step (default 10)")
+    p.add_argument("--moe-block-m", default="16,32,64",
+                   help="block_m values for the MoE experts alone at the hit's token count ('' skips; default 16,32,64)")
+    p.add_argument("--bandwidth", type=float, default=4.3e12, help="copy bandwidth for the floor, bytes/s (4.3e12)")
+    p.add_argument("--flops", type=float, default=680e12, help="dense bf16 rate for the floor, flop/s (680e12)")
+    p.add_argument("--no-trace", action="store_true", help="skip the device traces")
+    p.add_argument("--smoke", action="store_true", help="CPU plumbing check: tiny preset, 256 + 64 tokens, chunk 64, "
+                   "page 16")
+    p.add_argument("--out", default=os.environ.get("OUT", "scripts/results"),
+                   help="directory of profile_prefix.json (default $OUT or scripts/results)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    import jax
+    import jax.numpy as jnp
+    from lingjax import engine as engine_mod
+    from lingjax.cache import pages_for
+    from lingjax.engine import Engine, SamplingParams
+    from shapes import preset, random_model
+
+    if args.smoke:
+        args.preset, args.prefix, args.suffix, args.prefill_chunk, args.page_size = "tiny", 256, 64, 64, 16
+        args.n, args.repeat = 2, 3
+    on_gpu = jax.default_backend() == "gpu"
+    cfg = preset(args.preset, args.layers)
+    t_all = time.perf_counter()
+    model = random_model(cfg, None, jnp.bfloat16)
+    jax.block_until_ready(jax.tree.leaves(model))
+    rng = np.random.default_rng(0)
+    V = cfg.vocab_size
+    prefix = rng.integers(3, V, args.prefix).tolist()
+    suffixes = [rng.integers(3, V, args.suffix).tolist() for _ in range(4 * args.n + 8)]
+    max_len = args.prefix + args.suffix + 16
+    eng = Engine(model, max_batch=1, prefill_chunk=args.prefill_chunk, max_len=max_len, page_size=args.page_size,
+                 num_pages=3 * pages_for(max_len, args.page_size), prefix_cache=True, prefix_cache_states=4,
+                 prefix_cache_save_last=False)
+    sp = SamplingParams(max_new_tokens=1, ignore_eos=True, logprobs=0)     # logprobs=0: the same compiled step
+    nxt = iter(range(len(suffixes)))
+
+    def gen(prompt):
+        t = time.perf_counter()
+        o = eng.generate([prompt], sp)[0]
+        return time.perf_counter() - t, o
+
+    def fill():
+        eng.clear_prefix_cache()
+        gen(prefix + suffixes[next(nxt)])            # a miss: the prompt's blocks
+        gen(prefix + suffixes[next(nxt)])            # a branch: the state at the end of the shared prefix
+
+    t0 = time.perf_counter()
+    fill()
+    gen(prefix + suffixes[next(nxt)])                # a hit (compiles the state copy)
+    compile_s = time.perf_counter() - t0
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "profile_prefix.json")
+
+    def save():                                      # after every part: a timeout still leaves the parts done
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+
+    report = dict(device=jax.devices()[0].device_kind, preset=args.preset, layers=cfg.num_hidden_layers,
+                  prefix=args.prefix, suffix=args.suffix, prefill_chunk=args.prefill_chunk, page_size=args.page_size,
+                  compile_s=compile_s)
+
+    # 1. correctness: a hit against a miss of the same prompt
+    s = suffixes[next(nxt)]
+    h0 = eng.stats()["prefix_cache_hits"]
+    _, hit = gen(prefix + s)
+    assert eng.stats()["prefix_cache_hits"] == h0 + 1, "the check's hit did not hit"
+    eng.clear_prefix_cache()
+    _, miss = gen(prefix + s)
+    dlp = abs(hit.logprobs[0] - miss.logprobs[0])
+    report["check"] = dict(hit_token=hit.token_ids[0], miss_token=miss.token_ids[0], logprob_diff=dlp)
+    ok = hit.token_ids == miss.token_ids and dlp <= 1e-2
+    log.info("check: hit token %d logprob %.5f, miss token %d logprob %.5f: %s", hit.token_ids[0],
+             hit.logprobs[0], miss.token_ids[0], miss.logprobs[0], "ok" if ok else "MISMATCH")
+    save()
+    if not ok:
+        raise SystemExit(f"hit and miss differ: {report['check']}")
+
+    # 2. warm hits, as bench_prefix times them
+    fill()
+    eng.reset_stats()
+    steps0 = eng.steps
+    ttft = [gen(prefix + suffixes[next(nxt)])[0] * 1e3 for _ in range(args.n)]
+    st = eng.stats()
+    assert st["prefix_cache_hits"] == args.n, st
+    report.update(ttft_ms=ttft, ttft_median_ms=statistics.median(ttft), steps_per_hit=(eng.steps - steps0) / args.n,
+                  hit_tokens=st["prefix_cache_hit_tokens"] // args.n, compilations_during_hits=0)
+    c0 = eng.compile_count
+    save()
+    log.info("warm hits: TTFT %s ms, %g step(s) per hit (%.0f s so far)", [round(t, 2) for t in ttft],
+             report["steps_per_hit"], time.perf_counter() - t_all)
+
+    # 3. the same hits with a sync after each piece
+    parts, cur = {}, {}
+
+    def add(k, dt):                                   # summed over the calls of one hit
+        cur[k] = cur.get(k, 0.0) + dt * 1e3
+
+    orig = dict(admit=eng._admit_waiting, copy=eng._copy_states, dispatch=eng._dispatch, collect=eng._collect)
+
+    def admit():
+        t = time.perf_counter()
+        orig["admit"]()
+        add("admission (host, incl. copy dispatch)", time.perf_counter() - t)
+
+    def copy(pairs):
+        t = time.perf_counter()
+        orig["copy"](pairs)
+        if pairs:
+            jax.block_until_ready(eng.caches)
+            add("state copy into the slot (dispatch + device)", time.perf_counter() - t)
+
+    def dispatch(pieces):
+        t = time.perf_counter()
+        f = orig["dispatch"](pieces)
+        t1 = time.perf_counter()
+        add("step: host pack + dispatch", t1 - t)
+        jax.block_until_ready((f.outputs, eng.caches))
+        add("step: device after dispatch", time.perf_counter() - t1)
+        return f
+
+    def collect(f):
+        t = time.perf_counter()
+        o = orig["collect"](f)
+        add("readback of the token", time.perf_counter() - t)
+        return o
+
+    eng._admit_waiting, eng._copy_states, eng._dispatch, eng._collect = admit, copy, dispatch, collect
+    walls = []
+    for _ in range(args.n):
+        cur.clear()
+        walls.append(gen(prefix + suffixes[next(nxt)])[0] * 1e3)
+        for k, v in cur.items():
+            parts.setdefault(k, []).append(v)
+    for k, v in orig.items():
+        setattr(eng, {"admit": "_admit_waiting", "copy": "_copy_states", "dispatch": "_dispatch",
+                      "collect": "_collect"}[k], v)
+    med = {k: statistics.median(v) for k, v in parts.items()}
+    wall = statistics.median(walls)
+    # admission's time includes the state copy's (it is dispatched from there)
+    copy_ms = med.get("state copy into the slot (dispatch + device)", 0.0)
+    med["admission (host, incl. copy dispatch)"] = med.get("admission (host, incl. copy dispatch)", 0.0) - copy_ms
+    med["other host (token check, generate, bookkeeping)"] = wall - sum(med.values())
+    report["synced"] = dict(wall_ms=wall, parts_ms=med)
+    save()
+    log.info("synced hit: wall %.2f ms, %s", wall, {k: round(v, 2) for k, v in med.items()})
+
+    # 4. the hit's step alone, back to back
+    captured = {}
+    step_orig = engine_mod._step_fn
+
+    def capture(*a, **kw):
+        captured["args"], captured["kw"] = a, kw
+        return step_orig(*a, **kw)
+
+    fill()
+    engine_mod._step_fn = capture
+    try:
+        gen(prefix + suffixes[next(nxt)])
+    finally:
+        engine_mod._step_fn = step_orig
+    a, kw = captured["args"], captured["kw"]
+    batch = a[2]
+    report["step_tokens"] = int(batch.tokens.shape[0])
+    report["step_mode"] = str(kw["mode"])
+    rest = a[2:]
+
+    def steps(k):
+        caches = eng.caches
+        for _ in range(k):
+            out = step_orig(eng._params, caches, *rest, **kw)
+            caches = out[-1]
+        jax.block_until_ready(out)
+        eng.caches = caches
+
+    steps(1)
+    ts = []
+    for _ in range(3):
+        t = time.perf_counter()
+        steps(args.repeat)
+        ts.append((time.perf_counter() - t) / args.repeat * 1e3)
+    report["step_back_to_back_ms"] = statistics.median(ts)
+    eng.clear_prefix_cache()            # the repeated steps rewrote the last request's (cached) pages
+    report["compilations_during_hits"] = eng.compile_count - c0
+    nbytes, flops, floor = step_floor(cfg, model, report["step_tokens"], args.prefix, args.bandwidth,
+                                      args.flops)
+    report.update(floor_bytes=nbytes, floor_flops=flops, floor_ms=floor,
+                  floor_bytes_ms=1e3 * nbytes / args.bandwidth, floor_flops_ms=1e3 * flops / args.flops)
+    save()
+    log.info("step back to back %.2f ms (floor %.2f ms) (%.0f s so far)", report["step_back_to_back_ms"], floor,
+             time.perf_counter() - t_all)
+
+    # 5. device traces
+    if not args.no_trace:
+        maps = {}
+        try:
+            maps["_step_fn"] = hlo_categories(step_orig.lower(*a, **kw).compile().as_text())
+        except Exception as e:          # noqa: BLE001  (the names then decide)
+            log.info("no HLO map of the step: %s: %s", type(e).__name__, str(e)[:200])
+        try:
+            maps["_copy_rows"] = hlo_categories(engine_mod._copy_rows.lower(
+                eng.caches, np.zeros(1, np.int32), np.zeros(1, np.int32)).compile().as_text(), "state restore")
+        except Exception as e:          # noqa: BLE001
+            log.info("no HLO map of the state copy: %s: %s", type(e).__name__, str(e)[:200])
+        fill()
+        prompt = prefix + suffixes[next(nxt)]
+
+        def hit_run():
+            with jax.profiler.TraceAnnotation("profile_prefix_hit"):
+                gen(prompt)
+        try:
+            k1, mark = trace(hit_run, maps)
+            report["trace_hit"] = summarize(k1, mark, 1)
+            k2, _ = trace(lambda: steps(args.repeat), maps)
+            report["trace_steps"] = summarize(k2, None, args.repeat)
+        except Exception as e:          # noqa: BLE001
+            log.info("trace failed: %s: %s", type(e).__name__, str(e)[:300])
+            report["trace_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        eng.clear_prefix_cache()
+        save()
+        log.info("traces done (%.0f s so far)", time.perf_counter() - t_all)
+
+    # 6. the MoE experts alone at the hit's token count
+    bms = [int(b) for b in args.moe_block_m.split(",") if b.strip()]
+    if bms:
+        from lingjax.kernels import moe as mk
+        report["moe"] = moe_block_m(model, report["step_tokens"], bms, args.repeat,
+                                    "gpu" if on_gpu else mk.resolve(None))
+    report["total_s"] = time.perf_counter() - t_all
+    save()
+
+    print(f"\n{report['device']}, {args.preset} ({cfg.num_hidden_layers} layers): prefix {args.prefix} + suffix "
+          f"{args.suffix}, chunk {args.prefill_chunk}, page {args.page_size}; hit = {report['hit_tokens']} cached "
+          f"tokens, {report['steps_per_hit']:g} step(s) of {report['step_tokens']} tokens, mode {report['step_mode']}; "
+          f"compilations during the hits: {report['compilations_during_hits']}")
+    print(f"TTFT of a warm hit (no syncs): {report['ttft_median_ms']:.2f} ms (runs {', '.join(f'{t:.2f}' for t in ttft)})")
+    print(f"the hit's step back to back: {report['step_back_to_back_ms']:.2f} ms; floor {floor:.2f} ms = "
+          f"{nbytes / 2**30:.2f} GiB / {args.bandwidth / 1e12:.1f} TB/s ({report['floor_bytes_ms']:.2f} ms) + "
+          f"{flops / 1e12:.2f} TFLOP / {args.flops / 1e12:.0f} TFLOP/s ({report['floor_flops_ms']:.2f} ms)")
+    print(f"\nsynced hit: wall {wall:.2f} ms\n| part | ms |\n|---|---|")
+    for k, v in med.items():
+        print(f"| {k} | {v:.2f} |")
+    for key, title in (("trace_hit", "one warm hit, end to end"), ("trace_steps", "the hit's step, back to back")):
+        tr = report.get(key)
+        if not tr or not tr.get("kernels"):
+            continue
+        print(f"\ndevice trace, {title} (per step/hit): {tr['kernels']:.0f} kernels, busy {tr['busy_us'] / 1e3:.2f} ms, "
+              f"span {tr['span_us'] / 1e3:.2f} ms, idle inside the span {tr['idle_in_span_us'] / 1e3:.2f} ms"
+              + (f"; first kernel {tr['first_kernel_after_us'] / 1e3:.2f} ms after generate() began, last one "
+                 f"{tr['after_last_kernel_us'] / 1e3:.2f} ms before it returned (host span "
+                 f"{tr['host_span_us'] / 1e3:.2f} ms)" if "first_kernel_after_us" in tr else ""))
+        print("| category | device ms |\n|---|---|")
+        for c in sorted(tr["categories"], key=lambda c: -tr["categories"][c]):
+            print(f"| {c} | {tr['categories'][c] / 1e3:.3f} |")
+        print("top kernels: us (count) category name")
+        for k in tr["top"][:15]:
+            print(f"  {k['us']:9.1f} ({k['n']:.0f}) {k['category']:<17} {k['name']}")
+    if "moe" in report:
+        m = report["moe"]
+        print(f"\nMoE experts alone, T={m['T']}: {m['experts_touched']} experts touched, pairs per expert mean "
+              f"{m['pairs_per_expert_mean']:.1f} max {m['pairs_per_expert_max']}; pick_block_m -> "
+              f"{m['rows'][0]['pick_block_m']}\n| block_m | us/layer | blocks | rel err vs first |\n|---|---|---|---|")
+        for r in m["rows"]:
+            print(f"| {r['block_m']} | {r['us']:.1f} | {r['blocks']} | {r['rel_err_vs_first']:.1e} |")
+    print(f"\ntotal {report['total_s']:.0f} s; JSON: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
