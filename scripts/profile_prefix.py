@@ -237,8 +237,22 @@ def step_floor(cfg, model, T, context, bandwidth, flops_rate):
     return nbytes, flops, 1e3 * (nbytes / bandwidth + flops / flops_rate)
 
 
-def moe_block_m(model, T, block_ms, iters, impl):
-    """The MoE experts of the first MoE layer at T tokens with each block_m -> rows."""
+# MoE grouped-matmul variants timed at the hit's token count on the GPU (--moe-sweep): (block_m, gate_up
+# config, down config) as gpu.Config fields (block_n, block_k, group_m, num_warps, num_stages[, persistent]);
+# None: gpu.pick_config's default for that block_m. group_m 8 orders the tiles so that the blocks of one
+# expert (at T=512 about half the experts get two 16-row blocks) read its weight tiles back to back (L2).
+MOE_SWEEP = [
+    (16, (64, 128, 8, 4, 4), (128, 64, 8, 4, 4)),
+    (16, (64, 128, 8, 4, 4, 1), (128, 64, 8, 4, 4, 1)),
+    (32, (64, 128, 8, 4, 4), (128, 64, 8, 4, 4)),
+    (32, (128, 64, 8, 4, 4), (256, 64, 8, 8, 3)),
+]
+
+
+def moe_variants(model, T, block_ms, sweep, iters, impl):
+    """The MoE experts of the first MoE layer at T tokens (the model's routing of random activations), with
+    each block_m at its default tiles, then each `sweep` variant (GPU) -> dict with a row per variant: us per
+    layer (back to back), blocks used, relative error against the first row."""
     import jax
     import jax.numpy as jnp
     from lingjax.kernels import moe as mk
@@ -249,21 +263,31 @@ def moe_block_m(model, T, block_ms, iters, impl):
     E = wg.shape[0]
     counts = np.bincount(np.asarray(idx).ravel(), minlength=E)
     mod = mk._module(impl)
+    variants = [(bm, None, None) for bm in block_ms] + (list(sweep) if impl == "gpu" else [])
 
-    def make(bm):
+    def make(bm, gu, dn):
+        kw_gu = kw_dn = {}
+        if gu is not None:
+            kw_gu, kw_dn = dict(config=mod.Config(*gu)), dict(config=mod.Config(*dn))
+
         @jax.jit
         def f(x, idx, w, wg, wu, wd):
             lay = mk.make_layout(idx, E, bm, mod.pick_layout_method(idx.size))
-            h = mod.gate_up(x, lay, wg, wu)
-            y = mod.down(h, lay, wd)
+            h = mod.gate_up(x, lay, wg, wu, **kw_gu)
+            y = mod.down(h, lay, wd, **kw_dn)
             return mk.combine(y, lay, w).astype(x.dtype)
         return f
 
     rows, ref = [], None
-    for bm in block_ms:
-        f = make(bm)
-        y = f(x, idx, w, wg, wu, wd)
-        y = np.asarray(y, np.float32)
+    for bm, gu, dn in variants:
+        tag = f"bm{bm} " + ("default tiles" if gu is None else f"{mod.Config(*gu).tag()} / {mod.Config(*dn).tag()}")
+        try:
+            f = make(bm, gu, dn)
+            y = np.asarray(f(x, idx, w, wg, wu, wd), np.float32)
+        except Exception as e:          # noqa: BLE001  (a variant that does not compile: reported, skipped)
+            log.info("MoE %s: failed: %s: %s", tag, type(e).__name__, str(e)[:200])
+            rows.append(dict(variant=tag, block_m=bm, error=f"{type(e).__name__}: {str(e)[:200]}"))
+            continue
         ref = y if ref is None else ref
         err = float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30))
         ts = []
@@ -274,12 +298,11 @@ def moe_block_m(model, T, block_ms, iters, impl):
             jax.block_until_ready(out)
             ts.append((time.perf_counter() - t) / iters * 1e6)
         blocks = int(np.sum(-(-counts // bm)))
-        rows.append(dict(block_m=bm, us=statistics.median(ts), rel_err_vs_first=err, blocks=blocks,
-                         padded_rows=blocks * bm, pick_block_m=mod.pick_block_m(idx.size, E)))
-        log.info("MoE T=%d block_m %d: %.1f us/layer, %d blocks, rel err vs block_m %d: %.1e", T, bm,
-                 rows[-1]["us"], blocks, block_ms[0], err)
+        rows.append(dict(variant=tag, block_m=bm, us=statistics.median(ts), rel_err_vs_first=err, blocks=blocks))
+        log.info("MoE T=%d %s: %.1f us/layer, %d blocks, rel err vs the first: %.1e", T, tag, rows[-1]["us"],
+                 blocks, err)
     return dict(T=T, pairs_per_expert_max=int(counts.max()), pairs_per_expert_mean=float(counts.mean()),
-                experts_touched=int((counts > 0).sum()), rows=rows)
+                experts_touched=int((counts > 0).sum()), pick_block_m=mod.pick_block_m(idx.size, E), rows=rows)
 
 
 def main(argv=None):
@@ -294,6 +317,8 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=10, help="back-to-back runs of the hit's step (default 10)")
     p.add_argument("--moe-block-m", default="16,32,64",
                    help="block_m values for the MoE experts alone at the hit's token count ('' skips; default 16,32,64)")
+    p.add_argument("--no-moe-sweep", dest="moe_sweep", action="store_false",
+                   help="skip MOE_SWEEP's tile variants (GPU) after the block_m rows")
     p.add_argument("--bandwidth", type=float, default=4.3e12, help="copy bandwidth for the floor, bytes/s (4.3e12)")
     p.add_argument("--flops", type=float, default=680e12, help="dense bf16 rate for the floor, flop/s (680e12)")
     p.add_argument("--no-trace", action="store_true", help="skip the device traces")
@@ -518,8 +543,8 @@ def main(argv=None):
     bms = [int(b) for b in args.moe_block_m.split(",") if b.strip()]
     if bms:
         from lingjax.kernels import moe as mk
-        report["moe"] = moe_block_m(model, report["step_tokens"], bms, args.repeat,
-                                    "gpu" if on_gpu else mk.resolve(None))
+        report["moe"] = moe_variants(model, report["step_tokens"], bms, MOE_SWEEP if args.moe_sweep else [],
+                                     args.repeat, "gpu" if on_gpu else mk.resolve(None))
     report["total_s"] = time.perf_counter() - t_all
     save()
 
@@ -552,10 +577,13 @@ def main(argv=None):
     if "moe" in report:
         m = report["moe"]
         print(f"\nMoE experts alone, T={m['T']}: {m['experts_touched']} experts touched, pairs per expert mean "
-              f"{m['pairs_per_expert_mean']:.1f} max {m['pairs_per_expert_max']}; pick_block_m -> "
-              f"{m['rows'][0]['pick_block_m']}\n| block_m | us/layer | blocks | rel err vs first |\n|---|---|---|---|")
+              f"{m['pairs_per_expert_mean']:.1f} max {m['pairs_per_expert_max']}; pick_block_m -> {m['pick_block_m']}"
+              f"\n| variant | us/layer | blocks | rel err vs first |\n|---|---|---|---|")
         for r in m["rows"]:
-            print(f"| {r['block_m']} | {r['us']:.1f} | {r['blocks']} | {r['rel_err_vs_first']:.1e} |")
+            if "error" in r:
+                print(f"| {r['variant']} | failed | | {r['error'][:60]} |")
+            else:
+                print(f"| {r['variant']} | {r['us']:.1f} | {r['blocks']} | {r['rel_err_vs_first']:.1e} |")
     print(f"\ntotal {report['total_s']:.0f} s; JSON: {path}")
     return 0
 
