@@ -513,7 +513,7 @@ def main(argv=None):
     if not args.no_trace:
         maps = {}
         try:
-            maps["_step_fn"] = hlo_categories(step_orig.lower(*a, **kw).compile().as_text())
+            maps["_step_fn"] = hlo_categories(step_orig.lower(a[0], eng.caches, *rest, **kw).compile().as_text())
         except Exception as e:          # noqa: BLE001  (the names then decide)
             log.info("no HLO map of the step: %s: %s", type(e).__name__, str(e)[:200])
         try:
