@@ -239,9 +239,12 @@ def step_floor(cfg, model, T, context, bandwidth, flops_rate):
 
 # MoE grouped-matmul variants timed at the hit's token count on the GPU (--moe-sweep): (block_m, gate_up
 # config, down config) as gpu.Config fields (block_n, block_k, group_m, num_warps, num_stages[, persistent]);
-# None: gpu.pick_config's default for that block_m. group_m 8 orders the tiles so that the blocks of one
+# None: gpu.pick_config's default for that block_m; an optional 4th item: the layout method (default: the
+# implementation's pick_layout_method: 'sort' above 2048 pairs). group_m 8 orders the tiles so that the blocks of one
 # expert (at T=512 about half the experts get two 16-row blocks) read its weight tiles back to back (L2).
 MOE_SWEEP = [
+    (16, None, None, "compare"),          # the default tiles with the comparison-built layout (layout.py)
+    (32, None, None, "compare"),
     (16, (64, 128, 8, 4, 4), (128, 64, 8, 4, 4)),
     (16, (64, 128, 8, 4, 4, 1), (128, 64, 8, 4, 4, 1)),
     (32, (64, 128, 8, 4, 4), (128, 64, 8, 4, 4)),
@@ -265,24 +268,26 @@ def moe_variants(model, T, block_ms, sweep, iters, impl):
     mod = mk._module(impl)
     variants = [(bm, None, None) for bm in block_ms] + (list(sweep) if impl == "gpu" else [])
 
-    def make(bm, gu, dn):
+    def make(bm, gu, dn, method=None):
         kw_gu = kw_dn = {}
         if gu is not None:
             kw_gu, kw_dn = dict(config=mod.Config(*gu)), dict(config=mod.Config(*dn))
 
         @jax.jit
         def f(x, idx, w, wg, wu, wd):
-            lay = mk.make_layout(idx, E, bm, mod.pick_layout_method(idx.size))
+            lay = mk.make_layout(idx, E, bm, method or mod.pick_layout_method(idx.size))
             h = mod.gate_up(x, lay, wg, wu, **kw_gu)
             y = mod.down(h, lay, wd, **kw_dn)
             return mk.combine(y, lay, w).astype(x.dtype)
         return f
 
     rows, ref = [], None
-    for bm, gu, dn in variants:
-        tag = f"bm{bm} " + ("default tiles" if gu is None else f"{mod.Config(*gu).tag()} / {mod.Config(*dn).tag()}")
+    for bm, gu, dn, *method in variants:
+        method = method[0] if method else None
+        tag = (f"bm{bm} " + ("default tiles" if gu is None else f"{mod.Config(*gu).tag()} / {mod.Config(*dn).tag()}")
+               + (f", {method} layout" if method else ""))
         try:
-            f = make(bm, gu, dn)
+            f = make(bm, gu, dn, method)
             y = np.asarray(f(x, idx, w, wg, wu, wd), np.float32)
         except Exception as e:          # noqa: BLE001  (a variant that does not compile: reported, skipped)
             log.info("MoE %s: failed: %s: %s", tag, type(e).__name__, str(e)[:200])
