@@ -356,12 +356,13 @@ def main(argv=None):
     eng = Engine(model, max_batch=1, prefill_chunk=args.prefill_chunk, max_len=max_len, page_size=args.page_size,
                  num_pages=3 * pages_for(max_len, args.page_size), prefix_cache=True, prefix_cache_states=4,
                  prefix_cache_save_last=False)
-    sp = SamplingParams(max_new_tokens=1, ignore_eos=True, logprobs=0)     # logprobs=0: the same compiled step
+    sp = SamplingParams(max_new_tokens=1, ignore_eos=True)                 # as bench_prefix
+    sp_check = SamplingParams(max_new_tokens=1, ignore_eos=True, logprobs=0)   # the same compiled step
     nxt = iter(range(len(suffixes)))
 
-    def gen(prompt):
+    def gen(prompt, params=sp):
         t = time.perf_counter()
-        o = eng.generate([prompt], sp)[0]
+        o = eng.generate([prompt], params)[0]
         return time.perf_counter() - t, o
 
     def fill():
@@ -387,10 +388,10 @@ def main(argv=None):
     # 1. correctness: a hit against a miss of the same prompt
     s = suffixes[next(nxt)]
     h0 = eng.stats()["prefix_cache_hits"]
-    _, hit = gen(prefix + s)
+    _, hit = gen(prefix + s, sp_check)
     assert eng.stats()["prefix_cache_hits"] == h0 + 1, "the check's hit did not hit"
     eng.clear_prefix_cache()
-    _, miss = gen(prefix + s)
+    _, miss = gen(prefix + s, sp_check)
     dlp = abs(hit.logprobs[0] - miss.logprobs[0])
     report["check"] = dict(hit_token=hit.token_ids[0], miss_token=miss.token_ids[0], logprob_diff=dlp)
     ok = hit.token_ids == miss.token_ids and dlp <= 1e-2
@@ -504,6 +505,19 @@ def main(argv=None):
         steps(args.repeat)
         ts.append((time.perf_counter() - t) / args.repeat * 1e3)
     report["step_back_to_back_ms"] = statistics.median(ts)
+    launch, alone = [], []                     # one call from an idle device: when it returns, when it is done
+    for _ in range(5):
+        caches = eng.caches
+        t = time.perf_counter()
+        out = step_orig(eng._params, caches, *rest, **kw)
+        t1 = time.perf_counter()
+        jax.block_until_ready(out)
+        t2 = time.perf_counter()
+        eng.caches = out[-1]
+        launch.append((t1 - t) * 1e3)
+        alone.append((t2 - t) * 1e3)
+    report["step_call_returns_ms"] = statistics.median(launch)
+    report["step_alone_ms"] = statistics.median(alone)
     eng.clear_prefix_cache()            # the repeated steps rewrote the last request's (cached) pages
     report["compilations_during_hits"] = eng.compile_count - c0
     nbytes, flops, floor = step_floor(cfg, model, report["step_tokens"], args.prefix, args.bandwidth,
@@ -511,7 +525,8 @@ def main(argv=None):
     report.update(floor_bytes=nbytes, floor_flops=flops, floor_ms=floor,
                   floor_bytes_ms=1e3 * nbytes / args.bandwidth, floor_flops_ms=1e3 * flops / args.flops)
     save()
-    log.info("step back to back %.2f ms (floor %.2f ms) (%.0f s so far)", report["step_back_to_back_ms"], floor,
+    log.info("step back to back %.2f ms, alone %.2f ms (its call returns after %.2f ms) (floor %.2f ms) (%.0f s so "
+             "far)", report["step_back_to_back_ms"], report["step_alone_ms"], report["step_call_returns_ms"], floor,
              time.perf_counter() - t_all)
 
     # 5. device traces
@@ -558,6 +573,8 @@ def main(argv=None):
           f"tokens, {report['steps_per_hit']:g} step(s) of {report['step_tokens']} tokens, mode {report['step_mode']}; "
           f"compilations during the hits: {report['compilations_during_hits']}")
     print(f"TTFT of a warm hit (no syncs): {report['ttft_median_ms']:.2f} ms (runs {', '.join(f'{t:.2f}' for t in ttft)})")
+    print(f"the hit's step alone: {report['step_alone_ms']:.2f} ms (the jitted call returns after "
+          f"{report['step_call_returns_ms']:.2f} ms: the host enqueueing its kernels)")
     print(f"the hit's step back to back: {report['step_back_to_back_ms']:.2f} ms; floor {floor:.2f} ms = "
           f"{nbytes / 2**30:.2f} GiB / {args.bandwidth / 1e12:.1f} TB/s ({report['floor_bytes_ms']:.2f} ms) + "
           f"{flops / 1e12:.2f} TFLOP / {args.flops / 1e12:.0f} TFLOP/s ({report['floor_flops_ms']:.2f} ms)")
