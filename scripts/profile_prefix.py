@@ -48,10 +48,10 @@ warnings.filterwarnings("ignore", message=".*has no __module__ attribute")   # t
 CATS = ("MoE", "MLA", "linear attention", "matmuls", "copies", "sampling", "state restore", "other")
 # source files (of the HLO ops' metadata) -> category; first match wins
 SOURCE_CATS = [("MoE", ("kernels/moe", "model/moe.py")), ("MLA", ("kernels/mla", "model/mla.py")),
-               ("linear attention", ("kernels/linear_attention", "model/linear_attention.py")),
-               ("sampling", ("lingjax/engine.py",))]
+               ("linear attention", ("kernels/linear_attention", "model/linear_attention.py"))]
 # kernel names -> category (the fallback); first match wins
 NAME_CATS = [("MoE", ("gate_up", "moe_", "down_kernel")), ("MLA", ("mla", "paged")),
+             ("sampling", ("radix_sort", "radixsort")),
              ("linear attention", ("linear", "chunk", "recurrent", "lightning", "la_")),
              ("copies", ("memcpy", "memset", "copy", "dynamic_update", "dynamic-update", "scatter")),
              ("matmuls", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas", "matmul", "dot"))]
@@ -62,23 +62,22 @@ def _norm(name: str) -> str:
 
 
 def hlo_categories(hlo_text: str, module_cat: str | None = None) -> dict:
-    """Optimized HLO text -> {normalized instruction name: category}: by the source file of the op's
-    innermost stack frame (the module's FileNames / FileLocations / StackFrames tables; jax keeps the
-    user frames: lingjax's), matmuls for dots (and gemm custom calls) of lingjax/model/common.py (Dense,
-    MLP) and decoder.py (LM head), copies for copy / dynamic-update-slice / scatter ops, else other."""
+    """Optimized HLO text -> {normalized instruction name: category}. Each op's call stack comes from the
+    module's FileNames / FileLocations / StackFrames tables (a frame's printed parent_frame_id is the
+    parent's id + 1; 1: none); the category is that of the innermost lingjax frame: MoE, MLA, linear
+    attention or sampling by its file (SOURCE_CATS), matmuls for a dot (or gemm) of lingjax/model/common.py
+    (Dense, MLP) or decoder.py (the LM head); library frames (jax_triton) are skipped. Without a lingjax
+    frame: copies for copy / dynamic-update-slice / scatter ops, matmuls for dots, else other."""
     files, locs, frames = {}, {}, {}
     section = None
     for line in hlo_text.splitlines():
         if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
             section = line
             continue
-        if not line.strip() or line.startswith(("%", "ENTRY", "HloModule", " ")):
-            section = None if not line.strip() else section
-            if line.startswith(("%", "ENTRY", " ")):
-                break
-            continue
+        if line.startswith(("%", "ENTRY")):
+            break
         m = re.match(r"(\d+) (.*)", line)
-        if not m:
+        if not m or section is None:
             continue
         i, rest = int(m.group(1)), m.group(2)
         if section == "FileNames":
@@ -88,7 +87,18 @@ def hlo_categories(hlo_text: str, module_cat: str | None = None) -> dict:
             locs[i] = int(f.group(1)) if f else 0
         elif section == "StackFrames":
             f = re.search(r"file_location_id=(\d+)", rest)
-            frames[i] = int(f.group(1)) if f else 0
+            par = re.search(r"parent_frame_id=(\d+)", rest)
+            frames[i] = (int(f.group(1)) if f else 0, int(par.group(1)) - 1 if par else 0)
+
+    def chain(fid):
+        out, seen = [], set()
+        while fid and fid in frames and fid not in seen:
+            seen.add(fid)
+            loc, parent = frames[fid]
+            out.append(files.get(locs.get(loc, 0), ""))
+            fid = parent
+        return out
+
     out = {}
     for line in hlo_text.splitlines():
         m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*?\s([\w\-]+)\(", line)
@@ -98,14 +108,31 @@ def hlo_categories(hlo_text: str, module_cat: str | None = None) -> dict:
         if module_cat:
             out[_norm(name)] = module_cat
             continue
-        src = re.search(r'source_file="([^"]*)"', line)
-        src = src.group(1) if src else ""
+        target = re.search(r'custom_call_target="([^"]*)"', line)
+        target = target.group(1).lower() if target else ""
+        dot = (op in ("dot", "convolution") or "gemm" in target or "cublas" in target
+               or (op == "fusion" and ("gemm" in name or "__triton_gemm" in line)))
         fid = re.search(r"stack_frame_id=(\d+)", line)
-        if fid:
-            src = files.get(locs.get(frames.get(int(fid.group(1)), 0), 0), src)
-        low = line.lower()
-        dot = op in ("dot", "convolution") or "gemm" in low or "cublas" in low
-        cat = next((c for c, keys in SOURCE_CATS if any(k in src for k in keys)), None)
+        srcs = chain(int(fid.group(1))) if fid else []
+        src = re.search(r'source_file="([^"]*)"', line)
+        if src:
+            srcs.append(src.group(1))
+        cat, first = None, True
+        for f in srcs:                          # innermost first
+            if "lingjax/" not in f:
+                continue
+            if "lingjax/engine.py" in f:        # the step's own ops (sampling); the model's ops pass through it too
+                cat = "sampling" if first else None
+                break
+            first = False
+            cat = next((c for c, keys in SOURCE_CATS if any(k in f for k in keys)), None)
+            if cat is None and ("model/common.py" in f or "model/decoder.py" in f):
+                if dot:
+                    cat = "matmuls"
+                elif "model/decoder.py" in f:
+                    break                       # a layer's norms / residual adds, the final norm: other
+            if cat is not None:
+                break
         if cat is None:
             if op in ("copy", "copy-start", "dynamic-update-slice", "scatter") or "dynamic_update_slice" in name:
                 cat = "copies"
