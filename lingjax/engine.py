@@ -243,7 +243,7 @@ def check_tokens(s, *, vocab_size: int, max_len: int, what: str = "sequence", ro
         raise EngineError(f"{what}: expected a list of token ids, got {type(s).__name__}")
     if len(s) == 0:
         raise EngineError(f"{what} is empty")
-    if len(s) <= max_len - room and all(type(t) is int for t in s) and 0 <= min(s) and max(s) < vocab_size:
+    if len(s) <= max_len - room and set(map(type, s)) == {int} and 0 <= min(s) and max(s) < vocab_size:
         return list(s)              # the common case, without the per-token checks below (~10x faster)
     for j, t in enumerate(s):
         if not _is_int(t):

@@ -497,6 +497,21 @@ def main(argv=None):
     save()
     log.info("synced hit: wall %.2f ms, %s", wall, {k: round(v, 2) for k, v in med.items()})
 
+    # 3b. the host's Python time in one unsynced hit (cProfile, by own time; the jitted calls' C++ work
+    # counts against the function that makes the call)
+    import cProfile
+    import io
+    import pstats
+    prof = cProfile.Profile()
+    prompt = prefix + suffixes[next(nxt)]
+    prof.enable()
+    gen(prompt)
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
+    report["host_cprofile"] = buf.getvalue()[-4000:]
+    log.info("host cProfile of one hit (own time):\n%s", "\n".join(buf.getvalue().splitlines()[-20:]))
+
     # 4. the hit's step alone, back to back
     captured = {}
     step_orig = engine_mod._step_fn
