@@ -378,7 +378,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     V = cfg.vocab_size
     prefix = rng.integers(3, V, args.prefix).tolist()
-    suffixes = [rng.integers(3, V, args.suffix).tolist() for _ in range(4 * args.n + 8)]
+    suffixes = [rng.integers(3, V, args.suffix).tolist() for _ in range(2 * args.n + 20)]
     max_len = args.prefix + args.suffix + 16
     eng = Engine(model, max_batch=1, prefill_chunk=args.prefill_chunk, max_len=max_len, page_size=args.page_size,
                  num_pages=3 * pages_for(max_len, args.page_size), prefix_cache=True, prefix_cache_states=4,
