@@ -861,8 +861,8 @@ class Engine:
     def _add(self, prompt, params, *, request_id=None, score=False, index=0, checked=False) -> str:
         """Queue one request; checked: prompt (a plain int list) and params were validated by the caller
         (generate / score validate them all before adding any: the prompt's tokens are not checked twice)."""
-        if not checked:
-            prompt = self.check_request(prompt, params, score=score)
+        # the request's own token list (it grows as tokens are generated; the caller's list stays the prompt)
+        prompt = list(prompt) if checked else self.check_request(prompt, params, score=score)
         if not _is_int(index):
             raise EngineError(f"sample_index must be an integer, got {index!r}")
         if request_id is None:
