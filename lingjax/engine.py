@@ -243,7 +243,7 @@ def check_tokens(s, *, vocab_size: int, max_len: int, what: str = "sequence", ro
         raise EngineError(f"{what}: expected a list of token ids, got {type(s).__name__}")
     if len(s) == 0:
         raise EngineError(f"{what} is empty")
-    if len(s) <= max_len - room and all(type(t) is int for t in s) and 0 <= min(s) and max(s) < vocab_size:
+    if len(s) <= max_len - room and set(map(type, s)) == {int} and 0 <= min(s) and max(s) < vocab_size:
         return list(s)              # the common case, without the per-token checks below (~10x faster)
     for j, t in enumerate(s):
         if not _is_int(t):
@@ -510,12 +510,13 @@ class Engine:
     prefix_cache_states  linear-state rows the prefix cache may fill (each cache.state_bytes(cfg)); default
                    num_slots. Its MLA pages come from the same pool as the running requests' (evicted
                    least recently used first when a request needs pages).
-    prefix_cache_save_last  also save a state at each prompt's last whole block (default True), so that a
-                   repeat of the prompt, or a later turn that extends it, resumes there. The save ends a
-                   prefill chunk there, which costs one more step for the prompt's last tokens (one more
-                   read of every weight); False saves only where prompts branch off the cached path, for
-                   workloads that share a prefix and differ after it (a hit then prefills its rest in
-                   one step when it fits a chunk). Results are the same either way.
+    prefix_cache_save_last  also save a state near each prompt's end (default True), so that a repeat of
+                   the prompt, or a later turn that extends it, resumes there: at the start of the prompt's
+                   last prefill chunk (a chunk ends there anyway: no extra step; a repeat then prefills at
+                   most one chunk). When prefill_chunk is not a multiple of page_size, at the prompt's last
+                   whole block instead, which ends a chunk there: one more step (one more read of every
+                   weight). False saves only where prompts branch off the cached path (fewer state rows
+                   used). Results are the same either way.
     """
 
     def __init__(self, model, *, max_batch: int = 8, prefill_chunk: int = 256, max_len: int | None = None,
@@ -746,7 +747,7 @@ class Engine:
         with self._guard("score"):
             seqs = self._check(sequences, "sequence", 0)
             self._check_idle("score")
-            ids = [self._add(s, None, score=True) for s in seqs]
+            ids = [self._add(s, None, score=True, checked=True) for s in seqs]
             done = self._run(ids, progress)
             return [done[i].logits for i in ids]
 
@@ -768,7 +769,7 @@ class Engine:
                     raise EngineError(f"prompt {i}: expected SamplingParams, got {type(sp).__name__}")
                 sp.validate()
             self._check_idle("generate")
-            ids = [self._add(p, sp, index=i) for i, (p, sp) in enumerate(zip(prompts, per))]
+            ids = [self._add(p, sp, index=i, checked=True) for i, (p, sp) in enumerate(zip(prompts, per))]
             index = {rid: i for i, rid in enumerate(ids)}
             results = {rid: ([], [], []) for rid in ids}
 
@@ -857,8 +858,11 @@ class Engine:
             return NamedSharding(s.mesh, PartitionSpec())
         return SingleDeviceSharding(min(s.device_set, key=lambda d: d.id) if s is not None else jax.devices()[0])
 
-    def _add(self, prompt, params, *, request_id=None, score=False, index=0) -> str:
-        prompt = self.check_request(prompt, params, score=score)
+    def _add(self, prompt, params, *, request_id=None, score=False, index=0, checked=False) -> str:
+        """Queue one request; checked: prompt (a plain int list) and params were validated by the caller
+        (generate / score validate them all before adding any: the prompt's tokens are not checked twice)."""
+        # the request's own token list (it grows as tokens are generated; the caller's list stays the prompt)
+        prompt = list(prompt) if checked else self.check_request(prompt, params, score=score)
         if not _is_int(index):
             raise EngineError(f"sample_index must be an integer, got {index!r}")
         if request_id is None:
@@ -951,9 +955,17 @@ class Engine:
             r.fed = hit * ps
             restores.append((path[hit - 1].state_row, r.slot))
         # Save states where a later request can resume: where r leaves the cached path (a node without a
-        # state), and (prefix_cache_save_last) at r's last whole prompt block.
-        last = (r.prompt_len - 1) // ps * ps if self.prefix_cache_save_last else 0
-        r.snaps = sorted({b for b in (len(walk) * ps, last) if b > hit * ps})
+        # state), and (prefix_cache_save_last) near r's end, where a chunk ends anyway: at the start of r's
+        # last prefill chunk when its chunks run whole from where it starts (or from where it leaves the
+        # path, which ends a chunk); at r's last whole block when chunks are not whole blocks (one step more).
+        start, branch = hit * ps, len(walk) * ps
+        last = 0
+        if self.prefix_cache_save_last:
+            base = max(start, branch)
+            last = base + (r.prompt_len - 1 - base) // self.prefill_chunk * self.prefill_chunk
+            if last % ps:
+                last = (r.prompt_len - 1) // ps * ps
+        r.snaps = sorted({b for b in (branch, last) if b > start})
         self._counts["prefix_queries"] += 1
         self._counts["prefix_hits"] += hit > 0
         self._counts["prefix_query_tokens"] += r.prompt_len
@@ -1211,7 +1223,12 @@ class Engine:
         if f.steps is not None:
             return self._collect_window(f)
         t0 = time.perf_counter()
-        logits, toks, lp, top_ids, top_lp = (None if a is None else np.asarray(a) for a in f.outputs)
+        # one device_get: every transfer is started before the first is waited for; the logprobs only when
+        # a request of the step asks for them (reading a hit's token and logprob took the host 1.6 ms on an
+        # H200 after the device was done: scripts/profile_prefix.py, session 5)
+        want_lp = any(not r.score and r.params.logprobs is not None for r, _ in f.pieces)
+        outputs = f.outputs if want_lp else f.outputs[:2] + (None,) + f.outputs[3:]
+        logits, toks, lp, top_ids, top_lp = jax.device_get(outputs)
         self._counts["wait_seconds"] += time.perf_counter() - t0
         outs, off = [], 0
         for i, (r, n) in enumerate(f.pieces):

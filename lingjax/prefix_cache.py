@@ -17,13 +17,15 @@ copied, and only whole pages are shared, so nothing is ever written into a share
 row into the request's slot, and prefills the rest.
 
 Where states are saved (one row is `state_bytes` of memory, large next to a page, so not at every block):
-at the last whole block of each prompt ((len - 1) // page_size blocks: a repeat of the same prompt, or a
-longer one that extends it, resumes there), and at the point where a prompt leaves the cached path, when
-that node has no state yet (the branch point of a shared system prompt: the second request that shares it
-saves the state there, and every later one resumes from it). The engine ends a prefill chunk at each such
-boundary so that the slot holds exactly that state after the step, and copies it into a free row. That
-costs a step: a hit whose rest fits one chunk runs two steps when the last-block save falls inside it (the
-engine's `prefix_cache_save_last=False` keeps only the branch-point saves).
+near the end of each prompt, at the start of its last prefill chunk (a repeat of the same prompt, or a
+longer one that extends it, resumes there and prefills at most one chunk), and at the point where a prompt
+leaves the cached path, when that node has no state yet (the branch point of a shared system prompt: the
+second request that shares it saves the state there, and every later one resumes from it). The engine
+ends a prefill chunk at each such boundary so that the slot holds exactly that state after the step, and
+copies it into a free row. The save near the end lies where a chunk ends anyway, so it costs no step
+(when the engine's prefill_chunk is a multiple of page_size; otherwise it is the last whole block, one
+step more); the branch-point save can cost one step for the request that makes it. The engine's
+`prefix_cache_save_last=False` keeps only the branch-point saves.
 
 Eviction, least recently used first, under two budgets: the page pool shared with running requests (the
 engine evicts when it needs pages) and `num_rows` state rows (a new state evicts the least recently used

@@ -7,8 +7,9 @@ time of generate(max_new_tokens=1), median over --n prompts of each kind:
   miss   the cache on but empty (cleared before each prompt): the whole prompt is prefilled, and the
          states at the save points are copied out (the cost of filling the cache)
   hit    the cache holding the shared prefix (saved by earlier prompts): the saved linear states are
-         copied into the slot, the prefix's MLA pages are shared, only the suffix is prefilled; the engine
-         also saves the state at the prompt's last whole block, which ends a chunk there: two steps
+         copied into the slot, the prefix's MLA pages are shared, only the suffix is prefilled (the default
+         engine: it also saves a state near the prompt's end, at its last chunk's start: here the hit
+         itself, so nothing more; before session 5 it saved at the last whole block: two steps)
   hit1   the same hit on an engine with prefix_cache_save_last=False (states saved only where prompts
          branch off the cached path): the suffix is prefilled in one step
 Every shape is compiled before the timed runs. Memory per cached token: the MLA latent bytes of a

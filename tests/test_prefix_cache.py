@@ -213,11 +213,25 @@ def test_admission_pins_only_shared_nodes_when_the_whole_path_does_not_fit(model
     assert len(r.pages) == 12 and pc.num_nodes == 0 and pc.evicted == 10
 
 
-def test_branch_saves_only_hit_runs_its_rest_in_one_step(model):
-    """prefix_cache_save_last=False: prompts that share a 12-token prefix and differ after it. The second
-    saves the state where it branches off (8), the later ones hit there and prefill their 9 other tokens in
-    one step (chunk 16), where the default also ends a chunk at the last whole block (16): two steps.
-    Results equal the cache-off engine's either way."""
+def test_save_near_the_end_lies_where_a_chunk_ends(model):
+    """A 30-token prompt's save near its end (admission only, no step): the start of its last chunk (16 with
+    chunks of 16; none with one chunk of 32, which holds it all); the last whole block (24) when chunks of 10
+    are not whole pages of 8."""
+    for chunk, snaps in ((16, [16]), (32, []), (10, [24])):
+        eng = Engine(model, max_batch=1, prefill_chunk=chunk, max_len=MAX_LEN, page_size=PS, num_pages=PAGES,
+                     prefix_cache=True, prefix_cache_states=1)
+        eng.add_request(list(range(3, 33)), SamplingParams(max_new_tokens=2))
+        eng._admit_waiting()
+        assert eng._running[0].snaps == snaps, chunk
+
+
+def test_saves_cost_no_step_and_a_repeat_resumes_near_its_end(model):
+    """Prompts of 17 tokens that share a 12-token prefix and differ after it (chunk 16, page 8). The second
+    saves the state where it branches off (8); the later ones hit there and prefill their 9 other tokens in
+    one step, with or without the save near a prompt's end (prefix_cache_save_last): that save lies at the
+    start of the prompt's last chunk, where a chunk ends anyway (for these hits: the hit itself, nothing
+    more to save). An exact repeat of the first prompt then resumes at 16 (its last chunk's start, saved by
+    its first run) with the save, at the branch point 8 without. Results equal the cache-off engine's."""
     rng = np.random.default_rng(4)
     V = model.cfg.vocab_size
     shared = rng.integers(3, V, 12).tolist()
@@ -225,15 +239,18 @@ def test_branch_saves_only_hit_runs_its_rest_in_one_step(model):
     _, off = engines(model)
     want = off.generate(prompts, SP)
     common = dict(max_batch=B, prefill_chunk=16, max_len=MAX_LEN, page_size=PS, num_pages=PAGES)
-    for save_last, steps in ((False, 1), (True, 2)):
+    for save_last, repeat_hit in ((False, PS), (True, 2 * PS)):
         on = Engine(model, prefix_cache=True, prefix_cache_states=ROWS, prefix_cache_save_last=save_last, **common)
         for p, w in zip(prompts[:2], want):                                 # fill, then the branch save at 8
             same(on.generate([p], SP), [w])
         for p, w in zip(prompts[2:], want[2:]):
             before = (on.steps, on.stats()["prefix_cache_hit_tokens"])
             same(on.generate([p], SP), [w])                                # + 3 decode steps
-            assert (on.steps - before[0], on.stats()["prefix_cache_hit_tokens"] - before[1]) == (steps + 3, PS)
-        assert on.stats()["prefix_cache_states"] == (1 if not save_last else ROWS)
+            assert (on.steps - before[0], on.stats()["prefix_cache_hit_tokens"] - before[1]) == (1 + 3, PS)
+        assert on.stats()["prefix_cache_states"] == (1 if not save_last else 2)
+        before = on.stats()["prefix_cache_hit_tokens"]
+        same(on.generate([prompts[0]], SP), [want[0]])                     # an exact repeat
+        assert on.stats()["prefix_cache_hit_tokens"] - before == repeat_hit
         settled(on)
     with pytest.raises(Exception, match="prefix_cache_save_last"):
         Engine(model, prefix_cache=True, prefix_cache_save_last="no", **common)

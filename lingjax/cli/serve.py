@@ -60,10 +60,10 @@ def add_arguments(p):
                    help="linear-attention states the prefix cache may keep (one per cached prefix end, each "
                         "linear layers x heads x head_dim^2 float32); default --max-batch")
     p.add_argument("--no-prefix-save-last", action="store_true",
-                   help="save prefix-cache states only where prompts branch off the cached path, not also at "
-                        "each prompt's last whole block: a hit then prefills its rest in one step (one read of "
-                        "the weights fewer), but an exact repeat of a prompt, or a chat turn extending it, "
-                        "resumes from the last branch point instead of its last block; results are the same")
+                   help="save prefix-cache states only where prompts branch off the cached path, not also near "
+                        "each prompt's end (the start of its last prefill chunk): fewer state rows used, but an "
+                        "exact repeat of a prompt, or a chat turn extending it, resumes from the last branch "
+                        "point instead of near its end; results are the same")
     p.add_argument("--shutdown-timeout", type=float_in(0.0, None, name="seconds"), default=30.0, metavar="S",
                    help="on SIGTERM / Ctrl-C, how long requests in flight may run before they are aborted; "
                         "default %(default)s")

@@ -72,9 +72,16 @@ def pick_layout_method(n_pairs: int) -> str:
 
 def pick_block_m(n_pairs: int, n_experts: int) -> int:
     """Rows per block: about the rows an expert gets on average (16 at decode sizes, up to 128), so
-    that padding stays a small share of the work and blocks are large enough for the tensor cores."""
+    that padding stays a small share of the work and blocks are large enough for the tensor cores;
+    above 8 rows on average, at least 32: with 16-row blocks about half the experts then get a second
+    block (their counts spread around the mean), which streams the expert's weights again. Measured on
+    H200 (session 5, scripts/profile_prefix.py, flash shapes, T = 512: 16 rows per expert on average,
+    max 27): 1762 us per layer with 16-row blocks (365 blocks), 1583 us with 32 (256 blocks), 1648 with
+    64; T <= 256 (<= 8 rows on average) keeps 16 (89-95% of copy bandwidth, scripts/bench_notes_moe.md)."""
     avg = n_pairs / max(n_experts, 1)
-    for bm in (16, 32, 64):
+    if avg <= 8:
+        return 16
+    for bm in (32, 64):
         if avg <= bm:
             return bm
     return 128
