@@ -8,6 +8,9 @@ out[t] = sum_j w[t,j] * (silu(x_t Wg[e]) * (x_t Wu[e])) Wd[e] (the shared expert
 Methods (rows):
   lingjax       lingjax.kernels.moe.experts(impl='gpu'): layout + Triton gate_up/down + combine, the
                 routing ids carried through the timed loop (the layout is computed every call)
+  lingjax-grouped  at T * k <= gpu.DECODE_MAX_PAIRS: the grouped-matmul path (experts(decode=False)),
+                which 'lingjax' ran there before the decode path (gpu.experts_decode)
+  dec ...       --sweep at decode sizes: the whole decode path with each SWEEP_DECODE config
   lingjax-sort  the same with the sort-built layout (make_layout method 'sort': what T <= 256 ran
                 before the comparison-built one); only where gpu.pick_layout_method picks 'compare'
   layout-compare / layout-sort
@@ -71,6 +74,25 @@ SWEEP_SMALL = [  # blocks of <= 32 rows (decode: weight streaming)
     (None, (128, 128, 1, 4, 4, 0, 8), (256, 64, 1, 4, 4, 0, 4)),    # 256/512-byte rows, 512 programs each
     (None, (32, 128, 1, 4, 4, 0, 4), (64, 128, 1, 4, 4, 0, 4)),     # narrow tiles and split: 1024 programs
 ]
+# The decode path (gpu.experts_decode, T * k <= gpu.DECODE_MAX_PAIRS): (gate_up, down) gpu.DecodeConfig fields
+# (block_n, block_k, split_k, dot, num_warps, num_stages); rows 'dec ...' time the whole layer (no layout;
+# two kernels + the combine). The first entry is gpu.pick_decode_config's default at T = 1.
+SWEEP_DECODE = {
+    1: [((128, 32, 8, False, 4, 4), (128, 32, 2, False, 4, 4)),     # default: multiply-add, 512 programs each
+        ((128, 32, 8, False, 4, 1), (128, 32, 2, False, 4, 1)),     # loads not pipelined (occupancy only)
+        ((128, 32, 16, False, 4, 4), (128, 32, 4, False, 4, 4)),    # twice the programs
+        ((128, 32, 4, False, 4, 4), (128, 32, 1, False, 4, 4)),     # half the programs
+        ((256, 32, 8, False, 4, 3), (256, 32, 4, False, 4, 3)),     # 512-byte weight rows
+        ((128, 64, 8, False, 8, 3), (128, 64, 4, False, 8, 3)),     # 8 warps, 64-deep tiles
+        ((64, 64, 8, False, 4, 4), (64, 64, 2, False, 4, 4)),       # 128-byte rows, 1024 / 1024 programs
+        ((1024, 8, 32, False, 8, 3), (512, 16, 8, False, 8, 3)),    # whole 2 KiB gate/up rows
+        ((128, 64, 2, True, 4, 4), (128, 64, 2, True, 4, 3)),       # tensor cores (16-row tiles, 1 real row)
+        ((64, 128, 2, True, 4, 4), (128, 64, 4, True, 4, 3))],
+    4: [((128, 64, 2, True, 4, 4), (128, 64, 1, True, 4, 3)),       # default at T = 2..4: one program per expert
+        ((128, 64, 4, True, 4, 4), (128, 64, 2, True, 4, 3)),
+        ((128, 32, 4, False, 4, 4), (128, 32, 1, False, 4, 4)),     # multiply-add, one program per pair
+        ((64, 64, 4, True, 4, 4), (64, 64, 1, True, 4, 3))],
+}
 SWEEP_LARGE = [  # blocks of >= 64 rows
     # default (gpu.LARGE_*): 128 x 128 (x2) / 128 x 256 tiles, 8 warps, persistent 1 per SM (run 17's best)
     (None, (128, 64, 8, 8, 3, 1), (256, 64, 8, 8, 3, 1)),
@@ -378,8 +400,10 @@ def main(argv=None):
             small = T * k <= COMPARE_MAX_PAIRS          # where the layout is built by comparisons
             if "lingjax" in methods:
                 cands["lingjax"] = carried_routing(lambda *a: experts(*a, impl=impl))
-                if small:                                 # the same layer with the sort-built layout (before)
+                if small and T * k > getattr(mod, "DECODE_MAX_PAIRS", 0):   # the sort-built layout (before)
                     cands["lingjax-sort"] = carried_routing(lambda *a: experts(*a, impl=impl, layout_method="sort"))
+                if T * k <= getattr(mod, "DECODE_MAX_PAIRS", 0):           # the grouped path (before)
+                    cands["lingjax-grouped"] = carried_routing(lambda *a: experts(*a, impl=impl, decode=False))
             if "layout" in methods:
                 for m in (("compare", "sort") if small else ("sort",)):
                     cands[f"layout-{m}"] = layout_only(n_exp, bm0, m)
@@ -400,7 +424,16 @@ def main(argv=None):
             if "lingjax-mm" in methods:
                 add_mm("lingjax-mm", layout_for(bm0))
             sweep = {}
-            if str(T) in args.sweep.split(",") and not args.smoke:
+            decode = T * k <= getattr(mod, "DECODE_MAX_PAIRS", 0)
+            if str(T) in args.sweep.split(",") and not args.smoke and decode:
+                for gu, dn in SWEEP_DECODE[min(SWEEP_DECODE, key=lambda t: abs(t - T))]:
+                    cg, cd = mod.DecodeConfig(*gu), mod.DecodeConfig(*dn)
+                    name = f"dec {cg.tag()}/{cd.tag()}"
+                    cands[name] = carried_routing(
+                        lambda *a, _g=cg, _d=cd: mod.experts_decode(*a, gate_up_config=_g, down_config=_d))
+                    checks[name] = cands[name]
+                    sweep[name] = dict(decode=True, gate_up=dataclasses.asdict(cg), down=dataclasses.asdict(cd))
+            elif str(T) in args.sweep.split(",") and not args.smoke:
                 for bm, gu, dn in (SWEEP_SMALL if bm0 <= 32 else SWEEP_LARGE):
                     cg, cd = mod.Config(*gu), mod.Config(*dn)
                     name = f"mm bm{bm or bm0} {cg.tag()}/{cd.tag()}"
@@ -426,7 +459,7 @@ def main(argv=None):
                 if name in sweep:
                     row["config"] = sweep[name]
                 try:
-                    if name.startswith("lingjax") and name != "lingjax-mm":
+                    if (name.startswith("lingjax") and name != "lingjax-mm") or name.startswith("dec "):
                         out = jax.jit(fn)(*args_)
                         row["rel_err"] = oracle_rel(out, *args_, args.oracle_tokens if d < 8192 else 2, cache)
                         row["hlo_ops"], row["n_ops"] = hlo_ops(fn, args_)
@@ -474,7 +507,8 @@ def main(argv=None):
             print(f"{r['shape']:<6} {r['T']:>6} {r['method']:<{w}} {r.get('error') or 'skipped: ' + r.get('skipped', '')}"[:160])
     best.update(best_configs(rows))
     for key, b in best.items():
-        print(f"best grouped matmul {key}: {b['method']} {b['us']:.1f} us ({b['speedup']:.2f}x the default tiles)")
+        print(f"best {'decode path' if b['config'].get('decode') else 'grouped matmul'} {key}: {b['method']} "
+              f"{b['us']:.1f} us ({b['speedup']:.2f}x the default)")
     save()
     return 0
 
@@ -489,7 +523,8 @@ def best_configs(rows):
         if key not in best or r["us"] < best[key]["us"]:
             best[key] = dict(method=r["method"], us=r["us"], config=r["config"])
     for key, b in best.items():
-        base = [r["us"] for r in rows if "us" in r and r["method"] == "lingjax-mm" and f"{r['shape']} T={r['T']}" == key]
+        ref = "lingjax" if b["config"].get("decode") else "lingjax-mm"     # decode rows: the whole layer
+        base = [r["us"] for r in rows if "us" in r and r["method"] == ref and f"{r['shape']} T={r['T']}" == key]
         b["speedup"] = base[0] / b["us"] if base else float("nan")
     return best
 
