@@ -94,16 +94,16 @@ SWEEP_DECODE = {
         ((64, 64, 4, True, 4, 4), (64, 64, 1, True, 4, 3))],
 }
 SWEEP_LARGE = [  # blocks of >= 64 rows
-    # default (gpu.LARGE_*): 128 x 128 (x2) / 128 x 256 tiles, 8 warps, persistent 1 per SM (run 17's best)
+    # default (gpu.LARGE_*): 128 x 128 (x2) / 128 x 256 tiles, 8 warps, persistent 1 per SM (run 17's best).
+    # Dropped after session 4 run 2 (slower there): half- and quarter-height tiles, 4 stages, 128-deep k steps,
+    # the pre-run-17 default. Session 5: blocks of 64 rows at T = 4096 (an expert's 128 +- 11 pairs padded to
+    # 1.25x the useful products instead of 1.46x) with the large tiles' width, and group_m 16.
     (None, (128, 64, 8, 8, 3, 1), (256, 64, 8, 8, 3, 1)),
-    # the same + half-height tiles where a block's second half is padding (T = 4096: 1.23x the useful
-    # products instead of 1.46x; slower in session 4 run 2)
-    (None, (128, 64, 8, 8, 3, 1, 1, 1), (256, 64, 8, 8, 3, 1, 1, 1)),
-    (None, (128, 64, 8, 8, 3, 1, 1, 2), (256, 64, 8, 8, 3, 1, 1, 2)),   # + quarter-height tiles (1.12x)
-    (None, (64, 64, 8, 4, 3), (128, 64, 8, 4, 3)),             # the default before run 17
-    (None, (128, 64, 8, 8, 3, 0, 1, 1), (256, 64, 8, 8, 3, 0, 1, 1)),   # one program per tile
-    (None, (128, 64, 8, 8, 4, 1, 1, 1), (256, 64, 8, 8, 4, 1, 1, 1)),   # 4 stages (192 KiB shared)
-    (None, (128, 128, 8, 8, 2, 1), (256, 128, 8, 8, 2, 1)),    # 128-deep k steps, 2 stages
+    (64, (128, 64, 8, 4, 4, 1), (256, 64, 8, 8, 3, 1)),       # 64 x 128 (x2) gate/up, one warpgroup
+    (64, (256, 64, 8, 8, 3, 1), (256, 64, 8, 8, 3, 1)),       # 64 x 256 (x2) gate/up, two warpgroups
+    (64, (128, 64, 8, 8, 3, 1), (256, 64, 8, 8, 4, 1)),
+    (64, (128, 64, 8, 4, 3), (256, 64, 8, 4, 3)),              # one program per tile
+    (None, (128, 64, 16, 8, 3, 1), (256, 64, 16, 8, 3, 1)),   # 16 blocks per n tile in the tile order
 ]
 
 

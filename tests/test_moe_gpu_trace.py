@@ -109,3 +109,20 @@ def test_split_k_launch_compiles_for_sm90(jax_triton_call):
         gpu._fit(gpu.Config(block_n=64, block_k=128, split_k=3), D, I)     # 32 k steps
     with pytest.raises(ValueError, match="persistent"):
         gpu._fit(gpu.Config(block_n=64, block_k=128, split_k=2, persistent=1), D, I)
+
+
+def test_decode_combine_masks_dropped_pairs():
+    """gpu.combine_pairs (the decode path's combine): slices summed, pairs weighted and summed in float32;
+    the unwritten partial rows of dropped pairs (NaN here) add nothing."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    T, k, E, d, S = 3, 4, 8, 16, 2
+    idx = rng.integers(0, E, (T, k)).astype(np.int32)
+    idx[0, 1], idx[2, 3] = -1, E + 2
+    y = rng.standard_normal((S, T * k, d)).astype(np.float32)
+    w = rng.uniform(0.1, 1.0, (T, k)).astype(np.float32)
+    valid = (idx >= 0) & (idx < E)
+    y[:, ~valid.reshape(-1)] = np.nan
+    want = np.einsum("tk,tkd->td", np.where(valid, w, 0.0), np.nan_to_num(y.astype(np.float64).sum(0)).reshape(T, k, d))
+    got = np.asarray(gpu.combine_pairs(jnp.asarray(y), jnp.asarray(idx), jnp.asarray(w), E))
+    assert got.dtype == np.float32 and np.allclose(got, want, rtol=1e-5, atol=1e-6)
