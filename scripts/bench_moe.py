@@ -11,11 +11,13 @@ Methods (rows):
   lingjax-grouped  at T * k <= gpu.DECODE_MAX_PAIRS: the grouped-matmul path (experts(decode=False)),
                 which 'lingjax' ran there before the decode path (gpu.experts_decode)
   dec ...       --sweep at decode sizes: the whole decode path with each SWEEP_DECODE config
-  lingjax-sort  the same with the sort-built layout (make_layout method 'sort': what T <= 256 ran
-                before the comparison-built one); only where gpu.pick_layout_method picks 'compare'
+  lingjax-sort  (only when named) the same with the sort-built layout (make_layout method 'sort': what
+                T <= 256 ran before the comparison-built one), where gpu.pick_layout_method picks 'compare'
   layout-compare / layout-sort
                 the layout alone (plus a checksum of its arrays)
   lingjax-mm    the two Triton grouped matmuls alone (layout precomputed), default tiles
+  parts         (T*k > gpu.DECODE_MAX_PAIRS) mm-gate-up: the gate/up grouped matmul alone, default tiles
+                (TFLOP/s over its own useful flops, 2/3 of the layer's; down = lingjax-mm - mm-gate-up)
   mm bm.. ..    --sweep: the grouped matmuls with each configuration of SWEEP_SMALL / SWEEP_LARGE
                 (block_m, gate_up tiles / down tiles, 'p': persistent, 'x': split K, 'h':
                 half-height tiles for half-padding blocks; gpu.Config.tag); the best per T is printed
@@ -366,7 +368,7 @@ def main(argv=None):
     tokens = [1, 5, 64] if args.smoke else [int(t) for t in args.tokens.split(",")]
     methods = args.methods.split(",")
     if args.smoke:
-        methods = [m for m in methods if m in ("lingjax", "lingjax-mm", "layout", "old", "ragged_dot")]
+        methods = [m for m in methods if m in ("lingjax", "lingjax-mm", "layout", "parts", "old", "ragged_dot")]
     copy_bw, mm_rate = ceilings(args.smoke)
     if not args.smoke:             # the larger of JAX's and PyTorch's measurement: the % columns stay conservative
         try:
@@ -400,7 +402,7 @@ def main(argv=None):
             small = T * k <= COMPARE_MAX_PAIRS          # where the layout is built by comparisons
             if "lingjax" in methods:
                 cands["lingjax"] = carried_routing(lambda *a: experts(*a, impl=impl))
-                if small and T * k > getattr(mod, "DECODE_MAX_PAIRS", 0):   # the sort-built layout (before)
+                if "lingjax-sort" in methods and small and T * k > getattr(mod, "DECODE_MAX_PAIRS", 0):
                     cands["lingjax-sort"] = carried_routing(lambda *a: experts(*a, impl=impl, layout_method="sort"))
                 if T * k <= getattr(mod, "DECODE_MAX_PAIRS", 0):           # the grouped path (before)
                     cands["lingjax-grouped"] = carried_routing(lambda *a: experts(*a, impl=impl, decode=False))
@@ -423,6 +425,12 @@ def main(argv=None):
                 checks[name] = lambda x, idx, w, wg, wu, wd: combine(y(x, wg, wu, wd), lay, w).astype(x.dtype)
             if "lingjax-mm" in methods:
                 add_mm("lingjax-mm", layout_for(bm0))
+            part_flops = {}
+            if "parts" in methods and T * k > getattr(mod, "DECODE_MAX_PAIRS", 0):
+                lay0 = layout_for(bm0)
+                cands["mm-gate-up"] = lambda x, idx, w, wg, wu, wd: mod.gate_up(x, lay0, wg, wu)[: x.shape[0], :1] \
+                    .astype(x.dtype) * jnp.ones((1, x.shape[1]), x.dtype)
+                part_flops = {"mm-gate-up": flops * 2 // 3}
             sweep = {}
             decode = T * k <= getattr(mod, "DECODE_MAX_PAIRS", 0)
             if str(T) in args.sweep.split(",") and not args.smoke and decode:
@@ -472,7 +480,8 @@ def main(argv=None):
                     rows.append(row)
                     log.info("%-6s T=%-6d %-12s error %s", sname, T, name, row["error"][:120])
                     continue
-                row.update(us=t * 1e6, tflops=flops / t / 1e12, pct_matmul=100 * flops / t / mm_rate,
+                f_row = part_flops.get(name, flops)
+                row.update(us=t * 1e6, tflops=f_row / t / 1e12, pct_matmul=100 * f_row / t / mm_rate,
                            tbps=nbytes / t / 1e12, pct_copy=100 * nbytes / t / copy_bw)
                 rows.append(row)
                 log.info("%-6s T=%-6d %-12s %10.1f us %7.1f TFLOP/s (%5.1f%%) %6.2f TB/s (%5.1f%%)%s%s", sname, T, name,
