@@ -77,7 +77,8 @@ def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None, layout_method=N
     weights (lingjax.quant.FP8Weight) of those shapes; layout_method: make_layout's method ('sort' or
     'compare'; None: the implementation's pick_layout_method); decode (impl 'gpu', 16-bit or float32
     weights): True runs gpu.experts_decode (no layout: weight-streaming kernels over the pairs), False
-    the grouped matmul, None (default) the decode path when T * k <= gpu.DECODE_MAX_PAIRS
+    the grouped matmul, None (default) the decode path when T * k <= gpu.DECODE_MAX_PAIRS (and
+    gpu.decode_fits(d, I))
     -> [T, d] in x.dtype."""
     impl = resolve(impl)
     T, d = x.shape
@@ -104,7 +105,8 @@ def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None, layout_method=N
         w_gate, w_up, w_down = (quant.dequantize(w, x.dtype) for w in (w_gate, w_up, w_down))
     w_gate, w_up, w_down = (w if w.dtype == x.dtype else w.astype(x.dtype) for w in (w_gate, w_up, w_down))
     mod = _module(impl)
-    if impl == 'gpu' and not fp8 and (decode if decode is not None else T * idx.shape[1] <= mod.DECODE_MAX_PAIRS):
+    if impl == 'gpu' and not fp8 and (decode if decode is not None else
+                                      T * idx.shape[1] <= mod.DECODE_MAX_PAIRS and mod.decode_fits(d, I)):
         return mod.experts_decode(x, idx.astype(jnp.int32), weights, w_gate, w_up, w_down)
     kw = {'interpret': True} if impl == 'tpu_interpret' else {}
     block_m = mod.pick_block_m(T * idx.shape[1], E)

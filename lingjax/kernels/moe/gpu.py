@@ -242,6 +242,12 @@ def pick_decode_config(kind: str, n_tokens: int, n_pairs: int, K: int, N: int, s
                         num_stages=3 if dot and kind == "down" else 4)
 
 
+def decode_fits(d: int, I: int) -> bool:
+    """Whether the decode kernels' default tiles fit the dims (powers of 2, >= 16: every real model's);
+    experts() runs the grouped matmul otherwise."""
+    return all(v >= 16 and v & (v - 1) == 0 for v in (d, I))
+
+
 def _fit_decode(c: DecodeConfig, K: int, N: int) -> DecodeConfig:
     bn, bk = min(c.block_n, N), min(c.block_k, K)
     least = 16 if c.dot else 1                                        # tl.dot tiles: >= 16 x 16
