@@ -467,7 +467,7 @@ def main(argv=None):
                 if name in sweep:
                     row["config"] = sweep[name]
                 try:
-                    if (name.startswith("lingjax") and name != "lingjax-mm") or name.startswith("dec "):
+                    if name.startswith("lingjax") and name != "lingjax-mm":
                         out = jax.jit(fn)(*args_)
                         row["rel_err"] = oracle_rel(out, *args_, args.oracle_tokens if d < 8192 else 2, cache)
                         row["hlo_ops"], row["n_ops"] = hlo_ops(fn, args_)
