@@ -8,7 +8,7 @@ out[t] = sum_j w[t,j] * (silu(x_t Wg[e]) * (x_t Wu[e])) Wd[e] (the shared expert
 Methods (rows):
   lingjax       lingjax.kernels.moe.experts(impl='gpu'): layout + Triton gate_up/down + combine, the
                 routing ids carried through the timed loop (the layout is computed every call)
-  lingjax-grouped  at T * k <= gpu.DECODE_MAX_PAIRS: the grouped-matmul path (experts(decode=False)),
+  lingjax-grouped  at T <= gpu.DECODE_MAX_TOKENS: the grouped-matmul path (experts(decode=False)),
                 which 'lingjax' ran there before the decode path (gpu.experts_decode)
   dec ...       --sweep at decode sizes: the whole decode path with each SWEEP_DECODE config
   lingjax-sort  (only when named) the same with the sort-built layout (make_layout method 'sort': what
@@ -16,7 +16,7 @@ Methods (rows):
   layout-compare / layout-sort
                 the layout alone (plus a checksum of its arrays)
   lingjax-mm    the two Triton grouped matmuls alone (layout precomputed), default tiles
-  parts         (T*k > gpu.DECODE_MAX_PAIRS) mm-gate-up: the gate/up grouped matmul alone, default tiles
+  parts         (T > gpu.DECODE_MAX_TOKENS) mm-gate-up: the gate/up grouped matmul alone, default tiles
                 (TFLOP/s over its own useful flops, 2/3 of the layer's; down = lingjax-mm - mm-gate-up)
   mm bm.. ..    --sweep: the grouped matmuls with each configuration of SWEEP_SMALL / SWEEP_LARGE
                 (block_m, gate_up tiles / down tiles, 'p': persistent, 'x': split K, 'h':
@@ -76,24 +76,24 @@ SWEEP_SMALL = [  # blocks of <= 32 rows (decode: weight streaming)
     (None, (128, 128, 1, 4, 4, 0, 8), (256, 64, 1, 4, 4, 0, 4)),    # 256/512-byte rows, 512 programs each
     (None, (32, 128, 1, 4, 4, 0, 4), (64, 128, 1, 4, 4, 0, 4)),     # narrow tiles and split: 1024 programs
 ]
-# The decode path (gpu.experts_decode, T * k <= gpu.DECODE_MAX_PAIRS): (gate_up, down) gpu.DecodeConfig fields
+# The decode path (gpu.experts_decode; experts() takes it for T <= gpu.DECODE_MAX_TOKENS, swept at the T keyed
+# here, through gpu.experts_decode at any T): (gate_up, down) gpu.DecodeConfig fields
 # (block_n, block_k, split_k, dot, num_warps, num_stages); rows 'dec ...' time the whole layer (no layout;
 # two kernels + the combine). The first entry is gpu.pick_decode_config's default at T = 1.
 SWEEP_DECODE = {
-    1: [((128, 32, 8, False, 4, 4), (128, 32, 2, False, 4, 4)),     # default: multiply-add, 512 programs each
-        ((128, 32, 8, False, 4, 1), (128, 32, 2, False, 4, 1)),     # loads not pipelined (occupancy only)
-        ((128, 32, 16, False, 4, 4), (128, 32, 4, False, 4, 4)),    # twice the programs
-        ((128, 32, 4, False, 4, 4), (128, 32, 1, False, 4, 4)),     # half the programs
-        ((256, 32, 8, False, 4, 3), (256, 32, 4, False, 4, 3)),     # 512-byte weight rows
-        ((128, 64, 8, False, 8, 3), (128, 64, 4, False, 8, 3)),     # 8 warps, 64-deep tiles
-        ((64, 64, 8, False, 4, 4), (64, 64, 2, False, 4, 4)),       # 128-byte rows, 1024 / 1024 programs
-        ((1024, 8, 32, False, 8, 3), (512, 16, 8, False, 8, 3)),    # whole 2 KiB gate/up rows
-        ((128, 64, 2, True, 4, 4), (128, 64, 2, True, 4, 3)),       # tensor cores (16-row tiles, 1 real row)
-        ((64, 128, 2, True, 4, 4), (128, 64, 4, True, 4, 3))],
-    4: [((128, 64, 2, True, 4, 4), (128, 64, 1, True, 4, 3)),       # default at T = 2..4: one program per expert
-        ((128, 64, 4, True, 4, 4), (128, 64, 2, True, 4, 3)),
-        ((128, 32, 4, False, 4, 4), (128, 32, 1, False, 4, 4)),     # multiply-add, one program per pair
-        ((64, 64, 4, True, 4, 4), (64, 64, 1, True, 4, 3))],
+    # Session 5 call A at T = 1 (us, whole layer; grouped path 107.4): n128k32 multiply-add x8/x2 s4 120.3, s1 163.0,
+    # x16/x4 187.9, x4/x1 95.0 (best), n256k32 x8/x4 130.8, n128k64 w8 x8/x4 147.4, n64k64 x8/x2 137.2, n1024k8
+    # x32 / n512k16 x8 233.5, dot n128k64 x2/x2 99.3, dot n64k128 x2 / n128k64 x4 98.3: fewer, longer programs
+    # were faster. Round 2 (the default first):
+    1: [((128, 32, 4, False, 4, 4), (128, 32, 1, False, 4, 4)),     # default: 256 / 256 programs, 32 k steps each
+        ((128, 32, 2, False, 4, 4), (128, 32, 1, False, 4, 4)),     # 128 gate/up programs of 64 k steps
+        ((128, 64, 4, False, 4, 3), (128, 64, 1, False, 4, 3)),     # 64-deep k steps
+        ((64, 32, 2, False, 4, 4), (64, 32, 1, False, 4, 4)),       # 128-byte rows: 256 / 512 programs, unsplit down
+        ((128, 64, 2, True, 4, 4), (128, 64, 1, True, 4, 3))],      # tensor cores, down unsplit
+    # call A at T = 4 (grouped path 225.6 us): dot n128k64 x2/x1 300.7, x4/x2 410.1, multiply-add n128k32 x4/x1
+    # 275.8, dot n64k64 x4/x1 639.9: the grouped path stays the default from T = 2
+    4: [((128, 64, 2, True, 4, 4), (128, 64, 1, True, 4, 3)),
+        ((128, 32, 4, False, 4, 4), (128, 32, 1, False, 4, 4))],
 }
 SWEEP_LARGE = [  # blocks of >= 64 rows
     # default (gpu.LARGE_*): 128 x 128 (x2) / 128 x 256 tiles, 8 warps, persistent 1 per SM (run 17's best).
@@ -213,19 +213,42 @@ def hlo_ops(fn, args):
     return dict(ops), sum(ops.values())
 
 
-def loop_time(fn, args, iters, reps, unroll=False):
-    """Device time per call: `iters` calls chained in one jitted fori_loop (x_{i+1} depends on out_i).
-    Every array is an argument of the jitted loop (closed-over arrays would become constants).
-    unroll: the calls inlined one after the other (no while loop, whose per-iteration condition can
-    cost the GPU a round trip to the host: a fixed cost that matters next to a 50 us decode layer)."""
+def loop_fn(fn, iters, unroll):
+    """The jitted loop of loop_time: `iters` calls of fn chained through x."""
     import jax
 
     def loop(x, *rest):
         def body(i, x):
             return (x + 1e-3 * fn(x, *rest)).astype(x.dtype)
         return jax.lax.fori_loop(0, iters, body, x, unroll=True if unroll else 1)
+    return jax.jit(loop)
 
-    run = jax.jit(loop)
+
+def kernel_trace(fn, args, iters, unroll):
+    """Per-kernel device times of loop_time's loop (CUPTI through the XLA profiler, as
+    bench_linear_attention.py --trace): {busy_us, span_us per call (span - busy: the device idle between
+    kernels, e.g. waiting for the host), kernels: {name: [count per call, median us]}} of the busiest stream."""
+    import jax
+    from bench_linear_attention import device_trace
+    run = loop_fn(fn, iters, unroll)
+    jax.block_until_ready(run(*args))
+    tr = device_trace(lambda: jax.block_until_ready(run(*args)), iters)
+    streams = [t for k, t in tr.items() if k != "_lines"]
+    if not streams:
+        return dict(error="no device stream in the profile")
+    t = max(streams, key=lambda t: t["busy_us"])
+    return dict(busy_us=t["per_call_busy_us"], span_us=t["per_call_span_us"],
+                kernels={k: [v["n"] / iters, v["median_us"]] for k, v in
+                         sorted(t["kernels"].items(), key=lambda kv: -kv[1]["sum_us"])})
+
+
+def loop_time(fn, args, iters, reps, unroll=False):
+    """Device time per call: `iters` calls chained in one jitted fori_loop (x_{i+1} depends on out_i).
+    Every array is an argument of the jitted loop (closed-over arrays would become constants).
+    unroll: the calls inlined one after the other (no while loop, whose per-iteration condition can
+    cost the GPU a round trip to the host: a fixed cost that matters next to a 50 us decode layer)."""
+    import jax
+    run = loop_fn(fn, iters, unroll)
     jax.block_until_ready(run(*args))                            # compile + warm
     ts = []
     for _ in range(reps):
@@ -354,6 +377,8 @@ def main(argv=None):
     p.add_argument("--oracle-tokens", type=int, default=4, help="tokens checked against float64 numpy (default 4)")
     p.add_argument("--sweep", default="", help="token counts at which to also time the grouped matmuls with "
                    "each tile configuration of SWEEP_SMALL / SWEEP_LARGE (rows 'mm[...]')")
+    p.add_argument("--trace", default="", help="token counts at which the 'lingjax' and 'lingjax-grouped' rows are also "
+                   "run under the XLA profiler: per-kernel device times, busy vs span per call (GPU)")
     p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny shapes, reference impl, no peers")
     p.add_argument("--out", help="JSON output (default $OUT/bench_moe.json when $OUT is set)")
     args = p.parse_args(argv)
@@ -402,9 +427,9 @@ def main(argv=None):
             small = T * k <= COMPARE_MAX_PAIRS          # where the layout is built by comparisons
             if "lingjax" in methods:
                 cands["lingjax"] = carried_routing(lambda *a: experts(*a, impl=impl))
-                if "lingjax-sort" in methods and small and T * k > getattr(mod, "DECODE_MAX_PAIRS", 0):
+                if "lingjax-sort" in methods and small and T > getattr(mod, "DECODE_MAX_TOKENS", 0):
                     cands["lingjax-sort"] = carried_routing(lambda *a: experts(*a, impl=impl, layout_method="sort"))
-                if T * k <= getattr(mod, "DECODE_MAX_PAIRS", 0):           # the grouped path (before)
+                if T <= getattr(mod, "DECODE_MAX_TOKENS", 0):           # the grouped path (before)
                     cands["lingjax-grouped"] = carried_routing(lambda *a: experts(*a, impl=impl, decode=False))
             if "layout" in methods:
                 for m in (("compare", "sort") if small else ("sort",)):
@@ -426,15 +451,14 @@ def main(argv=None):
             if "lingjax-mm" in methods:
                 add_mm("lingjax-mm", layout_for(bm0))
             part_flops = {}
-            if "parts" in methods and T * k > getattr(mod, "DECODE_MAX_PAIRS", 0):
+            if "parts" in methods and T > getattr(mod, "DECODE_MAX_TOKENS", 0):
                 lay0 = layout_for(bm0)
                 cands["mm-gate-up"] = lambda x, idx, w, wg, wu, wd: mod.gate_up(x, lay0, wg, wu)[: x.shape[0], :1] \
                     .astype(x.dtype) * jnp.ones((1, x.shape[1]), x.dtype)
                 part_flops = {"mm-gate-up": flops * 2 // 3}
             sweep = {}
-            decode = T * k <= getattr(mod, "DECODE_MAX_PAIRS", 0)
-            if str(T) in args.sweep.split(",") and not args.smoke and decode:
-                for gu, dn in SWEEP_DECODE[min(SWEEP_DECODE, key=lambda t: abs(t - T))]:
+            if str(T) in args.sweep.split(",") and not args.smoke and T in SWEEP_DECODE:
+                for gu, dn in SWEEP_DECODE[T]:
                     cg, cd = mod.DecodeConfig(*gu), mod.DecodeConfig(*dn)
                     name = f"dec {cg.tag()}/{cd.tag()}"
                     cands[name] = carried_routing(
@@ -475,6 +499,15 @@ def main(argv=None):
                         out = jax.jit(checks[name])(*args_)
                         row["rel_err"] = oracle_rel(out, *args_, args.oracle_tokens if d < 8192 else 2, cache)
                     t = loop_time(fn, args_, args.iters if flops < 1e13 else 3, args.reps, unroll=args.unroll)
+                    if str(T) in args.trace.split(",") and name in ("lingjax", "lingjax-grouped") and not args.smoke:
+                        try:
+                            row["trace"] = kernel_trace(fn, args_, args.iters, args.unroll)
+                        except Exception as e:          # noqa: BLE001 (the timing stands without it)
+                            row["trace"] = dict(error=f"{type(e).__name__}: {e}"[:200])
+                        tr = row["trace"]
+                        log.info("  trace %s T=%d: %s", name, T, tr.get("error") or
+                                 f"busy {tr['busy_us']:.1f} us / span {tr['span_us']:.1f} us per call; " + "; ".join(
+                                     f"{k} x{c:g} {us:.1f} us" for k, (c, us) in list(tr["kernels"].items())[:8]))
                 except Exception as e:                      # noqa: BLE001 (OOM, unsupported: recorded)
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
                     rows.append(row)

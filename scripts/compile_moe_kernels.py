@@ -118,7 +118,7 @@ def main(argv=None):
         bm = gpu.pick_block_m(T * K, E)
         plans.append((f"default T={T}", T, bm, gpu.pick_config("gate_up", bm, d, I, itemsize),
                       gpu.pick_config("down", bm, I, d, itemsize)))
-    for T in (1, 2, 4):                                # the decode path (T * k <= gpu.DECODE_MAX_PAIRS)
+    for T in (1, 2, 4):              # the decode path (default at T = 1; 2, 4: its dot form, experts(decode=True))
         plans.append((f"decode T={T}", T, 0, gpu.pick_decode_config("gate_up", T, T * K, d, I),
                       gpu.pick_decode_config("down", T, T * K, I, d)))
     if dt == "bf16":

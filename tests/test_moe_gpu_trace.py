@@ -2,8 +2,8 @@
 on the CPU at the Ling-2.6-flash shapes (d 4096, I 1024, E 256, top-8), its jax-triton calls checked
 (kernels, block size, grid, schedule) and compiled for sm_90 by jax-triton's own compile function
 (Triton -> PTX): every launch fits the H200's shared memory, the large-block products run on the
-tensor cores (wgmma). The decode-size layout is built without a sort, the large one with it; T * k <=
-gpu.DECODE_MAX_PAIRS runs the decode kernels (triton_decode.py) without a layout. The
+tensor cores (wgmma). The decode-size layout is built without a sort, the large one with it; T <=
+gpu.DECODE_MAX_TOKENS runs the decode kernels (triton_decode.py) without a layout. The
 persistent schedule's launch (programs per SM) is the default at large blocks and compiles, with the
 half-height tiles too; the
 split-K kernels (decode sizes) launch split_k programs per tile and compile. Values: tests/test_moe_triton_interpret.py
@@ -47,12 +47,12 @@ def test_gpu_experts_trace_and_compile_for_sm90(jax_triton_call, T, bm, sort):
             assert "wgmma" in ptx
 
 
-@pytest.mark.parametrize("T", [1, 4])
-def test_gpu_decode_path_trace_and_compile_for_sm90(jax_triton_call, T):
-    """T * k <= gpu.DECODE_MAX_PAIRS: the decode kernels on the pairs (no layout: no sort, no grouped
-    matmul), the multiply-add form at T = 1 and tl.dot at T = 4, K split as gpu.pick_decode_config says,
-    float32 partials; decode=False still runs the grouped matmul."""
-    jaxpr = jax.make_jaxpr(lambda *a: moe.experts(*a, impl="gpu"))(*args(T)).jaxpr
+@pytest.mark.parametrize("T,decode", [(1, None), (4, True)])
+def test_gpu_decode_path_trace_and_compile_for_sm90(jax_triton_call, T, decode):
+    """T <= gpu.DECODE_MAX_TOKENS (or decode=True): the decode kernels on the pairs (no layout: no sort, no
+    grouped matmul), the multiply-add form at T = 1 and tl.dot at T = 4, K split as gpu.pick_decode_config
+    says, float32 partials; decode=False (and the default at T = 4) runs the grouped matmul."""
+    jaxpr = jax.make_jaxpr(lambda *a: moe.experts(*a, impl="gpu", decode=decode))(*args(T)).jaxpr
     calls = _triton_calls(jax_triton_call, jaxpr)
     assert [c.params["fn"].fn.__name__ for c in calls] == ["gate_up_decode_kernel", "down_decode_kernel"]
     assert not _eqns(jaxpr, "sort")
@@ -65,9 +65,10 @@ def test_gpu_decode_path_trace_and_compile_for_sm90(jax_triton_call, T):
         assert all(v.aval.dtype == jnp.float32 and v.aval.shape[:2] == (cfg.split_k, n) for v in c.outvars)
         shared, _, _ = _compile_call(jax_triton_call, c)
         assert 0 < shared <= SM90_SMEM
-    grouped = jax.make_jaxpr(lambda *a: moe.experts(*a, impl="gpu", decode=False))(*args(T)).jaxpr
-    assert [c.params["fn"].fn.__name__ for c in _triton_calls(jax_triton_call, grouped)] == [
-        "gate_up_kernel", "down_kernel"]
+    for dec in ((False, None) if T > gpu.DECODE_MAX_TOKENS else (False,)):
+        grouped = jax.make_jaxpr(lambda *a: moe.experts(*a, impl="gpu", decode=dec))(*args(T)).jaxpr
+        assert [c.params["fn"].fn.__name__ for c in _triton_calls(jax_triton_call, grouped)] == [
+            "gate_up_kernel", "down_kernel"]
     with pytest.raises(ValueError, match="split_k"):
         gpu._fit_decode(gpu.DecodeConfig(block_n=128, block_k=32, split_k=3), D, I)
 

@@ -14,7 +14,7 @@ Steps (the same for every implementation; only the two grouped matmuls differ):
 Implementations (impl=):
   reference      pure jnp (reference.py): the CPU path, differentiable, the oracle of the kernels
   gpu            Triton grouped matmul through jax-triton (gpu.py; imports jax_triton: GPU only); for
-                 T * k <= gpu.DECODE_MAX_PAIRS the decode path instead (gpu.experts_decode: weight-streaming
+                 T <= gpu.DECODE_MAX_TOKENS (1) the decode path instead (gpu.experts_decode: weight-streaming
                  kernels over the pairs, triton_decode.py; no layout, no grouped matmul); FP8
                  weights (quant.FP8Weight): the FP8 variant (gpu_fp8.py + triton_fp8.py: fp8 x fp8
                  products, float32 accumulation) where it takes them, else dequantized as below
@@ -77,7 +77,7 @@ def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None, layout_method=N
     weights (lingjax.quant.FP8Weight) of those shapes; layout_method: make_layout's method ('sort' or
     'compare'; None: the implementation's pick_layout_method); decode (impl 'gpu', 16-bit or float32
     weights): True runs gpu.experts_decode (no layout: weight-streaming kernels over the pairs), False
-    the grouped matmul, None (default) the decode path when T * k <= gpu.DECODE_MAX_PAIRS (and
+    the grouped matmul, None (default) the decode path when T <= gpu.DECODE_MAX_TOKENS (and
     gpu.decode_fits(d, I))
     -> [T, d] in x.dtype."""
     impl = resolve(impl)
@@ -106,7 +106,7 @@ def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None, layout_method=N
     w_gate, w_up, w_down = (w if w.dtype == x.dtype else w.astype(x.dtype) for w in (w_gate, w_up, w_down))
     mod = _module(impl)
     if impl == 'gpu' and not fp8 and (decode if decode is not None else
-                                      T * idx.shape[1] <= mod.DECODE_MAX_PAIRS and mod.decode_fits(d, I)):
+                                      T <= mod.DECODE_MAX_TOKENS and mod.decode_fits(d, I)):
         return mod.experts_decode(x, idx.astype(jnp.int32), weights, w_gate, w_up, w_down)
     kw = {'interpret': True} if impl == 'tpu_interpret' else {}
     block_m = mod.pick_block_m(T * idx.shape[1], E)

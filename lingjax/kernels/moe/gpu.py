@@ -99,8 +99,11 @@ def pick_block_m(n_pairs: int, n_experts: int) -> int:
 # do not: T = 4096: 2373 us without (p1), 2437 with (p1h1); T = 16384: 6817 us (484 TFLOP/s, 71% of the
 # 681 measured dense rate; torch._grouped_mm 6852 us) without, 7390 with. So short_blocks stays 0 by default
 # (an option, swept).
-LARGE_GATE_UP = Config(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3, persistent=1)
-LARGE_DOWN = Config(block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3, persistent=1)
+# Session 5 call A (T = 4096): 16 blocks per n tile in the tile order (group_m 16) 2214.1 us against 2272.3 /
+# 2318.3 us for group_m 8 (two rows of the same config); 64-row blocks with the same tile widths were slower
+# (2393-2719 us: more blocks, so more weight-panel reads). group_m 16 is the default since.
+LARGE_GATE_UP = Config(block_n=128, block_k=64, group_m=16, num_warps=8, num_stages=3, persistent=1)
+LARGE_DOWN = Config(block_n=256, block_k=64, group_m=16, num_warps=8, num_stages=3, persistent=1)
 
 
 def pick_config(kind: str, block_m: int, K: int, N: int, itemsize: int = 2) -> Config:
@@ -201,9 +204,11 @@ def down(h, layout, w_down, *, config: Config | None = None, f32_dot: str = "tf3
 
 
 # ------------------------------------------------------------------------------------------ decode path
-# T * k up to which experts() runs the decode path (experts_decode: triton_decode.py's weight-streaming
-# kernels on the pairs themselves, no layout) instead of the grouped matmul: T <= 4 at k = 8.
-DECODE_MAX_PAIRS = 32
+# Token counts up to which experts() runs the decode path (experts_decode: triton_decode.py's weight-streaming
+# kernels on the pairs, no layout) instead of the grouped matmul. Session 5 call A (flash shapes, whole layer,
+# scripts/bench_notes_moe.md): T = 1 95.0 us (multiply-add form, the sweep's best) against 107.4 us for the
+# grouped path; T = 4 275.8 us (best of four configs, both forms) against 225.6 us: so one token only.
+DECODE_MAX_TOKENS = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,16 +232,16 @@ class DecodeConfig:
 
 def pick_decode_config(kind: str, n_tokens: int, n_pairs: int, K: int, N: int, sms: int = 132) -> DecodeConfig:
     """Rule: the multiply-add form for one token (its k experts are distinct: one program per pair reads each
-    once; no 16-row tensor-core tile for one real row), tl.dot with one program per expert otherwise;
-    256-byte weight rows (128 bf16 columns) per tile row; K split in the fewest slices (a power of 2) that
-    give >= 3 programs per SM (each program keeps num_stages - 1 tiles in flight; more resident programs,
-    more bytes in flight), keeping >= 4 k steps per slice; the dot form's down kernel 3 stages (its
-    pipelined loads include the gate/up partials: 4 stages at 8 slices exceed the shared memory).
-    Checked by scripts/bench_moe.py's decode sweep (SWEEP_DECODE)."""
+    once; no 16-row tensor-core tile for one real row), tl.dot with one program per expert otherwise (only
+    when asked for: experts(decode=True)); 128-column (256-byte) weight rows, 32-deep k steps, 4 stages; K
+    split in the fewest power-of-2 slices that give at least one program per SM. Session 5 call A at T = 1
+    (flash shapes, SWEEP_DECODE): more slices were slower at every step (gate/up x4 / down x1: 95.0 us,
+    x8 / x2: 120.3, x16 / x4: 187.9), so programs are made long (32 k steps here) rather than many; this
+    rule gives x4 / x1 there (256 programs each)."""
     dot = n_tokens > 1
     bn, bk = min(128, N), min(64 if dot else 32, K)
     split = 1
-    while n_pairs * (N // bn) * split < 3 * sms and K // bk // (2 * split) >= 4 and (K // bk) % (2 * split) == 0:
+    while n_pairs * (N // bn) * split < sms and K // bk // (2 * split) >= 4 and (K // bk) % (2 * split) == 0:
         split *= 2
     return DecodeConfig(block_n=bn, block_k=bk, split_k=split, dot=dot, num_warps=4,
                         num_stages=3 if dot and kind == "down" else 4)
@@ -259,7 +264,7 @@ def _fit_decode(c: DecodeConfig, K: int, N: int) -> DecodeConfig:
 
 def experts_decode(x, idx, weights, w_gate, w_up, w_down, *, gate_up_config: DecodeConfig | None = None,
                    down_config: DecodeConfig | None = None, f32_dot: str = "tf32x3"):
-    """The routed experts of a few tokens (T * k <= DECODE_MAX_PAIRS) without the layout: x [T, d]; idx
+    """The routed experts of a few tokens (experts() takes it for T <= DECODE_MAX_TOKENS) without the layout: x [T, d]; idx
     [T, k] int32 local expert ids (others dropped); weights [T, k] float32; w_gate/w_up [E, d, I], w_down
     [E, I, d] in x.dtype -> [T, d] in x.dtype: sum_j weights[t, j] * y[t, j] in float32 (j in order), y
     in float32 (triton_decode.py's kernels; two launches plus one XLA fusion for the combine)."""

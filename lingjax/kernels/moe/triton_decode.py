@@ -1,5 +1,5 @@
-"""Triton kernels of the MoE decode path: the routed experts of a few tokens (T * k <= gpu.DECODE_MAX_PAIRS
-pairs) as weight-streaming matrix-vector products, without the expert-sorted layout (layout.py).
+"""Triton kernels of the MoE decode path: the routed experts of a few tokens (experts() takes it for T <=
+gpu.DECODE_MAX_TOKENS) as weight-streaming matrix-vector products, without the expert-sorted layout (layout.py).
 
 At decode sizes the grouped matmul of triton_kernels.py runs one real row in a 16-row block, one program per
 (block, n tile): at T = 1 (flash shapes) 128 gate/up and 256 down programs on 132 SMs, each streaming a
