@@ -33,7 +33,12 @@ per request either way) are reported beside it, outside the budget.
 table in one run; scripts/bench_moe.py old_forms). Writes JSON to --out (default $OUT/bench_e2e.json).
 
     PYTHONPATH=.:scripts python3 scripts/bench_e2e.py                       # nvidia-h200, flash8
-    PYTHONPATH=.:scripts python3 scripts/bench_e2e.py --preset flash --tp 2  # nvidia-h200-x2, full depth
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=.:scripts python3 scripts/bench_e2e.py --preset flash --tp 2 \
+        --decode 1x1024,16x1024,64x1024 --prefill 1x4096 --steps 10 --e2e-max-tokens 0
+        # nvidia-h200-x2, full depth: 97 GiB of bf16 weights per GPU (JAX's default 75% cap would leave ~7 GiB)
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu PYTHONPATH=.:scripts python3 \
+        scripts/bench_e2e.py --preset flash --tp 2 --layers 8 --vocab 2048 --experts 16 --decode 1x64,4x64 \
+        --prefill 1x64 --steps 2 --reps 1 --e2e-max-tokens 0 --smoke     # the same path on the CPU, reduced
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=.:scripts python3 scripts/bench_e2e.py --preset flash \
         --quantize fp8-block      # nvidia-h200: full depth in FP8 (98.3 GiB of weights: JAX's default 75% cap
                                   # of the 140 GiB would leave 6.6 GiB for caches)
@@ -257,6 +262,8 @@ def main(argv=None):
                    help="model shapes (scripts/shapes.py): flash8 (default), flash, 1t, tiny (default under --smoke)")
     p.add_argument("--layers", type=int, help="override the preset's depth")
     p.add_argument("--vocab", type=int, help="override the preset's vocabulary")
+    p.add_argument("--experts", type=int, help="override the preset's number of routed experts (CPU checks of a "
+                   "full-width command; the table header gives the number)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (devices)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--decode", default=None,
@@ -304,7 +311,7 @@ def main(argv=None):
     from shapes import param_counts, preset, random_fp8_model, random_model, weight_bytes
     if args.moe == "old":
         use_old_moe()
-    cfg = preset(args.preset, args.layers, args.vocab)
+    cfg = preset(args.preset, args.layers, args.vocab, args.experts)
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     mesh = sharding.make_mesh(args.tp) if args.tp > 1 else None
     copy_bw, mm_rate = ceilings(args.smoke)
@@ -328,6 +335,7 @@ def main(argv=None):
     mem = [d.memory_stats() or {} for d in devs] if jax.default_backend() != "cpu" else [{}]
     kinds = "".join("L" if k == "linear" else "M" for k in cfg.layer_kinds)
     report = dict(device=devs[0].device_kind, tp=args.tp, preset=args.preset, layers=cfg.num_hidden_layers, kinds=kinds,
+                  experts=cfg.num_experts,
                   vocab=cfg.vocab_size, dtype=args.dtype, moe=args.moe, quantize=args.quantize,
                   weight_bytes=weight_bytes(model) / args.tp, cache_bytes=cache_bytes(cfg, model.dtype), matmul_precisions=args.matmul_precision or model.matmul_precision,
                   copy_bw=copy_bw, matmul_rate=mm_rate, params=total, init_s=t_init, fill=args.fill,
@@ -402,7 +410,7 @@ def main(argv=None):
         report["peak_bytes_in_use"] = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in devs]
     save()
     print(f"\n{report['device']} x{args.tp}, {args.preset} ({cfg.num_hidden_layers} layers {kinds}, vocab "
-          f"{cfg.vocab_size}), {args.dtype}, moe={args.moe}, quantize={args.quantize}, weights "
+          f"{cfg.vocab_size}, {cfg.num_experts} experts), {args.dtype}, moe={args.moe}, quantize={args.quantize}, weights "
           f"{report['weight_bytes'] / 2**30:.1f} GiB; copy {copy_bw / 1e12:.2f} TB/s, "
           f"matmul {mm_rate / 1e12:.0f} TFLOP/s")
     print(f"| batch | context | precision | step ms | e2e ms | host gap ms | tok/s | GB/step | MBU |")

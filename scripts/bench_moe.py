@@ -8,11 +8,16 @@ out[t] = sum_j w[t,j] * (silu(x_t Wg[e]) * (x_t Wu[e])) Wd[e] (the shared expert
 Methods (rows):
   lingjax       lingjax.kernels.moe.experts(impl='gpu'): layout + Triton gate_up/down + combine, the
                 routing ids carried through the timed loop (the layout is computed every call)
-  lingjax-sort  the same with the sort-built layout (make_layout method 'sort': what T <= 256 ran
-                before the comparison-built one); only where gpu.pick_layout_method picks 'compare'
+  lingjax-grouped  at T <= gpu.DECODE_MAX_TOKENS: the grouped-matmul path (experts(decode=False)),
+                which 'lingjax' ran there before the decode path (gpu.experts_decode)
+  dec ...       --sweep at decode sizes: the whole decode path with each SWEEP_DECODE config
+  lingjax-sort  (only when named) the same with the sort-built layout (make_layout method 'sort': what
+                T <= 256 ran before the comparison-built one), where gpu.pick_layout_method picks 'compare'
   layout-compare / layout-sort
                 the layout alone (plus a checksum of its arrays)
   lingjax-mm    the two Triton grouped matmuls alone (layout precomputed), default tiles
+  parts         (T > gpu.DECODE_MAX_TOKENS) mm-gate-up: the gate/up grouped matmul alone, default tiles
+                (TFLOP/s over its own useful flops, 2/3 of the layer's; down = lingjax-mm - mm-gate-up)
   mm bm.. ..    --sweep: the grouped matmuls with each configuration of SWEEP_SMALL / SWEEP_LARGE
                 (block_m, gate_up tiles / down tiles, 'p': persistent, 'x': split K, 'h':
                 half-height tiles for half-padding blocks; gpu.Config.tag); the best per T is printed
@@ -71,17 +76,36 @@ SWEEP_SMALL = [  # blocks of <= 32 rows (decode: weight streaming)
     (None, (128, 128, 1, 4, 4, 0, 8), (256, 64, 1, 4, 4, 0, 4)),    # 256/512-byte rows, 512 programs each
     (None, (32, 128, 1, 4, 4, 0, 4), (64, 128, 1, 4, 4, 0, 4)),     # narrow tiles and split: 1024 programs
 ]
+# The decode path (gpu.experts_decode; experts() takes it for T <= gpu.DECODE_MAX_TOKENS, swept at the T keyed
+# here, through gpu.experts_decode at any T): (gate_up, down) gpu.DecodeConfig fields
+# (block_n, block_k, split_k, dot, num_warps, num_stages); rows 'dec ...' time the whole layer (no layout;
+# two kernels + the combine). The first entry is gpu.pick_decode_config's default at T = 1.
+SWEEP_DECODE = {
+    # Session 5 call A at T = 1 (us, whole layer; grouped path 107.4): n128k32 multiply-add x8/x2 s4 120.3, s1 163.0,
+    # x16/x4 187.9, x4/x1 95.0 (best), n256k32 x8/x4 130.8, n128k64 w8 x8/x4 147.4, n64k64 x8/x2 137.2, n1024k8
+    # x32 / n512k16 x8 233.5, dot n128k64 x2/x2 99.3, dot n64k128 x2 / n128k64 x4 98.3: fewer, longer programs
+    # were faster. Round 2 (the default first):
+    1: [((128, 32, 4, False, 4, 4), (128, 32, 1, False, 4, 4)),     # default: 256 / 256 programs, 32 k steps each
+        ((128, 32, 2, False, 4, 4), (128, 32, 1, False, 4, 4)),     # 128 gate/up programs of 64 k steps
+        ((128, 64, 4, False, 4, 3), (128, 64, 1, False, 4, 3)),     # 64-deep k steps
+        ((64, 32, 2, False, 4, 4), (64, 32, 1, False, 4, 4)),       # 128-byte rows: 256 / 512 programs, unsplit down
+        ((128, 64, 2, True, 4, 4), (128, 64, 1, True, 4, 3))],      # tensor cores, down unsplit
+    # call A at T = 4 (grouped path 225.6 us): dot n128k64 x2/x1 300.7, x4/x2 410.1, multiply-add n128k32 x4/x1
+    # 275.8, dot n64k64 x4/x1 639.9: the grouped path stays the default from T = 2
+    4: [((128, 64, 2, True, 4, 4), (128, 64, 1, True, 4, 3)),
+        ((128, 32, 4, False, 4, 4), (128, 32, 1, False, 4, 4))],
+}
 SWEEP_LARGE = [  # blocks of >= 64 rows
-    # default (gpu.LARGE_*): 128 x 128 (x2) / 128 x 256 tiles, 8 warps, persistent 1 per SM (run 17's best)
+    # default (gpu.LARGE_*): 128 x 128 (x2) / 128 x 256 tiles, 8 warps, persistent 1 per SM (run 17's best).
+    # Dropped after session 4 run 2 (slower there): half- and quarter-height tiles, 4 stages, 128-deep k steps,
+    # the pre-run-17 default. Session 5: blocks of 64 rows at T = 4096 (an expert's 128 +- 11 pairs padded to
+    # 1.25x the useful products instead of 1.46x) with the large tiles' width, and group_m 16.
     (None, (128, 64, 8, 8, 3, 1), (256, 64, 8, 8, 3, 1)),
-    # the same + half-height tiles where a block's second half is padding (T = 4096: 1.23x the useful
-    # products instead of 1.46x; slower in session 4 run 2)
-    (None, (128, 64, 8, 8, 3, 1, 1, 1), (256, 64, 8, 8, 3, 1, 1, 1)),
-    (None, (128, 64, 8, 8, 3, 1, 1, 2), (256, 64, 8, 8, 3, 1, 1, 2)),   # + quarter-height tiles (1.12x)
-    (None, (64, 64, 8, 4, 3), (128, 64, 8, 4, 3)),             # the default before run 17
-    (None, (128, 64, 8, 8, 3, 0, 1, 1), (256, 64, 8, 8, 3, 0, 1, 1)),   # one program per tile
-    (None, (128, 64, 8, 8, 4, 1, 1, 1), (256, 64, 8, 8, 4, 1, 1, 1)),   # 4 stages (192 KiB shared)
-    (None, (128, 128, 8, 8, 2, 1), (256, 128, 8, 8, 2, 1)),    # 128-deep k steps, 2 stages
+    (64, (128, 64, 8, 4, 4, 1), (256, 64, 8, 8, 3, 1)),       # 64 x 128 (x2) gate/up, one warpgroup
+    (64, (256, 64, 8, 8, 3, 1), (256, 64, 8, 8, 3, 1)),       # 64 x 256 (x2) gate/up, two warpgroups
+    (64, (128, 64, 8, 8, 3, 1), (256, 64, 8, 8, 4, 1)),
+    (64, (128, 64, 8, 4, 3), (256, 64, 8, 4, 3)),              # one program per tile
+    (None, (128, 64, 16, 8, 3, 1), (256, 64, 16, 8, 3, 1)),   # 16 blocks per n tile in the tile order
 ]
 
 
@@ -189,19 +213,42 @@ def hlo_ops(fn, args):
     return dict(ops), sum(ops.values())
 
 
-def loop_time(fn, args, iters, reps, unroll=False):
-    """Device time per call: `iters` calls chained in one jitted fori_loop (x_{i+1} depends on out_i).
-    Every array is an argument of the jitted loop (closed-over arrays would become constants).
-    unroll: the calls inlined one after the other (no while loop, whose per-iteration condition can
-    cost the GPU a round trip to the host: a fixed cost that matters next to a 50 us decode layer)."""
+def loop_fn(fn, iters, unroll):
+    """The jitted loop of loop_time: `iters` calls of fn chained through x."""
     import jax
 
     def loop(x, *rest):
         def body(i, x):
             return (x + 1e-3 * fn(x, *rest)).astype(x.dtype)
         return jax.lax.fori_loop(0, iters, body, x, unroll=True if unroll else 1)
+    return jax.jit(loop)
 
-    run = jax.jit(loop)
+
+def kernel_trace(fn, args, iters, unroll):
+    """Per-kernel device times of loop_time's loop (CUPTI through the XLA profiler, as
+    bench_linear_attention.py --trace): {busy_us, span_us per call (span - busy: the device idle between
+    kernels, e.g. waiting for the host), kernels: {name: [count per call, median us]}} of the busiest stream."""
+    import jax
+    from bench_linear_attention import device_trace
+    run = loop_fn(fn, iters, unroll)
+    jax.block_until_ready(run(*args))
+    tr = device_trace(lambda: jax.block_until_ready(run(*args)), iters)
+    streams = [t for k, t in tr.items() if k != "_lines"]
+    if not streams:
+        return dict(error="no device stream in the profile")
+    t = max(streams, key=lambda t: t["busy_us"])
+    return dict(busy_us=t["per_call_busy_us"], span_us=t["per_call_span_us"],
+                kernels={k: [v["n"] / iters, v["median_us"]] for k, v in
+                         sorted(t["kernels"].items(), key=lambda kv: -kv[1]["sum_us"])})
+
+
+def loop_time(fn, args, iters, reps, unroll=False):
+    """Device time per call: `iters` calls chained in one jitted fori_loop (x_{i+1} depends on out_i).
+    Every array is an argument of the jitted loop (closed-over arrays would become constants).
+    unroll: the calls inlined one after the other (no while loop, whose per-iteration condition can
+    cost the GPU a round trip to the host: a fixed cost that matters next to a 50 us decode layer)."""
+    import jax
+    run = loop_fn(fn, iters, unroll)
     jax.block_until_ready(run(*args))                            # compile + warm
     ts = []
     for _ in range(reps):
@@ -330,6 +377,8 @@ def main(argv=None):
     p.add_argument("--oracle-tokens", type=int, default=4, help="tokens checked against float64 numpy (default 4)")
     p.add_argument("--sweep", default="", help="token counts at which to also time the grouped matmuls with "
                    "each tile configuration of SWEEP_SMALL / SWEEP_LARGE (rows 'mm[...]')")
+    p.add_argument("--trace", default="", help="token counts at which the 'lingjax' and 'lingjax-grouped' rows are also "
+                   "run under the XLA profiler: per-kernel device times, busy vs span per call (GPU)")
     p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny shapes, reference impl, no peers")
     p.add_argument("--out", help="JSON output (default $OUT/bench_moe.json when $OUT is set)")
     args = p.parse_args(argv)
@@ -344,7 +393,7 @@ def main(argv=None):
     tokens = [1, 5, 64] if args.smoke else [int(t) for t in args.tokens.split(",")]
     methods = args.methods.split(",")
     if args.smoke:
-        methods = [m for m in methods if m in ("lingjax", "lingjax-mm", "layout", "old", "ragged_dot")]
+        methods = [m for m in methods if m in ("lingjax", "lingjax-mm", "layout", "parts", "old", "ragged_dot")]
     copy_bw, mm_rate = ceilings(args.smoke)
     if not args.smoke:             # the larger of JAX's and PyTorch's measurement: the % columns stay conservative
         try:
@@ -378,8 +427,10 @@ def main(argv=None):
             small = T * k <= COMPARE_MAX_PAIRS          # where the layout is built by comparisons
             if "lingjax" in methods:
                 cands["lingjax"] = carried_routing(lambda *a: experts(*a, impl=impl))
-                if small:                                 # the same layer with the sort-built layout (before)
+                if "lingjax-sort" in methods and small and T > getattr(mod, "DECODE_MAX_TOKENS", 0):
                     cands["lingjax-sort"] = carried_routing(lambda *a: experts(*a, impl=impl, layout_method="sort"))
+                if T <= getattr(mod, "DECODE_MAX_TOKENS", 0):           # the grouped path (before)
+                    cands["lingjax-grouped"] = carried_routing(lambda *a: experts(*a, impl=impl, decode=False))
             if "layout" in methods:
                 for m in (("compare", "sort") if small else ("sort",)):
                     cands[f"layout-{m}"] = layout_only(n_exp, bm0, m)
@@ -399,8 +450,22 @@ def main(argv=None):
                 checks[name] = lambda x, idx, w, wg, wu, wd: combine(y(x, wg, wu, wd), lay, w).astype(x.dtype)
             if "lingjax-mm" in methods:
                 add_mm("lingjax-mm", layout_for(bm0))
+            part_flops = {}
+            if "parts" in methods and T > getattr(mod, "DECODE_MAX_TOKENS", 0):
+                lay0 = layout_for(bm0)
+                cands["mm-gate-up"] = lambda x, idx, w, wg, wu, wd: mod.gate_up(x, lay0, wg, wu)[: x.shape[0], :1] \
+                    .astype(x.dtype) * jnp.ones((1, x.shape[1]), x.dtype)
+                part_flops = {"mm-gate-up": flops * 2 // 3}
             sweep = {}
-            if str(T) in args.sweep.split(",") and not args.smoke:
+            if str(T) in args.sweep.split(",") and not args.smoke and T in SWEEP_DECODE:
+                for gu, dn in SWEEP_DECODE[T]:
+                    cg, cd = mod.DecodeConfig(*gu), mod.DecodeConfig(*dn)
+                    name = f"dec {cg.tag()}/{cd.tag()}"
+                    cands[name] = carried_routing(
+                        lambda *a, _g=cg, _d=cd: mod.experts_decode(*a, gate_up_config=_g, down_config=_d))
+                    checks[name] = cands[name]
+                    sweep[name] = dict(decode=True, gate_up=dataclasses.asdict(cg), down=dataclasses.asdict(cd))
+            elif str(T) in args.sweep.split(",") and not args.smoke:
                 for bm, gu, dn in (SWEEP_SMALL if bm0 <= 32 else SWEEP_LARGE):
                     cg, cd = mod.Config(*gu), mod.Config(*dn)
                     name = f"mm bm{bm or bm0} {cg.tag()}/{cd.tag()}"
@@ -434,12 +499,22 @@ def main(argv=None):
                         out = jax.jit(checks[name])(*args_)
                         row["rel_err"] = oracle_rel(out, *args_, args.oracle_tokens if d < 8192 else 2, cache)
                     t = loop_time(fn, args_, args.iters if flops < 1e13 else 3, args.reps, unroll=args.unroll)
+                    if str(T) in args.trace.split(",") and name in ("lingjax", "lingjax-grouped") and not args.smoke:
+                        try:
+                            row["trace"] = kernel_trace(fn, args_, args.iters, args.unroll)
+                        except Exception as e:          # noqa: BLE001 (the timing stands without it)
+                            row["trace"] = dict(error=f"{type(e).__name__}: {e}"[:200])
+                        tr = row["trace"]
+                        log.info("  trace %s T=%d: %s", name, T, tr.get("error") or
+                                 f"busy {tr['busy_us']:.1f} us / span {tr['span_us']:.1f} us per call; " + "; ".join(
+                                     f"{k} x{c:g} {us:.1f} us" for k, (c, us) in list(tr["kernels"].items())[:8]))
                 except Exception as e:                      # noqa: BLE001 (OOM, unsupported: recorded)
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
                     rows.append(row)
                     log.info("%-6s T=%-6d %-12s error %s", sname, T, name, row["error"][:120])
                     continue
-                row.update(us=t * 1e6, tflops=flops / t / 1e12, pct_matmul=100 * flops / t / mm_rate,
+                f_row = part_flops.get(name, flops)
+                row.update(us=t * 1e6, tflops=f_row / t / 1e12, pct_matmul=100 * f_row / t / mm_rate,
                            tbps=nbytes / t / 1e12, pct_copy=100 * nbytes / t / copy_bw)
                 rows.append(row)
                 log.info("%-6s T=%-6d %-12s %10.1f us %7.1f TFLOP/s (%5.1f%%) %6.2f TB/s (%5.1f%%)%s%s", sname, T, name,
@@ -474,7 +549,8 @@ def main(argv=None):
             print(f"{r['shape']:<6} {r['T']:>6} {r['method']:<{w}} {r.get('error') or 'skipped: ' + r.get('skipped', '')}"[:160])
     best.update(best_configs(rows))
     for key, b in best.items():
-        print(f"best grouped matmul {key}: {b['method']} {b['us']:.1f} us ({b['speedup']:.2f}x the default tiles)")
+        print(f"best {'decode path' if b['config'].get('decode') else 'grouped matmul'} {key}: {b['method']} "
+              f"{b['us']:.1f} us ({b['speedup']:.2f}x the default)")
     save()
     return 0
 
@@ -489,7 +565,8 @@ def best_configs(rows):
         if key not in best or r["us"] < best[key]["us"]:
             best[key] = dict(method=r["method"], us=r["us"], config=r["config"])
     for key, b in best.items():
-        base = [r["us"] for r in rows if "us" in r and r["method"] == "lingjax-mm" and f"{r['shape']} T={r['T']}" == key]
+        ref = "lingjax" if b["config"].get("decode") else "lingjax-mm"     # decode rows: the whole layer
+        base = [r["us"] for r in rows if "us" in r and r["method"] == ref and f"{r['shape']} T={r['T']}" == key]
         b["speedup"] = base[0] / b["us"] if base else float("nan")
     return best
 

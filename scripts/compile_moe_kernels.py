@@ -25,8 +25,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from bench_moe import E, K, SHAPES, SWEEP_LARGE, SWEEP_SMALL  # noqa: E402
+from bench_moe import E, K, SHAPES, SWEEP_DECODE, SWEEP_LARGE, SWEEP_SMALL  # noqa: E402
 from lingjax.kernels.moe import gpu  # noqa: E402
+from lingjax.kernels.moe import triton_decode as td  # noqa: E402
 from lingjax.kernels.moe import triton_kernels as tk  # noqa: E402
 from lingjax.kernels.moe.layout import num_blocks  # noqa: E402
 
@@ -90,6 +91,20 @@ def kernels(T, d, I, bm, cg, cd, dt):
     return out
 
 
+def decode_kernels(T, d, I, cg, cd, dt):
+    """[(name, kernel, pointer types, constexprs, config)] of the decode path (gpu.experts_decode)."""
+    n = T * K
+    M = max(16, 1 << (n - 1).bit_length())
+    prec = "" if dt != "fp32" else "tf32x3"
+    cg, cd = gpu._fit_decode(cg, d, I), gpu._fit_decode(cd, I, d)
+    gu = dict(PAIRS=n, TOP_K=K, E=E, K=d, N=I, M=M, BLOCK_N=cg.block_n, BLOCK_K=cg.block_k, SPLIT_K=cg.split_k,
+              DOT=cg.dot, PRECISION=prec, STAGES=cg.num_stages)
+    dn = dict(PAIRS=n, E=E, K=I, N=d, M=M, BLOCK_N=cd.block_n, BLOCK_K=cd.block_k, SPLIT_K=cd.split_k,
+              SPLIT_GU=cg.split_k, DOT=cd.dot, PRECISION=prec, STAGES=cd.num_stages)
+    return [("gate_up", td.gate_up_decode_kernel, [f"*{dt}", "*i32", f"*{dt}", f"*{dt}", "*fp32", "*fp32"], gu, cg),
+            ("down", td.down_decode_kernel, ["*fp32", "*fp32", "*i32", f"*{dt}", "*fp32"], dn, cd)]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="flash", choices=sorted(SHAPES))
@@ -103,8 +118,14 @@ def main(argv=None):
         bm = gpu.pick_block_m(T * K, E)
         plans.append((f"default T={T}", T, bm, gpu.pick_config("gate_up", bm, d, I, itemsize),
                       gpu.pick_config("down", bm, I, d, itemsize)))
+    for T in (1, 2, 4):              # the decode path (default at T = 1; 2, 4: its dot form, experts(decode=True))
+        plans.append((f"decode T={T}", T, 0, gpu.pick_decode_config("gate_up", T, T * K, d, I),
+                      gpu.pick_decode_config("down", T, T * K, I, d)))
     if dt == "bf16":
-        for T, sweep in ((1, SWEEP_SMALL), (4096, SWEEP_LARGE)):
+        for T, sweep in SWEEP_DECODE.items():
+            for gu, dn in sweep:
+                plans.append((f"dec sweep T={T}", T, 0, gpu.DecodeConfig(*gu), gpu.DecodeConfig(*dn)))
+        for T, sweep in ((16, SWEEP_SMALL), (4096, SWEEP_LARGE)):
             for bm, gu, dn in sweep:
                 bm = bm or gpu.pick_block_m(T * K, E)
                 plans.append((f"sweep T={T}", T, bm, gpu.Config(*gu), gpu.Config(*dn)))
@@ -112,7 +133,8 @@ def main(argv=None):
     print(f"{'plan':<16} {'bm':>4} {'kernel':<8} {'config':<26} {'shared':>8} {'wgmma':>5} {'cp.async':>8} "
           f"{'ptx':>6} {'regs':>4} {'spill':>5}")
     for name, T, bm, cg, cd in plans:
-        for kind, kernel, ptrs, consts, c in kernels(T, d, I, bm, cg, cd, dt):
+        ks = decode_kernels(T, d, I, cg, cd, dt) if bm == 0 else kernels(T, d, I, bm, cg, cd, dt)
+        for kind, kernel, ptrs, consts, c in ks:
             try:
                 r = compile_one(kernel, ptrs, consts, c)
             except Exception as e:                      # noqa: BLE001 (reported; exit status 1)

@@ -12,7 +12,8 @@ Presets:
   1t         Ling-2.5-1T shapes (d 8192, 64 x 128 heads, 256 experts of width 2048, dense width 18432,
              group_norm_size 8), 80 layers (70 linear + 10 MLA), vocabulary 157,184
   tiny       small shapes for CPU smoke tests
-`layers=` / `vocab=` override the depth and the vocabulary (a cut is said in every table).
+`layers=` / `vocab=` override the depth and the vocabulary (a cut is said in every table); `experts=` the number
+of routed experts (for CPU checks of a full-width command).
 """
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ TINY = dict(hidden_size=64, num_attention_heads=8, head_dim=16, intermediate_siz
 PRESETS = {"flash8": dict(FLASH, num_hidden_layers=8, vocab_size=32768), "flash": FLASH, "1t": ONE_T, "tiny": TINY}
 
 
-def preset(name: str, layers: int | None = None, vocab: int | None = None):
+def preset(name: str, layers: int | None = None, vocab: int | None = None, experts: int | None = None):
+    """The preset's BailingConfig; layers / vocab / experts override its depth, vocabulary and number of
+    routed experts (a reduced copy for CPU checks of a real-shape command)."""
     from lingjax.config import BailingConfig
     if name not in PRESETS:
         raise SystemExit(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
@@ -38,6 +41,8 @@ def preset(name: str, layers: int | None = None, vocab: int | None = None):
         shapes["num_hidden_layers"] = layers
     if vocab:
         shapes["vocab_size"] = vocab
+    if experts:
+        shapes["num_experts"] = experts
     cfg = BailingConfig(num_key_value_heads=shapes["num_attention_heads"], num_shared_experts=1,
                         first_k_dense_replace=1, routed_scaling_factor=2.5, rope_theta=6e6,
                         max_position_embeddings=262144, num_nextn_predict_layers=0, pad_token_id=0, eos_token_id=1,

@@ -2,7 +2,8 @@
 on the CPU at the Ling-2.6-flash shapes (d 4096, I 1024, E 256, top-8), its jax-triton calls checked
 (kernels, block size, grid, schedule) and compiled for sm_90 by jax-triton's own compile function
 (Triton -> PTX): every launch fits the H200's shared memory, the large-block products run on the
-tensor cores (wgmma). The decode-size layout is built without a sort, the large one with it. The
+tensor cores (wgmma). The decode-size layout is built without a sort, the large one with it; T <=
+gpu.DECODE_MAX_TOKENS runs the decode kernels (triton_decode.py) without a layout. The
 persistent schedule's launch (programs per SM) is the default at large blocks and compiles, with the
 half-height tiles too; the
 split-K kernels (decode sizes) launch split_k programs per tile and compile. Values: tests/test_moe_triton_interpret.py
@@ -25,12 +26,12 @@ def args(T, dt=jnp.bfloat16):
             sd((E, I, D), dt))
 
 
-@pytest.mark.parametrize("T,bm,sort", [(1, 16, False), (4096, 128, True)])
+@pytest.mark.parametrize("T,bm,sort", [(16, 16, False), (4096, 128, True)])
 def test_gpu_experts_trace_and_compile_for_sm90(jax_triton_call, T, bm, sort):
     jaxpr = jax.make_jaxpr(lambda *a: moe.experts(*a, impl="gpu"))(*args(T)).jaxpr
     calls = _triton_calls(jax_triton_call, jaxpr)
     assert [c.params["fn"].fn.__name__ for c in calls] == ["gate_up_kernel", "down_kernel"]
-    assert bool(_eqns(jaxpr, "sort")) == sort          # T = 1: the comparison-built layout
+    assert bool(_eqns(jaxpr, "sort")) == sort          # T = 16: the comparison-built layout
     nb = num_blocks(T * K, E, bm)
     for c, n in zip(calls, (I, D)):
         p = c.params
@@ -44,6 +45,32 @@ def test_gpu_experts_trace_and_compile_for_sm90(jax_triton_call, T, bm, sort):
         assert 0 < shared <= SM90_SMEM
         if bm >= 64:
             assert "wgmma" in ptx
+
+
+@pytest.mark.parametrize("T,decode", [(1, None), (4, True)])
+def test_gpu_decode_path_trace_and_compile_for_sm90(jax_triton_call, T, decode):
+    """T <= gpu.DECODE_MAX_TOKENS (or decode=True): the decode kernels on the pairs (no layout: no sort, no
+    grouped matmul), the multiply-add form at T = 1 and tl.dot at T = 4, K split as gpu.pick_decode_config
+    says, float32 partials; decode=False (and the default at T = 4) runs the grouped matmul."""
+    jaxpr = jax.make_jaxpr(lambda *a: moe.experts(*a, impl="gpu", decode=decode))(*args(T)).jaxpr
+    calls = _triton_calls(jax_triton_call, jaxpr)
+    assert [c.params["fn"].fn.__name__ for c in calls] == ["gate_up_decode_kernel", "down_decode_kernel"]
+    assert not _eqns(jaxpr, "sort")
+    n = T * K
+    for c, (kk, nn) in zip(calls, ((D, I), (I, D))):
+        p = c.params
+        cfg = gpu.pick_decode_config("gate_up" if nn == I else "down", T, n, kk, nn, gpu.num_sms())
+        assert p["DOT"] == (T > 1) == cfg.dot and p["PAIRS"] == n and p["SPLIT_K"] == cfg.split_k
+        assert p["grid"] == (n, nn // cfg.block_n, cfg.split_k)
+        assert all(v.aval.dtype == jnp.float32 and v.aval.shape[:2] == (cfg.split_k, n) for v in c.outvars)
+        shared, _, _ = _compile_call(jax_triton_call, c)
+        assert 0 < shared <= SM90_SMEM
+    for dec in ((False, None) if T > gpu.DECODE_MAX_TOKENS else (False,)):
+        grouped = jax.make_jaxpr(lambda *a: moe.experts(*a, impl="gpu", decode=dec))(*args(T)).jaxpr
+        assert [c.params["fn"].fn.__name__ for c in _triton_calls(jax_triton_call, grouped)] == [
+            "gate_up_kernel", "down_kernel"]
+    with pytest.raises(ValueError, match="split_k"):
+        gpu._fit_decode(gpu.DecodeConfig(block_n=128, block_k=32, split_k=3), D, I)
 
 
 def test_persistent_schedule_launch_compiles_for_sm90(jax_triton_call):
@@ -83,3 +110,20 @@ def test_split_k_launch_compiles_for_sm90(jax_triton_call):
         gpu._fit(gpu.Config(block_n=64, block_k=128, split_k=3), D, I)     # 32 k steps
     with pytest.raises(ValueError, match="persistent"):
         gpu._fit(gpu.Config(block_n=64, block_k=128, split_k=2, persistent=1), D, I)
+
+
+def test_decode_combine_masks_dropped_pairs():
+    """gpu.combine_pairs (the decode path's combine): slices summed, pairs weighted and summed in float32;
+    the unwritten partial rows of dropped pairs (NaN here) add nothing."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    T, k, E, d, S = 3, 4, 8, 16, 2
+    idx = rng.integers(0, E, (T, k)).astype(np.int32)
+    idx[0, 1], idx[2, 3] = -1, E + 2
+    y = rng.standard_normal((S, T * k, d)).astype(np.float32)
+    w = rng.uniform(0.1, 1.0, (T, k)).astype(np.float32)
+    valid = (idx >= 0) & (idx < E)
+    y[:, ~valid.reshape(-1)] = np.nan
+    want = np.einsum("tk,tkd->td", np.where(valid, w, 0.0), np.nan_to_num(y.astype(np.float64).sum(0)).reshape(T, k, d))
+    got = np.asarray(gpu.combine_pairs(jnp.asarray(y), jnp.asarray(idx), jnp.asarray(w), E))
+    assert got.dtype == np.float32 and np.allclose(got, want, rtol=1e-5, atol=1e-6)

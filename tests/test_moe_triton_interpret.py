@@ -231,6 +231,79 @@ def test_half_and_quarter_height_tiles_match_float64(results, dtype, precision, 
     assert quarter > 0 and half > 0 and full > 0, rs                 # all three tile heights run
 
 
+# The decode kernels (triton_decode.py): (T, k, E, routing, dot, split of gate/up, split of down). Both forms,
+# split and unsplit K; duplicates (a token's pairs all to one expert: the dot form's one program per expert
+# takes every row of it; the multiply-add form one program per pair), dropped ids (-1, E + 3), a token with
+# every pair dropped, more tokens than one.
+DECODE_CASES = [(1, 4, 8, "uniform", False, 2, 1), (1, 4, 8, "uniform", True, 1, 2),
+                (3, 2, 4, "one_expert", True, 2, 2), (3, 3, 8, "dropped", True, 2, 1),
+                (3, 3, 8, "dropped", False, 1, 2)]
+DECODE = [("float32", "ieee", 1e-5), ("float16", "", 1e-2)]
+
+
+def measure_decode(td, case, dtype, precision):
+    """Run both decode kernels and the combine (as gpu.experts_decode: partial slices summed in order,
+    dropped pairs masked) -> relative error of out [T, d] against the float64 oracle, and whether the
+    dropped pairs' partial rows kept the sentinel (unwritten)."""
+    import torch
+    T, k, E, routing, dot, sg, sd = case
+    d, I, bn, bk = 64, 32, 16, 16
+    dtype = np.dtype(dtype)
+    rng = np.random.default_rng(T * 11 + E + k)
+    idx = np.stack([rng.choice(E, k, replace=False) for _ in range(T)]).astype(np.int32)
+    if routing == "one_expert":
+        idx[:] = E - 1
+    elif routing == "dropped":
+        idx[0] = -1
+        idx[1, 0] = E + 3
+    w = rng.uniform(0.1, 1.0, (T, k))
+    x = rng.standard_normal((T, d)).astype(dtype)
+    wg = (rng.standard_normal((E, d, I)) / np.sqrt(d)).astype(dtype)
+    wu = (rng.standard_normal((E, d, I)) / np.sqrt(d)).astype(dtype)
+    wd = (rng.standard_normal((E, I, d)) / np.sqrt(I)).astype(dtype)
+    tt = lambda a: torch.from_numpy(np.ascontiguousarray(a))         # noqa: E731
+    n = T * k
+    sentinel = 1027.0
+    g, u = (torch.full((sg, n, I), sentinel, dtype=torch.float32) for _ in range(2))
+    flat = tt(idx.reshape(-1))
+    M = max(16, 1 << (n - 1).bit_length())
+    td.gate_up_decode_kernel[(n, I // bn, sg)](tt(x), flat, tt(wg), tt(wu), g, u, PAIRS=n, TOP_K=k, E=E, K=d, N=I,
+                                              M=M, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sg, DOT=dot, PRECISION=precision)
+    y = torch.full((sd, n, d), sentinel, dtype=torch.float32)
+    td.down_decode_kernel[(n, d // bn, sd)](g, u, flat, tt(wd), y, PAIRS=n, E=E, K=I, N=d, M=M, BLOCK_N=bn,
+                                           BLOCK_K=bk, SPLIT_K=sd, SPLIT_GU=sg, DOT=dot, PRECISION=precision)
+    valid = ((idx >= 0) & (idx < E)).reshape(-1)
+    ysum = y.double().numpy().sum(0)
+    out = np.zeros((T, d))
+    want = np.zeros((T, d))
+    x64 = x.astype(np.float64)
+    for t in range(T):
+        for j in range(k):
+            q, e = t * k + j, idx[t, j]
+            if not valid[q]:
+                continue
+            out[t] += w[t, j] * ysum[q]
+            a, b = x64[t] @ wg[e].astype(np.float64), x64[t] @ wu[e].astype(np.float64)
+            want[t] += w[t, j] * ((a / (1 + np.exp(-a)) * b) @ wd[e].astype(np.float64))
+    dropped = ~valid
+    untouched = bool(all((a[:, dropped] == sentinel).all() for a in (g, u, y)))
+    return dict(rel=float(np.linalg.norm(out - want) / np.linalg.norm(want)), n_dropped=int(dropped.sum()),
+                dropped_untouched=untouched)
+
+
+def _decode_key(case, dtype, precision):
+    return f"decode-{case}-{dtype}-{precision}"
+
+
+@pytest.mark.parametrize("dtype,precision,tol", DECODE)
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_decode_kernels_match_float64(results, case, dtype, precision, tol):
+    r = results[_decode_key(case, dtype, precision)]
+    assert r["rel"] < tol, r
+    assert r["dropped_untouched"], "dropped pairs' partial rows must not be written"
+    assert (r["n_dropped"] > 0) == (case[3] == "dropped"), r
+
+
 if __name__ == "__main__":          # the child process
     tk = _load_interpreted()
     res = {_key(c, dt, pr): measure(tk, c, dt, pr) for c in CASES for dt, pr, _ in PARAMS}
@@ -241,4 +314,6 @@ if __name__ == "__main__":          # the child process
                 for c in SHORT_CASES for dt, pr, _, n in SHORT})
     res.update({_key(c, dt, pr, n, short=2): measure(tk, c, dt, pr, n, short=2)
                 for c in SHORT2_CASES for dt, pr, _, n in SHORT2})
+    from lingjax.kernels.moe import triton_decode as td
+    res.update({_decode_key(c, dt, pr): measure_decode(td, c, dt, pr) for c in DECODE_CASES for dt, pr, _ in DECODE})
     print(json.dumps(res))

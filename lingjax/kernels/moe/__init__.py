@@ -13,7 +13,9 @@ Steps (the same for every implementation; only the two grouped matmuls differ):
 
 Implementations (impl=):
   reference      pure jnp (reference.py): the CPU path, differentiable, the oracle of the kernels
-  gpu            Triton grouped matmul through jax-triton (gpu.py; imports jax_triton: GPU only); FP8
+  gpu            Triton grouped matmul through jax-triton (gpu.py; imports jax_triton: GPU only); for
+                 T <= gpu.DECODE_MAX_TOKENS (1) the decode path instead (gpu.experts_decode: weight-streaming
+                 kernels over the pairs, triton_decode.py; no layout, no grouped matmul); FP8
                  weights (quant.FP8Weight): the FP8 variant (gpu_fp8.py + triton_fp8.py: fp8 x fp8
                  products, float32 accumulation) where it takes them, else dequantized as below
   tpu            Pallas Mosaic TPU grouped matmul (tpu.py)
@@ -68,12 +70,15 @@ def combine(y, layout: Layout, weights):
     return out
 
 
-def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None, layout_method=None):
+def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None, layout_method=None, decode=None):
     """Routed experts: x [T, d]; idx [T, k] int32 expert ids local to this device (ids outside
     [0, E) are dropped: another device's experts); weights [T, k] float32 combine weights;
     w_gate/w_up [E, d, I], w_down [E, I, d] as stored (cast to x.dtype only if they differ), or FP8
     weights (lingjax.quant.FP8Weight) of those shapes; layout_method: make_layout's method ('sort' or
-    'compare'; None: the implementation's pick_layout_method)
+    'compare'; None: the implementation's pick_layout_method); decode (impl 'gpu', 16-bit or float32
+    weights): True runs gpu.experts_decode (no layout: weight-streaming kernels over the pairs), False
+    the grouped matmul, None (default) the decode path when T <= gpu.DECODE_MAX_TOKENS (and
+    gpu.decode_fits(d, I))
     -> [T, d] in x.dtype."""
     impl = resolve(impl)
     T, d = x.shape
@@ -100,6 +105,9 @@ def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None, layout_method=N
         w_gate, w_up, w_down = (quant.dequantize(w, x.dtype) for w in (w_gate, w_up, w_down))
     w_gate, w_up, w_down = (w if w.dtype == x.dtype else w.astype(x.dtype) for w in (w_gate, w_up, w_down))
     mod = _module(impl)
+    if impl == 'gpu' and not fp8 and (decode if decode is not None else
+                                      T <= mod.DECODE_MAX_TOKENS and mod.decode_fits(d, I)):
+        return mod.experts_decode(x, idx.astype(jnp.int32), weights, w_gate, w_up, w_down)
     kw = {'interpret': True} if impl == 'tpu_interpret' else {}
     block_m = mod.pick_block_m(T * idx.shape[1], E)
     lay = make_layout(idx.astype(jnp.int32), E, block_m, layout_method or mod.pick_layout_method(idx.size))

@@ -106,8 +106,11 @@ def pick_block_m(n_pairs: int, n_experts: int) -> int:
 # do not: T = 4096: 2373 us without (p1), 2437 with (p1h1); T = 16384: 6817 us (484 TFLOP/s, 71% of the
 # 681 measured dense rate; torch._grouped_mm 6852 us) without, 7390 with. So short_blocks stays 0 by default
 # (an option, swept).
-LARGE_GATE_UP = Config(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3, persistent=1)
-LARGE_DOWN = Config(block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3, persistent=1)
+# Session 5 call A (T = 4096): 16 blocks per n tile in the tile order (group_m 16) 2214.1 us against 2272.3 /
+# 2318.3 us for group_m 8 (two rows of the same config); 64-row blocks with the same tile widths were slower
+# (2393-2719 us: more blocks, so more weight-panel reads). group_m 16 is the default since.
+LARGE_GATE_UP = Config(block_n=128, block_k=64, group_m=16, num_warps=8, num_stages=3, persistent=1)
+LARGE_DOWN = Config(block_n=256, block_k=64, group_m=16, num_warps=8, num_stages=3, persistent=1)
 
 
 def pick_config(kind: str, block_m: int, K: int, N: int, itemsize: int = 2) -> Config:
@@ -205,3 +208,113 @@ def down(h, layout, w_down, *, config: Config | None = None, f32_dot: str = "tf3
         h, layout.row_token, layout.block_expert, layout.num_used_blocks.reshape(1), wd, kernel=tk.down_kernel,
         out_shape=jax.ShapeDtypeStruct((P, d), h.dtype), name="moe_down", PERSISTENT=persistent,
         NUM_PROGRAMS=programs, SHORT=int(c.short_blocks), N_TOKENS=layout.pair_row.shape[0], **common)
+
+
+# ------------------------------------------------------------------------------------------ decode path
+# Token counts up to which experts() runs the decode path (experts_decode: triton_decode.py's weight-streaming
+# kernels on the pairs, no layout) instead of the grouped matmul. Session 5 call A (flash shapes, whole layer,
+# scripts/bench_notes_moe.md): T = 1 95.0 us (multiply-add form, the sweep's best) against 107.4 us for the
+# grouped path; T = 4 275.8 us (best of four configs, both forms) against 225.6 us: so one token only.
+DECODE_MAX_TOKENS = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """One decode kernel's launch (triton_decode.py): [BLOCK_K, block_n] weight tiles, each program's K range
+    cut into split_k slices (one program each, float32 partials summed in order); dot True: one program
+    per touched expert with tl.dot over its pairs' rows, False: one per pair, float32 multiply-adds;
+    num_stages: the launch's (dot) or the k loop's (multiply-add; 1: loads not pipelined) stages."""
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    dot: bool = True
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def tag(self) -> str:
+        """n128k32x8fw4s4: 128-wide, 32-deep tiles, K in 8 slices, f(ma) or d(ot), 4 warps, 4 stages."""
+        return (f"n{self.block_n}k{self.block_k}x{self.split_k}{'d' if self.dot else 'f'}"
+                f"w{self.num_warps}s{self.num_stages}")
+
+
+def pick_decode_config(kind: str, n_tokens: int, n_pairs: int, K: int, N: int, sms: int = 132) -> DecodeConfig:
+    """Rule: the multiply-add form for one token (its k experts are distinct: one program per pair reads each
+    once; no 16-row tensor-core tile for one real row), tl.dot with one program per expert otherwise (only
+    when asked for: experts(decode=True)); 128-column (256-byte) weight rows, 32-deep k steps, 4 stages; K
+    split in the fewest power-of-2 slices that give at least one program per SM. Session 5 call A at T = 1
+    (flash shapes, SWEEP_DECODE): more slices were slower at every step (gate/up x4 / down x1: 95.0 us,
+    x8 / x2: 120.3, x16 / x4: 187.9), so programs are made long (32 k steps here) rather than many; this
+    rule gives x4 / x1 there (256 programs each)."""
+    dot = n_tokens > 1
+    bn, bk = min(128, N), min(64 if dot else 32, K)
+    split = 1
+    while n_pairs * (N // bn) * split < sms and K // bk // (2 * split) >= 4 and (K // bk) % (2 * split) == 0:
+        split *= 2
+    return DecodeConfig(block_n=bn, block_k=bk, split_k=split, dot=dot, num_warps=4,
+                        num_stages=3 if dot and kind == "down" else 4)
+
+
+def decode_fits(d: int, I: int) -> bool:
+    """Whether the decode kernels' default tiles fit the dims (powers of 2, >= 16: every real model's);
+    experts() runs the grouped matmul otherwise."""
+    return all(v >= 16 and v & (v - 1) == 0 for v in (d, I))
+
+
+def _fit_decode(c: DecodeConfig, K: int, N: int) -> DecodeConfig:
+    bn, bk = min(c.block_n, N), min(c.block_k, K)
+    least = 16 if c.dot else 1                                        # tl.dot tiles: >= 16 x 16
+    if N % bn or K % bk or (K // bk) % c.split_k or min(bn, bk) < least or bn & (bn - 1) or bk & (bk - 1):
+        raise ValueError(f"MoE decode kernel: dims K={K}, N={N} must be multiples of the tile ({c.block_k}, "
+                         f"{c.block_n}) (powers of 2, >= {least}), and K's {K // bk} k steps of split_k={c.split_k}")
+    return dataclasses.replace(c, block_n=bn, block_k=bk)
+
+
+def experts_decode(x, idx, weights, w_gate, w_up, w_down, *, gate_up_config: DecodeConfig | None = None,
+                   down_config: DecodeConfig | None = None, f32_dot: str = "tf32x3"):
+    """The routed experts of a few tokens (experts() takes it for T <= DECODE_MAX_TOKENS) without the layout: x [T, d]; idx
+    [T, k] int32 local expert ids (others dropped); weights [T, k] float32; w_gate/w_up [E, d, I], w_down
+    [E, I, d] in x.dtype -> [T, d] in x.dtype: sum_j weights[t, j] * y[t, j] in float32 (j in order), y
+    in float32 (triton_decode.py's kernels; two launches plus one XLA fusion for the combine)."""
+    from lingjax.kernels.jax_triton_lib import jax_triton
+    jt = jax_triton()
+    from lingjax.kernels.moe import triton_decode as td
+    T, d = x.shape
+    k = idx.shape[1]
+    E, _, I = w_gate.shape
+    n = T * k
+    sms = num_sms()
+    cg = _fit_decode(gate_up_config or pick_decode_config("gate_up", T, n, d, I, sms), d, I)
+    cd = _fit_decode(down_config or pick_decode_config("down", T, n, I, d, sms), I, d)
+    M = max(16, 1 << max(n - 1, 0).bit_length())            # tl.dot rows: the pairs, padded to a power of 2
+    flat = idx.reshape(-1).astype(jnp.int32)
+    prec = dot_precision(x.dtype, f32_dot)
+    part = jax.ShapeDtypeStruct((cg.split_k, n, I), jnp.float32)
+    g, u = jt.triton_call(x, flat, w_gate, w_up, kernel=td.gate_up_decode_kernel, out_shape=(part, part),
+                          grid=(n, I // cg.block_n, cg.split_k), num_warps=cg.num_warps, num_stages=cg.num_stages,
+                          name="moe_gate_up_decode", PAIRS=n, TOP_K=k, E=E, K=d, N=I, M=M, BLOCK_N=cg.block_n,
+                          BLOCK_K=cg.block_k, SPLIT_K=cg.split_k, DOT=cg.dot, PRECISION=prec,
+                          STAGES=cg.num_stages)
+    y = jt.triton_call(g, u, flat, w_down, kernel=td.down_decode_kernel,
+                       out_shape=jax.ShapeDtypeStruct((cd.split_k, n, d), jnp.float32),
+                       grid=(n, d // cd.block_n, cd.split_k), num_warps=cd.num_warps, num_stages=cd.num_stages,
+                       name="moe_down_decode", PAIRS=n, E=E, K=I, N=d, M=M, BLOCK_N=cd.block_n,
+                       BLOCK_K=cd.block_k, SPLIT_K=cd.split_k, SPLIT_GU=cg.split_k, DOT=cd.dot, PRECISION=prec,
+                       STAGES=cd.num_stages)
+    return combine_pairs(y, idx, weights, E).astype(x.dtype)
+
+
+def combine_pairs(y_part, idx, weights, num_experts: int):
+    """y_part [S, T * k, d] float32 partial sums (rows of dropped pairs unwritten) -> [T, d] float32:
+    sum over j in order of weights[t, j] * sum_s y_part[s, t * k + j], dropped pairs (ids outside
+    [0, num_experts)) adding zero."""
+    T, k = idx.shape
+    y = y_part[0]
+    for s in range(1, y_part.shape[0]):
+        y = y + y_part[s]
+    y = y.reshape(T, k, -1)
+    valid = (idx >= 0) & (idx < num_experts)
+    out = None
+    for j in range(k):
+        term = jnp.where(valid[:, j, None], y[:, j] * weights[:, j, None].astype(jnp.float32), 0.0)
+        out = term if out is None else out + term
+    return out
