@@ -648,7 +648,56 @@ class Engine:
     def compile_count(self) -> int:
         """Compilations (traces) of the step this engine caused. Engines of structurally identical
         models share compiled steps, so a later engine may cause fewer."""
-        return sum(self._traces.values())
+        return sum(list(self._traces.values()))     # (a list first: stats() may run on another thread)
+
+    def precompile(self, shapes: Sequence[tuple[str, int, bool]], *, threads: int = 1) -> int:
+        """Compile step shapes ahead of their first use: each (kind, T, decode_only) of `buckets()` (a
+        "...*N" window kind with this engine's decode_steps) is traced and lowered here, one after the
+        other (Python), and its XLA compilation runs on a pool of `threads` threads (the compiler
+        releases the GIL, so compilations overlap each other and the next lowering). Nothing runs on the
+        device and the caches are not touched: the arguments are the engine's own params, caches and
+        previous tokens and host arrays of the shape's sizes, so the compiled steps land in the jit cache
+        that later steps look up. Shapes already traced by this engine are skipped. Not with speculative
+        decoding or several processes (-> 0; their steps compile at first use). -> the shapes compiled."""
+        from concurrent.futures import ThreadPoolExecutor
+        if not (_is_int(threads) and threads >= 1):
+            raise EngineError(f"threads must be an integer >= 1, got {threads!r}")
+        if self._spec is not None or jax.process_count() > 1:
+            return 0
+        todo = []
+        for shape in shapes:
+            if shape in self._traces or shape in todo:
+                continue
+            kind, T, decode_only = shape
+            base, _, n = kind.partition("*")
+            if (n and (int(n) != self.decode_steps or not decode_only or "score" in base)) or \
+                    (decode_only and T != self.max_batch) or not (decode_only or T in self.t_buckets):
+                raise EngineError(f"precompile: {shape} is not a step shape of this engine (see Engine.buckets())")
+            todo.append(shape)
+        if not todo:
+            return 0
+        with ThreadPoolExecutor(min(threads, len(todo)), thread_name_prefix="lingjax-compile") as pool:
+            futures = [pool.submit(self._lower(*shape).compile) for shape in todo]
+            for f in futures:
+                f.result()
+        return len(todo)
+
+    def _lower(self, kind: str, T: int, decode_only: bool):
+        """jit's Lowered step of one shape, for arguments like those _dispatch / _dispatch_window pass."""
+        R = self.max_batch
+        base, _, n = kind.partition("*")
+        mode = ("score" in base, "sample" in base or "greedy" in base, "top" in base, "greedy" in base)
+        i32 = lambda m: np.zeros(m, np.int32)                                     # noqa: E731
+        batch = StepBatch(tokens=i32(T), positions=i32(T), token_seq=np.full(T, R, np.int32), slots=np.full(R, -1, np.int32),
+                          cu_seqlens=i32(R + 1), fresh=np.zeros(R, bool),
+                          page_table=np.zeros((R, self.max_pages), np.int32), decode_only=bool(decode_only))
+        host = (np.full(T, -1, np.int32), i32(R), np.zeros(R, np.float32), i32(R), np.ones(R, np.float32),
+                np.zeros(R, np.uint32), i32(R), i32(R))        # take, rows | steps, temperature, top_k, top_p, ...
+        if n:
+            return _multi_step_fn.lower(self._params, self.caches, batch, host[0], self._prev, *host[1:],
+                                        graph=self._graph, mode=mode, num_steps=int(n))
+        return _step_fn.lower(self._params, self.caches, batch, host[0], self._prev, *host[1:],
+                              graph=self._graph, mode=mode)
 
     @property
     def num_running(self) -> int:
