@@ -1217,7 +1217,9 @@ class Engine:
         self._prev = toks
         self.steps += 1
         self._advance(pieces, [p and not r.score for p, (r, _) in zip(produces, pieces)], src_rows=True)
-        return _Flight(pieces, produces, (logits, toks, lp, top_ids, top_lp), top_n)
+        if not any(pieces[i][0].params.logprobs is not None for i in sampled):
+            lp = None                                   # nobody reads it: one device-to-host copy fewer
+        return _Flight(pieces, produces, _to_host_async((logits, toks, lp, top_ids, top_lp)), top_n)
 
     def _advance(self, pieces, in_flight, *, src_rows: bool) -> None:
         """Bookkeeping after a step is dispatched (plain and speculative): the pieces' tokens count as fed
@@ -1325,7 +1327,9 @@ class Engine:
             r.src_row = i
             if self._pending(r) == 0:     # ends by length in this window: its slot is free for the next step
                 self._release(r)
-        return _Flight(pieces, [True] * k, (None, *outs), top_n, steps=list(steps))
+        if not any(r.params.logprobs is not None for r in rs):
+            outs[1] = None                              # logprobs: nobody reads them
+        return _Flight(pieces, [True] * k, _to_host_async((None, *outs)), top_n, steps=list(steps))
 
     def _collect_window(self, f: _Flight) -> list[RequestOutput]:
         """Read a multi-step window's results -> one output per live request with its new tokens (up to
@@ -1387,6 +1391,16 @@ class Engine:
         if not pieces and not self._flights and self._requests and not outs:
             raise RuntimeError(f"engine stalled: {len(self._requests)} unfinished requests and nothing to run")
         return outs
+
+
+def _to_host_async(outputs: tuple) -> tuple:
+    """Start the device-to-host copies of a dispatched step's outputs now, right behind the step, so
+    that they are not queued behind the next step (which the overlapped engine dispatches before it
+    reads these): the host then waits for this step only. -> outputs (None entries kept)."""
+    for a in outputs:
+        if a is not None:
+            a.copy_to_host_async()
+    return outputs
 
 
 def _fp8_on_gpu_kernels(model, kernels) -> bool:
