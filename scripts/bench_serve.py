@@ -369,6 +369,8 @@ def main(argv=None) -> int:
     if args._child:
         return child(args)
     proc = None
+    # a SIGTERM (e.g. from `timeout`) ends this process through the `finally` below, which stops the server
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         if args.url:
             url = args.url.rstrip("/").removesuffix("/v1")
@@ -387,9 +389,9 @@ def main(argv=None) -> int:
         after = engine_counters(url)
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)       # graceful: requests in flight finish (up to 5 s)
             try:
-                rc = proc.wait(60)
+                rc = proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 rc = proc.wait()
