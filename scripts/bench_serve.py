@@ -290,6 +290,9 @@ def start_server(args):
             got = found.get(timeout=1.0)
         except queue.Empty:
             got = False
+        except BaseException:                     # SIGTERM / Ctrl-C while it starts: do not leave it running
+            proc.kill()
+            raise
         if got:
             print(f"bench_serve: server ready after {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
             return proc, got[0], got[1]
