@@ -320,19 +320,23 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="unmeasured requests first (default: 2 x concurrency, "
                                                             "or 16)")
     p.add_argument("--max-seconds", type=float, default=600, help="stop sending after this long (default %(default)s)")
-    p.add_argument("--prompt-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
-    p.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
+    p.add_argument("--prompt-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"),
+                   help="prompt lengths in tokens, uniform in [MIN, MAX] (default %(default)s)")
+    p.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"),
+                   help="tokens each request generates (ignore_eos), uniform in [MIN, MAX] (default %(default)s)")
     p.add_argument("--vocab-size", type=int, default=98, help="with --url: prompt token ids are drawn from [3, V) "
                                                              "(default %(default)s, the tiny model's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--request-timeout", type=float, default=600)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts and lengths (default %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=600,
+                   help="seconds a request may take before it counts as failed (default %(default)s)")
     p.add_argument("--start-timeout", type=float, default=None,
                    help="give up if the started server is not ready (listening, after its warm-up) after this many "
                         "seconds; default: wait as long as it runs")
     g = p.add_argument_group("the server this script starts")
-    g.add_argument("--max-batch", type=int, default=16)
-    g.add_argument("--max-len", type=int, default=512)
-    g.add_argument("--prefill-chunk", type=int, default=256)
+    g.add_argument("--max-batch", type=int, default=16, help="requests in flight at once (default %(default)s)")
+    g.add_argument("--max-len", type=int, default=512, help="context length per request (default %(default)s)")
+    g.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens per request per step (default %(default)s)")
     g.add_argument("--max-step-tokens", type=int, default=None,
                    help="--random-shapes: the engine's token budget per step (default max-batch x prefill-chunk); "
                         "fewer step buckets to compile at start-up")
@@ -342,9 +346,10 @@ def parse_args(argv=None):
     g.add_argument("--compile-threads", type=int, default=None, metavar="K",
                    help="--random-shapes: threads compiling the step shapes at start-up (lingjax.server.warm_up; "
                         "default: up to 8, one per CPU core)")
-    g.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    g.add_argument("--tp", type=int, default=1)
-    g.add_argument("--kernels", default=None)
+    g.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="parameter dtype (default %(default)s)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default %(default)s)")
+    g.add_argument("--kernels", default=None, help="the engine's kernel backend (default: by platform)")
     p.add_argument("--out", help="JSON path (default $OUT/bench_serve.json, else scripts/results/bench_serve_<what>.json)")
     p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
