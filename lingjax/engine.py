@@ -50,8 +50,12 @@ is, or -1 for a token the host packed). A request is scheduled one step ahead as
 step n's tokens reach the host and show a stop token, its piece of step n+1 is discarded. Requests
 that end by length are known on the host and never scheduled past their last token. The results
 equal the non-overlapped engine's (`overlap=False`: each step's results are read before the next
-is packed). `stats()` reports the host time per step (schedule, pack, dispatch) and the time the
-host waited for the device.
+is packed). `overlap_depth=D` (default 1) keeps D steps in flight: step n+D is dispatched before
+step n is read, so a host that is late by less than D - 1 device steps (a slow callback, the Python
+garbage collector, a dispatch that takes nearly as long as the device step) still finds the device
+busy; a request that stops at step n then has up to D of its pieces discarded. The device-to-host
+copies of a step's outputs start right after its dispatch, ahead of the next step's kernels. `stats()`
+reports the host time per step (schedule, pack, dispatch) and the time the host waited for the device.
 
 Multi-step decode (`decode_steps=N`, default 1 = off; vLLM's num_scheduler_steps). Each dispatch costs
 the host a fixed time (the jitted call launches every kernel of the step: about 3 ms for the 8-layer
@@ -489,6 +493,8 @@ class Engine:
                    (quant.to_kernel_layout: the same values, the layout those kernels read fastest).
     overlap        dispatch step n+1 before reading step n's results (module docstring); False reads
                    each step's results before packing the next (for debugging and to measure the gain)
+    overlap_depth  with overlap: steps kept in flight (dispatched, not yet read); default 1 (module
+                   docstring)
     decode_steps   N > 1: multi-step decode (module docstring): when every running request is decoding and
                    none waits, one dispatch runs up to N decode steps on the device, so the host's
                    per-dispatch cost is paid once per N tokens. Tokens equal those of N single steps.
@@ -521,7 +527,8 @@ class Engine:
     def __init__(self, model, *, max_batch: int = 8, prefill_chunk: int = 256, max_len: int | None = None,
                  num_slots: int | None = None, max_tokens: int | None = None, decode_order: str = "first",
                  state_dtype=jnp.float32, latent_dtype=None, tp: int | None = None, mesh=None,
-                 kernels: str | None = None, overlap: bool = True, page_size: int = DEFAULT_PAGE_SIZE,
+                 kernels: str | None = None, overlap: bool = True, overlap_depth: int = 1,
+                 page_size: int = DEFAULT_PAGE_SIZE,
                  kv_cache_gb: float | None = None, num_pages: int | None = None,
                  page_shuffle_seed: int | None = None, prefix_cache: bool = False,
                  prefix_cache_states: int | None = None, prefix_cache_save_last: bool = True,
@@ -570,6 +577,9 @@ class Engine:
         self.max_batch, self.prefill_chunk, self.max_len = max_batch, prefill_chunk, max_len
         self.num_slots, self.max_tokens, self.decode_order = num_slots, max_tokens, decode_order
         self.overlap = bool(overlap)
+        if not (_is_int(overlap_depth) and overlap_depth >= 1):
+            raise EngineError(f"overlap_depth must be an integer >= 1, got {overlap_depth!r}")
+        self.overlap_depth = int(overlap_depth) if self.overlap else 0
         b, self.t_buckets = MIN_T_BUCKET, []
         while b < max_tokens:
             self.t_buckets.append(b)
@@ -1385,7 +1395,7 @@ class Engine:
         dt = time.perf_counter() - t0           # a step that compiled counts as compile time, not host time
         self._counts["compile_seconds" if self.compile_count > compiles else "host_seconds"] += dt
         self._counts["compile_steps" if self.compile_count > compiles else "timed_steps"] += 1
-        keep = 1 if (self.overlap and pieces) else 0       # with overlap, the step just launched stays in flight
+        keep = self.overlap_depth if pieces else 0          # with overlap, the last steps launched stay in flight
         while len(self._flights) > keep:
             outs += self._collect(self._flights.popleft())
         if not pieces and not self._flights and self._requests and not outs:
