@@ -93,7 +93,9 @@ traces this engine caused and `buckets()` lists every shape a run can hit. A dec
 sampled rows are all greedy (temperature 0) is the "greedy" twin of its kind ("greedy", "greedy+top",
 ...): the argmax alone, the same tokens without `sample`'s sort over the vocabulary, which costs most
 where the model's share of the step is smallest. Only the decode-only shape has a twin, so each sampling
-kind compiles at most one more shape (the server's warm-up compiles both). The compiled steps live
+kind compiles at most one more shape (the server's warm-up compiles both). `precompile(shapes)` compiles
+shapes ahead of use (lowered one by one, XLA compilations on a thread pool; lingjax.server.warm_up uses
+it). The compiled steps live
 in jit's cache of one module-level function whose static argument is the model's graph definition:
 engines of structurally identical models (and the same mesh and kernels) share them.
 
