@@ -111,3 +111,7 @@ def test_server_warm_up_runs_the_windows(model):
     eng = engine(model, decode_steps=N)
     warm_up_windows(eng, tops=(2,))          # logprobs as in the tests above: their compiled shapes
     assert eng.stats()["windows"] == 2       # one greedy window, one drawing window
+    from lingjax.server import serving_shapes    # the warm-up's precompile list names the windows as traced
+    windows = [s for s in serving_shapes(eng, logprobs=True) if "+top*" in s[0]]
+    assert windows == [(f"greedy+top*{N}", 4, True), (f"sample+top*{N}", 4, True)]
+    assert set(windows) <= set(eng.compiled_shapes()) and eng.precompile(windows) == 0
