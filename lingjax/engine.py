@@ -58,9 +58,9 @@ copies of a step's outputs start right after its dispatch, ahead of the next ste
 reports the host time per step (schedule, pack, dispatch) and the time the host waited for the device.
 
 Multi-step decode (`decode_steps=N`, default 1 = off; vLLM's num_scheduler_steps). Each dispatch costs
-the host a fixed time (the jitted call launches every kernel of the step: about 3 ms for the 8-layer
-Ling-2.6-flash cut on an H200, as long as a batch-1 decode step on the device), which overlap cannot
-hide when the device step is that short. When every running request is decoding past its prompt and no
+the host a fixed time (the jitted call launches every kernel of the step: about 1.8 ms for the 8-layer
+Ling-2.6-flash cut on an H200, nearly a batch-1 decode step on the device, 1.98 ms), which overlap cannot
+hide where it is longer than the device step (a slower host, a smaller model). When every running request is decoding past its prompt and no
 request waits, one dispatch (`_multi_step_fn`, a while loop over the same step) runs up to N decode
 steps: each step's sampled tokens feed the next on the device, one position further, with the
 sampling key's counter one higher, so the tokens equal those of N single steps for the same seed. A
@@ -74,8 +74,9 @@ dispatched before this one is read. Prefill chunks, score requests, waiting requ
 decoding use single steps (decode_steps > 1 with speculative decoding is refused). The price: a
 request that arrives during a window waits for it (up to N - 1 more steps before its prefill), tokens
 stream N at a time, and each sampling kind compiles one more shape ("greedy*N", "sample*N", ...).
-Hence the default 1: raise it (4 to 8) where the host's dispatch time is a large share of a decode step,
-i.e. small batches on a fast device (scripts/bench_overlap.py --decode-steps measures it).
+Hence the default 1: raise it (4 to 8) where the host's dispatch time exceeds a decode step, i.e.
+small batches on a fast device and a slow host (scripts/bench_overlap.py --decode-steps measures it; on the
+H200 at batch 1 overlap alone came within 3% of the device time and N = 8 gained nothing).
 
 Packing. The pieces of one step are packed back to back into a `StepBatch`; one-token pieces
 ("decodes") go first (`decode_order="first"`, vLLM's order) or last (`"last"`, SGLang's legacy
