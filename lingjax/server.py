@@ -683,7 +683,9 @@ def warm_up(engine, *, logprobs: bool = False, threads: int | None = None) -> in
     chunk: nothing samples); then a decode step at temperature 1 (the greedy runs compiled the "greedy"
     twin of the decode step, see engine.py); with engine.decode_steps > 1, the multi-step decode windows
     (greedy and drawing). With logprobs=True also the sampling steps that return top logprobs. Call it
-    before the EngineLoop starts. Logs the time taken and where it went. -> the compilations this caused."""
+    before the EngineLoop starts. Logs the time taken and where it went. -> the compilations this caused.
+    (Compiling in parallel, XLA's GPU autotuner times its candidates with other compilations running, less
+    accurately: it may warn "Delay kernel timed out"; threads=1 for the most exact choice.)"""
     before = engine.compile_count
     vocab, c, cap = engine.cfg.vocab_size, engine.prefill_chunk, engine.max_len - 1
     threads = threads or max(1, min(8, os.cpu_count() or 1))
