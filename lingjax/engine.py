@@ -76,7 +76,7 @@ request that arrives during a window waits for it (up to N - 1 more steps before
 stream N at a time, and each sampling kind compiles one more shape ("greedy*N", "sample*N", ...).
 Hence the default 1: raise it (4 to 8) where the host's dispatch time exceeds a decode step, i.e.
 small batches on a fast device and a slow host (scripts/bench_overlap.py --decode-steps measures it; on the
-H200 at batch 1 overlap alone came within 3% of the device time and N = 8 gained nothing).
+H200 at batch 1 overlap alone came within 2.3% of the device time and N = 8 gained nothing).
 
 Packing. The pieces of one step are packed back to back into a `StepBatch`; one-token pieces
 ("decodes") go first (`decode_order="first"`, vLLM's order) or last (`"last"`, SGLang's legacy
