@@ -50,13 +50,17 @@ is, or -1 for a token the host packed). A request is scheduled one step ahead as
 step n's tokens reach the host and show a stop token, its piece of step n+1 is discarded. Requests
 that end by length are known on the host and never scheduled past their last token. The results
 equal the non-overlapped engine's (`overlap=False`: each step's results are read before the next
-is packed). `stats()` reports the host time per step (schedule, pack, dispatch) and the time the
-host waited for the device.
+is packed). `overlap_depth=D` (default 1) keeps D steps in flight: step n+D is dispatched before
+step n is read, so a host that is late by less than D - 1 device steps (a slow callback, the Python
+garbage collector, a dispatch that takes nearly as long as the device step) still finds the device
+busy; a request that stops at step n then has up to D of its pieces discarded. The device-to-host
+copies of a step's outputs start right after its dispatch, ahead of the next step's kernels. `stats()`
+reports the host time per step (schedule, pack, dispatch) and the time the host waited for the device.
 
 Multi-step decode (`decode_steps=N`, default 1 = off; vLLM's num_scheduler_steps). Each dispatch costs
-the host a fixed time (the jitted call launches every kernel of the step: about 3 ms for the 8-layer
-Ling-2.6-flash cut on an H200, as long as a batch-1 decode step on the device), which overlap cannot
-hide when the device step is that short. When every running request is decoding past its prompt and no
+the host a fixed time (the jitted call launches every kernel of the step: about 1.8 ms for the 8-layer
+Ling-2.6-flash cut on an H200, nearly a batch-1 decode step on the device, 1.98 ms), which overlap cannot
+hide where it is longer than the device step (a slower host, a smaller model). When every running request is decoding past its prompt and no
 request waits, one dispatch (`_multi_step_fn`, a while loop over the same step) runs up to N decode
 steps: each step's sampled tokens feed the next on the device, one position further, with the
 sampling key's counter one higher, so the tokens equal those of N single steps for the same seed. A
@@ -70,8 +74,9 @@ dispatched before this one is read. Prefill chunks, score requests, waiting requ
 decoding use single steps (decode_steps > 1 with speculative decoding is refused). The price: a
 request that arrives during a window waits for it (up to N - 1 more steps before its prefill), tokens
 stream N at a time, and each sampling kind compiles one more shape ("greedy*N", "sample*N", ...).
-Hence the default 1: raise it (4 to 8) where the host's dispatch time is a large share of a decode step,
-i.e. small batches on a fast device (scripts/bench_overlap.py --decode-steps measures it).
+Hence the default 1: raise it (4 to 8) where the host's dispatch time exceeds a decode step, i.e.
+small batches on a fast device and a slow host (scripts/bench_overlap.py --decode-steps measures it; on the
+H200 at batch 1 overlap alone came within 2.3% of the device time and N = 8 gained nothing).
 
 Packing. The pieces of one step are packed back to back into a `StepBatch`; one-token pieces
 ("decodes") go first (`decode_order="first"`, vLLM's order) or last (`"last"`, SGLang's legacy
@@ -89,7 +94,9 @@ traces this engine caused and `buckets()` lists every shape a run can hit. A dec
 sampled rows are all greedy (temperature 0) is the "greedy" twin of its kind ("greedy", "greedy+top",
 ...): the argmax alone, the same tokens without `sample`'s sort over the vocabulary, which costs most
 where the model's share of the step is smallest. Only the decode-only shape has a twin, so each sampling
-kind compiles at most one more shape (the server's warm-up compiles both). The compiled steps live
+kind compiles at most one more shape (the server's warm-up compiles both). `precompile(shapes)` compiles
+shapes ahead of use (lowered one by one, XLA compilations on a thread pool; lingjax.server.warm_up uses
+it). The compiled steps live
 in jit's cache of one module-level function whose static argument is the model's graph definition:
 engines of structurally identical models (and the same mesh and kernels) share them.
 
@@ -489,6 +496,8 @@ class Engine:
                    (quant.to_kernel_layout: the same values, the layout those kernels read fastest).
     overlap        dispatch step n+1 before reading step n's results (module docstring); False reads
                    each step's results before packing the next (for debugging and to measure the gain)
+    overlap_depth  with overlap: steps kept in flight (dispatched, not yet read); default 1 (module
+                   docstring)
     decode_steps   N > 1: multi-step decode (module docstring): when every running request is decoding and
                    none waits, one dispatch runs up to N decode steps on the device, so the host's
                    per-dispatch cost is paid once per N tokens. Tokens equal those of N single steps.
@@ -522,7 +531,8 @@ class Engine:
     def __init__(self, model, *, max_batch: int = 8, prefill_chunk: int = 256, max_len: int | None = None,
                  num_slots: int | None = None, max_tokens: int | None = None, decode_order: str = "first",
                  state_dtype=jnp.float32, latent_dtype=None, tp: int | None = None, mesh=None,
-                 kernels: str | None = None, overlap: bool = True, page_size: int = DEFAULT_PAGE_SIZE,
+                 kernels: str | None = None, overlap: bool = True, overlap_depth: int = 1,
+                 page_size: int = DEFAULT_PAGE_SIZE,
                  kv_cache_gb: float | None = None, num_pages: int | None = None,
                  page_shuffle_seed: int | None = None, prefix_cache: bool = False,
                  prefix_cache_states: int | None = None, prefix_cache_save_last: bool = True,
@@ -571,6 +581,9 @@ class Engine:
         self.max_batch, self.prefill_chunk, self.max_len = max_batch, prefill_chunk, max_len
         self.num_slots, self.max_tokens, self.decode_order = num_slots, max_tokens, decode_order
         self.overlap = bool(overlap)
+        if not (_is_int(overlap_depth) and overlap_depth >= 1):
+            raise EngineError(f"overlap_depth must be an integer >= 1, got {overlap_depth!r}")
+        self.overlap_depth = int(overlap_depth) if self.overlap else 0
         b, self.t_buckets = MIN_T_BUCKET, []
         while b < max_tokens:
             self.t_buckets.append(b)
@@ -649,7 +662,56 @@ class Engine:
     def compile_count(self) -> int:
         """Compilations (traces) of the step this engine caused. Engines of structurally identical
         models share compiled steps, so a later engine may cause fewer."""
-        return sum(self._traces.values())
+        return sum(list(self._traces.values()))     # (a list first: stats() may run on another thread)
+
+    def precompile(self, shapes: Sequence[tuple[str, int, bool]], *, threads: int = 1) -> int:
+        """Compile step shapes ahead of their first use: each (kind, T, decode_only) of `buckets()` (a
+        "...*N" window kind with this engine's decode_steps) is traced and lowered here, one after the
+        other (Python), and its XLA compilation runs on a pool of `threads` threads (the compiler
+        releases the GIL, so compilations overlap each other and the next lowering). Nothing runs on the
+        device and the caches are not touched: the arguments are the engine's own params, caches and
+        previous tokens and host arrays of the shape's sizes, so the compiled steps land in the jit cache
+        that later steps look up. Shapes already traced by this engine are skipped. Not with speculative
+        decoding or several processes (-> 0; their steps compile at first use). -> the shapes compiled."""
+        from concurrent.futures import ThreadPoolExecutor
+        if not (_is_int(threads) and threads >= 1):
+            raise EngineError(f"threads must be an integer >= 1, got {threads!r}")
+        if self._spec is not None or jax.process_count() > 1:
+            return 0
+        todo = []
+        for shape in shapes:
+            if shape in self._traces or shape in todo:
+                continue
+            kind, T, decode_only = shape
+            base, _, n = kind.partition("*")
+            if (n and (int(n) != self.decode_steps or not decode_only or "score" in base)) or \
+                    (decode_only and T != self.max_batch) or not (decode_only or T in self.t_buckets):
+                raise EngineError(f"precompile: {shape} is not a step shape of this engine (see Engine.buckets())")
+            todo.append(shape)
+        if not todo:
+            return 0
+        with ThreadPoolExecutor(min(threads, len(todo)), thread_name_prefix="lingjax-compile") as pool:
+            futures = [pool.submit(self._lower(*shape).compile) for shape in todo]
+            for f in futures:
+                f.result()
+        return len(todo)
+
+    def _lower(self, kind: str, T: int, decode_only: bool):
+        """jit's Lowered step of one shape, for arguments like those _dispatch / _dispatch_window pass."""
+        R = self.max_batch
+        base, _, n = kind.partition("*")
+        mode = ("score" in base, "sample" in base or "greedy" in base, "top" in base, "greedy" in base)
+        i32 = lambda m: np.zeros(m, np.int32)                                     # noqa: E731
+        batch = StepBatch(tokens=i32(T), positions=i32(T), token_seq=np.full(T, R, np.int32), slots=np.full(R, -1, np.int32),
+                          cu_seqlens=i32(R + 1), fresh=np.zeros(R, bool),
+                          page_table=np.zeros((R, self.max_pages), np.int32), decode_only=bool(decode_only))
+        host = (np.full(T, -1, np.int32), i32(R), np.zeros(R, np.float32), i32(R), np.ones(R, np.float32),
+                np.zeros(R, np.uint32), i32(R), i32(R))        # take, rows | steps, temperature, top_k, top_p, ...
+        if n:
+            return _multi_step_fn.lower(self._params, self.caches, batch, host[0], self._prev, *host[1:],
+                                        graph=self._graph, mode=mode, num_steps=int(n))
+        return _step_fn.lower(self._params, self.caches, batch, host[0], self._prev, *host[1:],
+                              graph=self._graph, mode=mode)
 
     @property
     def num_running(self) -> int:
@@ -1180,7 +1242,9 @@ class Engine:
         self._prev = toks
         self.steps += 1
         self._advance(pieces, [p and not r.score for p, (r, _) in zip(produces, pieces)], src_rows=True)
-        return _Flight(pieces, produces, (logits, toks, lp, top_ids, top_lp), top_n)
+        if not any(pieces[i][0].params.logprobs is not None for i in sampled):
+            lp = None                                   # nobody reads it: one device-to-host copy fewer
+        return _Flight(pieces, produces, _to_host_async((logits, toks, lp, top_ids, top_lp)), top_n)
 
     def _advance(self, pieces, in_flight, *, src_rows: bool) -> None:
         """Bookkeeping after a step is dispatched (plain and speculative): the pieces' tokens count as fed
@@ -1293,7 +1357,9 @@ class Engine:
             r.src_row = i
             if self._pending(r) == 0:     # ends by length in this window: its slot is free for the next step
                 self._release(r)
-        return _Flight(pieces, [True] * k, (None, *outs), top_n, steps=list(steps))
+        if not any(r.params.logprobs is not None for r in rs):
+            outs[1] = None                              # logprobs: nobody reads them
+        return _Flight(pieces, [True] * k, _to_host_async((None, *outs)), top_n, steps=list(steps))
 
     def _collect_window(self, f: _Flight) -> list[RequestOutput]:
         """Read a multi-step window's results -> one output per live request with its new tokens (up to
@@ -1349,12 +1415,22 @@ class Engine:
         dt = time.perf_counter() - t0           # a step that compiled counts as compile time, not host time
         self._counts["compile_seconds" if self.compile_count > compiles else "host_seconds"] += dt
         self._counts["compile_steps" if self.compile_count > compiles else "timed_steps"] += 1
-        keep = 1 if (self.overlap and pieces) else 0       # with overlap, the step just launched stays in flight
+        keep = self.overlap_depth if pieces else 0          # with overlap, the last steps launched stay in flight
         while len(self._flights) > keep:
             outs += self._collect(self._flights.popleft())
         if not pieces and not self._flights and self._requests and not outs:
             raise RuntimeError(f"engine stalled: {len(self._requests)} unfinished requests and nothing to run")
         return outs
+
+
+def _to_host_async(outputs: tuple) -> tuple:
+    """Start the device-to-host copies of a dispatched step's outputs now, right behind the step, so
+    that they are not queued behind the next step (which the overlapped engine dispatches before it
+    reads these): the host then waits for this step only. -> outputs (None entries kept)."""
+    for a in outputs:
+        if a is not None:
+            a.copy_to_host_async()
+    return outputs
 
 
 def _fp8_on_gpu_kernels(model, kernels) -> bool:

@@ -155,6 +155,16 @@ class Metrics:
               registry=r).set_function(lambda: loop.stats()["prefix_cache_hits"])
         Gauge("lingjax_prefix_cache_pages", "MLA cache pages the prefix cache holds", registry=r) \
             .set_function(lambda: loop.stats()["prefix_cache_pages"])
+        for key, name, doc in (     # the engine's step counters (totals; a load generator takes differences)
+                ("steps", "lingjax_engine_steps", "Engine steps run (a multi-step decode window counts its steps)"),
+                ("dispatches", "lingjax_engine_dispatches", "Jitted step calls (one per step or window)"),
+                ("host_seconds", "lingjax_engine_host_seconds", "Host time scheduling, packing and dispatching "
+                                                                 "steps (steps that compiled excluded)"),
+                ("wait_seconds", "lingjax_engine_wait_seconds", "Host time blocked on the device for step results"),
+                ("compilations", "lingjax_engine_compilations", "Step shapes compiled (warm-up included)"),
+                ("compile_seconds", "lingjax_engine_compile_seconds", "Host time of the steps that compiled "
+                                                                       "(after the warm-up: a stall of serving)")):
+            Gauge(name, doc, registry=r).set_function(lambda key=key: loop.stats()[key])
         self.prompt_tokens = Counter("lingjax_prompt_tokens", "Prompt tokens submitted to the engine", registry=r)
         self.generation_tokens = Counter("lingjax_generation_tokens", "Tokens generated", registry=r)
         self.finished = Counter("lingjax_requests_finished", "Choices finished, by finish reason (stop, length, abort)",
@@ -642,17 +652,48 @@ def _reason(c: _Choice) -> str | None:
     return c.finish_reason
 
 
-def warm_up(engine, *, logprobs: bool = False) -> int:
+def serving_shapes(engine, *, logprobs: bool = False) -> list[tuple[str, int, bool]]:
+    """The step shapes (Engine.buckets() format) that serving generate requests can hit: for every token
+    bucket T a step that samples; a prefill-only step (nothing samples) for each bucket k full chunks fill
+    (k = 1 .. steps of whole chunks); the decode-only step, greedy and drawing; with engine.decode_steps =
+    N > 1 the N-step windows, greedy and drawing. logprobs=True adds the sampling kinds' "+top" twins.
+    (Score steps, and the prefill-only steps of other sizes that a prefix-cache chunk boundary can make,
+    compile at first use.)"""
+    R, c, N = engine.max_batch, engine.prefill_chunk, getattr(engine, "decode_steps", 1)
+    tops = ("", "+top") if logprobs else ("",)
+    bucket = lambda n: next(t for t in engine.t_buckets if t >= n)          # noqa: E731
+    shapes = [("sample" + top, T, False) for T in engine.t_buckets for top in tops]
+    if c + 1 <= engine.max_len - 1:          # a prompt longer than one chunk fits
+        full = {bucket(k * c) for k in range(1, min(R, engine.max_tokens // c) + 1)}
+        shapes += [("", T, False) for T in sorted(full)]
+    shapes += [(g + top, R, True) for g in ("greedy", "sample") for top in tops]
+    if N > 1:
+        shapes += [(f"{g}{top}*{N}", R, True) for g in ("greedy", "sample") for top in tops]
+    return shapes
+
+
+def warm_up(engine, *, logprobs: bool = False, threads: int | None = None) -> int:
     """Compile the step shapes serving can hit before serving (else the first requests that hit a new
-    shape wait for its compilation, seconds on a GPU). For every token bucket T: a step that samples
-    (prompts of at most prefill_chunk tokens, T in all, then a decode step) and, when T >= prefill_chunk,
-    a prefill-only step (prompts one token longer than their first chunk: nothing samples); then a decode
-    step at temperature 1 (the greedy runs compiled the "greedy" twin of the decode step, see engine.py);
-    with engine.decode_steps > 1, the multi-step decode windows (greedy and drawing).
-    With logprobs=True also the sampling steps that return top logprobs. Call it before the EngineLoop
-    starts. -> the compilations this caused."""
+    shape wait for its compilation, seconds on a GPU). First `engine.precompile(serving_shapes(...))`:
+    the shapes lowered one by one, their XLA compilations on `threads` threads (default: up to 8, one
+    per CPU core). Then a few short generate runs over the same shapes, which run each kind of step
+    once on the device and compile (at first use, as before) anything the list missed: for every token
+    bucket T a step that samples (prompts of at most prefill_chunk tokens, T in all, then a decode
+    step) and, when T >= prefill_chunk, a prefill-only step (prompts one token longer than their first
+    chunk: nothing samples); then a decode step at temperature 1 (the greedy runs compiled the "greedy"
+    twin of the decode step, see engine.py); with engine.decode_steps > 1, the multi-step decode windows
+    (greedy and drawing). With logprobs=True also the sampling steps that return top logprobs. Call it
+    before the EngineLoop starts. Logs the time taken and where it went. -> the compilations this caused.
+    (Compiling in parallel, XLA's GPU autotuner times its candidates with other compilations running, less
+    accurately: it may warn "Delay kernel timed out"; threads=1 for the most exact choice.)"""
     before = engine.compile_count
     vocab, c, cap = engine.cfg.vocab_size, engine.prefill_chunk, engine.max_len - 1
+    threads = threads or max(1, min(8, os.cpu_count() or 1))
+    events = compile_events()
+    t0 = time.perf_counter()
+    n_pre = engine.precompile(serving_shapes(engine, logprobs=logprobs), threads=threads)
+    t1 = time.perf_counter()
+    pre = compile_events() - events
 
     def run(lens, temperature=0.0):
         prompts = [[3 + (i + j) % max(vocab - 3, 1) for j in range(n)] for i, n in enumerate(lens)]
@@ -677,7 +718,45 @@ def warm_up(engine, *, logprobs: bool = False) -> int:
     run([1], temperature=1.0)                       # one-token prompt: decode-only steps that draw
     warm_up_windows(engine, [None, MAX_LOGPROBS] if logprobs else [None])
     engine.clear_prefix_cache()
+    late = compile_events() - events - pre
+    log.info("warm-up: %d step shapes precompiled in %.1fs on %d threads (trace %.1fs, lower %.1fs, XLA compile "
+             "%.1fs summed over threads); the warm-up requests then ran in %.1fs and compiled %d more (%.1fs)",
+             n_pre, t1 - t0, threads, pre["trace_s"], pre["lower_s"], pre["compile_s"], time.perf_counter() - t1,
+             late["compiles"], late["compile_s"])
     return engine.compile_count - before
+
+
+class _CompileEvents(dict):
+    def __sub__(self, other):
+        return _CompileEvents({k: v - other.get(k, 0) for k, v in self.items()})
+
+
+_COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+                   "/jax/core/compile/backend_compile_duration": "compile_s"}
+_compile_totals = {"trace_s": 0.0, "lower_s": 0.0, "compile_s": 0.0, "compiles": 0}   # this process's, for logs
+_compile_lock = None
+
+
+def compile_events() -> _CompileEvents:
+    """This process's JAX compilation counters so far (jax.monitoring events; the listener is registered
+    at the first call): seconds tracing, lowering to MLIR and in the XLA compiler, and XLA compilations
+    (each jitted program, every jit in the process). For logs and tests: take a snapshot and subtract."""
+    global _compile_lock
+    if _compile_lock is None:
+        import threading
+        import jax
+        _compile_lock = threading.Lock()
+
+        def listen(name, secs, **_):
+            key = _COMPILE_EVENTS.get(name)
+            if key:
+                with _compile_lock:
+                    _compile_totals[key] += secs
+                    _compile_totals["compiles"] += key == "compile_s"
+        jax.monitoring.register_event_duration_secs_listener(listen)
+    with _compile_lock:
+        return _CompileEvents(_compile_totals)
 
 
 def warm_up_windows(engine, tops=(None,)) -> None:

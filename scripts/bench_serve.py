@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import queue
 import random
 import re
 import signal
@@ -85,6 +86,9 @@ def child(args) -> int:
     from lingjax.server import create_app, warm_up
     from lingjax.tokenizer import Tokenizer
 
+    import logging
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="bench_serve child: %(message)s")
+    logging.getLogger("lingjax.server").setLevel(logging.INFO)        # the warm-up's account of its time
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     cfg = random_config(args.random_shapes)
     t = time.perf_counter()
@@ -94,9 +98,9 @@ def child(args) -> int:
           f"{cfg.vocab_size}) built in {time.perf_counter() - t:.1f}s on {jax.devices()[0].platform}", file=sys.stderr)
     kw = {} if args.kernels is None else dict(kernels=args.kernels)
     eng = Engine(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, max_len=args.max_len,
-                 max_tokens=args.max_step_tokens, tp=args.tp, **kw)
+                 max_tokens=args.max_step_tokens, tp=args.tp, decode_steps=args.decode_steps, **kw)
     t = time.perf_counter()
-    n = warm_up(eng)
+    n = warm_up(eng, threads=args.compile_threads)
     print(f"bench_serve child: warm-up {n} compilations in {time.perf_counter() - t:.1f}s", file=sys.stderr)
     tmp = tempfile.mkdtemp(prefix="bench-serve-tok-")
     word_tokenizer_dir(cfg, tmp)
@@ -204,6 +208,31 @@ def summarize(results, errors, wall):
         e2e_ms=ms(percentiles([r["e2e"] for r in results])))
 
 
+def engine_counters(url) -> dict:
+    """The server's lingjax_engine_* totals from /metrics (steps, dispatches, host / wait / compile seconds,
+    compilations); {} when the server has none (another server)."""
+    import httpx
+    out = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith("lingjax_engine_"):
+            name, value = line.split()
+            out[name.removeprefix("lingjax_engine_")] = float(value)
+    return out
+
+
+def engine_delta(before, after) -> dict:
+    """What the engine did during the measured run: steps, dispatches, compilations (a compile in the
+    window stalls every request in flight: it is reported, never hidden), host and wait ms per dispatch."""
+    if not before or not after:
+        return {}
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
+    n = max(d.get("dispatches", 0.0), 1.0)
+    return dict(steps=int(d.get("steps", 0)), dispatches=int(d.get("dispatches", 0)),
+                compilations=int(d.get("compilations", 0)), compile_seconds=round(d.get("compile_seconds", 0.0), 3),
+                host_ms_per_dispatch=round(1e3 * d.get("host_seconds", 0.0) / n, 3),
+                wait_ms_per_dispatch=round(1e3 * d.get("wait_seconds", 0.0) / n, 3))
+
+
 def print_summary(s, what):
     print(f"bench_serve: {what}")
     print(f"  requests      {s['completed']} completed, {s['failed']} failed in {s['wall_seconds']:.1f} s "
@@ -214,6 +243,13 @@ def print_summary(s, what):
         if d:
             print(f"  {name[:-3]:<13} p50 {d['p50']:9.2f} ms   p90 {d['p90']:9.2f} ms   p99 {d['p99']:9.2f} ms   "
                   f"mean {d['mean']:9.2f} ms")
+    e = s.get("engine")
+    if e:
+        print(f"  engine        {e['steps']} steps in {e['dispatches']} dispatches; host {e['host_ms_per_dispatch']:.2f} "
+              f"ms and wait {e['wait_ms_per_dispatch']:.2f} ms per dispatch; {e['compilations']} compilations "
+              f"({e['compile_seconds']:.1f} s) during the run")
+    for err in s["errors"]:
+        print(f"  error         {err}")
 
 
 # --------------------------------------------------------------------------------------------- main
@@ -224,23 +260,48 @@ def start_server(args):
               str(args.prefill_chunk), "--dtype", args.dtype, "--tp", str(args.tp)]
     if args.kernels:
         common += ["--kernels", args.kernels]
+    if args.decode_steps != 1:
+        common += ["--decode-steps", str(args.decode_steps)]
+    if args.compile_threads and not args.model:
+        common += ["--compile-threads", str(args.compile_threads)]
+    if args.max_step_tokens and not args.model:     # (`lingjax serve` has no such option: its default budget)
+        common += ["--max-step-tokens", str(args.max_step_tokens)]
     if args.model:
         cmd = [sys.executable, "-m", "lingjax.cli", "serve", "--model", args.model, "--port", "0"] + common
     else:
         cmd = [sys.executable, os.path.abspath(__file__), "--_child", "--random-shapes", args.random_shapes] + common
+    t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + args.start_timeout
-    while True:
-        line = proc.stderr.readline()
-        if line:
+    # The server is ready when it prints its URL (after loading and warming up: no fixed clock, the
+    # warm-up takes what its compilations take). Its stderr is read on a thread, so that --start-timeout
+    # (if given) is kept even while the child prints nothing.
+    found = queue.Queue()
+
+    def read():
+        for line in proc.stderr:
             sys.stderr.write(line)
-        m = re.search(r"lingjax serve: (\S+) on (http://127\.0\.0\.1:\d+)/v1", line)
-        if m:         # keep reading the server's stderr (a full pipe would stall it)
-            threading.Thread(target=lambda: [sys.stderr.write(x) for x in proc.stderr], daemon=True).start()
-            return proc, m.group(2), m.group(1)
-        if proc.poll() is not None or time.monotonic() > deadline:
+            m = re.search(r"lingjax serve: (\S+) on (http://127\.0\.0\.1:\d+)/v1", line)
+            if m:
+                found.put((m.group(2), m.group(1)))
+        found.put(None)                           # the child closed its stderr (it exited)
+    threading.Thread(target=read, daemon=True).start()
+    while True:
+        try:
+            got = found.get(timeout=1.0)
+        except queue.Empty:
+            got = False
+        except BaseException:                     # SIGTERM / Ctrl-C while it starts: do not leave it running
             proc.kill()
-            raise SystemExit(f"bench_serve: the server did not start: {' '.join(cmd)}")
+            raise
+        if got:
+            print(f"bench_serve: server ready after {time.monotonic() - t0:.1f}s", file=sys.stderr, flush=True)
+            return proc, got[0], got[1]
+        timed_out = args.start_timeout is not None and time.monotonic() - t0 > args.start_timeout
+        if got is None or timed_out or (got is False and proc.poll() is not None):
+            proc.kill()
+            why = f"not ready after --start-timeout {args.start_timeout:g}s" if timed_out else \
+                f"it exited with status {proc.wait()} before it was ready"
+            raise SystemExit(f"bench_serve: the server did not start ({why}): {' '.join(cmd)}")
 
 
 def parse_args(argv=None):
@@ -259,23 +320,36 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="unmeasured requests first (default: 2 x concurrency, "
                                                             "or 16)")
     p.add_argument("--max-seconds", type=float, default=600, help="stop sending after this long (default %(default)s)")
-    p.add_argument("--prompt-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
-    p.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
+    p.add_argument("--prompt-len", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"),
+                   help="prompt lengths in tokens, uniform in [MIN, MAX] (default %(default)s)")
+    p.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"),
+                   help="tokens each request generates (ignore_eos), uniform in [MIN, MAX] (default %(default)s)")
     p.add_argument("--vocab-size", type=int, default=98, help="with --url: prompt token ids are drawn from [3, V) "
                                                              "(default %(default)s, the tiny model's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--request-timeout", type=float, default=600)
-    p.add_argument("--start-timeout", type=float, default=900, help="seconds to wait for a started server")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts and lengths (default %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=600,
+                   help="seconds a request may take before it counts as failed (default %(default)s)")
+    p.add_argument("--start-timeout", type=float, default=None,
+                   help="give up if the started server is not ready (listening, after its warm-up) after this many "
+                        "seconds; default: wait as long as it runs")
     g = p.add_argument_group("the server this script starts")
-    g.add_argument("--max-batch", type=int, default=16)
-    g.add_argument("--max-len", type=int, default=512)
-    g.add_argument("--prefill-chunk", type=int, default=256)
+    g.add_argument("--max-batch", type=int, default=16, help="requests in flight at once (default %(default)s)")
+    g.add_argument("--max-len", type=int, default=512, help="context length per request (default %(default)s)")
+    g.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens per request per step (default %(default)s)")
     g.add_argument("--max-step-tokens", type=int, default=None,
                    help="--random-shapes: the engine's token budget per step (default max-batch x prefill-chunk); "
                         "fewer step buckets to compile at start-up")
-    g.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    g.add_argument("--tp", type=int, default=1)
-    g.add_argument("--kernels", default=None)
+    g.add_argument("--decode-steps", type=int, default=1, metavar="N",
+                   help="multi-step decode: up to N decode steps per dispatch (Engine(decode_steps=N), "
+                        "`lingjax serve --decode-steps`); default %(default)s")
+    g.add_argument("--compile-threads", type=int, default=None, metavar="K",
+                   help="--random-shapes: threads compiling the step shapes at start-up (lingjax.server.warm_up; "
+                        "default: up to 8, one per CPU core)")
+    g.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="parameter dtype (default %(default)s)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default %(default)s)")
+    g.add_argument("--kernels", default=None, help="the engine's kernel backend (default: by platform)")
     p.add_argument("--out", help="JSON path (default $OUT/bench_serve.json, else scripts/results/bench_serve_<what>.json)")
     p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -288,6 +362,11 @@ def parse_args(argv=None):
     if args.prompt_len[0] < 1 or args.output_len[0] < 1 or args.prompt_len[0] > args.prompt_len[1] \
             or args.output_len[0] > args.output_len[1]:
         p.error("--prompt-len / --output-len: 1 <= MIN <= MAX")
+    if args.model and (args.max_step_tokens or args.compile_threads):
+        p.error("--max-step-tokens and --compile-threads apply to --random-shapes only (`lingjax serve` has "
+                "neither option)")
+    if args.decode_steps < 1:
+        p.error("--decode-steps: N >= 1")
     if args.prompt_len[1] + args.output_len[1] > args.max_len and not (args.url or args._child):
         p.error(f"--prompt-len MAX + --output-len MAX must fit --max-len {args.max_len}")
     return args
@@ -298,6 +377,8 @@ def main(argv=None) -> int:
     if args._child:
         return child(args)
     proc = None
+    # a SIGTERM (e.g. from `timeout`) ends this process through the `finally` below, which stops the server
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         if args.url:
             url = args.url.rstrip("/").removesuffix("/v1")
@@ -311,17 +392,20 @@ def main(argv=None) -> int:
         if args.warmup:
             res, err, wall = asyncio.run(run_load(args, url, model, vocab, args.warmup, args.seed + 1))
             print(f"bench_serve: warm-up {len(res)} requests in {wall:.1f}s ({len(err)} failed)", file=sys.stderr)
+        before = engine_counters(url)
         results, errors, wall = asyncio.run(run_load(args, url, model, vocab, args.num_requests, args.seed))
+        after = engine_counters(url)
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)       # graceful: requests in flight finish (up to 5 s)
             try:
-                rc = proc.wait(60)
+                rc = proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 rc = proc.wait()
             print(f"bench_serve: server exited with status {rc}", file=sys.stderr)
     s = summarize(results, errors, wall)
+    s["engine"] = engine_delta(before, after)
     load = f"concurrency {args.concurrency}" if args.concurrency else f"rate {args.request_rate}/s"
     what = (f"{model}, {load}, prompts {args.prompt_len[0]}-{args.prompt_len[1]}, outputs "
             f"{args.output_len[0]}-{args.output_len[1]} tokens")

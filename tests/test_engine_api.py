@@ -169,16 +169,16 @@ def test_overlapped_equals_non_overlapped(model, prompts):
                                "stop_token_ids": (o.token_ids[2],)})
              for sp, o in zip(mixed, base)]
     runs = {}
-    for overlap in (False, True):
-        eng = engine(model, overlap=overlap)
+    for overlap, depth in ((False, 1), (True, 1), (True, 3)):
+        eng = engine(model, overlap=overlap, overlap_depth=depth)
         taken, orig = [], eng._pack
         eng._pack = lambda pieces: (lambda b: (taken.append(int((b["take"] >= 0).sum())), b)[1])(orig(pieces))
-        runs[overlap] = ([o.token_ids for o in eng.generate(prompts, mixed)],
-                         [(o.token_ids, o.finish_reason) for o in eng.generate(prompts, stops)], sum(taken))
+        runs[overlap, depth] = ([o.token_ids for o in eng.generate(prompts, mixed)],
+                                [(o.token_ids, o.finish_reason) for o in eng.generate(prompts, stops)], sum(taken))
         assert eng.slots.num_free == 4 and eng.stats()["overlap"] == overlap
-    assert runs[True][:2] == runs[False][:2]
-    assert runs[False][0] == [o.token_ids for o in base]
-    assert all(r == "stop" for _, r in runs[True][1]) and runs[False][2] == 0 and runs[True][2] > 20
+    assert runs[True, 1][:2] == runs[False, 1][:2] == runs[True, 3][:2]      # 3 steps in flight: the same
+    assert runs[False, 1][0] == [o.token_ids for o in base]
+    assert all(r == "stop" for _, r in runs[True, 1][1]) and runs[False, 1][2] == 0 and runs[True, 1][2] > 20
 
 
 # ------------------------------------------------------------------------------------------ EngineLoop

@@ -111,3 +111,11 @@ def test_server_warm_up_runs_the_windows(model):
     eng = engine(model, decode_steps=N)
     warm_up_windows(eng, tops=(2,))          # logprobs as in the tests above: their compiled shapes
     assert eng.stats()["windows"] == 2       # one greedy window, one drawing window
+    # the warm-up's precompile list names the windows so that precompiling them finds the executables the
+    # windows just ran (jit's cache is shared by engines of this model: compiled_shapes() may be empty here)
+    from lingjax.server import compile_events, serving_shapes
+    windows = [s for s in serving_shapes(eng, logprobs=True) if "+top*" in s[0]]
+    assert windows == [(f"greedy+top*{N}", 4, True), (f"sample+top*{N}", 4, True)]
+    pre = compile_events()
+    eng.precompile(windows)
+    assert (compile_events() - pre)["compiles"] == 0

@@ -27,9 +27,9 @@ import openai
 import pytest
 import uvicorn
 
-from lingjax.engine import Engine, SamplingParams, load_model
+from lingjax.engine import Engine, EngineError, SamplingParams, load_model
 from lingjax.engine_loop import EngineLoop
-from lingjax.server import create_app, warm_up
+from lingjax.server import compile_events, create_app, serving_shapes, warm_up
 from lingjax.tokenizer import Tokenizer
 
 CKPT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "checkpoints", "ling-tiny"))
@@ -52,7 +52,13 @@ def tok():
 def served(model, tok):
     """(base_url, engine loop) of a live server; always shut down."""
     engine = Engine(model, **ENGINE)
+    shapes = serving_shapes(engine)
+    assert engine.precompile(shapes, threads=2) == len(shapes) == 4 + 3 + 2   # T buckets; "" at 16/32/64; decode
+    pre = compile_events()
     warm_up(engine)                                               # every step shape serving can hit
+    # the warm-up's requests ran every kind of step on the precompiled steps: not one XLA compilation
+    # (precompile filled the jit cache that the steps look up; a mismatched argument would recompile)
+    assert (compile_events() - pre)["compiles"] == 0
     engine.warm_shapes = dict(engine.compiled_shapes())
     loop = EngineLoop(engine)
     app = create_app(loop, tok, model_name=NAME)
@@ -118,6 +124,12 @@ def test_models_health_metrics(served, client):
                  "lingjax_prompt_tokens_total", "lingjax_generation_tokens_total",
                  "lingjax_time_to_first_token_seconds_bucket", "lingjax_inter_token_latency_seconds_bucket"):
         assert name in text
+    engine = served[1].engine
+    assert f"lingjax_engine_compilations {float(engine.compile_count)}" in text
+    assert "lingjax_engine_steps" in text and "lingjax_engine_wait_seconds" in text
+    assert engine.precompile(serving_shapes(engine)) == 0                     # all traced already
+    with pytest.raises(EngineError, match="not a step shape"):
+        engine.precompile([("sample", 12, False)])
 
 
 def test_completion_and_chat_greedy(client, offline, tok):

@@ -250,7 +250,8 @@ def test_server_metrics_report_acceptance():
             return dict(running=1, waiting=0, free_slots=3, free_pages=12, prefix_cache_hit_rate=0.0,
                         prefix_cache_hit_tokens=0, prefix_cache_query_tokens=0, prefix_cache_hits=0,
                         prefix_cache_pages=0, spec_drafts=10, spec_accepted=7, acceptance_rate=0.7,
-                        tokens_per_step=2.4)
+                        tokens_per_step=2.4, steps=5, dispatches=5, host_seconds=0.01, wait_seconds=0.02,
+                        compilations=3, compile_seconds=1.5)
     text = Metrics(Loop).render().decode()
     assert "lingjax_spec_acceptance_rate 0.7" in text and "lingjax_spec_tokens_per_step 2.4" in text
     assert "lingjax_spec_draft_tokens 10.0" in text and "lingjax_spec_accepted_tokens 7.0" in text

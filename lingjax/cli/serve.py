@@ -70,6 +70,11 @@ def add_arguments(p):
     p.add_argument("--no-warmup", action="store_true",
                    help="skip compiling every step shape before serving (the first requests then wait for "
                         "compilations)")
+    p.add_argument("--compile-threads", type=int_at_least(1), default=None, metavar="K",
+                   help="threads running XLA's compilations of the step shapes during the warm-up (tracing and "
+                        "lowering stay on one thread); default: up to 8, one per CPU core. Compiling in parallel, "
+                        "XLA's GPU autotuner times its candidates less accurately (it may warn \"Delay kernel timed "
+                        "out\"); 1 for the most exact choice, at the cost of a longer start")
     p.add_argument("-v", "--verbose", action="store_true", help="log requests and engine progress")
     p.add_argument("--debug", action="store_true", help="debug logging, and show tracebacks of errors")
 
@@ -126,7 +131,7 @@ def run(args) -> int:
     if not args.no_warmup:
         import time
         t = time.perf_counter()
-        n = warm_up(eng)
+        n = warm_up(eng, threads=args.compile_threads)
         log.info("warm-up: %d compilations in %.1fs", n, time.perf_counter() - t)
     name = args.served_model_name or model_name_of(str(model_dir))
     app = create_app(EngineLoop(eng), tok, model_name=name, model_aliases=(str(args.model or model_dir),))
