@@ -131,24 +131,6 @@ def time_calls(fn, args, iters, reps, trace=False):
     return statistics.median(ts), dev
 
 
-def copy_bandwidth(smoke):
-    """Copy bandwidth (read + write, B/s): the larger of JAX's and PyTorch's measurement (bench_moe's
-    ceilings), so the % columns stay conservative (last session's JAX-only figure was 3.04 TB/s against
-    PyTorch's 4.27)."""
-    from bench_moe import ceilings, torch_ceilings
-    bw, _ = ceilings(smoke)
-    if not smoke:
-        try:
-            t_copy, _ = torch_ceilings()
-            import torch
-            torch.cuda.empty_cache()                    # its 8 GiB of buffers back to the device
-            log.info("copy: JAX %.2f TB/s, PyTorch %.2f TB/s", bw / 1e12, t_copy / 1e12)
-            bw = max(bw, t_copy)
-        except Exception as e:                          # noqa: BLE001
-            log.info("PyTorch copy not measured: %s", e)
-    return bw
-
-
 def matmul_rate(smoke):
     """dense bf16 matmul FLOP/s (8192^3; 256^3 for --smoke), 20 calls in one jitted loop after a warm-up."""
     import jax
@@ -345,6 +327,7 @@ def main(argv=None):
         configs = [Config.from_tag(t) for t in args.configs.split(",") if t]
     else:
         configs = sweep_configs(H)
+    from bench_moe import copy_bandwidth
     copy_bw = copy_bandwidth(args.smoke)
     mm_rate = matmul_rate(args.smoke) if prefill_methods and (prefills or packed) else None
     dev = jax.devices()[0].device_kind

@@ -29,7 +29,9 @@ plain one; the agreement (share of requests, max |logprob difference|) is printe
 difference above 0.1 the run stops).
 
 The floor (`step_bytes`): the bytes a step must read or write, over the copy bandwidth measured at the
-start (a jitted y = 2x over 1 GiB, read + write), in the columns "floor ms":
+start (bench_moe.copy_bandwidth: the larger of JAX's and PyTorch's copy; session 5's call B used a JAX
+y = 2x alone, 2.66 TB/s, so its floor ms columns are about 1.6x high; the floor ratios do not depend on it),
+in the columns "floor ms":
   weights     every main-model parameter but the routed experts, the embedding and the lm_head, once;
   experts     per MoE layer, the distinct experts the step's tokens route to, times one expert's bytes:
               with independent uniform routing E[distinct] = E (1 - (1 - top_k / E)^n) for n tokens
@@ -124,22 +126,6 @@ def step_bytes(cfg, pb, B, C, k, hot=0, latent_itemsize=2, state_itemsize=4):
         caches += k * (B * (C + k) + T) * lat + (T + (k - 1) * B) * pb["embed_row"] + 2 * B * k * cfg.vocab_size * 4
     parts["caches"] = caches
     return parts
-
-
-def copy_bandwidth(nbytes=1 << 30, reps=10):
-    """Bytes/s of a jitted y = 2 x over nbytes of bfloat16 (read + write), the median of reps."""
-    import jax
-    import jax.numpy as jnp
-    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
-    f = jax.jit(lambda x: x * 2)
-    jax.block_until_ready(f(x))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(f(x))
-        ts.append(time.perf_counter() - t)
-    del x
-    return 2 * nbytes / statistics.median(ts)
 
 
 def set_hot_experts(model, m, base, seed=0):
@@ -401,7 +387,8 @@ def main(argv=None):
             print_floor(floor_rows(cfg, pb, bs, ks, args.context, hot, bw))
         return 0
     t0 = time.perf_counter()
-    bw = args.bandwidth or copy_bandwidth(1 << (24 if args.smoke else 30))
+    from bench_moe import copy_bandwidth
+    bw = args.bandwidth or copy_bandwidth(args.smoke)
     log.info("copy bandwidth %.3f TB/s", bw / 1e12)
     model = random_model(cfg, None, dtype, mtp=True)
     jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
