@@ -177,7 +177,7 @@ def traced(fn, carry, steps):
     import jax
     try:
         from bench_linear_attention import device_trace
-        from profile_fp8 import category
+        from profile_fp8 import per_step_kernels
     except Exception as err:         # a profiler failure costs the profile, not the measurement
         log.warning("profile unavailable: %s: %s", type(err).__name__, err)
         return None, carry
@@ -194,23 +194,9 @@ def traced(fn, carry, steps):
     except Exception as err:         # a profiler failure costs the profile, not the measurement
         log.warning("profile failed: %s: %s", type(err).__name__, err)
         return None, box.get("carry", carry)
-    streams = {name: v for name, v in tr.items() if not name.startswith("_")}
-    kernels, busy, gaps = {}, 0.0, 0.0
-    for v in streams.values():
-        busy += v["busy_us"]
-        gaps += v["gap_sum_us"]
-        for name, kk in v["kernels"].items():
-            e = kernels.setdefault(name, dict(n=0, sum_us=0.0))
-            e["n"] += kk["n"]
-            e["sum_us"] += kk["sum_us"]
-    cats = {}
-    for name, kk in kernels.items():
-        c = cats.setdefault(category(name), dict(n=0.0, us=0.0))
-        c["n"] += kk["n"] / steps
-        c["us"] += kk["sum_us"] / steps
-    top = sorted(((kk["sum_us"] / steps, kk["n"] / steps, name) for name, kk in kernels.items()), reverse=True)
-    prof = dict(busy_us=busy / steps, gap_us=gaps / steps, launches=sum(kk["n"] for kk in kernels.values()) / steps,
-                categories=cats, top=[dict(us=u, n=n, name=name) for u, n, name in top[:15]])
+    k = per_step_kernels(tr, steps, top=15)
+    prof = dict(busy_us=k["busy_us"], gap_us=k["gap_us"], launches=k["kernels_per_step"], categories=k["categories"],
+                top=k["top"])
     return prof, box["carry"]
 
 

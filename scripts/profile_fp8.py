@@ -61,6 +61,31 @@ def category(name: str) -> str:
     return "other"
 
 
+def per_step_kernels(trace, steps, top=25):
+    """A device trace (bench_linear_attention.device_trace) of `steps` steps, per step: busy_us, span_us,
+    gap_us, the streams, the device time and launches by category(), the `top` kernels by time and
+    kernels_per_step."""
+    streams = {k: v for k, v in trace.items() if not k.startswith("_")}
+    kernels, busy, span, gaps = {}, 0.0, 0.0, 0.0
+    for v in streams.values():
+        busy += v["busy_us"]
+        span = max(span, v["span_us"])
+        gaps += v["gap_sum_us"]
+        for name, k in v["kernels"].items():
+            e = kernels.setdefault(name, dict(n=0, sum_us=0.0))
+            e["n"] += k["n"]
+            e["sum_us"] += k["sum_us"]
+    cats = {}
+    for name, k in kernels.items():
+        c = cats.setdefault(category(name), dict(n=0, us=0.0))
+        c["n"] += k["n"] / steps
+        c["us"] += k["sum_us"] / steps
+    ranked = sorted(((k["sum_us"] / steps, k["n"] / steps, name) for name, k in kernels.items()), reverse=True)
+    return dict(busy_us=busy / steps, span_us=span / steps, gap_us=gaps / steps, streams=sorted(streams),
+                categories=cats, top=[dict(us=u, n=n, name=name) for u, n, name in ranked[:top]],
+                kernels_per_step=sum(k["n"] for k in kernels.values()) / steps)
+
+
 def check_fp8(model, B, tol=1e-2):
     """The GPU kernels against the reference math on the device, at B tokens: one projection of each
     FP8 kind (linear-attention q, MLA q_b / kv_a, the dense MLP's down, a shared expert's gate), one
@@ -191,25 +216,7 @@ def profile_mode(model, cfg, B, C, steps, reps, page_size, smoke):
         jax.block_until_ready((tk, c))
         box["c"] = c
     tr = device_trace(run, steps)
-    streams = {k: v for k, v in tr.items() if not k.startswith("_")}
-    kernels, busy, span, gaps = {}, 0.0, 0.0, 0.0
-    for v in streams.values():
-        busy += v["busy_us"]
-        span = max(span, v["span_us"])
-        gaps += v["gap_sum_us"]
-        for name, k in v["kernels"].items():
-            e = kernels.setdefault(name, dict(n=0, sum_us=0.0))
-            e["n"] += k["n"]
-            e["sum_us"] += k["sum_us"]
-    cats = {}
-    for name, k in kernels.items():
-        c = cats.setdefault(category(name), dict(n=0, us=0.0))
-        c["n"] += k["n"] / steps
-        c["us"] += k["sum_us"] / steps
-    top = sorted(((k["sum_us"] / steps, k["n"] / steps, name) for name, k in kernels.items()), reverse=True)
-    out.update(busy_us=busy / steps, span_us=span / steps, gap_us=gaps / steps, streams=sorted(streams),
-               categories=cats, top=[dict(us=u, n=n, name=name) for u, n, name in top[:25]],
-               kernels_per_step=sum(k["n"] for k in kernels.values()) / steps)
+    out.update(per_step_kernels(tr, steps, top=25))
     return out
 
 
