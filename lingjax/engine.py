@@ -1287,12 +1287,9 @@ class Engine:
         if f.steps is not None:
             return self._collect_window(f)
         t0 = time.perf_counter()
-        # one device_get: every transfer is started before the first is waited for; the logprobs only when
-        # a request of the step asks for them (reading a hit's token and logprob took the host 1.6 ms on an
-        # H200 after the device was done: scripts/profile_prefix.py, session 5)
-        want_lp = any(not r.score and r.params.logprobs is not None for r, _ in f.pieces)
-        outputs = f.outputs if want_lp else f.outputs[:2] + (None,) + f.outputs[3:]
-        logits, toks, lp, top_ids, top_lp = jax.device_get(outputs)
+        # one device_get (the copies were started at dispatch; _dispatch left out the logprobs when no
+        # request of the step reads them)
+        logits, toks, lp, top_ids, top_lp = jax.device_get(f.outputs)
         self._counts["wait_seconds"] += time.perf_counter() - t0
         outs, off = [], 0
         for i, (r, n) in enumerate(f.pieces):

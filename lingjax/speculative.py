@@ -262,14 +262,8 @@ def mtp_forward(model, batch, cache, hidden, next_tokens, rows=None):
     with random routing each extra row through the MoE reads about num_experts_per_tok more experts."""
     m = model.mtp[0]
     z = m.eh_proj(jnp.concatenate([m.enorm(model.embed(next_tokens)), m.hnorm(hidden.astype(model.dtype))], -1))
-    if rows is None:
-        z, cache = m.block.step(z, batch, cache)
-        return m.final_layernorm(z), cache
-    blk = m.block
-    a, cache = blk.attention.step_paged(blk.input_layernorm(z), batch, cache)     # every row: its latent
-    x = (z + a)[rows]
-    x = x + blk.mlp(blk.post_attention_layernorm(x))
-    return m.final_layernorm(x), cache
+    z, cache = m.block.step(z, batch, cache, rows=rows)
+    return m.final_layernorm(z), cache
 
 
 # ------------------------------------------------------------------------------------------ jitted step

@@ -38,12 +38,16 @@ class DecoderLayer(nnx.Module):
         x = x + (a if self.is_mla else a[0])
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def step(self, x, batch, cache):
-        """cache: this layer's MLA pages [num_pages, page_size, r + rope] or linear states [rows, H, D, D]."""
+    def step(self, x, batch, cache, rows=None):
+        """cache: this layer's MLA pages [num_pages, page_size, r + rope] or linear states [rows, H, D, D].
+        rows [N] (optional): every row's attention runs (it writes the cache), the MLP only at these rows
+        -> [N, d]."""
         h = self.input_layernorm(x)
         a, cache = (self.attention.step_paged(h, batch, cache) if self.is_mla
                     else self.attention.step(h, batch, cache))
         x = x + a
+        if rows is not None:
+            x = x[rows]
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
