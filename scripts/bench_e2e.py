@@ -285,7 +285,7 @@ def main(argv=None):
                    help="FP8 weights: the projections and experts made on device and quantized one parameter "
                         "at a time (shapes.random_fp8_model; 128x128 blocks with per-token-group activations, or "
                         "per-channel with per-token activations); the model's kernels run them (GPU: the FP8 "
-                        "Triton kernels). --tp 1 only")
+                        "Triton kernels); under --tp each made directly in its shards")
     p.add_argument("--fill", choices=("hash", "init"), default="hash",
                    help="random weights: hash (a cheap pseudo-random fill of every matrix, ~N(0, 0.02); "
                         "default) or init (the model's own threefry initialisation: slow at real scale)")
@@ -323,11 +323,11 @@ def main(argv=None):
             torch.cuda.empty_cache()              # give PyTorch's cached blocks (8 GiB) back for the model
         except Exception as e:                          # noqa: BLE001
             log.info("PyTorch ceilings not measured: %s", e)
-    if args.quantize != "none" and (args.tp != 1 or args.moe == "old"):
-        p.error("--quantize runs at --tp 1 with the grouped MoE only")
+    if args.quantize != "none" and args.moe == "old":
+        p.error("--quantize runs with the grouped MoE only")
     t0 = time.perf_counter()
     model = (random_model(cfg, mesh, dtype, fill=args.fill) if args.quantize == "none"
-             else random_fp8_model(cfg, dtype, args.quantize))
+             else random_fp8_model(cfg, dtype, args.quantize, mesh=mesh))
     jax.block_until_ready(jax.tree.leaves(model))
     t_init = time.perf_counter() - t0
     total, active, head = param_counts(cfg)

@@ -141,7 +141,7 @@ def is_quantized_param(path) -> bool:
     return names[0] == "layers" and names[-1] in QUANTIZED_LEAVES and ("attention" in names or "mlp" in names)
 
 
-def random_fp8_model(cfg, dtype, scheme, kmajor: bool = True, mtp: bool = False, **model_kw):
+def random_fp8_model(cfg, dtype, scheme, kmajor: bool = True, mtp: bool = False, mesh=None, **model_kw):
     """A BailingModel on the default device with random weights, its projections and experts in FP8
     (quant.SCHEMES[scheme]: fp8-block or fp8-channel), each made and quantized on device one parameter
     at a time (quant.quantize_param), so that only one bf16 parameter exists at a time: full
@@ -149,12 +149,14 @@ def random_fp8_model(cfg, dtype, scheme, kmajor: bool = True, mtp: bool = False,
     are the model's own initialisation (one jitted call; the quantized ones are dropped from its
     outputs, so XLA does not make them). kmajor: the FP8 values stored K-major ([..., out, in], the
     layout the GPU FP8 kernels read fastest and the engine lays them out in; quant.with_layout), else
-    in the param layout [..., in, out]."""
+    in the param layout [..., in, out]. mesh: every parameter is made and quantized directly in its
+    shards (lingjax.sharding's specs; an FP8 weight and its scales sharded together), so no device
+    ever holds a whole bf16 expert tensor; the values do not depend on the mesh."""
     import functools
 
     import jax
     from flax import nnx
-    from lingjax import quant
+    from lingjax import quant, sharding
     from lingjax.model import BailingModel
     from lingjax.weights import set_param
     fmt = quant.SCHEMES[scheme]
@@ -165,20 +167,39 @@ def random_fp8_model(cfg, dtype, scheme, kmajor: bool = True, mtp: bool = False,
     model = nnx.eval_shape(make)
     flat = list(nnx.to_flat_state(nnx.state(model)))
 
+    tp = sharding.tp_of(mesh) if mesh is not None else 1
+    if mesh is not None:
+        sharding.check_tp(cfg, tp)
+
+    def named(spec):
+        return jax.sharding.NamedSharding(mesh, spec)
+
     def rest():
         state = nnx.split(make())[1]
         return {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state) if not is_quantized_param(p)}
-    plain = jax.jit(rest)()
+    rest_shardings = None if mesh is None else {
+        "/".join(map(str, p)): named(sharding.param_spec(p, cfg, tp)) for p, _ in flat if not is_quantized_param(p)}
+    plain = jax.jit(rest, out_shardings=rest_shardings)()
 
-    @functools.partial(jax.jit, static_argnums=(1,))
-    def make_fp8(key, shape):
+    def fp8(key, shape):
         w = quant.quantize_param(0.02 * jax.random.normal(key, shape, dtype), block, act)
         return quant.FP8Weight(jax.numpy.swapaxes(w.q, -1, -2), w.scale, w.block, w.act, True) if kmajor else w
+    fns = {}
+
+    def make_fp8(path, key, shape):
+        spec = sharding.param_spec(path, cfg, tp) if mesh is not None else None
+        if (shape, spec) not in fns:
+            out = None
+            if mesh is not None:
+                s = sharding.fp8_spec(spec, jax.eval_shape(functools.partial(fp8, shape=shape), key), tp)
+                out = quant.FP8Weight(named(s.q), named(s.scale), s.block, s.act, s.kmajor)
+            fns[shape, spec] = jax.jit(functools.partial(fp8, shape=shape), out_shardings=out)
+        return fns[shape, spec](key)
     key = jax.random.key(1)
     for i, (path, var) in enumerate(flat):
         name = "/".join(map(str, path))
         if is_quantized_param(path):
-            value = make_fp8(jax.random.fold_in(key, i), tuple(var.get_value().shape))
+            value = make_fp8(path, jax.random.fold_in(key, i), tuple(var.get_value().shape))
             jax.block_until_ready(value)
         else:
             value = plain.pop(name)

@@ -85,3 +85,14 @@ def test_random_fp8_model_and_a_bench_decode_step():
     toks, caches = f(state, caches, batch)
     toks = np.asarray(toks)
     assert toks.shape == (2,) and ((0 <= toks) & (toks < cfg.vocab_size)).all()
+    # made in its shards on a tp-2 mesh (bench_e2e --quantize --tp 2): the same values, each array (an FP8
+    # weight's values and scales alike) sharded as lingjax.sharding's specs say
+    if jax.device_count() >= 2:
+        mesh = sharding.make_mesh(2)
+        got = nnx.state(random_fp8_model(cfg, jnp.bfloat16, "fp8-block", mesh=mesh))
+        want = sharding.state_shardings(got, cfg, mesh)
+        leaves = jax.tree.leaves(got)
+        assert len(leaves) == len(jax.tree.leaves(nnx.state(model)))
+        for a, b, s in zip(leaves, jax.tree.leaves(nnx.state(model)), jax.tree.leaves(want)):
+            assert a.sharding.is_equivalent_to(s, a.ndim), (a.sharding, s)
+            np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
