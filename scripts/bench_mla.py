@@ -237,11 +237,13 @@ def print_decode_table(rows):
     prof = [r for r in rows if r.get("method", "").startswith("profile")]
     if prof:
         keys = ("us_profiled_call", "span_us", "start_spread_us", "end_spread_us", "prog_min_us", "prog_med_us",
-                "prog_max_us", "sms", "programs")
-        print(f"\n{'batch':>5} {'context':>7} {'profile':<28} " + " ".join(f"{k[:15]:>15}" for k in keys))
+                "prog_max_us", "q_us", "table_us", "first_us", "loop_us", "per_block_us", "tail_us", "sms",
+                "programs")
+        print(f"\n{'batch':>5} {'context':>7} {'profile':<34} " + " ".join(f"{k[:-3] if k.endswith('_us') else k:>9}"
+                                                                      for k in keys))
         for r in prof:
-            print(f"{r['batch']:>5} {r['context']:>7} {r['method']:<28} "
-                  + " ".join(f"{r.get(k, float('nan')):>15}" for k in keys) + f" {r.get('error', '')}")
+            print(f"{r['batch']:>5} {r['context']:>7} {r['method']:<34} "
+                  + " ".join(f"{r.get(k, float('nan')):>9}" for k in keys) + f" {r.get('error', '')}")
 
 
 def print_prefill_table(rows):
@@ -415,7 +417,9 @@ def main(argv=None):
                             fp = jax.jit(lambda *a, c=c: gpu.decode_profiled(*a, scale, config=c))
                             fargs = (q_lat, q_pe, pages, table, slots, lengths)
                             jax.block_until_ready(fp(*fargs))
-                            runs = sorted((gpu.profile_summary(jax.block_until_ready(fp(*fargs))[1])
+                            n_blk = -(-L // c.block_n)
+                            per_prog = -(-n_blk // c.num_splits)
+                            runs = sorted((gpu.profile_summary(jax.block_until_ready(fp(*fargs))[1], per_prog)
                                            for _ in range(5)), key=lambda d: d["span_us"])
                             row.update(runs[2])                 # the median span of 5 calls
                             t, _ = time_calls(lambda *a: fp(*a)[0], fargs, iters, reps)
