@@ -252,9 +252,13 @@ def _split_run(slots_ptr, lengths_ptr, page_table_ptr, b, sp, MAX_PAGES: tl.cons
 @triton.jit
 def _prefetch_run(pages_ptr, table, start, stop, N: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
                   D: tl.constexpr, BLOCK_BYTES: tl.constexpr):
-    """Ask L2 for blocks start .. start + N - 1 of the run [start, stop) (PREFETCH's prologue)."""
+    """Ask L2 for blocks start .. start + N - 1 of the run [start, stop) (PREFETCH's prologue): their page ids
+    in one vector load (no prefetch waits for another's id), then one prefetch per block."""
+    N_P2: tl.constexpr = max(2, triton.next_power_of_2(N))
+    offs = tl.arange(0, N_P2)
+    ids = tl.load(table + (start + offs) * BLOCK_N // PAGE_SIZE, mask=(offs < N) & (start + offs < stop), other=0)
     for j in tl.static_range(N):
-        page = tl.load(table + ((start + j) * BLOCK_N // PAGE_SIZE), mask=start + j < stop, other=0)
+        page = tl.sum(tl.where(offs == j, ids, 0), 0)
         _prefetch_l2(pages_ptr + (page.to(tl.int64) * PAGE_SIZE + ((start + j) * BLOCK_N) % PAGE_SIZE) * D,
                      start + j < stop, BLOCK_BYTES)
 
