@@ -46,7 +46,7 @@ COMBINE_CASES = [(32, 16, 3, "float32", "ieee", 1e-5, 16, False, False),
 # gpu.Config.low_partials): checked as CASES (key + "-ea" / "-eapb"); float16 partials within 1e-2 (one more
 # rounding of each split's normalised output to float16, ~5e-4 relative)
 EARLY_CASES = [(32, 16, 3, "float32", "ieee", 1e-5, 16, False, False)]
-LOW_CASES = [(16, 16, 3, "float16", "", 1e-2, 16, False, False), (16, 32, 2, "float16", "", 1e-2, 32, True, False)]
+LOW_CASES = [(16, 16, 3, "float16", "", 1e-2, 16, False, False)]
 
 
 def _key(case):
