@@ -287,13 +287,14 @@ def test_gpu_decode_launch_traces_and_compiles_for_sm90(jax_triton_call):
             jaxpr = jax.make_jaxpr(lambda *a: gpu.decode_profiled(*a, 0.07, config=fc))(*shapes).jaxpr
             (call,) = _triton_calls(jax_triton_call, jaxpr)                       # the benchmark's timestamps
             assert call.params["PROFILE"] and jaxpr.outvars[1].aval.shape == (B * c.num_splits, 9)
-            lp = dataclasses.replace(c, early=True, prefetch=2, low_partials=True, q_cast=True)
+            lp = dataclasses.replace(c, early=True, prefetch=2, low_partials=True, q_cast=True, merge=True)
             jaxpr = jax.make_jaxpr(lambda *a: gpu.decode(*a, 0.07, config=lp))(*shapes).jaxpr
-            (call,) = _triton_calls(jax_triton_call, jaxpr)
+            call, merge = _triton_calls(jax_triton_call, jaxpr)
             assert call.params["EARLY"] and call.params["PREFETCH"] == 2
             assert [v.aval.dtype for v in call.invars[:2]] == [jnp.bfloat16] * 2         # q cast before the launch
             assert call.outvars[0].aval.dtype == jnp.bfloat16                            # 16-bit partials
-            assert jaxpr.outvars[0].aval.dtype == jnp.float32
+            assert merge.params["NUM_SPLITS"] == c.num_splits and merge.params["BLOCK_R"] == 16   # one merge launch
+            assert not _eqns(jaxpr, "reduce_sum") and jaxpr.outvars[0].aval.dtype == jnp.float32
             shared, ptx, _ = _compile_call(jax_triton_call, call)
             assert "cp.async.bulk.prefetch.L2.global" in ptx and 2 * shared <= SM90_SMEM
             with pytest.raises(ValueError, match="prefetch needs block_n=128 dividing"):

@@ -67,6 +67,17 @@ def _inputs(case):
     return dict(q_lat=q_lat, q_pe=q_pe, pages=pages, table=table, slots=slots, lengths=lens)
 
 
+def _merge(tk, o, lse, block_h):
+    """merge_kernel over decode_kernel's partials (as gpu.merge_launch launches it; block_r = R here)."""
+    import torch
+    B, S = o.shape[:2]
+    out = torch.full((B, H, R), 1027.0)
+    s_p2 = 1 << max(0, S - 1).bit_length()
+    tk.merge_kernel[(-(-H // block_h), B, 1)](torch.from_numpy(o), torch.from_numpy(lse), out, H=H, R=R, NUM_SPLITS=S,
+                                               S_P2=s_p2, BLOCK_H=block_h, BLOCK_R=R)
+    return out.numpy()
+
+
 def _run(tk, case, x, combine=False, early=False, low=False):
     import torch
     ps, block_n, S, dt, precision, _, block_h, swap, rp = case
@@ -137,7 +148,9 @@ def test_decode_kernel_matches_float64(results, case):
 def test_decode_kernel_early_and_low_partials(results, case, suffix):
     """EARLY loads the request's slot, length and first page id before the queries (same values as without);
     -eapb also writes the partials o in the pages' dtype (float16 here): combine_splits upcasts them. Both
-    against the float64 oracle; EARLY's float32 partials equal the plain kernel's bit for bit."""
+    against the float64 oracle; EARLY's float32 partials equal the plain kernel's bit for bit. merge_kernel
+    over the same partials (3 splits: a masked 4th; 20 heads in blocks of 16: masked heads) equals
+    combine_splits."""
     import jax.numpy as jnp
     from lingjax.kernels.mla.gpu import combine_splits
     from tests.test_mla_kernels import oracle, rel
@@ -150,6 +163,9 @@ def test_decode_kernel_early_and_low_partials(results, case, suffix):
     assert np.all(np.isfinite(got)) and np.all(got[~live] == 0) and rel(got[live], want[live]) <= case[5]
     if suffix == "-ea" and _key(case) in results:
         np.testing.assert_array_equal(r["o"], results[_key(case)]["o"])
+    # merge_kernel (gpu.Config.merge) over the same partials: combine_splits' formula in one launch
+    np.testing.assert_allclose(r["mk"], got, rtol=1e-5, atol=1e-6)
+    assert np.all(r["mk"][~live] == 0)
 
 
 @pytest.mark.parametrize("case", COMBINE_CASES, ids=_key)
@@ -200,11 +216,11 @@ if __name__ == "__main__":          # the child process
     for c in EARLY_CASES:
         x = _inputs(c)
         o, lse, _ = _run(triton_kernels, c, x, early=True)
-        np.savez(out / f"{_key(c)}-ea.npz", o=o, lse=lse, **x)
+        np.savez(out / f"{_key(c)}-ea.npz", o=o, lse=lse, mk=_merge(triton_kernels, o, lse, c[6]), **x)
     for c in LOW_CASES:
         x = _inputs(c)
         o, lse, _ = _run(triton_kernels, c, x, early=True, low=True)
-        np.savez(out / f"{_key(c)}-eapb.npz", o=o, lse=lse, **x)
+        np.savez(out / f"{_key(c)}-eapb.npz", o=o, lse=lse, mk=_merge(triton_kernels, o, lse, c[6]), **x)
     for c in STREAM_CASES:
         x = _inputs(c[:2] + (1,) + c[3:])
         merged, count = _run_stream(triton_kernels, c, x)
