@@ -282,7 +282,7 @@ def merge_launch(o, lse, block_h: int):
     block_r = min(R, max(16, 8192 // (s_p2 * block_h)))
     return jax_triton().triton_call(
         o, lse, kernel=merge_kernel, out_shape=jax.ShapeDtypeStruct((B, H, R), F32),
-        grid=(-(-H // block_h), B, -(-R // block_r)), num_warps=4, num_stages=1, name="mla_decode_merge",
+        grid=(-(-H // block_h), B, -(-R // block_r)), num_warps=4, num_stages=1, name="mla_merge",
         H=H, R=R, NUM_SPLITS=S, S_P2=s_p2, BLOCK_H=block_h, BLOCK_R=block_r)
 
 
