@@ -8,8 +8,9 @@ pages of the batch scattered over the pool in a random order. A shape whose late
 
 Rows (method):
   paged-triton    lingjax.kernels.mla.decode(impl='gpu'): the kernel + the jnp merge of its context splits
-  paged-triton[c] gpu.decode with Config c (--sweep; tag h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp],
-                  the configurations of sweep_configs, each checked with scripts/compile_mla_kernels.py)
+  paged-triton[c] gpu.decode with Config c (--sweep; tag
+                  h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp][fc][sk][pb][mk], the configurations of
+                  sweep_configs, each checked with scripts/compile_mla_kernels.py)
   paged-ref       lingjax.kernels.mla.decode(impl='reference') (jnp, flash-style over pages; --ref)
   today           MLA._attend_cache over a [batch, context, 576] cache (absorbs W_UK/W_UV as the engine does)
   prefill-triton  lingjax.kernels.mla.prefill(impl='gpu') (gpu_prefill.py) over a packed batch: one request of
@@ -31,9 +32,10 @@ are counted once per request even for configurations whose head blocks each read
 loop: kernel_us / pct_copy_kernel (the decode kernel alone) and busy_us / pct_copy_busy (every kernel of a call:
 + the split combine, + the loop's own q update). The wall-clock us also holds the jitted program's launch
 overhead (0.4-0.8 ms per execution on the H200: up to ~80 us per call at --iters 10; it was round 1's ~40 us
-"fixed cost" per call). --profile adds the kernel's own per-program timestamps (gpu.decode_profiled): spans, and the median program's
-phases (q: start to queries in registers; table: to the first page id; first: to the first block's products done;
-loop: the other blocks; per_block: loop / (blocks - 1); tail: last block done to the end, the partial's store).
+"fixed cost" per call). --profile adds the kernel's own per-program timestamps (gpu.decode_profiled): spans, and the
+median program's phases (q: start to queries in registers; table: to the first page id; first: to the first
+block's products done; loop: the other blocks; per_block: loop / (blocks - 1); tail: last block done to the end,
+the partial's store).
 Prefill: TFLOP/s over the causal flops 2 * H * (r + rope + r) per (query, key) pair
 and its share (pct_mm) of the dense bf16 matmul rate (8192^3, measured in the same run); before timing,
 prefill-triton's output is checked against the reference on --check-tokens tokens (the first, the last and
@@ -41,7 +43,8 @@ random ones; all of a request at a prefix boundary are covered): rel_err, and a 
 2e-2 (bf16 queries and probabilities in the products) is marked check_failed and not timed.
 
     PYTHONPATH=. python3 scripts/bench_mla.py [--batches 1,16,64,256] [--contexts 1024,8192,32768,131072]
-        [--shapes 16:4096,64:4096] [--sweep 16:32768,256:32768] [--prefill 4096,32768] [--packed 8x512@8192] [--prefill-sweep 8x512@8192]
+        [--shapes 16:4096,64:4096] [--sweep 16:32768,256:32768] [--prefill 4096,32768] [--packed 8x512@8192]
+        [--prefill-sweep 8x512@8192]
         [--out DIR] [--name bench_mla]     # writes DIR/NAME.json and DIR/NAME.log
     prefill only: --batches "" --methods "" --prefill-methods prefill-triton,prefill-ref
     JAX_PLATFORMS=cpu PYTHONPATH=. python3 scripts/bench_mla.py --smoke     # CPU: tiny shapes, reference impl
@@ -68,9 +71,9 @@ def sweep_configs(heads):
     Each compiles for sm_90 without spilling and fits (scripts/compile_mla_kernels.py prints registers,
     shared memory and latent buffers: bufs 1 = the next block's load waits for this block's products)."""
     from lingjax.kernels.mla.gpu import Config
-    C = lambda h, n, w, st, swap=False, s=0, rp=False, fc=False, sk=False: Config(  # noqa: E731
+    C = lambda h, n, w, st, swap=False, s=0, rp=False, fc=False, sk=False, pb=False, mk=False: Config(  # noqa: E731
         block_h=h, block_n=n, num_splits=s, num_warps=w, num_stages=st, swap=swap, reg_prefetch=rp, combine=fc,
-        stream=sk)
+        stream=sk, low_partials=pb, merge=mk)
     if heads > 32:
         return [C(64, 32, 8, 3, True), C(64, 32, 8, 3, True, -1), C(64, 32, 8, 3, True, -2), C(64, 32, 8, 4, True),
                 C(64, 16, 8, 5, True), C(32, 64, 4, 3), C(32, 64, 8, 3), C(32, 32, 4, 3)]
@@ -81,7 +84,10 @@ def sweep_configs(heads):
     # kernel (no combine pass); sk: stream-K (the batch's blocks in equal runs, one per resident program).
     # Round 3 measured (CUPTI kernel time): 1 buffer + 2 programs per SM (h32n64w4st2, now the default) 80-87%;
     # round 2's h32n64w4st3 74-78%; fc and the 32-token forms lower (bench_notes_mla.md).
-    return [C(32, 64, 4, 2),                                        # the default: 1 buffer, 2 programs per SM
+    # Session 6: bf16 partials (pb) +3-5 points at B=16 4k-32k / B=64 4k; mk: the splits merged by merge_kernel.
+    return [C(32, 64, 4, 2, pb=True),                               # the default: 1 buffer, 2 programs per SM
+            C(32, 64, 4, 2, pb=True, mk=True),                      # + the merge kernel (one launch)
+            C(32, 64, 4, 2),                                        # session 5's default (float32 partials)
             C(32, 64, 4, 3),                                        # round 2's default (2 buffers, 1 per SM)
             C(32, 64, 4, 2, sk=True), C(32, 64, 4, 3, sk=True),     # stream-K runs
             C(32, 64, 4, 3, fc=True),                               # splits merged in the kernel
@@ -275,8 +281,9 @@ def main(argv=None):
                    "pair, in this order (e.g. 16:8192,64:4096)")
     p.add_argument("--sweep", default="", help="batch:context pairs at which to also time each sweep configuration")
     p.add_argument("--configs", default="", help="comma list of config tags to sweep instead of sweep_configs "
-                   "(h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp]; s0: gpu.with_splits' splits for that "
-                   "config, s-1: half, s-2: twice, s<k>: k; check them first with scripts/compile_mla_kernels.py)")
+                   "(h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp][fc][sk][pb][mk]; s0: gpu.with_splits' "
+                   "splits for that config, s-1: half, s-2: twice, s<k>: k; check them first with "
+                   "scripts/compile_mla_kernels.py)")
     p.add_argument("--profile", default="", help="batch:context pairs at which to also run the kernel with its PROFILE "
                    "timestamps (gpu.decode_profiled) for the default config and each --profile-configs tag: spread "
                    "of program starts / ends, program times, SMs used (the profiled kernel has its own registers: "

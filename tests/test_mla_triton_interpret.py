@@ -42,10 +42,8 @@ STREAM_CASES = [(16, 16, 3, "float32", "ieee", 1e-5, 32), (32, 16, 7, "float16",
                 (16, 16, 40, "float32", "ieee", 1e-5, 32)]
 COMBINE_CASES = [(32, 16, 3, "float32", "ieee", 1e-5, 16, False, False),
                  (16, 32, 2, "float16", "", 1e-2, 32, True, False)]
-# EARLY (slot, length and first page id loaded before the queries) and 16-bit partials (o in the pages' dtype,
-# gpu.Config.low_partials): checked as CASES (key + "-ea" / "-eapb"); float16 partials within 1e-2 (one more
-# rounding of each split's normalised output to float16, ~5e-4 relative)
-EARLY_CASES = [(32, 16, 3, "float32", "ieee", 1e-5, 16, False, False)]
+# 16-bit partials (o in the pages' dtype, gpu.Config.low_partials): checked as CASES (key + "-pb"); float16
+# partials within 1e-2 (one more rounding of each split's normalised output to float16, ~5e-4 relative)
 LOW_CASES = [(16, 16, 3, "float16", "", 1e-2, 16, False, False)]
 
 
@@ -78,7 +76,7 @@ def _merge(tk, o, lse, block_h):
     return out.numpy()
 
 
-def _run(tk, case, x, combine=False, early=False, low=False):
+def _run(tk, case, x, combine=False, low=False):
     import torch
     ps, block_n, S, dt, precision, _, block_h, swap, rp = case
     tt = lambda a: torch.from_numpy(np.ascontiguousarray(a))           # noqa: E731
@@ -91,7 +89,7 @@ def _run(tk, case, x, combine=False, early=False, low=False):
         tt(x["q_lat"]), tt(x["q_pe"]), tt(x["pages"]), tt(x["table"]), tt(x["slots"]), tt(x["lengths"]), o, lse,
         out, count, torch.zeros((1,), dtype=torch.int32), SCALE=0.3, H=H, R=R, ROPE=ROPE, PAGE_SIZE=ps,
         MAX_PAGES=x["table"].shape[1], NUM_SPLITS=S, BLOCK_H=block_h, BLOCK_N=block_n, PRECISION=precision,
-        SWAP=swap, REG_PREFETCH=rp, COMBINE=combine, EARLY=early)
+        SWAP=swap, REG_PREFETCH=rp, COMBINE=combine)
     if combine:
         assert np.all(count.numpy() == S)                            # every program counted once
     return o.numpy(), lse.numpy(), out.numpy()
@@ -102,8 +100,7 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("mla_interp")
     run_child(__file__, out)
     keys = ([_key(c) for c in CASES] + [_key(c) + "-fc" for c in COMBINE_CASES]
-            + [_skey(c) for c in STREAM_CASES] + [_key(c) + "-ea" for c in EARLY_CASES]
-            + [_key(c) + "-eapb" for c in LOW_CASES])
+            + [_skey(c) for c in STREAM_CASES] + [_key(c) + "-pb" for c in LOW_CASES])
     return {k: dict(np.load(out / f"{k}.npz")) for k in keys}
 
 
@@ -141,31 +138,26 @@ def test_decode_kernel_matches_float64(results, case):
     assert rel(got[live], want[live]) <= case[5]
     if case[2] > 1:                                                  # splits really split: one is empty
         assert np.any(np.isneginf(r["lse"][live]))                   # (a length-1 request has 1 block)
+        # merge_kernel (gpu.Config.merge) over the same partials: combine_splits' formula in one launch (3 splits:
+        # a masked 4th row; 20 heads in blocks of 16: masked heads)
+        np.testing.assert_allclose(r["mk"], got, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("case,suffix", [(c, "-ea") for c in EARLY_CASES] + [(c, "-eapb") for c in LOW_CASES],
-                         ids=lambda v: v if isinstance(v, str) else _key(v))
-def test_decode_kernel_early_and_low_partials(results, case, suffix):
-    """EARLY loads the request's slot, length and first page id before the queries (same values as without);
-    -eapb also writes the partials o in the pages' dtype (float16 here): combine_splits upcasts them. Both
-    against the float64 oracle; EARLY's float32 partials equal the plain kernel's bit for bit. merge_kernel
-    over the same partials (3 splits: a masked 4th; 20 heads in blocks of 16: masked heads) equals
-    combine_splits."""
+@pytest.mark.parametrize("case", LOW_CASES, ids=_key)
+def test_decode_kernel_low_partials(results, case):
+    """The partials o written in the pages' dtype (float16 here; gpu.Config.low_partials): combine_splits and
+    merge_kernel upcast them; against the float64 oracle."""
     import jax.numpy as jnp
     from lingjax.kernels.mla.gpu import combine_splits
     from tests.test_mla_kernels import oracle, rel
-    r = results[_key(case) + suffix]
-    assert r["o"].dtype == (np.float16 if suffix == "-eapb" else np.float32)
-    got = r["o"][:, 0] if case[2] == 1 else np.asarray(combine_splits(jnp.asarray(r["o"]), jnp.asarray(r["lse"])))
+    r = results[_key(case) + "-pb"]
+    assert r["o"].dtype == np.float16
+    got = np.asarray(combine_splits(jnp.asarray(r["o"]), jnp.asarray(r["lse"])))
     assert got.dtype == np.float32
     want = oracle(r["q_lat"], r["q_pe"], r["pages"], r["table"], r["slots"], r["lengths"], 0.3)
     live = r["slots"] >= 0
     assert np.all(np.isfinite(got)) and np.all(got[~live] == 0) and rel(got[live], want[live]) <= case[5]
-    if suffix == "-ea" and _key(case) in results:
-        np.testing.assert_array_equal(r["o"], results[_key(case)]["o"])
-    # merge_kernel (gpu.Config.merge) over the same partials: combine_splits' formula in one launch
     np.testing.assert_allclose(r["mk"], got, rtol=1e-5, atol=1e-6)
-    assert np.all(r["mk"][~live] == 0)
 
 
 @pytest.mark.parametrize("case", COMBINE_CASES, ids=_key)
@@ -208,19 +200,16 @@ if __name__ == "__main__":          # the child process
     for c in CASES:
         x = _inputs(c)
         o, lse, _ = _run(triton_kernels, c, x)
-        np.savez(out / f"{_key(c)}.npz", o=o, lse=lse, **x)
+        mk = _merge(triton_kernels, o, lse, c[6]) if c[2] > 1 else o[:, 0]
+        np.savez(out / f"{_key(c)}.npz", o=o, lse=lse, mk=mk, **x)
     for c in COMBINE_CASES:
         x = _inputs(c)
         o, lse, merged = _run(triton_kernels, c, x, combine=True)
         np.savez(out / f"{_key(c)}-fc.npz", o=o, lse=lse, out=merged, **x)
-    for c in EARLY_CASES:
-        x = _inputs(c)
-        o, lse, _ = _run(triton_kernels, c, x, early=True)
-        np.savez(out / f"{_key(c)}-ea.npz", o=o, lse=lse, mk=_merge(triton_kernels, o, lse, c[6]), **x)
     for c in LOW_CASES:
         x = _inputs(c)
-        o, lse, _ = _run(triton_kernels, c, x, early=True, low=True)
-        np.savez(out / f"{_key(c)}-eapb.npz", o=o, lse=lse, mk=_merge(triton_kernels, o, lse, c[6]), **x)
+        o, lse, _ = _run(triton_kernels, c, x, low=True)
+        np.savez(out / f"{_key(c)}-pb.npz", o=o, lse=lse, mk=_merge(triton_kernels, o, lse, c[6]), **x)
     for c in STREAM_CASES:
         x = _inputs(c[:2] + (1,) + c[3:])
         merged, count = _run_stream(triton_kernels, c, x)

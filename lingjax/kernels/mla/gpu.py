@@ -34,13 +34,10 @@ class Config:
     splits in the kernel (an atomic counter per request) instead of combine_splits' separate pass; stream:
     decode_stream_kernel instead, the blocks of all requests cut into num_splits equal runs, one per program
     (num_splits = the programs, not splits per request; with_splits: SMs x programs per SM), whatever the
-    lengths (one head block, not swapped, block_n dividing the page size); early: the slot, length and first
-    page id loaded before the queries (EARLY); prefetch: blocks asked of L2 that many blocks ahead of their copy
-    into shared memory (PREFETCH; block_n dividing the page size); low_partials: the splits' outputs written in
-    the pages' dtype (16-bit: half the bytes of the partials and of combine_splits' read), not float32;
-    q_cast: the queries cast to the pages' dtype before the launch (the kernel reads half the bytes), not in it;
-    merge: the splits merged by merge_kernel (one launch, see merge_launch) instead of combine_splits' fusions.
-    The kernels' docstrings have each."""
+    lengths (one head block, not swapped, block_n dividing the page size); low_partials: the splits' outputs
+    written in the pages' dtype (16-bit: half the bytes of the partials and of their merge's read; one more
+    rounding of each split's normalised output), not float32; merge: the splits merged by merge_kernel (one
+    launch, see merge_launch) instead of combine_splits' XLA fusions. The kernels' docstrings have each."""
     block_h: int = 32
     block_n: int = 64
     num_splits: int = 1
@@ -50,34 +47,29 @@ class Config:
     reg_prefetch: bool = False
     combine: bool = False
     stream: bool = False
-    early: bool = False
-    prefetch: int = 0
     low_partials: bool = False
-    q_cast: bool = False
     merge: bool = False
 
     def tag(self) -> str:
-        """Short name for tables: h<block_h> n<block_n> s<splits> w<warps> st<stages> [swap] [rp] [fc] [sk] [ea]
-        [pf<prefetch>] [pb] [qb] [mk]."""
+        """Short name for tables: h<block_h> n<block_n> s<splits> w<warps> st<stages> [swap] [rp] [fc] [sk] [pb]
+        [mk]."""
         return (f"h{self.block_h}n{self.block_n}s{self.num_splits}w{self.num_warps}st{self.num_stages}"
                 + ("swap" if self.swap else "") + ("rp" if self.reg_prefetch else "")
-                + ("fc" if self.combine else "") + ("sk" if self.stream else "") + ("ea" if self.early else "")
-                + (f"pf{self.prefetch}" if self.prefetch else "") + ("pb" if self.low_partials else "")
-                + ("qb" if self.q_cast else "") + ("mk" if self.merge else ""))
+                + ("fc" if self.combine else "") + ("sk" if self.stream else "")
+                + ("pb" if self.low_partials else "") + ("mk" if self.merge else ""))
 
     @classmethod
     def from_tag(cls, tag: str) -> "Config":
         """The inverse of tag(): 'h32n64s4w8st5', 'h32n32s1w8st5swap', 'h32n64s8w8st1swaprp', 'h32n64s8w4st3fc'
         (s may be 0 or negative: a placeholder the benchmark resolves); ValueError naming the tag otherwise."""
-        m = re.fullmatch(r"h(\d+)n(\d+)s(-?\d+)w(\d+)st(\d+)(swap)?(rp)?(fc)?(sk)?(ea)?(?:pf(\d+))?(pb)?(qb)?(mk)?", tag)
+        m = re.fullmatch(r"h(\d+)n(\d+)s(-?\d+)w(\d+)st(\d+)(swap)?(rp)?(fc)?(sk)?(pb)?(mk)?", tag)
         if not m:
             raise ValueError(f"MLA decode config tag {tag!r} is not "
-                             "h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp][fc][sk][ea][pf<k>][pb][qb][mk]")
+                             "h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp][fc][sk][pb][mk]")
         h, n, s, w, st = (int(g) for g in m.groups()[:5])
         return cls(block_h=h, block_n=n, num_splits=s, num_warps=w, num_stages=st, swap=bool(m.group(6)),
                    reg_prefetch=bool(m.group(7)), combine=bool(m.group(8)), stream=bool(m.group(9)),
-                   early=bool(m.group(10)), prefetch=int(m.group(11) or 0), low_partials=bool(m.group(12)),
-                   q_cast=bool(m.group(13)), merge=bool(m.group(14)))
+                   low_partials=bool(m.group(10)), merge=bool(m.group(11)))
 
 
 def supports(kv_lora_rank: int, rope_dim: int) -> bool:
@@ -129,7 +121,9 @@ def pick_config(batch: int, num_heads: int, page_size: int, max_pages: int, sm_c
     memory once per block: shared-memory bytes read per latent byte ~ 2 + warps x block_h / block_n (4 here;
     the 32-token forms, 6, measured ~60%). Measured on the H200 (CUPTI kernel time, round 3): 87% of the copy
     bandwidth at B=64 and B=256 x 32k, 79.7% at B=16 x 32k, against 77-78% / 74% for round 2's h32n64w4st3
-    (two buffers, one program per SM).
+    (two buffers, one program per SM). Session 6: the splits' partials in bf16 (low_partials; half of the 64 KiB
+    each program writes at its end and of the merge's read): +3-5 points at B=16 4k-32k and B=64 4k, and no
+    spills where it applies (splits > 1; 8 bytes before).
     64 heads: [64, 512] accumulator, blocks of 32, swapped products (wgmma), two buffers.
     float32 latents (itemsize 4: parity checks, not speed; tf32x3 products spill at every configuration):
     16 heads x 16 tokens, the smallest shared memory.
@@ -141,7 +135,7 @@ def pick_config(batch: int, num_heads: int, page_size: int, max_pages: int, sm_c
     elif block_h == 64:
         c = Config(block_h=64, block_n=32, num_warps=8, num_stages=3, swap=True)
     else:
-        c = Config(block_h=block_h, block_n=64, num_warps=4, num_stages=2)
+        c = Config(block_h=block_h, block_n=64, num_warps=4, num_stages=2, low_partials=True)
     return with_splits(c, batch, num_heads, page_size, max_pages, sm_count, itemsize)
 
 
@@ -231,11 +225,6 @@ def _decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, config, f32_d
         raise ValueError(f"MLA GPU decode: reg_prefetch needs block_n={c.block_n} to divide page_size={page_size}")
     if c.num_splits < 1:
         raise ValueError(f"MLA GPU decode: num_splits={c.num_splits} must be >= 1")
-    if c.prefetch and (c.reg_prefetch or c.stream or page_size % c.block_n):
-        raise ValueError(f"MLA GPU decode: prefetch needs block_n={c.block_n} dividing page_size={page_size}, "
-                         "and no reg_prefetch or stream")
-    if c.q_cast and pages.dtype.itemsize == 2:          # half the kernel's query bytes; XLA fuses the convert
-        q_lat, q_pe = q_lat.astype(pages.dtype), q_pe.astype(pages.dtype)     # into the queries' producer
     if c.stream:
         return _decode_stream(q_lat, q_pe, pages, page_table, slots, lengths, scale, c, f32_dot), None
     S = c.num_splits
@@ -257,7 +246,7 @@ def _decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, config, f32_d
         grid=(head_blocks, B, S), num_warps=c.num_warps, num_stages=c.num_stages, name="mla_decode",
         SCALE=float(scale), H=H, R=R, ROPE=ROPE, PAGE_SIZE=page_size, MAX_PAGES=max_pages, NUM_SPLITS=S,
         BLOCK_H=c.block_h, BLOCK_N=c.block_n, PRECISION=dot_precision(pages.dtype, f32_dot), SWAP=c.swap,
-        REG_PREFETCH=c.reg_prefetch, COMBINE=fused, PROFILE=profile, EARLY=c.early, PREFETCH=c.prefetch)
+        REG_PREFETCH=c.reg_prefetch, COMBINE=fused, PROFILE=profile)
     if S == 1:
         return o[:, 0], prof
     if fused:

@@ -62,8 +62,7 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
                   SCALE: tl.constexpr, H: tl.constexpr, R: tl.constexpr, ROPE: tl.constexpr,
                   PAGE_SIZE: tl.constexpr, MAX_PAGES: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr,
                   BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, SWAP: tl.constexpr = False,
-                  REG_PREFETCH: tl.constexpr = False, COMBINE: tl.constexpr = False, PROFILE: tl.constexpr = False,
-                  EARLY: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
+                  REG_PREFETCH: tl.constexpr = False, COMBINE: tl.constexpr = False, PROFILE: tl.constexpr = False):
     """One program per (head block, request b, split sp of the context); see the module docstring.
 
     BLOCK_H: heads per program (a power of 2 >= 16; heads past H are masked). Every head block reads the
@@ -84,14 +83,9 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
     that sees NUM_SPLITS - 1 is the last of its request and head block: it reads the NUM_SPLITS partials back
     (from L2: .cg loads) and writes the merged rows to out [B, H, R] float32 (same formula as combine_splits:
     weights exp(lse_s - max_s lse_s), 0 where every split is empty). Without COMBINE, out and count are unused.
-    EARLY: the request's slot, length and first page id are loaded before the queries. Without it the
-    queries are loaded, converted and stored to shared memory first, and the chain slot -> page table -> first
-    latent block starts only after that (the shared-memory store's barrier orders the later loads after it).
-    PREFETCH (GPU only: inline PTX; BLOCK_N dividing PAGE_SIZE, not REG_PREFETCH): the program asks L2 for its
-    first PREFETCH blocks as soon as it knows their page ids (one cp.async.bulk.prefetch.L2 of the block's
-    BLOCK_N x D contiguous bytes, from one thread), and in the loop, at block i, for block i + PREFETCH (page id
-    loaded one block ahead, as the loop's own). The blocks' copies into shared memory then find their bytes in
-    L2 or on the way: more bytes in flight per SM than the one shared buffer holds, without the shared memory.
+    The request's slot, length and first page id are loaded before the queries: otherwise the queries' load,
+    conversion and shared-memory store come first (its barrier orders the later loads after it) and the chain
+    slot -> page table -> first block starts only after them (bench_notes_mla.md, session 6).
     PROFILE (GPU only: inline PTX, not in the interpreter): the program writes prof[program] = int32 words (start
     ns low, high, end ns low, high, SM id, then four phases in ns since its start: queries in registers, first
     page id in registers, first block's products done, last block's products done), program = (hb * B + b) *
@@ -108,14 +102,9 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
         tl.store(prof_ptr + prog, (t0 & 0xFFFFFFFF).to(tl.int32))     # int32 words: JAX may run without x64
         tl.store(prof_ptr + prog + 1, (t0 >> 32).to(tl.int32))
     D: tl.constexpr = R + ROPE
-    BLOCK_BYTES: tl.constexpr = BLOCK_N * D * pages_ptr.dtype.element_ty.primitive_bitwidth // 8
-    if PREFETCH > 0:
-        tl.static_assert(PAGE_SIZE % BLOCK_N == 0 and not REG_PREFETCH, "PREFETCH: BLOCK_N must divide PAGE_SIZE")
-    if EARLY:                       # the chain slot -> page table -> first block, before the queries' loads
-        length, table, start, stop, first = _split_run(slots_ptr, lengths_ptr, page_table_ptr, b, sp, MAX_PAGES,
-                                                       NUM_SPLITS, BLOCK_N, PAGE_SIZE)
-        if PREFETCH > 0:
-            _prefetch_run(pages_ptr, table, start, stop, PREFETCH, BLOCK_N, PAGE_SIZE, D, BLOCK_BYTES)
+    # the chain slot -> page table -> first block first, then the queries' loads
+    length, table, start, stop, first = _split_run(slots_ptr, lengths_ptr, page_table_ptr, b, sp, MAX_PAGES,
+                                                   NUM_SPLITS, BLOCK_N, PAGE_SIZE)
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = heads < H
     offs_r = tl.arange(0, R)
@@ -131,14 +120,8 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
         qp = tl.load(q_pe_ptr + qrow[:, None] * ROPE + offs_p[None, :], mask=hmask[:, None], other=0.0)
     q = q.to(dtype)
     qp = qp.to(dtype)
-    if PROFILE:
+    if PROFILE:                     # (the page id's timer is read after the queries' one)
         t_q = _globaltimer_after(tl.sum(tl.sum(q.to(tl.float32), 1), 0) + tl.sum(tl.sum(qp.to(tl.float32), 1), 0))
-    if not EARLY:
-        length, table, start, stop, first = _split_run(slots_ptr, lengths_ptr, page_table_ptr, b, sp, MAX_PAGES,
-                                                       NUM_SPLITS, BLOCK_N, PAGE_SIZE)
-        if PREFETCH > 0:
-            _prefetch_run(pages_ptr, table, start, stop, PREFETCH, BLOCK_N, PAGE_SIZE, D, BLOCK_BYTES)
-    if PROFILE:
         t_table = _globaltimer_after(first)
         t_first = t_table
 
@@ -170,17 +153,9 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
             m, l, acc = _block(c, kpe, q, qp, valid, m, l, acc, SCALE, PRECISION, SWAP)
     else:
         nxt = first
-        if PREFETCH > 0:            # page id of block start + PREFETCH, the first the loop asks L2 for
-            pf_page = tl.load(table + ((start + PREFETCH) * BLOCK_N // PAGE_SIZE), mask=start + PREFETCH < stop,
-                              other=0)
         for blk in range(start, stop):
             pos = blk * BLOCK_N + offs_n
             valid = pos < length
-            if PREFETCH > 0:        # block blk + PREFETCH into L2; the page id of the next one, one block ahead
-                pf = blk + PREFETCH
-                _prefetch_l2(pages_ptr + (pf_page.to(tl.int64) * PAGE_SIZE + (pf * BLOCK_N) % PAGE_SIZE) * D,
-                             pf < stop, BLOCK_BYTES)
-                pf_page = tl.load(table + ((pf + 1) * BLOCK_N // PAGE_SIZE), mask=pf + 1 < stop, other=0)
             if PAGE_SIZE % BLOCK_N == 0:                # the block lies in one page: one id (fewer registers),
                 page = nxt.to(tl.int64)                 # loaded one block ahead (not a pipeline stage)
                 nxt = tl.load(table + ((blk + 1) * BLOCK_N // PAGE_SIZE), mask=blk + 1 < stop, other=0)
@@ -247,30 +222,6 @@ def _split_run(slots_ptr, lengths_ptr, page_table_ptr, b, sp, MAX_PAGES: tl.cons
     stop = tl.minimum(start + per_split, n_blocks)
     first = tl.load(table + (start * BLOCK_N // PAGE_SIZE), mask=start < stop, other=0)
     return length, table, start, stop, first
-
-
-@triton.jit
-def _prefetch_run(pages_ptr, table, start, stop, N: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                  D: tl.constexpr, BLOCK_BYTES: tl.constexpr):
-    """Ask L2 for blocks start .. start + N - 1 of the run [start, stop) (PREFETCH's prologue): their page ids
-    in one vector load (no prefetch waits for another's id), then one prefetch per block."""
-    N_P2: tl.constexpr = max(2, triton.next_power_of_2(N))
-    offs = tl.arange(0, N_P2)
-    ids = tl.load(table + (start + offs) * BLOCK_N // PAGE_SIZE, mask=(offs < N) & (start + offs < stop), other=0)
-    for j in tl.static_range(N):
-        page = tl.sum(tl.where(offs == j, ids, 0), 0)
-        _prefetch_l2(pages_ptr + (page.to(tl.int64) * PAGE_SIZE + ((start + j) * BLOCK_N) % PAGE_SIZE) * D,
-                     start + j < stop, BLOCK_BYTES)
-
-
-@triton.jit
-def _prefetch_l2(ptr, flag, NBYTES: tl.constexpr):
-    """One thread of the program (tid.x 0), if flag: cp.async.bulk.prefetch.L2 of NBYTES (a multiple of 16) from
-    ptr (16-byte aligned) into L2; nothing waits for it (sm_90)."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred %pfa, %pfb; .reg .b32 %pft; mov.u32 %pft, %tid.x; setp.ne.u32 %pfa, $2, 0; "
-        "setp.eq.and.u32 %pfb, %pft, 0, %pfa; @%pfb cp.async.bulk.prefetch.L2.global [$1], $3; mov.u32 $0, 0; }",
-        "=r,l,r,r", [ptr, flag.to(tl.int32), tl.full([], NBYTES, tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
