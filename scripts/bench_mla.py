@@ -9,7 +9,7 @@ pages of the batch scattered over the pool in a random order. A shape whose late
 Rows (method):
   paged-triton    lingjax.kernels.mla.decode(impl='gpu'): the kernel + the jnp merge of its context splits
   paged-triton[c] gpu.decode with Config c (--sweep; tag
-                  h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp][fc][sk][pb][mk], the configurations of
+                  h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp][fc][sk][pb], the configurations of
                   sweep_configs, each checked with scripts/compile_mla_kernels.py)
   paged-ref       lingjax.kernels.mla.decode(impl='reference') (jnp, flash-style over pages; --ref)
   today           MLA._attend_cache over a [batch, context, 576] cache (absorbs W_UK/W_UV as the engine does)
@@ -71,9 +71,9 @@ def sweep_configs(heads):
     Each compiles for sm_90 without spilling and fits (scripts/compile_mla_kernels.py prints registers,
     shared memory and latent buffers: bufs 1 = the next block's load waits for this block's products)."""
     from lingjax.kernels.mla.gpu import Config
-    C = lambda h, n, w, st, swap=False, s=0, rp=False, fc=False, sk=False, pb=False, mk=False: Config(  # noqa: E731
+    C = lambda h, n, w, st, swap=False, s=0, rp=False, fc=False, sk=False, pb=False: Config(  # noqa: E731
         block_h=h, block_n=n, num_splits=s, num_warps=w, num_stages=st, swap=swap, reg_prefetch=rp, combine=fc,
-        stream=sk, low_partials=pb, merge=mk)
+        stream=sk, low_partials=pb)
     if heads > 32:
         return [C(64, 32, 8, 3, True), C(64, 32, 8, 3, True, -1), C(64, 32, 8, 3, True, -2), C(64, 32, 8, 4, True),
                 C(64, 16, 8, 5, True), C(32, 64, 4, 3), C(32, 64, 8, 3), C(32, 32, 4, 3)]
@@ -84,9 +84,8 @@ def sweep_configs(heads):
     # kernel (no combine pass); sk: stream-K (the batch's blocks in equal runs, one per resident program).
     # Round 3 measured (CUPTI kernel time): 1 buffer + 2 programs per SM (h32n64w4st2, now the default) 80-87%;
     # round 2's h32n64w4st3 74-78%; fc and the 32-token forms lower (bench_notes_mla.md).
-    # Session 6: bf16 partials (pb) +3-5 points at B=16 4k-32k / B=64 4k; mk: the splits merged by merge_kernel.
+    # Session 6: bf16 partials (pb) +3-5 points at B=16 4k-32k / B=64 4k.
     return [C(32, 64, 4, 2, pb=True),                               # the default: 1 buffer, 2 programs per SM
-            C(32, 64, 4, 2, pb=True, mk=True),                      # + the merge kernel (one launch)
             C(32, 64, 4, 2),                                        # session 5's default (float32 partials)
             C(32, 64, 4, 3),                                        # round 2's default (2 buffers, 1 per SM)
             C(32, 64, 4, 2, sk=True), C(32, 64, 4, 3, sk=True),     # stream-K runs
@@ -281,7 +280,7 @@ def main(argv=None):
                    "pair, in this order (e.g. 16:8192,64:4096)")
     p.add_argument("--sweep", default="", help="batch:context pairs at which to also time each sweep configuration")
     p.add_argument("--configs", default="", help="comma list of config tags to sweep instead of sweep_configs "
-                   "(h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp][fc][sk][pb][mk]; s0: gpu.with_splits' "
+                   "(h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp][fc][sk][pb]; s0: gpu.with_splits' "
                    "splits for that config, s-1: half, s-2: twice, s<k>: k; check them first with "
                    "scripts/compile_mla_kernels.py)")
     p.add_argument("--profile", default="", help="batch:context pairs at which to also run the kernel with its PROFILE "

@@ -36,8 +36,7 @@ class Config:
     (num_splits = the programs, not splits per request; with_splits: SMs x programs per SM), whatever the
     lengths (one head block, not swapped, block_n dividing the page size); low_partials: the splits' outputs
     written in the pages' dtype (16-bit: half the bytes of the partials and of their merge's read; one more
-    rounding of each split's normalised output), not float32; merge: the splits merged by merge_kernel (one
-    launch, see merge_launch) instead of combine_splits' XLA fusions. The kernels' docstrings have each."""
+    rounding of each split's normalised output), not float32. The kernels' docstrings have each."""
     block_h: int = 32
     block_n: int = 64
     num_splits: int = 1
@@ -48,28 +47,26 @@ class Config:
     combine: bool = False
     stream: bool = False
     low_partials: bool = False
-    merge: bool = False
 
     def tag(self) -> str:
-        """Short name for tables: h<block_h> n<block_n> s<splits> w<warps> st<stages> [swap] [rp] [fc] [sk] [pb]
-        [mk]."""
+        """Short name for tables: h<block_h> n<block_n> s<splits> w<warps> st<stages> [swap] [rp] [fc] [sk] [pb]."""
         return (f"h{self.block_h}n{self.block_n}s{self.num_splits}w{self.num_warps}st{self.num_stages}"
                 + ("swap" if self.swap else "") + ("rp" if self.reg_prefetch else "")
                 + ("fc" if self.combine else "") + ("sk" if self.stream else "")
-                + ("pb" if self.low_partials else "") + ("mk" if self.merge else ""))
+                + ("pb" if self.low_partials else ""))
 
     @classmethod
     def from_tag(cls, tag: str) -> "Config":
         """The inverse of tag(): 'h32n64s4w8st5', 'h32n32s1w8st5swap', 'h32n64s8w8st1swaprp', 'h32n64s8w4st3fc'
         (s may be 0 or negative: a placeholder the benchmark resolves); ValueError naming the tag otherwise."""
-        m = re.fullmatch(r"h(\d+)n(\d+)s(-?\d+)w(\d+)st(\d+)(swap)?(rp)?(fc)?(sk)?(pb)?(mk)?", tag)
+        m = re.fullmatch(r"h(\d+)n(\d+)s(-?\d+)w(\d+)st(\d+)(swap)?(rp)?(fc)?(sk)?(pb)?", tag)
         if not m:
             raise ValueError(f"MLA decode config tag {tag!r} is not "
-                             "h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp][fc][sk][pb][mk]")
+                             "h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp][fc][sk][pb]")
         h, n, s, w, st = (int(g) for g in m.groups()[:5])
         return cls(block_h=h, block_n=n, num_splits=s, num_warps=w, num_stages=st, swap=bool(m.group(6)),
                    reg_prefetch=bool(m.group(7)), combine=bool(m.group(8)), stream=bool(m.group(9)),
-                   low_partials=bool(m.group(10)), merge=bool(m.group(11)))
+                   low_partials=bool(m.group(10)))
 
 
 def supports(kv_lora_rank: int, rope_dim: int) -> bool:
@@ -249,30 +246,7 @@ def _decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, config, f32_d
         REG_PREFETCH=c.reg_prefetch, COMBINE=fused, PROFILE=profile)
     if S == 1:
         return o[:, 0], prof
-    if fused:
-        return out, prof
-    if c.merge and _pow2(S) * c.block_h <= MERGE_MAX_ROWS:
-        return merge_launch(o, lse, c.block_h), prof
-    return combine_splits(o, lse), prof
-
-
-MERGE_MAX_ROWS = 512      # merge_kernel: splits (to a power of 2) x block_h x >= 16 columns in registers
-
-
-def merge_launch(o, lse, block_h: int):
-    """combine_splits(o, lse) by triton_kernels.merge_kernel in one launch: programs over (head blocks, requests,
-    column chunks), each with all its splits' loads in flight at once: a [S_P2, block_h, block_r] slice of o in
-    registers with block_r = 8192 // (S_P2 x block_h) columns (>= 16, so S_P2 x block_h <= MERGE_MAX_ROWS keeps
-    it at 64 values per thread of 4 warps)."""
-    from lingjax.kernels.jax_triton_lib import jax_triton
-    from lingjax.kernels.mla.triton_kernels import merge_kernel
-    B, S, H, R = o.shape
-    s_p2 = _pow2(S)
-    block_r = min(R, max(16, 8192 // (s_p2 * block_h)))
-    return jax_triton().triton_call(
-        o, lse, kernel=merge_kernel, out_shape=jax.ShapeDtypeStruct((B, H, R), F32),
-        grid=(-(-H // block_h), B, -(-R // block_r)), num_warps=4, num_stages=1, name="mla_merge",
-        H=H, R=R, NUM_SPLITS=S, S_P2=s_p2, BLOCK_H=block_h, BLOCK_R=block_r)
+    return (out if fused else combine_splits(o, lse)), prof
 
 
 def _decode_stream(q_lat, q_pe, pages, page_table, slots, lengths, scale, c: Config, f32_dot):

@@ -238,34 +238,6 @@ def _globaltimer_after(x):
 
 
 @triton.jit
-def merge_kernel(o_ptr, lse_ptr, out_ptr, H: tl.constexpr, R: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                 S_P2: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
-    """decode_kernel's splits merged in one launch (gpu.Config.merge; the jnp combine_splits is 3-4 fusions):
-    one program per (head block, request b, chunk of BLOCK_R latent columns). It loads the [NUM_SPLITS,
-    BLOCK_H] lse and the [NUM_SPLITS, BLOCK_H, BLOCK_R] slice of o (float32 or 16-bit) at once (every load in
-    flight together; no loop of dependent loads) and writes out[b, heads, cols] = sum_s w_s o_s / sum_s w_s,
-    w_s = exp(lse_s - max_s lse_s) in float32 (0 where every split is empty, as combine_splits)."""
-    hb = tl.program_id(0)
-    b = tl.program_id(1)
-    rc = tl.program_id(2)
-    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_s = tl.arange(0, S_P2)
-    offs_c = rc * BLOCK_R + tl.arange(0, BLOCK_R)
-    hmask = heads < H
-    mask = (offs_s[:, None] < NUM_SPLITS) & hmask[None, :]                             # [S_P2, BLOCK_H]
-    row = ((b * NUM_SPLITS + offs_s[:, None]) * H + heads[None, :]).to(tl.int64)
-    lse = tl.load(lse_ptr + row, mask=mask, other=float("-inf"))
-    part = tl.load(o_ptr + row[:, :, None] * R + offs_c[None, None, :], mask=mask[:, :, None], other=0.0)
-    top = tl.max(lse, 0)
-    top = tl.where(top == float("-inf"), 0.0, top)
-    w = tl.exp(lse - top[None, :])                                                     # 0 for empty splits
-    total = tl.sum(w, 0)
-    w = w / tl.where(total > 0, total, 1.0)[None, :]
-    res = tl.sum(w[:, :, None] * part.to(tl.float32), 0)                               # [BLOCK_H, BLOCK_R]
-    tl.store(out_ptr + (b * H + heads).to(tl.int64)[:, None] * R + offs_c[None, :], res, mask=hmask[:, None])
-
-
-@triton.jit
 def _combine(o_ptr, lse_ptr, out_ptr, b, hb, H: tl.constexpr, R: tl.constexpr,
              NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr):
     """out[b, heads] = sum_s w_s o[b, s, heads] / sum_s w_s, w_s = exp(lse_s - max_s lse_s) (COMBINE), in
