@@ -8,8 +8,9 @@ pages of the batch scattered over the pool in a random order. A shape whose late
 
 Rows (method):
   paged-triton    lingjax.kernels.mla.decode(impl='gpu'): the kernel + the jnp merge of its context splits
-  paged-triton[c] gpu.decode with Config c (--sweep; tag h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp],
-                  the configurations of sweep_configs, each checked with scripts/compile_mla_kernels.py)
+  paged-triton[c] gpu.decode with Config c (--sweep; tag
+                  h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp][fc][sk][pb], the configurations of
+                  sweep_configs, each checked with scripts/compile_mla_kernels.py)
   paged-ref       lingjax.kernels.mla.decode(impl='reference') (jnp, flash-style over pages; --ref)
   today           MLA._attend_cache over a [batch, context, 576] cache (absorbs W_UK/W_UV as the engine does)
   prefill-triton  lingjax.kernels.mla.prefill(impl='gpu') (gpu_prefill.py) over a packed batch: one request of
@@ -31,7 +32,10 @@ are counted once per request even for configurations whose head blocks each read
 loop: kernel_us / pct_copy_kernel (the decode kernel alone) and busy_us / pct_copy_busy (every kernel of a call:
 + the split combine, + the loop's own q update). The wall-clock us also holds the jitted program's launch
 overhead (0.4-0.8 ms per execution on the H200: up to ~80 us per call at --iters 10; it was round 1's ~40 us
-"fixed cost" per call). --profile adds the kernel's own per-program timestamps (gpu.decode_profiled).
+"fixed cost" per call). --profile adds the kernel's own per-program timestamps (gpu.decode_profiled): spans, and the
+median program's phases (q: start to queries in registers; table: to the first page id; first: to the first
+block's products done; loop: the other blocks; per_block: loop / (blocks - 1); tail: last block done to the end,
+the partial's store).
 Prefill: TFLOP/s over the causal flops 2 * H * (r + rope + r) per (query, key) pair
 and its share (pct_mm) of the dense bf16 matmul rate (8192^3, measured in the same run); before timing,
 prefill-triton's output is checked against the reference on --check-tokens tokens (the first, the last and
@@ -39,7 +43,8 @@ random ones; all of a request at a prefix boundary are covered): rel_err, and a 
 2e-2 (bf16 queries and probabilities in the products) is marked check_failed and not timed.
 
     PYTHONPATH=. python3 scripts/bench_mla.py [--batches 1,16,64,256] [--contexts 1024,8192,32768,131072]
-        [--sweep 16:32768,256:32768] [--prefill 4096,32768] [--packed 8x512@8192] [--prefill-sweep 8x512@8192]
+        [--shapes 16:4096,64:4096] [--sweep 16:32768,256:32768] [--prefill 4096,32768] [--packed 8x512@8192]
+        [--prefill-sweep 8x512@8192]
         [--out DIR] [--name bench_mla]     # writes DIR/NAME.json and DIR/NAME.log
     prefill only: --batches "" --methods "" --prefill-methods prefill-triton,prefill-ref
     JAX_PLATFORMS=cpu PYTHONPATH=. python3 scripts/bench_mla.py --smoke     # CPU: tiny shapes, reference impl
@@ -66,9 +71,9 @@ def sweep_configs(heads):
     Each compiles for sm_90 without spilling and fits (scripts/compile_mla_kernels.py prints registers,
     shared memory and latent buffers: bufs 1 = the next block's load waits for this block's products)."""
     from lingjax.kernels.mla.gpu import Config
-    C = lambda h, n, w, st, swap=False, s=0, rp=False, fc=False, sk=False: Config(  # noqa: E731
+    C = lambda h, n, w, st, swap=False, s=0, rp=False, fc=False, sk=False, pb=False: Config(  # noqa: E731
         block_h=h, block_n=n, num_splits=s, num_warps=w, num_stages=st, swap=swap, reg_prefetch=rp, combine=fc,
-        stream=sk)
+        stream=sk, low_partials=pb)
     if heads > 32:
         return [C(64, 32, 8, 3, True), C(64, 32, 8, 3, True, -1), C(64, 32, 8, 3, True, -2), C(64, 32, 8, 4, True),
                 C(64, 16, 8, 5, True), C(32, 64, 4, 3), C(32, 64, 8, 3), C(32, 32, 4, 3)]
@@ -79,7 +84,9 @@ def sweep_configs(heads):
     # kernel (no combine pass); sk: stream-K (the batch's blocks in equal runs, one per resident program).
     # Round 3 measured (CUPTI kernel time): 1 buffer + 2 programs per SM (h32n64w4st2, now the default) 80-87%;
     # round 2's h32n64w4st3 74-78%; fc and the 32-token forms lower (bench_notes_mla.md).
-    return [C(32, 64, 4, 2),                                        # the default: 1 buffer, 2 programs per SM
+    # Session 6: bf16 partials (pb) +3-5 points at B=16 4k-32k / B=64 4k.
+    return [C(32, 64, 4, 2, pb=True),                               # the default: 1 buffer, 2 programs per SM
+            C(32, 64, 4, 2),                                        # session 5's default (float32 partials)
             C(32, 64, 4, 3),                                        # round 2's default (2 buffers, 1 per SM)
             C(32, 64, 4, 2, sk=True), C(32, 64, 4, 3, sk=True),     # stream-K runs
             C(32, 64, 4, 3, fc=True),                               # splits merged in the kernel
@@ -237,11 +244,13 @@ def print_decode_table(rows):
     prof = [r for r in rows if r.get("method", "").startswith("profile")]
     if prof:
         keys = ("us_profiled_call", "span_us", "start_spread_us", "end_spread_us", "prog_min_us", "prog_med_us",
-                "prog_max_us", "sms", "programs")
-        print(f"\n{'batch':>5} {'context':>7} {'profile':<28} " + " ".join(f"{k[:15]:>15}" for k in keys))
+                "prog_max_us", "q_us", "table_us", "first_us", "loop_us", "per_block_us", "tail_us", "sms",
+                "programs")
+        print(f"\n{'batch':>5} {'context':>7} {'profile':<34} " + " ".join(f"{k[:-3] if k.endswith('_us') else k:>9}"
+                                                                      for k in keys))
         for r in prof:
-            print(f"{r['batch']:>5} {r['context']:>7} {r['method']:<28} "
-                  + " ".join(f"{r.get(k, float('nan')):>15}" for k in keys) + f" {r.get('error', '')}")
+            print(f"{r['batch']:>5} {r['context']:>7} {r['method']:<34} "
+                  + " ".join(f"{r.get(k, float('nan')):>9}" for k in keys) + f" {r.get('error', '')}")
 
 
 def print_prefill_table(rows):
@@ -267,10 +276,13 @@ def main(argv=None):
     p.add_argument("--today-max-tokens", type=int, default=64 * 131072,
                    help="skip 'today' above this batch x context (it holds a second, contiguous copy of the "
                    "latents and float32 gathers; default 64 x 131072)")
+    p.add_argument("--shapes", default="", help="batch:context pairs to run instead of every --batches x --contexts "
+                   "pair, in this order (e.g. 16:8192,64:4096)")
     p.add_argument("--sweep", default="", help="batch:context pairs at which to also time each sweep configuration")
     p.add_argument("--configs", default="", help="comma list of config tags to sweep instead of sweep_configs "
-                   "(h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp]; s0: gpu.with_splits' splits for that "
-                   "config, s-1: half, s-2: twice, s<k>: k; check them first with scripts/compile_mla_kernels.py)")
+                   "(h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp][fc][sk][pb]; s0: gpu.with_splits' "
+                   "splits for that config, s-1: half, s-2: twice, s<k>: k; check them first with "
+                   "scripts/compile_mla_kernels.py)")
     p.add_argument("--profile", default="", help="batch:context pairs at which to also run the kernel with its PROFILE "
                    "timestamps (gpu.decode_profiled) for the default config and each --profile-configs tag: spread "
                    "of program starts / ends, program times, SMs used (the profiled kernel has its own registers: "
@@ -366,94 +378,97 @@ def main(argv=None):
         log.info("%s", json.dumps(row))
         save()
 
-    for B in batches:
-        for L in contexts:
-            lat_bytes = B * L * (R + ROPE) * 2
-            if lat_bytes > args.max_gb * 1e9:
-                rows.append(dict(batch=B, context=L, skipped=f"{lat_bytes / 1e9:.0f} GB of latents"))
-                continue
-            q_lat, q_pe, pages, table, slots, lengths = make_problem(B, L, H, ps, seed=B + L)
-            nbytes = lat_bytes + B * H * (R + ROPE) * 4 + B * H * R * 4
-            base = dict(batch=B, context=L, heads=H, page_size=ps)
-            if "paged-triton" in methods:
-                from lingjax.kernels.mla import gpu
-                want = None
+    shapes_bl = ([tuple(int(v) for v in x.split(":")) for x in args.shapes.split(",") if x] if args.shapes
+                 else [(B, L) for B in batches for L in contexts])
+    for B, L in shapes_bl:
+        lat_bytes = B * L * (R + ROPE) * 2
+        if lat_bytes > args.max_gb * 1e9:
+            rows.append(dict(batch=B, context=L, skipped=f"{lat_bytes / 1e9:.0f} GB of latents"))
+            continue
+        q_lat, q_pe, pages, table, slots, lengths = make_problem(B, L, H, ps, seed=B + L)
+        nbytes = lat_bytes + B * H * (R + ROPE) * 4 + B * H * R * 4
+        base = dict(batch=B, context=L, heads=H, page_size=ps)
+        if "paged-triton" in methods:
+            from lingjax.kernels.mla import gpu
+            want = None
 
-                pick = np.unique([0, 1, B - 2, B - 1]).clip(0, B - 1)     # the first and the last requests
+            pick = np.unique([0, 1, B - 2, B - 1]).clip(0, B - 1)     # the first and the last requests
 
-                def check(row, f):
-                    """rel_err of f on the first 2 and last 2 requests against the reference (on the device,
-                    before timing; the last ones run in the last wave, and with an in-kernel combine (fc)
-                    their merge is the last to happen)."""
-                    nonlocal want
+            def check(row, f):
+                """rel_err of f on the first 2 and last 2 requests against the reference (on the device,
+                before timing; the last ones run in the last wave, and with an in-kernel combine (fc)
+                their merge is the last to happen)."""
+                nonlocal want
+                try:
+                    if want is None:
+                        want = np.asarray(jax.jit(lambda *a: mla.decode(*a, scale, impl="reference"))(
+                            q_lat[pick], q_pe[pick], pages, table, slots[pick], lengths[pick]), np.float64)
+                    got = np.asarray(jax.jit(f)(q_lat, q_pe, pages, table, slots, lengths)[pick], np.float64)
+                    row["rel_err"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+                except Exception as e:                      # noqa: BLE001
+                    row["check_error"] = f"{type(e).__name__}: {e}"[:300]
+
+            row = dict(base, method="paged-triton", config=gpu.pick_config(B, H, ps, table.shape[1]).tag())
+            f = lambda q, *a: mla.decode(q, *a, scale, impl="gpu")          # noqa: E731
+            check(row, f)
+            record(row, f, (q_lat, q_pe, pages, table, slots, lengths), nbytes)
+            if (B, L) in sweep:
+                c0 = gpu.pick_config(B, H, ps, table.shape[1])
+                done = {c0.tag()}
+                for c in configs:
+                    s0 = gpu.with_splits(c, B, H, ps, table.shape[1]).num_splits   # its own programs per SM
+                    s = {0: s0, -1: max(1, s0 // 2), -2: 2 * s0}.get(c.num_splits, c.num_splits)
+                    c = dataclasses.replace(c, num_splits=s, combine=c.combine and s > 1)  # fc: only if split
+                    if c.tag() in done:                     # the default row above, or a repeated split
+                        continue
+                    done.add(c.tag())
+                    row = dict(base, method=f"paged-triton[{c.tag()}]", config=c.tag())
+                    f = lambda q, *a, c=c: gpu.decode(q, *a, scale, config=c)    # noqa: E731
+                    check(row, f)
+                    record(row, f, (q_lat, q_pe, pages, table, slots, lengths), nbytes)
+            if (B, L) in profile:
+                from lingjax.kernels.mla.gpu import Config
+                c0 = gpu.pick_config(B, H, ps, table.shape[1])
+                profiled = set()
+                for c in [c0] + [Config.from_tag(t) for t in args.profile_configs.split(",") if t]:
+                    s0 = gpu.with_splits(c, B, H, ps, table.shape[1]).num_splits
+                    s = {0: s0, -1: max(1, s0 // 2), -2: 2 * s0}.get(c.num_splits, c.num_splits)
+                    c = dataclasses.replace(c, num_splits=s, combine=c.combine and s > 1)
+                    if c.tag() in profiled:                 # fc at one split is the default kernel
+                        continue
+                    profiled.add(c.tag())
+                    row = dict(base, method=f"profile[{c.tag()}]", config=c.tag())
                     try:
-                        if want is None:
-                            want = np.asarray(jax.jit(lambda *a: mla.decode(*a, scale, impl="reference"))(
-                                q_lat[pick], q_pe[pick], pages, table, slots[pick], lengths[pick]), np.float64)
-                        got = np.asarray(jax.jit(f)(q_lat, q_pe, pages, table, slots, lengths)[pick], np.float64)
-                        row["rel_err"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-                    except Exception as e:                      # noqa: BLE001
-                        row["check_error"] = f"{type(e).__name__}: {e}"[:300]
-
-                row = dict(base, method="paged-triton", config=gpu.pick_config(B, H, ps, table.shape[1]).tag())
-                f = lambda q, *a: mla.decode(q, *a, scale, impl="gpu")          # noqa: E731
-                check(row, f)
-                record(row, f, (q_lat, q_pe, pages, table, slots, lengths), nbytes)
-                if (B, L) in profile:
-                    from lingjax.kernels.mla.gpu import Config
-                    c0 = gpu.pick_config(B, H, ps, table.shape[1])
-                    profiled = set()
-                    for c in [c0] + [Config.from_tag(t) for t in args.profile_configs.split(",") if t]:
-                        s0 = gpu.with_splits(c, B, H, ps, table.shape[1]).num_splits
-                        s = {0: s0, -1: max(1, s0 // 2), -2: 2 * s0}.get(c.num_splits, c.num_splits)
-                        c = dataclasses.replace(c, num_splits=s, combine=c.combine and s > 1)
-                        if c.tag() in profiled:                 # fc at one split is the default kernel
-                            continue
-                        profiled.add(c.tag())
-                        row = dict(base, method=f"profile[{c.tag()}]", config=c.tag())
-                        try:
-                            fp = jax.jit(lambda *a, c=c: gpu.decode_profiled(*a, scale, config=c))
-                            fargs = (q_lat, q_pe, pages, table, slots, lengths)
-                            jax.block_until_ready(fp(*fargs))
-                            runs = sorted((gpu.profile_summary(jax.block_until_ready(fp(*fargs))[1])
-                                           for _ in range(5)), key=lambda d: d["span_us"])
-                            row.update(runs[2])                 # the median span of 5 calls
-                            t, _ = time_calls(lambda *a: fp(*a)[0], fargs, iters, reps)
-                            row["us_profiled_call"] = round(t * 1e6, 2)     # the profiled kernel's own time
-                        except Exception as e:                  # noqa: BLE001
-                            row["error"] = f"{type(e).__name__}: {e}"[:300]
-                        rows.append(row)
-                        log.info("%s", json.dumps(row))
-                        save()
-                if (B, L) in sweep:
-                    c0 = gpu.pick_config(B, H, ps, table.shape[1])
-                    done = {c0.tag()}
-                    for c in configs:
-                        s0 = gpu.with_splits(c, B, H, ps, table.shape[1]).num_splits   # its own programs per SM
-                        s = {0: s0, -1: max(1, s0 // 2), -2: 2 * s0}.get(c.num_splits, c.num_splits)
-                        c = dataclasses.replace(c, num_splits=s, combine=c.combine and s > 1)  # fc: only if split
-                        if c.tag() in done:                     # the default row above, or a repeated split
-                            continue
-                        done.add(c.tag())
-                        row = dict(base, method=f"paged-triton[{c.tag()}]", config=c.tag())
-                        f = lambda q, *a, c=c: gpu.decode(q, *a, scale, config=c)    # noqa: E731
-                        check(row, f)
-                        record(row, f, (q_lat, q_pe, pages, table, slots, lengths), nbytes)
-            if "paged-ref" in methods:
-                record(dict(base, method="paged-ref"), lambda q, *a: mla.decode(q, *a, scale, impl="reference"),
-                       (q_lat, q_pe, pages, table, slots, lengths), nbytes)
-            if "today" in methods:
-                if B * L > args.today_max_tokens:
-                    rows.append(dict(base, method="today", skipped=f"batch x context > {args.today_max_tokens}"))
-                else:
-                    cache = pages[table.reshape(-1)].reshape(B, -1, R + ROPE)[:, :L]
-                    fn, state = today_fn(H)
-                    q_nope = jnp.zeros((B, H, NOPE), jnp.float32) + 0.01
-                    record(dict(base, method="today"),
-                           lambda q, qp, c, s, pos, st: fn(q, qp, c, s, pos, st),
-                           (q_nope, q_pe, cache, slots, lengths - 1, state), nbytes)
-                    del cache
-            del pages
+                        fp = jax.jit(lambda *a, c=c: gpu.decode_profiled(*a, scale, config=c))
+                        fargs = (q_lat, q_pe, pages, table, slots, lengths)
+                        jax.block_until_ready(fp(*fargs))
+                        n_blk = -(-L // c.block_n)
+                        per_prog = -(-n_blk // c.num_splits)
+                        runs = sorted((gpu.profile_summary(jax.block_until_ready(fp(*fargs))[1], per_prog)
+                                       for _ in range(5)), key=lambda d: d["span_us"])
+                        row.update(runs[2])                 # the median span of 5 calls
+                        t, _ = time_calls(lambda *a: fp(*a)[0], fargs, iters, reps)
+                        row["us_profiled_call"] = round(t * 1e6, 2)     # the profiled kernel's own time
+                    except Exception as e:                  # noqa: BLE001
+                        row["error"] = f"{type(e).__name__}: {e}"[:300]
+                    rows.append(row)
+                    log.info("%s", json.dumps(row))
+                    save()
+        if "paged-ref" in methods:
+            record(dict(base, method="paged-ref"), lambda q, *a: mla.decode(q, *a, scale, impl="reference"),
+                   (q_lat, q_pe, pages, table, slots, lengths), nbytes)
+        if "today" in methods:
+            if B * L > args.today_max_tokens:
+                rows.append(dict(base, method="today", skipped=f"batch x context > {args.today_max_tokens}"))
+            else:
+                cache = pages[table.reshape(-1)].reshape(B, -1, R + ROPE)[:, :L]
+                fn, state = today_fn(H)
+                q_nope = jnp.zeros((B, H, NOPE), jnp.float32) + 0.01
+                record(dict(base, method="today"),
+                       lambda q, qp, c, s, pos, st: fn(q, qp, c, s, pos, st),
+                       (q_nope, q_pe, cache, slots, lengths - 1, state), nbytes)
+                del cache
+        del pages
     shapes = [(str(L), (1, L, 0)) for L in prefills] + [(f"{B}x{n}@{P}", (B, n, P)) for B, n, P in packed]
     for name, (B, n, P) in shapes:                              # B requests of n new tokens after P cached each
         args_, pairs = prefill_problem(B, n, P, H, ps, seed=B + n + P)

@@ -74,7 +74,8 @@ def compile_one(c: gpu.Config, heads: int, page_size: int, max_pages: int, dt: s
                       PRECISION="tf32x3" if dt == "fp32" else "")
     else:
         k = tk.decode_kernel
-        ptrs = ["*fp32", "*fp32", f"*{dt}", "*i32", "*i32", "*i32", "*fp32", "*fp32", "*fp32", "*i32", "*i32"]
+        o_dt = dt if c.low_partials and dt != "fp32" else "fp32"       # the splits' partials (with splits > 1)
+        ptrs = ["*fp32", "*fp32", f"*{dt}", "*i32", "*i32", "*i32", f"*{o_dt}", "*fp32", "*fp32", "*i32", "*i32"]
         consts = dict(SCALE=0.0722, H=heads, R=R, ROPE=ROPE, PAGE_SIZE=page_size, MAX_PAGES=max_pages,
                       NUM_SPLITS=c.num_splits, BLOCK_H=c.block_h, BLOCK_N=c.block_n,
                       PRECISION="tf32x3" if dt == "fp32" else "", SWAP=c.swap,
@@ -124,7 +125,7 @@ def plans(heads: int, page_size: int, itemsize: int, configs=None):
 def dataclass_key(c):
     """Compile-relevant fields (the split count only changes a constant)."""
     return (c.block_h, c.block_n, c.num_warps, c.num_stages, c.swap, c.reg_prefetch, c.combine and c.num_splits > 1,
-            c.stream)
+            c.stream, c.low_partials)
 
 
 def main(argv=None):

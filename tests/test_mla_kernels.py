@@ -152,6 +152,9 @@ def test_gpu_pick_config_covers_all_heads_and_fills_the_sms():
     c = gpu.Config(block_h=32, block_n=64, num_splits=3, num_warps=8, num_stages=5, swap=True)
     assert c.tag() == "h32n64s3w8st5swap" and gpu.Config.from_tag(c.tag()) == c
     assert gpu.Config.from_tag("h16n32s-1w4st2").num_splits == -1
+    c = gpu.Config.from_tag("h32n64s16w4st2pb")
+    assert c.low_partials and c.tag() == "h32n64s16w4st2pb"
+    assert gpu.pick_config(16, 32, 64, 8192 // 64).low_partials                        # bf16 partials by default
     per_sm = {t: gpu.programs_per_sm(gpu.Config.from_tag(t)) for t in ("h32n64s1w4st3", "h32n64s1w8st3",
                                                                        "h32n32s1w4st3", "h32n64s1w4st2",
                                                                        "h32n64s1w4st2swap")}
@@ -284,7 +287,11 @@ def test_gpu_decode_launch_traces_and_compiles_for_sm90(jax_triton_call):
             assert jaxpr.outvars[0].aval.shape == (B, 32, 512)
             jaxpr = jax.make_jaxpr(lambda *a: gpu.decode_profiled(*a, 0.07, config=fc))(*shapes).jaxpr
             (call,) = _triton_calls(jax_triton_call, jaxpr)                       # the benchmark's timestamps
-            assert call.params["PROFILE"] and jaxpr.outvars[1].aval.shape == (B * c.num_splits, 5)
+            assert call.params["PROFILE"] and jaxpr.outvars[1].aval.shape == (B * c.num_splits, 9)
+            jaxpr = jax.make_jaxpr(lambda *a: gpu.decode(*a, 0.07, config=c))(*shapes).jaxpr
+            (call,) = _triton_calls(jax_triton_call, jaxpr)
+            assert call.outvars[0].aval.dtype == jnp.bfloat16                            # 16-bit partials
+            assert jaxpr.outvars[0].aval.dtype == jnp.float32                            # merged in float32
             sk = gpu.with_splits(gpu.Config.from_tag("h32n32s0w4st5sk"), B, 32, 64, n)          # stream-K runs:
             assert sk.num_splits == 132                                                  # one per SM
             jaxpr = jax.make_jaxpr(lambda *a: gpu.decode(*a, 0.07, config=sk))(*shapes).jaxpr
@@ -317,6 +324,10 @@ def test_gpu_profile_summary_reads_the_kernel_words():
     got = gpu.profile_summary(prof)
     assert got == dict(span_us=30.0, start_spread_us=5.0, end_spread_us=20.0, prog_min_us=10.0, prog_med_us=12.0,
                        prog_max_us=30.0, sms=2, programs=3)
+    phases = np.array([[1000, 1500, 3000, 9000], [2000, 2500, 4000, 10000], [1000, 1000, 2000, 26000]], np.int32)
+    got = gpu.profile_summary(np.concatenate([prof, phases], 1), blocks=5)     # the phase words: ns since start
+    assert (got["q_us"], got["table_us"], got["first_us"], got["loop_us"]) == (1.0, 1.5, 3.0, 6.0)
+    assert got["tail_us"] == 2.0 and got["per_block_us"] == 1.5 and got["span_us"] == 30.0
 
 
 def test_gpu_impl_runs_the_reference_for_latent_sizes_its_kernels_cannot_tile():

@@ -42,6 +42,9 @@ STREAM_CASES = [(16, 16, 3, "float32", "ieee", 1e-5, 32), (32, 16, 7, "float16",
                 (16, 16, 40, "float32", "ieee", 1e-5, 32)]
 COMBINE_CASES = [(32, 16, 3, "float32", "ieee", 1e-5, 16, False, False),
                  (16, 32, 2, "float16", "", 1e-2, 32, True, False)]
+# 16-bit partials (o in the pages' dtype, gpu.Config.low_partials): checked as CASES (key + "-pb"); float16
+# partials within 1e-2 (one more rounding of each split's normalised output to float16, ~5e-4 relative)
+LOW_CASES = [(16, 16, 3, "float16", "", 1e-2, 16, False, False)]
 
 
 def _key(case):
@@ -62,12 +65,12 @@ def _inputs(case):
     return dict(q_lat=q_lat, q_pe=q_pe, pages=pages, table=table, slots=slots, lengths=lens)
 
 
-def _run(tk, case, x, combine=False):
+def _run(tk, case, x, combine=False, low=False):
     import torch
-    ps, block_n, S, _, precision, _, block_h, swap, rp = case
+    ps, block_n, S, dt, precision, _, block_h, swap, rp = case
     tt = lambda a: torch.from_numpy(np.ascontiguousarray(a))           # noqa: E731
     B = len(x["slots"])
-    o = torch.full((B, S, H, R), 1027.0)
+    o = torch.full((B, S, H, R), 1027.0, dtype=getattr(torch, dt) if low else torch.float32)
     lse = torch.full((B, S, H), 1027.0)
     out = torch.full((B, H, R), 1027.0)
     count = torch.zeros((B * -(-H // block_h),), dtype=torch.int32)
@@ -86,7 +89,7 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("mla_interp")
     run_child(__file__, out)
     keys = ([_key(c) for c in CASES] + [_key(c) + "-fc" for c in COMBINE_CASES]
-            + [_skey(c) for c in STREAM_CASES])
+            + [_skey(c) for c in STREAM_CASES] + [_key(c) + "-pb" for c in LOW_CASES])
     return {k: dict(np.load(out / f"{k}.npz")) for k in keys}
 
 
@@ -124,6 +127,22 @@ def test_decode_kernel_matches_float64(results, case):
     assert rel(got[live], want[live]) <= case[5]
     if case[2] > 1:                                                  # splits really split: one is empty
         assert np.any(np.isneginf(r["lse"][live]))                   # (a length-1 request has 1 block)
+
+
+@pytest.mark.parametrize("case", LOW_CASES, ids=_key)
+def test_decode_kernel_low_partials(results, case):
+    """The partials o written in the pages' dtype (float16 here; gpu.Config.low_partials): combine_splits upcasts
+    them; against the float64 oracle."""
+    import jax.numpy as jnp
+    from lingjax.kernels.mla.gpu import combine_splits
+    from tests.test_mla_kernels import oracle, rel
+    r = results[_key(case) + "-pb"]
+    assert r["o"].dtype == np.float16
+    got = np.asarray(combine_splits(jnp.asarray(r["o"]), jnp.asarray(r["lse"])))
+    assert got.dtype == np.float32
+    want = oracle(r["q_lat"], r["q_pe"], r["pages"], r["table"], r["slots"], r["lengths"], 0.3)
+    live = r["slots"] >= 0
+    assert np.all(np.isfinite(got)) and np.all(got[~live] == 0) and rel(got[live], want[live]) <= case[5]
 
 
 @pytest.mark.parametrize("case", COMBINE_CASES, ids=_key)
@@ -171,6 +190,10 @@ if __name__ == "__main__":          # the child process
         x = _inputs(c)
         o, lse, merged = _run(triton_kernels, c, x, combine=True)
         np.savez(out / f"{_key(c)}-fc.npz", o=o, lse=lse, out=merged, **x)
+    for c in LOW_CASES:
+        x = _inputs(c)
+        o, lse, _ = _run(triton_kernels, c, x, low=True)
+        np.savez(out / f"{_key(c)}-pb.npz", o=o, lse=lse, **x)
     for c in STREAM_CASES:
         x = _inputs(c[:2] + (1,) + c[3:])
         merged, count = _run_stream(triton_kernels, c, x)

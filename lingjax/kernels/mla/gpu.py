@@ -34,7 +34,9 @@ class Config:
     splits in the kernel (an atomic counter per request) instead of combine_splits' separate pass; stream:
     decode_stream_kernel instead, the blocks of all requests cut into num_splits equal runs, one per program
     (num_splits = the programs, not splits per request; with_splits: SMs x programs per SM), whatever the
-    lengths (one head block, not swapped, block_n dividing the page size). The kernels' docstrings have each."""
+    lengths (one head block, not swapped, block_n dividing the page size); low_partials: the splits' outputs
+    written in the pages' dtype (16-bit: half the bytes of the partials and of their merge's read; one more
+    rounding of each split's normalised output), not float32. The kernels' docstrings have each."""
     block_h: int = 32
     block_n: int = 64
     num_splits: int = 1
@@ -44,24 +46,27 @@ class Config:
     reg_prefetch: bool = False
     combine: bool = False
     stream: bool = False
+    low_partials: bool = False
 
     def tag(self) -> str:
-        """Short name for tables: h<block_h> n<block_n> s<splits> w<warps> st<stages> [swap] [rp] [fc] [sk]."""
+        """Short name for tables: h<block_h> n<block_n> s<splits> w<warps> st<stages> [swap] [rp] [fc] [sk] [pb]."""
         return (f"h{self.block_h}n{self.block_n}s{self.num_splits}w{self.num_warps}st{self.num_stages}"
                 + ("swap" if self.swap else "") + ("rp" if self.reg_prefetch else "")
-                + ("fc" if self.combine else "") + ("sk" if self.stream else ""))
+                + ("fc" if self.combine else "") + ("sk" if self.stream else "")
+                + ("pb" if self.low_partials else ""))
 
     @classmethod
     def from_tag(cls, tag: str) -> "Config":
         """The inverse of tag(): 'h32n64s4w8st5', 'h32n32s1w8st5swap', 'h32n64s8w8st1swaprp', 'h32n64s8w4st3fc'
         (s may be 0 or negative: a placeholder the benchmark resolves); ValueError naming the tag otherwise."""
-        m = re.fullmatch(r"h(\d+)n(\d+)s(-?\d+)w(\d+)st(\d+)(swap)?(rp)?(fc)?(sk)?", tag)
+        m = re.fullmatch(r"h(\d+)n(\d+)s(-?\d+)w(\d+)st(\d+)(swap)?(rp)?(fc)?(sk)?(pb)?", tag)
         if not m:
             raise ValueError(f"MLA decode config tag {tag!r} is not "
-                             "h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp][fc][sk]")
+                             "h<block_h>n<block_n>s<splits>w<warps>st<stages>[swap][rp][fc][sk][pb]")
         h, n, s, w, st = (int(g) for g in m.groups()[:5])
         return cls(block_h=h, block_n=n, num_splits=s, num_warps=w, num_stages=st, swap=bool(m.group(6)),
-                   reg_prefetch=bool(m.group(7)), combine=bool(m.group(8)), stream=bool(m.group(9)))
+                   reg_prefetch=bool(m.group(7)), combine=bool(m.group(8)), stream=bool(m.group(9)),
+                   low_partials=bool(m.group(10)))
 
 
 def supports(kv_lora_rank: int, rope_dim: int) -> bool:
@@ -113,7 +118,9 @@ def pick_config(batch: int, num_heads: int, page_size: int, max_pages: int, sm_c
     memory once per block: shared-memory bytes read per latent byte ~ 2 + warps x block_h / block_n (4 here;
     the 32-token forms, 6, measured ~60%). Measured on the H200 (CUPTI kernel time, round 3): 87% of the copy
     bandwidth at B=64 and B=256 x 32k, 79.7% at B=16 x 32k, against 77-78% / 74% for round 2's h32n64w4st3
-    (two buffers, one program per SM).
+    (two buffers, one program per SM). Session 6: the splits' partials in bf16 (low_partials; half of the 64 KiB
+    each program writes at its end and of the merge's read): +3-5 points at B=16 4k-32k and B=64 4k, and no
+    spills where it applies (splits > 1; 8 bytes before).
     64 heads: [64, 512] accumulator, blocks of 32, swapped products (wgmma), two buffers.
     float32 latents (itemsize 4: parity checks, not speed; tf32x3 products spill at every configuration):
     16 heads x 16 tokens, the smallest shared memory.
@@ -125,7 +132,7 @@ def pick_config(batch: int, num_heads: int, page_size: int, max_pages: int, sm_c
     elif block_h == 64:
         c = Config(block_h=64, block_n=32, num_warps=8, num_stages=3, swap=True)
     else:
-        c = Config(block_h=block_h, block_n=64, num_warps=4, num_stages=2)
+        c = Config(block_h=block_h, block_n=64, num_warps=4, num_stages=2, low_partials=True)
     return with_splits(c, batch, num_heads, page_size, max_pages, sm_count, itemsize)
 
 
@@ -142,7 +149,7 @@ def with_splits(c: Config, batch: int, num_heads: int, page_size: int, max_pages
 
 
 def combine_splits(o, lse):
-    """o [B, S, H, R] float32 (each split normalised), lse [B, S, H] (-inf: empty split) -> [B, H, R]:
+    """o [B, S, H, R] float32 or 16-bit (each split normalised), lse [B, S, H] (-inf: empty split) -> [B, H, R]:
     sum_s w_s o_s / sum_s w_s with w_s = exp(lse_s - max_s lse_s); 0 where every split is empty.
     A multiply and a sum over s (one reduction pass over o), not an einsum, which XLA may lower to a batched
     matmul with o transposed first."""
@@ -151,7 +158,7 @@ def combine_splits(o, lse):
     w = jnp.exp(lse - top)                                             # 0 for empty splits
     total = w.sum(1, keepdims=True)
     w = w / jnp.where(total > 0, total, 1.0)                           # all 0 where every split is empty
-    return jnp.sum(w[..., None] * o, axis=1)
+    return jnp.sum(w[..., None] * o.astype(F32), axis=1)
 
 
 def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Config | None = None,
@@ -163,16 +170,21 @@ def decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Con
 
 def decode_profiled(q_lat, q_pe, pages, page_table, slots, lengths, scale, *, config: Config | None = None):
     """decode with the kernel's PROFILE timestamps (a benchmark tool: scripts/bench_mla.py --profile) ->
-    (out, prof [programs, 5] int32: start ns low / high word, end ns low / high word, SM id per program,
-    program = (hb * B + b) * S + sp; profile_summary reads it)."""
+    (out, prof [programs, 9] int32: start ns low / high word, end ns low / high word, SM id, then ns since the
+    start: queries ready, first page id ready, first block done, last block done; program = (hb * B + b) * S
+    + sp; profile_summary reads it)."""
     if config is not None and config.stream:
         raise ValueError("MLA GPU decode_profiled: the stream kernel (Config.stream) has no PROFILE timestamps")
     return _decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, config, "tf32x3", profile=True)
 
 
-def profile_summary(prof) -> dict:
+def profile_summary(prof, blocks: int | None = None) -> dict:
     """decode_profiled's prof -> microseconds: span (first start to last end), start_spread / end_spread (last
-    minus first), program time min / median / max, and SMs used."""
+    minus first), program time min / median / max, and SMs used; with the phase words (9 per program), the
+    median over programs of: q_us (start to queries ready), table_us (start to first page id), first_us
+    (start to first block's products done), loop_us (first block done to last block done), tail_us (last block
+    done to the end: the partial's store); with `blocks` (per program, > 1), per_block_us = loop_us /
+    (blocks - 1)."""
     import numpy as np
     p = np.asarray(prof).astype(np.int64)
     word = lambda lo, hi: (p[:, hi] << 32) | (p[:, lo] & 0xFFFFFFFF)     # noqa: E731
@@ -180,15 +192,23 @@ def profile_summary(prof) -> dict:
     base = t0.min()
     t0, t1 = (t0 - base) / 1e3, (t1 - base) / 1e3
     dur = t1 - t0
-    return dict(span_us=round(float(t1.max()), 2), start_spread_us=round(float(t0.max()), 2),
-                end_spread_us=round(float(t1.max() - t1.min()), 2), prog_min_us=round(float(dur.min()), 2),
-                prog_med_us=round(float(np.median(dur)), 2), prog_max_us=round(float(dur.max()), 2),
-                sms=int(len(np.unique(p[:, 4]))), programs=int(len(p)))
+    out = dict(span_us=round(float(t1.max()), 2), start_spread_us=round(float(t0.max()), 2),
+               end_spread_us=round(float(t1.max() - t1.min()), 2), prog_min_us=round(float(dur.min()), 2),
+               prog_med_us=round(float(np.median(dur)), 2), prog_max_us=round(float(dur.max()), 2),
+               sms=int(len(np.unique(p[:, 4]))), programs=int(len(p)))
+    if p.shape[1] >= 9:
+        med = lambda x: round(float(np.median(x)), 2)                    # noqa: E731
+        q, table, first, last = (p[:, k] / 1e3 for k in (5, 6, 7, 8))
+        out.update(q_us=med(q), table_us=med(table), first_us=med(first), loop_us=med(last - first),
+                   tail_us=med(dur - last))
+        if blocks and blocks > 1:
+            out["per_block_us"] = round(out["loop_us"] / (blocks - 1), 3)
+    return out
 
 
 def _decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, config, f32_dot, profile):
     from lingjax.kernels.jax_triton_lib import jax_triton
-    from lingjax.kernels.mla.triton_kernels import decode_kernel
+    from lingjax.kernels.mla.triton_kernels import PROFILE_WORDS, decode_kernel
     B, H, R = q_lat.shape
     ROPE = q_pe.shape[-1]
     num_pages, page_size, _ = pages.shape
@@ -211,12 +231,14 @@ def _decode(q_lat, q_pe, pages, page_table, slots, lengths, scale, config, f32_d
     # used only when the kernel merges the splits; otherwise one-element placeholders
     extra = ((jax.ShapeDtypeStruct((B, H, R), F32), jax.ShapeDtypeStruct((B * head_blocks,), jnp.int32)) if fused
              else (jax.ShapeDtypeStruct((1,), F32), jax.ShapeDtypeStruct((1,), jnp.int32)))
-    extra += (jax.ShapeDtypeStruct((head_blocks * B * S, 5) if profile else (1,), jnp.int32),)
+    extra += (jax.ShapeDtypeStruct((head_blocks * B * S, PROFILE_WORDS.value) if profile else (1,), jnp.int32),)
+    # the splits' outputs: float32, or the pages' 16-bit dtype (low_partials); with one split o is the result
+    o_dtype = pages.dtype if c.low_partials and S > 1 and pages.dtype.itemsize == 2 else F32
     o, lse, out, _, prof = jax_triton().triton_call(
         q_lat, q_pe, pages, page_table.astype(jnp.int32), slots.astype(jnp.int32),
         lengths.astype(jnp.int32),
         kernel=decode_kernel,
-        out_shape=(jax.ShapeDtypeStruct((B, S, H, R), F32), jax.ShapeDtypeStruct((B, S, H), F32)) + extra,
+        out_shape=(jax.ShapeDtypeStruct((B, S, H, R), o_dtype), jax.ShapeDtypeStruct((B, S, H), F32)) + extra,
         zeroed_outputs=(3,) if fused else (),
         grid=(head_blocks, B, S), num_warps=c.num_warps, num_stages=c.num_stages, name="mla_decode",
         SCALE=float(scale), H=H, R=R, ROPE=ROPE, PAGE_SIZE=page_size, MAX_PAGES=max_pages, NUM_SPLITS=S,

@@ -12,7 +12,8 @@ are never loaded), scores them against the heads' q_lat and q_pe (MQA: all heads
 a running max / sum / [BLOCK_H, R] accumulator in float32. It writes the split's normalised output
 o[b, sp] [H, R] float32 and log-sum-exp lse[b, sp] [H] (-inf for an empty split, whose o is 0);
 gpu.combine_splits merges the splits (with one split, o is the result), or, with COMBINE, the last program
-of each request merges them in the same launch. Padding rows (slot < 0) read nothing. Options (BLOCK_H,
+of each request merges them in the same launch. o may be 16-bit (the pages' dtype: half the partials' bytes;
+the kernel rounds each split's normalised output to it). Padding rows (slot < 0) read nothing. Options (BLOCK_H,
 BLOCK_N, SWAP, REG_PREFETCH, COMBINE): the kernel's docstring.
 decode_stream_kernel: the same attention with the batch's blocks cut into equal runs, one per program
 (stream-K: balanced whatever the lengths); its docstring.
@@ -82,20 +83,28 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
     that sees NUM_SPLITS - 1 is the last of its request and head block: it reads the NUM_SPLITS partials back
     (from L2: .cg loads) and writes the merged rows to out [B, H, R] float32 (same formula as combine_splits:
     weights exp(lse_s - max_s lse_s), 0 where every split is empty). Without COMBINE, out and count are unused.
+    The request's slot, length and first page id are loaded before the queries: otherwise the queries' load,
+    conversion and shared-memory store come first (its barrier orders the later loads after it) and the chain
+    slot -> page table -> first block starts only after them (bench_notes_mla.md, session 6).
     PROFILE (GPU only: inline PTX, not in the interpreter): the program writes prof[program] = int32 words (start
-    ns low, high, end ns low, high, SM id), program = (hb * B + b) * NUM_SPLITS + sp (%globaltimer at entry and
-    after its last store).
-    scripts/bench_mla.py --profile reads them: spread of starts and ends, program times, the launch gap.
+    ns low, high, end ns low, high, SM id, then four phases in ns since its start: queries in registers, first
+    page id in registers, first block's products done, last block's products done), program = (hb * B + b) *
+    NUM_SPLITS + sp (%globaltimer at entry and after its last store; each phase's timer read takes a value of
+    that phase as an operand, so it waits for it).
+    scripts/bench_mla.py --profile reads them: spread of starts and ends, program times, the phases.
     """
     hb = tl.program_id(0)           # head blocks of one request are launched together: with BLOCK_H < H
     b = tl.program_id(1)            # their reads of the same latents meet in L2
     sp = tl.program_id(2)
     if PROFILE:                     # the start stored at once (nothing more lives across the loop)
         t0 = _globaltimer()
-        prog = ((hb * tl.num_programs(1) + b) * NUM_SPLITS + sp).to(tl.int64) * 5
+        prog = ((hb * tl.num_programs(1) + b) * NUM_SPLITS + sp).to(tl.int64) * PROFILE_WORDS
         tl.store(prof_ptr + prog, (t0 & 0xFFFFFFFF).to(tl.int32))     # int32 words: JAX may run without x64
         tl.store(prof_ptr + prog + 1, (t0 >> 32).to(tl.int32))
     D: tl.constexpr = R + ROPE
+    # the chain slot -> page table -> first block first, then the queries' loads
+    length, table, start, stop, first = _split_run(slots_ptr, lengths_ptr, page_table_ptr, b, sp, MAX_PAGES,
+                                                   NUM_SPLITS, BLOCK_N, PAGE_SIZE)
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = heads < H
     offs_r = tl.arange(0, R)
@@ -111,16 +120,10 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
         qp = tl.load(q_pe_ptr + qrow[:, None] * ROPE + offs_p[None, :], mask=hmask[:, None], other=0.0)
     q = q.to(dtype)
     qp = qp.to(dtype)
-
-    slot = tl.load(slots_ptr + b)
-    length = tl.load(lengths_ptr + b)
-    length = tl.where(slot >= 0, length, 0)
-    slot = tl.maximum(slot, 0)
-    table = page_table_ptr + slot.to(tl.int64) * MAX_PAGES
-    n_blocks = tl.cdiv(length, BLOCK_N)
-    per_split = tl.cdiv(n_blocks, NUM_SPLITS)
-    start = sp * per_split
-    stop = tl.minimum(start + per_split, n_blocks)
+    if PROFILE:                     # (the page id's timer is read after the queries' one)
+        t_q = _globaltimer_after(tl.sum(tl.sum(q.to(tl.float32), 1), 0) + tl.sum(tl.sum(qp.to(tl.float32), 1), 0))
+        t_table = _globaltimer_after(first)
+        t_first = t_table
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
@@ -132,7 +135,7 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
     off_pe = offs_n[:, None] * D + offs_p[None, :]
     if REG_PREFETCH:
         tl.static_assert(PAGE_SIZE % BLOCK_N == 0, "REG_PREFETCH: BLOCK_N must divide PAGE_SIZE")
-        page = tl.load(table + (start * BLOCK_N // PAGE_SIZE), mask=start < stop, other=0).to(tl.int64)
+        page = first.to(tl.int64)
         nxt = tl.load(table + ((start + 1) * BLOCK_N // PAGE_SIZE), mask=start + 1 < stop, other=0)
         blk_ptr = pages_ptr + (page * PAGE_SIZE + (start * BLOCK_N) % PAGE_SIZE) * D
         valid_n = (start * BLOCK_N + offs_n < length) & (start < stop)
@@ -149,7 +152,7 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
             nxt = tl.load(table + ((blk + 2) * BLOCK_N // PAGE_SIZE), mask=blk + 2 < stop, other=0)
             m, l, acc = _block(c, kpe, q, qp, valid, m, l, acc, SCALE, PRECISION, SWAP)
     else:
-        nxt = tl.load(table + (start * BLOCK_N // PAGE_SIZE), mask=start < stop, other=0)
+        nxt = first
         for blk in range(start, stop):
             pos = blk * BLOCK_N + offs_n
             valid = pos < length
@@ -166,15 +169,21 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
                 c = tl.load(base + offs_r[None, :], mask=valid[:, None], other=0.0)        # [BLOCK_N, R]
                 kpe = tl.load(base + R + offs_p[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, ROPE]
             m, l, acc = _block(c, kpe, q, qp, valid, m, l, acc, SCALE, PRECISION, SWAP)
+            if PROFILE:
+                if blk == start:
+                    t_first = _globaltimer_after(tl.max(tl.max(acc, 1), 0))
+    if PROFILE:
+        t_loop = _globaltimer_after(tl.max(tl.max(acc, 1), 0))
 
     nonempty = l > 0
     inv = 1.0 / tl.where(nonempty, l, 1.0)
     lse = tl.where(nonempty, m + tl.log(tl.where(nonempty, l, 1.0)), float("-inf"))
     row_o = ((b * NUM_SPLITS + sp) * H + heads).to(tl.int64)
+    o_dtype = o_ptr.dtype.element_ty                    # float32, or the pages' dtype (gpu.Config.low_partials)
     if SWAP:
-        tl.store(o_ptr + row_o[None, :] * R + offs_r[:, None], acc * inv[None, :], mask=hmask[None, :])
+        tl.store(o_ptr + row_o[None, :] * R + offs_r[:, None], (acc * inv[None, :]).to(o_dtype), mask=hmask[None, :])
     else:
-        tl.store(o_ptr + row_o[:, None] * R + offs_r[None, :], acc * inv[:, None], mask=hmask[:, None])
+        tl.store(o_ptr + row_o[:, None] * R + offs_r[None, :], (acc * inv[:, None]).to(o_dtype), mask=hmask[:, None])
     tl.store(lse_ptr + row_o, lse, mask=hmask)
     if COMBINE:
         tl.debug_barrier()                              # every thread's stores above, before the release
@@ -184,15 +193,48 @@ def decode_kernel(q_lat_ptr, q_pe_ptr, pages_ptr, page_table_ptr, slots_ptr, len
     if PROFILE:
         t1 = _globaltimer()
         smid = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
-        prog = ((hb * tl.num_programs(1) + b) * NUM_SPLITS + sp).to(tl.int64) * 5
+        prog = ((hb * tl.num_programs(1) + b) * NUM_SPLITS + sp).to(tl.int64) * PROFILE_WORDS
         tl.store(prof_ptr + prog + 2, (t1 & 0xFFFFFFFF).to(tl.int32))
         tl.store(prof_ptr + prog + 3, (t1 >> 32).to(tl.int32))
         tl.store(prof_ptr + prog + 4, smid)
+        tl.store(prof_ptr + prog + 5, (t_q - t0).to(tl.int32))
+        tl.store(prof_ptr + prog + 6, (t_table - t0).to(tl.int32))
+        tl.store(prof_ptr + prog + 7, (t_first - t0).to(tl.int32))
+        tl.store(prof_ptr + prog + 8, (t_loop - t0).to(tl.int32))
+
+
+PROFILE_WORDS: tl.constexpr = tl.constexpr(9)     # int32 words per program of decode_kernel's PROFILE record
+
+
+@triton.jit
+def _split_run(slots_ptr, lengths_ptr, page_table_ptr, b, sp, MAX_PAGES: tl.constexpr, NUM_SPLITS: tl.constexpr,
+               BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """Request b's length (0 for a padding row), page-table row, this split's blocks [start, stop) and the page
+    id of its first block (0 if it has none)."""
+    slot = tl.load(slots_ptr + b)
+    length = tl.load(lengths_ptr + b)
+    length = tl.where(slot >= 0, length, 0)
+    slot = tl.maximum(slot, 0)
+    table = page_table_ptr + slot.to(tl.int64) * MAX_PAGES
+    n_blocks = tl.cdiv(length, BLOCK_N)
+    per_split = tl.cdiv(n_blocks, NUM_SPLITS)
+    start = sp * per_split
+    stop = tl.minimum(start + per_split, n_blocks)
+    first = tl.load(table + (start * BLOCK_N // PAGE_SIZE), mask=start < stop, other=0)
+    return length, table, start, stop, first
 
 
 @triton.jit
 def _globaltimer():
     return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _globaltimer_after(x):
+    """%globaltimer read once the 32-bit scalar x is in a register (an operand of the asm, unused by it)."""
+    x = x.to(tl.int32, bitcast=True)
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [x], dtype=tl.int64, is_pure=False,
+                                     pack=1)
 
 
 @triton.jit
