@@ -53,9 +53,11 @@ floor ratio alone cannot say whether the B = 1 target is reachable: the table's 
 verify step's floor with 1.15x the measured plain step, and the plain step's time plus the verify step's
 extra bytes at copy bandwidth (the cost if every extra byte streamed at full bandwidth and nothing else
 were added) with it.
---moe-decode-max-tokens N: sets lingjax.kernels.moe.gpu.DECODE_MAX_TOKENS = N before anything is traced
+--moe-decode-max-tokens N1,N2: sets lingjax.kernels.moe.gpu.DECODE_MAX_TOKENS = N before the steps are traced
 (the MoE layer runs its decode path, not the grouped matmul, at T <= N tokens; at B = 1 the verify step
-with k drafts has T = k + 1), recorded in the JSON and the table title.
+with k drafts has T = k + 1); with several values every measurement is repeated per value (the compiled
+steps cleared in between: the constant is read at trace time, it is no jit cache key), the rows labelled
+"MoE decode T<=N"; recorded in the JSON and the table title.
 --routing-stats: no timing; the first call of each plain and verify step is traced with a recorder on
 every MoE layer's router (a host callback, so these compiled steps are not the timed ones) and the run
 prints, per step, the distinct experts the main model's MoE layers touched (mean over layers and steps
@@ -356,10 +358,11 @@ def main(argv=None):
                         "4.3e12, the H200's measured)")
     p.add_argument("--floor-only", action="store_true",
                    help="print the floor table only (abstract model: no weights, no device time)")
-    p.add_argument("--moe-decode-max-tokens", type=int,
-                   help="set lingjax.kernels.moe.gpu.DECODE_MAX_TOKENS to this before anything is traced (the MoE "
-                        "layer takes its decode path at T <= N tokens; the B = 1 verify step with k drafts has "
-                        "T = k + 1); default: the module's own value")
+    p.add_argument("--moe-decode-max-tokens", default="",
+                   help="comma list N1,N2,..: lingjax.kernels.moe.gpu.DECODE_MAX_TOKENS set to each before the steps "
+                        "are traced (the MoE layer takes its decode path at T <= N tokens; the B = 1 verify step with "
+                        "k drafts has T = k + 1), every plain and verify measurement repeated per value (compiled steps "
+                        "cleared between values); default: the module's own value")
     p.add_argument("--routing-stats", action="store_true",
                    help="no timing: count the distinct experts each step's tokens touch per MoE layer (a recorder on "
                         "the router, traced fresh) against the floor's uniform formula (module docstring)")
@@ -374,10 +377,14 @@ def main(argv=None):
     from lingjax.kernels.moe import gpu as moe_gpu
     if args.smoke:
         args.steps, args.reps, args.context = 1, 1, 16
-    if args.moe_decode_max_tokens is not None:
-        if args.moe_decode_max_tokens < 0:
-            p.error(f"--moe-decode-max-tokens: expected an integer >= 0, got {args.moe_decode_max_tokens}")
-        moe_gpu.DECODE_MAX_TOKENS = args.moe_decode_max_tokens        # before any trace (read at trace time)
+    try:
+        dmts = [int(x) for x in args.moe_decode_max_tokens.split(",")] if args.moe_decode_max_tokens else []
+    except ValueError:
+        p.error(f"--moe-decode-max-tokens: expected a comma list of integers >= 0, got {args.moe_decode_max_tokens!r}")
+    if any(n < 0 for n in dmts):
+        p.error(f"--moe-decode-max-tokens: expected integers >= 0, got {args.moe_decode_max_tokens!r}")
+    if dmts:
+        moe_gpu.DECODE_MAX_TOKENS = dmts[0]         # before any trace (read at trace time, not a jit cache key)
     cfg = dataclasses.replace(preset(args.preset, args.layers, args.vocab), num_nextn_predict_layers=1)
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     lat_b = jnp.dtype(dtype).itemsize         # the engine's MLA latents are in the model's dtype by default
@@ -415,7 +422,7 @@ def main(argv=None):
     kinds = "".join("L" if kd == "linear" else "M" for kd in cfg.layer_kinds)
     report = dict(device=jax.devices()[0].device_kind, preset=args.preset, layers=cfg.num_hidden_layers, kinds=kinds,
                   vocab=cfg.vocab_size, dtype=args.dtype, context=args.context, init_s=time.perf_counter() - t0,
-                  copy_bandwidth=bw, param_bytes=pb, moe_decode_max_tokens=moe_gpu.DECODE_MAX_TOKENS,
+                  copy_bandwidth=bw, param_bytes=pb, moe_decode_max_tokens=dmts or [moe_gpu.DECODE_MAX_TOKENS],
                   note="random weights: drafts are (almost) never accepted; costs only, speedups implied",
                   plain=[], rows=[])
     out = args.out or (os.path.join(os.environ["OUT"], "bench_spec.json") if os.environ.get("OUT") else None)
@@ -435,11 +442,19 @@ def main(argv=None):
     accs = [float(a) for a in args.accept.split(",")]
     skipped, failed = [], []
     profile = args.profile          # (on the CPU the trace has no device kernels: empty categories)
-    order = [(B, hot) for B in dict.fromkeys(b for _, bs in passes for b in bs)       # B outer, passes inner:
-             for hot, bs in passes if B in bs]                                         # B = 1 first, every pass
-    for B, hot in order:
+    order = [(B, hot, dmt) for B in dict.fromkeys(b for _, bs in passes for b in bs)   # B outer, passes inner:
+             for hot, bs in passes if B in bs for dmt in dmts or [None]]               # B = 1 first, every pass
+    from lingjax import engine as engine_mod
+    from lingjax import speculative
+    for B, hot, dmt in order:
         set_hot_experts(model, hot, base_bias)
         routing = routing_name(hot)
+        if dmt is not None and len(dmts) > 1:
+            routing += f", MoE decode T<={dmt}"
+            if moe_gpu.DECODE_MAX_TOKENS != dmt:           # the constant is read at trace time: retrace
+                moe_gpu.DECODE_MAX_TOKENS = dmt
+                engine_mod.clear_compiled()
+                speculative.clear_compiled()
         bs = [b for h, bb in passes if h == hot for b in bb]
         if time.perf_counter() - t0 > args.time_budget:
             skipped.append(f"{routing} B={B}")
@@ -610,7 +625,7 @@ def print_table(report):
         return
     print(f"\n{report['device']}, {report['preset']} ({report['layers']} layers {report['kinds']} + MTP, vocab "
           f"{report['vocab']}), {report['dtype']}, context {report['context']}, MoE decode path at T <= "
-          f"{report.get('moe_decode_max_tokens')}; copy bandwidth {report['copy_bandwidth'] / 1e12:.2f} TB/s; "
+          f"{', '.join(map(str, report.get('moe_decode_max_tokens', [])))}; copy bandwidth {report['copy_bandwidth'] / 1e12:.2f} TB/s; "
           f"{report['note']}. Routing 'SYNTHETIC hotM': every token's experts among the same M per layer (not a "
           f"checkpoint's routing)")
     print("| routing | B | k | plain ms | verify ms | ratio | plain floor ms | verify floor ms | floor ratio | "
