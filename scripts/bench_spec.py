@@ -29,8 +29,9 @@ plain one; the agreement (share of requests, max |logprob difference|) is printe
 difference above 0.1 the run stops).
 
 The floor (`step_bytes`): the bytes a step must read or write, over the copy bandwidth measured at the
-start (bench_moe.copy_bandwidth: the larger of JAX's and PyTorch's copy; session 5's call B used a JAX
-y = 2x alone, 2.66 TB/s, so its floor ms columns are about 1.6x high; the floor ratios do not depend on it),
+start (bench_moe.copy_bandwidth: the larger of JAX's and PyTorch's copy, 4.28 TB/s on the H200; session 5's
+calls B and C used a jitted bf16 y = 2x alone, which measured 2.66, 2.14 and 1.74 TB/s in three runs, so their
+floor ms columns are 1.6-2.5x high, each by its own run's figure; the floor ratios do not depend on it),
 in the columns "floor ms":
   weights     every main-model parameter but the routed experts, the embedding and the lm_head, once;
   experts     per MoE layer, the distinct experts the step's tokens route to, times one expert's bytes:
