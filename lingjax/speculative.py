@@ -17,10 +17,12 @@ What one speculative step does, all in one jitted function (`_spec_step_fn`):
    non-speculative sampling. Every step emits 1 .. k_r + 1 tokens per decoding request.
 3. Roll back. MLA latents written past the accepted position are simply overwritten later (reads are
    masked to positions <= the reading token's own, and a request's next rows start right after its
-   accepted ones). The linear-attention state must be exact: the step keeps each verify row's state
-   from before the step (S_0) and its k, v rows, and after acceptance rebuilds the state after the
-   accepted rows with the decode recurrence S <- exp(g) S + k^T v (the same float32 arithmetic as
-   the decode kernels), replacing the state the prefill kernel left after all k_r + 1 rows.
+   accepted ones). The linear-attention state must be exact: verify requests skip the prefill kernel
+   (their slot is passed as -1, so the pool keeps the state from before the step, S_0), their rows'
+   outputs come from the decode recurrence S <- exp(g) S + k^T v, o = scale q S from S_0 in float32
+   (`verify_linear`), and after acceptance the accepted rows 0..n_acc go through the plain engine's decode
+   kernel one position at a time (rows past a request's n_acc as padding), which writes the state: what
+   decoding those rows one by one gives, bit for bit.
 4. Draft. The MTP layer runs over every packed row (its own paged MLA latent pool: page id p of a
    request's page-table row is page p of the main MLA pools and of the MTP pool) on the main model's final-norm hidden state at t and the embedding of token t+1: for the
    rows of accepted tokens that is the emitted token, for prompt rows the next prompt token, for a
@@ -209,15 +211,26 @@ def _accept_sampling(target_logits, drafts, draft_logits, num_drafts, temperatur
 
 
 # ------------------------------------------------------------------------------------------ model side
-def main_hidden(model, batch, caches, vrows, vslots):
+def main_hidden(model, batch, caches, vrows, vslots, is_verify, n_drafts):
     """The main model over a packed batch (as BailingModel.step, linear layers through the prefill
     kernels) -> (final-norm hidden [T, d], caches, saved) where saved holds, per linear layer, what
-    the rollback needs: (S_0 [R, H, D, D] of the verify rows' slots before the step, k and v at the
-    verify rows [R, k+1, H, D], log decay [H])."""
+    the rollback needs: (k and v at the verify rows [R, k+1, H, D], log decay [H], scale, kernels).
+
+    Verify sequences (is_verify [R]: a decoding request's rows [x, d_1..d_n], n = n_drafts > 0, at
+    vrows[r, :n+1]) skip the prefill kernel (their slot passed as -1: the kernel leaves the slot
+    untouched, so the pool still holds S_0 after it): their linear-attention outputs come from the decode
+    recurrence from S_0 in float32 (`verify_linear`), and only the rollback writes their state. Per verify
+    request and linear layer: S_0 read for the outputs, then read and the state written once per accepted
+    row by the rollback's decode calls (a rejected first draft: 3 state transfers, where the prefill kernel
+    and a rollback from a copy of S_0 took 6)."""
     x = model.embed(batch.tokens)
     lin, mla = list(caches.linear), list(caches.mla)
     saved = []
     i_lin = i_mla = 0
+    T = batch.tokens.shape[0]
+    kslots = jnp.where(is_verify, -1, batch.slots)                   # verify sequences: not the kernel's
+    j1 = jnp.arange(vrows.shape[1])
+    wrows = jnp.where(is_verify[:, None] & (j1[None, :] <= n_drafts[:, None]), vrows, T)     # T: dropped
     for layer in model.layers:
         if layer.is_mla:
             x, mla[i_mla] = layer.step(x, batch, mla[i_mla])
@@ -227,10 +240,12 @@ def main_hidden(model, batch, caches, vrows, vslots):
         h = layer.input_layernorm(x)
         q, k, v = att.qkv(h, batch.positions)
         g = att.decay(q.shape[-2])
-        pool = lin[i_lin]
-        saved.append((pool[vslots], k[vrows], v[vrows], g))
-        o, pool = la.prefill(q, k, v, g, pool, batch.slots, batch.cu_seqlens, batch.fresh, scale=att.scale,
+        o, pool = la.prefill(q, k, v, g, lin[i_lin], kslots, batch.cu_seqlens, batch.fresh, scale=att.scale,
                              impl=att.kernels)
+        s0 = pool[vslots]                            # S_0: the kernel skipped the verify slots
+        kv, vv = k[vrows], v[vrows]
+        o = o.at[wrows].set(verify_linear(q[vrows], kv, vv, g, s0, att.scale).astype(o.dtype), mode='drop')
+        saved.append((kv, vv, g, att.scale, att.kernels))
         x = x + att.output(o, h)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
         lin[i_lin] = pool
@@ -238,19 +253,33 @@ def main_hidden(model, batch, caches, vrows, vslots):
     return model.norm(x), caches.replace(linear=tuple(lin), mla=tuple(mla)), saved
 
 
+def verify_linear(q, k, v, log_decay, s0, scale):
+    """Linear-attention outputs of verify rows q, k, v [R, n, H, D] from the states S_0 [R, H, D, D] with the
+    decode recurrence (lingjax.kernels.linear_attention.reference.decode's float32 arithmetic, token by token:
+    S <- exp(g) S + k^T v, o = scale q S) -> float32 [R, n, H, D]."""
+    S = s0.astype(F32)
+    decay = jnp.exp(log_decay.astype(F32))[None, :, None, None]
+    out = []
+    for j in range(q.shape[1]):
+        S = decay * S + k[:, j].astype(F32)[..., :, None] * v[:, j].astype(F32)[..., None, :]
+        out.append(scale * jnp.einsum('rhk,rhkv->rhv', q[:, j].astype(F32), S, precision='highest'))
+    return jnp.stack(out, 1)
+
+
 def rollback_linear(lin, saved, slots, n_acc, is_verify):
-    """Replace the verify rows' linear states with the state after their accepted rows 0..n_acc
-    (exact decode recurrence from S_0). lin: per linear layer [rows, H, D, D] -> the same, updated."""
+    """Advance the verify requests' linear states, still S_0 in the pool (the prefill kernel skipped their
+    slots), over their accepted rows 0..n_acc with the decode kernel the plain engine runs (la.decode, one
+    call per row position, rows past a request's n_acc passed as padding): the plain engine's decode
+    arithmetic, so the state is what decoding those rows one by one gives, bit for bit, in every kernel
+    implementation. lin: per linear layer [rows, H, D, D] -> the same, updated."""
     lin = list(lin)
-    for i, (s0, k, v, g) in enumerate(saved):
-        dst = jnp.where(is_verify, slots, lin[i].shape[0])              # out of range: dropped
-        S = s0.astype(F32)
-        out = S
-        decay = jnp.exp(g.astype(F32))[None, :, None, None]
+    fresh = jnp.zeros(slots.shape, bool)
+    for i, (k, v, g, scale, impl) in enumerate(saved):
+        pool = lin[i]
         for j in range(k.shape[1]):
-            S = decay * S + k[:, j].astype(F32)[..., :, None] * v[:, j].astype(F32)[..., None, :]
-            out = jnp.where((n_acc == j)[:, None, None, None], S, out)
-        lin[i] = lin[i].at[dst].set(out.astype(lin[i].dtype), mode='drop')
+            rows = jnp.where(is_verify & (j <= n_acc), slots, -1)
+            _, pool = la.decode(k[:, j], k[:, j], v[:, j], g, pool, rows, fresh, scale=scale, impl=impl)  # (q: unused)
+        lin[i] = pool
     return tuple(lin)
 
 
@@ -322,7 +351,8 @@ def _spec_body(graphdef, gather, want_logits, want_top, sampling, k, state, cach
         vslots = jnp.clip(batch.slots, 0, num_slots - 1)
         j1 = jnp.arange(k + 1)
         vrows = jnp.clip(start[:, None] + j1[None, :], 0, T - 1)
-        y, caches, saved = main_hidden(model, batch, caches, vrows, vslots)
+        is_verify = produce & (num_drafts > 0) & (batch.slots >= 0)
+        y, caches, saved = main_hidden(model, batch, caches, vrows, vslots, is_verify, num_drafts)
         lrows = jnp.clip(start[:, None] + jnp.minimum(j1[None, :], num_drafts[:, None]), 0, T - 1)   # [R, k+1]
         if want_logits:
             logits = logits_of(y)
@@ -334,7 +364,6 @@ def _spec_body(graphdef, gather, want_logits, want_top, sampling, k, state, cach
         dlog = spec.draft_logits[vslots]
         toks, n_acc = accept(target, drafts, dlog, num_drafts, temperature, top_k, top_p, seeds, request_ids,
                              counters, sampling)
-        is_verify = produce & (num_drafts > 0) & (batch.slots >= 0)
         caches = caches.replace(linear=rollback_linear(caches.linear, saved, batch.slots, n_acc, is_verify))
 
         # Drafts for the next step: MTP latents of every row, its output at one row per request, then k - 1

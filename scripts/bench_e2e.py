@@ -95,30 +95,18 @@ def use_old_moe():
 
 
 def step_bytes(cfg, model, B, C, tp):
-    """Bytes one decode step of B requests at context C must touch (per device under tp). FP8 weights
-    count their values and scales."""
-    import jax
-    from flax import nnx
-
-    def nbytes(v):                       # an array or an FP8Weight
-        return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(v))
-    n_moe = sum(cfg.is_moe(l) for l in range(cfg.num_hidden_layers))
-    E, k = cfg.num_experts, cfg.num_experts_per_tok
-    total = expert = 0
-    for path, x in nnx.to_flat_state(nnx.state(model)):
-        name = "/".join(map(str, path))
-        if "w_gate" in name or "w_up" in name or "w_down" in name:
-            expert = max(expert, 3 * nbytes(x.get_value()) / E)       # one expert's three matrices
-            continue
-        if "word_embeddings" in name:
-            continue
-        total += nbytes(x.get_value())
-    touched = E * (1 - (1 - k / E) ** B)
-    experts = n_moe * touched * expert
-    lin = len(cfg.linear_layers) * B * cfg.num_attention_heads * cfg.head_dim ** 2 * 4 * 2
-    mla = len(cfg.mla_layers) * B * C * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
-    emb = B * cfg.hidden_size * 2
-    return (total + experts + lin) / tp + mla + emb, touched
+    """Bytes one decode step of B requests at context C must touch (per device under tp) -> (bytes, expected
+    distinct experts per MoE layer): bench_spec.step_bytes at k = 0 (one count for both benches: the non-expert
+    weights with the lm_head, the touched experts, the linear states read and written, the MLA latents read
+    and the new ones written in the model's dtype, the embedding rows). Under tp the weights, the experts
+    and the linear states are split over the devices; the latents and the embedding rows are replicated.
+    FP8 weights count their values and scales."""
+    import jax.numpy as jnp
+    from bench_spec import distinct_experts, param_bytes
+    from bench_spec import step_bytes as spec_step_bytes
+    parts = spec_step_bytes(cfg, param_bytes(model), B, C, 0, latent_itemsize=jnp.dtype(model.dtype).itemsize)
+    split = parts["weights"] + parts["experts"] + parts["lm_head"] + parts["states"]
+    return split / tp + parts["caches"], distinct_experts(B, cfg.num_experts, cfg.num_experts_per_tok)
 
 
 def cache_bytes(cfg, latent_dtype):

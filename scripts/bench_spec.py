@@ -29,21 +29,40 @@ plain one; the agreement (share of requests, max |logprob difference|) is printe
 difference above 0.1 the run stops).
 
 The floor (`step_bytes`): the bytes a step must read or write, over the copy bandwidth measured at the
-start (bench_moe.copy_bandwidth: the larger of JAX's and PyTorch's copy; session 5's call B used a JAX
-y = 2x alone, 2.66 TB/s, so its floor ms columns are about 1.6x high; the floor ratios do not depend on it),
+start (bench_moe.copy_bandwidth: the larger of JAX's and PyTorch's copy, 4.28 TB/s on the H200; session 5's
+calls B and C used a jitted bf16 y = 2x alone, which measured 2.66, 2.14 and 1.74 TB/s in three runs, so their
+floor ms columns are 1.6-2.5x high, each by its own run's figure; the floor ratios do not depend on it),
 in the columns "floor ms":
   weights     every main-model parameter but the routed experts, the embedding and the lm_head, once;
   experts     per MoE layer, the distinct experts the step's tokens route to, times one expert's bytes:
               with independent uniform routing E[distinct] = E (1 - (1 - top_k / E)^n) for n tokens
-              (exact for independent tokens by symmetry; the random model's router is that);
+              (exact for independent tokens, by symmetry); that the random model routes its tokens so is
+              an assumption, measured by --routing-stats (below); one token always touches exactly top_k;
   lm_head     read once by the plain step; by the verify step once for its B (k + 1) target rows and
               once per MTP draft pass (k; each depends on the last);
   mtp         the MTP layer's non-expert weights per pass (k passes) and its experts: each pass routes
               B rows (the first pass's MoE runs at one row per request);
-  caches      linear states read and written once per linear layer and request (float32 [H, D, D]; the
-              rollback's minimum: read S_0, write the accepted state), MLA latents read (context) per MLA
-              layer and request, and the MTP latents per pass; embedding rows; the draft logits read and
-              written (float32 [B, k, V]).
+  states      linear states read and written once per linear layer and request (float32 [H, D, D]; the
+              rollback's minimum: read S_0, write the accepted state);
+  caches      MLA latents read (context) and written (the new rows) per MLA layer and request in the
+              model's dtype (the engine's default latent dtype), the MTP latents per pass; embedding rows;
+              the draft logits read and written (float32 [B, k, V]).
+A step measured below its floor means the count or the bandwidth is wrong (the run says so). The floor
+ratio is what the cost ratio tends to as both steps approach their floors (B = 64: the plain step is at
+about 1.07x its floor); at B = 1 both steps are far above theirs (host launches, small kernels), so the
+floor ratio alone cannot say whether the B = 1 target is reachable: the table's conclusion compares the
+verify step's floor with 1.15x the measured plain step, and the plain step's time plus the verify step's
+extra bytes at copy bandwidth (the cost if every extra byte streamed at full bandwidth and nothing else
+were added) with it.
+--moe-decode-max-tokens N1,N2: sets lingjax.kernels.moe.gpu.DECODE_MAX_TOKENS = N before the steps are traced
+(the MoE layer runs its decode path, not the grouped matmul, at T <= N tokens; at B = 1 the verify step
+with k drafts has T = k + 1); with several values every measurement is repeated per value (the compiled
+steps cleared in between: the constant is read at trace time, it is no jit cache key), the rows labelled
+"MoE decode T<=N"; recorded in the JSON and the table title.
+--routing-stats: no timing; the first call of each plain and verify step is traced with a recorder on
+every MoE layer's router (a host callback, so these compiled steps are not the timed ones) and the run
+prints, per step, the distinct experts the main model's MoE layers touched (mean over layers and steps
+of --steps calls) beside the uniform formula the floor uses.
 --routing hotM (synthetic, NOT a checkpoint's routing): every MoE layer's expert_bias is raised by 2 on
 M experts (M / 4 in each of 4 groups; sigmoid scores are < 1, so those groups and experts always win),
 so every token picks its top_k among the same M experts: M = top_k (hot8) makes every token of the
@@ -111,7 +130,9 @@ def distinct_experts(n, E, top_k, hot=0):
 
 def step_bytes(cfg, pb, B, C, k, hot=0, latent_itemsize=2, state_itemsize=4):
     """Bytes a plain step (k = 0) or a verify step with k drafts per request must touch: {part: bytes}
-    (module docstring)."""
+    (module docstring). Parts: weights, experts, lm_head, mtp (k > 0), states (the linear-attention states,
+    read and written once), caches (MLA and MTP latents, embedding rows, draft logits). latent_itemsize: the
+    MLA latent cache's (the engine's default is the model dtype's). bench_e2e.step_bytes (MBU) is this at k = 0."""
     E, top = cfg.num_experts, cfg.num_experts_per_tok
     n_moe = sum(cfg.is_moe(l) for l in range(cfg.num_hidden_layers))
     H, D = cfg.num_attention_heads, cfg.head_dim
@@ -119,11 +140,11 @@ def step_bytes(cfg, pb, B, C, k, hot=0, latent_itemsize=2, state_itemsize=4):
     T = B * (k + 1)
     parts = dict(weights=pb["dense"], experts=n_moe * distinct_experts(T, E, top, hot) * pb["expert"],
                  lm_head=(1 + k) * pb["lm_head"])
-    caches = (len(cfg.linear_layers) * B * H * D * D * state_itemsize * 2
-              + len(cfg.mla_layers) * (B * (C + k) + T) * lat + T * pb["embed_row"])
+    caches = len(cfg.mla_layers) * (B * (C + k) + T) * lat + T * pb["embed_row"]
     if k:
         parts["mtp"] = k * pb["mtp_dense"] + k * distinct_experts(B, E, top, hot) * pb["mtp_expert"]
         caches += k * (B * (C + k) + T) * lat + (T + (k - 1) * B) * pb["embed_row"] + 2 * B * k * cfg.vocab_size * 4
+    parts["states"] = len(cfg.linear_layers) * B * H * D * D * state_itemsize * 2
     parts["caches"] = caches
     return parts
 
@@ -282,15 +303,15 @@ def agreement(plain, verify):
 
 
 # ------------------------------------------------------------------------------------------ main
-def floor_rows(cfg, pb, batches, ks, C, hot, bw):
+def floor_rows(cfg, pb, batches, ks, C, hot, bw, lat_b):
     rows = []
     for B in batches:
-        base = sum(step_bytes(cfg, pb, B, C, 0, hot).values())
+        base = sum(step_bytes(cfg, pb, B, C, 0, hot, lat_b).values())
         for k in ks:
-            parts = step_bytes(cfg, pb, B, C, k, hot)
+            parts = step_bytes(cfg, pb, B, C, k, hot, lat_b)
             v = sum(parts.values())
             rows.append(dict(batch=B, k=k, plain_bytes=base, verify_bytes=v, verify_parts=parts,
-                             plain_parts=step_bytes(cfg, pb, B, C, 0, hot),
+                             plain_parts=step_bytes(cfg, pb, B, C, 0, hot, lat_b),
                              plain_floor_ms=base / bw * 1e3, verify_floor_ms=v / bw * 1e3, floor_ratio=v / base))
     return rows
 
@@ -298,12 +319,12 @@ def floor_rows(cfg, pb, batches, ks, C, hot, bw):
 def print_floor(rows):
     print("\nfloor: bytes a step must touch / copy bandwidth (module docstring)")
     print("| B | k | plain GB | verify GB | plain floor ms | verify floor ms | floor ratio | verify GB: weights / experts / "
-          "lm_head / mtp / caches |\n|---|---|---|---|---|---|---|---|")
+          "lm_head / mtp / states / caches |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         p = r["verify_parts"]
         print(f"| {r['batch']} | {r['k']} | {r['plain_bytes'] / 1e9:.3f} | {r['verify_bytes'] / 1e9:.3f} | "
               f"{r['plain_floor_ms']:.3f} | {r['verify_floor_ms']:.3f} | {r['floor_ratio']:.3f} | "
-              + " / ".join(f"{p[q] / 1e9:.3f}" for q in ("weights", "experts", "lm_head", "mtp", "caches")) + " |")
+              + " / ".join(f"{p[q] / 1e9:.3f}" for q in ("weights", "experts", "lm_head", "mtp", "states", "caches")) + " |")
 
 
 def main(argv=None):
@@ -338,6 +359,14 @@ def main(argv=None):
                         "4.3e12, the H200's measured)")
     p.add_argument("--floor-only", action="store_true",
                    help="print the floor table only (abstract model: no weights, no device time)")
+    p.add_argument("--moe-decode-max-tokens", default="",
+                   help="comma list N1,N2,..: lingjax.kernels.moe.gpu.DECODE_MAX_TOKENS set to each before the steps "
+                        "are traced (the MoE layer takes its decode path at T <= N tokens; the B = 1 verify step with "
+                        "k drafts has T = k + 1), every plain and verify measurement repeated per value (compiled steps "
+                        "cleared between values); default: the module's own value")
+    p.add_argument("--routing-stats", action="store_true",
+                   help="no timing: count the distinct experts each step's tokens touch per MoE layer (a recorder on "
+                        "the router, traced fresh) against the floor's uniform formula (module docstring)")
     p.add_argument("--smoke", action="store_true", help="CPU check: 1 step, 1 rep, context 16")
     p.add_argument("--out", help="JSON output (default $OUT/bench_spec.json when $OUT is set)")
     args = p.parse_args(argv)
@@ -346,10 +375,20 @@ def main(argv=None):
     import jax.numpy as jnp
     from flax import nnx
     from shapes import preset, random_model
+    from lingjax.kernels.moe import gpu as moe_gpu
     if args.smoke:
         args.steps, args.reps, args.context = 1, 1, 16
+    try:
+        dmts = [int(x) for x in args.moe_decode_max_tokens.split(",")] if args.moe_decode_max_tokens else []
+    except ValueError:
+        p.error(f"--moe-decode-max-tokens: expected a comma list of integers >= 0, got {args.moe_decode_max_tokens!r}")
+    if any(n < 0 for n in dmts):
+        p.error(f"--moe-decode-max-tokens: expected integers >= 0, got {args.moe_decode_max_tokens!r}")
+    if dmts:
+        moe_gpu.DECODE_MAX_TOKENS = dmts[0]         # before any trace (read at trace time, not a jit cache key)
     cfg = dataclasses.replace(preset(args.preset, args.layers, args.vocab), num_nextn_predict_layers=1)
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
+    lat_b = jnp.dtype(dtype).itemsize         # the engine's MLA latents are in the model's dtype by default
     batches = [int(b) for b in args.batches.split(",")]
     ks = [int(x) for x in args.ks.split(",")]
     large_ks = [int(x) for x in args.large_ks.split(",")] if args.large_ks else ks
@@ -370,11 +409,12 @@ def main(argv=None):
               f"bandwidth {bw / 1e12:.2f} TB/s; " + ", ".join(f"{q} {v / 1e6:.1f} MB" for q, v in pb.items()))
         for hot, bs in passes:
             print(f"\nrouting: {routing_name(hot)}")
-            print_floor(floor_rows(cfg, pb, bs, ks, args.context, hot, bw))
+            print_floor(floor_rows(cfg, pb, bs, ks, args.context, hot, bw, lat_b))
         return 0
     t0 = time.perf_counter()
+    recorded = record_routing() if args.routing_stats else None      # before anything is traced
     from bench_moe import copy_bandwidth
-    bw = args.bandwidth or copy_bandwidth(args.smoke)
+    bw = args.bandwidth or (4.3e12 if args.routing_stats else copy_bandwidth(args.smoke))
     log.info("copy bandwidth %.3f TB/s", bw / 1e12)
     model = random_model(cfg, None, dtype, mtp=True)
     jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
@@ -383,7 +423,7 @@ def main(argv=None):
     kinds = "".join("L" if kd == "linear" else "M" for kd in cfg.layer_kinds)
     report = dict(device=jax.devices()[0].device_kind, preset=args.preset, layers=cfg.num_hidden_layers, kinds=kinds,
                   vocab=cfg.vocab_size, dtype=args.dtype, context=args.context, init_s=time.perf_counter() - t0,
-                  copy_bandwidth=bw, param_bytes=pb,
+                  copy_bandwidth=bw, param_bytes=pb, moe_decode_max_tokens=dmts or [moe_gpu.DECODE_MAX_TOKENS],
                   note="random weights: drafts are (almost) never accepted; costs only, speedups implied",
                   plain=[], rows=[])
     out = args.out or (os.path.join(os.environ["OUT"], "bench_spec.json") if os.environ.get("OUT") else None)
@@ -394,21 +434,38 @@ def main(argv=None):
         if out:
             with open(out, "w") as f:
                 json.dump(report, f, indent=1)
+    if recorded is not None:
+        report["routing_stats"] = run_routing_stats(model, cfg, pb, passes, ks, large_ks, args, base_bias, recorded,
+                                                     lat_b, bw, save)
+        save()
+        print_routing_stats(report)
+        return 0
     accs = [float(a) for a in args.accept.split(",")]
     skipped, failed = [], []
     profile = args.profile          # (on the CPU the trace has no device kernels: empty categories)
-    order = [(B, hot) for B in dict.fromkeys(b for _, bs in passes for b in bs)       # B outer, passes inner:
-             for hot, bs in passes if B in bs]                                         # B = 1 first, every pass
-    for B, hot in order:
+    order = [(B, hot, dmt) for B in dict.fromkeys(b for _, bs in passes for b in bs)   # B outer, passes inner:
+             for hot, bs in passes if B in bs for dmt in dmts or [None]]               # B = 1 first, every pass
+    from lingjax import engine as engine_mod
+    from lingjax import speculative
+    for B, hot, dmt in order:
         set_hot_experts(model, hot, base_bias)
         routing = routing_name(hot)
+        if dmt is not None and len(dmts) > 1:
+            routing += f", MoE decode T<={dmt}"
+            if moe_gpu.DECODE_MAX_TOKENS != dmt:           # the constant is read at trace time: retrace
+                moe_gpu.DECODE_MAX_TOKENS = dmt
+                engine_mod.clear_compiled()
+                speculative.clear_compiled()
         bs = [b for h, bb in passes if h == hot for b in bb]
         if time.perf_counter() - t0 > args.time_budget:
             skipped.append(f"{routing} B={B}")
             continue
         base, pfirst, pprof = plain_ms(model, B, args.context, args.steps, args.reps, profile)
-        pfloor = sum(step_bytes(cfg, pb, B, args.context, 0, hot).values()) / bw * 1e3
+        pfloor = sum(step_bytes(cfg, pb, B, args.context, 0, hot, lat_b).values()) / bw * 1e3
         report["plain"].append(dict(routing=routing, batch=B, ms=base, floor_ms=pfloor, profile=pprof))
+        if base < pfloor:
+            log.warning("[%s] B=%d: the plain step measured BELOW its floor (%.3f < %.3f ms): the byte count or the "
+                        "bandwidth is wrong", routing, B, base, pfloor)
         log.info("[%s] B=%d plain decode step %.3f ms (floor %.3f ms%s)", routing, B, base, pfloor,
                  f"; device busy {pprof['busy_us'] / 1e3:.3f} ms, gaps {pprof['gap_us'] / 1e3:.3f} ms, "
                  f"{pprof['launches']:.0f} launches" if pprof else "")
@@ -429,7 +486,7 @@ def main(argv=None):
                 continue
             v, vfirst, vprof = verify_ms(model, B, args.context, k, args.steps, args.reps, profile)
             agree, dlp = agreement(pfirst, vfirst)
-            parts = step_bytes(cfg, pb, B, args.context, k, hot)
+            parts = step_bytes(cfg, pb, B, args.context, k, hot, lat_b)
             vfloor = sum(parts.values()) / bw * 1e3
             ratio = v / base
             speed = {str(a): ((1 - a ** (k + 1)) / (1 - a)) / ratio for a in accs}
@@ -445,6 +502,9 @@ def main(argv=None):
                      f"; device busy {vprof['busy_us'] / 1e3:.3f} ms, gaps {vprof['gap_us'] / 1e3:.3f} ms, "
                      f"{vprof['launches']:.0f} launches" if vprof else "", 100 * agree, dlp, "" if ok else " CHECK FAILED",
                      "  ".join(f"a={a}: {s:.2f}x" for a, s in speed.items()))
+            if v < vfloor:
+                log.warning("[%s] B=%d k=%d: the verify step measured BELOW its floor (%.3f < %.3f ms): the byte "
+                            "count or the bandwidth is wrong", routing, B, k, v, vfloor)
             if not ok:
                 failed.append(f"{routing} B={B} k={k}")
             save()
@@ -464,12 +524,109 @@ def routing_name(hot):
     return f"SYNTHETIC hot{hot}" if hot else "uniform"
 
 
+def target_verdict(r, target=1.15):
+    """The B = 1 k = 1 conclusion, in words, from a row: the measured ratio against the target, and what the
+    bytes say about it (module docstring: the floor ratio alone decides nothing while the steps are far
+    above their floors)."""
+    bound = target * r["plain_ms"]
+    extra_ms = r["verify_floor_ms"] - r["plain_floor_ms"]              # the verify step's extra bytes at copy bw
+    additive = (r["plain_ms"] + extra_ms) / r["plain_ms"]
+    if r["verify_floor_ms"] > bound:
+        bytes_say = (f"the verify step's floor ({r['verify_floor_ms']:.3f} ms) is above {target}x the measured plain "
+                     f"step ({bound:.3f} ms): out of reach whatever the overheads")
+    else:
+        bytes_say = (f"the verify step's floor ({r['verify_floor_ms']:.3f} ms) is below {target}x the measured plain "
+                     f"step ({bound:.3f} ms), so the bytes alone do not rule the target out; the plain step plus "
+                     f"the verify step's extra bytes at copy bandwidth (+{extra_ms:.3f} ms) gives {additive:.3f}x "
+                     f"(the ratio if the verify step added nothing but its extra bytes, streamed at full bandwidth)")
+    return (f"[{r['routing']}] target B=1 k=1 verify <= {target}x plain: {r['cost_ratio']:.3f}x "
+            f"({'met' if r['cost_ratio'] <= target else 'NOT met'}); floor ratio {r['floor_ratio']:.3f} (both steps at "
+            f"their floors; plain at {r['plain_ms'] / r['plain_floor_ms']:.2f}x its floor here); {bytes_say}")
+
+
+def record_routing():
+    """--routing-stats: wrap lingjax.model.moe.MoE.route so that every traced call sends its expert ids [T, top_k]
+    to the host (jax.debug.callback); -> the list they are appended to. Must run before anything is traced."""
+    import jax
+    from lingjax.model import moe as moe_mod
+    got = []
+    plain_route = moe_mod.MoE.route
+
+    def route(self, x2):
+        idx, w = plain_route(self, x2)
+        jax.debug.callback(lambda i: got.append(np.asarray(i)), idx)
+        return idx, w
+    moe_mod.MoE.route = route
+    return got
+
+
+def run_routing_stats(model, cfg, pb, passes, ks, large_ks, args, base_bias, recorded, lat_b, bw, save):
+    """--routing-stats: per (routing, B, k) (k = 0: the plain step) the distinct experts per main-model MoE layer
+    over --steps calls (the first from zeroed caches, then each on the last one's caches and drafts: the timed
+    calls' inputs), beside the uniform formula, and the floor ratio with the measured counts."""
+    import jax
+    E, top = cfg.num_experts, cfg.num_experts_per_tok
+    n_moe = sum(cfg.is_moe(l) for l in range(cfg.num_hidden_layers))
+    C = args.context
+    out = []
+    order = [(B, hot) for B in dict.fromkeys(b for _, bs in passes for b in bs) for hot, bs in passes if B in bs]
+    for B, hot in order:
+        set_hot_experts(model, hot, base_bias)
+        plain_distinct = None
+        for k in [0] + (ks if B == order[0][0] else large_ks):
+            recorded.clear()
+            if k == 0:
+                plain_ms(model, B, C, args.steps, 1)
+            else:
+                verify_ms(model, B, C, k, args.steps, 1)
+            jax.effects_barrier()
+            T = B * (k + 1)
+            # the main model's MoE layers route all T rows; the MTP layer's MoE routes one row per request
+            main = [a for a in recorded if a.shape[0] == T]
+            d = np.array([len(np.unique(a)) for a in main], float)
+            if not d.size or len(main) % n_moe:
+                raise SystemExit(f"--routing-stats: B={B} k={k}: {len(main)} router calls with {T} rows, expected a "
+                                 f"multiple of {n_moe} (the MoE layers)")
+            formula = distinct_experts(T, E, top, hot)
+            row = dict(routing=routing_name(hot), batch=B, k=k, tokens=T, calls=len(main) // n_moe,
+                       distinct_mean=float(d.mean()), distinct_min=float(d.min()), distinct_max=float(d.max()),
+                       formula=formula)
+            if k == 0:
+                plain_distinct = row["distinct_mean"]
+            else:                       # the floor ratio with the measured counts (main model and plain step)
+                def measured(kk, dist):
+                    parts = step_bytes(cfg, pb, B, C, kk, hot, lat_b)
+                    parts["experts"] = n_moe * dist * pb["expert"]
+                    return sum(parts.values())
+                row["floor_ratio_formula"] = (sum(step_bytes(cfg, pb, B, C, k, hot, lat_b).values())
+                                              / sum(step_bytes(cfg, pb, B, C, 0, hot, lat_b).values()))
+                row["floor_ratio_measured"] = measured(k, row["distinct_mean"]) / measured(0, plain_distinct)
+            out.append(row)
+            log.info("[%s] B=%d k=%d: %d tokens touch %.2f distinct experts per MoE layer (min %d, max %d over %d "
+                     "layers x %d calls); uniform formula %.2f", row["routing"], B, k, T, row["distinct_mean"],
+                     row["distinct_min"], row["distinct_max"], n_moe, row["calls"], formula)
+    return out
+
+
+def print_routing_stats(report):
+    print(f"\n{report['device']}, {report['preset']} ({report['layers']} layers, vocab {report['vocab']}), {report['dtype']}: "
+          "distinct experts per main-model MoE layer a step's tokens touch (k = 0: the plain step), mean over layers "
+          "and calls, against the floor's uniform formula E (1 - (1 - top_k / E)^T)")
+    print("| routing | B | k | tokens | measured (min-max) | formula | floor ratio (formula) | floor ratio (measured) |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for r in report["routing_stats"]:
+        fr = (f"{r['floor_ratio_formula']:.3f} | {r['floor_ratio_measured']:.3f}" if r["k"] else " | ")
+        print(f"| {r['routing']} | {r['batch']} | {r['k']} | {r['tokens']} | {r['distinct_mean']:.2f} "
+              f"({r['distinct_min']:.0f}-{r['distinct_max']:.0f}) | {r['formula']:.2f} | {fr} |")
+
+
 def print_table(report):
     rows = report["rows"]
     if not rows:
         return
     print(f"\n{report['device']}, {report['preset']} ({report['layers']} layers {report['kinds']} + MTP, vocab "
-          f"{report['vocab']}), context {report['context']}; copy bandwidth {report['copy_bandwidth'] / 1e12:.2f} TB/s; "
+          f"{report['vocab']}), {report['dtype']}, context {report['context']}, MoE decode path at T <= "
+          f"{', '.join(map(str, report.get('moe_decode_max_tokens', [])))}; copy bandwidth {report['copy_bandwidth'] / 1e12:.2f} TB/s; "
           f"{report['note']}. Routing 'SYNTHETIC hotM': every token's experts among the same M per layer (not a "
           f"checkpoint's routing)")
     print("| routing | B | k | plain ms | verify ms | ratio | plain floor ms | verify floor ms | floor ratio | "
@@ -483,10 +640,7 @@ def print_table(report):
               f"{'' if r['check_ok'] else ' FAILED'} |")
     for r in rows:
         if r["batch"] == 1 and r["k"] == 1:
-            reach = "unreachable at this routing: the floor ratio is above 1.15" if r["floor_ratio"] > 1.15 else "reachable"
-            print(f"[{r['routing']}] target B=1 k=1 verify <= 1.15x plain: {r['cost_ratio']:.3f}x "
-                  f"({'met' if r['cost_ratio'] <= 1.15 else 'NOT met'}); the floor ratio there is {r['floor_ratio']:.3f} "
-                  f"({reach})")
+            print(target_verdict(r))
     for r in report.get("cond_rows", []):
         print(f"[{r['routing']}] B={r['batch']} k={r['k']} with the greedy/sampling choice by lax.cond on the device "
               f"(as before session 5): verify {r['verify_ms']:.3f} ms = {r['cost_ratio']:.3f}x plain"

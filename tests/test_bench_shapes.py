@@ -22,6 +22,10 @@ def flat(model):
     return {"/".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(nnx.state(model))}
 
 
+def flat_vars(model):
+    return {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model))}
+
+
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices (XLA_FLAGS host device count)")
 def test_hash_filled_model_matches_the_model_init_in_shape_scale_and_vectors():
     cfg = preset("tiny", layers=4)
@@ -96,3 +100,67 @@ def test_random_fp8_model_and_a_bench_decode_step():
         for a, b, s in zip(leaves, jax.tree.leaves(nnx.state(model)), jax.tree.leaves(want)):
             assert a.sharding.is_equivalent_to(s, a.ndim), (a.sharding, s)
             np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+
+
+def test_step_bytes_count_what_a_step_reads_and_the_two_benches_agree():
+    """The byte floor of the benches (bench_spec.step_bytes, which bench_e2e.step_bytes and so profile_fp8 use at
+    k = 0): on the abstract tiny model (with MTP, bfloat16 and float32), param_bytes splits every parameter byte
+    into exactly one role (dense + experts + lm_head + embedding + MTP = all leaves), one expert is its three
+    d x I matrices; a one-token plain step touches every parameter but the embedding table and the E - top_k
+    unused experts per MoE layer (one embedding row), plus the linear states read and written (float32) and the
+    latents read and written in the model's dtype, counted here from the config alone; bench_e2e at tp 2
+    halves all but the latents and the embedding row."""
+    import dataclasses
+
+    import jax
+    from bench_e2e import step_bytes as e2e_step_bytes
+    from bench_spec import param_bytes, step_bytes
+    for dtype in (jnp.bfloat16, jnp.float32):
+        cfg = dataclasses.replace(preset("tiny", layers=4), num_nextn_predict_layers=1)
+        abstract = nnx.eval_shape(lambda: BailingModel(cfg, dtype=dtype, rngs=nnx.Rngs(0), mtp=True))
+        pb = param_bytes(abstract)
+        isz = jnp.dtype(dtype).itemsize
+        d, E, I, V = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.vocab_size
+        n_moe = sum(cfg.is_moe(l) for l in range(cfg.num_hidden_layers))
+        leaves = {k: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(v.get_value()))
+                  for k, v in flat_vars(abstract).items()}
+        total = sum(leaves.values())
+        assert pb["expert"] == pb["mtp_expert"] == 3 * d * I * isz
+        assert pb["lm_head"] == V * d * isz and pb["embed_row"] == d * isz
+        assert pb["dense"] + n_moe * E * pb["expert"] + pb["lm_head"] + V * pb["embed_row"] \
+            + pb["mtp_dense"] + E * pb["mtp_expert"] == total
+        mtp = sum(n for k, n in leaves.items() if k.startswith("mtp/"))
+        lat = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        C = 40
+        want = (total - mtp - V * d * isz - n_moe * (E - cfg.num_experts_per_tok) * pb["expert"] + d * isz
+                + len(cfg.linear_layers) * cfg.num_attention_heads * cfg.head_dim ** 2 * 4 * 2
+                + len(cfg.mla_layers) * (C + 1) * lat * isz)
+        parts = step_bytes(cfg, pb, 1, C, 0, latent_itemsize=isz)
+        assert sum(parts.values()) == pytest.approx(want, rel=1e-12)
+        plain = dataclasses.replace(cfg, num_nextn_predict_layers=0)
+        model = nnx.eval_shape(lambda: BailingModel(plain, dtype=dtype, rngs=nnx.Rngs(0), mtp=False))
+        assert e2e_step_bytes(plain, model, 1, C, 1)[0] == pytest.approx(want, rel=1e-12)
+        half = (want - parts["caches"]) / 2 + parts["caches"]
+        assert e2e_step_bytes(plain, model, 1, C, 2)[0] == pytest.approx(half, rel=1e-12)
+
+
+def test_uniform_distinct_expert_formula_matches_the_router_on_exchangeable_scores():
+    """The floor's E (1 - (1 - top_k / E)^n) distinct experts for n tokens is what the model's group-limited router
+    (lingjax.model.moe.route) gives when every token's expert scores are independent and identically distributed
+    (the identity as the gate: the scores are the inputs): 12000 tokens in groups of n = 2 and n = 4 at flash's E = 256,
+    top-8, 8 groups / 4 kept; the mean within 5 standard errors (~0.1 experts). (A random gate on low-dimensional
+    inputs is not that: its columns' norms differ, so some experts win more often and fewer are touched;
+    bench_spec --routing-stats measures what the random benchmark model does.)"""
+    import functools
+
+    from bench_spec import distinct_experts
+
+    from lingjax.model.moe import route
+    E, top, N = 256, 8, 12000
+    x = jnp.asarray(np.random.default_rng(0).normal(0, 1, (N, E)), jnp.float32)
+    idx, _ = jax.jit(functools.partial(route, top_k=top, n_group=8, topk_group=4, scale=1.0))(
+        x, jnp.eye(E, dtype=jnp.float32), jnp.zeros(E, jnp.float32))
+    for n in (2, 4):                     # the same tokens in groups of n
+        ids = np.asarray(idx).reshape(N // n, n * top)
+        distinct = np.array([len(np.unique(r)) for r in ids], float)
+        assert abs(distinct.mean() - distinct_experts(n, E, top)) < 5 * distinct.std() / np.sqrt(N // n), n

@@ -126,13 +126,32 @@ def prompts(model):
 @pytest.fixture(scope="module")
 def plain_greedy(model, prompts):
     sp = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in (7, 12, 3, 9, 12, 1)]
-    return sp, engine(model, 0, overlap=False).generate(prompts, sp)
+    eng = engine(model, 0, overlap=False)
+    return sp, eng.generate(prompts, sp), eng
+
+
+def alone(eng, prompt, sp):
+    """One request through add_request / step on an idle engine -> (its tokens, the linear-attention states
+    its slot holds once it finished: the state after every token but the last, the one never fed)."""
+    rid = eng.add_request(prompt, sp)
+    toks, slot = [], None
+    while True:
+        outs = eng.step()
+        slot = slot if slot is not None else next((r.slot for r in eng._running if r.id == rid), None)
+        toks += [t for o in outs if o.request_id == rid for t in o.new_token_ids]
+        if any(o.request_id == rid and o.finished for o in outs):
+            return toks, [np.asarray(lin[slot]) for lin in eng.caches.linear]
 
 
 @pytest.mark.parametrize("k,chunk", [(1, 3), (2, 8), (3, 5)])
 def test_greedy_speculative_equals_plain_random_model(model, prompts, plain_greedy, k, chunk):
-    """Random weights: the drafts are mostly rejected, so nearly every step rolls the linear state back."""
-    sp, ref = plain_greedy
+    """Random weights: the drafts are mostly rejected, so nearly every step rolls the linear state back. Then
+    one request alone on each engine: the linear-attention state its slot ends with (verify rows through
+    speculative.verify_linear, the accepted rows through the rollback's decode calls) is the plain engine's
+    to float32 rounding (rel 1e-5: the k, v rows themselves come from matmuls over differently shaped
+    batches, which XLA rounds differently by an ulp; the rollback's own arithmetic is checked bit for bit
+    in test_rollback_is_the_decode_kernel_bit_for_bit)."""
+    sp, ref, plain = plain_greedy
     eng = engine(model, k, chunk)
     assert eng.overlap is False
     out = eng.generate(prompts, sp)
@@ -140,6 +159,43 @@ def test_greedy_speculative_equals_plain_random_model(model, prompts, plain_gree
         assert o.token_ids == r.token_ids and o.finish_reason == r.finish_reason
     st = eng.stats()
     assert st["spec_drafts"] > 0 and 0 <= st["acceptance_rate"] <= 1 and 1 <= st["tokens_per_step"] <= k + 1
+    one = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    want_toks, want = alone(plain, prompts[1], one)
+    drafts = eng.stats()["spec_drafts"]
+    got_toks, got = alone(eng, prompts[1], one)
+    assert got_toks == want_toks and eng.stats()["spec_drafts"] > drafts
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+
+
+def test_rollback_is_the_decode_kernel_bit_for_bit():
+    """speculative.rollback_linear (after acceptance) leaves in each verify slot exactly the state that decoding
+    its accepted rows 0..n_acc one by one with the decode kernel gives (bit for bit: it calls that kernel),
+    leaves other slots alone; verify_linear's outputs are the decode kernel's outputs (float32, 1e-6)."""
+    from lingjax.kernels.linear_attention import reference as ref
+    from lingjax.speculative import rollback_linear, verify_linear
+    rng = np.random.default_rng(0)
+    R, n, H, D, scale = 3, 3, 4, 16, 0.25
+    q, k, v = (jnp.asarray(rng.normal(0, 1, (R, n, H, D)), jnp.float32) for _ in range(3))
+    g = jnp.asarray(-rng.uniform(0.01, 1, H), jnp.float32)
+    pool = jnp.asarray(rng.normal(0, 1, (5, H, D, D)), jnp.float32)
+    slots = jnp.asarray([3, 0, 4], jnp.int32)
+    dec = jax.jit(lambda q, k, v, p: ref.decode(q, k, v, g, p, slots, jnp.zeros(R, bool), scale=scale))
+    p, outs, states = pool, [], []
+    for j in range(n):
+        o, p = dec(q[:, j], k[:, j], v[:, j], p)
+        outs.append(np.asarray(o))
+        states.append(np.asarray(p))
+    np.testing.assert_allclose(np.asarray(verify_linear(q, k, v, g, pool[slots], scale)), np.stack(outs, 1),
+                               rtol=1e-6, atol=1e-6)
+    n_acc = jnp.asarray([0, 2, 1], jnp.int32)
+    verify = jnp.asarray([True, True, False])
+    got = np.asarray(jax.jit(lambda p, n_acc, verify: rollback_linear(
+        (p,), [(k, v, g, scale, "reference")], slots, n_acc, verify))(pool, n_acc, verify)[0])
+    for r in range(R):
+        want = states[int(n_acc[r])] if verify[r] else np.asarray(pool)
+        np.testing.assert_array_equal(got[int(slots[r])], want[int(slots[r])])
+    np.testing.assert_array_equal(got[[1, 2]], np.asarray(pool)[[1, 2]])
 
 
 def test_greedy_speculative_tiny_model_answers():
@@ -180,7 +236,7 @@ def test_tensor_parallel_greedy_equals_plain(model, prompts, plain_greedy):
     only)."""
     if len(jax.devices()) < 2:
         pytest.skip("needs 2 devices (tests/conftest.py simulates 8 CPU devices)")
-    sp, ref = plain_greedy
+    sp, ref, _ = plain_greedy
     eng = engine(model, 3, 8, tp=2)
     assert eng.mesh is not None
     out = eng.generate(prompts, sp)
