@@ -48,6 +48,10 @@ DENSE = [
     ("tensor-token-f16", "tensor", "token", 20, 256, 80, (16, 32, 128, 1), "float16"),
     ("channel-group-fused", "channel", "group", 17, 256, 96, (16, 32, 128, 2, 8, 4, 4, True), "float32"),
     ("block-fused-f16", "block", "group", 6, 320, 136, (16, 64, 128, 1, 8, 4, 4, True), "float16"),
+    # swap_ab (y^T = w^T x^T: the weight tile is the wgmma's 64-row operand) and split-K summed in the kernel
+    ("block-swap-reduce3", "block", "group", 5, 384, 200, (16, 64, 128, 3, 8, 4, 4, False, True, True), "float32"),
+    ("channel-swap-f16", "channel", "token", 20, 256, 96, (32, 32, 128, 1, 8, 4, 4, False, True), "float16"),
+    ("column-reduce2", "column", "group", 17, 256, 96, (16, 32, 128, 2, 8, 4, 4, False, False, True), "float32"),
 ]
 # MoE: (name, weight strategy, act, T, k, E, block_m, out dtype)
 MOE = [
@@ -59,7 +63,7 @@ MOE = [
 D, I = 256, 256                     # MoE dims: two 128-groups each
 # cases also run with the weights stored K-major ([N, K] / [E, N, K], quant.with_layout: B_KMAJOR)
 KMAJOR_DENSE = ("block-decode", "block-k64-tail", "column-group", "channel-token", "tensor-token-f16",
-                "block-fused-f16")
+                "block-fused-f16", "block-swap-reduce3", "channel-swap-f16")
 KMAJOR_MOE = ("block-many", "channel-token-bm32")
 # cases whose launch quantizes the activations in the kernel (gpu.fused_quant: per-group scales, 128-deep
 # k-steps, a config with quant_a: an option, not pick_config's default): the kernel reads x itself
@@ -184,11 +188,16 @@ def _child(workdir):
             c, grid, consts = gpu.launch(M, w, z["xs"].shape[-1], config)
             assert consts["B_KMAJOR"] == kmajor
             assert consts["QUANT_A"] == (name in FUSED_DENSE), name
-            dt = getattr(torch, out) if c.split_k == 1 else torch.float32
-            y = torch.full((c.split_k, M, N) if c.split_k > 1 else (M, N), sentinel, dtype=dt)
+            outs, zeroed = gpu.out_shapes(M, N, out, c, grid)
+            bufs = [torch.zeros(o.shape, dtype=getattr(torch, str(o.dtype))) if i in zeroed else
+                    torch.full(o.shape, sentinel, dtype=getattr(torch, str(o.dtype))) for i, o in enumerate(outs)]
             a = tt(z["x"]).to(getattr(torch, out)) if consts["QUANT_A"] else f8(z["xq"])   # the kernel quantizes x
-            fp8_matmul_kernel[grid](a, tt(z["xs"]), f8(wq), tt(z["ws"]), y, **consts)
-            y = y.double().sum(0) if c.split_k > 1 else y.double()
+            fp8_matmul_kernel[grid](a, tt(z["xs"]), f8(wq), tt(z["ws"]), *bufs, **consts)
+            y = bufs[0].double()
+            if c.split_k > 1 and not c.reduce:
+                y = y.sum(0)
+            if consts["REDUCE"]:
+                assert np.all(bufs[2].numpy() == c.split_k), "every split must arrive once per tile"
             np.save(Path(workdir) / f"dense-{name}-out{'-kmajor' if kmajor else ''}.npy", y.numpy())
     for case in MOE:
         name, _, act, T, k, E, bm, out = case

@@ -38,6 +38,10 @@ class Config:
     num_warps: int = 4
     num_stages: int = 4
     quant_a: bool = False        # quantize per-group activations in the kernel (fused_quant) where it can
+    swap_ab: bool = False        # compute y^T = w^T x^T: the weight tile is the 64+-row wgmma operand and
+                                 # block_m (16 / 32) the activation rows (decode sizes; see the kernel)
+    reduce: bool = False         # split_k > 1: the partials summed in the kernel (the tile's last program)
+                                 # instead of by an XLA reduction after it
 
 
 def _cdiv(a, b):
@@ -101,6 +105,8 @@ def launch(M: int, w, a_groups: int, config: Config | None = None) -> tuple[Conf
     layout: B_KMAJOR); QUANT_A when fused_quant (then a_groups must be the row's 128-groups)."""
     K, N = w.shape
     c = config or pick_config(M, N, K)
+    if c.swap_ab and c.quant_a:
+        raise ValueError("fp8 gpu matmul: quant_a (in-kernel activation quantization) needs swap_ab False")
     quant_a = fused_quant(w, c)
     if quant_a and a_groups != _cdiv(K, GROUP):
         raise ValueError(f"fp8 gpu matmul: in-kernel quantization needs {_cdiv(K, GROUP)} groups, got {a_groups}")
@@ -111,7 +117,8 @@ def launch(M: int, w, a_groups: int, config: Config | None = None) -> tuple[Conf
     grid = (_cdiv(M, c.block_m) * _cdiv(N, c.block_n), c.split_k)
     consts = dict(M=M, N=N, K=K, AS_STRIDE=a_groups, A_PER_K=a_per_k, BS_STRIDE=w.scale.shape[-1],
                   B_PER_K=b_per_k, B_BLOCK_N={0: max(N, 1), 1: 1}.get(w.block[1], w.block[1]),
-                  PER_K_SCALE=bool(a_per_k or b_per_k), SPLIT_K=c.split_k, B_KMAJOR=bool(w.kmajor),
+                  PER_K_SCALE=bool(a_per_k or b_per_k), SPLIT_K=c.split_k, REDUCE=bool(c.reduce and c.split_k > 1),
+                  SWAP_AB=bool(c.swap_ab), B_KMAJOR=bool(w.kmajor),
                   QUANT_A=quant_a, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m)
     return c, grid, consts
 
@@ -137,11 +144,24 @@ def matmul(x, w, *, config: Config | None = None):
         xq, xs = quant.quantize_activation_fp8(x2, w.act, GROUP)
         groups = xs.shape[-1]
     c, grid, consts = launch(M, w, groups, c)
-    split = c.split_k > 1
-    out = jax.ShapeDtypeStruct((c.split_k, M, N) if split else (M, N), jnp.float32 if split else x.dtype)
-    y = jax_triton().triton_call(xq, xs, w.q, w.scale.astype(jnp.float32), kernel=fp8_matmul_kernel,
-                                 out_shape=out, grid=grid, num_warps=c.num_warps, num_stages=c.num_stages,
-                                 name="fp8_matmul", **consts)
-    if split:
+    outs, zeroed = out_shapes(M, N, x.dtype, c, grid)
+    y, _, _ = jax_triton().triton_call(xq, xs, w.q, w.scale.astype(jnp.float32), kernel=fp8_matmul_kernel,
+                                       out_shape=outs, zeroed_outputs=zeroed, grid=grid, num_warps=c.num_warps,
+                                       num_stages=c.num_stages, name="fp8_matmul", **consts)
+    if c.split_k > 1 and not c.reduce:
         y = jnp.sum(y, axis=0).astype(x.dtype)
     return y.reshape(lead + (N,))
+
+
+def out_shapes(M: int, N: int, dtype, c: Config, grid):
+    """The kernel's three outputs (c, ws, cnt) and which of them start zeroed: c [M, N] in dtype; with
+    split_k > 1, the float32 partials, either as c [split_k, M, N] (summed after the kernel) or, under
+    reduce, in ws [split_k, M, N] with a zeroed int32 arrival count per output tile in cnt (the tile's
+    last program sums them into c); unused outputs are 1-element placeholders."""
+    sd = jax.ShapeDtypeStruct
+    none_f, none_i = sd((1,), jnp.float32), sd((1,), jnp.int32)
+    if c.split_k == 1:
+        return (sd((M, N), dtype), none_f, none_i), ()
+    if not c.reduce:
+        return (sd((c.split_k, M, N), jnp.float32), none_f, none_i), ()
+    return (sd((M, N), dtype), sd((c.split_k, M, N), jnp.float32), sd((grid[0],), jnp.int32)), (2,)
