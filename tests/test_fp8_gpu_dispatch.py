@@ -123,8 +123,9 @@ def _ptx_ops(ptx):
 @pytest.mark.parametrize("M,block,act", [(1, (128, 128), "group"), (64, (128, 128), "group"),
                                          (4096, (128, 128), "group"), (16, (0, 1), "token")])
 def test_dense_fp8_kernel_compiles_for_sm90(jax_triton_call, M, block, act):
-    """Flash's 4096 x 4096 projection: decode M=1 and M=64 (one 64-row tile, split-K) and prefill
-    M=4096 (128 x 128 tiles, 8 warps), all on the fp8 wgmma (no f16 conversion: gpu.pick_config);
+    """Flash's 4096 x 4096 projection: decode M=1 and 16 (swap_ab: the weight tile is the 64-row
+    operand, the activation rows the wgmma's N; split-K summed in the kernel), M=64 (one 64-row tile,
+    split-K) and prefill M=4096 (128 x 128 tiles, 8 warps), all on the fp8 wgmma (no f16 conversion: gpu.pick_config);
     pipelined loads; within sm_90's shared memory."""
     jx = jax.make_jaxpr(fp8_gpu.matmul)(sd((M, 4096), jnp.bfloat16), _fp8_weight(4096, 4096, block, act))
     eqn, = _triton_calls(jax_triton_call, jx.jaxpr)
@@ -132,7 +133,8 @@ def test_dense_fp8_kernel_compiles_for_sm90(jax_triton_call, M, block, act):
     shared, ptx, _ = _compile_call(jax_triton_call, eqn)
     wgmma, mma = _ptx_ops(ptx)
     assert 0 < shared <= SM90_SMEM and "cp.async" in ptx
-    assert eqn.params["BLOCK_M"] >= 64 and wgmma == {"e4m3"} and not mma, (wgmma, mma)
+    assert (eqn.params["BLOCK_M"] >= 64 or eqn.params["SWAP_AB"]) and wgmma == {"e4m3"} and not mma, (wgmma, mma)
+    assert eqn.params["SWAP_AB"] == (M <= 32) and eqn.params["REDUCE"] == (eqn.params["SPLIT_K"] > 1)
 
 
 @pytest.mark.parametrize("T", [16, 4096])
@@ -189,7 +191,8 @@ def test_kmajor_weights_stream_by_async_copies(jax_triton_call, kind, M):
     ld.shared left there are the activations' in-kernel quantization, a row reduction). In the param
     layout [K, N] the weight tiles go through registers unpipelined (fewer cp.async), or are gathered
     from shared memory byte by byte (scalar ld.shared): the FP8 decode slowdown of issue 18.
-    Flash's shapes, compiled for sm_90 (the defaults run 64+-row tiles at every size since session 5:
+    Flash's shapes, compiled for sm_90 (the defaults run the fp8 wgmma at every size since session 5:
+    64+-row tiles, or at decode sizes of the dense kernel the weight tile as the 64-row operand, swap_ab:
     gpu.pick_config, gpu_fp8.pick_block_m)."""
     counts = {}
     for kmajor in (False, True):
@@ -207,10 +210,10 @@ def test_kmajor_weights_stream_by_async_copies(jax_triton_call, kind, M):
         shared, ptx, _ = _compile_call(jax_triton_call, c)
         assert 0 < shared <= SM90_SMEM
         counts[kmajor] = _ptx_counts(ptx)
-        bm = c.params["BLOCK_M"]
-        assert _ptx_ops(ptx)[0] == {"e4m3"} if bm >= 64 else _ptx_ops(ptx)[1]
+        wgmma = c.params["BLOCK_M"] >= 64 or bool(c.params.get("SWAP_AB"))     # swap_ab: 64+ weight rows
+        assert _ptx_ops(ptx)[0] == {"e4m3"} if wgmma else _ptx_ops(ptx)[1]
     (cp_io, ldm_io, lds_io), (cp_k, ldm_k, lds_k) = counts[False], counts[True]
-    if bm >= 64:
+    if wgmma:
         assert cp_k > cp_io > 0, counts
     else:
         assert ldm_k > ldm_io and 4 * lds_k < lds_io, counts
@@ -251,3 +254,26 @@ def test_kernel_layout_same_model(fp8_model, jax_triton_call):
         _set_kernels(fp8_model, None)
         quant.to_kernel_layout(fp8_model, kmajor=False)
     assert not fp8_model.layers[1].mlp.w_down.get_value().kmajor
+
+
+@pytest.mark.parametrize("scheme", ["fp8-block", "fp8-channel"])
+def test_xla_fp8_dot_is_the_reference_math(scheme):
+    """impl 'xla' (XLA's own FP8 dot on the fp8 operands, scales after; fp8-block batched over the
+    128-deep K groups): the reference math (quant.matmul) up to float32 summation order (1e-5 relative,
+    float32), K-major (block) and [in, out] (channel) weights, N not a multiple of 128; a weight it does
+    not take (weight-only) runs the reference."""
+    rng = np.random.default_rng(3)
+    blk, act = {"fp8-block": ((128, 128), "group"), "fp8-channel": ((0, 1), "token")}[scheme]
+    K, N = 384, 200
+    w = jnp.asarray(rng.standard_normal((K, N)) / np.sqrt(K), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((5, 2, K)) * np.exp(rng.uniform(-2, 2, (5, 2, 1))), jnp.float32)
+    from lingjax.kernels.fp8 import xla
+    wq = quant.with_layout(quant.quantize_param(w, blk, act), scheme == "fp8-block")
+    assert xla.supports(x, wq)
+    got = np.asarray(jax.jit(lambda x, w: fp8_kernels.matmul(x, w, impl="xla"))(x, wq))
+    want = np.asarray(jax.jit(quant.matmul)(x, wq))
+    assert got.shape == (5, 2, N)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+    wo = dataclasses.replace(wq, act="none")
+    assert not xla.supports(x, wo)
+    np.testing.assert_array_equal(np.asarray(fp8_kernels.matmul(x, wo, impl="xla")), np.asarray(quant.matmul(x, wo)))

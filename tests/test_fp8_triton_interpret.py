@@ -69,6 +69,8 @@ KMAJOR_MOE = ("block-many", "channel-token-bm32")
 # k-steps, a config with quant_a: an option, not pick_config's default): the kernel reads x itself
 FUSED_DENSE = ("channel-group-fused", "block-fused-f16")
 FUSED_MOE = ("block-decode", "block-many")       # also run with QUANT_A (gpu_fp8.fused_quant), K-major
+# gate_up also run with QUANT_H (h quantized in its epilogue: 128-wide tiles; K-major), H_ROUND of the dtype
+QUANT_H_MOE = {"block-decode": "float16", "block-many": "float32"}
 
 
 def _fmt(strategy, act):
@@ -220,8 +222,9 @@ def _child(workdir):
             assert sa["B_KMAJOR"] == kmajor and sa["QUANT_A"] == fused
             gate_up_fp8_kernel[(nb * (I // c.block_n),)](
                 xa, tt(z["xs"]), tt(z["row_token"]), tt(z["block_expert"]), f8(z["wgq" + sfx]),
-                tt(z["wgs"]), f8(z["wuq" + sfx]), tt(z["wus"]), h, N_TOKENS=T, K=D, N=I, NUM_BLOCKS=nb, BLOCK_M=bm,
-                BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, **sa)
+                tt(z["wgs"]), f8(z["wuq" + sfx]), tt(z["wus"]), h, torch.zeros(1), N_TOKENS=T, K=D, N=I,
+                NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
+                QUANT_H=False, H_ROUND=0, **sa)
             c = dataclass_replace(gpu_fp8.pick_config("down", bm, I, D), block_n=64, block_k=128 if fused else 64,
                                   group_m=2, quant_a=fused)
             assert gpu_fp8.fused_quant(act, I, c) == fused
@@ -232,6 +235,20 @@ def _child(workdir):
                 **gpu_fp8.scale_args(z["hs"].shape[-1], wd, D, c.block_k, fused))
             tag = ("-kmajor" if kmajor else "") + ("-fused" if fused else "")
             np.savez(Path(workdir) / f"moe-{name}-out{tag}.npz", h=h.double().numpy(), y=y.double().numpy())
+        if name in QUANT_H_MOE:
+            hdt = QUANT_H_MOE[name]
+            wg = quant.FP8Weight(z["wgq_k"].view(quant.FP8_NP), z["wgs"], blk, act, True)
+            c = gpu_fp8.pick_config("gate_up", bm, D, I, act)
+            assert c.quant_h and c.block_n == 128 and gpu_fp8.fused_quant_h(act, I, c)
+            nb, P = len(z["block_expert"]), len(z["row_token"])
+            hq = torch.full((P, I), 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn)     # NaN: unwritten
+            hs = torch.full((P, I // 128), sentinel, dtype=torch.float32)
+            gate_up_fp8_kernel[(nb * (I // c.block_n),)](
+                f8(z["xq"]), tt(z["xs"]), tt(z["row_token"]), tt(z["block_expert"]), f8(z["wgq_k"]),
+                tt(z["wgs"]), f8(z["wuq_k"]), tt(z["wus"]), hq, hs, N_TOKENS=T, K=D, N=I, NUM_BLOCKS=nb,
+                BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, QUANT_H=True,
+                H_ROUND=gpu_fp8.H_ROUND[np.dtype(hdt)], **gpu_fp8.scale_args(z["xs"].shape[-1], wg, I, c.block_k))
+            np.savez(Path(workdir) / f"moe-{name}-quant-h.npz", hq=hq.view(torch.uint8).numpy(), hs=hs.numpy())
 
 
 @triton.jit
@@ -349,6 +366,44 @@ def test_moe_fp8_kernels_match_float64(workdir, case, variant):
     assert np.all(o["h"][unused] == 1027.0) and np.all(o["y"][unused] == 1027.0), "unused blocks written"
     if T == 1:
         assert len(pad)                            # a decode block is mostly padding
+
+
+@pytest.mark.parametrize("name", list(QUANT_H_MOE))
+def test_moe_gate_up_quantizes_h_in_its_epilogue(workdir, name):
+    """QUANT_H: gate_up's h rounded to the activation dtype and quantized per row and 128-group in the
+    kernel is what quant.quantize_activation_fp8 makes of the same h (the float64 h of the same fp8
+    operands, rounded to that dtype): scales to float32 rounding, fp8 values equal (an element within
+    float32 rounding of an fp8 tie may round the other way: < 0.1% of them, one fp8 step); padding rows
+    and unused blocks unwritten (down reads neither)."""
+    import jax.numpy as jnp
+    from lingjax import quant
+    case = next(c for c in MOE if c[0] == name)
+    T, bm = case[3], case[6]
+    z = np.load(workdir / f"moe-{name}.npz")
+    o = np.load(workdir / f"moe-{name}-quant-h.npz")
+    xd = _act_dequant(z["xq"].view(_f8()), z["xs"])
+    xe = np.concatenate([xd, np.zeros((1, D))])
+    row_token, block_expert = z["row_token"], z["block_expert"]
+    rows, want = [], []
+    for b, e in enumerate(block_expert):
+        if e < 0:
+            continue
+        r = np.arange(b * bm, (b + 1) * bm)
+        a = xe[row_token[r]]
+        g, u = a @ z["wg64"][e], a @ z["wu64"][e]
+        rows.append(r)
+        want.append(g / (1 + np.exp(-g)) * u)
+    rows, want = np.concatenate(rows), np.concatenate(want)
+    real = row_token[rows] < T
+    rows, want = rows[real], want[real].astype(QUANT_H_MOE[name]).astype(np.float32)
+    wq, ws = quant.quantize_activation_fp8(jnp.asarray(want), "group")
+    hq, hs = o["hq"][rows].view(_f8()), o["hs"][rows]
+    np.testing.assert_allclose(hs, np.asarray(ws), rtol=1e-5)
+    same = hq.astype(np.float32) == np.asarray(wq).astype(np.float32)
+    assert same.mean() > 0.999, same.mean()
+    unwritten = np.setdiff1d(np.arange(len(row_token)), rows)
+    assert np.all(np.isnan(o["hq"][unwritten].view(_f8()).astype(np.float32)))
+    assert np.all(o["hs"][unwritten] == 1027.0)
 
 
 def _f8():

@@ -10,6 +10,9 @@ Implementations (impl=):
              accumulation, scales applied per 128 k-block where they vary along K; weights the kernel
              does not take (weight-only FP8, a tp-sharded weight whose scale is kept whole) run the
              reference math (gpu.supports)
+  xla        XLA's own FP8 dot (xla.py: dot_general on the fp8 operands, float32 results, the scales
+             applied after; fp8-block as a dot batched over the 128-deep K groups); weights it does not
+             take run the reference math (xla.supports)
 impl=None picks by jax.default_backend(): gpu -> 'gpu', anything else -> 'reference'. The model's
 single `kernels` option (a linear-attention implementation name) maps to its family here: the GPU
 names to 'gpu', the TPU and *_interpret names to 'reference' (FROM_MODEL_KERNELS). Plain weights
@@ -19,7 +22,7 @@ import jax
 
 from lingjax import quant
 
-IMPLS = ('reference', 'gpu')
+IMPLS = ('reference', 'gpu', 'xla')
 FROM_MODEL_KERNELS = {'mosaic_gpu': 'gpu', 'pallas_triton': 'gpu', 'tpu': 'reference',
                       'tpu_interpret': 'reference', 'gpu_interpret': 'reference',
                       'mosaic_gpu_interpret': 'reference', 'pallas_triton_interpret': 'reference'}
@@ -40,8 +43,13 @@ def matmul(x, w, *, impl=None):
     """x [..., in] @ w -> [..., out] in x.dtype, for a plain array or an FP8Weight (see module doc)."""
     if not quant.is_fp8(w):
         return quant.matmul(x, w)
-    if resolve(impl) == 'gpu':
+    impl = resolve(impl)
+    if impl == 'gpu':
         from lingjax.kernels.fp8 import gpu
         if gpu.supports(x, w):
             return gpu.matmul(x, w)
+    if impl == 'xla':
+        from lingjax.kernels.fp8 import xla
+        if xla.supports(x, w):
+            return xla.matmul(x, w)
     return quant.matmul(x, w)

@@ -61,16 +61,17 @@ def pick_config(M: int, N: int, K: int) -> Config:
     (quant.quantize_activation_fp8; quant_a, in the kernel, is an option for sweeps: every column
     tile would quantize its rows again, ~6x the 64-row loop's instructions compiled for sm_90)."""
     if M <= 64:
-        bm = 64
+        swap = M <= 32
+        bm = (16 if M <= 16 else 32) if swap else 64
         nm = _cdiv(M, bm)
-        bn = 128 if _cdiv(N, 128) >= 16 else 64
+        bn = 64 if swap else 128 if _cdiv(N, 128) >= 16 else 64
         tiles = nm * _cdiv(N, bn)
         nkb = _cdiv(K, 128)
         split = 1
         if tiles < 2 * NUM_SMS:
             split = max(1, min(nkb, _cdiv(2 * NUM_SMS, tiles), K // (16 * M)))
             split = _cdiv(nkb, _cdiv(nkb, split))          # no empty splits
-        return Config(bm, bn, split_k=split)
+        return Config(bm, bn, split_k=split, num_stages=6 if swap else 4, swap_ab=swap, reduce=split > 1)
     if M <= 256:
         return Config(64, 128, num_warps=4, num_stages=4)
     return Config(128, 128, num_warps=8, num_stages=3)

@@ -18,7 +18,11 @@ accumulation; with PER_K_SCALE each k-block's product is scaled before it is add
 128), else the sum over K is scaled once at the end (each k-block's tensor-core sum added in float32:
 max_num_imprecise_acc, see lingjax/kernels/fp8/triton_kernels.py) (see lingjax/kernels/fp8/triton_kernels.py for the
 scale addressing: x_s[r, g * A_PER_K], w_s[e, g * B_PER_K, n // B_BLOCK_N]).
-  gate_up: h[r] = silu(x[tok] Wg[e]) * (x[tok] Wu[e])      -> h [P, N] in h's dtype
+  gate_up: h[r] = silu(x[tok] Wg[e]) * (x[tok] Wu[e])      -> h [P, N] in h's dtype, or QUANT_H (per-group
+           activations, BLOCK_N = 128: one program holds whole 128-groups of its rows): h rounded to the
+           activation dtype (H_ROUND: 0 float32, 1 bfloat16, 2 float16) and quantized as down takes it
+           (_quantize_rows, what quant.quantize_activation_fp8 computes) -> h_q float8_e4m3fn [P, N] and
+           h_s float32 [P, N / 128]; padding rows neither (down does not read them). No XLA pass over h.
   down:    y[r] = h[r] Wd[e]                                -> y [P, N] in y's dtype; padding rows
            (row_token[r] == N_TOKENS) are neither read nor written (combine never reads them; at
            decode sizes most rows of a 64-row block are padding)
@@ -60,11 +64,11 @@ def _w_scale(ws_ptr, e, g, cols, NK: tl.constexpr, NN: tl.constexpr, B_PER_K: tl
 
 @triton.jit
 def gate_up_fp8_kernel(x_ptr, xs_ptr, row_token_ptr, block_expert_ptr, wg_ptr, wgs_ptr, wu_ptr, wus_ptr, h_ptr,
-                       N_TOKENS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, NUM_BLOCKS: tl.constexpr,
+                       hs_ptr, N_TOKENS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, NUM_BLOCKS: tl.constexpr,
                        GA: tl.constexpr, A_PER_K: tl.constexpr, NK: tl.constexpr, NN: tl.constexpr,
                        B_PER_K: tl.constexpr, B_BLOCK_N: tl.constexpr, PER_K_SCALE: tl.constexpr,
-                       B_KMAJOR: tl.constexpr, QUANT_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                       B_KMAJOR: tl.constexpr, QUANT_A: tl.constexpr, QUANT_H: tl.constexpr, H_ROUND: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile(tl.program_id(0), NUM_BLOCKS, N, BLOCK_N, GROUP_M)
     e = tl.load(block_expert_ptr + pid_m)
     if e >= 0:
@@ -106,7 +110,16 @@ def gate_up_fp8_kernel(x_ptr, xs_ptr, row_token_ptr, block_expert_ptr, wg_ptr, w
             acc_u = acc_u * (sa * _w_scale(wus_ptr, e, 0, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :])
         h = acc_g * tl.sigmoid(acc_g) * acc_u
         out = h_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
-        tl.store(out, h.to(h_ptr.dtype.element_ty))
+        if QUANT_H:       # h as down consumes it: rounded to the activation dtype, then fp8 per 128-group
+            if H_ROUND == 1:
+                h = h.to(tl.bfloat16).to(tl.float32)
+            elif H_ROUND == 2:
+                h = h.to(tl.float16).to(tl.float32)
+            hq, hs = _quantize_rows(h)
+            tl.store(out, hq, mask=real[:, None])
+            tl.store(hs_ptr + rows.to(tl.int64) * (N // 128) + pid_n, hs, mask=real)
+        else:
+            tl.store(out, h.to(h_ptr.dtype.element_ty))
 
 
 @triton.jit
