@@ -199,6 +199,18 @@ def sweep_configs(T: int, K: int, N: int):
     return out
 
 
+def tags_for(spec: str, T: int) -> list:
+    """--sweep-tags / --moe-sweep-tags: comma list of tags, each for every T or, written "T:tag", for that T."""
+    out = []
+    for t in (t.strip() for t in spec.split(",") if t.strip()):
+        pre, sep, rest = t.partition(":")
+        if not sep:
+            out.append(t)
+        elif int(pre) == T:
+            out.append(rest)
+    return out
+
+
 def sweep_rows(name, K, N, T, iters, reps, tags=()):
     import jax
     import jax.numpy as jnp
@@ -238,7 +250,7 @@ def moe_sweep_configs():
     deeper pipelines, 8 warps, 128-wide gate_up tiles with h quantized in gate_up (quant_h), 64 / 256-wide
     down tiles. Every variant but `auto` changes one kernel at a time, except the quant_h pairs."""
     from lingjax.kernels.moe.gpu_fp8 import Config as C
-    return [("auto", None, None),
+    return [("auto", None, None), ("gu old", C(64, 128, 1, 4, 3), None),     # session 5's gate_up: h quantized by XLA
             ("gu n64 st4", C(64, 128, 1, 4, 4), None), ("gu n64 st5", C(64, 128, 1, 4, 5), None),
             ("gu n64 st3 w8", C(64, 128, 1, 8, 3), None),
             ("gu n128 st3 w8", C(128, 128, 1, 8, 3), None),
@@ -347,8 +359,8 @@ def main(argv=None):
     p.add_argument("--moe-sweep", action="store_true",
                    help="also sweep the FP8 grouped matmuls' tiles (moe_sweep_configs; x auto = speed-up over auto)")
     p.add_argument("--moe-sweep-tokens", default="16,64", help="comma list of T for --moe-sweep")
-    p.add_argument("--moe-sweep-tags", default="", help="comma list of moe_sweep_configs tags (default all)")
-    p.add_argument("--sweep-tags", default="", help="comma list of dense sweep tags (default all; auto always)")
+    p.add_argument("--moe-sweep-tags", default="", help="comma list of moe_sweep_configs tags, each for every T or as T:tag for one (default all)")
+    p.add_argument("--sweep-tags", default="", help="comma list of dense sweep tags, each for every T or as T:tag for one (default all; auto always)")
     p.add_argument("--iters", type=int, default=20, help="calls per timed loop (default 20)")
     p.add_argument("--reps", type=int, default=3, help="timed loops; the median is reported (default 3)")
     p.add_argument("--model-check", action="store_true",
@@ -394,14 +406,13 @@ def main(argv=None):
             if name not in DENSE:
                 p.error(f"unknown sweep shape {name!r}; expected some of {list(DENSE)}")
             for T in [int(t) for t in args.sweep_tokens.split(",") if t]:
-                for r in sweep_rows(name, *DENSE[name], T, iters, reps, [t for t in args.sweep_tags.split(",") if t]):
+                for r in sweep_rows(name, *DENSE[name], T, iters, reps, tags_for(args.sweep_tags, T)):
                     report["rows"].append(r)
                     log.info("%s", _line(r))
                 save()
     if args.moe_sweep and impl == "gpu":
-        tags = [t for t in args.moe_sweep_tags.split(",") if t]
         for T in [int(t) for t in args.moe_sweep_tokens.split(",") if t]:
-            for r in moe_sweep_rows(T, iters, reps, tags=tags):
+            for r in moe_sweep_rows(T, iters, reps, tags=tags_for(args.moe_sweep_tags, T)):
                 report["rows"].append(r)
                 log.info("%s", _line(r))
             save()
