@@ -168,7 +168,14 @@ def random_fp8_model(cfg, dtype, scheme, kmajor: bool = True, mtp: bool = False,
     def rest():
         state = nnx.split(make())[1]
         return {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state) if not is_quantized_param(p)}
+    import logging
+    import time
+    t0 = time.perf_counter()
     plain = jax.jit(rest)()
+    jax.block_until_ready(plain)
+    logging.getLogger("shapes").info("random_fp8_model: unquantized params (one jitted init) %.1f s",
+                                     time.perf_counter() - t0)
+    t0 = time.perf_counter()
 
     @functools.partial(jax.jit, static_argnums=(1,))
     def make_fp8(key, shape):
@@ -183,6 +190,8 @@ def random_fp8_model(cfg, dtype, scheme, kmajor: bool = True, mtp: bool = False,
         else:
             value = plain.pop(name)
         set_param(model, tuple(path), value)
+    logging.getLogger("shapes").info("random_fp8_model: FP8 params made and quantized one at a time %.1f s",
+                                     time.perf_counter() - t0)
     return model
 
 
