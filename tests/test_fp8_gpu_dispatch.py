@@ -73,6 +73,11 @@ def test_model_routes_fp8_weights_to_the_fp8_kernels(fp8_model, jax_triton_call,
         n_dense = sum(1 for _, m in nnx.iter_modules(fp8_model) if isinstance(m, Dense)
                       and quant.is_fp8(m.kernel.get_value()))
         assert names.count("fp8_matmul_kernel") == n_dense == 5 + 5 + 3 + 3, names
+        # activations quantized by one launch per FP8 input (XLA's CSE may merge the launches on one input):
+        # x of each projection and of the experts, and h of the experts where gate_up cannot quantize it in
+        # its epilogue (intermediate size not a multiple of 128: the tiny model's)
+        h_launch = SMALL.moe_intermediate_size % 128 != 0
+        assert names.count("quantize_kernel") == n_dense + n_moe * (1 + h_launch), names
         quant.without_activation_quant(fp8_model)
         jx = jax.make_jaxpr(lambda t: fp8_model(t))(TOKENS)
         names = [e.params["fn"].fn.__name__ for e in _triton_calls(jax_triton_call, jx.jaxpr)]
@@ -128,7 +133,10 @@ def test_dense_fp8_kernel_compiles_for_sm90(jax_triton_call, M, block, act):
     split-K) and prefill M=4096 (128 x 128 tiles, 8 warps), all on the fp8 wgmma (no f16 conversion: gpu.pick_config);
     pipelined loads; within sm_90's shared memory."""
     jx = jax.make_jaxpr(fp8_gpu.matmul)(sd((M, 4096), jnp.bfloat16), _fp8_weight(4096, 4096, block, act))
-    eqn, = _triton_calls(jax_triton_call, jx.jaxpr)
+    quantize, eqn = _triton_calls(jax_triton_call, jx.jaxpr)
+    assert quantize.params["fn"].fn.__name__ == "quantize_kernel" and quantize.params["PER_GROUP"] == (act == "group")
+    shared, _, _ = _compile_call(jax_triton_call, quantize)
+    assert 0 < shared <= SM90_SMEM
     assert eqn.params["PER_K_SCALE"] == (act == "group")
     shared, ptx, _ = _compile_call(jax_triton_call, eqn)
     wgmma, mma = _ptx_ops(ptx)
@@ -147,7 +155,10 @@ def test_moe_fp8_kernels_compile_for_sm90(jax_triton_call, T):
     args = (sd((T, d), jnp.bfloat16), sd((T, k), jnp.int32), sd((T, k), jnp.float32), wg, wg, wd)
     jx = jax.make_jaxpr(lambda *a: moe_kernels.experts(*a, impl="gpu"))(*args)
     calls = _triton_calls(jax_triton_call, jx.jaxpr)
-    assert [c.params["fn"].fn.__name__ for c in calls] == ["gate_up_fp8_kernel", "down_fp8_kernel"]
+    # x quantized by one launch; h quantized in gate_up's epilogue (quant_h: per-group activations)
+    assert [c.params["fn"].fn.__name__ for c in calls] == ["quantize_kernel", "gate_up_fp8_kernel", "down_fp8_kernel"]
+    assert calls[1].params["QUANT_H"]
+    calls = calls[1:]
     for c in calls:
         assert c.params["BLOCK_M"] == (64 if T == 16 else 128)
         shared, ptx, _ = _compile_call(jax_triton_call, c)
@@ -204,7 +215,8 @@ def test_kmajor_weights_stream_by_async_copies(jax_triton_call, kind, M):
             wg, wd = _fp8_weight(d, I, E=E, kmajor=kmajor), _fp8_weight(I, d, E=E, kmajor=kmajor)
             f = lambda *a: moe_kernels.experts(*a, impl="gpu")                        # noqa: E731
             args = (sd((M, d), jnp.bfloat16), sd((M, k), jnp.int32), sd((M, k), jnp.float32), wg, wg, wd)
-        calls = _triton_calls(jax_triton_call, jax.make_jaxpr(f)(*args).jaxpr)
+        calls = [c for c in _triton_calls(jax_triton_call, jax.make_jaxpr(f)(*args).jaxpr)
+                 if c.params["fn"].fn.__name__ != "quantize_kernel"]
         assert all(c.params["B_KMAJOR"] == kmajor for c in calls)
         c = calls[0]
         shared, ptx, _ = _compile_call(jax_triton_call, c)

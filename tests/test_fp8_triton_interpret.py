@@ -61,6 +61,9 @@ MOE = [
     ("channel-token-bm32", "channel", "token", 33, 3, 4, 32, "float16"),
 ]
 D, I = 256, 256                     # MoE dims: two 128-groups each
+# the activation quantization kernel (quantize_kernel): (name, act, M, K, input dtype)
+QUANT = [("group", "group", 21, 384, "float32"), ("group-tail-f16", "group", 5, 200, "float16"),
+         ("token", "token", 18, 320, "float32"), ("token-one-group", "group", 3, 96, "float32")]
 # cases also run with the weights stored K-major ([N, K] / [E, N, K], quant.with_layout: B_KMAJOR)
 KMAJOR_DENSE = ("block-decode", "block-k64-tail", "column-group", "channel-token", "tensor-token-f16",
                 "block-fused-f16", "block-swap-reduce3", "channel-swap-f16")
@@ -178,6 +181,16 @@ def _child(workdir):
     f8 = lambda a: tt(a).view(torch.float8_e4m3fn)                                # noqa: E731
     sentinel = 1027.0
     _round_check(workdir)
+    from lingjax.kernels.fp8.triton_kernels import quantize_kernel
+    for name, act, M, K, dt in QUANT:
+        x = np.load(Path(workdir) / f"quant-{name}.npy")
+        G = -(-K // 128) if act == "group" else 1
+        q = torch.zeros((M, K), dtype=torch.uint8).view(torch.float8_e4m3fn)
+        sc = torch.full((M, G), sentinel, dtype=torch.float32)
+        grid = (-(-M // gpu.QUANT_ROWS), G) if act == "group" else (-(-M // gpu.QUANT_ROWS),)
+        quantize_kernel[grid](tt(x).to(getattr(torch, dt)), q, sc, M=M, K=K, PER_GROUP=act == "group",
+                              BLOCK_R=gpu.QUANT_ROWS)
+        np.savez(Path(workdir) / f"quant-{name}-out.npz", q=q.view(torch.uint8).numpy(), s=sc.numpy())
     for case in DENSE:
         name, _, _, M, K, N, cfg, out = case
         z = np.load(Path(workdir) / f"dense-{name}.npz")
@@ -293,6 +306,11 @@ def workdir(tmp_path_factory):
         np.savez(d / f"dense-{case[0]}.npz", **_dense_inputs(case))
     for case in MOE:
         np.savez(d / f"moe-{case[0]}.npz", **_moe_inputs(case))
+    rng = np.random.default_rng(9)
+    for name, act, M, K, dt in QUANT:
+        x = (rng.standard_normal((M, K)) * np.exp(rng.uniform(-3, 3, (M, 1)))).astype(dt).astype(np.float32)
+        x[1] = 0.0                                   # an all-zero row: scale 1
+        np.save(d / f"quant-{name}.npy", x)
     run_child(__file__, d, JAX_PLATFORMS="cpu")
     return d
 
@@ -366,6 +384,29 @@ def test_moe_fp8_kernels_match_float64(workdir, case, variant):
     assert np.all(o["h"][unused] == 1027.0) and np.all(o["y"][unused] == 1027.0), "unused blocks written"
     if T == 1:
         assert len(pad)                            # a decode block is mostly padding
+
+
+@pytest.mark.parametrize("name,act", [(c[0], c[1]) for c in QUANT])
+def test_activation_quantization_kernel_is_quantize_activation_fp8(workdir, name, act):
+    """quantize_kernel (one launch: the GPU path's activation quantization) gives
+    quant.quantize_activation_fp8's fp8 bits and scales per 128-group (a short last group; one group for
+    K <= 128) or per token; an all-zero row gets scale 1 and zeros. The scales agree to float32 rounding
+    (XLA's CPU compiler divides by 448 as a multiplication by its reciprocal, the kernel divides): where
+    that last bit differs, an x / s on an fp8 rounding tie may round to the neighbouring fp8 value (one
+    code apart; float16 inputs, few mantissa bits, meet ties most)."""
+    import jax.numpy as jnp
+    from lingjax import quant
+    x = np.load(workdir / f"quant-{name}.npy")
+    o = np.load(workdir / f"quant-{name}-out.npz")
+    wq, ws = quant.quantize_activation_fp8(jnp.asarray(x), act)
+    np.testing.assert_allclose(o["s"], np.asarray(ws), rtol=2e-7)
+    assert np.all(o["s"][1] == 1.0)
+    ref = np.asarray(wq).view(np.uint8)
+    ws = np.asarray(ws)
+    for r, c in np.argwhere(o["q"] != ref):          # only where the scale's last bit differs: x / s on a tie
+        g = c // 128 if act == "group" else 0
+        assert o["s"][r, g] != ws[r, g] and abs(int(o["q"][r, c]) - int(ref[r, c])) == 1, (r, c)
+    assert (o["q"] == ref).mean() > 0.995
 
 
 @pytest.mark.parametrize("name", list(QUANT_H_MOE))

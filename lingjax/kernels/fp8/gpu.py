@@ -3,7 +3,7 @@
     y = matmul(x, w)          x [..., K] (bf16 / f16 / f32), w an FP8Weight [K, N] -> [..., N] in x.dtype
 
 The activations are quantized as the reference path quantizes them (quant.quantize_activation_fp8's
-float8 values and scales): first, in jnp (or, as an option for sweeps, inside the kernel as it loads
+float8 values and scales): first, by one Triton launch (quantize_activation) (or, as an option for sweeps, inside the kernel as it loads
 them: per-group scaling, Config.quant_a, fused_quant); then one kernel multiplies the fp8 operands on
 the tensor cores with float32 accumulation and applies both scales (per k-block where they vary along K). `supports(x, w)`
 says whether a weight's layout is one the kernel takes (else the dispatch uses the reference):
@@ -124,6 +124,27 @@ def launch(M: int, w, a_groups: int, config: Config | None = None) -> tuple[Conf
     return c, grid, consts
 
 
+QUANT_ROWS = 16              # rows per program of the activation quantization kernel
+
+
+def quantize_activation(x2, act: str, group: int = GROUP):
+    """x2 [M, K] -> (q float8_e4m3fn [M, K], s float32 [M, G]): quant.quantize_activation_fp8 (act "token":
+    G = 1; "group": G = ceil(K / 128)) in one Triton launch (quantize_kernel; XLA makes a reduction and
+    an elementwise pass of it). group must be 128."""
+    from lingjax.kernels.jax_triton_lib import jax_triton
+    from lingjax.kernels.fp8.triton_kernels import quantize_kernel
+    if act not in ("token", "group") or group != GROUP:
+        raise ValueError(f"fp8 quantize_activation: act {act!r} / group {group} (token, or group of {GROUP})")
+    M, K = x2.shape
+    G = _cdiv(K, GROUP) if act == "group" else 1
+    grid = (_cdiv(M, QUANT_ROWS), G) if act == "group" else (_cdiv(M, QUANT_ROWS),)
+    sd = jax.ShapeDtypeStruct
+    return jax_triton().triton_call(x2, kernel=quantize_kernel, out_shape=(sd((M, K), jnp.float8_e4m3fn),
+                                                                           sd((M, G), jnp.float32)),
+                                    grid=grid, num_warps=4, num_stages=1, name="fp8_quantize", M=M, K=K,
+                                    PER_GROUP=act == "group", BLOCK_R=QUANT_ROWS)
+
+
 def matmul(x, w, *, config: Config | None = None):
     """x [..., K] @ w (FP8Weight [K, N]) -> [..., N] in x.dtype; see the module docstring."""
     from lingjax.kernels.jax_triton_lib import jax_triton
@@ -142,7 +163,7 @@ def matmul(x, w, *, config: Config | None = None):
         xq, xs = x2, jnp.ones((1,), jnp.float32)
         groups = _cdiv(K, GROUP)
     else:
-        xq, xs = quant.quantize_activation_fp8(x2, w.act, GROUP)
+        xq, xs = quantize_activation(x2, w.act, GROUP)
         groups = xs.shape[-1]
     c, grid, consts = launch(M, w, groups, c)
     outs, zeroed = out_shapes(M, N, x.dtype, c, grid)

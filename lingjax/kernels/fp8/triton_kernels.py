@@ -163,3 +163,43 @@ def fp8_matmul_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ws_ptr, cnt_ptr,
             for s in tl.static_range(SPLIT_K):          # in split order: the same sum whoever is last
                 tot += tl.load(ws_ptr + s * M * N + off, mask=omask, other=0.0, cache_modifier=".cg")
             tl.store(c_ptr + off, tot.to(c_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def quantize_kernel(x_ptr, q_ptr, s_ptr, M: tl.constexpr, K: tl.constexpr, PER_GROUP: tl.constexpr,
+                    BLOCK_R: tl.constexpr):
+    """Dynamic activation quantization in one launch (what lingjax.quant.quantize_activation_fp8 computes):
+    x [M, K] (float32 / bfloat16 / float16) -> q float8_e4m3fn [M, K] and float32 scales s = max|x| / 448
+    (1 for an all-zero group), q = fp8(x / s) rounded to nearest even (_quantize_rows).
+    PER_GROUP: program (r, g) quantizes rows r*BLOCK_R.. over the 128 features of group g, s [M, ceil(K/128)].
+    Otherwise (per token): program r finds each row's max over all of K, then quantizes it, s [M, 1]."""
+    r = tl.program_id(0)
+    rows = r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < M
+    rows_l = tl.where(rmask, rows, 0).to(tl.int64)
+    ks = tl.arange(0, 128)
+    if PER_GROUP:
+        g = tl.program_id(1)
+        k = g * 128 + ks
+        mask = rmask[:, None] & (k < K)[None, :]
+        off = rows_l[:, None] * K + k[None, :]
+        q, s = _quantize_rows(tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32))
+        tl.store(q_ptr + off, q, mask=mask)
+        tl.store(s_ptr + rows_l * ((K + 127) // 128) + g, s, mask=rmask)
+    else:
+        amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k0 in range(0, K, 128):
+            k = k0 + ks
+            mask = rmask[:, None] & (k < K)[None, :]
+            x = tl.load(x_ptr + rows_l[:, None] * K + k[None, :], mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        s = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
+        for k0 in range(0, K, 128):
+            k = k0 + ks
+            mask = rmask[:, None] & (k < K)[None, :]
+            off = rows_l[:, None] * K + k[None, :]
+            x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            v = tl.math.div_rn(x, tl.broadcast_to(s[:, None], x.shape))
+            v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+            tl.store(q_ptr + off, _round_e4m3(v).to(tl.float8e4nv), mask=mask)
+        tl.store(s_ptr + rows_l, s, mask=rmask)

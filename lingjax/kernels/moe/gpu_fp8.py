@@ -126,7 +126,8 @@ def _act_parts(a, act: str, K: int, c: Config):
     """(activations, scales, groups) a kernel call takes: a itself and a dummy scale under QUANT_A."""
     if fused_quant(act, K, c):
         return a, jnp.ones((1,), jnp.float32), -(-K // GROUP)
-    aq, s = quant.quantize_activation_fp8(a, act, GROUP)
+    from lingjax.kernels.fp8.gpu import quantize_activation
+    aq, s = quantize_activation(a, act, GROUP)          # one Triton launch (quant.quantize_activation_fp8's values)
     return aq, s, s.shape[-1]
 
 
