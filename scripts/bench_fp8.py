@@ -42,6 +42,7 @@ activations in and out; TFLOP/s over 2 T in out; speed-up of each FP8 row over b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -178,7 +179,7 @@ def sweep_configs(T: int, K: int, N: int):
     """The tile grid of --sweep for T rows of a K x N projection (fp8.gpu.Config), pick_config's first."""
     from lingjax.kernels.fp8 import gpu
     auto = gpu.pick_config(T, N, K)
-    out = [("auto", auto)]
+    out = [("auto", auto), ("auto xq", dataclasses.replace(auto, xla_quant=True))]   # xq: XLA's quantization
     if T <= 64:
         bm_swap = max(16, 1 << (T - 1).bit_length())        # swap_ab: the activation rows as the wgmma's N
         for swap in (False, True) if bm_swap < 64 else (False,):
@@ -251,6 +252,7 @@ def moe_sweep_configs():
     down tiles. Every variant but `auto` changes one kernel at a time, except the quant_h pairs."""
     from lingjax.kernels.moe.gpu_fp8 import Config as C
     return [("auto", None, None), ("gu old", C(64, 128, 1, 4, 3), None),     # session 5's gate_up: h quantized by XLA
+            ("auto xq", "xq", "xq"),               # the defaults with x (and h) quantized by XLA's passes
             ("gu n64 st4", C(64, 128, 1, 4, 4), None), ("gu n64 st5", C(64, 128, 1, 4, 5), None),
             ("gu n64 st3 w8", C(64, 128, 1, 8, 3), None),
             ("gu n128 st3 w8", C(128, 128, 1, 8, 3), None),
@@ -260,6 +262,25 @@ def moe_sweep_configs():
             ("dn n128 st4", None, C(128, 128, 1, 4, 4)), ("dn n128 st5", None, C(128, 128, 1, 4, 5)),
             ("dn n64 st4", None, C(64, 128, 1, 4, 4)), ("dn n128 st3 w8", None, C(128, 128, 1, 8, 3)),
             ("dn n256 st3 w8", None, C(256, 128, 1, 8, 3))]
+
+
+def moe_sweep_fn(gc, dc, n_exp, n_pairs):
+    """experts(x, idx, cw, w_gate, w_up, w_down) as lingjax.kernels.moe.experts runs the FP8 path, with
+    the gate_up / down Configs gc / dc (None: pick_config's; "xq": pick_config's with XLA's quantization)."""
+    from lingjax.kernels import moe as moe_kernels
+    from lingjax.kernels.moe import gpu_fp8
+
+    def fn(x, idx, cw, a, b, c):
+        lay = moe_kernels.make_layout(idx, n_exp, gpu_fp8.pick_block_m(n_pairs, n_exp),
+                                      gpu_fp8.pick_layout_method(n_pairs))
+        g, dn = gc, dc
+        if g == "xq":
+            d, inter = a.shape[-2:]
+            g = dataclasses.replace(gpu_fp8.pick_config("gate_up", lay.block_m, d, inter, a.act), xla_quant=True)
+            dn = dataclasses.replace(gpu_fp8.pick_config("down", lay.block_m, inter, d, c.act), xla_quant=True)
+        y = gpu_fp8.grouped(x, lay, a, b, c, gate_up_config=g, down_config=dn)
+        return moe_kernels.combine(y, lay, cw).astype(x.dtype)
+    return fn
 
 
 def moe_sweep_rows(T, iters, reps, d=D, inter=I, n_exp=E, k=K_TOP, tags=None):
@@ -282,11 +303,7 @@ def moe_sweep_rows(T, iters, reps, d=D, inter=I, n_exp=E, k=K_TOP, tags=None):
         if tags and tag not in tags:
             continue
 
-        def fn(x, idx, cw, a, b, c, gc=gc, dc=dc):
-            lay = moe_kernels.make_layout(idx, n_exp, gpu_fp8.pick_block_m(n_pairs, n_exp),
-                                          gpu_fp8.pick_layout_method(n_pairs))
-            y = gpu_fp8.grouped(x, lay, a, b, c, gate_up_config=gc, down_config=dc)
-            return moe_kernels.combine(y, lay, cw).astype(x.dtype)
+        fn = moe_sweep_fn(gc, dc, n_exp, n_pairs)
         row = dict(kind="moe-sweep", name=f"experts {n_exp}x{d}x{inter} top{k}", T=T, method=f"fp8-block {tag}",
                    config=f"{gc} / {dc}")
         try:

@@ -42,6 +42,7 @@ class Config:
                                  # block_m (16 / 32) the activation rows (decode sizes; see the kernel)
     reduce: bool = False         # split_k > 1: the partials summed in the kernel (the tile's last program)
                                  # instead of by an XLA reduction after it
+    xla_quant: bool = False      # quantize the activations in jnp (XLA's passes) instead of quantize_kernel
 
 
 def _cdiv(a, b):
@@ -163,7 +164,7 @@ def matmul(x, w, *, config: Config | None = None):
         xq, xs = x2, jnp.ones((1,), jnp.float32)
         groups = _cdiv(K, GROUP)
     else:
-        xq, xs = quantize_activation(x2, w.act, GROUP)
+        xq, xs = (quant.quantize_activation_fp8 if c.xla_quant else quantize_activation)(x2, w.act, GROUP)
         groups = xs.shape[-1]
     c, grid, consts = launch(M, w, groups, c)
     outs, zeroed = out_shapes(M, N, x.dtype, c, grid)

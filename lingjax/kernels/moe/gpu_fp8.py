@@ -36,6 +36,7 @@ class Config:
     num_stages: int = 4
     quant_a: bool = False        # quantize per-group activations in the kernel (fused_quant) where it can
     quant_h: bool = False        # gate_up: write h quantized (fp8 + per-128-group scales; fused_quant_h)
+    xla_quant: bool = False      # quantize the activations in jnp (XLA's passes) instead of quantize_kernel
 
 
 def pick_layout_method(n_pairs: int) -> str:
@@ -126,8 +127,8 @@ def _act_parts(a, act: str, K: int, c: Config):
     """(activations, scales, groups) a kernel call takes: a itself and a dummy scale under QUANT_A."""
     if fused_quant(act, K, c):
         return a, jnp.ones((1,), jnp.float32), -(-K // GROUP)
-    from lingjax.kernels.fp8.gpu import quantize_activation
-    aq, s = quantize_activation(a, act, GROUP)          # one Triton launch (quant.quantize_activation_fp8's values)
+    from lingjax.kernels.fp8.gpu import quantize_activation        # one Triton launch, the same values
+    aq, s = (quant.quantize_activation_fp8 if c.xla_quant else quantize_activation)(a, act, GROUP)
     return aq, s, s.shape[-1]
 
 
