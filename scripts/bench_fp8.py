@@ -247,37 +247,38 @@ def sweep_rows(name, K, N, T, iters, reps, tags=()):
 
 
 def moe_sweep_configs():
-    """(tag, gate_up Config, down Config) variants of --moe-sweep (None: gpu_fp8.pick_config's choice):
-    deeper pipelines, 8 warps, 128-wide gate_up tiles with h quantized in gate_up (quant_h), 64 / 256-wide
-    down tiles. Every variant but `auto` changes one kernel at a time, except the quant_h pairs."""
-    from lingjax.kernels.moe.gpu_fp8 import Config as C
-    return [("auto", None, None), ("gu old", C(64, 128, 1, 4, 3), None),     # session 5's gate_up: h quantized by XLA
-            ("auto xq", "xq", "xq"),               # the defaults with x (and h) quantized by XLA's passes
-            ("gu n64 st4", C(64, 128, 1, 4, 4), None), ("gu n64 st5", C(64, 128, 1, 4, 5), None),
-            ("gu n64 st3 w8", C(64, 128, 1, 8, 3), None),
-            ("gu n128 st3 w8", C(128, 128, 1, 8, 3), None),
-            ("gu n128 st3 w8 qh", C(128, 128, 1, 8, 3, quant_h=True), None),
-            ("gu n128 st4 w8 qh", C(128, 128, 1, 8, 4, quant_h=True), None),
-            ("gu n128 st2 w8 qh", C(128, 128, 1, 8, 2, quant_h=True), None),
-            ("dn n128 st4", None, C(128, 128, 1, 4, 4)), ("dn n128 st5", None, C(128, 128, 1, 4, 5)),
-            ("dn n64 st4", None, C(64, 128, 1, 4, 4)), ("dn n128 st3 w8", None, C(128, 128, 1, 8, 3)),
-            ("dn n256 st3 w8", None, C(256, 128, 1, 8, 3))]
+    """(tag, rows per block or None (gpu_fp8.pick_block_m's), gate_up, down) variants of --moe-sweep; each
+    kernel's entry is None (gpu_fp8.pick_config's choice for those rows) or a dict of Config fields
+    changed from it. auto = the defaults (decode: 16-row blocks with swapped operands, h quantized in
+    gate_up, x by one quantize launch); s5 = session 5's kernels (64-row blocks, 64-wide gate_up tiles,
+    x and h quantized by XLA's passes)."""
+    xq = dict(xla_quant=True)
+    return [("auto", None, None, None), ("auto xq", None, xq, xq),
+            ("s5", 64, dict(block_n=64, num_warps=4, quant_h=False, xla_quant=True), xq),
+            ("bm64", 64, None, None), ("bm32", 32, None, None),
+            ("gu st4", None, dict(num_stages=4), None), ("gu st2", None, dict(num_stages=2), None),
+            ("gu w8", None, dict(num_warps=8), None),
+            ("gu n64 noqh st4", None, dict(block_n=64, quant_h=False, num_stages=4), None),
+            ("dn st3", None, None, dict(num_stages=3)), ("dn st6", None, None, dict(num_stages=6)),
+            ("dn n64 st6", None, None, dict(block_n=64, num_stages=6)),
+            ("dn n256 st3", None, None, dict(block_n=256, num_stages=3)),
+            ("dn w8", None, None, dict(num_warps=8))]
 
 
-def moe_sweep_fn(gc, dc, n_exp, n_pairs):
+def moe_sweep_fn(bm, gc, dc, n_exp, n_pairs):
     """experts(x, idx, cw, w_gate, w_up, w_down) as lingjax.kernels.moe.experts runs the FP8 path, with
-    the gate_up / down Configs gc / dc (None: pick_config's; "xq": pick_config's with XLA's quantization)."""
+    bm rows per block and the gate_up / down Configs of moe_sweep_configs (see there)."""
     from lingjax.kernels import moe as moe_kernels
     from lingjax.kernels.moe import gpu_fp8
 
     def fn(x, idx, cw, a, b, c):
-        lay = moe_kernels.make_layout(idx, n_exp, gpu_fp8.pick_block_m(n_pairs, n_exp),
-                                      gpu_fp8.pick_layout_method(n_pairs))
-        g, dn = gc, dc
-        if g == "xq":
-            d, inter = a.shape[-2:]
-            g = dataclasses.replace(gpu_fp8.pick_config("gate_up", lay.block_m, d, inter, a.act), xla_quant=True)
-            dn = dataclasses.replace(gpu_fp8.pick_config("down", lay.block_m, inter, d, c.act), xla_quant=True)
+        block_m = bm or gpu_fp8.pick_block_m(n_pairs, n_exp)
+        lay = moe_kernels.make_layout(idx, n_exp, block_m, gpu_fp8.pick_layout_method(n_pairs))
+        d, inter = a.shape[-2:]
+        g = gpu_fp8.pick_config("gate_up", block_m, d, inter, a.act)
+        dn = gpu_fp8.pick_config("down", block_m, inter, d, c.act)
+        g = dataclasses.replace(g, **gc) if gc else g
+        dn = dataclasses.replace(dn, **dc) if dc else dn
         y = gpu_fp8.grouped(x, lay, a, b, c, gate_up_config=g, down_config=dn)
         return moe_kernels.combine(y, lay, cw).astype(x.dtype)
     return fn
@@ -299,13 +300,12 @@ def moe_sweep_rows(T, iters, reps, d=D, inter=I, n_exp=E, k=K_TOP, tags=None):
     ref = jax.jit(lambda *a: moe_kernels.experts(*a, impl="reference"))(x, idx, cw, *ws)
     n_pairs = T * k
     rows, t_auto = [], None
-    for tag, gc, dc in moe_sweep_configs():
+    for tag, bm, gc, dc in moe_sweep_configs():
         if tags and tag not in tags:
             continue
-
-        fn = moe_sweep_fn(gc, dc, n_exp, n_pairs)
+        fn = moe_sweep_fn(bm, gc, dc, n_exp, n_pairs)
         row = dict(kind="moe-sweep", name=f"experts {n_exp}x{d}x{inter} top{k}", T=T, method=f"fp8-block {tag}",
-                   config=f"{gc} / {dc}")
+                   config=f"block_m {bm or gpu_fp8.pick_block_m(n_pairs, n_exp)}: {gc} / {dc}")
         try:
             t = loop_time(fn, x, (idx, cw) + ws, iters, reps)
             row["err_ref"] = rel(jax.jit(fn)(x, idx, cw, *ws), ref)

@@ -148,8 +148,9 @@ def test_dense_fp8_kernel_compiles_for_sm90(jax_triton_call, M, block, act):
 @pytest.mark.parametrize("T", [16, 4096])
 def test_moe_fp8_kernels_compile_for_sm90(jax_triton_call, T):
     """The FP8 grouped matmuls at Ling-2.6-flash's expert shapes (256 experts, d 4096, I 1024, top-8)
-    through the moe dispatch: decode-sized blocks (64 rows, gpu_fp8.pick_block_m) and prefill blocks
-    (128 rows), both on the fp8 wgmma."""
+    through the moe dispatch: decode-sized blocks (16 rows with swapped operands: the weight tile is
+    the wgmma's 64+-row operand; gpu_fp8.pick_block_m / pick_config) and prefill blocks (128 rows), both
+    on the fp8 wgmma."""
     E, d, I, k = 256, 4096, 1024, 8
     wg, wd = _fp8_weight(d, I, E=E), _fp8_weight(I, d, E=E)
     args = (sd((T, d), jnp.bfloat16), sd((T, k), jnp.int32), sd((T, k), jnp.float32), wg, wg, wd)
@@ -160,7 +161,7 @@ def test_moe_fp8_kernels_compile_for_sm90(jax_triton_call, T):
     assert calls[1].params["QUANT_H"]
     calls = calls[1:]
     for c in calls:
-        assert c.params["BLOCK_M"] == (64 if T == 16 else 128)
+        assert c.params["BLOCK_M"] == (16 if T == 16 else 128) and c.params["SWAP_AB"] == (T == 16)
         shared, ptx, _ = _compile_call(jax_triton_call, c)
         wgmma, mma = _ptx_ops(ptx)
         assert 0 < shared <= SM90_SMEM

@@ -218,8 +218,11 @@ def _child(workdir):
         name, _, act, T, k, E, bm, out = case
         z = np.load(Path(workdir) / f"moe-{name}.npz")
         blk = tuple(int(b) for b in z["block"])
-        variants = [(False, False)] + [(True, False)] * (name in KMAJOR_MOE) + [(True, True)] * (name in FUSED_MOE)
-        for kmajor, fused in variants:
+        # (K-major, QUANT_A, swap_ab: None = pick_config's, which swaps for blocks of < 64 rows)
+        variants = ([(False, False, None)] + [(True, False, None), (True, False, False)] * (name in KMAJOR_MOE)
+                    + [(True, True, False)] * (name in FUSED_MOE))
+        for kmajor, fused, swap in variants:
+            sw = {} if swap is None else dict(swap_ab=swap)
             sfx = "_k" if kmajor else ""
             wg = quant.FP8Weight(z["wgq" + sfx].view(quant.FP8_NP), z["wgs"], blk, act, kmajor)
             wd = quant.FP8Weight(z["wdq" + sfx].view(quant.FP8_NP), z["wds"], blk, act, kmajor)
@@ -227,7 +230,8 @@ def _child(workdir):
             dt = getattr(torch, out)
             h = torch.full((P, I), sentinel, dtype=dt)
             y = torch.full((P, D), sentinel, dtype=dt)
-            c = dataclass_replace(gpu_fp8.pick_config("gate_up", bm, D, I), block_n=32, group_m=2, quant_a=fused)
+            c = dataclass_replace(gpu_fp8.pick_config("gate_up", bm, D, I), block_n=32, group_m=2, quant_a=fused, **sw)
+            assert c.swap_ab == (bm < 64 if swap is None else swap)
             assert gpu_fp8.fused_quant(act, D, c) == fused
             # under QUANT_A the kernels read x / h unquantized (float32 here) and quantize them themselves
             xa, ha = (tt(z["x"]).float(), tt(z["h"]).float()) if fused else (f8(z["xq"]), f8(z["hq"]))
@@ -237,16 +241,16 @@ def _child(workdir):
                 xa, tt(z["xs"]), tt(z["row_token"]), tt(z["block_expert"]), f8(z["wgq" + sfx]),
                 tt(z["wgs"]), f8(z["wuq" + sfx]), tt(z["wus"]), h, torch.zeros(1), N_TOKENS=T, K=D, N=I,
                 NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
-                QUANT_H=False, H_ROUND=0, **sa)
+                QUANT_H=False, H_ROUND=0, SWAP_AB=c.swap_ab, **sa)
             c = dataclass_replace(gpu_fp8.pick_config("down", bm, I, D), block_n=64, block_k=128 if fused else 64,
-                                  group_m=2, quant_a=fused)
+                                  group_m=2, quant_a=fused, **sw)
             assert gpu_fp8.fused_quant(act, I, c) == fused
             down_fp8_kernel[(nb * (D // c.block_n),)](
                 ha, tt(z["hs"]), tt(z["row_token"]), tt(z["block_expert"]), f8(z["wdq" + sfx]), tt(z["wds"]), y,
                 N_TOKENS=T, K=I, N=D,
                 NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
-                **gpu_fp8.scale_args(z["hs"].shape[-1], wd, D, c.block_k, fused))
-            tag = ("-kmajor" if kmajor else "") + ("-fused" if fused else "")
+                SWAP_AB=c.swap_ab, **gpu_fp8.scale_args(z["hs"].shape[-1], wd, D, c.block_k, fused))
+            tag = ("-kmajor" if kmajor else "") + ("-fused" if fused else "-noswap" if swap is False else "")
             np.savez(Path(workdir) / f"moe-{name}-out{tag}.npz", h=h.double().numpy(), y=y.double().numpy())
         if name in QUANT_H_MOE:
             hdt = QUANT_H_MOE[name]
@@ -260,7 +264,7 @@ def _child(workdir):
                 f8(z["xq"]), tt(z["xs"]), tt(z["row_token"]), tt(z["block_expert"]), f8(z["wgq_k"]),
                 tt(z["wgs"]), f8(z["wuq_k"]), tt(z["wus"]), hq, hs, N_TOKENS=T, K=D, N=I, NUM_BLOCKS=nb,
                 BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, QUANT_H=True,
-                H_ROUND=gpu_fp8.H_ROUND[np.dtype(hdt)], **gpu_fp8.scale_args(z["xs"].shape[-1], wg, I, c.block_k))
+                H_ROUND=gpu_fp8.H_ROUND[np.dtype(hdt)], SWAP_AB=c.swap_ab, **gpu_fp8.scale_args(z["xs"].shape[-1], wg, I, c.block_k))
             np.savez(Path(workdir) / f"moe-{name}-quant-h.npz", hq=hq.view(torch.uint8).numpy(), hs=hs.numpy())
 
 
@@ -333,6 +337,7 @@ def _rel(a, b):
 
 DENSE_RUNS = [(c, False) for c in DENSE] + [(c, True) for c in DENSE if c[0] in KMAJOR_DENSE]
 MOE_RUNS = ([(c, "") for c in MOE] + [(c, "-kmajor") for c in MOE if c[0] in KMAJOR_MOE]
+            + [(c, "-kmajor-noswap") for c in MOE if c[0] in KMAJOR_MOE]
             + [(c, "-kmajor-fused") for c in MOE if c[0] in FUSED_MOE])
 
 

@@ -37,6 +37,7 @@ class Config:
     quant_a: bool = False        # quantize per-group activations in the kernel (fused_quant) where it can
     quant_h: bool = False        # gate_up: write h quantized (fp8 + per-128-group scales; fused_quant_h)
     xla_quant: bool = False      # quantize the activations in jnp (XLA's passes) instead of quantize_kernel
+    swap_ab: bool = False        # W^T x^T per k-step: the weight tile is the wgmma's 64-row operand (blocks < 64 rows)
 
 
 def pick_layout_method(n_pairs: int) -> str:
@@ -55,9 +56,12 @@ def pick_block_m(n_pairs: int, n_experts: int) -> int:
     (31% of the copy bandwidth; the bf16 ones stream at ~100%). 64-row blocks run the fp8 wgmma, which
     reads both fp8 operands from shared memory (~60-80 per KiB). The padding rows cost no weight bytes
     (an expert's weights are read once per block either way); gate_up writes their h rows (zeros),
-    down skips them."""
+    down skips them. Session 6: blocks of 16 rows where an expert gets 16 rows or fewer on average
+    (decode sizes), run with the operands swapped (pick_config's swap_ab: the weight tile is the
+    wgmma's 64+-row operand, the block's rows its N), so they stay on the fp8 wgmma with a quarter of
+    the 64-row blocks' padding, accumulators and activation tiles."""
     avg = n_pairs / max(n_experts, 1)
-    return 64 if avg <= 64 else 128
+    return 16 if avg <= 16 else 64 if avg <= 64 else 128
 
 
 def pick_config(kind: str, block_m: int, K: int, N: int, act: str = "none") -> Config:
@@ -75,6 +79,8 @@ def pick_config(kind: str, block_m: int, K: int, N: int, act: str = "none") -> C
                num_stages=4 if block_m <= 32 else 3, quant_a=False)
     if kind == "gate_up" and act == "group" and N % GROUP == 0 and K >= GROUP:
         c = dataclasses.replace(c, block_n=GROUP, num_warps=8, quant_h=True)
+    if block_m < 64:          # swapped operands: small accumulators ([BLOCK_N, block_m]), 4 warps, 3-4 stages
+        c = dataclasses.replace(c, swap_ab=True, num_warps=4, num_stages=3 if c.block_n * (1 + (kind == "gate_up")) > 128 else 4)
     bn, bk = min(c.block_n, N), min(c.block_k, K)
     if N % bn or K % bk or bn < 16 or bk < 32:
         raise ValueError(f"MoE FP8 GPU kernel: dims K={K}, N={N} must be multiples of the tile ({bk}, {bn}), "
@@ -111,7 +117,7 @@ def supports(x, w_gate, w_up, w_down) -> bool:
 def fused_quant(act: str, K: int, c: Config) -> bool:
     """Whether a kernel over K input features quantizes its activations itself (QUANT_A): the config
     asks for it, per-group scaling over more than one group, 128-deep k steps."""
-    return bool(c.quant_a and act == "group" and K > GROUP and c.block_k == GROUP)
+    return bool(c.quant_a and not c.swap_ab and act == "group" and K > GROUP and c.block_k == GROUP)
 
 
 def fused_quant_h(act: str, I: int, c: Config) -> bool:
@@ -169,7 +175,7 @@ def gate_up(x, layout, w_gate, w_up, out_dtype, *, config: Config | None = None)
         out_shape=outs, grid=(nb * (I // c.block_n),),
         num_warps=c.num_warps, num_stages=c.num_stages, name="moe_gate_up_fp8",
         N_TOKENS=T, K=d, N=I, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-        GROUP_M=c.group_m, QUANT_H=qh, H_ROUND=H_ROUND[jnp.dtype(out_dtype)], **sa)
+        GROUP_M=c.group_m, QUANT_H=qh, H_ROUND=H_ROUND[jnp.dtype(out_dtype)], SWAP_AB=c.swap_ab, **sa)
     return (h, hs) if qh else h
 
 
@@ -196,7 +202,8 @@ def down(h, layout, w_down, out_dtype, n_tokens: int, *, config: Config | None =
         hq, hs, layout.row_token, layout.block_expert, w_down.q, w_down.scale.astype(jnp.float32),
         kernel=down_fp8_kernel, out_shape=jax.ShapeDtypeStruct((P, d), out_dtype), grid=(nb * (d // c.block_n),),
         num_warps=c.num_warps, num_stages=c.num_stages, name="moe_down_fp8",
-        N_TOKENS=n_tokens, K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, **sa)
+        N_TOKENS=n_tokens, K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
+        SWAP_AB=c.swap_ab, **sa)
 
 
 def grouped(x, layout, w_gate, w_up, w_down, *, gate_up_config: Config | None = None,
