@@ -125,7 +125,7 @@ def launch(M: int, w, a_groups: int, config: Config | None = None) -> tuple[Conf
     return c, grid, consts
 
 
-QUANT_ROWS = 16              # rows per program of the activation quantization kernel
+QUANT_ROWS = 16              # rows per program of the activation quantization kernel (64 above 256 rows)
 
 
 def quantize_activation(x2, act: str, group: int = GROUP):
@@ -138,12 +138,13 @@ def quantize_activation(x2, act: str, group: int = GROUP):
         raise ValueError(f"fp8 quantize_activation: act {act!r} / group {group} (token, or group of {GROUP})")
     M, K = x2.shape
     G = _cdiv(K, GROUP) if act == "group" else 1
-    grid = (_cdiv(M, QUANT_ROWS), G) if act == "group" else (_cdiv(M, QUANT_ROWS),)
+    rows = QUANT_ROWS if M <= 256 else 4 * QUANT_ROWS
+    grid = (_cdiv(M, rows), G) if act == "group" else (_cdiv(M, rows),)
     sd = jax.ShapeDtypeStruct
     return jax_triton().triton_call(x2, kernel=quantize_kernel, out_shape=(sd((M, K), jnp.float8_e4m3fn),
                                                                            sd((M, G), jnp.float32)),
                                     grid=grid, num_warps=4, num_stages=1, name="fp8_quantize", M=M, K=K,
-                                    PER_GROUP=act == "group", BLOCK_R=QUANT_ROWS)
+                                    PER_GROUP=act == "group", BLOCK_R=rows)
 
 
 def matmul(x, w, *, config: Config | None = None):
