@@ -247,9 +247,13 @@ def precompile(model, cfg, mesh, decode_rows, prefill_rows, page_size, threads):
     setups, engines, futs = {}, {}, []
     with ThreadPoolExecutor(threads, thread_name_prefix="bench-compile") as pool:
         for B, C in decode_rows:
-            setups[(B, C)] = s = decode_setup(model, cfg, mesh, B, C, page_size)
-            f, state, caches, batch = s
-            futs.append(pool.submit(f.lower(state, caches, batch).compile))
+            try:
+                s = decode_setup(model, cfg, mesh, B, C, page_size)
+                f, state, caches, batch = s
+                futs.append(pool.submit(f.lower(state, caches, batch).compile))
+                setups[(B, C)] = s
+            except Exception as e:                      # noqa: BLE001 (OOM etc.: the row runs and records it)
+                log.info("precompile decode B=%d C=%d: %s", B, C, str(e).splitlines()[0][:200] if str(e) else e)
         log.info("precompile: %d decode steps lowered in %.1f s", len(decode_rows), time.perf_counter() - t0)
         for N, L in prefill_rows:
             eng = engines[(N, L)] = prefill_engine(model, mesh, N, L)

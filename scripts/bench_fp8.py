@@ -249,11 +249,16 @@ def sweep_rows(name, K, N, T, iters, reps, tags=()):
 def moe_sweep_configs():
     """(tag, rows per block or None (gpu_fp8.pick_block_m's), gate_up, down) variants of --moe-sweep; each
     kernel's entry is None (gpu_fp8.pick_config's choice for those rows) or a dict of Config fields
-    changed from it. auto = the defaults (decode: 16-row blocks with swapped operands, h quantized in
-    gate_up, x by one quantize launch); s5 = session 5's kernels (64-row blocks, 64-wide gate_up tiles,
-    x and h quantized by XLA's passes)."""
+    changed from it. auto = the defaults (since session 6's call A: session 5's kernels, 64-row blocks at
+    decode sizes, x and h quantized by XLA's passes); qk = quantize_kernel launches instead; qh = gate_up
+    writes h quantized; bm16 = 16-row blocks with swapped operands."""
     xq = dict(xla_quant=True)
-    return [("auto", None, None, None), ("auto xq", None, xq, xq),
+    qk = dict(xla_quant=False)
+    return [("auto", None, None, None), ("auto xq", None, xq, xq), ("auto qk", None, qk, qk),
+            ("gu qh", None, dict(block_n=128, num_warps=8, quant_h=True), None),
+            ("bm16", 16, None, None), ("bm16 qh", 16, dict(block_n=128, quant_h=True, num_stages=3), None),
+            ("bm16 qh qk", 16, dict(block_n=128, quant_h=True, num_stages=3, xla_quant=False), qk),
+            ("bm16 gu st6", 16, dict(num_stages=6), None), ("bm16 dn st6", 16, None, dict(num_stages=6)),
             ("s5", 64, dict(block_n=64, num_warps=4, quant_h=False, xla_quant=True), xq),
             ("bm64", 64, None, None), ("bm32", 32, None, None),
             ("gu st4", None, dict(num_stages=4), None), ("gu st2", None, dict(num_stages=2), None),

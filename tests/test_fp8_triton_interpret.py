@@ -255,8 +255,8 @@ def _child(workdir):
         if name in QUANT_H_MOE:
             hdt = QUANT_H_MOE[name]
             wg = quant.FP8Weight(z["wgq_k"].view(quant.FP8_NP), z["wgs"], blk, act, True)
-            c = gpu_fp8.pick_config("gate_up", bm, D, I, act)
-            assert c.quant_h and c.block_n == 128 and gpu_fp8.fused_quant_h(act, I, c)
+            c = dataclass_replace(gpu_fp8.pick_config("gate_up", bm, D, I, act), block_n=128, quant_h=True)
+            assert gpu_fp8.fused_quant_h(act, I, c)
             nb, P = len(z["block_expert"]), len(z["row_token"])
             hq = torch.full((P, I), 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn)     # NaN: unwritten
             hs = torch.full((P, I // 128), sentinel, dtype=torch.float32)

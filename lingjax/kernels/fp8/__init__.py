@@ -5,7 +5,9 @@
 Implementations (impl=):
   reference  the formats' math in jnp (quant.matmul): dynamic activation quantize-dequantize, then the
              dequantized weight; the CPU path and the oracle of the kernel
-  gpu        Hopper: the activations quantized to float8_e4m3fn in jnp, then a Triton kernel (gpu.py,
+  gpu        Hopper, the fastest measured GPU path by rows (device call A of session 6): up to
+             XLA_DOT_MAX_ROWS rows (decode) XLA's own FP8 dot (xla.py) where it takes the weight; else
+             the activations quantized to float8_e4m3fn in jnp, then a Triton kernel (gpu.py,
              through jax-triton) multiplies the fp8 operands on the tensor cores with float32
              accumulation, scales applied per 128 k-block where they vary along K; weights the kernel
              does not take (weight-only FP8, a tp-sharded weight whose scale is kept whole) run the
@@ -23,6 +25,11 @@ import jax
 from lingjax import quant
 
 IMPLS = ('reference', 'gpu', 'xla')
+# impl 'gpu' runs XLA's FP8 dot up to this many rows: flash's 4096 x 4096 projection, session 6 call A
+# (bench_fp8.py, loop time per call incl. the quantization): T=16 26.7 us against the Triton kernel's
+# best tiles 34.4 us (cuBLAS bf16 38.9); T=64 49.6 against 53.4 (bf16 25.0). Above 64 rows the batched
+# form's [K / 128, rows, N] float32 partial products outgrow the weight (4x at 256 rows).
+XLA_DOT_MAX_ROWS = 64
 FROM_MODEL_KERNELS = {'mosaic_gpu': 'gpu', 'pallas_triton': 'gpu', 'tpu': 'reference',
                       'tpu_interpret': 'reference', 'gpu_interpret': 'reference',
                       'mosaic_gpu_interpret': 'reference', 'pallas_triton_interpret': 'reference'}
@@ -45,7 +52,12 @@ def matmul(x, w, *, impl=None):
         return quant.matmul(x, w)
     impl = resolve(impl)
     if impl == 'gpu':
-        from lingjax.kernels.fp8 import gpu
+        from lingjax.kernels.fp8 import gpu, xla
+        rows = 1
+        for n in x.shape[:-1]:
+            rows *= n
+        if rows <= XLA_DOT_MAX_ROWS and xla.supports(x, w):
+            return xla.matmul(x, w)
         if gpu.supports(x, w):
             return gpu.matmul(x, w)
     if impl == 'xla':

@@ -3,7 +3,8 @@
     y = matmul(x, w)          x [..., K] (bf16 / f16 / f32), w an FP8Weight [K, N] -> [..., N] in x.dtype
 
 The activations are quantized as the reference path quantizes them (quant.quantize_activation_fp8's
-float8 values and scales): first, by one Triton launch (quantize_activation) (or, as an option for sweeps, inside the kernel as it loads
+float8 values and scales): first, by XLA's passes (Config.xla_quant, the default) or one Triton launch
+(quantize_activation) (or, as an option for sweeps, inside the kernel as it loads
 them: per-group scaling, Config.quant_a, fused_quant); then one kernel multiplies the fp8 operands on
 the tensor cores with float32 accumulation and applies both scales (per k-block where they vary along K). `supports(x, w)`
 says whether a weight's layout is one the kernel takes (else the dispatch uses the reference):
@@ -42,7 +43,8 @@ class Config:
                                  # block_m (16 / 32) the activation rows (decode sizes; see the kernel)
     reduce: bool = False         # split_k > 1: the partials summed in the kernel (the tile's last program)
                                  # instead of by an XLA reduction after it
-    xla_quant: bool = False      # quantize the activations in jnp (XLA's passes) instead of quantize_kernel
+    xla_quant: bool = True       # quantize the activations by XLA's passes (jnp; they fuse into x's producer),
+                                 # else by one quantize_kernel launch
 
 
 def _cdiv(a, b):
@@ -60,19 +62,23 @@ def pick_config(M: int, N: int, K: int) -> Config:
     tiles up to 256 rows, then 128 x 128 tiles with 8 warps and 3 stages (fp8 operand tiles are half
     the bytes of bf16 ones). The activations are quantized before the kernel
     (quant.quantize_activation_fp8; quant_a, in the kernel, is an option for sweeps: every column
-    tile would quantize its rows again, ~6x the 64-row loop's instructions compiled for sm_90)."""
+    tile would quantize its rows again, ~6x the 64-row loop's instructions compiled for sm_90).
+    Session 6's options (swap_ab, reduce in the kernel, quantize_kernel) are off: device call A
+    (flash's 4096 x 4096 at T=16 / 64, scripts/bench_notes_fp8.md) measured them no faster than these
+    tiles (swap_ab, reduce with swapped tiles) or slower (reduce with 64-row tiles: 2-3x; the quantize
+    launch against XLA's passes, which fuse into the producer of x). At these sizes the dispatch runs
+    XLA's own FP8 dot instead (lingjax.kernels.fp8: XLA_DOT_MAX_ROWS), measured faster still."""
     if M <= 64:
-        swap = M <= 32
-        bm = (16 if M <= 16 else 32) if swap else 64
+        bm = 64
         nm = _cdiv(M, bm)
-        bn = 64 if swap else 128 if _cdiv(N, 128) >= 16 else 64
+        bn = 128 if _cdiv(N, 128) >= 16 else 64
         tiles = nm * _cdiv(N, bn)
         nkb = _cdiv(K, 128)
         split = 1
         if tiles < 2 * NUM_SMS:
             split = max(1, min(nkb, _cdiv(2 * NUM_SMS, tiles), K // (16 * M)))
             split = _cdiv(nkb, _cdiv(nkb, split))          # no empty splits
-        return Config(bm, bn, split_k=split, num_stages=6 if swap else 4, swap_ab=swap, reduce=split > 1)
+        return Config(bm, bn, split_k=split)
     if M <= 256:
         return Config(64, 128, num_warps=4, num_stages=4)
     return Config(128, 128, num_warps=8, num_stages=3)

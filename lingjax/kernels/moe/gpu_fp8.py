@@ -36,7 +36,7 @@ class Config:
     num_stages: int = 4
     quant_a: bool = False        # quantize per-group activations in the kernel (fused_quant) where it can
     quant_h: bool = False        # gate_up: write h quantized (fp8 + per-128-group scales; fused_quant_h)
-    xla_quant: bool = False      # quantize the activations in jnp (XLA's passes) instead of quantize_kernel
+    xla_quant: bool = True       # quantize the activations by XLA's passes (jnp), else one quantize_kernel launch
     swap_ab: bool = False        # W^T x^T per k-step: the weight tile is the wgmma's 64-row operand (blocks < 64 rows)
 
 
@@ -56,12 +56,11 @@ def pick_block_m(n_pairs: int, n_experts: int) -> int:
     (31% of the copy bandwidth; the bf16 ones stream at ~100%). 64-row blocks run the fp8 wgmma, which
     reads both fp8 operands from shared memory (~60-80 per KiB). The padding rows cost no weight bytes
     (an expert's weights are read once per block either way); gate_up writes their h rows (zeros),
-    down skips them. Session 6: blocks of 16 rows where an expert gets 16 rows or fewer on average
-    (decode sizes), run with the operands swapped (pick_config's swap_ab: the weight tile is the
-    wgmma's 64+-row operand, the block's rows its N), so they stay on the fp8 wgmma with a quarter of
-    the 64-row blocks' padding, accumulators and activation tiles."""
+    down skips them. Session 6 added 16 / 32-row blocks with the operands swapped (pick_config's
+    swap_ab for blocks < 64 rows: the weight tile is the wgmma's 64+-row operand, the block's rows its
+    N); not the default until measured (scripts/bench_fp8.py --moe-sweep, tag bm16)."""
     avg = n_pairs / max(n_experts, 1)
-    return 16 if avg <= 16 else 64 if avg <= 64 else 128
+    return 64 if avg <= 64 else 128
 
 
 def pick_config(kind: str, block_m: int, K: int, N: int, act: str = "none") -> Config:
@@ -71,14 +70,14 @@ def pick_config(kind: str, block_m: int, K: int, N: int, act: str = "none") -> C
     blocks. Shrunk to small dims (tiny test models). The activations are quantized before the kernels
     (quant.quantize_activation_fp8, one small XLA pass each): quant_a (in the kernel) is an option for
     sweeps, not the default: every n tile would quantize its rows again, and compiled for sm_90 it
-    doubles the 16-row loop's instructions (64-row blocks: x6). gate_up with per-group activations
-    (act "group") writes h quantized (quant_h: 128-wide tiles, 8 warps; no XLA pass over h, which at
-    decode sizes is mostly padding rows)."""
+    doubles the 16-row loop's instructions (64-row blocks: x6). Options measured in session 6's call A
+    at flash's experts (bench_fp8.py --moe-sweep, T=16 / 64) and left off: gate_up writing h quantized
+    (quant_h: 128-wide tiles, 8 warps) 535.6 / 1029.8 us per call against 502.6 / 1002.9 without it
+    (the XLA pass over h it saves is smaller than what the wider tiles cost); the quantize_kernel
+    launch for x against XLA's passes (xla_quant) 535.6 against 508.1 at T=16."""
     bn = 128 if kind == "down" else 64
     c = Config(block_n=bn, block_k=128, group_m=1 if block_m <= 32 else 8, num_warps=4,
                num_stages=4 if block_m <= 32 else 3, quant_a=False)
-    if kind == "gate_up" and act == "group" and N % GROUP == 0 and K >= GROUP:
-        c = dataclasses.replace(c, block_n=GROUP, num_warps=8, quant_h=True)
     if block_m < 64:          # swapped operands: small accumulators ([BLOCK_N, block_m]), 4 warps, 3-4 stages
         c = dataclasses.replace(c, swap_ab=True, num_warps=4, num_stages=3 if c.block_n * (1 + (kind == "gate_up")) > 128 else 4)
     bn, bk = min(c.block_n, N), min(c.block_k, K)
