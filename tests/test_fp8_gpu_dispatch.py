@@ -165,10 +165,10 @@ def test_dense_fp8_kernel_compiles_for_sm90(jax_triton_call, M, block, act, conf
 @pytest.mark.parametrize("T,block_m", [(16, None), (4096, None), (16, 16)])
 def test_moe_fp8_kernels_compile_for_sm90(jax_triton_call, T, block_m):
     """The FP8 grouped matmuls at Ling-2.6-flash's expert shapes (256 experts, d 4096, I 1024, top-8):
-    through the moe dispatch, decode-sized blocks (64 rows, gpu_fp8.pick_block_m) and prefill blocks
-    (128 rows), both on the fp8 wgmma; and session 6's options (block_m 16: 16-row blocks with swapped
-    operands, the weight tile the wgmma's 64+-row operand; gate_up writing h quantized; x quantized by
-    quantize_kernel) through gpu_fp8.grouped."""
+    through the moe dispatch, decode-sized blocks (16 rows with swapped operands, the weight tile the
+    wgmma's 64+-row operand: gpu_fp8.pick_block_m / pick_config) and prefill blocks (128 rows), both on
+    the fp8 wgmma; and session 6's options (gate_up writing h quantized; x quantized by quantize_kernel)
+    through gpu_fp8.grouped."""
     E, d, I, k = 256, 4096, 1024, 8
     wg, wd = _fp8_weight(d, I, E=E), _fp8_weight(I, d, E=E)
     args = (sd((T, d), jnp.bfloat16), sd((T, k), jnp.int32), sd((T, k), jnp.float32), wg, wg, wd)
@@ -187,8 +187,8 @@ def test_moe_fp8_kernels_compile_for_sm90(jax_triton_call, T, block_m):
     names = [c.params["fn"].fn.__name__ for c in calls]
     assert names == ["quantize_kernel"] * (block_m is not None) + ["gate_up_fp8_kernel", "down_fp8_kernel"], names
     for c in calls[-2:]:
-        assert c.params["BLOCK_M"] == (block_m or (64 if T == 16 else 128))
-        assert c.params["SWAP_AB"] == (block_m is not None)
+        assert c.params["BLOCK_M"] == (block_m or (16 if T == 16 else 128))
+        assert c.params["SWAP_AB"] == (T == 16)
         shared, ptx, _ = _compile_call(jax_triton_call, c)
         wgmma, mma = _ptx_ops(ptx)
         assert 0 < shared <= SM90_SMEM
@@ -322,10 +322,12 @@ def test_xla_fp8_dot_is_the_reference_math(scheme):
 
 def test_gpu_dispatch_runs_xla_fp8_dot_at_decode_sizes(jax_triton_call):
     """impl 'gpu': up to XLA_DOT_MAX_ROWS rows a weight XLA's FP8 dot takes runs there (no Triton launch;
-    on the CPU it runs: the reference math to 1e-5), above them the Triton kernel."""
+    on the CPU it runs: the reference math to 1e-5), above them the Triton kernel, from DEQUANT_MIN_ROWS
+    the reference math (quant.matmul, bit for bit)."""
     rng = np.random.default_rng(4)
     w = quant.with_layout(quant.quantize_param(jnp.asarray(rng.standard_normal((256, 200)) / 16, jnp.float32)), True)
-    for rows, triton in ((fp8_kernels.XLA_DOT_MAX_ROWS, False), (fp8_kernels.XLA_DOT_MAX_ROWS + 1, True)):
+    for rows, triton in ((fp8_kernels.XLA_DOT_MAX_ROWS, False), (fp8_kernels.XLA_DOT_MAX_ROWS + 1, True),
+                         (fp8_kernels.DEQUANT_MIN_ROWS, False)):
         x = jnp.asarray(rng.standard_normal((rows, 256)), jnp.float32)
         f = lambda x, w: fp8_kernels.matmul(x, w, impl="gpu")                          # noqa: E731
         names = [c.params["fn"].fn.__name__ for c in _triton_calls(jax_triton_call, jax.make_jaxpr(f)(x, w).jaxpr)]
@@ -333,3 +335,5 @@ def test_gpu_dispatch_runs_xla_fp8_dot_at_decode_sizes(jax_triton_call):
         if not triton:
             got, want = np.asarray(jax.jit(f)(x, w)), np.asarray(jax.jit(quant.matmul)(x, w))
             assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+            if rows >= fp8_kernels.DEQUANT_MIN_ROWS:
+                np.testing.assert_array_equal(got, want)

@@ -6,8 +6,9 @@ Implementations (impl=):
   reference  the formats' math in jnp (quant.matmul): dynamic activation quantize-dequantize, then the
              dequantized weight; the CPU path and the oracle of the kernel
   gpu        Hopper, the fastest measured GPU path by rows (device call A of session 6): up to
-             XLA_DOT_MAX_ROWS rows (decode) XLA's own FP8 dot (xla.py) where it takes the weight; else
-             the activations quantized to float8_e4m3fn in jnp, then a Triton kernel (gpu.py,
+             XLA_DOT_MAX_ROWS rows (decode) XLA's own FP8 dot (xla.py) where it takes the weight, from
+             DEQUANT_MIN_ROWS (prefill) the reference math (the weight dequantized for a 16-bit dot); in
+             between the activations quantized to float8_e4m3fn in jnp, then a Triton kernel (gpu.py,
              through jax-triton) multiplies the fp8 operands on the tensor cores with float32
              accumulation, scales applied per 128 k-block where they vary along K; weights the kernel
              does not take (weight-only FP8, a tp-sharded weight whose scale is kept whole) run the
@@ -30,6 +31,11 @@ IMPLS = ('reference', 'gpu', 'xla')
 # best tiles 34.4 us (cuBLAS bf16 38.9); T=64 49.6 against 53.4 (bf16 25.0). Above 64 rows the batched
 # form's [K / 128, rows, N] float32 partial products outgrow the weight (4x at 256 rows).
 XLA_DOT_MAX_ROWS = 64
+# ... and above this many rows (prefill) the reference math (activations quantize-dequantized, the weight
+# dequantized to the activation dtype, XLA's / cuBLAS's 16-bit dot): session 6 call B, flash's 4096 x 4096
+# at T=4096: 303.3 us against the Triton FP8 kernel's 597.1 (cuBLAS bf16 with a bf16 weight 261.8).
+# Rows between: the Triton kernel (not measured against the others there).
+DEQUANT_MIN_ROWS = 257
 FROM_MODEL_KERNELS = {'mosaic_gpu': 'gpu', 'pallas_triton': 'gpu', 'tpu': 'reference',
                       'tpu_interpret': 'reference', 'gpu_interpret': 'reference',
                       'mosaic_gpu_interpret': 'reference', 'pallas_triton_interpret': 'reference'}
@@ -58,6 +64,8 @@ def matmul(x, w, *, impl=None):
             rows *= n
         if rows <= XLA_DOT_MAX_ROWS and xla.supports(x, w):
             return xla.matmul(x, w)
+        if rows >= DEQUANT_MIN_ROWS:
+            return quant.matmul(x, w)
         if gpu.supports(x, w):
             return gpu.matmul(x, w)
     if impl == 'xla':

@@ -56,11 +56,13 @@ def pick_block_m(n_pairs: int, n_experts: int) -> int:
     (31% of the copy bandwidth; the bf16 ones stream at ~100%). 64-row blocks run the fp8 wgmma, which
     reads both fp8 operands from shared memory (~60-80 per KiB). The padding rows cost no weight bytes
     (an expert's weights are read once per block either way); gate_up writes their h rows (zeros),
-    down skips them. Session 6 added 16 / 32-row blocks with the operands swapped (pick_config's
-    swap_ab for blocks < 64 rows: the weight tile is the wgmma's 64+-row operand, the block's rows its
-    N); not the default until measured (scripts/bench_fp8.py --moe-sweep, tag bm16)."""
+    down skips them. Session 6: blocks of 16 rows where an expert gets <= 16 rows on average (decode
+    sizes, T <= 512 at flash's top-8 of 256), run with the operands swapped (pick_config's swap_ab for
+    blocks < 64 rows: the weight tile is the wgmma's 64+-row operand, the block's rows its N): device
+    call B (bench_fp8.py --moe-sweep, flash's experts, T=16) 429.4 us per call against 505.9 with
+    64-row blocks (1.18x; other T not measured yet)."""
     avg = n_pairs / max(n_experts, 1)
-    return 64 if avg <= 64 else 128
+    return 16 if avg <= 16 else 64 if avg <= 64 else 128
 
 
 def pick_config(kind: str, block_m: int, K: int, N: int, act: str = "none") -> Config:
