@@ -155,12 +155,16 @@ def decode_setup(model, cfg, mesh, B, C, page_size):
     return f, state, caches, batch
 
 
-def device_decode_ms(model, cfg, mesh, B, C, steps, reps, page_size):
+def device_decode_ms(model, cfg, mesh, B, C, steps, reps, page_size, setup=None):
     """Median device time of one decode step (engine step + greedy), steps dispatched back to back, over
-    the paged MLA cache with each request's pages scattered over the pool (decode_setup)."""
+    the paged MLA cache with each request's pages scattered over the pool (decode_setup; `setup`: one
+    made and compiled before, precompile)."""
     import jax
-    f, state, caches, batch = decode_setup(model, cfg, mesh, B, C, page_size)
+    f, state, caches, batch = setup or decode_setup(model, cfg, mesh, B, C, page_size)
+    t = time.perf_counter()
     toks, caches = f(state, caches, batch)
+    jax.block_until_ready(toks)
+    log.info("decode B=%d C=%d: first step (compile unless precompiled) %.1f s", B, C, time.perf_counter() - t)
     jax.block_until_ready(toks)
     ts = []
     for _ in range(reps):
@@ -196,13 +200,21 @@ def e2e_decode_ms(model, mesh, cfg, B, C, steps):
     return float(np.median(gaps[1:] if len(gaps) > 2 else gaps)) * 1e3, times[0] - t0
 
 
-def prefill_ms(model, mesh, cfg, N, L, reps):
+def prefill_engine(model, mesh, N, L):
+    return engine(model, mesh, max_batch=N, prefill_chunk=L, max_len=L + 8)
+
+
+def prefill_ms(model, mesh, cfg, N, L, reps, eng=None):
+    """Median wall time of Engine.generate of N prompts of L tokens, one token each (one prefill step),
+    after a warm-up call (eng: an engine made by prefill_engine, maybe precompiled)."""
     from lingjax.engine import SamplingParams
     rng = np.random.default_rng(N * L)
     prompts = [rng.integers(2, cfg.vocab_size, L).tolist() for _ in range(N)]
-    eng = engine(model, mesh, max_batch=N, prefill_chunk=L, max_len=L + 8)
+    eng = eng or prefill_engine(model, mesh, N, L)
     sp = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    t = time.perf_counter()
     eng.generate(prompts, sp)
+    log.info("prefill %dx%d: warm-up generate (compile unless precompiled) %.1f s", N, L, time.perf_counter() - t)
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -210,6 +222,39 @@ def prefill_ms(model, mesh, cfg, N, L, reps):
         ts.append((time.perf_counter() - t) * 1e3)
     del eng
     return statistics.median(ts)
+
+
+def precompile(model, cfg, mesh, decode_rows, prefill_rows, page_size, threads):
+    """Compile every row's step before any is timed, `threads` XLA compilations at a time (the compiler
+    releases the GIL; a 32-layer step takes tens of seconds to compile, one after the other they did
+    not fit a device call): decode rows traced and lowered here (decode_setup, Python, one after the
+    other), their compilations on a pool; meanwhile each prefill row's engine lowers and compiles its
+    prefill step (Engine.precompile). -> ({(B, C): setup}, {(N, L): engine})."""
+    from concurrent.futures import ThreadPoolExecutor
+    t0 = time.perf_counter()
+    setups, engines, futs = {}, {}, []
+    with ThreadPoolExecutor(threads, thread_name_prefix="bench-compile") as pool:
+        for B, C in decode_rows:
+            try:
+                s = decode_setup(model, cfg, mesh, B, C, page_size)
+                f, state, caches, batch = s
+                futs.append(pool.submit(f.lower(state, caches, batch).compile))
+                setups[(B, C)] = s
+            except Exception as e:                      # noqa: BLE001 (OOM etc.: the row runs and records it)
+                log.info("precompile decode B=%d C=%d: %s", B, C, str(e).splitlines()[0][:200] if str(e) else e)
+        log.info("precompile: %d decode steps lowered in %.1f s", len(decode_rows), time.perf_counter() - t0)
+        for N, L in prefill_rows:
+            eng = engines[(N, L)] = prefill_engine(model, mesh, N, L)
+            shapes = [sh for sh in eng.buckets("sample") if not sh[2] and sh[1] >= N * L][:1]
+            try:
+                eng.precompile(shapes, threads=1)
+            except Exception as e:                      # noqa: BLE001 (the warm-up generate compiles it then)
+                log.info("precompile prefill %dx%d %s: %s", N, L, shapes, e)
+        for fu in futs:
+            fu.result()
+    log.info("precompile: %d decode + %d prefill steps compiled in %.1f s (%d threads)", len(decode_rows),
+             len(prefill_rows), time.perf_counter() - t0, threads)
+    return setups, engines
 
 
 def capacity(model, mesh, cfg, gb, page_size, max_len, lo, hi, seed=0):
@@ -285,6 +330,10 @@ def main(argv=None):
                    help="capacity rows: the context a per-slot cache reserves per request (default 131072)")
     p.add_argument("--smoke", action="store_true",
                    help="CPU smoke test: the tiny preset and small rows unless given, 2 steps, 1 rep")
+    p.add_argument("--compile-threads", type=int, default=1,
+                   help="compile every decode and prefill row's step before timing any, this many XLA compilations "
+                        "at a time (default 1: each row compiles when it runs; full depth: 32 unrolled layers take "
+                        "tens of seconds per step shape)")
     p.add_argument("--out", help="JSON output (default $OUT/bench_e2e.json when $OUT is set)")
     args = p.parse_args(argv)
     for name, full, smoke in (("preset", "flash8", "tiny"), ("decode", "1x1024,16x1024,64x1024,256x1024", "2x16"),
@@ -350,10 +399,15 @@ def main(argv=None):
     steps, reps = (2, 1) if args.smoke else (args.steps, args.reps)
     for prec in (args.matmul_precision.split(",") if args.matmul_precision else [model.matmul_precision]):
         model.matmul_precision = prec          # a static attribute: the steps compile anew
+        setups, engines = {}, {}
+        if args.compile_threads > 1:
+            setups, engines = precompile(model, cfg, mesh, parse_pairs(args.decode), parse_pairs(args.prefill),
+                                         args.page_size, args.compile_threads)
         for B, C in parse_pairs(args.decode):
             row = dict(batch=B, context=C, matmul_precision=prec)
             try:
-                row["step_ms"] = device_decode_ms(model, cfg, mesh, B, C, steps, reps, args.page_size)
+                row["step_ms"] = device_decode_ms(model, cfg, mesh, B, C, steps, reps, args.page_size,
+                                                  setups.pop((B, C), None))
                 if B * C <= args.e2e_max_tokens:
                     row["e2e_ms"], row["prefill_s"] = e2e_decode_ms(model, mesh, cfg, B, C, steps)
                     row["host_gap_ms"] = row["e2e_ms"] - row["step_ms"]
@@ -374,7 +428,7 @@ def main(argv=None):
         for N, L in parse_pairs(args.prefill):
             row = dict(requests=N, length=L, matmul_precision=prec)
             try:
-                row["ms"] = prefill_ms(model, mesh, cfg, N, L, reps)
+                row["ms"] = prefill_ms(model, mesh, cfg, N, L, reps, engines.pop((N, L), None))
             except Exception as e:                      # noqa: BLE001
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
                 log.info("prefill %dx%d: %s", N, L, row["error"])

@@ -9,6 +9,8 @@ Dense rows: each distinct projection shape of the flash model (in x out, param l
                FP8_DYNAMIC)
   fp8-ref      (--methods) the reference math on the GPU: activation quantize-dequantize, the weight
                dequantized to bf16, XLA's bf16 dot (what the GPU ran before the kernel)
+  fp8-block-xla, fp8-channel-xla  (--methods) XLA's own FP8 dot (lingjax.kernels.fp8.xla: cuBLASLt / XLA's
+               GEMM emitter on the fp8 operands, scales after; fp8-block as a dot batched over K groups)
   fp8-block-inout, fp8-channel-inout  (--methods) the FP8 weights in the param layout [in, out] instead
                of K-major [out, in] (quant.with_layout; K-major is what the engine runs: its weight tiles
                are pipelined by cp.async, the [in, out] ones are not)
@@ -40,6 +42,7 @@ activations in and out; TFLOP/s over 2 T in out; speed-up of each FP8 row over b
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -104,9 +107,9 @@ def dense_rows(name, K, N, T, methods, impl, iters, reps):
         if m == "bf16":
             fn, wt = (lambda x, w: jnp.dot(x, w)), w
         else:
-            block, act = SCHEMES["fp8-block" if m == "fp8-ref" else m.removesuffix("-inout")]
+            block, act = SCHEMES["fp8-block" if m == "fp8-ref" else m.removesuffix("-inout").removesuffix("-xla")]
             wt = quant.with_layout(quant.quantize_param(w, block, act), not m.endswith("-inout"))
-            use = "reference" if m == "fp8-ref" else impl
+            use = "reference" if m == "fp8-ref" else "xla" if m.endswith("-xla") else impl
             fn = (lambda use: lambda x, w: fp8_kernels.matmul(x, w, impl=use))(use)
         row = dict(kind="dense", name=name, K=K, N=N, T=T, method=m)
         try:
@@ -176,15 +179,18 @@ def sweep_configs(T: int, K: int, N: int):
     """The tile grid of --sweep for T rows of a K x N projection (fp8.gpu.Config), pick_config's first."""
     from lingjax.kernels.fp8 import gpu
     auto = gpu.pick_config(T, N, K)
-    out = [("auto", auto)]
+    out = [("auto", auto), ("auto xq", dataclasses.replace(auto, xla_quant=True))]   # xq: XLA's quantization
     if T <= 64:
-        for bn in (64, 128):
-            for split in (1, 2, 4, 8, 16):
-                for stages in (4,):
-                    for qa in (True, False):
-                        c = gpu.Config(auto.block_m, bn, 128, split, 8, 4, stages, qa)
+        bm_swap = max(16, 1 << (T - 1).bit_length())        # swap_ab: the activation rows as the wgmma's N
+        for swap in (False, True) if bm_swap < 64 else (False,):
+            for bn in ((32, 64, 128) if swap else (64, 128)):
+                for split in (1, 2, 4, 8):
+                    for reduce in ((False, True) if split > 1 else (False,)):
+                        stages = 6 if swap else 4
+                        c = gpu.Config(bm_swap if swap else 64, bn, 128, split, 8, 4, stages, False, swap, reduce)
                         if c != auto:
-                            out.append((f"n{bn} s{split} st{stages} {'qa' if qa else 'xla-q'}", c))
+                            tag = f"{'swap ' if swap else ''}n{bn} s{split}{' red' if reduce else ''} st{stages}"
+                            out.append((tag, c))
     else:
         for bm, bn, warps, stages in ((64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3),
                                       (64, 256, 8, 3)):
@@ -194,7 +200,19 @@ def sweep_configs(T: int, K: int, N: int):
     return out
 
 
-def sweep_rows(name, K, N, T, iters, reps):
+def tags_for(spec: str, T: int) -> list:
+    """--sweep-tags / --moe-sweep-tags: comma list of tags, each for every T or, written "T:tag", for that T."""
+    out = []
+    for t in (t.strip() for t in spec.split(",") if t.strip()):
+        pre, sep, rest = t.partition(":")
+        if not sep:
+            out.append(t)
+        elif int(pre) == T:
+            out.append(rest)
+    return out
+
+
+def sweep_rows(name, K, N, T, iters, reps, tags=()):
     import jax
     import jax.numpy as jnp
     from lingjax import quant
@@ -207,6 +225,8 @@ def sweep_rows(name, K, N, T, iters, reps):
     ref = jax.jit(lambda x, w: fp8_kernels.matmul(x, w, impl="reference"))(x, wt)
     rows, t_auto = [], None
     for tag, c in sweep_configs(T, K, N):
+        if tags and tag != "auto" and tag not in tags:
+            continue
         fn = (lambda c: lambda x, w: gpu.matmul(x, w, config=c))(c)
         row = dict(kind="sweep", name=name, K=K, N=N, T=T, method=f"fp8-block {tag}", config=str(c))
         try:
@@ -218,6 +238,89 @@ def sweep_rows(name, K, N, T, iters, reps):
             continue
         moved = nbytes(wt) + T * K * 2 + T * N * 2
         row.update(us=t * 1e6, tb_s=moved / t / 1e12, tflop_s=2 * T * K * N / t / 1e12)
+        if tag == "auto":
+            t_auto = t
+        elif t_auto:
+            row["speedup"] = t_auto / t
+        rows.append(row)
+    return rows
+
+
+def moe_sweep_configs():
+    """(tag, rows per block or None (gpu_fp8.pick_block_m's), gate_up, down) variants of --moe-sweep; each
+    kernel's entry is None (gpu_fp8.pick_config's choice for those rows) or a dict of Config fields
+    changed from it. auto = the defaults (since session 6's call A: session 5's kernels, 64-row blocks at
+    decode sizes, x and h quantized by XLA's passes); qk = quantize_kernel launches instead; qh = gate_up
+    writes h quantized; bm16 = 16-row blocks with swapped operands."""
+    xq = dict(xla_quant=True)
+    qk = dict(xla_quant=False)
+    return [("auto", None, None, None), ("auto xq", None, xq, xq), ("auto qk", None, qk, qk),
+            ("gu qh", None, dict(block_n=128, num_warps=8, quant_h=True), None),
+            ("bm16", 16, None, None), ("bm16 qh", 16, dict(block_n=128, quant_h=True, num_stages=3), None),
+            ("bm16 qh qk", 16, dict(block_n=128, quant_h=True, num_stages=3, xla_quant=False), qk),
+            ("bm16 gu st6", 16, dict(num_stages=6), None), ("bm16 dn st6", 16, None, dict(num_stages=6)),
+            ("s5", 64, dict(block_n=64, num_warps=4, quant_h=False, xla_quant=True), xq),
+            ("bm64", 64, None, None), ("bm32", 32, None, None),
+            ("gu st4", None, dict(num_stages=4), None), ("gu st2", None, dict(num_stages=2), None),
+            ("gu w8", None, dict(num_warps=8), None),
+            ("gu n64 noqh st4", None, dict(block_n=64, quant_h=False, num_stages=4), None),
+            ("dn st3", None, None, dict(num_stages=3)), ("dn st6", None, None, dict(num_stages=6)),
+            ("dn n64 st6", None, None, dict(block_n=64, num_stages=6)),
+            ("dn n256 st3", None, None, dict(block_n=256, num_stages=3)),
+            ("dn w8", None, None, dict(num_warps=8))]
+
+
+def moe_sweep_fn(bm, gc, dc, n_exp, n_pairs):
+    """experts(x, idx, cw, w_gate, w_up, w_down) as lingjax.kernels.moe.experts runs the FP8 path, with
+    bm rows per block and the gate_up / down Configs of moe_sweep_configs (see there)."""
+    from lingjax.kernels import moe as moe_kernels
+    from lingjax.kernels.moe import gpu_fp8
+
+    def fn(x, idx, cw, a, b, c):
+        block_m = bm or gpu_fp8.pick_block_m(n_pairs, n_exp)
+        lay = moe_kernels.make_layout(idx, n_exp, block_m, gpu_fp8.pick_layout_method(n_pairs))
+        d, inter = a.shape[-2:]
+        g = gpu_fp8.pick_config("gate_up", block_m, d, inter, a.act)
+        dn = gpu_fp8.pick_config("down", block_m, inter, d, c.act)
+        g = dataclasses.replace(g, **gc) if gc else g
+        dn = dataclasses.replace(dn, **dc) if dc else dn
+        y = gpu_fp8.grouped(x, lay, a, b, c, gate_up_config=g, down_config=dn)
+        return moe_kernels.combine(y, lay, cw).astype(x.dtype)
+    return fn
+
+
+def moe_sweep_rows(T, iters, reps, d=D, inter=I, n_exp=E, k=K_TOP, tags=None):
+    """The FP8 grouped matmuls (fp8-block, K-major) over moe_sweep_configs at T tokens: the layout, both
+    kernels and the combine, as lingjax.kernels.moe.experts runs them; err ref vs the reference math."""
+    import jax
+    import jax.numpy as jnp
+    from lingjax import quant
+    from lingjax.kernels import moe as moe_kernels
+    from lingjax.kernels.moe import gpu_fp8
+    from bench_moe import make_problem
+    x, idx, cw, wg, wu, wd = make_problem(T, d, inter, n_exp, k, 0, jnp.bfloat16)
+    ws = tuple(quant.with_layout(quant.quantize_param(w, *SCHEMES["fp8-block"]), True) for w in (wg, wu, wd))
+    del wg, wu, wd
+    touched = n_exp * (1 - (1 - k / n_exp) ** T)
+    ref = jax.jit(lambda *a: moe_kernels.experts(*a, impl="reference"))(x, idx, cw, *ws)
+    n_pairs = T * k
+    rows, t_auto = [], None
+    for tag, bm, gc, dc in moe_sweep_configs():
+        if tags and tag not in tags:
+            continue
+        fn = moe_sweep_fn(bm, gc, dc, n_exp, n_pairs)
+        row = dict(kind="moe-sweep", name=f"experts {n_exp}x{d}x{inter} top{k}", T=T, method=f"fp8-block {tag}",
+                   config=f"block_m {bm or gpu_fp8.pick_block_m(n_pairs, n_exp)}: {gc} / {dc}")
+        try:
+            t = loop_time(fn, x, (idx, cw) + ws, iters, reps)
+            row["err_ref"] = rel(jax.jit(fn)(x, idx, cw, *ws), ref)
+        except Exception as e:                              # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            log.info("moe sweep T=%d %s: %s", T, tag, row["error"])
+            rows.append(row)
+            continue
+        moved = sum(nbytes(w) for w in ws) / n_exp * touched + 2 * T * d * 2
+        row.update(us=t * 1e6, tb_s=moved / t / 1e12, tflop_s=2 * T * k * 3 * d * inter / t / 1e12)
         if tag == "auto":
             t_auto = t
         elif t_auto:
@@ -275,6 +378,11 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", help="also sweep the dense FP8 kernel's tiles (see above)")
     p.add_argument("--sweep-shapes", default="attn 4096x4096", help="comma list of dense shapes to sweep")
     p.add_argument("--sweep-tokens", default="16,64", help="comma list of T to sweep at")
+    p.add_argument("--moe-sweep", action="store_true",
+                   help="also sweep the FP8 grouped matmuls' tiles (moe_sweep_configs; x auto = speed-up over auto)")
+    p.add_argument("--moe-sweep-tokens", default="16,64", help="comma list of T for --moe-sweep")
+    p.add_argument("--moe-sweep-tags", default="", help="comma list of moe_sweep_configs tags, each for every T or as T:tag for one (default all)")
+    p.add_argument("--sweep-tags", default="", help="comma list of dense sweep tags, each for every T or as T:tag for one (default all; auto always)")
     p.add_argument("--iters", type=int, default=20, help="calls per timed loop (default 20)")
     p.add_argument("--reps", type=int, default=3, help="timed loops; the median is reported (default 3)")
     p.add_argument("--model-check", action="store_true",
@@ -286,7 +394,8 @@ def main(argv=None):
     import jax
     tokens = [int(t) for t in args.tokens.split(",") if t]
     methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in ("bf16", "fp8-ref", *SCHEMES, *(f"{k}-inout" for k in SCHEMES))]
+    unknown = [m for m in methods if m not in ("bf16", "fp8-ref", *SCHEMES, *(f"{k}-inout" for k in SCHEMES),
+                                               *(f"{k}-xla" for k in SCHEMES))]
     if unknown:
         p.error(f"unknown methods {unknown}")
     names = [n for n in args.dense.split(",") if n]
@@ -319,10 +428,16 @@ def main(argv=None):
             if name not in DENSE:
                 p.error(f"unknown sweep shape {name!r}; expected some of {list(DENSE)}")
             for T in [int(t) for t in args.sweep_tokens.split(",") if t]:
-                for r in sweep_rows(name, *DENSE[name], T, iters, reps):
+                for r in sweep_rows(name, *DENSE[name], T, iters, reps, tags_for(args.sweep_tags, T)):
                     report["rows"].append(r)
                     log.info("%s", _line(r))
                 save()
+    if args.moe_sweep and impl == "gpu":
+        for T in [int(t) for t in args.moe_sweep_tokens.split(",") if t]:
+            for r in moe_sweep_rows(T, iters, reps, tags=tags_for(args.moe_sweep_tags, T)):
+                report["rows"].append(r)
+                log.info("%s", _line(r))
+            save()
     if not args.no_moe:
         for T in tokens:
             kw = dict(d=256, inter=128, n_exp=16, k=2) if args.smoke else {}
@@ -332,7 +447,7 @@ def main(argv=None):
             save()
     print(f"\n{report['device']}: FP8 vs bf16 (impl {impl}); us per call, err ref = vs the reference math with the "
           f"same FP8 weights, err bf16 = vs bf16 weights")
-    print("| op | T | method | us | TB/s | TFLOP/s | x bf16 | err ref | err bf16 |\n|---|---|---|---|---|---|---|---|---|")
+    print("| op | T | method | us | TB/s | TFLOP/s | x bf16 (sweeps: x auto) | err ref | err bf16 |\n|---|---|---|---|---|---|---|---|---|")
     for r in report["rows"]:
         print(_line(r, table=True))
     for r in report.get("model_check", []):

@@ -153,6 +153,8 @@ def random_fp8_model(cfg, dtype, scheme, kmajor: bool = True, mtp: bool = False,
     shards (lingjax.sharding's specs; an FP8 weight and its scales sharded together), so no device
     ever holds a whole bf16 expert tensor; the values do not depend on the mesh."""
     import functools
+    import logging
+    import time
 
     import jax
     from flax import nnx
@@ -179,7 +181,12 @@ def random_fp8_model(cfg, dtype, scheme, kmajor: bool = True, mtp: bool = False,
         return {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state) if not is_quantized_param(p)}
     rest_shardings = None if mesh is None else {
         "/".join(map(str, p)): named(sharding.param_spec(p, cfg, tp)) for p, _ in flat if not is_quantized_param(p)}
+    t0 = time.perf_counter()
     plain = jax.jit(rest, out_shardings=rest_shardings)()
+    jax.block_until_ready(plain)
+    logging.getLogger("shapes").info("random_fp8_model: unquantized params (one jitted init) %.1f s",
+                                     time.perf_counter() - t0)
+    t0 = time.perf_counter()
 
     def fp8(key, shape):
         w = quant.quantize_param(0.02 * jax.random.normal(key, shape, dtype), block, act)
@@ -204,6 +211,8 @@ def random_fp8_model(cfg, dtype, scheme, kmajor: bool = True, mtp: bool = False,
         else:
             value = plain.pop(name)
         set_param(model, tuple(path), value)
+    logging.getLogger("shapes").info("random_fp8_model: FP8 params made and quantized one at a time %.1f s",
+                                     time.perf_counter() - t0)
     return model
 
 

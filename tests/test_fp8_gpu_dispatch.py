@@ -61,6 +61,7 @@ def test_model_routes_fp8_weights_to_the_fp8_kernels(fp8_model, jax_triton_call,
         calls["fp8_ref"] += quant.is_fp8(w)
         return real(x, w)
     monkeypatch.setattr(quant, "matmul", spy)
+    monkeypatch.setattr(fp8_kernels, "XLA_DOT_MAX_ROWS", 0)     # the Triton kernel at every size (see below)
     _set_kernels(fp8_model, "gpu")
     try:
         jx = jax.make_jaxpr(lambda t: fp8_model(t))(TOKENS)
@@ -73,6 +74,15 @@ def test_model_routes_fp8_weights_to_the_fp8_kernels(fp8_model, jax_triton_call,
         n_dense = sum(1 for _, m in nnx.iter_modules(fp8_model) if isinstance(m, Dense)
                       and quant.is_fp8(m.kernel.get_value()))
         assert names.count("fp8_matmul_kernel") == n_dense == 5 + 5 + 3 + 3, names
+        # up to XLA_DOT_MAX_ROWS rows the dense projections XLA's FP8 take go there instead
+        from lingjax.kernels.fp8 import xla
+        n_xla = sum(1 for _, m in nnx.iter_modules(fp8_model) if isinstance(m, Dense)
+                    and quant.is_fp8(m.kernel.get_value()) and xla.supports(jnp.zeros((1, 1, m.kernel.get_value().shape[0]),
+                                                                                        jnp.bfloat16), m.kernel.get_value()))
+        monkeypatch.setattr(fp8_kernels, "XLA_DOT_MAX_ROWS", TOKENS.size)
+        jx = jax.make_jaxpr(lambda t: fp8_model(t))(TOKENS)
+        names = [e.params["fn"].fn.__name__ for e in _triton_calls(jax_triton_call, jx.jaxpr)]
+        assert names.count("fp8_matmul_kernel") == n_dense - n_xla and calls["fp8_ref"] == 0, (n_xla, names)
         quant.without_activation_quant(fp8_model)
         jx = jax.make_jaxpr(lambda t: fp8_model(t))(TOKENS)
         names = [e.params["fn"].fn.__name__ for e in _triton_calls(jax_triton_call, jx.jaxpr)]
@@ -120,38 +130,70 @@ def _ptx_ops(ptx):
     return set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.\w+\.f32\.(\w+)\.", ptx)), "mma.sync" in ptx
 
 
-@pytest.mark.parametrize("M,block,act", [(1, (128, 128), "group"), (64, (128, 128), "group"),
-                                         (4096, (128, 128), "group"), (16, (0, 1), "token")])
-def test_dense_fp8_kernel_compiles_for_sm90(jax_triton_call, M, block, act):
-    """Flash's 4096 x 4096 projection: decode M=1 and M=64 (one 64-row tile, split-K) and prefill
-    M=4096 (128 x 128 tiles, 8 warps), all on the fp8 wgmma (no f16 conversion: gpu.pick_config);
-    pipelined loads; within sm_90's shared memory."""
-    jx = jax.make_jaxpr(fp8_gpu.matmul)(sd((M, 4096), jnp.bfloat16), _fp8_weight(4096, 4096, block, act))
-    eqn, = _triton_calls(jax_triton_call, jx.jaxpr)
+SWAP_REDUCE = fp8_gpu.Config(16, 64, 128, 4, 8, 4, 6, swap_ab=True, reduce=True, xla_quant=False)
+
+
+@pytest.mark.parametrize("M,block,act,config", [(1, (128, 128), "group", None), (64, (128, 128), "group", None),
+                                                (4096, (128, 128), "group", None), (16, (0, 1), "token", None),
+                                                (16, (128, 128), "group", SWAP_REDUCE)],
+                         ids=["1", "64", "4096", "16-channel", "16-swap-reduce-quantize-kernel"])
+def test_dense_fp8_kernel_compiles_for_sm90(jax_triton_call, M, block, act, config):
+    """Flash's 4096 x 4096 projection: decode M=1 and 64 (one 64-row tile, split-K) and prefill M=4096
+    (128 x 128 tiles, 8 warps), all on the fp8 wgmma (no f16 conversion: gpu.pick_config); pipelined
+    loads; within sm_90's shared memory. Session 6's options too (not the defaults): swap_ab (the weight
+    tile as the 64-row operand, the 16 activation rows the wgmma's N), split-K summed in the kernel
+    (an acq_rel atomic per tile) and the activations quantized by quantize_kernel."""
+    jx = jax.make_jaxpr(lambda x, w: fp8_gpu.matmul(x, w, config=config))(
+        sd((M, 4096), jnp.bfloat16), _fp8_weight(4096, 4096, block, act))
+    calls = _triton_calls(jax_triton_call, jx.jaxpr)
+    names = [c.params["fn"].fn.__name__ for c in calls]
+    assert names == (["quantize_kernel", "fp8_matmul_kernel"] if config else ["fp8_matmul_kernel"]), names
+    if config:
+        shared, _, _ = _compile_call(jax_triton_call, calls[0])
+        assert 0 < shared <= SM90_SMEM
+    eqn = calls[-1]
     assert eqn.params["PER_K_SCALE"] == (act == "group")
     shared, ptx, _ = _compile_call(jax_triton_call, eqn)
     wgmma, mma = _ptx_ops(ptx)
     assert 0 < shared <= SM90_SMEM and "cp.async" in ptx
-    assert eqn.params["BLOCK_M"] >= 64 and wgmma == {"e4m3"} and not mma, (wgmma, mma)
+    assert (eqn.params["BLOCK_M"] >= 64 or eqn.params["SWAP_AB"]) and wgmma == {"e4m3"} and not mma, (wgmma, mma)
+    assert eqn.params["SWAP_AB"] == bool(config) and eqn.params["REDUCE"] == bool(config)
+    if config:
+        assert "atom.global.gpu.acq_rel.add" in ptx
 
 
-@pytest.mark.parametrize("T", [16, 4096])
-def test_moe_fp8_kernels_compile_for_sm90(jax_triton_call, T):
-    """The FP8 grouped matmuls at Ling-2.6-flash's expert shapes (256 experts, d 4096, I 1024, top-8)
-    through the moe dispatch: decode-sized blocks (64 rows, gpu_fp8.pick_block_m) and prefill blocks
-    (128 rows), both on the fp8 wgmma."""
+@pytest.mark.parametrize("T,block_m", [(16, None), (4096, None), (16, 16)])
+def test_moe_fp8_kernels_compile_for_sm90(jax_triton_call, T, block_m):
+    """The FP8 grouped matmuls at Ling-2.6-flash's expert shapes (256 experts, d 4096, I 1024, top-8):
+    through the moe dispatch, decode-sized blocks (16 rows with swapped operands, the weight tile the
+    wgmma's 64+-row operand: gpu_fp8.pick_block_m / pick_config) and prefill blocks (128 rows), both on
+    the fp8 wgmma; and session 6's options (gate_up writing h quantized; x quantized by quantize_kernel)
+    through gpu_fp8.grouped."""
     E, d, I, k = 256, 4096, 1024, 8
     wg, wd = _fp8_weight(d, I, E=E), _fp8_weight(I, d, E=E)
     args = (sd((T, d), jnp.bfloat16), sd((T, k), jnp.int32), sd((T, k), jnp.float32), wg, wg, wd)
-    jx = jax.make_jaxpr(lambda *a: moe_kernels.experts(*a, impl="gpu"))(*args)
+    if block_m is None:
+        jx = jax.make_jaxpr(lambda *a: moe_kernels.experts(*a, impl="gpu"))(*args)
+    else:
+        gc = dataclasses.replace(gpu_fp8.pick_config("gate_up", block_m, d, I, "group"), block_n=128, quant_h=True,
+                                 xla_quant=False)
+        dc = dataclasses.replace(gpu_fp8.pick_config("down", block_m, I, d, "group"), xla_quant=False)
+
+        def f(x, idx, cw, a, b, c):
+            lay = moe_kernels.make_layout(idx, E, block_m)
+            return gpu_fp8.grouped(x, lay, a, b, c, gate_up_config=gc, down_config=dc)
+        jx = jax.make_jaxpr(f)(*args)
     calls = _triton_calls(jax_triton_call, jx.jaxpr)
-    assert [c.params["fn"].fn.__name__ for c in calls] == ["gate_up_fp8_kernel", "down_fp8_kernel"]
-    for c in calls:
-        assert c.params["BLOCK_M"] == (64 if T == 16 else 128)
+    names = [c.params["fn"].fn.__name__ for c in calls]
+    assert names == ["quantize_kernel"] * (block_m is not None) + ["gate_up_fp8_kernel", "down_fp8_kernel"], names
+    for c in calls[-2:]:
+        assert c.params["BLOCK_M"] == (block_m or (16 if T == 16 else 128))
+        assert c.params["SWAP_AB"] == (T == 16)
         shared, ptx, _ = _compile_call(jax_triton_call, c)
         wgmma, mma = _ptx_ops(ptx)
         assert 0 < shared <= SM90_SMEM
         assert wgmma == {"e4m3"} and not mma, (wgmma, mma)
+    assert calls[-2].params["QUANT_H"] == (block_m is not None)
 
 
 @pytest.mark.parametrize("scheme", ["fp8-block", "fp8-channel"])
@@ -189,7 +231,8 @@ def test_kmajor_weights_stream_by_async_copies(jax_triton_call, kind, M):
     ld.shared left there are the activations' in-kernel quantization, a row reduction). In the param
     layout [K, N] the weight tiles go through registers unpipelined (fewer cp.async), or are gathered
     from shared memory byte by byte (scalar ld.shared): the FP8 decode slowdown of issue 18.
-    Flash's shapes, compiled for sm_90 (the defaults run 64+-row tiles at every size since session 5:
+    Flash's shapes, compiled for sm_90 (the defaults run the fp8 wgmma at every size since session 5:
+    64+-row tiles, or at decode sizes of the dense kernel the weight tile as the 64-row operand, swap_ab:
     gpu.pick_config, gpu_fp8.pick_block_m)."""
     counts = {}
     for kmajor in (False, True):
@@ -201,16 +244,17 @@ def test_kmajor_weights_stream_by_async_copies(jax_triton_call, kind, M):
             wg, wd = _fp8_weight(d, I, E=E, kmajor=kmajor), _fp8_weight(I, d, E=E, kmajor=kmajor)
             f = lambda *a: moe_kernels.experts(*a, impl="gpu")                        # noqa: E731
             args = (sd((M, d), jnp.bfloat16), sd((M, k), jnp.int32), sd((M, k), jnp.float32), wg, wg, wd)
-        calls = _triton_calls(jax_triton_call, jax.make_jaxpr(f)(*args).jaxpr)
+        calls = [c for c in _triton_calls(jax_triton_call, jax.make_jaxpr(f)(*args).jaxpr)
+                 if c.params["fn"].fn.__name__ != "quantize_kernel"]
         assert all(c.params["B_KMAJOR"] == kmajor for c in calls)
         c = calls[0]
         shared, ptx, _ = _compile_call(jax_triton_call, c)
         assert 0 < shared <= SM90_SMEM
         counts[kmajor] = _ptx_counts(ptx)
-        bm = c.params["BLOCK_M"]
-        assert _ptx_ops(ptx)[0] == {"e4m3"} if bm >= 64 else _ptx_ops(ptx)[1]
+        wgmma = c.params["BLOCK_M"] >= 64 or bool(c.params.get("SWAP_AB"))     # swap_ab: 64+ weight rows
+        assert _ptx_ops(ptx)[0] == {"e4m3"} if wgmma else _ptx_ops(ptx)[1]
     (cp_io, ldm_io, lds_io), (cp_k, ldm_k, lds_k) = counts[False], counts[True]
-    if bm >= 64:
+    if wgmma:
         assert cp_k > cp_io > 0, counts
     else:
         assert ldm_k > ldm_io and 4 * lds_k < lds_io, counts
@@ -251,3 +295,45 @@ def test_kernel_layout_same_model(fp8_model, jax_triton_call):
         _set_kernels(fp8_model, None)
         quant.to_kernel_layout(fp8_model, kmajor=False)
     assert not fp8_model.layers[1].mlp.w_down.get_value().kmajor
+
+
+@pytest.mark.parametrize("scheme", ["fp8-block", "fp8-channel"])
+def test_xla_fp8_dot_is_the_reference_math(scheme):
+    """impl 'xla' (XLA's own FP8 dot on the fp8 operands, scales after; fp8-block batched over the
+    128-deep K groups): the reference math (quant.matmul) up to float32 summation order (1e-5 relative,
+    float32), K-major (block) and [in, out] (channel) weights, N not a multiple of 128; a weight it does
+    not take (weight-only) runs the reference."""
+    rng = np.random.default_rng(3)
+    blk, act = {"fp8-block": ((128, 128), "group"), "fp8-channel": ((0, 1), "token")}[scheme]
+    K, N = 384, 200
+    w = jnp.asarray(rng.standard_normal((K, N)) / np.sqrt(K), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((5, 2, K)) * np.exp(rng.uniform(-2, 2, (5, 2, 1))), jnp.float32)
+    from lingjax.kernels.fp8 import xla
+    wq = quant.with_layout(quant.quantize_param(w, blk, act), scheme == "fp8-block")
+    assert xla.supports(x, wq)
+    got = np.asarray(jax.jit(lambda x, w: fp8_kernels.matmul(x, w, impl="xla"))(x, wq))
+    want = np.asarray(jax.jit(quant.matmul)(x, wq))
+    assert got.shape == (5, 2, N)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+    wo = dataclasses.replace(wq, act="none")
+    assert not xla.supports(x, wo)
+    np.testing.assert_array_equal(np.asarray(fp8_kernels.matmul(x, wo, impl="xla")), np.asarray(quant.matmul(x, wo)))
+
+
+def test_gpu_dispatch_runs_xla_fp8_dot_at_decode_sizes(jax_triton_call):
+    """impl 'gpu': up to XLA_DOT_MAX_ROWS rows a weight XLA's FP8 dot takes runs there (no Triton launch;
+    on the CPU it runs: the reference math to 1e-5), above them the Triton kernel, from DEQUANT_MIN_ROWS
+    the reference math (quant.matmul, bit for bit)."""
+    rng = np.random.default_rng(4)
+    w = quant.with_layout(quant.quantize_param(jnp.asarray(rng.standard_normal((256, 200)) / 16, jnp.float32)), True)
+    for rows, triton in ((fp8_kernels.XLA_DOT_MAX_ROWS, False), (fp8_kernels.XLA_DOT_MAX_ROWS + 1, True),
+                         (fp8_kernels.DEQUANT_MIN_ROWS, False)):
+        x = jnp.asarray(rng.standard_normal((rows, 256)), jnp.float32)
+        f = lambda x, w: fp8_kernels.matmul(x, w, impl="gpu")                          # noqa: E731
+        names = [c.params["fn"].fn.__name__ for c in _triton_calls(jax_triton_call, jax.make_jaxpr(f)(x, w).jaxpr)]
+        assert names == (["fp8_matmul_kernel"] if triton else []), names
+        if not triton:
+            got, want = np.asarray(jax.jit(f)(x, w)), np.asarray(jax.jit(quant.matmul)(x, w))
+            assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+            if rows >= fp8_kernels.DEQUANT_MIN_ROWS:
+                np.testing.assert_array_equal(got, want)

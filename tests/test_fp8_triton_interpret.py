@@ -48,6 +48,10 @@ DENSE = [
     ("tensor-token-f16", "tensor", "token", 20, 256, 80, (16, 32, 128, 1), "float16"),
     ("channel-group-fused", "channel", "group", 17, 256, 96, (16, 32, 128, 2, 8, 4, 4, True), "float32"),
     ("block-fused-f16", "block", "group", 6, 320, 136, (16, 64, 128, 1, 8, 4, 4, True), "float16"),
+    # swap_ab (y^T = w^T x^T: the weight tile is the wgmma's 64-row operand) and split-K summed in the kernel
+    ("block-swap-reduce3", "block", "group", 5, 384, 200, (16, 64, 128, 3, 8, 4, 4, False, True, True), "float32"),
+    ("channel-swap-f16", "channel", "token", 20, 256, 96, (32, 32, 128, 1, 8, 4, 4, False, True), "float16"),
+    ("column-reduce2", "column", "group", 17, 256, 96, (16, 32, 128, 2, 8, 4, 4, False, False, True), "float32"),
 ]
 # MoE: (name, weight strategy, act, T, k, E, block_m, out dtype)
 MOE = [
@@ -57,14 +61,19 @@ MOE = [
     ("channel-token-bm32", "channel", "token", 33, 3, 4, 32, "float16"),
 ]
 D, I = 256, 256                     # MoE dims: two 128-groups each
+# the activation quantization kernel (quantize_kernel): (name, act, M, K, input dtype)
+QUANT = [("group", "group", 21, 384, "float32"), ("group-tail-f16", "group", 5, 200, "float16"),
+         ("token", "token", 18, 320, "float32"), ("token-one-group", "group", 3, 96, "float32")]
 # cases also run with the weights stored K-major ([N, K] / [E, N, K], quant.with_layout: B_KMAJOR)
 KMAJOR_DENSE = ("block-decode", "block-k64-tail", "column-group", "channel-token", "tensor-token-f16",
-                "block-fused-f16")
+                "block-fused-f16", "block-swap-reduce3", "channel-swap-f16")
 KMAJOR_MOE = ("block-many", "channel-token-bm32")
 # cases whose launch quantizes the activations in the kernel (gpu.fused_quant: per-group scales, 128-deep
 # k-steps, a config with quant_a: an option, not pick_config's default): the kernel reads x itself
 FUSED_DENSE = ("channel-group-fused", "block-fused-f16")
 FUSED_MOE = ("block-decode", "block-many")       # also run with QUANT_A (gpu_fp8.fused_quant), K-major
+# gate_up also run with QUANT_H (h quantized in its epilogue: 128-wide tiles; K-major), H_ROUND of the dtype
+QUANT_H_MOE = {"block-decode": "float16", "block-many": "float32"}
 
 
 def _fmt(strategy, act):
@@ -172,6 +181,16 @@ def _child(workdir):
     f8 = lambda a: tt(a).view(torch.float8_e4m3fn)                                # noqa: E731
     sentinel = 1027.0
     _round_check(workdir)
+    from lingjax.kernels.fp8.triton_kernels import quantize_kernel
+    for name, act, M, K, dt in QUANT:
+        x = np.load(Path(workdir) / f"quant-{name}.npy")
+        G = -(-K // 128) if act == "group" else 1
+        q = torch.zeros((M, K), dtype=torch.uint8).view(torch.float8_e4m3fn)
+        sc = torch.full((M, G), sentinel, dtype=torch.float32)
+        grid = (-(-M // gpu.QUANT_ROWS), G) if act == "group" else (-(-M // gpu.QUANT_ROWS),)
+        quantize_kernel[grid](tt(x).to(getattr(torch, dt)), q, sc, M=M, K=K, PER_GROUP=act == "group",
+                              BLOCK_R=gpu.QUANT_ROWS)
+        np.savez(Path(workdir) / f"quant-{name}-out.npz", q=q.view(torch.uint8).numpy(), s=sc.numpy())
     for case in DENSE:
         name, _, _, M, K, N, cfg, out = case
         z = np.load(Path(workdir) / f"dense-{name}.npz")
@@ -184,18 +203,26 @@ def _child(workdir):
             c, grid, consts = gpu.launch(M, w, z["xs"].shape[-1], config)
             assert consts["B_KMAJOR"] == kmajor
             assert consts["QUANT_A"] == (name in FUSED_DENSE), name
-            dt = getattr(torch, out) if c.split_k == 1 else torch.float32
-            y = torch.full((c.split_k, M, N) if c.split_k > 1 else (M, N), sentinel, dtype=dt)
+            outs, zeroed = gpu.out_shapes(M, N, out, c, grid)
+            bufs = [torch.zeros(o.shape, dtype=getattr(torch, str(o.dtype))) if i in zeroed else
+                    torch.full(o.shape, sentinel, dtype=getattr(torch, str(o.dtype))) for i, o in enumerate(outs)]
             a = tt(z["x"]).to(getattr(torch, out)) if consts["QUANT_A"] else f8(z["xq"])   # the kernel quantizes x
-            fp8_matmul_kernel[grid](a, tt(z["xs"]), f8(wq), tt(z["ws"]), y, **consts)
-            y = y.double().sum(0) if c.split_k > 1 else y.double()
+            fp8_matmul_kernel[grid](a, tt(z["xs"]), f8(wq), tt(z["ws"]), *bufs, **consts)
+            y = bufs[0].double()
+            if c.split_k > 1 and not c.reduce:
+                y = y.sum(0)
+            if consts["REDUCE"]:
+                assert np.all(bufs[2].numpy() == c.split_k), "every split must arrive once per tile"
             np.save(Path(workdir) / f"dense-{name}-out{'-kmajor' if kmajor else ''}.npy", y.numpy())
     for case in MOE:
         name, _, act, T, k, E, bm, out = case
         z = np.load(Path(workdir) / f"moe-{name}.npz")
         blk = tuple(int(b) for b in z["block"])
-        variants = [(False, False)] + [(True, False)] * (name in KMAJOR_MOE) + [(True, True)] * (name in FUSED_MOE)
-        for kmajor, fused in variants:
+        # (K-major, QUANT_A, swap_ab: None = pick_config's, which swaps for blocks of < 64 rows)
+        variants = ([(False, False, None)] + [(True, False, None), (True, False, False)] * (name in KMAJOR_MOE)
+                    + [(True, True, False)] * (name in FUSED_MOE))
+        for kmajor, fused, swap in variants:
+            sw = {} if swap is None else dict(swap_ab=swap)
             sfx = "_k" if kmajor else ""
             wg = quant.FP8Weight(z["wgq" + sfx].view(quant.FP8_NP), z["wgs"], blk, act, kmajor)
             wd = quant.FP8Weight(z["wdq" + sfx].view(quant.FP8_NP), z["wds"], blk, act, kmajor)
@@ -203,7 +230,8 @@ def _child(workdir):
             dt = getattr(torch, out)
             h = torch.full((P, I), sentinel, dtype=dt)
             y = torch.full((P, D), sentinel, dtype=dt)
-            c = dataclass_replace(gpu_fp8.pick_config("gate_up", bm, D, I), block_n=32, group_m=2, quant_a=fused)
+            c = dataclass_replace(gpu_fp8.pick_config("gate_up", bm, D, I), block_n=32, group_m=2, quant_a=fused, **sw)
+            assert c.swap_ab == (bm < 64 if swap is None else swap)
             assert gpu_fp8.fused_quant(act, D, c) == fused
             # under QUANT_A the kernels read x / h unquantized (float32 here) and quantize them themselves
             xa, ha = (tt(z["x"]).float(), tt(z["h"]).float()) if fused else (f8(z["xq"]), f8(z["hq"]))
@@ -211,18 +239,33 @@ def _child(workdir):
             assert sa["B_KMAJOR"] == kmajor and sa["QUANT_A"] == fused
             gate_up_fp8_kernel[(nb * (I // c.block_n),)](
                 xa, tt(z["xs"]), tt(z["row_token"]), tt(z["block_expert"]), f8(z["wgq" + sfx]),
-                tt(z["wgs"]), f8(z["wuq" + sfx]), tt(z["wus"]), h, N_TOKENS=T, K=D, N=I, NUM_BLOCKS=nb, BLOCK_M=bm,
-                BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, **sa)
+                tt(z["wgs"]), f8(z["wuq" + sfx]), tt(z["wus"]), h, torch.zeros(1), N_TOKENS=T, K=D, N=I,
+                NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
+                QUANT_H=False, H_ROUND=0, SWAP_AB=c.swap_ab, **sa)
             c = dataclass_replace(gpu_fp8.pick_config("down", bm, I, D), block_n=64, block_k=128 if fused else 64,
-                                  group_m=2, quant_a=fused)
+                                  group_m=2, quant_a=fused, **sw)
             assert gpu_fp8.fused_quant(act, I, c) == fused
             down_fp8_kernel[(nb * (D // c.block_n),)](
                 ha, tt(z["hs"]), tt(z["row_token"]), tt(z["block_expert"]), f8(z["wdq" + sfx]), tt(z["wds"]), y,
                 N_TOKENS=T, K=I, N=D,
                 NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
-                **gpu_fp8.scale_args(z["hs"].shape[-1], wd, D, c.block_k, fused))
-            tag = ("-kmajor" if kmajor else "") + ("-fused" if fused else "")
+                SWAP_AB=c.swap_ab, **gpu_fp8.scale_args(z["hs"].shape[-1], wd, D, c.block_k, fused))
+            tag = ("-kmajor" if kmajor else "") + ("-fused" if fused else "-noswap" if swap is False else "")
             np.savez(Path(workdir) / f"moe-{name}-out{tag}.npz", h=h.double().numpy(), y=y.double().numpy())
+        if name in QUANT_H_MOE:
+            hdt = QUANT_H_MOE[name]
+            wg = quant.FP8Weight(z["wgq_k"].view(quant.FP8_NP), z["wgs"], blk, act, True)
+            c = dataclass_replace(gpu_fp8.pick_config("gate_up", bm, D, I, act), block_n=128, quant_h=True)
+            assert gpu_fp8.fused_quant_h(act, I, c)
+            nb, P = len(z["block_expert"]), len(z["row_token"])
+            hq = torch.full((P, I), 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn)     # NaN: unwritten
+            hs = torch.full((P, I // 128), sentinel, dtype=torch.float32)
+            gate_up_fp8_kernel[(nb * (I // c.block_n),)](
+                f8(z["xq"]), tt(z["xs"]), tt(z["row_token"]), tt(z["block_expert"]), f8(z["wgq_k"]),
+                tt(z["wgs"]), f8(z["wuq_k"]), tt(z["wus"]), hq, hs, N_TOKENS=T, K=D, N=I, NUM_BLOCKS=nb,
+                BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, QUANT_H=True,
+                H_ROUND=gpu_fp8.H_ROUND[np.dtype(hdt)], SWAP_AB=c.swap_ab, **gpu_fp8.scale_args(z["xs"].shape[-1], wg, I, c.block_k))
+            np.savez(Path(workdir) / f"moe-{name}-quant-h.npz", hq=hq.view(torch.uint8).numpy(), hs=hs.numpy())
 
 
 @triton.jit
@@ -267,6 +310,11 @@ def workdir(tmp_path_factory):
         np.savez(d / f"dense-{case[0]}.npz", **_dense_inputs(case))
     for case in MOE:
         np.savez(d / f"moe-{case[0]}.npz", **_moe_inputs(case))
+    rng = np.random.default_rng(9)
+    for name, act, M, K, dt in QUANT:
+        x = (rng.standard_normal((M, K)) * np.exp(rng.uniform(-3, 3, (M, 1)))).astype(dt).astype(np.float32)
+        x[1] = 0.0                                   # an all-zero row: scale 1
+        np.save(d / f"quant-{name}.npy", x)
     run_child(__file__, d, JAX_PLATFORMS="cpu")
     return d
 
@@ -289,6 +337,7 @@ def _rel(a, b):
 
 DENSE_RUNS = [(c, False) for c in DENSE] + [(c, True) for c in DENSE if c[0] in KMAJOR_DENSE]
 MOE_RUNS = ([(c, "") for c in MOE] + [(c, "-kmajor") for c in MOE if c[0] in KMAJOR_MOE]
+            + [(c, "-kmajor-noswap") for c in MOE if c[0] in KMAJOR_MOE]
             + [(c, "-kmajor-fused") for c in MOE if c[0] in FUSED_MOE])
 
 
@@ -340,6 +389,67 @@ def test_moe_fp8_kernels_match_float64(workdir, case, variant):
     assert np.all(o["h"][unused] == 1027.0) and np.all(o["y"][unused] == 1027.0), "unused blocks written"
     if T == 1:
         assert len(pad)                            # a decode block is mostly padding
+
+
+@pytest.mark.parametrize("name,act", [(c[0], c[1]) for c in QUANT])
+def test_activation_quantization_kernel_is_quantize_activation_fp8(workdir, name, act):
+    """quantize_kernel (one launch: the GPU path's activation quantization) gives
+    quant.quantize_activation_fp8's fp8 bits and scales per 128-group (a short last group; one group for
+    K <= 128) or per token; an all-zero row gets scale 1 and zeros. The scales agree to float32 rounding
+    (XLA's CPU compiler divides by 448 as a multiplication by its reciprocal, the kernel divides): where
+    that last bit differs, an x / s on an fp8 rounding tie may round to the neighbouring fp8 value (one
+    code apart; float16 inputs, few mantissa bits, meet ties most)."""
+    import jax.numpy as jnp
+    from lingjax import quant
+    x = np.load(workdir / f"quant-{name}.npy")
+    o = np.load(workdir / f"quant-{name}-out.npz")
+    wq, ws = quant.quantize_activation_fp8(jnp.asarray(x), act)
+    np.testing.assert_allclose(o["s"], np.asarray(ws), rtol=2e-7)
+    assert np.all(o["s"][1] == 1.0)
+    ref = np.asarray(wq).view(np.uint8)
+    ws = np.asarray(ws)
+    for r, c in np.argwhere(o["q"] != ref):          # only where the scale's last bit differs: x / s on a tie
+        g = c // 128 if act == "group" else 0
+        assert o["s"][r, g] != ws[r, g] and abs(int(o["q"][r, c]) - int(ref[r, c])) == 1, (r, c)
+    assert (o["q"] == ref).mean() > 0.995
+
+
+@pytest.mark.parametrize("name", list(QUANT_H_MOE))
+def test_moe_gate_up_quantizes_h_in_its_epilogue(workdir, name):
+    """QUANT_H: gate_up's h rounded to the activation dtype and quantized per row and 128-group in the
+    kernel is what quant.quantize_activation_fp8 makes of the same h (the float64 h of the same fp8
+    operands, rounded to that dtype): scales to float32 rounding, fp8 values equal (an element within
+    float32 rounding of an fp8 tie may round the other way: < 0.1% of them, one fp8 step); padding rows
+    and unused blocks unwritten (down reads neither)."""
+    import jax.numpy as jnp
+    from lingjax import quant
+    case = next(c for c in MOE if c[0] == name)
+    T, bm = case[3], case[6]
+    z = np.load(workdir / f"moe-{name}.npz")
+    o = np.load(workdir / f"moe-{name}-quant-h.npz")
+    xd = _act_dequant(z["xq"].view(_f8()), z["xs"])
+    xe = np.concatenate([xd, np.zeros((1, D))])
+    row_token, block_expert = z["row_token"], z["block_expert"]
+    rows, want = [], []
+    for b, e in enumerate(block_expert):
+        if e < 0:
+            continue
+        r = np.arange(b * bm, (b + 1) * bm)
+        a = xe[row_token[r]]
+        g, u = a @ z["wg64"][e], a @ z["wu64"][e]
+        rows.append(r)
+        want.append(g / (1 + np.exp(-g)) * u)
+    rows, want = np.concatenate(rows), np.concatenate(want)
+    real = row_token[rows] < T
+    rows, want = rows[real], want[real].astype(QUANT_H_MOE[name]).astype(np.float32)
+    wq, ws = quant.quantize_activation_fp8(jnp.asarray(want), "group")
+    hq, hs = o["hq"][rows].view(_f8()), o["hs"][rows]
+    np.testing.assert_allclose(hs, np.asarray(ws), rtol=1e-5)
+    same = hq.astype(np.float32) == np.asarray(wq).astype(np.float32)
+    assert same.mean() > 0.999, same.mean()
+    unwritten = np.setdiff1d(np.arange(len(row_token)), rows)
+    assert np.all(np.isnan(o["hq"][unwritten].view(_f8()).astype(np.float32)))
+    assert np.all(o["hs"][unwritten] == 1027.0)
 
 
 def _f8():

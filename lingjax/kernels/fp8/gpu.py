@@ -3,7 +3,8 @@
     y = matmul(x, w)          x [..., K] (bf16 / f16 / f32), w an FP8Weight [K, N] -> [..., N] in x.dtype
 
 The activations are quantized as the reference path quantizes them (quant.quantize_activation_fp8's
-float8 values and scales): first, in jnp (or, as an option for sweeps, inside the kernel as it loads
+float8 values and scales): first, by XLA's passes (Config.xla_quant, the default) or one Triton launch
+(quantize_activation) (or, as an option for sweeps, inside the kernel as it loads
 them: per-group scaling, Config.quant_a, fused_quant); then one kernel multiplies the fp8 operands on
 the tensor cores with float32 accumulation and applies both scales (per k-block where they vary along K). `supports(x, w)`
 says whether a weight's layout is one the kernel takes (else the dispatch uses the reference):
@@ -38,6 +39,12 @@ class Config:
     num_warps: int = 4
     num_stages: int = 4
     quant_a: bool = False        # quantize per-group activations in the kernel (fused_quant) where it can
+    swap_ab: bool = False        # compute y^T = w^T x^T: the weight tile is the 64+-row wgmma operand and
+                                 # block_m (16 / 32) the activation rows (decode sizes; see the kernel)
+    reduce: bool = False         # split_k > 1: the partials summed in the kernel (the tile's last program)
+                                 # instead of by an XLA reduction after it
+    xla_quant: bool = True       # quantize the activations by XLA's passes (jnp; they fuse into x's producer),
+                                 # else by one quantize_kernel launch
 
 
 def _cdiv(a, b):
@@ -55,7 +62,12 @@ def pick_config(M: int, N: int, K: int) -> Config:
     tiles up to 256 rows, then 128 x 128 tiles with 8 warps and 3 stages (fp8 operand tiles are half
     the bytes of bf16 ones). The activations are quantized before the kernel
     (quant.quantize_activation_fp8; quant_a, in the kernel, is an option for sweeps: every column
-    tile would quantize its rows again, ~6x the 64-row loop's instructions compiled for sm_90)."""
+    tile would quantize its rows again, ~6x the 64-row loop's instructions compiled for sm_90).
+    Session 6's options (swap_ab, reduce in the kernel, quantize_kernel) are off: device call A
+    (flash's 4096 x 4096 at T=16 / 64, scripts/bench_notes_fp8.md) measured them no faster than these
+    tiles (swap_ab, reduce with swapped tiles) or slower (reduce with 64-row tiles: 2-3x; the quantize
+    launch against XLA's passes, which fuse into the producer of x). At these sizes the dispatch runs
+    XLA's own FP8 dot instead (lingjax.kernels.fp8: XLA_DOT_MAX_ROWS), measured faster still."""
     if M <= 64:
         bm = 64
         nm = _cdiv(M, bm)
@@ -101,6 +113,8 @@ def launch(M: int, w, a_groups: int, config: Config | None = None) -> tuple[Conf
     layout: B_KMAJOR); QUANT_A when fused_quant (then a_groups must be the row's 128-groups)."""
     K, N = w.shape
     c = config or pick_config(M, N, K)
+    if c.swap_ab and c.quant_a:
+        raise ValueError("fp8 gpu matmul: quant_a (in-kernel activation quantization) needs swap_ab False")
     quant_a = fused_quant(w, c)
     if quant_a and a_groups != _cdiv(K, GROUP):
         raise ValueError(f"fp8 gpu matmul: in-kernel quantization needs {_cdiv(K, GROUP)} groups, got {a_groups}")
@@ -111,9 +125,32 @@ def launch(M: int, w, a_groups: int, config: Config | None = None) -> tuple[Conf
     grid = (_cdiv(M, c.block_m) * _cdiv(N, c.block_n), c.split_k)
     consts = dict(M=M, N=N, K=K, AS_STRIDE=a_groups, A_PER_K=a_per_k, BS_STRIDE=w.scale.shape[-1],
                   B_PER_K=b_per_k, B_BLOCK_N={0: max(N, 1), 1: 1}.get(w.block[1], w.block[1]),
-                  PER_K_SCALE=bool(a_per_k or b_per_k), SPLIT_K=c.split_k, B_KMAJOR=bool(w.kmajor),
+                  PER_K_SCALE=bool(a_per_k or b_per_k), SPLIT_K=c.split_k, REDUCE=bool(c.reduce and c.split_k > 1),
+                  SWAP_AB=bool(c.swap_ab), B_KMAJOR=bool(w.kmajor),
                   QUANT_A=quant_a, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m)
     return c, grid, consts
+
+
+QUANT_ROWS = 16              # rows per program of the activation quantization kernel (64 above 256 rows)
+
+
+def quantize_activation(x2, act: str, group: int = GROUP):
+    """x2 [M, K] -> (q float8_e4m3fn [M, K], s float32 [M, G]): quant.quantize_activation_fp8 (act "token":
+    G = 1; "group": G = ceil(K / 128)) in one Triton launch (quantize_kernel; XLA makes a reduction and
+    an elementwise pass of it). group must be 128."""
+    from lingjax.kernels.jax_triton_lib import jax_triton
+    from lingjax.kernels.fp8.triton_kernels import quantize_kernel
+    if act not in ("token", "group") or group != GROUP:
+        raise ValueError(f"fp8 quantize_activation: act {act!r} / group {group} (token, or group of {GROUP})")
+    M, K = x2.shape
+    G = _cdiv(K, GROUP) if act == "group" else 1
+    rows = QUANT_ROWS if M <= 256 else 4 * QUANT_ROWS
+    grid = (_cdiv(M, rows), G) if act == "group" else (_cdiv(M, rows),)
+    sd = jax.ShapeDtypeStruct
+    return jax_triton().triton_call(x2, kernel=quantize_kernel, out_shape=(sd((M, K), jnp.float8_e4m3fn),
+                                                                           sd((M, G), jnp.float32)),
+                                    grid=grid, num_warps=4, num_stages=1, name="fp8_quantize", M=M, K=K,
+                                    PER_GROUP=act == "group", BLOCK_R=rows)
 
 
 def matmul(x, w, *, config: Config | None = None):
@@ -134,14 +171,27 @@ def matmul(x, w, *, config: Config | None = None):
         xq, xs = x2, jnp.ones((1,), jnp.float32)
         groups = _cdiv(K, GROUP)
     else:
-        xq, xs = quant.quantize_activation_fp8(x2, w.act, GROUP)
+        xq, xs = (quant.quantize_activation_fp8 if c.xla_quant else quantize_activation)(x2, w.act, GROUP)
         groups = xs.shape[-1]
     c, grid, consts = launch(M, w, groups, c)
-    split = c.split_k > 1
-    out = jax.ShapeDtypeStruct((c.split_k, M, N) if split else (M, N), jnp.float32 if split else x.dtype)
-    y = jax_triton().triton_call(xq, xs, w.q, w.scale.astype(jnp.float32), kernel=fp8_matmul_kernel,
-                                 out_shape=out, grid=grid, num_warps=c.num_warps, num_stages=c.num_stages,
-                                 name="fp8_matmul", **consts)
-    if split:
+    outs, zeroed = out_shapes(M, N, x.dtype, c, grid)
+    y, _, _ = jax_triton().triton_call(xq, xs, w.q, w.scale.astype(jnp.float32), kernel=fp8_matmul_kernel,
+                                       out_shape=outs, zeroed_outputs=zeroed, grid=grid, num_warps=c.num_warps,
+                                       num_stages=c.num_stages, name="fp8_matmul", **consts)
+    if c.split_k > 1 and not c.reduce:
         y = jnp.sum(y, axis=0).astype(x.dtype)
     return y.reshape(lead + (N,))
+
+
+def out_shapes(M: int, N: int, dtype, c: Config, grid):
+    """The kernel's three outputs (c, ws, cnt) and which of them start zeroed: c [M, N] in dtype; with
+    split_k > 1, the float32 partials, either as c [split_k, M, N] (summed after the kernel) or, under
+    reduce, in ws [split_k, M, N] with a zeroed int32 arrival count per output tile in cnt (the tile's
+    last program sums them into c); unused outputs are 1-element placeholders."""
+    sd = jax.ShapeDtypeStruct
+    none_f, none_i = sd((1,), jnp.float32), sd((1,), jnp.int32)
+    if c.split_k == 1:
+        return (sd((M, N), dtype), none_f, none_i), ()
+    if not c.reduce:
+        return (sd((c.split_k, M, N), jnp.float32), none_f, none_i), ()
+    return (sd((M, N), dtype), sd((c.split_k, M, N), jnp.float32), sd((grid[0],), jnp.int32)), (2,)

@@ -62,12 +62,23 @@ def _quantize_rows(x):
 
 
 @triton.jit
-def fp8_matmul_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr,
+def _outer(u_rows, v_cols, SWAP_AB: tl.constexpr):
+    """The [rows, cols] outer product u v^T in the accumulator's orientation ([cols, rows] under SWAP_AB)."""
+    if SWAP_AB:
+        return v_cols[:, None] * u_rows[None, :]
+    else:
+        return u_rows[:, None] * v_cols[None, :]
+
+
+@triton.jit
+def fp8_matmul_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ws_ptr, cnt_ptr,
                       M: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
                       AS_STRIDE: tl.constexpr, A_PER_K: tl.constexpr,
                       BS_STRIDE: tl.constexpr, B_PER_K: tl.constexpr, B_BLOCK_N: tl.constexpr,
-                      PER_K_SCALE: tl.constexpr, SPLIT_K: tl.constexpr, B_KMAJOR: tl.constexpr,
-                      QUANT_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                      PER_K_SCALE: tl.constexpr, SPLIT_K: tl.constexpr, REDUCE: tl.constexpr,
+                      SWAP_AB: tl.constexpr, B_KMAJOR: tl.constexpr,
+                      QUANT_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_m: tl.constexpr = (M + BLOCK_M - 1) // BLOCK_M
@@ -90,18 +101,29 @@ def fp8_matmul_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr,
     PER_SPLIT: tl.constexpr = (NKB + SPLIT_K - 1) // SPLIT_K
     kb0 = split * PER_SPLIT
     kb1 = tl.minimum(kb0 + PER_SPLIT, NKB)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(kb0, kb1):
         k = kb * BLOCK_K + ks
         kmask = k < K
-        a = tl.load(a_ptr + rows_l[:, None] * K + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        if QUANT_A:
-            a, sa_q = _quantize_rows(a.to(tl.float32))
-        if B_KMAJOR:
-            b_off = cols_c.to(tl.int64)[None, :] * K + k[:, None]
+        if SWAP_AB:       # acc^T [BLOCK_N, BLOCK_M] += b^T [BLOCK_N, BLOCK_K] @ a^T [BLOCK_K, BLOCK_M]
+            a = tl.load(a_ptr + rows_l[None, :] * K + k[:, None], mask=kmask[:, None] & rmask[None, :], other=0.0)
+            if B_KMAJOR:
+                b_off = cols_c.to(tl.int64)[:, None] * K + k[None, :]
+            else:
+                b_off = k.to(tl.int64)[None, :] * N + cols_c[:, None]
+            b = tl.load(b_ptr + b_off, mask=cmask[:, None] & kmask[None, :], other=0.0)
         else:
-            b_off = k.to(tl.int64)[:, None] * N + cols_c[None, :]
-        b = tl.load(b_ptr + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            a = tl.load(a_ptr + rows_l[:, None] * K + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            if QUANT_A:
+                a, sa_q = _quantize_rows(a.to(tl.float32))
+            if B_KMAJOR:
+                b_off = cols_c.to(tl.int64)[None, :] * K + k[:, None]
+            else:
+                b_off = k.to(tl.int64)[:, None] * N + cols_c[None, :]
+            b = tl.load(b_ptr + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
         if PER_K_SCALE:
             g = (kb * BLOCK_K) // 128
             if QUANT_A:
@@ -109,12 +131,75 @@ def fp8_matmul_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr,
             else:
                 sa = tl.load(as_ptr + rows_l * AS_STRIDE + g * A_PER_K)
             sb = tl.load(bs_ptr + g * B_PER_K * BS_STRIDE + cols_c // B_BLOCK_N)
-            acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+            if SWAP_AB:
+                acc += tl.dot(b, a) * _outer(sa, sb, SWAP_AB)
+            else:
+                acc += tl.dot(a, b) * _outer(sa, sb, SWAP_AB)
         else:
-            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)     # float32 sums per k-block (Hopper)
+            if SWAP_AB:
+                acc = tl.dot(b, a, acc, max_num_imprecise_acc=BLOCK_K)
+            else:
+                acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)     # float32 sums per k-block (Hopper)
     if not PER_K_SCALE:
         sa = tl.load(as_ptr + rows_l * AS_STRIDE)
         sb = tl.load(bs_ptr + cols_c // B_BLOCK_N)
-        acc = acc * (sa[:, None] * sb[None, :])
-    out = c_ptr + split.to(tl.int64) * M * N + rows_l[:, None] * N + cols_c[None, :]
-    tl.store(out, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+        acc = acc * _outer(sa, sb, SWAP_AB)
+    if SWAP_AB:
+        off = rows_l[None, :] * N + cols_c[:, None]
+        omask = cmask[:, None] & rmask[None, :]
+    else:
+        off = rows_l[:, None] * N + cols_c[None, :]
+        omask = rmask[:, None] & cmask[None, :]
+    if SPLIT_K == 1:
+        tl.store(c_ptr + off, acc.to(c_ptr.dtype.element_ty), mask=omask)
+    elif not REDUCE:                      # float32 partials c [SPLIT_K, M, N], summed by the caller
+        tl.store(c_ptr + split.to(tl.int64) * M * N + off, acc, mask=omask)
+    else:                                 # partials in ws; the tile's last program to finish sums them
+        tl.store(ws_ptr + split.to(tl.int64) * M * N + off, acc, mask=omask)
+        tl.debug_barrier()                # every thread's partial stored before the arrival is counted
+        arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            tot = tl.zeros_like(acc)
+            for s in tl.static_range(SPLIT_K):          # in split order: the same sum whoever is last
+                tot += tl.load(ws_ptr + s * M * N + off, mask=omask, other=0.0, cache_modifier=".cg")
+            tl.store(c_ptr + off, tot.to(c_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def quantize_kernel(x_ptr, q_ptr, s_ptr, M: tl.constexpr, K: tl.constexpr, PER_GROUP: tl.constexpr,
+                    BLOCK_R: tl.constexpr):
+    """Dynamic activation quantization in one launch (what lingjax.quant.quantize_activation_fp8 computes):
+    x [M, K] (float32 / bfloat16 / float16) -> q float8_e4m3fn [M, K] and float32 scales s = max|x| / 448
+    (1 for an all-zero group), q = fp8(x / s) rounded to nearest even (_quantize_rows).
+    PER_GROUP: program (r, g) quantizes rows r*BLOCK_R.. over the 128 features of group g, s [M, ceil(K/128)].
+    Otherwise (per token): program r finds each row's max over all of K, then quantizes it, s [M, 1]."""
+    r = tl.program_id(0)
+    rows = r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < M
+    rows_l = tl.where(rmask, rows, 0).to(tl.int64)
+    ks = tl.arange(0, 128)
+    if PER_GROUP:
+        g = tl.program_id(1)
+        k = g * 128 + ks
+        mask = rmask[:, None] & (k < K)[None, :]
+        off = rows_l[:, None] * K + k[None, :]
+        q, s = _quantize_rows(tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32))
+        tl.store(q_ptr + off, q, mask=mask)
+        tl.store(s_ptr + rows_l * ((K + 127) // 128) + g, s, mask=rmask)
+    else:
+        amax = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k0 in range(0, K, 128):
+            k = k0 + ks
+            mask = rmask[:, None] & (k < K)[None, :]
+            x = tl.load(x_ptr + rows_l[:, None] * K + k[None, :], mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        s = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1.0)
+        for k0 in range(0, K, 128):
+            k = k0 + ks
+            mask = rmask[:, None] & (k < K)[None, :]
+            off = rows_l[:, None] * K + k[None, :]
+            x = tl.load(x_ptr + off, mask=mask, other=0.0).to(tl.float32)
+            v = tl.math.div_rn(x, tl.broadcast_to(s[:, None], x.shape))
+            v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+            tl.store(q_ptr + off, _round_e4m3(v).to(tl.float8e4nv), mask=mask)
+        tl.store(s_ptr + rows_l, s, mask=rmask)

@@ -35,6 +35,9 @@ class Config:
     num_warps: int = 4
     num_stages: int = 4
     quant_a: bool = False        # quantize per-group activations in the kernel (fused_quant) where it can
+    quant_h: bool = False        # gate_up: write h quantized (fp8 + per-128-group scales; fused_quant_h)
+    xla_quant: bool = True       # quantize the activations by XLA's passes (jnp), else one quantize_kernel launch
+    swap_ab: bool = False        # W^T x^T per k-step: the weight tile is the wgmma's 64-row operand (blocks < 64 rows)
 
 
 def pick_layout_method(n_pairs: int) -> str:
@@ -53,22 +56,32 @@ def pick_block_m(n_pairs: int, n_experts: int) -> int:
     (31% of the copy bandwidth; the bf16 ones stream at ~100%). 64-row blocks run the fp8 wgmma, which
     reads both fp8 operands from shared memory (~60-80 per KiB). The padding rows cost no weight bytes
     (an expert's weights are read once per block either way); gate_up writes their h rows (zeros),
-    down skips them."""
+    down skips them. Session 6: blocks of 16 rows where an expert gets <= 16 rows on average (decode
+    sizes, T <= 512 at flash's top-8 of 256), run with the operands swapped (pick_config's swap_ab for
+    blocks < 64 rows: the weight tile is the wgmma's 64+-row operand, the block's rows its N): device
+    call B (bench_fp8.py --moe-sweep, flash's experts, T=16) 429.4 us per call against 505.9 with
+    64-row blocks (1.18x; other T not measured yet)."""
     avg = n_pairs / max(n_experts, 1)
-    return 64 if avg <= 64 else 128
+    return 16 if avg <= 16 else 64 if avg <= 64 else 128
 
 
-def pick_config(kind: str, block_m: int, K: int, N: int) -> Config:
+def pick_config(kind: str, block_m: int, K: int, N: int, act: str = "none") -> Config:
     """Static tiles: k-steps of 128 (one scale group; fp8 tiles are half the bytes of bf16 ones, so
     128-deep steps cost what the bf16 kernels' 64-deep ones do), 64-wide gate/up tiles (two weight
     panels each) and 128-wide down tiles; deep pipelines for blocks of <= 32 rows, 3 stages for larger
     blocks. Shrunk to small dims (tiny test models). The activations are quantized before the kernels
     (quant.quantize_activation_fp8, one small XLA pass each): quant_a (in the kernel) is an option for
     sweeps, not the default: every n tile would quantize its rows again, and compiled for sm_90 it
-    doubles the 16-row loop's instructions (64-row blocks: x6)."""
+    doubles the 16-row loop's instructions (64-row blocks: x6). Options measured in session 6's call A
+    at flash's experts (bench_fp8.py --moe-sweep, T=16 / 64) and left off: gate_up writing h quantized
+    (quant_h: 128-wide tiles, 8 warps) 535.6 / 1029.8 us per call against 502.6 / 1002.9 without it
+    (the XLA pass over h it saves is smaller than what the wider tiles cost); the quantize_kernel
+    launch for x against XLA's passes (xla_quant) 535.6 against 508.1 at T=16."""
     bn = 128 if kind == "down" else 64
     c = Config(block_n=bn, block_k=128, group_m=1 if block_m <= 32 else 8, num_warps=4,
                num_stages=4 if block_m <= 32 else 3, quant_a=False)
+    if block_m < 64:          # swapped operands: small accumulators ([BLOCK_N, block_m]), 4 warps, 3-4 stages
+        c = dataclasses.replace(c, swap_ab=True, num_warps=4, num_stages=3 if c.block_n * (1 + (kind == "gate_up")) > 128 else 4)
     bn, bk = min(c.block_n, N), min(c.block_k, K)
     if N % bn or K % bk or bn < 16 or bk < 32:
         raise ValueError(f"MoE FP8 GPU kernel: dims K={K}, N={N} must be multiples of the tile ({bk}, {bn}), "
@@ -105,14 +118,24 @@ def supports(x, w_gate, w_up, w_down) -> bool:
 def fused_quant(act: str, K: int, c: Config) -> bool:
     """Whether a kernel over K input features quantizes its activations itself (QUANT_A): the config
     asks for it, per-group scaling over more than one group, 128-deep k steps."""
-    return bool(c.quant_a and act == "group" and K > GROUP and c.block_k == GROUP)
+    return bool(c.quant_a and not c.swap_ab and act == "group" and K > GROUP and c.block_k == GROUP)
+
+
+def fused_quant_h(act: str, I: int, c: Config) -> bool:
+    """Whether gate_up writes h quantized for down (QUANT_H): the config asks for it, per-group scaling,
+    128-wide column tiles (each program holds whole 128-groups of its rows)."""
+    return bool(c.quant_h and act == "group" and c.block_n == GROUP and I % GROUP == 0)
+
+
+H_ROUND = {jnp.dtype(jnp.float32): 0, jnp.dtype(jnp.bfloat16): 1, jnp.dtype(jnp.float16): 2}
 
 
 def _act_parts(a, act: str, K: int, c: Config):
     """(activations, scales, groups) a kernel call takes: a itself and a dummy scale under QUANT_A."""
     if fused_quant(act, K, c):
         return a, jnp.ones((1,), jnp.float32), -(-K // GROUP)
-    aq, s = quant.quantize_activation_fp8(a, act, GROUP)
+    from lingjax.kernels.fp8.gpu import quantize_activation        # one Triton launch, the same values
+    aq, s = (quant.quantize_activation_fp8 if c.xla_quant else quantize_activation)(a, act, GROUP)
     return aq, s, s.shape[-1]
 
 
@@ -131,43 +154,57 @@ def scale_args(a_groups: int, w, N: int, block_k: int, quant_a: bool = False) ->
 
 def gate_up(x, layout, w_gate, w_up, out_dtype, *, config: Config | None = None):
     """h [P, I] = silu(x Wg[e]) * (x Wu[e]) over the layout's rows, fp8 products, float32 sums, out_dtype;
-    x [T, d] unquantized, quantized per the weights' format (in the kernel under fused_quant)."""
+    x [T, d] unquantized, quantized per the weights' format (in the kernel under fused_quant). Under
+    fused_quant_h: (h_q float8_e4m3fn [P, I], h_s float32 [P, I / 128]), h rounded to out_dtype and
+    quantized per 128-group in the kernel (padding rows unwritten)."""
     from lingjax.kernels.jax_triton_lib import jax_triton
     from lingjax.kernels.moe.triton_fp8 import gate_up_fp8_kernel
     jt = jax_triton()
     T, d = x.shape
     I = w_gate.shape[-1]
     nb, bm = layout.block_expert.shape[0], layout.block_m
-    c = config or pick_config("gate_up", bm, d, I)
+    c = config or pick_config("gate_up", bm, d, I, w_gate.act)
     xq, xs, groups = _act_parts(x, w_gate.act, d, c)
     sa = scale_args(groups, w_gate, I, c.block_k, fused_quant(w_gate.act, d, c))
-    return jt.triton_call(
+    qh = fused_quant_h(w_gate.act, I, c)
+    sd = jax.ShapeDtypeStruct
+    outs = ((sd((nb * bm, I), jnp.float8_e4m3fn), sd((nb * bm, I // GROUP), jnp.float32)) if qh else
+            (sd((nb * bm, I), out_dtype), sd((1,), jnp.float32)))
+    h, hs = jt.triton_call(
         xq, xs, layout.row_token, layout.block_expert, w_gate.q, w_gate.scale.astype(jnp.float32),
         w_up.q, w_up.scale.astype(jnp.float32), kernel=gate_up_fp8_kernel,
-        out_shape=jax.ShapeDtypeStruct((nb * bm, I), out_dtype), grid=(nb * (I // c.block_n),),
+        out_shape=outs, grid=(nb * (I // c.block_n),),
         num_warps=c.num_warps, num_stages=c.num_stages, name="moe_gate_up_fp8",
         N_TOKENS=T, K=d, N=I, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-        GROUP_M=c.group_m, **sa)
+        GROUP_M=c.group_m, QUANT_H=qh, H_ROUND=H_ROUND[jnp.dtype(out_dtype)], SWAP_AB=c.swap_ab, **sa)
+    return (h, hs) if qh else h
 
 
 def down(h, layout, w_down, out_dtype, n_tokens: int, *, config: Config | None = None):
     """y [P, d] = h Wd[e] per block, fp8 products, float32 sums, out_dtype; h [P, I] unquantized,
-    quantized per the weights' format (in the kernel under fused_quant). Rows of the layout's padding
+    quantized per the weights' format (in the kernel under fused_quant), or gate_up's quantized
+    (h_q, h_s) (QUANT_H). Rows of the layout's padding
     (row_token == n_tokens, the T of gate_up's x) are not read and stay unwritten in y."""
     from lingjax.kernels.jax_triton_lib import jax_triton
     from lingjax.kernels.moe.triton_fp8 import down_fp8_kernel
     jt = jax_triton()
-    P, I = h.shape
+    P, I = (h[0] if isinstance(h, tuple) else h).shape
     d = w_down.shape[-1]
     nb, bm = layout.block_expert.shape[0], layout.block_m
-    c = config or pick_config("down", bm, I, d)
-    hq, hs, groups = _act_parts(h, w_down.act, I, c)
+    c = config or pick_config("down", bm, I, d, w_down.act)
+    if isinstance(h, tuple):                   # gate_up's QUANT_H output: already quantized per 128-group
+        (hq, hs), groups = h, h[1].shape[-1]
+        if fused_quant(w_down.act, I, c):
+            raise ValueError("MoE FP8 down: quant_a with an already quantized h")
+    else:
+        hq, hs, groups = _act_parts(h, w_down.act, I, c)
     sa = scale_args(groups, w_down, d, c.block_k, fused_quant(w_down.act, I, c))
     return jt.triton_call(
         hq, hs, layout.row_token, layout.block_expert, w_down.q, w_down.scale.astype(jnp.float32),
         kernel=down_fp8_kernel, out_shape=jax.ShapeDtypeStruct((P, d), out_dtype), grid=(nb * (d // c.block_n),),
         num_warps=c.num_warps, num_stages=c.num_stages, name="moe_down_fp8",
-        N_TOKENS=n_tokens, K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, **sa)
+        N_TOKENS=n_tokens, K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
+        SWAP_AB=c.swap_ab, **sa)
 
 
 def grouped(x, layout, w_gate, w_up, w_down, *, gate_up_config: Config | None = None,
