@@ -181,7 +181,7 @@ def record_steps(args):
     jax.block_until_ready(jax.tree.leaves(model))
     L = args.context + args.chunk
     eng = Engine(model, max_batch=1, prefill_chunk=args.chunk, max_len=L + 16, page_size=args.page_size,
-                 num_pages=pages_for(L + 16, args.page_size))
+                 num_pages=3 * pages_for(L + 16, args.page_size), prefix_cache=True, prefix_cache_states=4)
     calls = {}
     orig = engine_lib._step_fn
 
@@ -259,6 +259,8 @@ def steps(args, variants, budget_end, report, save):
             save()
     report["steps"] = out
     save()
+    report["pieces"] = pieces(eng, calls["hit"], args.calls)
+    save()
     if not args.no_trace:
         try:
             report["trace_hit_host"] = trace_host(fn, calls["hit"], eng)
@@ -267,6 +269,32 @@ def steps(args, variants, budget_end, report, save):
             log.info("trace failed: %s", report["trace_error"])
         save()
     return out
+
+
+def pieces(eng, call, n):
+    """Host pieces of a hit besides its step (default settings, the engine's own executables): the state
+    restore's jitted call (_copy_rows, one row; return time and with the device) and the readback of a
+    step's sampled token (device_get after the device is done, its copy started at dispatch as the
+    engine does: the host's own cost of reading)."""
+    import jax
+    from lingjax import engine as engine_lib
+    src, dst = np.array([eng.num_slots], np.int32), np.array([0], np.int32)
+    host, alone, _, eng.caches = time_calls(lambda c: (lambda o: (o, o))(engine_lib._copy_rows(c, src, dst)),
+                                            eng.caches, n)
+    a, kw = call
+    reads = []
+    for _ in range(n):
+        o = engine_lib._step_fn(a[0], eng.caches, *a[2:], **kw)
+        eng.caches = o[-1]
+        o[1].copy_to_host_async()
+        jax.block_until_ready(o)
+        t = time.perf_counter()
+        jax.device_get((o[1],))
+        reads.append(time.perf_counter() - t)
+    res = dict(copy_rows_host_ms=host, copy_rows_alone_ms=alone, readback_ms=1e3 * statistics.median(reads))
+    log.info("pieces: _copy_rows returns after %.3f ms (%.3f ms with the device); reading a token back after "
+             "the device is done: %.3f ms", host, alone, res["readback_ms"])
+    return res
 
 
 def _copy(tree):
@@ -383,6 +411,10 @@ def main(argv=None):
         for r in res["rows"]:
             if "hlo" in r:
                 print(f"  {r['variant']} HLO: {r['hlo']}")
+    if "pieces" in report:
+        pc = report["pieces"]
+        print(f"\nstate restore (_copy_rows) returns after {pc['copy_rows_host_ms']:.3f} ms ({pc['copy_rows_alone_ms']:.3f} "
+              f"ms with its kernels); reading the token back (device done): {pc['readback_ms']:.3f} ms")
     print(f"\ntotal {report['total_s']:.0f} s; JSON: {path}")
     return 0
 
