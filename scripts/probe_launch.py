@@ -281,6 +281,16 @@ def pieces(eng, call, n):
     src, dst = np.array([eng.num_slots], np.int32), np.array([0], np.int32)
     host, alone, _, eng.caches = time_calls(lambda c: (lambda o: (o, o))(engine_lib._copy_rows(c, src, dst)),
                                             eng.caches, n)
+    variants = {}
+    lowered = engine_lib._copy_rows.lower(eng.caches, src, dst)
+    for v in VARIANTS:                     # the same call compiled under each command-buffer setting
+        try:
+            c, _ = compile_variant(lowered, v)
+            h, al, _, eng.caches = time_calls(lambda x, c=c: (lambda o: (o, o))(c(x, src, dst)), eng.caches, n)
+            variants[v] = dict(host_ms=h, alone_ms=al)
+        except Exception as e:             # noqa: BLE001
+            variants[v] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+        log.info("pieces: _copy_rows %s: %s", v, variants[v])
     a, kw = call
     reads = []
     for _ in range(n):
@@ -291,7 +301,8 @@ def pieces(eng, call, n):
         t = time.perf_counter()
         jax.device_get((o[1],))
         reads.append(time.perf_counter() - t)
-    res = dict(copy_rows_host_ms=host, copy_rows_alone_ms=alone, readback_ms=1e3 * statistics.median(reads))
+    res = dict(copy_rows_host_ms=host, copy_rows_alone_ms=alone, readback_ms=1e3 * statistics.median(reads),
+               copy_rows_variants=variants)
     log.info("pieces: _copy_rows returns after %.3f ms (%.3f ms with the device); reading a token back after "
              "the device is done: %.3f ms", host, alone, res["readback_ms"])
     return res
@@ -415,6 +426,9 @@ def main(argv=None):
         pc = report["pieces"]
         print(f"\nstate restore (_copy_rows) returns after {pc['copy_rows_host_ms']:.3f} ms ({pc['copy_rows_alone_ms']:.3f} "
               f"ms with its kernels); reading the token back (device done): {pc['readback_ms']:.3f} ms")
+        for v, r in pc["copy_rows_variants"].items():
+            print(f"  _copy_rows compiled {v}: " + (r["error"] if "error" in r else
+                                                    f"returns {r['host_ms']:.3f} ms, with the device {r['alone_ms']:.3f} ms"))
     print(f"\ntotal {report['total_s']:.0f} s; JSON: {path}")
     return 0
 
