@@ -338,7 +338,11 @@ class _Graph:
         return False
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "mode"), donate_argnames=("caches",))
+_STEP_JIT = dict(static_argnames=("graph", "mode"), donate_argnames=("caches",))
+_WINDOW_JIT = dict(static_argnames=("graph", "mode", "num_steps"), donate_argnames=("caches",))
+
+
+@functools.partial(jax.jit, **_STEP_JIT)
 def _step_fn(params, caches, batch, take, prev, rows, temperature, top_k, top_p, seeds, request_ids, counters,
              restore=None, *, graph: _Graph, mode: tuple[bool, bool, bool, bool]):
     """One engine step. params: the model state's leaves (a flat list: cheaper to pass every step
@@ -392,7 +396,7 @@ def _step_body(state, caches, batch, rows, temperature, top_k, top_p, seeds, req
     return (logits,) + out + (caches,)
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "mode", "num_steps"), donate_argnames=("caches",))
+@functools.partial(jax.jit, **_WINDOW_JIT)
 def _multi_step_fn(params, caches, batch, take, prev, steps, temperature, top_k, top_p, seeds, request_ids, counters,
                    *, graph: _Graph, mode: tuple[bool, bool, bool, bool], num_steps: int):
     """Up to `num_steps` decode steps in one call (multi-step decode, Engine(decode_steps=N)): `batch` is
@@ -441,10 +445,22 @@ def _copy_linear_rows(caches, src, dst):
 _copy_rows = jax.jit(_copy_linear_rows, donate_argnames=("caches",))
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_with(xla_options: tuple) -> tuple:
+    """(step, window) jitted functions whose executables XLA compiles with the debug options
+    `xla_options` ((name, value) pairs: jax.jit's compiler_options), for Engine(xla_options=...); one
+    pair per option set, shared by the engines that use it. Without options the engine calls the module's
+    _step_fn / _multi_step_fn themselves."""
+    opts = dict(xla_options)
+    return (jax.jit(_step_fn.__wrapped__, compiler_options=opts, **_STEP_JIT),
+            jax.jit(_multi_step_fn.__wrapped__, compiler_options=opts, **_WINDOW_JIT))
+
+
 def clear_compiled() -> None:
     """Forget every compiled step (the next step of each shape compiles again)."""
     _step_fn.clear_cache()
     _multi_step_fn.clear_cache()
+    _jitted_with.cache_clear()
 
 
 @dataclasses.dataclass
@@ -505,6 +521,10 @@ class Engine:
                    each step's results before packing the next (for debugging and to measure the gain)
     overlap_depth  with overlap: steps kept in flight (dispatched, not yet read); default 1 (module
                    docstring)
+    xla_options    XLA debug options for the executables of the engine's steps and decode windows (jax.jit's
+                   compiler_options: {name: value}, e.g. {"xla_gpu_enable_command_buffer": ""}: no CUDA
+                   graphs), set per executable, not for the process; None: XLA's own settings. Checked
+                   here (an unknown name or value raises EngineError). Speculative steps keep XLA's own.
     decode_steps   N > 1: multi-step decode (module docstring): when every running request is decoding and
                    none waits, one dispatch runs up to N decode steps on the device, so the host's
                    per-dispatch cost is paid once per N tokens. Tokens equal those of N single steps.
@@ -543,7 +563,7 @@ class Engine:
                  kv_cache_gb: float | None = None, num_pages: int | None = None,
                  page_shuffle_seed: int | None = None, prefix_cache: bool = False,
                  prefix_cache_states: int | None = None, prefix_cache_save_last: bool = True,
-                 num_speculative_tokens: int = 0, decode_steps: int = 1):
+                 num_speculative_tokens: int = 0, decode_steps: int = 1, xla_options: dict | None = None):
         cfg = model.cfg
         self.cfg = cfg
         if max_len is None:
@@ -581,6 +601,7 @@ class Engine:
             max_tokens = max(max_tokens, max_batch * (k_spec + 1))
         self.num_speculative_tokens = k_spec
         self.decode_steps = int(decode_steps)
+        self.xla_options = _check_xla_options(xla_options)
         if decode_order not in ("first", "last"):
             raise EngineError(f"decode_order must be 'first' or 'last', got {decode_order!r}")
         if kernels is not None and kernels not in KERNELS:
@@ -715,12 +736,18 @@ class Engine:
                           page_table=np.zeros((R, self.max_pages), np.int32), decode_only=bool(decode_only))
         host = (np.full(T, -1, np.int32), i32(R), np.zeros(R, np.float32), i32(R), np.ones(R, np.float32),
                 np.zeros(R, np.uint32), i32(R), i32(R))        # take, rows | steps, temperature, top_k, top_p, ...
+        step_fn, window_fn = self._fns()
         if n:
-            return _multi_step_fn.lower(self._params, self.caches, batch, host[0], self._prev, *host[1:],
-                                        graph=self._graph, mode=mode, num_steps=int(n))
+            return window_fn.lower(self._params, self.caches, batch, host[0], self._prev, *host[1:],
+                                   graph=self._graph, mode=mode, num_steps=int(n))
         restore = None if decode_only else np.zeros((2, 1), np.int32)
-        return _step_fn.lower(self._params, self.caches, batch, host[0], self._prev, *host[1:], restore,
-                              graph=self._graph, mode=mode)
+        return step_fn.lower(self._params, self.caches, batch, host[0], self._prev, *host[1:], restore,
+                             graph=self._graph, mode=mode)
+
+    def _fns(self) -> tuple:
+        """The jitted (step, decode window) functions this engine calls: the module's own, or their twins
+        compiled with the engine's xla_options."""
+        return _jitted_with(self.xla_options) if self.xla_options else (_step_fn, _multi_step_fn)
 
     @property
     def num_running(self) -> int:
@@ -1277,7 +1304,7 @@ class Engine:
         host = (take, rows, temp, top_k, top_p, seeds, ids, counters)
         if self.mesh is not None and jax.process_count() > 1:
             batch, host, restore = _global(batch, self.mesh), _global(host, self.mesh), _global(restore, self.mesh)
-        logits, toks, lp, top_ids, top_lp, self.caches = _step_fn(
+        logits, toks, lp, top_ids, top_lp, self.caches = self._fns()[0](
             self._params, self.caches, batch, host[0], self._prev, *host[1:], restore, graph=self._graph, mode=mode)
         self._prev = toks
         self.steps += 1
@@ -1383,7 +1410,7 @@ class Engine:
         host = (take, st, temp, top_k, top_p, seeds, ids, counters)
         if self.mesh is not None and jax.process_count() > 1:
             batch, host = _global(batch, self.mesh), _global(host, self.mesh)
-        *outs, self._prev, self.caches = _multi_step_fn(
+        *outs, self._prev, self.caches = self._fns()[1](
             self._params, self.caches, batch, host[0], self._prev, *host[1:], graph=self._graph, mode=mode,
             num_steps=self.decode_steps)
         self.steps += max(steps)
@@ -1501,6 +1528,23 @@ def _engine_error(fn, *args):
         return fn(*args)
     except ShardingError as e:
         raise EngineError(str(e)) from None
+
+
+def _check_xla_options(options) -> tuple:
+    """Engine(xla_options=...) -> sorted (name, value) pairs (() for None / {}); each name and value is
+    checked by compiling a trivial function with them (EngineError naming the problem)."""
+    if not options:
+        return ()
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise EngineError(f"xla_options must be a dict of XLA debug option names to values, got {options!r}")
+    for k, v in options.items():
+        if not isinstance(v, (str, bool, int, float)):
+            raise EngineError(f"xla_options[{k!r}] must be a string, bool, int or float, got {v!r}")
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(np.int32(0)).compile()
+    except Exception as e:                  # noqa: BLE001  (XLA's message names the option)
+        raise EngineError(f"xla_options {options!r}: {str(e).splitlines()[0][:300]}") from None
+    return tuple(sorted(options.items()))
 
 
 def _global(tree, mesh):
