@@ -261,6 +261,16 @@ def steps(args, variants, budget_end, report, save):
     save()
     report["pieces"] = pieces(eng, calls["hit"], args.calls)
     save()
+    report["readback"] = {w: readback(eng, calls[w], args.calls) for w in ("hit", "decode")}
+    save()
+    if not args.no_trace:
+        for w in ("hit", "decode"):
+            try:
+                report.setdefault("startup", {})[w] = startup(eng, calls[w], w)
+            except Exception as e:               # noqa: BLE001
+                report.setdefault("startup", {})[w] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+                log.info("startup trace %s failed: %s", w, report["startup"][w]["error"])
+            save()
     if not args.no_trace:
         try:
             report["trace_hit_host"] = trace_host(fn, calls["hit"], eng)
@@ -305,6 +315,85 @@ def pieces(eng, call, n):
                copy_rows_variants=variants)
     log.info("pieces: _copy_rows returns after %.3f ms (%.3f ms with the device); reading a token back after "
              "the device is done: %.3f ms", host, alone, res["readback_ms"])
+    return res
+
+
+def readback(eng, call, n):
+    """How long the host waits for a step's sampled token beyond the step itself (default settings):
+    from an idle device, the call then (a) block_until_ready (the step alone), (b) as the engine reads:
+    copy_to_host_async right after the call, then jax.device_get, (c) device_get without the early copy.
+    -> median ms of each; (b) - (a) is the readback's latency in the engine's pattern."""
+    import jax
+    from lingjax import engine as engine_lib
+    a, kw = call
+    res = {}
+    for mode in ("alone", "engine", "no_early_copy", "alone"):
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            o = engine_lib._step_fn(a[0], eng.caches, *a[2:], **kw)
+            eng.caches = o[-1]
+            if mode == "alone":
+                jax.block_until_ready(o[1])
+            else:
+                if mode == "engine":
+                    o[1].copy_to_host_async()
+                jax.device_get((o[1],))
+            ts.append(time.perf_counter() - t)
+            jax.block_until_ready(o)
+        res[mode] = 1e3 * statistics.median(ts)       # "alone" twice: before and after (drift)
+    log.info("readback: step alone %.2f ms, with the token read as the engine does %.2f ms, without the early "
+             "copy %.2f ms", res["alone"], res["engine"], res["no_early_copy"])
+    return res
+
+
+def startup(eng, call, label):
+    """One step from an idle device under the XLA profiler (annotated host span: the call, then reading
+    the token as the engine does): when the first kernel starts after the call began, the device's idle
+    gaps inside the kernels' span (the largest, with the kernels around them), and the tail from the last
+    kernel to the token on the host."""
+    import jax
+    import profile_prefix as pp
+    from lingjax import engine as engine_lib
+    a, kw = call
+    o = engine_lib._step_fn(a[0], eng.caches, *a[2:], **kw)
+    eng.caches = o[-1]
+    jax.block_until_ready(o)
+    t_ret = []
+
+    def run():
+        with jax.profiler.TraceAnnotation("profile_prefix_hit"):
+            t = time.perf_counter()
+            o = engine_lib._step_fn(a[0], eng.caches, *a[2:], **kw)
+            t_ret.append(time.perf_counter() - t)
+            eng.caches = o[-1]
+            o[1].copy_to_host_async()
+            jax.device_get((o[1],))
+        jax.block_until_ready(o)
+    kernels, mark = pp.trace(run, {})
+    if not kernels or mark is None:
+        return dict(error="no kernels or no host annotation in the trace")
+    gaps, end = [], None
+    for s0, d, name, _, _ in kernels:
+        if end is not None and s0 - end[0] > 0:
+            gaps.append((s0 - end[0], end[0], end[1], name))
+        if end is None or s0 + d > end[0]:
+            end = (s0 + d, name)
+    first, last = kernels[0][0], end[0]
+    busy = sum(d for _, d, *_ in kernels)
+    big = sorted(gaps, reverse=True)[:12]
+    res = dict(kernels=len(kernels), call_returns_us=1e6 * t_ret[0], first_kernel_after_us=(first - mark[0]) / 1e3,
+               span_us=(last - first) / 1e3, busy_us_sum=busy / 1e3, idle_in_span_us=sum(g for g, *_ in gaps) / 1e3,
+               tail_after_last_kernel_us=(mark[1] - last) / 1e3, host_span_us=(mark[1] - mark[0]) / 1e3,
+               largest_gaps=[dict(gap_us=g / 1e3, at_us=(at - first) / 1e3, before=b[:70], after=n[:70])
+                             for g, at, b, n in big],
+               idle_first_ms_us=sum(g for g, at, *_ in gaps if at - first < 1e6) / 1e3)
+    log.info("startup %s: %d kernels; call returns after %.0f us; first kernel %.0f us after the call began; span "
+             "%.0f us, idle inside %.0f us (%.0f us of it in the first ms); token on the host %.0f us after the last "
+             "kernel", label, res["kernels"], res["call_returns_us"], res["first_kernel_after_us"], res["span_us"],
+             res["idle_in_span_us"], res["idle_first_ms_us"], res["tail_after_last_kernel_us"])
+    for g in res["largest_gaps"]:
+        log.info("  gap %7.1f us at %8.1f us: %s -> %s", g["gap_us"], g["at_us"], g["before"], g["after"])
     return res
 
 
@@ -429,6 +518,19 @@ def main(argv=None):
         for v, r in pc["copy_rows_variants"].items():
             print(f"  _copy_rows compiled {v}: " + (r["error"] if "error" in r else
                                                     f"returns {r['host_ms']:.3f} ms, with the device {r['alone_ms']:.3f} ms"))
+    for w, r in report.get("readback", {}).items():
+        print(f"{w} step from an idle device: alone {r['alone']:.2f} ms; with the token read as the engine does "
+              f"{r['engine']:.2f} ms (+{r['engine'] - r['alone']:.2f}); without the early copy {r['no_early_copy']:.2f} ms")
+    for w, r in report.get("startup", {}).items():
+        if "error" in r:
+            print(f"startup trace {w}: {r['error']}")
+            continue
+        print(f"startup trace {w} (under the profiler): call returns {r['call_returns_us']:.0f} us, first kernel "
+              f"{r['first_kernel_after_us']:.0f} us after the call, span {r['span_us']:.0f} us of which idle "
+              f"{r['idle_in_span_us']:.0f} us ({r['idle_first_ms_us']:.0f} in the first ms), token on the host "
+              f"{r['tail_after_last_kernel_us']:.0f} us after the last kernel; largest gaps:")
+        for g in r["largest_gaps"][:8]:
+            print(f"    {g['gap_us']:7.1f} us at {g['at_us']:8.1f} us: {g['before'][:50]} -> {g['after'][:50]}")
     print(f"\ntotal {report['total_s']:.0f} s; JSON: {path}")
     return 0
 
