@@ -263,6 +263,11 @@ def steps(args, variants, budget_end, report, save):
     save()
     report["readback"] = {w: readback(eng, calls[w], args.calls) for w in ("hit", "decode")}
     save()
+    try:
+        report["readback_micro"] = readback_micro(args.calls)
+    except Exception as e:                       # noqa: BLE001
+        report["readback_micro"] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+    save()
     if not args.no_trace:
         for w in ("hit", "decode"):
             try:
@@ -397,6 +402,54 @@ def startup(eng, call, label):
     return res
 
 
+def readback_micro(n):
+    """The token's way back, alone: a jitted function that keeps the device busy ~2 ms (a chain of matmuls)
+    and returns an int32[1]; median ms from the call to the value on the host when (a) only waiting for the
+    device (block_until_ready), (b) copy_to_host_async right after the call, then device_get (the engine's
+    pattern), (c) the output placed in pinned host memory by the executable itself (out_shardings with
+    memory_kind="pinned_host"), then np.asarray."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import SingleDeviceSharding
+    dev = jax.devices()[0]
+
+    def f(x):
+        for _ in range(8):
+            x = jnp.tanh(x @ x)
+        return jnp.argmax(x[0]).astype(jnp.int32)[None]
+    size = 2048 if jax.default_backend() == "gpu" else 128        # the CPU smoke: the plumbing only
+    x = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    fns = {"device": jax.jit(f), "engine": jax.jit(f)}
+    try:
+        fns["pinned_host"] = jax.jit(f, out_shardings=SingleDeviceSharding(dev, memory_kind="pinned_host"))
+    except Exception as e:                     # noqa: BLE001
+        log.info("readback micro: no pinned_host output: %s", e)
+    res, ref = {}, None
+    for mode, fn in fns.items():
+        try:
+            v = np.asarray(fn(x))
+        except Exception as e:                 # noqa: BLE001
+            res[mode] = f"failed: {type(e).__name__}: {str(e)[:150]}"
+            continue
+        ref = v if ref is None else ref
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            o = fn(x)
+            if mode == "device":
+                jax.block_until_ready(o)
+            elif mode == "engine":
+                o.copy_to_host_async()
+                jax.device_get(o)
+            else:
+                np.asarray(o)
+            ts.append(time.perf_counter() - t)
+        res[mode] = 1e3 * statistics.median(ts)
+        res[mode + "_same"] = bool(np.array_equal(v, ref))
+    log.info("readback micro (ms from the call to the value on the host): %s", res)
+    return res
+
+
 def _copy(tree):
     import jax
     return jax.tree.map(lambda x: x.copy(), tree)
@@ -521,6 +574,9 @@ def main(argv=None):
     for w, r in report.get("readback", {}).items():
         print(f"{w} step from an idle device: alone {r['alone']:.2f} ms; with the token read as the engine does "
               f"{r['engine']:.2f} ms (+{r['engine'] - r['alone']:.2f}); without the early copy {r['no_early_copy']:.2f} ms")
+    if "readback_micro" in report:
+        print(f"readback micro (ms from the call to an int32[1] on the host, ~2 ms of device work): "
+              f"{report['readback_micro']}")
     for w, r in report.get("startup", {}).items():
         if "error" in r:
             print(f"startup trace {w}: {r['error']}")
