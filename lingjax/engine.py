@@ -338,19 +338,28 @@ class _Graph:
         return False
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "mode"), donate_argnames=("caches",))
+_STEP_JIT = dict(static_argnames=("graph", "mode"), donate_argnames=("caches",))
+_WINDOW_JIT = dict(static_argnames=("graph", "mode", "num_steps"), donate_argnames=("caches",))
+
+
+@functools.partial(jax.jit, **_STEP_JIT)
 def _step_fn(params, caches, batch, take, prev, rows, temperature, top_k, top_p, seeds, request_ids, counters,
-             *, graph: _Graph, mode: tuple[bool, bool, bool, bool]):
+             restore=None, *, graph: _Graph, mode: tuple[bool, bool, bool, bool]):
     """One engine step. params: the model state's leaves (a flat list: cheaper to pass every step
     than the nnx State, whose Variables flatten in Python). take [T]: for each packed token, the row
     of `prev` (the previous step's sampled tokens [R], still on the device) it is, or -1 to use
-    batch.tokens. mode (static):
+    batch.tokens. restore: None, or [2, K] int32 linear-state rows copied src (restore[0]) -> dst
+    (restore[1]) before the model runs (a prefix-cache hit's saved state into its slot; an out of range
+    dst is skipped): the copy rides in the step instead of a jitted call of its own (Engine._restore_arg).
+    mode (static):
     (full logits [T, V] for score requests, sample one token per row, top-20 logprobs, every sampled row
     greedy: the argmax alone, without `sample`'s sort and filters, the same tokens; the engine sets it
     on decode-only steps only) ->
     (logits | None, tokens [R], logprobs [R] | None, top ids [R, 20] | None, top logprobs | None, caches)."""
     graph.traces[(_kind(mode), batch.tokens.shape[0], batch.decode_only)] += 1
     state = jax.tree.unflatten(graph.treedef, params)
+    if restore is not None:
+        caches = _copy_linear_rows(caches, restore[0], restore[1])
     tokens = jnp.where(take >= 0, prev[jnp.maximum(take, 0)], batch.tokens)
     batch = dataclasses.replace(batch, tokens=tokens)
     return _step_body(state, caches, batch, rows, temperature, top_k, top_p, seeds, request_ids, counters,
@@ -387,7 +396,7 @@ def _step_body(state, caches, batch, rows, temperature, top_k, top_p, seeds, req
     return (logits,) + out + (caches,)
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "mode", "num_steps"), donate_argnames=("caches",))
+@functools.partial(jax.jit, **_WINDOW_JIT)
 def _multi_step_fn(params, caches, batch, take, prev, steps, temperature, top_k, top_p, seeds, request_ids, counters,
                    *, graph: _Graph, mode: tuple[bool, bool, bool, bool], num_steps: int):
     """Up to `num_steps` decode steps in one call (multi-step decode, Engine(decode_steps=N)): `batch` is
@@ -428,16 +437,30 @@ def _multi_step_fn(params, caches, batch, take, prev, steps, temperature, top_k,
     return bufs + (last, caches)
 
 
-@functools.partial(jax.jit, donate_argnames=("caches",))
-def _copy_rows(caches, src, dst):
+def _copy_linear_rows(caches, src, dst):
     """Every linear layer's state rows src [K] copied to rows dst [K] (out of range: skipped)."""
     return caches.replace(linear=tuple(p.at[dst].set(p[src], mode="drop") for p in caches.linear))
+
+
+_copy_rows = jax.jit(_copy_linear_rows, donate_argnames=("caches",))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_with(xla_options: tuple) -> tuple:
+    """(step, window) jitted functions whose executables XLA compiles with the debug options
+    `xla_options` ((name, value) pairs: jax.jit's compiler_options), for Engine(xla_options=...); one
+    pair per option set, shared by the engines that use it. Without options the engine calls the module's
+    _step_fn / _multi_step_fn themselves."""
+    opts = dict(xla_options)
+    return (jax.jit(_step_fn.__wrapped__, compiler_options=opts, **_STEP_JIT),
+            jax.jit(_multi_step_fn.__wrapped__, compiler_options=opts, **_WINDOW_JIT))
 
 
 def clear_compiled() -> None:
     """Forget every compiled step (the next step of each shape compiles again)."""
     _step_fn.clear_cache()
     _multi_step_fn.clear_cache()
+    _jitted_with.cache_clear()
 
 
 @dataclasses.dataclass
@@ -498,6 +521,10 @@ class Engine:
                    each step's results before packing the next (for debugging and to measure the gain)
     overlap_depth  with overlap: steps kept in flight (dispatched, not yet read); default 1 (module
                    docstring)
+    xla_options    XLA debug options for the executables of the engine's steps and decode windows (jax.jit's
+                   compiler_options: {name: value}, e.g. {"xla_gpu_enable_command_buffer": ""}: no CUDA
+                   graphs), set per executable, not for the process; None: XLA's own settings. Checked
+                   here (an unknown name or value raises EngineError). Speculative steps keep XLA's own.
     decode_steps   N > 1: multi-step decode (module docstring): when every running request is decoding and
                    none waits, one dispatch runs up to N decode steps on the device, so the host's
                    per-dispatch cost is paid once per N tokens. Tokens equal those of N single steps.
@@ -536,7 +563,7 @@ class Engine:
                  kv_cache_gb: float | None = None, num_pages: int | None = None,
                  page_shuffle_seed: int | None = None, prefix_cache: bool = False,
                  prefix_cache_states: int | None = None, prefix_cache_save_last: bool = True,
-                 num_speculative_tokens: int = 0, decode_steps: int = 1):
+                 num_speculative_tokens: int = 0, decode_steps: int = 1, xla_options: dict | None = None):
         cfg = model.cfg
         self.cfg = cfg
         if max_len is None:
@@ -574,6 +601,7 @@ class Engine:
             max_tokens = max(max_tokens, max_batch * (k_spec + 1))
         self.num_speculative_tokens = k_spec
         self.decode_steps = int(decode_steps)
+        self.xla_options = _check_xla_options(xla_options)
         if decode_order not in ("first", "last"):
             raise EngineError(f"decode_order must be 'first' or 'last', got {decode_order!r}")
         if kernels is not None and kernels not in KERNELS:
@@ -636,6 +664,7 @@ class Engine:
         self._running: list[_Request] = []
         self._flights: collections.deque[_Flight] = collections.deque()
         self._aborted: list[_Request] = []            # aborted since the last step: reported by the next
+        self._restores: dict[int, int] = {}           # prefix-cache hits admitted: slot -> saved state row to copy
         self._counts = collections.Counter()          # stats: prompt/generated tokens, host and wait seconds
         self._spec = None
         if k_spec:
@@ -707,11 +736,18 @@ class Engine:
                           page_table=np.zeros((R, self.max_pages), np.int32), decode_only=bool(decode_only))
         host = (np.full(T, -1, np.int32), i32(R), np.zeros(R, np.float32), i32(R), np.ones(R, np.float32),
                 np.zeros(R, np.uint32), i32(R), i32(R))        # take, rows | steps, temperature, top_k, top_p, ...
+        step_fn, window_fn = self._fns()
         if n:
-            return _multi_step_fn.lower(self._params, self.caches, batch, host[0], self._prev, *host[1:],
-                                        graph=self._graph, mode=mode, num_steps=int(n))
-        return _step_fn.lower(self._params, self.caches, batch, host[0], self._prev, *host[1:],
-                              graph=self._graph, mode=mode)
+            return window_fn.lower(self._params, self.caches, batch, host[0], self._prev, *host[1:],
+                                   graph=self._graph, mode=mode, num_steps=int(n))
+        restore = None if decode_only else np.zeros((2, 1), np.int32)
+        return step_fn.lower(self._params, self.caches, batch, host[0], self._prev, *host[1:], restore,
+                             graph=self._graph, mode=mode)
+
+    def _fns(self) -> tuple:
+        """The jitted (step, decode window) functions this engine calls: the module's own, or their twins
+        compiled with the engine's xla_options."""
+        return _jitted_with(self.xla_options) if self.xla_options else (_step_fn, _multi_step_fn)
 
     @property
     def num_running(self) -> int:
@@ -973,6 +1009,7 @@ class Engine:
 
     def _release(self, r: _Request) -> None:
         self._running.remove(r)
+        self._restores.pop(r.slot, None)      # aborted before its first step: its restore is not needed
         self.slots.free(r.slot)
         r.slot = -1
         for p in r.pages:
@@ -1118,6 +1155,7 @@ class Engine:
         for r in list(self._requests.values()):
             self._finish(r, "abort")
         self._aborted.clear()
+        self._restores.clear()
         self._prev = self._zero_tokens()
         self._new_pages()
         if any(a.is_deleted() for a in jax.tree.leaves(self.caches)):   # donated to a step that failed
@@ -1140,13 +1178,40 @@ class Engine:
 
     def _admit_waiting(self) -> None:
         """Admit waiting requests in order while a slot and their pages are free; prefix-cache hits get
-        their saved states copied into their slots at once."""
+        their saved states copied into their slots by the next step, before its model runs
+        (`_restore_arg`): on the device, after every step dispatched before and before the hit's first."""
         restores = []
         while self._waiting and len(self._running) < self.max_batch and self.slots.num_free:
             if not self._admit(self._waiting[0], restores):
                 break
             self._running.append(self._waiting.popleft())
-        self._copy_states(restores)
+        for src, dst in restores:
+            self._restores[dst] = src
+
+    def _restore_arg(self, decode_only: bool):
+        """The step's `restore` argument: on every step that is not decode-only (of every engine, so that
+        steps with and without a hit, and engines with and without the prefix cache, share compilations),
+        [2, 1] int32: the one pending restore (an admitted hit's saved state row; its slot), or a row
+        pair that copies nothing (dst out of range: a few tiny kernels). Decode-only steps take None
+        (unchanged). Restores that do not ride in the step (more than one pending, or a decode-only
+        step) are copied first with a jitted call of their own (_copy_states)."""
+        if decode_only or len(self._restores) > 1:
+            self._flush_restores()
+        if decode_only:
+            return None
+        arg = np.array([[0], [self.num_slots + self.state_rows]], np.int32)      # dst out of range: skipped
+        if self._restores:
+            (dst, src), = self._restores.items()
+            arg[:, 0] = src, dst
+            self._restores.clear()
+        return arg
+
+    def _flush_restores(self) -> None:
+        """Copy the pending restores now, with a jitted call of their own (before a step that does not
+        take them)."""
+        pairs = [(src, dst) for dst, src in self._restores.items()]
+        self._restores.clear()
+        self._copy_states(pairs)
 
     def _schedule(self) -> list[tuple[_Request, int]]:
         self._admit_waiting()
@@ -1211,11 +1276,13 @@ class Engine:
     def _dispatch(self, pieces) -> _Flight:
         """Pack and launch one step (asynchronously); update the requests' bookkeeping."""
         if self._spec is not None:
+            self._flush_restores()
             return self._spec.dispatch(self, pieces)
         R = self.max_batch
         for r, n in pieces:
             self._grow(r, r.fed + n)
         b = self._pack(pieces)
+        restore = self._restore_arg(b["decode_only"])
         take = b.pop("take")
         rows = np.maximum(b["cu_seqlens"][1:] - 1, 0).astype(np.int32)
         produces = [r.fed + n == r.total for r, n in pieces]
@@ -1236,9 +1303,9 @@ class Engine:
         batch = StepBatch(**b)
         host = (take, rows, temp, top_k, top_p, seeds, ids, counters)
         if self.mesh is not None and jax.process_count() > 1:
-            batch, host = _global(batch, self.mesh), _global(host, self.mesh)
-        logits, toks, lp, top_ids, top_lp, self.caches = _step_fn(
-            self._params, self.caches, batch, host[0], self._prev, *host[1:], graph=self._graph, mode=mode)
+            batch, host, restore = _global(batch, self.mesh), _global(host, self.mesh), _global(restore, self.mesh)
+        logits, toks, lp, top_ids, top_lp, self.caches = self._fns()[0](
+            self._params, self.caches, batch, host[0], self._prev, *host[1:], restore, graph=self._graph, mode=mode)
         self._prev = toks
         self.steps += 1
         self._advance(pieces, [p and not r.score for p, (r, _) in zip(produces, pieces)], src_rows=True)
@@ -1324,6 +1391,7 @@ class Engine:
 
     def _dispatch_window(self, pieces, steps) -> _Flight:
         """Pack and launch one multi-step decode window (_multi_step_fn); the requests' bookkeeping."""
+        self._flush_restores()
         R, k = self.max_batch, len(pieces)
         for (r, _), m in zip(pieces, steps):
             self._grow(r, r.fed + m)
@@ -1342,7 +1410,7 @@ class Engine:
         host = (take, st, temp, top_k, top_p, seeds, ids, counters)
         if self.mesh is not None and jax.process_count() > 1:
             batch, host = _global(batch, self.mesh), _global(host, self.mesh)
-        *outs, self._prev, self.caches = _multi_step_fn(
+        *outs, self._prev, self.caches = self._fns()[1](
             self._params, self.caches, batch, host[0], self._prev, *host[1:], graph=self._graph, mode=mode,
             num_steps=self.decode_steps)
         self.steps += max(steps)
@@ -1460,6 +1528,23 @@ def _engine_error(fn, *args):
         return fn(*args)
     except ShardingError as e:
         raise EngineError(str(e)) from None
+
+
+def _check_xla_options(options) -> tuple:
+    """Engine(xla_options=...) -> sorted (name, value) pairs (() for None / {}); each name and value is
+    checked by compiling a trivial function with them (EngineError naming the problem)."""
+    if not options:
+        return ()
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise EngineError(f"xla_options must be a dict of XLA debug option names to values, got {options!r}")
+    for k, v in options.items():
+        if not isinstance(v, (str, bool, int, float)):
+            raise EngineError(f"xla_options[{k!r}] must be a string, bool, int or float, got {v!r}")
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(np.int32(0)).compile()
+    except Exception as e:                  # noqa: BLE001  (XLA's message names the option)
+        raise EngineError(f"xla_options {options!r}: {str(e).splitlines()[0][:300]}") from None
+    return tuple(sorted(options.items()))
 
 
 def _global(tree, mesh):

@@ -47,6 +47,9 @@ def main(argv=None):
     p.add_argument("--prefill-chunk", type=int, default=2048, help="engine prefill chunk (default 2048)")
     p.add_argument("--page-size", type=int, default=64, help="MLA cache page size (default 64)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--xla-option", dest="xla_options", action="append", default=None, metavar="NAME=VALUE",
+                   help="an XLA debug option for every engine's step executables (Engine(xla_options=...); "
+                        "repeatable), e.g. xla_gpu_enable_command_buffer=")
     p.add_argument("--out", help="JSON output (default $OUT/bench_prefix.json when $OUT is set)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
@@ -68,8 +71,10 @@ def main(argv=None):
     suffixes = [rng.integers(3, V, args.suffix).tolist() for _ in range(2 * args.n + 3)]
     max_len = args.prefix + args.suffix + 16
     from lingjax.cache import pages_for
+    from lingjax.cli.common import xla_option
+    xla = dict(xla_option(o) for o in args.xla_options or ()) or None
     kw = dict(max_batch=1, prefill_chunk=args.prefill_chunk, max_len=max_len, page_size=args.page_size,
-              num_pages=3 * pages_for(max_len, args.page_size))    # room for the cached prefix beside a request
+              num_pages=3 * pages_for(max_len, args.page_size), xla_options=xla)   # room for the prefix beside a request
     sp = SamplingParams(max_new_tokens=1, ignore_eos=True)
 
     def ttft(eng, prompt):
@@ -90,6 +95,16 @@ def main(argv=None):
         ttft(on1, prefix + suffixes[i])
     compile_s = time.perf_counter() - t0
     assert on.stats()["prefix_cache_hits"] >= 1 and on1.stats()["prefix_cache_hits"] >= 1, "a warm-up hit did not hit"
+    # device check before timing: a hit's first token and its logprob against the cache-off engine's
+    sp_lp = SamplingParams(max_new_tokens=1, ignore_eos=True, logprobs=0)     # the same compiled steps
+    h0 = on.stats()["prefix_cache_hits"]
+    want, got = off.generate([prefix + suffixes[2]], sp_lp)[0], on.generate([prefix + suffixes[2]], sp_lp)[0]
+    check = dict(off_token=want.token_ids[0], hit_token=got.token_ids[0],
+                 logprob_diff=abs(want.logprobs[0] - got.logprobs[0]), hit=on.stats()["prefix_cache_hits"] == h0 + 1)
+    log.info("check: off token %d logprob %.5f, hit token %d logprob %.5f (a hit: %s)", want.token_ids[0],
+             want.logprobs[0], got.token_ids[0], got.logprobs[0], check["hit"])
+    if not (check["hit"] and want.token_ids == got.token_ids and check["logprob_diff"] <= 1e-2):
+        raise SystemExit(f"CHECK FAILED: the hit differs from the cache-off engine: {check}")
     times = {"off": [], "miss": [], "hit": [], "hit1": []}
     for i in range(args.n):
         times["off"].append(ttft(off, prefix + suffixes[3 + i]))
@@ -126,7 +141,8 @@ def main(argv=None):
     med = {k: statistics.median(v) for k, v in times.items()}
     report = dict(device=jax.devices()[0].device_kind, preset=args.preset, layers=cfg.num_hidden_layers,
                   dtype=args.dtype, prefix=args.prefix, suffix=args.suffix, prefill_chunk=args.prefill_chunk,
-                  page_size=args.page_size, init_s=init_s, compile_s=compile_s, n=args.n, ttft_s=times,
+                  page_size=args.page_size, xla_options=xla, check=check, init_s=init_s, compile_s=compile_s, n=args.n,
+                  ttft_s=times,
                   ttft_median_s=med, speedup_hit_vs_off=med["off"] / med["hit"],
                   speedup_hit_vs_miss=med["miss"] / med["hit"], speedup_hit1_vs_off=med["off"] / med["hit1"],
                   steps_per_hit=steps, hit_tokens_per_request=hit_tokens,
@@ -140,7 +156,8 @@ def main(argv=None):
             json.dump(report, f, indent=1)
     print(f"\n{report['device']}, {args.preset} ({cfg.num_hidden_layers} layers), {args.dtype}: prefix {args.prefix} "
           f"+ suffix {args.suffix} tokens, chunk {args.prefill_chunk}, page {args.page_size}; init {init_s:.0f} s, "
-          f"compile {compile_s:.0f} s")
+          f"compile {compile_s:.0f} s; xla_options {xla}; check passed (hit token = off token, logprob diff "
+          f"{check['logprob_diff']:.1e})")
     print("| kind | TTFT median ms | runs ms |\n|---|---|---|")
     for k, v in times.items():
         print(f"| {k} | {1e3 * med[k]:.1f} | {', '.join(f'{1e3 * t:.1f}' for t in v)} |")

@@ -266,3 +266,15 @@ def test_serve_prefix_save_last_flag_reaches_the_engine(ckpt):
                                   "--no-warmup", *flags])
         _, eng = common.build_engine(args, str(ckpt), 64)
         assert eng.prefix_cache_save_last is want and eng.state_rows > 0            # the prefix cache is on
+
+
+def test_xla_option_values():
+    """--xla-option NAME=VALUE (Engine(xla_options=...)): the value's type as XLA's option parser wants it."""
+    import argparse
+    from lingjax.cli.common import xla_option
+    assert xla_option("xla_gpu_enable_command_buffer=") == ("xla_gpu_enable_command_buffer", "")
+    assert xla_option("xla_gpu_enable_command_buffer=FUSION,CUBLAS") == ("xla_gpu_enable_command_buffer", "FUSION,CUBLAS")
+    assert xla_option("xla_gpu_graph_min_graph_size=1") == ("xla_gpu_graph_min_graph_size", 1)
+    assert xla_option("xla_gpu_enable_triton_gemm=False") == ("xla_gpu_enable_triton_gemm", False)
+    with pytest.raises(argparse.ArgumentTypeError, match="NAME=VALUE"):
+        xla_option("xla_gpu_enable_command_buffer")

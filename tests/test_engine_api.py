@@ -287,3 +287,20 @@ def test_logprobs_equal_log_softmax_of_score(model, prompts):
                 np.testing.assert_allclose([v for _, v in top], np.sort(row)[::-1][:n], atol=1e-4, rtol=0)
                 np.testing.assert_allclose(row[ids], [v for _, v in top], atol=1e-4, rtol=0)
     assert max(max(o.logprobs) - min(o.logprobs) for o in outs[:3]) > 0.1      # not a constant
+
+
+def test_xla_options_reach_the_step_executables(model):
+    """Engine(xla_options=...) lowers its steps with those XLA options (jax.jit compiler_options; the
+    command-buffer setting here, which only the GPU backend reads: scripts/probe_launch.py measures it
+    there); a bad option fails at construction with one clear line. Lowering only: no compilation."""
+    from lingjax import engine as engine_lib
+    opts = {"xla_gpu_enable_command_buffer": ""}
+    eng = engine(model, xla_options=opts)
+    assert eng._fns() == engine_lib._jitted_with(tuple(opts.items())) != (engine_lib._step_fn, engine_lib._multi_step_fn)
+    assert engine(model)._fns() == (engine_lib._step_fn, engine_lib._multi_step_fn)
+    lowered = eng._lower("greedy", 4, True)
+    assert dict(lowered._lowering._compiler_options_kvs) == opts       # what XLA compiles this step with
+    with pytest.raises(EngineError, match="not a valid enum value"):
+        engine(model, xla_options={"xla_gpu_enable_command_buffer": "BOGUS"})
+    with pytest.raises(EngineError, match="xla_options must be a dict"):
+        engine(model, xla_options=["xla_gpu_enable_command_buffer"])

@@ -84,6 +84,11 @@ def add_common(p: argparse.ArgumentParser, *, model_required: bool) -> None:
     p.add_argument("--tp", type=int_at_least(1), default=1, metavar="N",
                    help="tensor-parallel degree (devices to shard heads and experts over); default 1")
     add_kernels(p)
+    p.add_argument("--xla-option", dest="xla_options", action="append", type=xla_option, default=None,
+                   metavar="NAME=VALUE",
+                   help="an XLA debug option for the engine's step executables (repeatable; set per executable, "
+                        "not for the process), e.g. xla_gpu_enable_command_buffer= (no CUDA graphs); VALUE "
+                        "true/false/an integer/text; default: XLA's own settings")
     add_kv_cache(p)
     g = p.add_argument_group("multi-host (one process per host, JAX's distributed runtime; default: the "
                              "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID environment variables)")
@@ -92,6 +97,19 @@ def add_common(p: argparse.ArgumentParser, *, model_required: bool) -> None:
     g.add_argument("--process-id", type=int_at_least(0), metavar="I", help="this process's index in [0, N)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details (compilations, steps)")
     p.add_argument("--debug", action="store_true", help="debug logging, and show tracebacks of errors")
+
+
+def xla_option(s: str):
+    """NAME=VALUE -> (name, value): true/false -> bool, an integer -> int, else the text (may be empty)."""
+    name, eq, value = s.partition("=")
+    if not eq or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {s!r}")
+    if value.lower() in ("true", "false"):
+        return name.strip(), value.lower() == "true"
+    try:
+        return name.strip(), int(value)
+    except ValueError:
+        return name.strip(), value
 
 
 def add_kernels(p: argparse.ArgumentParser) -> None:
@@ -204,7 +222,8 @@ def build_engine(args, model_dir, max_len):
                  page_size=getattr(args, "page_size", 64),
                  prefix_cache=hasattr(args, "no_prefix_cache") and not args.no_prefix_cache,
                  prefix_cache_states=getattr(args, "prefix_cache_states", None),
-                 prefix_cache_save_last=not getattr(args, "no_prefix_save_last", False))
+                 prefix_cache_save_last=not getattr(args, "no_prefix_save_last", False),
+                 xla_options=dict(getattr(args, "xla_options", None) or ()) or None)
     log.info("engine: max_batch=%d prefill_chunk=%d max_len=%d, step buckets T=%s", eng.max_batch,
              eng.prefill_chunk, eng.max_len, eng.t_buckets)
     return cfg, eng
