@@ -95,16 +95,32 @@ def main(argv=None):
         ttft(on1, prefix + suffixes[i])
     compile_s = time.perf_counter() - t0
     assert on.stats()["prefix_cache_hits"] >= 1 and on1.stats()["prefix_cache_hits"] >= 1, "a warm-up hit did not hit"
-    # device check before timing: a hit's first token and its logprob against the cache-off engine's
+    # device checks before timing, on prompt P = prefix + suffixes[2]: (1) on the prefix-cache engine, a miss of P
+    # and then a hit of P (its saved state restored at the start of its last chunk, that chunk run again): the
+    # same compiled steps over the same numbers, so the first token and its logprob must be equal bit for bit
+    # in any dtype; (2) the hit against the cache-off engine (other compiled programs: in bfloat16 their
+    # rounding may flip the random model's near-tied experts, so this one is enforced in float32 only, 1e-3)
     sp_lp = SamplingParams(max_new_tokens=1, ignore_eos=True, logprobs=0)     # the same compiled steps
+    P = prefix + suffixes[2]
+    on.clear_prefix_cache()
     h0 = on.stats()["prefix_cache_hits"]
-    want, got = off.generate([prefix + suffixes[2]], sp_lp)[0], on.generate([prefix + suffixes[2]], sp_lp)[0]
-    check = dict(off_token=want.token_ids[0], hit_token=got.token_ids[0],
-                 logprob_diff=abs(want.logprobs[0] - got.logprobs[0]), hit=on.stats()["prefix_cache_hits"] == h0 + 1)
-    log.info("check: off token %d logprob %.5f, hit token %d logprob %.5f (a hit: %s)", want.token_ids[0],
-             want.logprobs[0], got.token_ids[0], got.logprobs[0], check["hit"])
-    if not (check["hit"] and want.token_ids == got.token_ids and check["logprob_diff"] <= 1e-2):
-        raise SystemExit(f"CHECK FAILED: the hit differs from the cache-off engine: {check}")
+    miss = on.generate([P], sp_lp)[0]
+    got = on.generate([P], sp_lp)[0]
+    want = off.generate([P], sp_lp)[0]
+    check = dict(miss_token=miss.token_ids[0], hit_token=got.token_ids[0], off_token=want.token_ids[0],
+                 hit_vs_miss_logprob_diff=abs(miss.logprobs[0] - got.logprobs[0]),
+                 hit_vs_off_logprob_diff=abs(want.logprobs[0] - got.logprobs[0]),
+                 hit=on.stats()["prefix_cache_hits"] == h0 + 1)
+    log.info("check: miss token %d logprob %.6f, hit token %d logprob %.6f (a hit: %s); cache-off engine token %d "
+             "logprob %.6f", miss.token_ids[0], miss.logprobs[0], got.token_ids[0], got.logprobs[0], check["hit"],
+             want.token_ids[0], want.logprobs[0])
+    if not (check["hit"] and miss.token_ids == got.token_ids and check["hit_vs_miss_logprob_diff"] == 0):
+        raise SystemExit(f"CHECK FAILED: the hit differs from a miss of the same prompt: {check}")
+    if want.token_ids != got.token_ids or check["hit_vs_off_logprob_diff"] > 1e-3:
+        if args.dtype == "float32":
+            raise SystemExit(f"CHECK FAILED: the hit differs from the cache-off engine: {check}")
+        log.info("note: the hit differs from the cache-off engine in %s (other compiled programs' rounding; the "
+                 "float32 run enforces this check): %s", args.dtype, check)
     times = {"off": [], "miss": [], "hit": [], "hit1": []}
     for i in range(args.n):
         times["off"].append(ttft(off, prefix + suffixes[3 + i]))
@@ -156,8 +172,9 @@ def main(argv=None):
             json.dump(report, f, indent=1)
     print(f"\n{report['device']}, {args.preset} ({cfg.num_hidden_layers} layers), {args.dtype}: prefix {args.prefix} "
           f"+ suffix {args.suffix} tokens, chunk {args.prefill_chunk}, page {args.page_size}; init {init_s:.0f} s, "
-          f"compile {compile_s:.0f} s; xla_options {xla}; check passed (hit token = off token, logprob diff "
-          f"{check['logprob_diff']:.1e})")
+          f"compile {compile_s:.0f} s; xla_options {xla}; checks: hit = miss of the same prompt bit for bit; hit vs "
+          f"the cache-off engine: token {'equal' if check['hit_token'] == check['off_token'] else 'DIFFERENT'}, logprob "
+          f"diff {check['hit_vs_off_logprob_diff']:.1e}")
     print("| kind | TTFT median ms | runs ms |\n|---|---|---|")
     for k, v in times.items():
         print(f"| {k} | {1e3 * med[k]:.1f} | {', '.join(f'{1e3 * t:.1f}' for t in v)} |")
