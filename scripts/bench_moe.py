@@ -246,6 +246,7 @@ def kernel_trace(run, args, iters):
     stream. busy includes the timed loop's own chaining add (x + 1e-3 * out, ~1 us; XLA fuses it with
     the layer's last fusion where it can)."""
     import jax
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_linear_attention import device_trace
     tr = device_trace(lambda: jax.block_until_ready(run(*args)), iters)
     streams = [t for k, t in tr.items() if k != "_lines"]
