@@ -237,11 +237,9 @@ def test_half_and_quarter_height_tiles_match_float64(results, dtype, precision, 
 # takes every row of it, 20 pairs of one expert at T = 10 fill two 16-row tiles, two leading programs; the
 # multiply-add form one program per pair), dropped ids (-1, E + 3), a token with every pair dropped, more
 # tokens than one.
-DECODE_CASES = [(1, 4, 8, "uniform", False, 2, 1), (1, 4, 8, "uniform", True, 1, 2),
-                (3, 2, 4, "one_expert", True, 2, 2), (3, 3, 8, "dropped", True, 2, 1),
-                (3, 3, 8, "dropped", False, 1, 2),
-                (1, 4, 8, "uniform", True, 0, 1), (3, 3, 8, "dropped", True, 0, 2), (5, 4, 8, "uniform", True, 0, 1),
-                (10, 2, 4, "one_expert", True, 0, 1), (3, 3, 8, "dropped", False, 0, 1)]
+DECODE_CASES = [(1, 4, 8, "uniform", False, 2, 1), (3, 2, 4, "one_expert", True, 2, 2), (3, 3, 8, "dropped", True, 2, 1),
+                (1, 4, 8, "uniform", True, 0, 1), (3, 3, 8, "dropped", True, 0, 2), (10, 2, 4, "one_expert", True, 0, 1),
+                (3, 3, 8, "dropped", False, 0, 1)]
 DECODE = [("float32", "ieee", 1e-5), ("float16", "", 1e-2)]
 
 
