@@ -415,9 +415,12 @@ def main(argv=None):
                    "(lingjax*, dec ..., mm ...) is also run once more under the XLA profiler: CUPTI device time per "
                    "call (columns dev us, dev%%copy: what the copy-bandwidth target is judged on), span, per-kernel "
                    "times (GPU)")
+    p.add_argument("--budget-s", type=float, default=0.0, help="skip (and list as skipped) the rows that would start "
+                   "after this many seconds, so that the tables still print inside a device call's limit (0: none)")
     p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny shapes, reference impl, no peers")
     p.add_argument("--out", help="JSON output (default $OUT/bench_moe.json when $OUT is set)")
     args = p.parse_args(argv)
+    t_start = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     import jax
     import jax.numpy as jnp
@@ -533,6 +536,9 @@ def main(argv=None):
             cache = {}                                  # the float64 oracle of this problem
             for name, fn in cands.items():
                 row = dict(shape=sname, d=d, I=I, T=T, method=name, touched_experts=touched)
+                if args.budget_s and time.perf_counter() - t_start > args.budget_s:
+                    rows.append(dict(row, skipped=f"--budget-s {args.budget_s:g} spent"))
+                    continue
                 if name in sweep:
                     row["config"] = sweep[name]
                 try:
