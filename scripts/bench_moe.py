@@ -94,6 +94,11 @@ SWEEP_SMALL = [  # blocks of <= 32 rows (decode: weight streaming)
 # n1024k8 x32 / n512k16 x8 233.5, dot n128k64 x2/x2 99.3, dot n64k128 x2 / n128k64 x4 98.3; call B: x4/x1 114.4,
 # dot n128k64 x2/x1 104.0 (CUPTI: x4/x1's kernels 38.3 + 31.8 us; the grouped path's 32.3 + 18.1 us).
 _DEC_DEFAULT = ((64, 128, 1, True, 4, 4), (128, 64, 1, True, 4, 4))
+# Session 6 call A, T = 1 (CUPTI device us / wall us per layer call; gate/up + down kernel us): the default 53.6 / 95.7
+# (33.0 + 17.6), down n256k64 w8 53.9 / 90.6 (32.8 + 18.1), down n64k128 55.9 / 99.5 (32.9 + 20.2), gate/up n128k64 +
+# down n128k128 s3 54.8 / 92.6 (33.7 + 18.2), gate/up n32k128 65.2 / 100.3 (44.9 + 17.8), multiply-add with h fused
+# 119.1 / 137.1 (90.6 + 26.0), session 5's default (multiply-add, gate/up x4) 73.2 / 89.2 (38.6 + 31.9). T = 2: the
+# default 96.1 / 120.5, narrower tiles (n32k128 / n64k128) 131.7 / 165.3, multiply-add with h fused 139.8 / 165.2.
 SWEEP_DECODE_T1 = [
     _DEC_DEFAULT,
     ((64, 128, 1, True, 4, 4), (256, 64, 1, True, 8, 4)),      # down: 256-wide (512-byte rows), 8 warps
@@ -103,12 +108,14 @@ SWEEP_DECODE_T1 = [
     ((64, 32, 1, False, 4, 4), (128, 32, 1, False, 4, 4)),     # multiply-add, h fused (128 / 256 programs)
     ((128, 32, 4, False, 4, 4), (128, 32, 1, False, 4, 4)),    # session 5's default: multiply-add, gate/up x4
 ]
-SWEEP_DECODE_SMALL = [   # T = 2 .. 16
+# T >= 2 (session 6 call A: the decode path's gate/up kernel 5% slower than the grouped path's at T = 16, 408.2 vs
+# 388.7 us, the same tiles; the grouped kernel's launch order takes the n tiles of one block consecutively, the decode
+# kernels' one n tile of every pair): the default and the same with the n tiles of a pair first (n_first).
+SWEEP_DECODE_SMALL = [
     _DEC_DEFAULT,
-    ((32, 128, 1, True, 4, 4), (64, 128, 1, True, 4, 4)),      # narrower tiles: twice the programs
-    ((64, 32, 1, False, 4, 4), (128, 32, 1, False, 4, 4)),     # multiply-add, h fused (an expert read per pair)
+    tuple(c + (True,) for c in _DEC_DEFAULT),                  # n_first: the n tiles of one pair consecutive
 ]
-SWEEP_DECODE = {1: SWEEP_DECODE_T1, **{t: SWEEP_DECODE_SMALL for t in (2, 3, 4, 8, 16)}}
+SWEEP_DECODE = {1: SWEEP_DECODE_T1, **{t: SWEEP_DECODE_SMALL for t in (2, 3, 4, 8, 16, 32, 64)}}
 SWEEP_LARGE = [  # blocks of >= 64 rows
     # default (gpu.LARGE_*): 128 x 128 (x2) / 128 x 256 tiles, 8 warps, persistent 1 per SM (run 17's best).
     # Dropped after session 4 run 2 (slower there): half- and quarter-height tiles, 4 stages, 128-deep k steps,

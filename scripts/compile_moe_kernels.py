@@ -99,9 +99,9 @@ def decode_kernels(T, d, I, cg, cd, dt):
     prec = "" if dt != "fp32" else "tf32x3"
     cg, cd = gpu._fit_decode(cg, d, I), gpu._fit_decode(cd, I, d)
     gu = dict(PAIRS=n, TOP_K=K, E=E, K=d, N=I, M=M, Q=Q, BLOCK_N=cg.block_n, BLOCK_K=cg.block_k, DOT=cg.dot,
-              PRECISION=prec, STAGES=cg.num_stages)
+              PRECISION=prec, STAGES=cg.num_stages, N_FIRST=cg.n_first)
     dn = dict(PAIRS=n, E=E, K=I, N=d, M=M, Q=Q, BLOCK_N=cd.block_n, BLOCK_K=cd.block_k, SPLIT_K=cd.split_k,
-              DOT=cd.dot, PRECISION=prec, STAGES=cd.num_stages)
+              DOT=cd.dot, PRECISION=prec, STAGES=cd.num_stages, N_FIRST=cd.n_first)
     if cg.split_k == 1:
         return [("gate_up", td.gate_up_h_decode_kernel, [f"*{dt}", "*i32", f"*{dt}", f"*{dt}", f"*{dt}"], gu, cg),
                 ("down", td.down_h_decode_kernel, [f"*{dt}", "*i32", f"*{dt}", "*fp32"], dn, cd)]

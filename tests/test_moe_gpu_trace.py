@@ -47,7 +47,7 @@ def test_gpu_experts_trace_and_compile_for_sm90(jax_triton_call, T, bm, sort):
             assert "wgmma" in ptx
 
 
-@pytest.mark.parametrize("T,decode", [(1, None), (4, True)])
+@pytest.mark.parametrize("T,decode", [(1, None), (4, None), (8, True)])
 def test_gpu_decode_path_trace_and_compile_for_sm90(jax_triton_call, T, decode):
     """T <= gpu.DECODE_MAX_TOKENS (or decode=True): the decode kernels on the pairs (no layout: no sort, no
     grouped matmul), by default the dot form with h fused into the gate/up kernel (h [T * k, I] bf16, float32
@@ -63,11 +63,12 @@ def test_gpu_decode_path_trace_and_compile_for_sm90(jax_triton_call, T, decode):
         p = c.params
         cfg = gpu.pick_decode_config("gate_up" if nn == I else "down", T, n, kk, nn, gpu.num_sms())
         assert p["DOT"] == cfg.dot and p["PAIRS"] == n and p["M"] == 16 and p["Q"] >= n
-        assert p["grid"] == (n, nn // cfg.block_n, cfg.split_k)
+        assert p["grid"] == cfg.grid(n, nn) == ((nn // cfg.block_n, n, 1) if cfg.n_first else (n, nn // cfg.block_n, 1))
         out = c.outvars[0].aval
         assert (out.dtype, out.shape) == ((jnp.bfloat16, (n, I)) if nn == I else (jnp.float32, (cfg.split_k, n, D)))
         shared, ptx, _ = _compile_call(jax_triton_call, c)
         assert 0 < shared <= SM90_SMEM and "mma" in ptx
+    assert T <= gpu.DECODE_MAX_TOKENS or decode                  # the default takes the decode path up to there
     split = gpu.DecodeConfig(block_n=128, block_k=32, split_k=4, dot=False)
     jaxpr = jax.make_jaxpr(lambda *a: gpu.experts_decode(*a, gate_up_config=split))(*args(T)).jaxpr
     calls = _triton_calls(jax_triton_call, jaxpr)

@@ -236,9 +236,9 @@ def test_half_and_quarter_height_tiles_match_float64(results, dtype, precision, 
 # split and unsplit K; duplicates (a token's pairs all to one expert: the dot form's one program per expert
 # takes every row of it, 20 pairs of one expert at T = 10 fill two 16-row tiles, two leading programs; the
 # multiply-add form one program per pair), dropped ids (-1, E + 3), a token with every pair dropped, more
-# tokens than one.
+# tokens than one; an 8th field True: the n-tiles-first launch order (N_FIRST, grid axes swapped).
 DECODE_CASES = [(1, 4, 8, "uniform", False, 2, 1), (3, 2, 4, "one_expert", True, 2, 2), (3, 3, 8, "dropped", True, 2, 1),
-                (1, 4, 8, "uniform", True, 0, 1), (3, 3, 8, "dropped", True, 0, 2), (10, 2, 4, "one_expert", True, 0, 1),
+                (1, 4, 8, "uniform", True, 0, 1), (3, 3, 8, "dropped", True, 0, 2, True), (10, 2, 4, "one_expert", True, 0, 1),
                 (3, 3, 8, "dropped", False, 0, 1)]
 DECODE = [("float32", "ieee", 1e-5), ("float16", "", 1e-2)]
 
@@ -249,7 +249,8 @@ def measure_decode(td, case, dtype, precision):
     dropped pairs' rows (partials or h, and y) kept the sentinel (unwritten), and the dot form's leading
     programs (programs that wrote rows) per expert."""
     import torch
-    T, k, E, routing, dot, sg, sd = case
+    T, k, E, routing, dot, sg, sd = case[:7]
+    n_first = len(case) > 7 and case[7]
     d, I, bn, bk = 64, 32, 16, 16
     dtype = np.dtype(dtype)
     rng = np.random.default_rng(T * 11 + E + k)
@@ -270,18 +271,19 @@ def measure_decode(td, case, dtype, precision):
     flat = tt(idx.reshape(-1))
     M = max(16, 1 << (T - 1).bit_length())
     Q = 1 << (n - 1).bit_length()
-    common = dict(PAIRS=n, E=E, M=M, Q=Q, BLOCK_N=bn, BLOCK_K=bk, DOT=dot, PRECISION=precision)
+    common = dict(PAIRS=n, E=E, M=M, Q=Q, BLOCK_N=bn, BLOCK_K=bk, DOT=dot, PRECISION=precision, N_FIRST=n_first)
+    grid = (lambda cols, s: (cols // bn, n, s)) if n_first else (lambda cols, s: (n, cols // bn, s))  # noqa: E731
     y = torch.full((sd, n, d), sentinel, dtype=torch.float32)
     if sg == 0:
         h = torch.full((n, I), sentinel, dtype=tt(x).dtype)
-        td.gate_up_h_decode_kernel[(n, I // bn, 1)](tt(x), flat, tt(wg), tt(wu), h, TOP_K=k, K=d, N=I, **common)
-        td.down_h_decode_kernel[(n, d // bn, sd)](h, flat, tt(wd), y, K=I, N=d, SPLIT_K=sd, **common)
+        td.gate_up_h_decode_kernel[grid(I, 1)](tt(x), flat, tt(wg), tt(wu), h, TOP_K=k, K=d, N=I, **common)
+        td.down_h_decode_kernel[grid(d, sd)](h, flat, tt(wd), y, K=I, N=d, SPLIT_K=sd, **common)
         written = [h, y]
     else:
         g, u = (torch.full((sg, n, I), sentinel, dtype=torch.float32) for _ in range(2))
-        td.gate_up_decode_kernel[(n, I // bn, sg)](tt(x), flat, tt(wg), tt(wu), g, u, TOP_K=k, K=d, N=I, SPLIT_K=sg,
-                                                  **common)
-        td.down_decode_kernel[(n, d // bn, sd)](g, u, flat, tt(wd), y, K=I, N=d, SPLIT_K=sd, SPLIT_GU=sg, **common)
+        td.gate_up_decode_kernel[grid(I, sg)](tt(x), flat, tt(wg), tt(wu), g, u, TOP_K=k, K=d, N=I, SPLIT_K=sg,
+                                             **common)
+        td.down_decode_kernel[grid(d, sd)](g, u, flat, tt(wd), y, K=I, N=d, SPLIT_K=sd, SPLIT_GU=sg, **common)
         written = [g, u, y]
     valid = ((idx >= 0) & (idx < E)).reshape(-1)
     ysum = y.double().numpy().sum(0)

@@ -215,8 +215,13 @@ def down(h, layout, w_down, *, config: Config | None = None, f32_dot: str = "tf3
 # no layout) instead of the grouped matmul. Session 5 call A (flash shapes, whole layer, scripts/bench_notes_moe.md):
 # T = 1 95.0 us (multiply-add form, split gate/up) against 107.4 us for the grouped path; T = 4 275.8 us against
 # 225.6 us: so one token only then. Session 6: the dot form with h fused into the gate/up kernel (see
-# pick_decode_config) runs the grouped kernels' tiles without their layout; measured in scripts/bench_notes_moe.md.
-DECODE_MAX_TOKENS = 1
+# pick_decode_config) runs the grouped kernels' tiles without their layout. Session 6 call A (flash shapes, CUPTI
+# device time / wall clock per layer call, scripts/results/session6_callA_moe/, scripts/bench_notes_moe.md):
+#   T        1            2             3             4             8             16
+#   decode   53.5 / 86.0  95.8 / 123.4  147.5 / 165.0 177.9 / 236.8 360.8 / 416.1 610.1 / 660.3
+#   grouped  61.5 / 93.1  107.9 / 128.0 155.5 / 191.0 186.9 / 235.6 359.5 / 408.0 600.7 / 639.8
+# so the decode path up to 4 tokens (T = 4: 5% less device time, the same wall clock; 4 ops against 11).
+DECODE_MAX_TOKENS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,18 +230,26 @@ class DecodeConfig:
     cut into split_k slices (one program each, float32 partials summed in order; gate/up split_k 1: h written
     by the gate/up kernel itself); dot True: one program per touched expert with tl.dot over its pairs'
     rows, False: one per pair, float32 multiply-adds; num_stages: the launch's (dot) or the k loop's
-    (multiply-add; 1: loads not pipelined) stages."""
+    (multiply-add; 1: loads not pipelined) stages; n_first: launch order, the n tiles of one pair consecutive
+    (False: one n tile of every pair consecutive)."""
     block_n: int
     block_k: int
     split_k: int = 1
     dot: bool = True
     num_warps: int = 4
     num_stages: int = 3
+    n_first: bool = False
 
     def tag(self) -> str:
-        """n128k32x8fw4s4: 128-wide, 32-deep tiles, K in 8 slices, f(ma) or d(ot), 4 warps, 4 stages."""
+        """n128k32x8fw4s4: 128-wide, 32-deep tiles, K in 8 slices, f(ma) or d(ot), 4 warps, 4 stages (+ 'N':
+        the n tiles of a pair first in the launch order)."""
         return (f"n{self.block_n}k{self.block_k}x{self.split_k}{'d' if self.dot else 'f'}"
-                f"w{self.num_warps}s{self.num_stages}")
+                f"w{self.num_warps}s{self.num_stages}" + ("N" if self.n_first else ""))
+
+    def grid(self, n_pairs: int, N: int) -> tuple:
+        """The launch grid over n_pairs pairs and N output columns (triton_decode.py's N_FIRST order)."""
+        return ((N // self.block_n, n_pairs, self.split_k) if self.n_first else
+                (n_pairs, N // self.block_n, self.split_k))
 
 
 def pick_decode_config(kind: str, n_tokens: int, n_pairs: int, K: int, N: int, sms: int = 132,
@@ -294,22 +307,21 @@ def experts_decode(x, idx, weights, w_gate, w_up, w_down, *, gate_up_config: Dec
     flat = idx.reshape(-1).astype(jnp.int32)
     prec = dot_precision(x.dtype, f32_dot)
     gu = dict(num_warps=cg.num_warps, num_stages=cg.num_stages, PAIRS=n, TOP_K=k, E=E, K=d, N=I, M=M, Q=Q,
-              BLOCK_N=cg.block_n, BLOCK_K=cg.block_k, DOT=cg.dot, PRECISION=prec, STAGES=cg.num_stages)
-    dn = dict(grid=(n, d // cd.block_n, cd.split_k), num_warps=cd.num_warps, num_stages=cd.num_stages, PAIRS=n, E=E,
+              BLOCK_N=cg.block_n, BLOCK_K=cg.block_k, DOT=cg.dot, PRECISION=prec, STAGES=cg.num_stages,
+              N_FIRST=cg.n_first, grid=cg.grid(n, I))
+    dn = dict(grid=cd.grid(n, d), num_warps=cd.num_warps, num_stages=cd.num_stages, PAIRS=n, E=E,
               K=I, N=d, M=M, Q=Q, BLOCK_N=cd.block_n, BLOCK_K=cd.block_k, SPLIT_K=cd.split_k, DOT=cd.dot,
-              PRECISION=prec, STAGES=cd.num_stages)
+              PRECISION=prec, STAGES=cd.num_stages, N_FIRST=cd.n_first)
     y_part = jax.ShapeDtypeStruct((cd.split_k, n, d), jnp.float32)
     if cg.split_k == 1:
         h = jt.triton_call(x, flat, w_gate, w_up, kernel=td.gate_up_h_decode_kernel,
-                           out_shape=jax.ShapeDtypeStruct((n, I), x.dtype), grid=(n, I // cg.block_n, 1),
-                           name="moe_gate_up_decode", **gu)
+                           out_shape=jax.ShapeDtypeStruct((n, I), x.dtype), name="moe_gate_up_decode", **gu)
         y = jt.triton_call(h, flat, w_down, kernel=td.down_h_decode_kernel, out_shape=y_part,
                            name="moe_down_decode", **dn)
     else:
         part = jax.ShapeDtypeStruct((cg.split_k, n, I), jnp.float32)
         g, u = jt.triton_call(x, flat, w_gate, w_up, kernel=td.gate_up_decode_kernel, out_shape=(part, part),
-                              grid=(n, I // cg.block_n, cg.split_k), name="moe_gate_up_decode",
-                              SPLIT_K=cg.split_k, **gu)
+                              name="moe_gate_up_decode", SPLIT_K=cg.split_k, **gu)
         y = jt.triton_call(g, u, flat, w_down, kernel=td.down_decode_kernel, out_shape=y_part,
                            name="moe_down_decode", SPLIT_GU=cg.split_k, **dn)
     return combine_pairs(y, idx, weights, E).astype(x.dtype)

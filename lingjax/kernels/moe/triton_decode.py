@@ -9,7 +9,9 @@ idx [T * k] (flat, pair q = token q // TOP_K) themselves, one launch per matrix,
 Split gate/up (more programs when there are few pairs): gate_up_decode_kernel writes float32 partial sums of
 x Wg and x Wu over one K slice each [SPLIT_K, PAIRS, I], and down_decode_kernel sums the slices in order and
 forms h itself (SPLIT_GU slices) before its product. The caller (gpu.experts_decode) sums y_part's slices and
-combines the pairs with the routing weights (one small XLA fusion). Every output element has one writer and
+combines the pairs with the routing weights (one small XLA fusion). N_FIRST (compile-time): the grid's first two
+axes swapped, (N / BLOCK_N, PAIRS, SPLIT_K), so that consecutive programs take the n tiles of one pair (one
+expert's weight rows side by side) rather than one n tile of every pair. Every output element has one writer and
 every sum a fixed order: deterministic.
 
 Two forms of a program (DOT, compile-time):
@@ -60,6 +62,16 @@ def _expert_rows(idx_ptr, p, E: tl.constexpr, PAIRS: tl.constexpr, M: tl.constex
 
 
 @triton.jit
+def _pair_and_n_tile(N_FIRST: tl.constexpr):
+    """(pair p, n tile) of this program: grid (PAIRS, N / BLOCK_N, SPLIT_K), or (N / BLOCK_N, PAIRS, SPLIT_K) when
+    N_FIRST (consecutive programs then take the n tiles of one pair: one expert's weight rows, side by side)."""
+    if N_FIRST:
+        return tl.program_id(1), tl.program_id(0)
+    else:
+        return tl.program_id(0), tl.program_id(1)
+
+
+@triton.jit
 def _h_rows(g_ptr, u_ptr, off, mask, SLICE: tl.constexpr, SPLIT_GU: tl.constexpr, dtype: tl.constexpr):
     """h at offsets off: SPLIT_GU 0: read from h (g_ptr); else silu(g) * u of the gate/up partials (summed
     over SPLIT_GU slices of SLICE elements each, in order), rounded to dtype."""
@@ -78,14 +90,14 @@ def _h_rows(g_ptr, u_ptr, off, mask, SLICE: tl.constexpr, SPLIT_GU: tl.constexpr
 def _gate_up(x_ptr, idx_ptr, wg_ptr, wu_ptr, g_ptr, u_ptr, H_OUT: tl.constexpr, PAIRS: tl.constexpr,
              TOP_K: tl.constexpr, E: tl.constexpr, K: tl.constexpr, N: tl.constexpr, M: tl.constexpr,
              Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-             DOT: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr):
+             DOT: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr, N_FIRST: tl.constexpr):
     """Both gate/up kernels: H_OUT: h = silu(g) * u into g_ptr (its dtype; SPLIT_K 1), else the float32
     partials of slice s into g_ptr, u_ptr [SPLIT_K, PAIRS, N]."""
-    p = tl.program_id(0)
+    p, nt = _pair_and_n_tile(N_FIRST)
     s = tl.program_id(2)
     e = tl.load(idx_ptr + p)
     STEPS: tl.constexpr = K // BLOCK_K // SPLIT_K
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = nt * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = s * (STEPS * BLOCK_K) + tl.arange(0, BLOCK_K)
     w_off = e.to(tl.int64) * K * N + ks[:, None] * N + cols[None, :]
     out = s.to(tl.int64) * PAIRS * N + cols
@@ -137,33 +149,33 @@ def _gate_up(x_ptr, idx_ptr, wg_ptr, wu_ptr, g_ptr, u_ptr, H_OUT: tl.constexpr, 
 def gate_up_decode_kernel(x_ptr, idx_ptr, wg_ptr, wu_ptr, g_ptr, u_ptr, PAIRS: tl.constexpr, TOP_K: tl.constexpr,
                           E: tl.constexpr, K: tl.constexpr, N: tl.constexpr, M: tl.constexpr, Q: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, DOT: tl.constexpr,
-                          PRECISION: tl.constexpr, STAGES: tl.constexpr = 1):
+                          PRECISION: tl.constexpr, STAGES: tl.constexpr = 1, N_FIRST: tl.constexpr = False):
     """x [T, K]; idx [PAIRS]; Wg, Wu [E, K, N] -> g_part, u_part [SPLIT_K, PAIRS, N] float32."""
     _gate_up(x_ptr, idx_ptr, wg_ptr, wu_ptr, g_ptr, u_ptr, False, PAIRS, TOP_K, E, K, N, M, Q, BLOCK_N, BLOCK_K,
-             SPLIT_K, DOT, PRECISION, STAGES)
+             SPLIT_K, DOT, PRECISION, STAGES, N_FIRST)
 
 
 @triton.jit
 def gate_up_h_decode_kernel(x_ptr, idx_ptr, wg_ptr, wu_ptr, h_ptr, PAIRS: tl.constexpr, TOP_K: tl.constexpr,
                             E: tl.constexpr, K: tl.constexpr, N: tl.constexpr, M: tl.constexpr, Q: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
-                            PRECISION: tl.constexpr, STAGES: tl.constexpr = 1):
+                            PRECISION: tl.constexpr, STAGES: tl.constexpr = 1, N_FIRST: tl.constexpr = False):
     """x [T, K]; idx [PAIRS]; Wg, Wu [E, K, N] -> h [PAIRS, N] = silu(x Wg) * (x Wu) in h's dtype."""
     _gate_up(x_ptr, idx_ptr, wg_ptr, wu_ptr, h_ptr, h_ptr, True, PAIRS, TOP_K, E, K, N, M, Q, BLOCK_N, BLOCK_K,
-             1, DOT, PRECISION, STAGES)
+             1, DOT, PRECISION, STAGES, N_FIRST)
 
 
 @triton.jit
 def _down(g_ptr, u_ptr, idx_ptr, wd_ptr, y_ptr, PAIRS: tl.constexpr, E: tl.constexpr, K: tl.constexpr,
           N: tl.constexpr, M: tl.constexpr, Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
           SPLIT_K: tl.constexpr, SPLIT_GU: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-          STAGES: tl.constexpr):
+          STAGES: tl.constexpr, N_FIRST: tl.constexpr):
     """Both down kernels: h from g_ptr (SPLIT_GU 0) or from the gate/up partials (SPLIT_GU slices)."""
-    p = tl.program_id(0)
+    p, nt = _pair_and_n_tile(N_FIRST)
     s = tl.program_id(2)
     e = tl.load(idx_ptr + p)
     STEPS: tl.constexpr = K // BLOCK_K // SPLIT_K
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = nt * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = s * (STEPS * BLOCK_K) + tl.arange(0, BLOCK_K)
     w_ptrs = wd_ptr + e.to(tl.int64) * K * N + ks[:, None] * N + cols[None, :]
     out = s.to(tl.int64) * PAIRS * N + cols
@@ -195,18 +207,18 @@ def _down(g_ptr, u_ptr, idx_ptr, wd_ptr, y_ptr, PAIRS: tl.constexpr, E: tl.const
 def down_decode_kernel(g_ptr, u_ptr, idx_ptr, wd_ptr, y_ptr, PAIRS: tl.constexpr, E: tl.constexpr, K: tl.constexpr,
                        N: tl.constexpr, M: tl.constexpr, Q: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_GU: tl.constexpr, DOT: tl.constexpr,
-                       PRECISION: tl.constexpr, STAGES: tl.constexpr = 1):
+                       PRECISION: tl.constexpr, STAGES: tl.constexpr = 1, N_FIRST: tl.constexpr = False):
     """g_part, u_part [SPLIT_GU, PAIRS, K] float32; idx [PAIRS]; Wd [E, K, N] -> y_part [SPLIT_K, PAIRS, N]
     float32, h = silu(g) * u rounded to Wd's dtype."""
     _down(g_ptr, u_ptr, idx_ptr, wd_ptr, y_ptr, PAIRS, E, K, N, M, Q, BLOCK_N, BLOCK_K, SPLIT_K, SPLIT_GU, DOT,
-          PRECISION, STAGES)
+          PRECISION, STAGES, N_FIRST)
 
 
 @triton.jit
 def down_h_decode_kernel(h_ptr, idx_ptr, wd_ptr, y_ptr, PAIRS: tl.constexpr, E: tl.constexpr, K: tl.constexpr,
                          N: tl.constexpr, M: tl.constexpr, Q: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-                         STAGES: tl.constexpr = 1):
+                         STAGES: tl.constexpr = 1, N_FIRST: tl.constexpr = False):
     """h [PAIRS, K] in Wd's dtype; idx [PAIRS]; Wd [E, K, N] -> y_part [SPLIT_K, PAIRS, N] float32."""
     _down(h_ptr, h_ptr, idx_ptr, wd_ptr, y_ptr, PAIRS, E, K, N, M, Q, BLOCK_N, BLOCK_K, SPLIT_K, 0, DOT,
-          PRECISION, STAGES)
+          PRECISION, STAGES, N_FIRST)
