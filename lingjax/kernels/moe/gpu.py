@@ -260,7 +260,9 @@ def pick_decode_config(kind: str, n_tokens: int, n_pairs: int, K: int, N: int, s
     one real row of 16), whose CUPTI device times in session 5 call B were 32.3 us (gate/up, 134 MB: 97% of
     copy) and 18.1 us (down, 67 MB: 87%), against 38.3 / 31.8 us for the then decode kernels (multiply-add,
     gate/up split 4 into float32 partials, down re-forming h from them every k step: 49% of copy). The
-    decode path drops the layout's XLA kernels around them (10 launches -> 3). float32 inputs: 64-deep k
+    decode path drops the layout's XLA kernels around them (10 launches -> 3). Session 6 call A, T = 1: gate/up
+    32.8 us (95%), down 17.7 us (88%), the layer 53.5 us of device time (87.5% of copy); every other tile of
+    bench_moe.py's SWEEP_DECODE_T1 was as fast or slower (scripts/bench_notes_moe.md). float32 inputs: 64-deep k
     steps and 3 stages (as pick_config), inside the 227 KiB of shared memory."""
     del n_tokens, n_pairs, sms
     bn, bk = (min(128, N), min(64, K)) if kind == "down" else (min(64, N), min(128, K))
