@@ -86,9 +86,8 @@ SWEEP_SMALL = [  # blocks of <= 32 rows (decode: weight streaming)
 ]
 # The decode path (gpu.experts_decode; experts() takes it for T <= gpu.DECODE_MAX_TOKENS, through gpu.experts_decode
 # at any T here): (gate_up, down) gpu.DecodeConfig fields (block_n, block_k, split_k, dot, num_warps, num_stages);
-# rows 'dec ...' time the whole layer (no layout; two kernels + the combine). The first entry is
-# gpu.pick_decode_config's default (session 6: dot form, gate/up unsplit with h fused, the grouped path's
-# decode tiles).
+# rows 'dec ...' time the whole layer (no layout; two kernels + the combine). gpu.pick_decode_config's default
+# (session 6: dot form, gate/up unsplit with h fused, the grouped path's decode tiles) is the first entry at T = 1.
 # Session 5 call A at T = 1 (us, whole layer, wall clock; grouped path 107.4): n128k32 multiply-add x8/x2 s4 120.3,
 # s1 163.0, x16/x4 187.9, x4/x1 95.0 (best), n256k32 x8/x4 130.8, n128k64 w8 x8/x4 147.4, n64k64 x8/x2 137.2,
 # n1024k8 x32 / n512k16 x8 233.5, dot n128k64 x2/x2 99.3, dot n64k128 x2 / n128k64 x4 98.3; call B: x4/x1 114.4,
@@ -110,7 +109,9 @@ SWEEP_DECODE_T1 = [
 ]
 # T >= 2 (session 6 call A: the decode path's gate/up kernel 5% slower than the grouped path's at T = 16, 408.2 vs
 # 388.7 us, the same tiles; the grouped kernel's launch order takes the n tiles of one block consecutively, the decode
-# kernels' one n tile of every pair): the default and the same with the n tiles of a pair first (n_first).
+# kernels' one n tile of every pair): the tiles without and with the n tiles of a pair first (n_first). Call B (device
+# us): T = 2 93.6 / 95.4, T = 4 172.6 / 169.7, T = 8 347.8 / 335.4, T = 32 972.8 / 938.2, so gpu.pick_decode_config's
+# default takes n_first from T = 4 (the second entry is the default there, the first below).
 SWEEP_DECODE_SMALL = [
     _DEC_DEFAULT,
     tuple(c + (True,) for c in _DEC_DEFAULT),                  # n_first: the n tiles of one pair consecutive

@@ -47,11 +47,11 @@ def test_gpu_experts_trace_and_compile_for_sm90(jax_triton_call, T, bm, sort):
             assert "wgmma" in ptx
 
 
-@pytest.mark.parametrize("T,decode", [(1, None), (4, None), (8, True)])
+@pytest.mark.parametrize("T,decode", [(1, None), (8, None), (16, True)])
 def test_gpu_decode_path_trace_and_compile_for_sm90(jax_triton_call, T, decode):
     """T <= gpu.DECODE_MAX_TOKENS (or decode=True): the decode kernels on the pairs (no layout: no sort, no
     grouped matmul), by default the dot form with h fused into the gate/up kernel (h [T * k, I] bf16, float32
-    down partials); a split gate/up config runs the partial-sum kernels instead; decode=False (and the
+    down partials), launched n tiles first from T = 4; a split gate/up config runs the partial-sum kernels instead; decode=False (and the
     default above DECODE_MAX_TOKENS) runs the grouped matmul. Every launch compiles for sm_90 within shared
     memory, the dot form on the tensor cores."""
     jaxpr = jax.make_jaxpr(lambda *a: moe.experts(*a, impl="gpu", decode=decode))(*args(T)).jaxpr
@@ -63,6 +63,7 @@ def test_gpu_decode_path_trace_and_compile_for_sm90(jax_triton_call, T, decode):
         p = c.params
         cfg = gpu.pick_decode_config("gate_up" if nn == I else "down", T, n, kk, nn, gpu.num_sms())
         assert p["DOT"] == cfg.dot and p["PAIRS"] == n and p["M"] == 16 and p["Q"] >= n
+        assert p["N_FIRST"] == cfg.n_first == (T >= 4)
         assert p["grid"] == cfg.grid(n, nn) == ((nn // cfg.block_n, n, 1) if cfg.n_first else (n, nn // cfg.block_n, 1))
         out = c.outvars[0].aval
         assert (out.dtype, out.shape) == ((jnp.bfloat16, (n, I)) if nn == I else (jnp.float32, (cfg.split_k, n, D)))

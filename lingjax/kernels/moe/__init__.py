@@ -14,7 +14,7 @@ Steps (the same for every implementation; only the two grouped matmuls differ):
 Implementations (impl=):
   reference      pure jnp (reference.py): the CPU path, differentiable, the oracle of the kernels
   gpu            Triton grouped matmul through jax-triton (gpu.py; imports jax_triton: GPU only); for
-                 T <= gpu.DECODE_MAX_TOKENS (4) the decode path instead (gpu.experts_decode: kernels over the
+                 T <= gpu.DECODE_MAX_TOKENS (8) the decode path instead (gpu.experts_decode: kernels over the
                  pairs, triton_decode.py; no layout, no grouped matmul); FP8
                  weights (quant.FP8Weight): the FP8 variant (gpu_fp8.py + triton_fp8.py: fp8 x fp8
                  products, float32 accumulation) where it takes them, else dequantized as below

@@ -220,8 +220,11 @@ def down(h, layout, w_down, *, config: Config | None = None, f32_dot: str = "tf3
 #   T        1            2             3             4             8             16
 #   decode   53.5 / 86.0  95.8 / 123.4  147.5 / 165.0 177.9 / 236.8 360.8 / 416.1 610.1 / 660.3
 #   grouped  61.5 / 93.1  107.9 / 128.0 155.5 / 191.0 186.9 / 235.6 359.5 / 408.0 600.7 / 639.8
-# so the decode path up to 4 tokens (T = 4: 5% less device time, the same wall clock; 4 ops against 11).
-DECODE_MAX_TOKENS = 4
+# so the decode path up to 4 tokens then (T = 4: 5% less device time, the same wall clock; 4 ops against 11).
+# Session 6 call B: with the n tiles of a pair launched first from T = 4 (pick_decode_config), T = 8: 335.4 / 371.4
+# against the grouped path's 351.0 / 385.4 (T = 32: 938.2 / 973.1 against 956.8 / 999.4; T = 16 not measured with
+# it: call A's 610.1 / 660.3 without it against 600.7 / 639.8), so up to 8 tokens.
+DECODE_MAX_TOKENS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,13 +265,18 @@ def pick_decode_config(kind: str, n_tokens: int, n_pairs: int, K: int, N: int, s
     gate/up split 4 into float32 partials, down re-forming h from them every k step: 49% of copy). The
     decode path drops the layout's XLA kernels around them (10 launches -> 3). Session 6 call A, T = 1: gate/up
     32.8 us (95%), down 17.7 us (88%), the layer 53.5 us of device time (87.5% of copy); every other tile of
-    bench_moe.py's SWEEP_DECODE_T1 was as fast or slower (scripts/bench_notes_moe.md). float32 inputs: 64-deep k
-    steps and 3 stages (as pick_config), inside the 227 KiB of shared memory."""
-    del n_tokens, n_pairs, sms
+    bench_moe.py's SWEEP_DECODE_T1 was as fast or slower (scripts/bench_notes_moe.md). From 4 tokens the n tiles
+    of a pair are launched first (n_first; session 6 call B, device us: T = 4 169.7 vs 172.6, T = 8 335.4 vs
+    347.8, T = 32 938.2 vs 972.8; T = 2 95.4 vs 93.6; T = 1 runs every program at once, the order does not
+    matter there). float32 inputs: 64-deep k steps and 3 stages (as pick_config), inside the 227 KiB of
+    shared memory."""
+    del n_pairs, sms
     bn, bk = (min(128, N), min(64, K)) if kind == "down" else (min(64, N), min(128, K))
+    n_first = n_tokens >= 4
     if itemsize >= 4:
-        return DecodeConfig(block_n=bn, block_k=min(bk, 64), split_k=1, dot=True, num_warps=4, num_stages=3)
-    return DecodeConfig(block_n=bn, block_k=bk, split_k=1, dot=True, num_warps=4, num_stages=4)
+        return DecodeConfig(block_n=bn, block_k=min(bk, 64), split_k=1, dot=True, num_warps=4, num_stages=3,
+                            n_first=n_first)
+    return DecodeConfig(block_n=bn, block_k=bk, split_k=1, dot=True, num_warps=4, num_stages=4, n_first=n_first)
 
 
 def decode_fits(d: int, I: int) -> bool:
