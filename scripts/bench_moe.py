@@ -10,6 +10,7 @@ Methods (rows):
                 routing ids carried through the timed loop (the layout is computed every call)
   lingjax-grouped  at T <= gpu.DECODE_MAX_TOKENS: the grouped-matmul path (experts(decode=False)),
                 which 'lingjax' ran there before the decode path (gpu.experts_decode)
+  lingjax-decode  (method 'decode') at T > gpu.DECODE_MAX_TOKENS: the decode path (experts(decode=True))
   dec ...       --sweep at decode sizes: the whole decode path with each SWEEP_DECODE config
   lingjax-sort  (only when named) the same with the sort-built layout (make_layout method 'sort': what
                 T <= 256 ran before the comparison-built one), where gpu.pick_layout_method picks 'compare'
@@ -33,6 +34,13 @@ the last output, so nothing is hoisted; unrolled unless --unroll 0), device time
 iters (median of --reps); torch with CUDA events (median). Ceilings measured in the same run: copy
 bandwidth (read + write of a 4 GiB bf16 array) and the dense bf16 matmul rate (8192^3), JAX's and
 PyTorch's, the larger kept.
+Device time (--trace T, or all): every row of lingjax's kernels at those T runs its compiled loop once more
+under the XLA profiler (CUPTI): dev us = the device's busy time per call (the layer's kernels, plus the loop's
+chaining add, ~1 us), span = first kernel start to last kernel end per call. The copy-bandwidth target of
+T <= 256 is judged on dev us: it is the time the layer's kernels occupy the GPU, which the kernels decide; the
+wall clock of this loop adds the launch gaps between small kernels and the executable's own launch (~40-80 us
+per execution on the H200, amortised over --iters calls), which in a model's decode step are shared by every
+layer of one executable (bench_e2e.py measures that step as a whole).
 Columns: us; TFLOP/s over the useful flops 2 * T * k * 3 * d * I and its share of the matmul rate;
 TB/s over the unique bytes (each touched expert's weights once + x + out) and its share of copy
 bandwidth; rel err of the first tokens against a float64 numpy oracle (lingjax and grouped-matmul
@@ -76,25 +84,39 @@ SWEEP_SMALL = [  # blocks of <= 32 rows (decode: weight streaming)
     (None, (128, 128, 1, 4, 4, 0, 8), (256, 64, 1, 4, 4, 0, 4)),    # 256/512-byte rows, 512 programs each
     (None, (32, 128, 1, 4, 4, 0, 4), (64, 128, 1, 4, 4, 0, 4)),     # narrow tiles and split: 1024 programs
 ]
-# The decode path (gpu.experts_decode; experts() takes it for T <= gpu.DECODE_MAX_TOKENS, swept at the T keyed
-# here, through gpu.experts_decode at any T): (gate_up, down) gpu.DecodeConfig fields
-# (block_n, block_k, split_k, dot, num_warps, num_stages); rows 'dec ...' time the whole layer (no layout;
-# two kernels + the combine). The first entry is gpu.pick_decode_config's default at T = 1.
-SWEEP_DECODE = {
-    # Session 5 call A at T = 1 (us, whole layer; grouped path 107.4): n128k32 multiply-add x8/x2 s4 120.3, s1 163.0,
-    # x16/x4 187.9, x4/x1 95.0 (best), n256k32 x8/x4 130.8, n128k64 w8 x8/x4 147.4, n64k64 x8/x2 137.2, n1024k8
-    # x32 / n512k16 x8 233.5, dot n128k64 x2/x2 99.3, dot n64k128 x2 / n128k64 x4 98.3: fewer, longer programs
-    # were faster. Round 2 (the default first):
-    1: [((128, 32, 4, False, 4, 4), (128, 32, 1, False, 4, 4)),     # default: 256 / 256 programs, 32 k steps each
-        ((128, 32, 2, False, 4, 4), (128, 32, 1, False, 4, 4)),     # 128 gate/up programs of 64 k steps
-        ((128, 64, 4, False, 4, 3), (128, 64, 1, False, 4, 3)),     # 64-deep k steps
-        ((64, 32, 2, False, 4, 4), (64, 32, 1, False, 4, 4)),       # 128-byte rows: 256 / 512 programs, unsplit down
-        ((128, 64, 2, True, 4, 4), (128, 64, 1, True, 4, 3))],      # tensor cores, down unsplit
-    # call A at T = 4 (grouped path 225.6 us): dot n128k64 x2/x1 300.7, x4/x2 410.1, multiply-add n128k32 x4/x1
-    # 275.8, dot n64k64 x4/x1 639.9: the grouped path stays the default from T = 2
-    4: [((128, 64, 2, True, 4, 4), (128, 64, 1, True, 4, 3)),
-        ((128, 32, 4, False, 4, 4), (128, 32, 1, False, 4, 4))],
-}
+# The decode path (gpu.experts_decode; experts() takes it for T <= gpu.DECODE_MAX_TOKENS, through gpu.experts_decode
+# at any T here): (gate_up, down) gpu.DecodeConfig fields (block_n, block_k, split_k, dot, num_warps, num_stages);
+# rows 'dec ...' time the whole layer (no layout; two kernels + the combine). gpu.pick_decode_config's default
+# (session 6: dot form, gate/up unsplit with h fused, the grouped path's decode tiles) is the first entry at T = 1.
+# Session 5 call A at T = 1 (us, whole layer, wall clock; grouped path 107.4): n128k32 multiply-add x8/x2 s4 120.3,
+# s1 163.0, x16/x4 187.9, x4/x1 95.0 (best), n256k32 x8/x4 130.8, n128k64 w8 x8/x4 147.4, n64k64 x8/x2 137.2,
+# n1024k8 x32 / n512k16 x8 233.5, dot n128k64 x2/x2 99.3, dot n64k128 x2 / n128k64 x4 98.3; call B: x4/x1 114.4,
+# dot n128k64 x2/x1 104.0 (CUPTI: x4/x1's kernels 38.3 + 31.8 us; the grouped path's 32.3 + 18.1 us).
+_DEC_DEFAULT = ((64, 128, 1, True, 4, 4), (128, 64, 1, True, 4, 4))
+# Session 6 call A, T = 1 (CUPTI device us / wall us per layer call; gate/up + down kernel us): the default 53.6 / 95.7
+# (33.0 + 17.6), down n256k64 w8 53.9 / 90.6 (32.8 + 18.1), down n64k128 55.9 / 99.5 (32.9 + 20.2), gate/up n128k64 +
+# down n128k128 s3 54.8 / 92.6 (33.7 + 18.2), gate/up n32k128 65.2 / 100.3 (44.9 + 17.8), multiply-add with h fused
+# 119.1 / 137.1 (90.6 + 26.0), session 5's default (multiply-add, gate/up x4) 73.2 / 89.2 (38.6 + 31.9). T = 2: the
+# default 96.1 / 120.5, narrower tiles (n32k128 / n64k128) 131.7 / 165.3, multiply-add with h fused 139.8 / 165.2.
+SWEEP_DECODE_T1 = [
+    _DEC_DEFAULT,
+    ((64, 128, 1, True, 4, 4), (256, 64, 1, True, 8, 4)),      # down: 256-wide (512-byte rows), 8 warps
+    ((64, 128, 1, True, 4, 4), (64, 128, 1, True, 4, 4)),      # down: 64-wide, 128-deep (512 programs at T = 1)
+    ((128, 64, 1, True, 4, 4), (128, 128, 1, True, 4, 3)),     # gate/up 128-wide (64 programs at T = 1)
+    ((32, 128, 1, True, 4, 4), (128, 64, 1, True, 4, 4)),      # gate/up 32-wide (256 programs at T = 1)
+    ((64, 32, 1, False, 4, 4), (128, 32, 1, False, 4, 4)),     # multiply-add, h fused (128 / 256 programs)
+    ((128, 32, 4, False, 4, 4), (128, 32, 1, False, 4, 4)),    # session 5's default: multiply-add, gate/up x4
+]
+# T >= 2 (session 6 call A: the decode path's gate/up kernel 5% slower than the grouped path's at T = 16, 408.2 vs
+# 388.7 us, the same tiles; the grouped kernel's launch order takes the n tiles of one block consecutively, the decode
+# kernels' one n tile of every pair): the tiles without and with the n tiles of a pair first (n_first). Call B (device
+# us): T = 2 93.6 / 95.4, T = 4 172.6 / 169.7, T = 8 347.8 / 335.4, T = 32 972.8 / 938.2, so gpu.pick_decode_config's
+# default takes n_first from T = 4 (the second entry is the default there, the first below).
+SWEEP_DECODE_SMALL = [
+    _DEC_DEFAULT,
+    tuple(c + (True,) for c in _DEC_DEFAULT),                  # n_first: the n tiles of one pair consecutive
+]
+SWEEP_DECODE = {1: SWEEP_DECODE_T1, **{t: SWEEP_DECODE_SMALL for t in (2, 3, 4, 8, 16, 32, 64)}}
 SWEEP_LARGE = [  # blocks of >= 64 rows
     # default (gpu.LARGE_*): 128 x 128 (x2) / 128 x 256 tiles, 8 warps, persistent 1 per SM (run 17's best).
     # Dropped after session 4 run 2 (slower there): half- and quarter-height tiles, 4 stages, 128-deep k steps,
@@ -224,31 +246,34 @@ def loop_fn(fn, iters, unroll):
     return jax.jit(loop)
 
 
-def kernel_trace(fn, args, iters, unroll):
-    """Per-kernel device times of loop_time's loop (CUPTI through the XLA profiler, as
-    bench_linear_attention.py --trace): {busy_us, span_us per call (span - busy: the device idle between
-    kernels, e.g. waiting for the host), kernels: {name: [count per call, median us]}} of the busiest stream."""
+def kernel_trace(run, args, iters):
+    """Per-kernel device times of loop_time's loop `run` (already compiled; CUPTI through the XLA profiler,
+    as bench_linear_attention.py --trace): {busy_us: the kernels' device time per call, span_us per call
+    (span - busy: the device idle between kernels, e.g. waiting for the host), kernel_us: the Triton
+    kernels' (names with 'kernel') per call, kernels: {name: [count per call, median us]}} of the busiest
+    stream. busy includes the timed loop's own chaining add (x + 1e-3 * out, ~1 us; XLA fuses it with
+    the layer's last fusion where it can)."""
     import jax
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_linear_attention import device_trace
-    run = loop_fn(fn, iters, unroll)
-    jax.block_until_ready(run(*args))
     tr = device_trace(lambda: jax.block_until_ready(run(*args)), iters)
     streams = [t for k, t in tr.items() if k != "_lines"]
     if not streams:
         return dict(error="no device stream in the profile")
     t = max(streams, key=lambda t: t["busy_us"])
     return dict(busy_us=t["per_call_busy_us"], span_us=t["per_call_span_us"],
+                kernel_us=sum(v["sum_us"] for k, v in t["kernels"].items() if "kernel" in k) / iters,
                 kernels={k: [v["n"] / iters, v["median_us"]] for k, v in
                          sorted(t["kernels"].items(), key=lambda kv: -kv[1]["sum_us"])})
 
 
-def loop_time(fn, args, iters, reps, unroll=False):
+def loop_time(fn, args, iters, reps, unroll=False, run=None):
     """Device time per call: `iters` calls chained in one jitted fori_loop (x_{i+1} depends on out_i).
     Every array is an argument of the jitted loop (closed-over arrays would become constants).
     unroll: the calls inlined one after the other (no while loop, whose per-iteration condition can
     cost the GPU a round trip to the host: a fixed cost that matters next to a 50 us decode layer)."""
     import jax
-    run = loop_fn(fn, iters, unroll)
+    run = run or loop_fn(fn, iters, unroll)
     jax.block_until_ready(run(*args))                            # compile + warm
     ts = []
     for _ in range(reps):
@@ -394,11 +419,16 @@ def main(argv=None):
     p.add_argument("--oracle-tokens", type=int, default=4, help="tokens checked against float64 numpy (default 4)")
     p.add_argument("--sweep", default="", help="token counts at which to also time the grouped matmuls with "
                    "each tile configuration of SWEEP_SMALL / SWEEP_LARGE (rows 'mm[...]')")
-    p.add_argument("--trace", default="", help="token counts at which the 'lingjax' and 'lingjax-grouped' rows are also "
-                   "run under the XLA profiler: per-kernel device times, busy vs span per call (GPU)")
+    p.add_argument("--trace", default="", help="token counts (or 'all') at which every row of lingjax's kernels "
+                   "(lingjax*, dec ..., mm ...) is also run once more under the XLA profiler: CUPTI device time per "
+                   "call (columns dev us, dev%%copy: what the copy-bandwidth target is judged on), span, per-kernel "
+                   "times (GPU)")
+    p.add_argument("--budget-s", type=float, default=0.0, help="skip (and list as skipped) the rows that would start "
+                   "after this many seconds, so that the tables still print inside a device call's limit (0: none)")
     p.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny shapes, reference impl, no peers")
     p.add_argument("--out", help="JSON output (default $OUT/bench_moe.json when $OUT is set)")
     args = p.parse_args(argv)
+    t_start = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     import jax
     import jax.numpy as jnp
@@ -432,6 +462,13 @@ def main(argv=None):
                 json.dump(dict(device=jax.devices()[0].device_kind, copy_bw=copy_bw, matmul_rate=mm_rate,
                                rows=rows, best=best), f, indent=1)
 
+    trace_ts = [] if args.smoke else ([t for t in tokens] if args.trace == "all" else
+                                      [int(t) for t in args.trace.split(",") if t])
+
+    def traced(T, name):
+        """Whether this row also gets the CUPTI device time: every row of lingjax's kernels at the --trace T."""
+        return T in trace_ts and (name.startswith(("lingjax", "dec ", "mm")))
+
     for sname, (d, I) in shapes.items():
         for T in tokens:
             x, idx, w, wg, wu, wd = make_problem(T, d, I, n_exp, k, seed=T, dtype=jnp.bfloat16)
@@ -448,6 +485,8 @@ def main(argv=None):
                     cands["lingjax-sort"] = carried_routing(lambda *a: experts(*a, impl=impl, layout_method="sort"))
                 if T <= getattr(mod, "DECODE_MAX_TOKENS", 0):           # the grouped path (before)
                     cands["lingjax-grouped"] = carried_routing(lambda *a: experts(*a, impl=impl, decode=False))
+                elif "decode" in methods and not args.smoke:             # the decode path above its default range
+                    cands["lingjax-decode"] = carried_routing(lambda *a: experts(*a, impl=impl, decode=True))
             if "layout" in methods:
                 for m in (("compare", "sort") if small else ("sort",)):
                     cands[f"layout-{m}"] = layout_only(n_exp, bm0, m)
@@ -505,6 +544,9 @@ def main(argv=None):
             cache = {}                                  # the float64 oracle of this problem
             for name, fn in cands.items():
                 row = dict(shape=sname, d=d, I=I, T=T, method=name, touched_experts=touched)
+                if args.budget_s and time.perf_counter() - t_start > args.budget_s:
+                    rows.append(dict(row, skipped=f"--budget-s {args.budget_s:g} spent"))
+                    continue
                 if name in sweep:
                     row["config"] = sweep[name]
                 try:
@@ -515,10 +557,12 @@ def main(argv=None):
                     elif name in checks:
                         out = jax.jit(checks[name])(*args_)
                         row["rel_err"] = oracle_rel(out, *args_, args.oracle_tokens if d < 8192 else 2, cache)
-                    t = loop_time(fn, args_, args.iters if flops < 1e13 else 3, args.reps, unroll=args.unroll)
-                    if str(T) in args.trace.split(",") and name in ("lingjax", "lingjax-grouped") and not args.smoke:
+                    iters = args.iters if flops < 1e13 else 3
+                    run = loop_fn(fn, iters, args.unroll)
+                    t = loop_time(fn, args_, iters, args.reps, run=run)
+                    if traced(T, name):
                         try:
-                            row["trace"] = kernel_trace(fn, args_, args.iters, args.unroll)
+                            row["trace"] = kernel_trace(run, args_, iters)
                         except Exception as e:          # noqa: BLE001 (the timing stands without it)
                             row["trace"] = dict(error=f"{type(e).__name__}: {e}"[:200])
                         tr = row["trace"]
@@ -533,9 +577,14 @@ def main(argv=None):
                 f_row = part_flops.get(name, flops)
                 row.update(us=t * 1e6, tflops=f_row / t / 1e12, pct_matmul=100 * f_row / t / mm_rate,
                            tbps=nbytes / t / 1e12, pct_copy=100 * nbytes / t / copy_bw)
+                if "busy_us" in row.get("trace", {}):      # device time: the kernels' busy time per call
+                    dev = row["trace"]["busy_us"] * 1e-6
+                    row.update(dev_us=dev * 1e6, dev_span_us=row["trace"]["span_us"],
+                               dev_pct_copy=100 * nbytes / dev / copy_bw, dev_pct_matmul=100 * f_row / dev / mm_rate)
                 rows.append(row)
-                log.info("%-6s T=%-6d %-12s %10.1f us %7.1f TFLOP/s (%5.1f%%) %6.2f TB/s (%5.1f%%)%s%s", sname, T, name,
+                log.info("%-6s T=%-6d %-12s %10.1f us %7.1f TFLOP/s (%5.1f%%) %6.2f TB/s (%5.1f%%)%s%s%s", sname, T, name,
                          row["us"], row["tflops"], row["pct_matmul"], row["tbps"], row["pct_copy"],
+                         f"  device {row['dev_us']:.1f} us ({row['dev_pct_copy']:.1f}% copy)" if "dev_us" in row else "",
                          f"  rel {row['rel_err']:.1e}" if "rel_err" in row else "",
                          f"  {row['n_ops']} ops {row['hlo_ops']}" if "n_ops" in row else "")
                 save()
@@ -555,12 +604,16 @@ def main(argv=None):
             del x, wg, wu, wd
     print(f"\ncopy {copy_bw / 1e12:.2f} TB/s, dense bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s")
     w = max([12] + [len(r["method"]) for r in rows])
+    print("us / %copy: wall clock per call (--iters calls chained in one jitted function); dev us / dev%copy: the "
+          "CUPTI device time of the same calls' kernels (--trace T), span: first kernel start to last end per call")
     print(f"{'shape':<6} {'T':>6} {'method':<{w}} {'us':>10} {'TFLOP/s':>8} {'%mm':>6} {'TB/s':>6} {'%copy':>6} "
-          f"{'rel err':>8} {'ops':>4}")
+          f"{'dev us':>7} {'dev%copy':>8} {'span us':>7} {'rel err':>8} {'ops':>4}")
+    nan = float("nan")
     for r in rows:
         if "us" in r:
             print(f"{r['shape']:<6} {r['T']:>6} {r['method']:<{w}} {r['us']:>10.1f} {r['tflops']:>8.1f} "
                   f"{r['pct_matmul']:>6.1f} {r['tbps']:>6.2f} {r['pct_copy']:>6.1f} "
+                  f"{r.get('dev_us', nan):>7.1f} {r.get('dev_pct_copy', nan):>8.1f} {r.get('dev_span_us', nan):>7.1f} "
                   f"{r.get('rel_err', float('nan')):>8.1e} {r.get('n_ops', ''):>4}")
         else:
             print(f"{r['shape']:<6} {r['T']:>6} {r['method']:<{w}} {r.get('error') or 'skipped: ' + r.get('skipped', '')}"[:160])
@@ -582,8 +635,10 @@ def best_configs(rows):
         if key not in best or r["us"] < best[key]["us"]:
             best[key] = dict(method=r["method"], us=r["us"], config=r["config"])
     for key, b in best.items():
-        ref = "lingjax" if b["config"].get("decode") else "lingjax-mm"     # decode rows: the whole layer
-        base = [r["us"] for r in rows if "us" in r and r["method"] == ref and f"{r['shape']} T={r['T']}" == key]
+        # decode rows: the whole layer, against the decode path's default ('lingjax' where it is the default)
+        refs = ("lingjax-decode", "lingjax") if b["config"].get("decode") else ("lingjax-mm",)
+        base = [r["us"] for ref in refs for r in rows
+                if "us" in r and r["method"] == ref and f"{r['shape']} T={r['T']}" == key]
         b["speedup"] = base[0] / b["us"] if base else float("nan")
     return best
 

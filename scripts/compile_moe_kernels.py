@@ -92,17 +92,23 @@ def kernels(T, d, I, bm, cg, cd, dt):
 
 
 def decode_kernels(T, d, I, cg, cd, dt):
-    """[(name, kernel, pointer types, constexprs, config)] of the decode path (gpu.experts_decode)."""
+    """[(name, kernel, pointer types, constexprs, config)] of the decode path (gpu.experts_decode): the h-fused
+    kernels when gate/up is unsplit, the partial-sum kernels otherwise."""
     n = T * K
-    M = max(16, 1 << (n - 1).bit_length())
+    M, Q = max(16, 1 << (T - 1).bit_length()), 1 << (n - 1).bit_length()
     prec = "" if dt != "fp32" else "tf32x3"
     cg, cd = gpu._fit_decode(cg, d, I), gpu._fit_decode(cd, I, d)
-    gu = dict(PAIRS=n, TOP_K=K, E=E, K=d, N=I, M=M, BLOCK_N=cg.block_n, BLOCK_K=cg.block_k, SPLIT_K=cg.split_k,
-              DOT=cg.dot, PRECISION=prec, STAGES=cg.num_stages)
-    dn = dict(PAIRS=n, E=E, K=I, N=d, M=M, BLOCK_N=cd.block_n, BLOCK_K=cd.block_k, SPLIT_K=cd.split_k,
-              SPLIT_GU=cg.split_k, DOT=cd.dot, PRECISION=prec, STAGES=cd.num_stages)
-    return [("gate_up", td.gate_up_decode_kernel, [f"*{dt}", "*i32", f"*{dt}", f"*{dt}", "*fp32", "*fp32"], gu, cg),
-            ("down", td.down_decode_kernel, ["*fp32", "*fp32", "*i32", f"*{dt}", "*fp32"], dn, cd)]
+    gu = dict(PAIRS=n, TOP_K=K, E=E, K=d, N=I, M=M, Q=Q, BLOCK_N=cg.block_n, BLOCK_K=cg.block_k, DOT=cg.dot,
+              PRECISION=prec, STAGES=cg.num_stages, N_FIRST=cg.n_first)
+    dn = dict(PAIRS=n, E=E, K=I, N=d, M=M, Q=Q, BLOCK_N=cd.block_n, BLOCK_K=cd.block_k, SPLIT_K=cd.split_k,
+              DOT=cd.dot, PRECISION=prec, STAGES=cd.num_stages, N_FIRST=cd.n_first)
+    if cg.split_k == 1:
+        return [("gate_up", td.gate_up_h_decode_kernel, [f"*{dt}", "*i32", f"*{dt}", f"*{dt}", f"*{dt}"], gu, cg),
+                ("down", td.down_h_decode_kernel, [f"*{dt}", "*i32", f"*{dt}", "*fp32"], dn, cd)]
+    return [("gate_up", td.gate_up_decode_kernel, [f"*{dt}", "*i32", f"*{dt}", f"*{dt}", "*fp32", "*fp32"],
+             dict(gu, SPLIT_K=cg.split_k), cg),
+            ("down", td.down_decode_kernel, ["*fp32", "*fp32", "*i32", f"*{dt}", "*fp32"],
+             dict(dn, SPLIT_GU=cg.split_k), cd)]
 
 
 def main(argv=None):
@@ -118,9 +124,9 @@ def main(argv=None):
         bm = gpu.pick_block_m(T * K, E)
         plans.append((f"default T={T}", T, bm, gpu.pick_config("gate_up", bm, d, I, itemsize),
                       gpu.pick_config("down", bm, I, d, itemsize)))
-    for T in (1, 2, 4):              # the decode path (default at T = 1; 2, 4: its dot form, experts(decode=True))
-        plans.append((f"decode T={T}", T, 0, gpu.pick_decode_config("gate_up", T, T * K, d, I),
-                      gpu.pick_decode_config("down", T, T * K, I, d)))
+    for T in (1, 2, 4, 16):          # the decode path's default tiles (taken for T <= gpu.DECODE_MAX_TOKENS)
+        plans.append((f"decode T={T}", T, 0, gpu.pick_decode_config("gate_up", T, T * K, d, I, itemsize=itemsize),
+                      gpu.pick_decode_config("down", T, T * K, I, d, itemsize=itemsize)))
     if dt == "bf16":
         for T, sweep in SWEEP_DECODE.items():
             for gu, dn in sweep:

@@ -47,24 +47,34 @@ def test_gpu_experts_trace_and_compile_for_sm90(jax_triton_call, T, bm, sort):
             assert "wgmma" in ptx
 
 
-@pytest.mark.parametrize("T,decode", [(1, None), (4, True)])
+@pytest.mark.parametrize("T,decode", [(1, None), (8, None), (16, True)])
 def test_gpu_decode_path_trace_and_compile_for_sm90(jax_triton_call, T, decode):
     """T <= gpu.DECODE_MAX_TOKENS (or decode=True): the decode kernels on the pairs (no layout: no sort, no
-    grouped matmul), the multiply-add form at T = 1 and tl.dot at T = 4, K split as gpu.pick_decode_config
-    says, float32 partials; decode=False (and the default at T = 4) runs the grouped matmul."""
+    grouped matmul), by default the dot form with h fused into the gate/up kernel (h [T * k, I] bf16, float32
+    down partials), launched n tiles first from T = 4; a split gate/up config runs the partial-sum kernels instead; decode=False (and the
+    default above DECODE_MAX_TOKENS) runs the grouped matmul. Every launch compiles for sm_90 within shared
+    memory, the dot form on the tensor cores."""
     jaxpr = jax.make_jaxpr(lambda *a: moe.experts(*a, impl="gpu", decode=decode))(*args(T)).jaxpr
     calls = _triton_calls(jax_triton_call, jaxpr)
-    assert [c.params["fn"].fn.__name__ for c in calls] == ["gate_up_decode_kernel", "down_decode_kernel"]
+    assert [c.params["fn"].fn.__name__ for c in calls] == ["gate_up_h_decode_kernel", "down_h_decode_kernel"]
     assert not _eqns(jaxpr, "sort")
     n = T * K
     for c, (kk, nn) in zip(calls, ((D, I), (I, D))):
         p = c.params
         cfg = gpu.pick_decode_config("gate_up" if nn == I else "down", T, n, kk, nn, gpu.num_sms())
-        assert p["DOT"] == (T > 1) == cfg.dot and p["PAIRS"] == n and p["SPLIT_K"] == cfg.split_k
-        assert p["grid"] == (n, nn // cfg.block_n, cfg.split_k)
-        assert all(v.aval.dtype == jnp.float32 and v.aval.shape[:2] == (cfg.split_k, n) for v in c.outvars)
-        shared, _, _ = _compile_call(jax_triton_call, c)
-        assert 0 < shared <= SM90_SMEM
+        assert p["DOT"] == cfg.dot and p["PAIRS"] == n and p["M"] == 16 and p["Q"] >= n
+        assert p["N_FIRST"] == cfg.n_first == (T >= 4)
+        assert p["grid"] == cfg.grid(n, nn) == ((nn // cfg.block_n, n, 1) if cfg.n_first else (n, nn // cfg.block_n, 1))
+        out = c.outvars[0].aval
+        assert (out.dtype, out.shape) == ((jnp.bfloat16, (n, I)) if nn == I else (jnp.float32, (cfg.split_k, n, D)))
+        shared, ptx, _ = _compile_call(jax_triton_call, c)
+        assert 0 < shared <= SM90_SMEM and "mma" in ptx
+    assert T <= gpu.DECODE_MAX_TOKENS or decode                  # the default takes the decode path up to there
+    split = gpu.DecodeConfig(block_n=128, block_k=32, split_k=4, dot=False)
+    jaxpr = jax.make_jaxpr(lambda *a: gpu.experts_decode(*a, gate_up_config=split))(*args(T)).jaxpr
+    calls = _triton_calls(jax_triton_call, jaxpr)
+    assert [c.params["fn"].fn.__name__ for c in calls] == ["gate_up_decode_kernel", "down_decode_kernel"]
+    assert calls[1].params["SPLIT_GU"] == 4 and calls[0].params["grid"] == (n, I // 128, 4)
     for dec in ((False, None) if T > gpu.DECODE_MAX_TOKENS else (False,)):
         grouped = jax.make_jaxpr(lambda *a: moe.experts(*a, impl="gpu", decode=dec))(*args(T)).jaxpr
         assert [c.params["fn"].fn.__name__ for c in _triton_calls(jax_triton_call, grouped)] == [

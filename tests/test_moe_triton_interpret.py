@@ -231,22 +231,26 @@ def test_half_and_quarter_height_tiles_match_float64(results, dtype, precision, 
     assert quarter > 0 and half > 0 and full > 0, rs                 # all three tile heights run
 
 
-# The decode kernels (triton_decode.py): (T, k, E, routing, dot, split of gate/up, split of down). Both forms,
+# The decode kernels (triton_decode.py): (T, k, E, routing, dot, split of gate/up, split of down); a gate/up split
+# of 0: the kernels with h fused into gate/up (gate_up_h_decode_kernel / down_h_decode_kernel). Both forms,
 # split and unsplit K; duplicates (a token's pairs all to one expert: the dot form's one program per expert
-# takes every row of it; the multiply-add form one program per pair), dropped ids (-1, E + 3), a token with
-# every pair dropped, more tokens than one.
-DECODE_CASES = [(1, 4, 8, "uniform", False, 2, 1), (1, 4, 8, "uniform", True, 1, 2),
-                (3, 2, 4, "one_expert", True, 2, 2), (3, 3, 8, "dropped", True, 2, 1),
-                (3, 3, 8, "dropped", False, 1, 2)]
+# takes every row of it, 20 pairs of one expert at T = 10 fill two 16-row tiles, two leading programs; the
+# multiply-add form one program per pair), dropped ids (-1, E + 3), a token with every pair dropped, more
+# tokens than one; an 8th field True: the n-tiles-first launch order (N_FIRST, grid axes swapped).
+DECODE_CASES = [(1, 4, 8, "uniform", False, 2, 1), (3, 2, 4, "one_expert", True, 2, 2), (3, 3, 8, "dropped", True, 2, 1),
+                (1, 4, 8, "uniform", True, 0, 1), (3, 3, 8, "dropped", True, 0, 2, True), (10, 2, 4, "one_expert", True, 0, 1),
+                (3, 3, 8, "dropped", False, 0, 1)]
 DECODE = [("float32", "ieee", 1e-5), ("float16", "", 1e-2)]
 
 
 def measure_decode(td, case, dtype, precision):
     """Run both decode kernels and the combine (as gpu.experts_decode: partial slices summed in order,
-    dropped pairs masked) -> relative error of out [T, d] against the float64 oracle, and whether the
-    dropped pairs' partial rows kept the sentinel (unwritten)."""
+    dropped pairs masked) -> relative error of out [T, d] against the float64 oracle, whether the
+    dropped pairs' rows (partials or h, and y) kept the sentinel (unwritten), and the dot form's leading
+    programs (programs that wrote rows) per expert."""
     import torch
-    T, k, E, routing, dot, sg, sd = case
+    T, k, E, routing, dot, sg, sd = case[:7]
+    n_first = len(case) > 7 and case[7]
     d, I, bn, bk = 64, 32, 16, 16
     dtype = np.dtype(dtype)
     rng = np.random.default_rng(T * 11 + E + k)
@@ -264,14 +268,23 @@ def measure_decode(td, case, dtype, precision):
     tt = lambda a: torch.from_numpy(np.ascontiguousarray(a))         # noqa: E731
     n = T * k
     sentinel = 1027.0
-    g, u = (torch.full((sg, n, I), sentinel, dtype=torch.float32) for _ in range(2))
     flat = tt(idx.reshape(-1))
-    M = max(16, 1 << (n - 1).bit_length())
-    td.gate_up_decode_kernel[(n, I // bn, sg)](tt(x), flat, tt(wg), tt(wu), g, u, PAIRS=n, TOP_K=k, E=E, K=d, N=I,
-                                              M=M, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sg, DOT=dot, PRECISION=precision)
+    M = max(16, 1 << (T - 1).bit_length())
+    Q = 1 << (n - 1).bit_length()
+    common = dict(PAIRS=n, E=E, M=M, Q=Q, BLOCK_N=bn, BLOCK_K=bk, DOT=dot, PRECISION=precision, N_FIRST=n_first)
+    grid = (lambda cols, s: (cols // bn, n, s)) if n_first else (lambda cols, s: (n, cols // bn, s))  # noqa: E731
     y = torch.full((sd, n, d), sentinel, dtype=torch.float32)
-    td.down_decode_kernel[(n, d // bn, sd)](g, u, flat, tt(wd), y, PAIRS=n, E=E, K=I, N=d, M=M, BLOCK_N=bn,
-                                           BLOCK_K=bk, SPLIT_K=sd, SPLIT_GU=sg, DOT=dot, PRECISION=precision)
+    if sg == 0:
+        h = torch.full((n, I), sentinel, dtype=tt(x).dtype)
+        td.gate_up_h_decode_kernel[grid(I, 1)](tt(x), flat, tt(wg), tt(wu), h, TOP_K=k, K=d, N=I, **common)
+        td.down_h_decode_kernel[grid(d, sd)](h, flat, tt(wd), y, K=I, N=d, SPLIT_K=sd, **common)
+        written = [h, y]
+    else:
+        g, u = (torch.full((sg, n, I), sentinel, dtype=torch.float32) for _ in range(2))
+        td.gate_up_decode_kernel[grid(I, sg)](tt(x), flat, tt(wg), tt(wu), g, u, TOP_K=k, K=d, N=I, SPLIT_K=sg,
+                                             **common)
+        td.down_decode_kernel[grid(d, sd)](g, u, flat, tt(wd), y, K=I, N=d, SPLIT_K=sd, SPLIT_GU=sg, **common)
+        written = [g, u, y]
     valid = ((idx >= 0) & (idx < E)).reshape(-1)
     ysum = y.double().numpy().sum(0)
     out = np.zeros((T, d))
@@ -286,9 +299,9 @@ def measure_decode(td, case, dtype, precision):
             a, b = x64[t] @ wg[e].astype(np.float64), x64[t] @ wu[e].astype(np.float64)
             want[t] += w[t, j] * ((a / (1 + np.exp(-a)) * b) @ wd[e].astype(np.float64))
     dropped = ~valid
-    untouched = bool(all((a[:, dropped] == sentinel).all() for a in (g, u, y)))
+    untouched = bool(all((a.reshape(-1, n, a.shape[-1])[:, dropped] == sentinel).all() for a in written))
     return dict(rel=float(np.linalg.norm(out - want) / np.linalg.norm(want)), n_dropped=int(dropped.sum()),
-                dropped_untouched=untouched)
+                dropped_untouched=untouched, written_all=bool((y[:, valid] != sentinel).all()))
 
 
 def _decode_key(case, dtype, precision):
@@ -301,6 +314,7 @@ def test_decode_kernels_match_float64(results, case, dtype, precision, tol):
     r = results[_decode_key(case, dtype, precision)]
     assert r["rel"] < tol, r
     assert r["dropped_untouched"], "dropped pairs' partial rows must not be written"
+    assert r["written_all"], "every routed pair's output row must be written"
     assert (r["n_dropped"] > 0) == (case[3] == "dropped"), r
 
 

@@ -14,8 +14,8 @@ Steps (the same for every implementation; only the two grouped matmuls differ):
 Implementations (impl=):
   reference      pure jnp (reference.py): the CPU path, differentiable, the oracle of the kernels
   gpu            Triton grouped matmul through jax-triton (gpu.py; imports jax_triton: GPU only); for
-                 T <= gpu.DECODE_MAX_TOKENS (1) the decode path instead (gpu.experts_decode: weight-streaming
-                 kernels over the pairs, triton_decode.py; no layout, no grouped matmul); FP8
+                 T <= gpu.DECODE_MAX_TOKENS (8) the decode path instead (gpu.experts_decode: kernels over the
+                 pairs, triton_decode.py; no layout, no grouped matmul); FP8
                  weights (quant.FP8Weight): the FP8 variant (gpu_fp8.py + triton_fp8.py: fp8 x fp8
                  products, float32 accumulation) where it takes them, else dequantized as below
   tpu            Pallas Mosaic TPU grouped matmul (tpu.py)
@@ -76,7 +76,7 @@ def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None, layout_method=N
     w_gate/w_up [E, d, I], w_down [E, I, d] as stored (cast to x.dtype only if they differ), or FP8
     weights (lingjax.quant.FP8Weight) of those shapes; layout_method: make_layout's method ('sort' or
     'compare'; None: the implementation's pick_layout_method); decode (impl 'gpu', 16-bit or float32
-    weights): True runs gpu.experts_decode (no layout: weight-streaming kernels over the pairs), False
+    weights): True runs gpu.experts_decode (no layout: kernels over the pairs), False
     the grouped matmul, None (default) the decode path when T <= gpu.DECODE_MAX_TOKENS (and
     gpu.decode_fits(d, I))
     -> [T, d] in x.dtype."""

@@ -211,47 +211,72 @@ def down(h, layout, w_down, *, config: Config | None = None, f32_dot: str = "tf3
 
 
 # ------------------------------------------------------------------------------------------ decode path
-# Token counts up to which experts() runs the decode path (experts_decode: triton_decode.py's weight-streaming
-# kernels on the pairs, no layout) instead of the grouped matmul. Session 5 call A (flash shapes, whole layer,
-# scripts/bench_notes_moe.md): T = 1 95.0 us (multiply-add form, the sweep's best) against 107.4 us for the
-# grouped path; T = 4 275.8 us (best of four configs, both forms) against 225.6 us: so one token only.
-DECODE_MAX_TOKENS = 1
+# Token counts up to which experts() runs the decode path (experts_decode: triton_decode.py's kernels on the pairs,
+# no layout) instead of the grouped matmul. Session 5 call A (flash shapes, whole layer, scripts/bench_notes_moe.md):
+# T = 1 95.0 us (multiply-add form, split gate/up) against 107.4 us for the grouped path; T = 4 275.8 us against
+# 225.6 us: so one token only then. Session 6: the dot form with h fused into the gate/up kernel (see
+# pick_decode_config) runs the grouped kernels' tiles without their layout. Session 6 call A (flash shapes, CUPTI
+# device time / wall clock per layer call, scripts/results/session6_callA_moe/, scripts/bench_notes_moe.md):
+#   T        1            2             3             4             8             16
+#   decode   53.5 / 86.0  95.8 / 123.4  147.5 / 165.0 177.9 / 236.8 360.8 / 416.1 610.1 / 660.3
+#   grouped  61.5 / 93.1  107.9 / 128.0 155.5 / 191.0 186.9 / 235.6 359.5 / 408.0 600.7 / 639.8
+# so the decode path up to 4 tokens then (T = 4: 5% less device time, the same wall clock; 4 ops against 11).
+# Session 6 call B: with the n tiles of a pair launched first from T = 4 (pick_decode_config), T = 8: 335.4 / 371.4
+# against the grouped path's 351.0 / 385.4 (T = 32: 938.2 / 973.1 against 956.8 / 999.4; T = 16 not measured with
+# it: call A's 610.1 / 660.3 without it against 600.7 / 639.8), so up to 8 tokens.
+DECODE_MAX_TOKENS = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     """One decode kernel's launch (triton_decode.py): [BLOCK_K, block_n] weight tiles, each program's K range
-    cut into split_k slices (one program each, float32 partials summed in order); dot True: one program
-    per touched expert with tl.dot over its pairs' rows, False: one per pair, float32 multiply-adds;
-    num_stages: the launch's (dot) or the k loop's (multiply-add; 1: loads not pipelined) stages."""
+    cut into split_k slices (one program each, float32 partials summed in order; gate/up split_k 1: h written
+    by the gate/up kernel itself); dot True: one program per touched expert with tl.dot over its pairs'
+    rows, False: one per pair, float32 multiply-adds; num_stages: the launch's (dot) or the k loop's
+    (multiply-add; 1: loads not pipelined) stages; n_first: launch order, the n tiles of one pair consecutive
+    (False: one n tile of every pair consecutive)."""
     block_n: int
     block_k: int
     split_k: int = 1
     dot: bool = True
     num_warps: int = 4
     num_stages: int = 3
+    n_first: bool = False
 
     def tag(self) -> str:
-        """n128k32x8fw4s4: 128-wide, 32-deep tiles, K in 8 slices, f(ma) or d(ot), 4 warps, 4 stages."""
+        """n128k32x8fw4s4: 128-wide, 32-deep tiles, K in 8 slices, f(ma) or d(ot), 4 warps, 4 stages (+ 'N':
+        the n tiles of a pair first in the launch order)."""
         return (f"n{self.block_n}k{self.block_k}x{self.split_k}{'d' if self.dot else 'f'}"
-                f"w{self.num_warps}s{self.num_stages}")
+                f"w{self.num_warps}s{self.num_stages}" + ("N" if self.n_first else ""))
+
+    def grid(self, n_pairs: int, N: int) -> tuple:
+        """The launch grid over n_pairs pairs and N output columns (triton_decode.py's N_FIRST order)."""
+        return ((N // self.block_n, n_pairs, self.split_k) if self.n_first else
+                (n_pairs, N // self.block_n, self.split_k))
 
 
-def pick_decode_config(kind: str, n_tokens: int, n_pairs: int, K: int, N: int, sms: int = 132) -> DecodeConfig:
-    """Rule: the multiply-add form for one token (its k experts are distinct: one program per pair reads each
-    once; no 16-row tensor-core tile for one real row), tl.dot with one program per expert otherwise (only
-    when asked for: experts(decode=True)); 128-column (256-byte) weight rows, 32-deep k steps, 4 stages; K
-    split in the fewest power-of-2 slices that give at least one program per SM. Session 5 call A at T = 1
-    (flash shapes, SWEEP_DECODE): more slices were slower at every step (gate/up x4 / down x1: 95.0 us,
-    x8 / x2: 120.3, x16 / x4: 187.9), so programs are made long (32 k steps here) rather than many; this
-    rule gives x4 / x1 there (256 programs each)."""
-    dot = n_tokens > 1
-    bn, bk = min(128, N), min(64 if dot else 32, K)
-    split = 1
-    while n_pairs * (N // bn) * split < sms and K // bk // (2 * split) >= 4 and (K // bk) % (2 * split) == 0:
-        split *= 2
-    return DecodeConfig(block_n=bn, block_k=bk, split_k=split, dot=dot, num_warps=4,
-                        num_stages=3 if dot and kind == "down" else 4)
+def pick_decode_config(kind: str, n_tokens: int, n_pairs: int, K: int, N: int, sms: int = 132,
+                       itemsize: int = 2) -> DecodeConfig:
+    """Rule (session 6): the dot form, K unsplit, h fused into the gate/up kernel, and the grouped path's
+    decode tiles (pick_config at block_m 16): gate/up 64-wide, 128-deep, down 128-wide, 64-deep, 4 warps, 4
+    stages. At T = 1 these are the grouped matmul's own launches (8 experts x 16 gate/up / 32 down tiles,
+    one real row of 16), whose CUPTI device times in session 5 call B were 32.3 us (gate/up, 134 MB: 97% of
+    copy) and 18.1 us (down, 67 MB: 87%), against 38.3 / 31.8 us for the then decode kernels (multiply-add,
+    gate/up split 4 into float32 partials, down re-forming h from them every k step: 49% of copy). The
+    decode path drops the layout's XLA kernels around them (10 launches -> 3). Session 6 call A, T = 1: gate/up
+    32.8 us (95%), down 17.7 us (88%), the layer 53.5 us of device time (87.5% of copy); every other tile of
+    bench_moe.py's SWEEP_DECODE_T1 was as fast or slower (scripts/bench_notes_moe.md). From 4 tokens the n tiles
+    of a pair are launched first (n_first; session 6 call B, device us: T = 4 169.7 vs 172.6, T = 8 335.4 vs
+    347.8, T = 32 938.2 vs 972.8; T = 2 95.4 vs 93.6; T = 1 runs every program at once, the order does not
+    matter there). float32 inputs: 64-deep k steps and 3 stages (as pick_config), inside the 227 KiB of
+    shared memory."""
+    del n_pairs, sms
+    bn, bk = (min(128, N), min(64, K)) if kind == "down" else (min(64, N), min(128, K))
+    n_first = n_tokens >= 4
+    if itemsize >= 4:
+        return DecodeConfig(block_n=bn, block_k=min(bk, 64), split_k=1, dot=True, num_warps=4, num_stages=3,
+                            n_first=n_first)
+    return DecodeConfig(block_n=bn, block_k=bk, split_k=1, dot=True, num_warps=4, num_stages=4, n_first=n_first)
 
 
 def decode_fits(d: int, I: int) -> bool:
@@ -274,7 +299,8 @@ def experts_decode(x, idx, weights, w_gate, w_up, w_down, *, gate_up_config: Dec
     """The routed experts of a few tokens (experts() takes it for T <= DECODE_MAX_TOKENS) without the layout: x [T, d]; idx
     [T, k] int32 local expert ids (others dropped); weights [T, k] float32; w_gate/w_up [E, d, I], w_down
     [E, I, d] in x.dtype -> [T, d] in x.dtype: sum_j weights[t, j] * y[t, j] in float32 (j in order), y
-    in float32 (triton_decode.py's kernels; two launches plus one XLA fusion for the combine)."""
+    in float32 (triton_decode.py's kernels; two launches plus one XLA fusion for the combine). Gate/up
+    split_k 1: the gate/up kernel writes h [T * k, I] in x.dtype; > 1: float32 partials, h formed in down."""
     from lingjax.kernels.jax_triton_lib import jax_triton
     jt = jax_triton()
     from lingjax.kernels.moe import triton_decode as td
@@ -283,23 +309,31 @@ def experts_decode(x, idx, weights, w_gate, w_up, w_down, *, gate_up_config: Dec
     E, _, I = w_gate.shape
     n = T * k
     sms = num_sms()
-    cg = _fit_decode(gate_up_config or pick_decode_config("gate_up", T, n, d, I, sms), d, I)
-    cd = _fit_decode(down_config or pick_decode_config("down", T, n, I, d, sms), I, d)
-    M = max(16, 1 << max(n - 1, 0).bit_length())            # tl.dot rows: the pairs, padded to a power of 2
+    sz = x.dtype.itemsize
+    cg = _fit_decode(gate_up_config or pick_decode_config("gate_up", T, n, d, I, sms, sz), d, I)
+    cd = _fit_decode(down_config or pick_decode_config("down", T, n, I, d, sms, sz), I, d)
+    M = max(16, 1 << max(T - 1, 0).bit_length())    # tl.dot rows: an expert's pairs (<= T with top-k routing)
+    Q = 1 << max(n - 1, 0).bit_length()             # the routing ids' scan width
     flat = idx.reshape(-1).astype(jnp.int32)
     prec = dot_precision(x.dtype, f32_dot)
-    part = jax.ShapeDtypeStruct((cg.split_k, n, I), jnp.float32)
-    g, u = jt.triton_call(x, flat, w_gate, w_up, kernel=td.gate_up_decode_kernel, out_shape=(part, part),
-                          grid=(n, I // cg.block_n, cg.split_k), num_warps=cg.num_warps, num_stages=cg.num_stages,
-                          name="moe_gate_up_decode", PAIRS=n, TOP_K=k, E=E, K=d, N=I, M=M, BLOCK_N=cg.block_n,
-                          BLOCK_K=cg.block_k, SPLIT_K=cg.split_k, DOT=cg.dot, PRECISION=prec,
-                          STAGES=cg.num_stages)
-    y = jt.triton_call(g, u, flat, w_down, kernel=td.down_decode_kernel,
-                       out_shape=jax.ShapeDtypeStruct((cd.split_k, n, d), jnp.float32),
-                       grid=(n, d // cd.block_n, cd.split_k), num_warps=cd.num_warps, num_stages=cd.num_stages,
-                       name="moe_down_decode", PAIRS=n, E=E, K=I, N=d, M=M, BLOCK_N=cd.block_n,
-                       BLOCK_K=cd.block_k, SPLIT_K=cd.split_k, SPLIT_GU=cg.split_k, DOT=cd.dot, PRECISION=prec,
-                       STAGES=cd.num_stages)
+    gu = dict(num_warps=cg.num_warps, num_stages=cg.num_stages, PAIRS=n, TOP_K=k, E=E, K=d, N=I, M=M, Q=Q,
+              BLOCK_N=cg.block_n, BLOCK_K=cg.block_k, DOT=cg.dot, PRECISION=prec, STAGES=cg.num_stages,
+              N_FIRST=cg.n_first, grid=cg.grid(n, I))
+    dn = dict(grid=cd.grid(n, d), num_warps=cd.num_warps, num_stages=cd.num_stages, PAIRS=n, E=E,
+              K=I, N=d, M=M, Q=Q, BLOCK_N=cd.block_n, BLOCK_K=cd.block_k, SPLIT_K=cd.split_k, DOT=cd.dot,
+              PRECISION=prec, STAGES=cd.num_stages, N_FIRST=cd.n_first)
+    y_part = jax.ShapeDtypeStruct((cd.split_k, n, d), jnp.float32)
+    if cg.split_k == 1:
+        h = jt.triton_call(x, flat, w_gate, w_up, kernel=td.gate_up_h_decode_kernel,
+                           out_shape=jax.ShapeDtypeStruct((n, I), x.dtype), name="moe_gate_up_decode", **gu)
+        y = jt.triton_call(h, flat, w_down, kernel=td.down_h_decode_kernel, out_shape=y_part,
+                           name="moe_down_decode", **dn)
+    else:
+        part = jax.ShapeDtypeStruct((cg.split_k, n, I), jnp.float32)
+        g, u = jt.triton_call(x, flat, w_gate, w_up, kernel=td.gate_up_decode_kernel, out_shape=(part, part),
+                              name="moe_gate_up_decode", SPLIT_K=cg.split_k, **gu)
+        y = jt.triton_call(g, u, flat, w_down, kernel=td.down_decode_kernel, out_shape=y_part,
+                           name="moe_down_decode", SPLIT_GU=cg.split_k, **dn)
     return combine_pairs(y, idx, weights, E).astype(x.dtype)
 
 
