@@ -3,6 +3,13 @@ import os
 # 8 simulated CPU devices for the sharding tests; harmless for the others. Set before jax imports.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA:CPU's LLVM backend at -O0 unless the caller chose a level: the suite's time is mostly XLA compiling
+# many small programs, and LLVM's optimization passes are most of that. The HLO passes (fusion, layout,
+# algebraic simplification) are unchanged and LLVM at any level keeps IEEE float semantics (XLA:CPU does not
+# enable fast-math), so the tests check the same programs; the tiny models run slower, compile faster.
+# Measured: tests/test_tiny_model.py 127 s -> 86 s CPU. Child processes (CLI subprocess tests) inherit it.
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 
 import gc  # noqa: E402
