@@ -17,7 +17,7 @@ mkdir -p $OUT/tp $OUT/gpu0 $OUT/gpu1
     --steps 5 --reps 2 --out $OUT/tp/profile_tp_flash_tp2.json > $OUT/tp/profile_tp_flash_tp2.log 2>&1
   echo "profile_tp rc $? at $(el) s" )
 q0() {
-  export CUDA_VISIBLE_DEVICES=0; cd $OUT/gpu0 >/dev/null; cd - >/dev/null
+  export CUDA_VISIBLE_DEVICES=0
   timeout 110 python3 scripts/bench_e2e.py --decode 1x1024,16x1024,64x1024 --prefill 1x4096 --steps 10 --reps 2 \
     --e2e-max-tokens 0 --compile-threads 4 --out $OUT/gpu0/bench_e2e_flash8_bf16.json > $OUT/gpu0/bench_e2e_flash8_bf16.log 2>&1
   echo "e2e bf16 rc $? at $(el) s"
