@@ -344,22 +344,17 @@ _WINDOW_JIT = dict(static_argnames=("graph", "mode", "num_steps"), donate_argnam
 
 @functools.partial(jax.jit, **_STEP_JIT)
 def _step_fn(params, caches, batch, take, prev, rows, temperature, top_k, top_p, seeds, request_ids, counters,
-             restore=None, *, graph: _Graph, mode: tuple[bool, bool, bool, bool]):
+             *, graph: _Graph, mode: tuple[bool, bool, bool, bool]):
     """One engine step. params: the model state's leaves (a flat list: cheaper to pass every step
     than the nnx State, whose Variables flatten in Python). take [T]: for each packed token, the row
     of `prev` (the previous step's sampled tokens [R], still on the device) it is, or -1 to use
-    batch.tokens. restore: None, or [2, K] int32 linear-state rows copied src (restore[0]) -> dst
-    (restore[1]) before the model runs (a prefix-cache hit's saved state into its slot; an out of range
-    dst is skipped): the copy rides in the step instead of a jitted call of its own (Engine._restore_arg).
-    mode (static):
+    batch.tokens. mode (static):
     (full logits [T, V] for score requests, sample one token per row, top-20 logprobs, every sampled row
     greedy: the argmax alone, without `sample`'s sort and filters, the same tokens; the engine sets it
     on decode-only steps only) ->
     (logits | None, tokens [R], logprobs [R] | None, top ids [R, 20] | None, top logprobs | None, caches)."""
     graph.traces[(_kind(mode), batch.tokens.shape[0], batch.decode_only)] += 1
     state = jax.tree.unflatten(graph.treedef, params)
-    if restore is not None:
-        caches = _copy_linear_rows(caches, restore[0], restore[1])
     tokens = jnp.where(take >= 0, prev[jnp.maximum(take, 0)], batch.tokens)
     batch = dataclasses.replace(batch, tokens=tokens)
     return _step_body(state, caches, batch, rows, temperature, top_k, top_p, seeds, request_ids, counters,
@@ -437,12 +432,10 @@ def _multi_step_fn(params, caches, batch, take, prev, steps, temperature, top_k,
     return bufs + (last, caches)
 
 
-def _copy_linear_rows(caches, src, dst):
+@functools.partial(jax.jit, donate_argnames=("caches",))
+def _copy_rows(caches, src, dst):
     """Every linear layer's state rows src [K] copied to rows dst [K] (out of range: skipped)."""
     return caches.replace(linear=tuple(p.at[dst].set(p[src], mode="drop") for p in caches.linear))
-
-
-_copy_rows = jax.jit(_copy_linear_rows, donate_argnames=("caches",))
 
 
 @functools.lru_cache(maxsize=None)
@@ -664,7 +657,6 @@ class Engine:
         self._running: list[_Request] = []
         self._flights: collections.deque[_Flight] = collections.deque()
         self._aborted: list[_Request] = []            # aborted since the last step: reported by the next
-        self._restores: dict[int, int] = {}           # prefix-cache hits admitted: slot -> saved state row to copy
         self._counts = collections.Counter()          # stats: prompt/generated tokens, host and wait seconds
         self._spec = None
         if k_spec:
@@ -740,8 +732,7 @@ class Engine:
         if n:
             return window_fn.lower(self._params, self.caches, batch, host[0], self._prev, *host[1:],
                                    graph=self._graph, mode=mode, num_steps=int(n))
-        restore = None if decode_only else np.zeros((2, 1), np.int32)
-        return step_fn.lower(self._params, self.caches, batch, host[0], self._prev, *host[1:], restore,
+        return step_fn.lower(self._params, self.caches, batch, host[0], self._prev, *host[1:],
                              graph=self._graph, mode=mode)
 
     def _fns(self) -> tuple:
@@ -1009,7 +1000,6 @@ class Engine:
 
     def _release(self, r: _Request) -> None:
         self._running.remove(r)
-        self._restores.pop(r.slot, None)      # aborted before its first step: its restore is not needed
         self.slots.free(r.slot)
         r.slot = -1
         for p in r.pages:
@@ -1155,7 +1145,6 @@ class Engine:
         for r in list(self._requests.values()):
             self._finish(r, "abort")
         self._aborted.clear()
-        self._restores.clear()
         self._prev = self._zero_tokens()
         self._new_pages()
         if any(a.is_deleted() for a in jax.tree.leaves(self.caches)):   # donated to a step that failed
@@ -1178,40 +1167,13 @@ class Engine:
 
     def _admit_waiting(self) -> None:
         """Admit waiting requests in order while a slot and their pages are free; prefix-cache hits get
-        their saved states copied into their slots by the next step, before its model runs
-        (`_restore_arg`): on the device, after every step dispatched before and before the hit's first."""
+        their saved states copied into their slots at once."""
         restores = []
         while self._waiting and len(self._running) < self.max_batch and self.slots.num_free:
             if not self._admit(self._waiting[0], restores):
                 break
             self._running.append(self._waiting.popleft())
-        for src, dst in restores:
-            self._restores[dst] = src
-
-    def _restore_arg(self, decode_only: bool):
-        """The step's `restore` argument: on every step that is not decode-only (of every engine, so that
-        steps with and without a hit, and engines with and without the prefix cache, share compilations),
-        [2, 1] int32: the one pending restore (an admitted hit's saved state row; its slot), or a row
-        pair that copies nothing (dst out of range: a few tiny kernels). Decode-only steps take None
-        (unchanged). Restores that do not ride in the step (more than one pending, or a decode-only
-        step) are copied first with a jitted call of their own (_copy_states)."""
-        if decode_only or len(self._restores) > 1:
-            self._flush_restores()
-        if decode_only:
-            return None
-        arg = np.array([[0], [self.num_slots + self.state_rows]], np.int32)      # dst out of range: skipped
-        if self._restores:
-            (dst, src), = self._restores.items()
-            arg[:, 0] = src, dst
-            self._restores.clear()
-        return arg
-
-    def _flush_restores(self) -> None:
-        """Copy the pending restores now, with a jitted call of their own (before a step that does not
-        take them)."""
-        pairs = [(src, dst) for dst, src in self._restores.items()]
-        self._restores.clear()
-        self._copy_states(pairs)
+        self._copy_states(restores)
 
     def _schedule(self) -> list[tuple[_Request, int]]:
         self._admit_waiting()
@@ -1276,13 +1238,11 @@ class Engine:
     def _dispatch(self, pieces) -> _Flight:
         """Pack and launch one step (asynchronously); update the requests' bookkeeping."""
         if self._spec is not None:
-            self._flush_restores()
             return self._spec.dispatch(self, pieces)
         R = self.max_batch
         for r, n in pieces:
             self._grow(r, r.fed + n)
         b = self._pack(pieces)
-        restore = self._restore_arg(b["decode_only"])
         take = b.pop("take")
         rows = np.maximum(b["cu_seqlens"][1:] - 1, 0).astype(np.int32)
         produces = [r.fed + n == r.total for r, n in pieces]
@@ -1303,9 +1263,9 @@ class Engine:
         batch = StepBatch(**b)
         host = (take, rows, temp, top_k, top_p, seeds, ids, counters)
         if self.mesh is not None and jax.process_count() > 1:
-            batch, host, restore = _global(batch, self.mesh), _global(host, self.mesh), _global(restore, self.mesh)
+            batch, host = _global(batch, self.mesh), _global(host, self.mesh)
         logits, toks, lp, top_ids, top_lp, self.caches = self._fns()[0](
-            self._params, self.caches, batch, host[0], self._prev, *host[1:], restore, graph=self._graph, mode=mode)
+            self._params, self.caches, batch, host[0], self._prev, *host[1:], graph=self._graph, mode=mode)
         self._prev = toks
         self.steps += 1
         self._advance(pieces, [p and not r.score for p, (r, _) in zip(produces, pieces)], src_rows=True)
@@ -1391,7 +1351,6 @@ class Engine:
 
     def _dispatch_window(self, pieces, steps) -> _Flight:
         """Pack and launch one multi-step decode window (_multi_step_fn); the requests' bookkeeping."""
-        self._flush_restores()
         R, k = self.max_batch, len(pieces)
         for (r, _), m in zip(pieces, steps):
             self._grow(r, r.fed + m)

@@ -8,8 +8,7 @@ prompts = prefix + their own --suffix tokens, max_new_tokens 1. Parts:
     on the same engine (cache cleared; it runs the same chunks): equal tokens, logprobs within 1e-2.
  2. TTFT of --n warm hits as bench_prefix times them (generate wall time, no syncs).
  3. The same hits with a sync after each piece (block_until_ready): host admission (token check, lookup,
-    page sharing), a state copy by a jitted call of its own (_copy_rows, dispatch + device: since session 6
-    a single hit's restore rides in its step, so this part is absent then), the step's host packing and
+    page sharing), the state copy into the slot (_copy_rows, dispatch + device), the step's host packing and
     dispatch, its device time after the dispatch returns, the readback of the sampled token, other host work.
  4. The hit's step alone, back to back (--repeat times, one sync at the end): its device time without host
     gaps.
@@ -69,7 +68,7 @@ def hlo_categories(hlo_text: str, module_cat: str | None = None) -> dict:
     attention or sampling by its file (SOURCE_CATS), matmuls for a dot (or gemm) of lingjax/model/common.py
     (Dense, MLP) or decoder.py (the LM head); library frames (jax_triton) are skipped. Without a lingjax
     frame: copies for copy / dynamic-update-slice / scatter ops, matmuls for dots, else other."""
-    files, funcs, locs, frames = {}, {}, {}, {}
+    files, locs, frames = {}, {}, {}
     section = None
     for line in hlo_text.splitlines():
         if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
@@ -83,12 +82,9 @@ def hlo_categories(hlo_text: str, module_cat: str | None = None) -> dict:
         i, rest = int(m.group(1)), m.group(2)
         if section == "FileNames":
             files[i] = rest.strip('"')
-        elif section == "FunctionNames":
-            funcs[i] = rest.strip('"')
         elif section == "FileLocations":
             f = re.search(r"file_name_id=(\d+)", rest)
-            fn = re.search(r"function_name_id=(\d+)", rest)
-            locs[i] = (int(f.group(1)) if f else 0, int(fn.group(1)) if fn else 0)
+            locs[i] = int(f.group(1)) if f else 0
         elif section == "StackFrames":
             f = re.search(r"file_location_id=(\d+)", rest)
             par = re.search(r"parent_frame_id=(\d+)", rest)
@@ -99,8 +95,7 @@ def hlo_categories(hlo_text: str, module_cat: str | None = None) -> dict:
         while fid and fid in frames and fid not in seen:
             seen.add(fid)
             loc, parent = frames[fid]
-            file_id, func_id = locs.get(loc, (0, 0))
-            out.append(files.get(file_id, "") + ":" + funcs.get(func_id, ""))
+            out.append(files.get(locs.get(loc, 0), ""))
             fid = parent
         return out
 
@@ -127,10 +122,7 @@ def hlo_categories(hlo_text: str, module_cat: str | None = None) -> dict:
             if "lingjax/" not in f:
                 continue
             if "lingjax/engine.py" in f:        # the step's own ops (sampling); the model's ops pass through it too
-                if "_copy_linear_rows" in f:    # a prefix-cache hit's state restore (in the step, or _copy_rows)
-                    cat = "state restore"
-                else:
-                    cat = "sampling" if first else None
+                cat = "sampling" if first else None
                 break
             first = False
             cat = next((c for c, keys in SOURCE_CATS if any(k in f for k in keys)), None)
