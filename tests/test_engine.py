@@ -16,7 +16,6 @@ from lingjax.cache import SlotAllocator
 from lingjax.engine import Engine, EngineError, SamplingParams, check_tokens, sample
 from lingjax.testing import full_forward_logits, rel_err, write_tiny_checkpoint
 from lingjax.weights import load_hf
-from tests.compile_counts import RETRIEVAL_EVENT
 
 MAX_LEN = 160
 LENGTHS = (1, 65, 8, 30, 15, 3, 22, 9)          # chunk 7 and 64 leave 1-token pieces; > 4 requests queue
@@ -293,9 +292,7 @@ def test_fifty_requests_compile_at_most_the_buckets(ckdir):
     assert set(shapes) <= set(eng.buckets("sample"))
     assert all(n == 1 for n in shapes.values())                              # each shape compiled once
     assert 3 <= eng.compile_count <= n_buckets < eng.steps / 4
-    # compiled, or loaded from the tests' persistent compilation cache (tests/conftest.py): each counts
-    assert (backend_compiles["/jax/core/compile/backend_compile_duration"]
-            + backend_compiles[RETRIEVAL_EVENT]) <= n_buckets
+    assert backend_compiles["/jax/core/compile/backend_compile_duration"] <= n_buckets
     print(f"\n50 requests: {eng.steps} steps, {eng.compile_count} compilations, {n_buckets} buckets")
 
 
