@@ -159,13 +159,21 @@ def device_decode_ms(model, cfg, mesh, B, C, steps, reps, page_size, setup=None)
     """Median device time of one decode step (engine step + greedy), steps dispatched back to back, over
     the paged MLA cache with each request's pages scattered over the pool (decode_setup; `setup`: one
     made and compiled before, precompile)."""
-    import jax
     f, state, caches, batch = setup or decode_setup(model, cfg, mesh, B, C, page_size)
+    ms, first_s, caches = time_steps(f, state, caches, batch, steps, reps)
+    log.info("decode B=%d C=%d: first step (compile unless precompiled) %.1f s", B, C, first_s)
+    del caches
+    return ms
+
+
+def time_steps(f, state, caches, batch, steps, reps):
+    """One step of decode_setup's f (compiles unless compiled before), then `reps` runs of `steps` steps
+    dispatched back to back with one sync each -> (median ms per step, the first step's seconds, caches)."""
+    import jax
     t = time.perf_counter()
     toks, caches = f(state, caches, batch)
     jax.block_until_ready(toks)
-    log.info("decode B=%d C=%d: first step (compile unless precompiled) %.1f s", B, C, time.perf_counter() - t)
-    jax.block_until_ready(toks)
+    first_s = time.perf_counter() - t
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
@@ -173,8 +181,7 @@ def device_decode_ms(model, cfg, mesh, B, C, steps, reps, page_size, setup=None)
             toks, caches = f(state, caches, batch)
         jax.block_until_ready((toks, caches))
         ts.append((time.perf_counter() - t) / steps * 1e3)
-    del caches
-    return statistics.median(ts)
+    return statistics.median(ts), first_s, caches
 
 
 def engine(model, mesh, **kw):

@@ -204,21 +204,11 @@ def xla_fp8_round_trip_rounds() -> bool:
 
 def profile_mode(model, cfg, B, C, steps, reps, page_size, smoke):
     import jax
-    from bench_e2e import decode_setup
+    from bench_e2e import decode_setup, time_steps
     from bench_linear_attention import device_trace
     f, state, caches, batch = decode_setup(model, cfg, None, B, C, page_size)
-    t = time.perf_counter()
-    toks, caches = f(state, caches, batch)
-    jax.block_until_ready(toks)
-    compile_s = time.perf_counter() - t
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(steps):
-            toks, caches = f(state, caches, batch)
-        jax.block_until_ready((toks, caches))
-        ts.append((time.perf_counter() - t) / steps * 1e3)
-    out = dict(step_ms=statistics.median(ts), compile_s=compile_s)
+    step_ms, compile_s, caches = time_steps(f, state, caches, batch, steps, reps)
+    out = dict(step_ms=step_ms, compile_s=compile_s)
     if smoke or jax.default_backend() != "gpu":
         return out
 

@@ -63,19 +63,10 @@ def per_device(xspace_bytes, steps):
 
 def profile_row(model, cfg, mesh, B, C, steps, reps, page_size):
     import jax
-    from bench_e2e import decode_setup
+    from bench_e2e import decode_setup, time_steps
     f, state, caches, batch = decode_setup(model, cfg, mesh, B, C, page_size)
-    t = time.perf_counter()
-    toks, caches = f(state, caches, batch)
-    jax.block_until_ready(toks)
-    row = dict(batch=B, context=C, compile_s=time.perf_counter() - t)
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(steps):
-            toks, caches = f(state, caches, batch)
-        jax.block_until_ready((toks, caches))
-        ts.append((time.perf_counter() - t) / steps * 1e3)
+    step_ms, compile_s, caches = time_steps(f, state, caches, batch, steps, reps)
+    row = dict(batch=B, context=C, compile_s=compile_s)
     host, alone = [], []
     for _ in range(steps):
         t = time.perf_counter()
@@ -83,7 +74,7 @@ def profile_row(model, cfg, mesh, B, C, steps, reps, page_size):
         host.append((time.perf_counter() - t) * 1e3)
         jax.block_until_ready((toks, caches))
         alone.append((time.perf_counter() - t) * 1e3)
-    row.update(step_ms=statistics.median(ts), host_ms=statistics.median(host), alone_ms=statistics.median(alone))
+    row.update(step_ms=step_ms, host_ms=statistics.median(host), alone_ms=statistics.median(alone))
     if jax.default_backend() == "gpu":
         from jax._src.lib import _profiler
         sess = _profiler.ProfilerSession()
