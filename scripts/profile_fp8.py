@@ -32,7 +32,6 @@ import gc
 import json
 import logging
 import os
-import statistics
 import sys
 import time
 
