@@ -25,17 +25,16 @@ F32 = jnp.float32
 
 
 def supports(x, w) -> bool:
-    if not quant.is_fp8(w) or w.act not in ("token", "group") or w.q.ndim != 2:
+    """The weights the Triton kernel takes (gpu.supports: the activation dtype, a 2-D weight, its scale's
+    shape) whose scheme is one dot here: per-token activations with a per-tensor / per-channel weight scale,
+    or per-128-group activations with 128 x 128-block weight scales over a K that is whole groups."""
+    from lingjax.kernels.fp8 import gpu
+    if not gpu.supports(x, w):
         return False
-    if x.dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
-        return False
-    K, N = w.shape
-    bk, bn = w.block
-    if (bk, bn) in ((0, 0), (0, 1)) and w.act == "token":
-        return tuple(w.scale.shape) == (1, 1 if bn == 0 else N)
-    if (bk, bn) == (GROUP, GROUP) and w.act == "group" and K % GROUP == 0:
-        return tuple(w.scale.shape) == (K // GROUP, -(-N // GROUP))
-    return False
+    block = tuple(w.block)
+    if w.act == "token":
+        return block in ((0, 0), (0, 1))
+    return block == (GROUP, GROUP) and w.shape[0] % GROUP == 0
 
 
 def matmul(x, w):

@@ -26,20 +26,15 @@ Two forms of a program (DOT, compile-time):
          Its loads are not software-pipelined by default (Triton pipelines loads that feed tl.dot);
          STAGES > 1 asks for it (tl.range num_stages: cp.async into shared memory).
 Ids outside [0, E) (another device's experts) are dropped: no program runs for them and their output rows
-stay unwritten (the combine masks them out). This module imports only triton (interpreter tests).
+stay unwritten (the combine masks them out). This module imports only triton and triton_kernels.py's
+shared pieces (_dot, gate_up_steps), so it runs in the interpreter tests.
 PRECISION as in triton_kernels.py ("" for 16-bit inputs; a tl.dot input_precision for float32). Q: the
 scan width of the routing ids, a power of 2 >= PAIRS.
 """
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr):
-    if PRECISION == "":
-        return tl.dot(a, b, acc)
-    else:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
+from lingjax.kernels.moe.triton_kernels import _dot, gate_up_steps
 
 
 @triton.jit
@@ -105,17 +100,8 @@ def _gate_up(x_ptr, idx_ptr, wg_ptr, wu_ptr, g_ptr, u_ptr, H_OUT: tl.constexpr, 
         rows, ok, lead = _expert_rows(idx_ptr, p, E, PAIRS, M, Q)
         if lead:
             a_ptrs = x_ptr + (rows // TOP_K)[:, None] * K + ks[None, :]
-            g_ptrs = wg_ptr + w_off
-            u_ptrs = wu_ptr + w_off
-            acc_g = tl.zeros((M, BLOCK_N), dtype=tl.float32)
-            acc_u = tl.zeros((M, BLOCK_N), dtype=tl.float32)
-            for _ in range(0, STEPS):
-                a = tl.load(a_ptrs, mask=ok[:, None], other=0.0)
-                acc_g = _dot(a, tl.load(g_ptrs), acc_g, PRECISION)
-                acc_u = _dot(a, tl.load(u_ptrs), acc_u, PRECISION)
-                a_ptrs += BLOCK_K
-                g_ptrs += BLOCK_K * N
-                u_ptrs += BLOCK_K * N
+            acc_g, acc_u = gate_up_steps(a_ptrs, ok, wg_ptr + w_off, wu_ptr + w_off, M, BLOCK_N, BLOCK_K, N, STEPS,
+                                         PRECISION)
             o = out[None, :] + rows[:, None] * N
             if H_OUT:
                 tl.store(g_ptr + o, (acc_g * tl.sigmoid(acc_g) * acc_u).to(g_ptr.dtype.element_ty), mask=ok[:, None])

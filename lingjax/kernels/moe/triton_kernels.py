@@ -74,11 +74,19 @@ def _gate_up_acc(x_ptr, row_token_ptr, wg_ptr, wu_ptr, row0, pid_n, e, k0, N_TOK
     ks = k0 + tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * K + ks[None, :]
     w_off = e.to(tl.int64) * K * N + ks[:, None] * N + cols[None, :]
-    g_ptrs = wg_ptr + w_off
-    u_ptrs = wu_ptr + w_off
+    return gate_up_steps(a_ptrs, real, wg_ptr + w_off, wu_ptr + w_off, BLOCK_M, BLOCK_N, BLOCK_K, N, K_STEPS,
+                         PRECISION)
+
+
+@triton.jit
+def gate_up_steps(a_ptrs, real, g_ptrs, u_ptrs, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, N: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr):
+    """The gate/up products' k loop: STEPS steps of BLOCK_K from the activation rows at a_ptrs (rows where
+    `real` is False load zeros) and the weight tiles at g_ptrs / u_ptrs (row stride N) -> float32
+    (acc_g, acc_u) [BLOCK_M, BLOCK_N]. Shared by the grouped kernels and the decode path's dot form."""
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(0, K_STEPS):
+    for _ in range(0, STEPS):
         a = tl.load(a_ptrs, mask=real[:, None], other=0.0)
         acc_g = _dot(a, tl.load(g_ptrs), acc_g, PRECISION)
         acc_u = _dot(a, tl.load(u_ptrs), acc_u, PRECISION)
