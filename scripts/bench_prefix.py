@@ -36,6 +36,77 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 log = logging.getLogger("bench_prefix")
 
 
+def device_check(args, on, off, prefix, suffixes) -> dict:
+    """The checks bench_prefix makes on the device before it times anything, on P = prefix + suffixes[2]:
+
+    1. a miss of P on the prefix-cache engine against the cache-off engine: the same chunks through the same
+       compiled steps, so the first token and its logprob (and the top-5) must be equal bit for bit, any dtype;
+    2. a hit of P, the cache holding the prefix (filled by prefix + suffixes[0], then prefix + suffixes[1], which
+       saves a state where it leaves the cached path): the state restored there, then the rest of P. When the hit's steps line up with
+       the off engine's (the restore point a multiple of the prefill chunk, and the same number of steps from
+       there) it runs the off engine's compiled steps over the same numbers: bit for bit. Otherwise other steps
+       (other chunk boundaries: other rounding) and the check is a tolerance, enforced in float32 (1e-3);
+    3. a hit of P right after its own miss: its cached path covers P's suffix blocks too, so the hit saves a
+       state where it leaves that path (P's last whole block) and its prefill splits there (two steps where the
+       miss ran one): other compiled steps, the tolerance of (2), enforced in float32.
+
+    Sessions 6's calls B-D compared (3) bit for bit, which its split steps do not promise: on the GPU (other
+    Triton / cuBLAS tilings for other token counts, the new shapes autotuned when first compiled) it differed and
+    differed between runs; on the CPU the reference kernels happened to agree. Raises SystemExit on a failure."""
+    from lingjax.engine import SamplingParams
+    sp = SamplingParams(max_new_tokens=1, ignore_eos=True, logprobs=5)
+    P = prefix + suffixes[2]
+
+    def first(eng):
+        steps0, h0 = eng.steps, eng.stats()["prefix_cache_hits"]
+        out = eng.generate([P], sp)[0]
+        return dict(token=out.token_ids[0], logprob=out.logprobs[0], top=out.top_logprobs[0],
+                    steps=eng.steps - steps0, hit=eng.stats()["prefix_cache_hits"] - h0)
+
+    def same(a, b):
+        return a["token"] == b["token"] and a["logprob"] == b["logprob"] and a["top"] == b["top"]
+
+    want = first(off)
+    on.clear_prefix_cache()
+    miss = first(on)
+    hit_self = first(on)                               # (3): right after its own miss
+    on.clear_prefix_cache()
+    for s in suffixes[:2]:        # fill, then a branch: a state saved where the prompts part (as the timed hits)
+        on.generate([prefix + s], SamplingParams(max_new_tokens=1, ignore_eos=True))
+    saved_at = on.prefix.lookup(P)[1] * args.page_size            # where (2) restores the state
+    hit = first(on)                                    # (2)
+    hit["hit_tokens"] = saved_at
+    rest = len(P) - saved_at
+    aligned = saved_at % args.prefill_chunk == 0 and hit["steps"] == -(-rest // args.prefill_chunk)
+    check = dict(off=want, miss=miss, hit=hit, hit_self=hit_self, hit_aligned=aligned,
+                 miss_equals_off=same(miss, want), hit_equals_off=same(hit, want),
+                 hit_vs_off_logprob_diff=abs(hit["logprob"] - want["logprob"]),
+                 hit_self_vs_off_logprob_diff=abs(hit_self["logprob"] - want["logprob"]))
+    for name in ("off", "miss", "hit", "hit_self"):
+        r = check[name]
+        log.info("check %-8s token %6d logprob %.6f  (%d steps%s)", name, r["token"], r["logprob"], r["steps"],
+                 ", a hit" if r["hit"] else "")
+    fail = []
+    if not check["miss_equals_off"]:
+        fail.append("a miss differs from the cache-off engine (same chunks: must be equal bit for bit)")
+    if not (hit["hit"] and hit_self["hit"]):
+        fail.append("a check's hit did not hit the cache")
+    if aligned and not check["hit_equals_off"]:
+        fail.append("a hit whose steps line up with the cache-off engine's differs from it (must be bit for bit)")
+    for name in (() if aligned else ("hit",)) + ("hit_self",):
+        r = check[name]
+        if r["token"] != want["token"] or abs(r["logprob"] - want["logprob"]) > 1e-3:
+            if args.dtype == "float32":
+                fail.append(f"{name} (other steps than the off engine's) differs from it beyond 1e-3 in float32")
+            else:
+                log.info("note: %s runs other steps than the off engine (other rounding) and differs from it in "
+                         "%s (the float32 run enforces 1e-3): token %d vs %d, logprob diff %.3g", name, args.dtype,
+                         r["token"], want["token"], abs(r["logprob"] - want["logprob"]))
+    if fail:
+        raise SystemExit(f"CHECK FAILED: {'; '.join(fail)}: {check}")
+    return check
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny", help="model shapes (scripts/shapes.py): tiny, flash8, flash, 1t")
@@ -95,32 +166,7 @@ def main(argv=None):
         ttft(on1, prefix + suffixes[i])
     compile_s = time.perf_counter() - t0
     assert on.stats()["prefix_cache_hits"] >= 1 and on1.stats()["prefix_cache_hits"] >= 1, "a warm-up hit did not hit"
-    # device checks before timing, on prompt P = prefix + suffixes[2]: (1) on the prefix-cache engine, a miss of P
-    # and then a hit of P (its saved state restored at the start of its last chunk, that chunk run again): the
-    # same compiled steps over the same numbers, so the first token and its logprob must be equal bit for bit
-    # in any dtype; (2) the hit against the cache-off engine (other compiled programs: in bfloat16 their
-    # rounding may flip the random model's near-tied experts, so this one is enforced in float32 only, 1e-3)
-    sp_lp = SamplingParams(max_new_tokens=1, ignore_eos=True, logprobs=0)     # the same compiled steps
-    P = prefix + suffixes[2]
-    on.clear_prefix_cache()
-    h0 = on.stats()["prefix_cache_hits"]
-    miss = on.generate([P], sp_lp)[0]
-    got = on.generate([P], sp_lp)[0]
-    want = off.generate([P], sp_lp)[0]
-    check = dict(miss_token=miss.token_ids[0], hit_token=got.token_ids[0], off_token=want.token_ids[0],
-                 hit_vs_miss_logprob_diff=abs(miss.logprobs[0] - got.logprobs[0]),
-                 hit_vs_off_logprob_diff=abs(want.logprobs[0] - got.logprobs[0]),
-                 hit=on.stats()["prefix_cache_hits"] == h0 + 1)
-    log.info("check: miss token %d logprob %.6f, hit token %d logprob %.6f (a hit: %s); cache-off engine token %d "
-             "logprob %.6f", miss.token_ids[0], miss.logprobs[0], got.token_ids[0], got.logprobs[0], check["hit"],
-             want.token_ids[0], want.logprobs[0])
-    if not (check["hit"] and miss.token_ids == got.token_ids and check["hit_vs_miss_logprob_diff"] == 0):
-        raise SystemExit(f"CHECK FAILED: the hit differs from a miss of the same prompt: {check}")
-    if want.token_ids != got.token_ids or check["hit_vs_off_logprob_diff"] > 1e-3:
-        if args.dtype == "float32":
-            raise SystemExit(f"CHECK FAILED: the hit differs from the cache-off engine: {check}")
-        log.info("note: the hit differs from the cache-off engine in %s (other compiled programs' rounding; the "
-                 "float32 run enforces this check): %s", args.dtype, check)
+    check = device_check(args, on, off, prefix, suffixes)
     times = {"off": [], "miss": [], "hit": [], "hit1": []}
     for i in range(args.n):
         times["off"].append(ttft(off, prefix + suffixes[3 + i]))
@@ -172,9 +218,11 @@ def main(argv=None):
             json.dump(report, f, indent=1)
     print(f"\n{report['device']}, {args.preset} ({cfg.num_hidden_layers} layers), {args.dtype}: prefix {args.prefix} "
           f"+ suffix {args.suffix} tokens, chunk {args.prefill_chunk}, page {args.page_size}; init {init_s:.0f} s, "
-          f"compile {compile_s:.0f} s; xla_options {xla}; checks: hit = miss of the same prompt bit for bit; hit vs "
-          f"the cache-off engine: token {'equal' if check['hit_token'] == check['off_token'] else 'DIFFERENT'}, logprob "
-          f"diff {check['hit_vs_off_logprob_diff']:.1e}")
+          f"compile {compile_s:.0f} s; xla_options {xla}; checks: miss = cache off bit for bit; hit (steps "
+          f"{'aligned' if check['hit_aligned'] else 'NOT aligned'} with cache off) = cache off "
+          f"{'bit for bit' if check['hit_equals_off'] else 'NOT bit for bit'}, logprob diff "
+          f"{check['hit_vs_off_logprob_diff']:.1e}; hit right after its own miss (split steps): logprob diff "
+          f"{check['hit_self_vs_off_logprob_diff']:.1e}")
     print("| kind | TTFT median ms | runs ms |\n|---|---|---|")
     for k, v in times.items():
         print(f"| {k} | {1e3 * med[k]:.1f} | {', '.join(f'{1e3 * t:.1f}' for t in v)} |")
