@@ -214,3 +214,109 @@ def grouped(x, layout, w_gate, w_up, w_down, *, gate_up_config: Config | None = 
     (before it; inside it where a config asks for it: fused_quant)."""
     h = gate_up(x, layout, w_gate, w_up, x.dtype, config=gate_up_config)
     return down(h, layout, w_down, x.dtype, x.shape[0], config=down_config)
+
+
+# ---------------------------------------------------------------------------------------------- decode path
+# Token counts up to which experts() runs experts_decode (no layout: triton_fp8_decode.py's kernels over the
+# pairs) for FP8 weights by default. 0: never, until a device measurement says it wins over the grouped path
+# (session 7: prepared, not measured; experts(decode=True) and the benchmarks' --fp8-moe-decode run it).
+DECODE_MAX_TOKENS = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """One FP8 decode kernel's launch (triton_fp8_decode.py): [BLOCK_K, block_n] weight tiles; swap_ab: the
+    weight tile as the wgmma's 64+-row operand (rows per program < 64); quant_a (down, per-128-group
+    activations): h quantized in the kernel as it is loaded, else by one XLA pass before it; n_first: the n
+    tiles of one pair consecutive in the launch order."""
+    block_n: int
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 4
+    swap_ab: bool = True
+    quant_a: bool = False
+    n_first: bool = False
+
+    def tag(self) -> str:
+        """n64k128w4s4 + S (swapped) + Q (h quantized in the kernel) + N (n tiles of a pair first)."""
+        return (f"n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}" + "S" * self.swap_ab
+                + "Q" * self.quant_a + "N" * self.n_first)
+
+    def grid(self, n_pairs: int, N: int) -> tuple:
+        return (N // self.block_n, n_pairs) if self.n_first else (n_pairs, N // self.block_n)
+
+
+def decode_rows(n_tokens: int) -> int:
+    """Rows per program (M): an expert's pairs (<= T with top-k routing) up to 64, at least 16 (tl.dot);
+    an expert with more than M pairs gets one program per M of them."""
+    return min(64, max(16, 1 << max(n_tokens - 1, 0).bit_length()))
+
+
+def pick_decode_config(kind: str, n_tokens: int, K: int, N: int) -> DecodeConfig:
+    """The grouped path's decode tiles at M rows (pick_config: gate/up 64-wide, down 128-wide, 128-deep k
+    steps, swapped operands under 64 rows, 4 warps, 3-4 stages), h quantized by XLA's pass (quant_a off), and
+    the bf16 decode path's launch order (n tiles of a pair first from 4 tokens: gpu.pick_decode_config)."""
+    c = pick_config(kind, decode_rows(n_tokens), K, N)
+    return DecodeConfig(block_n=c.block_n, block_k=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages,
+                        swap_ab=c.swap_ab, quant_a=False, n_first=n_tokens >= 4)
+
+
+def experts_decode(x, idx, weights, w_gate, w_up, w_down, *, gate_up_config: DecodeConfig | None = None,
+                   down_config: DecodeConfig | None = None):
+    """The routed experts of a few tokens with FP8 weights, without the layout: x [T, d]; idx [T, k] int32
+    local expert ids (others dropped); weights [T, k] float32; FP8Weight experts [E, d, I] / [E, I, d] that
+    `supports` takes -> [T, d] in x.dtype. The grouped path's math (gpu_fp8.grouped + combine): x quantized
+    per the weights' format (one XLA pass), gate_up writes h [T * k, I] in x.dtype, h quantized (one XLA pass,
+    or in down: quant_a), down writes y [T * k, d] in x.dtype, the pairs combined with the routing weights in
+    float32 (gpu.combine_pairs: one XLA fusion). Three or four launches, no layout."""
+    from lingjax.kernels.jax_triton_lib import jax_triton
+    from lingjax.kernels.moe import triton_fp8_decode as tk
+    from lingjax.kernels.moe.gpu import combine_pairs
+    jt = jax_triton()
+    T, d = x.shape
+    k = idx.shape[1]
+    E, _, I = w_gate.shape
+    n = T * k
+    cg = gate_up_config or pick_decode_config("gate_up", T, d, I)
+    cd = down_config or pick_decode_config("down", T, I, d)
+    flat = idx.reshape(-1).astype(jnp.int32)
+    xq, xs = quant.quantize_activation_fp8(x, w_gate.act, GROUP)
+    launch, consts = decode_launch("gate_up", T, k, w_gate, xs.shape[-1], cg)
+    h = jt.triton_call(
+        xq, xs, flat, w_gate.q, w_gate.scale.astype(jnp.float32), w_up.q, w_up.scale.astype(jnp.float32),
+        kernel=tk.gate_up_fp8_decode_kernel, out_shape=jax.ShapeDtypeStruct((n, I), x.dtype),
+        name="moe_gate_up_fp8_decode", **launch, **consts)
+    if decode_quant_a(w_down, cd):
+        hq, hs, groups = h, jnp.ones((1,), jnp.float32), I // GROUP
+    else:
+        hq, hs = quant.quantize_activation_fp8(h, w_down.act, GROUP)
+        groups = hs.shape[-1]
+    launch, consts = decode_launch("down", T, k, w_down, groups, cd)
+    y = jt.triton_call(
+        hq, hs, flat, w_down.q, w_down.scale.astype(jnp.float32), kernel=tk.down_fp8_decode_kernel,
+        out_shape=jax.ShapeDtypeStruct((n, d), x.dtype), name="moe_down_fp8_decode", **launch, **consts)
+    return combine_pairs(y[None], idx, weights, E).astype(x.dtype)
+
+
+def decode_quant_a(w_down, c: DecodeConfig) -> bool:
+    """Whether down quantizes h itself (QUANT_A): the config asks for it, per-128-group activations over more
+    than one group, 128-deep k steps."""
+    I = w_down.shape[-2]
+    return bool(c.quant_a and w_down.act == "group" and I > GROUP and c.block_k == GROUP)
+
+
+def decode_launch(kind: str, n_tokens: int, top_k: int, w, a_groups: int, c: DecodeConfig):
+    """(launch kwargs: grid, num_warps, num_stages; the kernel's constexprs) of one decode kernel (kind
+    'gate_up' or 'down') over n_tokens x top_k pairs with weight w (FP8Weight [E, K, N]) and activations of
+    a_groups scale groups (shared with the interpreter tests)."""
+    E, K, N = w.shape
+    n = n_tokens * top_k
+    if N % c.block_n or K % c.block_k or c.block_n < 16 or c.block_k < 32:
+        raise ValueError(f"MoE FP8 decode kernel: dims K={K}, N={N} must be multiples of the tile "
+                         f"({c.block_k}, {c.block_n}), tiles >= (32, 16)")
+    qa = kind == "down" and decode_quant_a(w, c)
+    consts = {key: v for key, v in scale_args(a_groups, w, N, c.block_k, qa).items() if key != "QUANT_A"}
+    consts.update(PAIRS=n, E=E, K=K, N=N, M=decode_rows(n_tokens), Q=1 << max(n - 1, 0).bit_length(),
+                  BLOCK_N=c.block_n, BLOCK_K=c.block_k, SWAP_AB=c.swap_ab, N_FIRST=c.n_first)
+    consts.update(TOP_K=top_k) if kind == "gate_up" else consts.update(QUANT_A=qa)
+    return dict(grid=c.grid(n, N), num_warps=c.num_warps, num_stages=c.num_stages), consts
