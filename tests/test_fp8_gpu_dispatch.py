@@ -196,6 +196,31 @@ def test_moe_fp8_kernels_compile_for_sm90(jax_triton_call, T, block_m):
     assert calls[-2].params["QUANT_H"] == (block_m is not None)
 
 
+@pytest.mark.parametrize("T,quant_a", [(16, False), (64, True)])
+def test_moe_fp8_decode_path_compiles_for_sm90(jax_triton_call, T, quant_a):
+    """The FP8 decode path (experts(decode=True): gpu_fp8.experts_decode) at Ling-2.6-flash's expert shapes,
+    K-major weights as the model stores them: two launches over the routing ids (no layout), 16 rows per
+    program with swapped operands at T=16 and 64 plain rows at T=64, both on the fp8 wgmma (no mma.sync)
+    within shared memory; h quantized by XLA's pass before down, or (quant_a) inside down."""
+    E, d, I, k = 256, 4096, 1024, 8
+    wg, wd = _fp8_weight(d, I, E=E, kmajor=True), _fp8_weight(I, d, E=E, kmajor=True)
+    args = (sd((T, d), jnp.bfloat16), sd((T, k), jnp.int32), sd((T, k), jnp.float32), wg, wg, wd)
+    cd = dataclasses.replace(gpu_fp8.pick_decode_config("down", T, I, d), quant_a=quant_a)
+    f = lambda *a: gpu_fp8.experts_decode(*a, down_config=cd)                      # noqa: E731
+    calls = _triton_calls(jax_triton_call, jax.make_jaxpr(f)(*args).jaxpr)
+    assert [c.params["fn"].fn.__name__ for c in calls] == ["gate_up_fp8_decode_kernel", "down_fp8_decode_kernel"]
+    jx = jax.make_jaxpr(lambda *a: moe_kernels.experts(*a, impl="gpu", decode=True))(*args)
+    assert [c.params["fn"].fn.__name__ for c in _triton_calls(jax_triton_call, jx.jaxpr)] == [
+        "gate_up_fp8_decode_kernel", "down_fp8_decode_kernel"]
+    for c in calls:
+        assert c.params["M"] == T and c.params["SWAP_AB"] == (T < 64) and c.params["B_KMAJOR"]
+        shared, ptx, _ = _compile_call(jax_triton_call, c)
+        assert 0 < shared <= SM90_SMEM
+        wgmma, mma = _ptx_ops(ptx)
+        assert wgmma == {"e4m3"} and not mma, (wgmma, mma)
+    assert calls[1].params["QUANT_A"] == quant_a
+
+
 @pytest.mark.parametrize("scheme", ["fp8-block", "fp8-channel"])
 def test_quantize_param_on_device_matches_the_hf_quantizers(scheme):
     """quant.quantize_param (jnp, what the benchmarks quantize random models with) gives the HF

@@ -221,6 +221,9 @@ def grouped(x, layout, w_gate, w_up, w_down, *, gate_up_config: Config | None = 
 # pairs) for FP8 weights by default. 0: never, until a device measurement says it wins over the grouped path
 # (session 7: prepared, not measured; experts(decode=True) and the benchmarks' --fp8-moe-decode run it).
 DECODE_MAX_TOKENS = 0
+# Whether pick_decode_config's down quantizes h itself (quant_a) rather than one XLA pass before it. Off until
+# measured (session 7: prepared, not measured; the benchmarks' --fp8-moe-quant-h sets it).
+DECODE_QUANT_H = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,11 +257,12 @@ def decode_rows(n_tokens: int) -> int:
 
 def pick_decode_config(kind: str, n_tokens: int, K: int, N: int) -> DecodeConfig:
     """The grouped path's decode tiles at M rows (pick_config: gate/up 64-wide, down 128-wide, 128-deep k
-    steps, swapped operands under 64 rows, 4 warps, 3-4 stages), h quantized by XLA's pass (quant_a off), and
-    the bf16 decode path's launch order (n tiles of a pair first from 4 tokens: gpu.pick_decode_config)."""
+    steps, swapped operands under 64 rows, 4 warps, 3-4 stages), h quantized by XLA's pass (down's quant_a:
+    DECODE_QUANT_H), and the bf16 decode path's launch order (n tiles of a pair first from 4 tokens:
+    gpu.pick_decode_config). Not measured on a device yet (session 7)."""
     c = pick_config(kind, decode_rows(n_tokens), K, N)
     return DecodeConfig(block_n=c.block_n, block_k=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages,
-                        swap_ab=c.swap_ab, quant_a=False, n_first=n_tokens >= 4)
+                        swap_ab=c.swap_ab, quant_a=kind == "down" and DECODE_QUANT_H, n_first=n_tokens >= 4)
 
 
 def experts_decode(x, idx, weights, w_gate, w_up, w_down, *, gate_up_config: DecodeConfig | None = None,
