@@ -251,8 +251,8 @@ def moe_sweep_configs():
     kernel's entry is None (gpu_fp8.pick_config's choice for those rows) or a dict of Config fields
     changed from it. auto = the defaults (since session 6's call A: session 5's kernels, 64-row blocks at
     decode sizes, x and h quantized by XLA's passes); qk = quantize_kernel launches instead; qh = gate_up
-    writes h quantized; bm16 = 16-row blocks with swapped operands; dec = the decode path (session 7); L = the
-    bf16 kernels' large prefill tiles (session 7)."""
+    writes h quantized; bm16 = 16-row blocks with swapped operands; dec = the decode path (session 7); P = 8 warps
+    at prefill sizes (session 7)."""
     xq = dict(xla_quant=True)
     qk = dict(xla_quant=False)
     return [("auto", None, None, None), ("auto xq", None, xq, xq), ("auto qk", None, qk, qk),
@@ -273,13 +273,13 @@ def moe_sweep_configs():
             # changed as given), h quantized by XLA's pass or in down (qh)
             ("dec", "dec", None, None), ("dec qh", "dec", None, dict(quant_a=True)),
             ("dec noN", "dec", dict(n_first=False), dict(n_first=False)),
-            # session 7, prefill (128-row blocks): the bf16 grouped kernels' large tiles (gpu.LARGE_GATE_UP /
-            # LARGE_DOWN: 128- / 256-wide, 8 warps, 16 blocks per n tile) against pick_config's 64- / 128-wide, 4 warps
-            ("L gu", None, dict(block_n=128, num_warps=8, group_m=16), None),
-            ("L dn", None, None, dict(block_n=256, num_warps=8, group_m=16)),
-            ("L", None, dict(block_n=128, num_warps=8, group_m=16), dict(block_n=256, num_warps=8, group_m=16)),
-            ("L st4", None, dict(block_n=128, num_warps=8, group_m=16, num_stages=4),
-             dict(block_n=256, num_warps=8, group_m=16, num_stages=4))]
+            ("dec wide", "dec", dict(block_n=128, num_stages=3), dict(block_n=256)),   # bf16's bytes per program
+            # session 7, prefill (128-row blocks): 8 warps instead of 4 (same tiles). Compiled for sm_90a (ptxas),
+            # pick_config's 4-warp tiles spill (255 registers; down 560 bytes of spill stores, gate_up 8: a
+            # [128, 128] float32 accumulator plus the per-k-step product it adds, 256 registers a thread), 8 warps
+            # do not (183 / 203 registers). g16: 16 blocks per n tile, as the bf16 kernels.
+            ("P", None, dict(num_warps=8), dict(num_warps=8)),
+            ("P g16", None, dict(num_warps=8, group_m=16), dict(num_warps=8, group_m=16))]
 
 
 def moe_sweep_fn(bm, gc, dc, n_exp, n_pairs):

@@ -196,12 +196,31 @@ def test_moe_fp8_kernels_compile_for_sm90(jax_triton_call, T, block_m):
     assert calls[-2].params["QUANT_H"] == (block_m is not None)
 
 
+def _ptxas_spills(ptx):
+    """(registers a thread, bytes of spill stores) of one kernel's PTX assembled for sm_90a by the ptxas that
+    ships with Triton; skips the test where there is none."""
+    import os
+    import subprocess
+    import tempfile
+    import triton
+    exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(exe):
+        pytest.skip("no ptxas in the Triton install")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        p = subprocess.run([exe, "-arch=sm_90a", "-v", path, "-o", os.devnull], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return int(re.search(r"Used (\d+) registers", p.stderr)[1]), int(re.search(r"(\d+) bytes spill stores", p.stderr)[1])
+
+
 @pytest.mark.parametrize("T,quant_a", [(16, False), (64, True)])
 def test_moe_fp8_decode_path_compiles_for_sm90(jax_triton_call, T, quant_a):
     """The FP8 decode path (experts(decode=True): gpu_fp8.experts_decode) at Ling-2.6-flash's expert shapes,
     K-major weights as the model stores them: two launches over the routing ids (no layout), 16 rows per
-    program with swapped operands at T=16 and 64 plain rows at T=64, both on the fp8 wgmma (no mma.sync)
-    within shared memory; h quantized by XLA's pass before down, or (quant_a) inside down."""
+    program with swapped operands, on the fp8 wgmma (no mma.sync) within shared memory; h quantized by XLA's
+    pass before down, or (quant_a) inside down."""
     E, d, I, k = 256, 4096, 1024, 8
     wg, wd = _fp8_weight(d, I, E=E, kmajor=True), _fp8_weight(I, d, E=E, kmajor=True)
     args = (sd((T, d), jnp.bfloat16), sd((T, k), jnp.int32), sd((T, k), jnp.float32), wg, wg, wd)
@@ -213,12 +232,33 @@ def test_moe_fp8_decode_path_compiles_for_sm90(jax_triton_call, T, quant_a):
     assert [c.params["fn"].fn.__name__ for c in _triton_calls(jax_triton_call, jx.jaxpr)] == [
         "gate_up_fp8_decode_kernel", "down_fp8_decode_kernel"]
     for c in calls:
-        assert c.params["M"] == T and c.params["SWAP_AB"] == (T < 64) and c.params["B_KMAJOR"]
+        assert c.params["M"] == 16 and c.params["SWAP_AB"] == c.params["B_KMAJOR"] == True     # noqa: E712
         shared, ptx, _ = _compile_call(jax_triton_call, c)
         assert 0 < shared <= SM90_SMEM
         wgmma, mma = _ptx_ops(ptx)
         assert wgmma == {"e4m3"} and not mma, (wgmma, mma)
+        assert _ptxas_spills(ptx)[1] == 0, "register spills"
     assert calls[1].params["QUANT_A"] == quant_a
+
+
+def test_moe_fp8_prefill_tiles_with_8_warps_do_not_spill(jax_triton_call):
+    """The prefill option of session 7 (bench_fp8's moe-sweep tag P): the grouped FP8 kernels at flash's
+    T=4096 (128-row blocks) with 8 warps compile for sm_90a without register spills (pick_config's 4 warps
+    spill: a [128, 128] float32 accumulator and the per-k-step product it adds need ~256 registers a thread)."""
+    E, d, I, k, T = 256, 4096, 1024, 8, 4096
+    wg, wd = _fp8_weight(d, I, E=E, kmajor=True), _fp8_weight(I, d, E=E, kmajor=True)
+    gc = dataclasses.replace(gpu_fp8.pick_config("gate_up", 128, d, I, "group"), num_warps=8)
+    dc = dataclasses.replace(gpu_fp8.pick_config("down", 128, I, d, "group"), num_warps=8)
+
+    def f(x, idx, cw, a, b, c):
+        lay = moe_kernels.make_layout(idx, E, 128, gpu_fp8.pick_layout_method(T * k))
+        return gpu_fp8.grouped(x, lay, a, b, c, gate_up_config=gc, down_config=dc)
+    args = (sd((T, d), jnp.bfloat16), sd((T, k), jnp.int32), sd((T, k), jnp.float32), wg, wg, wd)
+    for c in _triton_calls(jax_triton_call, jax.make_jaxpr(f)(*args).jaxpr):
+        assert c.params["BLOCK_M"] == 128 and c.params["num_warps"] == 8
+        shared, ptx, _ = _compile_call(jax_triton_call, c)
+        assert 0 < shared <= SM90_SMEM and _ptx_ops(ptx) == ({"e4m3"}, False)
+        assert _ptxas_spills(ptx)[1] == 0, c.params["fn"].fn.__name__
 
 
 @pytest.mark.parametrize("scheme", ["fp8-block", "fp8-channel"])

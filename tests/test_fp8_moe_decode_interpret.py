@@ -105,17 +105,13 @@ def _child(workdir):
         h = torch.full((T * k, I), SENTINEL, dtype=dt)
         y = torch.full((T * k, D), SENTINEL, dtype=dt)
         launch, consts = gpu_fp8.decode_launch("gate_up", T, k, wg, z["xs"].shape[-1], cg)
-        assert consts["M"] == 16 * (T <= 16) + 32 * (16 < T <= 32) and consts["B_KMAJOR"] == kmajor
-        if name == "block-two-leaders":              # fewer rows per program than an expert's pairs
-            consts["M"] = 16
+        assert consts["M"] == 16 and consts["B_KMAJOR"] == kmajor
         gate_up_fp8_decode_kernel[launch["grid"]](
             f8(z["xq"]), tt(z["xs"]), flat, f8(z["wgq" + sfx]), tt(z["wgs"]), f8(z["wuq" + sfx]), tt(z["wus"]), h,
             **consts)
         groups = I // 128 if qa else z["hs"].shape[-1]
         launch, consts = gpu_fp8.decode_launch("down", T, k, wd, groups, cd)
         assert consts["QUANT_A"] == qa
-        if name == "block-two-leaders":
-            consts["M"] = 16
         ha = tt(z["h"]).float() if qa else f8(z["hq"])
         down_fp8_decode_kernel[launch["grid"]](ha, tt(z["hs"]), flat, f8(z["wdq" + sfx]), tt(z["wds"]), y, **consts)
         np.savez(Path(workdir) / f"{name}-out.npz", h=h.double().numpy(), y=y.double().numpy())

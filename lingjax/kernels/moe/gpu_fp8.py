@@ -250,9 +250,14 @@ class DecodeConfig:
 
 
 def decode_rows(n_tokens: int) -> int:
-    """Rows per program (M): an expert's pairs (<= T with top-k routing) up to 64, at least 16 (tl.dot);
-    an expert with more than M pairs gets one program per M of them."""
-    return min(64, max(16, 1 << max(n_tokens - 1, 0).bit_length()))
+    """Rows per program (M): 16 (the least tl.dot takes; swapped operands, the weight tile the wgmma's 64+-row
+    operand). An expert with more than 16 pairs gets one program per 16 of them (each reads its weights again:
+    at decode sizes an expert gets ~T * k / E pairs, 2 at flash's T=64). Why not M = the expert's most pairs
+    (<= T), as the bf16 decode path: the programs find their rows by an [M, PAIRS] comparison of the routing ids
+    (triton_decode._expert_rows), which at T=64 with M=64 ([64, 512]) takes every register and spills (ptxas
+    for sm_90a: 255 registers, 572 / 3048 bytes of spill stores in gate_up / down; M=16: none)."""
+    del n_tokens
+    return 16
 
 
 def pick_decode_config(kind: str, n_tokens: int, K: int, N: int) -> DecodeConfig:
