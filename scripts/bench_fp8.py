@@ -252,7 +252,7 @@ def moe_sweep_configs():
     changed from it. auto = the defaults (since session 6's call A: session 5's kernels, 64-row blocks at
     decode sizes, x and h quantized by XLA's passes); qk = quantize_kernel launches instead; qh = gate_up
     writes h quantized; bm16 = 16-row blocks with swapped operands; dec = the decode path (session 7); P = 8 warps
-    at prefill sizes (session 7)."""
+    at prefill sizes, W = w16 (session 7)."""
     xq = dict(xla_quant=True)
     qk = dict(xla_quant=False)
     return [("auto", None, None, None), ("auto xq", None, xq, xq), ("auto qk", None, qk, qk),
@@ -279,7 +279,13 @@ def moe_sweep_configs():
             # [128, 128] float32 accumulator plus the per-k-step product it adds, 256 registers a thread), 8 warps
             # do not (183 / 203 registers). g16: 16 blocks per n tile, as the bf16 kernels.
             ("P", None, dict(num_warps=8), dict(num_warps=8)),
-            ("P g16", None, dict(num_warps=8, group_m=16), dict(num_warps=8, group_m=16))]
+            ("P g16", None, dict(num_warps=8, group_m=16), dict(num_warps=8, group_m=16)),
+            # session 7, prefill: w16 (the reference math on the bf16 tensor cores: weight tiles dequantized in the
+            # kernel, activations quantize-dequantized before it), with 8 warps (W w8) or the bf16 kernels' large
+            # tiles (W L: gpu_fp8.PREFILL_W16's; no spills in either, ptxas sm_90a)
+            ("W w8", None, dict(w16=True, num_warps=8), dict(w16=True, num_warps=8)),
+            ("W L", None, dict(w16=True, block_n=128, block_k=64, num_warps=8, group_m=16),
+             dict(w16=True, block_n=256, block_k=64, num_warps=8, group_m=16))]
 
 
 def moe_sweep_fn(bm, gc, dc, n_exp, n_pairs):

@@ -38,6 +38,14 @@ class Config:
     quant_h: bool = False        # gate_up: write h quantized (fp8 + per-128-group scales; fused_quant_h)
     xla_quant: bool = True       # quantize the activations by XLA's passes (jnp), else one quantize_kernel launch
     swap_ab: bool = False        # W^T x^T per k-step: the weight tile is the wgmma's 64-row operand (blocks < 64 rows)
+    w16: bool = False            # 16-bit products: weight tiles dequantized in the kernel, activations quantize-
+                                 # dequantized before it (the reference math; prefill option, session 7)
+
+
+# Whether pick_config gives blocks of >= 128 rows (prefill sizes) w16 (the reference math on the 16-bit tensor cores,
+# the weight tiles dequantized in the kernel). Off until a device measurement says it wins (session 7: prepared, not
+# measured; bench_e2e's --fp8-moe-prefill-w16 sets it).
+PREFILL_W16 = False
 
 
 def pick_layout_method(n_pairs: int) -> str:
@@ -82,6 +90,9 @@ def pick_config(kind: str, block_m: int, K: int, N: int, act: str = "none") -> C
                num_stages=4 if block_m <= 32 else 3, quant_a=False)
     if block_m < 64:          # swapped operands: small accumulators ([BLOCK_N, block_m]), 4 warps, 3-4 stages
         c = dataclasses.replace(c, swap_ab=True, num_warps=4, num_stages=3 if c.block_n * (1 + (kind == "gate_up")) > 128 else 4)
+    if block_m >= 128 and PREFILL_W16:         # the bf16 kernels' large tiles (gpu.LARGE_*; no spills, ptxas sm_90a)
+        c = Config(block_n=256 if kind == "down" else 128, block_k=64, group_m=16, num_warps=8, num_stages=3,
+                   w16=True)
     bn, bk = min(c.block_n, N), min(c.block_k, K)
     if N % bn or K % bk or bn < 16 or bk < 32:
         raise ValueError(f"MoE FP8 GPU kernel: dims K={K}, N={N} must be multiples of the tile ({bk}, {bn}), "
@@ -130,8 +141,18 @@ def fused_quant_h(act: str, I: int, c: Config) -> bool:
 H_ROUND = {jnp.dtype(jnp.float32): 0, jnp.dtype(jnp.bfloat16): 1, jnp.dtype(jnp.float16): 2}
 
 
+def _check_w16(a, c: Config):
+    if c.w16 and (c.swap_ab or c.quant_a or c.quant_h or a.dtype not in (jnp.bfloat16, jnp.float16)):
+        raise ValueError(f"MoE FP8 GPU kernel: w16 takes 16-bit activations (got {a.dtype}) and no swap_ab, "
+                         f"quant_a or quant_h")
+
+
 def _act_parts(a, act: str, K: int, c: Config):
-    """(activations, scales, groups) a kernel call takes: a itself and a dummy scale under QUANT_A."""
+    """(activations, scales, groups) a kernel call takes: a itself and a dummy scale under QUANT_A; under w16
+    a quantize-dequantized in its dtype (quant.quantize_activation) and a dummy scale."""
+    _check_w16(a, c)
+    if c.w16:
+        return quant.quantize_activation(a, act, GROUP), jnp.ones((1,), jnp.float32), 1
     if fused_quant(act, K, c):
         return a, jnp.ones((1,), jnp.float32), -(-K // GROUP)
     from lingjax.kernels.fp8.gpu import quantize_activation        # one Triton launch, the same values
@@ -176,7 +197,7 @@ def gate_up(x, layout, w_gate, w_up, out_dtype, *, config: Config | None = None)
         out_shape=outs, grid=(nb * (I // c.block_n),),
         num_warps=c.num_warps, num_stages=c.num_stages, name="moe_gate_up_fp8",
         N_TOKENS=T, K=d, N=I, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-        GROUP_M=c.group_m, QUANT_H=qh, H_ROUND=H_ROUND[jnp.dtype(out_dtype)], SWAP_AB=c.swap_ab, **sa)
+        GROUP_M=c.group_m, QUANT_H=qh, H_ROUND=H_ROUND[jnp.dtype(out_dtype)], SWAP_AB=c.swap_ab, W16=c.w16, **sa)
     return (h, hs) if qh else h
 
 
@@ -204,7 +225,7 @@ def down(h, layout, w_down, out_dtype, n_tokens: int, *, config: Config | None =
         kernel=down_fp8_kernel, out_shape=jax.ShapeDtypeStruct((P, d), out_dtype), grid=(nb * (d // c.block_n),),
         num_warps=c.num_warps, num_stages=c.num_stages, name="moe_down_fp8",
         N_TOKENS=n_tokens, K=I, N=d, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
-        SWAP_AB=c.swap_ab, **sa)
+        SWAP_AB=c.swap_ab, W16=c.w16, **sa)
 
 
 def grouped(x, layout, w_gate, w_up, w_down, *, gate_up_config: Config | None = None,
