@@ -354,8 +354,8 @@ def _child(workdir):
         sfx = "_k" if kmajor else ""
         wg = quant.FP8Weight(z["wgq" + sfx].view(quant.FP8_NP), z["wgs"], blk, act, kmajor)
         wd = quant.FP8Weight(z["wdq" + sfx].view(quant.FP8_NP), z["wds"], blk, act, kmajor)
-        cg = dataclasses.replace(gpu_fp8.pick_decode_config("gate_up", T, D, I), block_n=64, swap_ab=swap)
-        cd = dataclasses.replace(gpu_fp8.pick_decode_config("down", T, I, D), block_n=64, swap_ab=swap, quant_a=qa)
+        cg = dataclasses.replace(gpu_fp8.pick_decode_config("gate_up", T, D, I), block_n=128, swap_ab=swap)
+        cd = dataclasses.replace(gpu_fp8.pick_decode_config("down", T, I, D), block_n=128, swap_ab=swap, quant_a=qa)
         assert gpu_fp8.decode_quant_a(wd, cd) == qa
         dt = getattr(torch, out)
         flat = tt(z["idx"].reshape(-1))
@@ -398,9 +398,10 @@ def _interpreter_triton_call(*args, kernel, out_shape, grid, num_warps=None, num
 
 def _decode_path_end_to_end(workdir):
     """experts(impl='gpu', decode=True) on float16 tokens (gpu_fp8.experts_decode: its quantization passes, launch
-    parameters and combine) with the kernels run by _interpreter_triton_call, and experts(impl='reference') on the
-    same FP8 weights (K-major, as the engine lays them out), saved for the parent."""
+    parameters and combine) with the kernels run by _interpreter_triton_call, on FP8 weights laid out K-major (as
+    the engine lays them out), saved for the parent."""
     import types
+    import jax
     import jax.numpy as jnp
     from lingjax import quant
     from lingjax.kernels import jax_triton_lib
@@ -415,10 +416,9 @@ def _decode_path_end_to_end(workdir):
     blk = tuple(int(b) for b in z["block"])
     ws = [quant.with_layout(quant.FP8Weight(jnp.asarray(z[f"w{n}q"].view(quant.FP8_NP)), jnp.asarray(z[f"w{n}s"]),
                                             blk, "group", False), True) for n in "gud"]
-    got = moe_kernels.experts(x, idx, cw, *ws, impl="gpu", decode=True)
-    want = moe_kernels.experts(x, idx, cw, *ws, impl="reference")
-    np.savez(Path(workdir) / "dec-e2e-out.npz", got=np.asarray(got, np.float64), want=np.asarray(want, np.float64),
-             x=np.asarray(x, np.float64), cw=np.asarray(cw, np.float64))
+    got = jax.jit(lambda *a: moe_kernels.experts(*a, impl="gpu", decode=True))(x, idx, cw, *ws)
+    np.savez(Path(workdir) / "dec-e2e-out.npz", got=np.asarray(got, np.float64), x=np.asarray(x, np.float64),
+             cw=np.asarray(cw, np.float64))
 
 
 @triton.jit
@@ -676,12 +676,11 @@ def test_moe_fp8_decode_kernels_match_float64(workdir, case):
 def test_moe_fp8_decode_path_is_the_fp8_math(workdir):
     """experts(impl='gpu', decode=True) end to end (gpu_fp8.experts_decode: x and h quantized per 128-group as the
     reference path quantizes them, gate_up / down over the routing ids, the pairs combined with the routing
-    weights, two dropped ids among them), its kernels run in the interpreter, on float16 tokens. Against float64
+    weights, two dropped ids among them), its kernels run in the interpreter, on float16 tokens, against float64
     of the same fp8 math (h and y rounded to float16 where the path stores them): within 1e-3 (float16 outputs,
-    2^-11). Against experts(impl='reference') on the same FP8 weights: within 1e-2 (the reference rounds the
-    dequantized weights and activations to float16 before a float16 product; that moves h by float16 ulps, and
-    where one moves a 128-group's largest value, every fp8 code of the group's h: measured 2.3e-3, and 2.0e-4
-    against the float64 fp8 math)."""
+    2^-11; measured 2.0e-4). (experts(impl='reference') on the same weights differs from both by 2.3e-3: it
+    rounds the dequantized weights and activations to float16 before a float16 product, which moves h by float16
+    ulps and, where one moves a 128-group's largest value, every fp8 code of the group's h.)"""
     import jax.numpy as jnp
     from lingjax import quant
     o = np.load(workdir / "dec-e2e-out.npz")
@@ -701,7 +700,6 @@ def test_moe_fp8_decode_path_is_the_fp8_math(workdir):
     np.add.at(want, q // k, o["cw"].reshape(-1)[q, None] * y)
     assert np.all(np.isfinite(o["got"])) and len(q) == T * k - 2
     assert _rel(o["got"], want) < 1e-3, _rel(o["got"], want)
-    assert _rel(o["got"], o["want"]) < 1e-2, _rel(o["got"], o["want"])
 
 def _f8():
     import ml_dtypes
