@@ -97,7 +97,8 @@ def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None, layout_method=N
     if fp8 and impl == 'gpu':
         from lingjax.kernels.moe import gpu_fp8       # FP8 grouped matmul (fp8 products, f32 accumulation)
         if gpu_fp8.supports(x, w_gate, w_up, w_down):
-            if decode if decode is not None else T <= gpu_fp8.DECODE_MAX_TOKENS:
+            use_decode = decode if decode is not None else T <= gpu_fp8.DECODE_MAX_TOKENS
+            if use_decode:
                 return gpu_fp8.experts_decode(x, idx.astype(jnp.int32), weights, w_gate, w_up, w_down)
             n_pairs = T * idx.shape[1]
             layout = make_layout(idx.astype(jnp.int32), E, gpu_fp8.pick_block_m(n_pairs, E),

@@ -73,7 +73,7 @@ def pick_block_m(n_pairs: int, n_experts: int) -> int:
     return 16 if avg <= 16 else 64 if avg <= 64 else 128
 
 
-def pick_config(kind: str, block_m: int, K: int, N: int, act: str = "none") -> Config:
+def pick_config(kind: str, block_m: int, K: int, N: int, act: str = "none", dtype=None) -> Config:
     """Static tiles: k-steps of 128 (one scale group; fp8 tiles are half the bytes of bf16 ones, so
     128-deep steps cost what the bf16 kernels' 64-deep ones do), 64-wide gate/up tiles (two weight
     panels each) and 128-wide down tiles; deep pipelines for blocks of <= 32 rows, 3 stages for larger
@@ -84,13 +84,17 @@ def pick_config(kind: str, block_m: int, K: int, N: int, act: str = "none") -> C
     at flash's experts (bench_fp8.py --moe-sweep, T=16 / 64) and left off: gate_up writing h quantized
     (quant_h: 128-wide tiles, 8 warps) 535.6 / 1029.8 us per call against 502.6 / 1002.9 without it
     (the XLA pass over h it saves is smaller than what the wider tiles cost); the quantize_kernel
-    launch for x against XLA's passes (xla_quant) 535.6 against 508.1 at T=16."""
+    launch for x against XLA's passes (xla_quant) 535.6 against 508.1 at T=16. Session 7 (CPU, ptxas for
+    sm_90a): at 128-row blocks these 4-warp tiles spill registers (gate_up 8, down 560 bytes of spill stores: a
+    [128, 128] float32 accumulator plus the per-k-step product it scales and adds); 8 warps do not (bench_fp8's
+    tag P, not measured). PREFILL_W16 (16-bit dtype only) gives 128-row blocks w16 with the bf16 kernels' tiles."""
     bn = 128 if kind == "down" else 64
     c = Config(block_n=bn, block_k=128, group_m=1 if block_m <= 32 else 8, num_warps=4,
                num_stages=4 if block_m <= 32 else 3, quant_a=False)
     if block_m < 64:          # swapped operands: small accumulators ([BLOCK_N, block_m]), 4 warps, 3-4 stages
         c = dataclasses.replace(c, swap_ab=True, num_warps=4, num_stages=3 if c.block_n * (1 + (kind == "gate_up")) > 128 else 4)
-    if block_m >= 128 and PREFILL_W16:         # the bf16 kernels' large tiles (gpu.LARGE_*; no spills, ptxas sm_90a)
+    if block_m >= 128 and PREFILL_W16 and dtype in (jnp.bfloat16, jnp.float16):
+        # w16 with the bf16 kernels' large tiles (gpu.LARGE_*; no register spills: ptxas for sm_90a)
         c = Config(block_n=256 if kind == "down" else 128, block_k=64, group_m=16, num_warps=8, num_stages=3,
                    w16=True)
     bn, bk = min(c.block_n, N), min(c.block_k, K)
@@ -184,7 +188,7 @@ def gate_up(x, layout, w_gate, w_up, out_dtype, *, config: Config | None = None)
     T, d = x.shape
     I = w_gate.shape[-1]
     nb, bm = layout.block_expert.shape[0], layout.block_m
-    c = config or pick_config("gate_up", bm, d, I, w_gate.act)
+    c = config or pick_config("gate_up", bm, d, I, w_gate.act, out_dtype)
     xq, xs, groups = _act_parts(x, w_gate.act, d, c)
     sa = scale_args(groups, w_gate, I, c.block_k, fused_quant(w_gate.act, d, c))
     qh = fused_quant_h(w_gate.act, I, c)
@@ -212,7 +216,7 @@ def down(h, layout, w_down, out_dtype, n_tokens: int, *, config: Config | None =
     P, I = (h[0] if isinstance(h, tuple) else h).shape
     d = w_down.shape[-1]
     nb, bm = layout.block_expert.shape[0], layout.block_m
-    c = config or pick_config("down", bm, I, d, w_down.act)
+    c = config or pick_config("down", bm, I, d, w_down.act, out_dtype)
     if isinstance(h, tuple):                   # gate_up's QUANT_H output: already quantized per 128-group
         (hq, hs), groups = h, h[1].shape[-1]
         if fused_quant(w_down.act, I, c):
@@ -261,12 +265,8 @@ class DecodeConfig:
     quant_a: bool = False
     n_first: bool = False
 
-    def tag(self) -> str:
-        """n64k128w4s4 + S (swapped) + Q (h quantized in the kernel) + N (n tiles of a pair first)."""
-        return (f"n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}" + "S" * self.swap_ab
-                + "Q" * self.quant_a + "N" * self.n_first)
-
     def grid(self, n_pairs: int, N: int) -> tuple:
+        """The launch grid over n_pairs pairs and N output columns (triton_fp8_decode.py's N_FIRST order)."""
         return (N // self.block_n, n_pairs) if self.n_first else (n_pairs, N // self.block_n)
 
 
@@ -348,5 +348,8 @@ def decode_launch(kind: str, n_tokens: int, top_k: int, w, a_groups: int, c: Dec
     consts = {key: v for key, v in scale_args(a_groups, w, N, c.block_k, qa).items() if key != "QUANT_A"}
     consts.update(PAIRS=n, E=E, K=K, N=N, M=decode_rows(n_tokens), Q=1 << max(n - 1, 0).bit_length(),
                   BLOCK_N=c.block_n, BLOCK_K=c.block_k, SWAP_AB=c.swap_ab, N_FIRST=c.n_first)
-    consts.update(TOP_K=top_k) if kind == "gate_up" else consts.update(QUANT_A=qa)
+    if kind == "gate_up":
+        consts["TOP_K"] = top_k
+    else:
+        consts["QUANT_A"] = qa
     return dict(grid=c.grid(n, N), num_warps=c.num_warps, num_stages=c.num_stages), consts
