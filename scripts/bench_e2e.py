@@ -68,6 +68,18 @@ def parse_pairs(s):
     return [tuple(int(v) for v in p.split("x")) for p in s.split(",") if p]
 
 
+def fp8_moe_options(decode_max_tokens, quant_h, prefill_w16=False):
+    """The FP8 MoE switches for this run (before any step is traced): the decode path up to decode_max_tokens
+    tokens (None: the library's default), down quantizing h itself, w16 at prefill sizes."""
+    from lingjax.kernels.moe import gpu_fp8
+    if decode_max_tokens is not None:
+        gpu_fp8.DECODE_MAX_TOKENS = decode_max_tokens
+    gpu_fp8.DECODE_QUANT_H = bool(quant_h)
+    gpu_fp8.PREFILL_W16 = bool(prefill_w16)
+    log.info("FP8 MoE decode path up to %d tokens%s%s", gpu_fp8.DECODE_MAX_TOKENS,
+             ", h quantized in down" if quant_h else "", ", w16 at prefill sizes" if prefill_w16 else "")
+
+
 def use_old_moe():
     """Route MoE layers through the pre-grouped-matmul forms (gather / sorted / dense by pick_form)."""
     import jax.numpy as jnp
@@ -321,6 +333,14 @@ def main(argv=None):
                    help="comma list of the model's matmul precisions to run in turn on the same weights "
                         "(default, high, highest; e.g. 'default,highest' for issue 21's float32 before/after); "
                         "default: the model's own (highest for float32, default for bfloat16)")
+    p.add_argument("--fp8-moe-decode", type=int, default=None, metavar="N",
+                   help="FP8 MoE: run the decode path (no layout; gpu_fp8.experts_decode) up to N tokens per step "
+                        "(sets gpu_fp8.DECODE_MAX_TOKENS; default: the library's, 0 = the grouped path always)")
+    p.add_argument("--fp8-moe-quant-h", action="store_true",
+                   help="FP8 MoE decode path: down quantizes h itself (sets gpu_fp8.DECODE_QUANT_H)")
+    p.add_argument("--fp8-moe-prefill-w16", action="store_true",
+                   help="FP8 MoE at prefill sizes (128-row blocks): the reference math on the bf16 tensor cores, the "
+                        "weight tiles dequantized in the kernel (sets gpu_fp8.PREFILL_W16)")
     p.add_argument("--quantize", choices=("none", "fp8-block", "fp8-channel"), default="none",
                    help="FP8 weights: the projections and experts made on device and quantized one parameter "
                         "at a time (shapes.random_fp8_model; 128x128 blocks with per-token-group activations, or "
@@ -355,6 +375,7 @@ def main(argv=None):
     from shapes import param_counts, preset, random_fp8_model, random_model, weight_bytes
     if args.moe == "old":
         use_old_moe()
+    fp8_moe_options(args.fp8_moe_decode, args.fp8_moe_quant_h, args.fp8_moe_prefill_w16)
     cfg = preset(args.preset, args.layers, args.vocab, args.experts)
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     mesh = sharding.make_mesh(args.tp) if args.tp > 1 else None
@@ -381,6 +402,8 @@ def main(argv=None):
     report = dict(device=devs[0].device_kind, tp=args.tp, preset=args.preset, layers=cfg.num_hidden_layers, kinds=kinds,
                   experts=cfg.num_experts,
                   vocab=cfg.vocab_size, dtype=args.dtype, moe=args.moe, quantize=args.quantize,
+                  fp8_moe_decode=args.fp8_moe_decode, fp8_moe_quant_h=args.fp8_moe_quant_h,
+                  fp8_moe_prefill_w16=args.fp8_moe_prefill_w16,
                   weight_bytes=weight_bytes(model) / args.tp, cache_bytes=cache_bytes(cfg, model.dtype), matmul_precisions=args.matmul_precision or model.matmul_precision,
                   copy_bw=copy_bw, matmul_rate=mm_rate, params=total, init_s=t_init, fill=args.fill,
                   bytes_in_use=[m.get("bytes_in_use") for m in mem], bytes_limit=[m.get("bytes_limit") for m in mem],

@@ -251,7 +251,8 @@ def moe_sweep_configs():
     kernel's entry is None (gpu_fp8.pick_config's choice for those rows) or a dict of Config fields
     changed from it. auto = the defaults (since session 6's call A: session 5's kernels, 64-row blocks at
     decode sizes, x and h quantized by XLA's passes); qk = quantize_kernel launches instead; qh = gate_up
-    writes h quantized; bm16 = 16-row blocks with swapped operands."""
+    writes h quantized; bm16 = 16-row blocks with swapped operands; dec = the decode path (session 7); P = 8 warps
+    at prefill sizes, W = w16 (session 7)."""
     xq = dict(xla_quant=True)
     qk = dict(xla_quant=False)
     return [("auto", None, None, None), ("auto xq", None, xq, xq), ("auto qk", None, qk, qk),
@@ -267,7 +268,24 @@ def moe_sweep_configs():
             ("dn st3", None, None, dict(num_stages=3)), ("dn st6", None, None, dict(num_stages=6)),
             ("dn n64 st6", None, None, dict(block_n=64, num_stages=6)),
             ("dn n256 st3", None, None, dict(block_n=256, num_stages=3)),
-            ("dn w8", None, None, dict(num_warps=8))]
+            ("dn w8", None, None, dict(num_warps=8)),
+            # session 7: the decode path (bm "dec": gpu_fp8.experts_decode, no layout; its DecodeConfig fields
+            # changed as given), h quantized by XLA's pass or in down (qh)
+            ("dec", "dec", None, None), ("dec qh", "dec", None, dict(quant_a=True)),
+            ("dec noN", "dec", dict(n_first=False), dict(n_first=False)),
+            ("dec wide", "dec", dict(block_n=128, num_stages=3), dict(block_n=256)),   # bf16's bytes per program
+            # session 7, prefill (128-row blocks): 8 warps instead of 4 (same tiles). Compiled for sm_90a (ptxas),
+            # pick_config's 4-warp tiles spill (255 registers; down 560 bytes of spill stores, gate_up 8: a
+            # [128, 128] float32 accumulator plus the per-k-step product it adds, 256 registers a thread), 8 warps
+            # do not (183 / 203 registers). g16: 16 blocks per n tile, as the bf16 kernels.
+            ("P", None, dict(num_warps=8), dict(num_warps=8)),
+            ("P g16", None, dict(num_warps=8, group_m=16), dict(num_warps=8, group_m=16)),
+            # session 7, prefill: w16 (the reference math on the bf16 tensor cores: weight tiles dequantized in the
+            # kernel, activations quantize-dequantized before it), with 8 warps (W w8) or the bf16 kernels' large
+            # tiles (W L: gpu_fp8.PREFILL_W16's; no spills in either, ptxas sm_90a)
+            ("W w8", None, dict(w16=True, num_warps=8), dict(w16=True, num_warps=8)),
+            ("W L", None, dict(w16=True, block_n=128, block_k=64, num_warps=8, group_m=16),
+             dict(w16=True, block_n=256, block_k=64, num_warps=8, group_m=16))]
 
 
 def moe_sweep_fn(bm, gc, dc, n_exp, n_pairs):
@@ -275,6 +293,16 @@ def moe_sweep_fn(bm, gc, dc, n_exp, n_pairs):
     bm rows per block and the gate_up / down Configs of moe_sweep_configs (see there)."""
     from lingjax.kernels import moe as moe_kernels
     from lingjax.kernels.moe import gpu_fp8
+
+    if bm == "dec":
+        def fn(x, idx, cw, a, b, c):
+            T, d, inter = x.shape[0], a.shape[-2], a.shape[-1]
+            g = gpu_fp8.pick_decode_config("gate_up", T, d, inter)
+            dn = gpu_fp8.pick_decode_config("down", T, inter, d)
+            g = dataclasses.replace(g, **gc) if gc else g
+            dn = dataclasses.replace(dn, **dc) if dc else dn
+            return gpu_fp8.experts_decode(x, idx, cw, a, b, c, gate_up_config=g, down_config=dn)
+        return fn
 
     def fn(x, idx, cw, a, b, c):
         block_m = bm or gpu_fp8.pick_block_m(n_pairs, n_exp)
@@ -311,6 +339,8 @@ def moe_sweep_rows(T, iters, reps, d=D, inter=I, n_exp=E, k=K_TOP, tags=None):
         fn = moe_sweep_fn(bm, gc, dc, n_exp, n_pairs)
         row = dict(kind="moe-sweep", name=f"experts {n_exp}x{d}x{inter} top{k}", T=T, method=f"fp8-block {tag}",
                    config=f"block_m {bm or gpu_fp8.pick_block_m(n_pairs, n_exp)}: {gc} / {dc}")
+        if bm == "dec" and T > 64 * 4:
+            continue                                   # the decode path is for decode sizes
         try:
             t = loop_time(fn, x, (idx, cw) + ws, iters, reps)
             row["err_ref"] = rel(jax.jit(fn)(x, idx, cw, *ws), ref)

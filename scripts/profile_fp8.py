@@ -7,6 +7,9 @@ run in turn on one GPU, one model in memory at a time):
                 the layout the engine gives FP8 weights that run on the GPU kernels)
   fp8-inout     the same FP8 weights laid out [in, out] again (quant.to_kernel_layout(kmajor=False)):
                 the layout before K-major weights (the weight tiles loaded unpipelined)
+  fp8-dec       fp8 with the MoE decode path (gpu_fp8.experts_decode: no layout, kernels over the routing
+                ids; session 7) at every profiled batch, h quantized by XLA's pass before down
+  fp8-decqh     the same with down quantizing h itself (gpu_fp8.DECODE_QUANT_H)
 For each mode: first a correctness check on the device (FP8: one projection of each kind and one
 MoE layer through the GPU kernels against the reference math, quant.matmul / the dequantized
 experts (each grouped matmul, and whole), at B tokens: within 1e-2 relative (whole experts 5e-2; the
@@ -53,6 +56,9 @@ CATEGORIES = [
 ]
 
 
+MODES = ("bf16", "fp8", "fp8-inout", "fp8-dec", "fp8-decqh")
+
+
 def category(name: str) -> str:
     low = name.lower()
     for cat, keys in CATEGORIES:
@@ -86,7 +92,7 @@ def per_step_kernels(trace, steps, top=25):
                 kernels_per_step=sum(k["n"] for k in kernels.values()) / steps)
 
 
-def check_fp8(model, B, tol=1e-2):
+def check_fp8(model, B, tol=1e-2, moe_only=False):
     """The GPU kernels against the reference math on the device, at B tokens: one projection of each
     FP8 kind (linear-attention q, MLA q_b / kv_a, the dense MLP's down, a shared expert's gate), one
     MoE layer's two grouped matmuls each on the same input (gate_up on x, down on the kernel's h;
@@ -137,7 +143,7 @@ def check_fp8(model, B, tol=1e-2):
         shared = getattr(mlp, "shared_experts", None)
         if shared is not None and quant.is_fp8(shared.gate_proj.kernel.get_value()):
             dense.setdefault("shared.gate_proj", shared.gate_proj.kernel.get_value())
-    for name, w in dense.items():
+    for name, w in ({} if moe_only else dense).items():     # moe_only: the MoE path changed, the rest did not
         x = jnp.asarray(rng.standard_normal((B, w.shape[0])), model.dtype)
         got = jax.jit(lambda x, w: fp8_kernels.matmul(x, w, impl="gpu"))(x, w)
         want = jax.jit(lambda x, w: fp8_kernels.matmul(x, w, impl="reference"))(x, w)
@@ -231,7 +237,7 @@ def main(argv=None):
     p.add_argument("--batch", default="16", help="decode batch B, or a comma list (each profiled on the same model; "
                                               "default 16)")
     p.add_argument("--context", type=int, default=1024, help="context C of every request (default 1024)")
-    p.add_argument("--modes", default="bf16,fp8,fp8-inout", help="comma list of bf16, fp8, fp8-inout")
+    p.add_argument("--modes", default="bf16,fp8,fp8-inout", help=f"comma list of {', '.join(MODES)} (see above)")
     p.add_argument("--scheme", choices=("fp8-block", "fp8-channel"), default="fp8-block",
                    help="FP8 format of the fp8 modes (default fp8-block: 128x128 weight blocks, per-token-group "
                         "activations)")
@@ -240,6 +246,11 @@ def main(argv=None):
     p.add_argument("--page-size", type=int, default=64, help="MLA latent positions per page (default 64)")
     p.add_argument("--bandwidth", type=float, default=4.3e12,
                    help="copy bandwidth for the floor in bytes/s (default 4.3e12, the H200 measured)")
+    p.add_argument("--fp8-moe-decode", type=int, default=None, metavar="N",
+                   help="FP8 MoE: the decode path (no layout; gpu_fp8.experts_decode) up to N tokens per step, in the "
+                        "steps and the check's moe.experts (default: the library's, 0 = the grouped path always)")
+    p.add_argument("--fp8-moe-quant-h", action="store_true",
+                   help="FP8 MoE decode path: down quantizes h itself (gpu_fp8.DECODE_QUANT_H)")
     p.add_argument("--check-only", action="store_true",
                    help="FP8 modes: only the device check of the kernels against the reference math (no timing)")
     p.add_argument("--smoke", action="store_true", help="CPU plumbing check: tiny preset, no trace")
@@ -250,25 +261,31 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
     from lingjax import quant
-    from bench_e2e import step_bytes
+    from bench_e2e import fp8_moe_options, step_bytes
+    from lingjax.kernels.moe import gpu_fp8
     from shapes import preset, random_fp8_model, random_model, weight_bytes
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
-        if m not in ("bf16", "fp8", "fp8-inout"):
-            p.error(f"unknown mode {m!r} (bf16, fp8, fp8-inout)")
+        if m not in MODES:
+            p.error(f"unknown mode {m!r} ({', '.join(MODES)})")
     cfg = preset("tiny" if args.smoke else args.preset, args.layers)
     batches = [2] if args.smoke else [int(b) for b in args.batch.split(",") if b]
     B, C = batches[0], (8 if args.smoke else args.context)
     steps, reps = (2, 1) if args.smoke else (args.steps, args.reps)
     name = "tiny" if args.smoke else args.preset
     report = dict(device=jax.devices()[0].device_kind, preset=name, layers=cfg.num_hidden_layers,
-                  vocab=cfg.vocab_size, batch=batches, context=C, scheme=args.scheme, steps=steps, modes={})
+                  vocab=cfg.vocab_size, batch=batches, context=C, scheme=args.scheme, steps=steps, modes={},
+                  fp8_moe_decode=args.fp8_moe_decode, fp8_moe_quant_h=args.fp8_moe_quant_h)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "profile_fp8.json")
     t_all = time.perf_counter()
     model = None
     for mode in modes:
         t0 = time.perf_counter()
+        if mode.startswith("fp8-dec"):          # read when the mode's steps are traced
+            gpu_fp8.DECODE_MAX_TOKENS, gpu_fp8.DECODE_QUANT_H = max(batches), mode == "fp8-decqh"
+        else:
+            fp8_moe_options(args.fp8_moe_decode, args.fp8_moe_quant_h)
         if mode == "bf16":
             model = None
             gc.collect()
@@ -276,9 +293,9 @@ def main(argv=None):
         elif model is None or not quant.is_fp8(model.layers[0].attention.dense.kernel.get_value()):
             model = None
             gc.collect()
-            model = random_fp8_model(cfg, jnp.bfloat16, args.scheme, kmajor=(mode == "fp8"))
+            model = random_fp8_model(cfg, jnp.bfloat16, args.scheme, kmajor=(mode != "fp8-inout"))
         else:
-            quant.to_kernel_layout(model, kmajor=(mode == "fp8"))
+            quant.to_kernel_layout(model, kmajor=(mode != "fp8-inout"))
         jax.block_until_ready(jax.tree.leaves(model))
         init_s = time.perf_counter() - t0
         check = {}
@@ -286,7 +303,7 @@ def main(argv=None):
             report["xla_fp8_round_trip_rounds"] = xla_fp8_round_trip_rounds()
             log.info("XLA rounds a float32 -> fp8 -> float32 round trip in one jit: %s",
                      report["xla_fp8_round_trip_rounds"])
-            check["check"], check["act_quant"] = check_fp8(model, B)
+            check["check"], check["act_quant"] = check_fp8(model, B, moe_only=mode.startswith("fp8-dec"))
             log.info("%s: kernels vs reference %s (ok); the reference's activation quantization %s", mode,
                      {k: f"{v:.1e}" for k, v in check["check"].items()},
                      {k: f"{v:.1e}" for k, v in check["act_quant"].items()})

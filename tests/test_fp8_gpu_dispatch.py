@@ -196,6 +196,86 @@ def test_moe_fp8_kernels_compile_for_sm90(jax_triton_call, T, block_m):
     assert calls[-2].params["QUANT_H"] == (block_m is not None)
 
 
+def _ptxas_spills(ptx):
+    """(registers a thread, bytes of spill stores) of one kernel's PTX assembled for sm_90a by the ptxas that
+    ships with Triton; skips the test where there is none."""
+    import os
+    import subprocess
+    import tempfile
+    import triton
+    exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(exe):
+        pytest.skip("no ptxas in the Triton install")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        p = subprocess.run([exe, "-arch=sm_90a", "-v", path, "-o", os.devnull], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return int(re.search(r"Used (\d+) registers", p.stderr)[1]), int(re.search(r"(\d+) bytes spill stores", p.stderr)[1])
+
+
+@pytest.mark.parametrize("T,quant_a", [(16, False), (64, True)])
+def test_moe_fp8_decode_path_compiles_for_sm90(jax_triton_call, T, quant_a):
+    """The FP8 decode path (experts(decode=True): gpu_fp8.experts_decode) at Ling-2.6-flash's expert shapes,
+    K-major weights as the model stores them: two launches over the routing ids (no layout), 16 rows per
+    program with swapped operands, on the fp8 wgmma (no mma.sync) within shared memory; h quantized by XLA's
+    pass before down, or (quant_a) inside down."""
+    E, d, I, k = 256, 4096, 1024, 8
+    wg, wd = _fp8_weight(d, I, E=E, kmajor=True), _fp8_weight(I, d, E=E, kmajor=True)
+    args = (sd((T, d), jnp.bfloat16), sd((T, k), jnp.int32), sd((T, k), jnp.float32), wg, wg, wd)
+    cd = dataclasses.replace(gpu_fp8.pick_decode_config("down", T, I, d), quant_a=quant_a)
+    f = lambda *a: gpu_fp8.experts_decode(*a, down_config=cd)                      # noqa: E731
+    calls = _triton_calls(jax_triton_call, jax.make_jaxpr(f)(*args).jaxpr)
+    assert [c.params["fn"].fn.__name__ for c in calls] == ["gate_up_fp8_decode_kernel", "down_fp8_decode_kernel"]
+    jx = jax.make_jaxpr(lambda *a: moe_kernels.experts(*a, impl="gpu", decode=True))(*args)
+    assert [c.params["fn"].fn.__name__ for c in _triton_calls(jax_triton_call, jx.jaxpr)] == [
+        "gate_up_fp8_decode_kernel", "down_fp8_decode_kernel"]
+    for c in calls:
+        assert c.params["M"] == 16 and c.params["SWAP_AB"] == c.params["B_KMAJOR"] == True     # noqa: E712
+        shared, ptx, _ = _compile_call(jax_triton_call, c)
+        assert 0 < shared <= SM90_SMEM
+        wgmma, mma = _ptx_ops(ptx)
+        assert wgmma == {"e4m3"} and not mma, (wgmma, mma)
+        assert _ptxas_spills(ptx)[1] == 0, "register spills"
+    assert calls[1].params["QUANT_A"] == quant_a
+
+
+@pytest.mark.parametrize("option", ["8 warps", "w16"])
+def test_moe_fp8_prefill_options_compile_without_spills(jax_triton_call, monkeypatch, option):
+    """Session 7's prefill options at flash's T=4096 (128-row blocks), traced through the moe dispatch and compiled
+    for sm_90a without register spills (pick_config's 4-warp tiles spill: a [128, 128] float32 accumulator and the
+    per-k-step product it adds need ~256 registers a thread): the FP8 kernels with 8 warps (bench_fp8's tag P) on
+    the fp8 wgmma, and PREFILL_W16 (w16: weight tiles dequantized in the kernel, the bf16 kernels' tiles) on the
+    bf16 wgmma, its activations passed quantize-dequantized in bf16; float32 tokens keep the fp8 products."""
+    E, d, I, k, T = 256, 4096, 1024, 8, 4096
+    wg, wd = _fp8_weight(d, I, E=E, kmajor=True), _fp8_weight(I, d, E=E, kmajor=True)
+    args = (sd((T, d), jnp.bfloat16), sd((T, k), jnp.int32), sd((T, k), jnp.float32), wg, wg, wd)
+    if option == "w16":
+        monkeypatch.setattr(gpu_fp8, "PREFILL_W16", True)
+        jx = jax.make_jaxpr(lambda *a: moe_kernels.experts(*a, impl="gpu"))(*args)
+        f32 = jax.make_jaxpr(lambda *a: moe_kernels.experts(*a, impl="gpu"))(sd((T, d), jnp.float32), *args[1:])
+        assert not any(c.params["W16"] for c in _triton_calls(jax_triton_call, f32.jaxpr))
+    else:
+        gc = dataclasses.replace(gpu_fp8.pick_config("gate_up", 128, d, I, "group"), num_warps=8)
+        dc = dataclasses.replace(gpu_fp8.pick_config("down", 128, I, d, "group"), num_warps=8)
+
+        def f(x, idx, cw, a, b, c):
+            lay = moe_kernels.make_layout(idx, E, 128, gpu_fp8.pick_layout_method(T * k))
+            return gpu_fp8.grouped(x, lay, a, b, c, gate_up_config=gc, down_config=dc)
+        jx = jax.make_jaxpr(f)(*args)
+    calls = _triton_calls(jax_triton_call, jx.jaxpr)
+    assert [c.params["fn"].fn.__name__ for c in calls] == ["gate_up_fp8_kernel", "down_fp8_kernel"]
+    for c in calls:
+        assert c.params["BLOCK_M"] == 128 and c.params["num_warps"] == 8 and c.params["W16"] == (option == "w16")
+        if option == "w16":
+            assert c.invars[0].aval.dtype == jnp.bfloat16 and c.params["BLOCK_K"] == 64
+        shared, ptx, _ = _compile_call(jax_triton_call, c)
+        assert 0 < shared <= SM90_SMEM
+        assert _ptx_ops(ptx) == ({"bf16"} if option == "w16" else {"e4m3"}, False)
+        assert _ptxas_spills(ptx)[1] == 0, c.params["fn"].fn.__name__
+
+
 @pytest.mark.parametrize("scheme", ["fp8-block", "fp8-channel"])
 def test_quantize_param_on_device_matches_the_hf_quantizers(scheme):
     """quant.quantize_param (jnp, what the benchmarks quantize random models with) gives the HF

@@ -1,5 +1,6 @@
 """The FP8 Triton kernel bodies (dense: lingjax/kernels/fp8/triton_kernels.py; MoE grouped:
-lingjax/kernels/moe/triton_fp8.py) in Triton's CPU interpreter.
+lingjax/kernels/moe/triton_fp8.py, its W16 option too; the MoE decode path: lingjax/kernels/moe/triton_fp8_decode.py)
+in Triton's CPU interpreter.
 
 jax-triton cannot run on a CPU-only JAX, so this process builds each case's operands with lingjax's own
 code (quant.quantize_block / quantize_channel / quantize_tensor + from_hf for the weights,
@@ -20,6 +21,7 @@ checks that the scales were chosen and applied per the right blocks. The dense p
 against lingjax's reference FP8 matmul (quant.matmul, float32) within 1e-5: the GPU path computes what
 the CPU path does. MoE: gate_up's padding rows give zeros, down leaves them unwritten (combine never
 reads them), unused blocks stay unwritten."""
+import functools
 import json
 import os
 import sys
@@ -74,6 +76,64 @@ FUSED_DENSE = ("channel-group-fused", "block-fused-f16")
 FUSED_MOE = ("block-decode", "block-many")       # also run with QUANT_A (gpu_fp8.fused_quant), K-major
 # gate_up also run with QUANT_H (h quantized in its epilogue: 128-wide tiles; K-major), H_ROUND of the dtype
 QUANT_H_MOE = {"block-decode": "float16", "block-many": "float32"}
+# both kernels also run with W16 (the reference math on 16-bit products: x / h quantize-dequantized in float16, the
+# weight tiles dequantized in the kernel; K-major; float16 outputs)
+W16_MOE = ("block-many",)
+
+# the MoE decode path (triton_fp8_decode.py, launched as gpu_fp8.decode_launch says): (name, weight strategy, act, T,
+# k, E, swap_ab, quant_a (down quantizes h), K-major, out dtype); per pair q (token q // k, expert idx[q]): gate_up's
+# h[q] and down's y[q] (fed an independent h); ids outside [0, E) (another device's experts) dropped
+DECODE = [
+    ("block-swap-quant-h", "block", "group", 3, 2, 4, True, True, True, "float32"),
+    ("block-swap-param", "block", "group", 4, 2, 4, True, False, False, "float32"),
+    ("block-plain-param", "block", "group", 5, 2, 4, False, False, False, "float32"),
+    ("block-plain-quant-h", "block", "group", 5, 2, 4, False, True, True, "float32"),
+    ("block-two-leaders", "block", "group", 18, 2, 2, True, False, True, "float32"),
+    ("channel-token-f16", "channel", "token", 4, 2, 4, True, False, True, "float16"),
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _dec_weights(strategy, act, E=4):
+    """E experts' gate / up / down FP8 weights of one format (built once per format: the cases share them)."""
+    rng = np.random.default_rng(len(strategy) + len(act))
+    return {n: [_weight(rng, o, i, strategy, act) for _ in range(E)] for n, (o, i) in
+            dict(g=(I, D), u=(I, D), d=(D, I)).items()}
+
+
+DEC_ROWS = 64                                          # activation rows per case: x <= T, h <= T * k
+
+
+@functools.lru_cache(maxsize=None)
+def _dec_acts(act):
+    """2 * DEC_ROWS activation rows of varied magnitude and their quantization (per row, or per row and
+    128-group): x and h of every case are rows of these."""
+    rng = np.random.default_rng(len(act))
+    a = rng.standard_normal((2 * DEC_ROWS, D)) * np.exp(rng.uniform(-1, 1, (2 * DEC_ROWS, 1)))
+    return (a,) + _act_parts(a, act)
+
+
+def _decode_inputs(case):
+    name, strategy, act, T, k, E, *_ = case
+    rng = np.random.default_rng(len(name) * 13 + T)
+    idx = np.stack([rng.choice(E, k, replace=False) for _ in range(T)]).astype(np.int32)
+    idx[0, 1] = -1                                   # dropped pairs: another device's experts
+    idx[-1, 0] = E
+    ws = {n: lst[:E] for n, lst in _dec_weights(strategy, act).items()}
+    a, aq, as_ = _dec_acts(act)                      # per-row quantization: rows of one quantized array
+    x, h = slice(0, T), slice(DEC_ROWS, DEC_ROWS + T * k)
+    out = dict(idx=idx, x=a[x], h=a[h], xq=aq[x], xs=as_[x], hq=aq[h], hs=as_[h])
+    for n, lst in ws.items():
+        out[f"w{n}q"] = np.stack([p.q for p, _ in lst])
+        out[f"w{n}s"] = np.stack([np.asarray(p.scale, np.float32) for p, _ in lst])
+        out[f"w{n}64"] = np.stack([_dequant(p) for p, _ in lst])
+        out[f"w{n}full"] = np.stack([w for _, w in lst])
+        out["block"] = np.array(lst[0][0].block)
+    for key in ("xq", "hq", "wgq", "wuq", "wdq"):
+        out[key] = _u8(out[key])
+    for key in ("wgq", "wuq", "wdq"):
+        out[key + "_k"] = _u8(np.swapaxes(out[key], 1, 2))
+    return out
 
 
 def _fmt(strategy, act):
@@ -252,6 +312,26 @@ def _child(workdir):
                 SWAP_AB=c.swap_ab, **gpu_fp8.scale_args(z["hs"].shape[-1], wd, D, c.block_k, fused))
             tag = ("-kmajor" if kmajor else "") + ("-fused" if fused else "-noswap" if swap is False else "")
             np.savez(Path(workdir) / f"moe-{name}-out{tag}.npz", h=h.double().numpy(), y=y.double().numpy())
+        if name in W16_MOE:
+            wg = quant.FP8Weight(z["wgq_k"].view(quant.FP8_NP), z["wgs"], blk, act, True)
+            wd = quant.FP8Weight(z["wdq_k"].view(quant.FP8_NP), z["wds"], blk, act, True)
+            nb, P = len(z["block_expert"]), len(z["row_token"])
+            xa = tt(_act_dequant(z["xq"].view(_f8()), z["xs"])).half()
+            ha = tt(_act_dequant(z["hq"].view(_f8()), z["hs"])).half()
+            h = torch.full((P, I), sentinel, dtype=torch.float16)
+            y = torch.full((P, D), sentinel, dtype=torch.float16)
+            c = dataclass_replace(gpu_fp8.pick_config("gate_up", 64, D, I), block_n=64, block_k=64, group_m=2, w16=True)
+            gate_up_fp8_kernel[(nb * (I // c.block_n),)](
+                xa, torch.ones(1), tt(z["row_token"]), tt(z["block_expert"]), f8(z["wgq_k"]), tt(z["wgs"]),
+                f8(z["wuq_k"]), tt(z["wus"]), h, torch.zeros(1), N_TOKENS=T, K=D, N=I, NUM_BLOCKS=nb, BLOCK_M=bm,
+                BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, QUANT_H=False, H_ROUND=0, SWAP_AB=False,
+                W16=True, **gpu_fp8.scale_args(1, wg, I, c.block_k))
+            c = dataclass_replace(gpu_fp8.pick_config("down", 64, I, D), block_n=64, block_k=128, group_m=2, w16=True)
+            down_fp8_kernel[(nb * (D // c.block_n),)](
+                ha, torch.ones(1), tt(z["row_token"]), tt(z["block_expert"]), f8(z["wdq_k"]), tt(z["wds"]), y,
+                N_TOKENS=T, K=I, N=D, NUM_BLOCKS=nb, BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                GROUP_M=c.group_m, SWAP_AB=False, W16=True, **gpu_fp8.scale_args(1, wd, D, c.block_k))
+            np.savez(Path(workdir) / f"moe-{name}-out-w16.npz", h=h.double().numpy(), y=y.double().numpy())
         if name in QUANT_H_MOE:
             hdt = QUANT_H_MOE[name]
             wg = quant.FP8Weight(z["wgq_k"].view(quant.FP8_NP), z["wgs"], blk, act, True)
@@ -266,6 +346,79 @@ def _child(workdir):
                 BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m, QUANT_H=True,
                 H_ROUND=gpu_fp8.H_ROUND[np.dtype(hdt)], SWAP_AB=c.swap_ab, **gpu_fp8.scale_args(z["xs"].shape[-1], wg, I, c.block_k))
             np.savez(Path(workdir) / f"moe-{name}-quant-h.npz", hq=hq.view(torch.uint8).numpy(), hs=hs.numpy())
+    import dataclasses
+    from lingjax.kernels.moe.triton_fp8_decode import down_fp8_decode_kernel, gate_up_fp8_decode_kernel
+    for name, _, act, T, k, E, swap, qa, kmajor, out in DECODE:
+        z = np.load(Path(workdir) / f"dec-{name}.npz")
+        blk = tuple(int(b) for b in z["block"])
+        sfx = "_k" if kmajor else ""
+        wg = quant.FP8Weight(z["wgq" + sfx].view(quant.FP8_NP), z["wgs"], blk, act, kmajor)
+        wd = quant.FP8Weight(z["wdq" + sfx].view(quant.FP8_NP), z["wds"], blk, act, kmajor)
+        cg = dataclasses.replace(gpu_fp8.pick_decode_config("gate_up", T, D, I), block_n=128, swap_ab=swap)
+        cd = dataclasses.replace(gpu_fp8.pick_decode_config("down", T, I, D), block_n=128, swap_ab=swap, quant_a=qa)
+        assert gpu_fp8.decode_quant_a(wd, cd) == qa
+        dt = getattr(torch, out)
+        flat = tt(z["idx"].reshape(-1))
+        h = torch.full((T * k, I), sentinel, dtype=dt)
+        y = torch.full((T * k, D), sentinel, dtype=dt)
+        launch, consts = gpu_fp8.decode_launch("gate_up", T, k, wg, z["xs"].shape[-1], cg)
+        assert consts["M"] == 16 and consts["B_KMAJOR"] == kmajor
+        gate_up_fp8_decode_kernel[launch["grid"]](
+            f8(z["xq"]), tt(z["xs"]), flat, f8(z["wgq" + sfx]), tt(z["wgs"]), f8(z["wuq" + sfx]), tt(z["wus"]), h,
+            **consts)
+        groups = I // 128 if qa else z["hs"].shape[-1]
+        launch, consts = gpu_fp8.decode_launch("down", T, k, wd, groups, cd)
+        assert consts["QUANT_A"] == qa
+        ha = tt(z["h"]).float() if qa else f8(z["hq"])
+        down_fp8_decode_kernel[launch["grid"]](ha, tt(z["hs"]), flat, f8(z["wdq" + sfx]), tt(z["wds"]), y, **consts)
+        np.savez(Path(workdir) / f"dec-{name}-out.npz", h=h.double().numpy(), y=y.double().numpy())
+    _decode_path_end_to_end(workdir)
+
+
+def _interpreter_triton_call(*args, kernel, out_shape, grid, num_warps=None, num_stages=None, name=None, **consts):
+    """jax_triton.triton_call's interface on the CPU: the kernel runs in Triton's interpreter inside a
+    jax.pure_callback on torch copies of the arguments (float8 through uint8 views); outputs start as 1027."""
+    import jax
+    import torch
+    outs = out_shape if isinstance(out_shape, (tuple, list)) else (out_shape,)
+
+    def to_torch(a):
+        a = np.asarray(a)
+        if a.dtype == _f8():
+            return torch.from_numpy(np.ascontiguousarray(a).view(np.uint8)).view(torch.float8_e4m3fn)
+        return torch.from_numpy(np.ascontiguousarray(a))
+
+    def host(*arrs):
+        bufs = [torch.full(o.shape, 1027.0, dtype=getattr(torch, np.dtype(o.dtype).name)) for o in outs]
+        kernel[grid](*[to_torch(a) for a in arrs], *bufs, **consts)
+        return tuple(b.numpy() for b in bufs)
+    res = jax.pure_callback(host, tuple(jax.ShapeDtypeStruct(o.shape, o.dtype) for o in outs), *args)
+    return res if isinstance(out_shape, (tuple, list)) else res[0]
+
+
+def _decode_path_end_to_end(workdir):
+    """experts(impl='gpu', decode=True) on float16 tokens (gpu_fp8.experts_decode: its quantization passes, launch
+    parameters and combine) with the kernels run by _interpreter_triton_call, on FP8 weights laid out K-major (as
+    the engine lays them out), saved for the parent."""
+    import types
+    import jax
+    import jax.numpy as jnp
+    from lingjax import quant
+    from lingjax.kernels import jax_triton_lib
+    from lingjax.kernels import moe as moe_kernels
+    jax_triton_lib.jax_triton = lambda: types.SimpleNamespace(triton_call=_interpreter_triton_call)
+    T, k, E = 6, 2, 4
+    z = _decode_inputs(("e2e", "block", "group", T, k, E))
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(z["x"], jnp.float16)
+    idx = jnp.asarray(z["idx"])
+    cw = jnp.asarray(rng.uniform(0.1, 1.0, (T, k)), jnp.float32)
+    blk = tuple(int(b) for b in z["block"])
+    ws = [quant.with_layout(quant.FP8Weight(jnp.asarray(z[f"w{n}q"].view(quant.FP8_NP)), jnp.asarray(z[f"w{n}s"]),
+                                            blk, "group", False), True) for n in "gud"]
+    got = jax.jit(lambda *a: moe_kernels.experts(*a, impl="gpu", decode=True))(x, idx, cw, *ws)
+    np.savez(Path(workdir) / "dec-e2e-out.npz", got=np.asarray(got, np.float64), x=np.asarray(x, np.float64),
+             cw=np.asarray(cw, np.float64))
 
 
 @triton.jit
@@ -310,6 +463,8 @@ def workdir(tmp_path_factory):
         np.savez(d / f"dense-{case[0]}.npz", **_dense_inputs(case))
     for case in MOE:
         np.savez(d / f"moe-{case[0]}.npz", **_moe_inputs(case))
+    for case in DECODE:
+        np.savez(d / f"dec-{case[0]}.npz", **_decode_inputs(case))
     rng = np.random.default_rng(9)
     for name, act, M, K, dt in QUANT:
         x = (rng.standard_normal((M, K)) * np.exp(rng.uniform(-3, 3, (M, 1)))).astype(dt).astype(np.float32)
@@ -391,6 +546,40 @@ def test_moe_fp8_kernels_match_float64(workdir, case, variant):
         assert len(pad)                            # a decode block is mostly padding
 
 
+@pytest.mark.parametrize("name", W16_MOE)
+def test_moe_fp8_kernels_w16_are_the_reference_math(workdir, name):
+    """W16: the activations quantize-dequantized in float16 (what quant.quantize_activation gives the reference
+    path) times the weights dequantized to float16 in the kernel (quant.dequantize's q * s, rounded to float16),
+    float32 sums: the float64 products of those float16 operands within 1e-3 (float16 outputs: 2^-11; a weight
+    whose float32 product q * s rounds to float16 the other way than its exact value moves one element by one
+    float16 ulp); padding rows of gate_up zero, of down unwritten, unused blocks unwritten."""
+    case = next(c for c in MOE if c[0] == name)
+    T, bm = case[3], case[6]
+    z = np.load(workdir / f"moe-{name}.npz")
+    o = np.load(workdir / f"moe-{name}-out-w16.npz")
+    f16 = lambda a: a.astype(np.float16).astype(np.float64)                     # noqa: E731
+    xd = f16(_act_dequant(z["xq"].view(_f8()), z["xs"]))
+    hd = f16(_act_dequant(z["hq"].view(_f8()), z["hs"]))
+    xe = np.concatenate([xd, np.zeros((1, D))])
+    row_token, block_expert = z["row_token"], z["block_expert"]
+    rows, want_h, want_y = [], [], []
+    for b, e in enumerate(block_expert):
+        if e < 0:
+            continue
+        r = np.arange(b * bm, (b + 1) * bm)
+        a = xe[row_token[r]]
+        g, u = a @ f16(z["wg64"][e]), a @ f16(z["wu64"][e])
+        want_h.append(g / (1 + np.exp(-g)) * u)
+        want_y.append(hd[r] @ f16(z["wd64"][e]))
+        rows.append(r)
+    rows, want_h, want_y = np.concatenate(rows), np.concatenate(want_h), np.concatenate(want_y)
+    real = row_token[rows] < T
+    assert _rel(o["h"][rows], want_h) < 1e-3 and _rel(o["y"][rows[real]], want_y[real]) < 1e-3
+    assert np.all(o["h"][rows[~real]] == 0) and np.all(o["y"][rows[~real]] == 1027.0)
+    unused = np.setdiff1d(np.arange(len(row_token)), rows)
+    assert np.all(o["h"][unused] == 1027.0) and np.all(o["y"][unused] == 1027.0)
+
+
 @pytest.mark.parametrize("name,act", [(c[0], c[1]) for c in QUANT])
 def test_activation_quantization_kernel_is_quantize_activation_fp8(workdir, name, act):
     """quantize_kernel (one launch: the GPU path's activation quantization) gives
@@ -451,6 +640,66 @@ def test_moe_gate_up_quantizes_h_in_its_epilogue(workdir, name):
     assert np.all(np.isnan(o["hq"][unwritten].view(_f8()).astype(np.float32)))
     assert np.all(o["hs"][unwritten] == 1027.0)
 
+
+@pytest.mark.parametrize("case", DECODE, ids=[c[0] for c in DECODE])
+def test_moe_fp8_decode_kernels_match_float64(workdir, case):
+    """The decode path's kernels: swapped and plain operands, both weight layouts, per-token and per-128-group
+    scales, an expert with more pairs than a program's 16 rows (two leaders), h quantized in down (QUANT_A):
+    the float64 products of the same fp8 operands (bounds as the grouped kernels'); dropped pairs' rows
+    unwritten."""
+    name, _, act, T, k, E, swap, qa, kmajor, out = case
+    z = np.load(workdir / f"dec-{name}.npz")
+    o = np.load(workdir / f"dec-{name}-out.npz")
+    flat = z["idx"].reshape(-1)
+    real = (flat >= 0) & (flat < E)
+    q = np.nonzero(real)[0]
+    e = flat[q]
+    xd = _act_dequant(z["xq"].view(_f8()), z["xs"])[q // k]
+    hd = _act_dequant(z["hq"].view(_f8()), z["hs"])[q]
+    g, u = np.einsum("qk,qkn->qn", xd, z["wg64"][e]), np.einsum("qk,qkn->qn", xd, z["wu64"][e])
+    want_h = g / (1 + np.exp(-g)) * u
+    want_y = np.einsum("qk,qkn->qn", hd, z["wd64"][e])
+    xf = z["x"][q // k]
+    g, u = np.einsum("qk,qkn->qn", xf, z["wgfull"][e]), np.einsum("qk,qkn->qn", xf, z["wufull"][e])
+    full_h = g / (1 + np.exp(-g)) * u
+    tol = 1e-5 if out == "float32" else 1e-3
+    assert _rel(o["h"][q], want_h) < tol, _rel(o["h"][q], want_h)
+    assert _rel(o["y"][q], want_y) < tol, _rel(o["y"][q], want_y)
+    assert 0.005 < _rel(o["h"][q], full_h) < 0.08
+    dropped = np.nonzero(~real)[0]
+    assert len(dropped) == 2
+    assert np.all(o["h"][dropped] == 1027.0) and np.all(o["y"][dropped] == 1027.0), "dropped pairs written"
+    if name == "block-two-leaders":                  # an expert with more pairs than a program's 16 rows
+        assert np.bincount(e, minlength=E).max() > 16
+
+
+def test_moe_fp8_decode_path_is_the_fp8_math(workdir):
+    """experts(impl='gpu', decode=True) end to end (gpu_fp8.experts_decode: x and h quantized per 128-group as the
+    reference path quantizes them, gate_up / down over the routing ids, the pairs combined with the routing
+    weights, two dropped ids among them), its kernels run in the interpreter, on float16 tokens, against float64
+    of the same fp8 math (h and y rounded to float16 where the path stores them): within 1e-3 (float16 outputs,
+    2^-11; measured 2.0e-4). (experts(impl='reference') on the same weights differs from both by 2.3e-3: it
+    rounds the dequantized weights and activations to float16 before a float16 product, which moves h by float16
+    ulps and, where one moves a 128-group's largest value, every fp8 code of the group's h.)"""
+    import jax.numpy as jnp
+    from lingjax import quant
+    o = np.load(workdir / "dec-e2e-out.npz")
+    T, k, E = 6, 2, 4
+    z = _decode_inputs(("e2e", "block", "group", T, k, E))
+    xq, xs = quant.quantize_activation_fp8(jnp.asarray(o["x"], jnp.float16), "group")
+    xd = _act_dequant(np.asarray(xq), np.asarray(xs))
+    flat = z["idx"].reshape(-1)
+    q = np.nonzero((flat >= 0) & (flat < E))[0]
+    e = flat[q]
+    g = np.einsum("qk,qkn->qn", xd[q // k], z["wg64"][e])
+    u = np.einsum("qk,qkn->qn", xd[q // k], z["wu64"][e])
+    h = (g / (1 + np.exp(-g)) * u).astype(np.float16)
+    hq, hs = quant.quantize_activation_fp8(jnp.asarray(h), "group")
+    y = np.einsum("qk,qkn->qn", _act_dequant(np.asarray(hq), np.asarray(hs)), z["wd64"][e]).astype(np.float16)
+    want = np.zeros((T, D))
+    np.add.at(want, q // k, o["cw"].reshape(-1)[q, None] * y)
+    assert np.all(np.isfinite(o["got"])) and len(q) == T * k - 2
+    assert _rel(o["got"], want) < 1e-3, _rel(o["got"], want)
 
 def _f8():
     import ml_dtypes

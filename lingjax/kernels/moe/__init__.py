@@ -17,7 +17,8 @@ Implementations (impl=):
                  T <= gpu.DECODE_MAX_TOKENS (8) the decode path instead (gpu.experts_decode: kernels over the
                  pairs, triton_decode.py; no layout, no grouped matmul); FP8
                  weights (quant.FP8Weight): the FP8 variant (gpu_fp8.py + triton_fp8.py: fp8 x fp8
-                 products, float32 accumulation) where it takes them, else dequantized as below
+                 products, float32 accumulation) where it takes them, else dequantized as below; its
+                 decode path (gpu_fp8.experts_decode, triton_fp8_decode.py) with decode=True
   tpu            Pallas Mosaic TPU grouped matmul (tpu.py)
   tpu_interpret  tpu.py's kernels in Pallas TPU interpret mode (on the CPU; for tests)
 impl=None picks by jax.default_backend(): gpu -> 'gpu', tpu -> 'tpu', anything else -> 'reference'.
@@ -75,10 +76,11 @@ def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None, layout_method=N
     [0, E) are dropped: another device's experts); weights [T, k] float32 combine weights;
     w_gate/w_up [E, d, I], w_down [E, I, d] as stored (cast to x.dtype only if they differ), or FP8
     weights (lingjax.quant.FP8Weight) of those shapes; layout_method: make_layout's method ('sort' or
-    'compare'; None: the implementation's pick_layout_method); decode (impl 'gpu', 16-bit or float32
-    weights): True runs gpu.experts_decode (no layout: kernels over the pairs), False
-    the grouped matmul, None (default) the decode path when T <= gpu.DECODE_MAX_TOKENS (and
-    gpu.decode_fits(d, I))
+    'compare'; None: the implementation's pick_layout_method); decode (impl 'gpu'): True runs the decode
+    path (no layout: kernels over the pairs; gpu.experts_decode, or gpu_fp8.experts_decode for FP8
+    weights the FP8 kernels take), False the grouped matmul, None (default) the decode path when
+    T <= gpu.DECODE_MAX_TOKENS (and gpu.decode_fits(d, I)), for FP8 weights T <= gpu_fp8.DECODE_MAX_TOKENS
+    (0: never, until measured)
     -> [T, d] in x.dtype."""
     impl = resolve(impl)
     T, d = x.shape
@@ -95,6 +97,9 @@ def experts(x, idx, weights, w_gate, w_up, w_down, *, impl=None, layout_method=N
     if fp8 and impl == 'gpu':
         from lingjax.kernels.moe import gpu_fp8       # FP8 grouped matmul (fp8 products, f32 accumulation)
         if gpu_fp8.supports(x, w_gate, w_up, w_down):
+            use_decode = decode if decode is not None else T <= gpu_fp8.DECODE_MAX_TOKENS
+            if use_decode:
+                return gpu_fp8.experts_decode(x, idx.astype(jnp.int32), weights, w_gate, w_up, w_down)
             n_pairs = T * idx.shape[1]
             layout = make_layout(idx.astype(jnp.int32), E, gpu_fp8.pick_block_m(n_pairs, E),
                                  layout_method or gpu_fp8.pick_layout_method(n_pairs))

@@ -30,6 +30,11 @@ SWAP_AB (decode sizes: blocks of 16 / 32 rows): each k-step multiplies W^T [BLOC
 activations transposed [BLOCK_K, BLOCK_M], so the weight tile is the fp8 wgmma's 64+-row operand and the
 block's few rows its N (a tl.dot of fewer than 64 rows runs as mma.sync on sm_90, which has no fp8 form:
 every operand converted to f16 in registers); the accumulators are transposed back for the epilogue.
+W16 (prefill option, not with SWAP_AB, QUANT_A or QUANT_H; session 7): the reference math on the 16-bit tensor
+cores: x / h passed quantize-dequantized in their 16-bit dtype (quant.quantize_activation; x_s / h_s unused),
+each fp8 weight tile dequantized as it is loaded (q * its block scale in float32, rounded to that dtype:
+quant.dequantize's values) and 16-bit products accumulated in float32 (no per-k-step product to scale: the
+wgmma accumulates in place, as the bf16 kernels; no dequantized copy of the weights in memory).
 QUANT_A (per-group activations, BLOCK_K = 128, not with SWAP_AB): x / h are passed unquantized (float32 / bfloat16 /
 float16) and each [BLOCK_M, 128] tile is quantized as it is loaded, exactly as
 lingjax.quant.quantize_activation_fp8 does (lingjax/kernels/fp8/triton_kernels.py _quantize_rows;
@@ -73,7 +78,7 @@ def gate_up_fp8_kernel(x_ptr, xs_ptr, row_token_ptr, block_expert_ptr, wg_ptr, w
                        B_PER_K: tl.constexpr, B_BLOCK_N: tl.constexpr, PER_K_SCALE: tl.constexpr,
                        B_KMAJOR: tl.constexpr, QUANT_A: tl.constexpr, QUANT_H: tl.constexpr, H_ROUND: tl.constexpr,
                        SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GROUP_M: tl.constexpr):
+                       GROUP_M: tl.constexpr, W16: tl.constexpr = False):
     pid_m, pid_n = _tile(tl.program_id(0), NUM_BLOCKS, N, BLOCK_N, GROUP_M)
     e = tl.load(block_expert_ptr + pid_m)
     if e >= 0:
@@ -90,8 +95,8 @@ def gate_up_fp8_kernel(x_ptr, xs_ptr, row_token_ptr, block_expert_ptr, wg_ptr, w
         else:
             acc_g, acc_u = _gate_up_loop(x_ptr, xs_ptr, wg_ptr, wgs_ptr, wu_ptr, wus_ptr, e, tok, real, cols, ks,
                                          K, N, GA, A_PER_K, NK, NN, B_PER_K, B_BLOCK_N, PER_K_SCALE, B_KMAJOR,
-                                         QUANT_A, BLOCK_M, BLOCK_N, BLOCK_K)
-        if not PER_K_SCALE:
+                                         QUANT_A, BLOCK_M, BLOCK_N, BLOCK_K, W16)
+        if not PER_K_SCALE and not W16:
             sa = tl.load(xs_ptr + tok * GA, mask=real, other=0.0)[:, None]
             acc_g = acc_g * (sa * _w_scale(wgs_ptr, e, 0, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :])
             acc_u = acc_u * (sa * _w_scale(wus_ptr, e, 0, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :])
@@ -146,7 +151,7 @@ def _gate_up_loop(x_ptr, xs_ptr, wg_ptr, wgs_ptr, wu_ptr, wus_ptr, e, tok, real,
                   K: tl.constexpr, N: tl.constexpr, GA: tl.constexpr, A_PER_K: tl.constexpr, NK: tl.constexpr,
                   NN: tl.constexpr, B_PER_K: tl.constexpr, B_BLOCK_N: tl.constexpr, PER_K_SCALE: tl.constexpr,
                   B_KMAJOR: tl.constexpr, QUANT_A: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
+                  BLOCK_K: tl.constexpr, W16: tl.constexpr = False):
     a_ptrs = x_ptr + tok[:, None] * K + ks[None, :]
     w_off = e.to(tl.int64) * K * N + _w_tile(ks, cols, K, N, B_KMAJOR)
     g_ptrs = wg_ptr + w_off
@@ -157,7 +162,13 @@ def _gate_up_loop(x_ptr, xs_ptr, wg_ptr, wgs_ptr, wu_ptr, wus_ptr, e, tok, real,
         a = tl.load(a_ptrs, mask=real[:, None], other=0.0)
         if QUANT_A:
             a, sa_q = _quantize_rows(a.to(tl.float32))
-        if PER_K_SCALE:
+        if W16:           # x quantize-dequantized (16-bit); the weight tiles dequantized here: 16-bit products
+            grp = (kb * BLOCK_K) // 128
+            sg = _w_scale(wgs_ptr, e, grp, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :]
+            su = _w_scale(wus_ptr, e, grp, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :]
+            acc_g = tl.dot(a, (tl.load(g_ptrs).to(tl.float32) * sg).to(a.dtype), acc_g)
+            acc_u = tl.dot(a, (tl.load(u_ptrs).to(tl.float32) * su).to(a.dtype), acc_u)
+        elif PER_K_SCALE:
             grp = (kb * BLOCK_K) // 128
             if QUANT_A:
                 sa = sa_q[:, None]
@@ -182,7 +193,7 @@ def down_fp8_kernel(h_ptr, hs_ptr, row_token_ptr, block_expert_ptr, w_ptr, ws_pt
                     GA: tl.constexpr, A_PER_K: tl.constexpr, NK: tl.constexpr, NN: tl.constexpr,
                     B_PER_K: tl.constexpr, B_BLOCK_N: tl.constexpr, PER_K_SCALE: tl.constexpr,
                     B_KMAJOR: tl.constexpr, QUANT_A: tl.constexpr, SWAP_AB: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, W16: tl.constexpr = False):
     pid_m, pid_n = _tile(tl.program_id(0), NUM_BLOCKS, N, BLOCK_N, GROUP_M)
     e = tl.load(block_expert_ptr + pid_m)
     if SWAP_AB:                     # acc^T [BLOCK_N, BLOCK_M] += W^T @ h^T (see _gate_up_swapped)
@@ -222,7 +233,11 @@ def down_fp8_kernel(h_ptr, hs_ptr, row_token_ptr, block_expert_ptr, w_ptr, ws_pt
                 a = tl.load(a_ptrs, mask=real[:, None], other=0.0)
                 if QUANT_A:
                     a, sa_q = _quantize_rows(a.to(tl.float32))
-                if PER_K_SCALE:
+                if W16:       # h quantize-dequantized (16-bit); the weight tile dequantized here
+                    grp = (kb * BLOCK_K) // 128
+                    sw = _w_scale(ws_ptr, e, grp, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :]
+                    acc = tl.dot(a, (tl.load(w_ptrs).to(tl.float32) * sw).to(a.dtype), acc)
+                elif PER_K_SCALE:
                     grp = (kb * BLOCK_K) // 128
                     if QUANT_A:
                         sa = sa_q[:, None]
@@ -234,7 +249,7 @@ def down_fp8_kernel(h_ptr, hs_ptr, row_token_ptr, block_expert_ptr, w_ptr, ws_pt
                     acc = tl.dot(a, tl.load(w_ptrs), acc, max_num_imprecise_acc=BLOCK_K)
                 a_ptrs += BLOCK_K
                 w_ptrs += BLOCK_K if B_KMAJOR else BLOCK_K * N
-            if not PER_K_SCALE:
+            if not PER_K_SCALE and not W16:
                 acc = acc * (tl.load(hs_ptr + rows * GA, mask=real, other=0.0)[:, None]
                              * _w_scale(ws_ptr, e, 0, cols, NK, NN, B_PER_K, B_BLOCK_N)[None, :])
             tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=real[:, None])
