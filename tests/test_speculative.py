@@ -143,16 +143,17 @@ def alone(eng, prompt, sp):
             return toks, [np.asarray(lin[slot]) for lin in eng.caches.linear]
 
 
-@pytest.mark.parametrize("k,chunk", [(1, 3), (2, 8), (3, 5)])
-def test_greedy_speculative_equals_plain_random_model(model, prompts, plain_greedy, k, chunk):
+@pytest.mark.parametrize("k,chunk,verify", [(1, 3, "prefill"), (2, 8, "prefill"), (3, 5, "prefill"), (2, 3, "decode")])
+def test_greedy_speculative_equals_plain_random_model(model, prompts, plain_greedy, k, chunk, verify):
     """Random weights: the drafts are mostly rejected, so nearly every step rolls the linear state back. Then
     one request alone on each engine: the linear-attention state its slot ends with (verify rows through
     speculative.verify_linear, the accepted rows through the rollback's decode calls) is the plain engine's
     to float32 rounding (rel 1e-5: the k, v rows themselves come from matmuls over differently shaped
     batches, which XLA rounds differently by an ulp; the rollback's own arithmetic is checked bit for bit
-    in test_rollback_is_the_decode_kernel_bit_for_bit)."""
+    in test_rollback_is_the_decode_kernel_bit_for_bit). verify "decode" (speculative.VERIFY_PATHS): steps of
+    decoding requests only take the decode kernels (MLA a row per token, the committed row's linear layers)."""
     sp, ref, plain = plain_greedy
-    eng = engine(model, k, chunk)
+    eng = engine(model, k, chunk, spec_verify=verify)
     assert eng.overlap is False
     out = eng.generate(prompts, sp)
     for o, r in zip(out, ref):
@@ -198,21 +199,54 @@ def test_rollback_is_the_decode_kernel_bit_for_bit():
     np.testing.assert_array_equal(got[[1, 2]], np.asarray(pool)[[1, 2]])
 
 
-def test_greedy_speculative_tiny_model_answers():
-    """The shipped tiny model's MTP layer is trained: most drafts are accepted (multi-token steps), and
-    the answers are the model's greedy answers (held-out examples it answers correctly: README)."""
+@pytest.fixture(scope="module")
+def tiny():
+    """The shipped tiny model (float32, with its trained MTP layer), its tokenizer and held-out examples."""
     from lingjax import evaluate as ev
     from lingjax.engine import load_model
     from tokenizers import Tokenizer
     _, m = load_model(TINY, jnp.float32, mtp=True)
     tok = Tokenizer.from_file(os.path.join(TINY, "tokenizer.json"))
     exs = [ex for t in ("add", "sort") for ex in ev.make_examples(t, 4)]
+    return m, tok, exs
+
+
+def test_greedy_speculative_tiny_model_answers(tiny):
+    """The shipped tiny model's MTP layer is trained: most drafts are accepted (multi-token steps), and
+    the answers are the model's greedy answers (held-out examples it answers correctly: README)."""
+    m, tok, exs = tiny
     prompts = [tok.encode(p, add_special_tokens=False).ids for p, _ in exs]
     eng = Engine(m, max_batch=2, prefill_chunk=8, max_tokens=8, max_len=64, num_speculative_tokens=3)
     out = eng.generate(prompts, SamplingParams(max_new_tokens=12))
     assert [tok.decode(o.token_ids, skip_special_tokens=True) for o in out] == [a for _, a in exs]
     st = eng.stats()
     assert st["acceptance_rate"] > 0.5 and st["tokens_per_step"] > 1.5, st    # k = 3: drafts 2, 3 are weaker
+
+
+def test_verify_paths_decode_kernels_same_tokens_and_states(tiny):
+    """Engine(spec_verify=...) (speculative.VERIFY_PATHS) on the trained tiny model (drafts mostly accepted,
+    so the rollback advances over accepted drafts): "mla_decode" (verify rows' MLA, main and MTP, through
+    the paged decode kernel, a row per token) and "decode" (also the committed row's linear layers through
+    the decode kernel, no prefill-kernel launch, the rollback over the drafts only) give the default path's
+    answers, the same acceptance, and, "decode" against "mla_decode", the same linear states, MLA and MTP
+    latents and drafts bit for bit (the CPU reference: verify_linear's arithmetic is the decode kernel's, and
+    the rollback makes the same decode calls in the same order)."""
+    m, tok, exs = tiny
+    exs = exs[:2] + exs[4:6]
+    prompts = [tok.encode(p, add_special_tokens=False).ids for p, _ in exs]
+    got = {}
+    for verify in ("mla_decode", "decode"):
+        eng = Engine(m, max_batch=2, prefill_chunk=8, max_tokens=8, max_len=64, num_speculative_tokens=3,
+                     spec_verify=verify)
+        out = eng.generate(prompts, SamplingParams(max_new_tokens=12))
+        assert [tok.decode(o.token_ids, skip_special_tokens=True) for o in out] == [a for _, a in exs]
+        assert any(s[0] == "spec+" + verify and s[2] for s in eng.compiled_shapes()), eng.compiled_shapes()
+        got[verify] = eng.stats(), jax.tree.leaves((eng.caches, eng._spec.state))
+    (sa, a), (sb, b) = got["mla_decode"], got["decode"]
+    assert sa["acceptance_rate"] > 0.5 and (sa["spec_drafts"], sa["spec_accepted"]) == (sb["spec_drafts"],
+                                                                                       sb["spec_accepted"])
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_sampling_distribution_matches_plain(model):
@@ -263,6 +297,8 @@ def test_rejected_drafts_leave_no_trace(model, prompts):
 def test_bad_settings(model):
     with pytest.raises(EngineError, match="num_speculative_tokens"):
         Engine(model, num_speculative_tokens=-1)
+    with pytest.raises(EngineError, match="spec_verify"):
+        Engine(model, num_speculative_tokens=1, spec_verify="fast")
     _, no_mtp = load_hf(os.path.join(TINY), dtype=jnp.float32, mtp=False)
     with pytest.raises(EngineError, match="MTP layer"):
         Engine(no_mtp, num_speculative_tokens=1)
