@@ -317,6 +317,12 @@ def test_cli_flags_and_score_mtp(tmp_path, capsys):
     assert parser.parse_args(["serve", "--speculative-tokens", "2"]).speculative_tokens == 2
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--speculative-tokens", "-1"])
+    from lingjax.speculative import VERIFY_PATHS
+    for v in VERIFY_PATHS:                       # --spec-verify takes exactly Engine(spec_verify=)'s choices
+        assert parser.parse_args(["serve", "--speculative-tokens", "1", "--spec-verify", v]).spec_verify == v
+    assert parser.parse_args(["generate", "--prompt", "x"]).spec_verify == "prefill"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--spec-verify", "fast"])
     seqs = [[5, 6, 7, 8, 9, 10], [20, 21]]
     (tmp_path / "t.json").write_text(json.dumps(seqs))
     out = tmp_path / "o.npz"
