@@ -75,11 +75,13 @@ from lingjax.kernels import linear_attention as la
 
 F32 = jnp.float32
 # How a step whose requests are all decoding (one committed row each, plus its drafts) runs its verify rows
-# (Engine(spec_verify=...)); steps with a prefill chunk or a score request always take "prefill".
+# (Engine(spec_verify=...)); steps with a prefill chunk or a score request always take "prefill" (they share its
+# compiled steps).
 #   prefill     every row in the packed prefill-shaped step: MLA through the paged prefill kernel, the linear
 #               layers' prefill kernel launched with the verify slots skipped (the default)
-#   mla_decode  MLA (main layers and the MTP layer) through the paged decode kernel, one row per token with its
-#               own length (StepBatch.decode_only); the linear layers as "prefill"
+#   mla_decode  the main MLA layers through the paged decode kernel, one row per token with its own length
+#               (StepBatch.decode_only), and the MTP layer's attention only at the one row per request whose
+#               output is used (mtp_forward(attend_rows=True): the decode kernel); the linear layers as "prefill"
 #   decode      "mla_decode", and no linear prefill-kernel launch: the committed row through the decode kernel,
 #               the drafts from the state after it (main_hidden(first_decode=True)); k rollback calls, not k + 1
 VERIFY_PATHS = ("prefill", "mla_decode", "decode")
@@ -321,15 +323,18 @@ def rollback_linear(lin, saved, slots, n_acc, is_verify, first=0):
     return tuple(lin)
 
 
-def mtp_forward(model, batch, cache, hidden, next_tokens, rows=None):
+def mtp_forward(model, batch, cache, hidden, next_tokens, rows=None, attend_rows=False):
     """The MTP layer over a packed batch with its own paged latent cache (batch.page_table) -> (final-norm
     output [T, d], cache). rows [N] (optional): the output only at these rows -> [N, d]. The latents of
     every row are written (later drafts attend to them), but the MoE, the rest of the block after the
     attention, runs only on the rows whose output is used: a verify step needs one row per request, and
-    with random routing each extra row through the MoE reads about num_experts_per_tok more experts."""
+    with random routing each extra row through the MoE reads about num_experts_per_tok more experts.
+    attend_rows (with rows): the attention too runs only at these rows (DecoderLayer.step(attend_rows=True): the
+    paged decode kernel at one row per request instead of the whole batch's attention); the latents of every
+    row are still written."""
     m = model.mtp[0]
     z = m.eh_proj(jnp.concatenate([m.enorm(model.embed(next_tokens)), m.hnorm(hidden.astype(model.dtype))], -1))
-    z, cache = m.block.step(z, batch, cache, rows=rows)
+    z, cache = m.block.step(z, batch, cache, rows=rows, attend_rows=attend_rows)
     return m.final_layernorm(z), cache
 
 
@@ -351,7 +356,9 @@ def _spec_step_fn(params, caches, spec, batch, draft_take, next_tok, next_take, 
     over the vocabulary inside it, so acceptance and drafting run identically on every device.
     verify (static, `VERIFY_PATHS`): "decode" with a batch.decode_only batch (every request one committed row
     plus its drafts) runs main_hidden(first_decode=True); otherwise the linear layers take today's path. The
-    MLA layers (main and MTP) follow batch.decode_only (StepBatch: the decode kernel, one row per token)."""
+    main MLA layers follow batch.decode_only (StepBatch: the decode kernel, one row per token); the MTP layer's
+    attention runs at its output rows only unless verify is "prefill" (SpecDriver passes "prefill" for every
+    step that is not decode-only)."""
     from lingjax import sharding
     want_logits, want_top, sampling = mode
     graph.traces[("spec" + ("+score" if want_logits else "") + ("+top" if want_top else "")
@@ -415,7 +422,7 @@ def _spec_body(graphdef, gather, want_logits, want_top, sampling, k, verify, sta
         # more single-row passes.
         nxt = jnp.where(next_take >= 0, toks.reshape(-1)[jnp.maximum(next_take, 0)], next_tok)
         base = jnp.clip(start + n_acc, 0, T - 1)
-        h, mtp_cache = mtp_forward(model, batch, spec.mtp, y, nxt, rows=base)
+        h, mtp_cache = mtp_forward(model, batch, spec.mtp, y, nxt, rows=base, attend_rows=verify != "prefill")
         pos = batch.positions[base]
         new_counters = counters + n_acc + 1
         d_slots = jnp.where(produce, batch.slots, -1)

@@ -143,17 +143,16 @@ def alone(eng, prompt, sp):
             return toks, [np.asarray(lin[slot]) for lin in eng.caches.linear]
 
 
-@pytest.mark.parametrize("k,chunk,verify", [(1, 3, "prefill"), (2, 8, "prefill"), (3, 5, "prefill"), (2, 3, "decode")])
-def test_greedy_speculative_equals_plain_random_model(model, prompts, plain_greedy, k, chunk, verify):
+@pytest.mark.parametrize("k,chunk", [(1, 3), (2, 8), (3, 5)])
+def test_greedy_speculative_equals_plain_random_model(model, prompts, plain_greedy, k, chunk):
     """Random weights: the drafts are mostly rejected, so nearly every step rolls the linear state back. Then
     one request alone on each engine: the linear-attention state its slot ends with (verify rows through
     speculative.verify_linear, the accepted rows through the rollback's decode calls) is the plain engine's
     to float32 rounding (rel 1e-5: the k, v rows themselves come from matmuls over differently shaped
     batches, which XLA rounds differently by an ulp; the rollback's own arithmetic is checked bit for bit
-    in test_rollback_is_the_decode_kernel_bit_for_bit). verify "decode" (speculative.VERIFY_PATHS): steps of
-    decoding requests only take the decode kernels (MLA a row per token, the committed row's linear layers)."""
+    in test_rollback_is_the_decode_kernel_bit_for_bit)."""
     sp, ref, plain = plain_greedy
-    eng = engine(model, k, chunk, spec_verify=verify)
+    eng = engine(model, k, chunk)
     assert eng.overlap is False
     out = eng.generate(prompts, sp)
     for o, r in zip(out, ref):
@@ -389,21 +388,55 @@ def test_speculative_on_scattered_small_pages_and_prefix_cache():
     assert small.stats()["free_pages"] == small.num_pages - small.stats()["prefix_cache_pages"]
 
 
-def test_engine_draft_is_the_mtp_head_at_the_last_row(model):
+@pytest.mark.parametrize("verify", ["prefill", "decode"])
+def test_engine_draft_is_the_mtp_head_at_the_last_row(model, plain_greedy, verify):
     """The draft a greedy step leaves for the next one (its MTP logits kept in SpecState) is the MTP head's
     output at the request's last committed row: speculative.mtp_score's row len - 2 of the final sequence
     (main-model hidden state there, embedding of the last token; tests/test_decoder.py checks mtp_score
     against float64 numpy). The step computes the MTP MoE at that row only (mtp_forward(rows=)), the MTP
-    latents at every row: this checks both, through prefill chunks and verify steps."""
+    latents at every row: this checks both, through prefill chunks and verify steps. verify "decode"
+    (speculative.VERIFY_PATHS): the verify steps are decode-only (MLA a row per token, the committed row's
+    linear layers through the decode kernel), the last one's MTP attention ran at that row alone
+    (mtp_forward(attend_rows=True)); random weights, so drafts are mostly rejected (the rollback), and the
+    tokens are the plain engine's."""
     from lingjax.speculative import mtp_score
     prompt = np.random.default_rng(9).integers(3, model.cfg.vocab_size, 11).tolist()
-    eng = engine(model, 1, 3)
-    out = eng.generate([prompt], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
+    eng = engine(model, 1, 3, spec_verify=verify)
+    sp = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    out = eng.generate([prompt], sp)[0]
+    assert out.token_ids == plain_greedy[2].generate([prompt], sp)[0].token_ids
+    assert eng.stats()["spec_drafts"] >= 4
     seq = prompt + out.token_ids
     want = mtp_score(model, [seq])[0][len(seq) - 2]
     got = np.asarray(eng._spec.state.draft_logits)[0, 0]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
     assert int(np.asarray(eng._spec.state.drafts)[0, 0]) == int(np.argmax(want))
+
+
+def test_mla_attention_at_rows_equals_the_whole_batch_at_those_rows(model):
+    """MLA.step_paged(rows=) (the MTP layer's attention with speculative.VERIFY_PATHS other than "prefill"): in a
+    mixed packed batch (a prefill chunk and two decoding requests), the latents written are the whole-batch
+    step's, bit for bit, and the outputs at the chosen rows equal the whole batch's there (float32, 1e-5: the
+    decode kernel against the prefill one)."""
+    from lingjax.batch import StepBatch
+    from lingjax.cache import contiguous_page_table
+    att = next(l for l in model.layers if l.is_mla).attention
+    rng = np.random.default_rng(3)
+    lens, starts = [5, 1, 1], [0, 7, 12]                  # tokens this step, positions already cached
+    T, R, ps, max_len = 8, 3, 4, 32
+    pos = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)] + [np.zeros(T - sum(lens), int)])
+    seq = np.concatenate([np.full(n, i) for i, n in enumerate(lens)] + [np.full(T - sum(lens), R)])
+    batch = StepBatch(tokens=jnp.zeros(T, jnp.int32), positions=jnp.asarray(pos, jnp.int32),
+                      token_seq=jnp.asarray(seq, jnp.int32), slots=jnp.arange(R, dtype=jnp.int32),
+                      cu_seqlens=jnp.asarray(np.cumsum([0] + lens), jnp.int32), fresh=jnp.asarray([True, False, False]),
+                      page_table=jnp.asarray(contiguous_page_table(R, max_len, ps)))
+    pages = jnp.asarray(rng.normal(0, 1, (R * max_len // ps, ps, att.latent_dim)), jnp.float32)
+    x = jnp.asarray(rng.normal(0, 1, (T, model.cfg.hidden_size)), jnp.float32)
+    rows = jnp.asarray([4, 5, 6], jnp.int32)               # each request's last row
+    full, p_full = jax.jit(lambda x, p: att.step_paged(x, batch, p))(x, pages)
+    some, p_some = jax.jit(lambda x, p: att.step_paged(x, batch, p, rows=rows))(x, pages)
+    np.testing.assert_array_equal(np.asarray(p_some), np.asarray(p_full))
+    np.testing.assert_allclose(np.asarray(some), np.asarray(full)[np.asarray(rows)], rtol=1e-5, atol=1e-5)
 
 
 def test_server_warm_up_runs_greedy_and_drawing_steps(model):
