@@ -398,7 +398,7 @@ def test_engine_draft_is_the_mtp_head_at_the_last_row(model, plain_greedy, verif
     (speculative.VERIFY_PATHS): the verify steps are decode-only (MLA a row per token, the committed row's
     linear layers through the decode kernel), the last one's MTP attention ran at that row alone
     (mtp_forward(attend_rows=True)); random weights, so drafts are mostly rejected (the rollback), and the
-    tokens are the plain engine's."""
+    tokens are the plain engine's (also for one-token prompts)."""
     from lingjax.speculative import mtp_score
     prompt = np.random.default_rng(9).integers(3, model.cfg.vocab_size, 11).tolist()
     eng = engine(model, 1, 3, spec_verify=verify)
@@ -411,6 +411,9 @@ def test_engine_draft_is_the_mtp_head_at_the_last_row(model, plain_greedy, verif
     got = np.asarray(eng._spec.state.draft_logits)[0, 0]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
     assert int(np.asarray(eng._spec.state.drafts)[0, 0]) == int(np.argmax(want))
+    # one-token prompts: their first step is decode-only too, from fresh (zero) linear states
+    two = [prompt[:1], prompt[5:6]]
+    assert [o.token_ids for o in eng.generate(two, sp)] == [o.token_ids for o in plain_greedy[2].generate(two, sp)]
 
 
 def test_mla_attention_at_rows_equals_the_whole_batch_at_those_rows(model):
