@@ -73,10 +73,10 @@ Floor: M (1 - (1 - top_k / M)^n) experts. `--routing hot8,uniform --hot-batches 
 hot8 first (its compiled steps are then reused by the uniform pass: the same shapes), then every B.
 --verify-paths prefill,mla_decode,decode: each verify measurement once per verify path (lingjax.speculative.
 VERIFY_PATHS, Engine(spec_verify=...)): the default packs the verify rows as a prefill-shaped step (MLA
-through the paged prefill kernel); mla_decode runs the MLA layers (main and MTP) through the paged decode
-kernel, a row per token; decode also drops the linear layers' prefill-kernel launch (the committed row
-through the decode kernel, the rollback over the drafts only). Each path's first token is checked against
-the plain step's as above.
+through the paged prefill kernel); mla_decode runs the main MLA layers through the paged decode kernel, a
+row per token, and the MTP layer's attention at its one output row per request; decode also drops the
+linear layers' prefill-kernel launch (the committed row through the decode kernel, the rollback over the
+drafts only). Each path's first token is checked against the plain step's as above.
 --profile: each measurement is also run under the XLA profiler; per step: device busy time, the gaps
 between kernels, kernel launches, and device time by kernel category (the verify step's excess over
 the plain step, by category, is printed at the end).
