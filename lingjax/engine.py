@@ -525,6 +525,10 @@ class Engine:
     num_speculative_tokens  k > 0: speculative decoding with the model's MTP layer as the draft
                    (lingjax/speculative.py; the model must be loaded with its MTP layer). Steps are then
                    not overlapped, and max_tokens is raised to at least max_batch * (k + 1). 0: off.
+    spec_verify    with speculative decoding: how a step of decoding requests only runs its verify rows, one
+                   of lingjax.speculative.VERIFY_PATHS: "prefill" (default: the packed prefill kernels),
+                   "mla_decode" (MLA through the paged decode kernel, a row per token), "decode" (that, and the
+                   linear layers without a prefill-kernel launch). Same greedy tokens; a speed choice.
     page_size      MLA latent positions per page (default 64)
     kv_cache_gb    memory for the MLA latent pages in GiB (per device; the pool is replicated under tp);
                    num_pages = kv_cache_gb / ((MLA layers, + 1 for the MTP layer with speculative decoding)
@@ -556,7 +560,8 @@ class Engine:
                  kv_cache_gb: float | None = None, num_pages: int | None = None,
                  page_shuffle_seed: int | None = None, prefix_cache: bool = False,
                  prefix_cache_states: int | None = None, prefix_cache_save_last: bool = True,
-                 num_speculative_tokens: int = 0, decode_steps: int = 1, xla_options: dict | None = None):
+                 num_speculative_tokens: int = 0, spec_verify: str = "prefill", decode_steps: int = 1,
+                 xla_options: dict | None = None):
         cfg = model.cfg
         self.cfg = cfg
         if max_len is None:
@@ -577,6 +582,9 @@ class Engine:
         k_spec = num_speculative_tokens
         if not (_is_int(k_spec) and k_spec >= 0):
             raise EngineError(f"num_speculative_tokens must be an integer >= 0, got {k_spec!r}")
+        from lingjax.speculative import VERIFY_PATHS
+        if spec_verify not in VERIFY_PATHS:
+            raise EngineError(f"spec_verify must be one of {VERIFY_PATHS}, got {spec_verify!r}")
         if not (_is_int(decode_steps) and decode_steps >= 1):
             raise EngineError(f"decode_steps must be an integer >= 1, got {decode_steps!r}")
         if decode_steps > 1 and k_spec:
@@ -661,7 +669,7 @@ class Engine:
         self._spec = None
         if k_spec:
             from lingjax.speculative import SpecDriver
-            self._spec = SpecDriver(self, k_spec, RequestOutput)     # draft state, verify packing (lingjax/speculative.py)
+            self._spec = SpecDriver(self, k_spec, RequestOutput, spec_verify)     # draft state, verify packing (lingjax/speculative.py)
 
     # ----------------------------------------------------------------------------- introspection
     def buckets(self, kind: str | None = None) -> list[tuple[str, int, bool]]:

@@ -35,7 +35,9 @@ What one speculative step does, all in one jitted function (`_spec_step_fn`):
 
 The engine side (`SpecDriver`): steps are not overlapped (the host must know how many tokens each
 request accepted before packing the next step; `Engine(overlap=True)` is turned off with a log line),
-every step is packed as a prefill-shaped batch (verify rows use the prefill kernels), and a request
+every step is packed as a prefill-shaped batch (verify rows use the prefill kernels; with
+Engine(spec_verify="mla_decode" | "decode") a step of decoding requests only takes the decode kernels instead,
+`VERIFY_PATHS`), and a request
 gets k_r = min(k, tokens it may still emit - 1) drafts, so nothing is computed past max_new_tokens or
 the context. Whether a step has sampling requests is decided on the host and compiled in (each step
 shape has a greedy and a drawing twin): a greedy step runs the argmax acceptance and drafts alone, with
@@ -72,6 +74,17 @@ from lingjax.batch import StepBatch
 from lingjax.kernels import linear_attention as la
 
 F32 = jnp.float32
+# How a step whose requests are all decoding (one committed row each, plus its drafts) runs its verify rows
+# (Engine(spec_verify=...)); steps with a prefill chunk or a score request always take "prefill" (they share its
+# compiled steps).
+#   prefill     every row in the packed prefill-shaped step: MLA through the paged prefill kernel, the linear
+#               layers' prefill kernel launched with the verify slots skipped (the default)
+#   mla_decode  the main MLA layers through the paged decode kernel, one row per token with its own length
+#               (StepBatch.decode_only), and the MTP layer's attention only at the one row per request whose
+#               output is used (mtp_forward(attend_rows=True): the decode kernel); the linear layers as "prefill"
+#   decode      "mla_decode", and no linear prefill-kernel launch: the committed row through the decode kernel,
+#               the drafts from the state after it (main_hidden(first_decode=True)); k rollback calls, not k + 1
+VERIFY_PATHS = ("prefill", "mla_decode", "decode")
 TAG_DRAFT, TAG_ACCEPT, TAG_RESIDUAL = 1, 2, 3
 MAX_LOGPROBS = 20
 
@@ -211,7 +224,7 @@ def _accept_sampling(target_logits, drafts, draft_logits, num_drafts, temperatur
 
 
 # ------------------------------------------------------------------------------------------ model side
-def main_hidden(model, batch, caches, vrows, vslots, is_verify, n_drafts):
+def main_hidden(model, batch, caches, vrows, vslots, is_verify, n_drafts, first_decode=False):
     """The main model over a packed batch (as BailingModel.step, linear layers through the prefill
     kernels) -> (final-norm hidden [T, d], caches, saved) where saved holds, per linear layer, what
     the rollback needs: (k and v at the verify rows [R, k+1, H, D], log decay [H], scale, kernels).
@@ -222,7 +235,15 @@ def main_hidden(model, batch, caches, vrows, vslots, is_verify, n_drafts):
     recurrence from S_0 in float32 (`verify_linear`), and only the rollback writes their state. Per verify
     request and linear layer: S_0 read for the outputs, then read and the state written once per accepted
     row by the rollback's decode calls (a rejected first draft: 3 state transfers, where the prefill kernel
-    and a rollback from a copy of S_0 took 6)."""
+    and a rollback from a copy of S_0 took 6).
+
+    first_decode (static; only for a batch.decode_only step, every request one committed row at vrows[r, 0]
+    plus its drafts: `VERIFY_PATHS` "decode"): no prefill-kernel launch at all. Each request's committed row
+    goes through the plain engine's decode kernel (it is always accepted: the kernel writes S_1 and gives
+    that row's output, the plain engine's arithmetic), the draft rows' outputs come from verify_linear from
+    S_1, and `saved` holds the draft rows only (the rollback then advances over drafts 1..n_acc: k decode
+    calls per layer, not k + 1). The state is the same decode calls in the same order as the default path's:
+    bit for bit the same."""
     x = model.embed(batch.tokens)
     lin, mla = list(caches.linear), list(caches.mla)
     saved = []
@@ -240,12 +261,26 @@ def main_hidden(model, batch, caches, vrows, vslots, is_verify, n_drafts):
         h = layer.input_layernorm(x)
         q, k, v = att.qkv(h, batch.positions)
         g = att.decay(q.shape[-2])
-        o, pool = la.prefill(q, k, v, g, lin[i_lin], kslots, batch.cu_seqlens, batch.fresh, scale=att.scale,
-                             impl=att.kernels)
-        s0 = pool[vslots]                            # S_0: the kernel skipped the verify slots
-        kv, vv = k[vrows], v[vrows]
-        o = o.at[wrows].set(verify_linear(q[vrows], kv, vv, g, s0, att.scale).astype(o.dtype), mode='drop')
-        saved.append((kv, vv, g, att.scale, att.kernels))
+        if first_decode:
+            r0 = vrows[:, 0]                         # each request's committed row
+            o0, pool = la.decode(q[r0], k[r0], v[r0], g, lin[i_lin], batch.slots, batch.fresh, scale=att.scale,
+                                 impl=att.kernels)
+            o = jnp.zeros((T,) + o0.shape[1:], o0.dtype).at[jnp.where(batch.slots >= 0, r0, T)].set(o0, mode='drop')
+            if vrows.shape[1] > 1:                   # the drafts' rows, from S_1
+                dr = vrows[:, 1:]
+                kv, vv = k[dr], v[dr]
+                o = o.at[wrows[:, 1:]].set(verify_linear(q[dr], kv, vv, g, pool[vslots], att.scale).astype(o.dtype),
+                                           mode='drop')
+                saved.append((kv, vv, g, att.scale, att.kernels))
+            else:
+                saved.append(None)
+        else:
+            o, pool = la.prefill(q, k, v, g, lin[i_lin], kslots, batch.cu_seqlens, batch.fresh, scale=att.scale,
+                                 impl=att.kernels)
+            s0 = pool[vslots]                            # S_0: the kernel skipped the verify slots
+            kv, vv = k[vrows], v[vrows]
+            o = o.at[wrows].set(verify_linear(q[vrows], kv, vv, g, s0, att.scale).astype(o.dtype), mode='drop')
+            saved.append((kv, vv, g, att.scale, att.kernels))
         x = x + att.output(o, h)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
         lin[i_lin] = pool
@@ -266,39 +301,47 @@ def verify_linear(q, k, v, log_decay, s0, scale):
     return jnp.stack(out, 1)
 
 
-def rollback_linear(lin, saved, slots, n_acc, is_verify):
+def rollback_linear(lin, saved, slots, n_acc, is_verify, first=0):
     """Advance the verify requests' linear states, still S_0 in the pool (the prefill kernel skipped their
     slots), over their accepted rows 0..n_acc with the decode kernel the plain engine runs (la.decode, one
     call per row position, rows past a request's n_acc passed as padding): the plain engine's decode
     arithmetic, so the state is what decoding those rows one by one gives, bit for bit, in every kernel
-    implementation. lin: per linear layer [rows, H, D, D] -> the same, updated."""
+    implementation. lin: per linear layer [rows, H, D, D] -> the same, updated. first: the row saved[.][0][:, 0]
+    is (1: the committed row already went through the decode kernel, main_hidden(first_decode=True), and
+    saved holds rows 1..k; a layer's entry None: nothing to advance)."""
     lin = list(lin)
     fresh = jnp.zeros(slots.shape, bool)
-    for i, (k, v, g, scale, impl) in enumerate(saved):
+    for i, entry in enumerate(saved):
+        if entry is None:
+            continue
+        k, v, g, scale, impl = entry
         pool = lin[i]
         for j in range(k.shape[1]):
-            rows = jnp.where(is_verify & (j <= n_acc), slots, -1)
+            rows = jnp.where(is_verify & (j + first <= n_acc), slots, -1)
             _, pool = la.decode(k[:, j], k[:, j], v[:, j], g, pool, rows, fresh, scale=scale, impl=impl)  # (q: unused)
         lin[i] = pool
     return tuple(lin)
 
 
-def mtp_forward(model, batch, cache, hidden, next_tokens, rows=None):
+def mtp_forward(model, batch, cache, hidden, next_tokens, rows=None, attend_rows=False):
     """The MTP layer over a packed batch with its own paged latent cache (batch.page_table) -> (final-norm
     output [T, d], cache). rows [N] (optional): the output only at these rows -> [N, d]. The latents of
     every row are written (later drafts attend to them), but the MoE, the rest of the block after the
     attention, runs only on the rows whose output is used: a verify step needs one row per request, and
-    with random routing each extra row through the MoE reads about num_experts_per_tok more experts."""
+    with random routing each extra row through the MoE reads about num_experts_per_tok more experts.
+    attend_rows (with rows): the attention too runs only at these rows (DecoderLayer.step(attend_rows=True): the
+    paged decode kernel at one row per request instead of the whole batch's attention); the latents of every
+    row are still written."""
     m = model.mtp[0]
     z = m.eh_proj(jnp.concatenate([m.enorm(model.embed(next_tokens)), m.hnorm(hidden.astype(model.dtype))], -1))
-    z, cache = m.block.step(z, batch, cache, rows=rows)
+    z, cache = m.block.step(z, batch, cache, rows=rows, attend_rows=attend_rows)
     return m.final_layernorm(z), cache
 
 
 # ------------------------------------------------------------------------------------------ jitted step
-@functools.partial(jax.jit, static_argnames=("graph", "mode", "k"), donate_argnames=("caches", "spec"))
+@functools.partial(jax.jit, static_argnames=("graph", "mode", "k", "verify"), donate_argnames=("caches", "spec"))
 def _spec_step_fn(params, caches, spec, batch, draft_take, next_tok, next_take, start, num_drafts, produce, held,
-                  temperature, top_k, top_p, seeds, request_ids, counters, *, graph, mode, k):
+                  temperature, top_k, top_p, seeds, request_ids, counters, *, graph, mode, k, verify="prefill"):
     """One speculative engine step (module docstring). Host arrays: draft_take [T] (index into the
     flattened [num_slots, k] drafts of a packed token that is a draft, else -1); next_tok / next_take
     [T]: the MTP input token of each row (a known token, or the index into the flattened [R, k+1]
@@ -310,20 +353,27 @@ def _spec_step_fn(params, caches, spec, batch, draft_take, next_tok, next_take, 
     lax.cond: on the GPU each one waits for its predicate on the host, `draw`) -> (logits | None, tokens
     [R, k+1], n_emit [R], logprobs [R, k+1], top ids, top logprobs | None, caches, spec). Under tensor
     parallelism the whole step runs inside one shard_map (sharding.py's specs); logits are all-gathered
-    over the vocabulary inside it, so acceptance and drafting run identically on every device."""
+    over the vocabulary inside it, so acceptance and drafting run identically on every device.
+    verify (static, `VERIFY_PATHS`): "decode" with a batch.decode_only batch (every request one committed row
+    plus its drafts) runs main_hidden(first_decode=True); otherwise the linear layers take today's path. The
+    main MLA layers follow batch.decode_only (StepBatch: the decode kernel, one row per token); the MTP layer's
+    attention runs at its output rows only unless verify is "prefill" (SpecDriver passes "prefill" for every
+    step that is not decode-only)."""
     from lingjax import sharding
     want_logits, want_top, sampling = mode
     graph.traces[("spec" + ("+score" if want_logits else "") + ("+top" if want_top else "")
-                  + ("+sample" if sampling else ""), batch.tokens.shape[0], False)] += 1
+                  + ("+sample" if sampling else "") + ("" if verify == "prefill" else "+" + verify),
+                  batch.tokens.shape[0], batch.decode_only)] += 1
     state = jax.tree.unflatten(graph.treedef, params)
     host = (draft_take, next_tok, next_take, start, num_drafts, produce, held, temperature, top_k, top_p, seeds,
             request_ids, counters)
     tp = sharding.tp_of(graph.mesh)
     if tp == 1:
-        return _spec_body(graph.graphdef, False, want_logits, want_top, sampling, k, state, caches, spec, batch, host)
+        return _spec_body(graph.graphdef, False, want_logits, want_top, sampling, k, verify, state, caches, spec, batch,
+                          host)
     from jax.sharding import PartitionSpec as P
     gather = sharding.logits_spec(graph.cfg, tp) != sharding.REPLICATED
-    body = functools.partial(_spec_body, graph.graphdef, gather, want_logits, want_top, sampling, k)
+    body = functools.partial(_spec_body, graph.graphdef, gather, want_logits, want_top, sampling, k, verify)
     rep = sharding.REPLICATED
     out_specs = (rep if want_logits else None, rep, rep, rep, rep if want_top else None, rep if want_top else None,
                  sharding.cache_specs(), rep)
@@ -333,7 +383,7 @@ def _spec_step_fn(params, caches, spec, batch, draft_take, next_tok, next_take, 
     return f(state, caches, spec, batch, host)
 
 
-def _spec_body(graphdef, gather, want_logits, want_top, sampling, k, state, caches, spec, batch, host):
+def _spec_body(graphdef, gather, want_logits, want_top, sampling, k, verify, state, caches, spec, batch, host):
     (draft_take, next_tok, next_take, start, num_drafts, produce, held, temperature, top_k, top_p, seeds, request_ids,
      counters) = host
     model = nnx.merge(graphdef, state)
@@ -352,7 +402,8 @@ def _spec_body(graphdef, gather, want_logits, want_top, sampling, k, state, cach
         j1 = jnp.arange(k + 1)
         vrows = jnp.clip(start[:, None] + j1[None, :], 0, T - 1)
         is_verify = produce & (num_drafts > 0) & (batch.slots >= 0)
-        y, caches, saved = main_hidden(model, batch, caches, vrows, vslots, is_verify, num_drafts)
+        first_decode = verify == "decode" and batch.decode_only
+        y, caches, saved = main_hidden(model, batch, caches, vrows, vslots, is_verify, num_drafts, first_decode)
         lrows = jnp.clip(start[:, None] + jnp.minimum(j1[None, :], num_drafts[:, None]), 0, T - 1)   # [R, k+1]
         if want_logits:
             logits = logits_of(y)
@@ -364,13 +415,14 @@ def _spec_body(graphdef, gather, want_logits, want_top, sampling, k, state, cach
         dlog = spec.draft_logits[vslots]
         toks, n_acc = accept(target, drafts, dlog, num_drafts, temperature, top_k, top_p, seeds, request_ids,
                              counters, sampling)
-        caches = caches.replace(linear=rollback_linear(caches.linear, saved, batch.slots, n_acc, is_verify))
+        caches = caches.replace(linear=rollback_linear(caches.linear, saved, batch.slots, n_acc, is_verify,
+                                                       first=int(first_decode)))
 
         # Drafts for the next step: MTP latents of every row, its output at one row per request, then k - 1
         # more single-row passes.
         nxt = jnp.where(next_take >= 0, toks.reshape(-1)[jnp.maximum(next_take, 0)], next_tok)
         base = jnp.clip(start + n_acc, 0, T - 1)
-        h, mtp_cache = mtp_forward(model, batch, spec.mtp, y, nxt, rows=base)
+        h, mtp_cache = mtp_forward(model, batch, spec.mtp, y, nxt, rows=base, attend_rows=verify != "prefill")
         pos = batch.positions[base]
         new_counters = counters + n_acc + 1
         d_slots = jnp.where(produce, batch.slots, -1)
@@ -424,8 +476,9 @@ class SpecDriver:
     """Host side of speculative decoding for one Engine: packs verify rows, runs `_spec_step_fn`,
     reads back the emitted tokens (Engine._dispatch / _collect hand over to it)."""
 
-    def __init__(self, engine, k: int, output_type):
+    def __init__(self, engine, k: int, output_type, verify: str = "prefill"):
         self.k = k
+        self.verify = verify               # VERIFY_PATHS
         self.output_type = output_type     # lingjax.engine.RequestOutput (passed in: no import cycle)
         self.state = self._new_state(engine)
         self.counts = dict(drafts=0, accepted=0, verify_pieces=0, verify_tokens=0)
@@ -504,9 +557,11 @@ class SpecDriver:
         fresh[:len(pieces)] = [r.fed == 0 for r, _ in pieces]
         page_table = np.zeros((R, e.max_pages), np.int32)
         page_table[:len(pieces)] = e.page_table[slots[:len(pieces)]]
+        # a step of decoding requests only (one committed row each) may take the decode kernels (VERIFY_PATHS)
+        decode_only = self.verify != "prefill" and all(n == 1 and not r.score for r, n in pieces)
         batch = StepBatch(tokens=pad_i(tok, 0), positions=pad_i(pos, 0), token_seq=pad_i(token_seq, R), slots=slots,
                           cu_seqlens=np.asarray(cu + [n_tok] * (R - len(pieces)), np.int32), fresh=fresh,
-                          page_table=page_table, decode_only=False)
+                          page_table=page_table, decode_only=decode_only)
         ids, counters, top_k = (np.zeros(R, np.int32) for _ in range(3))
         temp, top_p, seeds = np.zeros(R, np.float32), np.ones(R, np.float32), np.zeros(R, np.uint32)
         top_n = [0] * len(pieces)
@@ -521,7 +576,7 @@ class SpecDriver:
         mode = (any(r.score for r, _ in pieces), any(top_n), bool(((temp > 0) & produce).any()))
         out = _spec_step_fn(e._params, e.caches, self.state, batch, pad_i(draft_take, -1), pad_i(next_tok, 0),
                             pad_i(next_take, -1), start, num_drafts, produce, held, temp, top_k, top_p, seeds, ids,
-                            counters, graph=e._graph, mode=mode, k=k)
+                            counters, graph=e._graph, mode=mode, k=k, verify=self.verify if decode_only else "prefill")
         logits, toks, n_emit, lp, top_ids, top_lp, e.caches, self.state = out
         e.steps += 1
         e._advance(pieces, [bool(produce[i]) for i in range(len(pieces))], src_rows=False)

@@ -71,6 +71,12 @@ what else the verify step costs); larger M lets consecutive tokens share most ex
 across the whole batch (requests share experts too), so the B > 1 plain steps get cheaper as well.
 Floor: M (1 - (1 - top_k / M)^n) experts. `--routing hot8,uniform --hot-batches 1` runs B = 1 with
 hot8 first (its compiled steps are then reused by the uniform pass: the same shapes), then every B.
+--verify-paths prefill,mla_decode,decode: each verify measurement once per verify path (lingjax.speculative.
+VERIFY_PATHS, Engine(spec_verify=...)): the default packs the verify rows as a prefill-shaped step (MLA
+through the paged prefill kernel); mla_decode runs the main MLA layers through the paged decode kernel, a
+row per token, and the MTP layer's attention at its one output row per request; decode also drops the
+linear layers' prefill-kernel launch (the committed row through the decode kernel, the rollback over the
+drafts only). Each path's first token is checked against the plain step's as above.
 --profile: each measurement is also run under the XLA profiler; per step: device busy time, the gaps
 between kernels, kernel launches, and device time by kernel category (the verify step's excess over
 the plain step, by category, is printed at the end).
@@ -215,7 +221,7 @@ def traced(fn, carry, steps):
     except Exception as err:         # a profiler failure costs the profile, not the measurement
         log.warning("profile failed: %s: %s", type(err).__name__, err)
         return None, box.get("carry", carry)
-    k = per_step_kernels(tr, steps, top=15)
+    k = per_step_kernels(tr, steps, top=1000)           # every kernel (the per-kernel verify - plain table)
     prof = dict(busy_us=k["busy_us"], gap_us=k["gap_us"], launches=k["kernels_per_step"], categories=k["categories"],
                 top=k["top"])
     return prof, box["carry"]
@@ -254,10 +260,12 @@ def plain_ms(model, B, C, steps, reps, profile=False):
     return ms, dict(tokens=np.asarray(first[0]), logprobs=np.asarray(first[1])), prof
 
 
-def verify_ms(model, B, C, k, steps, reps, profile=False, sampling=False):
+def verify_ms(model, B, C, k, steps, reps, profile=False, sampling=False, path="prefill"):
     """-> (ms, {"tokens" (first emitted token per request), "logprobs"} of the first call, profile or None).
     sampling: the step's static sampling flag (False: greedy code only, as the engine runs an all-greedy
-    step; None: the acceptance and drafts choose greedy or sampling on the device, by lax.cond)."""
+    step; None: the acceptance and drafts choose greedy or sampling on the device, by lax.cond). path: the
+    verify path (lingjax.speculative.VERIFY_PATHS; every request here decodes, so the engine with
+    spec_verify=path runs this step shape)."""
     import jax.numpy as jnp
     from lingjax.batch import StepBatch
     from lingjax.cache import contiguous_page_table
@@ -273,7 +281,7 @@ def verify_ms(model, B, C, k, steps, reps, profile=False, sampling=False):
                       positions=jnp.asarray(C + j, jnp.int32), token_seq=jnp.asarray(r, jnp.int32),
                       slots=jnp.arange(B, dtype=jnp.int32),
                       cu_seqlens=jnp.asarray(np.arange(B + 1) * (k + 1), jnp.int32),
-                      fresh=jnp.zeros((B,), bool), decode_only=False,
+                      fresh=jnp.zeros((B,), bool), decode_only=path != "prefill",
                       page_table=jnp.asarray(contiguous_page_table(B, e.max_len, e.page_size)))
     draft_take = jnp.asarray(np.where(j > 0, r * k + j - 1, -1), jnp.int32)
     next_take = jnp.asarray(r * (k + 1) + j, jnp.int32)
@@ -284,7 +292,8 @@ def verify_ms(model, B, C, k, steps, reps, profile=False, sampling=False):
 
     def one(carry):
         caches, spec = carry
-        out = _spec_step_fn(e._params, caches, spec, batch, *args, graph=e._graph, mode=(False, False, sampling), k=k)
+        out = _spec_step_fn(e._params, caches, spec, batch, *args, graph=e._graph, mode=(False, False, sampling), k=k,
+                            verify=path)
         return (out[1], out[3]), (out[-2], out[-1])        # (no slicing here: an op outside the step)
     ms, first, carry = timed(one, (e.caches, e._spec.state), steps, reps)
     prof = None
@@ -367,6 +376,10 @@ def main(argv=None):
     p.add_argument("--routing-stats", action="store_true",
                    help="no timing: count the distinct experts each step's tokens touch per MoE layer (a recorder on "
                         "the router, traced fresh) against the floor's uniform formula (module docstring)")
+    p.add_argument("--verify-paths", default="prefill",
+                   help="comma list of verify paths (lingjax.speculative.VERIFY_PATHS: prefill, mla_decode, decode; "
+                        "Engine(spec_verify=...)): every verify measurement is repeated per path, the rows labelled "
+                        "'verify=<path>' when not the default alone; default %(default)s")
     p.add_argument("--smoke", action="store_true", help="CPU check: 1 step, 1 rep, context 16")
     p.add_argument("--out", help="JSON output (default $OUT/bench_spec.json when $OUT is set)")
     args = p.parse_args(argv)
@@ -382,6 +395,10 @@ def main(argv=None):
         dmts = [int(x) for x in args.moe_decode_max_tokens.split(",")] if args.moe_decode_max_tokens else []
     except ValueError:
         p.error(f"--moe-decode-max-tokens: expected a comma list of integers >= 0, got {args.moe_decode_max_tokens!r}")
+    from lingjax.speculative import VERIFY_PATHS
+    vpaths = args.verify_paths.split(",")
+    if not vpaths or any(v not in VERIFY_PATHS for v in vpaths):
+        p.error(f"--verify-paths: expected a comma list of {', '.join(VERIFY_PATHS)}, got {args.verify_paths!r}")
     if any(n < 0 for n in dmts):
         p.error(f"--moe-decode-max-tokens: expected integers >= 0, got {args.moe_decode_max_tokens!r}")
     if dmts:
@@ -480,33 +497,35 @@ def main(argv=None):
                      "%.3fx plain%s", routing, B, k, v, v / base, f"; device busy {vprof['busy_us'] / 1e3:.3f} ms, "
                      f"gaps {vprof['gap_us'] / 1e3:.3f} ms, {vprof['launches']:.0f} launches" if vprof else "")
             save()
-        for k in (ks if B == order[0][0] else large_ks):
+        for k, path in [(k, v) for k in (ks if B == order[0][0] else large_ks) for v in vpaths]:
+            label = routing if vpaths == ["prefill"] else f"{routing}, verify={path}"
             if time.perf_counter() - t0 > args.time_budget:
-                skipped.append(f"{routing} B={B} k={k}")
+                skipped.append(f"{label} B={B} k={k}")
                 continue
-            v, vfirst, vprof = verify_ms(model, B, args.context, k, args.steps, args.reps, profile)
+            v, vfirst, vprof = verify_ms(model, B, args.context, k, args.steps, args.reps, profile, path=path)
             agree, dlp = agreement(pfirst, vfirst)
             parts = step_bytes(cfg, pb, B, args.context, k, hot, lat_b)
             vfloor = sum(parts.values()) / bw * 1e3
             ratio = v / base
             speed = {str(a): ((1 - a ** (k + 1)) / (1 - a)) / ratio for a in accs}
             ok = agree >= 0.75 and dlp < 0.1
-            row = dict(routing=routing, batch=B, k=k, plain_ms=base, verify_ms=v, cost_ratio=ratio,
+            row = dict(routing=label, plain_routing=routing, verify_path=path, batch=B, k=k, plain_ms=base,
+                       verify_ms=v, cost_ratio=ratio,
                        speedup_at_acceptance=speed, plain_floor_ms=pfloor, verify_floor_ms=vfloor,
                        floor_ratio=vfloor / pfloor, verify_bytes=parts, check_first_token_agreement=agree,
                        check_max_logprob_diff=dlp, check_ok=ok, profile=vprof)
             report["rows"].append(row)
             log.info("[%s] B=%d k=%d verify %.3f ms = %.3fx plain (floor %.3f ms, floor ratio %.3fx)%s; check: "
                      "first token agrees for %.0f%% of requests, max |dlogprob| %.2g%s; implied speedup %s",
-                     routing, B, k, v, ratio, vfloor, vfloor / pfloor,
+                     label, B, k, v, ratio, vfloor, vfloor / pfloor,
                      f"; device busy {vprof['busy_us'] / 1e3:.3f} ms, gaps {vprof['gap_us'] / 1e3:.3f} ms, "
                      f"{vprof['launches']:.0f} launches" if vprof else "", 100 * agree, dlp, "" if ok else " CHECK FAILED",
                      "  ".join(f"a={a}: {s:.2f}x" for a, s in speed.items()))
             if v < vfloor:
                 log.warning("[%s] B=%d k=%d: the verify step measured BELOW its floor (%.3f < %.3f ms): the byte "
-                            "count or the bandwidth is wrong", routing, B, k, v, vfloor)
+                            "count or the bandwidth is wrong", label, B, k, v, vfloor)
             if not ok:
-                failed.append(f"{routing} B={B} k={k}")
+                failed.append(f"{label} B={B} k={k}")
             save()
     if skipped:
         report["skipped_for_time"] = skipped
@@ -661,7 +680,7 @@ def print_table(report):
         print("| routing | B | k | plain busy | verify busy | plain gaps | verify gaps | " + " | ".join(cats)
               + " |\n|---|---|---|---|---|---|---|" + "---|" * len(cats))
         for r, pr in profs:
-            pp = (plains.get((r["routing"], r["batch"]), {}).get("profile")
+            pp = (plains.get((r.get("plain_routing", r["routing"]), r["batch"]), {}).get("profile")
                   or dict(busy_us=0, gap_us=0, launches=0, categories={}))
             cells = []
             for c in cats:
@@ -677,11 +696,25 @@ def print_table(report):
             print(f"\ntop kernels of the [{r['routing']}] verify step B={r['batch']} k={r['k']} (us per step, launches):")
             for kk in pr["top"][:12]:
                 print(f"  {kk['us']:8.1f} ({kk['n']:.0f})  {kk['name']}")
-            pp = plains.get((r["routing"], r["batch"]), {}).get("profile")
+            pp = plains.get((r.get("plain_routing", r["routing"]), r["batch"]), {}).get("profile")
             if pp:
                 print(f"top kernels of the [{r['routing']}] plain step B={r['batch']}:")
                 for kk in pp["top"][:8]:
                     print(f"  {kk['us']:8.1f} ({kk['n']:.0f})  {kk['name']}")
+                print_kernel_diff(r, pr, pp)
+
+
+def print_kernel_diff(r, pr, pp, n=16):
+    """Verify minus plain per kernel name (every kernel of both profiles; XLA numbers its fusions per program, so
+    a fusion may appear under different names in the two steps): the n largest differences."""
+    a = {t["name"]: t for t in pr["top"]}
+    b = {t["name"]: t for t in pp["top"]}
+    diff = sorted(((a.get(nm, {}).get("us", 0.0) - b.get(nm, {}).get("us", 0.0), nm) for nm in set(a) | set(b)),
+                  key=lambda x: -abs(x[0]))
+    print(f"verify minus plain by kernel [{r['routing']}] B={r['batch']} k={r['k']}: us (verify launches / plain "
+          f"launches); the {n} largest of {len(diff)}")
+    for d, nm in diff[:n]:
+        print(f"  {d:+8.1f} ({a.get(nm, {}).get('n', 0):.0f} / {b.get(nm, {}).get('n', 0):.0f})  {nm}")
 
 
 if __name__ == "__main__":

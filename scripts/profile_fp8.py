@@ -43,13 +43,17 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 log = logging.getLogger("profile_fp8")
 
-# kernel name substrings -> category (first match wins; names are the device kernels' own)
+# kernel name substrings -> category (first match wins; names are the device kernels' own). The MoE decode
+# path's kernels (gate_up_h_decode_kernel, down_h_decode_kernel, ...) end in "decode_kernel" too: they are
+# matched first (until session 7 they fell under "MLA"). The MLA and the linear-attention Triton kernels share
+# the names decode_kernel / prefill_kernel, so one category holds both.
 CATEGORIES = [
     ("fp8 dense (Triton)", ("fp8_matmul",)),
     ("fp8 MoE (Triton)", ("gate_up_fp8", "down_fp8")),
-    ("bf16 MoE (Triton)", ("gate_up_kernel", "down_kernel", "moe_gate_up", "moe_down")),
+    ("bf16 MoE (Triton)", ("gate_up", "down_kernel", "down_h_decode", "down_decode", "down_split", "moe_gate_up",
+                           "moe_down")),
     ("linear attention", ("linear", "chunk", "recurrent", "la_", "lightning")),
-    ("MLA", ("mla", "decode_kernel", "paged")),
+    ("attention (MLA + linear Triton)", ("mla", "decode_kernel", "decode_stream", "prefill_kernel", "paged")),
     ("cuBLAS / XLA matmul", ("gemm", "gemv", "cutlass", "xmma", "cublas", "matmul", "triton_dot", "dot")),
     ("XLA fusions (incl. activation quant, split-K sums)", ("fusion", "loop_", "input_", "reduce", "convert",
                                                            "transpose", "concatenate", "copy", "select", "wrapped")),

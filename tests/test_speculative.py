@@ -198,21 +198,54 @@ def test_rollback_is_the_decode_kernel_bit_for_bit():
     np.testing.assert_array_equal(got[[1, 2]], np.asarray(pool)[[1, 2]])
 
 
-def test_greedy_speculative_tiny_model_answers():
-    """The shipped tiny model's MTP layer is trained: most drafts are accepted (multi-token steps), and
-    the answers are the model's greedy answers (held-out examples it answers correctly: README)."""
+@pytest.fixture(scope="module")
+def tiny():
+    """The shipped tiny model (float32, with its trained MTP layer), its tokenizer and held-out examples."""
     from lingjax import evaluate as ev
     from lingjax.engine import load_model
     from tokenizers import Tokenizer
     _, m = load_model(TINY, jnp.float32, mtp=True)
     tok = Tokenizer.from_file(os.path.join(TINY, "tokenizer.json"))
     exs = [ex for t in ("add", "sort") for ex in ev.make_examples(t, 4)]
+    return m, tok, exs
+
+
+def test_greedy_speculative_tiny_model_answers(tiny):
+    """The shipped tiny model's MTP layer is trained: most drafts are accepted (multi-token steps), and
+    the answers are the model's greedy answers (held-out examples it answers correctly: README)."""
+    m, tok, exs = tiny
     prompts = [tok.encode(p, add_special_tokens=False).ids for p, _ in exs]
     eng = Engine(m, max_batch=2, prefill_chunk=8, max_tokens=8, max_len=64, num_speculative_tokens=3)
     out = eng.generate(prompts, SamplingParams(max_new_tokens=12))
     assert [tok.decode(o.token_ids, skip_special_tokens=True) for o in out] == [a for _, a in exs]
     st = eng.stats()
     assert st["acceptance_rate"] > 0.5 and st["tokens_per_step"] > 1.5, st    # k = 3: drafts 2, 3 are weaker
+
+
+def test_verify_paths_decode_kernels_same_tokens_and_states(tiny):
+    """Engine(spec_verify=...) (speculative.VERIFY_PATHS) on the trained tiny model (drafts mostly accepted,
+    so the rollback advances over accepted drafts): "mla_decode" (verify rows' MLA, main and MTP, through
+    the paged decode kernel, a row per token) and "decode" (also the committed row's linear layers through
+    the decode kernel, no prefill-kernel launch, the rollback over the drafts only) give the default path's
+    answers, the same acceptance, and, "decode" against "mla_decode", the same linear states, MLA and MTP
+    latents and drafts bit for bit (the CPU reference: verify_linear's arithmetic is the decode kernel's, and
+    the rollback makes the same decode calls in the same order)."""
+    m, tok, exs = tiny
+    exs = exs[:2] + exs[4:6]
+    prompts = [tok.encode(p, add_special_tokens=False).ids for p, _ in exs]
+    got = {}
+    for verify in ("mla_decode", "decode"):
+        eng = Engine(m, max_batch=2, prefill_chunk=8, max_tokens=8, max_len=64, num_speculative_tokens=3,
+                     spec_verify=verify)
+        out = eng.generate(prompts, SamplingParams(max_new_tokens=12))
+        assert [tok.decode(o.token_ids, skip_special_tokens=True) for o in out] == [a for _, a in exs]
+        assert any(s[0] == "spec+" + verify and s[2] for s in eng.compiled_shapes()), eng.compiled_shapes()
+        got[verify] = eng.stats(), jax.tree.leaves((eng.caches, eng._spec.state))
+    (sa, a), (sb, b) = got["mla_decode"], got["decode"]
+    assert sa["acceptance_rate"] > 0.5 and (sa["spec_drafts"], sa["spec_accepted"]) == (sb["spec_drafts"],
+                                                                                       sb["spec_accepted"])
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_sampling_distribution_matches_plain(model):
@@ -263,6 +296,8 @@ def test_rejected_drafts_leave_no_trace(model, prompts):
 def test_bad_settings(model):
     with pytest.raises(EngineError, match="num_speculative_tokens"):
         Engine(model, num_speculative_tokens=-1)
+    with pytest.raises(EngineError, match="spec_verify"):
+        Engine(model, num_speculative_tokens=1, spec_verify="fast")
     _, no_mtp = load_hf(os.path.join(TINY), dtype=jnp.float32, mtp=False)
     with pytest.raises(EngineError, match="MTP layer"):
         Engine(no_mtp, num_speculative_tokens=1)
@@ -281,6 +316,12 @@ def test_cli_flags_and_score_mtp(tmp_path, capsys):
     assert parser.parse_args(["serve", "--speculative-tokens", "2"]).speculative_tokens == 2
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--speculative-tokens", "-1"])
+    from lingjax.speculative import VERIFY_PATHS
+    for v in VERIFY_PATHS:                       # --spec-verify takes exactly Engine(spec_verify=)'s choices
+        assert parser.parse_args(["serve", "--speculative-tokens", "1", "--spec-verify", v]).spec_verify == v
+    assert parser.parse_args(["generate", "--prompt", "x"]).spec_verify == "prefill"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--spec-verify", "fast"])
     seqs = [[5, 6, 7, 8, 9, 10], [20, 21]]
     (tmp_path / "t.json").write_text(json.dumps(seqs))
     out = tmp_path / "o.npz"
@@ -347,21 +388,58 @@ def test_speculative_on_scattered_small_pages_and_prefix_cache():
     assert small.stats()["free_pages"] == small.num_pages - small.stats()["prefix_cache_pages"]
 
 
-def test_engine_draft_is_the_mtp_head_at_the_last_row(model):
+@pytest.mark.parametrize("verify", ["prefill", "decode"])
+def test_engine_draft_is_the_mtp_head_at_the_last_row(model, plain_greedy, verify):
     """The draft a greedy step leaves for the next one (its MTP logits kept in SpecState) is the MTP head's
     output at the request's last committed row: speculative.mtp_score's row len - 2 of the final sequence
     (main-model hidden state there, embedding of the last token; tests/test_decoder.py checks mtp_score
     against float64 numpy). The step computes the MTP MoE at that row only (mtp_forward(rows=)), the MTP
-    latents at every row: this checks both, through prefill chunks and verify steps."""
+    latents at every row: this checks both, through prefill chunks and verify steps. verify "decode"
+    (speculative.VERIFY_PATHS): the verify steps are decode-only (MLA a row per token, the committed row's
+    linear layers through the decode kernel), the last one's MTP attention ran at that row alone
+    (mtp_forward(attend_rows=True)); random weights, so drafts are mostly rejected (the rollback), and the
+    tokens are the plain engine's (also for one-token prompts)."""
     from lingjax.speculative import mtp_score
     prompt = np.random.default_rng(9).integers(3, model.cfg.vocab_size, 11).tolist()
-    eng = engine(model, 1, 3)
-    out = eng.generate([prompt], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
+    eng = engine(model, 1, 3, spec_verify=verify)
+    sp = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    out = eng.generate([prompt], sp)[0]
+    assert out.token_ids == plain_greedy[2].generate([prompt], sp)[0].token_ids
+    assert eng.stats()["spec_drafts"] >= 4
     seq = prompt + out.token_ids
     want = mtp_score(model, [seq])[0][len(seq) - 2]
     got = np.asarray(eng._spec.state.draft_logits)[0, 0]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
     assert int(np.asarray(eng._spec.state.drafts)[0, 0]) == int(np.argmax(want))
+    # one-token prompts: their first step is decode-only too, from fresh (zero) linear states
+    two = [prompt[:1], prompt[5:6]]
+    assert [o.token_ids for o in eng.generate(two, sp)] == [o.token_ids for o in plain_greedy[2].generate(two, sp)]
+
+
+def test_mla_attention_at_rows_equals_the_whole_batch_at_those_rows(model):
+    """MLA.step_paged(rows=) (the MTP layer's attention with speculative.VERIFY_PATHS other than "prefill"): in a
+    mixed packed batch (a prefill chunk and two decoding requests), the latents written are the whole-batch
+    step's, bit for bit, and the outputs at the chosen rows equal the whole batch's there (float32, 1e-5: the
+    decode kernel against the prefill one)."""
+    from lingjax.batch import StepBatch
+    from lingjax.cache import contiguous_page_table
+    att = next(l for l in model.layers if l.is_mla).attention
+    rng = np.random.default_rng(3)
+    lens, starts = [5, 1, 1], [0, 7, 12]                  # tokens this step, positions already cached
+    T, R, ps, max_len = 8, 3, 4, 32
+    pos = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lens)] + [np.zeros(T - sum(lens), int)])
+    seq = np.concatenate([np.full(n, i) for i, n in enumerate(lens)] + [np.full(T - sum(lens), R)])
+    batch = StepBatch(tokens=jnp.zeros(T, jnp.int32), positions=jnp.asarray(pos, jnp.int32),
+                      token_seq=jnp.asarray(seq, jnp.int32), slots=jnp.arange(R, dtype=jnp.int32),
+                      cu_seqlens=jnp.asarray(np.cumsum([0] + lens), jnp.int32), fresh=jnp.asarray([True, False, False]),
+                      page_table=jnp.asarray(contiguous_page_table(R, max_len, ps)))
+    pages = jnp.asarray(rng.normal(0, 1, (R * max_len // ps, ps, att.latent_dim)), jnp.float32)
+    x = jnp.asarray(rng.normal(0, 1, (T, model.cfg.hidden_size)), jnp.float32)
+    rows = jnp.asarray([4, 5, 6], jnp.int32)               # each request's last row
+    full, p_full = jax.jit(lambda x, p: att.step_paged(x, batch, p))(x, pages)
+    some, p_some = jax.jit(lambda x, p: att.step_paged(x, batch, p, rows=rows))(x, pages)
+    np.testing.assert_array_equal(np.asarray(p_some), np.asarray(p_full))
+    np.testing.assert_allclose(np.asarray(some), np.asarray(full)[np.asarray(rows)], rtol=1e-5, atol=1e-5)
 
 
 def test_server_warm_up_runs_greedy_and_drawing_steps(model):

@@ -125,6 +125,11 @@ def add_speculative(p: argparse.ArgumentParser) -> None:
                         "main model verifies them in the same step (exact: greedy output is unchanged, "
                         "sampling keeps its distribution); steps are then not overlapped. Needs the MTP "
                         "weights (num_nextn_predict_layers >= 1); default 0 (off)")
+    p.add_argument("--spec-verify", choices=("prefill", "mla_decode", "decode"), default="prefill",
+                   help="with --speculative-tokens: how a step of decoding requests only runs its verify rows: "
+                        "prefill (the packed prefill kernels), mla_decode (MLA through the paged decode kernel, a "
+                        "row per token), decode (that, and the linear layers without a prefill-kernel launch). The "
+                        "same greedy tokens; a speed choice. Default %(default)s")
 def add_decode_steps(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-steps", type=int_at_least(1), default=1, metavar="N",
                    help="multi-step decode: when every running request is decoding and none waits, one dispatch "
@@ -217,7 +222,8 @@ def build_engine(args, model_dir, max_len):
                        f"{'--speculative-tokens' if k_spec else '--mtp'} needs it")
     cfg, model = load_model(str(model_dir), dtype, mesh=mesh, mtp=mtp)
     eng = Engine(model, max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, max_len=max_len, mesh=mesh,
-                 kernels=getattr(args, "kernels", None), num_speculative_tokens=k_spec, decode_steps=decode_steps,
+                 kernels=getattr(args, "kernels", None), num_speculative_tokens=k_spec,
+                 spec_verify=getattr(args, "spec_verify", "prefill"), decode_steps=decode_steps,
                  kv_cache_gb=getattr(args, "kv_cache_gb", None),
                  page_size=getattr(args, "page_size", 64),
                  prefix_cache=hasattr(args, "no_prefix_cache") and not args.no_prefix_cache,

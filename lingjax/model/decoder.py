@@ -38,11 +38,16 @@ class DecoderLayer(nnx.Module):
         x = x + (a if self.is_mla else a[0])
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def step(self, x, batch, cache, rows=None):
+    def step(self, x, batch, cache, rows=None, attend_rows=False):
         """cache: this layer's MLA pages [num_pages, page_size, r + rope] or linear states [rows, H, D, D].
         rows [N] (optional): every row's attention runs (it writes the cache), the MLP only at these rows
-        -> [N, d]."""
+        -> [N, d]. attend_rows (an MLA layer with rows): every row's latent is written, but only these rows
+        attend (MLA.step_paged(rows=): the decode kernel at N rows, not the whole batch's attention)."""
         h = self.input_layernorm(x)
+        if attend_rows and rows is not None and self.is_mla:
+            a, cache = self.attention.step_paged(h, batch, cache, rows=rows)
+            x = x[rows] + a
+            return x + self.mlp(self.post_attention_layernorm(x)), cache
         a, cache = (self.attention.step_paged(h, batch, cache) if self.is_mla
                     else self.attention.step(h, batch, cache))
         x = x + a

@@ -130,24 +130,33 @@ class MLA(nnx.Module):
         o = jax.lax.map(attend, (pad(q_nope), pad(q_pe), pad(tok_slot), pad(positions)))
         return o.reshape((n * block,) + o.shape[2:])[:T]
 
-    def step_paged(self, x, batch, pages, block=QUERY_BLOCK):
+    def step_paged(self, x, batch, pages, block=QUERY_BLOCK, rows=None):
         """Engine step over a packed batch with the paged latent cache (lingjax/kernels/mla/__init__.py).
         x [T, d]; pages [num_pages, page_size, r + rope]; batch.page_table [R, max_pages] (row r: the pages of
         request row r) must already hold pages for every position the batch writes. Writes the tokens'
         latents, then each token attends to its own request's positions <= its own (decode-only batches:
         the decode kernel; otherwise the paged prefill: the GPU kernel once over the whole packed batch, the
-        jnp reference `block` query tokens at a time, see mla_kernels.prefill). -> (out [T, d], new pages)."""
-        q_nope, q_pe = self.query(x, batch.positions)
-        rows, table = batch.token_rows, batch.page_table
-        pages = mla_kernels.write(pages, table, rows, batch.positions, self.latent(x, batch.positions),
+        jnp reference `block` query tokens at a time, see mla_kernels.prefill). -> (out [T, d], new pages).
+        rows [N] (optional): every token's latent is written, but only the tokens at these rows attend (the
+        decode kernel, one query row each with its own length, in any batch) -> (out [N, d], new pages)."""
+        toks, table = batch.token_rows, batch.page_table
+        pages = mla_kernels.write(pages, table, toks, batch.positions, self.latent(x, batch.positions),
                                   impl=self.kernels)
         w_uk, w_uv = self._kv_b()
+        if rows is not None:
+            pos = batch.positions[rows]
+            q_nope, q_pe = self.query(x[rows], pos)
+            q_lat = jnp.einsum('thn,rhn->thr', q_nope, w_uk.astype(q_nope.dtype), preferred_element_type=F32)
+            ctx = mla_kernels.decode(q_lat, q_pe, pages, table, toks[rows], pos + 1, self.scaling, impl=self.kernels)
+            o = jnp.einsum('thr,rhv->thv', ctx, w_uv.astype(F32), preferred_element_type=F32)
+            return tp_psum(self.dense(o.astype(x.dtype).reshape(o.shape[0], -1), partial=True)), pages
+        q_nope, q_pe = self.query(x, batch.positions)
         q_lat = jnp.einsum('thn,rhn->thr', q_nope, w_uk.astype(q_nope.dtype), preferred_element_type=F32)
         if batch.decode_only:
-            ctx = mla_kernels.decode(q_lat, q_pe, pages, table, rows, batch.positions + 1, self.scaling,
+            ctx = mla_kernels.decode(q_lat, q_pe, pages, table, toks, batch.positions + 1, self.scaling,
                                      impl=self.kernels)
         else:
-            ctx = mla_kernels.prefill(q_lat, q_pe, pages, table, rows, batch.positions, self.scaling,
+            ctx = mla_kernels.prefill(q_lat, q_pe, pages, table, toks, batch.positions, self.scaling,
                                       impl=self.kernels, block=block)
         o = jnp.einsum('thr,rhv->thv', ctx, w_uv.astype(F32), preferred_element_type=F32)
         return tp_psum(self.dense(o.astype(x.dtype).reshape(o.shape[0], -1), partial=True)), pages
