@@ -123,6 +123,12 @@ def _decode_inputs(case):
     a, aq, as_ = _dec_acts(act)                      # per-row quantization: rows of one quantized array
     x, h = slice(0, T), slice(DEC_ROWS, DEC_ROWS + T * k)
     out = dict(idx=idx, x=a[x], h=a[h], xq=aq[x], xs=as_[x], hq=aq[h], hs=as_[h])
+    return _with_weights(out, ws)
+
+
+def _with_weights(out, ws):
+    """out (activations) + the experts' weights ws {name: [(FP8 param, float weight)]}: quantized values (as
+    uint8, also K-major), scales, float64 dequantized and the float originals, for a child case."""
     for n, lst in ws.items():
         out[f"w{n}q"] = np.stack([p.q for p, _ in lst])
         out[f"w{n}s"] = np.stack([np.asarray(p.scale, np.float32) for p, _ in lst])
@@ -214,17 +220,7 @@ def _moe_inputs(case):
     out = dict(row_token=np.asarray(lay.row_token), block_expert=np.asarray(lay.block_expert), x=x, h=h)
     out["xq"], out["xs"] = _act_parts(x, act)
     out["hq"], out["hs"] = _act_parts(h, act)
-    for n, lst in ws.items():
-        out[f"w{n}q"] = np.stack([p.q for p, _ in lst])
-        out[f"w{n}s"] = np.stack([np.asarray(p.scale, np.float32) for p, _ in lst])
-        out[f"w{n}64"] = np.stack([_dequant(p) for p, _ in lst])
-        out[f"w{n}full"] = np.stack([w for _, w in lst])
-        out["block"] = np.array(lst[0][0].block)
-    for key in ("xq", "hq", "wgq", "wuq", "wdq"):
-        out[key] = _u8(out[key])
-    for key in ("wgq", "wuq", "wdq"):
-        out[key + "_k"] = _u8(np.swapaxes(out[key], 1, 2))
-    return out
+    return _with_weights(out, ws)
 
 
 # ------------------------------------------------------------------------------------------ child
