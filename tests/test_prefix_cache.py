@@ -6,7 +6,8 @@ shapes compute a prefix (float rounding, ~1e-6 here), never what is computed. Wo
 prefixes of random lengths (page-aligned and not), exact repeats, a prompt that is a prefix of another,
 concurrent requests sharing a prefix, evictions under a small page pool and few state rows, aborts, and a
 slot reused right after a hit (the bug class of a hit reading another request's stale state). Cached
-states and pages are checked bit for bit after the requests that read them have run.
+states and pages are checked bit for bit after the requests that read them have run, and a hit whose steps
+line up with the cache-off engine's is equal to it bit for bit.
 
 The cache-off engines get num_slots = max_batch + state rows, so that their caches have the cache-on
 engines' shapes and both share the compiled steps."""
@@ -254,3 +255,28 @@ def test_saves_cost_no_step_and_a_repeat_resumes_near_its_end(model):
         settled(on)
     with pytest.raises(Exception, match="prefix_cache_save_last"):
         Engine(model, prefix_cache=True, prefix_cache_save_last="no", **common)
+
+
+def test_a_hit_whose_steps_line_up_with_the_off_engine_is_bit_for_bit(model):
+    """bench_prefix's device check, on the CPU (chunk 16, page 8, prompts of 29 tokens sharing 16). The fill
+    saves its state at 16, the start of its last chunk. A hit of another prompt restores it and prefills the
+    13 others in one step, as the cache-off engine's second chunk does: the same compiled steps over the same
+    numbers, so tokens and top-20 logprobs are equal bit for bit. The fill's own prompt again walks its cached
+    tail block too and saves a state where it leaves that path (24), so its prefill splits (16..24, 24..29):
+    other steps, equal within the file's 1e-5 only."""
+    rng = np.random.default_rng(7)
+    V = model.cfg.vocab_size
+    shared = rng.integers(3, V, 16).tolist()
+    a, b = (shared + rng.integers(3, V, 13).tolist() for _ in range(2))
+    common = dict(max_batch=B, prefill_chunk=16, max_len=MAX_LEN, page_size=PS, num_pages=PAGES)
+    on = Engine(model, prefix_cache=True, prefix_cache_states=ROWS, **common)
+    off = Engine(model, num_slots=B + ROWS, **common)
+    want_a, want_b = off.generate([a], SP), off.generate([b], SP)
+    same(on.generate([a], SP), want_a)                                     # the fill: its state saved at 16
+    for prompt, want, prefill_steps, exact in ((b, want_b, 1, True), (a, want_a, 2, False)):
+        before = (on.steps, on.stats()["prefix_cache_hit_tokens"])
+        got = on.generate([prompt], SP)
+        assert (on.steps - before[0], on.stats()["prefix_cache_hit_tokens"] - before[1]) == (prefill_steps + 3, 16)
+        same(got, want)
+        if exact:
+            assert got[0].top_logprobs == want[0].top_logprobs
