@@ -13,6 +13,7 @@ caches donated). Per row:
 Then --steps back-to-back steps run under the XLA profiler; per device (GPU i), per step:
   busy         summed kernel time (all streams)
   all-reduce   kernels whose name says NCCL / all-reduce, their time and count
+  and, per row (device 0), the 30 kernel names and the streams with the most device time per step
   kernels      kernel launches
   span         first kernel start to last kernel end over the traced steps, per step
   idle         span - busy (negative when streams overlap)
@@ -54,10 +55,19 @@ def per_device(xspace_bytes, steps):
         ar = [(d, n) for _, d, n in ev if any(k in n.lower() for k in ALL_REDUCE)]
         span = max(t + d for t, d, _ in ev) - min(t for t, _, _ in ev)
         busy = sum(d for _, d, _ in ev)
+        by_name, by_stream = {}, {}
+        for ln in lines:
+            for e in ln.events:
+                for key, table in ((e.name[:80], by_name), (ln.name, by_stream)):
+                    n, t = table.get(key, (0, 0))
+                    table[key] = (n + 1, t + e.duration_ns)
+        per_step = lambda table, top: [dict(name=k, per_step=n / steps, us=t / 1e3 / steps)
+                                       for k, (n, t) in sorted(table.items(), key=lambda kv: -kv[1][1])[:top]]
         out[plane.name] = dict(busy_us=busy / 1e3 / steps, all_reduce_us=sum(d for d, _ in ar) / 1e3 / steps,
                                all_reduces=len(ar) / steps, kernels=len(ev) / steps, span_us=span / 1e3 / steps,
                                idle_us=(span - busy) / 1e3 / steps, streams=len(lines),
-                               all_reduce_kernels=sorted({n[:80] for _, n in ar}))
+                               all_reduce_kernels=sorted({n[:80] for _, n in ar}),
+                               top_kernels=per_step(by_name, 30), stream_busy=per_step(by_stream, 16))
     return out
 
 
@@ -148,6 +158,15 @@ def main(argv=None):
     for r in report["rows"]:
         for name, d in (r.get("devices") or {}).items():
             log.info("B=%d %s all-reduce kernels: %s", r["batch"], name, d["all_reduce_kernels"])
+            # session 6 call C matched one all-reduce kernel per step where every layer reduces twice: the kernel
+            # names and streams by time show what the collectives are called (count per step ~ 2 x layers)
+            print(f"\nB={r['batch']} {name}: kernels by device time per step (first 80 characters of the name)")
+            print("| kernel | per step | us per step |\n|---|---|---|")
+            for k in d["top_kernels"]:
+                print(f"| {k['name']} | {k['per_step']:.1f} | {k['us']:.1f} |")
+            print("| stream | kernels per step | us per step |\n|---|---|---|")
+            for k in d["stream_busy"]:
+                print(f"| {k['name']} | {k['per_step']:.1f} | {k['us']:.1f} |")
             break
 
 
