@@ -601,6 +601,7 @@ class Engine:
             overlap = False
             max_tokens = max(max_tokens, max_batch * (k_spec + 1))
         self.num_speculative_tokens = k_spec
+        self.spec_verify = spec_verify
         self.decode_steps = int(decode_steps)
         self.xla_options = _check_xla_options(xla_options)
         if decode_order not in ("first", "last"):

@@ -682,8 +682,11 @@ def warm_up(engine, *, logprobs: bool = False, threads: int | None = None) -> in
     step) and, when T >= prefill_chunk, a prefill-only step (prompts one token longer than their first
     chunk: nothing samples); then a decode step at temperature 1 (the greedy runs compiled the "greedy"
     twin of the decode step, see engine.py); with engine.decode_steps > 1, the multi-step decode windows
-    (greedy and drawing). With logprobs=True also the sampling steps that return top logprobs. Call it
-    before the EngineLoop starts. Logs the time taken and where it went. -> the compilations this caused.
+    (greedy and drawing). With speculative decoding also a prefill-only step of the whole step budget when
+    that is not whole chunks, and on a decode-only verify path (Engine(spec_verify=) not "prefill") a decode
+    step carrying drafts for every token bucket such steps can fill (greedy and drawing). With logprobs=True
+    also the sampling steps that return top logprobs. Call it before the EngineLoop starts. Logs the time
+    taken and where it went. -> the compilations this caused.
     (Compiling in parallel, XLA's GPU autotuner times its candidates with other compilations running, less
     accurately: it may warn "Delay kernel timed out"; threads=1 for the most exact choice.)"""
     before = engine.compile_count
@@ -695,27 +698,49 @@ def warm_up(engine, *, logprobs: bool = False, threads: int | None = None) -> in
     t1 = time.perf_counter()
     pre = compile_events() - events
 
-    def run(lens, temperature=0.0):
+    def run(lens, temperature=0.0, max_new=2):
         prompts = [[3 + (i + j) % max(vocab - 3, 1) for j in range(n)] for i, n in enumerate(lens)]
         for top in ([None, MAX_LOGPROBS] if logprobs else [None]):
             engine.clear_prefix_cache()             # a hit would skip the shape meant to compile
-            engine.generate(prompts, SamplingParams(max_new_tokens=2, ignore_eos=True, logprobs=top,
+            engine.generate(prompts, SamplingParams(max_new_tokens=max_new, ignore_eos=True, logprobs=top,
                                                     temperature=temperature))
 
     # a speculative engine compiles each step shape twice, greedy and drawing (the choice is static:
     # lingjax.speculative._spec_step_fn), so every bucket runs at both temperatures there
-    temps = (0.0, 1.0) if getattr(engine, "num_speculative_tokens", 0) else (0.0,)
+    k_spec = getattr(engine, "num_speculative_tokens", 0)
+    temps = (0.0, 1.0) if k_spec else (0.0,)
+    bucket = lambda n: next(t for t in engine.t_buckets if t >= n)              # noqa: E731
     for T in engine.t_buckets:
         lens, left = [], T                          # sampling step of T tokens
         while left > 0 and len(lens) < engine.max_batch:
             lens.append(min(left, c, cap))
             left -= lens[-1]
+        # no one-token prompt beside others: the scheduler takes it as a decode, which with speculative
+        # decoding reserves k + 1 tokens of the step's budget (the step would not hold T tokens)
+        if len(lens) > 1 and lens[-1] == 1 and lens[-2] > 2:
+            lens[-2:] = [lens[-2] - 1, 2]
         for temp in temps:
             run(lens, temp)
         k = min(T // c, engine.max_batch)           # prefill-only step: k full chunks, none ends its prompt
         if k and c + 1 <= cap:
             run([c + 1] * k)
+        # with speculative decoding the step budget (at least max_batch (k + 1)) need not be whole chunks: a
+        # prefill-only step of the whole budget, k full chunks and a partial one
+        r = T - k * c
+        if k_spec and r > 0 and T == bucket(engine.max_tokens) and k + 1 <= engine.max_batch and max(c, r) < cap:
+            run([c + 1] * k + [r + 1])
     run([1], temperature=1.0)                       # one-token prompt: decode-only steps that draw
+    if k_spec and getattr(engine, "spec_verify", "prefill") != "prefill":
+        # the decode-only verify steps (lingjax.speculative.VERIFY_PATHS) are executables of their own per token
+        # bucket: n decoding requests with d drafts each pack n (1 + d) tokens. One (n, d) per bucket, run as n
+        # one-token prompts with max_new_tokens d + 2 (their first decode step carries d drafts), greedy and drawing
+        runs = {}
+        for n in range(1, engine.max_batch + 1):
+            for d in range(min(k_spec, cap - 2) + 1):
+                runs.setdefault(bucket(n * (1 + d)), (n, d))
+        for n, d in runs.values():
+            for temp in temps:
+                run([1] * n, temp, max_new=d + 2)
     warm_up_windows(engine, [None, MAX_LOGPROBS] if logprobs else [None])
     engine.clear_prefix_cache()
     late = compile_events() - events - pre

@@ -248,6 +248,23 @@ def test_verify_paths_decode_kernels_same_tokens_and_states(tiny):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_warm_up_compiles_every_speculative_step(model, prompts):
+    """lingjax.server.warm_up on a speculative engine (k = 2, max_batch 3: a step budget of 9 tokens, not whole
+    chunks of 8) whose decode-only steps take a verify path of their own (spec_verify="decode": executables
+    apart from the prefill-shaped steps, per token bucket): afterwards greedy and drawn generation over a batch
+    mix compiles nothing more. (Before session 7 the 9-token prefill-shaped steps and the decode-only steps
+    carrying drafts compiled at first use.)"""
+    from lingjax.server import compile_events, warm_up
+    eng = Engine(model, max_batch=3, prefill_chunk=8, max_tokens=8, max_len=96, num_speculative_tokens=2,
+                 spec_verify="decode")              # t_buckets 8 and 9
+    warm_up(eng, threads=1)
+    pre = compile_events()
+    for temperature in (0.0, 1.0):
+        eng.generate(prompts, SamplingParams(max_new_tokens=7, temperature=temperature, seed=1, ignore_eos=True))
+    assert (compile_events() - pre)["compiles"] == 0
+    assert any(s[0].startswith("spec+") and s[0].endswith("+decode") and s[2] for s in eng.compiled_shapes())
+
+
 def test_sampling_distribution_matches_plain(model):
     """Joint distribution of the first two sampled tokens (temperature 1, top_k 3: at most 9 outcomes),
     700 seeds each, speculative (k = 2) vs plain: chi-square homogeneity."""
