@@ -125,11 +125,14 @@ def add_speculative(p: argparse.ArgumentParser) -> None:
                         "main model verifies them in the same step (exact: greedy output is unchanged, "
                         "sampling keeps its distribution); steps are then not overlapped. Needs the MTP "
                         "weights (num_nextn_predict_layers >= 1); default 0 (off)")
+    # lingjax.speculative.VERIFY_PATHS, spelled out: importing the runtime here would make --help take ~1.3 s
     p.add_argument("--spec-verify", choices=("prefill", "mla_decode", "decode"), default="prefill",
                    help="with --speculative-tokens: how a step of decoding requests only runs its verify rows: "
                         "prefill (the packed prefill kernels), mla_decode (MLA through the paged decode kernel, a "
                         "row per token), decode (that, and the linear layers without a prefill-kernel launch). The "
                         "same greedy tokens; a speed choice. Default %(default)s")
+
+
 def add_decode_steps(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-steps", type=int_at_least(1), default=1, metavar="N",
                    help="multi-step decode: when every running request is decoding and none waits, one dispatch "
