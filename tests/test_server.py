@@ -253,17 +253,23 @@ def test_disconnect_frees_the_slot(served):
     text = httpx.get(base + "/metrics", timeout=TIMEOUT).text
     aborts = metric(base, ABORTS) if ABORTS in text else 0
     body = {"model": NAME, "prompt": "ab", "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True}
-    with httpx.Client(timeout=TIMEOUT) as h:
-        with h.stream("POST", base + "/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            events = 0
-            for line in r.iter_lines():
-                events += line.startswith("data: ")
-                if events == 3:
-                    break
-            assert loop.stats()["running"] == 1
-        # the response is closed: the connection drops mid-stream
-    wait_idle(loop, 2.0)
+    # On a loaded 2-core machine the engine thread can emit all 200 tokens before this thread reads the third
+    # event (seen once in CI): then the request ended normally, nothing was aborted, and the drop is tried again.
+    for _ in range(5):
+        with httpx.Client(timeout=TIMEOUT) as h:
+            with h.stream("POST", base + "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                events = 0
+                for line in r.iter_lines():
+                    events += line.startswith("data: ")
+                    if events == 3:
+                        break
+                live = loop.stats()["running"] == 1
+            # the response is closed: the connection drops mid-stream
+        wait_idle(loop, 2.0)
+        if live:
+            break
+    assert live
     assert metric(base, ABORTS) == aborts + 1
     assert metric(base, "lingjax_num_requests_running") == 0 and metric(base, "lingjax_cache_usage_ratio") == 0
 
