@@ -526,9 +526,11 @@ class Engine:
                    (lingjax/speculative.py; the model must be loaded with its MTP layer). Steps are then
                    not overlapped, and max_tokens is raised to at least max_batch * (k + 1). 0: off.
     spec_verify    with speculative decoding: how a step of decoding requests only runs its verify rows, one
-                   of lingjax.speculative.VERIFY_PATHS: "prefill" (default: the packed prefill kernels),
-                   "mla_decode" (MLA through the paged decode kernel, a row per token), "decode" (that, and the
-                   linear layers without a prefill-kernel launch). Same greedy tokens; a speed choice.
+                   of lingjax.speculative.VERIFY_PATHS: "prefill" (the packed prefill kernels), "mla_decode" (MLA
+                   through the paged decode kernel, a row per token), "decode" (default: that, and the linear
+                   layers without a prefill-kernel launch; the fastest on H200, session 8: 1.26x a plain step
+                   at B=1 k=1 against prefill's 1.41x, scripts/bench_notes_spec.md). Same greedy tokens; a
+                   speed choice. Steps with a prefill chunk always verify through "prefill".
     page_size      MLA latent positions per page (default 64)
     kv_cache_gb    memory for the MLA latent pages in GiB (per device; the pool is replicated under tp);
                    num_pages = kv_cache_gb / ((MLA layers, + 1 for the MTP layer with speculative decoding)
@@ -560,7 +562,7 @@ class Engine:
                  kv_cache_gb: float | None = None, num_pages: int | None = None,
                  page_shuffle_seed: int | None = None, prefix_cache: bool = False,
                  prefix_cache_states: int | None = None, prefix_cache_save_last: bool = True,
-                 num_speculative_tokens: int = 0, spec_verify: str = "prefill", decode_steps: int = 1,
+                 num_speculative_tokens: int = 0, spec_verify: str = "decode", decode_steps: int = 1,
                  xla_options: dict | None = None):
         cfg = model.cfg
         self.cfg = cfg

@@ -730,7 +730,7 @@ def warm_up(engine, *, logprobs: bool = False, threads: int | None = None) -> in
         if k_spec and r > 0 and T == bucket(engine.max_tokens) and k + 1 <= engine.max_batch and max(c, r) < cap:
             run([c + 1] * k + [r + 1])
     run([1], temperature=1.0)                       # one-token prompt: decode-only steps that draw
-    if k_spec and getattr(engine, "spec_verify", "prefill") != "prefill":
+    if k_spec and getattr(engine, "spec_verify", "decode") != "prefill":
         # the decode-only verify steps (lingjax.speculative.VERIFY_PATHS) are executables of their own per token
         # bucket: n decoding requests with d drafts each pack n (1 + d) tokens. One (n, d) per bucket, run as n
         # one-token prompts with max_new_tokens d + 2 (their first decode step carries d drafts), greedy and drawing

@@ -78,12 +78,13 @@ F32 = jnp.float32
 # (Engine(spec_verify=...)); steps with a prefill chunk or a score request always take "prefill" (they share its
 # compiled steps).
 #   prefill     every row in the packed prefill-shaped step: MLA through the paged prefill kernel, the linear
-#               layers' prefill kernel launched with the verify slots skipped (the default)
+#               layers' prefill kernel launched with the verify slots skipped
 #   mla_decode  the main MLA layers through the paged decode kernel, one row per token with its own length
 #               (StepBatch.decode_only), and the MTP layer's attention only at the one row per request whose
 #               output is used (mtp_forward(attend_rows=True): the decode kernel); the linear layers as "prefill"
 #   decode      "mla_decode", and no linear prefill-kernel launch: the committed row through the decode kernel,
 #               the drafts from the state after it (main_hidden(first_decode=True)); k rollback calls, not k + 1
+#               (the default: the fastest on H200, session 8, scripts/bench_notes_spec.md)
 VERIFY_PATHS = ("prefill", "mla_decode", "decode")
 TAG_DRAFT, TAG_ACCEPT, TAG_RESIDUAL = 1, 2, 3
 MAX_LOGPROBS = 20

@@ -12,7 +12,11 @@ caches donated). Per row:
   alone ms     one call and its sync (host + device, nothing overlapped)
 Then --steps back-to-back steps run under the XLA profiler; per device (GPU i), per step:
   busy         summed kernel time (all streams)
-  all-reduce   kernels whose name says NCCL / all-reduce, their time and count
+  all-reduce   the collectives: kernels whose name says NCCL / all-reduce / psum, their time and count. On
+               nvidia-h200-x2 (jax 0.11.2) XLA runs shard_map's psums as its own kernels named after the op
+               (psum_invariant_<n>_0_fusion_1), on streams of their own, 2 per layer; NCCL only for a gather
+               (session 8 call 1, scripts/results/session8/call1/tp). A kernel's time includes its wait
+               for the other device
   and, per row (device 0), the 30 kernel names and the streams with the most device time per step
   kernels      kernel launches
   span         first kernel start to last kernel end over the traced steps, per step
@@ -29,6 +33,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import statistics
 import sys
 import time
@@ -36,7 +41,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 log = logging.getLogger("profile_tp")
 
-ALL_REDUCE = ("nccl", "allreduce", "all_reduce", "all-reduce")
+ALL_REDUCE = ("nccl", "allreduce", "all_reduce", "all-reduce", "psum")
 
 
 def per_device(xspace_bytes, steps):
@@ -66,7 +71,7 @@ def per_device(xspace_bytes, steps):
         out[plane.name] = dict(busy_us=busy / 1e3 / steps, all_reduce_us=sum(d for d, _ in ar) / 1e3 / steps,
                                all_reduces=len(ar) / steps, kernels=len(ev) / steps, span_us=span / 1e3 / steps,
                                idle_us=(span - busy) / 1e3 / steps, streams=len(lines),
-                               all_reduce_kernels=sorted({n[:80] for _, n in ar}),
+                               all_reduce_kernels=sorted({re.sub(r"\d+", "N", n[:80]) for _, n in ar}),
                                top_kernels=per_step(by_name, 30), stream_busy=per_step(by_stream, 16))
     return out
 

@@ -241,29 +241,21 @@ def test_moe_fp8_decode_path_compiles_for_sm90(jax_triton_call, T, quant_a):
     assert calls[1].params["QUANT_A"] == quant_a
 
 
-@pytest.mark.parametrize("option", ["8 warps", "w16"])
+@pytest.mark.parametrize("option", ["default", "w16"])
 def test_moe_fp8_prefill_options_compile_without_spills(jax_triton_call, monkeypatch, option):
-    """Session 7's prefill options at flash's T=4096 (128-row blocks), traced through the moe dispatch and compiled
-    for sm_90a without register spills (pick_config's 4-warp tiles spill: a [128, 128] float32 accumulator and the
-    per-k-step product it adds need ~256 registers a thread): the FP8 kernels with 8 warps (bench_fp8's tag P) on
-    the fp8 wgmma, and PREFILL_W16 (w16: weight tiles dequantized in the kernel, the bf16 kernels' tiles) on the
+    """The prefill kernels at flash's T=4096 (128-row blocks), traced through the moe dispatch and compiled for
+    sm_90a without register spills (4-warp tiles spill: a [128, 128] float32 accumulator and the per-k-step product
+    it adds need ~256 registers a thread): the default, the FP8 kernels with 8 warps (bench_fp8's tag P, the
+    default since session 8) on the fp8 wgmma, and session 7's option PREFILL_W16 (w16: weight tiles dequantized in the kernel, the bf16 kernels' tiles) on the
     bf16 wgmma, its activations passed quantize-dequantized in bf16; float32 tokens keep the fp8 products."""
     E, d, I, k, T = 256, 4096, 1024, 8, 4096
     wg, wd = _fp8_weight(d, I, E=E, kmajor=True), _fp8_weight(I, d, E=E, kmajor=True)
     args = (sd((T, d), jnp.bfloat16), sd((T, k), jnp.int32), sd((T, k), jnp.float32), wg, wg, wd)
     if option == "w16":
         monkeypatch.setattr(gpu_fp8, "PREFILL_W16", True)
-        jx = jax.make_jaxpr(lambda *a: moe_kernels.experts(*a, impl="gpu"))(*args)
         f32 = jax.make_jaxpr(lambda *a: moe_kernels.experts(*a, impl="gpu"))(sd((T, d), jnp.float32), *args[1:])
         assert not any(c.params["W16"] for c in _triton_calls(jax_triton_call, f32.jaxpr))
-    else:
-        gc = dataclasses.replace(gpu_fp8.pick_config("gate_up", 128, d, I, "group"), num_warps=8)
-        dc = dataclasses.replace(gpu_fp8.pick_config("down", 128, I, d, "group"), num_warps=8)
-
-        def f(x, idx, cw, a, b, c):
-            lay = moe_kernels.make_layout(idx, E, 128, gpu_fp8.pick_layout_method(T * k))
-            return gpu_fp8.grouped(x, lay, a, b, c, gate_up_config=gc, down_config=dc)
-        jx = jax.make_jaxpr(f)(*args)
+    jx = jax.make_jaxpr(lambda *a: moe_kernels.experts(*a, impl="gpu"))(*args)
     calls = _triton_calls(jax_triton_call, jx.jaxpr)
     assert [c.params["fn"].fn.__name__ for c in calls] == ["gate_up_fp8_kernel", "down_fp8_kernel"]
     for c in calls:

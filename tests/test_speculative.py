@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lingjax import speculative
 from lingjax.engine import Engine, EngineError, SamplingParams
 from lingjax.speculative import accept
 from lingjax.testing import tiny_config, write_tiny_checkpoint
@@ -235,6 +236,7 @@ def test_verify_paths_decode_kernels_same_tokens_and_states(tiny):
     prompts = [tok.encode(p, add_special_tokens=False).ids for p, _ in exs]
     got = {}
     for verify in ("mla_decode", "decode"):
+        speculative.clear_compiled()        # other tests compiled these shapes ("decode" is the default): trace again
         eng = Engine(m, max_batch=2, prefill_chunk=8, max_tokens=8, max_len=64, num_speculative_tokens=3,
                      spec_verify=verify)
         out = eng.generate(prompts, SamplingParams(max_new_tokens=12))
@@ -336,7 +338,7 @@ def test_cli_flags_and_score_mtp(tmp_path, capsys):
     from lingjax.speculative import VERIFY_PATHS
     for v in VERIFY_PATHS:                       # --spec-verify takes exactly Engine(spec_verify=)'s choices
         assert parser.parse_args(["serve", "--speculative-tokens", "1", "--spec-verify", v]).spec_verify == v
-    assert parser.parse_args(["generate", "--prompt", "x"]).spec_verify == "prefill"
+    assert parser.parse_args(["generate", "--prompt", "x"]).spec_verify == "decode"
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--spec-verify", "fast"])
     seqs = [[5, 6, 7, 8, 9, 10], [20, 21]]

@@ -86,11 +86,14 @@ def pick_config(kind: str, block_m: int, K: int, N: int, act: str = "none", dtyp
     (the XLA pass over h it saves is smaller than what the wider tiles cost); the quantize_kernel
     launch for x against XLA's passes (xla_quant) 535.6 against 508.1 at T=16. Session 7 (CPU, ptxas for
     sm_90a): at 128-row blocks these 4-warp tiles spill registers (gate_up 8, down 560 bytes of spill stores: a
-    [128, 128] float32 accumulator plus the per-k-step product it scales and adds); 8 warps do not (bench_fp8's
-    tag P, not measured). PREFILL_W16 (16-bit dtype only) gives 128-row blocks w16 with the bf16 kernels' tiles."""
+    [128, 128] float32 accumulator plus the per-k-step product it scales and adds); 8 warps do not, so 128-row
+    blocks take 8 warps (bench_fp8's tag P; session 8 call 1, flash's experts at T=4096: 2513.6 us per call
+    against 3260.3 with 4 warps, scripts/results/session8/call1/fp8). PREFILL_W16 (16-bit dtype only) gives 128-row blocks w16 with the bf16 kernels' tiles."""
     bn = 128 if kind == "down" else 64
     c = Config(block_n=bn, block_k=128, group_m=1 if block_m <= 32 else 8, num_warps=4,
                num_stages=4 if block_m <= 32 else 3, quant_a=False)
+    if block_m >= 128:        # 8 warps: no register spills (see above)
+        c = dataclasses.replace(c, num_warps=8)
     if block_m < 64:          # swapped operands: small accumulators ([BLOCK_N, block_m]), 4 warps, 3-4 stages
         c = dataclasses.replace(c, swap_ab=True, num_warps=4, num_stages=3 if c.block_n * (1 + (kind == "gate_up")) > 128 else 4)
     if block_m >= 128 and PREFILL_W16 and dtype in (jnp.bfloat16, jnp.float16):
