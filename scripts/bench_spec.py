@@ -376,7 +376,7 @@ def main(argv=None):
     p.add_argument("--routing-stats", action="store_true",
                    help="no timing: count the distinct experts each step's tokens touch per MoE layer (a recorder on "
                         "the router, traced fresh) against the floor's uniform formula (module docstring)")
-    p.add_argument("--verify-paths", default="prefill",
+    p.add_argument("--verify-paths", default="decode",
                    help="comma list of verify paths (lingjax.speculative.VERIFY_PATHS: prefill, mla_decode, decode; "
                         "Engine(spec_verify=...)): every verify measurement is repeated per path, the rows labelled "
                         "'verify=<path>' when not the default alone; default %(default)s")
@@ -498,7 +498,7 @@ def main(argv=None):
                      f"gaps {vprof['gap_us'] / 1e3:.3f} ms, {vprof['launches']:.0f} launches" if vprof else "")
             save()
         for k, path in [(k, v) for k in (ks if B == order[0][0] else large_ks) for v in vpaths]:
-            label = routing if vpaths == ["prefill"] else f"{routing}, verify={path}"
+            label = routing if vpaths == ["decode"] else f"{routing}, verify={path}"
             if time.perf_counter() - t0 > args.time_budget:
                 skipped.append(f"{label} B={B} k={k}")
                 continue
