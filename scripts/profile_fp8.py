@@ -234,6 +234,24 @@ def profile_mode(model, cfg, B, C, steps, reps, page_size, smoke):
     return out
 
 
+def profile_prefill(model, cfg, L, reps, smoke):
+    """One prefill step of a prompt of L tokens (bench_e2e.prefill_ms: Engine.generate, one token), its wall time
+    (median of reps after a warm-up) and, on a GPU, its kernels traced as profile_mode's."""
+    import jax
+    from bench_e2e import prefill_engine, prefill_ms
+    from bench_linear_attention import device_trace
+    from lingjax.engine import SamplingParams
+    eng = prefill_engine(model, None, 1, L)
+    out = dict(step_ms=prefill_ms(model, None, cfg, 1, L, reps, eng=eng), compile_s=0.0)
+    if smoke or jax.default_backend() != "gpu":
+        return out
+    prompt = np.random.default_rng(L).integers(2, cfg.vocab_size, L).tolist()
+    sp = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    eng.generate([prompt], sp)
+    out.update(per_step_kernels(device_trace(lambda: eng.generate([prompt], sp), 1), 1, top=25))
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="flash8", help="model shapes (scripts/shapes.py; default flash8)")
@@ -255,6 +273,9 @@ def main(argv=None):
                         "steps and the check's moe.experts (default: the library's, 0 = the grouped path always)")
     p.add_argument("--fp8-moe-quant-h", action="store_true",
                    help="FP8 MoE decode path: down quantizes h itself (gpu_fp8.DECODE_QUANT_H)")
+    p.add_argument("--prefill", type=int, default=0, metavar="L",
+                   help="also profile, per mode, one prefill step of a prompt of L tokens (rows '<mode> prefill L'; "
+                        "their floor column is left empty); default 0: none")
     p.add_argument("--check-only", action="store_true",
                    help="FP8 modes: only the device check of the kernels against the reference math (no timing)")
     p.add_argument("--smoke", action="store_true", help="CPU plumbing check: tiny preset, no trace")
@@ -332,6 +353,19 @@ def main(argv=None):
                 log.info("  %-50s %8.1f us/step  %5.0f launches/step", c, v["us"], v["n"])
             for k in row.get("top", [])[:12]:
                 log.info("  %8.1f us (%.0f)  %s", k["us"], k["n"], k["name"])
+        if args.prefill:
+            L = 16 if args.smoke else args.prefill
+            key = f"{mode} prefill {L}"
+            row = dict(batch=1, prefill=L, init_s=init_s, weight_bytes=weight_bytes(model), floor_ms=None,
+                       **profile_prefill(model, cfg, L, reps, args.smoke))
+            report["modes"][key] = row
+            with open(path, "w") as f:
+                json.dump(report, f, indent=1)
+            log.info("%s: %.2f ms, %.0f s so far", key, row["step_ms"], time.perf_counter() - t_all)
+            for c, v in sorted(row.get("categories", {}).items(), key=lambda kv: -kv[1]["us"]):
+                log.info("  %-50s %8.1f us/step  %5.0f launches/step", c, v["us"], v["n"])
+            for k in row.get("top", [])[:16]:
+                log.info("  %8.1f us (%.0f)  %s", k["us"], k["n"], k["name"])
     if args.check_only:
         print("FP8 kernels vs the reference math on the device:", {m: r.get("check") for m, r in report["modes"].items()})
         return 0
@@ -339,7 +373,8 @@ def main(argv=None):
           f"decode B={','.join(map(str, batches))} C={C}, {args.scheme}")
     print("| mode | step ms | floor ms | busy us | gaps us | kernels/step | GiB weights |\n|---|---|---|---|---|---|---|")
     for mode, r in report["modes"].items():
-        print(f"| {mode} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | {r.get('busy_us', 0):.0f} | "
+        floor = "-" if r["floor_ms"] is None else f"{r['floor_ms']:.2f}"
+        print(f"| {mode} | {r['step_ms']:.2f} | {floor} | {r.get('busy_us', 0):.0f} | "
               f"{r.get('gap_us', 0):.0f} | {r.get('kernels_per_step', 0):.0f} | {r['weight_bytes'] / 2**30:.1f} |")
     cats = sorted({c for r in report["modes"].values() for c in r.get("categories", {})})
     if cats:
