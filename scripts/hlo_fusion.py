@@ -65,7 +65,9 @@ def describe(text: str, names: list[str], width: int, body_lines: int) -> list[s
     comps, frames = computations(text), stack_frames(text)
     lines = []
     for n in names:
-        hit = re.search(rf"^\s*(?:ROOT )?%{re.escape(n)} = .*$", text, re.M)
+        # a kernel is named after its instruction with "." as "_" (loop_add_fusion.9 -> loop_add_fusion_9)
+        alt = "(?:" + "|".join(re.escape(c) for c in {n, re.sub(r"_(\d+)$", r".\1", n)}) + ")"
+        hit = re.search(rf"^\s*(?:ROOT )?%{alt} = .*$", text, re.M)
         if not hit:
             lines.append(f"{n}: not in this module")
             continue
