@@ -15,8 +15,9 @@ and prints the layout XLA gave the product (the cuBLAS custom call's result) and
 (median of --reps loops of --iters calls), beside the bf16 [in, out] weight's plain dot. Values must agree (max
 relative difference to 'dot' printed; identical math). --model PRESET: also the engine's prefill of one prompt of
 --prefill tokens on that preset's FP8 model (shapes.random_fp8_model, fp8-block) with quant.matmul replaced by each
-form in turn (this script only; compiled steps cleared in between): its time (bench_e2e.prefill_ms) and its first
-token's logprob against the 'dot' form's.
+form in turn (this script only; compiled steps cleared in between; since call 5 the 'dot' form only), then with the routed experts' combine behind an
+optimization barrier (FP8 and bf16 models): its time (bench_e2e.prefill_ms) and its first token's logprob against
+the first row of the same model's.
 
     . scripts/gpu_env.sh; python3 scripts/probe_fp8_layout.py --out $OUT/probe_fp8_layout.json
 """
@@ -104,33 +105,44 @@ def run(T, K, N, iters, reps):
 
 
 def model_rows(preset, L, reps):
+    """The prefill of one prompt of L tokens on the preset's FP8 model per form of quant.matmul, then on its FP8
+    and bf16 models with the routed experts' combine behind an optimization barrier (moe.combine replaced, this
+    script only: the combine's gathers then fuse with nothing after them)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from bench_e2e import prefill_engine, prefill_ms
     from lingjax import engine as engine_mod, quant
     from lingjax.engine import SamplingParams
-    from shapes import preset as get_preset, random_fp8_model
+    from lingjax.kernels import moe as moe_kernels
+    from shapes import preset as get_preset, random_fp8_model, random_model
     cfg = get_preset(preset)
-    model = random_fp8_model(cfg, jnp.bfloat16, "fp8-block")
     prompt = np.random.default_rng(L).integers(2, cfg.vocab_size, L).tolist()
-    original, rows, ref = quant.matmul, [], None
+    matmul, combine, rows, ref = quant.matmul, moe_kernels.combine, [], {}
+    fp = forms()
+    # session 8 call 5 timed the three forms on the FP8 model alone: 54.9 / 54.1 / 54.2 ms, the same logprob
+    variants = [("fp8", "dot", False), ("fp8", "dot", True), ("bf16", "dot", False), ("bf16", "dot", True)]
+    model, kind = None, None
     try:
-        for name, f in forms().items():
-            if name == "bf16":
-                continue
-            quant.matmul = (lambda x, w, f=f: f(x, w) if quant.is_fp8(w) else original(x, w))
+        for mk, form, barrier in variants:
+            if mk != kind:
+                model = None
+                model = (random_fp8_model(cfg, jnp.bfloat16, "fp8-block") if mk == "fp8" else
+                         random_model(cfg, None, jnp.bfloat16))
+                kind = mk
+            quant.matmul = (lambda x, w, f=fp[form]: f(x, w) if quant.is_fp8(w) else matmul(x, w))
+            moe_kernels.combine = ((lambda *a: jax.lax.optimization_barrier(combine(*a))) if barrier else combine)
             engine_mod.clear_compiled()
             eng = prefill_engine(model, None, 1, L)
             ms = prefill_ms(model, None, cfg, 1, L, reps, eng=eng)
             out = eng.generate([prompt], SamplingParams(max_new_tokens=1, ignore_eos=True, logprobs=0))[0]
             lp = float(out.logprobs[0])
-            ref = lp if ref is None else ref
-            rows.append(dict(form=name, prefill_ms=ms, token=int(out.token_ids[0]), logprob=lp, dlogprob=abs(lp - ref)))
-            log.info("%s prefill 1x%d, form %s: %.1f ms, token %d logprob %.6f", preset, L, name, ms,
-                     rows[-1]["token"], lp)
+            ref.setdefault(mk, lp)
+            name = f"{mk} {form}" + (" barrier" if barrier else "")
+            rows.append(dict(form=name, prefill_ms=ms, token=int(out.token_ids[0]), logprob=lp, dlogprob=abs(lp - ref[mk])))
+            log.info("%s prefill 1x%d, %s: %.1f ms, token %d logprob %.6f", preset, L, name, ms, rows[-1]["token"], lp)
     finally:
-        quant.matmul = original
+        quant.matmul, moe_kernels.combine = matmul, combine
         engine_mod.clear_compiled()
     return rows
 
@@ -149,7 +161,7 @@ def main(argv=None):
     import jax
     report = dict(device=jax.devices()[0].device_kind, rows=[])
     for T in (int(t) for t in args.tokens.split(",")):
-        for s in args.shapes.split(","):
+        for s in (s for s in args.shapes.split(",") if s):
             K, N = SHAPES[s]
             for row in run(T, K, N, args.iters, args.reps):
                 report["rows"].append(dict(T=T, shape=s, **row))
@@ -160,8 +172,8 @@ def main(argv=None):
               f"{r['max_rel_diff_vs_dot']:.1e} |")
     if args.model:
         report["model"] = model_rows(args.model, args.prefill, args.reps)
-        print(f"\n{args.model} FP8 prefill 1x{args.prefill} per form of quant.matmul")
-        print("| form | prefill ms | token | logprob | diff vs dot |\n|---|---|---|---|---|")
+        print(f"\n{args.model} prefill 1x{args.prefill} per form of quant.matmul / the combine")
+        print("| model, form | prefill ms | token | logprob | diff vs the model's first row |\n|---|---|---|---|---|")
         for r in report["model"]:
             print(f"| {r['form']} | {r['prefill_ms']:.1f} | {r['token']} | {r['logprob']:.6f} | {r['dlogprob']:.1e} |")
     if args.out:
