@@ -212,16 +212,19 @@ def quantize_activation(x, act: str, group: int = BLOCK):
 def matmul(x, w):
     """x [..., in] @ w [in, out] for a plain array or an FP8Weight, in x.dtype. The FP8 path (CPU and
     reference; the GPU's at prefill sizes, lingjax.kernels.fp8): dynamic activation quantization per the
-    weight's format, then the dequantized weight. Its product is pinned row-major: with a K-major weight
-    (quant.with_layout) XLA's GPU layout assignment may give the product the transposed layout and carry it
-    into its consumers. In the FP8 prefill of 4096 tokens on an H200 (session 8, flash8) the shared expert's
-    down projection came out bf16[4096, 4096]{0,1}, and the fusion that adds it to the routed experts'
-    combine then ran in that transposed order: its gathers of the experts' output rows read one element per
-    row (12.1 of the step's 52.5 ms; scripts/results/session8/call4, scripts/hlo_fusion.py)."""
+    weight's format, then the dequantized weight. Its product is pinned row-major (not on a TPU): with a
+    K-major weight (quant.with_layout) XLA's GPU layout assignment may give the product the transposed
+    layout and carry it into its consumers. In the FP8 prefill of 4096 tokens on an H200 (session 8,
+    flash8) the shared expert's down projection came out bf16[4096, 4096]{0,1}, and the fusion that adds
+    it to the routed experts' combine then ran in that transposed order: its gathers of the experts'
+    output rows read one element per row (12.1 of the step's 52.5 ms; scripts/results/session8/call4,
+    scripts/hlo_fusion.py). Pinned: 44.1 ms (call 7)."""
     if not is_fp8(w):
         return jnp.dot(x, w.astype(x.dtype))
     x = quantize_activation(x, w.act, w.block[0] or BLOCK)
     y = jnp.dot(x, dequantize(w, x.dtype))
+    if jax.default_backend() == "tpu":        # TPU layouts are tiled: not this constraint (not measured there)
+        return y
     return with_layout_constraint(y, Layout(major_to_minor=tuple(range(y.ndim))))
 
 

@@ -194,6 +194,12 @@ def test_dense_fp8_matches_float64():
         wo = jax.tree.map(jnp.asarray, quant.FP8Weight(p.q, p.scale, p.block, "none"))
         np.testing.assert_array_equal(np.asarray(quant.matmul(xb, wo), np.float32), np.asarray(
             jnp.dot(xb, jnp.asarray(wd.T.astype(np.float32), jnp.bfloat16)), np.float32))
+        # K-major (the engine's GPU layout): the same values, the product pinned row-major for XLA's layout
+        # assignment (quant.matmul's docstring: a transposed product slowed the GPU prefill 1.2x)
+        pk = quant.with_layout(jax.tree.map(jnp.asarray, p), True)
+        np.testing.assert_array_equal(np.asarray(quant.matmul(jnp.asarray(x), pk)), y)
+        hlo = jax.jit(quant.matmul).lower(jnp.asarray(x[None]), pk).as_text()
+        assert "LayoutConstraint" in hlo and "result_layouts = [dense<[2, 1, 0]>" in hlo, hlo[-600:]
 
 
 @pytest.mark.parametrize("scheme", ["fp8-block", "fp8-channel"])
