@@ -38,9 +38,9 @@ import os
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.layout import Layout, with_layout_constraint
 import ml_dtypes
 import numpy as np
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from lingjax.model.parallel import tp_index
 

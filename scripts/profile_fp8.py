@@ -20,7 +20,8 @@ greedy sampling, paged MLA cache) timed (median of --reps) and traced under the 
 touch, bench_e2e.step_bytes, over --bandwidth), the busy time and the gaps between kernels, the
 device time per step by kernel category (FP8 dense matmul, FP8 MoE, bf16 MoE, cuBLAS/XLA matmuls,
 linear attention, MLA, activation quantization and other XLA fusions) and the top kernels (each mode
-as soon as it is done, then one table of all).
+as soon as it is done, then one table of all). --prefill L adds, per mode, one prefill step of L tokens (the
+engine's generate of one token, wall time median of --reps, traced the same way; session 8: FP8 against bf16).
 
     . scripts/gpu_env.sh; PYTHONPATH=.:scripts python3 scripts/profile_fp8.py --out scripts/results
     # ~60-90 s on nvidia-h200: flash8, B=16 at 1k context, bf16 / fp8 / fp8-inout

@@ -88,7 +88,8 @@ def pick_config(kind: str, block_m: int, K: int, N: int, act: str = "none", dtyp
     sm_90a): at 128-row blocks these 4-warp tiles spill registers (gate_up 8, down 560 bytes of spill stores: a
     [128, 128] float32 accumulator plus the per-k-step product it scales and adds); 8 warps do not, so 128-row
     blocks take 8 warps (bench_fp8's tag P; session 8 call 1, flash's experts at T=4096: 2513.6 us per call
-    against 3260.3 with 4 warps, scripts/results/session8/call1/fp8). PREFILL_W16 (16-bit dtype only) gives 128-row blocks w16 with the bf16 kernels' tiles."""
+    against 3260.3 with 4 warps, scripts/results/session8/call1/fp8). PREFILL_W16 (16-bit dtype only) gives
+    128-row blocks w16 with the bf16 kernels' tiles."""
     bn = 128 if kind == "down" else 64
     c = Config(block_n=bn, block_k=128, group_m=1 if block_m <= 32 else 8, num_warps=4,
                num_stages=4 if block_m <= 32 else 3, quant_a=False)
