@@ -333,6 +333,9 @@ def main(argv=None):
                    help="comma list of the model's matmul precisions to run in turn on the same weights "
                         "(default, high, highest; e.g. 'default,highest' for issue 21's float32 before/after); "
                         "default: the model's own (highest for float32, default for bfloat16)")
+    p.add_argument("--fp8-dense-decode", choices=("xla", "triton"), default=None,
+                   help="FP8 dense projections of <= 64 rows: XLA's FP8 dot or the Triton kernel with "
+                        "fp8.gpu.decode_config (sets lingjax.kernels.fp8.DENSE_DECODE; default: the library's)")
     p.add_argument("--fp8-moe-decode", type=int, default=None, metavar="N",
                    help="FP8 MoE: run the decode path (no layout; gpu_fp8.experts_decode) up to N tokens per step "
                         "(sets gpu_fp8.DECODE_MAX_TOKENS; default: the library's, 0 = the grouped path always)")
@@ -376,6 +379,10 @@ def main(argv=None):
     if args.moe == "old":
         use_old_moe()
     fp8_moe_options(args.fp8_moe_decode, args.fp8_moe_quant_h, args.fp8_moe_prefill_w16)
+    if args.fp8_dense_decode:
+        from lingjax.kernels import fp8 as fp8_kernels
+        fp8_kernels.DENSE_DECODE = args.fp8_dense_decode
+        log.info("FP8 dense projections of <= %d rows: %s", fp8_kernels.XLA_DOT_MAX_ROWS, args.fp8_dense_decode)
     cfg = preset(args.preset, args.layers, args.vocab, args.experts)
     dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
     mesh = sharding.make_mesh(args.tp) if args.tp > 1 else None
@@ -403,7 +410,7 @@ def main(argv=None):
                   experts=cfg.num_experts,
                   vocab=cfg.vocab_size, dtype=args.dtype, moe=args.moe, quantize=args.quantize,
                   fp8_moe_decode=args.fp8_moe_decode, fp8_moe_quant_h=args.fp8_moe_quant_h,
-                  fp8_moe_prefill_w16=args.fp8_moe_prefill_w16,
+                  fp8_moe_prefill_w16=args.fp8_moe_prefill_w16, fp8_dense_decode=args.fp8_dense_decode,
                   weight_bytes=weight_bytes(model) / args.tp, cache_bytes=cache_bytes(cfg, model.dtype), matmul_precisions=args.matmul_precision or model.matmul_precision,
                   copy_bw=copy_bw, matmul_rate=mm_rate, params=total, init_s=t_init, fill=args.fill,
                   bytes_in_use=[m.get("bytes_in_use") for m in mem], bytes_limit=[m.get("bytes_limit") for m in mem],

@@ -11,6 +11,8 @@ Dense rows: each distinct projection shape of the flash model (in x out, param l
                dequantized to bf16, XLA's bf16 dot (what the GPU ran before the kernel)
   fp8-block-xla, fp8-channel-xla  (--methods) XLA's own FP8 dot (lingjax.kernels.fp8.xla: cuBLASLt / XLA's
                GEMM emitter on the fp8 operands, scales after; fp8-block as a dot batched over K groups)
+  fp8-block-tdec  (--methods) the Triton kernel with gpu.decode_config (what kernels.fp8.DENSE_DECODE 'triton'
+               runs at <= 64 rows: swapped operands, the activations quantized in the kernel, split-K)
   fp8-block-inout, fp8-channel-inout  (--methods) the FP8 weights in the param layout [in, out] instead
                of K-major [out, in] (quant.with_layout; K-major is what the engine runs: its weight tiles
                are pipelined by cp.async, the [in, out] ones are not)
@@ -62,24 +64,40 @@ SCHEMES = {"fp8-block": ((128, 128), "group"), "fp8-channel": ((0, 1), "token")}
 E, K_TOP, D, I = 256, 8, 4096, 1024
 
 
-def loop_time(fn, x, rest, iters, reps):
-    """Seconds per call of fn(x, *rest) -> [T, n]: `iters` calls chained in one jitted fori_loop."""
+def loop_time(fn, x, rest, iters, reps, copies=1):
+    """Seconds per call of fn(x, *rest) -> [T, n]: `iters` calls chained in one jitted fori_loop. copies > 1:
+    `rest` is a list of that many argument tuples (weight copies), each loop trip calls fn on each in turn
+    (iters // copies trips), so that weights whose copies together outgrow the L2 cache (50 MB on H200) are
+    read from memory, as in a model's step, not from L2."""
     import jax
     import jax.numpy as jnp
+    sets = list(rest) if copies > 1 else [rest]
 
-    def loop(x, *rest):
+    def loop(x, sets):
         def body(i, x):
-            y = fn(x, *rest)
-            return x + (1e-6 * jnp.max(y.astype(jnp.float32), axis=-1, keepdims=True)).astype(x.dtype)
-        return jax.lax.fori_loop(0, iters, body, x)
+            for r in sets:
+                y = fn(x, *r)
+                x = x + (1e-6 * jnp.max(y.astype(jnp.float32), axis=-1, keepdims=True)).astype(x.dtype)
+            return x
+        return jax.lax.fori_loop(0, max(1, iters // len(sets)), body, x)
     run = jax.jit(loop)
-    jax.block_until_ready(run(x, *rest))
+    calls = max(1, iters // len(sets)) * len(sets)
+    jax.block_until_ready(run(x, sets))
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
-        jax.block_until_ready(run(x, *rest))
-        ts.append((time.perf_counter() - t) / iters)
+        jax.block_until_ready(run(x, sets))
+        ts.append((time.perf_counter() - t) / calls)
     return statistics.median(ts)
+
+
+def weight_copies(w, copies):
+    """copies distinct device copies of the (FP8) weight w (one: w itself)."""
+    import jax
+    import jax.numpy as jnp
+    if copies <= 1:
+        return w
+    return [jax.tree.map(lambda a: jnp.array(a, copy=True), w) for _ in range(copies)]
 
 
 def rel(a, b):
@@ -93,7 +111,7 @@ def nbytes(w):
     return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(w))
 
 
-def dense_rows(name, K, N, T, methods, impl, iters, reps):
+def dense_rows(name, K, N, T, methods, impl, iters, reps, copies=1):
     import jax
     import jax.numpy as jnp
     from lingjax import quant
@@ -106,6 +124,10 @@ def dense_rows(name, K, N, T, methods, impl, iters, reps):
     for m in methods:
         if m == "bf16":
             fn, wt = (lambda x, w: jnp.dot(x, w)), w
+        elif m == "fp8-block-tdec":                 # the Triton kernel with gpu.decode_config (DENSE_DECODE 'triton')
+            from lingjax.kernels.fp8 import gpu
+            wt = quant.with_layout(quant.quantize_param(w, *SCHEMES["fp8-block"]), True)
+            fn = lambda x, w: gpu.matmul(x, w, config=gpu.decode_config(T, N, K))     # noqa: E731
         else:
             block, act = SCHEMES["fp8-block" if m == "fp8-ref" else m.removesuffix("-inout").removesuffix("-xla")]
             wt = quant.with_layout(quant.quantize_param(w, block, act), not m.endswith("-inout"))
@@ -113,7 +135,8 @@ def dense_rows(name, K, N, T, methods, impl, iters, reps):
             fn = (lambda use: lambda x, w: fp8_kernels.matmul(x, w, impl=use))(use)
         row = dict(kind="dense", name=name, K=K, N=N, T=T, method=m)
         try:
-            t = loop_time(fn, x, (wt,), iters, reps)
+            t = loop_time(fn, x, [(c,) for c in weight_copies(wt, copies)] if copies > 1 else (wt,), iters, reps,
+                          copies)
             y = jax.jit(fn)(x, wt)
             if m != "bf16":
                 row["err_ref"] = rel(y, jax.jit(lambda x, w: fp8_kernels.matmul(x, w, impl="reference"))(x, wt))
@@ -191,6 +214,15 @@ def sweep_configs(T: int, K: int, N: int):
                         if c != auto:
                             tag = f"{'swap ' if swap else ''}n{bn} s{split}{' red' if reduce else ''} st{stages}"
                             out.append((tag, c))
+        dec = gpu.decode_config(T, N, K)                    # swapped, x quantized in the kernel (session 9)
+        out.append(("dec", dec))
+        nkb = -(-K // 128)
+        for bn in (64, 128):
+            for split in (1, 2, 4, 8, 16):
+                for stages in (3, 6):
+                    c = dataclasses.replace(dec, block_n=bn, split_k=split, num_stages=stages)
+                    if split <= nkb and c != dec:
+                        out.append((f"dec n{bn} s{split} st{stages}", c))
     else:
         for bm, bn, warps, stages in ((64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3),
                                       (64, 256, 8, 3)):
@@ -212,7 +244,7 @@ def tags_for(spec: str, T: int) -> list:
     return out
 
 
-def sweep_rows(name, K, N, T, iters, reps, tags=()):
+def sweep_rows(name, K, N, T, iters, reps, tags=(), copies=1):
     import jax
     import jax.numpy as jnp
     from lingjax import quant
@@ -230,7 +262,8 @@ def sweep_rows(name, K, N, T, iters, reps, tags=()):
         fn = (lambda c: lambda x, w: gpu.matmul(x, w, config=c))(c)
         row = dict(kind="sweep", name=name, K=K, N=N, T=T, method=f"fp8-block {tag}", config=str(c))
         try:
-            t = loop_time(fn, x, (wt,), iters, reps)
+            t = loop_time(fn, x, [(c,) for c in weight_copies(wt, copies)] if copies > 1 else (wt,), iters, reps,
+                          copies)
             row["err_ref"] = rel(jax.jit(fn)(x, wt), ref)
         except Exception as e:                              # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
@@ -414,6 +447,10 @@ def main(argv=None):
     p.add_argument("--moe-sweep-tags", default="", help="comma list of moe_sweep_configs tags, each for every T or as T:tag for one (default all)")
     p.add_argument("--sweep-tags", default="", help="comma list of dense sweep tags, each for every T or as T:tag for one (default all; auto always)")
     p.add_argument("--iters", type=int, default=20, help="calls per timed loop (default 20)")
+    p.add_argument("--copies", type=int, default=1,
+                   help="dense rows and --sweep: each loop trip cycles through this many copies of the weight, so "
+                        "that together they outgrow the L2 cache (50 MB on H200; e.g. 4 for a 4096 x 4096 FP8 "
+                        "weight); default 1: one weight, which a loop of calls reads from L2 once it fits there")
     p.add_argument("--reps", type=int, default=3, help="timed loops; the median is reported (default 3)")
     p.add_argument("--model-check", action="store_true",
                    help="also check the FP8 tiny model's logits with the GPU kernels against the reference math")
@@ -424,7 +461,8 @@ def main(argv=None):
     import jax
     tokens = [int(t) for t in args.tokens.split(",") if t]
     methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in ("bf16", "fp8-ref", *SCHEMES, *(f"{k}-inout" for k in SCHEMES),
+    unknown = [m for m in methods if m not in ("bf16", "fp8-ref", "fp8-block-tdec", *SCHEMES,
+                                               *(f"{k}-inout" for k in SCHEMES),
                                                *(f"{k}-xla" for k in SCHEMES))]
     if unknown:
         p.error(f"unknown methods {unknown}")
@@ -449,7 +487,7 @@ def main(argv=None):
         if args.smoke:
             K, N = max(K // 16, 128), max(N // 16, 64)
         for T in tokens:
-            for r in dense_rows(name, K, N, T, methods, impl, iters, reps):
+            for r in dense_rows(name, K, N, T, methods, impl, iters, reps, args.copies):
                 report["rows"].append(r)
                 log.info("%s", _line(r))
             save()
@@ -458,7 +496,7 @@ def main(argv=None):
             if name not in DENSE:
                 p.error(f"unknown sweep shape {name!r}; expected some of {list(DENSE)}")
             for T in [int(t) for t in args.sweep_tokens.split(",") if t]:
-                for r in sweep_rows(name, *DENSE[name], T, iters, reps, tags_for(args.sweep_tags, T)):
+                for r in sweep_rows(name, *DENSE[name], T, iters, reps, tags_for(args.sweep_tags, T), args.copies):
                     report["rows"].append(r)
                     log.info("%s", _line(r))
                 save()

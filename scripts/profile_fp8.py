@@ -10,6 +10,8 @@ run in turn on one GPU, one model in memory at a time):
   fp8-dec       fp8 with the MoE decode path (gpu_fp8.experts_decode: no layout, kernels over the routing
                 ids; session 7) at every profiled batch, h quantized by XLA's pass before down
   fp8-decqh     the same with down quantizing h itself (gpu_fp8.DECODE_QUANT_H)
+  fp8-dt        fp8 with the dense projections of <= 64 rows on the Triton kernel with gpu.decode_config
+                (kernels.fp8.DENSE_DECODE 'triton'; session 9) instead of XLA's FP8 dot
 For each mode: first a correctness check on the device (FP8: one projection of each kind and one
 MoE layer through the GPU kernels against the reference math, quant.matmul / the dequantized
 experts (each grouped matmul, and whole), at B tokens: within 1e-2 relative (whole experts 5e-2; the
@@ -61,7 +63,7 @@ CATEGORIES = [
 ]
 
 
-MODES = ("bf16", "fp8", "fp8-inout", "fp8-dec", "fp8-decqh")
+MODES = ("bf16", "fp8", "fp8-inout", "fp8-dec", "fp8-decqh", "fp8-dt")
 
 
 def category(name: str) -> str:
@@ -288,8 +290,10 @@ def main(argv=None):
     import jax.numpy as jnp
     from lingjax import quant
     from bench_e2e import fp8_moe_options, step_bytes
+    from lingjax.kernels import fp8 as fp8_kernels
     from lingjax.kernels.moe import gpu_fp8
     from shapes import preset, random_fp8_model, random_model, weight_bytes
+    dense_decode = fp8_kernels.DENSE_DECODE
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
         if m not in MODES:
@@ -312,6 +316,7 @@ def main(argv=None):
             gpu_fp8.DECODE_MAX_TOKENS, gpu_fp8.DECODE_QUANT_H = max(batches), mode == "fp8-decqh"
         else:
             fp8_moe_options(args.fp8_moe_decode, args.fp8_moe_quant_h)
+        fp8_kernels.DENSE_DECODE = "triton" if mode == "fp8-dt" else dense_decode
         if mode == "bf16":
             model = None
             gc.collect()

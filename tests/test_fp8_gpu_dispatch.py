@@ -162,6 +162,30 @@ def test_dense_fp8_kernel_compiles_for_sm90(jax_triton_call, M, block, act, conf
         assert "atom.global.gpu.acq_rel.add" in ptx
 
 
+@pytest.mark.parametrize("M,N", [(1, 4096), (16, 4096), (64, 4096), (16, 1536)])
+def test_dense_fp8_decode_config_compiles_for_sm90(jax_triton_call, monkeypatch, M, N):
+    """DENSE_DECODE 'triton': a decode-sized projection (flash's 4096 x 4096 and q_a's 4096 x 1536, K-major as
+    the engine stores it) is one launch of the kernel with gpu.decode_config (no quantization launch or XLA
+    pass: x quantized in the kernel; swapped operands, split-K), on the fp8 wgmma, pipelined, within
+    shared memory, without register spills."""
+    monkeypatch.setattr(fp8_kernels, "DENSE_DECODE", "triton")
+    jx = jax.make_jaxpr(lambda x, w: fp8_kernels.matmul(x, w, impl="gpu"))(
+        sd((M, 4096), jnp.bfloat16), _fp8_weight(4096, N, kmajor=True))
+    calls = _triton_calls(jax_triton_call, jx.jaxpr)
+    assert [c.params["fn"].fn.__name__ for c in calls] == ["fp8_matmul_kernel"]
+    eqn = calls[0]
+    c = fp8_gpu.decode_config(M, N, 4096)
+    assert eqn.params["QUANT_A"] and eqn.params["SWAP_AB"] and eqn.params["B_KMAJOR"]
+    assert eqn.params["BLOCK_M"] == c.block_m == max(16, M) and eqn.params["SPLIT_K"] == c.split_k > 1
+    assert c.split_k * (N // c.block_n) <= 2 * fp8_gpu.NUM_SMS + N // c.block_n
+    assert not any(e.primitive.name == "reduce_max" for e in jx.jaxpr.eqns), "no XLA quantization pass"
+    shared, ptx, _ = _compile_call(jax_triton_call, eqn)
+    wgmma, mma = _ptx_ops(ptx)
+    assert 0 < shared <= SM90_SMEM and "cp.async" in ptx
+    assert wgmma == {"e4m3"} and not mma, (wgmma, mma)
+    assert _ptxas_spills(ptx)[1] == 0, "register spills"
+
+
 @pytest.mark.parametrize("T,block_m", [(16, None), (4096, None), (16, 16)])
 def test_moe_fp8_kernels_compile_for_sm90(jax_triton_call, T, block_m):
     """The FP8 grouped matmuls at Ling-2.6-flash's expert shapes (256 experts, d 4096, I 1024, top-8):

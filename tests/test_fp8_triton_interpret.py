@@ -54,6 +54,8 @@ DENSE = [
     ("block-swap-reduce3", "block", "group", 5, 384, 200, (16, 64, 128, 3, 8, 4, 4, False, True, True), "float32"),
     ("channel-swap-f16", "channel", "token", 20, 256, 96, (32, 32, 128, 1, 8, 4, 4, False, True), "float16"),
     ("column-reduce2", "column", "group", 17, 256, 96, (16, 32, 128, 2, 8, 4, 4, False, False, True), "float32"),
+    # the decode config (gpu.decode_config): swapped operands with the activations quantized in the kernel
+    ("block-swap-fused3", "block", "group", 5, 384, 200, (16, 64, 128, 3, 8, 4, 4, True, True), "float32"),
 ]
 # MoE: (name, weight strategy, act, T, k, E, block_m, out dtype)
 MOE = [
@@ -68,11 +70,11 @@ QUANT = [("group", "group", 21, 384, "float32"), ("group-tail-f16", "group", 5, 
          ("token", "token", 18, 320, "float32"), ("token-one-group", "group", 3, 96, "float32")]
 # cases also run with the weights stored K-major ([N, K] / [E, N, K], quant.with_layout: B_KMAJOR)
 KMAJOR_DENSE = ("block-decode", "block-k64-tail", "column-group", "channel-token", "tensor-token-f16",
-                "block-fused-f16", "block-swap-reduce3", "channel-swap-f16")
+                "block-fused-f16", "block-swap-reduce3", "channel-swap-f16", "block-swap-fused3")
 KMAJOR_MOE = ("block-many", "channel-token-bm32")
 # cases whose launch quantizes the activations in the kernel (gpu.fused_quant: per-group scales, 128-deep
 # k-steps, a config with quant_a: an option, not pick_config's default): the kernel reads x itself
-FUSED_DENSE = ("channel-group-fused", "block-fused-f16")
+FUSED_DENSE = ("channel-group-fused", "block-fused-f16", "block-swap-fused3")
 FUSED_MOE = ("block-decode", "block-many")       # also run with QUANT_A (gpu_fp8.fused_quant), K-major
 # gate_up also run with QUANT_H (h quantized in its epilogue: 128-wide tiles; K-major), H_ROUND of the dtype
 QUANT_H_MOE = {"block-decode": "float16", "block-many": "float32"}
@@ -415,6 +417,15 @@ def _decode_path_end_to_end(workdir):
     got = jax.jit(lambda *a: moe_kernels.experts(*a, impl="gpu", decode=True))(x, idx, cw, *ws)
     np.savez(Path(workdir) / "dec-e2e-out.npz", got=np.asarray(got, np.float64), x=np.asarray(x, np.float64),
              cw=np.asarray(cw, np.float64))
+    # the dense decode path (kernels.fp8.DENSE_DECODE 'triton': gpu.decode_config, split-K summed after the kernel)
+    from lingjax.kernels import fp8 as fp8_kernels
+    fp8_kernels.DENSE_DECODE = "triton"
+    xd = jnp.asarray(rng.standard_normal((5, 384)) * np.exp(rng.uniform(-2, 2, (5, 1))), jnp.float32)
+    p, _ = _weight(rng, 200, 384, "block", "group")
+    wd = quant.with_layout(jax.tree.map(jnp.asarray, p), True)
+    got = jax.jit(lambda x, w: fp8_kernels.matmul(x, w, impl="gpu"))(xd, wd)
+    np.savez(Path(workdir) / "dense-e2e-out.npz", got=np.asarray(got, np.float64),
+             want=np.asarray(quant.matmul(xd, wd), np.float64), split=fp8_kernels.gpu.decode_config(5, 200, 384).split_k)
 
 
 @triton.jit
@@ -696,6 +707,16 @@ def test_moe_fp8_decode_path_is_the_fp8_math(workdir):
     np.add.at(want, q // k, o["cw"].reshape(-1)[q, None] * y)
     assert np.all(np.isfinite(o["got"])) and len(q) == T * k - 2
     assert _rel(o["got"], want) < 1e-3, _rel(o["got"], want)
+
+def test_dense_fp8_decode_path_is_the_reference_math(workdir):
+    """kernels.fp8.matmul(impl='gpu') with DENSE_DECODE 'triton' end to end (gpu.matmul with gpu.decode_config:
+    x quantized in the kernel, swapped operands, three k-splits summed after the kernel), its kernel run in the
+    interpreter, float32, against the reference FP8 matmul (quant.matmul): within 1e-5 (float32 sums in
+    another order)."""
+    o = np.load(workdir / "dense-e2e-out.npz")
+    assert int(o["split"]) == 3 and np.all(np.isfinite(o["got"]))
+    assert _rel(o["got"], o["want"]) < 1e-5, _rel(o["got"], o["want"])
+
 
 def _f8():
     import ml_dtypes

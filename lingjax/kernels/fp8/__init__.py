@@ -6,7 +6,8 @@ Implementations (impl=):
   reference  the formats' math in jnp (quant.matmul): dynamic activation quantize-dequantize, then the
              dequantized weight; the CPU path and the oracle of the kernel
   gpu        Hopper, the fastest measured GPU path by rows (device call A of session 6): up to
-             XLA_DOT_MAX_ROWS rows (decode) XLA's own FP8 dot (xla.py) where it takes the weight, from
+             XLA_DOT_MAX_ROWS rows (decode) XLA's own FP8 dot (xla.py) where it takes the weight (or,
+             DENSE_DECODE 'triton', the Triton kernel with gpu.decode_config), from
              DEQUANT_MIN_ROWS (prefill) the reference math (the weight dequantized for a 16-bit dot); in
              between the activations quantized to float8_e4m3fn in jnp, then a Triton kernel (gpu.py,
              through jax-triton) multiplies the fp8 operands on the tensor cores with float32
@@ -36,6 +37,11 @@ XLA_DOT_MAX_ROWS = 64
 # at T=4096: 303.3 us against the Triton FP8 kernel's 597.1 (cuBLAS bf16 with a bf16 weight 261.8).
 # Rows between: the Triton kernel (not measured against the others there).
 DEQUANT_MIN_ROWS = 257
+# ... and at up to XLA_DOT_MAX_ROWS rows, which kernel: 'xla' (XLA's FP8 dot above) or 'triton' (the Triton
+# kernel with gpu.decode_config: swapped operands, the activations quantized in the kernel, split-K sums
+# fused into the consumer; session 9). Read when a step is traced.
+DENSE_DECODE = 'xla'
+DENSE_DECODE_PATHS = ('xla', 'triton')
 FROM_MODEL_KERNELS = {'mosaic_gpu': 'gpu', 'pallas_triton': 'gpu', 'tpu': 'reference',
                       'tpu_interpret': 'reference', 'gpu_interpret': 'reference',
                       'mosaic_gpu_interpret': 'reference', 'pallas_triton_interpret': 'reference'}
@@ -62,6 +68,9 @@ def matmul(x, w, *, impl=None):
         rows = 1
         for n in x.shape[:-1]:
             rows *= n
+        if rows <= XLA_DOT_MAX_ROWS and DENSE_DECODE == 'triton' and gpu.supports(x, w):
+            K, N = w.shape
+            return gpu.matmul(x, w, config=gpu.decode_config(rows, N, K))
         if rows <= XLA_DOT_MAX_ROWS and xla.supports(x, w):
             return xla.matmul(x, w)
         if rows >= DEQUANT_MIN_ROWS:

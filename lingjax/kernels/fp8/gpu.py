@@ -84,6 +84,25 @@ def pick_config(M: int, N: int, K: int) -> Config:
     return Config(128, 128, num_warps=8, num_stages=3)
 
 
+def decode_config(M: int, N: int, K: int, block_n: int = 128, num_stages: int = 4) -> Config:
+    """Decode sizes (M <= 64) as one launch that streams the weight: swapped operands (each k-step
+    W^T [block_n, 128] @ x^T [128, block_m]: the weight tile is the fp8 wgmma's 64+-row operand, the
+    M rows, padded to block_m = 16 / 32 / 64, its N), the activations quantized per 128-group in the
+    kernel as they are loaded (quant_a: no XLA pass, no fp8 copy of x; per-token activations are
+    still quantized first: fused_quant), split-K to give ~2 programs per SM with float32 partials
+    [split, M, N] that XLA sums into their consumer, kept under a quarter of the weight's bytes
+    (split <= K / (16 M)). Against XLA's FP8 dot (kernels.fp8: XLA_DOT_MAX_ROWS) it has no [K / 128, M,
+    N] float32 partials and no quantization passes; which one is faster is measured (DENSE_DECODE)."""
+    bm = max(16, 1 << (max(M, 1) - 1).bit_length())
+    tiles = _cdiv(N, block_n)
+    nkb = _cdiv(K, GROUP)
+    split = 1
+    if tiles < 2 * NUM_SMS:
+        split = max(1, min(nkb, _cdiv(2 * NUM_SMS, tiles), K // (16 * max(M, 1))))
+        split = _cdiv(nkb, _cdiv(nkb, split))          # no empty splits
+    return Config(bm, block_n, GROUP, split, 8, 4, num_stages, quant_a=True, swap_ab=True)
+
+
 def supports(x, w) -> bool:
     """Whether the kernel takes this (activation, FP8 weight) pair; else the reference math runs."""
     if not quant.is_fp8(w) or w.act not in ("token", "group") or w.q.ndim != 2:
@@ -113,8 +132,6 @@ def launch(M: int, w, a_groups: int, config: Config | None = None) -> tuple[Conf
     layout: B_KMAJOR); QUANT_A when fused_quant (then a_groups must be the row's 128-groups)."""
     K, N = w.shape
     c = config or pick_config(M, N, K)
-    if c.swap_ab and c.quant_a:
-        raise ValueError("fp8 gpu matmul: quant_a (in-kernel activation quantization) needs swap_ab False")
     quant_a = fused_quant(w, c)
     if quant_a and a_groups != _cdiv(K, GROUP):
         raise ValueError(f"fp8 gpu matmul: in-kernel quantization needs {_cdiv(K, GROUP)} groups, got {a_groups}")

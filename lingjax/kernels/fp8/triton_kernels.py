@@ -24,8 +24,9 @@ stride BS_STRIDE), so the same body serves every layout (A_PER_K / B_PER_K = 0: 
 SPLIT_K > 1 (small M, few output tiles): program (tile, s) sums the s-th share of the k-blocks and writes
 float32 partials c [SPLIT_K, M, N] that the wrapper adds; SPLIT_K = 1 writes c [M, N] in its dtype.
 Tiles are ordered GROUP_M row blocks at a time per column tile (weight tiles reused from L2).
-QUANT_A (per-group activations, BLOCK_K = 128): a_ptr holds the activations unquantized (float32 /
-bfloat16 / float16 [M, K]) and the kernel quantizes each [BLOCK_M, 128] tile as it loads it, exactly as
+QUANT_A (per-group activations, BLOCK_K = 128; with or without SWAP_AB): a_ptr holds the activations
+unquantized (float32 / bfloat16 / float16 [M, K]) and the kernel quantizes each [BLOCK_M, 128] tile as it
+loads it (under SWAP_AB, then transposes it for the product), exactly as
 lingjax.quant.quantize_activation_fp8 does (s = max|x| / 448 per row and group, 1 for an all-zero group;
 q = float8_e4m3fn(x / s), round to nearest even; _quantize_rows): no separate pass over the
 activations and no fp8 copy of them in memory (as_ptr is then unused).
@@ -109,7 +110,14 @@ def fp8_matmul_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ws_ptr, cnt_ptr,
         k = kb * BLOCK_K + ks
         kmask = k < K
         if SWAP_AB:       # acc^T [BLOCK_N, BLOCK_M] += b^T [BLOCK_N, BLOCK_K] @ a^T [BLOCK_K, BLOCK_M]
-            a = tl.load(a_ptr + rows_l[None, :] * K + k[:, None], mask=kmask[:, None] & rmask[None, :], other=0.0)
+            if QUANT_A:   # quantized as loaded ([BLOCK_M, 128] rows), then transposed for the product
+                a = tl.load(a_ptr + rows_l[:, None] * K + k[None, :], mask=rmask[:, None] & kmask[None, :],
+                            other=0.0)
+                a, sa_q = _quantize_rows(a.to(tl.float32))
+                a = tl.trans(a)
+            else:
+                a = tl.load(a_ptr + rows_l[None, :] * K + k[:, None], mask=kmask[:, None] & rmask[None, :],
+                            other=0.0)
             if B_KMAJOR:
                 b_off = cols_c.to(tl.int64)[:, None] * K + k[None, :]
             else:

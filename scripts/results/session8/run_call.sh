@@ -1,9 +1,11 @@
 #!/bin/bash
-# A device call of session 8 (nvidia-h200-x2), run from the repository root: two queues of fragments (this
-# folder's *.sh), one per GPU, then the fragments that need both GPUs; outputs in $OUT/<fragment>/, tarred.
-#   bash scripts/results/session8/run_call.sh BUDGET "fragments for GPU 0" "fragments for GPU 1" ["both GPUs"]
+# A device call of sessions 8-9 (nvidia-h200-x2), run from the repository root: two queues of fragments (*.sh of
+# $FRAGMENTS, default this folder), one per GPU, then the fragments that need both GPUs; outputs in
+# $OUT/<fragment>/, tarred.
+#   [FRAGMENTS=scripts/results/session9] bash scripts/results/session8/run_call.sh BUDGET "fragments for GPU 0" \
+#       "fragments for GPU 1" ["both GPUs"]
 T0=$(date +%s); BUDGET=$1; G0=$2; G1=$3; BOTH=$4
-HERE=scripts/results/session8
+HERE=${FRAGMENTS:-scripts/results/session8}
 . scripts/gpu_env.sh
 el() { echo $(( $(date +%s) - T0 )); }
 run1() {  # run1 GPUS NAME: one fragment, no later than the budget allows
