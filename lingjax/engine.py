@@ -129,6 +129,7 @@ from flax import nnx
 from lingjax.batch import StepBatch
 from lingjax.cache import SlotAllocator, page_bytes, pages_for
 from lingjax.checkpoint import load_model  # noqa: F401  (re-exported: lingjax.engine.load_model)
+from lingjax.kernels import fp8 as fp8_kernels
 from lingjax.kernels.linear_attention import IMPLS as KERNELS   # the `kernels` choices
 from lingjax.paging import PageAllocator
 from lingjax.prefix_cache import PrefixCache
@@ -516,8 +517,10 @@ class Engine:
                    docstring)
     xla_options    XLA debug options for the executables of the engine's steps and decode windows (jax.jit's
                    compiler_options: {name: value}, e.g. {"xla_gpu_enable_command_buffer": ""}: no CUDA
-                   graphs), set per executable, not for the process; None: XLA's own settings. Checked
-                   here (an unknown name or value raises EngineError). Speculative steps keep XLA's own.
+                   graphs), set per executable, not for the process; None: the model's defaults
+                   (lingjax.kernels.fp8.step_xla_options: XLA's dot merger off on a GPU for compressed-tensors
+                   FP8 weights; otherwise XLA's own settings); {}: XLA's own settings. Checked here (an
+                   unknown name or value raises EngineError). Speculative steps keep XLA's own.
     decode_steps   N > 1: multi-step decode (module docstring): when every running request is decoding and
                    none waits, one dispatch runs up to N decode steps on the device, so the host's
                    per-dispatch cost is paid once per N tokens. Tokens equal those of N single steps.
@@ -605,6 +608,8 @@ class Engine:
         self.num_speculative_tokens = k_spec
         self.spec_verify = spec_verify
         self.decode_steps = int(decode_steps)
+        if xla_options is None:             # the model's defaults (an FP8 scheme's: fp8_kernels.step_xla_options)
+            xla_options = fp8_kernels.step_xla_options(model) or None
         self.xla_options = _check_xla_options(xla_options)
         if decode_order not in ("first", "last"):
             raise EngineError(f"decode_order must be 'first' or 'last', got {decode_order!r}")

@@ -149,13 +149,14 @@ def decode_setup(model, cfg, mesh, B, C, page_size):
     from lingjax import sharding
     from lingjax.batch import StepBatch
     from lingjax.cache import pages_for
+    from lingjax.kernels import fp8 as fp8_kernels
     graphdef, state = nnx.split(model)
     step = sharding.shard_step(graphdef, cfg, mesh)
 
     def one(state, caches, batch):
         logits, caches = step(state, batch, caches, jnp.arange(B, dtype=jnp.int32))
         return jnp.argmax(logits, -1).astype(jnp.int32), caches
-    f = jax.jit(one, donate_argnums=1)
+    f = jax.jit(one, donate_argnums=1, compiler_options=fp8_kernels.step_xla_options(model) or None)  # the engine's
     max_pages = pages_for(C + 8, page_size)
     caches = sharding.init_caches(cfg, mesh, B, B * max_pages, page_size, latent_dtype=model.dtype)
     rng = np.random.default_rng(B)

@@ -304,3 +304,13 @@ def test_xla_options_reach_the_step_executables(model):
         engine(model, xla_options={"xla_gpu_enable_command_buffer": "BOGUS"})
     with pytest.raises(EngineError, match="xla_options must be a dict"):
         engine(model, xla_options=["xla_gpu_enable_command_buffer"])
+
+
+def test_default_xla_options_are_the_models(model, monkeypatch):
+    """xla_options None takes the model's defaults (kernels.fp8.step_xla_options: on the CPU, none); {} is
+    XLA's own settings whatever the model."""
+    from lingjax.kernels import fp8 as fp8_kernels
+    assert engine(model).xla_options == ()
+    monkeypatch.setattr(fp8_kernels, "step_xla_options", lambda m: {"xla_disable_hlo_passes": "dot-merger"})
+    assert engine(model).xla_options == (("xla_disable_hlo_passes", "dot-merger"),)
+    assert engine(model, xla_options={}).xla_options == ()

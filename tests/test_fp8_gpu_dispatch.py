@@ -92,6 +92,20 @@ def test_model_routes_fp8_weights_to_the_fp8_kernels(fp8_model, jax_triton_call,
         _set_kernels(fp8_model, None)
 
 
+def test_step_xla_options_turn_the_dot_merger_off_for_one_dot_fp8(monkeypatch):
+    """kernels.fp8.step_xla_options: on a GPU, a model with weights on XLA's one-dot FP8 path (per-token
+    activations, per-channel / per-tensor weight scales) compiles without XLA's dot merger (which would copy
+    the concatenated weights of q / k / v / g every step); fp8-block, bf16 and any CPU model: no options."""
+    cpu = {"x": _fp8_weight(256, 128, (0, 1), "token")}
+    assert fp8_kernels.step_xla_options(cpu) == {}
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for block, act, want in [((0, 1), "token", True), ((0, 0), "token", True), ((128, 128), "group", False),
+                             ((0, 1), "none", False)]:
+        tree = {"a": jnp.zeros((2, 2), jnp.bfloat16), "w": [_fp8_weight(256, 128, block, act, kmajor=True)]}
+        assert fp8_kernels.step_xla_options(tree) == ({"xla_disable_hlo_passes": "dot-merger"} if want else {})
+    assert fp8_kernels.step_xla_options({"a": jnp.zeros((2, 2))}) == {}
+
+
 def test_dispatch_choices_and_fallbacks():
     assert fp8_kernels.resolve("mosaic_gpu") == "gpu" and fp8_kernels.resolve("tpu") == "reference"
     assert fp8_kernels.resolve("gpu_interpret") == "reference"

@@ -47,6 +47,23 @@ FROM_MODEL_KERNELS = {'mosaic_gpu': 'gpu', 'pallas_triton': 'gpu', 'tpu': 'refer
                       'mosaic_gpu_interpret': 'reference', 'pallas_triton_interpret': 'reference'}
 
 
+def step_xla_options(model) -> dict:
+    """XLA options for compiling a step over this model's weights (jax.jit's compiler_options; the engine's
+    default xla_options): {"xla_disable_hlo_passes": "dot-merger"} on a GPU when some FP8 weight runs
+    XLA's one-dot FP8 path (per-token activations with per-channel / per-tensor weight scales: the
+    compressed-tensors scheme, xla.py), else {}. XLA's dot merger joins the projections of one input
+    (linear attention's q / k / v / g, an MLP's gate / up) into one dot over the concatenation of their
+    weights; cuBLASLt's FP8 GEMM reads that operand contiguous, so XLA copied every such weight each step
+    (flash8, B=16: 220 us of a 3.72 ms step; without the merger 3.57 ms: session 9, calls 2-3,
+    scripts/bench_notes_fp8.md). fp8-block's batched dot is XLA's own GEMM kernel, which reads the pieces
+    in place: no option."""
+    if jax.default_backend() != 'gpu':
+        return {}
+    leaves = jax.tree.leaves(model, is_leaf=quant.is_fp8)
+    one_dot = any(quant.is_fp8(w) and w.act == 'token' and tuple(w.block) in ((0, 0), (0, 1)) for w in leaves)
+    return {'xla_disable_hlo_passes': 'dot-merger'} if one_dot else {}
+
+
 def resolve(impl=None) -> str:
     """The implementation impl names (None: by the default backend; a model kernels name: its
     family's); ValueError naming it if unknown."""
