@@ -34,7 +34,8 @@ def add_arguments(p) -> None:
     p.add_argument("--quantize", choices=("fp8-block", "fp8-channel"), default=None,
                    help="store the attention and MLP / expert projections in FP8: fp8-block (128x128 block "
                    "scales, the block-FP8 / DeepSeek format) or fp8-channel (per-output-channel scales, "
-                   "compressed-tensors FP8_DYNAMIC); router, norms, embeddings and lm_head stay in --dtype. "
+                   "compressed-tensors FP8_DYNAMIC: on an H200 the faster of the two, README 'FP8 checkpoints'); "
+                   "router, norms, embeddings and lm_head stay in --dtype. "
                    "An FP8 source keeps its own FP8 format without this flag")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST (only once the new one is complete)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
