@@ -39,9 +39,10 @@ XLA_DOT_MAX_ROWS = 64
 DEQUANT_MIN_ROWS = 257
 # ... and at up to XLA_DOT_MAX_ROWS rows, which kernel: 'xla' (XLA's FP8 dot above) or 'triton' (the Triton
 # kernel with gpu.decode_config: swapped operands, the activations quantized in the kernel, split-K sums
-# fused into the consumer; session 9). Read when a step is traced.
+# fused into the consumer). Read when a step is traced. Session 9 (flash8 fp8-block, H200) measured
+# 'triton' no faster at B=16 (3.97 ms both) and slower at B=1 (3.36 against 1.91) and B=64 (9.44 against 7.94):
+# each jax-triton launch runs outside XLA's CUDA graphs (scripts/bench_notes_fp8.md).
 DENSE_DECODE = 'xla'
-DENSE_DECODE_PATHS = ('xla', 'triton')
 FROM_MODEL_KERNELS = {'mosaic_gpu': 'gpu', 'pallas_triton': 'gpu', 'tpu': 'reference',
                       'tpu_interpret': 'reference', 'gpu_interpret': 'reference',
                       'mosaic_gpu_interpret': 'reference', 'pallas_triton_interpret': 'reference'}

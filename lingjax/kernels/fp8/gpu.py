@@ -92,7 +92,8 @@ def decode_config(M: int, N: int, K: int, block_n: int = 128, num_stages: int = 
     still quantized first: fused_quant), split-K to give ~2 programs per SM with float32 partials
     [split, M, N] that XLA sums into their consumer, kept under a quarter of the weight's bytes
     (split <= K / (16 M)). Against XLA's FP8 dot (kernels.fp8: XLA_DOT_MAX_ROWS) it has no [K / 128, M,
-    N] float32 partials and no quantization passes; which one is faster is measured (DENSE_DECODE)."""
+    N] float32 partials and no quantization passes, but measured no faster in a step (kernels.fp8:
+    DENSE_DECODE)."""
     bm = max(16, 1 << (max(M, 1) - 1).bit_length())
     tiles = _cdiv(N, block_n)
     nkb = _cdiv(K, GROUP)
