@@ -66,12 +66,12 @@ E, K_TOP, D, I = 256, 8, 4096, 1024
 
 def loop_time(fn, x, rest, iters, reps, copies=1):
     """Seconds per call of fn(x, *rest) -> [T, n]: `iters` calls chained in one jitted fori_loop. copies > 1:
-    `rest` is a list of that many argument tuples (weight copies), each loop trip calls fn on each in turn
-    (iters // copies trips), so that weights whose copies together outgrow the L2 cache (50 MB on H200) are
-    read from memory, as in a model's step, not from L2."""
+    each loop trip calls fn on that many device copies of `rest` (the weights) in turn (iters // copies
+    trips), so that weights whose copies together outgrow the L2 cache (50 MB on H200) are read from
+    memory, as in a model's step, not from L2."""
     import jax
     import jax.numpy as jnp
-    sets = list(rest) if copies > 1 else [rest]
+    sets = [rest] if copies <= 1 else [jax.tree.map(lambda a: jnp.array(a, copy=True), rest) for _ in range(copies)]
 
     def loop(x, sets):
         def body(i, x):
@@ -89,15 +89,6 @@ def loop_time(fn, x, rest, iters, reps, copies=1):
         jax.block_until_ready(run(x, sets))
         ts.append((time.perf_counter() - t) / calls)
     return statistics.median(ts)
-
-
-def weight_copies(w, copies):
-    """copies distinct device copies of the (FP8) weight w (one: w itself)."""
-    import jax
-    import jax.numpy as jnp
-    if copies <= 1:
-        return w
-    return [jax.tree.map(lambda a: jnp.array(a, copy=True), w) for _ in range(copies)]
 
 
 def rel(a, b):
@@ -135,8 +126,7 @@ def dense_rows(name, K, N, T, methods, impl, iters, reps, copies=1):
             fn = (lambda use: lambda x, w: fp8_kernels.matmul(x, w, impl=use))(use)
         row = dict(kind="dense", name=name, K=K, N=N, T=T, method=m)
         try:
-            t = loop_time(fn, x, [(c,) for c in weight_copies(wt, copies)] if copies > 1 else (wt,), iters, reps,
-                          copies)
+            t = loop_time(fn, x, (wt,), iters, reps, copies)
             y = jax.jit(fn)(x, wt)
             if m != "bf16":
                 row["err_ref"] = rel(y, jax.jit(lambda x, w: fp8_kernels.matmul(x, w, impl="reference"))(x, wt))
@@ -262,8 +252,7 @@ def sweep_rows(name, K, N, T, iters, reps, tags=(), copies=1):
         fn = (lambda c: lambda x, w: gpu.matmul(x, w, config=c))(c)
         row = dict(kind="sweep", name=name, K=K, N=N, T=T, method=f"fp8-block {tag}", config=str(c))
         try:
-            t = loop_time(fn, x, [(c,) for c in weight_copies(wt, copies)] if copies > 1 else (wt,), iters, reps,
-                          copies)
+            t = loop_time(fn, x, (wt,), iters, reps, copies)
             row["err_ref"] = rel(jax.jit(fn)(x, wt), ref)
         except Exception as e:                              # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]

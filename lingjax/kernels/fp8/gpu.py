@@ -72,13 +72,7 @@ def pick_config(M: int, N: int, K: int) -> Config:
         bm = 64
         nm = _cdiv(M, bm)
         bn = 128 if _cdiv(N, 128) >= 16 else 64
-        tiles = nm * _cdiv(N, bn)
-        nkb = _cdiv(K, 128)
-        split = 1
-        if tiles < 2 * NUM_SMS:
-            split = max(1, min(nkb, _cdiv(2 * NUM_SMS, tiles), K // (16 * M)))
-            split = _cdiv(nkb, _cdiv(nkb, split))          # no empty splits
-        return Config(bm, bn, split_k=split)
+        return Config(bm, bn, split_k=_split_k(M, K, nm * _cdiv(N, bn)))
     if M <= 256:
         return Config(64, 128, num_warps=4, num_stages=4)
     return Config(128, 128, num_warps=8, num_stages=3)
@@ -95,13 +89,18 @@ def decode_config(M: int, N: int, K: int, block_n: int = 128, num_stages: int = 
     N] float32 partials and no quantization passes, but measured no faster in a step (kernels.fp8:
     DENSE_DECODE)."""
     bm = max(16, 1 << (max(M, 1) - 1).bit_length())
-    tiles = _cdiv(N, block_n)
+    return Config(bm, block_n, GROUP, _split_k(M, K, _cdiv(N, block_n)), 8, 4, num_stages, quant_a=True,
+                  swap_ab=True)
+
+
+def _split_k(M: int, K: int, tiles: int) -> int:
+    """K-splits for `tiles` output tiles of M rows: up to 2 programs per SM, float32 partials [split, M, N]
+    under a quarter of the weight's bytes (split <= K / (16 M)), no empty split."""
+    if tiles >= 2 * NUM_SMS:
+        return 1
     nkb = _cdiv(K, GROUP)
-    split = 1
-    if tiles < 2 * NUM_SMS:
-        split = max(1, min(nkb, _cdiv(2 * NUM_SMS, tiles), K // (16 * max(M, 1))))
-        split = _cdiv(nkb, _cdiv(nkb, split))          # no empty splits
-    return Config(bm, block_n, GROUP, split, 8, 4, num_stages, quant_a=True, swap_ab=True)
+    split = max(1, min(nkb, _cdiv(2 * NUM_SMS, tiles), K // (16 * max(M, 1))))
+    return _cdiv(nkb, _cdiv(nkb, split))
 
 
 def supports(x, w) -> bool:
